@@ -1,0 +1,153 @@
+import type { Sql } from "../db.js";
+import { identList, joinFragments, table as tableRef, textColumns, valueList, type AnySql, type Fragment } from "../db.js";
+import { log } from "../log.js";
+import { displayName, quoteQualified, type QualifiedName } from "../names.js";
+import { lockMigration, requireMigration, unlockMigration, type Migration } from "../migration/state.js";
+
+export interface BackfillProgress {
+  rowsCopied: number;
+  rowsEstimated: number;
+  batches: number;
+  /** Rows per second since this process started copying. */
+  rate: number;
+  /** Seconds left at the current rate, or null when unknown. */
+  etaSeconds: number | null;
+  done: boolean;
+}
+
+export interface BackfillOptions {
+  /** Rows per batch (default 10000). */
+  batchSize?: number;
+  /** Pause between batches, ms (default 0): throttles the copy on a busy server. */
+  sleepMs?: number;
+  onProgress?: (p: BackfillProgress) => void;
+  /** Stop after the current batch (its checkpoint is saved) when aborted. */
+  signal?: AbortSignal;
+  /** Stop after this many batches (tests, and operators who copy in slices). */
+  maxBatches?: number;
+}
+
+export interface BackfillResult extends BackfillProgress {
+  /** Whether the whole table has been copied (false when stopped early). */
+  complete: boolean;
+  ms: number;
+}
+
+/** `(a, b) > ($1, $2)`: keyset predicate on the key columns. */
+export function keyAfter(sql: AnySql, key: readonly string[], after: readonly string[]): Fragment {
+  return sql`(${identList(sql, key)}) > (${valueList(sql, after)})`;
+}
+
+/**
+ * Copies the rows of the original table into the shadow in keyset batches, in key order, with a
+ * checkpoint after each batch (in the batch's own transaction), so that a crash loses at most the
+ * batch in flight and `backfill` run again continues from the checkpoint.
+ *
+ * Why no ghost or stale row can appear (see shared/design/online-migration.md):
+ * each batch is one READ COMMITTED transaction that
+ *  1. finds the batch's upper key `hi` (the N-th key after the checkpoint; an index-only scan), then
+ *  2. `INSERT INTO shadow SELECT ... FROM source WHERE key > checkpoint AND key <= hi FOR SHARE
+ *     ON CONFLICT DO NOTHING`.
+ * FOR SHARE locks every copied source row until the batch commits. An UPDATE or DELETE that committed
+ * before the lock is seen at its newest version (PostgreSQL re-reads a concurrently updated row when it
+ * locks it, and skips it if it was deleted or left the range); one that comes after the lock waits for the
+ * batch to commit, and its mirror trigger then finds the copied row and updates or deletes it. A row the
+ * mirror already wrote is the newest version too (the trigger runs in the writer's transaction), so
+ * DO NOTHING keeps it. FOR KEY SHARE would not do: it lets non-key updates (including partition-key
+ * updates) through. The checkpoint is `hi`, read from the index before locking, never a key value
+ * re-read after a concurrent update (which could jump ahead of rows not yet copied).
+ *
+ * Memory is flat: rows go from table to table inside PostgreSQL; only `hi` crosses the network.
+ * @throws PgshiftError / PhaseError when there is no migration or it is past the backfill.
+ */
+export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOptions = {}): Promise<BackfillResult> {
+  const batchSize = opts.batchSize ?? 10000;
+  await lockMigration(sql, table);
+  try {
+    let m = await requireMigration(sql, table, "backfill", ["started", "backfilling", "backfilled", "swapped_back"]);
+    const t0 = performance.now();
+    if (m.phase === "backfilled" || m.phase === "swapped_back") {
+      const p = progress(m, 0, 0, true);
+      opts.onProgress?.(p);
+      return { ...p, complete: true, ms: 0 };
+    }
+    const est = await sql`select greatest(reltuples, 0)::bigint as n from pg_class where oid = to_regclass(${quoteQualified(m.original)})`;
+    await sql`
+      update pgshift.migrations set phase = 'backfilling', backfill_started_at = coalesce(backfill_started_at, now()),
+             rows_estimated = greatest(${Number(est[0]?.n ?? 0)}::bigint, rows_copied), updated_at = now()
+       where id = ${m.id}`;
+    m = (await requireMigration(sql, table, "backfill", ["backfilling"]))!;
+    const src = tableRef(sql, m.original);
+    const dst = tableRef(sql, m.partitioned);
+    const key = m.key_columns;
+    const keyCols = identList(sql, key);
+    const cols = identList(sql, m.copy_columns);
+    let checkpoint = m.checkpoint;
+    let copiedHere = 0;
+    let batches = 0;
+    let complete = false;
+    for (;;) {
+      if (opts.signal?.aborted || (opts.maxBatches !== undefined && batches >= opts.maxBatches)) break;
+      const result = await sql.begin(async (tx) => {
+        const lower = checkpoint ? sql`where ${keyAfter(tx, key, checkpoint)}` : sql``;
+        const hiRows = await tx`
+          select ${textColumns(tx, key)} from (
+            select ${keyCols} from ${src} ${lower} order by ${keyCols} offset ${batchSize - 1} limit 1) s`;
+        const hiRaw = hiRows[0];
+        const hi = hiRaw ? key.map((_, i) => String(hiRaw[`k${i}`])) : null;
+        const conds: Fragment[] = [];
+        if (checkpoint) conds.push(keyAfter(tx, key, checkpoint));
+        if (hi) conds.push(tx`(${keyCols}) <= (${valueList(tx, hi)})`);
+        const where = conds.length === 0 ? tx`` : tx`where ${joinFragments(tx, conds, tx` and `)}`;
+        const r = await tx`
+          with batch as (select ${cols} from ${src} ${where} for share),
+               ins as (insert into ${dst} (${cols}) select ${cols} from batch on conflict do nothing returning 1)
+          select (select count(*) from batch)::int as read, (select count(*) from ins)::int as inserted`;
+        const read = Number(r[0]?.read ?? 0);
+        await tx`
+          update pgshift.migrations set checkpoint = ${hi ? tx.array(hi) : tx.array(checkpoint ?? [])}::text[],
+                 rows_copied = rows_copied + ${read}, batches = batches + 1, updated_at = now()
+           where id = ${m.id}`;
+        return { read, hi };
+      });
+      copiedHere += result.read;
+      batches++;
+      m.rows_copied += result.read;
+      m.batches += 1;
+      if (!result.hi) {
+        complete = true;
+        break;
+      }
+      checkpoint = result.hi;
+      opts.onProgress?.(progress(m, copiedHere, performance.now() - t0, false));
+      if (opts.sleepMs) await new Promise((r) => setTimeout(r, opts.sleepMs));
+    }
+    if (complete) {
+      await sql.unsafe(`analyze ${quoteQualified(m.partitioned)}`);
+      await sql`
+        update pgshift.migrations set phase = 'backfilled', backfill_finished_at = now(),
+               rows_estimated = greatest(rows_estimated, rows_copied), updated_at = now()
+         where id = ${m.id}`;
+      log().info({ table: displayName(table), rows: m.rows_copied, batches: m.batches }, "backfill complete");
+    }
+    const ms = performance.now() - t0;
+    const p = progress(m, copiedHere, ms, complete);
+    opts.onProgress?.(p);
+    return { ...p, complete, ms };
+  } finally {
+    await unlockMigration(sql, table).catch(() => {});
+  }
+}
+
+function progress(m: Migration, copiedHere: number, ms: number, done: boolean): BackfillProgress {
+  const rate = ms > 0 ? (copiedHere * 1000) / ms : 0;
+  const left = Math.max(0, m.rows_estimated - m.rows_copied);
+  return {
+    rowsCopied: m.rows_copied,
+    rowsEstimated: Math.max(m.rows_estimated, m.rows_copied),
+    batches: m.batches,
+    rate,
+    etaSeconds: done ? 0 : rate > 0 ? left / rate : null,
+    done,
+  };
+}

@@ -1,0 +1,152 @@
+import postgres from "postgres";
+import pRetry, { AbortError } from "p-retry";
+import { PgshiftError, explain, sqlState } from "./errors.js";
+import { quoteIdent, type QualifiedName } from "./names.js";
+
+export type Sql = postgres.Sql<Record<string, never>>;
+export type TxSql = postgres.TransactionSql<Record<string, never>>;
+export type AnySql = Sql | TxSql | postgres.ReservedSql<Record<string, never>>;
+export type Fragment = postgres.PendingQuery<postgres.Row[]>;
+
+export interface ConnectOptions {
+  /** postgres:// URL; when absent, DATABASE_URL, then libpq's PG* variables (PGHOST, PGPORT, PGUSER, ...). */
+  url?: string | undefined;
+  /** Pool size (connections). Default 1: each pgshift command works on one session. */
+  max?: number;
+  /** application_name shown in pg_stat_activity. */
+  applicationName?: string;
+}
+
+/**
+ * Opens a postgres.js pool and checks that the server answers.
+ * @throws PgshiftError with a one-line reason when the server cannot be reached or refuses the login.
+ */
+export async function connect(opts: ConnectOptions = {}): Promise<Sql> {
+  const url = opts.url ?? process.env.DATABASE_URL;
+  const options: postgres.Options<Record<string, never>> = {
+    max: opts.max ?? 1,
+    onnotice: () => {},
+    connect_timeout: 10,
+    idle_timeout: 0,
+    connection: { application_name: opts.applicationName ?? "pgshift", TimeZone: "UTC", DateStyle: "ISO, YMD" },
+  };
+  let sql: Sql;
+  try {
+    sql = (url ? postgres(url, options) : postgres(options)) as unknown as Sql;
+  } catch (err) {
+    throw new PgshiftError(`invalid connection URL: ${err instanceof Error ? err.message : String(err)}`, {
+      hint: "use postgres://user:password@host:port/database",
+    });
+  }
+  try {
+    await sql`select 1`;
+  } catch (err) {
+    await sql.end({ timeout: 1 }).catch(() => {});
+    throw explain(err);
+  }
+  return sql;
+}
+
+/**
+ * An identifier as a postgres.js fragment. Uses `sql(name)`; postgres.js splits names on dots,
+ * so a name that contains a dot is quoted here (same rule as quote_ident: `"` doubled).
+ */
+export function ident(sql: AnySql, name: string): Fragment | postgres.Helper<string> {
+  return name.includes(".") ? sql.unsafe(quoteIdent(name)) : sql(name);
+}
+
+/** `"schema"."table"` as a fragment. */
+export function table(sql: AnySql, q: QualifiedName): Fragment {
+  return sql`${ident(sql, q.schema)}.${ident(sql, q.name)}`;
+}
+
+/** Comma-separated identifiers `"a", "b"` as a fragment. */
+export function identList(sql: AnySql, names: readonly string[], prefix?: string): Fragment {
+  let out: Fragment | undefined;
+  for (const n of names) {
+    const one = prefix === undefined ? sql`${ident(sql, n)}` : sql`${ident(sql, prefix)}.${ident(sql, n)}`;
+    out = out === undefined ? one : sql`${out}, ${one}`;
+  }
+  if (out === undefined) throw new Error("identList: empty list");
+  return out;
+}
+
+/** `"a"::text as k0, "b"::text as k1`: key values as text, which round-trips exactly through the column's input function. */
+export function textColumns(sql: AnySql, names: readonly string[], prefix?: string): Fragment {
+  return joinFragments(
+    sql,
+    names.map((n, i) => (prefix === undefined ? sql`${ident(sql, n)}::text as ${sql(`k${i}`)}` : sql`${ident(sql, prefix)}.${ident(sql, n)}::text as ${sql(`k${i}`)}`)),
+    sql`, `,
+  );
+}
+
+/** Comma-separated parameters `$1, $2` (values sent as text, typed by the server from context). */
+export function valueList(sql: AnySql, values: readonly (string | null)[]): Fragment {
+  let out: Fragment | undefined;
+  for (const v of values) out = out === undefined ? sql`${v}` : sql`${out}, ${v}`;
+  if (out === undefined) throw new Error("valueList: empty list");
+  return out;
+}
+
+/** Joins fragments with a separator fragment. */
+export function joinFragments(sql: AnySql, parts: readonly Fragment[], sep: Fragment): Fragment {
+  let out: Fragment | undefined;
+  for (const p of parts) out = out === undefined ? p : sql`${out}${sep}${p}`;
+  if (out === undefined) throw new Error("joinFragments: empty list");
+  return out;
+}
+
+export interface LockRetryOptions {
+  /** lock_timeout for each attempt, in ms (default 500). */
+  lockTimeoutMs?: number;
+  /** Attempts after the first one (default 20). */
+  retries?: number;
+  /** Called after each failed attempt (attempt number from 1, ms to wait before the next one). */
+  onRetry?: (attempt: number, error: unknown) => void;
+}
+
+/**
+ * Runs `fn` in a transaction with `SET LOCAL lock_timeout`, retrying with jittered exponential backoff
+ * (p-retry, 50 ms to 2 s) when the lock is not granted in time (SQLSTATE 55P03) or a deadlock is
+ * detected (40P01). Other errors are not retried. Keeps the application from queueing behind pgshift
+ * for longer than the lock timeout: a waiting ACCESS EXCLUSIVE request blocks every later reader
+ * (docs: "Explicit Locking", lock_timeout).
+ * @throws PgshiftError (55P03) after the last attempt.
+ */
+export async function withLockRetry<T>(sql: Sql, fn: (tx: TxSql) => Promise<T>, opts: LockRetryOptions = {}): Promise<T> {
+  const lockTimeoutMs = opts.lockTimeoutMs ?? 500;
+  const retries = opts.retries ?? 20;
+  try {
+    return await pRetry(
+      async () => {
+        try {
+          return (await sql.begin(async (tx) => {
+            await tx`select set_config('lock_timeout', ${String(lockTimeoutMs) + "ms"}, true)`;
+            return fn(tx);
+          })) as T;
+        } catch (err) {
+          const code = sqlState(err);
+          if (code === "55P03" || code === "40P01") throw err;
+          throw new AbortError(err instanceof Error ? err : new Error(String(err)));
+        }
+      },
+      {
+        retries,
+        minTimeout: 50,
+        maxTimeout: 2000,
+        factor: 1.6,
+        randomize: true,
+        onFailedAttempt: (ctx) => opts.onRetry?.(ctx.attemptNumber, ctx.error),
+      },
+    );
+  } catch (err) {
+    const code = sqlState(err);
+    if (code === "55P03") {
+      throw new PgshiftError(`could not lock the tables within ${lockTimeoutMs} ms after ${retries + 1} attempts`, {
+        hint: "the tables are busy (a long transaction holds a lock?); check pg_stat_activity, then retry or raise --lock-timeout / --retries",
+        cause: err,
+      });
+    }
+    throw err;
+  }
+}

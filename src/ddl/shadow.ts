@@ -1,0 +1,112 @@
+import type { TableFacts, IndexFacts } from "../catalog/inspect.js";
+import { quoteIdent, quoteLiteral, quoteQualified, type QualifiedName } from "../names.js";
+import type { PartitionDef } from "../partitioning/bounds.js";
+import { partitionMethod, type PartitionSpec } from "../partitioning/spec.js";
+
+export interface ShadowNames {
+  source: QualifiedName;
+  shadow: QualifiedName;
+}
+
+/**
+ * Inserts extra key columns into an index definition tail (`btree (a, b) INCLUDE (c) WHERE ...`):
+ * the partition columns a unique index on a partitioned table must contain (docs: "Table Partitioning",
+ * limitations: unique constraints must include all partition key columns).
+ * Scans for the first parenthesised group, skipping quoted identifiers and string literals.
+ */
+export function extendIndexKey(tail: string, extra: readonly string[]): string {
+  if (extra.length === 0) return tail;
+  const open = tail.indexOf("(");
+  if (open < 0) throw new Error(`unexpected index definition: ${tail}`);
+  let depth = 0;
+  let i = open;
+  for (; i < tail.length; i++) {
+    const ch = tail[i];
+    if (ch === '"' || ch === "'") {
+      const q = ch;
+      i++;
+      while (i < tail.length && !(tail[i] === q && tail[i + 1] !== q)) i += tail[i] === q ? 2 : 1;
+      continue;
+    }
+    if (ch === "(") depth++;
+    else if (ch === ")" && --depth === 0) break;
+  }
+  if (i >= tail.length) throw new Error(`unbalanced index definition: ${tail}`);
+  return tail.slice(0, i) + ", " + extra.map(quoteIdent).join(", ") + tail.slice(i);
+}
+
+/** The shadow's unique key: the source key followed by the partition column when the key lacks it. */
+export function shadowKey(keyColumns: readonly string[], partitionColumn: string): string[] {
+  return keyColumns.includes(partitionColumn) ? [...keyColumns] : [...keyColumns, partitionColumn];
+}
+
+export interface ShadowDdl {
+  statements: string[];
+  /** Indexes whose uniqueness had to be widened with the partition column (original index names). */
+  widenedUniqueIndexes: string[];
+}
+
+/**
+ * DDL that creates the partitioned shadow table beside the source, as SQL text (printable by `plan`).
+ *
+ * - `LIKE ... INCLUDING DEFAULTS, CONSTRAINTS, COMMENTS, STORAGE, COMPRESSION, GENERATED, STATISTICS`:
+ *   same columns in the same order, types, collations, NOT NULL, CHECK constraints, column comments,
+ *   serial defaults (the same `nextval()` of the one sequence), generated expressions.
+ * - identity columns become plain columns whose default draws from the source's identity sequence, so
+ *   both tables hand out ids from one sequence (docs: CREATE TABLE, LIKE: identity is not copied by default).
+ * - partitions with the source's storage parameters (a partitioned parent cannot hold them).
+ * - the primary key and every index, unique ones extended with the partition column.
+ * - outgoing foreign keys, the table comment, grants and the owner.
+ *
+ * Identifiers are quoted with quoteIdent, values with quoteLiteral: utility statements take no bind parameters.
+ */
+export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: readonly PartitionDef[], names: ShadowNames): ShadowDdl {
+  const src = quoteQualified(names.source);
+  const shd = quoteQualified(names.shadow);
+  const col = spec.column;
+  const out: string[] = [];
+  const widened: string[] = [];
+  out.push(
+    `CREATE TABLE ${shd} (LIKE ${src} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMMENTS INCLUDING STORAGE ` +
+      `INCLUDING COMPRESSION INCLUDING GENERATED INCLUDING STATISTICS) PARTITION BY ${partitionMethod(spec)} (${quoteIdent(col)})`,
+  );
+  for (const c of facts.columns) {
+    if (c.identity !== "" && c.sequence) {
+      out.push(`ALTER TABLE ${shd} ALTER COLUMN ${quoteIdent(c.name)} SET DEFAULT nextval(${quoteLiteral(quoteQualified(c.sequence))}::regclass)`);
+    }
+  }
+  if (facts.comment !== null) out.push(`COMMENT ON TABLE ${shd} IS ${quoteLiteral(facts.comment)}`);
+  const withOpts = facts.reloptions.length > 0 ? ` WITH (${facts.reloptions.join(", ")})` : "";
+  for (const p of partitions) {
+    out.push(`CREATE TABLE ${quoteQualified({ schema: names.shadow.schema, name: p.name })} PARTITION OF ${shd} ${p.bound}${withOpts}`);
+  }
+  const extraFor = (keys: readonly (string | null)[]) => (keys.includes(col) ? [] : [col]);
+  for (const ix of facts.indexes) {
+    if (ix.isPrimary) {
+      const key = shadowKey(ix.keyColumns.map(String), col);
+      if (key.length !== ix.keyColumns.length) widened.push(ix.name);
+      out.push(`ALTER TABLE ${shd} ADD PRIMARY KEY (${key.map(quoteIdent).join(", ")})`);
+      continue;
+    }
+    const extra = ix.isUnique ? extraFor(ix.keyColumns) : [];
+    if (extra.length > 0) widened.push(ix.name);
+    out.push(`CREATE ${ix.isUnique ? "UNIQUE " : ""}INDEX ON ${shd} USING ${extendIndexKey(ix.tail, extra)}`);
+  }
+  for (const fk of facts.foreignKeys) {
+    out.push(`ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(fk.name)} ${fk.definition}`);
+  }
+  for (const g of facts.grants) {
+    out.push(
+      `GRANT ${g.privilege} ON ${shd} TO ${g.grantee === null ? "PUBLIC" : quoteIdent(g.grantee)}${g.grantable ? " WITH GRANT OPTION" : ""}`,
+    );
+  }
+  return { statements: out, widenedUniqueIndexes: widened };
+}
+
+/** Columns pgshift writes when copying or mirroring: every column but generated ones. */
+export function copyColumns(facts: TableFacts): string[] {
+  return facts.columns.filter((c) => c.generated === "").map((c) => c.name);
+}
+
+/** Index facts re-exported for callers that only need DDL. */
+export type { IndexFacts };

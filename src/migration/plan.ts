@@ -1,0 +1,191 @@
+import type { Sql } from "../db.js";
+import { ident, table as tableRef } from "../db.js";
+import { inspectTable, type TableFacts } from "../catalog/inspect.js";
+import { copyColumns, shadowDdl, shadowKey } from "../ddl/shadow.js";
+import { PgshiftError } from "../errors.js";
+import { installTriggerMirrorSql } from "../mirror/trigger.js";
+import { displayName, fitName, quoteLiteral, type QualifiedName } from "../names.js";
+import { computePartitions, type DataRange, type PartitionDef } from "../partitioning/bounds.js";
+import { formatPartitionSpec, INTEGER_TYPES, TIME_TYPES, type PartitionSpec } from "../partitioning/spec.js";
+import { loadMigration, schemaSql, type Mode, type SequenceUse } from "./state.js";
+
+export interface PlanOptions {
+  spec: PartitionSpec;
+  mode?: Mode;
+  /** Future partitions past the data and past now (time and integer ranges). Default 3. */
+  premake?: number;
+  /** "Now" for premade time partitions (tests pin it). */
+  now?: Date;
+}
+
+/** Everything `start` would do, computed without changing anything. */
+export interface MigrationPlan {
+  source: QualifiedName;
+  shadow: QualifiedName;
+  retired: QualifiedName;
+  spec: PartitionSpec;
+  mode: Mode;
+  /** Source key (primary key, or a NOT NULL unique key) and the shadow's key (with the partition column). */
+  keyColumns: string[];
+  shadowKey: string[];
+  copyColumns: string[];
+  sequences: SequenceUse[];
+  mirrorFunction: QualifiedName;
+  partitions: PartitionDef[];
+  estimatedRows: number;
+  totalBytes: number;
+  /** Reasons the migration cannot start; empty when it can. */
+  blockers: string[];
+  /** Things a person must know (e.g. uniqueness no longer enforced). */
+  warnings: string[];
+  /** Every statement `start` runs, in order, in one transaction. */
+  statements: string[];
+  facts: TableFacts | null;
+}
+
+const MIN_SERVER = 140000;
+
+/**
+ * Inspects `table` and computes the shadow, its partitions, the DDL and the mirror, changing nothing.
+ * Blockers are collected, not thrown, so that `plan` can list them all.
+ * @throws PgshiftError when the table does not exist.
+ */
+export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOptions): Promise<MigrationPlan> {
+  const spec = opts.spec;
+  const mode = opts.mode ?? "trigger";
+  const premake = opts.premake ?? 3;
+  const facts = await inspectTable(sql, table);
+  if (!facts) {
+    throw new PgshiftError(`table ${displayName(table)} does not exist`, {
+      hint: "check the name (schema-qualify it, and quote mixed-case names: '\"Order Items\"')",
+    });
+  }
+  const blockers: string[] = [];
+  const warnings: string[] = [];
+  const existing = await loadMigration(sql, table);
+  if (existing) blockers.push(`${displayName(table)} is already under migration (phase ${existing.phase}); use pgshift status`);
+  if (facts.serverVersionNum < MIN_SERVER) blockers.push(`PostgreSQL ${facts.serverVersionNum} is too old: pgshift needs 14 or later`);
+  if (facts.relkind === "p") blockers.push(`${displayName(table)} is already partitioned`);
+  else if (facts.relkind !== "r") blockers.push(`${displayName(table)} is not an ordinary table (relkind ${facts.relkind})`);
+  if (facts.isPartition) blockers.push(`${displayName(table)} is itself a partition of another table`);
+  if (facts.persistence !== "p") blockers.push(`${displayName(table)} is ${facts.persistence === "u" ? "unlogged" : "temporary"}; only permanent tables are supported`);
+  if (!facts.isOwner) blockers.push(`the current user is not the owner of ${displayName(table)} (owner: ${facts.owner})`);
+  if (!facts.canCreateInSchema) blockers.push(`the current user may not create tables in schema ${facts.table.schema}`);
+  if (!facts.keyColumns) blockers.push(`${displayName(table)} has no primary key (nor a NOT NULL unique key); pgshift copies and compares rows by key`);
+  const dep = facts.dependents;
+  const list = (what: string, xs: string[]) => {
+    if (xs.length > 0) blockers.push(`${what}: ${xs.join(", ")} (not carried over yet; drop or detach them first)`);
+  };
+  list("dependent views", dep.views);
+  list("rules", dep.rules);
+  list("row-level security policies", dep.policies);
+  list("incoming foreign keys", dep.incomingForeignKeys);
+  list("publications", dep.publications);
+  list("user triggers", dep.triggers);
+  list("inheritance", dep.inheritance);
+  list("exclusion constraints", dep.exclusionConstraints);
+
+  const col = facts.columns.find((c) => c.name === spec.column);
+  let data: DataRange = { min: null, max: null };
+  if (!col) {
+    blockers.push(`column ${JSON.stringify(spec.column)} does not exist in ${displayName(table)}`);
+  } else {
+    const t = col.typeName;
+    if (spec.strategy === "range" && !(TIME_TYPES as readonly string[]).includes(t)) {
+      blockers.push(`column ${col.name} is ${col.formattedType}; range:<col>:<interval> needs date, timestamp or timestamptz`);
+    } else if (spec.strategy === "range-int" && !(INTEGER_TYPES as readonly string[]).includes(t)) {
+      blockers.push(`column ${col.name} is ${col.formattedType}; range:<col>:<width> needs smallint, integer or bigint`);
+    }
+    if (col.generated !== "") blockers.push(`column ${col.name} is a generated column and cannot be the partition key`);
+    if (!col.notNull) {
+      blockers.push(`partition column ${col.name} allows NULL; the shadow's key must include it: ALTER TABLE ... ALTER COLUMN ${col.name} SET NOT NULL first`);
+    }
+  }
+  const src = facts.table;
+  const shadow = { schema: src.schema, name: fitName(src.name, "_pgshift_shadow") };
+  const retired = { schema: src.schema, name: fitName(src.name, "_pgshift_retired") };
+  const mirrorFunction = { schema: "pgshift", name: fitName(`mirror_${facts.oid}`, "") };
+
+  let partitions: PartitionDef[] = [];
+  if (blockers.length === 0 && col) {
+    data = await readDataRange(sql, src, spec);
+    try {
+      partitions = computePartitions(spec, src.name, col.typeName, data, { premake, now: opts.now ?? new Date() });
+    } catch (err) {
+      blockers.push(err instanceof Error ? err.message : String(err));
+    }
+    const taken = await sql`
+      select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace
+       where n.nspname = ${src.schema} and c.relname = any(${[shadow.name, retired.name, ...partitions.map((p) => p.name)]})`;
+    if (taken.length > 0) blockers.push(`names already taken in schema ${src.schema}: ${taken.map((r) => String(r.relname)).join(", ")}`);
+  }
+
+  const keyColumns = facts.keyColumns ?? [];
+  const sKey = shadowKey(keyColumns, spec.column);
+  const cols = copyColumns(facts);
+  const sequences: SequenceUse[] = facts.columns
+    .filter((c) => c.sequence)
+    .map((c) => ({ column: c.name, schema: c.sequence!.schema, name: c.sequence!.name, identity: c.identity }));
+  const statements: string[] = [];
+  if (blockers.length === 0) {
+    if (!existing) statements.push(...schemaSql());
+    const ddl = shadowDdl(facts, spec, partitions, { source: src, shadow });
+    statements.push(...ddl.statements);
+    for (const name of ddl.widenedUniqueIndexes) {
+      const ix = facts.indexes.find((i) => i.name === name)!;
+      warnings.push(
+        `${ix.isPrimary ? "primary key" : "unique index"} ${name} (${ix.keyColumns.join(", ")}) becomes (${[...ix.keyColumns, spec.column].join(", ")}) on the partitioned table: ` +
+          `uniqueness of (${ix.keyColumns.join(", ")}) alone is no longer enforced by the database`,
+      );
+    }
+    statements.push(
+      ...installTriggerMirrorSql({ fn: mirrorFunction, from: src, to: shadow, columns: cols, key: sKey, overridingSystemValue: false }),
+    );
+    statements.push(
+      `INSERT INTO pgshift.migrations (source_schema, source_table, shadow_table, retired_table, spec, mode, phase, key_columns, shadow_key, copy_columns, sequences, mirror_function, rows_estimated) VALUES (` +
+        [src.schema, src.name, shadow.name, retired.name].map(quoteLiteral).join(", ") +
+        `, ${quoteLiteral(JSON.stringify(spec))}, ${quoteLiteral(mode)}, 'started', ${textArray(keyColumns)}, ${textArray(sKey)}, ${textArray(cols)}, ` +
+        `${quoteLiteral(JSON.stringify(sequences))}, ${quoteLiteral(mirrorFunction.name)}, ${Math.max(0, Math.round(facts.estimatedRows))})`,
+    );
+  }
+  if (facts.estimatedRows < 0) warnings.push(`${displayName(table)} was never analyzed: row estimates are unknown until ANALYZE`);
+  void formatPartitionSpec;
+  return {
+    source: src,
+    shadow,
+    retired,
+    spec,
+    mode,
+    keyColumns,
+    shadowKey: sKey,
+    copyColumns: cols,
+    sequences,
+    mirrorFunction,
+    partitions,
+    estimatedRows: Math.max(0, facts.estimatedRows),
+    totalBytes: facts.totalBytes,
+    blockers,
+    warnings,
+    statements,
+    facts,
+  };
+}
+
+function textArray(xs: readonly string[]): string {
+  return `ARRAY[${xs.map(quoteLiteral).join(", ")}]::text[]`;
+}
+
+/** min/max (as UTC text) or the distinct values of the partition column; what bounds are computed from. */
+async function readDataRange(sql: Sql, src: QualifiedName, spec: PartitionSpec): Promise<DataRange> {
+  const t = tableRef(sql, src);
+  const c = ident(sql, spec.column);
+  if (spec.strategy === "range" || spec.strategy === "range-int") {
+    const r = await sql`select min(${c})::text as min, max(${c})::text as max from ${t}`;
+    return { min: (r[0]?.min as string | null) ?? null, max: (r[0]?.max as string | null) ?? null };
+  }
+  if (spec.strategy === "list") {
+    const r = await sql`select distinct ${c}::text as v from ${t} where ${c} is not null limit 5001`;
+    return { min: null, max: null, values: r.map((x) => String(x.v)) };
+  }
+  return { min: null, max: null };
+}

@@ -1,0 +1,41 @@
+import { withLockRetry, type LockRetryOptions, type Sql } from "../db.js";
+import { BlockedError } from "../errors.js";
+import { log } from "../log.js";
+import { displayName, type QualifiedName } from "../names.js";
+import { planMigration, type MigrationPlan, type PlanOptions } from "./plan.js";
+import { lockMigration, unlockMigration } from "./state.js";
+
+export interface StartResult {
+  plan: MigrationPlan;
+  /** Wall time of the start transaction, ms. */
+  ms: number;
+}
+
+/**
+ * Starts the migration of `table`: creates the shadow (partitions, indexes, constraints, grants),
+ * installs the mirror and records the migration, all in one transaction, so a crash leaves nothing.
+ * Locks on the source (CREATE TRIGGER takes SHARE ROW EXCLUSIVE) are requested last and under
+ * `lock_timeout`, with jittered retries.
+ * @throws BlockedError listing every blocker (nothing changed); PgshiftError on lock timeout or server errors.
+ */
+export async function startMigration(sql: Sql, table: QualifiedName, opts: PlanOptions & LockRetryOptions): Promise<StartResult> {
+  await lockMigration(sql, table);
+  try {
+    const plan = await planMigration(sql, table, opts);
+    if (plan.blockers.length > 0) throw new BlockedError(displayName(table), plan.blockers);
+    const t0 = performance.now();
+    await withLockRetry(
+      sql,
+      async (tx) => {
+        for (const stmt of plan.statements) await tx.unsafe(stmt);
+      },
+      { ...opts, onRetry: (n, err) => log().warn({ attempt: n, err: String(err) }, "start: lock not granted in time, retrying") },
+    );
+    const ms = performance.now() - t0;
+    for (const w of plan.warnings) log().warn(w);
+    log().info({ table: displayName(table), partitions: plan.partitions.length, ms: Math.round(ms) }, "migration started: shadow created, mirror installed");
+    return { plan, ms };
+  } finally {
+    await unlockMigration(sql, table).catch(() => {});
+  }
+}

@@ -1,0 +1,213 @@
+import { z } from "zod";
+import type { AnySql, Sql } from "../db.js";
+import { PgshiftError, PhaseError } from "../errors.js";
+import { displayName, type QualifiedName } from "../names.js";
+import { PartitionSpecSchema } from "../partitioning/spec.js";
+import { truncateGuardFunctionSql } from "../mirror/trigger.js";
+
+/**
+ * Phases of a migration and the steps that may follow each (the state machine):
+ *
+ *   started --backfill--> backfilling --(done)--> backfilled --cutover--> cutover --swap-back--> swapped_back
+ *                                                                            |  ^--------cutover-------'
+ *                                                                         finalize (row deleted)
+ *   abort (row deleted) from started, backfilling, backfilled, swapped_back.
+ *
+ * In `cutover` the partitioned table carries the original name and the old table the retired name;
+ * in every other phase the original table carries its name and the partitioned one the shadow name.
+ */
+export const PHASES = ["started", "backfilling", "backfilled", "cutover", "swapped_back"] as const;
+export type Phase = (typeof PHASES)[number];
+
+export const MODES = ["trigger"] as const;
+export type Mode = (typeof MODES)[number];
+
+const SequenceUse = z.object({
+  column: z.string(),
+  schema: z.string(),
+  name: z.string(),
+  /** '' serial-style default, 'a' / 'd' identity (ALWAYS / BY DEFAULT) on the original table. */
+  identity: z.string(),
+});
+export type SequenceUse = z.infer<typeof SequenceUse>;
+
+export const VerifyResultSchema = z.object({
+  at: z.string(),
+  equal: z.boolean(),
+  rowsCompared: z.number(),
+  chunks: z.number(),
+  chunksDiffering: z.number(),
+  missing: z.number(),
+  extra: z.number(),
+  different: z.number(),
+  repaired: z.number(),
+  ms: z.number(),
+});
+export type VerifyResult = z.infer<typeof VerifyResultSchema>;
+
+/** One row of pgshift.migrations, validated when read back. */
+export const MigrationRowSchema = z.object({
+  id: z.coerce.number(),
+  source_schema: z.string(),
+  source_table: z.string(),
+  shadow_table: z.string(),
+  retired_table: z.string(),
+  spec: PartitionSpecSchema,
+  mode: z.enum(MODES),
+  phase: z.enum(PHASES),
+  key_columns: z.array(z.string()).min(1),
+  shadow_key: z.array(z.string()).min(1),
+  copy_columns: z.array(z.string()).min(1),
+  sequences: z.array(SequenceUse),
+  mirror_function: z.string(),
+  checkpoint: z.array(z.string()).nullable(),
+  rows_copied: z.coerce.number(),
+  rows_estimated: z.coerce.number(),
+  batches: z.coerce.number(),
+  last_verify: VerifyResultSchema.nullable(),
+  created_at: z.date(),
+  backfill_started_at: z.date().nullable(),
+  backfill_finished_at: z.date().nullable(),
+  cutover_at: z.date().nullable(),
+  swapped_back_at: z.date().nullable(),
+  updated_at: z.date(),
+});
+export type MigrationRow = z.infer<typeof MigrationRowSchema>;
+
+/** A migration with its tables named for the current phase. */
+export interface Migration extends MigrationRow {
+  /** The table the application writes to: always the original name. */
+  live: QualifiedName;
+  /** The table that receives the mirror: shadow before cutover, retired table after. */
+  copy: QualifiedName;
+  /** The original (unpartitioned) table under its current name. */
+  original: QualifiedName;
+  /** The partitioned table under its current name. */
+  partitioned: QualifiedName;
+  mirrorFn: QualifiedName;
+}
+
+export const SCHEMA_VERSION = 1;
+
+/** Statements that create the pgshift schema (idempotent). */
+export function schemaSql(): string[] {
+  return [
+    `CREATE SCHEMA IF NOT EXISTS pgshift`,
+    `CREATE TABLE IF NOT EXISTS pgshift.migrations (
+  id bigserial PRIMARY KEY,
+  source_schema text NOT NULL,
+  source_table text NOT NULL,
+  shadow_table text NOT NULL,
+  retired_table text NOT NULL,
+  spec jsonb NOT NULL,
+  mode text NOT NULL,
+  phase text NOT NULL,
+  key_columns text[] NOT NULL,
+  shadow_key text[] NOT NULL,
+  copy_columns text[] NOT NULL,
+  sequences jsonb NOT NULL,
+  mirror_function text NOT NULL,
+  checkpoint text[],
+  rows_copied bigint NOT NULL DEFAULT 0,
+  rows_estimated bigint NOT NULL DEFAULT 0,
+  batches bigint NOT NULL DEFAULT 0,
+  last_verify jsonb,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  backfill_started_at timestamptz,
+  backfill_finished_at timestamptz,
+  cutover_at timestamptz,
+  swapped_back_at timestamptz,
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  UNIQUE (source_schema, source_table)
+)`,
+    `CREATE TABLE IF NOT EXISTS pgshift.schema_version (version int NOT NULL)`,
+    `INSERT INTO pgshift.schema_version SELECT ${SCHEMA_VERSION} WHERE NOT EXISTS (SELECT FROM pgshift.schema_version)`,
+    truncateGuardFunctionSql(),
+  ];
+}
+
+function withNames(row: MigrationRow): Migration {
+  const schema = row.source_schema;
+  const live = { schema, name: row.source_table };
+  const shadow = { schema, name: row.shadow_table };
+  const retired = { schema, name: row.retired_table };
+  const after = row.phase === "cutover";
+  return {
+    ...row,
+    live,
+    copy: after ? retired : shadow,
+    original: after ? retired : live,
+    partitioned: after ? live : shadow,
+    mirrorFn: { schema: "pgshift", name: row.mirror_function },
+  };
+}
+
+/** Reads the migration of `table` (by its original name), or null. Validates the row with zod. */
+export async function loadMigration(sql: AnySql, table: QualifiedName): Promise<Migration | null> {
+  const exists = await sql`select to_regclass('pgshift.migrations') is not null as ok`;
+  if (!exists[0]?.ok) return null;
+  const rows = await sql`select * from pgshift.migrations where source_schema = ${table.schema} and source_table = ${table.name}`;
+  if (rows.length === 0) return null;
+  const parsed = MigrationRowSchema.safeParse(rows[0]);
+  if (!parsed.success) {
+    throw new PgshiftError(`the pgshift.migrations row of ${displayName(table)} is malformed: ${parsed.error.issues[0]?.message ?? "?"}`, {
+      hint: "was it edited by hand? restore it or abort the migration",
+    });
+  }
+  return withNames(parsed.data);
+}
+
+const NEXT_STEP: Record<Phase, string> = {
+  started: "run pgshift backfill",
+  backfilling: "run pgshift backfill (it resumes from its checkpoint)",
+  backfilled: "run pgshift verify, then pgshift cutover",
+  cutover: "run pgshift verify, then pgshift finalize --yes (or pgshift swap-back)",
+  swapped_back: "run pgshift cutover again, or pgshift abort",
+};
+
+/**
+ * Loads the migration of `table` and checks that `command` may run in its phase.
+ * @throws PgshiftError when there is no migration; PhaseError when the phase does not allow the command.
+ */
+export async function requireMigration(sql: AnySql, table: QualifiedName, command: string, allowed: readonly Phase[]): Promise<Migration> {
+  const m = await loadMigration(sql, table);
+  if (!m) {
+    throw new PgshiftError(`no migration of ${displayName(table)} is in progress`, {
+      hint: `start one with: pgshift start ${displayName(table)} --partition-by <spec>`,
+    });
+  }
+  if (!allowed.includes(m.phase)) {
+    throw new PhaseError(`cannot ${command} ${displayName(table)}: the migration is in phase ${m.phase}`, NEXT_STEP[m.phase]);
+  }
+  return m;
+}
+
+/** The next step a person should take in each phase (for status). */
+export function nextStep(phase: Phase): string {
+  return NEXT_STEP[phase];
+}
+
+const LOCK_CLASS = 0x70677368; // 'pgsh'
+
+/**
+ * Takes the session advisory lock of the migration of `table` on the (single) connection of `sql`,
+ * so that two pgshift processes never act on one migration at once. Released when the session ends.
+ * @throws PgshiftError naming the pid that holds it.
+ */
+export async function lockMigration(sql: Sql, table: QualifiedName): Promise<void> {
+  const key = `${table.schema}.${table.name}`;
+  const got = await sql`select pg_try_advisory_lock(${LOCK_CLASS}, hashtext(${key})) as ok`;
+  if (got[0]?.ok) return;
+  const holder = await sql`
+    select pid from pg_locks where locktype = 'advisory' and classid = ${LOCK_CLASS}::oid::int::oid
+       and objid = hashtext(${key})::oid and granted limit 1`.catch(() => []);
+  const pid = holder[0]?.pid;
+  throw new PgshiftError(`another pgshift process${pid ? ` (backend pid ${String(pid)})` : ""} is working on ${displayName(table)}`, {
+    hint: "wait for it to finish, or stop it; every step can be re-run safely",
+  });
+}
+
+/** Releases the advisory lock (also released when the connection closes). */
+export async function unlockMigration(sql: Sql, table: QualifiedName): Promise<void> {
+  await sql`select pg_advisory_unlock(${LOCK_CLASS}, hashtext(${`${table.schema}.${table.name}`}))`;
+}

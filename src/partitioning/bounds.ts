@@ -1,0 +1,211 @@
+import { fitName, quoteLiteral } from "../names.js";
+import type { PartitionSpec, TimeInterval } from "./spec.js";
+
+/**
+ * One partition of the shadow table: its name and the SQL text of its bound
+ * (`FOR VALUES FROM (...) TO (...)`, `FOR VALUES IN (...)`, `FOR VALUES WITH (...)` or `DEFAULT`).
+ */
+export interface PartitionDef {
+  name: string;
+  bound: string;
+  isDefault: boolean;
+}
+
+/** What was read from the source to compute bounds. Time values are UTC text, integers decimal text. */
+export interface DataRange {
+  min: string | null;
+  max: string | null;
+  /** Distinct values for list partitioning, as text (NULL excluded). */
+  values?: string[];
+}
+
+/** Refuse more partitions than this: a spec that fine is almost always a mistake. */
+export const MAX_PARTITIONS = 5000;
+
+/** A UTC calendar day, the unit every time bound is aligned to. */
+interface Day {
+  y: number;
+  m: number; // 1-12
+  d: number;
+}
+
+function parseDay(text: string): Day | null {
+  const m = /^(\d{4})-(\d{2})-(\d{2})/.exec(text);
+  if (!m) return null; // infinity, BC dates, 5-digit years: such rows go to DEFAULT
+  return { y: Number(m[1]), m: Number(m[2]), d: Number(m[3]) };
+}
+
+function toUtc(day: Day): Date {
+  return new Date(Date.UTC(day.y, day.m - 1, day.d));
+}
+
+function fromUtc(date: Date): Day {
+  return { y: date.getUTCFullYear(), m: date.getUTCMonth() + 1, d: date.getUTCDate() };
+}
+
+const pad = (n: number, w = 2) => String(n).padStart(w, "0");
+const dayText = (d: Day) => `${pad(d.y, 4)}-${pad(d.m)}-${pad(d.d)}`;
+
+/** Start of the interval that contains `day` (weeks start on Monday, as date_trunc('week') does). */
+export function truncateDay(day: Day, interval: TimeInterval): Day {
+  switch (interval) {
+    case "day":
+      return day;
+    case "week": {
+      const date = toUtc(day);
+      const dow = (date.getUTCDay() + 6) % 7; // Monday = 0
+      date.setUTCDate(date.getUTCDate() - dow);
+      return fromUtc(date);
+    }
+    case "month":
+      return { y: day.y, m: day.m, d: 1 };
+    case "quarter":
+      return { y: day.y, m: Math.floor((day.m - 1) / 3) * 3 + 1, d: 1 };
+    case "year":
+      return { y: day.y, m: 1, d: 1 };
+  }
+}
+
+/** The start of the next interval after `start` (which must be aligned). */
+export function nextDay(start: Day, interval: TimeInterval): Day {
+  const date = toUtc(start);
+  switch (interval) {
+    case "day":
+      date.setUTCDate(date.getUTCDate() + 1);
+      break;
+    case "week":
+      date.setUTCDate(date.getUTCDate() + 7);
+      break;
+    case "month":
+      date.setUTCMonth(date.getUTCMonth() + 1);
+      break;
+    case "quarter":
+      date.setUTCMonth(date.getUTCMonth() + 3);
+      break;
+    case "year":
+      date.setUTCFullYear(date.getUTCFullYear() + 1);
+      break;
+  }
+  return fromUtc(date);
+}
+
+function partitionSuffix(start: Day, interval: TimeInterval): string {
+  switch (interval) {
+    case "day":
+    case "week":
+      return `_p${pad(start.y, 4)}_${pad(start.m)}_${pad(start.d)}`;
+    case "month":
+      return `_p${pad(start.y, 4)}_${pad(start.m)}`;
+    case "quarter":
+      return `_p${pad(start.y, 4)}_q${(start.m - 1) / 3 + 1}`;
+    case "year":
+      return `_p${pad(start.y, 4)}`;
+  }
+}
+
+/** SQL literal of a bound for the column type: dates plain, timestamptz pinned to UTC. */
+function timeLiteral(day: Day, type: string): string {
+  if (type === "date") return quoteLiteral(dayText(day));
+  if (type === "timestamptz") return quoteLiteral(`${dayText(day)} 00:00:00+00`);
+  return quoteLiteral(`${dayText(day)} 00:00:00`);
+}
+
+function floorDiv(a: bigint, b: bigint): bigint {
+  const q = a / b;
+  return a % b !== 0n && a < 0n !== b < 0n ? q - 1n : q;
+}
+
+function listSuffix(value: string): string {
+  const s = value.toLowerCase().replace(/[^a-z0-9_]+/g, "_").replace(/^_+|_+$/g, "").slice(0, 24);
+  return s;
+}
+
+/**
+ * Computes the partitions of the shadow table.
+ *
+ * - time ranges: from the interval holding `min` to the one holding `max`, then `premake` intervals past
+ *   the later of `max` and `now`; bounds in UTC; plus DEFAULT.
+ * - integer ranges: multiples of `width` from floor(min) to past max, then `premake` more; plus DEFAULT.
+ * - list: one partition per existing value; plus DEFAULT (new values land there and `status` reports them).
+ * - hash: `modulus` partitions, remainders 0..modulus-1 (hash partitioning has no DEFAULT).
+ *
+ * @param base the original table name (partitions keep it after cutover): `orders` -> `orders_p2024_01`.
+ * @param columnType pg_type.typname of the partition column (date, timestamp, timestamptz, int2/4/8, ...).
+ * @returns partitions in bound order, DEFAULT last. Names are at most 63 bytes and unique.
+ * @throws Error when more than MAX_PARTITIONS would be created (the caller reports it as a blocker).
+ */
+export function computePartitions(
+  spec: PartitionSpec,
+  base: string,
+  columnType: string,
+  data: DataRange,
+  opts: { premake: number; now: Date },
+): PartitionDef[] {
+  const out: PartitionDef[] = [];
+  const defaultPartition: PartitionDef = { name: fitName(base, "_default"), bound: "DEFAULT", isDefault: true };
+  switch (spec.strategy) {
+    case "range": {
+      const nowDay = fromUtc(opts.now);
+      const minDay = (data.min !== null ? parseDay(data.min) : null) ?? nowDay;
+      const maxDay = (data.max !== null ? parseDay(data.max) : null) ?? minDay;
+      let start = truncateDay(minDay, spec.interval);
+      const lastDataStart = truncateDay(maxDay, spec.interval);
+      const nowStart = truncateDay(nowDay, spec.interval);
+      const edge = toUtc(lastDataStart) > toUtc(nowStart) ? lastDataStart : nowStart;
+      let stop = nextDay(edge, spec.interval);
+      for (let i = 0; i < opts.premake; i++) stop = nextDay(stop, spec.interval);
+      while (toUtc(start) < toUtc(stop)) {
+        const end = nextDay(start, spec.interval);
+        out.push({
+          name: fitName(base, partitionSuffix(start, spec.interval)),
+          bound: `FOR VALUES FROM (${timeLiteral(start, columnType)}) TO (${timeLiteral(end, columnType)})`,
+          isDefault: false,
+        });
+        if (out.length > MAX_PARTITIONS) throw new Error(tooMany(spec));
+        start = end;
+      }
+      out.push(defaultPartition);
+      break;
+    }
+    case "range-int": {
+      const width = BigInt(spec.width);
+      const min = data.min !== null ? BigInt(data.min) : 0n;
+      const max = data.max !== null ? BigInt(data.max) : min;
+      let from = floorDiv(min, width) * width;
+      const stop = (floorDiv(max, width) + 1n + BigInt(opts.premake)) * width;
+      if ((stop - from) / width > BigInt(MAX_PARTITIONS)) throw new Error(tooMany(spec));
+      while (from < stop) {
+        const to = from + width;
+        const label = from < 0n ? `m${-from}` : String(from);
+        out.push({ name: fitName(base, `_p${label}`), bound: `FOR VALUES FROM (${from}) TO (${to})`, isDefault: false });
+        from = to;
+      }
+      out.push(defaultPartition);
+      break;
+    }
+    case "list": {
+      const values = [...(data.values ?? [])].sort();
+      if (values.length > MAX_PARTITIONS) throw new Error(tooMany(spec));
+      const used = new Set<string>([defaultPartition.name]);
+      values.forEach((v, i) => {
+        const s = listSuffix(v);
+        let name = fitName(base, s === "" ? `_p${i}` : `_p_${s}`);
+        for (let n = 2; used.has(name); n++) name = fitName(base, `_p_${s}_${n}`);
+        used.add(name);
+        out.push({ name, bound: `FOR VALUES IN (${quoteLiteral(v)})`, isDefault: false });
+      });
+      out.push(defaultPartition);
+      break;
+    }
+    case "hash":
+      for (let r = 0; r < spec.modulus; r++) {
+        out.push({ name: fitName(base, `_p${r}`), bound: `FOR VALUES WITH (MODULUS ${spec.modulus}, REMAINDER ${r})`, isDefault: false });
+      }
+      break;
+  }
+  return out;
+}
+
+function tooMany(spec: PartitionSpec): string {
+  return `the spec would create more than ${MAX_PARTITIONS} partitions; choose a coarser interval or width`;
+}
