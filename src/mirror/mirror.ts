@@ -1,0 +1,73 @@
+import type { AnySql } from "../db.js";
+import { quoteQualified } from "../names.js";
+import type { Migration, Mode } from "../migration/state.js";
+import { installTriggerMirrorSql, MIRROR_TRIGGER, removeTriggersSql, TRUNCATE_TRIGGER } from "./trigger.js";
+
+/** Health of the mirror as `status` shows it. */
+export interface MirrorHealth {
+  mode: Mode;
+  ok: boolean;
+  /** One line for a person: "row trigger enabled on public.orders -> public.orders_pgshift_shadow". */
+  detail: string;
+}
+
+/**
+ * The mirror keeps the copy (shadow before cutover, retired table after) in step with the live table.
+ * One interface, one implementation per mode; cutover and swap-back only ask it for statements to run
+ * inside their transaction, so both modes share the same rename logic.
+ */
+export interface Mirror {
+  readonly mode: Mode;
+  /** Statements that (re)start mirroring from `m.live` into `m.copy` for the phase `m` is in. */
+  startSql(m: Migration): string[];
+  /** Statements that stop mirroring out of `m.live` (run before renames, and by abort/finalize). */
+  stopSql(m: Migration): string[];
+  /** Statements that remove what the mirror left behind for good (functions, slots). */
+  dropSql(m: Migration): string[];
+  health(sql: AnySql, m: Migration): Promise<MirrorHealth>;
+}
+
+/** Row triggers on the live table writing into the copy in the application's transaction. */
+export const triggerMirror: Mirror = {
+  mode: "trigger",
+  startSql(m) {
+    // Before cutover the copy is the shadow, keyed by (key + partition column); after, the retired table,
+    // keyed by the original key, which may have GENERATED ALWAYS identity columns.
+    const after = m.phase === "cutover";
+    return installTriggerMirrorSql({
+      fn: m.mirrorFn,
+      from: m.live,
+      to: m.copy,
+      columns: m.copy_columns,
+      key: after ? m.key_columns : m.shadow_key,
+      overridingSystemValue: after && m.sequences.some((s) => s.identity === "a"),
+    });
+  },
+  stopSql(m) {
+    return removeTriggersSql(m.live);
+  },
+  dropSql(m) {
+    return [`DROP FUNCTION IF EXISTS ${quoteQualified(m.mirrorFn)}()`];
+  },
+  async health(sql, m) {
+    const r = await sql`
+      select t.tgname::text as name, t.tgenabled::text as enabled from pg_trigger t
+       where t.tgrelid = to_regclass(${quoteQualified(m.live)}) and t.tgname in (${MIRROR_TRIGGER}, ${TRUNCATE_TRIGGER})`;
+    const mirror = r.find((x) => x.name === MIRROR_TRIGGER);
+    const guard = r.find((x) => x.name === TRUNCATE_TRIGGER);
+    const ok = Boolean(mirror && mirror.enabled !== "D" && guard);
+    const route = `${m.live.schema}.${m.live.name} -> ${m.copy.schema}.${m.copy.name}`;
+    return {
+      mode: "trigger",
+      ok,
+      detail: ok ? `row trigger enabled: ${route}` : `row trigger ${mirror ? "disabled" : "missing"} on ${m.live.schema}.${m.live.name}: writes are NOT mirrored`,
+    };
+  },
+};
+
+export function mirrorFor(mode: Mode): Mirror {
+  switch (mode) {
+    case "trigger":
+      return triggerMirror;
+  }
+}

@@ -1,0 +1,93 @@
+import type { Sql } from "./db.js";
+import { table as tableRef } from "./db.js";
+import { PgshiftError } from "./errors.js";
+import { mirrorFor, type MirrorHealth } from "./mirror/mirror.js";
+import { displayName, quoteQualified, type QualifiedName } from "./names.js";
+import { formatPartitionSpec } from "./partitioning/spec.js";
+import { loadMigration, nextStep, type Phase, type VerifyResult } from "./migration/state.js";
+
+export interface StatusReport {
+  table: string;
+  phase: Phase;
+  mode: string;
+  partitionBy: string;
+  next: string;
+  /** Names of the tables as they are now. */
+  live: string;
+  copy: string;
+  partitioned: string;
+  partitions: number;
+  rowsCopied: number;
+  rowsEstimated: number;
+  /** 0-100, or null before the backfill starts. */
+  percent: number | null;
+  /** Backfill rows per second (average since the backfill started), or null. */
+  rate: number | null;
+  /** Seconds until the backfill is done at that rate, or null. */
+  etaSeconds: number | null;
+  batches: number;
+  /** Rows in the DEFAULT partition: rows outside the planned bounds. */
+  defaultPartition: { name: string; rows: number } | null;
+  mirror: MirrorHealth;
+  lastVerify: VerifyResult | null;
+  startedAt: string;
+  backfillStartedAt: string | null;
+  backfillFinishedAt: string | null;
+  cutoverAt: string | null;
+  swappedBackAt: string | null;
+}
+
+/**
+ * The state of the migration of `table`: phase, backfill progress, DEFAULT partition rows, mirror health,
+ * last verify result. Read-only; takes no lock, so it works while another command runs.
+ * @throws PgshiftError when no migration of `table` exists.
+ */
+export async function status(sql: Sql, table: QualifiedName): Promise<StatusReport> {
+  const m = await loadMigration(sql, table);
+  if (!m) {
+    throw new PgshiftError(`no migration of ${displayName(table)} is in progress`, {
+      hint: `start one with: pgshift start ${displayName(table)} --partition-by <spec>`,
+    });
+  }
+  const parts = await sql`
+    select c.relname::text as name, pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT' as is_default
+      from pg_inherits i join pg_class c on c.oid = i.inhrelid
+     where i.inhparent = to_regclass(${quoteQualified(m.partitioned)})`;
+  const def = parts.find((p) => p.is_default);
+  let defaultPartition: StatusReport["defaultPartition"] = null;
+  if (def) {
+    const r = await sql`select count(*)::bigint as n from ${tableRef(sql, { schema: m.partitioned.schema, name: String(def.name) })}`;
+    defaultPartition = { name: String(def.name), rows: Number(r[0]?.n ?? 0) };
+  }
+  const started = m.backfill_started_at?.getTime();
+  const end = m.backfill_finished_at?.getTime() ?? Date.now();
+  const secs = started ? (end - started) / 1000 : 0;
+  const rate = started && secs > 0 ? m.rows_copied / secs : null;
+  const finished = m.backfill_finished_at !== null;
+  const est = Math.max(m.rows_estimated, m.rows_copied);
+  return {
+    table: displayName(table),
+    phase: m.phase,
+    mode: m.mode,
+    partitionBy: formatPartitionSpec(m.spec),
+    next: nextStep(m.phase),
+    live: displayName(m.live),
+    copy: displayName(m.copy),
+    partitioned: displayName(m.partitioned),
+    partitions: parts.length,
+    rowsCopied: m.rows_copied,
+    rowsEstimated: est,
+    percent: finished ? 100 : started ? (est > 0 ? Math.min(100, (100 * m.rows_copied) / est) : 0) : null,
+    rate,
+    etaSeconds: finished ? 0 : rate ? Math.max(0, est - m.rows_copied) / rate : null,
+    batches: m.batches,
+    defaultPartition,
+    mirror: await mirrorFor(m.mode).health(sql, m),
+    lastVerify: m.last_verify,
+    startedAt: m.created_at.toISOString(),
+    backfillStartedAt: m.backfill_started_at?.toISOString() ?? null,
+    backfillFinishedAt: m.backfill_finished_at?.toISOString() ?? null,
+    cutoverAt: m.cutover_at?.toISOString() ?? null,
+    swappedBackAt: m.swapped_back_at?.toISOString() ?? null,
+  };
+}

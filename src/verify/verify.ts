@@ -1,0 +1,194 @@
+import type { Sql, TxSql } from "../db.js";
+import { identList, joinFragments, table as tableRef, textColumns, valueList, withLockRetry, type AnySql, type Fragment, type LockRetryOptions } from "../db.js";
+import { keyAfter } from "../backfill/backfill.js";
+import { log } from "../log.js";
+import { displayName, type QualifiedName } from "../names.js";
+import { lockMigration, requireMigration, unlockMigration, type Migration, type VerifyResult } from "../migration/state.js";
+
+export type DifferenceKind = "missing" | "extra" | "different";
+
+/** A key whose row differs: missing from the copy, extra in the copy, or present in both with other values. */
+export interface Difference {
+  kind: DifferenceKind;
+  /** Key values as text, in key column order. */
+  key: string[];
+}
+
+export interface VerifyOptions extends LockRetryOptions {
+  /** Rows of the live table per chunk (default 10000). */
+  chunkSize?: number;
+  /** Rewrite differing rows of the copy from the live table. */
+  repair?: boolean;
+  /** At most this many differing keys are kept in the result (default 1000); all are counted. */
+  maxListed?: number;
+  onChunk?: (done: { chunks: number; rowsCompared: number; differences: number }) => void;
+}
+
+export interface VerifyReport extends VerifyResult {
+  /** The table the application writes to, and the table compared with it. */
+  live: string;
+  copy: string;
+  differences: Difference[];
+}
+
+interface ChunkBounds {
+  lo: string[] | null;
+  hi: string[] | null;
+}
+
+function chunkWhere(sql: AnySql, key: readonly string[], b: ChunkBounds): Fragment {
+  const conds: Fragment[] = [];
+  if (b.lo) conds.push(keyAfter(sql, key, b.lo));
+  if (b.hi) conds.push(sql`(${identList(sql, key)}) <= (${valueList(sql, b.hi)})`);
+  return conds.length === 0 ? sql`` : sql`where ${joinFragments(sql, conds, sql` and `)}`;
+}
+
+/** `row("a", "b", ...)::text`: the text of a row over the compared columns (same types on both sides). */
+function rowText(sql: AnySql, cols: readonly string[]): Fragment {
+  return sql`row(${identList(sql, cols)})::text`;
+}
+
+/**
+ * Compares the live table with its copy (shadow before cutover, retired table after) chunk by chunk.
+ *
+ * Each chunk is a range of the key, `chunkSize` rows of the live table, read in one REPEATABLE READ
+ * snapshot: the mirror writes both tables in the application's own transaction, so one snapshot sees
+ * them consistent and concurrent writes give no false differences. PostgreSQL computes, per side,
+ * count(*) and two 64-bit XORs of hashtextextended(row text, seed 0 and 1); only that one small row
+ * crosses the network. A chunk that differs is drilled down in the same snapshot to the keys that are
+ * missing, extra or different. With `repair`, those keys are rewritten in the copy from the live table
+ * under a SHARE lock of the live table (writes wait at most lock_timeout; retried), then rechecked.
+ *
+ * @returns the report; `equal` is true when no difference remains. Also stored as the migration's last verify.
+ * @throws PgshiftError / PhaseError when there is no migration or the backfill is not finished.
+ */
+export async function verify(sql: Sql, table: QualifiedName, opts: VerifyOptions = {}): Promise<VerifyReport> {
+  const chunkSize = opts.chunkSize ?? 10000;
+  const maxListed = opts.maxListed ?? 1000;
+  await lockMigration(sql, table);
+  try {
+    const m = await requireMigration(sql, table, "verify", ["backfilled", "cutover", "swapped_back"]);
+    const t0 = performance.now();
+    const key = m.key_columns;
+    const differences: Difference[] = [];
+    const counts = { missing: 0, extra: 0, different: 0 };
+    let rowsCompared = 0;
+    let chunks = 0;
+    let chunksDiffering = 0;
+    let repaired = 0;
+    let lo: string[] | null = null;
+    for (;;) {
+      const res = await sql.begin("isolation level repeatable read read only", async (tx) => {
+        const hi = await nthKeyAfter(tx, m, lo, chunkSize);
+        const bounds = { lo, hi };
+        const same = await compareChunk(tx, m, bounds);
+        const diffs = same.equal ? [] : await drillDown(tx, m, bounds);
+        return { hi, rows: same.rows, diffs };
+      });
+      chunks++;
+      rowsCompared += res.rows;
+      if (res.diffs.length > 0) {
+        chunksDiffering++;
+        let remaining = res.diffs;
+        if (opts.repair) {
+          remaining = await repairKeys(sql, m, { lo, hi: res.hi }, res.diffs, opts);
+          repaired += res.diffs.length - remaining.length;
+        }
+        for (const d of remaining) {
+          counts[d.kind]++;
+          if (differences.length < maxListed) differences.push(d);
+        }
+      }
+      opts.onChunk?.({ chunks, rowsCompared, differences: counts.missing + counts.extra + counts.different });
+      if (!res.hi) break;
+      lo = res.hi;
+    }
+    const result: VerifyResult = {
+      at: new Date().toISOString(),
+      equal: counts.missing + counts.extra + counts.different === 0,
+      rowsCompared,
+      chunks,
+      chunksDiffering,
+      ...counts,
+      repaired,
+      ms: Math.round(performance.now() - t0),
+    };
+    await sql`update pgshift.migrations set last_verify = ${sql.json(result)}, updated_at = now() where id = ${m.id}`;
+    log().info({ table: displayName(table), ...result }, result.equal ? "verify: tables are equal" : "verify: tables differ");
+    return { ...result, live: displayName(m.live), copy: displayName(m.copy), differences };
+  } finally {
+    await unlockMigration(sql, table).catch(() => {});
+  }
+}
+
+/** The `n`-th key of the live table after `lo` (text), or null when fewer rows remain (last chunk). */
+async function nthKeyAfter(tx: TxSql, m: Migration, lo: string[] | null, n: number): Promise<string[] | null> {
+  const key = m.key_columns;
+  const keyCols = identList(tx, key);
+  const where = lo ? tx`where ${keyAfter(tx, key, lo)}` : tx``;
+  const r = await tx`select ${textColumns(tx, key)} from (select ${keyCols} from ${tableRef(tx, m.live)} ${where} order by ${keyCols} offset ${n - 1} limit 1) s`;
+  const row = r[0];
+  return row ? key.map((_, i) => String(row[`k${i}`])) : null;
+}
+
+async function compareChunk(tx: TxSql, m: Migration, b: ChunkBounds): Promise<{ equal: boolean; rows: number }> {
+  const side = (t: QualifiedName) => tx`
+    select count(*)::bigint as n, coalesce(bit_xor(hashtextextended(r, 0)), 0)::text as h0,
+           coalesce(bit_xor(hashtextextended(r, 1)), 0)::text as h1
+      from (select ${rowText(tx, m.copy_columns)} as r from ${tableRef(tx, t)} ${chunkWhere(tx, m.key_columns, b)}) s`;
+  const r = await tx`select a.n as an, a.h0 as ah0, a.h1 as ah1, b.n as bn, b.h0 as bh0, b.h1 as bh1
+                       from (${side(m.live)}) a, (${side(m.copy)}) b`;
+  const x = r[0]!;
+  return { equal: x.an === x.bn && x.ah0 === x.bh0 && x.ah1 === x.bh1, rows: Number(x.an) };
+}
+
+/** Keys of one chunk whose rows differ, computed from per-row hashes read in the chunk's snapshot. */
+async function drillDown(tx: TxSql, m: Migration, b: ChunkBounds): Promise<Difference[]> {
+  const read = async (t: QualifiedName) => {
+    const rows = await tx`
+      select ${textColumns(tx, m.key_columns)}, hashtextextended(${rowText(tx, m.copy_columns)}, 0)::text as h
+        from ${tableRef(tx, t)} ${chunkWhere(tx, m.key_columns, b)}`;
+    const map = new Map<string, { key: string[]; h: string }>();
+    for (const row of rows) {
+      const k = m.key_columns.map((_, i) => String(row[`k${i}`]));
+      map.set(JSON.stringify(k), { key: k, h: String(row.h) });
+    }
+    return map;
+  };
+  const live = await read(m.live);
+  const copy = await read(m.copy);
+  const out: Difference[] = [];
+  for (const [id, a] of live) {
+    const c = copy.get(id);
+    if (!c) out.push({ kind: "missing", key: a.key });
+    else if (c.h !== a.h) out.push({ kind: "different", key: a.key });
+  }
+  for (const [id, c] of copy) if (!live.has(id)) out.push({ kind: "extra", key: c.key });
+  return out;
+}
+
+/**
+ * Rewrites the differing keys of the copy from the live table while the live table is locked in SHARE
+ * mode (no write can interleave), then rechecks them in the same transaction.
+ * @returns the differences that remain (normally none).
+ */
+async function repairKeys(sql: Sql, m: Migration, b: ChunkBounds, diffs: Difference[], opts: LockRetryOptions): Promise<Difference[]> {
+  return withLockRetry(
+    sql,
+    async (tx) => {
+      await tx`lock table ${tableRef(tx, m.live)} in share mode`;
+      const keyCols = identList(tx, m.key_columns);
+      const cols = identList(tx, m.copy_columns);
+      const overriding = m.phase === "cutover" && m.sequences.some((s) => s.identity === "a") ? tx`overriding system value` : tx``;
+      for (const d of diffs) {
+        const match = tx`(${keyCols}) = (${valueList(tx, d.key)})`;
+        await tx`delete from ${tableRef(tx, m.copy)} where ${match}`;
+        await tx`insert into ${tableRef(tx, m.copy)} (${cols}) ${overriding} select ${cols} from ${tableRef(tx, m.live)} where ${match}`;
+      }
+      const still = await drillDown(tx, m, b);
+      log().info({ repaired: diffs.length - still.length, remaining: still.length }, "verify: repaired differing rows");
+      return still;
+    },
+    opts,
+  );
+}
