@@ -15,11 +15,13 @@ import { lockMigration, requireMigration, unlockMigration, type Migration } from
 export function finalizeSql(m: Migration, seqNext: Map<string, string>): string[] {
   const mirror = mirrorFor(m.mode);
   const out = [`LOCK TABLE ${quoteQualified(m.live)}, ${quoteQualified(m.copy)} IN ACCESS EXCLUSIVE MODE`, ...mirror.stopSql(m)];
+  const identities = m.sequences.filter((x) => x.identity !== "");
+  // The live table's default depends on the identity sequence, which goes with the retired table.
+  for (const s of identities) out.push(`ALTER TABLE ${quoteQualified(m.live)} ALTER COLUMN ${quoteIdent(s.column)} DROP DEFAULT`);
   out.push(`DROP TABLE ${quoteQualified(m.copy)}`);
-  for (const s of m.sequences.filter((x) => x.identity !== "")) {
+  for (const s of identities) {
     const col = quoteIdent(s.column);
     const next = seqNext.get(s.column) ?? "1";
-    out.push(`ALTER TABLE ${quoteQualified(m.live)} ALTER COLUMN ${col} DROP DEFAULT`);
     out.push(
       `ALTER TABLE ${quoteQualified(m.live)} ALTER COLUMN ${col} ADD GENERATED ${s.identity === "a" ? "ALWAYS" : "BY DEFAULT"} AS IDENTITY ` +
         `(SEQUENCE NAME ${quoteQualified({ schema: s.schema, name: s.name })} START WITH ${next})`,
