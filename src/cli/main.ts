@@ -1,2 +1,47 @@
 #!/usr/bin/env node
-console.log("x")
+import { Command, CommanderError } from "commander";
+import { explain } from "../errors.js";
+import { backfillCommand } from "./backfill.js";
+import { cutoverCommand, swapBackCommand } from "./cutover.js";
+import { demoCommand } from "./demo.js";
+import { abortCommand, finalizeCommand } from "./finish.js";
+import { planCommand } from "./plan.js";
+import { startCommand } from "./start.js";
+import { statusCommand } from "./status.js";
+import { verifyCommand } from "./verify.js";
+
+const program = new Command("pgshift")
+  .description("Move a big, busy PostgreSQL table into a partitioned table with no downtime")
+  .version("0.1.0")
+  .exitOverride()
+  .configureOutput({ outputError: (str, write) => write(str) })
+  .addHelpText("after", `
+The flow:
+  pgshift plan      orders --partition-by range:created_at:month   # what would happen, changes nothing
+  pgshift start     orders --partition-by range:created_at:month   # shadow + mirror
+  pgshift backfill  orders                                         # copy existing rows in batches
+  pgshift verify    orders                                         # compare, exit 1 on differences
+  pgshift cutover   orders                                         # swap names (milliseconds)
+  pgshift swap-back orders                                         # undo, losing nothing
+  pgshift finalize  orders --yes                                   # drop the retired table
+Connection: --url, else DATABASE_URL, else PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE.
+Exit codes: 0 ok, 1 verify found differences, 2 error (nothing changed), 130 interrupted.`);
+
+for (const c of [planCommand(), startCommand(), backfillCommand(), statusCommand(), verifyCommand(), cutoverCommand(), swapBackCommand(), finalizeCommand(), abortCommand(), demoCommand()]) {
+  program.addCommand(c.exitOverride().configureOutput({ outputError: (str, write) => write(str) }));
+}
+
+try {
+  await program.parseAsync(process.argv);
+} catch (err) {
+  if (err instanceof CommanderError) {
+    // --help and --version exit 0; usage errors (unknown option, missing argument) exit 2.
+    process.exitCode = err.exitCode === 0 ? 0 : 2;
+  } else {
+    const e = explain(err);
+    process.stderr.write(`pgshift: error: ${e.message}\n`);
+    if (e.hint) process.stderr.write(`pgshift: hint: ${e.hint}\n`);
+    if (process.env.PGSHIFT_DEBUG && err instanceof Error) process.stderr.write(`${err.stack}\n`);
+    process.exitCode = e.exitCode;
+  }
+}

@@ -1,0 +1,60 @@
+import { Command, InvalidArgumentError, Option } from "commander";
+import { connect, type Sql } from "../db.js";
+import { explain } from "../errors.js";
+import { parseTableName, type QualifiedName } from "../names.js";
+
+/** Options every command that talks to a database accepts. */
+export interface ConnOpts {
+  url?: string;
+}
+
+export function addConnectionOption(cmd: Command): Command {
+  return cmd.addOption(new Option("--url <url>", "connection URL (default: DATABASE_URL, then PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE)"));
+}
+
+/** Connects, runs `fn` with the parsed table, always closes the connection. */
+export async function withTable<T>(tableArg: string, opts: ConnOpts, fn: (sql: Sql, table: QualifiedName) => Promise<T>): Promise<T> {
+  const table = parseTableName(tableArg);
+  const sql = await connect({ url: opts.url });
+  try {
+    return await fn(sql, table);
+  } catch (err) {
+    throw explain(err);
+  } finally {
+    await sql.end({ timeout: 5 }).catch(() => {});
+  }
+}
+
+/** Parses a non-negative integer option. */
+export function intOption(name: string, min = 0) {
+  return (value: string): number => {
+    if (!/^[0-9]+$/.test(value) || Number(value) < min) {
+      throw new InvalidArgumentError(`${name} must be an integer >= ${min}, got ${JSON.stringify(value)}`);
+    }
+    return Number(value);
+  };
+}
+
+export function printJson(value: unknown): void {
+  process.stdout.write(JSON.stringify(value, null, 2) + "\n");
+}
+
+/** Seconds as "1h02m", "3m05s", "12s". */
+export function formatDuration(seconds: number | null): string {
+  if (seconds === null || !Number.isFinite(seconds)) return "unknown";
+  const s = Math.round(seconds);
+  if (s >= 3600) return `${Math.floor(s / 3600)}h${String(Math.floor((s % 3600) / 60)).padStart(2, "0")}m`;
+  if (s >= 60) return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, "0")}s`;
+  return `${s}s`;
+}
+
+export function formatBytes(n: number): string {
+  const units = ["B", "kB", "MB", "GB", "TB"];
+  let i = 0;
+  let v = n;
+  while (v >= 1024 && i < units.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return `${v.toFixed(i === 0 ? 0 : 1)} ${units[i]}`;
+}

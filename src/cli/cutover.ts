@@ -1,0 +1,46 @@
+import { Command } from "commander";
+import { cutover, cutoverSql, swapBack, swapBackSql } from "../cutover/cutover.js";
+import { requireMigration } from "../migration/state.js";
+import { addConnectionOption, intOption, withTable, type ConnOpts } from "./common.js";
+
+type Opts = ConnOpts & { lockTimeout: number; retries: number; dryRun?: boolean };
+
+function switchCommand(name: "cutover" | "swap-back"): Command {
+  const isCutover = name === "cutover";
+  const cmd = new Command(name)
+    .description(
+      isCutover
+        ? "swap the names in one short transaction; the old table keeps receiving writes; prints how long writes were blocked"
+        : "undo the cutover: the original table is live again with every write made since",
+    )
+    .argument("<table>", "table under migration")
+    .option("--lock-timeout <ms>", "lock_timeout: the longest the application waits behind pgshift", intOption("--lock-timeout", 1), 500)
+    .option("--retries <n>", "attempts after a lock timeout, with jittered backoff", intOption("--retries"), 20)
+    .option("--dry-run", "print the statements of the transaction; change nothing");
+  addConnectionOption(cmd);
+  cmd.addHelpText("after", isCutover ? `
+Examples:
+  pgshift cutover orders
+  pgshift cutover orders --lock-timeout 200 --retries 50` : `
+Examples:
+  pgshift swap-back orders`);
+  cmd.action(async (tableArg: string, opts: Opts) => {
+    await withTable(tableArg, opts, async (sql, table) => {
+      if (opts.dryRun) {
+        const m = await requireMigration(sql, table, isCutover ? "cut over" : "swap back", isCutover ? ["backfilled", "swapped_back"] : ["cutover"]);
+        process.stdout.write((isCutover ? cutoverSql(m) : swapBackSql(m)).map((s) => s + ";").join("\n") + "\n");
+        return;
+      }
+      const fn = isCutover ? cutover : swapBack;
+      const r = await fn(sql, table, { lockTimeoutMs: opts.lockTimeout, retries: opts.retries });
+      process.stdout.write(
+        `${isCutover ? "cutover" : "swap-back"} done in ${r.attempts} attempt(s): writes were blocked for ${r.lockHeldMs.toFixed(1)} ms\n` +
+          (isCutover ? `next: pgshift verify ${tableArg}, then pgshift finalize ${tableArg} --yes (or pgshift swap-back ${tableArg})\n` : `next: pgshift cutover ${tableArg} again, or pgshift abort ${tableArg}\n`),
+      );
+    });
+  });
+  return cmd;
+}
+
+export const cutoverCommand = () => switchCommand("cutover");
+export const swapBackCommand = () => switchCommand("swap-back");

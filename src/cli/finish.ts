@@ -1,0 +1,49 @@
+import { Command } from "commander";
+import { abort, abortSql, finalize } from "../migration/finish.js";
+import { requireMigration } from "../migration/state.js";
+import { addConnectionOption, intOption, withTable, type ConnOpts } from "./common.js";
+
+type Opts = ConnOpts & { lockTimeout: number; retries: number; yes?: boolean; dryRun?: boolean };
+
+export function finalizeCommand(): Command {
+  const cmd = new Command("finalize")
+    .description("after cutover: drop the retired table, the mirror and the metadata (swap-back is then impossible)")
+    .argument("<table>", "table under migration")
+    .option("--yes", "confirm dropping the retired table")
+    .option("--lock-timeout <ms>", "lock_timeout", intOption("--lock-timeout", 1), 500)
+    .option("--retries <n>", "attempts after a lock timeout", intOption("--retries"), 20);
+  addConnectionOption(cmd);
+  cmd.addHelpText("after", `
+Example:
+  pgshift finalize orders --yes`);
+  cmd.action(async (tableArg: string, opts: Opts) => {
+    await withTable(tableArg, opts, (sql, table) => finalize(sql, table, { yes: opts.yes, lockTimeoutMs: opts.lockTimeout, retries: opts.retries }));
+    process.stdout.write(`finalized: ${tableArg} is partitioned; the retired table, the mirror and the metadata are gone\n`);
+  });
+  return cmd;
+}
+
+export function abortCommand(): Command {
+  const cmd = new Command("abort")
+    .description("before cutover: drop the shadow and the mirror, leaving the source untouched")
+    .argument("<table>", "table under migration")
+    .option("--dry-run", "print the statements; change nothing")
+    .option("--lock-timeout <ms>", "lock_timeout", intOption("--lock-timeout", 1), 500)
+    .option("--retries <n>", "attempts after a lock timeout", intOption("--retries"), 20);
+  addConnectionOption(cmd);
+  cmd.addHelpText("after", `
+Example:
+  pgshift abort orders`);
+  cmd.action(async (tableArg: string, opts: Opts) => {
+    await withTable(tableArg, opts, async (sql, table) => {
+      if (opts.dryRun) {
+        const m = await requireMigration(sql, table, "abort", ["started", "backfilling", "backfilled", "swapped_back"]);
+        process.stdout.write(abortSql(m).map((s) => s + ";").join("\n") + "\n");
+        return;
+      }
+      await abort(sql, table, { lockTimeoutMs: opts.lockTimeout, retries: opts.retries });
+      process.stdout.write(`aborted: shadow and mirror dropped; ${tableArg} is as it was\n`);
+    });
+  });
+  return cmd;
+}

@@ -1,0 +1,41 @@
+import { Command } from "commander";
+import { BlockedError } from "../errors.js";
+import { planMigration } from "../migration/plan.js";
+import { startMigration } from "../migration/start.js";
+import { displayName } from "../names.js";
+import { parsePartitionSpec } from "../partitioning/spec.js";
+import { addConnectionOption, intOption, withTable } from "./common.js";
+import { printPlan, specOptions, type PlanCliOpts } from "./plan.js";
+
+export function startCommand(): Command {
+  const cmd = new Command("start")
+    .description("create the shadow table, its partitions and indexes, install the mirror, record the migration")
+    .argument("<table>", "table to partition, optionally schema-qualified")
+    .option("--lock-timeout <ms>", "lock_timeout for the locks on the table", intOption("--lock-timeout", 1), 500)
+    .option("--retries <n>", "attempts after a lock timeout", intOption("--retries"), 20)
+    .option("--dry-run", "print the plan and its statements; change nothing");
+  specOptions(cmd);
+  addConnectionOption(cmd);
+  cmd.addHelpText("after", `
+Examples:
+  pgshift start orders --partition-by range:created_at:month --premake 6
+  pgshift start public.events --partition-by list:tenant_id --dry-run`);
+  cmd.action(async (tableArg: string, opts: PlanCliOpts & { lockTimeout: number; retries: number; dryRun?: boolean }) => {
+    const spec = parsePartitionSpec(opts.partitionBy);
+    await withTable(tableArg, opts, async (sql, table) => {
+      if (opts.dryRun) {
+        const plan = await planMigration(sql, table, { spec, mode: opts.mode, premake: opts.premake });
+        printPlan(plan);
+        if (plan.blockers.length > 0) throw new BlockedError(displayName(table), plan.blockers);
+        return;
+      }
+      const { plan, ms } = await startMigration(sql, table, { spec, mode: opts.mode, premake: opts.premake, lockTimeoutMs: opts.lockTimeout, retries: opts.retries });
+      for (const w of plan.warnings) process.stdout.write(`warning: ${w}\n`);
+      process.stdout.write(
+        `started: ${displayName(plan.shadow)} with ${plan.partitions.length} partitions, ${plan.mode} mirror installed (${Math.round(ms)} ms)\n` +
+          `next: pgshift backfill ${tableArg}\n`,
+      );
+    });
+  });
+  return cmd;
+}
