@@ -4,8 +4,9 @@ import { PgshiftError, explain, sqlState } from "./errors.js";
 import { quoteIdent, type QualifiedName } from "./names.js";
 
 export type Sql = postgres.Sql<Record<string, never>>;
-export type TxSql = postgres.TransactionSql<Record<string, never>>;
-export type AnySql = Sql | TxSql | postgres.ReservedSql<Record<string, never>>;
+/** A connection inside a transaction opened by `transaction()` (a reserved connection of the pool). */
+export type TxSql = postgres.ReservedSql<Record<string, never>>;
+export type AnySql = Sql | TxSql | postgres.TransactionSql<Record<string, never>>;
 export type Fragment = postgres.PendingQuery<postgres.Row[]>;
 
 export interface ConnectOptions {
@@ -23,8 +24,12 @@ export interface ConnectOptions {
  */
 export async function connect(opts: ConnectOptions = {}): Promise<Sql> {
   const url = opts.url ?? process.env.DATABASE_URL;
+  const closes = { count: 0 };
   const options: postgres.Options<Record<string, never>> = {
     max: opts.max ?? 1,
+    onclose: () => {
+      closes.count++;
+    },
     onnotice: () => {},
     connect_timeout: 10,
     idle_timeout: 0,
@@ -38,6 +43,7 @@ export async function connect(opts: ConnectOptions = {}): Promise<Sql> {
       hint: "use postgres://user:password@host:port/database",
     });
   }
+  poolCloses.set(sql, closes);
   try {
     await sql`select 1`;
   } catch (err) {
@@ -96,6 +102,42 @@ export function joinFragments(sql: AnySql, parts: readonly Fragment[], sep: Frag
   return out;
 }
 
+/** Connection closes seen by each pool (postgres.js `onclose`), to never write on a closed socket. */
+const poolCloses = new WeakMap<object, { count: number }>();
+
+const CONNECTION_LOST = new Set(["CONNECTION_CLOSED", "CONNECTION_DESTROYED", "CONNECTION_ENDED", "ECONNRESET", "EPIPE", "57P01", "57P02", "57P03"]);
+
+/**
+ * Runs `fn` in one transaction on a reserved connection: BEGIN [options], fn, COMMIT; ROLLBACK on error.
+ * Unlike postgres.js's sql.begin, it sends nothing after the connection is lost (sql.begin then still
+ * queues a ROLLBACK on the dead socket and crashes the process with a TypeError), so a killed session
+ * surfaces as an ordinary error the caller can report.
+ * @param options e.g. "isolation level repeatable read read only".
+ */
+export async function transaction<T>(sql: Sql, fn: (tx: TxSql) => Promise<T>, options = ""): Promise<T> {
+  const closes = poolCloses.get(sql);
+  const before = closes?.count ?? 0;
+  const closed = () => closes !== undefined && closes.count !== before;
+  const tx = await sql.reserve();
+  let lost = false;
+  try {
+    await tx.unsafe(options ? `begin ${options.replace(/[^a-z ]/gi, "")}` : "begin");
+    const result = await fn(tx);
+    if (closed()) throw new PgshiftError("the connection to the server was lost before COMMIT", { hint: "re-run the command: the transaction was rolled back by the server" });
+    await tx.unsafe("commit");
+    return result;
+  } catch (err) {
+    const code = err && typeof err === "object" && "code" in err ? String((err as { code: unknown }).code) : "";
+    lost = CONNECTION_LOST.has(code) || closed();
+    if (!lost) await tx.unsafe("rollback").catch(() => {});
+    throw err;
+  } finally {
+    // A lost connection was already taken back by the pool as closed; releasing it would put a dead
+    // socket back among the open ones.
+    if (!lost && !closed()) tx.release();
+  }
+}
+
 export interface LockRetryOptions {
   /** lock_timeout for each attempt, in ms (default 500). */
   lockTimeoutMs?: number;
@@ -120,10 +162,10 @@ export async function withLockRetry<T>(sql: Sql, fn: (tx: TxSql) => Promise<T>, 
     return await pRetry(
       async () => {
         try {
-          return (await sql.begin(async (tx) => {
+          return await transaction(sql, async (tx) => {
             await tx`select set_config('lock_timeout', ${String(lockTimeoutMs) + "ms"}, true)`;
             return fn(tx);
-          })) as T;
+          });
         } catch (err) {
           const code = sqlState(err);
           if (code === "55P03" || code === "40P01") throw err;

@@ -1,5 +1,5 @@
 import type { Sql } from "../db.js";
-import { identList, joinFragments, table as tableRef, textColumns, valueList, type AnySql, type Fragment } from "../db.js";
+import { identList, transaction, joinFragments, table as tableRef, textColumns, valueList, type AnySql, type Fragment } from "../db.js";
 import { log } from "../log.js";
 import { displayName, quoteQualified, type QualifiedName } from "../names.js";
 import { lockMigration, requireMigration, unlockMigration, type Migration } from "../migration/state.js";
@@ -88,7 +88,7 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
     let complete = false;
     for (;;) {
       if (opts.signal?.aborted || (opts.maxBatches !== undefined && batches >= opts.maxBatches)) break;
-      const result = await sql.begin(async (tx) => {
+      const result = await transaction(sql, async (tx) => {
         const lower = checkpoint ? sql`where ${keyAfter(tx, key, checkpoint)}` : sql``;
         const hiRows = await tx`
           select ${textColumns(tx, key)} from (

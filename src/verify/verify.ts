@@ -1,5 +1,5 @@
 import type { Sql, TxSql } from "../db.js";
-import { identList, joinFragments, table as tableRef, textColumns, valueList, withLockRetry, type AnySql, type Fragment, type LockRetryOptions } from "../db.js";
+import { identList, joinFragments, transaction, table as tableRef, textColumns, valueList, withLockRetry, type AnySql, type Fragment, type LockRetryOptions } from "../db.js";
 import { keyAfter } from "../backfill/backfill.js";
 import { log } from "../log.js";
 import { displayName, type QualifiedName } from "../names.js";
@@ -78,13 +78,13 @@ export async function verify(sql: Sql, table: QualifiedName, opts: VerifyOptions
     let repaired = 0;
     let lo: string[] | null = null;
     for (;;) {
-      const res = await sql.begin("isolation level repeatable read read only", async (tx) => {
+      const res = await transaction(sql, async (tx) => {
         const hi = await nthKeyAfter(tx, m, lo, chunkSize);
         const bounds = { lo, hi };
         const same = await compareChunk(tx, m, bounds);
         const diffs = same.equal ? [] : await drillDown(tx, m, bounds);
         return { hi, rows: same.rows, diffs };
-      });
+      }, "isolation level repeatable read read only");
       chunks++;
       rowsCompared += res.rows;
       if (res.diffs.length > 0) {
