@@ -33,12 +33,11 @@ import {
   loadMigration,
   parsePartitionSpec,
   setLogger,
-  startEmbedded,
   startMigration,
-  type EmbeddedServer,
   type QualifiedName,
   type Sql,
 } from "../src/index.js";
+import { startEmbedded, type EmbeddedServer } from "../src/embedded.js";
 
 const TARGET = 1.25;
 const SOURCE: QualifiedName = { schema: "public", name: "bench_source" };

@@ -20,5 +20,4 @@ export { verify, type VerifyOptions, type VerifyReport, type Difference } from "
 export { cutover, swapBack, cutoverSql, swapBackSql, type CutoverOptions, type CutoverResult } from "./cutover/cutover.js";
 export { finalize, abort, finalizeSql, abortSql } from "./migration/finish.js";
 export { status, type StatusReport } from "./status.js";
-export { startEmbedded, type EmbeddedServer } from "./embedded.js";
 export { createWorkload, startLoad, compareWithTwin, type Workload, type KeyKind, type LoadStats } from "./load/workload.js";

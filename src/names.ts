@@ -43,7 +43,7 @@ export function parseTableName(text: string, defaultSchema = "public"): Qualifie
     } else {
       const m = /^[A-Za-z_\u0080-\uffff][A-Za-z0-9_$\u0080-\uffff]*/.exec(text.slice(i));
       if (!m) throw bad();
-      part = m[0].toLowerCase();
+      part = m[0].replace(/[A-Z]+/g, (c) => c.toLowerCase()); // PostgreSQL folds ASCII letters only
       i += m[0].length;
     }
     parts.push(part);
@@ -90,7 +90,7 @@ export function quoteLiteral(value: string): string {
 export function fitName(base: string, suffix: string): string {
   const enc = new TextEncoder();
   const room = MAX_IDENTIFIER_BYTES - enc.encode(suffix).length;
-  let out = base;
-  while (enc.encode(out).length > room) out = out.slice(0, -1);
-  return out + suffix;
+  const chars = Array.from(base); // code points: never split a surrogate pair
+  while (enc.encode(chars.join("")).length > room) chars.pop();
+  return chars.join("") + suffix;
 }

@@ -211,7 +211,7 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
       (select coalesce(array_agg(distinct pubname::text), '{}') from pg_publication_tables
         where schemaname = ${table.schema} and tablename = ${table.name}) as publications,
       (select coalesce(array_agg(tgname::text), '{}') from pg_trigger
-        where tgrelid = ${oid} and not tgisinternal) as triggers,
+        where tgrelid = ${oid} and not tgisinternal and tgname::text not in ('pgshift_mirror', 'pgshift_truncate_guard')) as triggers,
       (select coalesce(array_agg(format('%s', inhrelid::regclass)) || array_agg(format('%s', inhparent::regclass)), '{}')
          from pg_inherits where inhrelid = ${oid} or inhparent = ${oid}) as inheritance,
       (select coalesce(array_agg(conname::text), '{}') from pg_constraint

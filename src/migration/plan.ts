@@ -180,7 +180,9 @@ async function readDataRange(sql: Sql, src: QualifiedName, spec: PartitionSpec):
   const t = tableRef(sql, src);
   const c = ident(sql, spec.column);
   if (spec.strategy === "range" || spec.strategy === "range-int") {
-    const r = await sql`select min(${c})::text as min, max(${c})::text as max from ${t}`;
+    // Infinite values go to DEFAULT; they must not stretch the bounds.
+    const finite = spec.strategy === "range" ? sql`where isfinite(${c})` : sql``;
+    const r = await sql`select min(${c})::text as min, max(${c})::text as max from ${t} ${finite}`;
     return { min: (r[0]?.min as string | null) ?? null, max: (r[0]?.max as string | null) ?? null };
   }
   if (spec.strategy === "list") {

@@ -144,7 +144,10 @@ function withNames(row: MigrationRow): Migration {
 
 /** Reads the migration of `table` (by its original name), or null. Validates the row with zod. */
 export async function loadMigration(sql: AnySql, table: QualifiedName): Promise<Migration | null> {
-  const exists = await sql`select to_regclass('pgshift.migrations') is not null as ok`;
+  const exists = await sql`
+    select case when exists (select from pg_namespace where nspname = 'pgshift')
+                then has_schema_privilege('pgshift', 'USAGE') and to_regclass('pgshift.migrations') is not null
+                else false end as ok`;
   if (!exists[0]?.ok) return null;
   const rows = await sql`select * from pgshift.migrations where source_schema = ${table.schema} and source_table = ${table.name}`;
   if (rows.length === 0) return null;

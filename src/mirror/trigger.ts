@@ -47,7 +47,9 @@ export function mirrorFunctionSql(m: TriggerMirrorSpec): string {
     rest.length === 0 ? "DO NOTHING" : `DO UPDATE SET ${rest.map((c) => `${c} = EXCLUDED.${c}`).join(", ")}`;
   const where = `(${key.join(", ")}) = ${keyTuple("OLD")}`;
   const overriding = m.overridingSystemValue ? " OVERRIDING SYSTEM VALUE" : "";
+  // #variable_conflict use_column: a column named found, new, old or tg_op must mean the column.
   const body = `
+#variable_conflict use_column
 BEGIN
   IF TG_OP = 'DELETE' THEN
     DELETE FROM ${to} WHERE ${where};

@@ -19,6 +19,13 @@ export interface DataRange {
   values?: string[];
 }
 
+/** Value range of each integer type (docs: "Numeric Types"); bounds past it are written MINVALUE / MAXVALUE. */
+const INTEGER_RANGE: Record<string, [bigint, bigint]> = {
+  int2: [-32768n, 32767n],
+  int4: [-2147483648n, 2147483647n],
+  int8: [-9223372036854775808n, 9223372036854775807n],
+};
+
 /** Refuse more partitions than this: a spec that fine is almost always a mistake. */
 export const MAX_PARTITIONS = 5000;
 
@@ -31,12 +38,15 @@ interface Day {
 
 function parseDay(text: string): Day | null {
   const m = /^(\d{4})-(\d{2})-(\d{2})/.exec(text);
-  if (!m) return null; // infinity, BC dates, 5-digit years: such rows go to DEFAULT
+  if (!m || / BC$/.test(text)) return null; // infinity, BC dates, 5-digit years: such rows go to DEFAULT
   return { y: Number(m[1]), m: Number(m[2]), d: Number(m[3]) };
 }
 
 function toUtc(day: Day): Date {
-  return new Date(Date.UTC(day.y, day.m - 1, day.d));
+  // Not Date.UTC: it maps years 0-99 to 1900-1999.
+  const date = new Date(0);
+  date.setUTCFullYear(day.y, day.m - 1, day.d);
+  return date;
 }
 
 function fromUtc(date: Date): Day {
@@ -169,15 +179,17 @@ export function computePartitions(
     }
     case "range-int": {
       const width = BigInt(spec.width);
+      const [typeMin, typeMax] = INTEGER_RANGE[columnType] ?? INTEGER_RANGE.int8!;
+      const lit = (v: bigint) => (v > typeMax ? "MAXVALUE" : v < typeMin ? "MINVALUE" : String(v));
       const min = data.min !== null ? BigInt(data.min) : 0n;
       const max = data.max !== null ? BigInt(data.max) : min;
       let from = floorDiv(min, width) * width;
       const stop = (floorDiv(max, width) + 1n + BigInt(opts.premake)) * width;
       if ((stop - from) / width > BigInt(MAX_PARTITIONS)) throw new Error(tooMany(spec));
-      while (from < stop) {
+      while (from < stop && from <= typeMax) {
         const to = from + width;
         const label = from < 0n ? `m${-from}` : String(from);
-        out.push({ name: fitName(base, `_p${label}`), bound: `FOR VALUES FROM (${from}) TO (${to})`, isDefault: false });
+        out.push({ name: fitName(base, `_p${label}`), bound: `FOR VALUES FROM (${lit(from)}) TO (${lit(to)})`, isDefault: false });
         from = to;
       }
       out.push(defaultPartition);
