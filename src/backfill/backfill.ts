@@ -1,6 +1,8 @@
 import type { Sql } from "../db.js";
-import { identList, transaction, joinFragments, table as tableRef, textColumns, valueList, type AnySql, type Fragment } from "../db.js";
+import { identList, transaction, type TxSql, type LockRetryOptions, joinFragments, table as tableRef, textColumns, valueList, type AnySql, type Fragment } from "../db.js";
 import { log } from "../log.js";
+import { sqlState } from "../errors.js";
+import { buildDeferredIndexes } from "./indexes.js";
 import { displayName, quoteQualified, type QualifiedName } from "../names.js";
 import { lockMigration, requireMigration, unlockMigration, type Migration } from "../migration/state.js";
 
@@ -15,7 +17,7 @@ export interface BackfillProgress {
   done: boolean;
 }
 
-export interface BackfillOptions {
+export interface BackfillOptions extends LockRetryOptions {
   /** Rows per batch (default 10000). */
   batchSize?: number;
   /** Pause between batches, ms (default 0): throttles the copy on a busy server. */
@@ -30,6 +32,8 @@ export interface BackfillOptions {
 export interface BackfillResult extends BackfillProgress {
   /** Whether the whole table has been copied (false when stopped early). */
   complete: boolean;
+  /** Batches that met rows the mirror had already written and ran with ON CONFLICT DO NOTHING. */
+  conflictBatches: number;
   ms: number;
 }
 
@@ -48,6 +52,9 @@ export function keyAfter(sql: AnySql, key: readonly string[], after: readonly st
  *  1. finds the batch's upper key `hi` (the N-th key after the checkpoint; an index-only scan), then
  *  2. `INSERT INTO shadow SELECT ... FROM source WHERE key > checkpoint AND key <= hi FOR SHARE
  *     ON CONFLICT DO NOTHING`.
+ * (Step 2 first runs as a plain INSERT inside a savepoint, which avoids the per-row cost of speculative
+ * insertion; if a row the mirror already wrote is in the way it fails with unique_violation, and the batch
+ * runs again as written above; after such a conflict the next 10 batches go straight to ON CONFLICT.)
  * FOR SHARE locks every copied source row until the batch commits. An UPDATE or DELETE that committed
  * before the lock is seen at its newest version (PostgreSQL re-reads a concurrently updated row when it
  * locks it, and skips it if it was deleted or left the range); one that comes after the lock waits for the
@@ -57,7 +64,9 @@ export function keyAfter(sql: AnySql, key: readonly string[], after: readonly st
  * updates) through. The checkpoint is `hi`, read from the index before locking, never a key value
  * re-read after a concurrent update (which could jump ahead of rows not yet copied).
  *
- * Memory is flat: rows go from table to table inside PostgreSQL; only `hi` crosses the network.
+ * Once every row is copied, the secondary indexes are built (buildDeferredIndexes), then the phase
+ * becomes `backfilled`. Memory is flat: rows go from table to table inside PostgreSQL; only `hi` crosses
+ * the network.
  * @throws PgshiftError / PhaseError when there is no migration or it is past the backfill.
  */
 export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOptions = {}): Promise<BackfillResult> {
@@ -69,7 +78,7 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
     if (m.phase === "backfilled" || m.phase === "swapped_back") {
       const p = progress(m, 0, 0, true);
       opts.onProgress?.(p);
-      return { ...p, complete: true, ms: 0 };
+      return { ...p, complete: true, ms: 0, conflictBatches: 0 };
     }
     const est = await sql`select greatest(reltuples, 0)::bigint as n from pg_class where oid = to_regclass(${quoteQualified(m.original)})`;
     await sql`
@@ -82,11 +91,22 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
     const key = m.key_columns;
     const keyCols = identList(sql, key);
     const cols = identList(sql, m.copy_columns);
-    let checkpoint = m.checkpoint;
+    let checkpoint = m.checkpoint && m.checkpoint.length > 0 ? m.checkpoint : null;
+    /** Batches left before the plain-INSERT fast path is tried again after a conflict. */
+    let fastPathIn = 0;
+    let conflictBatches = 0;
+    const copyOnConflict = async (tx: TxSql, where: Fragment): Promise<number> => {
+      const r = await tx`
+        with batch as (select ${cols} from ${src} ${where} for share),
+             ins as (insert into ${dst} (${cols}) select ${cols} from batch on conflict do nothing returning 1)
+        select (select count(*) from batch)::int as read, (select count(*) from ins)::int as inserted`;
+      return Number(r[0]?.read ?? 0);
+    };
     let copiedHere = 0;
     let batches = 0;
-    let complete = false;
-    for (;;) {
+    // After a crash while the indexes were being built, the copy is not done again.
+    let complete = m.copy_finished_at !== null;
+    while (!complete) {
       if (opts.signal?.aborted || (opts.maxBatches !== undefined && batches >= opts.maxBatches)) break;
       const result = await transaction(sql, async (tx) => {
         const lower = checkpoint ? sql`where ${keyAfter(tx, key, checkpoint)}` : sql``;
@@ -99,11 +119,25 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
         if (checkpoint) conds.push(keyAfter(tx, key, checkpoint));
         if (hi) conds.push(tx`(${keyCols}) <= (${valueList(tx, hi)})`);
         const where = conds.length === 0 ? tx`` : tx`where ${joinFragments(tx, conds, tx` and `)}`;
-        const r = await tx`
-          with batch as (select ${cols} from ${src} ${where} for share),
-               ins as (insert into ${dst} (${cols}) select ${cols} from batch on conflict do nothing returning 1)
-          select (select count(*) from batch)::int as read, (select count(*) from ins)::int as inserted`;
-        const read = Number(r[0]?.read ?? 0);
+        let read: number;
+        if (fastPathIn === 0) {
+          // Fast path: a plain INSERT (no speculative insertion per row). A row the mirror already wrote
+          // makes it fail with unique_violation; the batch then runs again with ON CONFLICT DO NOTHING.
+          await tx`savepoint pgshift_batch`;
+          try {
+            const r = await tx`insert into ${dst} (${cols}) select ${cols} from ${src} ${where} for share`;
+            read = r.count;
+          } catch (err) {
+            if (sqlState(err) !== "23505") throw err;
+            await tx`rollback to savepoint pgshift_batch`;
+            read = await copyOnConflict(tx, where);
+            fastPathIn = 10;
+            conflictBatches++;
+          }
+        } else {
+          read = await copyOnConflict(tx, where);
+          fastPathIn--;
+        }
         await tx`
           update pgshift.migrations set checkpoint = ${hi ? tx.array(hi) : tx.array(checkpoint ?? [])}::text[],
                  rows_copied = rows_copied + ${read}, batches = batches + 1, updated_at = now()
@@ -123,7 +157,9 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
       if (opts.sleepMs) await new Promise((r) => setTimeout(r, opts.sleepMs));
     }
     if (complete) {
-      await sql.unsafe(`analyze ${quoteQualified(m.partitioned)}`);
+      await sql`update pgshift.migrations set copy_finished_at = coalesce(copy_finished_at, now()), updated_at = now() where id = ${m.id}`;
+      const built = await buildDeferredIndexes(sql, m, opts);
+      if (built > 0) log().info({ table: displayName(table), indexes: built }, "backfill: secondary indexes built");
       await sql`
         update pgshift.migrations set phase = 'backfilled', backfill_finished_at = now(),
                rows_estimated = greatest(rows_estimated, rows_copied), updated_at = now()
@@ -133,7 +169,7 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
     const ms = performance.now() - t0;
     const p = progress(m, copiedHere, ms, complete);
     opts.onProgress?.(p);
-    return { ...p, complete, ms };
+    return { ...p, complete, ms, conflictBatches };
   } finally {
     await unlockMigration(sql, table).catch(() => {});
   }

@@ -36,6 +36,10 @@ export function printPlan(plan: MigrationPlan): void {
     out.push("", `-- the ${plan.statements.length} statements start runs, in one transaction:`);
     for (const s of plan.statements) out.push(s + ";");
   }
+  if (plan.afterCopyStatements.length > 0) {
+    out.push("", `-- after the copy, backfill builds the secondary indexes without blocking writes (${plan.afterCopyStatements.length} statements, each on its own):`);
+    for (const s of plan.afterCopyStatements) out.push(s + ";");
+  }
   process.stdout.write(out.join("\n") + "\n");
 }
 

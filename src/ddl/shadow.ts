@@ -1,5 +1,5 @@
 import type { TableFacts, IndexFacts } from "../catalog/inspect.js";
-import { quoteIdent, quoteLiteral, quoteQualified, type QualifiedName } from "../names.js";
+import { fitName, quoteIdent, quoteLiteral, quoteQualified, type QualifiedName } from "../names.js";
 import type { PartitionDef } from "../partitioning/bounds.js";
 import { partitionMethod, type PartitionSpec } from "../partitioning/spec.js";
 
@@ -40,10 +40,52 @@ export function shadowKey(keyColumns: readonly string[], partitionColumn: string
   return keyColumns.includes(partitionColumn) ? [...keyColumns] : [...keyColumns, partitionColumn];
 }
 
+/** A secondary index of the shadow, built after the copy (see deferredIndexSql). */
+export interface DeferredIndex {
+  /** Name of the partitioned (parent) index. */
+  name: string;
+  unique: boolean;
+  /** What follows USING: `btree (a, b) INCLUDE (c) WHERE ...`, already widened with the partition column. */
+  definition: string;
+}
+
 export interface ShadowDdl {
   statements: string[];
   /** Indexes whose uniqueness had to be widened with the partition column (original index names). */
   widenedUniqueIndexes: string[];
+  /** Secondary indexes, built after the copy, partition by partition, without blocking writes. */
+  deferredIndexes: DeferredIndex[];
+}
+
+/**
+ * Statements that build one deferred index without blocking writes to the shadow (which the mirror
+ * writes in the application's transactions): an invalid index ON ONLY the parent, then on each partition
+ * CREATE INDEX CONCURRENTLY and ATTACH PARTITION; the parent index becomes valid when every partition's is
+ * attached (docs: CREATE INDEX, "ON ONLY"; ALTER INDEX ... ATTACH PARTITION).
+ * @returns [parent statement, then per partition: create, attach].
+ */
+export function deferredIndexSql(schema: string, shadow: string, partitions: readonly string[], idx: DeferredIndex): { parent: string; perPartition: { partition: string; index: string; create: string; attach: string }[] } {
+  const unique = idx.unique ? "UNIQUE " : "";
+  const parentName = quoteQualified({ schema, name: idx.name });
+  return {
+    parent: `CREATE ${unique}INDEX IF NOT EXISTS ${quoteIdent(idx.name)} ON ONLY ${quoteQualified({ schema, name: shadow })} USING ${idx.definition}`,
+    perPartition: partitions.map((p) => {
+      const index = partitionIndexName(p, idx.name);
+      return {
+        partition: p,
+        index,
+        create: `CREATE ${unique}INDEX CONCURRENTLY IF NOT EXISTS ${quoteIdent(index)} ON ${quoteQualified({ schema, name: p })} USING ${idx.definition}`,
+        attach: `ALTER INDEX ${parentName} ATTACH PARTITION ${quoteQualified({ schema, name: index })}`,
+      };
+    }),
+  };
+}
+
+/** Name of a deferred index on one partition: the partition's name and a short hash of the parent index's name. */
+export function partitionIndexName(partition: string, parentIndex: string): string {
+  let h = 2166136261;
+  for (const ch of parentIndex) h = Math.imul(h ^ ch.codePointAt(0)!, 16777619) >>> 0;
+  return fitName(partition, `_${h.toString(36)}_idx`);
 }
 
 /**
@@ -55,7 +97,9 @@ export interface ShadowDdl {
  * - identity columns become plain columns whose default draws from the source's identity sequence, so
  *   both tables hand out ids from one sequence (docs: CREATE TABLE, LIKE: identity is not copied by default).
  * - partitions with the source's storage parameters (a partitioned parent cannot hold them).
- * - the primary key and every index, unique ones extended with the partition column.
+ * - the primary key (or the unique key pgshift copies by) now; every other index is returned in
+ *   `deferredIndexes`, built after the copy (cheaper than maintaining it row by row, as a bulk load does);
+ *   unique ones are extended with the partition column.
  * - outgoing foreign keys, the table comment, grants and the owner.
  *
  * Identifiers are quoted with quoteIdent, values with quoteLiteral: utility statements take no bind parameters.
@@ -66,6 +110,7 @@ export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: re
   const col = spec.column;
   const out: string[] = [];
   const widened: string[] = [];
+  const deferred: DeferredIndex[] = [];
   out.push(
     `CREATE TABLE ${shd} (LIKE ${src} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMMENTS INCLUDING STORAGE ` +
       `INCLUDING COMPRESSION INCLUDING GENERATED INCLUDING STATISTICS) PARTITION BY ${partitionMethod(spec)} (${quoteIdent(col)})`,
@@ -90,7 +135,13 @@ export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: re
     }
     const extra = ix.isUnique ? extraFor(ix.keyColumns) : [];
     if (extra.length > 0) widened.push(ix.name);
-    out.push(`CREATE ${ix.isUnique ? "UNIQUE " : ""}INDEX ON ${shd} USING ${extendIndexKey(ix.tail, extra)}`);
+    const definition = extendIndexKey(ix.tail, extra);
+    if (ix.name === facts.keyIndexName) {
+      // The key the mirror upserts on is needed from the start; the table is empty, so it is instant.
+      out.push(`CREATE UNIQUE INDEX ${quoteIdent(fitName(ix.name, "_part"))} ON ${shd} USING ${definition}`);
+    } else {
+      deferred.push({ name: fitName(ix.name, "_part"), unique: ix.isUnique, definition });
+    }
   }
   for (const fk of facts.foreignKeys) {
     out.push(`ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(fk.name)} ${fk.definition}`);
@@ -100,7 +151,7 @@ export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: re
       `GRANT ${g.privilege} ON ${shd} TO ${g.grantee === null ? "PUBLIC" : quoteIdent(g.grantee)}${g.grantable ? " WITH GRANT OPTION" : ""}`,
     );
   }
-  return { statements: out, widenedUniqueIndexes: widened };
+  return { statements: out, widenedUniqueIndexes: widened, deferredIndexes: deferred };
 }
 
 /** Columns pgshift writes when copying or mirroring: every column but generated ones. */

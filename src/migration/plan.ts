@@ -1,7 +1,7 @@
 import type { Sql } from "../db.js";
 import { ident, table as tableRef } from "../db.js";
 import { inspectTable, type TableFacts } from "../catalog/inspect.js";
-import { copyColumns, shadowDdl, shadowKey } from "../ddl/shadow.js";
+import { copyColumns, deferredIndexSql, shadowDdl, shadowKey, type DeferredIndex } from "../ddl/shadow.js";
 import { PgshiftError } from "../errors.js";
 import { installTriggerMirrorSql } from "../mirror/trigger.js";
 import { displayName, fitName, quoteLiteral, type QualifiedName } from "../names.js";
@@ -40,6 +40,9 @@ export interface MigrationPlan {
   warnings: string[];
   /** Every statement `start` runs, in order, in one transaction. */
   statements: string[];
+  /** Statements `backfill` runs after the copy to build the secondary indexes without blocking writes. */
+  afterCopyStatements: string[];
+  deferredIndexes: DeferredIndex[];
   facts: TableFacts | null;
 }
 
@@ -127,10 +130,17 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     .filter((c) => c.sequence)
     .map((c) => ({ column: c.name, schema: c.sequence!.schema, name: c.sequence!.name, identity: c.identity }));
   const statements: string[] = [];
+  const afterCopyStatements: string[] = [];
+  let deferredIndexes: DeferredIndex[] = [];
   if (blockers.length === 0) {
     if (!existing) statements.push(...schemaSql());
     const ddl = shadowDdl(facts, spec, partitions, { source: src, shadow });
     statements.push(...ddl.statements);
+    deferredIndexes = ddl.deferredIndexes;
+    for (const idx of deferredIndexes) {
+      const d = deferredIndexSql(src.schema, shadow.name, partitions.map((p) => p.name), idx);
+      afterCopyStatements.push(d.parent, ...d.perPartition.flatMap((x) => [x.create, x.attach]));
+    }
     for (const name of ddl.widenedUniqueIndexes) {
       const ix = facts.indexes.find((i) => i.name === name)!;
       warnings.push(
@@ -142,10 +152,10 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
       ...installTriggerMirrorSql({ fn: mirrorFunction, from: src, to: shadow, columns: cols, key: sKey, overridingSystemValue: false }),
     );
     statements.push(
-      `INSERT INTO pgshift.migrations (source_schema, source_table, shadow_table, retired_table, spec, mode, phase, key_columns, shadow_key, copy_columns, sequences, mirror_function, rows_estimated) VALUES (` +
+      `INSERT INTO pgshift.migrations (source_schema, source_table, shadow_table, retired_table, spec, mode, phase, key_columns, shadow_key, copy_columns, sequences, mirror_function, deferred_indexes, rows_estimated) VALUES (` +
         [src.schema, src.name, shadow.name, retired.name].map(quoteLiteral).join(", ") +
         `, ${quoteLiteral(JSON.stringify(spec))}, ${quoteLiteral(mode)}, 'started', ${textArray(keyColumns)}, ${textArray(sKey)}, ${textArray(cols)}, ` +
-        `${quoteLiteral(JSON.stringify(sequences))}, ${quoteLiteral(mirrorFunction.name)}, ${Math.max(0, Math.round(facts.estimatedRows))})`,
+        `${quoteLiteral(JSON.stringify(sequences))}, ${quoteLiteral(mirrorFunction.name)}, ${quoteLiteral(JSON.stringify(deferredIndexes))}, ${Math.max(0, Math.round(facts.estimatedRows))})`,
     );
   }
   if (facts.estimatedRows < 0) warnings.push(`${displayName(table)} was never analyzed: row estimates are unknown until ANALYZE`);
@@ -167,6 +177,8 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     blockers,
     warnings,
     statements,
+    afterCopyStatements,
+    deferredIndexes,
     facts,
   };
 }

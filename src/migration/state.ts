@@ -31,6 +31,8 @@ const SequenceUse = z.object({
 });
 export type SequenceUse = z.infer<typeof SequenceUse>;
 
+const DeferredIndexSchema = z.object({ name: z.string(), unique: z.boolean(), definition: z.string() });
+
 export const VerifyResultSchema = z.object({
   at: z.string(),
   equal: z.boolean(),
@@ -60,6 +62,7 @@ export const MigrationRowSchema = z.object({
   copy_columns: z.array(z.string()).min(1),
   sequences: z.array(SequenceUse),
   mirror_function: z.string(),
+  deferred_indexes: z.array(DeferredIndexSchema),
   checkpoint: z.array(z.string()).nullable(),
   rows_copied: z.coerce.number(),
   rows_estimated: z.coerce.number(),
@@ -67,6 +70,7 @@ export const MigrationRowSchema = z.object({
   last_verify: VerifyResultSchema.nullable(),
   created_at: z.date(),
   backfill_started_at: z.date().nullable(),
+  copy_finished_at: z.date().nullable(),
   backfill_finished_at: z.date().nullable(),
   cutover_at: z.date().nullable(),
   swapped_back_at: z.date().nullable(),
@@ -107,6 +111,7 @@ export function schemaSql(): string[] {
   copy_columns text[] NOT NULL,
   sequences jsonb NOT NULL,
   mirror_function text NOT NULL,
+  deferred_indexes jsonb NOT NULL DEFAULT '[]',
   checkpoint text[],
   rows_copied bigint NOT NULL DEFAULT 0,
   rows_estimated bigint NOT NULL DEFAULT 0,
@@ -114,6 +119,7 @@ export function schemaSql(): string[] {
   last_verify jsonb,
   created_at timestamptz NOT NULL DEFAULT now(),
   backfill_started_at timestamptz,
+  copy_finished_at timestamptz,
   backfill_finished_at timestamptz,
   cutover_at timestamptz,
   swapped_back_at timestamptz,

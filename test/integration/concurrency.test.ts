@@ -44,6 +44,13 @@ describe.each(cases)("online migration under concurrent writes: $name", ({ keyKi
       await sleep(200);
       const bf = await backfill(db.sql, w.table, { batchSize: 2000, sleepMs: 40 });
       expect(bf.complete).toBe(true);
+      // every index of the source exists on the shadow, valid (secondary ones were built after the copy)
+      const ix = await db.admin`
+        select (select count(*) from pg_index where indrelid = to_regclass(${`public.${name}`}))::int as source,
+               (select count(*) from pg_index where indrelid = to_regclass(${`public.${name}_pgshift_shadow`}) and indisvalid)::int as shadow,
+               (select count(*) from pg_index i join pg_inherits h on h.inhrelid = i.indrelid
+                 where h.inhparent = to_regclass(${`public.${name}_pgshift_shadow`}) and not i.indisvalid)::int as invalid`;
+      expect(ix[0]).toEqual({ source: 3, shadow: 3, invalid: 0 });
       const v1 = await verify(db.sql, w.table, { chunkSize: 4000 });
       expect(v1.differences).toEqual([]);
       expect(v1.equal).toBe(true);

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import type { ColumnFacts, IndexFacts, TableFacts } from "../../src/catalog/inspect.js";
-import { copyColumns, extendIndexKey, shadowDdl, shadowKey } from "../../src/ddl/shadow.js";
+import { copyColumns, deferredIndexSql, extendIndexKey, partitionIndexName, shadowDdl, shadowKey } from "../../src/ddl/shadow.js";
 import {
   installTriggerMirrorSql,
   MIRROR_TRIGGER,
@@ -11,6 +11,7 @@ import {
 } from "../../src/mirror/trigger.js";
 import { computePartitions } from "../../src/partitioning/bounds.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
+import { quoteIdent } from "../../src/names.js";
 
 const TABLE = { schema: "My Schema", name: "Order Items" };
 const SHADOW = { schema: "My Schema", name: "Order Items_pgshift_shadow" };
@@ -223,16 +224,43 @@ describe("shadowDdl", () => {
     expect(st.filter((s) => s.includes("PRIMARY KEY"))).toEqual([`ALTER TABLE ${SHD} ADD PRIMARY KEY ("id", "created_at")`]);
   });
 
-  it("extends unique indexes that lack the partition column, and only those", () => {
-    const idx = st.filter((s) => s.includes(" INDEX ON "));
-    expect(idx).toEqual([
-      `CREATE UNIQUE INDEX ON ${SHD} USING btree (email, "created_at")`,
-      `CREATE INDEX ON ${SHD} USING btree (lower(email))`,
-      `CREATE INDEX ON ${SHD} USING btree ("order") WHERE (note IS NOT NULL)`,
-      `CREATE UNIQUE INDEX ON ${SHD} USING btree ("we(ird, col" text_pattern_ops, "created_at") WHERE (note <> 'a)b'::text)`,
-      `CREATE INDEX ON ${SHD} USING btree (created_at DESC)`,
-      `CREATE UNIQUE INDEX ON ${SHD} USING btree (created_at, "order")`,
+  it("defers every secondary index to after the copy, extending unique ones that lack the partition column", () => {
+    expect(st.filter((s) => s.includes(" INDEX "))).toEqual([]);
+    expect(ddl.deferredIndexes.map((d) => [d.unique, d.definition])).toEqual([
+      [true, `btree (email, "created_at")`],
+      [false, `btree (lower(email))`],
+      [false, `btree ("order") WHERE (note IS NOT NULL)`],
+      [true, `btree ("we(ird, col" text_pattern_ops, "created_at") WHERE (note <> 'a)b'::text)`],
+      [false, `btree (created_at DESC)`],
+      [true, `btree (created_at, "order")`],
     ]);
+    for (const d of ddl.deferredIndexes) expect(d.name.endsWith("_part")).toBe(true);
+  });
+
+  it("builds deferred indexes ON ONLY the parent, then CONCURRENTLY per partition, then attaches them", () => {
+    const idx = ddl.deferredIndexes[0]!;
+    const d = deferredIndexSql("My Schema", "Order Items_pgshift_shadow", ["Order Items_p2024_01", "Order Items_default"], idx);
+    expect(d.parent).toBe(`CREATE UNIQUE INDEX IF NOT EXISTS ${quoteIdent(idx.name)} ON ONLY ${SHD} USING btree (email, "created_at")`);
+    expect(d.perPartition).toHaveLength(2);
+    const p = d.perPartition[0]!;
+    expect(p.index).toBe(partitionIndexName("Order Items_p2024_01", idx.name));
+    expect(p.create).toBe(`CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS ${quoteIdent(p.index)} ON "My Schema"."Order Items_p2024_01" USING btree (email, "created_at")`);
+    expect(p.attach).toBe(`ALTER INDEX "My Schema".${quoteIdent(idx.name)} ATTACH PARTITION "My Schema".${quoteIdent(p.index)}`);
+    // distinct parents give distinct partition index names, each at most 63 bytes
+    const names = ddl.deferredIndexes.map((x) => partitionIndexName("x".repeat(80), x.name));
+    expect(new Set(names).size).toBe(names.length);
+    for (const n of names) expect(new TextEncoder().encode(n).length).toBeLessThanOrEqual(63);
+  });
+
+  it("creates the non-primary key index pgshift copies by at start (the mirror upserts on it)", () => {
+    const f = facts({
+      keyColumns: ["email"],
+      keyIndexName: "u_email",
+      indexes: [index("u_email", "btree (email)", ["email"], { isUnique: true }), index("i_note", "btree (note)", ["note"])],
+    });
+    const out = shadowDdl(f, SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW });
+    expect(out.statements.filter((s) => s.includes(" INDEX "))).toEqual([`CREATE UNIQUE INDEX "u_email_part" ON ${SHD} USING btree (email, "created_at")`]);
+    expect(out.deferredIndexes.map((d) => d.name)).toEqual(["i_note_part"]);
   });
 
   it("reports the widened primary key and unique indexes by their original names", () => {
@@ -251,7 +279,7 @@ describe("shadowDdl", () => {
   it("widens a unique expression index (the expression does not count as the column)", () => {
     const f = facts({ indexes: [index("u_lower", "btree (lower(email))", [null], { isUnique: true })] });
     const out = shadowDdl(f, SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW });
-    expect(out.statements.filter((s) => s.includes(" INDEX ON "))).toEqual([`CREATE UNIQUE INDEX ON ${SHD} USING btree (lower(email), "created_at")`]);
+    expect(out.deferredIndexes.map((d) => d.definition)).toEqual([`btree (lower(email), "created_at")`]);
     expect(out.widenedUniqueIndexes).toEqual(["u_lower"]);
   });
 
@@ -281,15 +309,13 @@ describe("shadowDdl", () => {
               ? "comment"
               : s.includes("PRIMARY KEY")
                 ? "pk"
-                : s.includes(" INDEX ON ")
-                  ? "index"
-                  : s.includes("FOREIGN KEY")
+                : s.includes("FOREIGN KEY")
                     ? "fk"
                     : s.startsWith("GRANT")
                       ? "grant"
                       : "other",
     );
-    expect(kinds).toEqual(["table", "default", "comment", "partition", "partition", "partition", "pk", ...Array(6).fill("index"), "fk", "grant", "grant", "grant"]);
+    expect(kinds).toEqual(["table", "default", "comment", "partition", "partition", "partition", "pk", "fk", "grant", "grant", "grant"]);
   });
 
   it("quotes every identifier it writes (no bare table, schema, role or odd column names)", () => {
@@ -304,10 +330,10 @@ describe("shadowDdl", () => {
     const list = shadowDdl(facts(), parsePartitionSpec("list:order"), [], { source: TABLE, shadow: SHADOW });
     expect(list.statements[0]!.endsWith(`PARTITION BY LIST ("order")`)).toBe(true);
     expect(list.statements.filter((s) => s.includes("PRIMARY KEY"))).toEqual([`ALTER TABLE ${SHD} ADD PRIMARY KEY ("id", "order")`]);
-    expect(list.statements.filter((s) => s.includes("UNIQUE INDEX"))).toEqual([
-      `CREATE UNIQUE INDEX ON ${SHD} USING btree (email, "order")`,
-      `CREATE UNIQUE INDEX ON ${SHD} USING btree ("we(ird, col" text_pattern_ops, "order") WHERE (note <> 'a)b'::text)`,
-      `CREATE UNIQUE INDEX ON ${SHD} USING btree (created_at, "order")`,
+    expect(list.deferredIndexes.filter((d) => d.unique).map((d) => d.definition)).toEqual([
+      `btree (email, "order")`,
+      `btree ("we(ird, col" text_pattern_ops, "order") WHERE (note <> 'a)b'::text)`,
+      `btree (created_at, "order")`,
     ]);
     expect(list.widenedUniqueIndexes).toEqual(["Order Items_pkey", "order_items_email_key", "order_items_weird_idx"]);
   });

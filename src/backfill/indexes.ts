@@ -1,0 +1,50 @@
+import type { Sql } from "../db.js";
+import { withLockRetry, type LockRetryOptions } from "../db.js";
+import { deferredIndexSql } from "../ddl/shadow.js";
+import { log } from "../log.js";
+import { quoteQualified } from "../names.js";
+import type { Migration } from "../migration/state.js";
+
+/**
+ * Builds the shadow's secondary indexes after the copy, without ever blocking the writes the mirror
+ * makes in the application's transactions: for each index, an invalid parent index `ON ONLY` the shadow
+ * (a brief lock of the empty parent, under lock_timeout with retries), then on each partition
+ * `CREATE INDEX CONCURRENTLY` and `ALTER INDEX ... ATTACH PARTITION`. Re-runnable: a valid index already
+ * attached is skipped; an INVALID one left by a crash during CREATE INDEX CONCURRENTLY is dropped and
+ * built again (docs: CREATE INDEX, "Building Indexes Concurrently").
+ * @returns the number of partition indexes built by this call.
+ */
+export async function buildDeferredIndexes(sql: Sql, m: Migration, opts: LockRetryOptions = {}): Promise<number> {
+  if (m.deferred_indexes.length === 0) return 0;
+  const shadow = m.partitioned;
+  const parts = await sql`
+    select c.relname::text as name from pg_inherits i join pg_class c on c.oid = i.inhrelid
+     where i.inhparent = to_regclass(${quoteQualified(shadow)}) order by c.relname`;
+  const partitions = parts.map((p) => String(p.name));
+  let built = 0;
+  for (const idx of m.deferred_indexes) {
+    const d = deferredIndexSql(shadow.schema, shadow.name, partitions, idx);
+    await withLockRetry(sql, async (tx) => {
+      await tx.unsafe(d.parent);
+    }, opts);
+    for (const p of d.perPartition) {
+      const state = await sql`
+        select i.indisvalid as valid, exists (select from pg_inherits h where h.inhrelid = i.indexrelid) as attached
+          from pg_index i where i.indexrelid = to_regclass(${quoteQualified({ schema: shadow.schema, name: p.index })})`;
+      const s = state[0];
+      if (s && s.valid && s.attached) continue;
+      if (s && !s.valid) await sql.unsafe(`DROP INDEX CONCURRENTLY IF EXISTS ${quoteQualified({ schema: shadow.schema, name: p.index })}`);
+      const t0 = performance.now();
+      if (!s || !s.valid) {
+        await sql.unsafe(p.create);
+        built++;
+      }
+      await withLockRetry(sql, async (tx) => {
+        await tx.unsafe(p.attach);
+      }, opts);
+      log().debug({ index: p.index, partition: p.partition, ms: Math.round(performance.now() - t0) }, "backfill: partition index built");
+    }
+    log().info({ index: idx.name }, "backfill: index built on every partition");
+  }
+  return built;
+}
