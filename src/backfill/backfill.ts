@@ -3,6 +3,7 @@ import { identList, transaction, type TxSql, type LockRetryOptions, joinFragment
 import { log } from "../log.js";
 import { sqlState } from "../errors.js";
 import { buildDeferredIndexes } from "./indexes.js";
+import { deferredIndexSql } from "../ddl/shadow.js";
 import { displayName, quoteQualified, type QualifiedName } from "../names.js";
 import { lockMigration, requireMigration, unlockMigration, type Migration } from "../migration/state.js";
 
@@ -86,20 +87,14 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
              rows_estimated = greatest(${Number(est[0]?.n ?? 0)}::bigint, rows_copied), updated_at = now()
        where id = ${m.id}`;
     m = (await requireMigration(sql, table, "backfill", ["backfilling"]))!;
-    const src = tableRef(sql, m.original);
-    const dst = tableRef(sql, m.partitioned);
     const key = m.key_columns;
     const keyCols = identList(sql, key);
-    const cols = identList(sql, m.copy_columns);
     let checkpoint = m.checkpoint && m.checkpoint.length > 0 ? m.checkpoint : null;
     /** Batches left before the plain-INSERT fast path is tried again after a conflict. */
     let fastPathIn = 0;
     let conflictBatches = 0;
     const copyOnConflict = async (tx: TxSql, where: Fragment): Promise<number> => {
-      const r = await tx`
-        with batch as (select ${cols} from ${src} ${where} for share),
-             ins as (insert into ${dst} (${cols}) select ${cols} from batch on conflict do nothing returning 1)
-        select (select count(*) from batch)::int as read, (select count(*) from ins)::int as inserted`;
+      const r = await batchSql(tx, m, where).onConflict;
       return Number(r[0]?.read ?? 0);
     };
     let copiedHere = 0;
@@ -110,9 +105,7 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
       if (opts.signal?.aborted || (opts.maxBatches !== undefined && batches >= opts.maxBatches)) break;
       const result = await transaction(sql, async (tx) => {
         const lower = checkpoint ? sql`where ${keyAfter(tx, key, checkpoint)}` : sql``;
-        const hiRows = await tx`
-          select ${textColumns(tx, key)} from (
-            select ${keyCols} from ${src} ${lower} order by ${keyCols} offset ${batchSize - 1} limit 1) s`;
+        const hiRows = await upperKeySql(tx, m, lower, batchSize);
         const hiRaw = hiRows[0];
         const hi = hiRaw ? key.map((_, i) => String(hiRaw[`k${i}`])) : null;
         const conds: Fragment[] = [];
@@ -125,7 +118,7 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
           // makes it fail with unique_violation; the batch then runs again with ON CONFLICT DO NOTHING.
           await tx`savepoint pgshift_batch`;
           try {
-            const r = await tx`insert into ${dst} (${cols}) select ${cols} from ${src} ${where} for share`;
+            const r = await batchSql(tx, m, where).plain;
             read = r.count;
           } catch (err) {
             if (sqlState(err) !== "23505") throw err;
@@ -173,6 +166,54 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
   } finally {
     await unlockMigration(sql, table).catch(() => {});
   }
+}
+
+/** The batch's upper key: the N-th key after the checkpoint (key values as text). Not executed until awaited. */
+export function upperKeySql(tx: AnySql, m: Migration, lower: Fragment, batchSize: number) {
+  const keyCols = identList(tx, m.key_columns);
+  return tx`
+    select ${textColumns(tx, m.key_columns)} from (
+      select ${keyCols} from ${tableRef(tx, m.original)} ${lower} order by ${keyCols} offset ${batchSize - 1} limit 1) s`;
+}
+
+/** The two forms of a batch copy: the plain INSERT tried first, and the ON CONFLICT DO NOTHING fallback. */
+export function batchSql(tx: AnySql, m: Migration, where: Fragment) {
+  const src = tableRef(tx, m.original);
+  const dst = tableRef(tx, m.partitioned);
+  const cols = identList(tx, m.copy_columns);
+  return {
+    plain: tx`insert into ${dst} (${cols}) select ${cols} from ${src} ${where} for share`,
+    onConflict: tx`
+        with batch as (select ${cols} from ${src} ${where} for share),
+             ins as (insert into ${dst} (${cols}) select ${cols} from batch on conflict do nothing returning 1)
+        select (select count(*) from batch)::int as read, (select count(*) from ins)::int as inserted`,
+  };
+}
+
+/**
+ * The statements one batch runs, as PostgreSQL receives them ($n are the key values), and the statements
+ * run after the copy. Asks the server to describe each (parse only: nothing is executed).
+ */
+export async function describeBackfill(sql: Sql, table: QualifiedName, batchSize = 10000): Promise<string[]> {
+  const m = await requireMigration(sql, table, "backfill", ["started", "backfilling", "backfilled", "swapped_back"]);
+  const key = m.key_columns;
+  const sample = key.map(() => "0");
+  const keyCols = identList(sql, key);
+  const where = sql`where ${keyAfter(sql, key, sample)} and (${keyCols}) <= (${valueList(sql, sample)})`;
+  const b = batchSql(sql, m, where);
+  const out: string[] = ["begin"];
+  for (const q of [upperKeySql(sql, m, sql`where ${keyAfter(sql, key, sample)}`, batchSize), sql`savepoint pgshift_batch`, b.plain]) {
+    out.push(((await q.describe()) as unknown as { string: string }).string.replace(/\s+/g, " ").trim());
+  }
+  out.push("-- only when the INSERT meets a row the mirror wrote (unique_violation):", "rollback to savepoint pgshift_batch");
+  out.push(((await b.onConflict.describe()) as unknown as { string: string }).string.replace(/\s+/g, " ").trim());
+  out.push("update pgshift.migrations set checkpoint = $1, rows_copied = rows_copied + $2, batches = batches + 1, updated_at = now() where id = $3", "commit");
+  const parts = await sql`select c.relname::text as name from pg_inherits i join pg_class c on c.oid = i.inhrelid where i.inhparent = to_regclass(${quoteQualified(m.partitioned)}) order by 1`;
+  for (const idx of m.deferred_indexes) {
+    const d = deferredIndexSql(m.partitioned.schema, m.partitioned.name, parts.map((p) => String(p.name)), idx);
+    out.push(d.parent, ...d.perPartition.flatMap((x) => [x.create, x.attach]));
+  }
+  return out;
 }
 
 function progress(m: Migration, copiedHere: number, ms: number, done: boolean): BackfillProgress {

@@ -1,6 +1,6 @@
 import { Command } from "commander";
 import cliProgress from "cli-progress";
-import { backfill, type BackfillProgress } from "../backfill/backfill.js";
+import { backfill, describeBackfill, type BackfillProgress } from "../backfill/backfill.js";
 import { log } from "../log.js";
 import { addConnectionOption, formatDuration, intOption, withTable, type ConnOpts } from "./common.js";
 
@@ -47,14 +47,20 @@ export function backfillCommand(): Command {
     .description("copy existing rows into the shadow in keyed batches; resumes from its checkpoint after a crash")
     .argument("<table>", "table under migration")
     .option("--batch-size <rows>", "rows per batch (one short transaction each)", intOption("--batch-size", 1), 10000)
-    .option("--sleep-ms <ms>", "pause between batches, to throttle the copy", intOption("--sleep-ms"), 0);
+    .option("--sleep-ms <ms>", "pause between batches, to throttle the copy", intOption("--sleep-ms"), 0)
+    .option("--dry-run", "print the statements of one batch and of the index build; change nothing");
   addConnectionOption(cmd);
   cmd.addHelpText("after", `
 Examples:
   pgshift backfill orders
   pgshift backfill orders --batch-size 5000 --sleep-ms 50
 Ctrl-C stops after the current batch; run the command again to continue.`);
-  cmd.action(async (tableArg: string, opts: ConnOpts & { batchSize: number; sleepMs: number }) => {
+  cmd.action(async (tableArg: string, opts: ConnOpts & { batchSize: number; sleepMs: number; dryRun?: boolean }) => {
+    if (opts.dryRun) {
+      const statements = await withTable(tableArg, opts, (sql, table) => describeBackfill(sql, table, opts.batchSize));
+      process.stdout.write(statements.map((s) => (s.startsWith("--") ? s : s + ";")).join("\n") + "\n");
+      return;
+    }
     const ctrl = new AbortController();
     const onSigint = () => {
       if (ctrl.signal.aborted) process.exit(130);

@@ -10,6 +10,7 @@ export function finalizeCommand(): Command {
     .description("after cutover: drop the retired table, the mirror and the metadata (swap-back is then impossible)")
     .argument("<table>", "table under migration")
     .option("--yes", "confirm dropping the retired table")
+    .option("--dry-run", "print the statements; change nothing")
     .option("--lock-timeout <ms>", "lock_timeout", intOption("--lock-timeout", 1), 500)
     .option("--retries <n>", "attempts after a lock timeout", intOption("--retries"), 20);
   addConnectionOption(cmd);
@@ -17,7 +18,8 @@ export function finalizeCommand(): Command {
 Example:
   pgshift finalize orders --yes`);
   cmd.action(async (tableArg: string, opts: Opts) => {
-    await withTable(tableArg, opts, (sql, table) => finalize(sql, table, { yes: opts.yes, lockTimeoutMs: opts.lockTimeout, retries: opts.retries }));
+    const r = await withTable(tableArg, opts, (sql, table) => finalize(sql, table, { yes: opts.yes, dryRun: opts.dryRun, lockTimeoutMs: opts.lockTimeout, retries: opts.retries }));
+    if (opts.dryRun) return void process.stdout.write(r.statements.map((s) => s + ";").join("\n") + "\n");
     process.stdout.write(`finalized: ${tableArg} is partitioned; the retired table, the mirror and the metadata are gone\n`);
   });
   return cmd;

@@ -1,5 +1,5 @@
 import type { Sql } from "../db.js";
-import { table as tableRef, withLockRetry, type LockRetryOptions } from "../db.js";
+import { table as tableRef, withLockRetry, type AnySql, type LockRetryOptions } from "../db.js";
 import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import { mirrorFor } from "../mirror/mirror.js";
@@ -32,6 +32,19 @@ export function finalizeSql(m: Migration, seqNext: Map<string, string>): string[
   return out;
 }
 
+/** Next value of each identity sequence (column -> value), read where finalize will re-create the identity. */
+async function identityNext(sql: AnySql, m: Migration): Promise<Map<string, string>> {
+  const seqNext = new Map<string, string>();
+  for (const s of m.sequences.filter((x) => x.identity !== "")) {
+    const r = await sql`
+      select case when sq.is_called then sq.last_value + ps.increment_by else sq.last_value end::text as next
+        from ${tableRef(sql, { schema: s.schema, name: s.name })} sq, pg_sequences ps
+       where ps.schemaname = ${s.schema} and ps.sequencename = ${s.name}`;
+    seqNext.set(s.column, String(r[0]?.next ?? "1"));
+  }
+  return seqNext;
+}
+
 /** Statements of abort (before cutover): stop the mirror, drop the shadow and the mirror function, forget the migration. */
 export function abortSql(m: Migration): string[] {
   const mirror = mirrorFor(m.mode);
@@ -47,6 +60,8 @@ export function abortSql(m: Migration): string[] {
 export interface FinishOptions extends LockRetryOptions {
   /** finalize only: the person confirmed that the retired table may be dropped. */
   yes?: boolean;
+  /** finalize only: return the statements without running them. */
+  dryRun?: boolean;
 }
 
 /**
@@ -58,22 +73,15 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
   await lockMigration(sql, table);
   try {
     const m = await requireMigration(sql, table, "finalize", ["cutover"]);
-    if (!opts.yes) {
+    if (!opts.yes && !opts.dryRun) {
       throw new PgshiftError(`finalize drops ${displayName(m.copy)} and makes swap-back impossible`, { hint: "run it again with --yes to confirm" });
     }
     let statements: string[] = [];
+    if (opts.dryRun) return { statements: finalizeSql(m, await identityNext(sql, m)) };
     await withLockRetry(
       sql,
       async (tx) => {
-        const seqNext = new Map<string, string>();
-        for (const s of m.sequences.filter((x) => x.identity !== "")) {
-          const r = await tx`
-            select case when sq.is_called then sq.last_value + ps.increment_by else sq.last_value end::text as next
-              from ${tableRef(tx, { schema: s.schema, name: s.name })} sq, pg_sequences ps
-             where ps.schemaname = ${s.schema} and ps.sequencename = ${s.name}`;
-          seqNext.set(s.column, String(r[0]?.next ?? "1"));
-        }
-        statements = finalizeSql(m, seqNext);
+        statements = finalizeSql(m, await identityNext(tx, m));
         for (const stmt of statements) await tx.unsafe(stmt);
       },
       opts,
