@@ -44,6 +44,8 @@ export function shadowKey(keyColumns: readonly string[], partitionColumn: string
 export interface DeferredIndex {
   /** Name of the partitioned (parent) index. */
   name: string;
+  /** Name of the index on the original table (the parent index takes it at finalize). */
+  original: string;
   unique: boolean;
   /** What follows USING: `btree (a, b) INCLUDE (c) WHERE ...`, already widened with the partition column. */
   definition: string;
@@ -51,6 +53,8 @@ export interface DeferredIndex {
 
 export interface ShadowDdl {
   statements: string[];
+  /** Indexes of the shadow to rename at finalize, when the original table and its names are gone. */
+  indexRenames: { from: string; to: string }[];
   /** Indexes whose uniqueness had to be widened with the partition column (original index names). */
   widenedUniqueIndexes: string[];
   /** Secondary indexes, built after the copy, partition by partition, without blocking writes. */
@@ -111,13 +115,21 @@ export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: re
   const out: string[] = [];
   const widened: string[] = [];
   const deferred: DeferredIndex[] = [];
+  const renames: { from: string; to: string }[] = [];
   out.push(
     `CREATE TABLE ${shd} (LIKE ${src} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMMENTS INCLUDING STORAGE ` +
       `INCLUDING COMPRESSION INCLUDING GENERATED INCLUDING STATISTICS) PARTITION BY ${partitionMethod(spec)} (${quoteIdent(col)})`,
   );
   for (const c of facts.columns) {
     if (c.identity !== "" && c.sequence) {
-      out.push(`ALTER TABLE ${shd} ALTER COLUMN ${quoteIdent(c.name)} SET DEFAULT nextval(${quoteLiteral(quoteQualified(c.sequence))}::regclass)`);
+      // A real identity column needs no privilege on its sequence; a nextval() default does. The wrapper
+      // runs as its owner, so every role that may insert into the table still can.
+      const fn = quoteQualified(identityDefaultFunction(facts.oid, c.attnum));
+      out.push(
+        `CREATE OR REPLACE FUNCTION ${fn}() RETURNS bigint LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp ` +
+          `AS $pgshift$ SELECT nextval(${quoteLiteral(quoteQualified(c.sequence))}::regclass) $pgshift$`,
+      );
+      out.push(`ALTER TABLE ${shd} ALTER COLUMN ${quoteIdent(c.name)} SET DEFAULT ${fn}()`);
     }
   }
   if (facts.comment !== null) out.push(`COMMENT ON TABLE ${shd} IS ${quoteLiteral(facts.comment)}`);
@@ -130,7 +142,9 @@ export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: re
     if (ix.isPrimary) {
       const key = shadowKey(ix.keyColumns.map(String), col);
       if (key.length !== ix.keyColumns.length) widened.push(ix.name);
-      out.push(`ALTER TABLE ${shd} ADD PRIMARY KEY (${key.map(quoteIdent).join(", ")})`);
+      const name = fitName(ix.constraintName ?? ix.name, "_part");
+      renames.push({ from: name, to: ix.constraintName ?? ix.name });
+      out.push(`ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(name)} PRIMARY KEY (${key.map(quoteIdent).join(", ")})`);
       continue;
     }
     const extra = ix.isUnique ? extraFor(ix.keyColumns) : [];
@@ -140,8 +154,9 @@ export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: re
       // The key the mirror upserts on is needed from the start; the table is empty, so it is instant.
       out.push(`CREATE UNIQUE INDEX ${quoteIdent(fitName(ix.name, "_part"))} ON ${shd} USING ${definition}`);
     } else {
-      deferred.push({ name: fitName(ix.name, "_part"), unique: ix.isUnique, definition });
+      deferred.push({ name: fitName(ix.name, "_part"), original: ix.name, unique: ix.isUnique, definition });
     }
+    renames.push({ from: fitName(ix.name, "_part"), to: ix.name });
   }
   for (const fk of facts.foreignKeys) {
     out.push(`ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(fk.name)} ${fk.definition}`);
@@ -151,7 +166,12 @@ export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: re
       `GRANT ${g.privilege} ON ${shd} TO ${g.grantee === null ? "PUBLIC" : quoteIdent(g.grantee)}${g.grantable ? " WITH GRANT OPTION" : ""}`,
     );
   }
-  return { statements: out, widenedUniqueIndexes: widened, deferredIndexes: deferred };
+  return { statements: out, widenedUniqueIndexes: widened, deferredIndexes: deferred, indexRenames: renames };
+}
+
+/** The SECURITY DEFINER function that feeds an identity column's sequence to the shadow's default. */
+export function identityDefaultFunction(tableOid: number, attnum: number): QualifiedName {
+  return { schema: "pgshift", name: `nextval_${tableOid}_${attnum}` };
 }
 
 /** Columns pgshift writes when copying or mirroring: every column but generated ones. */

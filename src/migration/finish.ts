@@ -6,43 +6,63 @@ import { mirrorFor } from "../mirror/mirror.js";
 import { displayName, quoteIdent, quoteQualified, type QualifiedName } from "../names.js";
 import { lockMigration, requireMigration, unlockMigration, type Migration } from "./state.js";
 
+/** Where an identity sequence stands and how it is defined (from pg_sequences), to re-create it at finalize. */
+export interface IdentityState {
+  next: string;
+  increment: string;
+  min: string;
+  max: string;
+  cache: string;
+  cycle: boolean;
+}
+
 /**
  * Statements of finalize (phase cutover): stop the reverse mirror, drop the retired table and the mirror
- * function, re-create identity columns on the live table from their old sequence's position, forget the
- * migration. Identity sequences belong to their column and would go with the retired table, so their next
- * value is read first and the new identity starts there (`seqNext` maps column -> next value).
+ * function, re-create identity columns on the live table from their old sequence's position and options,
+ * give the partitioned table's indexes the original names, forget the migration. Identity sequences belong
+ * to their column and go with the retired table, so their state is read first (`identities`: column -> state).
  */
-export function finalizeSql(m: Migration, seqNext: Map<string, string>): string[] {
+export function finalizeSql(m: Migration, identities: Map<string, IdentityState>): string[] {
   const mirror = mirrorFor(m.mode);
-  const out = [`LOCK TABLE ${quoteQualified(m.live)}, ${quoteQualified(m.copy)} IN ACCESS EXCLUSIVE MODE`, ...mirror.stopSql(m)];
-  const identities = m.sequences.filter((x) => x.identity !== "");
-  // The live table's default depends on the identity sequence, which goes with the retired table.
-  for (const s of identities) out.push(`ALTER TABLE ${quoteQualified(m.live)} ALTER COLUMN ${quoteIdent(s.column)} DROP DEFAULT`);
+  const live = quoteQualified(m.live);
+  const out = [`LOCK TABLE ${live}, ${quoteQualified(m.copy)} IN ACCESS EXCLUSIVE MODE`, ...mirror.stopSql(m)];
+  const ids = m.sequences.filter((x) => x.identity !== "");
+  // The live table's default calls the identity sequence, which goes with the retired table.
+  for (const s of ids) out.push(`ALTER TABLE ${live} ALTER COLUMN ${quoteIdent(s.column)} DROP DEFAULT`);
   out.push(`DROP TABLE ${quoteQualified(m.copy)}`);
-  for (const s of identities) {
-    const col = quoteIdent(s.column);
-    const next = seqNext.get(s.column) ?? "1";
+  for (const s of ids) {
+    const st = identities.get(s.column);
+    const opts = st
+      ? ` INCREMENT BY ${st.increment} MINVALUE ${st.min} MAXVALUE ${st.max} CACHE ${st.cache} ${st.cycle ? "CYCLE" : "NO CYCLE"} START WITH ${st.next}`
+      : "";
     out.push(
-      `ALTER TABLE ${quoteQualified(m.live)} ALTER COLUMN ${col} ADD GENERATED ${s.identity === "a" ? "ALWAYS" : "BY DEFAULT"} AS IDENTITY ` +
-        `(SEQUENCE NAME ${quoteQualified({ schema: s.schema, name: s.name })} START WITH ${next})`,
+      `ALTER TABLE ${live} ALTER COLUMN ${quoteIdent(s.column)} ADD GENERATED ${s.identity === "a" ? "ALWAYS" : "BY DEFAULT"} AS IDENTITY ` +
+        `(SEQUENCE NAME ${quoteQualified({ schema: s.schema, name: s.name })}${opts})`,
     );
+    if (s.defaultFunction) out.push(`DROP FUNCTION IF EXISTS ${quoteQualified({ schema: "pgshift", name: s.defaultFunction })}()`);
+  }
+  for (const r of m.index_renames) {
+    out.push(`ALTER INDEX IF EXISTS ${quoteQualified({ schema: m.live.schema, name: r.from })} RENAME TO ${quoteIdent(r.to)}`);
   }
   out.push(...mirror.dropSql(m));
   out.push(`DELETE FROM pgshift.migrations WHERE id = ${m.id}`);
   return out;
 }
 
-/** Next value of each identity sequence (column -> value), read where finalize will re-create the identity. */
-async function identityNext(sql: AnySql, m: Migration): Promise<Map<string, string>> {
-  const seqNext = new Map<string, string>();
+/** State of each identity sequence (column -> state), read where finalize will re-create the identity. */
+async function identityState(sql: AnySql, m: Migration): Promise<Map<string, IdentityState>> {
+  const out = new Map<string, IdentityState>();
   for (const s of m.sequences.filter((x) => x.identity !== "")) {
     const r = await sql`
-      select case when sq.is_called then sq.last_value + ps.increment_by else sq.last_value end::text as next
+      select case when sq.is_called then sq.last_value + ps.increment_by else sq.last_value end::text as next,
+             ps.increment_by::text as increment, ps.min_value::text as min, ps.max_value::text as max,
+             ps.cache_size::text as cache, ps.cycle
         from ${tableRef(sql, { schema: s.schema, name: s.name })} sq, pg_sequences ps
        where ps.schemaname = ${s.schema} and ps.sequencename = ${s.name}`;
-    seqNext.set(s.column, String(r[0]?.next ?? "1"));
+    const x = r[0];
+    if (x) out.set(s.column, { next: String(x.next), increment: String(x.increment), min: String(x.min), max: String(x.max), cache: String(x.cache), cycle: Boolean(x.cycle) });
   }
-  return seqNext;
+  return out;
 }
 
 /** Statements of abort (before cutover): stop the mirror, drop the shadow and the mirror function, forget the migration. */
@@ -52,6 +72,7 @@ export function abortSql(m: Migration): string[] {
     `LOCK TABLE ${quoteQualified(m.live)} IN SHARE ROW EXCLUSIVE MODE`,
     ...mirror.stopSql(m),
     `DROP TABLE IF EXISTS ${quoteQualified(m.copy)}`,
+    ...m.sequences.filter((s) => s.defaultFunction).map((s) => `DROP FUNCTION IF EXISTS ${quoteQualified({ schema: "pgshift", name: s.defaultFunction! })}()`),
     ...mirror.dropSql(m),
     `DELETE FROM pgshift.migrations WHERE id = ${m.id}`,
   ];
@@ -77,11 +98,11 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
       throw new PgshiftError(`finalize drops ${displayName(m.copy)} and makes swap-back impossible`, { hint: "run it again with --yes to confirm" });
     }
     let statements: string[] = [];
-    if (opts.dryRun) return { statements: finalizeSql(m, await identityNext(sql, m)) };
+    if (opts.dryRun) return { statements: finalizeSql(m, await identityState(sql, m)) };
     await withLockRetry(
       sql,
       async (tx) => {
-        statements = finalizeSql(m, await identityNext(tx, m));
+        statements = finalizeSql(m, await identityState(tx, m));
         for (const stmt of statements) await tx.unsafe(stmt);
       },
       opts,

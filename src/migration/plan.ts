@@ -1,7 +1,7 @@
 import type { Sql } from "../db.js";
 import { ident, table as tableRef } from "../db.js";
 import { inspectTable, type TableFacts } from "../catalog/inspect.js";
-import { copyColumns, deferredIndexSql, shadowDdl, shadowKey, type DeferredIndex } from "../ddl/shadow.js";
+import { copyColumns, deferredIndexSql, identityDefaultFunction, shadowDdl, shadowKey, type DeferredIndex } from "../ddl/shadow.js";
 import { PgshiftError } from "../errors.js";
 import { installTriggerMirrorSql } from "../mirror/trigger.js";
 import { displayName, fitName, quoteLiteral, type QualifiedName } from "../names.js";
@@ -128,15 +128,23 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   const cols = copyColumns(facts);
   const sequences: SequenceUse[] = facts.columns
     .filter((c) => c.sequence)
-    .map((c) => ({ column: c.name, schema: c.sequence!.schema, name: c.sequence!.name, identity: c.identity }));
+    .map((c) => ({
+      column: c.name,
+      schema: c.sequence!.schema,
+      name: c.sequence!.name,
+      identity: c.identity,
+      defaultFunction: c.identity !== "" ? identityDefaultFunction(facts.oid, c.attnum).name : null,
+    }));
   const statements: string[] = [];
   const afterCopyStatements: string[] = [];
   let deferredIndexes: DeferredIndex[] = [];
+  let indexRenames: { from: string; to: string }[] = [];
   if (blockers.length === 0) {
     if (!existing) statements.push(...schemaSql());
     const ddl = shadowDdl(facts, spec, partitions, { source: src, shadow });
     statements.push(...ddl.statements);
     deferredIndexes = ddl.deferredIndexes;
+    indexRenames = ddl.indexRenames;
     for (const idx of deferredIndexes) {
       const d = deferredIndexSql(src.schema, shadow.name, partitions.map((p) => p.name), idx);
       afterCopyStatements.push(d.parent, ...d.perPartition.flatMap((x) => [x.create, x.attach]));
@@ -152,10 +160,10 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
       ...installTriggerMirrorSql({ fn: mirrorFunction, from: src, to: shadow, columns: cols, key: sKey, overridingSystemValue: false }),
     );
     statements.push(
-      `INSERT INTO pgshift.migrations (source_schema, source_table, shadow_table, retired_table, spec, mode, phase, key_columns, shadow_key, copy_columns, sequences, mirror_function, deferred_indexes, rows_estimated) VALUES (` +
+      `INSERT INTO pgshift.migrations (source_schema, source_table, shadow_table, retired_table, spec, mode, phase, key_columns, shadow_key, copy_columns, sequences, mirror_function, deferred_indexes, index_renames, rows_estimated) VALUES (` +
         [src.schema, src.name, shadow.name, retired.name].map(quoteLiteral).join(", ") +
         `, ${quoteLiteral(JSON.stringify(spec))}, ${quoteLiteral(mode)}, 'started', ${textArray(keyColumns)}, ${textArray(sKey)}, ${textArray(cols)}, ` +
-        `${quoteLiteral(JSON.stringify(sequences))}, ${quoteLiteral(mirrorFunction.name)}, ${quoteLiteral(JSON.stringify(deferredIndexes))}, ${Math.max(0, Math.round(facts.estimatedRows))})`,
+        `${quoteLiteral(JSON.stringify(sequences))}, ${quoteLiteral(mirrorFunction.name)}, ${quoteLiteral(JSON.stringify(deferredIndexes))}, ${quoteLiteral(JSON.stringify(indexRenames))}, ${Math.max(0, Math.round(facts.estimatedRows))})`,
     );
   }
   if (facts.estimatedRows < 0) warnings.push(`${displayName(table)} was never analyzed: row estimates are unknown until ANALYZE`);

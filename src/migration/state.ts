@@ -28,10 +28,12 @@ const SequenceUse = z.object({
   name: z.string(),
   /** '' serial-style default, 'a' / 'd' identity (ALWAYS / BY DEFAULT) on the original table. */
   identity: z.string(),
+  /** Identity only: the function the shadow's default calls (pgshift schema). */
+  defaultFunction: z.string().nullable(),
 });
 export type SequenceUse = z.infer<typeof SequenceUse>;
 
-const DeferredIndexSchema = z.object({ name: z.string(), unique: z.boolean(), definition: z.string() });
+const DeferredIndexSchema = z.object({ name: z.string(), original: z.string(), unique: z.boolean(), definition: z.string() });
 
 export const VerifyResultSchema = z.object({
   at: z.string(),
@@ -63,6 +65,7 @@ export const MigrationRowSchema = z.object({
   sequences: z.array(SequenceUse),
   mirror_function: z.string(),
   deferred_indexes: z.array(DeferredIndexSchema),
+  index_renames: z.array(z.object({ from: z.string(), to: z.string() })),
   checkpoint: z.array(z.string()).nullable(),
   rows_copied: z.coerce.number(),
   rows_estimated: z.coerce.number(),
@@ -112,6 +115,7 @@ export function schemaSql(): string[] {
   sequences jsonb NOT NULL,
   mirror_function text NOT NULL,
   deferred_indexes jsonb NOT NULL DEFAULT '[]',
+  index_renames jsonb NOT NULL DEFAULT '[]',
   checkpoint text[],
   rows_copied bigint NOT NULL DEFAULT 0,
   rows_estimated bigint NOT NULL DEFAULT 0,
@@ -127,6 +131,8 @@ export function schemaSql(): string[] {
   UNIQUE (source_schema, source_table)
 )`,
     `CREATE TABLE IF NOT EXISTS pgshift.schema_version (version int NOT NULL)`,
+    // Lets application roles call the identity default functions (pgshift.nextval_*); tables stay private.
+    `GRANT USAGE ON SCHEMA pgshift TO PUBLIC`,
     `INSERT INTO pgshift.schema_version SELECT ${SCHEMA_VERSION} WHERE NOT EXISTS (SELECT FROM pgshift.schema_version)`,
     truncateGuardFunctionSql(),
   ];

@@ -1,4 +1,4 @@
-import { quoteIdent, quoteQualified, type QualifiedName } from "../names.js";
+import { quoteIdent, quoteLiteral, quoteQualified, type QualifiedName } from "../names.js";
 
 /** What a row-trigger mirror copies from one table into another. */
 export interface TriggerMirrorSpec {
@@ -71,20 +71,42 @@ END
   );
 }
 
-/** Statements that start mirroring `from` into `to`: the function, the row trigger, the TRUNCATE guard. */
+/**
+ * A DO block that runs `command` (a format() pattern with one %s for the partition) on every partition of
+ * `parent`; nothing when `parent` is not partitioned. TRUNCATE of one partition fires only that partition's
+ * triggers, so the guard must sit on each of them.
+ */
+function forEachPartitionSql(parent: QualifiedName, command: string): string {
+  return `DO $pgshift$
+DECLARE part regclass;
+BEGIN
+  FOR part IN SELECT inhrelid::regclass FROM pg_catalog.pg_inherits WHERE inhparent = ${quoteLiteral(quoteQualified(parent))}::regclass LOOP
+    EXECUTE format(${quoteLiteral(command)}, part);
+  END LOOP;
+END
+$pgshift$`;
+}
+
+/** Statements that start mirroring `from` into `to`: the function, the row trigger, the TRUNCATE guards. */
 export function installTriggerMirrorSql(m: TriggerMirrorSpec): string[] {
   const from = quoteQualified(m.from);
+  const guard = `BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION ${quoteQualified(TRUNCATE_GUARD_FN)}()`;
   return [
     mirrorFunctionSql(m),
     `CREATE TRIGGER ${MIRROR_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON ${from} FOR EACH ROW EXECUTE FUNCTION ${quoteQualified(m.fn)}()`,
-    `CREATE TRIGGER ${TRUNCATE_TRIGGER} BEFORE TRUNCATE ON ${from} FOR EACH STATEMENT EXECUTE FUNCTION ${quoteQualified(TRUNCATE_GUARD_FN)}()`,
+    `CREATE TRIGGER ${TRUNCATE_TRIGGER} ${guard.replace("%s", () => from)}`,
+    forEachPartitionSql(m.from, `CREATE TRIGGER ${TRUNCATE_TRIGGER} ${guard}`),
   ];
 }
 
 /** Statements that stop mirroring out of `from` (the function is dropped separately). */
 export function removeTriggersSql(from: QualifiedName): string[] {
   const t = quoteQualified(from);
-  return [`DROP TRIGGER IF EXISTS ${MIRROR_TRIGGER} ON ${t}`, `DROP TRIGGER IF EXISTS ${TRUNCATE_TRIGGER} ON ${t}`];
+  return [
+    `DROP TRIGGER IF EXISTS ${MIRROR_TRIGGER} ON ${t}`,
+    `DROP TRIGGER IF EXISTS ${TRUNCATE_TRIGGER} ON ${t}`,
+    forEachPartitionSql(from, `DROP TRIGGER IF EXISTS ${TRUNCATE_TRIGGER} ON %s`),
+  ];
 }
 
 /** The shared TRUNCATE guard function, created with the pgshift schema. */

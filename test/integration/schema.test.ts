@@ -19,10 +19,8 @@ import { freshDatabase, type TestDatabase } from "../support/db.js";
  * identity sequences keep handing out unique ids through cutover, swap-back and finalize; TRUNCATE is
  * refused while a migration runs; abort leaves the source exactly as it was; generated columns are
  * never written but always equal.
- *
- * Known bugs, kept as `it.fails` (each documented where it is declared): an application role loses the
- * right to insert into an identity table between cutover and finalize; finalize drops the options of an
- * identity sequence; TRUNCATE of a partition of the live table bypasses the guard.
+ * Also: an application role may insert into an identity table between cutover and finalize; finalize keeps
+ * the options of an identity sequence; TRUNCATE of a partition of the live table is refused too.
  */
 
 const ROLE = "pgshift_app";
@@ -475,17 +473,8 @@ describe("identity columns", () => {
     }
   });
 
-  // BUG (identity sequence privilege): from cutover until finalize, the live (partitioned) table's id is a
-  // plain column with DEFAULT nextval('<identity sequence>') (shadowDdl), and a DEFAULT's nextval() is
-  // checked against the *inserting* role: a role that may INSERT into the table but has no USAGE on the
-  // identity sequence (the normal case: identity columns need no sequence privilege) gets
-  // "42501 permission denied for sequence ident_app_id_seq" after cutover, i.e. the application's inserts
-  // start failing at cutover. Before start and after finalize the same insert works.
-  // Suggested fix: make the shadow's default call a SECURITY DEFINER function owned by the migrating
-  // user, e.g. pgshift.nextval_<oid>_<attnum>() returning nextval('<seq>'), created at start and dropped
-  // by finalize/abort (or: GRANT USAGE ON SEQUENCE to every grantee of INSERT on the source at cutover,
-  // revoked at swap-back/finalize, which also needs care for roles that inherit INSERT).
-  it.fails("an application role with INSERT and no sequence privilege can insert without id after cutover", async () => {
+  // Regression: the shadow's identity default is a SECURITY DEFINER function, so roles without USAGE on the sequence can insert.
+  it("an application role with INSERT and no sequence privilege can insert without id after cutover", async () => {
     const table: QualifiedName = { schema: "public", name: "ident_app" };
     const L = q(table);
     await db.admin.unsafe(`
@@ -508,15 +497,8 @@ describe("identity columns", () => {
     await asApp(insert);
   });
 
-  // BUG (identity sequence options): finalize re-creates the identity with only
-  // `SEQUENCE NAME ... START WITH <next>` (finalizeSql), so every other option of the original identity
-  // sequence is lost: after finalize INCREMENT BY 5 became 1, CACHE 3 became 1, MINVALUE 10 / MAXVALUE
-  // 900000 became 1 / 2^63-1 and CYCLE became NO CYCLE (ids after finalize go 1 by 1 instead of 5 by 5).
-  // Suggested fix: read increment_by, min_value, max_value, cache_size, cycle (and start_value) from
-  // pg_sequences with the next value, and emit `ADD GENERATED ... AS IDENTITY (SEQUENCE NAME s
-  // INCREMENT BY i MINVALUE a MAXVALUE b CACHE c [NO] CYCLE START WITH <original start> RESTART WITH <next>)`;
-  // also re-apply the sequence's owner, grants and comment, which go with the dropped sequence.
-  it.fails("finalize re-creates the identity sequence with its options (increment, min/max, cache, cycle)", async () => {
+  // Regression: finalize re-creates the identity with the sequence's increment, bounds, cache and cycle.
+  it("finalize re-creates the identity sequence with its options (increment, min/max, cache, cycle)", async () => {
     const table: QualifiedName = { schema: "public", name: "ident_opts" };
     const L = q(table);
     await db.admin.unsafe(`
@@ -580,15 +562,8 @@ describe("TRUNCATE guard", () => {
     expect(await count(t)).toBe(0);
   });
 
-  // BUG (TRUNCATE of a partition): the guard is a statement-level BEFORE TRUNCATE trigger on the live
-  // table only. Statement-level triggers of a partitioned table are not cloned to its partitions, and
-  // `TRUNCATE <partition>` fires only the partition's own triggers, so after cutover
-  // `TRUNCATE "Trunc Schema"."Trunc Part_pYYYY_MM"` succeeds: the rows vanish from the live table but not
-  // from the retired one (the mirror sees no row event), verify reports them missing, and a swap-back
-  // would bring them back. (Before cutover the same hole lets a partition of the shadow be emptied.)
-  // Suggested fix: create the truncate guard trigger on every partition of the partitioned table as well
-  // (in start for the shadow, and on any partition attached later), and drop them in finalize/abort.
-  it.fails("is refused on a partition of the new live table after cutover", async () => {
+  // Regression: TRUNCATE of one partition fires only that partition's triggers, so the guard sits on each one.
+  it("is refused on a partition of the new live table after cutover", async () => {
     const t = await create("Trunc Part");
     await startMigration(db.sql, t, { spec: parsePartitionSpec(SPEC) });
     expect((await backfill(db.sql, t)).complete).toBe(true);

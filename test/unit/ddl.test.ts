@@ -17,6 +17,7 @@ const TABLE = { schema: "My Schema", name: "Order Items" };
 const SHADOW = { schema: "My Schema", name: "Order Items_pgshift_shadow" };
 const SRC = '"My Schema"."Order Items"';
 const SHD = '"My Schema"."Order Items_pgshift_shadow"';
+const OID = 16384;
 
 function column(name: string, attnum: number, typeName: string, extra: Partial<ColumnFacts> = {}): ColumnFacts {
   return { name, attnum, typeName, formattedType: typeName, notNull: false, generated: "", identity: "", sequence: null, ...extra };
@@ -173,9 +174,13 @@ describe("shadowDdl", () => {
     expect(int.statements[0]!.endsWith(`PARTITION BY RANGE ("line_no")`)).toBe(true);
   });
 
-  it("gives the identity column the identity sequence as default, and leaves serial columns to LIKE", () => {
+  it("gives the identity column a default that draws from the identity sequence, and leaves serial columns to LIKE", () => {
     const defaults = st.filter((s) => s.includes("SET DEFAULT"));
-    expect(defaults).toEqual([`ALTER TABLE ${SHD} ALTER COLUMN "id" SET DEFAULT nextval('"My Schema"."Order Items_id_seq"'::regclass)`]);
+    expect(defaults).toEqual([`ALTER TABLE ${SHD} ALTER COLUMN "id" SET DEFAULT "pgshift"."nextval_${OID}_1"()`]);
+    expect(st).toContain(
+      `CREATE OR REPLACE FUNCTION "pgshift"."nextval_${OID}_1"() RETURNS bigint LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp ` +
+        `AS $pgshift$ SELECT nextval('"My Schema"."Order Items_id_seq"'::regclass) $pgshift$`,
+    );
     expect(st.some((s) => s.includes("line_no_seq"))).toBe(false);
   });
 
@@ -191,7 +196,8 @@ describe("shadowDdl", () => {
     const out = shadowDdl(f, parsePartitionSpec("hash:id:2"), [], { source: TABLE, shadow: SHADOW }).statements;
     expect(out).toEqual([
       `CREATE TABLE ${SHD} (LIKE ${SRC} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMMENTS INCLUDING STORAGE INCLUDING COMPRESSION INCLUDING GENERATED INCLUDING STATISTICS) PARTITION BY HASH ("id")`,
-      `ALTER TABLE ${SHD} ALTER COLUMN "id" SET DEFAULT nextval(E'"s"."it''s\\\\seq"'::regclass)`,
+      `CREATE OR REPLACE FUNCTION "pgshift"."nextval_${OID}_1"() RETURNS bigint LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $pgshift$ SELECT nextval(E'"s"."it''s\\\\seq"'::regclass) $pgshift$`,
+      `ALTER TABLE ${SHD} ALTER COLUMN "id" SET DEFAULT "pgshift"."nextval_${OID}_1"()`,
     ]);
   });
 
@@ -221,7 +227,9 @@ describe("shadowDdl", () => {
   });
 
   it("extends the primary key with the partition column", () => {
-    expect(st.filter((s) => s.includes("PRIMARY KEY"))).toEqual([`ALTER TABLE ${SHD} ADD PRIMARY KEY ("id", "created_at")`]);
+    expect(st.filter((s) => s.includes("PRIMARY KEY"))).toEqual([`ALTER TABLE ${SHD} ADD CONSTRAINT "Order Items_pkey_part" PRIMARY KEY ("id", "created_at")`]);
+    expect(ddl.indexRenames[0]).toEqual({ from: "Order Items_pkey_part", to: "Order Items_pkey" });
+    expect(ddl.indexRenames.map((r) => r.to)).toEqual(facts().indexes.map((i) => i.name));
   });
 
   it("defers every secondary index to after the copy, extending unique ones that lack the partition column", () => {
@@ -272,7 +280,7 @@ describe("shadowDdl", () => {
       indexes: [index("pk", "btree (id, created_at)", ["id", "created_at"], { isPrimary: true, isUnique: true })],
     });
     const out = shadowDdl(f, SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW });
-    expect(out.statements.filter((s) => s.includes("PRIMARY KEY"))).toEqual([`ALTER TABLE ${SHD} ADD PRIMARY KEY ("id", "created_at")`]);
+    expect(out.statements.filter((s) => s.includes("PRIMARY KEY"))).toEqual([`ALTER TABLE ${SHD} ADD CONSTRAINT "pk_part" PRIMARY KEY ("id", "created_at")`]);
     expect(out.widenedUniqueIndexes).toEqual([]);
   });
 
@@ -315,7 +323,8 @@ describe("shadowDdl", () => {
                       ? "grant"
                       : "other",
     );
-    expect(kinds).toEqual(["table", "default", "comment", "partition", "partition", "partition", "pk", "fk", "grant", "grant", "grant"]);
+    expect(kinds).toEqual(["table", "other", "default", "comment", "partition", "partition", "partition", "pk", "fk", "grant", "grant", "grant"]);
+    expect(st[1]).toMatch(/^CREATE OR REPLACE FUNCTION "pgshift"\."nextval_/);
   });
 
   it("quotes every identifier it writes (no bare table, schema, role or odd column names)", () => {
@@ -324,12 +333,13 @@ describe("shadowDdl", () => {
       const bare = stripQuoted(s);
       expect(bare).not.toMatch(/My Schema|Order Items|Reporting Role|we\(ird|app_writer|created_at"/);
       expect(bare).not.toMatch(/\border\b/i);
-      expect(s).toContain(SHD);
+      // every statement is about the shadow, except the identity default's function (which names the sequence)
+      if (!s.startsWith("CREATE OR REPLACE FUNCTION")) expect(s).toContain(SHD);
     }
     // the reserved word column "order" is quoted wherever pgshift writes it
     const list = shadowDdl(facts(), parsePartitionSpec("list:order"), [], { source: TABLE, shadow: SHADOW });
     expect(list.statements[0]!.endsWith(`PARTITION BY LIST ("order")`)).toBe(true);
-    expect(list.statements.filter((s) => s.includes("PRIMARY KEY"))).toEqual([`ALTER TABLE ${SHD} ADD PRIMARY KEY ("id", "order")`]);
+    expect(list.statements.filter((s) => s.includes("PRIMARY KEY"))).toEqual([`ALTER TABLE ${SHD} ADD CONSTRAINT "Order Items_pkey_part" PRIMARY KEY ("id", "order")`]);
     expect(list.deferredIndexes.filter((d) => d.unique).map((d) => d.definition)).toEqual([
       `btree (email, "order")`,
       `btree ("we(ird, col" text_pattern_ops, "order") WHERE (note <> 'a)b'::text)`,
@@ -443,7 +453,7 @@ $pgshift$`,
   it("installs the function, the row trigger and the TRUNCATE guard", () => {
     const spec: TriggerMirrorSpec = { ...base, from: { schema: "My Schema", name: "Order Items" }, fn: { schema: "pgshift", name: "mirror_1" } };
     const sql = installTriggerMirrorSql(spec);
-    expect(sql).toHaveLength(3);
+    expect(sql).toHaveLength(4);
     expect(sql[0]).toBe(mirrorFunctionSql(spec));
     expect(sql[1]).toBe(
       `CREATE TRIGGER ${MIRROR_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON "My Schema"."Order Items" FOR EACH ROW EXECUTE FUNCTION "pgshift"."mirror_1"()`,
@@ -451,6 +461,9 @@ $pgshift$`,
     expect(sql[2]).toBe(
       `CREATE TRIGGER ${TRUNCATE_TRIGGER} BEFORE TRUNCATE ON "My Schema"."Order Items" FOR EACH STATEMENT EXECUTE FUNCTION "pgshift"."truncate_guard"()`,
     );
+    // and on every partition, should the table be partitioned (TRUNCATE of one partition fires only its triggers)
+    expect(sql[3]).toContain(`inhparent = '"My Schema"."Order Items"'::regclass`);
+    expect(sql[3]).toContain(`EXECUTE format('CREATE TRIGGER pgshift_truncate_guard BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION "pgshift"."truncate_guard"()', part)`);
     expect(MIRROR_TRIGGER).toBe("pgshift_mirror");
     expect(TRUNCATE_TRIGGER).toBe("pgshift_truncate_guard");
   });
@@ -459,6 +472,7 @@ $pgshift$`,
     expect(removeTriggersSql({ schema: "My Schema", name: "Order Items" })).toEqual([
       `DROP TRIGGER IF EXISTS pgshift_mirror ON "My Schema"."Order Items"`,
       `DROP TRIGGER IF EXISTS pgshift_truncate_guard ON "My Schema"."Order Items"`,
+      expect.stringContaining(`EXECUTE format('DROP TRIGGER IF EXISTS pgshift_truncate_guard ON %s', part)`),
     ]);
   });
 });
