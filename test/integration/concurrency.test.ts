@@ -36,6 +36,13 @@ describe.each(cases)("online migration under concurrent writes: $name", ({ keyKi
     const name = `orders_${keyKind}_${spec.split(":")[0]}`;
     const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind };
     await createWorkload(db.admin, w, 30_000);
+    const indexNames = async () =>
+      (await db.admin`select c.relname::text as n from pg_index i join pg_class c on c.oid = i.indexrelid
+                      where i.indrelid = to_regclass(${`public.${name}`}) order by 1`).map((r) => String(r.n));
+    const constraintNames = async () =>
+      (await db.admin`select conname::text as n from pg_constraint where conrelid = to_regclass(${`public.${name}`}) order by 1`).map((r) => String(r.n));
+    const originalIndexes = await indexNames();
+    const originalConstraints = await constraintNames();
     const load = await startLoad(db.url, w, { connections: 4, pauseMs: 1 });
     const opts = { lockTimeoutMs: 200, retries: 30 };
     try {
@@ -86,6 +93,9 @@ describe.each(cases)("online migration under concurrent writes: $name", ({ keyKi
 
     await finalize(db.sql, w.table, { yes: true });
     expect(await loadMigration(db.sql, w.table)).toBeNull();
+    // the partitioned table carries the original index and constraint names
+    expect(await indexNames()).toEqual(originalIndexes);
+    expect(await constraintNames()).toEqual(originalConstraints);
     const after = await compareWithTwin(db.admin, w.table, w.twin, keyKind);
     expect(after).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
   });
