@@ -68,6 +68,7 @@ export interface TableFacts {
     triggers: string[];
     inheritance: string[];
     exclusionConstraints: string[];
+    columnPrivileges: string[];
   };
   serverVersionNum: number;
 }
@@ -215,7 +216,9 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
       (select coalesce(array_agg(format('%s', inhrelid::regclass)) || array_agg(format('%s', inhparent::regclass)), '{}')
          from pg_inherits where inhrelid = ${oid} or inhparent = ${oid}) as inheritance,
       (select coalesce(array_agg(conname::text), '{}') from pg_constraint
-        where conrelid = ${oid} and contype = 'x') as exclusion`;
+        where conrelid = ${oid} and contype = 'x') as exclusion,
+      (select coalesce(array_agg(attname::text order by attnum), '{}') from pg_attribute
+        where attrelid = ${oid} and attnum > 0 and not attisdropped and attacl is not null) as column_privileges`;
   const d = dep[0]!;
   const arr = (v: unknown) => ((v as string[] | null) ?? []).filter((x) => x !== null);
 
@@ -247,6 +250,7 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
       triggers: arr(d.triggers),
       inheritance: arr(d.inheritance),
       exclusionConstraints: arr(d.exclusion),
+      columnPrivileges: arr(d.column_privileges),
     },
     serverVersionNum: r.server_version_num,
   };

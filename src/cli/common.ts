@@ -1,4 +1,5 @@
 import { Command, InvalidArgumentError, Option } from "commander";
+import { z } from "zod";
 import { connect, type Sql } from "../db.js";
 import { explain } from "../errors.js";
 import { parseTableName, type QualifiedName } from "../names.js";
@@ -9,7 +10,13 @@ export interface ConnOpts {
 }
 
 export function addConnectionOption(cmd: Command): Command {
-  return cmd.addOption(new Option("--url <url>", "connection URL (default: DATABASE_URL, then PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE)"));
+  return cmd.addOption(
+    new Option("--url <url>", "connection URL (default: DATABASE_URL, then PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE)").argParser((v: string) => {
+      const r = UrlSchema.safeParse(v);
+      if (!r.success) throw new InvalidArgumentError(`--url ${r.error.issues[0]?.message ?? "is invalid"}`);
+      return r.data;
+    }),
+  );
 }
 
 /** Connects, runs `fn` with the parsed table, always closes the connection. */
@@ -25,15 +32,25 @@ export async function withTable<T>(tableArg: string, opts: ConnOpts, fn: (sql: S
   }
 }
 
-/** Parses a non-negative integer option. */
+/**
+ * A commander option parser for an integer option, validated with zod (digits only, >= min, a safe integer).
+ * @throws InvalidArgumentError (commander prints it and pgshift exits 2).
+ */
 export function intOption(name: string, min = 0) {
+  const schema = z
+    .string()
+    .regex(/^[0-9]+$/, "digits only")
+    .transform(Number)
+    .pipe(z.number().int().min(min).max(Number.MAX_SAFE_INTEGER));
   return (value: string): number => {
-    if (!/^[0-9]+$/.test(value) || Number(value) < min) {
-      throw new InvalidArgumentError(`${name} must be an integer >= ${min}, got ${JSON.stringify(value)}`);
-    }
-    return Number(value);
+    const r = schema.safeParse(value);
+    if (!r.success) throw new InvalidArgumentError(`${name} must be an integer >= ${min}, got ${JSON.stringify(value)}`);
+    return r.data;
   };
 }
+
+/** `--url`: a postgres:// or postgresql:// URL. */
+export const UrlSchema = z.string().regex(/^postgres(ql)?:\/\/.+/, "must start with postgres:// or postgresql://");
 
 export function printJson(value: unknown): void {
   process.stdout.write(JSON.stringify(value, null, 2) + "\n");

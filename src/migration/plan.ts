@@ -92,6 +92,7 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   list("user triggers", dep.triggers);
   list("inheritance", dep.inheritance);
   list("exclusion constraints", dep.exclusionConstraints);
+  list("column-level privileges on", dep.columnPrivileges);
 
   const col = facts.columns.find((c) => c.name === spec.column);
   let data: DataRange = { min: null, max: null };

@@ -70,7 +70,7 @@ function facts(overrides: Partial<TableFacts> = {}): TableFacts {
       { grantee: "app_writer", privilege: "INSERT", grantable: true },
       { grantee: null, privilege: "SELECT", grantable: false },
     ],
-    dependents: { views: [], rules: [], policies: [], incomingForeignKeys: [], publications: [], triggers: [], inheritance: [], exclusionConstraints: [] },
+    dependents: { views: [], rules: [], policies: [], incomingForeignKeys: [], publications: [], triggers: [], inheritance: [], exclusionConstraints: [], columnPrivileges: [] },
     serverVersionNum: 170000,
     ...overrides,
   };
