@@ -25,21 +25,10 @@ export function parseTableName(text: string, defaultSchema = "public"): Qualifie
   while (i < text.length) {
     let part = "";
     if (text[i] === '"') {
-      i++;
-      for (;;) {
-        if (i >= text.length) throw bad();
-        if (text[i] === '"') {
-          if (text[i + 1] === '"') {
-            part += '"';
-            i += 2;
-            continue;
-          }
-          i++;
-          break;
-        }
-        part += text[i++];
-      }
-      if (part === "") throw bad();
+      const q = readQuotedIdentifier(text, i);
+      if (!q || q.name === "") throw bad();
+      part = q.name;
+      i = q.end;
     } else {
       const m = /^[A-Za-z_\u0080-\uffff][A-Za-z0-9_$\u0080-\uffff]*/.exec(text.slice(i));
       if (!m) throw bad();
@@ -56,6 +45,22 @@ export function parseTableName(text: string, defaultSchema = "public"): Qualifie
   if (parts.length === 1) return { schema: defaultSchema, name: parts[0]! };
   if (parts.length === 2) return { schema: parts[0]!, name: parts[1]! };
   throw bad();
+}
+
+/**
+ * Reads a double-quoted identifier starting at `text[start]` (which must be `"`): `""` stands for `"`.
+ * @returns the unquoted name and the index just past the closing quote, or null when it is unterminated.
+ */
+export function readQuotedIdentifier(text: string, start: number): { name: string; end: number } | null {
+  let name = "";
+  for (let i = start + 1; i < text.length; ) {
+    if (text[i] === '"') {
+      if (text[i + 1] !== '"') return { name, end: i + 1 };
+      name += '"';
+      i += 2;
+    } else name += text[i++];
+  }
+  return null;
 }
 
 /** Quotes an identifier exactly as PostgreSQL's quote_ident() would always-quote it: `"` doubled. */

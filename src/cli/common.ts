@@ -49,6 +49,13 @@ export function intOption(name: string, min = 0) {
   };
 }
 
+/** `--lock-timeout` and `--retries`, shared by every command that takes locks on the tables. */
+export function addLockOptions(cmd: Command, what = "lock_timeout for the locks on the tables"): Command {
+  return cmd
+    .option("--lock-timeout <ms>", what, intOption("--lock-timeout", 1), 500)
+    .option("--retries <n>", "attempts after a lock timeout, with jittered backoff", intOption("--retries"), 20);
+}
+
 /** `--url`: a postgres:// or postgresql:// URL. */
 export const UrlSchema = z.string().regex(/^postgres(ql)?:\/\/.+/, "must start with postgres:// or postgresql://");
 

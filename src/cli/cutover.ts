@@ -1,7 +1,7 @@
 import { Command } from "commander";
 import { cutover, cutoverSql, swapBack, swapBackSql } from "../cutover/cutover.js";
 import { requireMigration } from "../migration/state.js";
-import { addConnectionOption, intOption, withTable, type ConnOpts } from "./common.js";
+import { addConnectionOption, addLockOptions, withTable, type ConnOpts } from "./common.js";
 
 type Opts = ConnOpts & { lockTimeout: number; retries: number; dryRun?: boolean };
 
@@ -14,9 +14,8 @@ function switchCommand(name: "cutover" | "swap-back"): Command {
         : "undo the cutover: the original table is live again with every write made since",
     )
     .argument("<table>", "table under migration")
-    .option("--lock-timeout <ms>", "lock_timeout: the longest the application waits behind pgshift", intOption("--lock-timeout", 1), 500)
-    .option("--retries <n>", "attempts after a lock timeout, with jittered backoff", intOption("--retries"), 20)
     .option("--dry-run", "print the statements of the transaction; change nothing");
+  addLockOptions(cmd, "lock_timeout: the longest the application waits behind pgshift");
   addConnectionOption(cmd);
   cmd.addHelpText("after", isCutover ? `
 Examples:

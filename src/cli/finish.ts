@@ -1,7 +1,7 @@
 import { Command } from "commander";
 import { abort, abortSql, finalize } from "../migration/finish.js";
 import { requireMigration } from "../migration/state.js";
-import { addConnectionOption, intOption, withTable, type ConnOpts } from "./common.js";
+import { addConnectionOption, addLockOptions, withTable, type ConnOpts } from "./common.js";
 
 type Opts = ConnOpts & { lockTimeout: number; retries: number; yes?: boolean; dryRun?: boolean };
 
@@ -10,9 +10,8 @@ export function finalizeCommand(): Command {
     .description("after cutover: drop the retired table, the mirror and the metadata (swap-back is then impossible)")
     .argument("<table>", "table under migration")
     .option("--yes", "confirm dropping the retired table")
-    .option("--dry-run", "print the statements; change nothing")
-    .option("--lock-timeout <ms>", "lock_timeout", intOption("--lock-timeout", 1), 500)
-    .option("--retries <n>", "attempts after a lock timeout", intOption("--retries"), 20);
+    .option("--dry-run", "print the statements; change nothing");
+  addLockOptions(cmd);
   addConnectionOption(cmd);
   cmd.addHelpText("after", `
 Example:
@@ -29,9 +28,8 @@ export function abortCommand(): Command {
   const cmd = new Command("abort")
     .description("before cutover: drop the shadow and the mirror, leaving the source untouched")
     .argument("<table>", "table under migration")
-    .option("--dry-run", "print the statements; change nothing")
-    .option("--lock-timeout <ms>", "lock_timeout", intOption("--lock-timeout", 1), 500)
-    .option("--retries <n>", "attempts after a lock timeout", intOption("--retries"), 20);
+    .option("--dry-run", "print the statements; change nothing");
+  addLockOptions(cmd);
   addConnectionOption(cmd);
   cmd.addHelpText("after", `
 Example:

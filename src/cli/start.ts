@@ -4,17 +4,16 @@ import { planMigration } from "../migration/plan.js";
 import { startMigration } from "../migration/start.js";
 import { displayName } from "../names.js";
 import { parsePartitionSpec } from "../partitioning/spec.js";
-import { addConnectionOption, intOption, withTable } from "./common.js";
+import { addConnectionOption, addLockOptions, withTable } from "./common.js";
 import { printPlan, specOptions, type PlanCliOpts } from "./plan.js";
 
 export function startCommand(): Command {
   const cmd = new Command("start")
     .description("create the shadow table, its partitions and indexes, install the mirror, record the migration")
     .argument("<table>", "table to partition, optionally schema-qualified")
-    .option("--lock-timeout <ms>", "lock_timeout for the locks on the table", intOption("--lock-timeout", 1), 500)
-    .option("--retries <n>", "attempts after a lock timeout", intOption("--retries"), 20)
     .option("--dry-run", "print the plan and its statements; change nothing");
   specOptions(cmd);
+  addLockOptions(cmd);
   addConnectionOption(cmd);
   cmd.addHelpText("after", `
 Examples:

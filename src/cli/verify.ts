@@ -1,6 +1,6 @@
 import { Command } from "commander";
 import { verify } from "../verify/verify.js";
-import { addConnectionOption, intOption, printJson, withTable, type ConnOpts } from "./common.js";
+import { addConnectionOption, addLockOptions, intOption, printJson, withTable, type ConnOpts } from "./common.js";
 
 export function verifyCommand(): Command {
   const cmd = new Command("verify")
@@ -8,9 +8,8 @@ export function verifyCommand(): Command {
     .argument("<table>", "table under migration")
     .option("--json", "print the report as JSON")
     .option("--repair", "rewrite differing rows of the copy from the live table")
-    .option("--chunk-size <rows>", "rows per compared chunk", intOption("--chunk-size", 1), 10000)
-    .option("--lock-timeout <ms>", "lock_timeout for --repair's short SHARE lock", intOption("--lock-timeout", 1), 500)
-    .option("--retries <n>", "attempts after a lock timeout (--repair)", intOption("--retries"), 20);
+    .option("--chunk-size <rows>", "rows per compared chunk", intOption("--chunk-size", 1), 10000);
+  addLockOptions(cmd, "lock_timeout for --repair's short SHARE lock");
   addConnectionOption(cmd);
   cmd.addHelpText("after", `
 Examples:

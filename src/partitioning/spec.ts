@@ -1,5 +1,6 @@
 import { z } from "zod";
 import { PgshiftError } from "../errors.js";
+import { readQuotedIdentifier } from "../names.js";
 
 export const TIME_INTERVALS = ["day", "week", "month", "quarter", "year"] as const;
 export type TimeInterval = (typeof TIME_INTERVALS)[number];
@@ -29,22 +30,10 @@ export function parsePartitionSpec(text: string): PartitionSpec {
   let rest = text.slice(colon + 1);
   let column: string;
   if (rest.startsWith('"')) {
-    let i = 1;
-    column = "";
-    for (;;) {
-      if (i >= rest.length) throw bad("unterminated quoted column name");
-      if (rest[i] === '"') {
-        if (rest[i + 1] === '"') {
-          column += '"';
-          i += 2;
-          continue;
-        }
-        i++;
-        break;
-      }
-      column += rest[i++];
-    }
-    rest = rest.slice(i);
+    const q = readQuotedIdentifier(rest, 0);
+    if (!q) throw bad("unterminated quoted column name");
+    column = q.name;
+    rest = rest.slice(q.end);
   } else {
     const m = /^[^:]*/.exec(rest)![0];
     if (!/^[A-Za-z_][A-Za-z0-9_$]*$/.test(m)) throw bad(`${JSON.stringify(m)} is not a column name (quote it with "...")`);

@@ -69,7 +69,6 @@ export async function verify(sql: Sql, table: QualifiedName, opts: VerifyOptions
   try {
     const m = await requireMigration(sql, table, "verify", ["backfilled", "cutover", "swapped_back"]);
     const t0 = performance.now();
-    const key = m.key_columns;
     const differences: Difference[] = [];
     const counts = { missing: 0, extra: 0, different: 0 };
     let rowsCompared = 0;
