@@ -16,7 +16,22 @@ export interface ConnectOptions {
   max?: number;
   /** application_name shown in pg_stat_activity. */
   applicationName?: string;
+  /**
+   * Send and receive every value as PostgreSQL's text, untouched: no JSON.stringify of json values, no
+   * Date round trip of timestamps (which would lose microseconds), no boolean coercion. The applier writes
+   * the text pgoutput sent; the server converts it with each column's input function.
+   */
+  rawText?: boolean;
 }
+
+const identity = (x: unknown) => x;
+/** postgres.js type handlers that leave text as text (see ConnectOptions.rawText). */
+const RAW_TEXT_TYPES = {
+  jsonText: { to: 114, from: [114, 3802], serialize: identity, parse: identity },
+  boolText: { to: 16, from: [16], serialize: identity, parse: identity },
+  dateText: { to: 1184, from: [1082, 1114, 1184], serialize: identity, parse: identity },
+  byteaText: { to: 17, from: [17], serialize: identity, parse: identity },
+};
 
 /**
  * Opens a postgres.js pool and checks that the server answers.
@@ -34,6 +49,7 @@ export async function connect(opts: ConnectOptions = {}): Promise<Sql> {
     connect_timeout: 10,
     idle_timeout: 0,
     connection: { application_name: opts.applicationName ?? "pgshift", TimeZone: "UTC", DateStyle: "ISO, YMD" },
+    ...(opts.rawText ? { types: RAW_TEXT_TYPES as unknown as Record<string, never>, fetch_types: false } : {}),
   };
   let sql: Sql;
   try {
@@ -51,6 +67,19 @@ export async function connect(opts: ConnectOptions = {}): Promise<Sql> {
     throw explain(err);
   }
   return sql;
+}
+
+/**
+ * A postgres:// URL for the server and database `sql` is connected to, with its user and password, so that
+ * other connections (the replication stream) can reach the same place. SSL settings are not carried over.
+ */
+export function connectionUrl(sql: AnySql): string {
+  const o = (sql as unknown as { options: { host: string[]; port: number[]; user: string; pass: unknown; database: string } }).options;
+  const pass = typeof o.pass === "string" ? `:${encodeURIComponent(o.pass)}` : "";
+  const host = o.host[0] ?? "localhost";
+  const h = host.startsWith("/") ? "localhost" : host.includes(":") ? `[${host}]` : host;
+  const socket = host.startsWith("/") ? `?host=${encodeURIComponent(host)}` : "";
+  return `postgres://${encodeURIComponent(o.user)}${pass}@${h}:${o.port[0] ?? 5432}/${encodeURIComponent(o.database)}${socket}`;
 }
 
 /**
@@ -145,6 +174,8 @@ export interface LockRetryOptions {
   retries?: number;
   /** Called after each failed attempt (attempt number from 1, ms to wait before the next one). */
   onRetry?: (attempt: number, error: unknown) => void;
+  /** Other errors worth another attempt (besides lock timeouts and deadlocks). */
+  retryOn?: (error: unknown) => boolean;
 }
 
 /**
@@ -168,7 +199,7 @@ export async function withLockRetry<T>(sql: Sql, fn: (tx: TxSql) => Promise<T>, 
           });
         } catch (err) {
           const code = sqlState(err);
-          if (code === "55P03" || code === "40P01") throw err;
+          if (code === "55P03" || code === "40P01" || opts.retryOn?.(err)) throw err;
           throw new AbortError(err instanceof Error ? err : new Error(String(err)));
         }
       },

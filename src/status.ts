@@ -2,6 +2,8 @@ import type { Sql } from "./db.js";
 import { table as tableRef } from "./db.js";
 import { PgshiftError } from "./errors.js";
 import { mirrorFor, type MirrorHealth } from "./mirror/mirror.js";
+import { slotState, type SlotState } from "./mirror/logical.js";
+import { leftoverStream } from "./migration/finish.js";
 import { displayName, quoteQualified, type QualifiedName } from "./names.js";
 import { formatPartitionSpec } from "./partitioning/spec.js";
 import { loadMigration, nextStep, type Phase, type VerifyResult } from "./migration/state.js";
@@ -29,6 +31,8 @@ export interface StatusReport {
   /** Rows in the DEFAULT partition: rows outside the planned bounds. */
   defaultPartition: { name: string; rows: number } | null;
   mirror: MirrorHealth;
+  /** Logical mode, while the slot exists: where the stream stands. */
+  stream: (SlotState & { appliedCommitTime: string | null; warnings: string[] }) | null;
   lastVerify: VerifyResult | null;
   startedAt: string;
   backfillStartedAt: string | null;
@@ -37,14 +41,30 @@ export interface StatusReport {
   swappedBackAt: string | null;
 }
 
+async function streamStatus(sql: Sql, slot: string, appliedAt: Date | null, maxRetained: number): Promise<StatusReport["stream"]> {
+  const s = await slotState(sql, slot);
+  const warnings: string[] = [];
+  if (!s.exists) warnings.push(`replication slot ${slot} does not exist: the shadow no longer follows the table (pgshift abort, then start again)`);
+  if (s.retainedBytes > maxRetained) warnings.push(`slot ${slot} retains ${s.retainedBytes} bytes of WAL (more than ${maxRetained}): run pgshift sync, or abort`);
+  if (s.exists && !s.active) warnings.push(`no consumer is attached to slot ${slot}: WAL piles up until pgshift sync (or backfill, verify, cutover) streams it`);
+  return { ...s, appliedCommitTime: appliedAt?.toISOString() ?? null, warnings };
+}
+
 /**
  * The state of the migration of `table`: phase, backfill progress, DEFAULT partition rows, mirror health,
  * last verify result. Read-only; takes no lock, so it works while another command runs.
  * @throws PgshiftError when no migration of `table` exists.
  */
-export async function status(sql: Sql, table: QualifiedName): Promise<StatusReport> {
+export async function status(sql: Sql, table: QualifiedName, opts: { maxRetainedWalBytes?: number } = {}): Promise<StatusReport> {
   const m = await loadMigration(sql, table);
   if (!m) {
+    const left = await leftoverStream(sql, table);
+    if (left) {
+      throw new PgshiftError(
+        `no migration of ${displayName(table)} is in progress, but a crashed start left replication slot ${left.slot ?? "-"} / publication ${left.publication ?? "-"} behind (retaining ${left.retainedBytes} bytes of WAL)`,
+        { hint: `remove them with: pgshift abort ${displayName(table)}` },
+      );
+    }
     throw new PgshiftError(`no migration of ${displayName(table)} is in progress`, {
       hint: `start one with: pgshift start ${displayName(table)} --partition-by <spec>`,
     });
@@ -83,6 +103,7 @@ export async function status(sql: Sql, table: QualifiedName): Promise<StatusRepo
     batches: m.batches,
     defaultPartition,
     mirror: await mirrorFor(m.mode).health(sql, m),
+    stream: m.slot_name ? await streamStatus(sql, m.slot_name, m.applied_commit_time, opts.maxRetainedWalBytes ?? 1024 ** 3) : null,
     lastVerify: m.last_verify,
     startedAt: m.created_at.toISOString(),
     backfillStartedAt: m.backfill_started_at?.toISOString() ?? null,

@@ -3,6 +3,7 @@ import { identList, transaction, type TxSql, type LockRetryOptions, joinFragment
 import { log } from "../log.js";
 import { sqlState } from "../errors.js";
 import { buildDeferredIndexes } from "./indexes.js";
+import { catchUp, followStream } from "../mirror/stream.js";
 import { deferredIndexSql } from "../ddl/shadow.js";
 import { displayName, quoteQualified, type QualifiedName } from "../names.js";
 import { lockMigration, requireMigration, unlockMigration, type Migration } from "../migration/state.js";
@@ -28,6 +29,8 @@ export interface BackfillOptions extends LockRetryOptions {
   signal?: AbortSignal;
   /** Stop after this many batches (tests, and operators who copy in slices). */
   maxBatches?: number;
+  /** Logical mode: return only once the stream applies what is written within this many ms (default 1000). */
+  maxLagMs?: number;
 }
 
 export interface BackfillResult extends BackfillProgress {
@@ -101,9 +104,15 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
     let batches = 0;
     // After a crash while the indexes were being built, the copy is not done again.
     let complete = m.copy_finished_at !== null;
+    // Logical mode: the stream is applied while the copy runs (by this process when the slot is free).
+    const follower = m.mode === "logical" && m.slot_name ? await followStream(sql, m) : null;
+    try {
     while (!complete) {
       if (opts.signal?.aborted || (opts.maxBatches !== undefined && batches >= opts.maxBatches)) break;
-      const result = await transaction(sql, async (tx) => {
+      const result = await retryTransient(() => transaction(sql, async (tx) => {
+        // Logical mode: the applier writes the shadow too. A short lock_timeout turns a wait on its
+        // uncommitted rows (a possible deadlock, detected only after deadlock_timeout) into a quick retry.
+        if (follower) await tx`select set_config('lock_timeout', '100ms', true)`;
         const lower = checkpoint ? sql`where ${keyAfter(tx, key, checkpoint)}` : sql``;
         const hiRows = await upperKeySql(tx, m, lower, batchSize);
         const hiRaw = hiRows[0];
@@ -136,7 +145,7 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
                  rows_copied = rows_copied + ${read}, batches = batches + 1, updated_at = now()
            where id = ${m.id}`;
         return { read, hi };
-      });
+      }));
       copiedHere += result.read;
       batches++;
       m.rows_copied += result.read;
@@ -158,6 +167,13 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
                rows_estimated = greatest(rows_estimated, rows_copied), updated_at = now()
          where id = ${m.id}`;
       log().info({ table: displayName(table), rows: m.rows_copied, batches: m.batches }, "backfill complete");
+    }
+    if (complete && follower) {
+      const took = await catchUp(sql, follower, opts.maxLagMs ?? 1000);
+      log().info({ table: displayName(table), catchUpMs: took, applied: follower.changes(), own: follower.own }, "backfill: stream caught up");
+    }
+    } finally {
+      await follower?.stop();
     }
     const ms = performance.now() - t0;
     const p = progress(m, copiedHere, ms, complete);
@@ -214,6 +230,24 @@ export async function describeBackfill(sql: Sql, table: QualifiedName, batchSize
     out.push(d.parent, ...d.perPartition.flatMap((x) => [x.create, x.attach]));
   }
   return out;
+}
+
+/**
+ * Runs `fn` again (up to 20 times, after a short random pause) when it fails with a deadlock, a
+ * serialization failure or a lock timeout: in logical mode the applier writes the shadow too, and a batch
+ * may collide with it. A batch is one transaction, so a retry starts from the same checkpoint.
+ */
+async function retryTransient<T>(fn: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await fn();
+    } catch (err) {
+      const code = sqlState(err);
+      if (attempt >= 20 || (code !== "40P01" && code !== "40001" && code !== "55P03")) throw err;
+      log().debug({ code, attempt }, "backfill: batch rolled back by a transient conflict, retrying");
+      await new Promise((r) => setTimeout(r, 10 + Math.random() * 40));
+    }
+  }
 }
 
 function progress(m: Migration, copiedHere: number, ms: number, done: boolean): BackfillProgress {

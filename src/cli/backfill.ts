@@ -48,6 +48,7 @@ export function backfillCommand(): Command {
     .argument("<table>", "table under migration")
     .option("--batch-size <rows>", "rows per batch (one short transaction each)", intOption("--batch-size", 1), 10000)
     .option("--sleep-ms <ms>", "pause between batches, to throttle the copy", intOption("--sleep-ms"), 0)
+    .option("--max-lag-ms <ms>", "logical mode: return once the stream applies new writes within this many ms", intOption("--max-lag-ms", 1), 1000)
     .option("--dry-run", "print the statements of one batch and of the index build; change nothing");
   addConnectionOption(cmd);
   cmd.addHelpText("after", `
@@ -55,7 +56,7 @@ Examples:
   pgshift backfill orders
   pgshift backfill orders --batch-size 5000 --sleep-ms 50
 Ctrl-C stops after the current batch; run the command again to continue.`);
-  cmd.action(async (tableArg: string, opts: ConnOpts & { batchSize: number; sleepMs: number; dryRun?: boolean }) => {
+  cmd.action(async (tableArg: string, opts: ConnOpts & { batchSize: number; sleepMs: number; maxLagMs: number; dryRun?: boolean }) => {
     if (opts.dryRun) {
       const statements = await withTable(tableArg, opts, (sql, table) => describeBackfill(sql, table, opts.batchSize));
       process.stdout.write(statements.map((s) => (s.startsWith("--") ? s : s + ";")).join("\n") + "\n");
@@ -71,7 +72,7 @@ Ctrl-C stops after the current batch; run the command again to continue.`);
     const reporter = progressReporter();
     try {
       const r = await withTable(tableArg, opts, (sql, table) =>
-        backfill(sql, table, { batchSize: opts.batchSize, sleepMs: opts.sleepMs, signal: ctrl.signal, onProgress: reporter.update }),
+        backfill(sql, table, { batchSize: opts.batchSize, sleepMs: opts.sleepMs, maxLagMs: opts.maxLagMs, signal: ctrl.signal, onProgress: reporter.update }),
       );
       reporter.stop();
       process.stdout.write(

@@ -1,9 +1,9 @@
 import { Command } from "commander";
 import { cutover, cutoverSql, swapBack, swapBackSql } from "../cutover/cutover.js";
 import { requireMigration } from "../migration/state.js";
-import { addConnectionOption, addLockOptions, withTable, type ConnOpts } from "./common.js";
+import { addConnectionOption, addLockOptions, intOption, withTable, type ConnOpts } from "./common.js";
 
-type Opts = ConnOpts & { lockTimeout: number; retries: number; dryRun?: boolean };
+type Opts = ConnOpts & { lockTimeout: number; retries: number; catchupTimeoutMs: number; dryRun?: boolean };
 
 function switchCommand(name: "cutover" | "swap-back"): Command {
   const isCutover = name === "cutover";
@@ -15,6 +15,9 @@ function switchCommand(name: "cutover" | "swap-back"): Command {
     )
     .argument("<table>", "table under migration")
     .option("--dry-run", "print the statements of the transaction; change nothing");
+  if (isCutover) {
+    cmd.option("--catchup-timeout-ms <ms>", "logical mode: how long the stream may take, under the lock, to apply every committed change", intOption("--catchup-timeout-ms", 1), 2000);
+  }
   addLockOptions(cmd, "lock_timeout: the longest the application waits behind pgshift");
   addConnectionOption(cmd);
   cmd.addHelpText("after", isCutover ? `
@@ -31,7 +34,7 @@ Examples:
         return;
       }
       const fn = isCutover ? cutover : swapBack;
-      const r = await fn(sql, table, { lockTimeoutMs: opts.lockTimeout, retries: opts.retries });
+      const r = await fn(sql, table, { lockTimeoutMs: opts.lockTimeout, retries: opts.retries, catchupTimeoutMs: opts.catchupTimeoutMs });
       process.stdout.write(
         `${isCutover ? "cutover" : "swap-back"} done in ${r.attempts} attempt(s): writes were blocked for ${r.lockHeldMs.toFixed(1)} ms\n` +
           (isCutover ? `next: pgshift verify ${tableArg}, then pgshift finalize ${tableArg} --yes (or pgshift swap-back ${tableArg})\n` : `next: pgshift cutover ${tableArg} again, or pgshift abort ${tableArg}\n`),

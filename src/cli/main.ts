@@ -8,6 +8,7 @@ import { abortCommand, finalizeCommand } from "./finish.js";
 import { planCommand } from "./plan.js";
 import { startCommand } from "./start.js";
 import { statusCommand } from "./status.js";
+import { syncCommand } from "./sync.js";
 import { verifyCommand } from "./verify.js";
 
 const program = new Command("pgshift")
@@ -18,7 +19,8 @@ const program = new Command("pgshift")
   .addHelpText("after", `
 The flow:
   pgshift plan      orders --partition-by range:created_at:month   # what would happen, changes nothing
-  pgshift start     orders --partition-by range:created_at:month   # shadow + mirror
+  pgshift start     orders --partition-by range:created_at:month   # shadow + mirror (--mode logical: slot + stream)
+  pgshift sync      orders                                         # logical mode: apply the stream until cutover
   pgshift backfill  orders                                         # copy existing rows in batches
   pgshift verify    orders                                         # compare, exit 1 on differences
   pgshift cutover   orders                                         # swap names (milliseconds)
@@ -27,7 +29,7 @@ The flow:
 Connection: --url, else DATABASE_URL, else PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE.
 Exit codes: 0 ok, 1 verify found differences, 2 error (nothing changed), 130 interrupted.`);
 
-for (const c of [planCommand(), startCommand(), backfillCommand(), statusCommand(), verifyCommand(), cutoverCommand(), swapBackCommand(), finalizeCommand(), abortCommand(), demoCommand()]) {
+for (const c of [planCommand(), startCommand(), backfillCommand(), syncCommand(), statusCommand(), verifyCommand(), cutoverCommand(), swapBackCommand(), finalizeCommand(), abortCommand(), demoCommand()]) {
   program.addCommand(c.exitOverride().configureOutput({ outputError: (str, write) => write(str) }));
 }
 

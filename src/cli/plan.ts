@@ -6,7 +6,7 @@ import { addConnectionOption, formatBytes, intOption, printJson, withTable, type
 
 export interface PlanCliOpts extends ConnOpts {
   partitionBy: string;
-  mode: "trigger";
+  mode: "trigger" | "logical";
   premake: number;
   json?: boolean;
 }
@@ -14,7 +14,7 @@ export interface PlanCliOpts extends ConnOpts {
 export function specOptions(cmd: Command): Command {
   return cmd
     .requiredOption("--partition-by <spec>", "range:<col>:<day|week|month|quarter|year>, range:<col>:<width>, list:<col> or hash:<col>:<modulus>")
-    .addOption(new Option("--mode <mode>", "how live writes reach the shadow").choices(["trigger"]).default("trigger"))
+    .addOption(new Option("--mode <mode>", "how live writes reach the shadow").choices(["trigger", "logical"]).default("trigger"))
     .option("--premake <n>", "future partitions past the data and past today (time and integer ranges)", intOption("--premake"), 3);
 }
 
@@ -32,6 +32,10 @@ export function printPlan(plan: MigrationPlan): void {
   }
   for (const w of plan.warnings) out.push(`  warning: ${w}`);
   for (const b of plan.blockers) out.push(`  blocker: ${b}`);
+  if (plan.streamStatements.length > 0) {
+    out.push("", `-- first, each on its own (logical mode: the publication, then the replication slot):`);
+    for (const s of plan.streamStatements) out.push(s + ";");
+  }
   if (plan.statements.length > 0) {
     out.push("", `-- the ${plan.statements.length} statements start runs, in one transaction:`);
     for (const s of plan.statements) out.push(s + ";");

@@ -1,21 +1,22 @@
 import { Command } from "commander";
 import Table from "cli-table3";
 import { status, type StatusReport } from "../status.js";
-import { addConnectionOption, formatDuration, printJson, withTable, type ConnOpts } from "./common.js";
+import { addConnectionOption, formatBytes, formatDuration, intOption, printJson, withTable, type ConnOpts } from "./common.js";
 
 export function statusCommand(): Command {
   const cmd = new Command("status")
     .description("phase, rows copied / estimated, rate, ETA, rows in DEFAULT, mirror health, last verify result")
     .argument("<table>", "table under migration")
-    .option("--json", "print as JSON");
+    .option("--json", "print as JSON")
+    .option("--max-retained-wal <bytes>", "logical mode: warn when the slot retains more WAL than this", intOption("--max-retained-wal", 1), 1024 ** 3);
   addConnectionOption(cmd);
   cmd.addHelpText("after", `
 Examples:
   pgshift status orders
   watch -n 5 pgshift status orders
   pgshift status orders --json | jq .phase`);
-  cmd.action(async (tableArg: string, opts: ConnOpts & { json?: boolean }) => {
-    const s = await withTable(tableArg, opts, (sql, table) => status(sql, table));
+  cmd.action(async (tableArg: string, opts: ConnOpts & { json?: boolean; maxRetainedWal: number }) => {
+    const s = await withTable(tableArg, opts, (sql, table) => status(sql, table, { maxRetainedWalBytes: opts.maxRetainedWal }));
     if (opts.json) return printJson(s);
     printStatus(s);
   });
@@ -38,7 +39,18 @@ export function printStatus(s: StatusReport): void {
       { "last verify": v ? `${v.equal ? "equal" : "DIFFERENT"}: ${v.rowsCompared} rows, ${v.missing} missing, ${v.extra} extra, ${v.different} different, ${v.repaired} repaired (${v.at})` : "never" },
       { next: s.next },
     );
+    if (s.stream) {
+      const st = s.stream;
+      t.push(
+        { "replication slot": `${st.slot} ${st.exists ? (st.active ? `streaming to pid ${st.activePid}` : "idle: no consumer attached") : "MISSING"}` },
+        { "confirmed LSN": `${st.confirmedLsn ?? "-"} (current ${st.currentLsn})` },
+        { lag: `${formatBytes(st.lagBytes)}, ${st.lagSeconds === null ? "-" : `${st.lagSeconds.toFixed(1)} s`}` },
+        { "retained WAL": formatBytes(st.retainedBytes) },
+        { "last applied commit": st.appliedCommitTime ?? "-" },
+      );
+    }
     process.stdout.write(t.toString() + "\n");
+    for (const w of s.stream?.warnings ?? []) process.stdout.write(`warning: ${w}\n`);
     if (s.defaultPartition && s.defaultPartition.rows > 0) {
       process.stdout.write(`note: ${s.defaultPartition.rows} rows fall outside the planned bounds and sit in ${s.defaultPartition.name}\n`);
     }

@@ -3,10 +3,17 @@ import { withLockRetry, type LockRetryOptions } from "../db.js";
 import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import { mirrorFor } from "../mirror/mirror.js";
+import { dropStream, slotState } from "../mirror/logical.js";
+import { followStream } from "../mirror/stream.js";
 import { displayName, quoteIdent, quoteQualified, type QualifiedName } from "../names.js";
 import { loadMigration, lockMigration, requireMigration, unlockMigration, type Migration, type Phase } from "../migration/state.js";
 
+/** The stream did not catch up while the live table was locked (the locks are released and the attempt retried). */
+export class CatchupTimeout extends Error {}
+
 export interface CutoverOptions extends LockRetryOptions {
+  /** Logical mode: how long to wait, under the lock, for the stream to apply every committed change (default 2000 ms). */
+  catchupTimeoutMs?: number;
   /** Test hook: runs inside the transaction after every statement, before COMMIT. */
   beforeCommit?: (tx: TxSql) => Promise<void>;
 }
@@ -72,6 +79,13 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
     if (!health.ok) throw new PgshiftError(`the mirror is not healthy: ${health.detail}`, { hint: "run pgshift verify --repair after fixing it, or pgshift abort" });
     let attempts = 0;
     let statements: string[] = [];
+    // Logical mode, before the first cutover: the shadow follows the slot; it must have applied every change
+    // committed before the lock. Lock the live table only (the applier keeps writing the shadow), read
+    // pg_current_wal_insert_lsn() (past every commit record written so far), wait for the stream to pass it, then lock the shadow and rename.
+    const streamed = to === "cutover" && m0.mode === "logical" && m0.phase === "backfilled" && m0.slot_name !== null;
+    const follower = streamed ? await followStream(sql, m0) : null;
+    const catchupMs = opts.catchupTimeoutMs ?? 2000;
+    let lastLag: string | null = null;
     const { lockHeldMs } = await withLockRetry(
       sql,
       async (tx) => {
@@ -79,8 +93,21 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
         const m = await loadMigration(tx, table);
         if (!m || !from.includes(m.phase)) throw new PgshiftError(`the migration of ${displayName(table)} changed phase meanwhile`);
         statements = to === "cutover" ? cutoverSql(m) : swapBackSql(m);
-        await tx.unsafe(statements[0]!);
-        const locked = performance.now();
+        let locked: number;
+        if (follower) {
+          await tx.unsafe(`LOCK TABLE ${quoteQualified(m.live)} IN ACCESS EXCLUSIVE MODE`);
+          locked = performance.now();
+          const target = String((await tx`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
+          if (!(await follower.waitFor(target, catchupMs))) {
+            const st = await slotState(sql, m.slot_name!);
+            lastLag = `${st.lagBytes} bytes`;
+            throw new CatchupTimeout(`the stream did not apply everything up to ${target} within ${catchupMs} ms (${lastLag} behind)`);
+          }
+          await tx.unsafe(statements[0]!);
+        } else {
+          await tx.unsafe(statements[0]!);
+          locked = performance.now();
+        }
         for (const stmt of statements.slice(1)) await tx.unsafe(stmt);
         await tx`
           update pgshift.migrations set phase = ${to}, updated_at = now(),
@@ -92,12 +119,28 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
       },
       {
         ...opts,
+        retryOn: (err) => err instanceof CatchupTimeout,
         onRetry: (n, err) => {
-          log().warn({ attempt: n, err: err instanceof Error ? err.message : String(err) }, `${to}: locks not granted within the lock timeout, retrying`);
+          log().warn({ attempt: n, err: err instanceof Error ? err.message : String(err) }, `${to}: not done in time (lock or catch-up), locks released, retrying`);
           opts.onRetry?.(n, err);
         },
       },
-    ).then((r) => ({ lockHeldMs: performance.now() - r.locked }));
+    )
+      .then((r) => ({ lockHeldMs: performance.now() - r.locked }))
+      .catch((err: unknown) => {
+        if (err instanceof CatchupTimeout) {
+          throw new PgshiftError(`cannot cut over: ${err.message}, after ${attempts} attempts`, {
+            hint: "the stream is lagging: let pgshift sync catch up (pgshift status shows the lag), or raise --catchup-timeout-ms",
+          });
+        }
+        throw err;
+      })
+      .finally(() => follower?.stop());
+    if (streamed) {
+      // The slot and publication are not needed any more: the reverse mirror is a trigger.
+      await dropStream(sql, m0.slot_name, m0.publication_name);
+      await sql`update pgshift.migrations set slot_name = null, publication_name = null where id = ${m0.id}`;
+    }
     log().info({ table: displayName(table), lockHeldMs: Math.round(lockHeldMs * 10) / 10, attempts }, to === "cutover" ? "cutover done" : "swap-back done");
     return { lockHeldMs, attempts, phase: to, statements };
   } finally {

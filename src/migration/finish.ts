@@ -3,8 +3,9 @@ import { table as tableRef, withLockRetry, type AnySql, type LockRetryOptions } 
 import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import { mirrorFor } from "../mirror/mirror.js";
-import { displayName, quoteIdent, quoteQualified, type QualifiedName } from "../names.js";
-import { lockMigration, requireMigration, unlockMigration, type Migration } from "./state.js";
+import { dropStream } from "../mirror/logical.js";
+import { displayName, quoteIdent, quoteLiteral, quoteQualified, type QualifiedName } from "../names.js";
+import { loadMigration, lockMigration, logicalNames, requireMigration, unlockMigration, type Migration } from "./state.js";
 
 /** Where an identity sequence stands and how it is defined (from pg_sequences), to re-create it at finalize. */
 export interface IdentityState {
@@ -65,6 +66,23 @@ async function identityState(sql: AnySql, m: Migration): Promise<Map<string, Ide
   return out;
 }
 
+/**
+ * A replication slot or publication named for `table` (pgshift_<oid>) with no migration row: what a start
+ * that crashed between creating them and committing leaves behind. Null when there is none.
+ */
+export async function leftoverStream(sql: AnySql, table: QualifiedName): Promise<{ slot: string | null; publication: string | null; retainedBytes: number } | null> {
+  const r = await sql`select c.oid::int as oid from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = ${table.schema} and c.relname = ${table.name}`;
+  if (r.length === 0) return null;
+  const names = logicalNames(Number(r[0]!.oid));
+  const x = await sql`
+    select (select slot_name::text from pg_replication_slots where slot_name = ${names.slot}) as slot,
+           (select pubname::text from pg_publication where pubname = ${names.publication}) as publication,
+           coalesce((select pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn) from pg_replication_slots where slot_name = ${names.slot}), 0)::bigint as retained`;
+  const slot = (x[0]!.slot as string | null) ?? null;
+  const publication = (x[0]!.publication as string | null) ?? null;
+  return slot || publication ? { slot, publication, retainedBytes: Number(x[0]!.retained) } : null;
+}
+
 /** Statements of abort (before cutover): stop the mirror, drop the shadow and the mirror function, forget the migration. */
 export function abortSql(m: Migration): string[] {
   const mirror = mirrorFor(m.mode);
@@ -99,6 +117,8 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
     }
     let statements: string[] = [];
     if (opts.dryRun) return { statements: finalizeSql(m, await identityState(sql, m)) };
+    // Normally dropped at cutover already; a crash in between leaves them: never leave a slot behind.
+    await dropStream(sql, m.slot_name, m.publication_name);
     await withLockRetry(
       sql,
       async (tx) => {
@@ -122,8 +142,17 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
 export async function abort(sql: Sql, table: QualifiedName, opts: LockRetryOptions = {}): Promise<{ statements: string[] }> {
   await lockMigration(sql, table);
   try {
+    if (!(await loadMigration(sql, table))) {
+      const left = await leftoverStream(sql, table);
+      if (left) {
+        await dropStream(sql, left.slot, left.publication);
+        log().info({ table: displayName(table), ...left }, "aborted: removed the replication slot and publication a crashed start left behind");
+        return { statements: [`SELECT pg_drop_replication_slot(${quoteLiteral(left.slot ?? "")})`, `DROP PUBLICATION IF EXISTS ${quoteIdent(left.publication ?? "")}`] };
+      }
+    }
     const m = await requireMigration(sql, table, "abort", ["started", "backfilling", "backfilled", "swapped_back"]);
     const statements = abortSql(m);
+    await dropStream(sql, m.slot_name, m.publication_name);
     await withLockRetry(
       sql,
       async (tx) => {

@@ -3,11 +3,12 @@ import { ident, table as tableRef } from "../db.js";
 import { inspectTable, type TableFacts } from "../catalog/inspect.js";
 import { copyColumns, deferredIndexSql, identityDefaultFunction, shadowDdl, shadowKey, type DeferredIndex } from "../ddl/shadow.js";
 import { PgshiftError } from "../errors.js";
-import { installTriggerMirrorSql } from "../mirror/trigger.js";
+import { installTriggerMirrorSql, truncateGuardSql } from "../mirror/trigger.js";
+import { createStreamSql, logicalPrerequisites } from "../mirror/logical.js";
 import { displayName, fitName, quoteLiteral, type QualifiedName } from "../names.js";
 import { computePartitions, type DataRange, type PartitionDef } from "../partitioning/bounds.js";
 import { formatPartitionSpec, INTEGER_TYPES, TIME_TYPES, type PartitionSpec } from "../partitioning/spec.js";
-import { loadMigration, schemaSql, type Mode, type SequenceUse } from "./state.js";
+import { loadMigration, logicalNames, schemaSql, type Mode, type SequenceUse } from "./state.js";
 
 export interface PlanOptions {
   spec: PartitionSpec;
@@ -38,6 +39,8 @@ export interface MigrationPlan {
   blockers: string[];
   /** Things a person must know (e.g. uniqueness no longer enforced). */
   warnings: string[];
+  /** Logical mode: statements run first, each on its own (publication, then replication slot). */
+  streamStatements: string[];
   /** Every statement `start` runs, in order, in one transaction. */
   statements: string[];
   /** Statements `backfill` runs after the copy to build the secondary indexes without blocking writes. */
@@ -142,7 +145,10 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
       defaultFunction: c.identity !== "" ? identityDefaultFunction(facts.oid, c.attnum).name : null,
     }));
   const statements: string[] = [];
+  const streamStatements: string[] = [];
   const afterCopyStatements: string[] = [];
+  const stream = mode === "logical" ? logicalNames(facts.oid) : null;
+  if (stream && blockers.length === 0) blockers.push(...(await logicalPrerequisites(sql, facts)));
   let deferredIndexes: DeferredIndex[] = [];
   let indexRenames: { from: string; to: string }[] = [];
   if (blockers.length === 0) {
@@ -162,14 +168,19 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
           `uniqueness of (${ix.keyColumns.join(", ")}) alone is no longer enforced by the database`,
       );
     }
+    if (stream) {
+      streamStatements.push(...createStreamSql(src, stream.slot, stream.publication));
+      statements.push(...truncateGuardSql(src));
+    } else {
+      statements.push(
+        ...installTriggerMirrorSql({ fn: mirrorFunction, from: src, to: shadow, columns: cols, key: sKey, overridingSystemValue: false }),
+      );
+    }
     statements.push(
-      ...installTriggerMirrorSql({ fn: mirrorFunction, from: src, to: shadow, columns: cols, key: sKey, overridingSystemValue: false }),
-    );
-    statements.push(
-      `INSERT INTO pgshift.migrations (source_schema, source_table, shadow_table, retired_table, spec, mode, phase, key_columns, shadow_key, copy_columns, sequences, mirror_function, deferred_indexes, index_renames, rows_estimated) VALUES (` +
+      `INSERT INTO pgshift.migrations (source_schema, source_table, shadow_table, retired_table, spec, mode, phase, key_columns, shadow_key, copy_columns, sequences, mirror_function, deferred_indexes, index_renames, slot_name, publication_name, rows_estimated) VALUES (` +
         [src.schema, src.name, shadow.name, retired.name].map(quoteLiteral).join(", ") +
         `, ${quoteLiteral(JSON.stringify(spec))}, ${quoteLiteral(mode)}, 'started', ${textArray(keyColumns)}, ${textArray(sKey)}, ${textArray(cols)}, ` +
-        `${quoteLiteral(JSON.stringify(sequences))}, ${quoteLiteral(mirrorFunction.name)}, ${quoteLiteral(JSON.stringify(deferredIndexes))}, ${quoteLiteral(JSON.stringify(indexRenames))}, ${Math.max(0, Math.round(facts.estimatedRows))})`,
+        `${quoteLiteral(JSON.stringify(sequences))}, ${quoteLiteral(mirrorFunction.name)}, ${quoteLiteral(JSON.stringify(deferredIndexes))}, ${quoteLiteral(JSON.stringify(indexRenames))}, ${stream ? quoteLiteral(stream.slot) : "NULL"}, ${stream ? quoteLiteral(stream.publication) : "NULL"}, ${Math.max(0, Math.round(facts.estimatedRows))})`,
     );
   }
   if (facts.estimatedRows < 0) warnings.push(`${displayName(table)} was never analyzed: row estimates are unknown until ANALYZE`);
@@ -190,6 +201,7 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     totalBytes: facts.totalBytes,
     blockers,
     warnings,
+    streamStatements,
     statements,
     afterCopyStatements,
     deferredIndexes,

@@ -19,7 +19,7 @@ import { truncateGuardFunctionSql } from "../mirror/trigger.js";
 export const PHASES = ["started", "backfilling", "backfilled", "cutover", "swapped_back"] as const;
 export type Phase = (typeof PHASES)[number];
 
-export const MODES = ["trigger"] as const;
+export const MODES = ["trigger", "logical"] as const;
 export type Mode = (typeof MODES)[number];
 
 const SequenceUse = z.object({
@@ -65,6 +65,12 @@ export const MigrationRowSchema = z.object({
   sequences: z.array(SequenceUse),
   mirror_function: z.string(),
   deferred_indexes: z.array(DeferredIndexSchema),
+  /** Logical mode: the replication slot and publication (null in trigger mode, and once dropped). */
+  slot_name: z.string().nullable(),
+  publication_name: z.string().nullable(),
+  /** Logical mode: end LSN of the last transaction applied to the shadow, and its commit time. */
+  applied_lsn: z.string().nullable(),
+  applied_commit_time: z.date().nullable(),
   index_renames: z.array(z.object({ from: z.string(), to: z.string() })),
   checkpoint: z.array(z.string()).nullable(),
   rows_copied: z.coerce.number(),
@@ -115,6 +121,10 @@ export function schemaSql(): string[] {
   sequences jsonb NOT NULL,
   mirror_function text NOT NULL,
   deferred_indexes jsonb NOT NULL DEFAULT '[]',
+  slot_name text,
+  publication_name text,
+  applied_lsn text,
+  applied_commit_time timestamptz,
   index_renames jsonb NOT NULL DEFAULT '[]',
   checkpoint text[],
   rows_copied bigint NOT NULL DEFAULT 0,
@@ -176,6 +186,11 @@ export async function loadMigration(sql: AnySql, table: QualifiedName): Promise<
     });
   }
   return withNames(parsed.data);
+}
+
+/** Name of the replication slot and of the publication of a logical-mode migration of the table with this OID. */
+export function logicalNames(sourceOid: number): { slot: string; publication: string } {
+  return { slot: `pgshift_${sourceOid}`, publication: `pgshift_${sourceOid}` };
 }
 
 const NEXT_STEP: Record<Phase, string> = {

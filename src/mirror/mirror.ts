@@ -1,6 +1,8 @@
 import type { AnySql } from "../db.js";
 import { quoteQualified } from "../names.js";
 import type { Migration, Mode } from "../migration/state.js";
+// logical.ts builds on triggerMirror (used only inside functions, so the import cycle is harmless).
+import { logicalMirror } from "./logical.js";
 import { installTriggerMirrorSql, MIRROR_TRIGGER, removeTriggersSql, TRUNCATE_TRIGGER } from "./trigger.js";
 
 /** Health of the mirror as `status` shows it. */
@@ -69,5 +71,7 @@ export function mirrorFor(mode: Mode): Mirror {
   switch (mode) {
     case "trigger":
       return triggerMirror;
+    case "logical":
+      return logicalMirror;
   }
 }

@@ -87,15 +87,20 @@ END
 $pgshift$`;
 }
 
+/** The TRUNCATE guard on `table` and, when it is partitioned, on each of its partitions. */
+export function truncateGuardSql(table: QualifiedName): string[] {
+  const t = quoteQualified(table);
+  const guard = `BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION ${quoteQualified(TRUNCATE_GUARD_FN)}()`;
+  return [`CREATE TRIGGER ${TRUNCATE_TRIGGER} ${guard.replace("%s", () => t)}`, forEachPartitionSql(table, `CREATE TRIGGER ${TRUNCATE_TRIGGER} ${guard}`)];
+}
+
 /** Statements that start mirroring `from` into `to`: the function, the row trigger, the TRUNCATE guards. */
 export function installTriggerMirrorSql(m: TriggerMirrorSpec): string[] {
   const from = quoteQualified(m.from);
-  const guard = `BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION ${quoteQualified(TRUNCATE_GUARD_FN)}()`;
   return [
     mirrorFunctionSql(m),
     `CREATE TRIGGER ${MIRROR_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON ${from} FOR EACH ROW EXECUTE FUNCTION ${quoteQualified(m.fn)}()`,
-    `CREATE TRIGGER ${TRUNCATE_TRIGGER} ${guard.replace("%s", () => from)}`,
-    forEachPartitionSql(m.from, `CREATE TRIGGER ${TRUNCATE_TRIGGER} ${guard}`),
+    ...truncateGuardSql(m.from),
   ];
 }
 

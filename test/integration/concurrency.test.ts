@@ -4,7 +4,7 @@ import { cutover, swapBack } from "../../src/cutover/cutover.js";
 import { compareWithTwin, createWorkload, startLoad, type KeyKind, type Workload } from "../../src/load/workload.js";
 import { finalize } from "../../src/migration/finish.js";
 import { startMigration } from "../../src/migration/start.js";
-import { loadMigration } from "../../src/migration/state.js";
+import { loadMigration, type Mode } from "../../src/migration/state.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
 import { verify } from "../../src/verify/verify.js";
 import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
@@ -16,11 +16,15 @@ import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
  * cutover run. Afterwards the live table and the retired table both equal the twin row for row
  * (two-way EXCEPT), verify agrees, and the load saw no error.
  */
-const cases: { name: string; keyKind: KeyKind; spec: string }[] = [
-  { name: "range by month, bigint key", keyKind: "bigint", spec: "range:created_at:month" },
-  { name: "list by region, bigint key", keyKind: "bigint", spec: "list:region" },
-  { name: "hash, uuid key", keyKind: "uuid", spec: "hash:id:8" },
-  { name: "range by quarter, composite key", keyKind: "composite", spec: "range:created_at:quarter" },
+const cases: { name: string; keyKind: KeyKind; spec: string; mode: Mode }[] = [
+  { name: "range by month, bigint key", keyKind: "bigint", spec: "range:created_at:month", mode: "trigger" },
+  { name: "list by region, bigint key", keyKind: "bigint", spec: "list:region", mode: "trigger" },
+  { name: "hash, uuid key", keyKind: "uuid", spec: "hash:id:8", mode: "trigger" },
+  { name: "range by quarter, composite key", keyKind: "composite", spec: "range:created_at:quarter", mode: "trigger" },
+  { name: "logical mode, range by month, bigint key", keyKind: "bigint", spec: "range:created_at:month", mode: "logical" },
+  { name: "logical mode, list by region, bigint key", keyKind: "bigint", spec: "list:region", mode: "logical" },
+  { name: "logical mode, hash, uuid key", keyKind: "uuid", spec: "hash:id:8", mode: "logical" },
+  { name: "logical mode, range by quarter, composite key", keyKind: "composite", spec: "range:created_at:quarter", mode: "logical" },
 ];
 
 let db: TestDatabase;
@@ -31,9 +35,9 @@ afterAll(async () => {
   await db?.close();
 });
 
-describe.each(cases)("online migration under concurrent writes: $name", ({ keyKind, spec }) => {
+describe.each(cases)("online migration under concurrent writes: $name", ({ keyKind, spec, mode }) => {
   it("loses, invents and corrupts no row through start, backfill, verify, cutover, swap-back, cutover", async () => {
-    const name = `orders_${keyKind}_${spec.split(":")[0]}`;
+    const name = `orders_${keyKind}_${spec.split(":")[0]}_${mode}`;
     const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind };
     await createWorkload(db.admin, w, 30_000);
     const indexNames = async () =>
@@ -43,11 +47,12 @@ describe.each(cases)("online migration under concurrent writes: $name", ({ keyKi
       (await db.admin`select conname::text as n from pg_constraint where conrelid = to_regclass(${`public.${name}`}) order by 1`).map((r) => String(r.n));
     const originalIndexes = await indexNames();
     const originalConstraints = await constraintNames();
-    const load = await startLoad(db.url, w, { connections: 4, pauseMs: 1 });
+    // In logical mode the applier runs on the same 2 cores as the load and the server: a little slower load.
+    const load = await startLoad(db.url, w, { connections: 4, pauseMs: mode === "logical" ? 3 : 1 });
     const opts = { lockTimeoutMs: 200, retries: 30 };
     try {
       await sleep(300);
-      await startMigration(db.sql, w.table, { spec: parsePartitionSpec(spec), ...opts });
+      await startMigration(db.sql, w.table, { spec: parsePartitionSpec(spec), mode, ...opts });
       await sleep(200);
       const bf = await backfill(db.sql, w.table, { batchSize: 2000, sleepMs: 40 });
       expect(bf.complete).toBe(true);

@@ -1,0 +1,347 @@
+import pg from "pg";
+import { LogicalReplicationService, PgoutputPlugin } from "pg-logical-replication";
+import type { Pgoutput } from "pg-logical-replication";
+import { connect, identList, joinFragments, table as tableRef, valueList, type Sql, type TxSql } from "../db.js";
+import { PgshiftError } from "../errors.js";
+import { log } from "../log.js";
+import type { Migration } from "../migration/state.js";
+import { lsnToBigInt } from "./logical.js";
+
+// Tuples are applied as the text PostgreSQL sent, and typed by the server from the target columns: parsing
+// them into JavaScript values (Date, number, object) would lose precision (microseconds, numeric, int8).
+// pg-logical-replication takes each column's parser from node-postgres's type registry; make every parser
+// the identity. Nothing else in pgshift uses node-postgres.
+(pg.types as unknown as { getTypeParser: () => (value: string) => string }).getTypeParser = () => (value: string) => value;
+
+/** A tuple from pgoutput: text, null, or undefined for an unchanged TOASTed value (left as it is). */
+type Tuple = Record<string, string | null | undefined>;
+
+export interface ApplierProgress {
+  /** End LSN of the last transaction applied (or of the last keepalive when idle and caught up). */
+  appliedLsn: string;
+  /** Transactions and row changes applied by this applier. */
+  transactions: number;
+  changes: number;
+  lastCommitTime: Date | null;
+}
+
+export interface ApplierOptions {
+  url?: string | undefined;
+  onCommit?: (p: ApplierProgress) => void;
+}
+
+function lsnText(v: bigint): string {
+  return `${(v >> 32n).toString(16).toUpperCase()}/${(v & 0xffffffffn).toString(16).toUpperCase()}`;
+}
+
+/**
+ * Applies the replication slot's stream of the source table to the shadow, on its own connection.
+ *
+ * - Each decoded transaction is applied in one transaction of the shadow, in commit order, as its
+ *   messages arrive (flow control: nothing is buffered beyond the message in hand, whatever its size).
+ * - INSERT upserts. UPDATE finds the row by its old primary key, removes it first when the primary key or
+ *   the partition column changed, then upserts the new row; when some values are unchanged TOASTed data
+ *   (not sent by pgoutput), only the sent columns are written, the old values are carried over when the row
+ *   moves, and a row not in the shadow yet is read from the source (the backfill has not reached it; its
+ *   current version is at least as new, and later changes replay on top). DELETE removes by primary key.
+ * - The migration row records the applied LSN in the same transaction; the slot's confirmed LSN is advanced
+ *   only after COMMIT, so a crash at any point loses nothing: the slot re-sends what was not confirmed and
+ *   transactions at or below the recorded LSN are skipped.
+ * - Keepalives are answered; when idle and caught up, the keepalive's position is confirmed, so that the
+ *   slot does not retain WAL written by other tables.
+ */
+export class Applier {
+  private readonly m: Migration;
+  private readonly opts: ApplierOptions;
+  private service: LogicalReplicationService | null = null;
+  private sql: Sql | null = null;
+  private tx: TxSql | null = null;
+  private pending: Promise<unknown>[] = [];
+  private skipping = false;
+  private failed: Error | null = null;
+  private running: Promise<unknown> | null = null;
+  private pingTimer: NodeJS.Timeout | null = null;
+  private applied: bigint;
+  private commitTime: Date | null = null;
+  private begun: { commitLsn: bigint; commitTime: Date } | null = null;
+  private group: { started: number; txns: number; end: bigint; commitTime: Date | null } | null = null;
+  transactions = 0;
+  changes = 0;
+
+  constructor(m: Migration, opts: ApplierOptions = {}) {
+    if (!m.slot_name || !m.publication_name) throw new PgshiftError("this migration has no replication slot (trigger mode?)");
+    this.m = m;
+    this.opts = opts;
+    this.applied = m.applied_lsn ? lsnToBigInt(m.applied_lsn) : 0n;
+  }
+
+  get progress(): ApplierProgress {
+    return { appliedLsn: lsnText(this.applied), transactions: this.transactions, changes: this.changes, lastCommitTime: this.commitTime };
+  }
+
+  /** The error that stopped the stream, if any. */
+  get error(): Error | null {
+    return this.failed;
+  }
+
+  /**
+   * Attaches to the slot and starts applying. Resolves once streaming has started.
+   * @throws PgshiftError (code 55006 in `cause`) when another consumer holds the slot.
+   */
+  async start(): Promise<void> {
+    this.sql = await connect({ url: this.opts.url, applicationName: `pgshift apply ${this.m.source_table}`, rawText: true });
+    const url = this.opts.url ?? process.env.DATABASE_URL;
+    const service = new LogicalReplicationService(
+      { ...(url ? { connectionString: url } : {}), application_name: this.m.slot_name! },
+      { acknowledge: { auto: false, timeoutSeconds: 0 }, flowControl: { enabled: true } },
+    );
+    this.service = service;
+    service.on("data", (lsn: string, msg: Pgoutput.Message) => this.onMessage(lsn, msg));
+    service.on("heartbeat", (lsn: string, _ts: number, shouldRespond: boolean) => this.onKeepalive(lsn, shouldRespond));
+    const started = new Promise<void>((resolve, reject) => {
+      service.once("start", () => resolve());
+      service.once("error", (err: Error) => reject(err));
+    });
+    service.on("error", (err: Error) => {
+      this.failed ??= err;
+    });
+    const plugin = new PgoutputPlugin({ protoVersion: 1, publicationNames: [this.m.publication_name!] });
+    this.running = service.subscribe(plugin, this.m.slot_name!).catch((err: unknown) => {
+      this.failed ??= err instanceof Error ? err : new Error(String(err));
+    });
+    try {
+      await started;
+    } catch (err) {
+      await this.stop();
+      const code = (err as { code?: string }).code;
+      throw new PgshiftError(
+        code === "55006" ? `replication slot ${this.m.slot_name} is in use by another process` : `cannot stream from replication slot ${this.m.slot_name}: ${err instanceof Error ? err.message : String(err)}`,
+        { cause: err, hint: code === "55006" ? "a pgshift sync process is probably attached; stop it or let this command wait for it" : undefined },
+      );
+    }
+    // Ask for a keepalive now and then: its position lets an idle applier confirm progress.
+    this.pingTimer = setInterval(() => void this.ping(), 250);
+  }
+
+  /**
+   * Reports `pos` as written, flushed and applied. `pos` is where the next record starts (a commit record's
+   * end, a keepalive's position); pg-logical-replication adds 1 to what it is given (it expects the last
+   * byte received), so it is given pos - 1. Reporting pos + 1 would tell the server that a transaction whose
+   * commit record starts exactly at pos was done, and it would not be sent again after a restart.
+   */
+  private async confirm(pos: bigint, ping = false): Promise<void> {
+    if (!this.service) return;
+    await this.service.acknowledge(lsnText(pos > 0n ? pos - 1n : 0n), ping).catch(() => {});
+  }
+
+  private async ping(): Promise<void> {
+    if (!this.service || this.failed) return;
+    await this.confirm(this.applied, true);
+  }
+
+  /** Messages received and not handed to us yet (pg-logical-replication's private flow-control queue). */
+  private queued(): { length: number; processing: boolean } {
+    const s = this.service as unknown as { _messageQueue?: unknown[]; _processing?: boolean } | null;
+    return { length: s?._messageQueue?.length ?? 0, processing: Boolean(s?._processing) };
+  }
+
+  private queueEmpty(): boolean {
+    const q = this.queued();
+    return q.length === 0 && !q.processing;
+  }
+
+  private onKeepalive(lsn: string, shouldRespond: boolean): void {
+    const pos = lsnToBigInt(lsn);
+    if (!this.tx && !this.skipping && this.queueEmpty() && pos > this.applied) {
+      // Everything the server had sent before this keepalive is applied: confirm its position.
+      this.applied = pos;
+      void this.confirm(pos);
+    } else if (shouldRespond) {
+      void this.confirm(this.applied);
+    }
+  }
+
+  private async onMessage(_lsn: string, msg: Pgoutput.Message): Promise<void> {
+    if (this.failed) return;
+    try {
+      switch (msg.tag) {
+        case "begin": {
+          const commitLsn = msg.commitLsn ? lsnToBigInt(msg.commitLsn) : 0n;
+          this.begun = { commitLsn, commitTime: new Date(Number(BigInt(msg.commitTime as bigint) / 1000n)) };
+          // Already applied before a crash (the slot re-sends what was not confirmed): skip it. `commitLsn` is
+          // where the transaction's commit record starts and `applied` where the last applied one ended; two
+          // commit records can be adjacent, so equal means "not applied yet".
+          this.skipping = commitLsn !== 0n && commitLsn < this.applied;
+          if (!this.skipping && !this.tx) {
+            // Consecutive source transactions are applied in one transaction of the shadow (a group), still
+            // whole and in commit order; the group commits when nothing more is waiting, or after 1000
+            // transactions or 200 ms.
+            this.tx = await this.sql!.reserve();
+            await this.tx.unsafe("begin");
+            this.group = { started: Date.now(), txns: 0, end: this.applied, commitTime: null };
+          }
+          return;
+        }
+        case "insert":
+        case "update":
+        case "delete":
+          if (this.skipping || !this.tx) return;
+          if (msg.relation.schema !== this.m.original.schema) return;
+          this.pending.push(...this.applyChange(this.tx, msg));
+          this.changes++;
+          if (this.pending.length >= 200) await this.flush();
+          return;
+        case "truncate":
+          if (this.skipping) return;
+          throw new PgshiftError(`TRUNCATE of ${this.m.source_table} reached the stream; the shadow cannot follow`, { hint: "abort the migration (pgshift abort) and start again" });
+        case "commit": {
+          const end = msg.commitEndLsn ? lsnToBigInt(msg.commitEndLsn) : this.applied;
+          if (this.skipping || !this.tx) {
+            this.skipping = false;
+            return;
+          }
+          const g = this.group!;
+          g.end = end;
+          g.txns++;
+          g.commitTime = this.begun?.commitTime ?? new Date();
+          if (this.queued().length === 0 || g.txns >= 1000 || Date.now() - g.started >= 200) await this.commitGroup();
+          return;
+        }
+        default:
+          return;
+      }
+    } catch (err) {
+      this.failed ??= err instanceof Error ? err : new Error(String(err));
+      log().error({ err: this.failed.message }, "apply failed; stopping the stream (nothing after the last applied transaction was confirmed)");
+      const tx = this.tx;
+      this.tx = null;
+      this.group = null;
+      if (tx) {
+        await tx.unsafe("rollback").catch(() => {});
+        tx.release();
+      }
+      void this.stop();
+    }
+  }
+
+  /** Commits the open group, records its end LSN in the migration row, then confirms it to the slot. */
+  private async commitGroup(): Promise<void> {
+    const tx = this.tx;
+    const g = this.group;
+    if (!tx || !g) return;
+    await this.flush();
+    await tx`update pgshift.migrations set applied_lsn = ${lsnText(g.end)}, applied_commit_time = ${(g.commitTime ?? new Date()).toISOString()} where id = ${this.m.id}`;
+    await tx.unsafe("commit");
+    tx.release();
+    this.tx = null;
+    this.group = null;
+    this.applied = g.end;
+    this.commitTime = g.commitTime;
+    this.transactions += g.txns;
+    await this.confirm(g.end);
+    this.opts.onCommit?.(this.progress);
+  }
+
+  private async flush(): Promise<void> {
+    const p = this.pending;
+    this.pending = [];
+    await Promise.all(p);
+  }
+
+  /** The statements for one row change (sent pipelined, awaited at commit). */
+  private applyChange(tx: TxSql, msg: Pgoutput.MessageInsert | Pgoutput.MessageUpdate | Pgoutput.MessageDelete): Promise<unknown>[] {
+    const m = this.m;
+    const shadow = tableRef(tx, m.partitioned);
+    const pk = m.key_columns;
+    const key = m.shadow_key;
+    const cols = m.copy_columns;
+    const vals = (t: Tuple, names: readonly string[]) => valueList(tx, names.map((c) => (t[c] === undefined ? null : (t[c] as string | null))));
+    const upsert = (t: Tuple) => {
+      const rest = cols.filter((c) => !key.includes(c));
+      const set = rest.length === 0 ? tx`do nothing` : tx`do update set ${joinFragments(tx, rest.map((c) => tx`${tx(c)} = excluded.${tx(c)}`), tx`, `)}`;
+      return tx`insert into ${shadow} (${identList(tx, cols)}) values (${vals(t, cols)}) on conflict (${identList(tx, key)}) ${set}`;
+    };
+    // An older change may be applied after the backfill copied a newer version of the row (the copy does not
+    // wait for the stream): when the partition column is not part of the primary key, the shadow could then
+    // hold the row twice (same primary key, other partition). Every write first removes any row with the
+    // same primary key and another shadow key; later changes replay on top, so the shadow converges.
+    const others = (t: Tuple) =>
+      tx`delete from ${shadow} where (${identList(tx, pk)}) = (${vals(t, pk)}) and (${identList(tx, key)}) is distinct from (${vals(t, key)})`;
+    const samePk = key.length === pk.length;
+    if (msg.tag === "insert") return samePk ? [upsert(msg.new as Tuple)] : [others(msg.new as Tuple), upsert(msg.new as Tuple)];
+    const oldRow = (msg.key ?? msg.old ?? null) as Tuple | null;
+    if (msg.tag === "delete") {
+      if (!oldRow) throw new PgshiftError(`a DELETE without its key reached the stream (replica identity changed?)`);
+      return [tx`delete from ${shadow} where (${identList(tx, pk)}) = (${vals(oldRow, pk)})`];
+    }
+    const n = msg.new as Tuple;
+    const oldPk = oldRow && pk.every((c) => oldRow[c] !== undefined) ? oldRow : n;
+    const moved = tx`(${identList(tx, pk)}) = (${vals(oldPk, pk)}) and (${identList(tx, key)}) is distinct from (${vals(n, key)})`;
+    const known = cols.filter((c) => n[c] !== undefined);
+    if (known.length === cols.length) {
+      const out = [tx`delete from ${shadow} where ${moved}`];
+      if (!samePk && oldPk !== n) out.push(others(n));
+      out.push(upsert(n));
+      return out;
+    }
+    // Unchanged TOASTed values were not sent: write only what was, keep the rest. Run one after the other:
+    // the source is read only when the row is in the shadow under neither its old nor its new key.
+    const knownRest = known.filter((c) => !key.includes(c));
+    const carry = joinFragments(tx, cols.map((c) => (n[c] !== undefined ? tx`${n[c] as string | null}` : tx`gone.${tx(c)}`)), tx`, `);
+    const setKnown = knownRest.length === 0 ? tx`do nothing` : tx`do update set ${joinFragments(tx, knownRest.map((c) => tx`${tx(c)} = excluded.${tx(c)}`), tx`, `)}`;
+    const partial = async () => {
+      const movedRows = await tx`
+        with gone as (delete from ${shadow} where ${moved} returning *)
+        insert into ${shadow} (${identList(tx, cols)}) select ${carry} from gone limit 1 on conflict (${identList(tx, key)}) ${setKnown}`;
+      const inPlace = await tx`
+        update ${shadow} set ${knownRest.length === 0 ? tx`${tx(key[0]!)} = ${tx(key[0]!)}` : joinFragments(tx, knownRest.map((c) => tx`${tx(c)} = ${n[c] as string | null}`), tx`, `)}
+         where (${identList(tx, key)}) = (${vals(n, key)})`;
+      if (movedRows.count + inPlace.count === 0) {
+        await tx`insert into ${shadow} (${identList(tx, cols)}) select ${identList(tx, cols)} from ${tableRef(tx, m.original)}
+                  where (${identList(tx, pk)}) = (${vals(n, pk)}) on conflict do nothing`;
+      }
+    };
+    return [partial()];
+  }
+
+  /** Whether everything up to `lsn` is applied (or known to hold no change of the table). */
+  reached(lsn: string): boolean {
+    return this.applied >= lsnToBigInt(lsn);
+  }
+
+  /**
+   * Waits until everything up to `lsn` is applied.
+   * @returns false on timeout; @throws the stream's error if it stopped.
+   */
+  async waitFor(lsn: string, timeoutMs: number): Promise<boolean> {
+    const until = Date.now() + timeoutMs;
+    for (;;) {
+      if (this.failed) throw this.failed;
+      if (this.reached(lsn)) return true;
+      if (Date.now() >= until) return false;
+      await this.ping();
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+
+  /** Detaches from the slot and closes the connections; an open apply transaction is rolled back. */
+  async stop(): Promise<void> {
+    if (this.pingTimer) clearInterval(this.pingTimer);
+    this.pingTimer = null;
+    const service = this.service;
+    this.service = null;
+    if (service) await service.stop().catch(() => {});
+    await this.running?.catch(() => {});
+    const tx = this.tx;
+    this.tx = null;
+    this.group = null;
+    if (tx) {
+      await tx.unsafe("rollback").catch(() => {});
+      tx.release();
+    }
+    const sql = this.sql;
+    this.sql = null;
+    await sql?.end({ timeout: 5 }).catch(() => {});
+  }
+}
+

@@ -1,0 +1,159 @@
+import type { AnySql, Sql } from "../db.js";
+import type { TableFacts } from "../catalog/inspect.js";
+import { quoteIdent, quoteLiteral, quoteQualified, type QualifiedName } from "../names.js";
+import { removeTriggersSql, truncateGuardSql } from "./trigger.js";
+import { triggerMirror, type Mirror, type MirrorHealth } from "./mirror.js";
+
+/**
+ * Reasons the logical mirror cannot work on this server and table; empty when it can.
+ * Checked before anything is created (docs: "Logical Replication", "Configuration Settings",
+ * "Replication Slots"; CREATE PUBLICATION needs CREATE on the database; a published table without a
+ * usable replica identity makes the application's UPDATE and DELETE fail).
+ */
+export async function logicalPrerequisites(sql: Sql, facts: TableFacts): Promise<string[]> {
+  const r = await sql`
+    select current_setting('wal_level') as wal_level,
+           current_setting('max_replication_slots')::int as max_slots,
+           (select count(*) from pg_replication_slots)::int as slots,
+           current_setting('max_wal_senders')::int as max_senders,
+           (select count(*) from pg_stat_replication)::int as senders,
+           (select rolreplication or rolsuper from pg_roles where rolname = current_user) as can_replicate,
+           has_database_privilege(current_database(), 'CREATE') as can_publish,
+           (select relreplident::text from pg_class where oid = ${facts.oid}) as replident,
+           exists (select from pg_index where indrelid = ${facts.oid} and indisprimary) as has_pk,
+           exists (select from pg_index where indrelid = ${facts.oid} and indisreplident) as has_replident_index`;
+  const x = r[0]!;
+  const out: string[] = [];
+  if (x.wal_level !== "logical") out.push(`wal_level is ${String(x.wal_level)}, --mode logical needs wal_level = logical (set it and restart the server, or use --mode trigger)`);
+  if (Number(x.slots) >= Number(x.max_slots)) out.push(`no free replication slot (${String(x.slots)} of max_replication_slots = ${String(x.max_slots)} in use)`);
+  if (Number(x.senders) >= Number(x.max_senders)) out.push(`no free WAL sender (${String(x.senders)} of max_wal_senders = ${String(x.max_senders)} in use)`);
+  if (!x.can_replicate) out.push(`the current user lacks the REPLICATION privilege (ALTER ROLE ... REPLICATION), needed to stream changes`);
+  if (!x.can_publish) out.push(`the current user may not create publications in this database (needs CREATE on the database)`);
+  const ri = String(x.replident);
+  if (ri === "n") out.push(`${facts.table.schema}.${facts.table.name} has REPLICA IDENTITY NOTHING: its UPDATEs and DELETEs cannot be streamed (ALTER TABLE ... REPLICA IDENTITY DEFAULT)`);
+  else if (ri === "d" && !x.has_pk) out.push(`${facts.table.schema}.${facts.table.name} has no primary key for REPLICA IDENTITY DEFAULT: its UPDATEs and DELETEs would fail once published (ALTER TABLE ... REPLICA IDENTITY USING INDEX <unique index>)`);
+  else if (ri === "i" && !x.has_replident_index) out.push(`${facts.table.schema}.${facts.table.name} has REPLICA IDENTITY USING INDEX but the index is gone`);
+  return out;
+}
+
+/** Statements that create the stream, in order, each on its own (a slot cannot be created in a transaction that wrote). */
+export function createStreamSql(source: QualifiedName, slot: string, publication: string): string[] {
+  return [
+    // The publication must exist before the slot: pgoutput reads publication membership from the
+    // catalog as of each change, and changes before the publication existed would not be sent.
+    `CREATE PUBLICATION ${quoteIdent(publication)} FOR TABLE ${quoteQualified(source)}`,
+    `SELECT pg_create_logical_replication_slot(${quoteLiteral(slot)}, 'pgoutput')`,
+  ];
+}
+
+/**
+ * Drops the slot (after terminating a consumer still attached to it) and the publication, if they exist.
+ * Non-transactional, idempotent: run by abort, finalize, cutover and failed starts.
+ */
+export async function dropStream(sql: Sql, slot: string | null, publication: string | null): Promise<void> {
+  if (slot) {
+    for (let i = 0; i < 50; i++) {
+      const s = await sql`select active_pid from pg_replication_slots where slot_name = ${slot}`;
+      if (s.length === 0) break;
+      const pid = s[0]!.active_pid as number | null;
+      if (pid) {
+        await sql`select pg_terminate_backend(${pid})`;
+        await new Promise((r) => setTimeout(r, 100));
+        continue;
+      }
+      try {
+        await sql`select pg_drop_replication_slot(${slot})`;
+        break;
+      } catch (err) {
+        // 55006: became active again meanwhile; 42704: already gone
+        const code = (err as { code?: string }).code;
+        if (code === "42704") break;
+        if (code !== "55006") throw err;
+      }
+    }
+  }
+  if (publication) await sql.unsafe(`DROP PUBLICATION IF EXISTS ${quoteIdent(publication)}`);
+}
+
+export interface SlotState {
+  slot: string;
+  exists: boolean;
+  /** A consumer (pgshift sync, or another command's applier) is attached. */
+  active: boolean;
+  activePid: number | null;
+  /** WAL the slot keeps on disk: pg_current_wal_lsn() - restart_lsn, bytes. */
+  retainedBytes: number;
+  confirmedLsn: string | null;
+  /** pg_current_wal_lsn() - confirmed_flush_lsn, bytes. */
+  lagBytes: number;
+  /** replay_lag of the attached consumer as PostgreSQL measures it, seconds (0 when caught up, null when none attached). */
+  lagSeconds: number | null;
+  currentLsn: string;
+}
+
+/** Reads the slot's position and the lag from pg_replication_slots and pg_stat_replication. */
+export async function slotState(sql: AnySql, slot: string): Promise<SlotState> {
+  const r = await sql`
+    select s.slot_name is not null as exists, coalesce(s.active, false) as active, s.active_pid,
+           coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn), 0)::bigint as retained,
+           s.confirmed_flush_lsn::text as confirmed,
+           coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn), 0)::bigint as lag,
+           extract(epoch from r.replay_lag)::float8 as lag_seconds,
+           pg_current_wal_lsn()::text as current
+      from (select 1) one
+      left join pg_replication_slots s on s.slot_name = ${slot}
+      left join pg_stat_replication r on r.pid = s.active_pid`;
+  const x = r[0]!;
+  return {
+    slot,
+    exists: Boolean(x.exists),
+    active: Boolean(x.active),
+    activePid: x.active_pid === null ? null : Number(x.active_pid),
+    retainedBytes: Number(x.retained),
+    confirmedLsn: x.confirmed === null ? null : String(x.confirmed),
+    lagBytes: Math.max(0, Number(x.lag)),
+    lagSeconds: x.active ? (x.lag_seconds === null ? 0 : Number(x.lag_seconds)) : null,
+    currentLsn: String(x.current),
+  };
+}
+
+/** 'X/Y' LSN text as a number of bytes, for comparisons. */
+export function lsnToBigInt(lsn: string): bigint {
+  const [hi, lo] = lsn.split("/");
+  return (BigInt(`0x${hi ?? "0"}`) << 32n) + BigInt(`0x${lo ?? "0"}`);
+}
+
+/**
+ * The logical mirror. Before cutover the shadow is fed by the replication slot (the applier in
+ * mirror/apply.ts); the live table only carries the TRUNCATE guard, nothing on the write path.
+ * From cutover on, writes to the new live table reach the retired table through row triggers (the trigger
+ * mirror), and after a swap-back the shadow is fed by row triggers too: see the README for why.
+ */
+export const logicalMirror: Mirror = {
+  mode: "logical",
+  startSql(m) {
+    if (m.phase === "cutover" || m.phase === "swapped_back") return triggerMirror.startSql(m);
+    return truncateGuardSql(m.live);
+  },
+  stopSql(m) {
+    return removeTriggersSql(m.live);
+  },
+  dropSql(m) {
+    return triggerMirror.dropSql(m);
+  },
+  async health(sql, m): Promise<MirrorHealth> {
+    if (m.phase === "cutover" || m.phase === "swapped_back" || !m.slot_name) {
+      const h = await triggerMirror.health(sql, m);
+      return { ...h, mode: "logical" };
+    }
+    const s = await slotState(sql, m.slot_name);
+    return {
+      mode: "logical",
+      ok: s.exists,
+      detail: s.exists
+        ? `replication slot ${m.slot_name} ${s.active ? "streaming" : "idle (no consumer attached)"}, ${s.lagBytes} bytes behind`
+        : `replication slot ${m.slot_name} is missing: changes are NOT mirrored`,
+    };
+  },
+};
+
