@@ -48,7 +48,9 @@ export async function freePort(): Promise<number> {
  * a free port, `wal_level=logical` (with room for replication slots and WAL senders), removed on stop.
  * Works as root: the package then runs the server as a `postgres` system user it creates if missing.
  */
-export async function startEmbedded(opts: { log?: (line: string) => void } = {}): Promise<EmbeddedServer> {
+export async function startEmbedded(
+  opts: { log?: (line: string) => void; walLevel?: "logical" | "replica"; maxReplicationSlots?: number; maxWalSenders?: number } = {},
+): Promise<EmbeddedServer> {
   const dir = mkdtempSync(join(tmpdir(), "pgshift-pg-"));
   chmodSync(dir, 0o777);
   const port = await freePort();
@@ -63,9 +65,9 @@ export async function startEmbedded(opts: { log?: (line: string) => void } = {})
     createPostgresUser: process.getuid?.() === 0,
     initdbFlags: ["--encoding=UTF8", "--locale=C"],
     postgresFlags: [
-      "-c", "wal_level=logical",
-      "-c", "max_replication_slots=20",
-      "-c", "max_wal_senders=20",
+      "-c", `wal_level=${opts.walLevel ?? "logical"}`,
+      "-c", `max_replication_slots=${opts.maxReplicationSlots ?? 20}`,
+      "-c", `max_wal_senders=${opts.maxWalSenders ?? 20}`,
       "-c", "max_connections=200",
       "-c", "shared_buffers=256MB",
       "-c", "fsync=off",
