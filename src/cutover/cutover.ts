@@ -99,7 +99,7 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
           locked = performance.now();
           const target = String((await tx`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
           if (!(await follower.waitFor(target, catchupMs))) {
-            const st = await slotState(sql, m.slot_name!);
+            const st = await slotState(tx, m.slot_name!);
             lastLag = `${st.lagBytes} bytes`;
             throw new CatchupTimeout(`the stream did not apply everything up to ${target} within ${catchupMs} ms (${lastLag} behind)`);
           }

@@ -9,9 +9,13 @@ import { startMigration } from "../migration/start.js";
 import { parsePartitionSpec } from "../partitioning/spec.js";
 import { status, type StatusReport } from "../status.js";
 import { verify } from "../verify/verify.js";
+import { sync } from "../mirror/sync.js";
+import type { Mode } from "../migration/state.js";
 
 export interface DemoOptions {
   rows?: number;
+  /** Mirror mode (default trigger). */
+  mode?: Mode;
   connections?: number;
   /** Where the demo writes its narration (default stdout). */
   say?: (line: string) => void;
@@ -61,6 +65,8 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
     step(`starting a live load: inserts, updates (moving rows between months, NULLs, TOASTed values, key changes) and deletes on ${opts.connections ?? 4} connections`);
     const load = await startLoad(url, w, { connections: opts.connections ?? 4, pauseMs: 2 });
     const spec = parsePartitionSpec("range:created_at:month");
+    const mode = opts.mode ?? "trigger";
+    const modeFlag = mode === "logical" ? " --mode logical" : "";
     const cutoverLockMs: number[] = [];
     try {
       step("pgshift plan orders --partition-by range:created_at:month");
@@ -70,13 +76,25 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
       say(`${plan.statements.length} statements, e.g.:`);
       for (const s of plan.statements.filter((x) => x.startsWith("CREATE TABLE") || x.startsWith("CREATE TRIGGER")).slice(0, 3)) say(`  ${s.slice(0, 160)}${s.length > 160 ? "..." : ""};`);
 
-      step("pgshift start orders --partition-by range:created_at:month");
-      const st = await startMigration(sql, w.table, { spec });
-      say(`shadow public.orders_pgshift_shadow created with ${st.plan.partitions.length} partitions, trigger mirror installed in ${Math.round(st.ms)} ms`);
+      step(`pgshift start orders --partition-by range:created_at:month${modeFlag}`);
+      const st = await startMigration(sql, w.table, { spec, mode });
+      say(
+        `shadow public.orders_pgshift_shadow created with ${st.plan.partitions.length} partitions, ` +
+          (mode === "logical" ? `publication and replication slot ${st.plan.facts ? `pgshift_${st.plan.facts.oid}` : ""} created` : "trigger mirror installed") +
+          ` in ${Math.round(st.ms)} ms`,
+      );
 
       step("pgshift backfill orders --batch-size 10000");
       const bf = await backfill(sql, w.table, { batchSize: 10000, sleepMs: 50, onProgress: opts.onProgress });
       say(`copied ${bf.rowsCopied} rows in ${bf.batches} batches (${Math.round(bf.rate)} rows/s)`);
+
+      let syncing: Promise<unknown> | null = null;
+      const stopSync = new AbortController();
+      if (mode === "logical") {
+        step("pgshift sync orders (in the background until cutover)");
+        syncing = sync(await connect({ url }), w.table, { signal: stopSync.signal }).catch((err: unknown) => say(`sync stopped: ${String(err)}`));
+        await new Promise((r) => setTimeout(r, 1500));
+      }
 
       step("pgshift status orders");
       opts.showStatus?.(await status(sql, w.table));
@@ -88,6 +106,11 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
       step("pgshift cutover orders");
       let c = await cutover(sql, w.table);
       cutoverLockMs.push(c.lockHeldMs);
+      if (syncing) {
+        stopSync.abort();
+        await syncing;
+        say("the replication slot and publication are dropped; from now on row triggers keep the retired table in step");
+      }
       say(`orders is now partitioned; writes were blocked for ${c.lockHeldMs.toFixed(1)} ms; the old table (orders_pgshift_retired) still receives every write`);
       await new Promise((r) => setTimeout(r, 1500));
 

@@ -65,6 +65,8 @@ export class Applier {
   private commitTime: Date | null = null;
   private begun: { commitLsn: bigint; commitTime: Date } | null = null;
   private group: { started: number; txns: number; end: bigint; commitTime: Date | null } | null = null;
+  private inFlight: Promise<void> | null = null;
+  private stopping = false;
   transactions = 0;
   changes = 0;
 
@@ -96,7 +98,11 @@ export class Applier {
       { acknowledge: { auto: false, timeoutSeconds: 0 }, flowControl: { enabled: true } },
     );
     this.service = service;
-    service.on("data", (lsn: string, msg: Pgoutput.Message) => this.onMessage(lsn, msg));
+    service.on("data", (lsn: string, msg: Pgoutput.Message) => {
+      const p = this.onMessage(lsn, msg);
+      this.inFlight = p;
+      return p;
+    });
     service.on("heartbeat", (lsn: string, _ts: number, shouldRespond: boolean) => this.onKeepalive(lsn, shouldRespond));
     const started = new Promise<void>((resolve, reject) => {
       service.once("start", () => resolve());
@@ -162,7 +168,7 @@ export class Applier {
   }
 
   private async onMessage(_lsn: string, msg: Pgoutput.Message): Promise<void> {
-    if (this.failed) return;
+    if (this.failed || this.stopping) return;
     try {
       switch (msg.tag) {
         case "begin": {
@@ -174,8 +180,8 @@ export class Applier {
           this.skipping = commitLsn !== 0n && commitLsn < this.applied;
           if (!this.skipping && !this.tx) {
             // Consecutive source transactions are applied in one transaction of the shadow (a group), still
-            // whole and in commit order; the group commits when nothing more is waiting, or after 1000
-            // transactions or 200 ms.
+            // whole and in commit order; the group commits when nothing more is waiting, or after 500
+            // transactions or 50 ms (short, so the backfill's batches seldom wait for its row locks).
             this.tx = await this.sql!.reserve();
             await this.tx.unsafe("begin");
             this.group = { started: Date.now(), txns: 0, end: this.applied, commitTime: null };
@@ -204,7 +210,7 @@ export class Applier {
           g.end = end;
           g.txns++;
           g.commitTime = this.begun?.commitTime ?? new Date();
-          if (this.queued().length === 0 || g.txns >= 1000 || Date.now() - g.started >= 200) await this.commitGroup();
+          if (this.queued().length === 0 || g.txns >= 500 || Date.now() - g.started >= 50) await this.commitGroup();
           return;
         }
         default:
@@ -326,12 +332,16 @@ export class Applier {
 
   /** Detaches from the slot and closes the connections; an open apply transaction is rolled back. */
   async stop(): Promise<void> {
+    this.stopping = true;
     if (this.pingTimer) clearInterval(this.pingTimer);
     this.pingTimer = null;
     const service = this.service;
     this.service = null;
     if (service) await service.stop().catch(() => {});
     await this.running?.catch(() => {});
+    // Let the message in hand finish before the connection goes: a query sent on a closing postgres.js
+    // connection crashes the process.
+    await Promise.race([this.inFlight?.catch(() => {}), new Promise((r) => setTimeout(r, 5000))]);
     const tx = this.tx;
     this.tx = null;
     this.group = null;

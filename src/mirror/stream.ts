@@ -1,4 +1,4 @@
-import { connectionUrl, type Sql } from "../db.js";
+import { connect, connectionUrl, transaction, type Sql } from "../db.js";
 import { log } from "../log.js";
 import { loadMigration, type Migration } from "../migration/state.js";
 import { Applier } from "./apply.js";
@@ -24,15 +24,18 @@ const RETRYABLE = new Set(["40P01", "40001", "55P03", "57P01", "CONNECTION_CLOSE
  */
 export async function followStream(sql: Sql, m: Migration): Promise<StreamFollower> {
   const slot = m.slot_name!;
-  const state = await slotState(sql, slot);
-  if (state.active) return watcher(sql, slot);
   const url = connectionUrl(sql);
+  // A connection of its own to flush WAL: the caller's may be inside a transaction (cutover holds a lock).
+  const flusher = await connect({ url, applicationName: "pgshift flush" });
+  const flush = () => flushWal(flusher);
+  const state = await slotState(sql, slot);
+  if (state.active) return watcher(slot, flush, flusher);
   let applier = new Applier(m, { url });
   try {
     await applier.start();
   } catch (err) {
     log().info({ slot, err: err instanceof Error ? err.message : String(err) }, "stream: slot busy, following the consumer attached to it");
-    return watcher(sql, slot);
+    return watcher(slot, flush, flusher);
   }
   let stopped = false;
   let applied = 0;
@@ -57,6 +60,7 @@ export async function followStream(sql: Sql, m: Migration): Promise<StreamFollow
     own: true,
     waitFor: async (lsn, timeoutMs) => {
       const until = Date.now() + timeoutMs;
+      await flush();
       for (;;) {
         const a = applier;
         try {
@@ -74,25 +78,43 @@ export async function followStream(sql: Sql, m: Migration): Promise<StreamFollow
       stopped = true;
       clearInterval(supervise);
       await applier.stop();
+      await flusher.end({ timeout: 5 }).catch(() => {});
     },
   };
 }
 
-function watcher(sql: Sql, slot: string): StreamFollower {
+/**
+ * Makes the server flush its WAL now: a transactional logical message (ignored by pgoutput) committed with
+ * synchronous_commit on. The stream only carries flushed WAL; with asynchronous commits, or after the
+ * cutover's own ACCESS EXCLUSIVE lock record (logged for standbys), the last records could otherwise wait
+ * for the WAL writer, or for a page to fill, before the stream can reach the LSN a caller waits for.
+ */
+export async function flushWal(sql: Sql): Promise<void> {
+  await transaction(sql, async (tx) => {
+    await tx`set local synchronous_commit = on`;
+    await tx`select pg_logical_emit_message(true, 'pgshift', 'flush')`;
+  });
+}
+
+/** Follows a consumer attached elsewhere (pgshift sync) by polling the slot on the follower's own connection. */
+function watcher(slot: string, flush: () => Promise<void>, flusher: Sql): StreamFollower {
   return {
     own: false,
     waitFor: async (lsn, timeoutMs) => {
       const until = Date.now() + timeoutMs;
       const target = lsnToBigInt(lsn);
+      await flush();
       for (;;) {
-        const s = await slotState(sql, slot);
+        const s = await slotState(flusher, slot);
         if (s.confirmedLsn && lsnToBigInt(s.confirmedLsn) >= target) return true;
         if (Date.now() >= until) return false;
         await new Promise((r) => setTimeout(r, 50));
       }
     },
     changes: () => 0,
-    stop: async () => {},
+    stop: async () => {
+      await flusher.end({ timeout: 5 }).catch(() => {});
+    },
   };
 }
 

@@ -48,8 +48,13 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
   try {
     for (let tick = 0; ; tick++) {
       await new Promise<void>((resolve) => {
-        const t = setTimeout(resolve, 1000);
-        opts.signal?.addEventListener("abort", () => (clearTimeout(t), resolve()), { once: true });
+        const done = () => {
+          clearTimeout(t);
+          opts.signal?.removeEventListener("abort", done);
+          resolve();
+        };
+        const t = setTimeout(done, 1000);
+        opts.signal?.addEventListener("abort", done, { once: true });
       });
       if (opts.signal?.aborted) return { reason: "stopped" };
       const err = applier.error;
