@@ -104,7 +104,9 @@ export class Applier {
       return p;
     });
     service.on("heartbeat", (lsn: string, _ts: number, shouldRespond: boolean) => this.onKeepalive(lsn, shouldRespond));
+    let failStart: (err: unknown) => void = () => {};
     const started = new Promise<void>((resolve, reject) => {
+      failStart = reject;
       service.once("start", () => resolve());
       service.once("error", (err: Error) => reject(err));
     });
@@ -112,9 +114,15 @@ export class Applier {
       this.failed ??= err;
     });
     const plugin = new PgoutputPlugin({ protoVersion: 1, publicationNames: [this.m.publication_name!] });
-    this.running = service.subscribe(plugin, this.m.slot_name!).catch((err: unknown) => {
-      this.failed ??= err instanceof Error ? err : new Error(String(err));
-    });
+    // When the server refuses to stream (slot in use, slot gone) the library may fail without an error
+    // event: end the wait for "start" either way.
+    this.running = service.subscribe(plugin, this.m.slot_name!).then(
+      () => failStart(new Error("the stream ended before it started")),
+      (err: unknown) => {
+        this.failed ??= err instanceof Error ? err : new Error(String(err));
+        failStart(err);
+      },
+    );
     try {
       await started;
     } catch (err) {
@@ -341,7 +349,9 @@ export class Applier {
     await this.running?.catch(() => {});
     // Let the message in hand finish before the connection goes: a query sent on a closing postgres.js
     // connection crashes the process.
-    await Promise.race([this.inFlight?.catch(() => {}), new Promise((r) => setTimeout(r, 5000))]);
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([this.inFlight?.catch(() => {}), new Promise((r) => (timer = setTimeout(r, 5000)))]);
+    clearTimeout(timer);
     const tx = this.tx;
     this.tx = null;
     this.group = null;

@@ -62,6 +62,17 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
         const code = String((err as { code?: string }).code ?? "");
         const now = await loadMigration(sql, table);
         if (!now || !now.slot_name) return { reason: now ? "cut over" : "gone" };
+        // The slot may be gone because abort or cutover dropped it just before updating the migration:
+        // give them a moment to commit rather than attach to nothing.
+        if (!(await slotState(sql, now.slot_name)).exists) {
+          for (let i = 0; i < 50; i++) {
+            await new Promise((r) => setTimeout(r, 100));
+            const later = await loadMigration(sql, table);
+            if (!later) return { reason: "gone" };
+            if (!later.slot_name || later.phase === "cutover") return { reason: "cut over" };
+          }
+          throw new PgshiftError(`replication slot ${now.slot_name} is gone but the migration still expects it`, { hint: "run pgshift abort and start again" });
+        }
         if (!TRANSIENT.has(code)) throw err;
         log().warn({ code }, "sync: transient apply error, restarting from the confirmed position");
         base += applier.changes;

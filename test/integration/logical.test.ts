@@ -22,8 +22,7 @@ import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
  * The logical mirror (--mode logical) through the real CLI and against real servers: prerequisites
  * refused before anything is created, no slot or publication left behind by a failed start, a crashed
  * start, abort or finalize, a `pgshift sync` killed in the middle of a large transaction losing and
- * half-applying nothing, and status showing the stream. Tests marked `it.fails` reproduce bugs in src/
- * (described next to them); switch them to `it` once fixed.
+ * half-applying nothing, and status showing the stream.
  */
 
 let db: TestDatabase;
@@ -513,11 +512,8 @@ describe("start, stream and clean-up in logical mode", () => {
   const described = (r: Running, ex: { code: number | null; signal: NodeJS.Signals | null; timedOut: boolean }, ms: number) =>
     `exit ${String(ex.code)} ${String(ex.signal)}${ex.timedOut ? ` (did not exit within ${ms} ms: killed)` : ""}\n--- stdout\n${r.out.stdout}--- stderr\n${r.out.stderr}`;
 
-  // BUG (src/mirror/apply.ts, Applier.start): when START_REPLICATION fails (slot active for another PID,
-  // 55006; slot does not exist, 42704) pg-logical-replication rejects subscribe() WITHOUT emitting "error",
-  // so `started` never settles and start() hangs forever. A second `pgshift sync` therefore hangs silently
-  // instead of exiting 2 with "replication slot ... is in use by another process".
-  it.fails("a second pgshift sync on the same table is refused (exit 2) while the first one streams", async () => {
+  // Regression: a refused START_REPLICATION (slot in use) ends Applier.start() with an error instead of a hang.
+  it("a second pgshift sync on the same table is refused (exit 2) while the first one streams", async () => {
     await createOrders(db.admin, "twosync", 100);
     const table = { schema: "public", name: "twosync" };
     const names = logicalNames(await oidOf(db.admin, "twosync"));
@@ -536,10 +532,8 @@ describe("start, stream and clean-up in logical mode", () => {
     }
   });
 
-  // BUG (src/mirror/apply.ts, Applier.stop): `Promise.race([this.inFlight?.catch(() => {}), new Promise((r) =>
-  // setTimeout(r, 5000))])` never clears its 5 s timer, which keeps the process alive: `pgshift sync` prints
-  // "sync stopped" at once after Ctrl-C but exits only 5 s later (so does every CLI command that ran an applier).
-  it.fails("pgshift sync exits promptly (within 2 s) after SIGINT", async () => {
+  // Regression: Applier.stop() clears its 5 s guard timer, so sync exits right after Ctrl-C.
+  it("pgshift sync exits promptly (within 2 s) after SIGINT", async () => {
     await createOrders(db.admin, "quick", 50);
     const names = logicalNames(await oidOf(db.admin, "quick"));
     await startMigration(db.sql, { schema: "public", name: "quick" }, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
@@ -581,12 +575,8 @@ describe("start, stream and clean-up in logical mode", () => {
     expect(await streamObjects(db.admin, "cosync")).toEqual({ slots: [], publications: [], shadow: false, migrations: 0 });
   });
 
-  // BUG (src/mirror/sync.ts + Applier.start): abort (and cutover) terminate the slot's consumer before their
-  // own transaction commits. When sync's tick sees the terminated stream (57P01, "transient") while the
-  // migration row still names the slot, it starts a new Applier on a slot that abort has dropped meanwhile;
-  // Applier.start() never settles (see above), so sync hangs forever instead of exiting 0 with "the migration
-  // is gone". Made deterministic here by holding a lock that abort's transaction waits for.
-  it.fails("abort while pgshift sync runs (abort's transaction waiting for a lock): sync exits 0 by itself", async () => {
+  // Regression: sync notices a slot dropped by abort or cutover and exits 0 instead of reattaching to nothing.
+  it("abort while pgshift sync runs (abort's transaction waiting for a lock): sync exits 0 by itself", async () => {
     await createOrders(db.admin, "absync", 300);
     const table = { schema: "public", name: "absync" };
     const names = logicalNames(await oidOf(db.admin, "absync"));
