@@ -228,15 +228,23 @@ const LOCK_CLASS = 0x70677368; // 'pgsh'
 /**
  * Takes the session advisory lock of the migration of `table` on the (single) connection of `sql`,
  * so that two pgshift processes never act on one migration at once. Released when the session ends.
- * @throws PgshiftError naming the pid that holds it.
+ * Waits up to `waitMs` (default 5000) first: the session of a pgshift process that was just killed lives
+ * on until its statement in flight ends and the server notices the client is gone.
+ * @throws PgshiftError naming the backend pid that holds it.
  */
-export async function lockMigration(sql: Sql, table: QualifiedName): Promise<void> {
+export async function lockMigration(sql: Sql, table: QualifiedName, waitMs = 5000): Promise<void> {
   const key = `${table.schema}.${table.name}`;
-  const got = await sql`select pg_try_advisory_lock(${LOCK_CLASS}, hashtext(${key})) as ok`;
-  if (got[0]?.ok) return;
+  const until = Date.now() + waitMs;
+  for (;;) {
+    const got = await sql`select pg_try_advisory_lock(${LOCK_CLASS}, hashtext(${key})) as ok`;
+    if (got[0]?.ok) return;
+    if (Date.now() >= until) break;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  // pg_locks shows the two int4 keys as oids (unsigned).
   const holder = await sql`
-    select pid from pg_locks where locktype = 'advisory' and classid = ${LOCK_CLASS}::oid::int::oid
-       and objid = hashtext(${key})::oid and granted limit 1`.catch(() => []);
+    select pid from pg_locks where locktype = 'advisory' and classid = ${LOCK_CLASS}::oid
+       and objid = ((hashtext(${key})::bigint & 4294967295)::text)::oid and objsubid = 2 and granted limit 1`.catch(() => []);
   const pid = holder[0]?.pid;
   throw new PgshiftError(`another pgshift process${pid ? ` (backend pid ${String(pid)})` : ""} is working on ${displayName(table)}`, {
     hint: "wait for it to finish, or stop it; every step can be re-run safely",
