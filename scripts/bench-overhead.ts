@@ -1,0 +1,803 @@
+/**
+ * Mirror overhead benchmark: how much application write throughput does a running migration cost, and
+ * does the logical mirror's applier keep the shadow within a second of the table?
+ *
+ *   scripts/bench-overhead [--rows N] [--connections N] [--seconds S] [--repeat K]
+ *                          [--applier child|inprocess] [--durable] [--json] [--strict]
+ *
+ * One process, one run:
+ *  1. starts the embedded PostgreSQL (unless DATABASE_URL is set: then that database is used, and the
+ *     bench table is dropped at the end);
+ *  2. creates the workload table `bench_overhead` (createWorkload, bigint key, default 200,000 rows; its
+ *     twin is dropped, nothing writes it), autovacuum off on it (and so on the shadow partitions), ANALYZE;
+ *  3. runs the same write load for the same time in three setups, interleaved and repeated
+ *     (a, b, c, a, b, c, ...):
+ *       (a) no migration;
+ *       (b) trigger mirror: startMigration (mode trigger) + backfill, completed before the timed window,
+ *           so the window measures steady-state mirroring (the row trigger in every application write);
+ *       (c) logical mirror: startMigration (mode logical) + backfill, then during the window an applier
+ *           (`pgshift sync` as a child process, or with --applier inprocess `sync()` in this process on
+ *           connections of its own) keeps the shadow in step; lag is sampled every second, and after the
+ *           window the time the applier needs to catch up is measured.
+ *     Before each window: VACUUM (ANALYZE) of the table (and of the shadow), CHECKPOINT. After each: the
+ *     migration is aborted (shadow, triggers, slot, publication dropped), so every run starts from the
+ *     same table;
+ *  4. reports the committed transactions per second of each run (medians over the repeats), the ratios
+ *     (b)/(a) and (c)/(a) against their targets (>= 0.85, >= 0.95), the logical run's lag at steady state
+ *     (the first 3 s of each window ignored) against its target (< 1 s), and where the CPU went.
+ *
+ * The load: `--connections` workers (default 4), no pause, each running one-statement transactions
+ * (autocommit) on the keys it owns: 25% INSERT (created_at = now()), 50% UPDATE of a random existing row
+ * (one in five moves created_at to another month, i.e. another partition of the shadow), 25% DELETE of a
+ * random existing row. Inserts and deletes balance, so the table keeps its size across runs.
+ *
+ * Lag: `lagBytes` and `lagSeconds` are slotState's (WAL not confirmed by the slot; PostgreSQL's replay_lag
+ * of the applier). `commitLagSeconds` is the end-to-end lag, now() minus the commit time of the last source
+ * transaction applied to the shadow (the applier records it), which also counts the time the WAL waited
+ * to be decoded. The lag target is checked on the larger of the two. The applier's pace is how many
+ * seconds of source commits it applies per second (below 1 it falls behind and the lag keeps growing, so
+ * the lag figures then depend on the length of the window).
+ *
+ * CPU: with a local server, the CPU time of each part during the window is read from /proc (the load's
+ * server backends, the walsender, the applier's backend, all server processes, this Node process, the
+ * sync child, the whole machine) and shown as cores busy; "other programs" is what the machine spent on
+ * anything else meanwhile (a busy neighbour makes the figures unreliable).
+ * --durable: the load's sessions commit with synchronous_commit = on (and, on the embedded server, fsync is
+ * turned on), so that each transaction also waits for its WAL flush, as on a production server.
+ * Exit status 0 whatever the figures, unless --strict (then 1 when a target is missed).
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { readdirSync, readFileSync } from "node:fs";
+import { availableParallelism } from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import postgres from "postgres";
+import { destination, pino } from "pino";
+import {
+  abort,
+  backfill,
+  connect,
+  createWorkload,
+  loadMigration,
+  parsePartitionSpec,
+  setLogger,
+  startMigration,
+  type QualifiedName,
+  type Sql,
+} from "../src/index.js";
+import { connectionUrl } from "../src/db.js";
+import { startEmbedded, type EmbeddedServer } from "../src/embedded.js";
+import { slotState } from "../src/mirror/logical.js";
+import { sync } from "../src/mirror/sync.js";
+
+const TARGET_TRIGGER = 0.85;
+const TARGET_LOGICAL = 0.95;
+const TARGET_LAG_SECONDS = 1;
+const STEADY_AFTER_SECONDS = 3;
+const TABLE: QualifiedName = { schema: "public", name: "bench_overhead" };
+const TWIN: QualifiedName = { schema: "public", name: "bench_overhead_twin" };
+const SPEC = "range:created_at:month";
+const LOAD_APP = "bench-overhead-load";
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
+
+type Setup = "a" | "b" | "c";
+const LABELS: Record<Setup, string> = { a: "no migration", b: "trigger mirror", c: "logical mirror" };
+
+interface LagSample {
+  /** Seconds since the window started. */
+  t: number;
+  lagBytes: number;
+  lagSeconds: number | null;
+  commitLagSeconds: number | null;
+}
+
+interface Cpu {
+  /** Cores busy on average during the window, per part (null when it could not be measured). */
+  loadBackends: number | null;
+  walsender: number | null;
+  applierBackend: number | null;
+  /** Every process of the (local) server, including the above and the background processes. */
+  server: number | null;
+  nodeMain: number;
+  syncChild: number | null;
+  machine: number | null;
+  /** Machine minus server, this process and the child: other programs running on the machine meanwhile. */
+  outside: number | null;
+}
+
+interface Run {
+  setup: Setup;
+  repeat: number;
+  seconds: number;
+  transactions: number;
+  tps: number;
+  inserts: number;
+  updates: number;
+  deletes: number;
+  errors: number;
+  latencyMs: { mean: number; p50: number; p99: number };
+  /** (b), (c): migration start + backfill, seconds (not in the window). */
+  prepareSeconds: number | null;
+  lag: LagSample[] | null;
+  /** (c): seconds the applier needed after the load stopped to confirm everything written in the window. */
+  drainSeconds: number | null;
+  /** (c): row changes the applier applied during the window (in-process applier only). */
+  appliedChanges: number | null;
+  cpu: Cpu;
+}
+
+function usage(): string {
+  return `usage: scripts/bench-overhead [--rows N] [--connections N] [--seconds S] [--repeat K] [--applier child|inprocess] [--durable] [--json] [--strict]
+  --rows N          rows in the workload table (default 200000)
+  --connections N   load connections (default 4)
+  --seconds S       length of each timed window (default 20)
+  --repeat K        run (a), (b), (c) K times, interleaved; report medians (default 1)
+  --applier WHERE   logical run's applier: \`pgshift sync\` as a child process (child, default) or sync() in this process (inprocess)
+  --durable         commit durably: synchronous_commit = on in the load's sessions (and fsync = on on the embedded server)
+  --json            print the report as JSON on stdout
+  --strict          exit 1 when a target is missed (trigger >= ${TARGET_TRIGGER}, logical >= ${TARGET_LOGICAL}, lag < ${TARGET_LAG_SECONDS} s)
+Uses DATABASE_URL when set, else starts an embedded PostgreSQL.`;
+}
+
+function positiveInt(name: string, text: string | undefined, dflt: number): number {
+  if (text === undefined) return dflt;
+  const t = text.replace(/[_,]/g, "");
+  if (!/^[1-9][0-9]*$/.test(t)) throw new Error(`${name} must be a positive integer, got ${JSON.stringify(text)}`);
+  return Number(t);
+}
+
+function median(xs: number[]): number {
+  if (xs.length === 0) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  const mid = Math.floor(s.length / 2);
+  return s.length % 2 === 1 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
+}
+
+function percentile(sorted: number[], p: number): number {
+  if (sorted.length === 0) return NaN;
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const fmtInt = (n: number) => Math.round(n).toLocaleString("en-US");
+const r2 = (n: number) => Number(n.toFixed(2));
+
+// ---------------------------------------------------------------------------------------------------------
+// CPU accounting from /proc (Linux, local server). Every reader returns null when it cannot read.
+
+/** USER_HZ, the unit of /proc times: 100 on every Linux architecture Node supports. */
+const clockTicks = 100;
+
+function procSeconds(pid: number): number | null {
+  try {
+    const s = readFileSync(`/proc/${pid}/stat`, "utf8");
+    const f = s.slice(s.lastIndexOf(")") + 2).split(" ");
+    // fields after the command name: state is f[0]; utime = field 14, stime = field 15 (1-based) -> f[11], f[12]
+    return (Number(f[11]) + Number(f[12])) / clockTicks;
+  } catch {
+    return null;
+  }
+}
+
+function parentPid(pid: number): number | null {
+  try {
+    const s = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return Number(s.slice(s.lastIndexOf(")") + 2).split(" ")[1]);
+  } catch {
+    return null;
+  }
+}
+
+/** The postmaster (parent of `backendPid`) and all its children: every process of a local server. */
+function serverPids(backendPid: number): number[] {
+  const postmaster = parentPid(backendPid);
+  if (postmaster === null) return [];
+  const out = [postmaster];
+  try {
+    for (const d of readdirSync("/proc")) {
+      if (/^[0-9]+$/.test(d) && parentPid(Number(d)) === postmaster) out.push(Number(d));
+    }
+  } catch {
+    return [];
+  }
+  return out;
+}
+
+/** Whether `pid` is a PostgreSQL process on this machine (false for a remote server's backend pid). */
+function isLocalPostgres(pid: number): boolean {
+  try {
+    return readFileSync(`/proc/${pid}/cmdline`, "utf8").startsWith("postgres");
+  } catch {
+    return false;
+  }
+}
+
+function machineBusySeconds(): number | null {
+  try {
+    const line = readFileSync("/proc/stat", "utf8").split("\n")[0]!;
+    const v = line.trim().split(/\s+/).slice(1).map(Number);
+    const idle = (v[3] ?? 0) + (v[4] ?? 0);
+    const total = v.slice(0, 8).reduce((a, b) => a + b, 0);
+    return (total - idle) / clockTicks;
+  } catch {
+    return null;
+  }
+}
+
+interface CpuProbe {
+  finish(): Cpu;
+}
+
+/** Starts measuring CPU of the given backend pids, the Node process, a child and the machine. */
+function cpuProbe(pids: { load: number[]; walsender: number[]; applier: number[]; server: number[] }, child: ChildProcess | null): CpuProbe {
+  const sum = (xs: number[], skipGone = false) => {
+    let t = 0;
+    for (const p of xs) {
+      const s = procSeconds(p);
+      if (s === null && !skipGone) return null;
+      t += s ?? 0;
+    }
+    return xs.length === 0 ? null : t;
+  };
+  // server processes that exit during the window (none expected) would make the sum drop: count them as 0 at both ends
+  const serverAlive = () => pids.server.filter((p) => procSeconds(p) !== null);
+  const t0 = performance.now();
+  const start = {
+    load: sum(pids.load),
+    walsender: sum(pids.walsender),
+    applier: sum(pids.applier),
+    serverPids: serverAlive(),
+    node: process.cpuUsage(),
+    child: child?.pid ? procSeconds(child.pid) : null,
+    machine: machineBusySeconds(),
+  };
+  const server0 = sum(start.serverPids, true);
+  return {
+    finish(): Cpu {
+      const secs = (performance.now() - t0) / 1000;
+      const rate = (a: number | null, b: number | null) => (a === null || b === null ? null : r2((b - a) / secs));
+      const node = process.cpuUsage(start.node);
+      const nodeMain = r2((node.user + node.system) / 1e6 / secs);
+      const server = rate(server0, sum(start.serverPids, true));
+      const syncChild = child?.pid ? rate(start.child, procSeconds(child.pid)) : null;
+      const machine = rate(start.machine, machineBusySeconds());
+      return {
+        loadBackends: rate(start.load, sum(pids.load)),
+        walsender: rate(start.walsender, sum(pids.walsender)),
+        applierBackend: rate(start.applier, sum(pids.applier)),
+        server,
+        nodeMain,
+        syncChild,
+        machine,
+        outside: machine === null || server === null ? null : r2(Math.max(0, machine - server - nodeMain - (syncChild ?? 0))),
+      };
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The load: one-statement transactions on keys each worker owns.
+
+interface Worker {
+  sql: postgres.Sql;
+  pid: number;
+  keys: number[];
+}
+
+interface LoadResult {
+  transactions: number;
+  inserts: number;
+  updates: number;
+  deletes: number;
+  errors: string[];
+  latencies: number[];
+}
+
+/** Opens the load's connections and hands out the table's keys (worker i owns every key with index i mod n). */
+async function openWorkers(url: string, sql: Sql, n: number, durable: boolean): Promise<Worker[]> {
+  const ids = await sql`select id::int8::text as id from ${sql(TABLE.schema)}.${sql(TABLE.name)}`;
+  const workers: Worker[] = [];
+  for (let i = 0; i < n; i++) {
+    const w = postgres(url, { max: 1, onnotice: () => {}, idle_timeout: 0, connection: { application_name: LOAD_APP, ...(durable ? { synchronous_commit: "on" } : {}) } });
+    const r = await w`select pg_backend_pid() as pid`;
+    workers.push({ sql: w, pid: Number(r[0]!.pid), keys: [] });
+  }
+  ids.forEach((r, i) => workers[i % n]!.keys.push(Number(r.id)));
+  return workers;
+}
+
+async function closeWorkers(workers: Worker[]): Promise<void> {
+  await Promise.all(workers.map((w) => w.sql.end({ timeout: 5 }).catch(() => {})));
+}
+
+/** Runs the load on every worker for `seconds`, without pause; returns what was committed. */
+async function runLoad(workers: Worker[], seconds: number): Promise<LoadResult> {
+  const res: LoadResult = { transactions: 0, inserts: 0, updates: 0, deletes: 0, errors: [], latencies: [] };
+  const until = performance.now() + seconds * 1000;
+  const DAY = 86400_000;
+  const regions = ["emea", "amer", "apac", "latam"];
+  const statuses = ["new", "paid", "shipped"];
+  await Promise.all(
+    workers.map(async (w, wi) => {
+      const sql = w.sql;
+      while (performance.now() < until) {
+        const r = Math.random();
+        const t0 = performance.now();
+        try {
+          if (r < 0.25 || w.keys.length < 100) {
+            const amount = (Math.random() * 1000).toFixed(2);
+            const ins = await sql`
+              insert into bench_overhead (region, status, amount, note, data)
+              values (${regions[wi % 4]!}, 'new', ${amount}, ${`w${wi}`}, ${sql.json({ w: wi })})
+              returning id::text as id`;
+            w.keys.push(Number(ins[0]!.id));
+            res.inserts++;
+          } else {
+            const idx = Math.floor(Math.random() * w.keys.length);
+            const id = w.keys[idx]!;
+            if (r < 0.75) {
+              if (Math.random() < 0.2) {
+                // moves the row to another month: another partition of the shadow
+                const at = new Date(Date.now() - Math.floor(Math.random() * 700 * DAY));
+                await sql`update bench_overhead set created_at = ${at}, status = 'moved' where id = ${id}`;
+              } else {
+                const amount = (Math.random() * 1000).toFixed(2);
+                await sql`update bench_overhead set status = ${statuses[Math.floor(Math.random() * 3)]!}, amount = ${amount} where id = ${id}`;
+              }
+              res.updates++;
+            } else {
+              await sql`delete from bench_overhead where id = ${id}`;
+              w.keys[idx] = w.keys[w.keys.length - 1]!;
+              w.keys.pop();
+              res.deletes++;
+            }
+          }
+          res.transactions++;
+          res.latencies.push(performance.now() - t0);
+        } catch (err) {
+          res.errors.push(err instanceof Error ? err.message : String(err));
+          if (res.errors.length > 50) throw new Error(`the load failed 50 times, last: ${res.errors.at(-1)}`);
+        }
+      }
+    }),
+  );
+  return res;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The logical run's applier.
+
+interface RunningApplier {
+  /** Row changes applied so far (null when unknown: child process). */
+  changes(): number | null;
+  child: ChildProcess | null;
+  stop(): Promise<void>;
+}
+
+async function startApplier(sql: Sql, url: string, where: "inprocess" | "child", slot: string, say: (l: string) => void): Promise<RunningApplier> {
+  if (where === "inprocess") {
+    // sync() on a pool of its own (its ticks query the migration row and the slot), its Applier opens its own connection
+    const syncSql = await connect({ url, applicationName: "bench-overhead-sync" });
+    const ctrl = new AbortController();
+    let changes = 0;
+    const done = sync(syncSql, TABLE, { signal: ctrl.signal, onTick: (t) => (changes = t.changes) }).catch((err: unknown) => {
+      say(`sync stopped with an error: ${err instanceof Error ? err.message : String(err)}`);
+      return { reason: "error" as const };
+    });
+    await waitActive(sql, slot);
+    return {
+      changes: () => changes,
+      child: null,
+      stop: async () => {
+        ctrl.abort();
+        await done;
+        await syncSql.end({ timeout: 5 }).catch(() => {});
+      },
+    };
+  }
+  const child = spawn(process.execPath, ["--import", "tsx", join(ROOT, "src/cli/main.ts"), "sync", `${TABLE.schema}.${TABLE.name}`, "--url", url], {
+    cwd: ROOT,
+    stdio: ["ignore", "ignore", "pipe"],
+    env: { ...process.env, PGSHIFT_LOG_LEVEL: process.env.PGSHIFT_LOG_LEVEL ?? "warn" },
+  });
+  let stderr = "";
+  child.stderr?.on("data", (d: Buffer) => {
+    stderr = (stderr + d.toString()).slice(-4000);
+  });
+  const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+  try {
+    await waitActive(sql, slot, 30_000);
+  } catch (err) {
+    child.kill("SIGTERM");
+    await exited;
+    throw new Error(`pgshift sync did not attach to the slot: ${err instanceof Error ? err.message : String(err)}\n${stderr}`);
+  }
+  return {
+    changes: () => null,
+    child,
+    stop: async () => {
+      if (child.exitCode === null && child.signalCode === null) child.kill("SIGTERM");
+      const t = setTimeout(() => child.kill("SIGKILL"), 10_000);
+      await exited;
+      clearTimeout(t);
+    },
+  };
+}
+
+async function waitActive(sql: Sql, slot: string, timeoutMs = 15_000): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    if ((await slotState(sql, slot)).active) return;
+    if (Date.now() > until) throw new Error(`no consumer attached to slot ${slot} after ${timeoutMs} ms`);
+    await sleep(50);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+
+async function vacuumAndCheckpoint(sql: Sql, shadow: QualifiedName | null): Promise<void> {
+  await sql`vacuum (analyze) ${sql(TABLE.schema)}.${sql(TABLE.name)}`;
+  if (shadow) await sql`vacuum (analyze) ${sql(shadow.schema)}.${sql(shadow.name)}`;
+  await sql`checkpoint`;
+}
+
+async function backendPids(sql: Sql): Promise<{ walsender: number[]; applier: number[] }> {
+  const r = await sql`select pid, backend_type, application_name from pg_stat_activity`;
+  return {
+    walsender: r.filter((x) => x.backend_type === "walsender").map((x) => Number(x.pid)),
+    applier: r.filter((x) => x.backend_type === "client backend" && String(x.application_name).startsWith("pgshift apply ")).map((x) => Number(x.pid)),
+  };
+}
+
+async function runOnce(
+  sql: Sql,
+  url: string,
+  setup: Setup,
+  k: number,
+  opts: { connections: number; seconds: number; applier: "inprocess" | "child"; durable: boolean },
+  say: (l: string) => void,
+): Promise<Run> {
+  let prepareSeconds: number | null = null;
+  let shadow: QualifiedName | null = null;
+  if (setup !== "a") {
+    const t0 = performance.now();
+    await startMigration(sql, TABLE, { spec: parsePartitionSpec(SPEC), mode: setup === "b" ? "trigger" : "logical" });
+    const bf = await backfill(sql, TABLE, {});
+    if (!bf.complete) throw new Error("backfill did not complete");
+    prepareSeconds = (performance.now() - t0) / 1000;
+    shadow = (await loadMigration(sql, TABLE))!.partitioned;
+  }
+  let applier: RunningApplier | null = null;
+  let workers: Worker[] = [];
+  try {
+    await vacuumAndCheckpoint(sql, shadow);
+    const m = setup === "c" ? await loadMigration(sql, TABLE) : null;
+    const slot = m?.slot_name ?? null;
+    if (setup === "c") applier = await startApplier(sql, url, opts.applier, slot!, say);
+    workers = await openWorkers(url, sql, opts.connections, opts.durable);
+    const local = workers.every((w) => isLocalPostgres(w.pid));
+    const pids = setup === "c" && local ? await backendPids(sql) : { walsender: [], applier: [] };
+    say(`[${k}] (${setup}) ${LABELS[setup]}: ${opts.seconds} s of load on ${opts.connections} connections${prepareSeconds !== null ? ` (start + backfill took ${prepareSeconds.toFixed(1)} s)` : ""} ...`);
+
+    // lag sampler, every second, on the admin connection
+    const lag: LagSample[] = [];
+    const tw = performance.now();
+    let sampling = setup === "c";
+    const sampler = (async () => {
+      while (sampling) {
+        await sleep(1000 - ((performance.now() - tw) % 1000));
+        if (!sampling) break;
+        const s = await slotState(sql, slot!);
+        const c = await sql`select extract(epoch from clock_timestamp() - applied_commit_time)::float8 as l from pgshift.migrations where id = ${m!.id}`;
+        lag.push({ t: r2((performance.now() - tw) / 1000), lagBytes: s.lagBytes, lagSeconds: s.lagSeconds, commitLagSeconds: c[0]?.l === null || c[0]?.l === undefined ? null : Number(c[0].l) });
+      }
+    })();
+    const probe = cpuProbe(
+      { load: local ? workers.map((w) => w.pid) : [], walsender: pids.walsender, applier: pids.applier, server: local ? serverPids(workers[0]!.pid) : [] },
+      applier?.child ?? null,
+    );
+    const changes0 = applier?.changes() ?? null;
+    const t0 = performance.now();
+    const load = await runLoad(workers, opts.seconds);
+    const secs = (performance.now() - t0) / 1000;
+    const cpu = probe.finish();
+    const changes1 = applier?.changes() ?? null;
+    sampling = false;
+    await sampler;
+
+    // (c): how long the applier needs to confirm everything the window wrote
+    let drainSeconds: number | null = null;
+    const drainLimit = Math.max(120, 10 * opts.seconds);
+    if (setup === "c") {
+      const target = String((await sql`select pg_current_wal_lsn()::text as l`)[0]!.l);
+      const td = performance.now();
+      for (;;) {
+        const r = await sql`select confirmed_flush_lsn >= ${target}::pg_lsn as ok from pg_replication_slots where slot_name = ${slot!}`;
+        if (r[0]?.ok) {
+          drainSeconds = r2((performance.now() - td) / 1000);
+          break;
+        }
+        if (performance.now() - td > drainLimit * 1000) {
+          say(`[${k}] (c) the applier did not catch up within ${drainLimit} s after the load stopped`);
+          break;
+        }
+        await sleep(20);
+      }
+    }
+    const lat = [...load.latencies].sort((a, b) => a - b);
+    const run: Run = {
+      setup,
+      repeat: k,
+      seconds: r2(secs),
+      transactions: load.transactions,
+      tps: load.transactions / secs,
+      inserts: load.inserts,
+      updates: load.updates,
+      deletes: load.deletes,
+      errors: load.errors.length,
+      latencyMs: { mean: r2(lat.reduce((a, b) => a + b, 0) / Math.max(1, lat.length)), p50: r2(percentile(lat, 50)), p99: r2(percentile(lat, 99)) },
+      prepareSeconds: prepareSeconds === null ? null : r2(prepareSeconds),
+      lag: setup === "c" ? lag : null,
+      drainSeconds,
+      appliedChanges: changes0 !== null && changes1 !== null ? changes1 - changes0 : null,
+      cpu,
+    };
+    if (load.errors.length > 0) say(`[${k}] (${setup}) ${load.errors.length} load errors, first: ${load.errors[0]}`);
+    return run;
+  } finally {
+    await closeWorkers(workers);
+    await applier?.stop();
+    if (setup !== "a") await abort(sql, TABLE);
+  }
+}
+
+interface LagSummary {
+  samples: number;
+  /**
+   * Source commit time the applier got through per second of wall time during the steady part of the
+   * windows (1: keeps up; below 1 the lag grows by 1 - pace seconds every second). From the end-to-end lag.
+   */
+  pace: number | null;
+  /** End-to-end lag at the end of the windows (median over runs), seconds. */
+  commitSecondsAtEnd: number | null;
+  bytes: { median: number; max: number };
+  seconds: { median: number; max: number };
+  commitSeconds: { median: number; max: number };
+}
+
+function summarizeLag(runs: Run[]): LagSummary | null {
+  const steady = runs.flatMap((r) => (r.lag ?? []).filter((s) => s.t > STEADY_AFTER_SECONDS));
+  if (steady.length === 0) return null;
+  const pick = (f: (s: LagSample) => number | null) => steady.map(f).filter((x): x is number => x !== null);
+  const mm = (xs: number[]) => ({ median: xs.length ? median(xs) : NaN, max: xs.length ? Math.max(...xs) : NaN });
+  const bytes = mm(pick((s) => s.lagBytes));
+  const secs = mm(pick((s) => s.lagSeconds));
+  const commit = mm(pick((s) => s.commitLagSeconds));
+  const paces: number[] = [];
+  const ends: number[] = [];
+  for (const r of runs) {
+    const xs = (r.lag ?? []).filter((s) => s.t > STEADY_AFTER_SECONDS && s.commitLagSeconds !== null);
+    const first = xs[0];
+    const last = xs.at(-1);
+    if (last) ends.push(last.commitLagSeconds!);
+    if (first && last && last.t > first.t) paces.push(1 - (last.commitLagSeconds! - first.commitLagSeconds!) / (last.t - first.t));
+  }
+  return {
+    samples: steady.length,
+    pace: paces.length ? Number(median(paces).toFixed(2)) : null,
+    commitSecondsAtEnd: ends.length ? Number(median(ends).toFixed(3)) : null,
+    bytes: { median: Math.round(bytes.median), max: Math.round(bytes.max) },
+    seconds: { median: Number(secs.median.toFixed(3)), max: Number(secs.max.toFixed(3)) },
+    commitSeconds: { median: Number(commit.median.toFixed(3)), max: Number(commit.max.toFixed(3)) },
+  };
+}
+
+/** Median drain time of the logical runs; null when one of them did not catch up. */
+function drainSeconds(runs: Run[]): number | null {
+  const xs = runs.map((r) => r.drainSeconds);
+  return xs.some((x) => x === null) ? null : median(xs as number[]);
+}
+
+async function main(): Promise<number> {
+  const { values } = parseArgs({
+    options: {
+      rows: { type: "string" },
+      connections: { type: "string" },
+      seconds: { type: "string" },
+      repeat: { type: "string" },
+      applier: { type: "string" },
+      durable: { type: "boolean", default: false },
+      json: { type: "boolean", default: false },
+      strict: { type: "boolean", default: false },
+      help: { type: "boolean", short: "h", default: false },
+    },
+    strict: true,
+    allowPositionals: false,
+  });
+  if (values.help) {
+    process.stdout.write(usage() + "\n");
+    return 0;
+  }
+  const rows = positiveInt("--rows", values.rows, 200_000);
+  const connections = positiveInt("--connections", values.connections, 4);
+  const seconds = positiveInt("--seconds", values.seconds, 20);
+  const repeat = positiveInt("--repeat", values.repeat, 1);
+  const applierWhere = values.applier ?? "child";
+  if (applierWhere !== "inprocess" && applierWhere !== "child") throw new Error(`--applier must be inprocess or child, got ${JSON.stringify(applierWhere)}`);
+  if (seconds <= STEADY_AFTER_SECONDS) throw new Error(`--seconds must be more than ${STEADY_AFTER_SECONDS} (the lag of the first ${STEADY_AFTER_SECONDS} s is ignored)`);
+  const durable = values.durable === true;
+  const json = values.json === true;
+  const say = (l: string) => process.stderr.write(l + "\n");
+  setLogger(pino({ level: process.env.PGSHIFT_LOG_LEVEL ?? "error" }, destination(2)));
+
+  let server: EmbeddedServer | null = null;
+  let sql: Sql | null = null;
+  const external = Boolean(process.env.DATABASE_URL);
+  const dropBench = async (s: Sql) => {
+    if (await loadMigration(s, TABLE).catch(() => null)) await abort(s, TABLE);
+    await s`drop table if exists ${s(TWIN.schema)}.${s(TWIN.name)}`;
+    await s`drop table if exists ${s(TABLE.schema)}.${s(TABLE.name)}`;
+  };
+  const cleanup = async () => {
+    const s = sql;
+    sql = null;
+    if (s) {
+      if (external) await dropBench(s).catch(() => {});
+      await s.end({ timeout: 5 }).catch(() => {});
+    }
+    const srv = server;
+    server = null;
+    await srv?.stop();
+  };
+  const onSignal = (sig: NodeJS.Signals) => {
+    say(`\n${sig}: stopping`);
+    void cleanup().finally(() => process.exit(130));
+  };
+  process.once("SIGINT", onSignal);
+  process.once("SIGTERM", onSignal);
+
+  try {
+    if (!external) {
+      say("starting the embedded PostgreSQL ...");
+      server = await startEmbedded();
+    }
+    sql = await connect({ url: server?.url, applicationName: "bench-overhead" });
+    const url = connectionUrl(sql);
+    if (durable) {
+      // fsync is reloadable (SIGHUP): turn it on for the load's commits (synchronous_commit = on in its sessions)
+      if (!external) {
+        await sql`alter system set fsync = on`;
+        await sql`select pg_reload_conf()`;
+        await sleep(200);
+      }
+    }
+    const v = await sql`select current_setting('server_version') as v, current_setting('shared_buffers') as sb,
+                               current_setting('fsync') as fsync, current_setting('synchronous_commit') as sc, current_setting('wal_level') as wl`;
+    if (durable) v[0]!.sc = "on (load sessions)";
+    const serverInfo = `PostgreSQL ${String(v[0]?.v)}${external ? "" : " (embedded)"}, shared_buffers=${String(v[0]?.sb)}, fsync=${String(v[0]?.fsync)}, synchronous_commit=${String(v[0]?.sc)}, wal_level=${String(v[0]?.wl)}`;
+    say(serverInfo);
+
+    await dropBench(sql);
+    say(`creating ${TABLE.name} with ${fmtInt(rows)} rows ...`);
+    await createWorkload(sql, { table: TABLE, twin: TWIN, keyKind: "bigint" }, rows);
+    await sql`drop table ${sql(TWIN.schema)}.${sql(TWIN.name)}`;
+    await sql`alter table ${sql(TABLE.schema)}.${sql(TABLE.name)} set (autovacuum_enabled = off)`;
+    await sql`analyze ${sql(TABLE.schema)}.${sql(TABLE.name)}`;
+
+    const runs: Run[] = [];
+    for (let k = 1; k <= repeat; k++) {
+      for (const setup of ["a", "b", "c"] as const) {
+        const r = await runOnce(sql, url, setup, k, { connections, seconds, applier: applierWhere, durable }, say);
+        const lag = r.lag ? summarizeLag([r]) : null;
+        say(
+          `[${k}] (${setup}) ${fmtInt(r.tps)} TPS, ${fmtInt(r.transactions)} transactions, latency p50 ${r.latencyMs.p50} ms p99 ${r.latencyMs.p99} ms` +
+            (r.cpu.machine !== null ? `, CPU: machine ${r.cpu.machine} cores, other programs ${r.cpu.outside ?? "?"}` : "") +
+            (lag ? `, lag median ${fmtInt(lag.bytes.median)} B / ${lag.seconds.median} s (end-to-end ${lag.commitSeconds.median} s), max ${fmtInt(lag.bytes.max)} B / ${lag.seconds.max} s (end-to-end ${lag.commitSeconds.max} s), drain ${r.drainSeconds} s` : ""),
+        );
+        runs.push(r);
+      }
+    }
+
+    const of = (s: Setup) => runs.filter((r) => r.setup === s);
+    const tps = { a: median(of("a").map((r) => r.tps)), b: median(of("b").map((r) => r.tps)), c: median(of("c").map((r) => r.tps)) };
+    const ratioB = r2(tps.b / tps.a);
+    const ratioC = r2(tps.c / tps.a);
+    const perRepeat = Array.from({ length: repeat }, (_, i) => {
+      const get = (s: Setup) => runs.find((r) => r.setup === s && r.repeat === i + 1)!.tps;
+      return { trigger: r2(get("b") / get("a")), logical: r2(get("c") / get("a")) };
+    });
+    const lag = summarizeLag(of("c"));
+    const lagWorst = lag ? Math.max(lag.seconds.max, lag.commitSeconds.max) : NaN;
+    const pass = {
+      trigger: ratioB >= TARGET_TRIGGER,
+      logical: ratioC >= TARGET_LOGICAL,
+      lag: lag !== null && lagWorst < TARGET_LAG_SECONDS,
+    };
+    const cpuMedian = (s: Setup) => {
+      const keys = ["loadBackends", "walsender", "applierBackend", "server", "nodeMain", "syncChild", "machine", "outside"] as const;
+      const out: Partial<Record<(typeof keys)[number], number | null>> = {};
+      for (const key of keys) {
+        const xs = of(s).map((r) => r.cpu[key]).filter((x): x is number => x !== null);
+        out[key] = xs.length ? r2(median(xs)) : null;
+      }
+      return out;
+    };
+    const report = {
+      rows,
+      connections,
+      seconds,
+      repeat,
+      applier: applierWhere,
+      durable,
+      server: serverInfo,
+      cpus: availableParallelism(),
+      load: "one-statement transactions: 25% INSERT, 50% UPDATE (1 in 5 moves created_at to another month), 25% DELETE; no pause",
+      tps: { a: Math.round(tps.a), b: Math.round(tps.b), c: Math.round(tps.c) },
+      ratios: { trigger: ratioB, logical: ratioC, perRepeat },
+      targets: { trigger: TARGET_TRIGGER, logical: TARGET_LOGICAL, lagSeconds: TARGET_LAG_SECONDS },
+      pass,
+      lag: lag ? { ...lag, ignoredFirstSeconds: STEADY_AFTER_SECONDS, drainSeconds: drainSeconds(of("c")) } : null,
+      cpuCores: { a: cpuMedian("a"), b: cpuMedian("b"), c: cpuMedian("c") },
+      runs: runs.map((r) => ({ ...r, tps: Math.round(r.tps) })),
+    };
+
+    if (json) {
+      process.stdout.write(JSON.stringify(report, null, 2) + "\n");
+    } else {
+      const out: string[] = [];
+      const line = (label: string, value: string) => out.push(`${label.padEnd(28)}${value}`);
+      const verdict = (ok: boolean) => (ok ? "PASS" : "FAIL");
+      const med = repeat > 1 ? ` (median of ${repeat})` : "";
+      out.push("", `pgshift mirror overhead benchmark: ${serverInfo}, ${report.cpus} CPUs`);
+      line("load", `${connections} connections, ${seconds} s per run, ${fmtInt(rows)} rows; ${report.load}${durable ? "; synchronous_commit = on in the load's sessions" : ""}`);
+      line("logical applier", applierWhere === "inprocess" ? "sync() in this process (same Node event loop as the load driver)" : "`pgshift sync` child process");
+      line("(a) no migration", `${fmtInt(tps.a)} TPS${med}   [${of("a").map((r) => fmtInt(r.tps)).join(", ")}]`);
+      line("(b) trigger mirror", `${fmtInt(tps.b)} TPS${med}   [${of("b").map((r) => fmtInt(r.tps)).join(", ")}]`);
+      line("(c) logical mirror", `${fmtInt(tps.c)} TPS${med}   [${of("c").map((r) => fmtInt(r.tps)).join(", ")}]`);
+      line("ratio (b)/(a) trigger", `${ratioB.toFixed(2)}   target >= ${TARGET_TRIGGER.toFixed(2)}   ${verdict(pass.trigger)}${repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.trigger.toFixed(2)).join(", ")}` : ""}`);
+      line("ratio (c)/(a) logical", `${ratioC.toFixed(2)}   target >= ${TARGET_LOGICAL.toFixed(2)}   ${verdict(pass.logical)}${repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.logical.toFixed(2)).join(", ")}` : ""}`);
+      if (lag) {
+        line("logical lag, bytes", `median ${fmtInt(lag.bytes.median)}   max ${fmtInt(lag.bytes.max)}   (${lag.samples} samples, first ${STEADY_AFTER_SECONDS} s of each run ignored)`);
+        line("logical lag, seconds", `median ${lag.seconds.median.toFixed(3)}   max ${lag.seconds.max.toFixed(3)}   (replay_lag)`);
+        line("  end-to-end", `median ${lag.commitSeconds.median.toFixed(3)}   max ${lag.commitSeconds.max.toFixed(3)}   (now() - commit time of the last applied transaction)`);
+        line("  target", `< ${TARGET_LAG_SECONDS} s (worst of the two maxima: ${lagWorst.toFixed(3)} s)   ${verdict(pass.lag)}`);
+        if (lag.pace !== null) line("  applier pace", `${lag.pace.toFixed(2)} s of source commits applied per second${lag.pace < 0.98 ? ` (falls behind: the lag grows ${(1 - lag.pace).toFixed(2)} s every second; ${lag.commitSecondsAtEnd?.toFixed(1)} s at the end of the window)` : ""}`);
+        line("  drain after the load", report.lag!.drainSeconds === null ? "did not catch up in time (see the lines above)" : `${report.lag!.drainSeconds} s to confirm everything written in the window`);
+      } else {
+        line("logical lag", "no steady-state sample   FAIL");
+      }
+      const cpuLine = (s: Setup) => {
+        const c = report.cpuCores[s];
+        const part = (label: string, x: number | null | undefined) => (x === null || x === undefined ? "" : `${label} ${x.toFixed(2)}  `);
+        return `${part("machine", c.machine)}${part("server", c.server)}(${part("load backends", c.loadBackends)}${part("walsender", c.walsender)}${part("applier backend", c.applierBackend)}`.trim() +
+          `)  ${part("bench node", c.nodeMain)}${part("sync child", c.syncChild)}${part("other programs", c.outside)}`.trim();
+      };
+      line("CPU cores busy (a)", cpuLine("a"));
+      line("CPU cores busy (b)", cpuLine("b"));
+      line("CPU cores busy (c)", cpuLine("c"));
+      const lat = (s: Setup) => {
+        const rs = of(s);
+        return `p50 ${median(rs.map((r) => r.latencyMs.p50)).toFixed(2)} ms, p99 ${median(rs.map((r) => r.latencyMs.p99)).toFixed(2)} ms`;
+      };
+      line("latency a / b / c", `${lat("a")} / ${lat("b")} / ${lat("c")}`);
+      const errors = runs.reduce((a, r) => a + r.errors, 0);
+      if (errors > 0) line("load errors", String(errors));
+      process.stdout.write(out.join("\n") + "\n");
+    }
+    return values.strict && !(pass.trigger && pass.logical && pass.lag) ? 1 : 0;
+  } finally {
+    await cleanup();
+  }
+}
+
+main().then(
+  (code) => process.exit(code),
+  (err: unknown) => {
+    const usageError = err instanceof Error && ("code" in err ? String(err.code).startsWith("ERR_PARSE_ARGS") : false);
+    const text = err instanceof Error ? (process.env.PGSHIFT_DEBUG ? (err.stack ?? err.message) : err.message) : String(err);
+    const hint = err instanceof Error && "hint" in err && typeof err.hint === "string" ? `\nhint: ${err.hint}` : "";
+    process.stderr.write(`bench-overhead failed: ${text}${hint}\n${usageError || text.startsWith("--") ? usage() + "\n" : ""}`);
+    process.exit(2);
+  },
+);
