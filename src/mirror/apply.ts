@@ -227,13 +227,7 @@ export class Applier {
     } catch (err) {
       this.failed ??= err instanceof Error ? err : new Error(String(err));
       log().error({ err: this.failed.message }, "apply failed; stopping the stream (nothing after the last applied transaction was confirmed)");
-      const tx = this.tx;
-      this.tx = null;
-      this.group = null;
-      if (tx) {
-        await tx.unsafe("rollback").catch(() => {});
-        tx.release();
-      }
+      await this.abandonGroup();
       void this.stop();
     }
   }
@@ -254,6 +248,17 @@ export class Applier {
     this.transactions += g.txns;
     await this.confirm(g.end);
     this.opts.onCommit?.(this.progress);
+  }
+
+  /** Rolls back the open group: none of it was confirmed, so the slot sends it again on the next start. */
+  private async abandonGroup(): Promise<void> {
+    const tx = this.tx;
+    this.tx = null;
+    this.group = null;
+    if (tx) {
+      await tx.unsafe("rollback").catch(() => {});
+      tx.release();
+    }
   }
 
   private async flush(): Promise<void> {
@@ -352,13 +357,7 @@ export class Applier {
     let timer: NodeJS.Timeout | undefined;
     await Promise.race([this.inFlight?.catch(() => {}), new Promise((r) => (timer = setTimeout(r, 5000)))]);
     clearTimeout(timer);
-    const tx = this.tx;
-    this.tx = null;
-    this.group = null;
-    if (tx) {
-      await tx.unsafe("rollback").catch(() => {});
-      tx.release();
-    }
+    await this.abandonGroup();
     const sql = this.sql;
     this.sql = null;
     await sql?.end({ timeout: 5 }).catch(() => {});
