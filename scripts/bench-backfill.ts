@@ -29,7 +29,6 @@ import {
   abort,
   backfill,
   computePartitions,
-  connect,
   loadMigration,
   parsePartitionSpec,
   setLogger,
@@ -37,7 +36,7 @@ import {
   type QualifiedName,
   type Sql,
 } from "../src/index.js";
-import { startEmbedded, type EmbeddedServer } from "../src/embedded.js";
+import { fmtInt, median, openBenchSession, positiveInt } from "./bench-common.js";
 
 const TARGET = 1.25;
 const SOURCE: QualifiedName = { schema: "public", name: "bench_source" };
@@ -63,20 +62,6 @@ function usage(): string {
 Uses DATABASE_URL when set, else starts an embedded PostgreSQL.`;
 }
 
-function positiveInt(name: string, text: string | undefined, dflt: number): number {
-  if (text === undefined) return dflt;
-  const t = text.replace(/[_,]/g, "");
-  if (!/^[1-9][0-9]*$/.test(t)) throw new Error(`${name} must be a positive integer, got ${JSON.stringify(text)}`);
-  return Number(t);
-}
-
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = Math.floor(s.length / 2);
-  return s.length % 2 === 1 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-}
-
-const fmtInt = (n: number) => Math.round(n).toLocaleString("en-US");
 const mb = (bytes: number) => (bytes / 1024 / 1024).toFixed(1);
 const secs = (ms: number) => ms / 1000;
 
@@ -205,33 +190,8 @@ async function main(): Promise<number> {
   const say = (l: string) => process.stderr.write(l + "\n");
   setLogger(pino({ level: process.env.PGSHIFT_LOG_LEVEL ?? "error" }, destination(2)));
 
-  let server: EmbeddedServer | null = null;
-  let sql: Sql | null = null;
-  const external = Boolean(process.env.DATABASE_URL);
-  const cleanup = async () => {
-    const s = sql;
-    sql = null;
-    if (s) {
-      if (external) await dropBenchTables(s).catch(() => {});
-      await s.end({ timeout: 5 }).catch(() => {});
-    }
-    const srv = server;
-    server = null;
-    await srv?.stop();
-  };
-  const onSignal = (sig: NodeJS.Signals) => {
-    say(`\n${sig}: stopping`);
-    void cleanup().finally(() => process.exit(130));
-  };
-  process.once("SIGINT", onSignal);
-  process.once("SIGTERM", onSignal);
-
+  const { sql, external, cleanup } = await openBenchSession({ applicationName: "pgshift-bench", say, dropTables: dropBenchTables });
   try {
-    if (!external) {
-      say("starting the embedded PostgreSQL ...");
-      server = await startEmbedded();
-    }
-    sql = await connect({ url: server?.url, applicationName: "pgshift-bench" });
     const v = await sql`select current_setting('server_version') as v, current_setting('shared_buffers') as sb,
                                current_setting('fsync') as fsync, current_setting('synchronous_commit') as sc`;
     const serverInfo = `PostgreSQL ${String(v[0]?.v)}${external ? "" : " (embedded)"}, shared_buffers=${String(v[0]?.sb)}, fsync=${String(v[0]?.fsync)}, synchronous_commit=${String(v[0]?.sc)}`;

@@ -67,7 +67,7 @@ import {
   type Sql,
 } from "../src/index.js";
 import { connectionUrl } from "../src/db.js";
-import { startEmbedded, type EmbeddedServer } from "../src/embedded.js";
+import { fmtInt, median, openBenchSession, positiveInt } from "./bench-common.js";
 import { slotState } from "../src/mirror/logical.js";
 import { sync } from "../src/mirror/sync.js";
 
@@ -140,27 +140,12 @@ function usage(): string {
 Uses DATABASE_URL when set, else starts an embedded PostgreSQL.`;
 }
 
-function positiveInt(name: string, text: string | undefined, dflt: number): number {
-  if (text === undefined) return dflt;
-  const t = text.replace(/[_,]/g, "");
-  if (!/^[1-9][0-9]*$/.test(t)) throw new Error(`${name} must be a positive integer, got ${JSON.stringify(text)}`);
-  return Number(t);
-}
-
-function median(xs: number[]): number {
-  if (xs.length === 0) return NaN;
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = Math.floor(s.length / 2);
-  return s.length % 2 === 1 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
-}
-
 function percentile(sorted: number[], p: number): number {
   if (sorted.length === 0) return NaN;
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const fmtInt = (n: number) => Math.round(n).toLocaleString("en-US");
 const r2 = (n: number) => Number(n.toFixed(2));
 
 // ---------------------------------------------------------------------------------------------------------
@@ -631,38 +616,13 @@ async function main(): Promise<number> {
   const say = (l: string) => process.stderr.write(l + "\n");
   setLogger(pino({ level: process.env.PGSHIFT_LOG_LEVEL ?? "error" }, destination(2)));
 
-  let server: EmbeddedServer | null = null;
-  let sql: Sql | null = null;
-  const external = Boolean(process.env.DATABASE_URL);
   const dropBench = async (s: Sql) => {
     if (await loadMigration(s, TABLE).catch(() => null)) await abort(s, TABLE);
     await s`drop table if exists ${s(TWIN.schema)}.${s(TWIN.name)}`;
     await s`drop table if exists ${s(TABLE.schema)}.${s(TABLE.name)}`;
   };
-  const cleanup = async () => {
-    const s = sql;
-    sql = null;
-    if (s) {
-      if (external) await dropBench(s).catch(() => {});
-      await s.end({ timeout: 5 }).catch(() => {});
-    }
-    const srv = server;
-    server = null;
-    await srv?.stop();
-  };
-  const onSignal = (sig: NodeJS.Signals) => {
-    say(`\n${sig}: stopping`);
-    void cleanup().finally(() => process.exit(130));
-  };
-  process.once("SIGINT", onSignal);
-  process.once("SIGTERM", onSignal);
-
+  const { sql, external, cleanup } = await openBenchSession({ applicationName: "bench-overhead", say, dropTables: dropBench });
   try {
-    if (!external) {
-      say("starting the embedded PostgreSQL ...");
-      server = await startEmbedded();
-    }
-    sql = await connect({ url: server?.url, applicationName: "bench-overhead" });
     const url = connectionUrl(sql);
     if (durable) {
       // fsync is reloadable (SIGHUP): turn it on for the load's commits (synchronous_commit = on in its sessions)

@@ -1,0 +1,70 @@
+/**
+ * What the benchmarks under scripts/ share: argument helpers and the server session (embedded PostgreSQL
+ * unless DATABASE_URL is set; on Ctrl-C or at the end, the bench tables are dropped on an external server
+ * and the embedded one is stopped).
+ */
+import { connect, type Sql } from "../src/db.js";
+import { startEmbedded, type EmbeddedServer } from "../src/embedded.js";
+
+export function positiveInt(name: string, text: string | undefined, dflt: number): number {
+  if (text === undefined) return dflt;
+  const t = text.replace(/[_,]/g, "");
+  if (!/^[1-9][0-9]*$/.test(t)) throw new Error(`${name} must be a positive integer, got ${JSON.stringify(text)}`);
+  return Number(t);
+}
+
+/** Median of `xs` (NaN when empty). */
+export function median(xs: number[]): number {
+  if (xs.length === 0) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  const mid = Math.floor(s.length / 2);
+  return s.length % 2 === 1 ? s[mid]! : (s[mid - 1]! + s[mid]!) / 2;
+}
+
+export const fmtInt = (n: number) => Math.round(n).toLocaleString("en-US");
+
+export interface BenchSession {
+  sql: Sql;
+  /** Whether the server is DATABASE_URL's (else embedded). */
+  external: boolean;
+  /** Drops the bench tables (external server), closes the connection, stops the embedded server. Idempotent. */
+  cleanup: () => Promise<void>;
+}
+
+/**
+ * Connects to DATABASE_URL or starts an embedded PostgreSQL, and installs SIGINT/SIGTERM handlers that
+ * clean up and exit 130. `dropTables` removes the benchmark's tables (used on an external server only).
+ */
+export async function openBenchSession(opts: { applicationName: string; say: (line: string) => void; dropTables: (sql: Sql) => Promise<void> }): Promise<BenchSession> {
+  let server: EmbeddedServer | null = null;
+  let sql: Sql | null = null;
+  const external = Boolean(process.env.DATABASE_URL);
+  const cleanup = async () => {
+    const s = sql;
+    sql = null;
+    if (s) {
+      if (external) await opts.dropTables(s).catch(() => {});
+      await s.end({ timeout: 5 }).catch(() => {});
+    }
+    const srv = server;
+    server = null;
+    await srv?.stop();
+  };
+  const onSignal = (sig: NodeJS.Signals) => {
+    opts.say(`\n${sig}: stopping`);
+    void cleanup().finally(() => process.exit(130));
+  };
+  process.once("SIGINT", onSignal);
+  process.once("SIGTERM", onSignal);
+  try {
+    if (!external) {
+      opts.say("starting the embedded PostgreSQL ...");
+      server = await startEmbedded();
+    }
+    sql = await connect({ url: server?.url, applicationName: opts.applicationName });
+  } catch (err) {
+    await cleanup();
+    throw err;
+  }
+  return { sql, external, cleanup };
+}
