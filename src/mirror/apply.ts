@@ -5,6 +5,7 @@ import { connect, identList, joinFragments, table as tableRef, valueList, type S
 import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import type { Migration } from "../migration/state.js";
+import { ChangeBatch, columnTypes, type Tuple } from "./changes.js";
 import { lsnToBigInt } from "./logical.js";
 
 // Tuples are applied as the text PostgreSQL sent, and typed by the server from the target columns: parsing
@@ -13,8 +14,9 @@ import { lsnToBigInt } from "./logical.js";
 // the identity. Nothing else in pgshift uses node-postgres.
 (pg.types as unknown as { getTypeParser: () => (value: string) => string }).getTypeParser = () => (value: string) => value;
 
-/** A tuple from pgoutput: text, null, or undefined for an unchanged TOASTed value (left as it is). */
-type Tuple = Record<string, string | null | undefined>;
+/** A batch is written before it holds more row changes than this, or more characters of values. */
+const BATCH_CHANGES = 2000;
+const BATCH_CHARS = 8 << 20;
 
 export interface ApplierProgress {
   /** End LSN of the last transaction applied (or of the last keepalive when idle and caught up). */
@@ -56,7 +58,7 @@ export class Applier {
   private service: LogicalReplicationService | null = null;
   private sql: Sql | null = null;
   private tx: TxSql | null = null;
-  private pending: Promise<unknown>[] = [];
+  private batch: ChangeBatch | null = null;
   private skipping = false;
   private failed: Error | null = null;
   private running: Promise<unknown> | null = null;
@@ -92,6 +94,18 @@ export class Applier {
    */
   async start(): Promise<void> {
     this.sql = await connect({ url: this.opts.url, applicationName: `pgshift apply ${this.m.source_table}`, rawText: true });
+    try {
+      this.batch = new ChangeBatch({
+        table: this.m.partitioned,
+        columns: this.m.copy_columns,
+        types: await columnTypes(this.sql, this.m.partitioned),
+        pk: this.m.key_columns,
+        key: this.m.shadow_key,
+      });
+    } catch (err) {
+      await this.stop();
+      throw err;
+    }
     const url = this.opts.url ?? process.env.DATABASE_URL;
     const service = new LogicalReplicationService(
       { ...(url ? { connectionString: url } : {}), application_name: this.m.slot_name! },
@@ -201,9 +215,8 @@ export class Applier {
         case "delete":
           if (this.skipping || !this.tx) return;
           if (msg.relation.schema !== this.m.original.schema) return;
-          this.pending.push(...this.applyChange(this.tx, msg));
           this.changes++;
-          if (this.pending.length >= 200) await this.flush();
+          await this.applyChange(this.tx, msg);
           return;
         case "truncate":
           if (this.skipping) return;
@@ -237,7 +250,7 @@ export class Applier {
     const tx = this.tx;
     const g = this.group;
     if (!tx || !g) return;
-    await this.flush();
+    await this.batch!.write(tx);
     await tx`update pgshift.migrations set applied_lsn = ${lsnText(g.end)}, applied_commit_time = ${(g.commitTime ?? new Date()).toISOString()} where id = ${this.m.id}`;
     await tx.unsafe("commit");
     tx.release();
@@ -255,72 +268,70 @@ export class Applier {
     const tx = this.tx;
     this.tx = null;
     this.group = null;
+    this.batch?.clear();
     if (tx) {
       await tx.unsafe("rollback").catch(() => {});
       tx.release();
     }
   }
 
-  private async flush(): Promise<void> {
-    const p = this.pending;
-    this.pending = [];
-    await Promise.all(p);
+  /**
+   * Applies one row change inside the open group. Whole rows go into the batch (written as a set at commit,
+   * or when it grows past its limits); an UPDATE with unchanged TOASTed values is applied on its own, after
+   * the batch is written.
+   */
+  private async applyChange(tx: TxSql, msg: Pgoutput.MessageInsert | Pgoutput.MessageUpdate | Pgoutput.MessageDelete): Promise<void> {
+    const batch = this.batch!;
+    const pk = this.m.key_columns;
+    if (msg.tag === "insert") {
+      batch.insert(msg.new as Tuple);
+    } else if (msg.tag === "delete") {
+      const oldRow = (msg.key ?? msg.old ?? null) as Tuple | null;
+      if (!oldRow) throw new PgshiftError(`a DELETE without its key reached the stream (replica identity changed?)`);
+      batch.delete(oldRow);
+    } else {
+      const n = msg.new as Tuple;
+      const oldRow = (msg.key ?? msg.old ?? null) as Tuple | null;
+      // The old key comes only when it changed (or with REPLICA IDENTITY FULL).
+      const oldPk = oldRow && pk.every((c) => oldRow[c] !== undefined) ? oldRow : n;
+      if (this.m.copy_columns.every((c) => n[c] !== undefined)) batch.update(oldPk, n);
+      else {
+        await batch.write(tx);
+        await this.applyPartialUpdate(tx, oldPk, n);
+        return;
+      }
+    }
+    if (batch.changes >= BATCH_CHANGES || batch.bytes >= BATCH_CHARS) await batch.write(tx);
   }
 
-  /** The statements for one row change (sent pipelined, awaited at commit). */
-  private applyChange(tx: TxSql, msg: Pgoutput.MessageInsert | Pgoutput.MessageUpdate | Pgoutput.MessageDelete): Promise<unknown>[] {
+  /**
+   * An UPDATE whose unchanged TOASTed values were not sent: writes only what was sent and keeps the rest.
+   * When the primary key or the partition column changed, the old version is removed and its unsent values
+   * carried over; a row in the shadow under neither its old nor its new key is read from the source (the
+   * backfill has not reached it; its current version is at least as new, and later changes replay on top).
+   */
+  private async applyPartialUpdate(tx: TxSql, oldPk: Tuple, n: Tuple): Promise<void> {
     const m = this.m;
     const shadow = tableRef(tx, m.partitioned);
     const pk = m.key_columns;
     const key = m.shadow_key;
     const cols = m.copy_columns;
     const vals = (t: Tuple, names: readonly string[]) => valueList(tx, names.map((c) => (t[c] === undefined ? null : (t[c] as string | null))));
-    const upsert = (t: Tuple) => {
-      const rest = cols.filter((c) => !key.includes(c));
-      const set = rest.length === 0 ? tx`do nothing` : tx`do update set ${joinFragments(tx, rest.map((c) => tx`${tx(c)} = excluded.${tx(c)}`), tx`, `)}`;
-      return tx`insert into ${shadow} (${identList(tx, cols)}) values (${vals(t, cols)}) on conflict (${identList(tx, key)}) ${set}`;
-    };
-    // An older change may be applied after the backfill copied a newer version of the row (the copy does not
-    // wait for the stream): when the partition column is not part of the primary key, the shadow could then
-    // hold the row twice (same primary key, other partition). Every write first removes any row with the
-    // same primary key and another shadow key; later changes replay on top, so the shadow converges.
-    const others = (t: Tuple) =>
-      tx`delete from ${shadow} where (${identList(tx, pk)}) = (${vals(t, pk)}) and (${identList(tx, key)}) is distinct from (${vals(t, key)})`;
-    const samePk = key.length === pk.length;
-    if (msg.tag === "insert") return samePk ? [upsert(msg.new as Tuple)] : [others(msg.new as Tuple), upsert(msg.new as Tuple)];
-    const oldRow = (msg.key ?? msg.old ?? null) as Tuple | null;
-    if (msg.tag === "delete") {
-      if (!oldRow) throw new PgshiftError(`a DELETE without its key reached the stream (replica identity changed?)`);
-      return [tx`delete from ${shadow} where (${identList(tx, pk)}) = (${vals(oldRow, pk)})`];
-    }
-    const n = msg.new as Tuple;
-    const oldPk = oldRow && pk.every((c) => oldRow[c] !== undefined) ? oldRow : n;
     const moved = tx`(${identList(tx, pk)}) = (${vals(oldPk, pk)}) and (${identList(tx, key)}) is distinct from (${vals(n, key)})`;
     const known = cols.filter((c) => n[c] !== undefined);
-    if (known.length === cols.length) {
-      const out = [tx`delete from ${shadow} where ${moved}`];
-      if (!samePk && oldPk !== n) out.push(others(n));
-      out.push(upsert(n));
-      return out;
-    }
-    // Unchanged TOASTed values were not sent: write only what was, keep the rest. Run one after the other:
-    // the source is read only when the row is in the shadow under neither its old nor its new key.
     const knownRest = known.filter((c) => !key.includes(c));
     const carry = joinFragments(tx, cols.map((c) => (n[c] !== undefined ? tx`${n[c] as string | null}` : tx`gone.${tx(c)}`)), tx`, `);
     const setKnown = knownRest.length === 0 ? tx`do nothing` : tx`do update set ${joinFragments(tx, knownRest.map((c) => tx`${tx(c)} = excluded.${tx(c)}`), tx`, `)}`;
-    const partial = async () => {
-      const movedRows = await tx`
-        with gone as (delete from ${shadow} where ${moved} returning *)
-        insert into ${shadow} (${identList(tx, cols)}) select ${carry} from gone limit 1 on conflict (${identList(tx, key)}) ${setKnown}`;
-      const inPlace = await tx`
-        update ${shadow} set ${knownRest.length === 0 ? tx`${tx(key[0]!)} = ${tx(key[0]!)}` : joinFragments(tx, knownRest.map((c) => tx`${tx(c)} = ${n[c] as string | null}`), tx`, `)}
-         where (${identList(tx, key)}) = (${vals(n, key)})`;
-      if (movedRows.count + inPlace.count === 0) {
-        await tx`insert into ${shadow} (${identList(tx, cols)}) select ${identList(tx, cols)} from ${tableRef(tx, m.original)}
-                  where (${identList(tx, pk)}) = (${vals(n, pk)}) on conflict do nothing`;
-      }
-    };
-    return [partial()];
+    const movedRows = await tx`
+      with gone as (delete from ${shadow} where ${moved} returning *)
+      insert into ${shadow} (${identList(tx, cols)}) select ${carry} from gone limit 1 on conflict (${identList(tx, key)}) ${setKnown}`;
+    const inPlace = await tx`
+      update ${shadow} set ${knownRest.length === 0 ? tx`${tx(key[0]!)} = ${tx(key[0]!)}` : joinFragments(tx, knownRest.map((c) => tx`${tx(c)} = ${n[c] as string | null}`), tx`, `)}
+       where (${identList(tx, key)}) = (${vals(n, key)})`;
+    if (movedRows.count + inPlace.count === 0) {
+      await tx`insert into ${shadow} (${identList(tx, cols)}) select ${identList(tx, cols)} from ${tableRef(tx, m.original)}
+                where (${identList(tx, pk)}) = (${vals(n, pk)}) on conflict do nothing`;
+    }
   }
 
   /** Whether everything up to `lsn` is applied (or known to hold no change of the table). */

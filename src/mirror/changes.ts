@@ -1,0 +1,160 @@
+import { identList, joinFragments, table as tableRef, type AnySql, type Fragment, type TxSql } from "../db.js";
+import type { QualifiedName } from "../names.js";
+
+/** A row as pgoutput sends it: text, null, or undefined for an unchanged TOASTed value. */
+export type Tuple = Record<string, string | null | undefined>;
+
+/** A type as the catalog names it (pg_type.typname in its schema), to cast text to a column's type. */
+export interface TypeName {
+  schema: string;
+  name: string;
+}
+
+/** What a batch writes into: the shadow table and the columns and keys it matches rows by. */
+export interface BatchTarget {
+  table: QualifiedName;
+  /** Columns written (generated columns excluded), in table order. */
+  columns: readonly string[];
+  /** The type of each column in `columns`. */
+  types: ReadonlyMap<string, TypeName>;
+  /** The source's primary key (how the stream identifies a row). */
+  pk: readonly string[];
+  /** The shadow's primary key: `pk` plus the partition columns not in it. */
+  key: readonly string[];
+}
+
+/** Net effect of a batch on one primary key: the row it ends as, or null when it ends deleted. */
+interface Final {
+  pk: (string | null)[];
+  row: Tuple | null;
+}
+
+/**
+ * Row changes of consecutive source transactions, kept as the net effect per primary key, and written to
+ * the shadow in two statements: one DELETE, one multi-row INSERT ... ON CONFLICT DO UPDATE.
+ *
+ * Applying the net effect is the same as applying the changes one by one: every change of a primary key
+ * leaves exactly one version of it in the shadow (or none), whatever was there before, so only the last
+ * change of each key decides what remains. When the partition column is not part of the primary key, the
+ * shadow may hold a version of the row under another partition (the row moved, or the backfill copied a
+ * newer version than the stream has reached): the DELETE removes every version of each touched key except
+ * the one the upsert then writes. Only whole rows go in a batch; an UPDATE with unchanged TOASTed values is
+ * applied on its own (the caller writes the batch first, to keep commit order).
+ *
+ * Memory: the batch holds the last version of each touched row; the caller writes it when `changes` or
+ * `bytes` (value text, UTF-16 code units) pass its limits.
+ */
+export class ChangeBatch {
+  private readonly t: BatchTarget;
+  private readonly samePk: boolean;
+  private finals = new Map<string, Final>();
+  /** Row changes added since the last write. */
+  changes = 0;
+  /** Approximate size of the values held (characters). */
+  bytes = 0;
+
+  constructor(target: BatchTarget) {
+    this.t = target;
+    this.samePk = target.key.length === target.pk.length;
+  }
+
+  private set(from: Tuple, row: Tuple | null): void {
+    const pk = this.t.pk.map((c) => (from[c] ?? null) as string | null);
+    this.finals.set(JSON.stringify(pk), { pk, row });
+    if (row) for (const c of this.t.columns) this.bytes += row[c]?.length ?? 0;
+  }
+
+  /** An INSERT (whole row). */
+  insert(row: Tuple): void {
+    this.changes++;
+    this.set(row, row);
+  }
+
+  /** An UPDATE of the row whose primary key is in `old` (`row` itself when the key did not change) to `row` (whole). */
+  update(old: Tuple, row: Tuple): void {
+    this.changes++;
+    if (old !== row && this.t.pk.some((c) => old[c] !== row[c])) this.set(old, null);
+    this.set(row, row);
+  }
+
+  /** A DELETE of the row whose primary key is in `old`. */
+  delete(old: Tuple): void {
+    this.changes++;
+    this.set(old, null);
+  }
+
+  /** Forgets what the batch holds (its transaction was rolled back). */
+  clear(): void {
+    this.finals = new Map();
+    this.changes = 0;
+    this.bytes = 0;
+  }
+
+  /** Writes the net effect in `tx` (two statements at most) and empties the batch. */
+  async write(tx: TxSql): Promise<void> {
+    const finals = this.finals;
+    this.clear();
+    if (finals.size === 0) return;
+    const { pk, key, columns } = this.t;
+    const gone: Record<string, string | null>[] = [];
+    const keep: Record<string, string | null>[] = [];
+    const rows: Record<string, string | null>[] = [];
+    for (const f of finals.values()) {
+      const row = f.row;
+      if (row === null || !this.samePk) gone.push(Object.fromEntries(pk.map((c, i) => [c, f.pk[i]!])));
+      if (row === null) continue;
+      rows.push(Object.fromEntries(columns.map((c) => [c, row[c] ?? null])));
+      if (!this.samePk) keep.push(Object.fromEntries(key.map((c) => [c, row[c] ?? null])));
+    }
+    const shadow = tableRef(tx, this.t.table);
+    if (gone.length > 0) {
+      const goneJson = JSON.stringify(gone);
+      // `= any(array(...))` per key column: an index scan of each partition's primary key for all the keys at
+      // once (a join with the list could be planned as a scan of every partition).
+      const where = pk.map((c) => tx`s.${tx(c)} = any(array(select ${this.typed(tx, c)} from ${this.recordset(tx, goneJson, [c])}))`);
+      if (pk.length > 1) where.push(tx`(${identList(tx, pk, "s")}) in (select ${this.typedList(tx, pk)} from ${this.recordset(tx, goneJson, pk)})`);
+      if (keep.length > 0) where.push(tx`(${identList(tx, key, "s")}) not in (select ${this.typedList(tx, key)} from ${this.recordset(tx, JSON.stringify(keep), key)})`);
+      await tx`delete from ${shadow} as s where ${joinFragments(tx, where, tx` and `)}`;
+    }
+    if (rows.length > 0) {
+      const rest = columns.filter((c) => !key.includes(c));
+      const set = rest.length === 0 ? tx`do nothing` : tx`do update set ${joinFragments(tx, rest.map((c) => tx`${tx(c)} = excluded.${tx(c)}`), tx`, `)}`;
+      await tx`insert into ${shadow} (${identList(tx, columns)})
+               select ${this.typedList(tx, columns)} from ${this.recordset(tx, JSON.stringify(rows), columns)}
+               on conflict (${identList(tx, key)}) ${set}`;
+    }
+  }
+
+  /** `jsonb_to_recordset($json) as u(c1 text, ...)`: the rows of a JSON array of objects, values as text. */
+  private recordset(tx: TxSql, json: string, names: readonly string[]): Fragment {
+    return tx`jsonb_to_recordset(${json}::jsonb) as u(${joinFragments(tx, names.map((c) => tx`${tx(c)} text`), tx`, `)})`;
+  }
+
+  /** `u.c::type`: the text of column `c` read by its type's input function, as PostgreSQL reads a literal. */
+  private typed(tx: TxSql, c: string): Fragment {
+    const t = this.t.types.get(c);
+    if (!t) throw new Error(`no type known for column ${c}`);
+    return tx`u.${tx(c)}::${tx(t.schema)}.${tx(t.name)}`;
+  }
+
+  private typedList(tx: TxSql, names: readonly string[]): Fragment {
+    return joinFragments(tx, names.map((c) => this.typed(tx, c)), tx`, `);
+  }
+}
+
+/**
+ * The types of `table`'s columns, for ChangeBatch.
+ * @throws Error when the table is not found.
+ */
+export async function columnTypes(tx: AnySql, table: QualifiedName): Promise<Map<string, TypeName>> {
+  const rows = await tx<{ attname: string; nspname: string; typname: string }[]>`
+    select a.attname, n.nspname, t.typname
+      from pg_catalog.pg_attribute a
+      join pg_catalog.pg_type t on t.oid = a.atttypid
+      join pg_catalog.pg_namespace n on n.oid = t.typnamespace
+     where a.attrelid = (select c.oid from pg_catalog.pg_class c join pg_catalog.pg_namespace cn on cn.oid = c.relnamespace
+                          where cn.nspname = ${table.schema} and c.relname = ${table.name})
+       and a.attnum > 0 and not a.attisdropped`;
+  if (rows.length === 0) throw new Error(`table ${table.schema}.${table.name} not found`);
+  return new Map(rows.map((r) => [r.attname, { schema: r.nspname, name: r.typname }]));
+}
