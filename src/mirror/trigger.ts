@@ -36,6 +36,10 @@ function dollarTag(body: string): string {
  * - DELETE: delete the row by its old key.
  * NOT NULL key columns make `=` exact; SECURITY DEFINER with a fixed search_path lets application roles that
  * may write the source write the target through the trigger, and nothing else.
+ * `plan_cache_mode = force_generic_plan`: PL/pgSQL keeps each statement's plan, but when the target is
+ * partitioned the plan cache judges the generic plan (all partitions) dearer than a custom one and plans the
+ * statement again on every row; a generic plan prunes partitions when it runs instead ("Partition Pruning"
+ * and "plan_cache_mode" in the PostgreSQL documentation).
  */
 export function mirrorFunctionSql(m: TriggerMirrorSpec): string {
   const to = quoteQualified(m.to);
@@ -67,7 +71,7 @@ END
   const tag = dollarTag(body);
   return (
     `CREATE OR REPLACE FUNCTION ${quoteQualified(m.fn)}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER ` +
-    `SET search_path = pg_catalog, pg_temp AS ${tag}${body}${tag}`
+    `SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan AS ${tag}${body}${tag}`
   );
 }
 
