@@ -35,7 +35,13 @@ export interface BenchSession {
  * Connects to DATABASE_URL or starts an embedded PostgreSQL, and installs SIGINT/SIGTERM handlers that
  * clean up and exit 130. `dropTables` removes the benchmark's tables (used on an external server only).
  */
-export async function openBenchSession(opts: { applicationName: string; say: (line: string) => void; dropTables: (sql: Sql) => Promise<void> }): Promise<BenchSession> {
+export async function openBenchSession(opts: {
+  applicationName: string;
+  say: (line: string) => void;
+  dropTables: (sql: Sql) => Promise<void>;
+  /** Start the embedded server with durable commits (fsync on, PostgreSQL's defaults). */
+  durable?: boolean;
+}): Promise<BenchSession> {
   let server: EmbeddedServer | null = null;
   let sql: Sql | null = null;
   const external = Boolean(process.env.DATABASE_URL);
@@ -59,7 +65,7 @@ export async function openBenchSession(opts: { applicationName: string; say: (li
   try {
     if (!external) {
       opts.say("starting the embedded PostgreSQL ...");
-      server = await startEmbedded();
+      server = await startEmbedded({ durable: opts.durable ?? false });
     }
     sql = await connect({ url: server?.url, applicationName: opts.applicationName });
   } catch (err) {

@@ -42,8 +42,9 @@
  * server backends, the walsender, the applier's backend, all server processes, this Node process, the
  * sync child, the whole machine) and shown as cores busy; "other programs" is what the machine spent on
  * anything else meanwhile (a busy neighbour makes the figures unreliable).
- * --durable: the load's sessions commit with synchronous_commit = on (and, on the embedded server, fsync is
- * turned on), so that each transaction also waits for its WAL flush, as on a production server.
+ * --durable: the embedded server runs with PostgreSQL's default durability (fsync, synchronous_commit and
+ * full_page_writes on) instead of the test settings (all off), and the load's sessions commit with
+ * synchronous_commit = on, so that each transaction waits for its WAL flush, as on a production server.
  * Exit status 0 whatever the figures, unless --strict (then 1 when a target is missed).
  */
 import { spawn, type ChildProcess } from "node:child_process";
@@ -134,7 +135,7 @@ function usage(): string {
   --seconds S       length of each timed window (default 20)
   --repeat K        run (a), (b), (c) K times, interleaved; report medians (default 1)
   --applier WHERE   logical run's applier: \`pgshift sync\` as a child process (child, default) or sync() in this process (inprocess)
-  --durable         commit durably: synchronous_commit = on in the load's sessions (and fsync = on on the embedded server)
+  --durable         commit durably: PostgreSQL's default fsync/synchronous_commit/full_page_writes on the embedded server, synchronous_commit = on in the load's sessions
   --json            print the report as JSON on stdout
   --strict          exit 1 when a target is missed (trigger >= ${TARGET_TRIGGER}, logical >= ${TARGET_LOGICAL}, lag < ${TARGET_LAG_SECONDS} s)
 Uses DATABASE_URL when set, else starts an embedded PostgreSQL.`;
@@ -621,17 +622,9 @@ async function main(): Promise<number> {
     await s`drop table if exists ${s(TWIN.schema)}.${s(TWIN.name)}`;
     await s`drop table if exists ${s(TABLE.schema)}.${s(TABLE.name)}`;
   };
-  const { sql, external, cleanup } = await openBenchSession({ applicationName: "bench-overhead", say, dropTables: dropBench });
+  const { sql, external, cleanup } = await openBenchSession({ applicationName: "bench-overhead", say, dropTables: dropBench, durable });
   try {
     const url = connectionUrl(sql);
-    if (durable) {
-      // fsync is reloadable (SIGHUP): turn it on for the load's commits (synchronous_commit = on in its sessions)
-      if (!external) {
-        await sql`alter system set fsync = on`;
-        await sql`select pg_reload_conf()`;
-        await sleep(200);
-      }
-    }
     const v = await sql`select current_setting('server_version') as v, current_setting('shared_buffers') as sb,
                                current_setting('fsync') as fsync, current_setting('synchronous_commit') as sc, current_setting('wal_level') as wl`;
     if (durable) v[0]!.sc = "on (load sessions)";

