@@ -39,13 +39,17 @@ function lsnText(v: bigint): string {
 /**
  * Applies the replication slot's stream of the source table to the shadow, on its own connection.
  *
- * - Each decoded transaction is applied in one transaction of the shadow, in commit order, as its
- *   messages arrive (flow control: nothing is buffered beyond the message in hand, whatever its size).
- * - INSERT upserts. UPDATE finds the row by its old primary key, removes it first when the primary key or
- *   the partition column changed, then upserts the new row; when some values are unchanged TOASTed data
- *   (not sent by pgoutput), only the sent columns are written, the old values are carried over when the row
- *   moves, and a row not in the shadow yet is read from the source (the backfill has not reached it; its
- *   current version is at least as new, and later changes replay on top). DELETE removes by primary key.
+ * - Each decoded transaction is applied whole, in commit order, inside one transaction of the shadow that
+ *   may hold several consecutive ones (a group). Messages are taken one at a time (flow control); memory is
+ *   bounded by the batch limits below, whatever the size of a transaction.
+ * - Row changes are written as sets (ChangeBatch, src/mirror/changes.ts): the net effect per primary key of
+ *   the group's changes, one DELETE and one multi-row upsert per batch of up to 2,000 changes (or 8 M
+ *   characters of values). INSERT upserts; UPDATE replaces the row found by its old primary key (a row whose
+ *   key or partition column changed leaves its old place); DELETE removes by primary key. An UPDATE whose
+ *   unchanged TOASTed values were not sent by pgoutput is applied on its own after the batch is written:
+ *   only the sent columns are written, the old values are carried over when the row moves, and a row not in
+ *   the shadow yet is read from the source (the backfill has not reached it; its current version is at
+ *   least as new, and later changes replay on top).
  * - The migration row records the applied LSN in the same transaction; the slot's confirmed LSN is advanced
  *   only after COMMIT, so a crash at any point loses nothing: the slot re-sends what was not confirmed and
  *   transactions at or below the recorded LSN are skipped.
