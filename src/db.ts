@@ -24,6 +24,13 @@ export interface ConnectOptions {
   rawText?: boolean;
 }
 
+/**
+ * How every pgshift session writes values as text, whatever the database's or role's settings: values are
+ * read back in another session (the applier writes what the replication stream sent), so output must be
+ * exact (extra_float_digits) and unambiguous (DateStyle, IntervalStyle). Also sent to the walsender.
+ */
+export const SESSION_FORMATS = { TimeZone: "UTC", DateStyle: "ISO, YMD", IntervalStyle: "postgres", extra_float_digits: "3" } as const;
+
 const identity = (x: unknown) => x;
 /** postgres.js type handlers that leave text as text (see ConnectOptions.rawText). */
 const RAW_TEXT_TYPES = {
@@ -48,7 +55,7 @@ export async function connect(opts: ConnectOptions = {}): Promise<Sql> {
     onnotice: () => {},
     connect_timeout: 10,
     idle_timeout: 0,
-    connection: { application_name: opts.applicationName ?? "pgshift", TimeZone: "UTC", DateStyle: "ISO, YMD" },
+    connection: { application_name: opts.applicationName ?? "pgshift", ...SESSION_FORMATS },
     ...(opts.rawText ? { types: RAW_TEXT_TYPES as unknown as Record<string, never>, fetch_types: false } : {}),
   };
   let sql: Sql;

@@ -1,7 +1,7 @@
 import pg from "pg";
 import { LogicalReplicationService, PgoutputPlugin } from "pg-logical-replication";
 import type { Pgoutput } from "pg-logical-replication";
-import { connect, identList, joinFragments, table as tableRef, valueList, type Sql, type TxSql } from "../db.js";
+import { connect, ident, SESSION_FORMATS, identList, joinFragments, table as tableRef, valueList, type Sql, type TxSql } from "../db.js";
 import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import type { Migration } from "../migration/state.js";
@@ -112,7 +112,14 @@ export class Applier {
     }
     const url = this.opts.url ?? process.env.DATABASE_URL;
     const service = new LogicalReplicationService(
-      { ...(url ? { connectionString: url } : {}), application_name: this.m.slot_name! },
+      {
+        ...(url ? { connectionString: url } : {}),
+        application_name: this.m.slot_name!,
+        // pgoutput writes values with the walsender's output settings: pin them (see SESSION_FORMATS).
+        options: Object.entries(SESSION_FORMATS)
+          .map(([k, v]) => `-c ${k}=${v.replace(/ /g, "\\ ")}`)
+          .join(" "),
+      },
       { acknowledge: { auto: false, timeoutSeconds: 0 }, flowControl: { enabled: true } },
     );
     this.service = service;
@@ -324,13 +331,13 @@ export class Applier {
     const moved = tx`(${identList(tx, pk)}) = (${vals(oldPk, pk)}) and (${identList(tx, key)}) is distinct from (${vals(n, key)})`;
     const known = cols.filter((c) => n[c] !== undefined);
     const knownRest = known.filter((c) => !key.includes(c));
-    const carry = joinFragments(tx, cols.map((c) => (n[c] !== undefined ? tx`${n[c] as string | null}` : tx`gone.${tx(c)}`)), tx`, `);
-    const setKnown = knownRest.length === 0 ? tx`do nothing` : tx`do update set ${joinFragments(tx, knownRest.map((c) => tx`${tx(c)} = excluded.${tx(c)}`), tx`, `)}`;
+    const carry = joinFragments(tx, cols.map((c) => (n[c] !== undefined ? tx`${n[c] as string | null}` : tx`gone.${ident(tx, c)}`)), tx`, `);
+    const setKnown = knownRest.length === 0 ? tx`do nothing` : tx`do update set ${joinFragments(tx, knownRest.map((c) => tx`${ident(tx, c)} = excluded.${ident(tx, c)}`), tx`, `)}`;
     const movedRows = await tx`
       with gone as (delete from ${shadow} where ${moved} returning *)
       insert into ${shadow} (${identList(tx, cols)}) select ${carry} from gone limit 1 on conflict (${identList(tx, key)}) ${setKnown}`;
     const inPlace = await tx`
-      update ${shadow} set ${knownRest.length === 0 ? tx`${tx(key[0]!)} = ${tx(key[0]!)}` : joinFragments(tx, knownRest.map((c) => tx`${tx(c)} = ${n[c] as string | null}`), tx`, `)}
+      update ${shadow} set ${knownRest.length === 0 ? tx`${ident(tx, key[0]!)} = ${ident(tx, key[0]!)}` : joinFragments(tx, knownRest.map((c) => tx`${ident(tx, c)} = ${n[c] as string | null}`), tx`, `)}
        where (${identList(tx, key)}) = (${vals(n, key)})`;
     if (movedRows.count + inPlace.count === 0) {
       await tx`insert into ${shadow} (${identList(tx, cols)}) select ${identList(tx, cols)} from ${tableRef(tx, m.original)}

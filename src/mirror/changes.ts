@@ -1,4 +1,4 @@
-import { identList, joinFragments, table as tableRef, type AnySql, type Fragment, type TxSql } from "../db.js";
+import { ident, identList, joinFragments, table as tableRef, type AnySql, type Fragment, type TxSql } from "../db.js";
 import type { QualifiedName } from "../names.js";
 
 /** A row as pgoutput sends it: text, null, or undefined for an unchanged TOASTed value. */
@@ -111,14 +111,14 @@ export class ChangeBatch {
       const goneJson = JSON.stringify(gone);
       // `= any(array(...))` per key column: an index scan of each partition's primary key for all the keys at
       // once (a join with the list could be planned as a scan of every partition).
-      const where = pk.map((c) => tx`s.${tx(c)} = any(array(select ${this.typed(tx, c)} from ${this.recordset(tx, goneJson, [c])}))`);
+      const where = pk.map((c) => tx`s.${ident(tx, c)} = any(array(select ${this.typed(tx, c)} from ${this.recordset(tx, goneJson, [c])}))`);
       if (pk.length > 1) where.push(tx`(${identList(tx, pk, "s")}) in (select ${this.typedList(tx, pk)} from ${this.recordset(tx, goneJson, pk)})`);
       if (keep.length > 0) where.push(tx`(${identList(tx, key, "s")}) not in (select ${this.typedList(tx, key)} from ${this.recordset(tx, JSON.stringify(keep), key)})`);
       await tx`delete from ${shadow} as s where ${joinFragments(tx, where, tx` and `)}`;
     }
     if (rows.length > 0) {
       const rest = columns.filter((c) => !key.includes(c));
-      const set = rest.length === 0 ? tx`do nothing` : tx`do update set ${joinFragments(tx, rest.map((c) => tx`${tx(c)} = excluded.${tx(c)}`), tx`, `)}`;
+      const set = rest.length === 0 ? tx`do nothing` : tx`do update set ${joinFragments(tx, rest.map((c) => tx`${ident(tx, c)} = excluded.${ident(tx, c)}`), tx`, `)}`;
       await tx`insert into ${shadow} (${identList(tx, columns)})
                select ${this.typedList(tx, columns)} from ${this.recordset(tx, JSON.stringify(rows), columns)}
                on conflict (${identList(tx, key)}) ${set}`;
@@ -127,14 +127,14 @@ export class ChangeBatch {
 
   /** `jsonb_to_recordset($json) as u(c1 text, ...)`: the rows of a JSON array of objects, values as text. */
   private recordset(tx: TxSql, json: string, names: readonly string[]): Fragment {
-    return tx`jsonb_to_recordset(${json}::jsonb) as u(${joinFragments(tx, names.map((c) => tx`${tx(c)} text`), tx`, `)})`;
+    return tx`jsonb_to_recordset(${json}::jsonb) as u(${joinFragments(tx, names.map((c) => tx`${ident(tx, c)} text`), tx`, `)})`;
   }
 
   /** `u.c::type`: the text of column `c` read by its type's input function, as PostgreSQL reads a literal. */
   private typed(tx: TxSql, c: string): Fragment {
     const t = this.t.types.get(c);
     if (!t) throw new Error(`no type known for column ${c}`);
-    return tx`u.${tx(c)}::${tx(t.schema)}.${tx(t.name)}`;
+    return tx`u.${ident(tx, c)}::${ident(tx, t.schema)}.${ident(tx, t.name)}`;
   }
 
   private typedList(tx: TxSql, names: readonly string[]): Fragment {
