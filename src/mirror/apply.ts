@@ -17,6 +17,9 @@ import { lsnToBigInt } from "./logical.js";
 /** A batch is written before it holds more row changes than this, or more characters of values. */
 const BATCH_CHANGES = 2000;
 const BATCH_CHARS = 8 << 20;
+/** A group of source transactions commits at a source commit once it is this old (ms) or holds this many. */
+const GROUP_MS = 50;
+const GROUP_TRANSACTIONS = 5000;
 
 export interface ApplierProgress {
   /** End LSN of the last transaction applied (or of the last keepalive when idle and caught up). */
@@ -71,7 +74,11 @@ export class Applier {
   private commitTime: Date | null = null;
   private begun: { commitLsn: bigint; commitTime: Date } | null = null;
   private group: { started: number; txns: number; end: bigint; commitTime: Date | null } | null = null;
-  private inFlight: Promise<void> | null = null;
+  /** The message (or the timed group commit) being handled: they run one after the other. */
+  private inFlight: Promise<void> = Promise.resolve();
+  private commitTimer: NodeJS.Timeout | null = null;
+  /** Callers of waitFor(): while there are any, a group commits as soon as the stream pauses. */
+  private waiters = 0;
   private stopping = false;
   transactions = 0;
   changes = 0;
@@ -123,11 +130,7 @@ export class Applier {
       { acknowledge: { auto: false, timeoutSeconds: 0 }, flowControl: { enabled: true } },
     );
     this.service = service;
-    service.on("data", (lsn: string, msg: Pgoutput.Message) => {
-      const p = this.onMessage(lsn, msg);
-      this.inFlight = p;
-      return p;
-    });
+    service.on("data", (_lsn: string, msg: Pgoutput.Message) => this.serially(() => this.onMessage(msg)));
     service.on("heartbeat", (lsn: string, _ts: number, shouldRespond: boolean) => this.onKeepalive(lsn, shouldRespond));
     let failStart: (err: unknown) => void = () => {};
     const started = new Promise<void>((resolve, reject) => {
@@ -200,7 +203,14 @@ export class Applier {
     }
   }
 
-  private async onMessage(_lsn: string, msg: Pgoutput.Message): Promise<void> {
+  /** Runs `fn` after whatever is being handled (a message, a timed group commit). */
+  private serially(fn: () => Promise<void>): Promise<void> {
+    const p = this.inFlight.then(fn);
+    this.inFlight = p.catch(() => {});
+    return p;
+  }
+
+  private async onMessage(msg: Pgoutput.Message): Promise<void> {
     if (this.failed || this.stopping) return;
     try {
       switch (msg.tag) {
@@ -213,8 +223,9 @@ export class Applier {
           this.skipping = commitLsn !== 0n && commitLsn < this.applied;
           if (!this.skipping && !this.tx) {
             // Consecutive source transactions are applied in one transaction of the shadow (a group), still
-            // whole and in commit order; the group commits when nothing more is waiting, or after 500
-            // transactions or 50 ms (short, so the backfill's batches seldom wait for its row locks).
+            // whole and in commit order. A group commits at a source commit once it is 50 ms old (short, so the
+            // backfill's batches seldom wait for its row locks) or holds 5,000 transactions; when the stream
+            // pauses before that, 50 ms after it began (at once while someone waits for a position).
             this.tx = await this.sql!.reserve();
             await this.tx.unsafe("begin");
             this.group = { started: Date.now(), txns: 0, end: this.applied, commitTime: null };
@@ -236,13 +247,22 @@ export class Applier {
           const end = msg.commitEndLsn ? lsnToBigInt(msg.commitEndLsn) : this.applied;
           if (this.skipping || !this.tx) {
             this.skipping = false;
+            this.begun = null;
             return;
           }
           const g = this.group!;
           g.end = end;
           g.txns++;
           g.commitTime = this.begun?.commitTime ?? new Date();
-          if (this.queued().length === 0 || g.txns >= 500 || Date.now() - g.started >= 50) await this.commitGroup();
+          this.begun = null;
+          const age = Date.now() - g.started;
+          if (age >= GROUP_MS || g.txns >= GROUP_TRANSACTIONS || (this.waiters > 0 && this.queued().length === 0)) await this.commitGroup();
+          else if (!this.commitTimer) {
+            this.commitTimer = setTimeout(() => {
+              this.commitTimer = null;
+              void this.serially(() => this.commitIdleGroup());
+            }, GROUP_MS - age);
+          }
           return;
         }
         default:
@@ -256,8 +276,23 @@ export class Applier {
     }
   }
 
+  /** The timed commit: commits the open group if the stream is between two source transactions. */
+  private async commitIdleGroup(): Promise<void> {
+    if (this.failed || this.stopping || !this.tx || this.begun) return;
+    try {
+      await this.commitGroup();
+    } catch (err) {
+      this.failed ??= err instanceof Error ? err : new Error(String(err));
+      log().error({ err: this.failed.message }, "apply failed; stopping the stream (nothing after the last applied transaction was confirmed)");
+      await this.abandonGroup();
+      void this.stop();
+    }
+  }
+
   /** Commits the open group, records its end LSN in the migration row, then confirms it to the slot. */
   private async commitGroup(): Promise<void> {
+    if (this.commitTimer) clearTimeout(this.commitTimer);
+    this.commitTimer = null;
     const tx = this.tx;
     const g = this.group;
     if (!tx || !g) return;
@@ -279,6 +314,7 @@ export class Applier {
     const tx = this.tx;
     this.tx = null;
     this.group = null;
+    this.begun = null;
     this.batch?.clear();
     if (tx) {
       await tx.unsafe("rollback").catch(() => {});
@@ -356,12 +392,19 @@ export class Applier {
    */
   async waitFor(lsn: string, timeoutMs: number): Promise<boolean> {
     const until = Date.now() + timeoutMs;
-    for (;;) {
-      if (this.failed) throw this.failed;
-      if (this.reached(lsn)) return true;
-      if (Date.now() >= until) return false;
-      await this.ping();
-      await new Promise((r) => setTimeout(r, 20));
+    this.waiters++;
+    try {
+      // A group left open by the timer rule: commit it now rather than in up to 50 ms.
+      void this.serially(() => this.commitIdleGroup());
+      for (;;) {
+        if (this.failed) throw this.failed;
+        if (this.reached(lsn)) return true;
+        if (Date.now() >= until) return false;
+        await this.ping();
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    } finally {
+      this.waiters--;
     }
   }
 
@@ -370,6 +413,8 @@ export class Applier {
     this.stopping = true;
     if (this.pingTimer) clearInterval(this.pingTimer);
     this.pingTimer = null;
+    if (this.commitTimer) clearTimeout(this.commitTimer);
+    this.commitTimer = null;
     const service = this.service;
     this.service = null;
     if (service) await service.stop().catch(() => {});
@@ -377,7 +422,7 @@ export class Applier {
     // Let the message in hand finish before the connection goes: a query sent on a closing postgres.js
     // connection crashes the process.
     let timer: NodeJS.Timeout | undefined;
-    await Promise.race([this.inFlight?.catch(() => {}), new Promise((r) => (timer = setTimeout(r, 5000)))]);
+    await Promise.race([this.inFlight, new Promise((r) => (timer = setTimeout(r, 5000)))]);
     clearTimeout(timer);
     await this.abandonGroup();
     const sql = this.sql;
