@@ -3,7 +3,7 @@
  * does the logical mirror's applier keep the shadow within a second of the table?
  *
  *   scripts/bench-overhead [--rows N] [--connections N] [--seconds S] [--repeat K]
- *                          [--applier child|inprocess] [--durable] [--json] [--strict]
+ *                          [--applier child|inprocess] [--durable] [--rate TPS] [--json] [--strict]
  *
  * One process, one run:
  *  1. starts the embedded PostgreSQL (unless DATABASE_URL is set: then that database is used, and the
@@ -26,7 +26,9 @@
  *     (b)/(a) and (c)/(a) against their targets (>= 0.85, >= 0.95), the logical run's lag at steady state
  *     (the first 3 s of each window ignored) against its target (< 1 s), and where the CPU went.
  *
- * The load: `--connections` workers (default 4), no pause, each running one-statement transactions
+ * The load: `--connections` workers (default 4), no pause (or paced with --rate: a load the machine can
+ * carry, as on a production server with headroom; TPS then shows whether each setup keeps up with it, and
+ * latency what each adds), each running one-statement transactions
  * (autocommit) on the keys it owns: 25% INSERT (created_at = now()), 50% UPDATE of a random existing row
  * (one in five moves created_at to another month, i.e. another partition of the shadow), 25% DELETE of a
  * random existing row. Inserts and deletes balance, so the table keeps its size across runs.
@@ -136,6 +138,7 @@ function usage(): string {
   --repeat K        run (a), (b), (c) K times, interleaved; report medians (default 1)
   --applier WHERE   logical run's applier: \`pgshift sync\` as a child process (child, default) or sync() in this process (inprocess)
   --durable         commit durably: PostgreSQL's default fsync/synchronous_commit/full_page_writes on the embedded server, synchronous_commit = on in the load's sessions
+  --rate TPS        pace the load at TPS transactions per second in all (default: no pause, as fast as the machine allows)
   --json            print the report as JSON on stdout
   --strict          exit 1 when a target is missed (trigger >= ${TARGET_TRIGGER}, logical >= ${TARGET_LOGICAL}, lag < ${TARGET_LAG_SECONDS} s)
 Uses DATABASE_URL when set, else starts an embedded PostgreSQL.`;
@@ -297,17 +300,29 @@ async function closeWorkers(workers: Worker[]): Promise<void> {
   await Promise.all(workers.map((w) => w.sql.end({ timeout: 5 }).catch(() => {})));
 }
 
-/** Runs the load on every worker for `seconds`, without pause; returns what was committed. */
-async function runLoad(workers: Worker[], seconds: number): Promise<LoadResult> {
+/**
+ * Runs the load on every worker for `seconds`, without pause, or paced at `rate` transactions per second in
+ * all (each worker starts its k-th transaction k * workers / rate seconds after the start, at once when it is
+ * late); returns what was committed.
+ */
+async function runLoad(workers: Worker[], seconds: number, rate: number | null): Promise<LoadResult> {
   const res: LoadResult = { transactions: 0, inserts: 0, updates: 0, deletes: 0, errors: [], latencies: [] };
-  const until = performance.now() + seconds * 1000;
+  const started = performance.now();
+  const until = started + seconds * 1000;
+  const intervalMs = rate === null ? 0 : (1000 * workers.length) / rate;
   const DAY = 86400_000;
   const regions = ["emea", "amer", "apac", "latam"];
   const statuses = ["new", "paid", "shipped"];
   await Promise.all(
     workers.map(async (w, wi) => {
       const sql = w.sql;
-      while (performance.now() < until) {
+      for (let k = 0; performance.now() < until; k++) {
+        if (rate !== null) {
+          const due = started + k * intervalMs;
+          const now = performance.now();
+          if (due > now) await sleep(due - now);
+          if (performance.now() >= until) break;
+        }
         const r = Math.random();
         const t0 = performance.now();
         try {
@@ -441,7 +456,7 @@ async function runOnce(
   url: string,
   setup: Setup,
   k: number,
-  opts: { connections: number; seconds: number; applier: "inprocess" | "child"; durable: boolean },
+  opts: { connections: number; seconds: number; applier: "inprocess" | "child"; durable: boolean; rate: number | null },
   say: (l: string) => void,
 ): Promise<Run> {
   let prepareSeconds: number | null = null;
@@ -485,7 +500,7 @@ async function runOnce(
     );
     const changes0 = applier?.changes() ?? null;
     const t0 = performance.now();
-    const load = await runLoad(workers, opts.seconds);
+    const load = await runLoad(workers, opts.seconds, opts.rate);
     const secs = (performance.now() - t0) / 1000;
     const cpu = probe.finish();
     const changes1 = applier?.changes() ?? null;
@@ -594,6 +609,7 @@ async function main(): Promise<number> {
       repeat: { type: "string" },
       applier: { type: "string" },
       durable: { type: "boolean", default: false },
+      rate: { type: "string" },
       json: { type: "boolean", default: false },
       strict: { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },
@@ -613,6 +629,7 @@ async function main(): Promise<number> {
   if (applierWhere !== "inprocess" && applierWhere !== "child") throw new Error(`--applier must be inprocess or child, got ${JSON.stringify(applierWhere)}`);
   if (seconds <= STEADY_AFTER_SECONDS) throw new Error(`--seconds must be more than ${STEADY_AFTER_SECONDS} (the lag of the first ${STEADY_AFTER_SECONDS} s is ignored)`);
   const durable = values.durable === true;
+  const rate = values.rate === undefined ? null : positiveInt("--rate", values.rate, 0);
   const json = values.json === true;
   const say = (l: string) => process.stderr.write(l + "\n");
   setLogger(pino({ level: process.env.PGSHIFT_LOG_LEVEL ?? "error" }, destination(2)));
@@ -641,7 +658,7 @@ async function main(): Promise<number> {
     const runs: Run[] = [];
     for (let k = 1; k <= repeat; k++) {
       for (const setup of ["a", "b", "c"] as const) {
-        const r = await runOnce(sql, url, setup, k, { connections, seconds, applier: applierWhere, durable }, say);
+        const r = await runOnce(sql, url, setup, k, { connections, seconds, applier: applierWhere, durable, rate }, say);
         const lag = r.lag ? summarizeLag([r]) : null;
         say(
           `[${k}] (${setup}) ${fmtInt(r.tps)} TPS, ${fmtInt(r.transactions)} transactions, latency p50 ${r.latencyMs.p50} ms p99 ${r.latencyMs.p99} ms` +
@@ -685,7 +702,7 @@ async function main(): Promise<number> {
       durable,
       server: serverInfo,
       cpus: availableParallelism(),
-      load: "one-statement transactions: 25% INSERT, 50% UPDATE (1 in 5 moves created_at to another month), 25% DELETE; no pause",
+      load: `one-statement transactions: 25% INSERT, 50% UPDATE (1 in 5 moves created_at to another month), 25% DELETE; ${rate === null ? "no pause" : `paced at ${fmtInt(rate)} TPS in all`}`,
       tps: { a: Math.round(tps.a), b: Math.round(tps.b), c: Math.round(tps.c) },
       ratios: { trigger: ratioB, logical: ratioC, perRepeat },
       targets: { trigger: TARGET_TRIGGER, logical: TARGET_LOGICAL, lagSeconds: TARGET_LAG_SECONDS },
