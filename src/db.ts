@@ -179,7 +179,7 @@ export interface LockRetryOptions {
   lockTimeoutMs?: number;
   /** Attempts after the first one (default 20). */
   retries?: number;
-  /** Called after each failed attempt (attempt number from 1, ms to wait before the next one). */
+  /** Called after each failed attempt that will be tried again (attempt number from 1, its error). */
   onRetry?: (attempt: number, error: unknown) => void;
   /** Other errors worth another attempt (besides lock timeouts and deadlocks). */
   retryOn?: (error: unknown) => boolean;
@@ -216,7 +216,9 @@ export async function withLockRetry<T>(sql: Sql, fn: (tx: TxSql) => Promise<T>, 
         maxTimeout: 2000,
         factor: 1.6,
         randomize: true,
-        onFailedAttempt: (ctx) => opts.onRetry?.(ctx.attemptNumber, ctx.error),
+        onFailedAttempt: (ctx) => {
+          if (ctx.retriesLeft > 0) opts.onRetry?.(ctx.attemptNumber, ctx.error);
+        },
       },
     );
   } catch (err) {
