@@ -159,7 +159,12 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
       if (opts.sleepMs) await new Promise((r) => setTimeout(r, opts.sleepMs));
     }
     if (complete) {
-      await sql`update pgshift.migrations set copy_finished_at = coalesce(copy_finished_at, now()), updated_at = now() where id = ${m.id}`;
+      // copies_lsn: read after the last batch committed (see the applier's exact mode). Set once: the copy
+      // never runs again once copy_finished_at is set.
+      await sql`
+        update pgshift.migrations set copy_finished_at = coalesce(copy_finished_at, now()),
+               copies_lsn = coalesce(copies_lsn, pg_current_wal_insert_lsn()::text), updated_at = now()
+         where id = ${m.id}`;
       const built = await buildDeferredIndexes(sql, m, opts);
       if (built > 0) log().info({ table: displayName(table), indexes: built }, "backfill: secondary indexes built");
       await sql`

@@ -71,6 +71,13 @@ export const MigrationRowSchema = z.object({
   /** Logical mode: end LSN of the last transaction applied to the shadow, and its commit time. */
   applied_lsn: z.string().nullable(),
   applied_commit_time: z.date().nullable(),
+  /**
+   * WAL insert position read after the backfill's copy finished (text LSN): every row the copy wrote was
+   * committed before it. Null until the copy is done; set once (the copy never runs again). Once the stream
+   * has applied past it, the shadow holds at most one version of each row (Applier exact mode). Any new way
+   * of copying rows into the shadow with ON CONFLICT DO NOTHING must clear it first.
+   */
+  copies_lsn: z.string().nullable(),
   index_renames: z.array(z.object({ from: z.string(), to: z.string() })),
   checkpoint: z.array(z.string()).nullable(),
   rows_copied: z.coerce.number(),
@@ -125,6 +132,7 @@ export function schemaSql(): string[] {
   publication_name text,
   applied_lsn text,
   applied_commit_time timestamptz,
+  copies_lsn text,
   index_renames jsonb NOT NULL DEFAULT '[]',
   checkpoint text[],
   rows_copied bigint NOT NULL DEFAULT 0,
@@ -140,6 +148,12 @@ export function schemaSql(): string[] {
   updated_at timestamptz NOT NULL DEFAULT now(),
   UNIQUE (source_schema, source_table)
 )`,
+    // Added after schema version 1 shipped; ALTER only when missing (an ALTER takes an exclusive lock).
+    `DO $pgshift$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute WHERE attrelid = 'pgshift.migrations'::regclass AND attname = 'copies_lsn') THEN
+    ALTER TABLE pgshift.migrations ADD COLUMN copies_lsn text;
+  END IF;
+END $pgshift$`,
     `CREATE TABLE IF NOT EXISTS pgshift.schema_version (version int NOT NULL)`,
     // Lets application roles call the identity default functions (pgshift.nextval_*); tables stay private.
     `GRANT USAGE ON SCHEMA pgshift TO PUBLIC`,

@@ -1,4 +1,5 @@
 import pg from "pg";
+import { z } from "zod";
 import { LogicalReplicationService, PgoutputPlugin } from "pg-logical-replication";
 import type { Pgoutput } from "pg-logical-replication";
 import { connect, ident, SESSION_FORMATS, identList, joinFragments, table as tableRef, valueList, type Sql, type TxSql } from "../db.js";
@@ -17,6 +18,8 @@ import { lsnToBigInt } from "./logical.js";
 /** A batch is written before it holds more row changes than this, or more characters of values. */
 const BATCH_CHANGES = 2000;
 const BATCH_CHARS = 8 << 20;
+const CopiesRow = z.object({ copies_lsn: z.string().nullable() });
+
 /** A group of source transactions commits at a source commit once it is this old (ms) or holds this many. */
 const GROUP_MS = 50;
 const GROUP_TRANSACTIONS = 5000;
@@ -73,7 +76,7 @@ export class Applier {
   private applied: bigint;
   private commitTime: Date | null = null;
   private begun: { commitLsn: bigint; commitTime: Date } | null = null;
-  private group: { started: number; txns: number; end: bigint; commitTime: Date | null } | null = null;
+  private group: { started: number; txns: number; end: bigint; commitTime: Date | null; exact: boolean } | null = null;
   /** The message (or the timed group commit) being handled: they run one after the other. */
   private inFlight: Promise<void> = Promise.resolve();
   private commitTimer: NodeJS.Timeout | null = null;
@@ -82,6 +85,8 @@ export class Applier {
   private stopping = false;
   transactions = 0;
   changes = 0;
+  /** Groups applied in exact mode (see exactMode). */
+  exactGroups = 0;
 
   constructor(m: Migration, opts: ApplierOptions = {}) {
     if (!m.slot_name || !m.publication_name) throw new PgshiftError("this migration has no replication slot (trigger mode?)");
@@ -228,7 +233,8 @@ export class Applier {
             // pauses before that, 50 ms after it began (at once while someone waits for a position).
             this.tx = await this.sql!.reserve();
             await this.tx.unsafe("begin");
-            this.group = { started: Date.now(), txns: 0, end: this.applied, commitTime: null };
+            this.group = { started: Date.now(), txns: 0, end: this.applied, commitTime: null, exact: await this.exactMode(this.tx) };
+            if (this.group.exact) this.exactGroups++;
           }
           return;
         }
@@ -276,6 +282,20 @@ export class Applier {
     }
   }
 
+  /**
+   * Whether the group opened in `tx` may write in exact mode (ChangeBatch.write): the shadow holds at most
+   * one version of each row. Rows copied by the backfill (ON CONFLICT DO NOTHING, possibly newer than the
+   * stream) can leave a second version under another partition until the stream passes the change that
+   * moved the row; once everything up to copies_lsn (the copy's end) is applied that is over, and every
+   * later write keeps it so: the applier's writes (both modes), verify's repair (delete, then copy).
+   */
+  private async exactMode(tx: TxSql): Promise<boolean> {
+    if (this.m.key_columns.length === this.m.shadow_key.length) return false;
+    const rows = await tx`select copies_lsn from pgshift.migrations where id = ${this.m.id}`;
+    const lsn = CopiesRow.parse(rows[0] ?? { copies_lsn: null }).copies_lsn;
+    return lsn !== null && lsnToBigInt(lsn) <= this.applied;
+  }
+
   /** The timed commit: commits the open group if the stream is between two source transactions. */
   private async commitIdleGroup(): Promise<void> {
     if (this.failed || this.stopping || !this.tx || this.begun) return;
@@ -296,7 +316,7 @@ export class Applier {
     const tx = this.tx;
     const g = this.group;
     if (!tx || !g) return;
-    await this.batch!.write(tx);
+    await this.batch!.write(tx, g.exact);
     await tx`update pgshift.migrations set applied_lsn = ${lsnText(g.end)}, applied_commit_time = ${(g.commitTime ?? new Date()).toISOString()} where id = ${this.m.id}`;
     await tx.unsafe("commit");
     tx.release();
@@ -343,12 +363,12 @@ export class Applier {
       const oldPk = oldRow && pk.every((c) => oldRow[c] !== undefined) ? oldRow : n;
       if (this.m.copy_columns.every((c) => n[c] !== undefined)) batch.update(oldPk, n);
       else {
-        await batch.write(tx);
+        await batch.write(tx, this.group!.exact);
         await this.applyPartialUpdate(tx, oldPk, n);
         return;
       }
     }
-    if (batch.changes >= BATCH_CHANGES || batch.bytes >= BATCH_CHARS) await batch.write(tx);
+    if (batch.changes >= BATCH_CHANGES || batch.bytes >= BATCH_CHARS) await batch.write(tx, this.group!.exact);
   }
 
   /**
@@ -369,6 +389,10 @@ export class Applier {
     const knownRest = known.filter((c) => !key.includes(c));
     const carry = joinFragments(tx, cols.map((c) => (n[c] !== undefined ? tx`${n[c] as string | null}` : tx`gone.${ident(tx, c)}`)), tx`, `);
     const setKnown = knownRest.length === 0 ? tx`do nothing` : tx`do update set ${joinFragments(tx, knownRest.map((c) => tx`${ident(tx, c)} = excluded.${ident(tx, c)}`), tx`, `)}`;
+    if (pk.some((c) => oldPk[c] !== n[c])) {
+      // A new primary key: no other version of it may stay (exact mode relies on one version per key).
+      await tx`delete from ${shadow} where (${identList(tx, pk)}) = (${vals(n, pk)}) and (${identList(tx, key)}) is distinct from (${vals(n, key)})`;
+    }
     const movedRows = await tx`
       with gone as (delete from ${shadow} where ${moved} returning *)
       insert into ${shadow} (${identList(tx, cols)}) select ${carry} from gone limit 1 on conflict (${identList(tx, key)}) ${setKnown}`;

@@ -90,39 +90,67 @@ export class ChangeBatch {
     this.bytes = 0;
   }
 
-  /** Writes the net effect in `tx` (two statements at most) and empties the batch. */
-  async write(tx: TxSql): Promise<void> {
+  /**
+   * Writes the net effect in `tx` (two statements at most) and empties the batch.
+   *
+   * `exact`: the shadow is known to hold at most one version of each row (see Applier: no copy ahead of the
+   * stream). Then only a row that is not already at its final shadow key can have a version elsewhere: the
+   * upsert runs first and reports those (the rows it inserted), and the DELETE looks for other versions of
+   * them and of the deleted keys only. Otherwise every touched key is looked for in every partition.
+   */
+  async write(tx: TxSql, exact = false): Promise<void> {
     const finals = this.finals;
     this.clear();
     if (finals.size === 0) return;
     const { pk, key, columns } = this.t;
+    const pkObject = (values: (string | null)[]) => Object.fromEntries(pk.map((c, i) => [c, values[i]!]));
     const gone: Record<string, string | null>[] = [];
     const keep: Record<string, string | null>[] = [];
     const rows: Record<string, string | null>[] = [];
+    const lookFirst = !this.samePk && !exact;
     for (const f of finals.values()) {
       const row = f.row;
-      if (row === null || !this.samePk) gone.push(Object.fromEntries(pk.map((c, i) => [c, f.pk[i]!])));
+      if (row === null || lookFirst) gone.push(pkObject(f.pk));
       if (row === null) continue;
       rows.push(Object.fromEntries(columns.map((c) => [c, row[c] ?? null])));
       if (!this.samePk) keep.push(Object.fromEntries(key.map((c) => [c, row[c] ?? null])));
     }
-    const shadow = tableRef(tx, this.t.table);
-    if (gone.length > 0) {
-      const goneJson = JSON.stringify(gone);
-      // `= any(array(...))` per key column: an index scan of each partition's primary key for all the keys at
-      // once (a join with the list could be planned as a scan of every partition).
-      const where = pk.map((c) => tx`s.${ident(tx, c)} = any(array(select ${this.typed(tx, c)} from ${this.recordset(tx, goneJson, [c])}))`);
-      if (pk.length > 1) where.push(tx`(${identList(tx, pk, "s")}) in (select ${this.typedList(tx, pk)} from ${this.recordset(tx, goneJson, pk)})`);
-      if (keep.length > 0) where.push(tx`(${identList(tx, key, "s")}) not in (select ${this.typedList(tx, key)} from ${this.recordset(tx, JSON.stringify(keep), key)})`);
-      await tx`delete from ${shadow} as s where ${joinFragments(tx, where, tx` and `)}`;
-    }
+    if (lookFirst) await this.deleteOthers(tx, gone, keep);
     if (rows.length > 0) {
+      const shadow = tableRef(tx, this.t.table);
       const rest = columns.filter((c) => !key.includes(c));
       const set = rest.length === 0 ? tx`do nothing` : tx`do update set ${joinFragments(tx, rest.map((c) => tx`${ident(tx, c)} = excluded.${ident(tx, c)}`), tx`, `)}`;
-      await tx`insert into ${shadow} (${identList(tx, columns)})
+      const upsert = tx`insert into ${shadow} (${identList(tx, columns)})
                select ${this.typedList(tx, columns)} from ${this.recordset(tx, JSON.stringify(rows), columns)}
                on conflict (${identList(tx, key)}) ${set}`;
+      if (this.samePk || !exact) await upsert;
+      else {
+        // The rows the upsert inserted: not at their shadow key before the statement (its snapshot). A scalar
+        // subquery per row, so that each probes one partition (run-time pruning) rather than being planned
+        // as a join with every partition.
+        const inserted = await tx<Record<string, string | null>[]>`
+          with w as (${upsert} returning ${identList(tx, key)})
+          select ${joinFragments(tx, pk.map((c) => tx`w.${ident(tx, c)}::text as ${ident(tx, c)}`), tx`, `)} from w
+           where (select count(*) from ${shadow} as s where (${identList(tx, key, "s")}) = (${identList(tx, key, "w")})) = 0`;
+        for (const r of inserted) gone.push(pkObject(pk.map((c) => r[c] ?? null)));
+      }
     }
+    if (!lookFirst) await this.deleteOthers(tx, gone, keep);
+  }
+
+  /**
+   * Deletes every row whose primary key is in `gone` and whose shadow key is not in `keep` (the final
+   * versions). `= any(array(...))` per key column: an index scan of each partition's primary key for all
+   * the keys at once (a join with the list could be planned as a scan of every partition).
+   */
+  private async deleteOthers(tx: TxSql, gone: Record<string, string | null>[], keep: Record<string, string | null>[]): Promise<void> {
+    if (gone.length === 0) return;
+    const { pk, key } = this.t;
+    const goneJson = JSON.stringify(gone);
+    const where = pk.map((c) => tx`s.${ident(tx, c)} = any(array(select ${this.typed(tx, c)} from ${this.recordset(tx, goneJson, [c])}))`);
+    if (pk.length > 1) where.push(tx`(${identList(tx, pk, "s")}) in (select ${this.typedList(tx, pk)} from ${this.recordset(tx, goneJson, pk)})`);
+    if (keep.length > 0) where.push(tx`(${identList(tx, key, "s")}) not in (select ${this.typedList(tx, key)} from ${this.recordset(tx, JSON.stringify(keep), key)})`);
+    await tx`delete from ${tableRef(tx, this.t.table)} as s where ${joinFragments(tx, where, tx` and `)}`;
   }
 
   /** `jsonb_to_recordset($json) as u(c1 text, ...)`: the rows of a JSON array of objects, values as text. */
