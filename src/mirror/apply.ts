@@ -283,11 +283,12 @@ export class Applier {
   }
 
   /**
-   * Whether the group opened in `tx` may write in exact mode (ChangeBatch.write): the shadow holds at most
-   * one version of each row. Rows copied by the backfill (ON CONFLICT DO NOTHING, possibly newer than the
-   * stream) can leave a second version under another partition until the stream passes the change that
-   * moved the row; once everything up to copies_lsn (the copy's end) is applied that is over, and every
-   * later write keeps it so: the applier's writes (both modes), verify's repair (delete, then copy).
+   * Whether the group opened in `tx` may write in exact mode (ChangeBatch.write): the shadow equals the
+   * table as of the applied position, one version of each row. Rows copied by the backfill (ON CONFLICT DO
+   * NOTHING, possibly newer than the stream) can leave a second version under another partition until the
+   * stream passes the change that moved the row; once everything up to copies_lsn (the copy's end) is
+   * applied that is over, and every later write keeps it so: the applier's own, and verify's repair (which
+   * copies rows only once the stream has caught up with the locked table).
    */
   private async exactMode(tx: TxSql): Promise<boolean> {
     if (this.m.key_columns.length === this.m.shadow_key.length) return false;

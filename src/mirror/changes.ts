@@ -27,6 +27,8 @@ export interface BatchTarget {
 interface Final {
   pk: (string | null)[];
   row: Tuple | null;
+  /** The key's first change in the batch created it (INSERT, or UPDATE to a new key): it did not exist before. */
+  fresh: boolean;
 }
 
 /**
@@ -58,23 +60,25 @@ export class ChangeBatch {
     this.samePk = target.key.length === target.pk.length;
   }
 
-  private set(from: Tuple, row: Tuple | null): void {
+  private set(from: Tuple, row: Tuple | null, creates = false): void {
     const pk = this.t.pk.map((c) => (from[c] ?? null) as string | null);
-    this.finals.set(JSON.stringify(pk), { pk, row });
+    const k = JSON.stringify(pk);
+    this.finals.set(k, { pk, row, fresh: this.finals.get(k)?.fresh ?? creates });
     if (row) for (const c of this.t.columns) this.bytes += row[c]?.length ?? 0;
   }
 
   /** An INSERT (whole row). */
   insert(row: Tuple): void {
     this.changes++;
-    this.set(row, row);
+    this.set(row, row, true);
   }
 
   /** An UPDATE of the row whose primary key is in `old` (`row` itself when the key did not change) to `row` (whole). */
   update(old: Tuple, row: Tuple): void {
     this.changes++;
-    if (old !== row && this.t.pk.some((c) => old[c] !== row[c])) this.set(old, null);
-    this.set(row, row);
+    const newKey = old !== row && this.t.pk.some((c) => old[c] !== row[c]);
+    if (newKey) this.set(old, null);
+    this.set(row, row, newKey);
   }
 
   /** A DELETE of the row whose primary key is in `old`. */
@@ -91,12 +95,14 @@ export class ChangeBatch {
   }
 
   /**
-   * Writes the net effect in `tx` (two statements at most) and empties the batch.
+   * Writes the net effect in `tx` (at most three statements) and empties the batch.
    *
-   * `exact`: the shadow is known to hold at most one version of each row (see Applier: no copy ahead of the
-   * stream). Then only a row that is not already at its final shadow key can have a version elsewhere: the
-   * upsert runs first and reports those (the rows it inserted), and the DELETE looks for other versions of
-   * them and of the deleted keys only. Otherwise every touched key is looked for in every partition.
+   * `exact`: the shadow equals the table as of the stream's applied position (see Applier.exactMode), so a
+   * key the batch created (fresh) has no version in the shadow yet, and any other key has exactly one,
+   * somewhere. Fresh rows are inserted without looking for anything (a fresh key deleted again is skipped);
+   * the other rows are upserted first, and only those the upsert inserted (their partition changed) are
+   * then looked for under other partitions, with the deleted keys. Otherwise every touched key is looked
+   * for in every partition before the upsert.
    */
   async write(tx: TxSql, exact = false): Promise<void> {
     const finals = this.finals;
@@ -107,35 +113,44 @@ export class ChangeBatch {
     const gone: Record<string, string | null>[] = [];
     const keep: Record<string, string | null>[] = [];
     const rows: Record<string, string | null>[] = [];
+    const freshRows: Record<string, string | null>[] = [];
     const lookFirst = !this.samePk && !exact;
     for (const f of finals.values()) {
       const row = f.row;
+      const fresh = exact && f.fresh;
+      if (fresh && row === null) continue;
       if (row === null || lookFirst) gone.push(pkObject(f.pk));
       if (row === null) continue;
-      rows.push(Object.fromEntries(columns.map((c) => [c, row[c] ?? null])));
-      if (!this.samePk) keep.push(Object.fromEntries(key.map((c) => [c, row[c] ?? null])));
+      (fresh ? freshRows : rows).push(Object.fromEntries(columns.map((c) => [c, row[c] ?? null])));
+      if (!this.samePk && !fresh) keep.push(Object.fromEntries(key.map((c) => [c, row[c] ?? null])));
     }
     if (lookFirst) await this.deleteOthers(tx, gone, keep);
+    if (freshRows.length > 0) await this.upsert(tx, freshRows);
     if (rows.length > 0) {
-      const shadow = tableRef(tx, this.t.table);
-      const rest = columns.filter((c) => !key.includes(c));
-      const set = rest.length === 0 ? tx`do nothing` : tx`do update set ${joinFragments(tx, rest.map((c) => tx`${ident(tx, c)} = excluded.${ident(tx, c)}`), tx`, `)}`;
-      const upsert = tx`insert into ${shadow} (${identList(tx, columns)})
-               select ${this.typedList(tx, columns)} from ${this.recordset(tx, JSON.stringify(rows), columns)}
-               on conflict (${identList(tx, key)}) ${set}`;
-      if (this.samePk || !exact) await upsert;
+      if (this.samePk || !exact) await this.upsert(tx, rows);
       else {
         // The rows the upsert inserted: not at their shadow key before the statement (its snapshot). A scalar
         // subquery per row, so that each probes one partition (run-time pruning) rather than being planned
         // as a join with every partition.
+        const shadow = tableRef(tx, this.t.table);
         const inserted = await tx<Record<string, string | null>[]>`
-          with w as (${upsert} returning ${identList(tx, key)})
+          with w as (${this.upsert(tx, rows)} returning ${identList(tx, key)})
           select ${joinFragments(tx, pk.map((c) => tx`w.${ident(tx, c)}::text as ${ident(tx, c)}`), tx`, `)} from w
            where (select count(*) from ${shadow} as s where (${identList(tx, key, "s")}) = (${identList(tx, key, "w")})) = 0`;
         for (const r of inserted) gone.push(pkObject(pk.map((c) => r[c] ?? null)));
       }
     }
     if (!lookFirst) await this.deleteOthers(tx, gone, keep);
+  }
+
+  /** The multi-row upsert of `rows` (objects keyed by column name, values as text). */
+  private upsert(tx: TxSql, rows: Record<string, string | null>[]): Fragment {
+    const { key, columns } = this.t;
+    const rest = columns.filter((c) => !key.includes(c));
+    const set = rest.length === 0 ? tx`do nothing` : tx`do update set ${joinFragments(tx, rest.map((c) => tx`${ident(tx, c)} = excluded.${ident(tx, c)}`), tx`, `)}`;
+    return tx`insert into ${tableRef(tx, this.t.table)} (${identList(tx, columns)})
+              select ${this.typedList(tx, columns)} from ${this.recordset(tx, JSON.stringify(rows), columns)}
+              on conflict (${identList(tx, key)}) ${set}`;
   }
 
   /**

@@ -3,7 +3,7 @@ import { identList, joinFragments, transaction, table as tableRef, textColumns, 
 import { keyAfter } from "../backfill/backfill.js";
 import { log } from "../log.js";
 import { PgshiftError } from "../errors.js";
-import { followStream } from "../mirror/stream.js";
+import { followStream, type StreamFollower } from "../mirror/stream.js";
 import { displayName, type QualifiedName } from "../names.js";
 import { lockMigration, requireMigration, unlockMigration, type Migration, type VerifyResult } from "../migration/state.js";
 
@@ -113,7 +113,7 @@ export async function verify(sql: Sql, table: QualifiedName, opts: VerifyOptions
         chunksDiffering++;
         let remaining = res.diffs;
         if (opts.repair) {
-          remaining = await repairKeys(sql, m, { lo, hi: res.hi }, res.diffs, opts);
+          remaining = await repairKeys(sql, m, { lo, hi: res.hi }, res.diffs, opts, follower);
           repaired += res.diffs.length - remaining.length;
         }
         for (const d of remaining) {
@@ -169,20 +169,24 @@ async function compareChunk(tx: TxSql, m: Migration, b: ChunkBounds): Promise<{ 
 
 /** Keys of one chunk whose rows differ, computed from per-row hashes read in the chunk's snapshot. */
 async function drillDown(tx: TxSql, m: Migration, b: ChunkBounds): Promise<Difference[]> {
-  const read = async (t: QualifiedName) => {
+  const out: Difference[] = [];
+  const read = async (t: QualifiedName, duplicate: DifferenceKind) => {
     const rows = await tx`
       select ${textColumns(tx, m.key_columns)}, hashtextextended(${rowText(tx, m.copy_columns)}, 0)::text as h
         from ${tableRef(tx, t)} ${chunkWhere(tx, m.key_columns, b)}`;
     const map = new Map<string, { key: string[]; h: string }>();
     for (const row of rows) {
       const k = m.key_columns.map((_, i) => String(row[`k${i}`]));
-      map.set(JSON.stringify(k), { key: k, h: String(row.h) });
+      const id = JSON.stringify(k);
+      // A second row with the same primary key (the partitioned table's key also holds the partition
+      // column, so it can hold one version per partition): a row the other side lacks, whatever its values.
+      if (map.has(id)) out.push({ kind: duplicate, key: k });
+      else map.set(id, { key: k, h: String(row.h) });
     }
     return map;
   };
-  const live = await read(m.live);
-  const copy = await read(m.copy);
-  const out: Difference[] = [];
+  const live = await read(m.live, "missing");
+  const copy = await read(m.copy, "extra");
   for (const [id, a] of live) {
     const c = copy.get(id);
     if (!c) out.push({ kind: "missing", key: a.key });
@@ -192,16 +196,39 @@ async function drillDown(tx: TxSql, m: Migration, b: ChunkBounds): Promise<Diffe
   return out;
 }
 
+/** How long a repair in logical mode holds the table locked waiting for the stream, ms. */
+const REPAIR_CATCHUP_MS = 2000;
+
 /**
  * Rewrites the differing keys of the copy from the live table while the live table is locked in SHARE
- * mode (no write can interleave), then rechecks them in the same transaction.
+ * mode (no write can interleave), then rechecks them in the same transaction. In logical mode the stream
+ * first applies every write made before the lock.
  * @returns the differences that remain (normally none).
+ * @throws PgshiftError when the stream does not catch up within 2 s (nothing repaired).
  */
-async function repairKeys(sql: Sql, m: Migration, b: ChunkBounds, diffs: Difference[], opts: LockRetryOptions): Promise<Difference[]> {
+async function repairKeys(
+  sql: Sql,
+  m: Migration,
+  b: ChunkBounds,
+  diffs: Difference[],
+  opts: LockRetryOptions,
+  follower: StreamFollower | null,
+): Promise<Difference[]> {
   return withLockRetry(
     sql,
     async (tx) => {
       await tx`lock table ${tableRef(tx, m.live)} in share mode`;
+      if (follower) {
+        // Logical mode: copy the rows as the stream would have them, not ahead of it (the applier relies on
+        // the shadow equalling the table as of its position): wait, under the lock, until it has applied
+        // every write before the lock (the application's writes wait meanwhile: 2 s at most).
+        const target = String((await tx`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
+        if (!(await follower.waitFor(target, REPAIR_CATCHUP_MS))) {
+          throw new PgshiftError(`the stream did not catch up within ${REPAIR_CATCHUP_MS} ms while the table was locked for the repair; nothing was repaired`, {
+            hint: "let pgshift sync catch up (pgshift status shows the lag) and run verify --repair again",
+          });
+        }
+      }
       const keyCols = identList(tx, m.key_columns);
       const cols = identList(tx, m.copy_columns);
       const overriding = m.phase === "cutover" && m.sequences.some((s) => s.identity === "a") ? tx`overriding system value` : tx``;
