@@ -49,8 +49,8 @@ function lsnText(v: bigint): string {
  *   may hold several consecutive ones (a group). Messages are taken one at a time (flow control); memory is
  *   bounded by the batch limits below, whatever the size of a transaction.
  * - Row changes are written as sets (ChangeBatch, src/mirror/changes.ts): the net effect per primary key of
- *   the group's changes, one DELETE and one multi-row upsert per batch of up to 2,000 changes (or 8 M
- *   characters of values). INSERT upserts; UPDATE replaces the row found by its old primary key (a row whose
+ *   the group's changes, a DELETE and multi-row upserts (three statements at most) per batch of up to 2,000
+ *   changes (or 8 M characters of values). INSERT upserts; UPDATE replaces the row found by its old primary key (a row whose
  *   key or partition column changed leaves its old place); DELETE removes by primary key. An UPDATE whose
  *   unchanged TOASTed values were not sent by pgoutput is applied on its own after the batch is written:
  *   only the sent columns are written, the old values are carried over when the row moves, and a row not in
@@ -275,10 +275,7 @@ export class Applier {
           return;
       }
     } catch (err) {
-      this.failed ??= err instanceof Error ? err : new Error(String(err));
-      log().error({ err: this.failed.message }, "apply failed; stopping the stream (nothing after the last applied transaction was confirmed)");
-      await this.abandonGroup();
-      void this.stop();
+      await this.fail(err);
     }
   }
 
@@ -297,16 +294,21 @@ export class Applier {
     return lsn !== null && lsnToBigInt(lsn) <= this.applied;
   }
 
+  /** Stops the stream after an error; the open group is rolled back (none of it was confirmed). */
+  private async fail(err: unknown): Promise<void> {
+    this.failed ??= err instanceof Error ? err : new Error(String(err));
+    log().error({ err: this.failed.message }, "apply failed; stopping the stream (nothing after the last applied transaction was confirmed)");
+    await this.abandonGroup();
+    void this.stop();
+  }
+
   /** The timed commit: commits the open group if the stream is between two source transactions. */
   private async commitIdleGroup(): Promise<void> {
     if (this.failed || this.stopping || !this.tx || this.begun) return;
     try {
       await this.commitGroup();
     } catch (err) {
-      this.failed ??= err instanceof Error ? err : new Error(String(err));
-      log().error({ err: this.failed.message }, "apply failed; stopping the stream (nothing after the last applied transaction was confirmed)");
-      await this.abandonGroup();
-      void this.stop();
+      await this.fail(err);
     }
   }
 
