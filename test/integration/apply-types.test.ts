@@ -11,7 +11,7 @@ import { flushWal } from "../../src/mirror/stream.js";
 import { quoteIdent, quoteQualified, type QualifiedName } from "../../src/names.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
 import { verify } from "../../src/verify/verify.js";
-import { freshDatabase, type TestDatabase } from "../support/db.js";
+import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
 
 /**
  * The logical-replication applier against values of many types and awkward names: a table in a schema
@@ -657,6 +657,40 @@ describe("logical apply: names with dots, database-level output settings", () =>
       expect(await streamRows("date_style", "d date", [["2025-04-03"]])).toBe(0);
     } finally {
       await db.admin.unsafe(`alter database ${quoteIdent(name)} reset DateStyle`);
+    }
+  });
+});
+
+describe("logical apply: group commits", () => {
+  it("a lone write is applied and committed within a second with nobody waiting for it (the timed group commit)", async () => {
+    const table = { schema: "public", name: "lone_write" };
+    await db.admin.unsafe(`create table lone_write (id bigint primary key, created_at timestamptz not null default '2025-03-01 12:00+00', v text)`);
+    await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical", now: new Date("2025-03-15T00:00:00Z") });
+    await backfill(db.sql, table, {});
+    const m = (await loadMigration(db.sql, table))!;
+    const commits: ApplierProgress[] = [];
+    const applier = new Applier(m, { url: db.url, onCommit: (p) => commits.push(p) });
+    await applier.start();
+    try {
+      await db.admin`insert into lone_write (id, v) values (1, 'one')`;
+      // No waitFor (which commits at once): only the 50 ms timer can commit the group holding this insert.
+      const t0 = Date.now();
+      let seen = 0;
+      while (Date.now() - t0 < 5000) {
+        seen = Number((await db.admin.unsafe(`select count(*)::int as n from ${quoteQualified(m.partitioned)} where id = 1 and v = 'one'`))[0]!.n);
+        if (seen === 1) break;
+        await sleep(20);
+      }
+      expect(seen).toBe(1);
+      expect(Date.now() - t0).toBeLessThan(1000);
+      for (let i = 0; i < 50 && commits.length === 0; i++) await sleep(20); // onCommit follows the COMMIT
+      expect(commits.length).toBeGreaterThanOrEqual(1);
+      expect(applier.error).toBeNull();
+      // The migration row records the applied position with the shadow's commit.
+      const row = (await loadMigration(db.sql, table))!;
+      expect(row.applied_lsn).toBe(commits.at(-1)!.appliedLsn);
+    } finally {
+      await applier.stop();
     }
   });
 });
