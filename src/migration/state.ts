@@ -74,8 +74,9 @@ export const MigrationRowSchema = z.object({
   /**
    * WAL insert position read after the backfill's copy finished (text LSN): every row the copy wrote was
    * committed before it. Null until the copy is done; set once (the copy never runs again). Once the stream
-   * has applied past it, the shadow holds at most one version of each row (Applier exact mode). Any new way
-   * of copying rows into the shadow with ON CONFLICT DO NOTHING must clear it first.
+   * has applied past it, the shadow equals the table as of the stream's position (Applier exact mode). Any
+   * new way of copying rows into the shadow ahead of the stream must clear it first, or wait for the stream
+   * as verify's repair does.
    */
   copies_lsn: z.string().nullable(),
   index_renames: z.array(z.object({ from: z.string(), to: z.string() })),
