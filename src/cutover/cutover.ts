@@ -4,12 +4,11 @@ import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import { mirrorFor } from "../mirror/mirror.js";
 import { dropStream, slotState } from "../mirror/logical.js";
-import { followStream } from "../mirror/stream.js";
+import { CatchupTimeout, followStream } from "../mirror/stream.js";
 import { displayName, quoteIdent, quoteQualified, type QualifiedName } from "../names.js";
 import { loadMigration, lockMigration, requireMigration, unlockMigration, type Migration, type Phase } from "../migration/state.js";
 
 /** The stream did not catch up while the live table was locked (the locks are released and the attempt retried). */
-export class CatchupTimeout extends Error {}
 
 export interface CutoverOptions extends LockRetryOptions {
   /** Logical mode: how long to wait, under the lock, for the stream to apply every committed change (default 2000 ms). */

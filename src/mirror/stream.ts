@@ -15,6 +15,9 @@ export interface StreamFollower {
   stop(): Promise<void>;
 }
 
+/** The stream did not apply everything up to a position in time (under a lock: release it and try again). */
+export class CatchupTimeout extends Error {}
+
 const RETRYABLE = new Set(["40P01", "40001", "55P03", "57P01", "CONNECTION_CLOSED", "ECONNRESET"]);
 
 /**

@@ -3,7 +3,7 @@ import { identList, joinFragments, transaction, table as tableRef, textColumns, 
 import { keyAfter } from "../backfill/backfill.js";
 import { log } from "../log.js";
 import { PgshiftError } from "../errors.js";
-import { followStream, type StreamFollower } from "../mirror/stream.js";
+import { CatchupTimeout, followStream, type StreamFollower } from "../mirror/stream.js";
 import { displayName, type QualifiedName } from "../names.js";
 import { lockMigration, requireMigration, unlockMigration, type Migration, type VerifyResult } from "../migration/state.js";
 
@@ -204,7 +204,8 @@ const REPAIR_CATCHUP_MS = 2000;
  * mode (no write can interleave), then rechecks them in the same transaction. In logical mode the stream
  * first applies every write made before the lock.
  * @returns the differences that remain (normally none).
- * @throws PgshiftError when the stream does not catch up within 2 s (nothing repaired).
+ * @throws PgshiftError when, on every attempt, the stream does not catch up within 2 s (the lock is released
+ *   and the attempt retried, as for a lock timeout; what earlier chunks repaired stays repaired).
  */
 async function repairKeys(
   sql: Sql,
@@ -223,11 +224,7 @@ async function repairKeys(
         // the shadow equalling the table as of its position): wait, under the lock, until it has applied
         // every write before the lock (the application's writes wait meanwhile: 2 s at most).
         const target = String((await tx`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
-        if (!(await follower.waitFor(target, REPAIR_CATCHUP_MS))) {
-          throw new PgshiftError(`the stream did not catch up within ${REPAIR_CATCHUP_MS} ms while the table was locked for the repair; nothing was repaired`, {
-            hint: "let pgshift sync catch up (pgshift status shows the lag) and run verify --repair again",
-          });
-        }
+        if (!(await follower.waitFor(target, REPAIR_CATCHUP_MS))) throw new CatchupTimeout(`the stream did not apply everything up to ${target} within ${REPAIR_CATCHUP_MS} ms`);
       }
       const keyCols = identList(tx, m.key_columns);
       const cols = identList(tx, m.copy_columns);
@@ -241,6 +238,19 @@ async function repairKeys(
       log().info({ repaired: diffs.length - still.length, remaining: still.length }, "verify: repaired differing rows");
       return still;
     },
-    opts,
-  );
+    {
+      ...opts,
+      retries: opts.retries ?? 5,
+      retryOn: (err) => err instanceof CatchupTimeout,
+      onRetry: (n, err) => log().warn({ attempt: n, err: err instanceof Error ? err.message : String(err) }, "verify: repair not done in time (lock or stream), lock released, retrying"),
+    },
+  ).catch((err: unknown) => {
+    if (err instanceof CatchupTimeout) {
+      throw new PgshiftError(`${err.message} while the table was locked for the repair, on every attempt; nothing more was repaired`, {
+        hint: "let pgshift sync catch up (pgshift status shows the lag) and run verify --repair again",
+        cause: err,
+      });
+    }
+    throw err;
+  });
 }
