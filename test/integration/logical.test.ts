@@ -32,6 +32,33 @@ const MONTH = ["--partition-by", "range:created_at:month"];
 /** Runs pgshift against the test database (or `url`). */
 const pgshift = (args: string[], url = db.url) => runCli([...args, "--url", url]);
 
+/**
+ * Opens a transaction on a connection of its own that holds ROW EXCLUSIVE on `table` (as one that wrote to
+ * it would) until `release()`, which also closes the connection (idempotent). Resolves once the lock is held.
+ */
+async function holdRowExclusive(table: string): Promise<{ release: () => Promise<void> }> {
+  let release!: () => void;
+  const released = new Promise<void>((r) => (release = r));
+  let lockedNow!: () => void;
+  const locked = new Promise<void>((r) => (lockedNow = r));
+  const holder = await connect({ url: db.url });
+  const holding = holder.begin(async (tx) => {
+    await tx`lock table ${tx(table)} in row exclusive mode`;
+    lockedNow();
+    await released;
+  });
+  await Promise.race([locked, holding]);
+  let done: Promise<void> | null = null;
+  return {
+    release: () =>
+      (done ??= (async () => {
+        release();
+        await holding.catch(() => {});
+        await holder.end();
+      })()),
+  };
+}
+
 /** stderr without empty lines. */
 const stderrLines = (r: CliResult) => r.stderr.split("\n").filter((l) => l.trim() !== "");
 
@@ -296,18 +323,8 @@ describe("start, stream and clean-up in logical mode", () => {
     // An open transaction that holds ROW EXCLUSIVE on the table (as one that wrote to it would, but without
     // an xid, so that the slot can be created): CREATE PUBLICATION (SHARE UPDATE EXCLUSIVE) gets through,
     // the TRUNCATE guard's CREATE TRIGGER (SHARE ROW EXCLUSIVE) in the start transaction does not.
-    let release!: () => void;
-    const released = new Promise<void>((r) => (release = r));
-    let lockedNow!: () => void;
-    const locked = new Promise<void>((r) => (lockedNow = r));
-    const holder = await connect({ url: db.url });
-    const holding = holder.begin(async (tx) => {
-      await tx`lock table locked in row exclusive mode`;
-      lockedNow();
-      await released;
-    });
+    const lock = await holdRowExclusive("locked");
     try {
-      await locked;
       const run = runCli(["start", "locked", ...MONTH, "--mode", "logical", "--lock-timeout", "2000", "--retries", "0", "--url", db.url]);
       // The slot and publication exist while start waits for the lock: the failure comes after them.
       let seen = false;
@@ -327,9 +344,7 @@ describe("start, stream and clean-up in logical mode", () => {
       expect(errors, describeRun(r)).toHaveLength(1);
       expect(errors[0], describeRun(r)).toContain("could not lock the tables within 2000 ms after 1 attempts");
     } finally {
-      release();
-      await holding.catch(() => {});
-      await holder.end();
+      await lock.release();
     }
     expect(await streamObjects(db.admin, "locked")).toEqual({ slots: [], publications: [], shadow: false, migrations: 0 });
     expect(await catalogSnapshot(db.admin)).toEqual(before);
@@ -582,23 +597,13 @@ describe("start, stream and clean-up in logical mode", () => {
     const names = logicalNames(await oidOf(db.admin, "absync"));
     await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
     const sync = await startSync("absync", names.slot);
-    let release!: () => void;
-    const released = new Promise<void>((r) => (release = r));
-    let lockedNow!: () => void;
-    const locked = new Promise<void>((r) => (lockedNow = r));
-    const holder = await connect({ url: db.url });
-    const holding = holder.begin(async (tx) => {
-      await tx`lock table absync in row exclusive mode`;
-      lockedNow();
-      await released;
-    });
+    const lock = await holdRowExclusive("absync");
     try {
-      await locked;
       const abort = pgshift(["abort", "absync", "--lock-timeout", "10000", "--retries", "0"]);
       // abort drops the stream first, then waits for the lock; sync's next tick sees its stream terminated.
       await waitUntil("abort dropped the slot", async () => !(await slotRow(db.admin, names.slot)).exists, 15_000);
       await sleep(1500);
-      release();
+      await lock.release();
       const ab = await abort;
       expect(ab.code, describeRun(ab)).toBe(0);
       expect(await streamObjects(db.admin, "absync")).toEqual({ slots: [], publications: [], shadow: false, migrations: 0 });
@@ -606,9 +611,7 @@ describe("start, stream and clean-up in logical mode", () => {
       expect(ex.code, described(sync, ex, 8_000)).toBe(0);
       expect(sync.out.stdout, described(sync, ex, 8_000)).toContain("sync finished: the migration is gone");
     } finally {
-      release();
-      await holding.catch(() => {});
-      await holder.end();
+      await lock.release();
       if (sync.child.exitCode === null && sync.child.signalCode === null) sync.child.kill("SIGKILL");
     }
   });
