@@ -36,6 +36,7 @@ export function printStatus(s: StatusReport): void {
       { rate: s.rate === null ? "-" : `${Math.round(s.rate)} rows/s, ETA ${formatDuration(s.etaSeconds)}` },
       { "DEFAULT rows": s.defaultPartition ? `${s.defaultPartition.rows} in ${s.defaultPartition.name}` : "no DEFAULT partition (hash)" },
       { mirror: `${s.mirror.ok ? "ok" : "NOT OK"}: ${s.mirror.detail}` },
+      { columns: s.schemaDrift.length === 0 ? "the same in both tables, all mirrored" : `CHANGED during the migration (${s.schemaDrift.length} differences)` },
       { "last verify": v ? `${v.equal ? "equal" : "DIFFERENT"}: ${v.rowsCompared} rows, ${v.missing} missing, ${v.extra} extra, ${v.different} different, ${v.repaired} repaired (${v.at})` : "never" },
       { next: s.next },
     );
@@ -51,6 +52,7 @@ export function printStatus(s: StatusReport): void {
     }
     process.stdout.write(t.toString() + "\n");
     for (const w of s.stream?.warnings ?? []) process.stdout.write(`warning: ${w}\n`);
+    for (const d of s.schemaDrift) process.stdout.write(`warning: ${d} (cutover, swap-back and verify refuse until the columns agree)\n`);
     if (s.defaultPartition && s.defaultPartition.rows > 0) {
       process.stdout.write(`note: ${s.defaultPartition.rows} rows fall outside the planned bounds and sit in ${s.defaultPartition.name}\n`);
     }

@@ -1,5 +1,6 @@
 import type { Sql, TxSql } from "../db.js";
 import { withLockRetry, type LockRetryOptions } from "../db.js";
+import { requireNoDrift } from "../catalog/drift.js";
 import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import { mirrorFor } from "../mirror/mirror.js";
@@ -76,6 +77,8 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
     const m0 = await requireMigration(sql, table, to === "cutover" ? "cut over" : "swap back", from);
     const health = await mirrorFor(m0.mode).health(sql, m0);
     if (!health.ok) throw new PgshiftError(`the mirror is not healthy: ${health.detail}`, { hint: "run pgshift verify --repair after fixing it, or pgshift abort" });
+    const what = to === "cutover" ? "cut over" : "swap back";
+    await requireNoDrift(sql, m0, what);
     let attempts = 0;
     let statements: string[] = [];
     // Logical mode, before the first cutover: the shadow follows the slot; it must have applied every change
@@ -107,6 +110,8 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
           await tx.unsafe(statements[0]!);
           locked = performance.now();
         }
+        // Under both locks no ALTER TABLE can slip in between this check and the renames.
+        await requireNoDrift(tx, m, what);
         for (const stmt of statements.slice(1)) await tx.unsafe(stmt);
         await tx`
           update pgshift.migrations set phase = ${to}, updated_at = now(),

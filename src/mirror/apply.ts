@@ -246,6 +246,21 @@ export class Applier {
           this.changes++;
           await this.applyChange(this.tx, msg);
           return;
+        case "relation": {
+          // Sent before the first change of the table and again after an ALTER TABLE: the columns the stream
+          // carries from here on. The shadow has the columns of the start; a change would be applied without
+          // the new column, or with NULL for a dropped one. Stop before applying anything of it.
+          const streamed = msg.columns.map((c) => c.name);
+          const added = streamed.filter((c) => !this.m.copy_columns.includes(c));
+          const dropped = this.m.copy_columns.filter((c) => !streamed.includes(c));
+          if (added.length > 0 || dropped.length > 0) {
+            const what = [added.length > 0 ? `added ${added.join(", ")}` : "", dropped.length > 0 ? `dropped ${dropped.join(", ")}` : ""].filter(Boolean).join(", ");
+            throw new PgshiftError(`the columns of ${msg.schema}.${msg.name} changed during the migration (${what}); the shadow cannot follow`, {
+              hint: "pgshift does not carry ALTER TABLE over: run pgshift abort, and start the migration again",
+            });
+          }
+          return;
+        }
         case "truncate":
           if (this.skipping) return;
           throw new PgshiftError(`TRUNCATE of ${this.m.source_table} reached the stream; the shadow cannot follow`, { hint: "abort the migration (pgshift abort) and start again" });

@@ -1,3 +1,4 @@
+import { requireNoDrift } from "../catalog/drift.js";
 import type { Sql, TxSql } from "../db.js";
 import { identList, joinFragments, transaction, table as tableRef, textColumns, valueList, withLockRetry, type AnySql, type Fragment, type LockRetryOptions } from "../db.js";
 import { keyAfter } from "../backfill/backfill.js";
@@ -72,6 +73,7 @@ export async function verify(sql: Sql, table: QualifiedName, opts: VerifyOptions
   await lockMigration(sql, table);
   try {
     const m = await requireMigration(sql, table, "verify", ["backfilled", "cutover", "swapped_back"]);
+    await requireNoDrift(sql, m, "verify");
     const t0 = performance.now();
     const differences: Difference[] = [];
     const counts = { missing: 0, extra: 0, different: 0 };
