@@ -1,25 +1,27 @@
 import { Command } from "commander";
 import { BlockedError } from "../errors.js";
 import { planMigration } from "../migration/plan.js";
-import { startMigration } from "../migration/start.js";
+import { DEFAULT_SLOT_TIMEOUT_MS, startMigration } from "../migration/start.js";
 import { displayName } from "../names.js";
 import { parsePartitionSpec } from "../partitioning/spec.js";
-import { addConnectionOption, addLockOptions, withTable } from "./common.js";
+import { addConnectionOption, addLockOptions, intOption, withTable } from "./common.js";
 import { printPlan, specOptions, type PlanCliOpts } from "./plan.js";
 
 export function startCommand(): Command {
   const cmd = new Command("start")
     .description("create the shadow table, its partitions and indexes, install the mirror, record the migration")
     .argument("<table>", "table to partition, optionally schema-qualified")
-    .option("--dry-run", "print the plan and its statements; change nothing");
+    .option("--dry-run", "print the plan and its statements; change nothing")
+    .option("--slot-timeout-ms <ms>", "logical mode: the longest creating the replication slot may wait for transactions already running to end", intOption("--slot-timeout-ms", 1), DEFAULT_SLOT_TIMEOUT_MS);
   specOptions(cmd);
   addLockOptions(cmd);
   addConnectionOption(cmd);
   cmd.addHelpText("after", `
 Examples:
   pgshift start orders --partition-by range:created_at:month --premake 6
-  pgshift start public.events --partition-by list:tenant_id --dry-run`);
-  cmd.action(async (tableArg: string, opts: PlanCliOpts & { lockTimeout: number; retries: number; dryRun?: boolean }) => {
+  pgshift start public.events --partition-by list:tenant_id --dry-run
+  pgshift start events --partition-by range:created_at:month --mode logical --slot-timeout-ms 60000`);
+  cmd.action(async (tableArg: string, opts: PlanCliOpts & { lockTimeout: number; retries: number; dryRun?: boolean; slotTimeoutMs: number }) => {
     const spec = parsePartitionSpec(opts.partitionBy);
     await withTable(tableArg, opts, async (sql, table) => {
       if (opts.dryRun) {
@@ -28,7 +30,7 @@ Examples:
         if (plan.blockers.length > 0) throw new BlockedError(displayName(table), plan.blockers);
         return;
       }
-      const { plan, ms } = await startMigration(sql, table, { spec, mode: opts.mode, premake: opts.premake, lockTimeoutMs: opts.lockTimeout, retries: opts.retries });
+      const { plan, ms } = await startMigration(sql, table, { spec, mode: opts.mode, premake: opts.premake, lockTimeoutMs: opts.lockTimeout, retries: opts.retries, slotTimeoutMs: opts.slotTimeoutMs });
       for (const w of plan.warnings) process.stdout.write(`warning: ${w}\n`);
       process.stdout.write(
         `started: ${displayName(plan.shadow)} with ${plan.partitions.length} partitions, ${plan.mode} mirror installed (${Math.round(ms)} ms)\n` +

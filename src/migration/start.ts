@@ -4,7 +4,15 @@ import { log } from "../log.js";
 import { displayName, type QualifiedName } from "../names.js";
 import { planMigration, type MigrationPlan, type PlanOptions } from "./plan.js";
 import { lockMigration, logicalNames, unlockMigration } from "./state.js";
-import { dropStream } from "../mirror/logical.js";
+import { createSlotWaiting, createsSlot, dropStream } from "../mirror/logical.js";
+
+/** How long start --mode logical waits, by default, for running transactions before the slot exists: 5 minutes. */
+export const DEFAULT_SLOT_TIMEOUT_MS = 300_000;
+
+export interface StartOptions extends PlanOptions, LockRetryOptions {
+  /** Logical mode: the longest creating the replication slot may wait for transactions already running to end, ms (default 300,000). */
+  slotTimeoutMs?: number;
+}
 
 export interface StartResult {
   plan: MigrationPlan;
@@ -18,10 +26,11 @@ export interface StartResult {
  * In logical mode the publication and the replication slot are created first and dropped again if the
  * transaction fails (a slot left by a crash in between is reported by status and removed by abort).
  * Locks on the source (CREATE TRIGGER takes SHARE ROW EXCLUSIVE) are requested last and under
- * `lock_timeout`, with jittered retries.
+ * `lock_timeout`, with jittered retries. Creating the slot waits for transactions already running to end,
+ * `opts.slotTimeoutMs` at most (createSlotWaiting).
  * @throws BlockedError listing every blocker (nothing changed); PgshiftError on lock timeout or server errors.
  */
-export async function startMigration(sql: Sql, table: QualifiedName, opts: PlanOptions & LockRetryOptions): Promise<StartResult> {
+export async function startMigration(sql: Sql, table: QualifiedName, opts: StartOptions): Promise<StartResult> {
   await lockMigration(sql, table);
   try {
     const plan = await planMigration(sql, table, opts);
@@ -32,7 +41,10 @@ export async function startMigration(sql: Sql, table: QualifiedName, opts: PlanO
     // If anything below fails they are dropped again: nothing is left behind.
     const stream = plan.mode === "logical" ? logicalNames(plan.facts!.oid) : null;
     try {
-      for (const stmt of plan.streamStatements) await sql.unsafe(stmt);
+      for (const stmt of plan.streamStatements) {
+        if (createsSlot(stmt)) await createSlotWaiting(sql, stmt, opts.slotTimeoutMs ?? DEFAULT_SLOT_TIMEOUT_MS);
+        else await sql.unsafe(stmt);
+      }
       await withLockRetry(
         sql,
         async (tx) => {

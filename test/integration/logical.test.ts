@@ -350,6 +350,50 @@ describe("start, stream and clean-up in logical mode", () => {
     expect(await catalogSnapshot(db.admin)).toEqual(before);
   });
 
+  it("a transaction left open (with an xid) blocks the slot: start gives up after --slot-timeout-ms naming its pid, leaves nothing; once it ends, start goes through", async () => {
+    await createOrders(db.admin, "idlexact");
+    await db.admin`create table elsewhere (x int)`;
+    const before = await catalogSnapshot(db.admin);
+    let release!: () => void;
+    const released = new Promise<void>((r) => (release = r));
+    let wrote!: (pid: number) => void;
+    const written = new Promise<number>((r) => (wrote = r));
+    const holder = await connect({ url: db.url });
+    // An application session idle in a transaction that wrote elsewhere: it holds a transaction id.
+    const holding = holder.begin(async (tx) => {
+      await tx`insert into elsewhere values (1)`;
+      wrote(Number((await tx`select pg_backend_pid() as pid`)[0]!.pid));
+      await released;
+    });
+    try {
+      const pid = await Promise.race([written, holding.then(() => -1)]);
+      const r = await runCli(["start", "idlexact", ...MONTH, "--mode", "logical", "--slot-timeout-ms", "1500", "--url", db.url]);
+      expect(r.code, describeRun(r)).toBe(2);
+      const errors = stderrLines(r).filter((l) => l.startsWith("pgshift: error:"));
+      expect(errors, describeRun(r)).toHaveLength(1);
+      expect(errors[0], describeRun(r)).toContain("the replication slot was not created within 1500 ms");
+      expect(errors[0], describeRun(r)).toContain(`pid ${pid} (idle in transaction since `);
+      expect(stderrLines(r).some((l) => l.startsWith("pgshift: hint:") && l.includes("pg_terminate_backend")), describeRun(r)).toBe(true);
+      expect(await streamObjects(db.admin, "idlexact")).toEqual({ slots: [], publications: [], shadow: false, migrations: 0 });
+      expect(await catalogSnapshot(db.admin)).toEqual(before);
+
+      // The same start, with the transaction ending while it waits: the slot is created and start succeeds.
+      const run = runCli(["start", "idlexact", ...MONTH, "--mode", "logical", "--url", db.url]);
+      await sleep(1000);
+      release();
+      await holding;
+      const ok = await run;
+      expect(ok.code, describeRun(ok)).toBe(0);
+      const names = logicalNames(await oidOf(db.admin, "idlexact"));
+      expect(await streamObjects(db.admin, "idlexact")).toEqual({ slots: [names.slot], publications: [names.publication], shadow: true, migrations: 1 });
+      expect((await runCli(["abort", "idlexact", "--url", db.url])).code).toBe(0);
+    } finally {
+      release();
+      await holding.catch(() => {});
+      await holder.end();
+    }
+  });
+
   it("pgshift sync killed (SIGKILL) while applying a large transaction: nothing partial, nothing confirmed, a restart catches up", async () => {
     const name = "bigtx";
     const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
