@@ -49,7 +49,12 @@ async function streamStatus(sql: Sql, slot: string, appliedAt: Date | null, maxR
   const warnings: string[] = [];
   if (!s.exists) warnings.push(`replication slot ${slot} does not exist: the shadow no longer follows the table (pgshift abort, then start again)`);
   if (s.retainedBytes > maxRetained) warnings.push(`slot ${slot} retains ${s.retainedBytes} bytes of WAL (more than ${maxRetained}): run pgshift sync, or abort`);
-  if (s.exists && !s.active) warnings.push(`no consumer is attached to slot ${slot}: WAL piles up until pgshift sync (or backfill, verify, cutover) streams it`);
+  if (s.invalidated !== null) {
+    warnings.push(`replication slot ${slot} was invalidated by PostgreSQL (${s.invalidated}): the WAL it needed is gone and the shadow can no longer follow the table (pgshift abort, then start again)`);
+  } else if (s.walStatus === "unreserved") {
+    warnings.push(`slot ${slot} retains more WAL than max_slot_wal_keep_size allows: PostgreSQL invalidates it at the next checkpoint unless pgshift sync catches up now`);
+  }
+  if (s.exists && !s.active && s.invalidated === null) warnings.push(`no consumer is attached to slot ${slot}: WAL piles up until pgshift sync (or backfill, verify, cutover) streams it`);
   return { ...s, appliedCommitTime: appliedAt?.toISOString() ?? null, warnings };
 }
 

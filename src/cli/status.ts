@@ -43,7 +43,7 @@ export function printStatus(s: StatusReport): void {
     if (s.stream) {
       const st = s.stream;
       t.push(
-        { "replication slot": `${st.slot} ${st.exists ? (st.active ? `streaming to pid ${st.activePid}` : "idle: no consumer attached") : "MISSING"}` },
+        { "replication slot": `${st.slot} ${!st.exists ? "MISSING" : st.invalidated !== null ? `INVALIDATED (${st.invalidated})` : st.active ? `streaming to pid ${st.activePid}` : "idle: no consumer attached"}${st.walStatus ? `, WAL ${st.walStatus}` : ""}` },
         { "confirmed LSN": `${st.confirmedLsn ?? "-"} (current ${st.currentLsn})` },
         { lag: `${formatBytes(st.lagBytes)}, ${st.lagSeconds === null ? "-" : `${st.lagSeconds.toFixed(1)} s`}` },
         { "retained WAL": formatBytes(st.retainedBytes) },

@@ -7,7 +7,7 @@ import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import type { Migration } from "../migration/state.js";
 import { ChangeBatch, columnTypes, type Tuple } from "./changes.js";
-import { lsnToBigInt } from "./logical.js";
+import { lsnToBigInt, slotState } from "./logical.js";
 
 // Tuples are applied as the text PostgreSQL sent, and typed by the server from the target columns: parsing
 // them into JavaScript values (Date, number, object) would lose precision (microseconds, numeric, int8).
@@ -111,6 +111,12 @@ export class Applier {
   async start(): Promise<void> {
     this.sql = await connect({ url: this.opts.url, applicationName: `pgshift apply ${this.m.source_table}`, rawText: true });
     try {
+      const slot = await slotState(this.sql, this.m.slot_name!);
+      if (slot.invalidated !== null) {
+        throw new PgshiftError(`replication slot ${this.m.slot_name} was invalidated by PostgreSQL (${slot.invalidated}): the WAL it needed is gone, the shadow can no longer follow the table`, {
+          hint: "run pgshift abort and start again (max_slot_wal_keep_size limits the WAL a slot may hold back; keep pgshift sync running)",
+        });
+      }
       this.batch = new ChangeBatch({
         table: this.m.partitioned,
         columns: this.m.copy_columns,

@@ -144,6 +144,13 @@ export interface SlotState {
   /** replay_lag of the attached consumer as PostgreSQL measures it, seconds (0 when caught up, null when none attached). */
   lagSeconds: number | null;
   currentLsn: string;
+  /**
+   * pg_replication_slots.wal_status (PostgreSQL 13+): reserved, extended, unreserved (past
+   * max_slot_wal_keep_size: invalidated at the next checkpoint unless the consumer catches up) or lost.
+   */
+  walStatus: string | null;
+  /** Why PostgreSQL invalidated the slot (invalidation_reason, PostgreSQL 17+; "wal_removed" for a lost slot before 17); null while usable. */
+  invalidated: string | null;
 }
 
 /** Reads the slot's position and the lag from pg_replication_slots and pg_stat_replication. */
@@ -154,7 +161,10 @@ export async function slotState(sql: AnySql, slot: string): Promise<SlotState> {
            s.confirmed_flush_lsn::text as confirmed,
            coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn), 0)::bigint as lag,
            extract(epoch from r.replay_lag)::float8 as lag_seconds,
-           pg_current_wal_lsn()::text as current
+           pg_current_wal_lsn()::text as current,
+           s.wal_status,
+           -- to_jsonb: invalidation_reason exists from PostgreSQL 17 on, and reads as NULL before.
+           to_jsonb(s) ->> 'invalidation_reason' as invalidation_reason
       from (select 1) one
       left join pg_replication_slots s on s.slot_name = ${slot}
       left join pg_stat_replication r on r.pid = s.active_pid`;
@@ -169,6 +179,8 @@ export async function slotState(sql: AnySql, slot: string): Promise<SlotState> {
     lagBytes: Math.max(0, Number(x.lag)),
     lagSeconds: x.active ? (x.lag_seconds === null ? 0 : Number(x.lag_seconds)) : null,
     currentLsn: String(x.current),
+    walStatus: x.wal_status === null || x.wal_status === undefined ? null : String(x.wal_status),
+    invalidated: x.invalidation_reason ? String(x.invalidation_reason) : x.wal_status === "lost" ? "wal_removed" : null,
   };
 }
 
@@ -204,10 +216,12 @@ export const logicalMirror: Mirror = {
     const s = await slotState(sql, m.slot_name);
     return {
       mode: "logical",
-      ok: s.exists,
-      detail: s.exists
-        ? `replication slot ${m.slot_name} ${s.active ? "streaming" : "idle (no consumer attached)"}, ${s.lagBytes} bytes behind`
-        : `replication slot ${m.slot_name} is missing: changes are NOT mirrored`,
+      ok: s.exists && s.invalidated === null,
+      detail: !s.exists
+        ? `replication slot ${m.slot_name} is missing: changes are NOT mirrored`
+        : s.invalidated !== null
+          ? `replication slot ${m.slot_name} was invalidated by PostgreSQL (${s.invalidated}): changes are NOT mirrored`
+          : `replication slot ${m.slot_name} ${s.active ? "streaming" : "idle (no consumer attached)"}, ${s.lagBytes} bytes behind`,
     };
   },
 };
