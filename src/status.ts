@@ -1,6 +1,6 @@
 import type { Sql } from "./db.js";
 import { table as tableRef } from "./db.js";
-import { columnDrift } from "./catalog/drift.js";
+import { columnDrift, indexDrift } from "./catalog/drift.js";
 import { PgshiftError } from "./errors.js";
 import { mirrorFor, type MirrorHealth } from "./mirror/mirror.js";
 import { slotState, type SlotState } from "./mirror/logical.js";
@@ -34,6 +34,8 @@ export interface StatusReport {
   mirror: MirrorHealth;
   /** Column differences between the live table, its copy and the columns the mirror copies (columnDrift): empty when they agree; cutover, swap-back and verify refuse otherwise. */
   schemaDrift: string[];
+  /** Indexes created on the original table after start that the partitioned table lacks (indexDrift). */
+  indexDrift: string[];
   /** Logical mode, while the slot exists: where the stream stands. */
   stream: (SlotState & { appliedCommitTime: string | null; warnings: string[] }) | null;
   lastVerify: VerifyResult | null;
@@ -112,6 +114,7 @@ export async function status(sql: Sql, table: QualifiedName, opts: { maxRetained
     defaultPartition,
     mirror: await mirrorFor(m.mode).health(sql, m),
     schemaDrift: await columnDrift(sql, m),
+    indexDrift: await indexDrift(sql, m),
     stream: m.slot_name ? await streamStatus(sql, m.slot_name, m.applied_commit_time, opts.maxRetainedWalBytes ?? 1024 ** 3) : null,
     lastVerify: m.last_verify,
     startedAt: m.created_at.toISOString(),

@@ -62,3 +62,30 @@ export async function requireNoDrift(sql: AnySql, m: Migration, what: string): P
     hint: "pgshift does not carry ALTER TABLE over; undo the change, or run pgshift abort and start the migration again",
   });
 }
+
+const IndexRow = z.object({ name: z.string(), definition: z.string() });
+
+/**
+ * Indexes created on the original table after `start` (not in `m.index_renames`, the indexes the partitioned
+ * table was given): the partitioned table has no counterpart, so they would be gone after cutover. Only
+ * while the original table is the live one (every phase but cutover). An index is not data, so this warns
+ * (status, cutover) and refuses nothing.
+ * @returns one line per index, with its definition; empty when there is none.
+ */
+export async function indexDrift(sql: AnySql, m: Migration): Promise<string[]> {
+  if (m.phase === "cutover") return [];
+  const rows = await sql`
+    select c.relname::text as name, pg_catalog.pg_get_indexdef(i.indexrelid) as definition
+      from pg_catalog.pg_index i
+      join pg_catalog.pg_class c on c.oid = i.indexrelid
+      join pg_catalog.pg_class t on t.oid = i.indrelid
+      join pg_catalog.pg_namespace n on n.oid = t.relnamespace
+     where n.nspname = ${m.original.schema} and t.relname = ${m.original.name}
+     order by c.relname`;
+  const known = new Set(m.index_renames.map((r) => r.to));
+  return z
+    .array(IndexRow)
+    .parse(rows)
+    .filter((r) => !known.has(r.name))
+    .map((r) => `index ${r.name} was created on ${displayName(m.original)} after pgshift start and ${displayName(m.partitioned)} has no counterpart: it is gone after cutover unless you create it there first (${r.definition})`);
+}

@@ -1,6 +1,6 @@
 import type { Sql, TxSql } from "../db.js";
 import { withLockRetry, type LockRetryOptions } from "../db.js";
-import { requireNoDrift } from "../catalog/drift.js";
+import { indexDrift, requireNoDrift } from "../catalog/drift.js";
 import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import { mirrorFor } from "../mirror/mirror.js";
@@ -79,6 +79,7 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
     if (!health.ok) throw new PgshiftError(`the mirror is not healthy: ${health.detail}`, { hint: "run pgshift verify --repair after fixing it, or pgshift abort" });
     const what = to === "cutover" ? "cut over" : "swap back";
     await requireNoDrift(sql, m0, what);
+    if (to === "cutover") for (const w of await indexDrift(sql, m0)) log().warn(w);
     let attempts = 0;
     let statements: string[] = [];
     // Logical mode, before the first cutover: the shadow follows the slot; it must have applied every change

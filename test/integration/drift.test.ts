@@ -104,6 +104,26 @@ describe("trigger mode", () => {
   });
 });
 
+describe("indexes", () => {
+  it("an index created on the table during the migration is reported by status and by cutover, which goes on", async () => {
+    await createOrders(db.admin, "drift_i");
+    expect((await pgshift(["start", "drift_i", ...MONTH])).code).toBe(0);
+    expect((await pgshift(["backfill", "drift_i"])).code).toBe(0);
+    expect((await statusOf("drift_i")).indexDrift).toEqual([]);
+    await db.admin`create index drift_i_note on drift_i (note)`;
+    const st = await statusOf("drift_i");
+    expect(st.indexDrift).toHaveLength(1);
+    expect(st.indexDrift[0]).toContain("index drift_i_note was created on public.drift_i after pgshift start and public.drift_i_pgshift_shadow has no counterpart");
+    expect(st.indexDrift[0]).toContain("CREATE INDEX drift_i_note ON public.drift_i USING btree (note)");
+    expect(st.schemaDrift).toEqual([]);
+    const cut = await pgshift(["cutover", "drift_i"]);
+    expect(cut.code, describeRun(cut)).toBe(0);
+    expect(cut.stderr, describeRun(cut)).toContain("index drift_i_note was created on public.drift_i after pgshift start");
+    // After cutover the retired table's extra index does not matter any more.
+    expect((await statusOf("drift_i")).indexDrift).toEqual([]);
+  });
+});
+
 describe("logical mode", () => {
   it("the applier stops at the first change with the new column, applies none of it, and cutover refuses", async () => {
     await createOrders(db.admin, "drift_l");
