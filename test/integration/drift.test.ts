@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import type { Sql } from "../../src/db.js";
 import type { StatusReport } from "../../src/status.js";
-import { describeRun, runCli, type CliResult } from "../support/cli.js";
+import { describeRun, expectRefusal, runCli } from "../support/cli.js";
 import { freshDatabase, type TestDatabase } from "../support/db.js";
 
 /**
@@ -28,15 +28,6 @@ async function createOrders(sql: Sql, name: string): Promise<void> {
     create table ${name} (id bigserial primary key, created_at timestamptz not null, note text);
     insert into ${name} (created_at, note)
       select timestamptz '2025-01-01 00:00+00' + i * interval '11 hours', 'order ' || i from generate_series(1, 300) i;`);
-}
-
-/** Exit 2, one `pgshift: error:` line containing every pattern (and at most a hint line); JSON log lines aside. */
-function expectRefusal(r: CliResult, ...patterns: string[]): void {
-  expect(r.code, describeRun(r)).toBe(2);
-  const lines = r.stderr.split("\n").filter((l) => l.trim() !== "" && !l.startsWith("{"));
-  expect(lines[0], describeRun(r)).toMatch(/^pgshift: error: /);
-  expect(lines.length, describeRun(r)).toBeLessThanOrEqual(2);
-  for (const p of patterns) expect(lines[0], describeRun(r)).toContain(p);
 }
 
 /** What a refused step must leave as it was: the phase, which table is partitioned, the triggers. */

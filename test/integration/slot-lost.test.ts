@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import postgres from "postgres";
 import { startEmbedded, type EmbeddedServer } from "../../src/embedded.js";
 import type { StatusReport } from "../../src/status.js";
-import { describeRun, runCli, type CliResult } from "../support/cli.js";
+import { describeRun, expectRefusal, runCli } from "../support/cli.js";
 
 /**
  * A replication slot PostgreSQL invalidates (max_slot_wal_keep_size: the WAL it held back was removed) can
@@ -25,14 +25,6 @@ afterAll(async () => {
   await admin?.end({ timeout: 5 });
   await server?.stop();
 });
-
-function expectRefusal(r: CliResult, ...patterns: string[]): void {
-  expect(r.code, describeRun(r)).toBe(2);
-  const lines = r.stderr.split("\n").filter((l) => l.trim() !== "" && !l.startsWith("{"));
-  expect(lines[0], describeRun(r)).toMatch(/^pgshift: error: /);
-  expect(lines.length, describeRun(r)).toBeLessThanOrEqual(2);
-  for (const p of patterns) expect(lines[0], describeRun(r)).toContain(p);
-}
 
 describe("a replication slot invalidated by PostgreSQL", () => {
   it("status reports it, sync and cutover refuse, abort removes everything", async () => {

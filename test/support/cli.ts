@@ -1,4 +1,5 @@
 import { spawn } from "node:child_process";
+import { expect } from "vitest";
 import { fileURLToPath } from "node:url";
 
 /** The repository root: the CLI runs from here, the way `npx tsx src/cli/main.ts` would. */
@@ -45,4 +46,17 @@ export function runCli(args: string[], opts: { timeoutMs?: number } = {}): Promi
 /** A result as text for assertion messages. */
 export function describeRun(r: CliResult): string {
   return `pgshift ${r.args.join(" ")}\n  exit ${r.code}${r.signal ? ` (${r.signal})` : ""}, ${r.ms} ms\n--- stdout\n${r.stdout}--- stderr\n${r.stderr}---`;
+}
+
+/**
+ * A refused command: exit 2, and on stderr (JSON log lines aside) one `pgshift: error:` line containing every
+ * pattern, followed by at most one hint line.
+ */
+export function expectRefusal(r: CliResult, ...patterns: string[]): void {
+  expect(r.code, describeRun(r)).toBe(2);
+  const lines = r.stderr.split("\n").filter((l) => l.trim() !== "" && !l.startsWith("{"));
+  expect(lines[0], describeRun(r)).toMatch(/^pgshift: error: /);
+  expect(lines.length, describeRun(r)).toBeLessThanOrEqual(2);
+  if (lines.length === 2) expect(lines[1], describeRun(r)).toMatch(/^pgshift: hint: \S/);
+  for (const p of patterns) expect(lines[0], describeRun(r)).toContain(p);
 }
