@@ -24,7 +24,8 @@ async function columnsOf(sql: AnySql, t: QualifiedName): Promise<ColumnRow[]> {
  * start). pgshift does not carry ALTER TABLE over: a column added to the live table during the migration is
  * not mirrored (and would vanish at cutover), a dropped one makes the trigger mirror fail.
  * @returns one line per difference (column name, type, which table); empty when the columns agree.
- * @throws when either table is missing (postgres.js error), never for a difference.
+ *   A table that does not exist reads as one without columns, so each column of the other is reported.
+ * @throws only what the server raises (e.g. a lost connection), never for a difference.
  */
 export async function columnDrift(sql: AnySql, m: Migration): Promise<string[]> {
   const [live, copy] = await Promise.all([columnsOf(sql, m.live), columnsOf(sql, m.copy)]);
