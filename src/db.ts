@@ -1,6 +1,6 @@
 import postgres from "postgres";
 import pRetry, { AbortError } from "p-retry";
-import { PgshiftError, explain, sqlState } from "./errors.js";
+import { PgshiftError, explain, isConnectionLoss, sqlState } from "./errors.js";
 import { quoteIdent, type QualifiedName } from "./names.js";
 
 export type Sql = postgres.Sql<Record<string, never>>;
@@ -22,6 +22,13 @@ export interface ConnectOptions {
    * the text pgoutput sent; the server converts it with each column's input function.
    */
   rawText?: boolean;
+  /**
+   * Called whenever one of the pool's connections closes (the server ended it, the network failed). Such a
+   * pool also never closes connections by itself (no max_lifetime), so that every close means a loss.
+   * postgres.js 3.4.9 may leave a connection that closed unable to connect again (its next query, even
+   * reserve(), can wait for ever): code that must notice a loss at once gives up the pool here.
+   */
+  onClose?: () => void;
 }
 
 /**
@@ -51,7 +58,9 @@ export async function connect(opts: ConnectOptions = {}): Promise<Sql> {
     max: opts.max ?? 1,
     onclose: () => {
       closes.count++;
+      opts.onClose?.();
     },
+    ...(opts.onClose ? { max_lifetime: null } : {}),
     onnotice: () => {},
     connect_timeout: 10,
     idle_timeout: 0,
@@ -141,7 +150,17 @@ export function joinFragments(sql: AnySql, parts: readonly Fragment[], sep: Frag
 /** Connection closes seen by each pool (postgres.js `onclose`), to never write on a closed socket. */
 const poolCloses = new WeakMap<object, { count: number }>();
 
-const CONNECTION_LOST = new Set(["CONNECTION_CLOSED", "CONNECTION_DESTROYED", "CONNECTION_ENDED", "ECONNRESET", "EPIPE", "57P01", "57P02", "57P03"]);
+/**
+ * A test of whether `sql`'s pool has lost a connection since this call (postgres.js `onclose`). A query sent
+ * on a reserved connection after it closed crashes the process (postgres.js writes to a null socket from a
+ * timer), so code holding a reserved connection checks this before each statement and after a failure.
+ * Always false for a pool not opened by connect().
+ */
+export function closedSince(sql: AnySql): () => boolean {
+  const closes = poolCloses.get(sql);
+  const before = closes?.count ?? 0;
+  return () => closes !== undefined && closes.count !== before;
+}
 
 /**
  * Runs `fn` in one transaction on a reserved connection: BEGIN [options], fn, COMMIT; ROLLBACK on error.
@@ -151,9 +170,7 @@ const CONNECTION_LOST = new Set(["CONNECTION_CLOSED", "CONNECTION_DESTROYED", "C
  * @param options e.g. "isolation level repeatable read read only".
  */
 export async function transaction<T>(sql: Sql, fn: (tx: TxSql) => Promise<T>, options = ""): Promise<T> {
-  const closes = poolCloses.get(sql);
-  const before = closes?.count ?? 0;
-  const closed = () => closes !== undefined && closes.count !== before;
+  const closed = closedSince(sql);
   const tx = await sql.reserve();
   let lost = false;
   try {
@@ -163,8 +180,7 @@ export async function transaction<T>(sql: Sql, fn: (tx: TxSql) => Promise<T>, op
     await tx.unsafe("commit");
     return result;
   } catch (err) {
-    const code = err && typeof err === "object" && "code" in err ? String((err as { code: unknown }).code) : "";
-    lost = CONNECTION_LOST.has(code) || closed();
+    lost = isConnectionLoss(err) || closed();
     if (!lost) await tx.unsafe("rollback").catch(() => {});
     throw err;
   } finally {

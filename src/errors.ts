@@ -75,3 +75,27 @@ export function explain(err: unknown): PgshiftError {
   }
   return new PgshiftError(msg, { cause: err });
 }
+
+/** Error codes of a lost connection: postgres.js's own, Node's socket errors. */
+const CONNECTION_CODES = new Set([
+  "CONNECTION_CLOSED", "CONNECTION_ENDED", "CONNECTION_DESTROYED", "CONNECT_TIMEOUT",
+  "ECONNREFUSED", "ECONNRESET", "EPIPE", "ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH", "ENOTFOUND", "EAI_AGAIN",
+]);
+
+/**
+ * Whether `err` (or an error in its `cause` chain) means the connection to the server was lost or could not
+ * be made, so that the same work may succeed on a new connection: a socket error, the server shutting down
+ * or terminating the session (SQLSTATE 57P01 admin_shutdown, 57P02 crash_shutdown), starting up (57P03
+ * cannot_connect_now), a connection exception (class 08), or node-postgres's "Connection terminated"
+ * (the replication connection, which carries no code). SQLSTATEs: PostgreSQL documentation, Appendix A.
+ */
+export function isConnectionLoss(err: unknown): boolean {
+  let e: unknown = err;
+  for (let depth = 0; e && typeof e === "object" && depth < 8; depth++) {
+    const code = sqlState(e);
+    if (code !== undefined && (CONNECTION_CODES.has(code) || code.startsWith("08") || code === "57P01" || code === "57P02" || code === "57P03")) return true;
+    if (e instanceof Error && /connection terminated/i.test(e.message)) return true;
+    e = (e as { cause?: unknown }).cause;
+  }
+  return false;
+}

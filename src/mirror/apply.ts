@@ -2,8 +2,8 @@ import pg from "pg";
 import { z } from "zod";
 import { LogicalReplicationService, PgoutputPlugin } from "pg-logical-replication";
 import type { Pgoutput } from "pg-logical-replication";
-import { connect, ident, SESSION_FORMATS, identList, joinFragments, table as tableRef, valueList, type Sql, type TxSql } from "../db.js";
-import { PgshiftError } from "../errors.js";
+import { closedSince, connect, ident, SESSION_FORMATS, identList, joinFragments, table as tableRef, valueList, type Sql, type TxSql } from "../db.js";
+import { PgshiftError, isConnectionLoss } from "../errors.js";
 import { log } from "../log.js";
 import type { Migration } from "../migration/state.js";
 import { ChangeBatch, columnTypes, type Tuple } from "./changes.js";
@@ -68,6 +68,8 @@ export class Applier {
   private service: LogicalReplicationService | null = null;
   private sql: Sql | null = null;
   private tx: TxSql | null = null;
+  /** Whether the connection of `tx` has closed since it was reserved (see closedSince). */
+  private txClosed: () => boolean = () => false;
   private batch: ChangeBatch | null = null;
   private skipping = false;
   private failed: Error | null = null;
@@ -109,7 +111,7 @@ export class Applier {
    * @throws PgshiftError (code 55006 in `cause`) when another consumer holds the slot.
    */
   async start(): Promise<void> {
-    this.sql = await connect({ url: this.opts.url, applicationName: `pgshift apply ${this.m.source_table}`, rawText: true });
+    this.sql = await connect({ url: this.opts.url, applicationName: `pgshift apply ${this.m.source_table}`, rawText: true, onClose: () => this.connectionLost() });
     try {
       const slot = await slotState(this.sql, this.m.slot_name!);
       if (slot.invalidated !== null) {
@@ -156,7 +158,13 @@ export class Applier {
     // When the server refuses to stream (slot in use, slot gone) the library may fail without an error
     // event: end the wait for "start" either way.
     this.running = service.subscribe(plugin, this.m.slot_name!).then(
-      () => failStart(new Error("the stream ended before it started")),
+      () => {
+        // The server ended the stream (it shuts down, or the walsender was told to stop): from here on
+        // nothing arrives, so say so rather than wait for ever. CONNECTION_ENDED: see isConnectionLoss.
+        const ended = Object.assign(new Error("the server ended the replication stream"), { code: "CONNECTION_ENDED" });
+        if (!this.stopping) this.failed ??= ended;
+        failStart(ended);
+      },
       (err: unknown) => {
         this.failed ??= err instanceof Error ? err : new Error(String(err));
         failStart(err);
@@ -183,7 +191,9 @@ export class Applier {
    * commit record starts exactly at pos was done, and it would not be sent again after a restart.
    */
   private async confirm(pos: bigint, ping = false): Promise<void> {
-    if (!this.service) return;
+    // After a failure the open group is being rolled back: confirming any position now could tell the
+    // slot that transactions of that group were applied, and they would never be sent again.
+    if (!this.service || this.failed || this.stopping) return;
     await this.service.acknowledge(lsnText(pos > 0n ? pos - 1n : 0n), ping).catch(() => {});
   }
 
@@ -204,6 +214,7 @@ export class Applier {
   }
 
   private onKeepalive(lsn: string, shouldRespond: boolean): void {
+    if (this.failed || this.stopping) return;
     const pos = lsnToBigInt(lsn);
     if (!this.tx && !this.skipping && this.queueEmpty() && pos > this.applied) {
       // Everything the server had sent before this keepalive is applied: confirm its position.
@@ -237,9 +248,10 @@ export class Applier {
             // whole and in commit order. A group commits at a source commit once it is 50 ms old (short, so the
             // backfill's batches seldom wait for its row locks) or holds 5,000 transactions; when the stream
             // pauses before that, 50 ms after it began (at once while someone waits for a position).
+            this.txClosed = closedSince(this.sql!);
             this.tx = await this.sql!.reserve();
-            await this.tx.unsafe("begin");
-            this.group = { started: Date.now(), txns: 0, end: this.applied, commitTime: null, exact: await this.exactMode(this.tx) };
+            await this.live().unsafe("begin");
+            this.group = { started: Date.now(), txns: 0, end: this.applied, commitTime: null, exact: await this.exactMode(this.live()) };
             if (this.group.exact) this.exactGroups++;
           }
           return;
@@ -250,7 +262,7 @@ export class Applier {
           if (this.skipping || !this.tx) return;
           if (msg.relation.schema !== this.m.original.schema) return;
           this.changes++;
-          await this.applyChange(this.tx, msg);
+          await this.applyChange(this.live(), msg);
           return;
         case "relation": {
           // Sent before the first change of the table and again after an ALTER TABLE: the columns the stream
@@ -315,11 +327,21 @@ export class Applier {
     return lsn !== null && lsnToBigInt(lsn) <= this.applied;
   }
 
+  /**
+   * The apply connection closed (terminated, server restart, network). Whatever the handler in hand awaits
+   * on it may never settle (see ConnectOptions.onClose): fail now, without a statement on it. The server
+   * rolled the open group back; nothing of it was confirmed. A new Applier (sync starts one) goes on.
+   */
+  private connectionLost(): void {
+    if (this.stopping || this.failed) return;
+    void this.fail(Object.assign(new Error("the apply session's connection was lost"), { code: "CONNECTION_CLOSED" }));
+  }
+
   /** Stops the stream after an error; the open group is rolled back (none of it was confirmed). */
   private async fail(err: unknown): Promise<void> {
     this.failed ??= err instanceof Error ? err : new Error(String(err));
     log().error({ err: this.failed.message }, "apply failed; stopping the stream (nothing after the last applied transaction was confirmed)");
-    await this.abandonGroup();
+    await this.abandonGroup(isConnectionLoss(err));
     void this.stop();
   }
 
@@ -337,13 +359,13 @@ export class Applier {
   private async commitGroup(): Promise<void> {
     if (this.commitTimer) clearTimeout(this.commitTimer);
     this.commitTimer = null;
-    const tx = this.tx;
     const g = this.group;
-    if (!tx || !g) return;
+    if (!this.tx || !g) return;
+    const tx = this.live();
     await this.batch!.write(tx, g.exact);
     await tx`update pgshift.migrations set applied_lsn = ${lsnText(g.end)}, applied_commit_time = ${(g.commitTime ?? new Date()).toISOString()} where id = ${this.m.id}`;
     await tx.unsafe("commit");
-    tx.release();
+    if (!this.txClosed()) tx.release();
     this.tx = null;
     this.group = null;
     this.applied = g.end;
@@ -353,17 +375,32 @@ export class Applier {
     this.opts.onCommit?.(this.progress);
   }
 
-  /** Rolls back the open group: none of it was confirmed, so the slot sends it again on the next start. */
-  private async abandonGroup(): Promise<void> {
+  /**
+   * Rolls back the open group: none of it was confirmed, so the slot sends it again on the next start.
+   * `lost`: its connection is gone (the server rolled it back), send nothing on it.
+   */
+  private async abandonGroup(lost = false): Promise<void> {
     const tx = this.tx;
     this.tx = null;
     this.group = null;
     this.begun = null;
     this.batch?.clear();
-    if (tx) {
+    // On a lost connection the server has rolled back already; a statement (or a release into the pool)
+    // on it would crash the process (see closedSince).
+    if (tx && !lost && !this.txClosed()) {
       await tx.unsafe("rollback").catch(() => {});
-      tx.release();
+      if (!this.txClosed()) tx.release();
     }
+  }
+
+  /**
+   * The open group's connection, to send a statement on.
+   * @throws an error with code CONNECTION_CLOSED when that connection was lost (the server rolled the group back).
+   */
+  private live(): TxSql {
+    if (!this.tx) throw new Error("no apply transaction is open");
+    if (this.txClosed()) throw Object.assign(new Error("the apply session's connection was lost"), { code: "CONNECTION_CLOSED" });
+    return this.tx;
   }
 
   /**
