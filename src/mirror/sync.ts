@@ -1,8 +1,9 @@
-import { connectionUrl, type Sql } from "../db.js";
-import { PgshiftError } from "../errors.js";
+import pRetry from "p-retry";
+import { connect, connectionUrl, type Sql } from "../db.js";
+import { PgshiftError, isConnectionLoss, sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { displayName, type QualifiedName } from "../names.js";
-import { loadMigration, requireMigration } from "../migration/state.js";
+import { loadMigration, requireMigration, type Migration } from "../migration/state.js";
 import { Applier } from "./apply.js";
 import { slotState } from "./logical.js";
 
@@ -17,76 +18,129 @@ export interface SyncTick {
   transactions: number;
 }
 
+/** A lost connection sync is about to make again. */
+export interface SyncReconnect {
+  /** 1 for the first attempt after a loss, counting up while the server stays unreachable. */
+  attempt: number;
+  /** What was lost, as the error said it. */
+  error: string;
+}
+
 export interface SyncOptions {
   /** Stops cleanly (after the transaction in hand is rolled back, not confirmed) when aborted. */
   signal?: AbortSignal;
   /** Called about once a second. */
   onTick?: (t: SyncTick) => void;
+  /**
+   * When the connection to the server is lost (restart, failover, network, the walsender terminated),
+   * connect again and go on from the slot's confirmed position, waiting 0.5 s doubling up to 5 s between
+   * attempts, for as long as it takes (default true; pg_recvlogical's behaviour). false: fail instead
+   * (pg_recvlogical --no-loop).
+   */
+  loop?: boolean;
+  /** Called before each attempt to connect again. */
+  onReconnect?: (r: SyncReconnect) => void;
 }
 
-const TRANSIENT = new Set(["40P01", "40001", "57P01", "CONNECTION_CLOSED", "ECONNRESET"]);
+/** Apply errors worth starting again at once from the confirmed position (deadlock, serialization failure). */
+const TRANSIENT = new Set(["40P01", "40001"]);
+
+/** Why a session of the applier ended without error. */
+type Stop = { reason: "stopped" | "cut over" | "gone" };
+
+/** The migration's state for sync: a Stop when it no longer streams, else the migration. */
+async function current(sql: Sql, table: QualifiedName): Promise<Migration | Stop> {
+  const m = await loadMigration(sql, table);
+  if (!m) return { reason: "gone" };
+  if (!m.slot_name || m.phase === "cutover") return { reason: "cut over" };
+  return m;
+}
 
 /**
  * `pgshift sync`: applies the replication stream of a logical-mode migration to the shadow until stopped,
  * or until the migration no longer streams (cut over, aborted). Takes no migration lock, so backfill,
  * verify and cutover run beside it (they wait for it to catch up instead of taking over the slot).
+ *
+ * A lost connection (see SyncOptions.loop and isConnectionLoss) does not end it: the apply transaction in
+ * hand is lost with the connection (nothing of it was confirmed), and the next session starts again from
+ * the slot's confirmed position, skipping what the migration row records as applied. So do a deadlock or
+ * serialization failure of the apply (40P01, 40001), at once.
  * @returns why it stopped.
- * @throws PgshiftError when the migration is not in logical mode or the slot is held by another process.
+ * @throws PgshiftError when the migration is not in logical mode, the slot is held by another process when
+ *   sync starts, the slot was invalidated or is gone, or (loop false) the connection is lost; any other
+ *   error of the apply (a schema change of the table, a TRUNCATE) as it is.
  */
-export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {}): Promise<{ reason: "stopped" | "cut over" | "gone" }> {
-  let m = await requireMigration(sql, table, "sync", ["started", "backfilling", "backfilled"]);
-  if (m.mode !== "logical" || !m.slot_name) {
-    throw new PgshiftError(`the migration of ${displayName(table)} is in ${m.mode} mode: there is no stream to apply`, { hint: "sync is for migrations started with --mode logical" });
+export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {}): Promise<Stop> {
+  const first = await requireMigration(sql, table, "sync", ["started", "backfilling", "backfilled"]);
+  if (first.mode !== "logical" || !first.slot_name) {
+    throw new PgshiftError(`the migration of ${displayName(table)} is in ${first.mode} mode: there is no stream to apply`, { hint: "sync is for migrations started with --mode logical" });
   }
   const url = connectionUrl(sql);
-  let applier = new Applier(m, { url });
-  await applier.start();
-  log().info({ table: displayName(table), slot: m.slot_name }, "sync: streaming");
-  let lastChanges = 0;
+  const loop = opts.loop ?? true;
+  let sessions = 0;
   let base = 0;
+  let baseTransactions = 0;
+  let lastChanges = 0;
   let lastTick = Date.now();
-  try {
+  let lost = 0;
+
+  /**
+   * One attachment to the slot: streams until stopped, cut over or gone, or throws what ended it. Each
+   * session opens connections of its own and closes them at its end: postgres.js 3.4.9 can leave a pooled
+   * connection unable to send anything after its socket died with a write pending (its next connection
+   * attempt then hangs until connect_timeout), so a pool that lost a connection is never used again.
+   */
+  const session = async (): Promise<Stop> => {
+    const db = await connect({ url, applicationName: `pgshift sync ${displayName(table)}` });
+    let applier: Applier | null = null;
+    try {
+      const m = sessions === 0 ? first : await current(db, table);
+      if ("reason" in m) return m;
+      applier = new Applier(m, { url });
+      await applier.start();
+      sessions++;
+      if (sessions === 1) log().info({ table: displayName(table), slot: m.slot_name }, "sync: streaming");
+      else log().warn({ table: displayName(table), slot: m.slot_name }, "sync: streaming again, from the slot's confirmed position");
+      lost = 0;
+      return await streamUntilDone(db, m, applier);
+    } finally {
+      if (applier) {
+        base += applier.changes;
+        baseTransactions += applier.transactions;
+        await applier.stop();
+      }
+      await db.end({ timeout: 1 }).catch(() => {});
+    }
+  };
+
+  /** Reports progress once a second until stopped, cut over or gone; throws the stream's error. */
+  const streamUntilDone = async (db: Sql, m: Migration, applier: Applier): Promise<Stop> => {
     for (let tick = 0; ; tick++) {
-      await new Promise<void>((resolve) => {
-        const done = () => {
-          clearTimeout(t);
-          opts.signal?.removeEventListener("abort", done);
-          resolve();
-        };
-        const t = setTimeout(done, 1000);
-        opts.signal?.addEventListener("abort", done, { once: true });
-      });
+      await pause(1000, opts.signal);
       if (opts.signal?.aborted) return { reason: "stopped" };
       const err = applier.error;
       if (err) {
-        const code = String((err as { code?: string }).code ?? "");
-        const now = await loadMigration(sql, table);
-        if (!now || !now.slot_name) return { reason: now ? "cut over" : "gone" };
-        // The slot may be gone because abort or cutover dropped it just before updating the migration:
-        // give them a moment to commit rather than attach to nothing.
-        if (!(await slotState(sql, now.slot_name)).exists) {
+        // The stream may have ended because abort or cutover dropped the slot: then stop, not reconnect.
+        const now = await current(db, table);
+        if ("reason" in now) return now;
+        if (!(await slotState(db, now.slot_name!)).exists) {
+          // Dropped just before the migration row was updated: give them a moment to commit.
           for (let i = 0; i < 50; i++) {
-            await new Promise((r) => setTimeout(r, 100));
-            const later = await loadMigration(sql, table);
-            if (!later) return { reason: "gone" };
-            if (!later.slot_name || later.phase === "cutover") return { reason: "cut over" };
+            await pause(100);
+            const later = await current(db, table);
+            if ("reason" in later) return later;
           }
           throw new PgshiftError(`replication slot ${now.slot_name} is gone but the migration still expects it`, { hint: "run pgshift abort and start again" });
         }
-        if (!TRANSIENT.has(code)) throw err;
-        log().warn({ code }, "sync: transient apply error, restarting from the confirmed position");
-        base += applier.changes;
-        await applier.stop();
-        applier = new Applier(now, { url });
-        await applier.start();
+        throw err;
       }
+      let m2 = m;
       if (tick % 2 === 0) {
-        const now = await loadMigration(sql, table);
-        if (!now) return { reason: "gone" };
-        if (!now.slot_name || now.phase === "cutover") return { reason: "cut over" };
-        m = now;
+        const now = await current(db, table);
+        if ("reason" in now) return now;
+        m2 = now;
       }
-      const s = await slotState(sql, m.slot_name!);
+      const s = await slotState(db, m2.slot_name!);
       const changes = base + applier.changes;
       const secs = (Date.now() - lastTick) / 1000;
       opts.onTick?.({
@@ -95,12 +149,63 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
         lagSeconds: s.lagSeconds,
         changesPerSecond: secs > 0 ? (changes - lastChanges) / secs : 0,
         changes,
-        transactions: applier.transactions,
+        transactions: baseTransactions + applier.transactions,
       });
       lastChanges = changes;
       lastTick = Date.now();
     }
-  } finally {
-    await applier.stop();
+  };
+
+  // After a lost connection the old walsender may still hold the slot until the server notices (up to
+  // wal_sender_timeout): "in use" is then worth waiting for. At the first start it means another consumer.
+  const slotBusy = (err: unknown) => sessions > 0 && sqlState((err as { cause?: unknown }).cause) === "55006";
+  try {
+    return await pRetry(session, {
+      retries: Number.POSITIVE_INFINITY,
+      minTimeout: 500,
+      maxTimeout: 5000,
+      factor: 2,
+      signal: opts.signal,
+      shouldRetry: ({ error }) => {
+        if (opts.signal?.aborted) return false;
+        if (TRANSIENT.has(sqlState(error) ?? "")) return true;
+        return loop && (isConnectionLoss(error) || slotBusy(error));
+      },
+      onFailedAttempt: ({ error }) => {
+        if (opts.signal?.aborted) return;
+        const code = sqlState(error);
+        if (TRANSIENT.has(code ?? "")) {
+          log().warn({ code }, "sync: transient apply error, starting again from the confirmed position");
+          return;
+        }
+        if (!loop || !(isConnectionLoss(error) || slotBusy(error))) return;
+        lost++;
+        log().warn({ attempt: lost, code, err: error.message }, "sync: connection lost; connecting again (nothing unconfirmed is lost: the slot sends it again)");
+        opts.onReconnect?.({ attempt: lost, error: error.message });
+      },
+    });
+  } catch (err) {
+    if (opts.signal?.aborted) return { reason: "stopped" };
+    if (!loop && isConnectionLoss(err) && !(err instanceof PgshiftError)) {
+      throw new PgshiftError(`sync lost its connection to the server: ${err instanceof Error ? err.message : String(err)}`, {
+        hint: "run pgshift sync again (without --no-loop it connects again by itself); nothing unconfirmed was lost",
+        cause: err,
+      });
+    }
+    throw err;
   }
+}
+
+/** Waits `ms`, or less when `signal` aborts. */
+function pause(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise<void>((resolve) => {
+    if (signal?.aborted) return resolve();
+    const done = () => {
+      clearTimeout(t);
+      signal?.removeEventListener("abort", done);
+      resolve();
+    };
+    const t = setTimeout(done, ms);
+    signal?.addEventListener("abort", done, { once: true });
+  });
 }
