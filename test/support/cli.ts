@@ -1,6 +1,7 @@
-import { spawn } from "node:child_process";
+import { spawn, type ChildProcess } from "node:child_process";
 import { expect } from "vitest";
 import { fileURLToPath } from "node:url";
+import { sleep } from "./db.js";
 
 /** The repository root: the CLI runs from here, the way `npx tsx src/cli/main.ts` would. */
 export const repoRoot = fileURLToPath(new URL("../..", import.meta.url));
@@ -59,4 +60,46 @@ export function expectRefusal(r: CliResult, ...patterns: string[]): void {
   expect(lines.length, describeRun(r)).toBeLessThanOrEqual(2);
   if (lines.length === 2) expect(lines[1], describeRun(r)).toMatch(/^pgshift: hint: \S/);
   for (const p of patterns) expect(lines[0], describeRun(r)).toContain(p);
+}
+
+/** Polls `cond` every `everyMs` until it is true. @throws after `timeoutMs`, naming `what`. */
+export async function waitUntil(what: string, cond: () => Promise<boolean>, timeoutMs = 30_000, everyMs = 50): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    if (await cond()) return;
+    if (Date.now() >= until) throw new Error(`timed out after ${timeoutMs} ms waiting until ${what}`);
+    await sleep(everyMs);
+  }
+}
+
+/** A long-running CLI child process (`pgshift sync`), with the environment runCli uses (only --url counts). */
+export interface Running {
+  child: ChildProcess;
+  out: { stdout: string; stderr: string };
+  exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+/** Starts the CLI as a child process and returns at once (see runCli for the environment). */
+export function spawnCli(args: string[]): Running {
+  const env: NodeJS.ProcessEnv = { ...process.env };
+  for (const k of Object.keys(env)) {
+    if (k === "DATABASE_URL" || k === "PGSHIFT_DEBUG" || /^PG[A-Z]+$/.test(k)) delete env[k];
+  }
+  const child = spawn(process.execPath, ["--import", "tsx", "src/cli/main.ts", ...args], { cwd: repoRoot, env, stdio: ["ignore", "pipe", "pipe"] });
+  const out = { stdout: "", stderr: "" };
+  child.stdout!.setEncoding("utf8").on("data", (d: string) => (out.stdout += d));
+  child.stderr!.setEncoding("utf8").on("data", (d: string) => (out.stderr += d));
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.on("close", (code, signal) => resolve({ code, signal })));
+  return { child, out, exited };
+}
+
+/** Waits for a child to exit by itself, at most `ms`; SIGKILLs it after that and reports signal SIGKILL. */
+export async function exitWithin(s: Running, ms: number): Promise<{ code: number | null; signal: NodeJS.Signals | null; timedOut: boolean }> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<"timeout">((r) => (timer = setTimeout(() => r("timeout"), ms)));
+  const first = await Promise.race([s.exited, timeout]);
+  clearTimeout(timer);
+  if (first !== "timeout") return { ...first, timedOut: false };
+  s.child.kill("SIGKILL");
+  return { ...(await s.exited), timedOut: true };
 }
