@@ -142,9 +142,18 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
       })
       .finally(() => follower?.stop());
     if (streamed) {
-      // The slot and publication are not needed any more: the reverse mirror is a trigger.
-      await dropStream(sql, m0.slot_name, m0.publication_name);
-      await sql`update pgshift.migrations set slot_name = null, publication_name = null where id = ${m0.id}`;
+      // The slot and publication are not needed any more: the reverse mirror is a trigger. The cutover has
+      // committed: if the retired table stays too busy to drop the publication now, say so and leave both
+      // names in the migration row (status shows them; finalize and abort drop them).
+      try {
+        await dropStream(sql, m0.slot_name, m0.publication_name, { lockTimeoutMs: opts.lockTimeoutMs, retries: opts.retries });
+        await sql`update pgshift.migrations set slot_name = null, publication_name = null where id = ${m0.id}`;
+      } catch (err) {
+        log().warn(
+          { table: displayName(table), slot: m0.slot_name, publication: m0.publication_name, err: err instanceof Error ? err.message : String(err) },
+          "cutover done, but the replication slot or publication could not be dropped yet; pgshift finalize (or abort after a swap-back) drops them",
+        );
+      }
     }
     log().info({ table: displayName(table), lockHeldMs: Math.round(lockHeldMs * 10) / 10, attempts }, to === "cutover" ? "cutover done" : "swap-back done");
     return { lockHeldMs, attempts, phase: to, statements };

@@ -118,7 +118,7 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
     let statements: string[] = [];
     if (opts.dryRun) return { statements: finalizeSql(m, await identityState(sql, m)) };
     // Normally dropped at cutover already; a crash in between leaves them: never leave a slot behind.
-    await dropStream(sql, m.slot_name, m.publication_name);
+    await dropStream(sql, m.slot_name, m.publication_name, opts);
     await withLockRetry(
       sql,
       async (tx) => {
@@ -145,14 +145,20 @@ export async function abort(sql: Sql, table: QualifiedName, opts: LockRetryOptio
     if (!(await loadMigration(sql, table))) {
       const left = await leftoverStream(sql, table);
       if (left) {
-        await dropStream(sql, left.slot, left.publication);
+        await dropStream(sql, left.slot, left.publication, opts);
         log().info({ table: displayName(table), ...left }, "aborted: removed the replication slot and publication a crashed start left behind");
-        return { statements: [`SELECT pg_drop_replication_slot(${quoteLiteral(left.slot ?? "")})`, `DROP PUBLICATION IF EXISTS ${quoteIdent(left.publication ?? "")}`] };
+        return {
+          statements: [
+            `SELECT pg_drop_replication_slot(${quoteLiteral(left.slot ?? "")})`,
+            `LOCK TABLE ${quoteQualified(table)} IN SHARE MODE`,
+            `DROP PUBLICATION IF EXISTS ${quoteIdent(left.publication ?? "")}`,
+          ],
+        };
       }
     }
     const m = await requireMigration(sql, table, "abort", ["started", "backfilling", "backfilled", "swapped_back"]);
     const statements = abortSql(m);
-    await dropStream(sql, m.slot_name, m.publication_name);
+    await dropStream(sql, m.slot_name, m.publication_name, opts);
     await withLockRetry(
       sql,
       async (tx) => {

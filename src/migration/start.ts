@@ -53,7 +53,7 @@ export async function startMigration(sql: Sql, table: QualifiedName, opts: Start
         { ...opts, onRetry: (n, err) => log().warn({ attempt: n, err: String(err) }, "start: lock not granted in time, retrying") },
       );
     } catch (err) {
-      if (stream) await dropStream(sql, stream.slot, stream.publication).catch(() => {});
+      if (stream) await dropStream(sql, stream.slot, stream.publication, { lockTimeoutMs: 200, retries: 3, force: true }).catch(() => {});
       throw err;
     }
     const ms = performance.now() - t0;

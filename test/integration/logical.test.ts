@@ -9,7 +9,7 @@ import { createWorkload, type Workload } from "../../src/load/workload.js";
 import { finalize } from "../../src/migration/finish.js";
 import { startMigration } from "../../src/migration/start.js";
 import { loadMigration, logicalNames } from "../../src/migration/state.js";
-import { lsnToBigInt } from "../../src/mirror/logical.js";
+import { dropStream, lsnToBigInt } from "../../src/mirror/logical.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
 import type { StatusReport } from "../../src/status.js";
 import { verify } from "../../src/verify/verify.js";
@@ -642,5 +642,56 @@ describe("start, stream and clean-up in logical mode", () => {
     expect(await streamObjects(db.admin, "fin")).toEqual({ slots: [], publications: [], shadow: false, migrations: 0 });
     expect((await db.admin`select count(*)::int as n from fin where note = 'changed'`)[0]!.n).toBe(50);
     expect((await db.admin`select count(*)::int as n from fin`)[0]!.n).toBe(501);
+  });
+});
+
+describe("dropping the publication while the application updates and deletes", () => {
+  // PostgreSQL looks a publication up by OID while an UPDATE or DELETE on a published table checks its replica
+  // identity: a plain DROP PUBLICATION in between makes the application's statement fail with "cache lookup
+  // failed for publication" (dozens of failures per second of this loop). dropStream takes SHARE locks first.
+  it("dropStream never makes an application statement fail", async () => {
+    await db.admin.unsafe(`
+      create table pubrace (id bigint primary key, v int not null);
+      insert into pubrace select i, 0 from generate_series(1, 1000) i;`);
+    const table = tableRef(db.admin, { schema: "public", name: "pubrace" });
+    let running = true;
+    const errors: string[] = [];
+    let writes = 0;
+    const workers = [0, 1, 2].map(async (wi) => {
+      const c = await connect({ url: db.url });
+      try {
+        for (let i = 0; running; i++) {
+          const id = 1 + wi + 3 * Math.floor(Math.random() * 333);
+          try {
+            if (i % 10 === 9) await c.begin(async (tx) => {
+              await tx`delete from ${tableRef(tx, { schema: "public", name: "pubrace" })} where id = ${id}`;
+              await tx`insert into ${tableRef(tx, { schema: "public", name: "pubrace" })} values (${id}, 0)`;
+            });
+            else await c`update ${tableRef(c, { schema: "public", name: "pubrace" })} set v = v + 1 where id = ${id}`;
+            writes++;
+          } catch (err) {
+            errors.push(err instanceof Error ? err.message : String(err));
+          }
+        }
+      } finally {
+        await c.end({ timeout: 5 });
+      }
+    });
+    let cycles = 0;
+    const until = Date.now() + 4000;
+    try {
+      while (Date.now() < until) {
+        await db.admin`create publication pgshift_race for table ${table}`;
+        await dropStream(db.sql, null, "pgshift_race", { lockTimeoutMs: 200, retries: 30 });
+        cycles++;
+      }
+    } finally {
+      running = false;
+      await Promise.all(workers);
+    }
+    expect([...new Set(errors)]).toEqual([]);
+    expect(cycles).toBeGreaterThan(50);
+    expect(writes).toBeGreaterThan(1000);
+    expect((await db.admin`select count(*)::int as n from pg_publication where pubname = 'pgshift_race'`)[0]!.n).toBe(0);
   });
 });
