@@ -1,3 +1,4 @@
+import pRetry from "p-retry";
 import type { Sql } from "../db.js";
 import { identList, transaction, type TxSql, type LockRetryOptions, joinFragments, table as tableRef, textColumns, valueList, type AnySql, type Fragment } from "../db.js";
 import { log } from "../log.js";
@@ -243,16 +244,18 @@ export async function describeBackfill(sql: Sql, table: QualifiedName, batchSize
  * may collide with it. A batch is one transaction, so a retry starts from the same checkpoint.
  */
 async function retryTransient<T>(fn: () => Promise<T>): Promise<T> {
-  for (let attempt = 1; ; attempt++) {
-    try {
-      return await fn();
-    } catch (err) {
-      const code = sqlState(err);
-      if (attempt >= 20 || (code !== "40P01" && code !== "40001" && code !== "55P03")) throw err;
-      log().debug({ code, attempt }, "backfill: batch rolled back by a transient conflict, retrying");
-      await new Promise((r) => setTimeout(r, 10 + Math.random() * 40));
-    }
-  }
+  const transient = (err: unknown) => ["40P01", "40001", "55P03"].includes(sqlState(err) ?? "");
+  return pRetry(fn, {
+    retries: 19,
+    minTimeout: 10,
+    maxTimeout: 50,
+    factor: 1.3,
+    randomize: true,
+    shouldRetry: ({ error }) => transient(error),
+    onFailedAttempt: ({ error, attemptNumber }) => {
+      if (transient(error)) log().debug({ code: sqlState(error), attempt: attemptNumber }, "backfill: batch rolled back by a transient conflict, retrying");
+    },
+  });
 }
 
 function progress(m: Migration, copiedHere: number, ms: number, done: boolean): BackfillProgress {
