@@ -36,7 +36,7 @@ import {
   type QualifiedName,
   type Sql,
 } from "../src/index.js";
-import { fmtInt, median, openBenchSession, positiveInt } from "./bench-common.js";
+import { fmtInt, median, openBenchSession, positiveInt, runBench } from "./bench-common.js";
 
 const TARGET = 1.25;
 const SOURCE: QualifiedName = { schema: "public", name: "bench_source" };
@@ -254,13 +254,4 @@ async function main(): Promise<number> {
   }
 }
 
-main().then(
-  (code) => process.exit(code),
-  (err: unknown) => {
-    const usageError = err instanceof Error && ("code" in err ? String(err.code).startsWith("ERR_PARSE_ARGS") : false);
-    const text = err instanceof Error ? (process.env.PGSHIFT_DEBUG ? (err.stack ?? err.message) : err.message) : String(err);
-    const hint = err instanceof Error && "hint" in err && typeof err.hint === "string" ? `\nhint: ${err.hint}` : "";
-    process.stderr.write(`bench-backfill failed: ${text}${hint}\n${usageError || text.startsWith("--") ? usage() + "\n" : ""}`);
-    process.exit(2);
-  },
-);
+runBench("bench-backfill", usage, main);

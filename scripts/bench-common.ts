@@ -74,3 +74,20 @@ export async function openBenchSession(opts: {
   }
   return { sql, external, cleanup };
 }
+
+/**
+ * Runs a benchmark's `main` and exits with the code it returns; on an error prints one line (with the hint
+ * of a PgshiftError, the stack with PGSHIFT_DEBUG set), the usage after a bad option, and exits 2.
+ */
+export function runBench(name: string, usage: () => string, main: () => Promise<number>): void {
+  main().then(
+    (code) => process.exit(code),
+    (err: unknown) => {
+      const usageError = err instanceof Error && ("code" in err ? String(err.code).startsWith("ERR_PARSE_ARGS") : false);
+      const text = err instanceof Error ? (process.env.PGSHIFT_DEBUG ? (err.stack ?? err.message) : err.message) : String(err);
+      const hint = err instanceof Error && "hint" in err && typeof err.hint === "string" ? `\nhint: ${err.hint}` : "";
+      process.stderr.write(`${name} failed: ${text}${hint}\n${usageError || text.startsWith("--") ? usage() + "\n" : ""}`);
+      process.exit(2);
+    },
+  );
+}

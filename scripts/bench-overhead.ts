@@ -70,7 +70,7 @@ import {
   type Sql,
 } from "../src/index.js";
 import { connectionUrl } from "../src/db.js";
-import { fmtInt, median, openBenchSession, positiveInt } from "./bench-common.js";
+import { fmtInt, median, openBenchSession, positiveInt, runBench } from "./bench-common.js";
 import { slotState } from "../src/mirror/logical.js";
 import { sync } from "../src/mirror/sync.js";
 
@@ -131,7 +131,7 @@ interface Run {
 }
 
 function usage(): string {
-  return `usage: scripts/bench-overhead [--rows N] [--connections N] [--seconds S] [--repeat K] [--applier child|inprocess] [--durable] [--json] [--strict]
+  return `usage: scripts/bench-overhead [--rows N] [--connections N] [--seconds S] [--repeat K] [--applier child|inprocess] [--durable] [--rate TPS] [--json] [--strict]
   --rows N          rows in the workload table (default 200000)
   --connections N   load connections (default 4)
   --seconds S       length of each timed window (default 20)
@@ -761,13 +761,4 @@ async function main(): Promise<number> {
   }
 }
 
-main().then(
-  (code) => process.exit(code),
-  (err: unknown) => {
-    const usageError = err instanceof Error && ("code" in err ? String(err.code).startsWith("ERR_PARSE_ARGS") : false);
-    const text = err instanceof Error ? (process.env.PGSHIFT_DEBUG ? (err.stack ?? err.message) : err.message) : String(err);
-    const hint = err instanceof Error && "hint" in err && typeof err.hint === "string" ? `\nhint: ${err.hint}` : "";
-    process.stderr.write(`bench-overhead failed: ${text}${hint}\n${usageError || text.startsWith("--") ? usage() + "\n" : ""}`);
-    process.exit(2);
-  },
-);
+runBench("bench-overhead", usage, main);
