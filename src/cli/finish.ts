@@ -1,5 +1,6 @@
 import { Command } from "commander";
 import { abort, abortSql, finalize } from "../migration/finish.js";
+import { dropStreamSql } from "../mirror/logical.js";
 import { requireMigration } from "../migration/state.js";
 import { addConnectionOption, addLockOptions, withTable, type ConnOpts } from "./common.js";
 
@@ -38,7 +39,7 @@ Example:
     await withTable(tableArg, opts, async (sql, table) => {
       if (opts.dryRun) {
         const m = await requireMigration(sql, table, "abort", ["started", "backfilling", "backfilled", "swapped_back"]);
-        process.stdout.write(abortSql(m).map((s) => s + ";").join("\n") + "\n");
+        process.stdout.write([...dropStreamSql(m.slot_name, m.publication_name, m.live), ...abortSql(m)].map((s) => s + ";").join("\n") + "\n");
         return;
       }
       await abort(sql, table, { lockTimeoutMs: opts.lockTimeout, retries: opts.retries });

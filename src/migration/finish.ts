@@ -3,8 +3,8 @@ import { table as tableRef, withLockRetry, type AnySql, type LockRetryOptions } 
 import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import { mirrorFor } from "../mirror/mirror.js";
-import { dropStream } from "../mirror/logical.js";
-import { displayName, quoteIdent, quoteLiteral, quoteQualified, type QualifiedName } from "../names.js";
+import { dropStream, dropStreamSql } from "../mirror/logical.js";
+import { displayName, quoteIdent, quoteQualified, type QualifiedName } from "../names.js";
 import { loadMigration, lockMigration, logicalNames, requireMigration, unlockMigration, type Migration } from "./state.js";
 
 /** Where an identity sequence stands and how it is defined (from pg_sequences), to re-create it at finalize. */
@@ -116,7 +116,7 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
       throw new PgshiftError(`finalize drops ${displayName(m.copy)} and makes swap-back impossible`, { hint: "run it again with --yes to confirm" });
     }
     let statements: string[] = [];
-    if (opts.dryRun) return { statements: finalizeSql(m, await identityState(sql, m)) };
+    if (opts.dryRun) return { statements: [...dropStreamSql(m.slot_name, m.publication_name, m.copy), ...finalizeSql(m, await identityState(sql, m))] };
     // Normally dropped at cutover already; a crash in between leaves them: never leave a slot behind.
     await dropStream(sql, m.slot_name, m.publication_name, opts);
     await withLockRetry(
@@ -147,13 +147,7 @@ export async function abort(sql: Sql, table: QualifiedName, opts: LockRetryOptio
       if (left) {
         await dropStream(sql, left.slot, left.publication, opts);
         log().info({ table: displayName(table), ...left }, "aborted: removed the replication slot and publication a crashed start left behind");
-        return {
-          statements: [
-            `SELECT pg_drop_replication_slot(${quoteLiteral(left.slot ?? "")})`,
-            `LOCK TABLE ${quoteQualified(table)} IN SHARE MODE`,
-            `DROP PUBLICATION IF EXISTS ${quoteIdent(left.publication ?? "")}`,
-          ],
-        };
+        return { statements: dropStreamSql(left.slot, left.publication, table) };
       }
     }
     const m = await requireMigration(sql, table, "abort", ["started", "backfilling", "backfilled", "swapped_back"]);
@@ -167,7 +161,7 @@ export async function abort(sql: Sql, table: QualifiedName, opts: LockRetryOptio
       opts,
     );
     log().info({ table: displayName(table) }, "aborted: shadow and mirror dropped, source untouched");
-    return { statements };
+    return { statements: [...dropStreamSql(m.slot_name, m.publication_name, m.live), ...statements] };
   } finally {
     await unlockMigration(sql, table).catch(() => {});
   }

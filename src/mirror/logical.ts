@@ -102,6 +102,23 @@ export async function createSlotWaiting(sql: Sql, statement: string, timeoutMs: 
 }
 
 /**
+ * What dropStream runs, as SQL text for --dry-run: end the slot's consumer, drop the slot, then lock the
+ * published table (`table`: the source, under whatever name it has now) and drop the publication, those two
+ * in one transaction. Empty when there is neither.
+ */
+export function dropStreamSql(slot: string | null, publication: string | null, table: QualifiedName): string[] {
+  const out: string[] = [];
+  if (slot) {
+    out.push(
+      `SELECT pg_terminate_backend(active_pid) FROM pg_catalog.pg_replication_slots WHERE slot_name = ${quoteLiteral(slot)} AND active_pid IS NOT NULL`,
+      `SELECT pg_drop_replication_slot(${quoteLiteral(slot)})`,
+    );
+  }
+  if (publication) out.push(`LOCK TABLE ${quoteQualified(table)} IN SHARE MODE`, `DROP PUBLICATION IF EXISTS ${quoteIdent(publication)}`);
+  return out;
+}
+
+/**
  * Drops the slot (after terminating a consumer still attached to it) and the publication, if they exist.
  * Non-transactional, idempotent: run by abort, finalize, cutover and failed starts.
  * @param opts lock_timeout and retries for the SHARE locks of dropPublication; `force`: when the locks are

@@ -6,7 +6,7 @@ import { cutover } from "../../src/cutover/cutover.js";
 import { connect, identList, table as tableRef, transaction, type Sql } from "../../src/db.js";
 import { startEmbedded, type EmbeddedServer } from "../../src/embedded.js";
 import { createWorkload, type Workload } from "../../src/load/workload.js";
-import { finalize } from "../../src/migration/finish.js";
+import { abort, finalize } from "../../src/migration/finish.js";
 import { startMigration } from "../../src/migration/start.js";
 import { loadMigration, logicalNames } from "../../src/migration/state.js";
 import { dropStream, lsnToBigInt } from "../../src/mirror/logical.js";
@@ -693,5 +693,28 @@ describe("dropping the publication while the application updates and deletes", (
     expect(cycles).toBeGreaterThan(50);
     expect(writes).toBeGreaterThan(1000);
     expect((await db.admin`select count(*)::int as n from pg_publication where pubname = 'pgshift_race'`)[0]!.n).toBe(0);
+  });
+});
+
+describe("--dry-run in logical mode", () => {
+  it("abort --dry-run prints the slot and publication statements among the rest, changes nothing; abort then runs exactly those", async () => {
+    await createOrders(db.admin, "dryab", 300);
+    const table = { schema: "public", name: "dryab" };
+    const names = logicalNames(await oidOf(db.admin, "dryab"));
+    await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
+    const before = await catalogSnapshot(db.admin);
+    const dry = await pgshift(["abort", "dryab", "--dry-run"]);
+    expect(dry.code, describeRun(dry)).toBe(0);
+    const printed = dry.stdout.trim().split("\n");
+    const at = (pattern: string) => printed.findIndex((l) => l.includes(pattern));
+    expect(at(`pg_drop_replication_slot('${names.slot}')`), dry.stdout).toBeGreaterThanOrEqual(0);
+    expect(at("IN SHARE MODE"), dry.stdout).toBeGreaterThan(at("pg_drop_replication_slot"));
+    expect(at(`DROP PUBLICATION IF EXISTS "${names.publication}"`), dry.stdout).toBe(at("IN SHARE MODE") + 1);
+    expect(at("DROP TABLE IF EXISTS"), dry.stdout).toBeGreaterThan(at("DROP PUBLICATION"));
+    expect(await catalogSnapshot(db.admin)).toEqual(before);
+    expect(await streamObjects(db.admin, "dryab")).toEqual({ slots: [names.slot], publications: [names.publication], shadow: true, migrations: 1 });
+    const done = await abort(db.sql, table);
+    expect(done.statements.map((s) => `${s};`).join("\n")).toBe(dry.stdout.trim());
+    expect(await streamObjects(db.admin, "dryab")).toEqual({ slots: [], publications: [], shadow: false, migrations: 0 });
   });
 });
