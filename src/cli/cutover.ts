@@ -1,5 +1,5 @@
 import { Command } from "commander";
-import { cutover, cutoverSql, swapBack, swapBackSql } from "../cutover/cutover.js";
+import { cutover, cutoverPlanSql, swapBack, swapBackSql } from "../cutover/cutover.js";
 import { requireMigration } from "../migration/state.js";
 import { addConnectionOption, addLockOptions, intOption, withTable, type ConnOpts } from "./common.js";
 
@@ -30,7 +30,7 @@ Examples:
     await withTable(tableArg, opts, async (sql, table) => {
       if (opts.dryRun) {
         const m = await requireMigration(sql, table, isCutover ? "cut over" : "swap back", isCutover ? ["backfilled", "swapped_back"] : ["cutover"]);
-        process.stdout.write((isCutover ? cutoverSql(m) : swapBackSql(m)).map((s) => s + ";").join("\n") + "\n");
+        process.stdout.write((isCutover ? cutoverPlanSql(m) : swapBackSql(m)).map((s) => s + ";").join("\n") + "\n");
         return;
       }
       const fn = isCutover ? cutover : swapBack;

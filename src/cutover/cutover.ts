@@ -4,7 +4,7 @@ import { indexDrift, requireNoDrift } from "../catalog/drift.js";
 import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import { mirrorFor } from "../mirror/mirror.js";
-import { dropStream, slotState } from "../mirror/logical.js";
+import { dropStream, dropStreamSql, slotState } from "../mirror/logical.js";
 import { CatchupTimeout, followStream } from "../mirror/stream.js";
 import { displayName, quoteIdent, quoteQualified, type QualifiedName } from "../names.js";
 import { loadMigration, lockMigration, requireMigration, unlockMigration, type Migration, type Phase } from "../migration/state.js";
@@ -45,6 +45,24 @@ function renamed(m: Migration, phase: Phase): Migration {
  */
 export function cutoverSql(m: Migration): string[] {
   return switchSql(m, "cutover");
+}
+
+/**
+ * Everything `cutover` runs, as SQL text for --dry-run. In logical mode (a slot to catch up with): the lock
+ * of the table and the WAL position read first, in the same transaction; between them and the renames, the
+ * stream is applied up to that position within --catchup-timeout-ms (a WAL flush is forced on a connection
+ * of its own: a logical message committed with synchronous_commit on); after COMMIT, the slot and the
+ * publication (now on the retired table) are dropped.
+ */
+export function cutoverPlanSql(m: Migration): string[] {
+  const statements = cutoverSql(m);
+  if (m.mode !== "logical" || !m.slot_name) return statements;
+  return [
+    `LOCK TABLE ${quoteQualified(m.live)} IN ACCESS EXCLUSIVE MODE`,
+    "SELECT pg_current_wal_insert_lsn()",
+    ...statements,
+    ...dropStreamSql(m.slot_name, m.publication_name, renamed(m, "cutover").copy),
+  ];
 }
 
 /** The statements of swap-back (phase cutover -> swapped_back): the same in reverse. */

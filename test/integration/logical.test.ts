@@ -717,4 +717,27 @@ describe("--dry-run in logical mode", () => {
     expect(done.statements.map((s) => `${s};`).join("\n")).toBe(dry.stdout.trim());
     expect(await streamObjects(db.admin, "dryab")).toEqual({ slots: [], publications: [], shadow: false, migrations: 0 });
   });
+
+  it("cutover --dry-run prints the lock and WAL position before the renames, the slot and publication drop after; changes nothing", async () => {
+    await createOrders(db.admin, "drycut", 300);
+    const table = { schema: "public", name: "drycut" };
+    const names = logicalNames(await oidOf(db.admin, "drycut"));
+    await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
+    await backfill(db.sql, table, { batchSize: 100 });
+    const before = await catalogSnapshot(db.admin);
+    const dry = await pgshift(["cutover", "drycut", "--dry-run"]);
+    expect(dry.code, describeRun(dry)).toBe(0);
+    const lines = dry.stdout.trim().split("\n");
+    expect(lines.slice(0, 2)).toEqual(['LOCK TABLE "public"."drycut" IN ACCESS EXCLUSIVE MODE;', "SELECT pg_current_wal_insert_lsn();"]);
+    expect(lines.at(-1)).toBe(`DROP PUBLICATION IF EXISTS "${names.publication}";`);
+    expect(lines.some((l) => l.includes(`pg_drop_replication_slot('${names.slot}')`))).toBe(true);
+    expect(await catalogSnapshot(db.admin)).toEqual(before);
+    // The publication's table, as printed, is the original table under its retired name after the cutover.
+    const share = lines.find((l) => l.endsWith("IN SHARE MODE;"))!;
+    const oidBefore = await oidOf(db.admin, "drycut");
+    await cutover(db.sql, table);
+    const retired = share.slice("LOCK TABLE ".length, -" IN SHARE MODE;".length);
+    expect((await db.admin`select ${retired}::regclass::oid::int as oid`)[0]!.oid).toBe(oidBefore);
+    expect(await streamObjects(db.admin, "drycut")).toMatchObject({ slots: [], publications: [] });
+  });
 });
