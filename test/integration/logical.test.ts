@@ -101,6 +101,15 @@ async function createOrders(sql: Sql, name: string, rows = 200): Promise<void> {
     analyze ${name};`);
 }
 
+/** Creates an orders table `name` with `rows` rows and starts its migration by month in logical mode. */
+async function startLogical(name: string, rows: number): Promise<{ table: { schema: string; name: string }; names: ReturnType<typeof logicalNames> }> {
+  await createOrders(db.admin, name, rows);
+  const table = { schema: "public", name };
+  const names = logicalNames(await oidOf(db.admin, name));
+  await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
+  return { table, names };
+}
+
 async function oidOf(sql: Sql, name: string): Promise<number> {
   const r = await sql`select to_regclass(${name})::oid::int as oid`;
   return Number(r[0]!.oid);
@@ -532,10 +541,7 @@ describe("start, stream and clean-up in logical mode", () => {
 
   // Regression: a refused START_REPLICATION (slot in use) ends Applier.start() with an error instead of a hang.
   it("a second pgshift sync on the same table is refused (exit 2) while the first one streams", async () => {
-    await createOrders(db.admin, "twosync", 100);
-    const table = { schema: "public", name: "twosync" };
-    const names = logicalNames(await oidOf(db.admin, "twosync"));
-    await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
+    const { names } = await startLogical("twosync", 100);
     const first = await startSync("twosync", names.slot);
     try {
       const second = spawnCli(["sync", "twosync", "--url", db.url]);
@@ -568,10 +574,7 @@ describe("start, stream and clean-up in logical mode", () => {
   });
 
   it("cutover while pgshift sync runs: cutover waits for sync to apply, drops slot and publication; sync ends by itself", async () => {
-    await createOrders(db.admin, "cosync", 500);
-    const table = { schema: "public", name: "cosync" };
-    const names = logicalNames(await oidOf(db.admin, "cosync"));
-    await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
+    const { table, names } = await startLogical("cosync", 500);
     await backfill(db.sql, table, { batchSize: 100 });
     const sync = await startSync("cosync", names.slot);
     await db.admin`update cosync set note = 'during sync' where id % 7 = 0`;
@@ -595,10 +598,7 @@ describe("start, stream and clean-up in logical mode", () => {
 
   // Regression: sync notices a slot dropped by abort or cutover and exits 0 instead of reattaching to nothing.
   it("abort while pgshift sync runs (abort's transaction waiting for a lock): sync exits 0 by itself", async () => {
-    await createOrders(db.admin, "absync", 300);
-    const table = { schema: "public", name: "absync" };
-    const names = logicalNames(await oidOf(db.admin, "absync"));
-    await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
+    const { names } = await startLogical("absync", 300);
     const sync = await startSync("absync", names.slot);
     const lock = await holdRowExclusive("absync");
     try {
@@ -620,10 +620,7 @@ describe("start, stream and clean-up in logical mode", () => {
   });
 
   it("cutover drops the slot and publication; finalize leaves none", async () => {
-    await createOrders(db.admin, "fin", 500);
-    const table = { schema: "public", name: "fin" };
-    const names = logicalNames(await oidOf(db.admin, "fin"));
-    await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
+    const { table, names } = await startLogical("fin", 500);
     await db.admin`update fin set note = 'changed' where id % 10 = 0`;
     await backfill(db.sql, table, { batchSize: 100 });
     await db.admin`insert into fin (created_at, note) values ('2025-03-03', 'late')`;
@@ -698,10 +695,7 @@ describe("dropping the publication while the application updates and deletes", (
 
 describe("--dry-run in logical mode", () => {
   it("abort --dry-run prints the slot and publication statements among the rest, changes nothing; abort then runs exactly those", async () => {
-    await createOrders(db.admin, "dryab", 300);
-    const table = { schema: "public", name: "dryab" };
-    const names = logicalNames(await oidOf(db.admin, "dryab"));
-    await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
+    const { table, names } = await startLogical("dryab", 300);
     const before = await catalogSnapshot(db.admin);
     const dry = await pgshift(["abort", "dryab", "--dry-run"]);
     expect(dry.code, describeRun(dry)).toBe(0);
@@ -719,10 +713,7 @@ describe("--dry-run in logical mode", () => {
   });
 
   it("cutover --dry-run prints the lock and WAL position before the renames, the slot and publication drop after; changes nothing", async () => {
-    await createOrders(db.admin, "drycut", 300);
-    const table = { schema: "public", name: "drycut" };
-    const names = logicalNames(await oidOf(db.admin, "drycut"));
-    await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
+    const { table, names } = await startLogical("drycut", 300);
     await backfill(db.sql, table, { batchSize: 100 });
     const before = await catalogSnapshot(db.admin);
     const dry = await pgshift(["cutover", "drycut", "--dry-run"]);
