@@ -76,7 +76,8 @@ describe("pgshift sync when its connections are lost", () => {
     await server.restart();
     expect(stats1.errors).toEqual([]);
     expect(stats1.inserts + stats1.updates + stats1.deletes, "the load ran before the restart").toBeGreaterThan(100);
-    expect(Date.now() - t0, "nothing held the server's shutdown up").toBeLessThan(5_000);
+    // sync tries again during the shutdown: at worst one attempt waits for its connect_timeout (10 s).
+    expect(Date.now() - t0, "nothing held the server's shutdown up for long").toBeLessThan(12_000);
     await waitUntil("sync attaches again after the restart", () => slotActive(slot), 30_000, 100);
 
     // 2. The walsender is terminated (as a network failure or an administrator would), then the apply session.
