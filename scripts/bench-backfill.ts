@@ -36,7 +36,7 @@ import {
   type QualifiedName,
   type Sql,
 } from "../src/index.js";
-import { fmtInt, median, openBenchSession, positiveInt, runBench } from "./bench-common.js";
+import { COMMON_OPTIONS, fmtInt, median, openBenchSession, positiveInt, printedHelp, runBench } from "./bench-common.js";
 
 const TARGET = 1.25;
 const SOURCE: QualifiedName = { schema: "public", name: "bench_source" };
@@ -168,20 +168,13 @@ async function runOnce(sql: Sql, rows: number, batchSize: number, say: (l: strin
 async function main(): Promise<number> {
   const { values } = parseArgs({
     options: {
-      rows: { type: "string" },
+      ...COMMON_OPTIONS,
       "batch-size": { type: "string" },
-      repeat: { type: "string" },
-      json: { type: "boolean", default: false },
-      strict: { type: "boolean", default: false },
-      help: { type: "boolean", short: "h", default: false },
     },
     strict: true,
     allowPositionals: false,
   });
-  if (values.help) {
-    process.stdout.write(usage() + "\n");
-    return 0;
-  }
+  if (printedHelp(values, usage)) return 0;
   const rows = positiveInt("--rows", values.rows, 1_000_000);
   const batchSize = positiveInt("--batch-size", values["batch-size"], 10_000);
   const repeat = positiveInt("--repeat", values.repeat, 1);

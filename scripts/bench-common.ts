@@ -91,3 +91,18 @@ export function runBench(name: string, usage: () => string, main: () => Promise<
     },
   );
 }
+
+/** Options every benchmark takes: --rows, --repeat, --json, --strict, -h/--help (spread into parseArgs's options). */
+export const COMMON_OPTIONS = {
+  rows: { type: "string" },
+  repeat: { type: "string" },
+  json: { type: "boolean", default: false },
+  strict: { type: "boolean", default: false },
+  help: { type: "boolean", short: "h", default: false },
+} as const;
+
+/** For -h/--help: prints `usage()` and returns true. */
+export function printedHelp(values: { help?: boolean | undefined }, usage: () => string): boolean {
+  if (values.help) process.stdout.write(usage() + "\n");
+  return Boolean(values.help);
+}

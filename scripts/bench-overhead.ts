@@ -70,7 +70,7 @@ import {
   type Sql,
 } from "../src/index.js";
 import { connectionUrl } from "../src/db.js";
-import { fmtInt, median, openBenchSession, positiveInt, runBench } from "./bench-common.js";
+import { COMMON_OPTIONS, fmtInt, median, openBenchSession, positiveInt, printedHelp, runBench } from "./bench-common.js";
 import { slotState } from "../src/mirror/logical.js";
 import { sync } from "../src/mirror/sync.js";
 
@@ -603,24 +603,17 @@ function drainSeconds(runs: Run[]): number | null {
 async function main(): Promise<number> {
   const { values } = parseArgs({
     options: {
-      rows: { type: "string" },
+      ...COMMON_OPTIONS,
       connections: { type: "string" },
       seconds: { type: "string" },
-      repeat: { type: "string" },
       applier: { type: "string" },
       durable: { type: "boolean", default: false },
       rate: { type: "string" },
-      json: { type: "boolean", default: false },
-      strict: { type: "boolean", default: false },
-      help: { type: "boolean", short: "h", default: false },
     },
     strict: true,
     allowPositionals: false,
   });
-  if (values.help) {
-    process.stdout.write(usage() + "\n");
-    return 0;
-  }
+  if (printedHelp(values, usage)) return 0;
   const rows = positiveInt("--rows", values.rows, 200_000);
   const connections = positiveInt("--connections", values.connections, 4);
   const seconds = positiveInt("--seconds", values.seconds, 20);
