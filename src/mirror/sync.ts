@@ -96,8 +96,15 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
     try {
       const m = sessions === 0 ? first : await current(db, table);
       if ("reason" in m) return m;
+      // Terminated by abort or cutover, which drop the slot next: do not attach to nothing.
+      if (!(await slotState(db, m.slot_name!)).exists) return await slotGone(db, m);
       applier = new Applier(m, { url });
-      await applier.start();
+      try {
+        await applier.start();
+      } catch (err) {
+        if (!(await slotState(db, m.slot_name!)).exists) return await slotGone(db, m);
+        throw err;
+      }
       sessions++;
       if (sessions === 1) log().info({ table: displayName(table), slot: m.slot_name }, "sync: streaming");
       else log().warn({ table: displayName(table), slot: m.slot_name }, "sync: streaming again, from the slot's confirmed position");
@@ -113,6 +120,20 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
     }
   };
 
+  /**
+   * The slot is gone but the migration row still names it: abort or cutover dropped it and is about to
+   * commit (abort's transaction may wait for its lock). Waits up to 5 s for the row to say so.
+   * @throws PgshiftError when it does not: the slot was dropped by someone else.
+   */
+  const slotGone = async (db: Sql, m: Migration): Promise<Stop> => {
+    for (let i = 0; i < 50; i++) {
+      await pause(100);
+      const later = await current(db, table);
+      if ("reason" in later) return later;
+    }
+    throw new PgshiftError(`replication slot ${m.slot_name} is gone but the migration still expects it`, { hint: "run pgshift abort and start again" });
+  };
+
   /** Reports progress once a second until stopped, cut over or gone; throws the stream's error. */
   const streamUntilDone = async (db: Sql, m: Migration, applier: Applier): Promise<Stop> => {
     for (let tick = 0; ; tick++) {
@@ -123,15 +144,7 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
         // The stream may have ended because abort or cutover dropped the slot: then stop, not reconnect.
         const now = await current(db, table);
         if ("reason" in now) return now;
-        if (!(await slotState(db, now.slot_name!)).exists) {
-          // Dropped just before the migration row was updated: give them a moment to commit.
-          for (let i = 0; i < 50; i++) {
-            await pause(100);
-            const later = await current(db, table);
-            if ("reason" in later) return later;
-          }
-          throw new PgshiftError(`replication slot ${now.slot_name} is gone but the migration still expects it`, { hint: "run pgshift abort and start again" });
-        }
+        if (!(await slotState(db, now.slot_name!)).exists) return await slotGone(db, now);
         throw err;
       }
       let m2 = m;
