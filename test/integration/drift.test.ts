@@ -45,11 +45,16 @@ async function statusOf(name: string): Promise<StatusReport> {
   return JSON.parse(r.stdout) as StatusReport;
 }
 
+/** Creates the orders table `name`, starts its migration by month in `mode` and backfills it, through the CLI. */
+async function startAndBackfill(name: string, mode: "trigger" | "logical"): Promise<void> {
+  await createOrders(db.admin, name);
+  expect((await pgshift(["start", name, ...MONTH, "--mode", mode])).code).toBe(0);
+  expect((await pgshift(["backfill", name])).code).toBe(0);
+}
+
 describe("trigger mode", () => {
   it("refuses cutover, swap-back and verify while the columns differ, and proceeds once they agree again", async () => {
-    await createOrders(db.admin, "drift_t");
-    expect((await pgshift(["start", "drift_t", ...MONTH])).code).toBe(0);
-    expect((await pgshift(["backfill", "drift_t"])).code).toBe(0);
+    await startAndBackfill("drift_t", "trigger");
     expect((await statusOf("drift_t")).schemaDrift).toEqual([]);
 
     // A deploy adds a column while the migration runs; the application writes it.
@@ -97,9 +102,7 @@ describe("trigger mode", () => {
 
 describe("indexes", () => {
   it("an index created on the table during the migration is reported by status and by cutover, which goes on", async () => {
-    await createOrders(db.admin, "drift_i");
-    expect((await pgshift(["start", "drift_i", ...MONTH])).code).toBe(0);
-    expect((await pgshift(["backfill", "drift_i"])).code).toBe(0);
+    await startAndBackfill("drift_i", "trigger");
     expect((await statusOf("drift_i")).indexDrift).toEqual([]);
     await db.admin`create index drift_i_note on drift_i (note)`;
     const st = await statusOf("drift_i");
@@ -117,9 +120,7 @@ describe("indexes", () => {
 
 describe("logical mode", () => {
   it("the applier stops at the first change with the new column, applies none of it, and cutover refuses", async () => {
-    await createOrders(db.admin, "drift_l");
-    expect((await pgshift(["start", "drift_l", ...MONTH, "--mode", "logical"])).code).toBe(0);
-    expect((await pgshift(["backfill", "drift_l"])).code).toBe(0);
+    await startAndBackfill("drift_l", "logical");
     // A change before the ALTER, then the ALTER and changes carrying the new column.
     await db.admin`update drift_l set note = 'before' where id = 1`;
     const alterAt = String((await db.admin`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
