@@ -147,13 +147,11 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
         if (!(await slotState(db, now.slot_name!)).exists) return await slotGone(db, now);
         throw err;
       }
-      let m2 = m;
       if (tick % 2 === 0) {
         const now = await current(db, table);
         if ("reason" in now) return now;
-        m2 = now;
       }
-      const s = await slotState(db, m2.slot_name!);
+      const s = await slotState(db, m.slot_name!);
       const changes = base + applier.changes;
       const secs = (Date.now() - lastTick) / 1000;
       opts.onTick?.({
@@ -172,6 +170,12 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
   // After a lost connection the old walsender may still hold the slot until the server notices (up to
   // wal_sender_timeout): "in use" is then worth waiting for. At the first start it means another consumer.
   const slotBusy = (err: unknown) => sessions > 0 && sqlState((err as { cause?: unknown }).cause) === "55006";
+  /** Why a failed session is worth another, or null when the error ends sync. */
+  const again = (err: unknown): "transient" | "lost" | null => {
+    if (opts.signal?.aborted) return null;
+    if (TRANSIENT.has(sqlState(err) ?? "")) return "transient";
+    return loop && (isConnectionLoss(err) || slotBusy(err)) ? "lost" : null;
+  };
   try {
     return await pRetry(session, {
       retries: Number.POSITIVE_INFINITY,
@@ -179,19 +183,12 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
       maxTimeout: 5000,
       factor: 2,
       signal: opts.signal,
-      shouldRetry: ({ error }) => {
-        if (opts.signal?.aborted) return false;
-        if (TRANSIENT.has(sqlState(error) ?? "")) return true;
-        return loop && (isConnectionLoss(error) || slotBusy(error));
-      },
+      shouldRetry: ({ error }) => again(error) !== null,
       onFailedAttempt: ({ error }) => {
-        if (opts.signal?.aborted) return;
+        const why = again(error);
         const code = sqlState(error);
-        if (TRANSIENT.has(code ?? "")) {
-          log().warn({ code }, "sync: transient apply error, starting again from the confirmed position");
-          return;
-        }
-        if (!loop || !(isConnectionLoss(error) || slotBusy(error))) return;
+        if (why === "transient") log().warn({ code }, "sync: transient apply error, starting again from the confirmed position");
+        if (why !== "lost") return;
         lost++;
         log().warn({ attempt: lost, code, err: error.message }, "sync: connection lost; connecting again (nothing unconfirmed is lost: the slot sends it again)");
         opts.onReconnect?.({ attempt: lost, error: error.message });
