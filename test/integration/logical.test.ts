@@ -144,8 +144,12 @@ async function slotRow(sql: Sql, slot: string): Promise<SlotRow> {
 }
 
 /** Starts `pgshift sync <table>` and waits until it is attached to the slot. */
+/** Every sync started here: one left running by a failed test would try to connect for ever. */
+const syncs: Running[] = [];
+
 async function startSync(table: string, slot: string): Promise<Running> {
   const s = spawnCli(["sync", table, "--url", db.url]);
+  syncs.push(s);
   let done = false;
   void s.exited.then(() => (done = true));
   await waitUntil(`pgshift sync ${table} attaches to slot ${slot}`, async () => {
@@ -183,6 +187,7 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
+  for (const s of syncs) if (s.child.exitCode === null && s.child.signalCode === null) s.child.kill("SIGKILL");
   if (!db) return;
   // DROP DATABASE refuses while a logical slot of the database exists: drop what a failed test left.
   await db.admin`select pg_drop_replication_slot(slot_name) from pg_replication_slots where database = current_database() and not active`.catch(() => {});

@@ -24,7 +24,11 @@ beforeAll(async () => {
   admin = postgres(server.url, { max: 2, onnotice: () => {} }) as unknown as Sql;
 }, 120_000);
 
+/** Every sync started here: one left running by a failed test would try to connect for ever. */
+const children: Running[] = [];
+
 afterAll(async () => {
+  for (const c of children) if (c.child.exitCode === null && c.child.signalCode === null) c.child.kill("SIGKILL");
   await admin?.end({ timeout: 5 });
   await server?.stop();
 });
@@ -35,6 +39,7 @@ const slotActive = async (slot: string) =>
 /** `pgshift sync <table>` (with `extra` options), once attached to the slot. */
 async function startSync(table: string, slot: string, extra: string[] = []): Promise<Running> {
   const s = spawnCli(["sync", table, ...extra, "--url", server.url]);
+  children.push(s);
   let done = false;
   void s.exited.then(() => (done = true));
   await waitUntil(`pgshift sync ${table} attaches to ${slot}`, async () => {
