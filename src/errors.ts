@@ -44,6 +44,12 @@ export function sqlState(err: unknown): string | undefined {
   return undefined;
 }
 
+/** Error codes of a lost connection: postgres.js's own, Node's socket errors. */
+const CONNECTION_CODES = new Set([
+  "CONNECTION_CLOSED", "CONNECTION_ENDED", "CONNECTION_DESTROYED", "CONNECT_TIMEOUT",
+  "ECONNREFUSED", "ECONNRESET", "EPIPE", "ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH", "ENOTFOUND", "EAI_AGAIN",
+]);
+
 /**
  * Turns connection and server errors into one clear line for a person.
  * Returns a PgshiftError (unchanged if it already is one).
@@ -69,18 +75,12 @@ export function explain(err: unknown): PgshiftError {
   }
   if (err && typeof err === "object" && "code" in err) {
     const c = String((err as { code: unknown }).code);
-    if (["ECONNREFUSED", "ENOTFOUND", "EHOSTUNREACH", "ETIMEDOUT", "CONNECT_TIMEOUT", "ECONNRESET", "CONNECTION_CLOSED", "CONNECTION_DESTROYED", "CONNECTION_ENDED"].includes(c)) {
+    if (CONNECTION_CODES.has(c)) {
       return new PgshiftError(`cannot reach the PostgreSQL server (${c}): ${msg}`, { hint: "check --url / DATABASE_URL / PGHOST and PGPORT, and that the server is running", cause: err });
     }
   }
   return new PgshiftError(msg, { cause: err });
 }
-
-/** Error codes of a lost connection: postgres.js's own, Node's socket errors. */
-const CONNECTION_CODES = new Set([
-  "CONNECTION_CLOSED", "CONNECTION_ENDED", "CONNECTION_DESTROYED", "CONNECT_TIMEOUT",
-  "ECONNREFUSED", "ECONNRESET", "EPIPE", "ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH", "ENOTFOUND", "EAI_AGAIN",
-]);
 
 /**
  * Whether `err` (or an error in its `cause` chain) means the connection to the server was lost or could not
