@@ -1,5 +1,6 @@
 import pg from "pg";
 import { z } from "zod";
+import pTimeout from "p-timeout";
 import { LogicalReplicationService, PgoutputPlugin } from "pg-logical-replication";
 import type { Pgoutput } from "pg-logical-replication";
 import { closedSince, connect, ident, SESSION_FORMATS, identList, joinFragments, table as tableRef, valueList, type Sql, type TxSql } from "../db.js";
@@ -85,6 +86,8 @@ export class Applier {
   /** Callers of waitFor(): while there are any, a group commits as soon as the stream pauses. */
   private waiters = 0;
   private stopping = false;
+  /** Ends start()'s wait for the stream with an error, while start() waits. */
+  private startFailed: ((err: unknown) => void) | null = null;
   transactions = 0;
   changes = 0;
   /** Groups applied in exact mode (see exactMode). */
@@ -108,7 +111,8 @@ export class Applier {
 
   /**
    * Attaches to the slot and starts applying. Resolves once streaming has started.
-   * @throws PgshiftError (code 55006 in `cause`) when another consumer holds the slot.
+   * @throws PgshiftError (code 55006 in `cause`) when another consumer holds the slot; the connection-loss
+   *   error (see isConnectionLoss) when the apply session's connection closed while starting.
    */
   async start(): Promise<void> {
     this.sql = await connect({ url: this.opts.url, applicationName: `pgshift apply ${this.m.source_table}`, rawText: true, onClose: () => this.connectionLost() });
@@ -128,7 +132,7 @@ export class Applier {
       });
     } catch (err) {
       await this.stop();
-      throw err;
+      throw this.lostDuringStart() ?? err;
     }
     const url = this.opts.url ?? process.env.DATABASE_URL;
     const service = new LogicalReplicationService(
@@ -148,6 +152,9 @@ export class Applier {
     let failStart: (err: unknown) => void = () => {};
     const started = new Promise<void>((resolve, reject) => {
       failStart = reject;
+      // fail() ends the wait too: once the library's client is ended while it connects, subscribe() may
+      // never settle (node-postgres: a connect() in progress when end() is called is left pending).
+      this.startFailed = reject;
       service.once("start", () => resolve());
       service.once("error", (err: Error) => reject(err));
     });
@@ -172,8 +179,14 @@ export class Applier {
     );
     try {
       await started;
+      this.startFailed = null;
     } catch (err) {
+      this.startFailed = null;
       await this.stop();
+      // The apply session lost in the meantime stopped the stream itself: the replication client's
+      // "Client was closed" is a consequence; the loss is the cause, and worth connecting again for.
+      const lost = this.lostDuringStart();
+      if (lost) throw lost;
       const code = (err as { code?: string }).code;
       throw new PgshiftError(
         code === "55006" ? `replication slot ${this.m.slot_name} is in use by another process` : `cannot stream from replication slot ${this.m.slot_name}: ${err instanceof Error ? err.message : String(err)}`,
@@ -327,6 +340,11 @@ export class Applier {
     return lsn !== null && lsnToBigInt(lsn) <= this.applied;
   }
 
+  /** The connection loss that failed this applier while it was starting, if that is what happened. */
+  private lostDuringStart(): Error | null {
+    return this.failed && isConnectionLoss(this.failed) ? this.failed : null;
+  }
+
   /**
    * The apply connection closed (terminated, server restart, network). Whatever the handler in hand awaits
    * on it may never settle (see ConnectOptions.onClose): fail now, without a statement on it. The server
@@ -340,6 +358,7 @@ export class Applier {
   /** Stops the stream after an error; the open group is rolled back (none of it was confirmed). */
   private async fail(err: unknown): Promise<void> {
     this.failed ??= err instanceof Error ? err : new Error(String(err));
+    this.startFailed?.(this.failed);
     log().error({ err: this.failed.message }, "apply failed; stopping the stream (nothing after the last applied transaction was confirmed)");
     await this.abandonGroup(isConnectionLoss(err));
     void this.stop();
@@ -502,13 +521,15 @@ export class Applier {
     this.commitTimer = null;
     const service = this.service;
     this.service = null;
-    if (service) await service.stop().catch(() => {});
-    await this.running?.catch(() => {});
+    // Bounded: node-postgres's end() never settles when its connection had already ended, and the
+    // library's subscribe() never settles when it was stopped while connecting.
+    if (service) await pTimeout(service.stop(), { milliseconds: 5000, message: false }).catch(() => {});
+    const running = this.running;
+    this.running = null;
+    if (running) await pTimeout(running, { milliseconds: 2000, message: false }).catch(() => {});
     // Let the message in hand finish before the connection goes: a query sent on a closing postgres.js
     // connection crashes the process.
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([this.inFlight, new Promise((r) => (timer = setTimeout(r, 5000)))]);
-    clearTimeout(timer);
+    await pTimeout(this.inFlight, { milliseconds: 5000, message: false }).catch(() => {});
     await this.abandonGroup();
     const sql = this.sql;
     this.sql = null;

@@ -1,4 +1,5 @@
 import { connect, connectionUrl, transaction, type Sql } from "../db.js";
+import { sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { loadMigration, type Migration } from "../migration/state.js";
 import { Applier } from "./apply.js";
@@ -37,7 +38,13 @@ export async function followStream(sql: Sql, m: Migration): Promise<StreamFollow
   try {
     await applier.start();
   } catch (err) {
-    log().info({ slot, err: err instanceof Error ? err.message : String(err) }, "stream: slot busy, following the consumer attached to it");
+    // Attached between the check and the start: follow that consumer. Anything else (the slot
+    // invalidated, the connection lost) is the caller's error, not a reason to wait for nobody.
+    if (sqlState((err as { cause?: unknown }).cause) !== "55006") {
+      await flusher.end({ timeout: 5 }).catch(() => {});
+      throw err;
+    }
+    log().info({ slot }, "stream: slot busy, following the consumer attached to it");
     return watcher(slot, flush, flusher);
   }
   let stopped = false;

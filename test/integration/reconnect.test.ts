@@ -1,11 +1,15 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import postgres from "postgres";
+import pTimeout from "p-timeout";
 import { startEmbedded, type EmbeddedServer } from "../../src/embedded.js";
 import { compareWithTwin, createWorkload, startLoad, type Workload } from "../../src/load/workload.js";
 import { loadMigration } from "../../src/migration/state.js";
+import { Applier } from "../../src/mirror/apply.js";
+import { isConnectionLoss } from "../../src/errors.js";
 import { table as tableRef, type Sql } from "../../src/db.js";
 import { describeRun, exitWithin, expectRefusal, runCli, spawnCli, waitUntil, type Running } from "../support/cli.js";
 import { sleep } from "../support/db.js";
+import { startProxy } from "../support/proxy.js";
 
 /**
  * `pgshift sync` outlives its connections: a restart of the server (fast shutdown, every session terminated
@@ -183,6 +187,69 @@ describe("pgshift sync when its connections are lost", () => {
     expect(ab.code, describeRun(ab)).toBe(0);
     const gone = await exitWithin(again, 20_000);
     expect(gone, describeSync(again)).toMatchObject({ code: 0, timedOut: false });
-    expect((await admin`select count(*)::int as n from pg_replication_slots`)[0]!.n).toBe(0);
+    expect((await admin`select count(*)::int as n from pg_replication_slots where slot_name = ${slot}`)[0]!.n).toBe(0);
+  });
+
+  it("an apply session terminated while the applier starts fails the start with a connection loss (so sync connects again)", async () => {
+    // Regression: terminated while the stream was starting, the applier stopped its own replication client,
+    // and start() reported that client's "Client was closed and is not queryable", which is not a
+    // connection loss: sync exited 1 instead of connecting again (a fresh-clone CI run).
+    const name = "startrace_orders";
+    const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
+    await createWorkload(admin, w, 500);
+    expect((await pgshift(["start", name, "--partition-by", "range:created_at:month", "--mode", "logical"])).code).toBe(0);
+    const m = (await loadMigration(admin, w.table))!;
+    const app = `pgshift apply ${name}`;
+    const applySession = async () => (await admin`select pid from pg_stat_activity where application_name = ${app}`)[0]?.pid as number | undefined;
+    const terminateApply = () => admin`select pg_terminate_backend(pid) from pg_stat_activity where application_name = ${app}`;
+    const poll = async (what: () => Promise<number | undefined>) => {
+      for (let t = 0; t < 5000; t++) {
+        const pid = await what();
+        if (pid !== undefined) return pid;
+        await sleep(1);
+      }
+      throw new Error("the session never appeared");
+    };
+    const outcomes: string[] = [];
+    for (let i = 0; i < 8; i++) {
+      // Deterministic first: the replication connection is held in a proxy (as a slow network would)
+      // while its client is still connecting, and the apply session is terminated meanwhile.
+      const proxy = i < 2 ? await startProxy(server.url, { holdReplication: true }) : null;
+      const applier = new Applier(m, { url: proxy?.url ?? server.url });
+      const starting = applier.start().then(
+        () => "started",
+        (err: unknown) => err,
+      );
+      if (proxy) {
+        await proxy.held();
+        await poll(applySession);
+        await terminateApply();
+        await sleep(200 * i);
+        proxy.release();
+      } else {
+        // At a random point: as soon as the apply session exists, or up to 60 ms later.
+        await poll(applySession);
+        await sleep((i % 4) * 20);
+        await terminateApply();
+      }
+      // Regression too: stopped while its replication client connected, start() once waited for ever.
+      const outcome = await pTimeout(starting, { milliseconds: 20_000, message: "applier.start() never settled" });
+      if (outcome === "started") {
+        // Terminated after the start: the applier fails with the loss (sync's next session goes on).
+        await waitUntil("the started applier notices the loss", async () => applier.error !== null, 10_000, 20);
+        expect(isConnectionLoss(applier.error), String(applier.error)).toBe(true);
+        outcomes.push("after start");
+      } else {
+        expect(isConnectionLoss(outcome), `start failed with: ${String(outcome)}`).toBe(true);
+        console.log("DURING", String(outcome), String((outcome as {cause?: unknown}).cause));
+        outcomes.push("during start");
+      }
+      await applier.stop();
+      await proxy?.close();
+      await waitUntil("the slot is free again", async () => !(await slotActive(m.slot_name!)), 20_000, 20);
+    }
+    expect(outcomes.slice(0, 2), "both terminations made while the stream connected landed during the start").toEqual(["during start", "during start"]);
+    expect((await pgshift(["abort", name])).code).toBe(0);
+    expect((await admin`select count(*)::int as n from pg_replication_slots where slot_name = ${m.slot_name!}`)[0]!.n).toBe(0);
   });
 });
