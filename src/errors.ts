@@ -44,11 +44,13 @@ export function sqlState(err: unknown): string | undefined {
   return undefined;
 }
 
-/** Error codes of a lost connection: postgres.js's own, Node's socket errors. */
-const CONNECTION_CODES = new Set([
-  "CONNECTION_CLOSED", "CONNECTION_ENDED", "CONNECTION_DESTROYED", "CONNECT_TIMEOUT",
-  "ECONNREFUSED", "ECONNRESET", "EPIPE", "ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH", "ENOTFOUND", "EAI_AGAIN",
-]);
+/** Error codes of a connection that could not be made: postgres.js's own, Node's socket errors. */
+const UNREACHABLE_CODES = new Set(["CONNECT_TIMEOUT", "ECONNREFUSED", "ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH", "ENOTFOUND", "EAI_AGAIN"]);
+/** Error codes of a connection lost once made (the session terminated, the server gone, the network cut). */
+const LOST_CODES = new Set(["CONNECTION_CLOSED", "CONNECTION_ENDED", "CONNECTION_DESTROYED", "ECONNRESET", "EPIPE"]);
+const CONNECTION_CODES = new Set([...UNREACHABLE_CODES, ...LOST_CODES]);
+
+const RERUN = "re-run the same command once the server is reachable: every step resumes or is undone cleanly";
 
 /**
  * Turns connection and server errors into one clear line for a person.
@@ -71,12 +73,16 @@ export function explain(err: unknown): PgshiftError {
     case "57P01":
     case "57P02":
     case "57P03":
-      return new PgshiftError(`the server closed the connection: ${msg}`, { hint: "re-run the same command: every step resumes or is undone cleanly", cause: err });
+      return new PgshiftError(`the server closed the connection: ${msg}`, { hint: RERUN, cause: err });
   }
   if (err && typeof err === "object" && "code" in err) {
     const c = String((err as { code: unknown }).code);
-    if (CONNECTION_CODES.has(c)) {
+    if (UNREACHABLE_CODES.has(c)) {
       return new PgshiftError(`cannot reach the PostgreSQL server (${c}): ${msg}`, { hint: "check --url / DATABASE_URL / PGHOST and PGPORT, and that the server is running", cause: err });
+    }
+    if (LOST_CODES.has(c)) {
+      // Terminated by an administrator, the server restarted, the network cut: the same words as 57P01.
+      return new PgshiftError(`the server closed the connection (${c}): ${msg}`, { hint: RERUN, cause: err });
     }
   }
   return new PgshiftError(msg, { cause: err });

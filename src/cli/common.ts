@@ -19,15 +19,38 @@ export function addConnectionOption(cmd: Command): Command {
   );
 }
 
-/** Connects, runs `fn` with the parsed table, always closes the connection. */
-export async function withTable<T>(tableArg: string, opts: ConnOpts, fn: (sql: Sql, table: QualifiedName) => Promise<T>): Promise<T> {
+/**
+ * Connects, runs `fn` with the parsed table, always closes the connection.
+ *
+ * When the command's session is lost (terminated, the server restarted, the network cut), the command
+ * fails at once with a connection-loss error (code CONNECTION_CLOSED; explain() words it, exit 2), whatever
+ * `fn` was waiting for: postgres.js 3.4.9 may leave the next query on a connection that closed waiting for
+ * ever (see ConnectOptions.onClose), and a command that hangs is worse for an operator than one that says
+ * "run me again". Every step is re-runnable from the state in the database, as after a crash.
+ * `keepOnLoss`: `fn` handles losses itself (sync opens connections of its own and connects again).
+ * @throws PgshiftError: what went wrong, as explain() words it.
+ */
+export async function withTable<T>(
+  tableArg: string,
+  opts: ConnOpts,
+  fn: (sql: Sql, table: QualifiedName) => Promise<T>,
+  { keepOnLoss = false }: { keepOnLoss?: boolean } = {},
+): Promise<T> {
   const table = parseTableName(tableArg);
-  const sql = await connect({ url: opts.url });
+  let closing = false;
+  let onLost: (err: Error) => void = () => {};
+  const lost = new Promise<never>((_, reject) => (onLost = reject));
+  lost.catch(() => {});
+  const sql = await connect({
+    url: opts.url,
+    ...(keepOnLoss ? {} : { onClose: () => !closing && onLost(Object.assign(new Error("the command's session was lost"), { code: "CONNECTION_CLOSED" })) }),
+  });
   try {
-    return await fn(sql, table);
+    return await Promise.race([fn(sql, table), lost]);
   } catch (err) {
     throw explain(err);
   } finally {
+    closing = true;
     await sql.end({ timeout: 5 }).catch(() => {});
   }
 }

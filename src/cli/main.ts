@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 import { Command, CommanderError } from "commander";
-import { explain } from "../errors.js";
+import { explain, isConnectionLoss } from "../errors.js";
 import { backfillCommand } from "./backfill.js";
 import { cutoverCommand, swapBackCommand } from "./cutover.js";
 import { demoCommand } from "./demo.js";
@@ -45,5 +45,8 @@ try {
     if (e.hint) process.stderr.write(`pgshift: hint: ${e.hint}\n`);
     if (process.env.PGSHIFT_DEBUG && err instanceof Error) process.stderr.write(`${err.stack}\n`);
     process.exitCode = e.exitCode;
+    // A lost session may leave work of the command waiting for ever (see withTable): the state is in the
+    // database, so end here, as a crash would, once the error is written.
+    if (isConnectionLoss(err)) process.exit(e.exitCode);
   }
 }

@@ -37,7 +37,7 @@ It exits 0 by itself once the migration is cut over or aborted.`);
       }
     };
     try {
-      const r = await withTable(tableArg, opts, (sql, table) => sync(sql, table, { signal: ctrl.signal, onTick, loop: opts.loop }));
+      const r = await withTable(tableArg, opts, (sql, table) => sync(sql, table, { signal: ctrl.signal, onTick, loop: opts.loop }), { keepOnLoss: opts.loop });
       if (tty) process.stderr.write("\n");
       process.stdout.write(r.reason === "stopped" ? "sync stopped; the slot keeps every change not applied yet\n" : `sync finished: the migration is ${r.reason}\n`);
     } finally {
