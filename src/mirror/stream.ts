@@ -1,5 +1,5 @@
 import { connect, connectionUrl, transaction, type Sql } from "../db.js";
-import { sqlState } from "../errors.js";
+import { PgshiftError, sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { loadMigration, type Migration } from "../migration/state.js";
 import { Applier } from "./apply.js";
@@ -22,60 +22,109 @@ export class CatchupTimeout extends Error {}
 const RETRYABLE = new Set(["40P01", "40001", "55P03", "57P01", "CONNECTION_CLOSED", "ECONNRESET"]);
 
 /**
- * Takes over the stream when the slot is free (an Applier in this process, restarted from the slot's
- * confirmed position after a deadlock or a lost connection), or, when another consumer is attached, only
- * watches the slot's confirmed LSN.
+ * Keeps the shadow following the slot for as long as a command needs it: applies the stream in this process
+ * (an Applier, restarted from the slot's confirmed position after a deadlock or a lost connection) when the
+ * slot is free; when another consumer (`pgshift sync`) is attached, watches the slot's confirmed LSN
+ * instead, and takes the stream over as soon as that consumer goes away (sync stopped or killed), so a
+ * wait never depends on a process that is no longer there.
+ * @throws PgshiftError when the stream cannot start for another reason than a consumer attached (the slot
+ *   invalidated, the connection lost).
  */
 export async function followStream(sql: Sql, m: Migration): Promise<StreamFollower> {
   const slot = m.slot_name!;
   const url = connectionUrl(sql);
-  // A connection of its own to flush WAL: the caller's may be inside a transaction (cutover holds a lock).
+  // A connection of its own to flush WAL and poll the slot: the caller's may be inside a transaction
+  // (cutover holds a lock).
   const flusher = await connect({ url, applicationName: "pgshift flush" });
   const flush = () => flushWal(flusher);
-  const state = await slotState(sql, slot);
-  if (state.active) return watcher(slot, flush, flusher);
-  let applier = new Applier(m, { url });
-  try {
-    await applier.start();
-  } catch (err) {
-    // Attached between the check and the start: follow that consumer. Anything else (the slot
-    // invalidated, the connection lost) is the caller's error, not a reason to wait for nobody.
-    if (sqlState((err as { cause?: unknown }).cause) !== "55006") {
-      await flusher.end({ timeout: 5 }).catch(() => {});
-      throw err;
-    }
-    log().info({ slot }, "stream: slot busy, following the consumer attached to it");
-    return watcher(slot, flush, flusher);
-  }
-  let stopped = false;
+  let applier: Applier | null = null;
   let applied = 0;
+  let stopped = false;
+
+  /** Starts applying in this process; false when another consumer holds the slot. */
+  const takeOver = async (): Promise<boolean> => {
+    const fresh = (await loadMigration(flusher, { schema: m.source_schema, name: m.source_table })) ?? m;
+    const a = new Applier(fresh, { url });
+    try {
+      await a.start();
+    } catch (err) {
+      // Attached between the check and the start: follow that consumer. Anything else (the slot
+      // invalidated, the connection lost) is the caller's error, not a reason to wait for nobody.
+      if (sqlState((err as { cause?: unknown }).cause) !== "55006") throw err;
+      return false;
+    }
+    if (stopped) {
+      await a.stop();
+      return false;
+    }
+    applier = a;
+    return true;
+  };
+
+  try {
+    if ((await slotState(flusher, slot)).active || !(await takeOver())) {
+      log().info({ slot }, "stream: a consumer is attached to the slot (pgshift sync); following it");
+    }
+  } catch (err) {
+    await flusher.end({ timeout: 5 }).catch(() => {});
+    throw err;
+  }
+
   const supervise = setInterval(() => {
-    const err = applier.error;
-    if (!err || stopped) return;
+    const old = applier;
+    const err = old?.error;
+    if (!old || !err || stopped) return;
     const code = String((err as { code?: string }).code ?? "");
     if (!RETRYABLE.has(code)) return;
     // Roll back to the slot's confirmed position and start again: nothing applied twice, nothing lost.
-    const old = applier;
+    applier = null;
     applied += old.changes;
     void (async () => {
       await old.stop();
-      const fresh = await loadMigration(sql, { schema: m.source_schema, name: m.source_table });
-      if (!fresh || stopped) return;
+      if (stopped) return;
       log().warn({ slot, code }, "stream: apply failed with a transient error, restarting from the confirmed position");
-      applier = new Applier(fresh, { url });
-      await applier.start().catch(() => {});
+      // Not started (the slot busy, the server away): the next wait takes over when it can.
+      await takeOver().catch(() => {});
     })();
   }, 200);
+
+  /** Watching another consumer: true once the slot confirmed `lsn`; takes over if the consumer left. */
+  const watch = async (target: bigint, until: number): Promise<boolean> => {
+    let idleSince: number | null = null;
+    for (;;) {
+      const s = await slotState(flusher, slot);
+      if (s.confirmedLsn && lsnToBigInt(s.confirmedLsn) >= target) return true;
+      if (applier) return false;
+      // No consumer for a moment (not a sync between two of its own sessions): apply here.
+      if (s.exists && !s.active) {
+        idleSince ??= Date.now();
+        if (Date.now() - idleSince >= 500 && (await takeOver())) {
+          log().warn({ slot }, "stream: the consumer attached to the slot went away; applying the stream in this process");
+          return false;
+        }
+      } else idleSince = null;
+      if (Date.now() >= until) return false;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  };
+
   return {
-    own: true,
+    get own() {
+      return applier !== null;
+    },
     waitFor: async (lsn, timeoutMs) => {
       const until = Date.now() + timeoutMs;
+      const target = lsnToBigInt(lsn);
       await flush();
       for (;;) {
         const a = applier;
+        if (!a) {
+          if (await watch(target, until)) return true;
+          if (!applier && Date.now() >= until) return false;
+          continue;
+        }
         try {
-          if (await a.waitFor(lsn, Math.max(0, until - Date.now()))) return true;
-          return false;
+          return await a.waitFor(lsn, Math.max(0, until - Date.now()));
         } catch (err) {
           const code = String((err as { code?: string }).code ?? "");
           if (!RETRYABLE.has(code) || Date.now() >= until) throw err;
@@ -83,11 +132,11 @@ export async function followStream(sql: Sql, m: Migration): Promise<StreamFollow
         }
       }
     },
-    changes: () => applied + applier.changes,
+    changes: () => applied + (applier?.changes ?? 0),
     stop: async () => {
       stopped = true;
       clearInterval(supervise);
-      await applier.stop();
+      await applier?.stop();
       await flusher.end({ timeout: 5 }).catch(() => {});
     },
   };
@@ -106,31 +155,11 @@ export async function flushWal(sql: Sql): Promise<void> {
   });
 }
 
-/** Follows a consumer attached elsewhere (pgshift sync) by polling the slot on the follower's own connection. */
-function watcher(slot: string, flush: () => Promise<void>, flusher: Sql): StreamFollower {
-  return {
-    own: false,
-    waitFor: async (lsn, timeoutMs) => {
-      const until = Date.now() + timeoutMs;
-      const target = lsnToBigInt(lsn);
-      await flush();
-      for (;;) {
-        const s = await slotState(flusher, slot);
-        if (s.confirmedLsn && lsnToBigInt(s.confirmedLsn) >= target) return true;
-        if (Date.now() >= until) return false;
-        await new Promise((r) => setTimeout(r, 50));
-      }
-    },
-    changes: () => 0,
-    stop: async () => {
-      await flusher.end({ timeout: 5 }).catch(() => {});
-    },
-  };
-}
-
 /**
  * Waits until the stream is caught up: the time to apply everything written up to "now" is at most
- * `maxLagMs`. Returns the last measured catch-up time, ms.
+ * `maxLagMs`. Returns the last measured catch-up time, ms (above `maxLagMs` only when the stream kept
+ * reaching "now", but never that fast, for `timeoutMs`).
+ * @throws PgshiftError when the stream never reached the WAL position of "now" within `timeoutMs`.
  */
 export async function catchUp(sql: Sql, f: StreamFollower, maxLagMs: number, timeoutMs = 600_000): Promise<number> {
   const until = Date.now() + timeoutMs;
@@ -140,6 +169,11 @@ export async function catchUp(sql: Sql, f: StreamFollower, maxLagMs: number, tim
     const ok = await f.waitFor(target, Math.max(1000, until - Date.now()));
     const took = Date.now() - t0;
     if (ok && took <= maxLagMs) return took;
-    if (Date.now() >= until) return took;
+    if (Date.now() >= until) {
+      if (ok) return took;
+      throw new PgshiftError(`the replication stream did not reach WAL position ${target} within ${Math.round(timeoutMs / 1000)} s`, {
+        hint: "see pgshift status (lag, consumer attached); verify and cutover wait for the stream again",
+      });
+    }
   }
 }

@@ -183,3 +183,43 @@ describe.each(["trigger", "logical"] as const)("%s mode: a command whose session
     expect((await db.admin`select count(*)::int as n from pg_publication where pubname = ${m.publication_name ?? ""}`)[0]!.n).toBe(0);
   });
 });
+
+describe("logical mode: the consumer a command follows goes away", () => {
+  it("backfill following pgshift sync takes the stream over when sync is killed, and completes; cutover follows; the table equals the twin", async () => {
+    const name = "connloss_takeover";
+    const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
+    await createWorkload(db.admin, w, 20_000);
+    const load = await startLoad(db.url, w, { connections: 3, pauseMs: 3 });
+    try {
+      const st = await pgshift(["start", name, "--partition-by", "range:created_at:month", "--mode", "logical"]);
+      expect(st.code, describeRun(st)).toBe(0);
+      const m = (await loadMigration(db.admin, w.table))!;
+      const slotActive = async () => Boolean((await db.admin`select active from pg_replication_slots where slot_name = ${m.slot_name!}`)[0]?.active);
+      const sync = spawnCli(["sync", name, "--url", db.url]);
+      running.push(sync);
+      await waitUntil("pgshift sync attaches to the slot", slotActive, 30_000, 50);
+      // backfill finds sync attached: it follows it rather than applying the stream itself.
+      const bf = spawnCli(["backfill", name, "--batch-size", "500", "--sleep-ms", "20", "--url", db.url]);
+      running.push(bf);
+      await waitUntil("backfill has copied some rows", async () => ((await loadMigration(db.admin, w.table))?.rows_copied ?? 0) >= 2_000, 60_000, 20);
+      sync.child.kill("SIGKILL");
+      await sync.exited;
+      // Regression: backfill waited for the stream to catch up through a consumer that was gone, for up to
+      // 10 minutes, then said it had caught up.
+      const ex = await exitWithin(bf, 90_000);
+      const r = { args: ["backfill", name], code: ex.code, signal: ex.signal, stdout: bf.out.stdout, stderr: bf.out.stderr, ms: 0 };
+      expect(ex.timedOut, describeRun(r)).toBe(false);
+      expect(ex.code, describeRun(r)).toBe(0);
+      expect(bf.out.stderr, describeRun(r)).toContain("applying the stream in this process");
+      const v = await pgshift(["verify", name]);
+      expect(v.code, describeRun(v)).toBe(0);
+      const cut = await pgshift(["cutover", name]);
+      expect(cut.code, describeRun(cut)).toBe(0);
+    } finally {
+      const stats = await load.stop();
+      expect(stats.errors).toEqual([]);
+    }
+    expect(await compareWithTwin(db.admin, w.table, w.twin, "bigint")).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
+    expect((await pgshift(["finalize", name, "--yes"])).code).toBe(0);
+  });
+});
