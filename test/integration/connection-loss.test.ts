@@ -52,9 +52,12 @@ async function terminatedWhileWaiting(args: string[], hold: (tx: Sql) => Promise
     let exited = false;
     void c.exited.then(() => (exited = true));
     // The command's own session (not an applier's: those are named "pgshift apply ..."), waiting for the
-    // lock held here (not for a row the load holds for a moment).
+    // lock held here (not for a row the load holds for a moment), in this test's database (sessions of
+    // other test files, on the same server, are named "pgshift" too).
     const waiter = async () =>
-      (await db.admin`select pid from pg_stat_activity where application_name = 'pgshift' and ${holder}::int = any(pg_blocking_pids(pid))`)[0]?.pid as number | undefined;
+      (await db.admin`
+        select pid from pg_stat_activity
+         where datname = current_database() and application_name = 'pgshift' and ${holder}::int = any(pg_blocking_pids(pid))`)[0]?.pid as number | undefined;
     let pid: number | undefined;
     await waitUntil(`pgshift ${args[0]} waits for the lock`, async () => {
       if (exited) throw new Error(`pgshift ${args[0]} exited before waiting:\n${c.out.stdout}\n${c.out.stderr}`);
@@ -106,10 +109,12 @@ describe.each(["trigger", "logical"] as const)("%s mode: a command whose session
       const m0 = (await loadMigration(db.admin, w.table))!;
       const lockOpts = ["--lock-timeout", "30000", "--retries", "0"];
 
-      // backfill: blocked on the migration row (its checkpoint update) after some batches.
-      const migrationRow = (tx: Sql) => tx`select 1 from pgshift.migrations where id = ${m0.id} for update`;
+      // backfill: blocked on its checkpoint update after some batches. A table lock, not a row lock: a
+      // transaction holding a row lock has an xid, and creating a replication slot (another test file's
+      // logical start, on the same server) waits for every transaction with an xid to end.
+      const migrationsTable = (tx: Sql) => tx`lock table pgshift.migrations in share mode`;
       const copied = async () => ((await loadMigration(db.admin, w.table))?.rows_copied ?? 0) >= 1_000;
-      const bf = await terminatedWhileWaiting(["backfill", name, "--batch-size", "250", "--sleep-ms", "20"], migrationRow, copied);
+      const bf = await terminatedWhileWaiting(["backfill", name, "--batch-size", "250", "--sleep-ms", "20"], migrationsTable, copied);
       expectTerminated(bf);
       const mid = (await loadMigration(db.admin, w.table))!;
       expect(mid.phase).toBe("backfilling");

@@ -241,7 +241,6 @@ describe("pgshift sync when its connections are lost", () => {
         outcomes.push("after start");
       } else {
         expect(isConnectionLoss(outcome), `start failed with: ${String(outcome)}`).toBe(true);
-        console.log("DURING", String(outcome), String((outcome as {cause?: unknown}).cause));
         outcomes.push("during start");
       }
       await applier.stop();
