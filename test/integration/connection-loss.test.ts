@@ -31,24 +31,14 @@ const pgshift = (args: string[]) => runCli([...args, "--url", db.url]);
  * the command's session waits for that lock, terminates it, then releases the lock.
  * @returns the command's result.
  */
-async function terminatedWhileWaiting(args: string[], hold: (tx: Sql) => Promise<unknown>, before?: () => Promise<boolean>): Promise<CliResult> {
+async function terminatedWhileWaiting(args: string[], hold: (tx: Sql) => Promise<unknown>): Promise<CliResult> {
   const admin = await db.admin.reserve();
   try {
-    let cmd: Running | null = null;
-    if (before) {
-      // Start first, then take the lock once the command has done some of its work.
-      cmd = spawnCli([...args, "--url", db.url]);
-      running.push(cmd);
-      await waitUntil(`pgshift ${args[0]} has made progress`, before, 60_000, 20);
-    }
     const holder = Number((await admin`select pg_backend_pid() as pid`)[0]!.pid);
     await admin`begin`;
     await hold(admin as unknown as Sql);
-    if (!cmd) {
-      cmd = spawnCli([...args, "--url", db.url]);
-      running.push(cmd);
-    }
-    const c = cmd;
+    const c = spawnCli([...args, "--url", db.url]);
+    running.push(c);
     let exited = false;
     void c.exited.then(() => (exited = true));
     // The command's own session (not an applier's: those are named "pgshift apply ..."), waiting for the
@@ -109,12 +99,18 @@ describe.each(["trigger", "logical"] as const)("%s mode: a command whose session
       const m0 = (await loadMigration(db.admin, w.table))!;
       const lockOpts = ["--lock-timeout", "30000", "--retries", "0"];
 
-      // backfill: blocked on its checkpoint update after some batches. A table lock, not a row lock: a
-      // transaction holding a row lock has an xid, and creating a replication slot (another test file's
-      // logical start, on the same server) waits for every transaction with an xid to end.
+      // backfill: a first run interrupted mid-way (Ctrl-C: exit 130, checkpoint saved), then one whose
+      // session is terminated while its first statement waits for the migrations table. A table lock,
+      // not a row lock: a transaction holding a row lock has an xid, and creating a replication slot
+      // (another test file's logical start, on the same server) waits for every transaction with an xid.
+      const first = spawnCli(["backfill", name, "--batch-size", "250", "--sleep-ms", "20", "--url", db.url]);
+      running.push(first);
+      await waitUntil("the first backfill has copied some rows", async () => ((await loadMigration(db.admin, w.table))?.rows_copied ?? 0) >= 1_000, 60_000, 20);
+      first.child.kill("SIGINT");
+      const ex1 = await exitWithin(first, 30_000);
+      expect(ex1, first.out.stderr).toMatchObject({ code: 130, timedOut: false });
       const migrationsTable = (tx: Sql) => tx`lock table pgshift.migrations in share mode`;
-      const copied = async () => ((await loadMigration(db.admin, w.table))?.rows_copied ?? 0) >= 1_000;
-      const bf = await terminatedWhileWaiting(["backfill", name, "--batch-size", "250", "--sleep-ms", "20"], migrationsTable, copied);
+      const bf = await terminatedWhileWaiting(["backfill", name, "--batch-size", "250"], migrationsTable);
       expectTerminated(bf);
       const mid = (await loadMigration(db.admin, w.table))!;
       expect(mid.phase).toBe("backfilling");
