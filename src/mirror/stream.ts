@@ -1,5 +1,5 @@
 import { connect, connectionUrl, transaction, type Sql } from "../db.js";
-import { PgshiftError, sqlState } from "../errors.js";
+import { PgshiftError, isConnectionLoss, sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { loadMigration, type Migration } from "../migration/state.js";
 import { Applier } from "./apply.js";
@@ -19,7 +19,8 @@ export interface StreamFollower {
 /** The stream did not apply everything up to a position in time (under a lock: release it and try again). */
 export class CatchupTimeout extends Error {}
 
-const RETRYABLE = new Set(["40P01", "40001", "55P03", "57P01", "CONNECTION_CLOSED", "ECONNRESET"]);
+/** Apply errors worth starting again from the slot's confirmed position: a conflict, or a lost connection. */
+const retryable = (err: unknown) => ["40P01", "40001", "55P03"].includes(sqlState(err) ?? "") || isConnectionLoss(err);
 
 /**
  * Keeps the shadow following the slot for as long as a command needs it: applies the stream in this process
@@ -74,8 +75,8 @@ export async function followStream(sql: Sql, m: Migration): Promise<StreamFollow
     const old = applier;
     const err = old?.error;
     if (!old || !err || stopped) return;
-    const code = String((err as { code?: string }).code ?? "");
-    if (!RETRYABLE.has(code)) return;
+    if (!retryable(err)) return;
+    const code = sqlState(err);
     // Roll back to the slot's confirmed position and start again: nothing applied twice, nothing lost.
     applier = null;
     applied += old.changes;
@@ -126,8 +127,7 @@ export async function followStream(sql: Sql, m: Migration): Promise<StreamFollow
         try {
           return await a.waitFor(lsn, Math.max(0, until - Date.now()));
         } catch (err) {
-          const code = String((err as { code?: string }).code ?? "");
-          if (!RETRYABLE.has(code) || Date.now() >= until) throw err;
+          if (!retryable(err) || Date.now() >= until) throw err;
           while (applier === a && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
         }
       }
