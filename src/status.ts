@@ -4,6 +4,7 @@ import { columnDrift, indexDrift } from "./catalog/drift.js";
 import { PgshiftError } from "./errors.js";
 import { mirrorFor, type MirrorHealth } from "./mirror/mirror.js";
 import { slotState, type SlotState } from "./mirror/logical.js";
+import { ddlGuardState } from "./migration/ddl-guard.js";
 import { leftoverStream } from "./migration/finish.js";
 import { displayName, quoteQualified, type QualifiedName } from "./names.js";
 import { formatPartitionSpec } from "./partitioning/spec.js";
@@ -36,6 +37,8 @@ export interface StatusReport {
   schemaDrift: string[];
   /** Indexes created on the original table after start that the partitioned table lacks (indexDrift). */
   indexDrift: string[];
+  /** The DDL guard (event trigger pgshift_ddl_guard) that refuses column changes during the migration: "on", "disabled" or "missing". */
+  ddlGuard: "on" | "disabled" | "missing";
   /** Logical mode, while the slot exists: where the stream stands. */
   stream: (SlotState & { appliedCommitTime: string | null; warnings: string[] }) | null;
   lastVerify: VerifyResult | null;
@@ -115,6 +118,7 @@ export async function status(sql: Sql, table: QualifiedName, opts: { maxRetained
     mirror: await mirrorFor(m.mode).health(sql, m),
     schemaDrift: await columnDrift(sql, m),
     indexDrift: await indexDrift(sql, m),
+    ddlGuard: await ddlGuardState(sql).then((g) => (g.enabled ? "on" : g.installed ? "disabled" : "missing")),
     stream: m.slot_name ? await streamStatus(sql, m.slot_name, m.applied_commit_time, opts.maxRetainedWalBytes ?? 1024 ** 3) : null,
     lastVerify: m.last_verify,
     startedAt: m.created_at.toISOString(),

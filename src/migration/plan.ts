@@ -4,6 +4,7 @@ import { inspectTable, type TableFacts } from "../catalog/inspect.js";
 import { copyColumns, deferredIndexSql, identityDefaultFunction, shadowDdl, shadowKey, type DeferredIndex } from "../ddl/shadow.js";
 import { PgshiftError } from "../errors.js";
 import { installTriggerMirrorSql, truncateGuardSql } from "../mirror/trigger.js";
+import { ddlGuardSql, ddlGuardState } from "./ddl-guard.js";
 import { createStreamSql, logicalPrerequisites } from "../mirror/logical.js";
 import { displayName, fitName, quoteLiteral, type QualifiedName } from "../names.js";
 import { computePartitions, type DataRange, type PartitionDef } from "../partitioning/bounds.js";
@@ -153,6 +154,14 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   let indexRenames: { from: string; to: string }[] = [];
   if (blockers.length === 0) {
     if (!existing) statements.push(...schemaSql());
+    const guard = await ddlGuardState(sql);
+    if (guard.superuser) statements.push(...ddlGuardSql());
+    else if (!guard.installed || !guard.enabled) {
+      warnings.push(
+        `the DDL guard is ${guard.installed ? "disabled" : "not installed"} (creating an event trigger needs superuser): an ALTER TABLE that drops, renames, adds or retypes a column of ` +
+          `${displayName(table)} during the migration will not be refused${mode === "trigger" ? ", and dropping or renaming a mirrored column makes the application's writes fail" : ""}`,
+      );
+    }
     const ddl = shadowDdl(facts, spec, partitions, { source: src, shadow });
     statements.push(...ddl.statements);
     deferredIndexes = ddl.deferredIndexes;

@@ -5,7 +5,8 @@ import { describeRun, expectRefusal, runCli } from "../support/cli.js";
 import { freshDatabase, type TestDatabase } from "../support/db.js";
 
 /**
- * Schema drift: an ALTER TABLE run on the table while it is being migrated. pgshift does not carry it over,
+ * Schema drift: an ALTER TABLE run on the table while it is being migrated, let through the DDL guard on
+ * purpose (SET pgshift.allow_ddl = on; ddl-guard.test.ts tests the refusals). pgshift does not carry it over,
  * so every step that would lose or break a column must refuse, with one clear line and nothing changed:
  * cutover, swap-back and verify refuse, status shows each difference, and the logical applier stops at the
  * first change that carries the new columns instead of applying it without them.
@@ -28,6 +29,14 @@ async function createOrders(sql: Sql, name: string): Promise<void> {
     create table ${name} (id bigserial primary key, created_at timestamptz not null, note text);
     insert into ${name} (created_at, note)
       select timestamptz '2025-01-01 00:00+00' + i * interval '11 hours', 'order ' || i from generate_series(1, 300) i;`);
+}
+
+/** Runs an ALTER TABLE that the DDL guard would refuse, as an operator who sets pgshift.allow_ddl does. */
+async function alterAnyway(stmt: string): Promise<void> {
+  await db.admin.begin(async (tx) => {
+    await tx`set local pgshift.allow_ddl = on`;
+    await tx.unsafe(stmt);
+  });
 }
 
 /** What a refused step must leave as it was: the phase, which table is partitioned, the triggers. */
@@ -58,7 +67,7 @@ describe("trigger mode", () => {
     expect((await statusOf("drift_t")).schemaDrift).toEqual([]);
 
     // A deploy adds a column while the migration runs; the application writes it.
-    await db.admin`alter table drift_t add column extra int`;
+    await alterAnyway(`alter table drift_t add column extra int`);
     await db.admin`update drift_t set extra = 1 where id <= 10`;
     const before = await snapshot("drift_t");
     const st = await statusOf("drift_t");
@@ -72,20 +81,20 @@ describe("trigger mode", () => {
     expect(await snapshot("drift_t")).toEqual(before);
 
     // The same column added to the shadow by hand: the tables agree, but the mirror does not copy it.
-    await db.admin`alter table drift_t_pgshift_shadow add column extra int`;
+    await alterAnyway(`alter table drift_t_pgshift_shadow add column extra int`);
     expect((await statusOf("drift_t")).schemaDrift).toEqual(["column extra of public.drift_t is not mirrored (added after pgshift start)"]);
     expectRefusal(await pgshift(["cutover", "drift_t"]), "cannot cut over", "column extra of public.drift_t is not mirrored");
     expect(await snapshot("drift_t")).toEqual(before);
 
     // Undone on both: cutover goes through.
-    await db.admin`alter table drift_t drop column extra`;
-    await db.admin`alter table drift_t_pgshift_shadow drop column extra`;
+    await alterAnyway(`alter table drift_t drop column extra`);
+    await alterAnyway(`alter table drift_t_pgshift_shadow drop column extra`);
     expect((await statusOf("drift_t")).schemaDrift).toEqual([]);
     const cut = await pgshift(["cutover", "drift_t"]);
     expect(cut.code, describeRun(cut)).toBe(0);
 
     // After cutover the application writes the partitioned table; a type change there blocks swap-back.
-    await db.admin`alter table drift_t alter column note type varchar(200)`;
+    await alterAnyway(`alter table drift_t alter column note type varchar(200)`);
     const after = await snapshot("drift_t");
     expect(after?.phase).toBe("cutover");
     expect(after?.live_kind).toBe("p");
@@ -93,7 +102,7 @@ describe("trigger mode", () => {
     expectRefusal(await pgshift(["swap-back", "drift_t"]), "cannot swap back", "column note is character varying(200)");
     expect(await snapshot("drift_t")).toEqual(after);
 
-    await db.admin`alter table drift_t alter column note type text`;
+    await alterAnyway(`alter table drift_t alter column note type text`);
     const back = await pgshift(["swap-back", "drift_t"]);
     expect(back.code, describeRun(back)).toBe(0);
     expect((await snapshot("drift_t"))?.live_kind).toBe("r");
@@ -124,7 +133,7 @@ describe("logical mode", () => {
     // A change before the ALTER, then the ALTER and changes carrying the new column.
     await db.admin`update drift_l set note = 'before' where id = 1`;
     const alterAt = String((await db.admin`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
-    await db.admin`alter table drift_l add column extra int default 7`;
+    await alterAnyway(`alter table drift_l add column extra int default 7`);
     await db.admin`insert into drift_l (created_at, note, extra) values (timestamptz '2025-02-01 00:00+00', 'after', 8)`;
     await db.admin`update drift_l set note = 'after too' where id = 2`;
 

@@ -1,0 +1,189 @@
+import { randomBytes } from "node:crypto";
+import postgres from "postgres";
+import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
+import { connect, type Sql } from "../../src/db.js";
+import { compareWithTwin, createWorkload, startLoad, type Workload } from "../../src/load/workload.js";
+import { loadMigration } from "../../src/migration/state.js";
+import { displayName, type QualifiedName } from "../../src/names.js";
+import type { StatusReport } from "../../src/status.js";
+import { describeRun, runCli } from "../support/cli.js";
+import { freshDatabase, type TestDatabase } from "../support/db.js";
+
+/**
+ * The DDL guard (src/migration/ddl-guard.ts): while a table is being migrated, an ALTER TABLE that would
+ * leave the columns of the live table and of its copy out of step is refused by PostgreSQL itself (the
+ * event trigger raises, so the ALTER rolls back), whoever runs it. Without the guard, dropping a column the
+ * trigger mirror names makes every write of the application fail. A write load and its twin run throughout:
+ * the refusals touch none of the application's writes, and the table equals the twin at the end.
+ */
+
+let db: TestDatabase;
+const role = `pgshift_ddl_${randomBytes(3).toString("hex")}`;
+let roleUrl = "";
+let roleSql: Sql | null = null;
+
+beforeAll(async () => {
+  db = await freshDatabase();
+  const dbName = new URL(db.url).pathname.slice(1);
+  await db.admin.unsafe(`
+    create role ${role} login password 'ddl';
+    grant create on database ${dbName} to ${role};
+    grant create on schema public to ${role};`);
+  const u = new URL(db.url);
+  u.username = role;
+  u.password = "ddl";
+  roleUrl = u.toString();
+  roleSql = await connect({ url: roleUrl, max: 1 });
+});
+
+afterAll(async () => {
+  await roleSql?.end({ timeout: 5 }).catch(() => {});
+  await db?.close();
+  const root = postgres(inject("pgUrl"), { max: 1, onnotice: () => {} });
+  await root.unsafe(`drop role if exists ${role}`).catch(() => {});
+  await root.end();
+});
+
+const pgshift = (args: string[], url = db.url) => runCli([...args, "--url", url]);
+
+async function statusOf(name: string, url = db.url): Promise<StatusReport> {
+  const r = await pgshift(["status", name, "--json"], url);
+  expect(r.code, describeRun(r)).toBe(0);
+  return JSON.parse(r.stdout) as StatusReport;
+}
+
+/** Name, type and generated flag of every column of `t`, in order: what a refused ALTER must leave as it was. */
+async function columns(t: QualifiedName): Promise<string[]> {
+  const r = await db.admin`
+    select attname::text || ' ' || format_type(atttypid, atttypmod) || ' ' || attgenerated::text as c
+      from pg_attribute where attrelid = to_regclass(${displayName(t)}) and attnum > 0 and not attisdropped order by attnum`;
+  return r.map((x) => String(x.c));
+}
+
+const guardCount = async () => Number((await db.admin`select count(*)::int as n from pg_event_trigger where evtname = 'pgshift_ddl_guard'`)[0]!.n);
+
+/** Runs `stmt` and returns the error PostgreSQL raised (code, message, hint), or null when it went through. */
+async function tryDdl(sql: Sql, stmt: string): Promise<{ code: string; message: string; hint: string } | null> {
+  try {
+    await sql.unsafe(stmt);
+    return null;
+  } catch (err) {
+    const e = err as { code?: string; message?: string; hint?: string };
+    return { code: String(e.code), message: String(e.message), hint: String(e.hint) };
+  }
+}
+
+function expectGuardRefusal(err: Awaited<ReturnType<typeof tryDdl>>, live: string, copy: string, column: string): void {
+  expect(err).not.toBeNull();
+  expect(err!.code).toBe("55006");
+  expect(err!.message).toBe(`pgshift: ALTER TABLE refused while ${live} is being migrated: the columns of ${live} and ${copy} would differ (${column})`);
+  expect(err!.hint).toContain("SET pgshift.allow_ddl = on");
+}
+
+describe("without superuser", () => {
+  it("start installs no guard, says so in plan, start and status, and the migration still works", async () => {
+    const sql = roleSql!;
+    await sql`create table ddl_weak (id bigserial primary key, created_at timestamptz not null, note text)`;
+    await sql`insert into ddl_weak (created_at, note) select now() - i * interval '1 day', 'n' || i from generate_series(1, 200) i`;
+    const plan = await pgshift(["plan", "ddl_weak", "--partition-by", "range:created_at:month"], roleUrl);
+    expect(plan.code, describeRun(plan)).toBe(0);
+    expect(plan.stdout).not.toContain("EVENT TRIGGER");
+    expect(plan.stdout + plan.stderr).toContain("the DDL guard is not installed (creating an event trigger needs superuser)");
+    const st = await pgshift(["start", "ddl_weak", "--partition-by", "range:created_at:month"], roleUrl);
+    expect(st.code, describeRun(st)).toBe(0);
+    expect(st.stderr).toContain("the DDL guard is not installed");
+    expect(await guardCount()).toBe(0);
+    expect((await statusOf("ddl_weak", roleUrl)).ddlGuard).toBe("missing");
+    // Nothing refuses the change; status reports it, and cutover would refuse.
+    await sql`alter table ddl_weak add column extra int`;
+    expect((await statusOf("ddl_weak", roleUrl)).schemaDrift).toEqual(["column extra (integer) is in public.ddl_weak but not in public.ddl_weak_pgshift_shadow"]);
+    const ab = await pgshift(["abort", "ddl_weak"], roleUrl);
+    expect(ab.code, describeRun(ab)).toBe(0);
+  });
+});
+
+describe.each(["trigger", "logical"] as const)("%s mode, under a write load", (mode) => {
+  it("refuses every ALTER TABLE that changes the columns of either table, before and after cutover; lets the others through; the table equals the twin", async () => {
+    const name = `ddl_${mode}`;
+    const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
+    await createWorkload(db.admin, w, 3_000);
+    const load = await startLoad(db.url, w, { connections: 3, pauseMs: 3 });
+    try {
+      const plan = await pgshift(["plan", name, "--partition-by", "range:created_at:month", "--mode", mode]);
+      expect(plan.stdout, describeRun(plan)).toContain("CREATE EVENT TRIGGER pgshift_ddl_guard ON ddl_command_end WHEN TAG IN ('ALTER TABLE')");
+      const st = await pgshift(["start", name, "--partition-by", "range:created_at:month", "--mode", mode]);
+      expect(st.code, describeRun(st)).toBe(0);
+      expect(await guardCount()).toBe(1);
+      expect((await statusOf(name)).ddlGuard).toBe("on");
+      const bf = await pgshift(["backfill", name]);
+      expect(bf.code, describeRun(bf)).toBe(0);
+
+      const m = (await loadMigration(db.admin, w.table))!;
+      const live = displayName(m.live);
+      const shadow = displayName(m.copy);
+      const before = { live: await columns(m.live), shadow: await columns(m.copy) };
+      const ops = () => load.stats.inserts + load.stats.updates + load.stats.deletes;
+      const opsBefore = ops();
+
+      expectGuardRefusal(await tryDdl(db.admin, `alter table ${live} drop column note`), live, shadow, "note");
+      expectGuardRefusal(await tryDdl(db.admin, `alter table ${live} rename column note to remark`), live, shadow, "note, remark");
+      expectGuardRefusal(await tryDdl(db.admin, `alter table ${live} add column extra int default 7`), live, shadow, "extra");
+      expectGuardRefusal(await tryDdl(db.admin, `alter table ${live} alter column status type varchar(40)`), live, shadow, "status");
+      expectGuardRefusal(await tryDdl(db.admin, `alter table ${shadow} drop column status`), live, shadow, "status");
+      // Several subcommands in one ALTER: refused whole.
+      expectGuardRefusal(await tryDdl(db.admin, `alter table ${live} set (fillfactor = 95), drop column region`), live, shadow, "region");
+      expect({ live: await columns(m.live), shadow: await columns(m.copy) }).toEqual(before);
+      // Changes that leave the columns as they are go through.
+      expect(await tryDdl(db.admin, `alter table ${live} set (fillfactor = 95)`)).toBeNull();
+      expect(await tryDdl(db.admin, `alter table ${live} alter column note set statistics 200`)).toBeNull();
+      expect(await tryDdl(db.admin, `alter table ${shadow} alter column note set statistics 200`)).toBeNull();
+      // A table that is not being migrated, altered by a role that may not read pgshift's tables.
+      await roleSql!.unsafe(`create table ddl_other_${mode} (id int primary key)`);
+      expect(await tryDdl(roleSql!, `alter table ddl_other_${mode} add column extra int`)).toBeNull();
+
+      // Let through on purpose. In logical mode a change carrying another column stops the applier for good
+      // (drift.test.ts), so there it is only tried and rolled back; in trigger mode status lists the
+      // difference, and it can be undone the same way.
+      if (mode === "logical") {
+        const through = await db.admin
+          .begin(async (tx) => {
+            await tx`set local pgshift.allow_ddl = on`;
+            await tx.unsafe(`alter table ${live} add column extra int`);
+            throw new Error("rollback");
+          })
+          .catch((err: Error) => err.message);
+        expect(through).toBe("rollback");
+      } else await db.admin.begin(async (tx) => {
+        await tx`set local pgshift.allow_ddl = on`;
+        await tx.unsafe(`alter table ${live} add column extra int`);
+      });
+      if (mode === "trigger") {
+        expect((await statusOf(name)).schemaDrift).toEqual([`column extra (integer) is in ${live} but not in ${shadow}`]);
+        await db.admin.begin(async (tx) => {
+          await tx`set local pgshift.allow_ddl = on`;
+          await tx.unsafe(`alter table ${live} drop column extra`);
+        });
+      }
+      expect((await statusOf(name)).schemaDrift).toEqual([]);
+
+      const v = await pgshift(["verify", name]);
+      expect(v.code, describeRun(v)).toBe(0);
+      const cut = await pgshift(["cutover", name]);
+      expect(cut.code, describeRun(cut)).toBe(0);
+      // After cutover the application writes the partitioned table and the mirror fills the retired one.
+      const retired = displayName((await loadMigration(db.admin, w.table))!.copy);
+      expectGuardRefusal(await tryDdl(db.admin, `alter table ${live} drop column note`), live, retired, "note");
+      expectGuardRefusal(await tryDdl(db.admin, `alter table ${retired} rename column status to state`), live, retired, "state, status");
+      await new Promise((r) => setTimeout(r, 300));
+      expect(ops(), "the application kept writing").toBeGreaterThan(opsBefore);
+      const fin = await pgshift(["finalize", name, "--yes"]);
+      expect(fin.code, describeRun(fin)).toBe(0);
+    } finally {
+      const stats = await load.stop();
+      expect(stats.errors, "the application saw no error").toEqual([]);
+    }
+    expect(await compareWithTwin(db.admin, w.table, w.twin, "bigint")).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
+    // The migration is over: the table is the application's to change again.
+    expect(await tryDdl(db.admin, `alter table ${name} add column after_finalize int`)).toBeNull();
+  });
+});
