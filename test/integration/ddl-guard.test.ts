@@ -185,5 +185,8 @@ describe.each(["trigger", "logical"] as const)("%s mode, under a write load", (m
     expect(await compareWithTwin(db.admin, w.table, w.twin, "bigint")).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
     // The migration is over: the table is the application's to change again.
     expect(await tryDdl(db.admin, `alter table ${name} add column after_finalize int`)).toBeNull();
+    // Removing pgshift from the database removes the guard with it (the next start installs it again).
+    await db.admin`drop schema pgshift cascade`;
+    expect(await guardCount()).toBe(0);
   });
 });
