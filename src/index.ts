@@ -14,7 +14,7 @@ export { shadowDdl, extendIndexKey } from "./ddl/shadow.js";
 export { mirrorFor, triggerMirror, type Mirror, type MirrorHealth } from "./mirror/mirror.js";
 export { planMigration, type MigrationPlan, type PlanOptions } from "./migration/plan.js";
 export { startMigration, type StartResult } from "./migration/start.js";
-export { ddlGuardSql, ddlGuardState, ALLOW_DDL_SETTING, DDL_GUARD_TRIGGER } from "./migration/ddl-guard.js";
+export { ddlGuardSql, ddlGuardState, ALLOW_DDL_SETTING, DDL_GUARD_TRIGGER, DROP_GUARD_TRIGGER } from "./migration/ddl-guard.js";
 export { loadMigration, PHASES, type Migration, type Phase, type VerifyResult } from "./migration/state.js";
 export { backfill, type BackfillOptions, type BackfillProgress, type BackfillResult } from "./backfill/backfill.js";
 export { verify, type VerifyOptions, type VerifyReport, type Difference } from "./verify/verify.js";

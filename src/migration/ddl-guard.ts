@@ -4,6 +4,8 @@ import { quoteQualified, type QualifiedName } from "../names.js";
 
 /** The event trigger that refuses column changes to tables under migration (one per database). */
 export const DDL_GUARD_TRIGGER = "pgshift_ddl_guard";
+/** Its companion on sql_drop: refuses to drop the table or its copy while the migration runs. */
+export const DROP_GUARD_TRIGGER = "pgshift_drop_guard";
 export const DDL_GUARD_FN: QualifiedName = { schema: "pgshift", name: "ddl_guard" };
 /** The setting that lets a refused ALTER TABLE through: `SET pgshift.allow_ddl = on`. */
 export const ALLOW_DDL_SETTING = "pgshift.allow_ddl";
@@ -20,6 +22,10 @@ export const ALLOW_DDL_SETTING = "pgshift.allow_ddl";
  * table is mirrored. An ALTER that leaves them so (an index, a default, a constraint, statistics, a rename
  * of the table by cutover) goes through; so does any ALTER when one of the two tables is missing (finalize
  * drops the retired table before it re-creates identity columns).
+ *
+ * A second event trigger on `sql_drop` (DROP TABLE, DROP SCHEMA) refuses to drop the table or its copy while
+ * the migration runs: a dropped shadow makes every write of the application fail in trigger mode.
+ * abort and finalize delete the migration's row before they drop its tables.
  *
  * SECURITY DEFINER with a fixed search_path: it runs for whoever alters any table in the database and must
  * read pgshift.migrations, which is private. Creating an event trigger needs superuser ("CREATE EVENT
@@ -39,6 +45,20 @@ DECLARE
   changed text;
 BEGIN
   IF coalesce(current_setting('${ALLOW_DDL_SETTING}', true), '') = 'on' OR to_regclass('pgshift.migrations') IS NULL THEN
+    RETURN;
+  END IF;
+  IF TG_EVENT = 'sql_drop' THEN
+    FOR m IN SELECT source_schema, source_table, CASE WHEN phase = 'cutover' THEN retired_table ELSE shadow_table END AS copy_table
+               FROM pgshift.migrations LOOP
+      SELECT string_agg(format('%I.%I', d.schema_name, d.object_name), ', ' ORDER BY d.object_name) INTO changed
+        FROM pg_event_trigger_dropped_objects() AS d
+       WHERE d.object_type = 'table' AND d.schema_name = m.source_schema AND d.object_name IN (m.source_table, m.copy_table);
+      IF changed IS NOT NULL THEN
+        RAISE EXCEPTION 'pgshift: DROP refused while % is being migrated: it would drop %', format('%I.%I', m.source_schema, m.source_table), changed
+          USING ERRCODE = 'object_in_use',
+                HINT = 'undo the migration (pgshift abort) or finish it (pgshift finalize) first; to drop it anyway, SET ${ALLOW_DDL_SETTING} = on';
+      END IF;
+    END LOOP;
     RETURN;
   END IF;
   FOR altered IN SELECT DISTINCT objid FROM pg_event_trigger_ddl_commands() WHERE classid = 'pg_catalog.pg_class'::regclass LOOP
@@ -72,6 +92,9 @@ $pgshift$`,
   IF NOT EXISTS (SELECT FROM pg_catalog.pg_event_trigger WHERE evtname = '${DDL_GUARD_TRIGGER}') THEN
     CREATE EVENT TRIGGER ${DDL_GUARD_TRIGGER} ON ddl_command_end WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION ${fn}();
   END IF;
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_event_trigger WHERE evtname = '${DROP_GUARD_TRIGGER}') THEN
+    CREATE EVENT TRIGGER ${DROP_GUARD_TRIGGER} ON sql_drop WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA') EXECUTE FUNCTION ${fn}();
+  END IF;
 END $pgshift$`,
   ];
 }
@@ -80,13 +103,13 @@ const GuardRow = z.object({ installed: z.boolean(), enabled: z.boolean(), superu
 
 /**
  * Whether the DDL guard is in place in the current database, and whether the current user may install it.
- * @returns installed: the event trigger exists; enabled: it fires (evtenabled is not 'D');
+ * @returns installed: both event triggers exist; enabled: both fire (evtenabled is not 'D');
  *   superuser: the current user is a superuser (needed to create it).
  */
 export async function ddlGuardState(sql: AnySql): Promise<{ installed: boolean; enabled: boolean; superuser: boolean }> {
   const rows = await sql`
-    select exists (select from pg_catalog.pg_event_trigger where evtname = ${DDL_GUARD_TRIGGER}) as installed,
-           exists (select from pg_catalog.pg_event_trigger where evtname = ${DDL_GUARD_TRIGGER} and evtenabled <> 'D') as enabled,
+    select (select count(*) from pg_catalog.pg_event_trigger where evtname in (${DDL_GUARD_TRIGGER}, ${DROP_GUARD_TRIGGER})) = 2 as installed,
+           (select count(*) from pg_catalog.pg_event_trigger where evtname in (${DDL_GUARD_TRIGGER}, ${DROP_GUARD_TRIGGER}) and evtenabled <> 'D') = 2 as enabled,
            (select rolsuper from pg_catalog.pg_roles where rolname = current_user) as superuser`;
   return GuardRow.parse(rows[0]);
 }

@@ -26,7 +26,8 @@ export interface IdentityState {
 export function finalizeSql(m: Migration, identities: Map<string, IdentityState>): string[] {
   const mirror = mirrorFor(m.mode);
   const live = quoteQualified(m.live);
-  const out = [`LOCK TABLE ${live}, ${quoteQualified(m.copy)} IN ACCESS EXCLUSIVE MODE`, ...mirror.stopSql(m)];
+  // The migration is forgotten first: the DDL guard refuses to drop a table of a migration in progress.
+  const out = [`LOCK TABLE ${live}, ${quoteQualified(m.copy)} IN ACCESS EXCLUSIVE MODE`, `DELETE FROM pgshift.migrations WHERE id = ${m.id}`, ...mirror.stopSql(m)];
   const ids = m.sequences.filter((x) => x.identity !== "");
   // The live table's default calls the identity sequence, which goes with the retired table.
   for (const s of ids) out.push(`ALTER TABLE ${live} ALTER COLUMN ${quoteIdent(s.column)} DROP DEFAULT`);
@@ -46,7 +47,6 @@ export function finalizeSql(m: Migration, identities: Map<string, IdentityState>
     out.push(`ALTER INDEX IF EXISTS ${quoteQualified({ schema: m.live.schema, name: r.from })} RENAME TO ${quoteIdent(r.to)}`);
   }
   out.push(...mirror.dropSql(m));
-  out.push(`DELETE FROM pgshift.migrations WHERE id = ${m.id}`);
   return out;
 }
 
@@ -88,11 +88,12 @@ export function abortSql(m: Migration): string[] {
   const mirror = mirrorFor(m.mode);
   return [
     `LOCK TABLE ${quoteQualified(m.live)} IN SHARE ROW EXCLUSIVE MODE`,
+    // First: the DDL guard refuses to drop a table of a migration in progress.
+    `DELETE FROM pgshift.migrations WHERE id = ${m.id}`,
     ...mirror.stopSql(m),
     `DROP TABLE IF EXISTS ${quoteQualified(m.copy)}`,
     ...m.sequences.filter((s) => s.defaultFunction).map((s) => `DROP FUNCTION IF EXISTS ${quoteQualified({ schema: "pgshift", name: s.defaultFunction! })}()`),
     ...mirror.dropSql(m),
-    `DELETE FROM pgshift.migrations WHERE id = ${m.id}`,
   ];
 }
 

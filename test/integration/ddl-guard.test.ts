@@ -60,7 +60,7 @@ async function columns(t: QualifiedName): Promise<string[]> {
   return r.map((x) => String(x.c));
 }
 
-const guardCount = async () => Number((await db.admin`select count(*)::int as n from pg_event_trigger where evtname = 'pgshift_ddl_guard'`)[0]!.n);
+const guardCount = async () => Number((await db.admin`select count(*)::int as n from pg_event_trigger where evtname in ('pgshift_ddl_guard', 'pgshift_drop_guard')`)[0]!.n);
 
 /** Runs `stmt` and returns the error PostgreSQL raised (code, message, hint), or null when it went through. */
 async function tryDdl(sql: Sql, stmt: string): Promise<{ code: string; message: string; hint: string } | null> {
@@ -78,6 +78,13 @@ function expectGuardRefusal(err: Awaited<ReturnType<typeof tryDdl>>, live: strin
   expect(err!.code).toBe("55006");
   expect(err!.message).toBe(`pgshift: ALTER TABLE refused while ${live} is being migrated: the columns of ${live} and ${copy} would differ (${column})`);
   expect(err!.hint).toContain("SET pgshift.allow_ddl = on");
+}
+
+function expectDropRefusal(err: Awaited<ReturnType<typeof tryDdl>>, live: string, dropped: string): void {
+  expect(err).not.toBeNull();
+  expect(err!.code).toBe("55006");
+  expect(err!.message).toBe(`pgshift: DROP refused while ${live} is being migrated: it would drop ${dropped}`);
+  expect(err!.hint).toContain("pgshift abort");
 }
 
 describe("without superuser", () => {
@@ -103,7 +110,7 @@ describe("without superuser", () => {
 });
 
 describe.each(["trigger", "logical"] as const)("%s mode, under a write load", (mode) => {
-  it("refuses every ALTER TABLE that changes the columns of either table, before and after cutover; lets the others through; the table equals the twin", async () => {
+  it("refuses every ALTER TABLE that changes the columns of either table, and DROP of either, before and after cutover; lets the others through; the table equals the twin", async () => {
     const name = `ddl_${mode}`;
     const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
     await createWorkload(db.admin, w, 3_000);
@@ -113,7 +120,7 @@ describe.each(["trigger", "logical"] as const)("%s mode, under a write load", (m
       expect(plan.stdout, describeRun(plan)).toContain("CREATE EVENT TRIGGER pgshift_ddl_guard ON ddl_command_end WHEN TAG IN ('ALTER TABLE')");
       const st = await pgshift(["start", name, "--partition-by", "range:created_at:month", "--mode", mode]);
       expect(st.code, describeRun(st)).toBe(0);
-      expect(await guardCount()).toBe(1);
+      expect(await guardCount()).toBe(2);
       expect((await statusOf(name)).ddlGuard).toBe("on");
       const bf = await pgshift(["backfill", name]);
       expect(bf.code, describeRun(bf)).toBe(0);
@@ -132,6 +139,10 @@ describe.each(["trigger", "logical"] as const)("%s mode, under a write load", (m
       expectGuardRefusal(await tryDdl(db.admin, `alter table ${shadow} drop column status`), live, shadow, "status");
       // Several subcommands in one ALTER: refused whole.
       expectGuardRefusal(await tryDdl(db.admin, `alter table ${live} set (fillfactor = 95), drop column region`), live, shadow, "region");
+      // Dropping either table: in trigger mode a dropped shadow would make every application write fail.
+      expectDropRefusal(await tryDdl(db.admin, `drop table ${shadow}`), live, shadow);
+      expectDropRefusal(await tryDdl(db.admin, `drop table ${live} cascade`), live, live);
+      expectDropRefusal(await tryDdl(db.admin, `drop table if exists ${shadow}, twin.${name}`), live, shadow);
       expect({ live: await columns(m.live), shadow: await columns(m.copy) }).toEqual(before);
       // Changes that leave the columns as they are go through.
       expect(await tryDdl(db.admin, `alter table ${live} set (fillfactor = 95)`)).toBeNull();
@@ -174,6 +185,7 @@ describe.each(["trigger", "logical"] as const)("%s mode, under a write load", (m
       const retired = displayName((await loadMigration(db.admin, w.table))!.copy);
       expectGuardRefusal(await tryDdl(db.admin, `alter table ${live} drop column note`), live, retired, "note");
       expectGuardRefusal(await tryDdl(db.admin, `alter table ${retired} rename column status to state`), live, retired, "state, status");
+      expectDropRefusal(await tryDdl(db.admin, `drop table ${retired}`), live, retired);
       await new Promise((r) => setTimeout(r, 300));
       expect(ops(), "the application kept writing").toBeGreaterThan(opsBefore);
       const fin = await pgshift(["finalize", name, "--yes"]);
