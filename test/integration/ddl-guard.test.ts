@@ -122,6 +122,9 @@ describe.each(["trigger", "logical"] as const)("%s mode, under a write load", (m
       expect(st.code, describeRun(st)).toBe(0);
       expect(await guardCount()).toBe(2);
       expect((await statusOf(name)).ddlGuard).toBe("on");
+      await db.admin`alter event trigger pgshift_drop_guard disable`;
+      expect((await statusOf(name)).ddlGuard).toBe("disabled");
+      await db.admin`alter event trigger pgshift_drop_guard enable`;
       const bf = await pgshift(["backfill", name]);
       expect(bf.code, describeRun(bf)).toBe(0);
 
