@@ -1,13 +1,11 @@
-import { randomBytes } from "node:crypto";
-import postgres from "postgres";
-import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connect, type Sql } from "../../src/db.js";
 import { compareWithTwin, createWorkload, startLoad, type Workload } from "../../src/load/workload.js";
 import { loadMigration } from "../../src/migration/state.js";
 import { displayName, type QualifiedName } from "../../src/names.js";
 import type { StatusReport } from "../../src/status.js";
 import { describeRun, runCli } from "../support/cli.js";
-import { freshDatabase, type TestDatabase } from "../support/db.js";
+import { createLoginRole, freshDatabase, type TestDatabase } from "../support/db.js";
 
 /**
  * The DDL guard (src/migration/ddl-guard.ts): while a table is being migrated, an ALTER TABLE that would
@@ -18,30 +16,22 @@ import { freshDatabase, type TestDatabase } from "../support/db.js";
  */
 
 let db: TestDatabase;
-const role = `pgshift_ddl_${randomBytes(3).toString("hex")}`;
+/** A role that is not a superuser, owns its tables, and may not read pgshift's. */
+let role: Awaited<ReturnType<typeof createLoginRole>> | null = null;
 let roleUrl = "";
 let roleSql: Sql | null = null;
 
 beforeAll(async () => {
   db = await freshDatabase();
-  const dbName = new URL(db.url).pathname.slice(1);
-  await db.admin.unsafe(`
-    create role ${role} login password 'ddl';
-    grant create on database ${dbName} to ${role};
-    grant create on schema public to ${role};`);
-  const u = new URL(db.url);
-  u.username = role;
-  u.password = "ddl";
-  roleUrl = u.toString();
+  role = await createLoginRole(db, "pgshift_ddl");
+  roleUrl = role.url;
   roleSql = await connect({ url: roleUrl, max: 1 });
 });
 
 afterAll(async () => {
   await roleSql?.end({ timeout: 5 }).catch(() => {});
   await db?.close();
-  const root = postgres(inject("pgUrl"), { max: 1, onnotice: () => {} });
-  await root.unsafe(`drop role if exists ${role}`).catch(() => {});
-  await root.end();
+  await role?.drop();
 });
 
 const pgshift = (args: string[], url = db.url) => runCli([...args, "--url", url]);

@@ -1,6 +1,4 @@
-import { randomBytes } from "node:crypto";
-import postgres from "postgres";
-import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { backfill } from "../../src/backfill/backfill.js";
 import { cutover } from "../../src/cutover/cutover.js";
 import { connect, identList, table as tableRef, transaction, type Sql } from "../../src/db.js";
@@ -15,7 +13,7 @@ import type { StatusReport } from "../../src/status.js";
 import { verify } from "../../src/verify/verify.js";
 import { catalogSnapshot } from "../support/catalog.js";
 import { describeRun, exitWithin, runCli, spawnCli, waitUntil, type CliResult, type Running } from "../support/cli.js";
-import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
+import { createLoginRole, freshDatabase, sleep, type TestDatabase } from "../support/db.js";
 
 /**
  * The logical mirror (--mode logical) through the real CLI and against real servers: prerequisites
@@ -201,7 +199,7 @@ describe("prerequisites: start --mode logical refuses, naming the problem, and l
   let oneSlot: EmbeddedServer | null = null;
   let replicaSql: Sql | null = null;
   let oneSlotSql: Sql | null = null;
-  const role = `pgshift_norepl_${randomBytes(4).toString("hex")}`;
+  let role: Awaited<ReturnType<typeof createLoginRole>> | null = null;
   let roleUrl = "";
 
   beforeAll(async () => {
@@ -218,16 +216,9 @@ describe("prerequisites: start --mode logical refuses, naming the problem, and l
     await createOrders(pre.admin, "norepl");
     await createOrders(pre.admin, "ri_nothing");
     await pre.admin.unsafe(`alter table ri_nothing replica identity nothing`);
-    const dbName = new URL(pre.url).pathname.slice(1);
-    await pre.admin.unsafe(`
-      create role ${role} login password 'norepl';
-      alter table norepl owner to ${role};
-      grant create on database ${dbName} to ${role};
-      grant create on schema public to ${role};`);
-    const u = new URL(pre.url);
-    u.username = role;
-    u.password = "norepl";
-    roleUrl = u.toString();
+    role = await createLoginRole(pre, "pgshift_norepl");
+    await pre.admin.unsafe(`alter table norepl owner to ${role.name}`);
+    roleUrl = role.url;
   }, 120_000);
 
   afterAll(async () => {
@@ -236,9 +227,7 @@ describe("prerequisites: start --mode logical refuses, naming the problem, and l
     await replica?.stop();
     await oneSlot?.stop();
     await pre?.close();
-    const root = postgres(inject("pgUrl"), { max: 1, onnotice: () => {} });
-    await root.unsafe(`drop role if exists ${role}`).catch(() => {});
-    await root.end();
+    await role?.drop();
   });
 
   /**

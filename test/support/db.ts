@@ -44,3 +44,29 @@ export async function freshDatabase(): Promise<TestDatabase> {
 }
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * A login role with a random name starting with `prefix`, that may create schemas in `db`'s database and
+ * tables in its public schema (not a superuser). Roles are cluster-wide: call drop() after db.close().
+ * @returns the role's name, a URL that connects to `db` as it, and drop().
+ */
+export async function createLoginRole(db: TestDatabase, prefix: string): Promise<{ name: string; url: string; drop: () => Promise<void> }> {
+  const name = `${prefix}_${randomBytes(4).toString("hex")}`;
+  const dbName = new URL(db.url).pathname.slice(1);
+  await db.admin.unsafe(`
+    create role ${name} login password '${name}';
+    grant create on database ${dbName} to ${name};
+    grant create on schema public to ${name};`);
+  const u = new URL(db.url);
+  u.username = name;
+  u.password = name;
+  return {
+    name,
+    url: u.toString(),
+    drop: async () => {
+      const root = postgres(inject("pgUrl"), { max: 1, onnotice: () => {} });
+      await root.unsafe(`drop role if exists ${name}`).catch(() => {});
+      await root.end();
+    },
+  };
+}
