@@ -37,7 +37,7 @@ export interface StatusReport {
   schemaDrift: string[];
   /** Indexes created on the original table after start that the partitioned table lacks (indexDrift). */
   indexDrift: string[];
-  /** The DDL guard (event trigger pgshift_ddl_guard) that refuses column changes during the migration: "on", "disabled" or "missing". */
+  /** The DDL guard (event triggers pgshift_ddl_guard and pgshift_drop_guard: column changes and DROP of either table refused during the migration): "on", "disabled" (either disabled) or "missing" (either missing). */
   ddlGuard: "on" | "disabled" | "missing";
   /** Logical mode, while the slot exists: where the stream stands. */
   stream: (SlotState & { appliedCommitTime: string | null; warnings: string[] }) | null;
