@@ -1,7 +1,7 @@
 import { z } from "zod";
 import type { AnySql } from "../db.js";
 import { PgshiftError } from "../errors.js";
-import { displayName, type QualifiedName } from "../names.js";
+import { displayName, quoteQualified, type QualifiedName } from "../names.js";
 import type { Migration } from "../migration/state.js";
 
 const ColumnRow = z.object({ name: z.string(), type: z.string(), generated: z.boolean() });
@@ -68,21 +68,30 @@ const IndexRow = z.object({ name: z.string(), definition: z.string() });
 
 /**
  * Indexes created on the original table after `start` (not in `m.index_renames`, the indexes the partitioned
- * table was given): the partitioned table has no counterpart, so they would be gone after cutover. Only
- * while the original table is the live one (every phase but cutover). An index is not data, so this warns
- * (status, cutover) and refuses nothing.
+ * table was given) that the partitioned table has no counterpart for, so they would be gone after cutover.
+ * A counterpart is an index of the partitioned table with the same uniqueness and the same definition from
+ * `USING` on (access method, columns or expressions, operator classes, INCLUDE, WHERE), as
+ * pg_get_indexdef() prints it: what an operator creates there on being told. Only while the original table
+ * is the live one (every phase but cutover). An index is not data, so this warns (status, cutover) and
+ * refuses nothing.
  * @returns one line per index, with its definition; empty when there is none.
  */
 export async function indexDrift(sql: AnySql, m: Migration): Promise<string[]> {
   if (m.phase === "cutover") return [];
   const rows = await sql`
-    select c.relname::text as name, pg_catalog.pg_get_indexdef(i.indexrelid) as definition
-      from pg_catalog.pg_index i
-      join pg_catalog.pg_class c on c.oid = i.indexrelid
-      join pg_catalog.pg_class t on t.oid = i.indrelid
-      join pg_catalog.pg_namespace n on n.oid = t.relnamespace
-     where n.nspname = ${m.original.schema} and t.relname = ${m.original.name}
-     order by c.relname`;
+    with ix as (
+      select t.oid as relid, c.relname::text as name, i.indisunique as is_unique, pg_catalog.pg_get_indexdef(i.indexrelid) as definition
+        from pg_catalog.pg_index i
+        join pg_catalog.pg_class c on c.oid = i.indexrelid
+        join pg_catalog.pg_class t on t.oid = i.indrelid
+       where t.oid in (to_regclass(${quoteQualified(m.original)}), to_regclass(${quoteQualified(m.partitioned)}))
+    )
+    select o.name, o.definition from ix o
+     where o.relid = to_regclass(${quoteQualified(m.original)})
+       and not exists (select from ix p
+                        where p.relid = to_regclass(${quoteQualified(m.partitioned)}) and p.is_unique = o.is_unique
+                          and substring(p.definition from ' USING .*$') = substring(o.definition from ' USING .*$'))
+     order by o.name`;
   const known = new Set(m.index_renames.map((r) => r.to));
   return z
     .array(IndexRow)
