@@ -65,11 +65,12 @@ async function streamStatus(sql: Sql, slot: string, appliedAt: Date | null, maxR
 
 /**
  * The state of the migration of `table`: phase, backfill progress, DEFAULT partition rows, mirror health,
- * last verify result. Read-only; takes no lock, so it works while another command runs.
+ * last verify result. Read-only (an older pgshift schema is read as it is, not upgraded); takes no lock, so it
+ * works while another command runs.
  * @throws PgshiftError when no migration of `table` exists.
  */
 export async function status(sql: Sql, table: QualifiedName, opts: { maxRetainedWalBytes?: number } = {}): Promise<StatusReport> {
-  const m = await loadMigration(sql, table);
+  const m = await loadMigration(sql, table, { upgrade: false });
   if (!m) {
     const left = await leftoverStream(sql, table);
     if (left) {

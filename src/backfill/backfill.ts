@@ -217,7 +217,7 @@ export function batchSql(tx: AnySql, m: Migration, where: Fragment) {
  * run after the copy. Asks the server to describe each (parse only: nothing is executed).
  */
 export async function describeBackfill(sql: Sql, table: QualifiedName, batchSize = 10000): Promise<string[]> {
-  const m = await requireMigration(sql, table, "backfill", ["started", "backfilling", "backfilled", "swapped_back"]);
+  const m = await requireMigration(sql, table, "backfill", ["started", "backfilling", "backfilled", "swapped_back"], { upgrade: false });
   const key = m.key_columns;
   const sample = key.map(() => "0");
   const keyCols = identList(sql, key);

@@ -29,7 +29,7 @@ Examples:
   cmd.action(async (tableArg: string, opts: Opts) => {
     await withTable(tableArg, opts, async (sql, table) => {
       if (opts.dryRun) {
-        const m = await requireMigration(sql, table, isCutover ? "cut over" : "swap back", isCutover ? ["backfilled", "swapped_back"] : ["cutover"]);
+        const m = await requireMigration(sql, table, isCutover ? "cut over" : "swap back", isCutover ? ["backfilled", "swapped_back"] : ["cutover"], { upgrade: false });
         process.stdout.write((isCutover ? cutoverPlanSql(m) : swapBackSql(m)).map((s) => s + ";").join("\n") + "\n");
         return;
       }

@@ -112,7 +112,7 @@ export interface FinishOptions extends LockRetryOptions {
 export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptions = {}): Promise<{ statements: string[] }> {
   await lockMigration(sql, table);
   try {
-    const m = await requireMigration(sql, table, "finalize", ["cutover"]);
+    const m = await requireMigration(sql, table, "finalize", ["cutover"], { upgrade: !opts.dryRun });
     if (!opts.yes && !opts.dryRun) {
       throw new PgshiftError(`finalize drops ${displayName(m.copy)} and makes swap-back impossible`, { hint: "run it again with --yes to confirm" });
     }

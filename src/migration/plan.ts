@@ -71,7 +71,7 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   const warnings: string[] = [];
   let existing: Awaited<ReturnType<typeof loadMigration>> = null;
   try {
-    existing = await loadMigration(sql, table);
+    existing = await loadMigration(sql, table, { upgrade: false });
   } catch (err) {
     blockers.push(err instanceof Error ? err.message : String(err));
   }

@@ -1,6 +1,7 @@
 import { z } from "zod";
 import type { AnySql, Sql } from "../db.js";
-import { PgshiftError, PhaseError } from "../errors.js";
+import { isConnectionLoss, PgshiftError, PhaseError } from "../errors.js";
+import { log } from "../log.js";
 import { displayName, type QualifiedName } from "../names.js";
 import { PartitionSpecSchema } from "../partitioning/spec.js";
 import { truncateGuardFunctionSql } from "../mirror/trigger.js";
@@ -78,7 +79,8 @@ export const MigrationRowSchema = z.object({
    * new way of copying rows into the shadow ahead of the stream must clear it first, or wait for the stream
    * as verify's repair does.
    */
-  copies_lsn: z.string().nullable(),
+  // Missing from a version-1 row (read by plan or status, which do not upgrade).
+  copies_lsn: z.string().nullable().default(null),
   index_renames: z.array(z.object({ from: z.string(), to: z.string() })),
   checkpoint: z.array(z.string()).nullable(),
   rows_copied: z.coerce.number(),
@@ -108,9 +110,28 @@ export interface Migration extends MigrationRow {
   mirrorFn: QualifiedName;
 }
 
-export const SCHEMA_VERSION = 1;
+/**
+ * Version of the pgshift schema this code reads and writes (pgshift.schema_version). 1: the first;
+ * 2: pgshift.migrations.copies_lsn. A database at an older version is upgraded by the first command that
+ * reads it (upgradeSql); one at a newer version is refused, so that no pgshift acts on state it does not
+ * understand.
+ */
+export const SCHEMA_VERSION = 2;
 
-/** Statements that create the pgshift schema (idempotent). */
+/** Statements that bring a pgshift schema of any older version to SCHEMA_VERSION (idempotent). */
+export function upgradeSql(): string[] {
+  return [
+    // ALTER only when missing (an ALTER takes an exclusive lock on the table).
+    `DO $pgshift$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute WHERE attrelid = 'pgshift.migrations'::regclass AND attname = 'copies_lsn') THEN
+    ALTER TABLE pgshift.migrations ADD COLUMN IF NOT EXISTS copies_lsn text;
+  END IF;
+END $pgshift$`,
+    `UPDATE pgshift.schema_version SET version = ${SCHEMA_VERSION} WHERE version < ${SCHEMA_VERSION}`,
+  ];
+}
+
+/** Statements that create the pgshift schema (idempotent), at SCHEMA_VERSION. */
 export function schemaSql(): string[] {
   return [
     `CREATE SCHEMA IF NOT EXISTS pgshift`,
@@ -149,16 +170,11 @@ export function schemaSql(): string[] {
   updated_at timestamptz NOT NULL DEFAULT now(),
   UNIQUE (source_schema, source_table)
 )`,
-    // Added after schema version 1 shipped; ALTER only when missing (an ALTER takes an exclusive lock).
-    `DO $pgshift$ BEGIN
-  IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute WHERE attrelid = 'pgshift.migrations'::regclass AND attname = 'copies_lsn') THEN
-    ALTER TABLE pgshift.migrations ADD COLUMN copies_lsn text;
-  END IF;
-END $pgshift$`,
     `CREATE TABLE IF NOT EXISTS pgshift.schema_version (version int NOT NULL)`,
     // Lets application roles call the identity default functions (pgshift.nextval_*); tables stay private.
     `GRANT USAGE ON SCHEMA pgshift TO PUBLIC`,
     `INSERT INTO pgshift.schema_version SELECT ${SCHEMA_VERSION} WHERE NOT EXISTS (SELECT FROM pgshift.schema_version)`,
+    ...upgradeSql(),
     truncateGuardFunctionSql(),
   ];
 }
@@ -179,8 +195,14 @@ function withNames(row: MigrationRow): Migration {
   };
 }
 
-/** Reads the migration of `table` (by its original name), or null. Validates the row with zod. */
-export async function loadMigration(sql: AnySql, table: QualifiedName): Promise<Migration | null> {
+/**
+ * Reads the migration of `table` (by its original name), or null. Validates the row with zod. Checks the
+ * schema's version first (requireSchemaVersion): refuses a newer one; upgrades an older one unless
+ * `opts.upgrade` is false (plan and status change nothing: they read an older row as it is).
+ * @throws PgshiftError when pgshift.migrations is not readable, the schema is newer than this pgshift or
+ *   cannot be upgraded by this role, or the row is malformed.
+ */
+export async function loadMigration(sql: AnySql, table: QualifiedName, opts: { upgrade?: boolean } = {}): Promise<Migration | null> {
   const exists = await sql`
     select case when exists (select from pg_namespace where nspname = 'pgshift')
                 then has_schema_privilege('pgshift', 'USAGE') and to_regclass('pgshift.migrations') is not null
@@ -192,6 +214,7 @@ export async function loadMigration(sql: AnySql, table: QualifiedName): Promise<
       hint: "run pgshift as the role that started the migration (the table owner), or GRANT SELECT ON pgshift.migrations",
     });
   }
+  await requireSchemaVersion(sql, opts.upgrade ?? true);
   const rows = await sql`select * from pgshift.migrations where source_schema = ${table.schema} and source_table = ${table.name}`;
   if (rows.length === 0) return null;
   const parsed = MigrationRowSchema.safeParse(rows[0]);
@@ -201,6 +224,39 @@ export async function loadMigration(sql: AnySql, table: QualifiedName): Promise<
     });
   }
   return withNames(parsed.data);
+}
+
+const VersionRow = z.object({ version: z.coerce.number().int().nullable() });
+
+/**
+ * Checks the version of the pgshift schema (pgshift.schema_version, 1 when the table is missing) against
+ * SCHEMA_VERSION: refuses a newer one; upgrades an older one (upgradeSql, logged) when `upgrade`.
+ * @throws PgshiftError when the schema is newer than this pgshift, or when an upgrade is needed and the
+ *   current role may not make it (it must own pgshift.migrations); nothing is changed then.
+ */
+async function requireSchemaVersion(sql: AnySql, upgrade: boolean): Promise<void> {
+  const table = await sql`select to_regclass('pgshift.schema_version') is not null as ok`;
+  const rows = table[0]?.ok ? await sql`select max(version) as version from pgshift.schema_version` : [{ version: null }];
+  const version = VersionRow.parse(rows[0]).version ?? 1;
+  if (version === SCHEMA_VERSION) return;
+  if (version > SCHEMA_VERSION) {
+    throw new PgshiftError(`the pgshift schema of this database is version ${version}, newer than this pgshift understands (${SCHEMA_VERSION})`, {
+      hint: "run the pgshift release that started the migration, or a newer one",
+    });
+  }
+  if (!upgrade) return;
+  try {
+    // Each statement is idempotent and the version is raised last: an upgrade cut short is made again.
+    await sql`create table if not exists pgshift.schema_version (version int not null)`;
+    await sql`insert into pgshift.schema_version select ${version}::int where not exists (select from pgshift.schema_version)`;
+    for (const stmt of upgradeSql()) await sql.unsafe(stmt);
+  } catch (err) {
+    if (isConnectionLoss(err)) throw err;
+    throw new PgshiftError(`the pgshift schema of this database is version ${version} and needs an upgrade to ${SCHEMA_VERSION}, which failed: ${err instanceof Error ? err.message : String(err)}`, {
+      hint: "run this pgshift once as the role that owns pgshift.migrations (it upgrades the schema), then again",
+    });
+  }
+  log().info({ from: version, to: SCHEMA_VERSION }, "upgraded the pgshift schema");
 }
 
 /** Name of the replication slot and of the publication of a logical-mode migration of the table with this OID. */
@@ -217,11 +273,12 @@ const NEXT_STEP: Record<Phase, string> = {
 };
 
 /**
- * Loads the migration of `table` and checks that `command` may run in its phase.
+ * Loads the migration of `table` and checks that `command` may run in its phase. `opts.upgrade`: as for
+ * loadMigration (false for dry runs, which change nothing).
  * @throws PgshiftError when there is no migration; PhaseError when the phase does not allow the command.
  */
-export async function requireMigration(sql: AnySql, table: QualifiedName, command: string, allowed: readonly Phase[]): Promise<Migration> {
-  const m = await loadMigration(sql, table);
+export async function requireMigration(sql: AnySql, table: QualifiedName, command: string, allowed: readonly Phase[], opts: { upgrade?: boolean } = {}): Promise<Migration> {
+  const m = await loadMigration(sql, table, opts);
   if (!m) {
     throw new PgshiftError(`no migration of ${displayName(table)} is in progress`, {
       hint: `start one with: pgshift start ${displayName(table)} --partition-by <spec>`,

@@ -1,0 +1,111 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { SCHEMA_VERSION } from "../../src/migration/state.js";
+import { catalogSnapshot } from "../support/catalog.js";
+import { describeRun, expectRefusal, runCli } from "../support/cli.js";
+import { createLoginRole, freshDatabase, type TestDatabase } from "../support/db.js";
+
+/**
+ * The version of the pgshift schema (pgshift.schema_version): a database whose state an older pgshift
+ * wrote is read as it is by status and upgraded by the first command that writes, and the migration goes on; one whose state a newer
+ * pgshift wrote is refused by every command with one line, nothing changed.
+ */
+
+let db: TestDatabase;
+let role: Awaited<ReturnType<typeof createLoginRole>> | null = null;
+const pgshift = (args: string[], url = db.url) => runCli([...args, "--url", url]);
+
+beforeAll(async () => {
+  db = await freshDatabase();
+  role = await createLoginRole(db, "pgshift_ver");
+});
+
+afterAll(async () => {
+  await db?.close();
+  await role?.drop();
+});
+
+async function createOrders(name: string): Promise<void> {
+  await db.admin.unsafe(`
+    create table ${name} (id bigserial primary key, created_at timestamptz not null, note text);
+    insert into ${name} (created_at, note)
+      select timestamptz '2025-01-01 00:00+00' + i * interval '9 hours', 'order ' || i from generate_series(1, 400) i;`);
+}
+
+const version = async () => Number((await db.admin`select max(version) as v from pgshift.schema_version`)[0]!.v);
+const hasCopiesLsn = async () =>
+  Number((await db.admin`select count(*)::int as n from pg_attribute where attrelid = 'pgshift.migrations'::regclass and attname = 'copies_lsn' and not attisdropped`)[0]!.n) === 1;
+
+describe("schema version", () => {
+  it("a schema of version 1 (no copies_lsn, or no version table at all) is upgraded by the next command, and the migration goes on", async () => {
+    await createOrders("ver_old");
+    const st = await pgshift(["start", "ver_old", "--partition-by", "range:created_at:month", "--mode", "logical"]);
+    expect(st.code, describeRun(st)).toBe(0);
+    expect(await version()).toBe(SCHEMA_VERSION);
+
+    // What a version-1 pgshift left: no copies_lsn column.
+    await db.admin`alter table pgshift.migrations drop column copies_lsn`;
+    await db.admin`update pgshift.schema_version set version = 1`;
+    const s1 = await pgshift(["status", "ver_old", "--json"]);
+    expect(s1.code, describeRun(s1)).toBe(0);
+    expect(JSON.parse(s1.stdout).phase).toBe("started");
+    // status reads it as it is; the next command that writes upgrades it.
+    expect(await version()).toBe(1);
+    for (const args of [["backfill", "ver_old", "--dry-run"], ["abort", "ver_old", "--dry-run"]]) {
+      const dry = await pgshift(args);
+      expect(dry.code, describeRun(dry)).toBe(0);
+      expect(await version(), `${args.join(" ")} changes nothing`).toBe(1);
+    }
+    expect(await hasCopiesLsn()).toBe(false);
+
+    // Older still: no version table either.
+    await db.admin`drop table pgshift.schema_version`;
+    const bf = await pgshift(["backfill", "ver_old"]);
+    expect(bf.code, describeRun(bf)).toBe(0);
+    expect(await version()).toBe(SCHEMA_VERSION);
+    expect(await hasCopiesLsn()).toBe(true);
+    const v = await pgshift(["verify", "ver_old"]);
+    expect(v.code, describeRun(v)).toBe(0);
+    const cut = await pgshift(["cutover", "ver_old"]);
+    expect(cut.code, describeRun(cut)).toBe(0);
+    const fin = await pgshift(["finalize", "ver_old", "--yes"]);
+    expect(fin.code, describeRun(fin)).toBe(0);
+  });
+
+  it("an upgrade the role may not make is refused with one line, nothing changed", async () => {
+    await createOrders("ver_weak");
+    await db.admin.unsafe(`alter table ver_weak owner to ${role!.name}`);
+    const st = await pgshift(["start", "ver_weak", "--partition-by", "range:created_at:month"]);
+    expect(st.code, describeRun(st)).toBe(0);
+    // The role may read the state but does not own it.
+    await db.admin.unsafe(`grant select on pgshift.migrations, pgshift.schema_version to ${role!.name}`);
+    await db.admin`alter table pgshift.migrations drop column copies_lsn`;
+    await db.admin`update pgshift.schema_version set version = 1`;
+    const before = await catalogSnapshot(db.admin);
+    expectRefusal(await pgshift(["backfill", "ver_weak"], role!.url), `the pgshift schema of this database is version 1 and needs an upgrade to ${SCHEMA_VERSION}, which failed`);
+    expect(await catalogSnapshot(db.admin)).toEqual(before);
+    // Its owner runs a command that writes: upgraded.
+    expect((await pgshift(["backfill", "ver_weak"])).code).toBe(0);
+    expect(await version()).toBe(SCHEMA_VERSION);
+    expect(await hasCopiesLsn()).toBe(true);
+    expect((await pgshift(["abort", "ver_weak"])).code).toBe(0);
+  });
+
+  it("a schema newer than this pgshift is refused by every command with one line, nothing changed", async () => {
+    await createOrders("ver_new");
+    await createOrders("ver_other");
+    const st = await pgshift(["start", "ver_new", "--partition-by", "range:created_at:month"]);
+    expect(st.code, describeRun(st)).toBe(0);
+    const newer = SCHEMA_VERSION + 1;
+    await db.admin`update pgshift.schema_version set version = ${newer}`;
+    const before = await catalogSnapshot(db.admin);
+    const line = `the pgshift schema of this database is version ${newer}, newer than this pgshift understands (${SCHEMA_VERSION})`;
+    for (const args of [["status", "ver_new"], ["backfill", "ver_new"], ["verify", "ver_new"], ["cutover", "ver_new"], ["abort", "ver_new"]]) {
+      expectRefusal(await pgshift(args), line);
+    }
+    const plan = await pgshift(["plan", "ver_other", "--partition-by", "range:created_at:month"]);
+    expect(plan.code, describeRun(plan)).toBe(2);
+    expect(plan.stdout + plan.stderr).toContain(line);
+    expectRefusal(await pgshift(["start", "ver_other", "--partition-by", "range:created_at:month"]), line);
+    expect(await catalogSnapshot(db.admin)).toEqual(before);
+  });
+});
