@@ -113,8 +113,8 @@ export interface Migration extends MigrationRow {
 /**
  * Version of the pgshift schema this code reads and writes (pgshift.schema_version). 1: the first;
  * 2: pgshift.migrations.copies_lsn. A database at an older version is upgraded by the first command that
- * reads it (upgradeSql); one at a newer version is refused, so that no pgshift acts on state it does not
- * understand.
+ * writes state (upgradeSql; plan, status and dry runs read it as it is); one at a newer version is refused
+ * by every command, so that no pgshift acts on state it does not understand.
  */
 export const SCHEMA_VERSION = 2;
 
