@@ -89,6 +89,21 @@ function switchSql(m: Migration, to: Phase): string[] {
   return out;
 }
 
+/**
+ * Refuses (before any change) to switch tables while the last verify found rows that differ between the
+ * live table and its copy and nothing has verified them equal since: the switch would make the copy live,
+ * differences and all.
+ * @throws PgshiftError naming the counts and when the verify ran.
+ */
+function requireNoKnownDifferences(m: Migration, what: string): void {
+  const v = m.last_verify;
+  if (!v || v.equal) return;
+  throw new PgshiftError(
+    `cannot ${what}: the last verify (${v.at}) found ${v.missing} missing, ${v.extra} extra and ${v.different} different rows in ${displayName(m.copy)}`,
+    { hint: `run pgshift verify --repair ${displayName({ schema: m.source_schema, name: m.source_table })} (or pgshift verify, if they were repaired since), then again` },
+  );
+}
+
 async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swapped_back", from: Phase[], opts: CutoverOptions): Promise<CutoverResult> {
   await lockMigration(sql, table);
   try {
@@ -97,6 +112,7 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
     if (!health.ok) throw new PgshiftError(`the mirror is not healthy: ${health.detail}`, { hint: "run pgshift verify --repair after fixing it, or pgshift abort" });
     const what = to === "cutover" ? "cut over" : "swap back";
     await requireNoDrift(sql, m0, what);
+    requireNoKnownDifferences(m0, what);
     if (to === "cutover") for (const w of await indexDrift(sql, m0)) log().warn(w);
     let attempts = 0;
     let statements: string[] = [];

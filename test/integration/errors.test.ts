@@ -386,7 +386,7 @@ describe("the migration flow, and commands in the wrong phase", () => {
     expectRefusal(r!, "cannot verify public.orders: the migration is in phase started");
   });
 
-  cliIt("verify: 0 after backfill, 1 naming the key of a corrupted shadow row, 0 after --repair", async (expectExit) => {
+  cliIt("verify: 0 after backfill, 1 naming the key of a corrupted shadow row (cutover refuses then), 0 after --repair", async (expectExit) => {
     const bf = await pgshift(["backfill", "orders", "--batch-size", "100"]);
     expect(bf.code, describeRun(bf)).toBe(0);
     expect(bf.stdout).toContain("backfill complete: 300 rows");
@@ -401,6 +401,13 @@ describe("the migration flow, and commands in the wrong phase", () => {
     expect(bad.stdout, describeRun(bad)).toMatch(/^DIFFERENT: /);
     expect(bad.stdout, describeRun(bad)).toContain("0 missing, 0 extra, 1 different");
     expect(bad.stdout, describeRun(bad)).toMatch(/^ {2}different +\(137\)$/m);
+
+    // While the last verify found differences, cutover refuses (the shadow would go live as it is).
+    const before = await catalogSnapshot(db.admin);
+    const cut = await pgshift(["cutover", "orders"]);
+    expectRefusal(cut, "cannot cut over: the last verify", "found 0 missing, 0 extra and 1 different rows in public.orders_pgshift_shadow");
+    expect(cut.stderr).toContain("pgshift verify --repair public.orders");
+    expect(await catalogSnapshot(db.admin)).toEqual(before);
 
     const repair = await pgshift(["verify", "orders", "--repair"]);
     expect(repair.code, describeRun(repair)).toBe(0);
@@ -429,5 +436,17 @@ describe("the migration flow, and commands in the wrong phase", () => {
   });
   refusal("cutover twice", () => all(pgshift(["cutover", "orders"])), ([r]) => {
     expectRefusal(r!, "cannot cut over public.orders: the migration is in phase cutover");
+  });
+
+  cliIt("swap-back refuses while the last verify found the retired table different, and goes through once repaired", async (expectExit) => {
+    await db.admin`delete from orders_pgshift_retired where id = 42`;
+    expectExit(await pgshift(["verify", "orders"]), 1);
+    const before = await catalogSnapshot(db.admin);
+    expectRefusal(await pgshift(["swap-back", "orders"]), "cannot swap back: the last verify", "found 1 missing, 0 extra and 0 different rows in public.orders_pgshift_retired");
+    expect(await catalogSnapshot(db.admin)).toEqual(before);
+    expect((await pgshift(["verify", "orders", "--repair"])).code).toBe(0);
+    const back = await pgshift(["swap-back", "orders"]);
+    expect(back.code, describeRun(back)).toBe(0);
+    expect((await db.admin`select count(*)::int as n from orders where id = 42`)[0]!.n).toBe(1);
   });
 });
