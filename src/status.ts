@@ -37,7 +37,11 @@ export interface StatusReport {
   schemaDrift: string[];
   /** Indexes created on the original table after start that the partitioned table lacks (indexDrift). */
   indexDrift: string[];
-  /** The DDL guard (event triggers pgshift_ddl_guard and pgshift_drop_guard: column changes and DROP of either table refused during the migration): "on", "disabled" (either disabled) or "missing" (either missing). */
+  /**
+   * The DDL guard (event triggers pgshift_ddl_guard, pgshift_drop_guard and pgshift_partition_guard: column
+   * changes, DROP of either table, and detaching, dropping or attaching with rows a partition refused during
+   * the migration): "on", "disabled" (one of them disabled) or "missing" (one of them missing).
+   */
   ddlGuard: "on" | "disabled" | "missing";
   /** Logical mode, while the slot exists: where the stream stands. */
   stream: (SlotState & { appliedCommitTime: string | null; warnings: string[] }) | null;

@@ -37,7 +37,7 @@ export function printStatus(s: StatusReport): void {
       { "DEFAULT rows": s.defaultPartition ? `${s.defaultPartition.rows} in ${s.defaultPartition.name}` : "no DEFAULT partition (hash)" },
       { mirror: `${s.mirror.ok ? "ok" : "NOT OK"}: ${s.mirror.detail}` },
       { columns: s.schemaDrift.length === 0 ? "the same in both tables, all mirrored" : `CHANGED during the migration (${s.schemaDrift.length} differences)` },
-      { "DDL guard": s.ddlGuard === "on" ? "on: ALTER TABLE that changes columns, and DROP of either table, are refused" : `${s.ddlGuard}: column changes and DROP of either table are not refused (creating the guard needs superuser)` },
+      { "DDL guard": s.ddlGuard === "on" ? "on: ALTER TABLE that changes columns, DROP of either table, and detaching or dropping a partition are refused" : `${s.ddlGuard}: column changes, DROP of either table and of partitions are not refused (creating the guard needs superuser)` },
       { "last verify": v ? `${v.equal ? "equal" : "DIFFERENT"}: ${v.rowsCompared} rows, ${v.missing} missing, ${v.extra} extra, ${v.different} different, ${v.repaired} repaired (${v.at})` : "never" },
       { next: s.next },
     );

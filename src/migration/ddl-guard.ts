@@ -6,6 +6,11 @@ import { quoteQualified, type QualifiedName } from "../names.js";
 export const DDL_GUARD_TRIGGER = "pgshift_ddl_guard";
 /** Its companion on sql_drop: refuses to drop the table or its copy while the migration runs. */
 export const DROP_GUARD_TRIGGER = "pgshift_drop_guard";
+/** Its companion on ddl_command_start: notes the partitions before ALTER TABLE and DROP, and refuses a concurrent detach. */
+export const PARTITION_GUARD_TRIGGER = "pgshift_partition_guard";
+/** Where ddl_command_start keeps the partitions it saw, for the same command's ddl_command_end or sql_drop (session setting). */
+const PARTITIONS_SETTING = "pgshift.partitions_before";
+const GUARD_TRIGGERS = [PARTITION_GUARD_TRIGGER, DDL_GUARD_TRIGGER, DROP_GUARD_TRIGGER];
 export const DDL_GUARD_FN: QualifiedName = { schema: "pgshift", name: "ddl_guard" };
 /** The setting that lets a refused ALTER TABLE through: `SET pgshift.allow_ddl = on`. */
 export const ALLOW_DDL_SETTING = "pgshift.allow_ddl";
@@ -27,6 +32,18 @@ export const ALLOW_DDL_SETTING = "pgshift.allow_ddl";
  * the migration runs: a dropped shadow makes every write of the application fail in trigger mode.
  * abort and finalize delete the migration's row before they drop its tables.
  *
+ * Partitions of the partitioned table under migration (the shadow before cutover, the live table after):
+ * a partition detached or dropped takes its rows out of one table and not the other (lost at cutover, or
+ * brought back by swap-back), and a table attached with rows in it adds rows the other table never had.
+ * A third event trigger, on `ddl_command_start` (ALTER TABLE, DROP TABLE, DROP SCHEMA), notes the
+ * partitions in a session setting; ddl_command_end (ALTER TABLE) refuses when one of them is no longer
+ * attached or a new one holds rows, and sql_drop when one of them is dropped. An event trigger cannot tell
+ * ATTACH from DETACH from the command (pg_event_trigger_ddl_commands() names only the parent), hence the
+ * snapshot. `DETACH PARTITION ... CONCURRENTLY` commits its first transaction (the partition detach-pending,
+ * its rows already out of the parent) before ddl_command_end, so it is refused at ddl_command_start when the
+ * statement's text names a partitioned table under migration ("ALTER TABLE", DETACH PARTITION, in the
+ * PostgreSQL documentation). Empty partitions may be created and attached (CREATE TABLE ... PARTITION OF).
+ *
  * SECURITY DEFINER with a fixed search_path: it runs for whoever alters any table in the database and must
  * read pgshift.migrations, which is private. Creating an event trigger needs superuser ("CREATE EVENT
  * TRIGGER" in the PostgreSQL documentation); `SET pgshift.allow_ddl = on` in the session lets a change
@@ -34,17 +51,55 @@ export const ALLOW_DDL_SETTING = "pgshift.allow_ddl";
  */
 export function ddlGuardSql(): string[] {
   const fn = quoteQualified(DDL_GUARD_FN);
+  const hint = `'undo the migration (pgshift abort) or finish it (pgshift finalize) first; to let it through anyway, SET ${ALLOW_DDL_SETTING} = on'`;
   return [
     `CREATE OR REPLACE FUNCTION ${fn}() RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp AS $pgshift$
 DECLARE
+  allowed boolean;
+  snapshot text;
   altered oid;
   m record;
   live regclass;
   copy regclass;
   changed text;
+  part regclass;
+  has_rows boolean;
 BEGIN
-  IF coalesce(current_setting('${ALLOW_DDL_SETTING}', true), '') = 'on' OR to_regclass('pgshift.migrations') IS NULL THEN
+  IF to_regclass('pgshift.migrations') IS NULL THEN
+    RETURN;
+  END IF;
+  allowed := coalesce(current_setting('${ALLOW_DDL_SETTING}', true), '') = 'on';
+  IF TG_EVENT = 'ddl_command_start' THEN
+    -- The partitions of each partitioned table under migration (the shadow before cutover, the live table
+    -- after), as root oid:member oid, the root included. Kept for the session, not the transaction:
+    -- DETACH PARTITION ... CONCURRENTLY ends in another transaction than the one it starts in.
+    SELECT coalesce(string_agg(format('%s:%s', r.root::oid, t.relid::oid), ','), '') INTO snapshot
+      FROM (SELECT to_regclass(format('%I.%I', source_schema, CASE WHEN phase = 'cutover' THEN source_table ELSE shadow_table END)) AS root
+              FROM pgshift.migrations) AS r
+      CROSS JOIN LATERAL pg_partition_tree(r.root) AS t
+     WHERE r.root IS NOT NULL AND NOT allowed;
+    PERFORM set_config('${PARTITIONS_SETTING}', snapshot, false);
+    -- A concurrent detach commits its first transaction before ddl_command_end: refused there, it would leave
+    -- the partition detach-pending (its rows already gone from the table). Refused here instead, when the
+    -- statement names a partitioned table under migration.
+    IF TG_TAG = 'ALTER TABLE' AND NOT allowed AND current_query() ~* 'detach[[:space:]]+partition.*concurrently' THEN
+      FOR m IN SELECT CASE WHEN phase = 'cutover' THEN source_table ELSE shadow_table END AS parted, source_schema, source_table
+                 FROM pgshift.migrations LOOP
+        IF strpos(lower(current_query()), lower(m.parted)) > 0 THEN
+          RAISE EXCEPTION 'pgshift: DETACH PARTITION CONCURRENTLY refused while % is being migrated: the statement names %, whose partitions hold the rows of the migration',
+              format('%I.%I', m.source_schema, m.source_table), format('%I.%I', m.source_schema, m.parted)
+            USING ERRCODE = 'object_in_use', HINT = ${hint};
+        END IF;
+      END LOOP;
+    END IF;
+    RETURN;
+  END IF;
+  snapshot := coalesce(current_setting('${PARTITIONS_SETTING}', true), '');
+  IF snapshot <> '' THEN
+    PERFORM set_config('${PARTITIONS_SETTING}', '', false);
+  END IF;
+  IF allowed THEN
     RETURN;
   END IF;
   IF TG_EVENT = 'sql_drop' THEN
@@ -55,12 +110,44 @@ BEGIN
        WHERE d.object_type = 'table' AND d.schema_name = m.source_schema AND d.object_name IN (m.source_table, m.copy_table);
       IF changed IS NOT NULL THEN
         RAISE EXCEPTION 'pgshift: DROP refused while % is being migrated: it would drop %', format('%I.%I', m.source_schema, m.source_table), changed
-          USING ERRCODE = 'object_in_use',
-                HINT = 'undo the migration (pgshift abort) or finish it (pgshift finalize) first; to drop it anyway, SET ${ALLOW_DDL_SETTING} = on';
+          USING ERRCODE = 'object_in_use', HINT = ${hint};
       END IF;
     END LOOP;
+    -- A partition of a partitioned table under migration (its oid is gone from the catalog by now: the
+    -- snapshot of ddl_command_start knows it).
+    SELECT string_agg(format('%I.%I (a partition of %s)', d.schema_name, d.object_name, split_part(s.pair, ':', 1)::oid::regclass), ', ' ORDER BY d.object_name) INTO changed
+      FROM pg_event_trigger_dropped_objects() AS d
+      JOIN unnest(string_to_array(snapshot, ',')) AS s(pair) ON split_part(s.pair, ':', 2)::oid = d.objid
+     WHERE d.object_type = 'table' AND split_part(s.pair, ':', 1) <> split_part(s.pair, ':', 2);
+    IF changed IS NOT NULL THEN
+      RAISE EXCEPTION 'pgshift: DROP refused while a table is being migrated: it would drop %, and the rows in it with it', changed
+        USING ERRCODE = 'object_in_use', HINT = ${hint};
+    END IF;
     RETURN;
   END IF;
+  -- ddl_command_end of ALTER TABLE. Partitions: none detached, none attached with rows in it.
+  SELECT string_agg(format('%s (from %s)', split_part(s.pair, ':', 2)::oid::regclass, split_part(s.pair, ':', 1)::oid::regclass), ', ') INTO changed
+    FROM unnest(string_to_array(snapshot, ',')) AS s(pair)
+   WHERE NOT EXISTS (SELECT FROM pg_partition_tree(split_part(s.pair, ':', 1)::oid::regclass) AS t
+                      WHERE t.relid::oid = split_part(s.pair, ':', 2)::oid);
+  IF changed IS NOT NULL THEN
+    RAISE EXCEPTION 'pgshift: ALTER TABLE refused while a table is being migrated: it would detach %, and the rows in it with it', changed
+      USING ERRCODE = 'object_in_use', HINT = ${hint};
+  END IF;
+  FOR part IN SELECT t.relid
+                FROM (SELECT DISTINCT split_part(pair, ':', 1)::oid::regclass AS root FROM unnest(string_to_array(snapshot, ',')) AS pair) AS r
+                CROSS JOIN LATERAL pg_partition_tree(r.root) AS t
+                JOIN pg_class AS c ON c.oid = t.relid
+               WHERE t.level > 0 AND c.relkind = 'r'
+                 AND t.relid::oid::text <> ALL (SELECT split_part(pair, ':', 2) FROM unnest(string_to_array(snapshot, ',')) AS pair) LOOP
+    EXECUTE format('SELECT EXISTS (SELECT FROM ONLY %s)', part) INTO has_rows;
+    IF has_rows THEN
+      RAISE EXCEPTION 'pgshift: ALTER TABLE refused while a table is being migrated: it would attach %, which holds rows the other table of the migration does not have, to %',
+          part, (SELECT inhparent::regclass FROM pg_inherits WHERE inhrelid = part)
+        USING ERRCODE = 'object_in_use', HINT = ${hint};
+    END IF;
+  END LOOP;
+  -- Columns.
   FOR altered IN SELECT DISTINCT objid FROM pg_event_trigger_ddl_commands() WHERE classid = 'pg_catalog.pg_class'::regclass LOOP
     FOR m IN SELECT source_schema, source_table, CASE WHEN phase = 'cutover' THEN retired_table ELSE shadow_table END AS copy_table, copy_columns
                FROM pgshift.migrations LOOP
@@ -89,6 +176,9 @@ BEGIN
 END
 $pgshift$`,
     `DO $pgshift$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_event_trigger WHERE evtname = '${PARTITION_GUARD_TRIGGER}') THEN
+    CREATE EVENT TRIGGER ${PARTITION_GUARD_TRIGGER} ON ddl_command_start WHEN TAG IN ('ALTER TABLE', 'DROP TABLE', 'DROP SCHEMA') EXECUTE FUNCTION ${fn}();
+  END IF;
   IF NOT EXISTS (SELECT FROM pg_catalog.pg_event_trigger WHERE evtname = '${DDL_GUARD_TRIGGER}') THEN
     CREATE EVENT TRIGGER ${DDL_GUARD_TRIGGER} ON ddl_command_end WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION ${fn}();
   END IF;
@@ -99,17 +189,30 @@ END $pgshift$`,
   ];
 }
 
+/**
+ * Brings a DDL guard an older pgshift installed (schema version 2: no partition guard) to this one: the
+ * function replaced and the missing event triggers created, when the current user is a superuser and some
+ * guard is installed. Nothing otherwise (status then reports the guard missing).
+ * @throws PostgresError when a statement fails.
+ */
+export async function upgradeDdlGuard(sql: AnySql): Promise<void> {
+  const g = await ddlGuardState(sql);
+  const any = await sql`select exists (select from pg_catalog.pg_event_trigger where evtname = any(${GUARD_TRIGGERS})) as any`;
+  if (!g.superuser || !any[0]?.any) return;
+  for (const stmt of ddlGuardSql()) await sql.unsafe(stmt);
+}
+
 const GuardRow = z.object({ installed: z.boolean(), enabled: z.boolean(), superuser: z.boolean() });
 
 /**
  * Whether the DDL guard is in place in the current database, and whether the current user may install it.
- * @returns installed: both event triggers exist; enabled: both fire (evtenabled is not 'D');
+ * @returns installed: all three event triggers exist; enabled: all three fire (evtenabled is not 'D');
  *   superuser: the current user is a superuser (needed to create it).
  */
 export async function ddlGuardState(sql: AnySql): Promise<{ installed: boolean; enabled: boolean; superuser: boolean }> {
   const rows = await sql`
-    select (select count(*) from pg_catalog.pg_event_trigger where evtname in (${DDL_GUARD_TRIGGER}, ${DROP_GUARD_TRIGGER})) = 2 as installed,
-           (select count(*) from pg_catalog.pg_event_trigger where evtname in (${DDL_GUARD_TRIGGER}, ${DROP_GUARD_TRIGGER}) and evtenabled <> 'D') = 2 as enabled,
+    select (select count(*) from pg_catalog.pg_event_trigger where evtname = any(${GUARD_TRIGGERS})) = ${GUARD_TRIGGERS.length} as installed,
+           (select count(*) from pg_catalog.pg_event_trigger where evtname = any(${GUARD_TRIGGERS}) and evtenabled <> 'D') = ${GUARD_TRIGGERS.length} as enabled,
            (select rolsuper from pg_catalog.pg_roles where rolname = current_user) as superuser`;
   return GuardRow.parse(rows[0]);
 }

@@ -159,7 +159,7 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     else if (!guard.installed || !guard.enabled) {
       warnings.push(
         `the DDL guard is ${guard.installed ? "disabled" : "not installed"} (creating an event trigger needs superuser): an ALTER TABLE that drops, renames, adds or retypes a column of ` +
-          `${displayName(table)} or of its shadow, or a DROP of either, will not be refused during the migration` +
+          `${displayName(table)} or of its shadow, a DROP of either, or detaching or dropping a partition of the shadow, will not be refused during the migration` +
           (mode === "trigger" ? ", and dropping or renaming a mirrored column, or dropping the shadow, makes the application's writes fail" : ""),
       );
     }

@@ -5,6 +5,7 @@ import { log } from "../log.js";
 import { displayName, type QualifiedName } from "../names.js";
 import { PartitionSpecSchema } from "../partitioning/spec.js";
 import { truncateGuardFunctionSql } from "../mirror/trigger.js";
+import { upgradeDdlGuard } from "./ddl-guard.js";
 
 /**
  * Phases of a migration and the steps that may follow each (the state machine):
@@ -112,11 +113,12 @@ export interface Migration extends MigrationRow {
 
 /**
  * Version of the pgshift schema this code reads and writes (pgshift.schema_version). 1: the first;
- * 2: pgshift.migrations.copies_lsn. A database at an older version is upgraded by the first command that
+ * 2: pgshift.migrations.copies_lsn; 3: the DDL guard's third event trigger (pgshift_partition_guard, on
+ * ddl_command_start), which an older guard function must not serve. A database at an older version is upgraded by the first command that
  * writes state (upgradeSql; plan, status and dry runs read it as it is); one at a newer version is refused
  * by every command, so that no pgshift acts on state it does not understand.
  */
-export const SCHEMA_VERSION = 2;
+export const SCHEMA_VERSION = 3;
 
 /** Statements that bring a pgshift schema of any older version to SCHEMA_VERSION (idempotent). */
 export function upgradeSql(): string[] {
@@ -250,6 +252,7 @@ async function requireSchemaVersion(sql: AnySql, upgrade: boolean): Promise<void
     await sql`create table if not exists pgshift.schema_version (version int not null)`;
     await sql`insert into pgshift.schema_version select ${version}::int where not exists (select from pgshift.schema_version)`;
     for (const stmt of upgradeSql()) await sql.unsafe(stmt);
+    if (version < 3) await upgradeDdlGuard(sql);
   } catch (err) {
     if (isConnectionLoss(err)) throw err;
     throw new PgshiftError(`the pgshift schema of this database is version ${version} and needs an upgrade to ${SCHEMA_VERSION}, which failed: ${err instanceof Error ? err.message : String(err)}`, {

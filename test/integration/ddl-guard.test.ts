@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connect, type Sql } from "../../src/db.js";
-import { compareWithTwin, createWorkload, startLoad, type Workload } from "../../src/load/workload.js";
+import { compareWithTwin, createWorkload, startLoad, type RunningLoad, type Workload } from "../../src/load/workload.js";
 import { loadMigration } from "../../src/migration/state.js";
 import { displayName, type QualifiedName } from "../../src/names.js";
 import type { StatusReport } from "../../src/status.js";
@@ -50,7 +50,8 @@ async function columns(t: QualifiedName): Promise<string[]> {
   return r.map((x) => String(x.c));
 }
 
-const guardCount = async () => Number((await db.admin`select count(*)::int as n from pg_event_trigger where evtname in ('pgshift_ddl_guard', 'pgshift_drop_guard')`)[0]!.n);
+const guardCount = async () =>
+  Number((await db.admin`select count(*)::int as n from pg_event_trigger where evtname in ('pgshift_ddl_guard', 'pgshift_drop_guard', 'pgshift_partition_guard')`)[0]!.n);
 
 /** Runs `stmt` and returns the error PostgreSQL raised (code, message, hint), or null when it went through. */
 async function tryDdl(sql: Sql, stmt: string): Promise<{ code: string; message: string; hint: string } | null> {
@@ -75,6 +76,23 @@ function expectDropRefusal(err: Awaited<ReturnType<typeof tryDdl>>, live: string
   expect(err!.code).toBe("55006");
   expect(err!.message).toBe(`pgshift: DROP refused while ${live} is being migrated: it would drop ${dropped}`);
   expect(err!.hint).toContain("pgshift abort");
+}
+
+/**
+ * Runs `body` while a write load (and its twin) runs on a fresh workload table `name`; then stops the
+ * load and checks that the application saw no error and that the table equals the twin.
+ */
+async function underLoad(name: string, body: (w: Workload, load: RunningLoad) => Promise<void>): Promise<void> {
+  const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
+  await createWorkload(db.admin, w, 3_000);
+  const load = await startLoad(db.url, w, { connections: 3, pauseMs: 3 });
+  try {
+    await body(w, load);
+  } finally {
+    const stats = await load.stop();
+    expect(stats.errors, "the application saw no error").toEqual([]);
+  }
+  expect(await compareWithTwin(db.admin, w.table, w.twin, "bigint")).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
 }
 
 describe("without superuser", () => {
@@ -102,15 +120,12 @@ describe("without superuser", () => {
 describe.each(["trigger", "logical"] as const)("%s mode, under a write load", (mode) => {
   it("refuses every ALTER TABLE that changes the columns of either table, and DROP of either, before and after cutover; lets the others through; the table equals the twin", async () => {
     const name = `ddl_${mode}`;
-    const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
-    await createWorkload(db.admin, w, 3_000);
-    const load = await startLoad(db.url, w, { connections: 3, pauseMs: 3 });
-    try {
+    await underLoad(name, async (w, load) => {
       const plan = await pgshift(["plan", name, "--partition-by", "range:created_at:month", "--mode", mode]);
       expect(plan.stdout, describeRun(plan)).toContain("CREATE EVENT TRIGGER pgshift_ddl_guard ON ddl_command_end WHEN TAG IN ('ALTER TABLE')");
       const st = await pgshift(["start", name, "--partition-by", "range:created_at:month", "--mode", mode]);
       expect(st.code, describeRun(st)).toBe(0);
-      expect(await guardCount()).toBe(2);
+      expect(await guardCount()).toBe(3);
       expect((await statusOf(name)).ddlGuard).toBe("on");
       await db.admin`alter event trigger pgshift_drop_guard disable`;
       expect((await statusOf(name)).ddlGuard).toBe("disabled");
@@ -183,15 +198,113 @@ describe.each(["trigger", "logical"] as const)("%s mode, under a write load", (m
       expect(ops(), "the application kept writing").toBeGreaterThan(opsBefore);
       const fin = await pgshift(["finalize", name, "--yes"]);
       expect(fin.code, describeRun(fin)).toBe(0);
-    } finally {
-      const stats = await load.stop();
-      expect(stats.errors, "the application saw no error").toEqual([]);
-    }
-    expect(await compareWithTwin(db.admin, w.table, w.twin, "bigint")).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
+    });
     // The migration is over: the table is the application's to change again.
     expect(await tryDdl(db.admin, `alter table ${name} add column after_finalize int`)).toBeNull();
     // Removing pgshift from the database removes the guard with it (the next start installs it again).
     await db.admin`drop schema pgshift cascade`;
     expect(await guardCount()).toBe(0);
+  });
+});
+
+/** The partitions of `parent` (every level, schema-qualified), with whether each is detach-pending and how many rows it holds itself. */
+async function partitionsOf(parent: string): Promise<{ name: string; pending: boolean; rows: number }[]> {
+  const parts = await db.admin`
+    select format('%I.%I', n.nspname, c.relname) as name, coalesce(i.inhdetachpending, false) as pending
+      from pg_partition_tree(to_regclass(${parent})) t join pg_class c on c.oid = t.relid join pg_namespace n on n.oid = c.relnamespace
+      left join pg_inherits i on i.inhrelid = t.relid
+     where t.level > 0 order by 1`;
+  const out = [];
+  for (const p of parts) {
+    const n = await db.admin.unsafe(`select count(*)::int as n from only ${String(p.name)}`);
+    out.push({ name: String(p.name), pending: Boolean(p.pending), rows: Number(n[0]!.n) });
+  }
+  return out;
+}
+
+function expectPartitionRefusal(err: Awaited<ReturnType<typeof tryDdl>>, message: string): void {
+  expect(err).not.toBeNull();
+  expect(err!.message).toBe(message);
+  expect(err!.code).toBe("55006");
+  expect(err!.hint).toContain("SET pgshift.allow_ddl = on");
+}
+
+describe.each(["trigger", "logical"] as const)("partitions, %s mode, under a write load", (mode) => {
+  it("refuses to detach or drop a partition, or attach one with rows, of the partitioned table before and after cutover; empty ones come and go; the table equals the twin", async () => {
+    const name = `ddl_parts_${mode}`;
+    await underLoad(name, async (w) => {
+      const st = await pgshift(["start", name, "--partition-by", "range:created_at:month", "--mode", mode]);
+      expect(st.code, describeRun(st)).toBe(0);
+      const bf = await pgshift(["backfill", name]);
+      expect(bf.code, describeRun(bf)).toBe(0);
+      const shadow = displayName((await loadMigration(db.admin, w.table))!.copy);
+      const before = await partitionsOf(shadow);
+      const full = before.find((p) => p.rows > 0)!;
+      const dflt = before.find((p) => p.name.endsWith("_default"))!;
+      expect(full, "a partition with rows").toBeDefined();
+      expect(dflt, "the DEFAULT partition").toBeDefined();
+      const names = () => partitionsOf(shadow).then((ps) => ps.map((p) => `${p.name}${p.pending ? " (pending)" : ""}`));
+      const namesBefore = await names();
+
+      expectPartitionRefusal(
+        await tryDdl(db.admin, `alter table ${shadow} detach partition ${full.name}`),
+        `pgshift: ALTER TABLE refused while a table is being migrated: it would detach ${full.name} (from ${shadow}), and the rows in it with it`,
+      );
+      expectPartitionRefusal(
+        await tryDdl(db.admin, `alter table ${shadow} detach partition ${dflt.name}`),
+        `pgshift: ALTER TABLE refused while a table is being migrated: it would detach ${dflt.name} (from ${shadow}), and the rows in it with it`,
+      );
+      // Refused before it starts: refused at its end, the partition would stay detach-pending.
+      expectPartitionRefusal(
+        await tryDdl(db.admin, `alter table ${shadow} detach partition ${full.name} concurrently`),
+        `pgshift: DETACH PARTITION CONCURRENTLY refused while public.${name} is being migrated: the statement names ${shadow}, whose partitions hold the rows of the migration`,
+      );
+      expectPartitionRefusal(
+        await tryDdl(db.admin, `drop table ${full.name}`),
+        `pgshift: DROP refused while a table is being migrated: it would drop ${full.name} (a partition of ${shadow}), and the rows in it with it`,
+      );
+      expect(await names()).toEqual(namesBefore);
+
+      // A table with rows attached: rows the source never had. Refused; an empty one goes through, and
+      // CREATE TABLE ... PARTITION OF, and (on purpose) a detach of that empty one.
+      await db.admin.unsafe(`create table public.${name}_2101_01 (like ${shadow} including defaults including generated including constraints)`);
+      await db.admin.unsafe(`insert into public.${name}_2101_01 (id, created_at, region, status, amount) values (-1, '2101-01-15', 'eu', 'x', 1)`);
+      expectPartitionRefusal(
+        await tryDdl(db.admin, `alter table ${shadow} attach partition public.${name}_2101_01 for values from ('2101-01-01') to ('2101-02-01')`),
+        `pgshift: ALTER TABLE refused while a table is being migrated: it would attach public.${name}_2101_01, which holds rows the other table of the migration does not have, to ${shadow}`,
+      );
+      await db.admin.unsafe(`truncate public.${name}_2101_01`);
+      expect(await tryDdl(db.admin, `alter table ${shadow} attach partition public.${name}_2101_01 for values from ('2101-01-01') to ('2101-02-01')`)).toBeNull();
+      expect(await tryDdl(db.admin, `create table public.${name}_2101_02 partition of ${shadow} for values from ('2101-02-01') to ('2101-03-01')`)).toBeNull();
+      await db.admin.begin(async (tx) => {
+        await tx`set local pgshift.allow_ddl = on`;
+        await tx.unsafe(`alter table ${shadow} detach partition public.${name}_2101_02`);
+      });
+      expect(await names()).toEqual([...namesBefore, `public.${name}_2101_01`].sort());
+
+      const v = await pgshift(["verify", name]);
+      expect(v.code, describeRun(v)).toBe(0);
+      const cut = await pgshift(["cutover", name]);
+      expect(cut.code, describeRun(cut)).toBe(0);
+      // After cutover the partitioned table is the live one: the same rules, or swap-back would bring back
+      // (or lose) the rows.
+      const live = `public.${name}`;
+      expectPartitionRefusal(
+        await tryDdl(db.admin, `alter table ${live} detach partition ${full.name}`),
+        `pgshift: ALTER TABLE refused while a table is being migrated: it would detach ${full.name} (from ${live}), and the rows in it with it`,
+      );
+      expectPartitionRefusal(
+        await tryDdl(db.admin, `drop table public.${name}_2101_01`),
+        `pgshift: DROP refused while a table is being migrated: it would drop public.${name}_2101_01 (a partition of ${live}), and the rows in it with it`,
+      );
+      const sb = await pgshift(["swap-back", name]);
+      expect(sb.code, describeRun(sb)).toBe(0);
+      const again = await pgshift(["cutover", name]);
+      expect(again.code, describeRun(again)).toBe(0);
+      const fin = await pgshift(["finalize", name, "--yes"]);
+      expect(fin.code, describeRun(fin)).toBe(0);
+    });
+    // Finalized: the partitions are the application's again.
+    expect(await tryDdl(db.admin, `alter table public.${name} detach partition public.${name}_2101_01`)).toBeNull();
   });
 });

@@ -42,7 +42,9 @@ describe("schema version", () => {
     expect(st.code, describeRun(st)).toBe(0);
     expect(await version()).toBe(SCHEMA_VERSION);
 
-    // What a version-1 pgshift left: no copies_lsn column.
+    // What a version-1 pgshift left: no copies_lsn column (and, as up to version 2, a DDL guard without
+    // its partition guard).
+    await db.admin`drop event trigger pgshift_partition_guard`;
     await db.admin`alter table pgshift.migrations drop column copies_lsn`;
     await db.admin`update pgshift.schema_version set version = 1`;
     const s1 = await pgshift(["status", "ver_old", "--json"]);
@@ -63,6 +65,7 @@ describe("schema version", () => {
     expect(bf.code, describeRun(bf)).toBe(0);
     expect(await version()).toBe(SCHEMA_VERSION);
     expect(await hasCopiesLsn()).toBe(true);
+    expect((await db.admin`select count(*)::int as n from pg_event_trigger where evtname = 'pgshift_partition_guard'`)[0]!.n).toBe(1);
     const v = await pgshift(["verify", "ver_old"]);
     expect(v.code, describeRun(v)).toBe(0);
     const cut = await pgshift(["cutover", "ver_old"]);
