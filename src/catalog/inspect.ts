@@ -66,6 +66,7 @@ export interface TableFacts {
     incomingForeignKeys: string[];
     publications: string[];
     triggers: string[];
+    /** Tables this one inherits from, or that inherit from it (partitions included). */
     inheritance: string[];
     exclusionConstraints: string[];
     columnPrivileges: string[];
@@ -213,7 +214,7 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
         where schemaname = ${table.schema} and tablename = ${table.name}) as publications,
       (select coalesce(array_agg(tgname::text), '{}') from pg_trigger
         where tgrelid = ${oid} and not tgisinternal and tgname::text not in ('pgshift_mirror', 'pgshift_truncate_guard')) as triggers,
-      (select coalesce(array_agg(format('%s', inhrelid::regclass)) || array_agg(format('%s', inhparent::regclass)), '{}')
+      (select coalesce(array_agg(distinct format('%s', (case when inhrelid = ${oid} then inhparent else inhrelid end)::regclass)), '{}')
          from pg_inherits where inhrelid = ${oid} or inhparent = ${oid}) as inheritance,
       (select coalesce(array_agg(conname::text), '{}') from pg_constraint
         where conrelid = ${oid} and contype = 'x') as exclusion,

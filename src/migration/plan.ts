@@ -9,7 +9,7 @@ import { createStreamSql, logicalPrerequisites } from "../mirror/logical.js";
 import { displayName, fitName, quoteLiteral, type QualifiedName } from "../names.js";
 import { computePartitions, type DataRange, type PartitionDef } from "../partitioning/bounds.js";
 import { formatPartitionSpec, INTEGER_TYPES, TIME_TYPES, type PartitionSpec } from "../partitioning/spec.js";
-import { loadMigration, logicalNames, schemaSql, type Mode, type SequenceUse } from "./state.js";
+import { loadMigration, logicalNames, schemaSql, stateOwnershipProblem, type Mode, type SequenceUse } from "./state.js";
 
 export interface PlanOptions {
   spec: PartitionSpec;
@@ -76,6 +76,10 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     blockers.push(err instanceof Error ? err.message : String(err));
   }
   if (existing) blockers.push(`${displayName(table)} is already under migration (phase ${existing.phase}); use pgshift status`);
+  else if (blockers.length === 0) {
+    const problem = await stateOwnershipProblem(sql);
+    if (problem) blockers.push(problem);
+  }
   if (facts.serverVersionNum < MIN_SERVER) blockers.push(`PostgreSQL ${facts.serverVersionNum} is too old: pgshift needs 14 or later`);
   if (facts.relkind === "p") blockers.push(`${displayName(table)} is already partitioned`);
   else if (facts.relkind !== "r") blockers.push(`${displayName(table)} is not an ordinary table (relkind ${facts.relkind})`);
@@ -94,7 +98,8 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   list("incoming foreign keys", dep.incomingForeignKeys);
   list("publications", dep.publications);
   list("user triggers", dep.triggers);
-  list("inheritance", dep.inheritance);
+  // A partitioned table or a partition is refused above; its partitions or parent need no second line.
+  if (facts.relkind !== "p" && !facts.isPartition) list("inheritance (parent or child tables)", dep.inheritance);
   list("exclusion constraints", dep.exclusionConstraints);
   list("column-level privileges on", dep.columnPrivileges);
 

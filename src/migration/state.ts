@@ -211,12 +211,12 @@ export async function loadMigration(sql: AnySql, table: QualifiedName, opts: { u
                 else false end as ok`;
   if (!exists[0]?.ok) return null;
   const readable = await sql`select has_table_privilege('pgshift.migrations', 'SELECT') as ok`;
-  if (!readable[0]?.ok) {
-    throw new PgshiftError("permission denied for table pgshift.migrations", {
-      hint: "run pgshift as the role that started the migration (the table owner), or GRANT SELECT ON pgshift.migrations",
-    });
-  }
+  if (!readable[0]?.ok) throw new PgshiftError((await stateOwnershipProblem(sql)) ?? "permission denied for table pgshift.migrations");
   await requireSchemaVersion(sql, opts.upgrade ?? true);
+  if (opts.upgrade ?? true) {
+    const problem = await stateOwnershipProblem(sql);
+    if (problem) throw new PgshiftError(problem);
+  }
   const rows = await sql`select * from pgshift.migrations where source_schema = ${table.schema} and source_table = ${table.name}`;
   if (rows.length === 0) return null;
   const parsed = MigrationRowSchema.safeParse(rows[0]);
@@ -226,6 +226,30 @@ export async function loadMigration(sql: AnySql, table: QualifiedName, opts: { u
     });
   }
   return withNames(parsed.data);
+}
+
+const StateOwnerRow = z.object({ owner: z.string(), member: z.boolean(), me: z.string() });
+
+/**
+ * Whether the current user may change pgshift's state in this database. pgshift keeps one `pgshift` schema
+ * per database; the role that first ran it owns its tables and functions, and replacing a function or
+ * writing the state needs that role's privileges ("CREATE FUNCTION": to replace a function one must own it,
+ * in the PostgreSQL documentation), so the user must be a member of it (a superuser is a member of every role).
+ * @returns null when it may (or there is no pgshift schema yet); otherwise one line naming the owner and
+ *   what to do.
+ */
+export async function stateOwnershipProblem(sql: AnySql): Promise<string | null> {
+  const rows = await sql`
+    select pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(c.relowner)) as owner, pg_catalog.pg_has_role(c.relowner, 'USAGE') as member,
+           pg_catalog.quote_ident(current_user) as me
+      from pg_catalog.pg_class c where c.oid = to_regclass('pgshift.migrations')`;
+  if (rows.length === 0) return null;
+  const r = StateOwnerRow.parse(rows[0]);
+  if (r.member) return null;
+  return (
+    `pgshift's state in this database (schema pgshift) belongs to role ${r.owner}, and ${r.me} is not a member of it: ` +
+    `run pgshift as ${r.owner}, or let ${r.me} act as it (GRANT ${r.owner} TO ${r.me})`
+  );
 }
 
 const VersionRow = z.object({ version: z.coerce.number().int().nullable() });

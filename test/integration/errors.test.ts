@@ -106,7 +106,7 @@ beforeAll(async () => {
     insert into parted values (1, '2025-03-01');
   `);
   // One table per dependent object that must block, each with a key and a NOT NULL time column.
-  for (const t of ["dep_view", "dep_rule", "dep_policy", "dep_fk", "dep_pub", "dep_trigger", "dep_colgrant"]) {
+  for (const t of ["dep_view", "dep_rule", "dep_policy", "dep_fk", "dep_pub", "dep_trigger", "dep_colgrant", "dep_inherit"]) {
     await db.admin.unsafe(`
       create table ${t} (id int primary key, created_at timestamptz not null default '2025-06-01');
       insert into ${t} (id) select generate_series(1, 20);`);
@@ -121,6 +121,7 @@ beforeAll(async () => {
     create function dep_trigger_touch() returns trigger language plpgsql as $$ begin return new; end $$;
     create trigger dep_trigger_audit before update on dep_trigger for each row execute function dep_trigger_touch();
     grant select (id) on dep_colgrant to public;
+    create table dep_inherit_child (note text) inherits (dep_inherit);
   `);
 
   // A role that may log in, read, write and create in public, but does not own the tables.
@@ -235,10 +236,19 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
   );
 
   refusal(
-    "a table that is already partitioned",
-    () => all(pgshift(["start", "parted", "--partition-by", "range:created_at:month"])),
-    ([r]) => {
+    "a table that is already partitioned, or a partition: one blocker line (its partitions or parent are not listed again)",
+    () =>
+      all(
+        pgshift(["start", "parted", "--partition-by", "range:created_at:month"]),
+        pgshift(["plan", "parted", "--partition-by", "range:created_at:month"]),
+        pgshift(["plan", "parted_2025", "--partition-by", "range:created_at:month"]),
+      ),
+    ([r, plan, part]) => {
       expectRefusal(r!, "public.parted cannot be migrated", "public.parted is already partitioned");
+      expectPlanBlocker(plan!, "public.parted is already partitioned");
+      expect(plan!.stdout.match(/^ {2}blocker: /gm), describeRun(plan!)).toHaveLength(1);
+      expectPlanBlocker(part!, "public.parted_2025 is itself a partition of another table");
+      expect(part!.stdout.match(/^ {2}blocker: /gm), describeRun(part!)).toHaveLength(1);
     },
   );
 
@@ -250,6 +260,7 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
     { name: "a publication", table: "dep_pub", mentions: ["publications", "dep_pub_feed"] },
     { name: "a user trigger", table: "dep_trigger", mentions: ["user triggers", "dep_trigger_audit"] },
     { name: "a column-level privilege", table: "dep_colgrant", mentions: ["column-level privileges on", "id"] },
+    { name: "a child table (INHERITS)", table: "dep_inherit", mentions: ["inheritance (parent or child tables): dep_inherit_child (not"] },
   ];
   for (const d of dependents) {
     refusal(
