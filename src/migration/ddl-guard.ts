@@ -1,5 +1,6 @@
 import { z } from "zod";
 import type { AnySql } from "../db.js";
+import { TRUNCATE_GUARD_FN, TRUNCATE_TRIGGER } from "../mirror/trigger.js";
 import { quoteQualified, type QualifiedName } from "../names.js";
 
 /** The event trigger that refuses column changes to tables under migration (one per database). */
@@ -42,7 +43,9 @@ export const ALLOW_DDL_SETTING = "pgshift.allow_ddl";
  * snapshot. `DETACH PARTITION ... CONCURRENTLY` commits its first transaction (the partition detach-pending,
  * its rows already out of the parent) before ddl_command_end, so it is refused at ddl_command_start when the
  * statement's text names a partitioned table under migration ("ALTER TABLE", DETACH PARTITION, in the
- * PostgreSQL documentation). Empty partitions may be created and attached (CREATE TABLE ... PARTITION OF).
+ * PostgreSQL documentation). Empty partitions may be created and attached (CREATE TABLE ... PARTITION OF);
+ * after cutover, ddl_command_end (ALTER TABLE, CREATE TABLE) gives each new partition of the live table the
+ * TRUNCATE guard the others got at cutover (a TRUNCATE of a partition fires only that partition's triggers).
  *
  * SECURITY DEFINER with a fixed search_path: it runs for whoever alters any table in the database and must
  * read pgshift.migrations, which is private. Creating an event trigger needs superuser ("CREATE EVENT
@@ -94,6 +97,20 @@ BEGIN
       END LOOP;
     END IF;
     RETURN;
+  END IF;
+  IF TG_EVENT = 'ddl_command_end' THEN
+    -- After cutover the live table is the partitioned one, and TRUNCATE of one partition fires only that
+    -- partition's triggers: a partition created or attached since gets the TRUNCATE guard too.
+    FOR part IN SELECT t.relid
+                  FROM (SELECT to_regclass(format('%I.%I', source_schema, source_table)) AS root FROM pgshift.migrations WHERE phase = 'cutover') AS r
+                  CROSS JOIN LATERAL pg_partition_tree(r.root) AS t
+                 WHERE r.root IS NOT NULL AND t.level > 0
+                   AND NOT EXISTS (SELECT FROM pg_trigger AS g WHERE g.tgrelid = t.relid AND g.tgname = '${TRUNCATE_TRIGGER}') LOOP
+      EXECUTE format('CREATE TRIGGER ${TRUNCATE_TRIGGER} BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION ${quoteQualified(TRUNCATE_GUARD_FN)}()', part);
+    END LOOP;
+    IF TG_TAG = 'CREATE TABLE' THEN
+      RETURN;
+    END IF;
   END IF;
   snapshot := coalesce(current_setting('${PARTITIONS_SETTING}', true), '');
   IF snapshot <> '' THEN
@@ -179,8 +196,10 @@ $pgshift$`,
   IF NOT EXISTS (SELECT FROM pg_catalog.pg_event_trigger WHERE evtname = '${PARTITION_GUARD_TRIGGER}') THEN
     CREATE EVENT TRIGGER ${PARTITION_GUARD_TRIGGER} ON ddl_command_start WHEN TAG IN ('ALTER TABLE', 'DROP TABLE', 'DROP SCHEMA') EXECUTE FUNCTION ${fn}();
   END IF;
-  IF NOT EXISTS (SELECT FROM pg_catalog.pg_event_trigger WHERE evtname = '${DDL_GUARD_TRIGGER}') THEN
-    CREATE EVENT TRIGGER ${DDL_GUARD_TRIGGER} ON ddl_command_end WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION ${fn}();
+  -- Up to schema version 2 it fired for ALTER TABLE only.
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_event_trigger WHERE evtname = '${DDL_GUARD_TRIGGER}' AND evttags @> ARRAY['ALTER TABLE', 'CREATE TABLE']) THEN
+    DROP EVENT TRIGGER IF EXISTS ${DDL_GUARD_TRIGGER};
+    CREATE EVENT TRIGGER ${DDL_GUARD_TRIGGER} ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE') EXECUTE FUNCTION ${fn}();
   END IF;
   IF NOT EXISTS (SELECT FROM pg_catalog.pg_event_trigger WHERE evtname = '${DROP_GUARD_TRIGGER}') THEN
     CREATE EVENT TRIGGER ${DROP_GUARD_TRIGGER} ON sql_drop WHEN TAG IN ('DROP TABLE', 'DROP SCHEMA') EXECUTE FUNCTION ${fn}();

@@ -95,7 +95,9 @@ $pgshift$`;
 export function truncateGuardSql(table: QualifiedName): string[] {
   const t = quoteQualified(table);
   const guard = `BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION ${quoteQualified(TRUNCATE_GUARD_FN)}()`;
-  return [`CREATE TRIGGER ${TRUNCATE_TRIGGER} ${guard.replace("%s", () => t)}`, forEachPartitionSql(table, `CREATE TRIGGER ${TRUNCATE_TRIGGER} ${guard}`)];
+  // OR REPLACE: the DDL guard gives partitions created after cutover this trigger on its own, so a
+  // partition may already carry it.
+  return [`CREATE OR REPLACE TRIGGER ${TRUNCATE_TRIGGER} ${guard.replace("%s", () => t)}`, forEachPartitionSql(table, `CREATE OR REPLACE TRIGGER ${TRUNCATE_TRIGGER} ${guard}`)];
 }
 
 /** Statements that start mirroring `from` into `to`: the function, the row trigger, the TRUNCATE guards. */

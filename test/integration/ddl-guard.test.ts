@@ -122,7 +122,7 @@ describe.each(["trigger", "logical"] as const)("%s mode, under a write load", (m
     const name = `ddl_${mode}`;
     await underLoad(name, async (w, load) => {
       const plan = await pgshift(["plan", name, "--partition-by", "range:created_at:month", "--mode", mode]);
-      expect(plan.stdout, describeRun(plan)).toContain("CREATE EVENT TRIGGER pgshift_ddl_guard ON ddl_command_end WHEN TAG IN ('ALTER TABLE')");
+      expect(plan.stdout, describeRun(plan)).toContain("CREATE EVENT TRIGGER pgshift_ddl_guard ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')");
       const st = await pgshift(["start", name, "--partition-by", "range:created_at:month", "--mode", mode]);
       expect(st.code, describeRun(st)).toBe(0);
       expect(await guardCount()).toBe(3);
@@ -297,6 +297,15 @@ describe.each(["trigger", "logical"] as const)("partitions, %s mode, under a wri
         await tryDdl(db.admin, `drop table public.${name}_2101_01`),
         `pgshift: DROP refused while a table is being migrated: it would drop public.${name}_2101_01 (a partition of ${live}), and the rows in it with it`,
       );
+      // A partition created or attached after cutover gets the TRUNCATE guard the others got at cutover
+      // (TRUNCATE of a partition fires only its own triggers; the retired table would keep the rows).
+      expect(await tryDdl(db.admin, `create table public.${name}_2101_03 partition of ${live} for values from ('2101-03-01') to ('2101-04-01')`)).toBeNull();
+      await db.admin.unsafe(`create table public.${name}_2101_04 (like ${live} including defaults including generated including constraints)`);
+      expect(await tryDdl(db.admin, `alter table ${live} attach partition public.${name}_2101_04 for values from ('2101-04-01') to ('2101-05-01')`)).toBeNull();
+      for (const p of ["2101_01", "2101_03", "2101_04"]) {
+        const t = await tryDdl(db.admin, `truncate public.${name}_${p}`);
+        expect(t?.message, p).toBe(`pgshift: TRUNCATE of public.${name}_${p} is refused while the table is being migrated`);
+      }
       const sb = await pgshift(["swap-back", name]);
       expect(sb.code, describeRun(sb)).toBe(0);
       const again = await pgshift(["cutover", name]);
@@ -306,5 +315,7 @@ describe.each(["trigger", "logical"] as const)("partitions, %s mode, under a wri
     });
     // Finalized: the partitions are the application's again.
     expect(await tryDdl(db.admin, `alter table public.${name} detach partition public.${name}_2101_01`)).toBeNull();
+    expect(await tryDdl(db.admin, `truncate public.${name}_2101_03`)).toBeNull();
+    expect(await db.admin`select tgrelid::regclass::text as t from pg_trigger where tgname like 'pgshift%' and not tgisinternal`).toEqual([]);
   });
 });

@@ -45,6 +45,8 @@ describe("schema version", () => {
     // What a version-1 pgshift left: no copies_lsn column (and, as up to version 2, a DDL guard without
     // its partition guard).
     await db.admin`drop event trigger pgshift_partition_guard`;
+    await db.admin`drop event trigger pgshift_ddl_guard`;
+    await db.admin`create event trigger pgshift_ddl_guard on ddl_command_end when tag in ('ALTER TABLE') execute function pgshift.ddl_guard()`;
     await db.admin`alter table pgshift.migrations drop column copies_lsn`;
     await db.admin`update pgshift.schema_version set version = 1`;
     const s1 = await pgshift(["status", "ver_old", "--json"]);
@@ -66,6 +68,7 @@ describe("schema version", () => {
     expect(await version()).toBe(SCHEMA_VERSION);
     expect(await hasCopiesLsn()).toBe(true);
     expect((await db.admin`select count(*)::int as n from pg_event_trigger where evtname = 'pgshift_partition_guard'`)[0]!.n).toBe(1);
+    expect((await db.admin`select evttags from pg_event_trigger where evtname = 'pgshift_ddl_guard'`)[0]!.evttags).toEqual(["ALTER TABLE", "CREATE TABLE"]);
     const v = await pgshift(["verify", "ver_old"]);
     expect(v.code, describeRun(v)).toBe(0);
     const cut = await pgshift(["cutover", "ver_old"]);

@@ -459,11 +459,11 @@ $pgshift$`,
       `CREATE TRIGGER ${MIRROR_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON "My Schema"."Order Items" FOR EACH ROW EXECUTE FUNCTION "pgshift"."mirror_1"()`,
     );
     expect(sql[2]).toBe(
-      `CREATE TRIGGER ${TRUNCATE_TRIGGER} BEFORE TRUNCATE ON "My Schema"."Order Items" FOR EACH STATEMENT EXECUTE FUNCTION "pgshift"."truncate_guard"()`,
+      `CREATE OR REPLACE TRIGGER ${TRUNCATE_TRIGGER} BEFORE TRUNCATE ON "My Schema"."Order Items" FOR EACH STATEMENT EXECUTE FUNCTION "pgshift"."truncate_guard"()`,
     );
     // and on every partition, should the table be partitioned (TRUNCATE of one partition fires only its triggers)
     expect(sql[3]).toContain(`inhparent = '"My Schema"."Order Items"'::regclass`);
-    expect(sql[3]).toContain(`EXECUTE format('CREATE TRIGGER pgshift_truncate_guard BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION "pgshift"."truncate_guard"()', part)`);
+    expect(sql[3]).toContain(`EXECUTE format('CREATE OR REPLACE TRIGGER pgshift_truncate_guard BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION "pgshift"."truncate_guard"()', part)`);
     expect(MIRROR_TRIGGER).toBe("pgshift_mirror");
     expect(TRUNCATE_TRIGGER).toBe("pgshift_truncate_guard");
   });
