@@ -4,6 +4,7 @@ import { indexDrift, requireNoDrift } from "../catalog/drift.js";
 import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import { mirrorFor } from "../mirror/mirror.js";
+import { truncateGuardSql } from "../mirror/trigger.js";
 import { dropStream, dropStreamSql, slotState } from "../mirror/logical.js";
 import { CatchupTimeout, followStream } from "../mirror/stream.js";
 import { displayName, quoteIdent, quoteQualified, type QualifiedName } from "../names.js";
@@ -86,6 +87,8 @@ function switchSql(m: Migration, to: Phase): string[] {
     }
   }
   out.push(...mirror.startSql(next));
+  // The copy keeps the TRUNCATE guard it has had since start (a migration started by an older pgshift gets it here).
+  out.push(...truncateGuardSql(next.copy));
   return out;
 }
 

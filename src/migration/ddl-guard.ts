@@ -44,13 +44,15 @@ export const ALLOW_DDL_SETTING = "pgshift.allow_ddl";
  * its rows already out of the parent) before ddl_command_end, so it is refused at ddl_command_start when the
  * statement's text names a partitioned table under migration ("ALTER TABLE", DETACH PARTITION, in the
  * PostgreSQL documentation). Empty partitions may be created and attached (CREATE TABLE ... PARTITION OF);
- * after cutover, ddl_command_end (ALTER TABLE, CREATE TABLE) gives each new partition of the live table the
- * TRUNCATE guard the others got at cutover (a TRUNCATE of a partition fires only that partition's triggers).
+ * ddl_command_end (ALTER TABLE, CREATE TABLE) gives each new partition of the partitioned table (the shadow
+ * before cutover, the live table after) the TRUNCATE guard the others have (a TRUNCATE of a partition fires
+ * only that partition's triggers).
  *
  * SECURITY DEFINER with a fixed search_path: it runs for whoever alters any table in the database and must
  * read pgshift.migrations, which is private. Creating an event trigger needs superuser ("CREATE EVENT
  * TRIGGER" in the PostgreSQL documentation); `SET pgshift.allow_ddl = on` in the session lets a change
- * through (status then lists the difference, and verify, cutover and swap-back refuse until it is undone).
+ * through (status then lists the difference, and verify, cutover and swap-back refuse until it is undone);
+ * a partition detached that way loses its TRUNCATE guard, as it is no longer part of the migration.
  */
 export function ddlGuardSql(): string[] {
   const fn = quoteQualified(DDL_GUARD_FN);
@@ -81,7 +83,7 @@ BEGIN
       FROM (SELECT to_regclass(format('%I.%I', source_schema, CASE WHEN phase = 'cutover' THEN source_table ELSE shadow_table END)) AS root
               FROM pgshift.migrations) AS r
       CROSS JOIN LATERAL pg_partition_tree(r.root) AS t
-     WHERE r.root IS NOT NULL AND NOT allowed;
+     WHERE r.root IS NOT NULL;
     PERFORM set_config('${PARTITIONS_SETTING}', snapshot, false);
     -- A concurrent detach commits its first transaction before ddl_command_end: refused there, it would leave
     -- the partition detach-pending (its rows already gone from the table). Refused here instead, when the
@@ -99,10 +101,12 @@ BEGIN
     RETURN;
   END IF;
   IF TG_EVENT = 'ddl_command_end' THEN
-    -- After cutover the live table is the partitioned one, and TRUNCATE of one partition fires only that
-    -- partition's triggers: a partition created or attached since gets the TRUNCATE guard too.
+    -- Both tables of a migration carry the TRUNCATE guard, and TRUNCATE of one partition fires only that
+    -- partition's triggers: a partition created or attached since start (of the shadow, or of the live
+    -- table after cutover) gets the guard too.
     FOR part IN SELECT t.relid
-                  FROM (SELECT to_regclass(format('%I.%I', source_schema, source_table)) AS root FROM pgshift.migrations WHERE phase = 'cutover') AS r
+                  FROM (SELECT to_regclass(format('%I.%I', source_schema, CASE WHEN phase = 'cutover' THEN source_table ELSE shadow_table END)) AS root
+                          FROM pgshift.migrations) AS r
                   CROSS JOIN LATERAL pg_partition_tree(r.root) AS t
                  WHERE r.root IS NOT NULL AND t.level > 0
                    AND NOT EXISTS (SELECT FROM pg_trigger AS g WHERE g.tgrelid = t.relid AND g.tgname = '${TRUNCATE_TRIGGER}') LOOP
@@ -117,6 +121,16 @@ BEGIN
     PERFORM set_config('${PARTITIONS_SETTING}', '', false);
   END IF;
   IF allowed THEN
+    -- Let through. A partition detached this way leaves the migration, and its TRUNCATE guard with it.
+    IF TG_EVENT = 'ddl_command_end' THEN
+      FOR part IN SELECT split_part(s.pair, ':', 2)::oid::regclass
+                    FROM unnest(string_to_array(snapshot, ',')) AS s(pair)
+                   WHERE EXISTS (SELECT FROM pg_trigger AS g WHERE g.tgrelid = split_part(s.pair, ':', 2)::oid AND g.tgname = '${TRUNCATE_TRIGGER}')
+                     AND NOT EXISTS (SELECT FROM pg_partition_tree(split_part(s.pair, ':', 1)::oid::regclass) AS t
+                                      WHERE t.relid::oid = split_part(s.pair, ':', 2)::oid) LOOP
+        EXECUTE format('DROP TRIGGER ${TRUNCATE_TRIGGER} ON %s', part);
+      END LOOP;
+    END IF;
     RETURN;
   END IF;
   IF TG_EVENT = 'sql_drop' THEN

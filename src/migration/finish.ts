@@ -3,6 +3,7 @@ import { table as tableRef, withLockRetry, type AnySql, type LockRetryOptions } 
 import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import { mirrorFor } from "../mirror/mirror.js";
+import { removeTruncateGuardSql } from "../mirror/trigger.js";
 import { dropStream, dropStreamSql } from "../mirror/logical.js";
 import { displayName, quoteIdent, quoteQualified, type QualifiedName } from "../names.js";
 import { loadMigration, lockMigration, logicalNames, requireMigration, unlockMigration, type Migration } from "./state.js";
@@ -18,16 +19,17 @@ export interface IdentityState {
 }
 
 /**
- * Statements of finalize (phase cutover): stop the reverse mirror, drop the retired table and the mirror
- * function, re-create identity columns on the live table from their old sequence's position and options,
- * give the partitioned table's indexes the original names, forget the migration. Identity sequences belong
+ * Statements of finalize (phase cutover): stop the reverse mirror, remove the TRUNCATE guard from the live
+ * table, drop the retired table and the mirror function, re-create identity columns on the live table from
+ * their old sequence's position and options, give the partitioned table's indexes the original names,
+ * forget the migration. Identity sequences belong
  * to their column and go with the retired table, so their state is read first (`identities`: column -> state).
  */
 export function finalizeSql(m: Migration, identities: Map<string, IdentityState>): string[] {
   const mirror = mirrorFor(m.mode);
   const live = quoteQualified(m.live);
   // The migration is forgotten first: the DDL guard refuses to drop a table of a migration in progress.
-  const out = [`LOCK TABLE ${live}, ${quoteQualified(m.copy)} IN ACCESS EXCLUSIVE MODE`, `DELETE FROM pgshift.migrations WHERE id = ${m.id}`, ...mirror.stopSql(m)];
+  const out = [`LOCK TABLE ${live}, ${quoteQualified(m.copy)} IN ACCESS EXCLUSIVE MODE`, `DELETE FROM pgshift.migrations WHERE id = ${m.id}`, ...mirror.stopSql(m), ...removeTruncateGuardSql(m.live)];
   const ids = m.sequences.filter((x) => x.identity !== "");
   // The live table's default calls the identity sequence, which goes with the retired table.
   for (const s of ids) out.push(`ALTER TABLE ${live} ALTER COLUMN ${quoteIdent(s.column)} DROP DEFAULT`);
@@ -83,7 +85,10 @@ export async function leftoverStream(sql: AnySql, table: QualifiedName): Promise
   return slot || publication ? { slot, publication, retainedBytes: Number(x[0]!.retained) } : null;
 }
 
-/** Statements of abort (before cutover): stop the mirror, drop the shadow and the mirror function, forget the migration. */
+/**
+ * Statements of abort (before cutover): stop the mirror, remove the TRUNCATE guard from the live table, drop the
+ * shadow and the mirror function, forget the migration.
+ */
 export function abortSql(m: Migration): string[] {
   const mirror = mirrorFor(m.mode);
   return [
@@ -91,6 +96,7 @@ export function abortSql(m: Migration): string[] {
     // First: the DDL guard refuses to drop a table of a migration in progress.
     `DELETE FROM pgshift.migrations WHERE id = ${m.id}`,
     ...mirror.stopSql(m),
+    ...removeTruncateGuardSql(m.live),
     `DROP TABLE IF EXISTS ${quoteQualified(m.copy)}`,
     ...m.sequences.filter((s) => s.defaultFunction).map((s) => `DROP FUNCTION IF EXISTS ${quoteQualified({ schema: "pgshift", name: s.defaultFunction! })}()`),
     ...mirror.dropSql(m),

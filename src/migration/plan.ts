@@ -183,6 +183,8 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
           `uniqueness of (${ix.keyColumns.join(", ")}) alone is no longer enforced by the database`,
       );
     }
+    // Both tables carry the TRUNCATE guard until the migration ends (the source's comes with its mirror).
+    statements.push(...truncateGuardSql(shadow));
     if (stream) {
       streamStatements.push(...createStreamSql(src, stream.slot, stream.publication));
       statements.push(...truncateGuardSql(src));

@@ -2,9 +2,9 @@ import { z } from "zod";
 import type { AnySql, Sql } from "../db.js";
 import { isConnectionLoss, PgshiftError, PhaseError } from "../errors.js";
 import { log } from "../log.js";
-import { displayName, type QualifiedName } from "../names.js";
+import { displayName, quoteQualified, type QualifiedName } from "../names.js";
 import { PartitionSpecSchema } from "../partitioning/spec.js";
-import { truncateGuardFunctionSql } from "../mirror/trigger.js";
+import { truncateGuardFunctionSql, truncateGuardSql } from "../mirror/trigger.js";
 import { upgradeDdlGuard } from "./ddl-guard.js";
 
 /**
@@ -114,11 +114,13 @@ export interface Migration extends MigrationRow {
 /**
  * Version of the pgshift schema this code reads and writes (pgshift.schema_version). 1: the first;
  * 2: pgshift.migrations.copies_lsn; 3: the DDL guard's third event trigger (pgshift_partition_guard, on
- * ddl_command_start), which an older guard function must not serve. A database at an older version is upgraded by the first command that
- * writes state (upgradeSql; plan, status and dry runs read it as it is); one at a newer version is refused
- * by every command, so that no pgshift acts on state it does not understand.
+ * ddl_command_start), which an older guard function must not serve; 4: both tables of a migration carry the
+ * TRUNCATE guard, and the DDL guard gives it to new partitions of the shadow too (an older pgshift would
+ * put back a guard function that does not). A database at an older version is upgraded by the first
+ * command that writes state (upgradeSql; plan, status and dry runs read it as it is); one at a newer
+ * version is refused by every command, so that no pgshift acts on state it does not understand.
  */
-export const SCHEMA_VERSION = 3;
+export const SCHEMA_VERSION = 4;
 
 /** Statements that bring a pgshift schema of any older version to SCHEMA_VERSION (idempotent). */
 export function upgradeSql(): string[] {
@@ -272,11 +274,22 @@ async function requireSchemaVersion(sql: AnySql, upgrade: boolean): Promise<void
   }
   if (!upgrade) return;
   try {
-    // Each statement is idempotent and the version is raised last: an upgrade cut short is made again.
+    // Each step is idempotent.
     await sql`create table if not exists pgshift.schema_version (version int not null)`;
     await sql`insert into pgshift.schema_version select ${version}::int where not exists (select from pgshift.schema_version)`;
+    if (version < 4) {
+      await upgradeDdlGuard(sql);
+      // Migrations in progress: the copy gets the TRUNCATE guard that start and every cutover now give it.
+      const copies = await sql`
+        select source_schema as schema, case when phase = 'cutover' then retired_table else shadow_table end as name
+          from pgshift.migrations`;
+      for (const copy of z.array(z.object({ schema: z.string(), name: z.string() })).parse(copies)) {
+        const exists = await sql`select to_regclass(${quoteQualified(copy)}) is not null as ok`;
+        if (exists[0]?.ok) for (const stmt of truncateGuardSql(copy)) await sql.unsafe(stmt);
+      }
+    }
+    // Last, with the version raised at its end: an upgrade cut short is made again.
     for (const stmt of upgradeSql()) await sql.unsafe(stmt);
-    if (version < 3) await upgradeDdlGuard(sql);
   } catch (err) {
     if (isConnectionLoss(err)) throw err;
     throw new PgshiftError(`the pgshift schema of this database is version ${version} and needs an upgrade to ${SCHEMA_VERSION}, which failed: ${err instanceof Error ? err.message : String(err)}`, {

@@ -5,7 +5,7 @@ import { PgshiftError, sqlState } from "../errors.js";
 import { log } from "../log.js";
 import type { TableFacts } from "../catalog/inspect.js";
 import { quoteIdent, quoteLiteral, quoteQualified, type QualifiedName } from "../names.js";
-import { removeTriggersSql, truncateGuardSql } from "./trigger.js";
+import { removeMirrorTriggerSql, truncateGuardSql } from "./trigger.js";
 import { triggerMirror, type Mirror, type MirrorHealth } from "./mirror.js";
 
 /**
@@ -257,7 +257,7 @@ export const logicalMirror: Mirror = {
     return truncateGuardSql(m.live);
   },
   stopSql(m) {
-    return removeTriggersSql(m.live);
+    return removeMirrorTriggerSql(m.live);
   },
   dropSql(m) {
     return triggerMirror.dropSql(m);

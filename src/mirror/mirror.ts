@@ -3,7 +3,7 @@ import { quoteQualified } from "../names.js";
 import type { Migration, Mode } from "../migration/state.js";
 // logical.ts builds on triggerMirror (used only inside functions, so the import cycle is harmless).
 import { logicalMirror } from "./logical.js";
-import { installTriggerMirrorSql, MIRROR_TRIGGER, removeTriggersSql, TRUNCATE_TRIGGER } from "./trigger.js";
+import { installTriggerMirrorSql, MIRROR_TRIGGER, removeMirrorTriggerSql, TRUNCATE_TRIGGER } from "./trigger.js";
 
 /** Health of the mirror as `status` shows it. */
 export interface MirrorHealth {
@@ -22,7 +22,10 @@ export interface Mirror {
   readonly mode: Mode;
   /** Statements that (re)start mirroring from `m.live` into `m.copy` for the phase `m` is in. */
   startSql(m: Migration): string[];
-  /** Statements that stop mirroring out of `m.live` (run before renames, and by abort/finalize). */
+  /**
+   * Statements that stop mirroring out of `m.live` (run before renames, and by abort/finalize). The TRUNCATE
+   * guards stay: both tables carry them until abort or finalize removes them.
+   */
   stopSql(m: Migration): string[];
   /** Statements that remove what the mirror left behind for good (functions, slots). */
   dropSql(m: Migration): string[];
@@ -46,7 +49,7 @@ export const triggerMirror: Mirror = {
     });
   },
   stopSql(m) {
-    return removeTriggersSql(m.live);
+    return removeMirrorTriggerSql(m.live);
   },
   dropSql(m) {
     return [`DROP FUNCTION IF EXISTS ${quoteQualified(m.mirrorFn)}()`];

@@ -77,27 +77,37 @@ END
 
 /**
  * A DO block that runs `command` (a format() pattern with one %s for the partition) on every partition of
- * `parent`; nothing when `parent` is not partitioned. TRUNCATE of one partition fires only that partition's
- * triggers, so the guard must sit on each of them.
+ * `parent`, at every level (only those where `condition`, an SQL condition on `relid`, holds); nothing
+ * when `parent` is not partitioned. TRUNCATE of one partition fires only that partition's triggers, so the guard
+ * must sit on each of them.
  */
-function forEachPartitionSql(parent: QualifiedName, command: string): string {
+function forEachPartitionSql(parent: QualifiedName, command: string, condition?: string): string {
   return `DO $pgshift$
 DECLARE part regclass;
 BEGIN
-  FOR part IN SELECT inhrelid::regclass FROM pg_catalog.pg_inherits WHERE inhparent = ${quoteLiteral(quoteQualified(parent))}::regclass LOOP
+  FOR part IN SELECT relid FROM pg_catalog.pg_partition_tree(${quoteLiteral(quoteQualified(parent))}::regclass) WHERE level > 0${condition ? ` AND ${condition}` : ""} LOOP
     EXECUTE format(${quoteLiteral(command)}, part);
   END LOOP;
 END
 $pgshift$`;
 }
 
-/** The TRUNCATE guard on `table` and, when it is partitioned, on each of its partitions. */
+/**
+ * The TRUNCATE guard on `table` and, when it is partitioned, on each of its partitions that lacks it.
+ * Both tables of a migration carry it from start until abort or finalize: TRUNCATE fires no row trigger, so
+ * a TRUNCATE of the live table would leave its rows in the copy, and a TRUNCATE of the copy (the shadow
+ * before cutover, the retired table after) would lose them at the next cutover or swap-back.
+ */
 export function truncateGuardSql(table: QualifiedName): string[] {
   const t = quoteQualified(table);
   const guard = `BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION ${quoteQualified(TRUNCATE_GUARD_FN)}()`;
-  // OR REPLACE: the DDL guard gives partitions created after cutover this trigger on its own, so a
-  // partition may already carry it.
-  return [`CREATE OR REPLACE TRIGGER ${TRUNCATE_TRIGGER} ${guard.replace("%s", () => t)}`, forEachPartitionSql(table, `CREATE OR REPLACE TRIGGER ${TRUNCATE_TRIGGER} ${guard}`)];
+  // Partitions that already carry it (since start, or given it by the DDL guard when they were created) are
+  // left alone: cutover and swap-back run this under their locks, and a catalog read is cheaper than a
+  // CREATE OR REPLACE per partition.
+  return [
+    `CREATE OR REPLACE TRIGGER ${TRUNCATE_TRIGGER} ${guard.replace("%s", () => t)}`,
+    forEachPartitionSql(table, `CREATE TRIGGER ${TRUNCATE_TRIGGER} ${guard}`, `NOT EXISTS (SELECT FROM pg_catalog.pg_trigger AS g WHERE g.tgrelid = relid AND g.tgname = ${quoteLiteral(TRUNCATE_TRIGGER)})`),
+  ];
 }
 
 /** Statements that start mirroring `from` into `to`: the function, the row trigger, the TRUNCATE guards. */
@@ -110,13 +120,16 @@ export function installTriggerMirrorSql(m: TriggerMirrorSpec): string[] {
   ];
 }
 
-/** Statements that stop mirroring out of `from` (the function is dropped separately). */
-export function removeTriggersSql(from: QualifiedName): string[] {
-  const t = quoteQualified(from);
+/** The statement that stops mirroring out of `from` (the function is dropped separately; the TRUNCATE guard stays). */
+export function removeMirrorTriggerSql(from: QualifiedName): string[] {
+  return [`DROP TRIGGER IF EXISTS ${MIRROR_TRIGGER} ON ${quoteQualified(from)}`];
+}
+
+/** Statements that remove the TRUNCATE guard from `table` and its partitions (abort and finalize). */
+export function removeTruncateGuardSql(table: QualifiedName): string[] {
   return [
-    `DROP TRIGGER IF EXISTS ${MIRROR_TRIGGER} ON ${t}`,
-    `DROP TRIGGER IF EXISTS ${TRUNCATE_TRIGGER} ON ${t}`,
-    forEachPartitionSql(from, `DROP TRIGGER IF EXISTS ${TRUNCATE_TRIGGER} ON %s`),
+    `DROP TRIGGER IF EXISTS ${TRUNCATE_TRIGGER} ON ${quoteQualified(table)}`,
+    forEachPartitionSql(table, `DROP TRIGGER IF EXISTS ${TRUNCATE_TRIGGER} ON %s`),
   ];
 }
 

@@ -276,11 +276,18 @@ describe.each(["trigger", "logical"] as const)("partitions, %s mode, under a wri
       await db.admin.unsafe(`truncate public.${name}_2101_01`);
       expect(await tryDdl(db.admin, `alter table ${shadow} attach partition public.${name}_2101_01 for values from ('2101-01-01') to ('2101-02-01')`)).toBeNull();
       expect(await tryDdl(db.admin, `create table public.${name}_2101_02 partition of ${shadow} for values from ('2101-02-01') to ('2101-03-01')`)).toBeNull();
+      // The shadow, its partitions and those added since start carry the TRUNCATE guard (a TRUNCATE of the
+      // shadow would lose its rows at cutover).
+      for (const t of [shadow, full.name, `public.${name}_2101_01`, `public.${name}_2101_02`]) {
+        expect((await tryDdl(db.admin, `truncate ${t}`))?.code, t).toBe("55006");
+      }
+      // Detached under pgshift.allow_ddl, a partition leaves the migration, and its guard with it.
       await db.admin.begin(async (tx) => {
         await tx`set local pgshift.allow_ddl = on`;
         await tx.unsafe(`alter table ${shadow} detach partition public.${name}_2101_02`);
       });
       expect(await names()).toEqual([...namesBefore, `public.${name}_2101_01`].sort());
+      expect(await tryDdl(db.admin, `truncate public.${name}_2101_02`)).toBeNull();
 
       const v = await pgshift(["verify", name]);
       expect(v.code, describeRun(v)).toBe(0);
@@ -297,12 +304,13 @@ describe.each(["trigger", "logical"] as const)("partitions, %s mode, under a wri
         await tryDdl(db.admin, `drop table public.${name}_2101_01`),
         `pgshift: DROP refused while a table is being migrated: it would drop public.${name}_2101_01 (a partition of ${live}), and the rows in it with it`,
       );
-      // A partition created or attached after cutover gets the TRUNCATE guard the others got at cutover
-      // (TRUNCATE of a partition fires only its own triggers; the retired table would keep the rows).
+      // A partition created or attached after cutover gets the TRUNCATE guard the others have (TRUNCATE of a
+      // partition fires only its own triggers; the retired table would keep the rows), and so does the
+      // retired table.
       expect(await tryDdl(db.admin, `create table public.${name}_2101_03 partition of ${live} for values from ('2101-03-01') to ('2101-04-01')`)).toBeNull();
       await db.admin.unsafe(`create table public.${name}_2101_04 (like ${live} including defaults including generated including constraints)`);
       expect(await tryDdl(db.admin, `alter table ${live} attach partition public.${name}_2101_04 for values from ('2101-04-01') to ('2101-05-01')`)).toBeNull();
-      for (const p of ["2101_01", "2101_03", "2101_04"]) {
+      for (const p of ["2101_01", "2101_03", "2101_04", "pgshift_retired"]) {
         const t = await tryDdl(db.admin, `truncate public.${name}_${p}`);
         expect(t?.message, p).toBe(`pgshift: TRUNCATE of public.${name}_${p} is refused while the table is being migrated`);
       }

@@ -43,7 +43,17 @@ describe("schema version", () => {
     expect(await version()).toBe(SCHEMA_VERSION);
 
     // What a version-1 pgshift left: no copies_lsn column (and, as up to version 2, a DDL guard without
-    // its partition guard).
+    // its partition guard; as up to version 3, no TRUNCATE guard on the shadow).
+    const shadowGuards = async () =>
+      Number((await db.admin`select count(*)::int as n from pg_trigger where tgname = 'pgshift_truncate_guard'
+                               and tgrelid in (select relid from pg_partition_tree('ver_old_pgshift_shadow'))`)[0]!.n);
+    const shadowTables = Number((await db.admin`select count(*)::int as n from pg_partition_tree('ver_old_pgshift_shadow')`)[0]!.n);
+    expect(await shadowGuards()).toBe(shadowTables);
+    await db.admin.unsafe(`do $$ declare r regclass; begin
+      for r in select relid from pg_partition_tree('ver_old_pgshift_shadow') loop
+        execute format('drop trigger pgshift_truncate_guard on %s', r);
+      end loop; end $$`);
+    expect(await shadowGuards()).toBe(0);
     await db.admin`drop event trigger pgshift_partition_guard`;
     await db.admin`drop event trigger pgshift_ddl_guard`;
     await db.admin`create event trigger pgshift_ddl_guard on ddl_command_end when tag in ('ALTER TABLE') execute function pgshift.ddl_guard()`;
@@ -69,6 +79,8 @@ describe("schema version", () => {
     expect(await hasCopiesLsn()).toBe(true);
     expect((await db.admin`select count(*)::int as n from pg_event_trigger where evtname = 'pgshift_partition_guard'`)[0]!.n).toBe(1);
     expect((await db.admin`select evttags from pg_event_trigger where evtname = 'pgshift_ddl_guard'`)[0]!.evttags).toEqual(["ALTER TABLE", "CREATE TABLE"]);
+    expect(await shadowGuards()).toBe(shadowTables);
+    await expect(db.admin`truncate ver_old_pgshift_shadow`).rejects.toMatchObject({ code: "55006" });
     const v = await pgshift(["verify", "ver_old"]);
     expect(v.code, describeRun(v)).toBe(0);
     const cut = await pgshift(["cutover", "ver_old"]);

@@ -534,6 +534,11 @@ describe("TRUNCATE guard", () => {
     expect(e.message, when).toMatch(/pgshift/);
   };
   const count = async (rel: QualifiedName) => Number((await db.admin.unsafe(`select count(*)::int as n from ${q(rel)}`))[0]!.n);
+  /** pgshift's triggers on the tables whose name starts with `t`'s (its shadow, retired table, partitions). */
+  const pgshiftTriggers = async (t: QualifiedName) =>
+    (await db.admin`
+      select c.relname::text || '.' || g.tgname::text as t from pg_trigger g join pg_class c on c.oid = g.tgrelid
+       where g.tgname like 'pgshift%' and not g.tgisinternal and starts_with(c.relname::text, ${t.name})`).map((r) => String(r.t));
   const create = async (name: string) => {
     const t: QualifiedName = { schema: "Trunc Schema", name };
     await db.admin.unsafe(`
@@ -543,23 +548,40 @@ describe("TRUNCATE guard", () => {
     return t;
   };
 
-  it("is refused on the source during a migration and on the new live table after cutover; works after finalize", async () => {
+  // Both tables: a TRUNCATE of the copy (shadow before cutover, retired table after) would lose its rows at
+  // the next cutover or swap-back.
+  it("is refused on both tables (and every partition) from start to finalize; works after finalize", async () => {
     const t = await create("Trunc Final");
+    const shadow: QualifiedName = { schema: t.schema, name: `${t.name}_pgshift_shadow` };
+    const retired: QualifiedName = { schema: t.schema, name: `${t.name}_pgshift_retired` };
+    const both = async (live: QualifiedName, copy: QualifiedName, when: string) => {
+      await expectRefused(live, `${when}, live`);
+      await expectRefused(copy, `${when}, copy`);
+      const parted = (await relkind(live)) === "p" ? live : copy;
+      const parts = await db.admin`select relid::regclass::text as name from pg_partition_tree(${q(parted)}) where level > 0`;
+      expect(parts.length, when).toBeGreaterThan(1);
+      for (const p of parts) {
+        const e = await sqlState(db.admin.unsafe(`truncate ${String(p.name)}`));
+        expect(e.code, `${when}, partition ${String(p.name)}`).toBe("55006");
+      }
+      expect(await count(live), when).toBe(60);
+      expect(await count(copy), when).toBe(when === "started" ? 0 : 60);
+    };
     await startMigration(db.sql, t, { spec: parsePartitionSpec(SPEC) });
-    await expectRefused(t, "started");
+    await both(t, shadow, "started");
     expect((await backfill(db.sql, t)).complete).toBe(true);
-    await expectRefused(t, "backfilled");
+    await both(t, shadow, "backfilled");
     await cutover(db.sql, t);
     expect(await relkind(t)).toBe("p");
-    await expectRefused(t, "cutover");
+    await both(t, retired, "cutover");
     await swapBack(db.sql, t);
-    await expectRefused(t, "swapped back");
+    await both(t, shadow, "swapped back");
     await cutover(db.sql, t);
-    await expectRefused(t, "cutover again");
-    expect(await count(t)).toBe(60);
+    await both(t, retired, "cutover again");
     await finalize(db.sql, t, { yes: true });
     await db.admin.unsafe(`truncate ${q(t)}`);
     expect(await count(t)).toBe(0);
+    expect(await pgshiftTriggers(t)).toEqual([]);
   });
 
   // Regression: TRUNCATE of one partition fires only that partition's triggers, so the guard sits on each one.
@@ -589,6 +611,7 @@ describe("TRUNCATE guard", () => {
     await abort(db.sql, t);
     await db.admin.unsafe(`truncate ${q(t)}`);
     expect(await count(t)).toBe(0);
+    expect(await pgshiftTriggers(t)).toEqual([]);
   });
 });
 

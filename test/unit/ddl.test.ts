@@ -5,7 +5,8 @@ import {
   installTriggerMirrorSql,
   MIRROR_TRIGGER,
   mirrorFunctionSql,
-  removeTriggersSql,
+  removeMirrorTriggerSql,
+  removeTruncateGuardSql,
   TRUNCATE_TRIGGER,
   type TriggerMirrorSpec,
 } from "../../src/mirror/trigger.js";
@@ -461,16 +462,19 @@ $pgshift$`,
     expect(sql[2]).toBe(
       `CREATE OR REPLACE TRIGGER ${TRUNCATE_TRIGGER} BEFORE TRUNCATE ON "My Schema"."Order Items" FOR EACH STATEMENT EXECUTE FUNCTION "pgshift"."truncate_guard"()`,
     );
-    // and on every partition, should the table be partitioned (TRUNCATE of one partition fires only its triggers)
-    expect(sql[3]).toContain(`inhparent = '"My Schema"."Order Items"'::regclass`);
-    expect(sql[3]).toContain(`EXECUTE format('CREATE OR REPLACE TRIGGER pgshift_truncate_guard BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION "pgshift"."truncate_guard"()', part)`);
+    // and on every partition that lacks it, at every level, should the table be partitioned (TRUNCATE of one
+    // partition fires only its triggers)
+    expect(sql[3]).toContain(`pg_catalog.pg_partition_tree('"My Schema"."Order Items"'::regclass) WHERE level > 0 AND NOT EXISTS`);
+    expect(sql[3]).toContain(`g.tgname = 'pgshift_truncate_guard'`);
+    expect(sql[3]).toContain(`EXECUTE format('CREATE TRIGGER pgshift_truncate_guard BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION "pgshift"."truncate_guard"()', part)`);
     expect(MIRROR_TRIGGER).toBe("pgshift_mirror");
     expect(TRUNCATE_TRIGGER).toBe("pgshift_truncate_guard");
   });
 
-  it("removes both triggers", () => {
-    expect(removeTriggersSql({ schema: "My Schema", name: "Order Items" })).toEqual([
-      `DROP TRIGGER IF EXISTS pgshift_mirror ON "My Schema"."Order Items"`,
+  it("stops the mirror without the TRUNCATE guard, which is removed on its own", () => {
+    const t = { schema: "My Schema", name: "Order Items" };
+    expect(removeMirrorTriggerSql(t)).toEqual([`DROP TRIGGER IF EXISTS pgshift_mirror ON "My Schema"."Order Items"`]);
+    expect(removeTruncateGuardSql(t)).toEqual([
       `DROP TRIGGER IF EXISTS pgshift_truncate_guard ON "My Schema"."Order Items"`,
       expect.stringContaining(`EXECUTE format('DROP TRIGGER IF EXISTS pgshift_truncate_guard ON %s', part)`),
     ]);
