@@ -23,6 +23,12 @@ const CopiesRow = z.object({ copies_lsn: z.string().nullable() });
 
 /** A group of source transactions commits at a source commit once it is this old (ms) or holds this many. */
 const GROUP_MS = 50;
+/**
+ * The logical message (pg_logical_emit_message) a command waiting for a stream position writes: it makes
+ * the server flush its WAL (stream.ts, flushWal), and tells whichever applier reads it to commit its group
+ * at once. pgoutput sends messages only when asked (its `messages` option, PostgreSQL 14+).
+ */
+export const FLUSH_MESSAGE = { prefix: "pgshift", content: "flush" } as const;
 const GROUP_TRANSACTIONS = 5000;
 
 export interface ApplierProgress {
@@ -79,7 +85,7 @@ export class Applier {
   private applied: bigint;
   private commitTime: Date | null = null;
   private begun: { commitLsn: bigint; commitTime: Date } | null = null;
-  private group: { started: number; txns: number; end: bigint; commitTime: Date | null; exact: boolean } | null = null;
+  private group: { started: number; txns: number; end: bigint; commitTime: Date | null; exact: boolean; flush: boolean } | null = null;
   /** The message (or the timed group commit) being handled: they run one after the other. */
   private inFlight: Promise<void> = Promise.resolve();
   private commitTimer: NodeJS.Timeout | null = null;
@@ -161,7 +167,8 @@ export class Applier {
     service.on("error", (err: Error) => {
       this.failed ??= err;
     });
-    const plugin = new PgoutputPlugin({ protoVersion: 1, publicationNames: [this.m.publication_name!] });
+    // messages: a command waiting for a position says so in the stream (FLUSH_MESSAGE), see onMessage.
+    const plugin = new PgoutputPlugin({ protoVersion: 1, publicationNames: [this.m.publication_name!], messages: true });
     // When the server refuses to stream (slot in use, slot gone) the library may fail without an error
     // event: end the wait for "start" either way.
     this.running = service.subscribe(plugin, this.m.slot_name!).then(
@@ -264,7 +271,7 @@ export class Applier {
             this.txClosed = closedSince(this.sql!);
             this.tx = await this.sql!.reserve();
             await this.live().unsafe("begin");
-            this.group = { started: Date.now(), txns: 0, end: this.applied, commitTime: null, exact: await this.exactMode(this.live()) };
+            this.group = { started: Date.now(), txns: 0, end: this.applied, commitTime: null, exact: await this.exactMode(this.live()), flush: false };
             if (this.group.exact) this.exactGroups++;
           }
           return;
@@ -292,6 +299,12 @@ export class Applier {
           }
           return;
         }
+        case "message":
+          // A command waits for the stream to reach this position (flushWal, e.g. cutover under its lock):
+          // commit the group at this transaction's commit rather than when it is GROUP_MS old, so that a
+          // `pgshift sync` in another process confirms it at once, as an applier in the waiting process does.
+          if (msg.transactional && msg.prefix === FLUSH_MESSAGE.prefix && this.group && !this.skipping) this.group.flush = true;
+          return;
         case "truncate":
           if (this.skipping) return;
           throw new PgshiftError(`TRUNCATE of ${this.m.source_table} reached the stream; the shadow cannot follow`, { hint: "abort the migration (pgshift abort) and start again" });
@@ -308,7 +321,7 @@ export class Applier {
           g.commitTime = this.begun?.commitTime ?? new Date();
           this.begun = null;
           const age = Date.now() - g.started;
-          if (age >= GROUP_MS || g.txns >= GROUP_TRANSACTIONS || (this.waiters > 0 && this.queued().length === 0)) await this.commitGroup();
+          if (age >= GROUP_MS || g.txns >= GROUP_TRANSACTIONS || g.flush || (this.waiters > 0 && this.queued().length === 0)) await this.commitGroup();
           else if (!this.commitTimer) {
             this.commitTimer = setTimeout(() => {
               this.commitTimer = null;

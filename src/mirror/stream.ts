@@ -2,7 +2,7 @@ import { connect, connectionUrl, transaction, type Sql } from "../db.js";
 import { PgshiftError, isConnectionLoss, sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { loadMigration, type Migration } from "../migration/state.js";
-import { Applier } from "./apply.js";
+import { Applier, FLUSH_MESSAGE } from "./apply.js";
 import { lsnToBigInt, slotState } from "./logical.js";
 
 /** Keeps the shadow following the replication slot for as long as a command needs it. */
@@ -92,6 +92,9 @@ export async function followStream(sql: Sql, m: Migration): Promise<StreamFollow
   /** Watching another consumer: true once the slot confirmed `lsn`; takes over if the consumer left. */
   const watch = async (target: bigint, until: number): Promise<boolean> => {
     let idleSince: number | null = null;
+    // Often at first (cutover waits under its lock, and the consumer confirms as soon as it has applied the
+    // flush message), then less.
+    const fastUntil = Date.now() + 1000;
     for (;;) {
       const s = await slotState(flusher, slot);
       if (s.confirmedLsn && lsnToBigInt(s.confirmedLsn) >= target) return true;
@@ -105,7 +108,7 @@ export async function followStream(sql: Sql, m: Migration): Promise<StreamFollow
         }
       } else idleSince = null;
       if (Date.now() >= until) return false;
-      await new Promise((r) => setTimeout(r, 50));
+      await new Promise((r) => setTimeout(r, Date.now() < fastUntil ? 5 : 50));
     }
   };
 
@@ -143,15 +146,15 @@ export async function followStream(sql: Sql, m: Migration): Promise<StreamFollow
 }
 
 /**
- * Makes the server flush its WAL now: a transactional logical message (ignored by pgoutput) committed with
- * synchronous_commit on. The stream only carries flushed WAL; with asynchronous commits, or after the
+ * Makes the server flush its WAL now: a transactional logical message (FLUSH_MESSAGE; an applier that reads
+ * it commits its group at once) committed with synchronous_commit on. The stream only carries flushed WAL; with asynchronous commits, or after the
  * cutover's own ACCESS EXCLUSIVE lock record (logged for standbys), the last records could otherwise wait
  * for the WAL writer, or for a page to fill, before the stream can reach the LSN a caller waits for.
  */
 export async function flushWal(sql: Sql): Promise<void> {
   await transaction(sql, async (tx) => {
     await tx`set local synchronous_commit = on`;
-    await tx`select pg_logical_emit_message(true, 'pgshift', 'flush')`;
+    await tx`select pg_logical_emit_message(true, ${FLUSH_MESSAGE.prefix}, ${FLUSH_MESSAGE.content})`;
   });
 }
 
