@@ -100,25 +100,36 @@ BEGIN
     END IF;
     RETURN;
   END IF;
-  IF TG_EVENT = 'ddl_command_end' THEN
-    -- Both tables of a migration carry the TRUNCATE guard, and TRUNCATE of one partition fires only that
-    -- partition's triggers: a partition created or attached since start (of the shadow, or of the live
-    -- table after cutover) gets the guard too.
+  -- Both tables of a migration carry the TRUNCATE guard, and TRUNCATE of one partition fires only that
+  -- partition's triggers: a partition this command created or attached (in the shadow, or in the live table
+  -- after cutover) gets the guard too. Only those: this runs for every CREATE and ALTER TABLE in the
+  -- database, and must not lock other tables (the command already holds the new partition's lock).
+  IF TG_EVENT = 'ddl_command_end' AND TG_TAG = 'CREATE TABLE' THEN
     FOR part IN SELECT t.relid
                   FROM (SELECT to_regclass(format('%I.%I', source_schema, CASE WHEN phase = 'cutover' THEN source_table ELSE shadow_table END)) AS root
                           FROM pgshift.migrations) AS r
                   CROSS JOIN LATERAL pg_partition_tree(r.root) AS t
                  WHERE r.root IS NOT NULL AND t.level > 0
+                   AND t.relid::oid IN (SELECT c.objid FROM pg_event_trigger_ddl_commands() AS c WHERE c.classid = 'pg_catalog.pg_class'::regclass)
                    AND NOT EXISTS (SELECT FROM pg_trigger AS g WHERE g.tgrelid = t.relid AND g.tgname = '${TRUNCATE_TRIGGER}') LOOP
       EXECUTE format('CREATE TRIGGER ${TRUNCATE_TRIGGER} BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION ${quoteQualified(TRUNCATE_GUARD_FN)}()', part);
     END LOOP;
-    IF TG_TAG = 'CREATE TABLE' THEN
-      RETURN;
-    END IF;
+    RETURN;
   END IF;
   snapshot := coalesce(current_setting('${PARTITIONS_SETTING}', true), '');
   IF snapshot <> '' THEN
     PERFORM set_config('${PARTITIONS_SETTING}', '', false);
+  END IF;
+  IF TG_EVENT = 'ddl_command_end' THEN
+    -- ALTER TABLE: the members that were not there at ddl_command_start (ATTACH PARTITION).
+    FOR part IN SELECT t.relid
+                  FROM (SELECT DISTINCT split_part(pair, ':', 1)::oid::regclass AS root FROM unnest(string_to_array(snapshot, ',')) AS pair) AS r
+                  CROSS JOIN LATERAL pg_partition_tree(r.root) AS t
+                 WHERE t.level > 0
+                   AND t.relid::oid::text <> ALL (SELECT split_part(pair, ':', 2) FROM unnest(string_to_array(snapshot, ',')) AS pair)
+                   AND NOT EXISTS (SELECT FROM pg_trigger AS g WHERE g.tgrelid = t.relid AND g.tgname = '${TRUNCATE_TRIGGER}') LOOP
+      EXECUTE format('CREATE TRIGGER ${TRUNCATE_TRIGGER} BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION ${quoteQualified(TRUNCATE_GUARD_FN)}()', part);
+    END LOOP;
   END IF;
   IF allowed THEN
     -- Let through. A partition detached this way leaves the migration, and its TRUNCATE guard with it.

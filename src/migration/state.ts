@@ -1,6 +1,6 @@
 import { z } from "zod";
-import type { AnySql, Sql } from "../db.js";
-import { isConnectionLoss, PgshiftError, PhaseError } from "../errors.js";
+import { withLockRetry, type AnySql, type Sql } from "../db.js";
+import { isConnectionLoss, PgshiftError, PhaseError, sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { displayName, quoteQualified, type QualifiedName } from "../names.js";
 import { PartitionSpecSchema } from "../partitioning/spec.js";
@@ -279,14 +279,7 @@ async function requireSchemaVersion(sql: AnySql, upgrade: boolean): Promise<void
     await sql`insert into pgshift.schema_version select ${version}::int where not exists (select from pgshift.schema_version)`;
     if (version < 4) {
       await upgradeDdlGuard(sql);
-      // Migrations in progress: the copy gets the TRUNCATE guard that start and every cutover now give it.
-      const copies = await sql`
-        select source_schema as schema, case when phase = 'cutover' then retired_table else shadow_table end as name
-          from pgshift.migrations`;
-      for (const copy of z.array(z.object({ schema: z.string(), name: z.string() })).parse(copies)) {
-        const exists = await sql`select to_regclass(${quoteQualified(copy)}) is not null as ok`;
-        if (exists[0]?.ok) for (const stmt of truncateGuardSql(copy)) await sql.unsafe(stmt);
-      }
+      await guardCopies(sql);
     }
     // Last, with the version raised at its end: an upgrade cut short is made again.
     for (const stmt of upgradeSql()) await sql.unsafe(stmt);
@@ -297,6 +290,33 @@ async function requireSchemaVersion(sql: AnySql, upgrade: boolean): Promise<void
     });
   }
   log().info({ from: version, to: SCHEMA_VERSION }, "upgraded the pgshift schema");
+}
+
+/**
+ * Schema version 4: the copy of each migration in progress (shadow, or retired table after cutover) gets the
+ * TRUNCATE guard that start and every cutover now give it. CREATE TRIGGER locks the table (SHARE ROW
+ * EXCLUSIVE), so each runs under lock_timeout with retries (withLockRetry); a copy still locked after those
+ * is left for the next cutover or swap-back, which adds the guard too (logged). Only on a pool: a caller's
+ * transaction (which never reaches an upgrade in practice: every command loads its migration on its pool
+ * first) leaves it to those as well.
+ */
+async function guardCopies(sql: AnySql): Promise<void> {
+  if ("release" in sql || "savepoint" in sql) return;
+  const rows = await sql`
+    select source_schema as schema, case when phase = 'cutover' then retired_table else shadow_table end as name
+      from pgshift.migrations`;
+  for (const copy of z.array(z.object({ schema: z.string(), name: z.string() })).parse(rows)) {
+    try {
+      await withLockRetry(sql, async (tx) => {
+        const exists = await tx`select to_regclass(${quoteQualified(copy)}) is not null as ok`;
+        if (exists[0]?.ok) for (const stmt of truncateGuardSql(copy)) await tx.unsafe(stmt);
+      }, { retries: 5 });
+    } catch (err) {
+      // withLockRetry's last 55P03 comes wrapped in a PgshiftError.
+      if (sqlState(err instanceof PgshiftError ? err.cause : err) !== "55P03") throw err;
+      log().warn({ table: displayName(copy) }, "could not lock the table to give it the TRUNCATE guard; the next cutover or swap-back does");
+    }
+  }
 }
 
 /** Name of the replication slot and of the publication of a logical-mode migration of the table with this OID. */

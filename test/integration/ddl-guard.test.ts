@@ -327,3 +327,40 @@ describe.each(["trigger", "logical"] as const)("partitions, %s mode, under a wri
     expect(await db.admin`select tgrelid::regclass::text as t from pg_trigger where tgname like 'pgshift%' and not tgisinternal`).toEqual([]);
   });
 });
+
+// The guard runs for every CREATE TABLE and ALTER TABLE in the database. It gives the TRUNCATE guard only to
+// partitions the command itself created or attached: touching any other table would make unrelated DDL wait
+// for that table's locks (found when an upgrade's CREATE TABLE IF NOT EXISTS hung behind an application's
+// open transaction on a shadow partition that lacked the guard).
+describe("unrelated DDL", () => {
+  it("never waits for the locks of a migration's tables, even on a partition that lacks the TRUNCATE guard", async () => {
+    await db.admin.unsafe(`
+      create table ddl_quiet (id bigserial primary key, created_at timestamptz not null, note text);
+      insert into ddl_quiet (created_at, note) select timestamptz '2025-01-01 00:00+00' + i * interval '9 hours', 'n' from generate_series(1, 300) i;`);
+    const st = await pgshift(["start", "ddl_quiet", "--partition-by", "range:created_at:month"]);
+    expect(st.code, describeRun(st)).toBe(0);
+    await db.admin.unsafe(`drop trigger pgshift_truncate_guard on ddl_quiet_p2025_01`);
+    const writer = await db.admin.reserve();
+    const other = await connect({ url: db.url, max: 1 });
+    try {
+      await writer.unsafe("begin");
+      await writer.unsafe("insert into ddl_quiet_p2025_01 (id, created_at) values (-1, '2025-01-02')");
+      await other`set statement_timeout = '5s'`;
+      await other.unsafe("create table ddl_quiet_other (id int primary key)");
+      await other.unsafe("alter table ddl_quiet_other add column v text");
+      await other.unsafe("create table if not exists ddl_quiet_other (id int primary key)");
+    } finally {
+      await writer.unsafe("rollback").catch(() => {});
+      writer.release();
+      await other.end({ timeout: 5 });
+    }
+    // A partition created in the shadow does get it (the command holds its lock). Not while the writer
+    // runs: CREATE TABLE ... PARTITION OF locks the partitioned table, which a write to a partition locks too.
+    await db.admin.unsafe(`create table ddl_quiet_p2101_01 partition of ddl_quiet_pgshift_shadow for values from ('2101-01-01') to ('2101-02-01')`);
+    const guarded = await db.admin`
+      select c.relname::text as t from pg_trigger g join pg_class c on c.oid = g.tgrelid
+       where g.tgname = 'pgshift_truncate_guard' and c.relname::text in ('ddl_quiet_p2025_01', 'ddl_quiet_p2101_01', 'ddl_quiet_other')`;
+    expect(guarded.map((r) => String(r.t))).toEqual(["ddl_quiet_p2101_01"]);
+    expect((await pgshift(["abort", "ddl_quiet"])).code).toBe(0);
+  });
+});

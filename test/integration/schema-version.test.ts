@@ -89,6 +89,46 @@ describe("schema version", () => {
     expect(fin.code, describeRun(fin)).toBe(0);
   });
 
+  it("an upgrade that cannot lock a shadow to give it the TRUNCATE guard warns and goes on; the next cutover gives it", async () => {
+    await createOrders("ver_busy");
+    const st = await pgshift(["start", "ver_busy", "--partition-by", "range:created_at:month"]);
+    expect(st.code, describeRun(st)).toBe(0);
+    expect((await pgshift(["backfill", "ver_busy"])).code).toBe(0);
+    const guarded = async (root: string) =>
+      (await db.admin`select c.oid::regclass::text as t, exists (select from pg_trigger g where g.tgrelid = c.oid and g.tgname = 'pgshift_truncate_guard') as g
+                        from pg_class c where c.oid = ${root}::regclass or c.oid in (select relid from pg_partition_tree(${root}::regclass))
+                       order by 1`).map((r) => `${String(r.t)}: ${r.g ? "guarded" : "not guarded"}`);
+    const all = (ts: string[]) => ts.map((t) => t.replace(/not guarded$/, "guarded"));
+    // What a version-3 pgshift left: a shadow without the guard.
+    await db.admin.unsafe(`do $$ declare r regclass; begin
+      for r in select relid from pg_partition_tree('ver_busy_pgshift_shadow') loop
+        execute format('drop trigger pgshift_truncate_guard on %s', r);
+      end loop; end $$`);
+    await db.admin`update pgshift.schema_version set version = 3`;
+    const unguarded = await guarded("ver_busy_pgshift_shadow");
+    expect(unguarded.every((t) => t.endsWith("not guarded"))).toBe(true);
+    // A writer's lock on the shadow (ROW EXCLUSIVE) that outlasts the upgrade's lock_timeout and retries.
+    const holder = await db.admin.reserve();
+    try {
+      await holder.unsafe("begin");
+      await holder.unsafe("lock table ver_busy_pgshift_shadow in row exclusive mode");
+      const v = await pgshift(["verify", "ver_busy"]);
+      expect(v.code, describeRun(v)).toBe(0);
+      expect(v.stdout + v.stderr).toContain("could not lock the table to give it the TRUNCATE guard; the next cutover or swap-back does");
+      expect(await version()).toBe(SCHEMA_VERSION);
+      expect(await guarded("ver_busy_pgshift_shadow")).toEqual(unguarded);
+    } finally {
+      await holder.unsafe("rollback");
+      holder.release();
+    }
+    const cut = await pgshift(["cutover", "ver_busy"]);
+    expect(cut.code, describeRun(cut)).toBe(0);
+    const live = await guarded("ver_busy");
+    expect(live).toEqual(all(unguarded.map((t) => t.replace("ver_busy_pgshift_shadow", "ver_busy"))).sort());
+    expect(await guarded("ver_busy_pgshift_retired")).toEqual(["ver_busy_pgshift_retired: guarded"]);
+    expect((await pgshift(["finalize", "ver_busy", "--yes"])).code).toBe(0);
+  });
+
   it("an upgrade the role may not make is refused with one line, nothing changed", async () => {
     await createOrders("ver_weak");
     await db.admin.unsafe(`alter table ver_weak owner to ${role!.name}`);
