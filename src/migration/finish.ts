@@ -22,8 +22,8 @@ export interface IdentityState {
  * Statements of finalize (phase cutover): stop the reverse mirror, remove the TRUNCATE guard from the live
  * table, drop the retired table and the mirror function, re-create identity columns on the live table from
  * their old sequence's position and options, give the partitioned table's indexes the original names,
- * forget the migration. Identity sequences belong
- * to their column and go with the retired table, so their state is read first (`identities`: column -> state).
+ * forget the migration. Identity sequences belong to their column and go with the retired table, so their
+ * state is read first (`identities`: column -> state).
  */
 export function finalizeSql(m: Migration, identities: Map<string, IdentityState>): string[] {
   const mirror = mirrorFor(m.mode);

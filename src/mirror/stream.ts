@@ -147,9 +147,10 @@ export async function followStream(sql: Sql, m: Migration): Promise<StreamFollow
 
 /**
  * Makes the server flush its WAL now: a transactional logical message (FLUSH_MESSAGE; an applier that reads
- * it commits its group at once) committed with synchronous_commit on. The stream only carries flushed WAL; with asynchronous commits, or after the
- * cutover's own ACCESS EXCLUSIVE lock record (logged for standbys), the last records could otherwise wait
- * for the WAL writer, or for a page to fill, before the stream can reach the LSN a caller waits for.
+ * it commits its group at once) committed with synchronous_commit on. The stream only carries flushed WAL;
+ * with asynchronous commits, or after the cutover's own ACCESS EXCLUSIVE lock record (logged for standbys),
+ * the last records could otherwise wait for the WAL writer, or for a page to fill, before the stream can
+ * reach the LSN a caller waits for.
  */
 export async function flushWal(sql: Sql): Promise<void> {
   await transaction(sql, async (tx) => {

@@ -78,8 +78,8 @@ END
 /**
  * A DO block that runs `command` (a format() pattern with one %s for the partition) on every partition of
  * `parent`, at every level (only those where `condition`, an SQL condition on `relid`, holds); nothing
- * when `parent` is not partitioned. TRUNCATE of one partition fires only that partition's triggers, so the guard
- * must sit on each of them.
+ * when `parent` is not partitioned. TRUNCATE of one partition fires only that partition's triggers, so the
+ * guard must sit on each of them.
  */
 function forEachPartitionSql(parent: QualifiedName, command: string, condition?: string): string {
   return `DO $pgshift$
