@@ -240,9 +240,10 @@ END $pgshift$`,
  * @throws PostgresError when a statement fails.
  */
 export async function upgradeDdlGuard(sql: AnySql): Promise<void> {
-  const g = await ddlGuardState(sql);
-  const any = await sql`select exists (select from pg_catalog.pg_event_trigger where evtname = any(${GUARD_TRIGGERS})) as any`;
-  if (!g.superuser || !any[0]?.any) return;
+  const rows = await sql`
+    select exists (select from pg_catalog.pg_event_trigger where evtname = any(${GUARD_TRIGGERS}))
+           and (select rolsuper from pg_catalog.pg_roles where rolname = current_user) as upgrade`;
+  if (!z.object({ upgrade: z.boolean() }).parse(rows[0]).upgrade) return;
   for (const stmt of ddlGuardSql()) await sql.unsafe(stmt);
 }
 
