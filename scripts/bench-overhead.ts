@@ -3,7 +3,7 @@
  * does the logical mirror's applier keep the shadow within a second of the table?
  *
  *   scripts/bench-overhead [--rows N] [--connections N] [--seconds S] [--repeat K]
- *                          [--applier child|inprocess] [--durable] [--rate TPS] [--json] [--strict]
+ *                          [--applier child|inprocess] [--durable] [--rate TPS] [--floor] [--json] [--strict]
  *
  * One process, one run:
  *  1. starts the embedded PostgreSQL (unless DATABASE_URL is set: then that database is used, and the
@@ -22,6 +22,13 @@
  *     Before each window: VACUUM (ANALYZE) of the table (and of the shadow), CHECKPOINT. After each: the
  *     migration is aborted (shadow, triggers, slot, publication dropped), so every run starts from the
  *     same table;
+ *     With --floor, two more setups join the rotation, to show what this machine allows any mirror:
+ *       (d) each row written twice by the load itself: every statement of the load also writes the row to
+ *           a plain copy of the table (same columns and indexes, not partitioned) in the same statement
+ *           (data-modifying WITH); no trigger, no routing, no upsert: no synchronous mirror costs less;
+ *       (e) changes decoded, nothing applied: a publication and a pgoutput slot on the table, consumed by
+ *           pg_recvlogical writing to /dev/null (by scripts/decode-only.ts when pg_recvlogical is not on
+ *           the PATH): no logical mirror costs less.
  *  4. reports the committed transactions per second of each run (medians over the repeats), the ratios
  *     (b)/(a) and (c)/(a) against their targets (>= 0.85, >= 0.95), the logical run's lag at steady state
  *     (the first 3 s of each window ignored) against its target (< 1 s), and where the CPU went.
@@ -50,7 +57,7 @@
  * Exit status 0 whatever the figures, unless --strict (then 1 when a target is missed).
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { readdirSync, readFileSync } from "node:fs";
+import { accessSync, constants as fsConstants, readdirSync, readFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -84,8 +91,18 @@ const SPEC = "range:created_at:month";
 const LOAD_APP = "bench-overhead-load";
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 
-type Setup = "a" | "b" | "c";
-const LABELS: Record<Setup, string> = { a: "no migration", b: "trigger mirror", c: "logical mirror" };
+type Setup = "a" | "b" | "c" | "d" | "e";
+const LABELS: Record<Setup, string> = {
+  a: "no migration",
+  b: "trigger mirror",
+  c: "logical mirror",
+  d: "floor: each row written twice by the load itself",
+  e: "floor: changes decoded, nothing applied",
+};
+/** (d)'s second table: a plain copy of the workload table (same columns and indexes, not partitioned). */
+const FLOOR_COPY: QualifiedName = { schema: "public", name: "bench_overhead_floor" };
+/** (e)'s publication and slot. */
+const FLOOR_SLOT = "bench_overhead_floor";
 
 interface LagSample {
   /** Seconds since the window started. */
@@ -139,6 +156,7 @@ function usage(): string {
   --applier WHERE   logical run's applier: \`pgshift sync\` as a child process (child, default) or sync() in this process (inprocess)
   --durable         commit durably: PostgreSQL's default fsync/synchronous_commit/full_page_writes on the embedded server, synchronous_commit = on in the load's sessions
   --rate TPS        pace the load at TPS transactions per second in all (default: no pause, as fast as the machine allows)
+  --floor           also run (d) the load writing each row twice itself and (e) a slot decoded with nothing applied: the least any mirror costs
   --json            print the report as JSON on stdout
   --strict          exit 1 when a target is missed (trigger >= ${TARGET_TRIGGER}, logical >= ${TARGET_LOGICAL}, lag < ${TARGET_LAG_SECONDS} s)
 Uses DATABASE_URL when set, else starts an embedded PostgreSQL.`;
@@ -303,9 +321,10 @@ async function closeWorkers(workers: Worker[]): Promise<void> {
 /**
  * Runs the load on every worker for `seconds`, without pause, or paced at `rate` transactions per second in
  * all (each worker starts its k-th transaction k * workers / rate seconds after the start, at once when it is
- * late); returns what was committed.
+ * late); returns what was committed. `twice`: every statement also writes the row to FLOOR_COPY, in the
+ * same statement (data-modifying WITH), as the cheapest synchronous mirror would.
  */
-async function runLoad(workers: Worker[], seconds: number, rate: number | null): Promise<LoadResult> {
+async function runLoad(workers: Worker[], seconds: number, rate: number | null, twice = false): Promise<LoadResult> {
   const res: LoadResult = { transactions: 0, inserts: 0, updates: 0, deletes: 0, errors: [], latencies: [] };
   const started = performance.now();
   const until = started + seconds * 1000;
@@ -328,10 +347,18 @@ async function runLoad(workers: Worker[], seconds: number, rate: number | null):
         try {
           if (r < 0.25 || w.keys.length < 100) {
             const amount = (Math.random() * 1000).toFixed(2);
-            const ins = await sql`
-              insert into bench_overhead (region, status, amount, note, data)
-              values (${regions[wi % 4]!}, 'new', ${amount}, ${`w${wi}`}, ${sql.json({ w: wi })})
-              returning id::text as id`;
+            const ins = twice
+              ? await sql`
+                  with i as (
+                    insert into bench_overhead (region, status, amount, note, data)
+                    values (${regions[wi % 4]!}, 'new', ${amount}, ${`w${wi}`}, ${sql.json({ w: wi })})
+                    returning id, created_at, region, status, amount, note, data),
+                  c as (insert into bench_overhead_floor (id, created_at, region, status, amount, note, data) select * from i)
+                  select id::text as id from i`
+              : await sql`
+                  insert into bench_overhead (region, status, amount, note, data)
+                  values (${regions[wi % 4]!}, 'new', ${amount}, ${`w${wi}`}, ${sql.json({ w: wi })})
+                  returning id::text as id`;
             w.keys.push(Number(ins[0]!.id));
             res.inserts++;
           } else {
@@ -341,14 +368,22 @@ async function runLoad(workers: Worker[], seconds: number, rate: number | null):
               if (Math.random() < 0.2) {
                 // moves the row to another month: another partition of the shadow
                 const at = new Date(Date.now() - Math.floor(Math.random() * 700 * DAY));
-                await sql`update bench_overhead set created_at = ${at}, status = 'moved' where id = ${id}`;
+                if (twice)
+                  await sql`with u as (update bench_overhead set created_at = ${at}, status = 'moved' where id = ${id} returning id, created_at, status)
+                            update bench_overhead_floor f set created_at = u.created_at, status = u.status from u where f.id = u.id`;
+                else await sql`update bench_overhead set created_at = ${at}, status = 'moved' where id = ${id}`;
               } else {
                 const amount = (Math.random() * 1000).toFixed(2);
-                await sql`update bench_overhead set status = ${statuses[Math.floor(Math.random() * 3)]!}, amount = ${amount} where id = ${id}`;
+                const status = statuses[Math.floor(Math.random() * 3)]!;
+                if (twice)
+                  await sql`with u as (update bench_overhead set status = ${status}, amount = ${amount} where id = ${id} returning id, status, amount)
+                            update bench_overhead_floor f set status = u.status, amount = u.amount from u where f.id = u.id`;
+                else await sql`update bench_overhead set status = ${status}, amount = ${amount} where id = ${id}`;
               }
               res.updates++;
             } else {
-              await sql`delete from bench_overhead where id = ${id}`;
+              if (twice) await sql`with d as (delete from bench_overhead where id = ${id} returning id) delete from bench_overhead_floor f using d where f.id = d.id`;
+              else await sql`delete from bench_overhead where id = ${id}`;
               w.keys[idx] = w.keys[w.keys.length - 1]!;
               w.keys.pop();
               res.deletes++;
@@ -402,6 +437,11 @@ async function startApplier(sql: Sql, url: string, where: "inprocess" | "child",
     stdio: ["ignore", "ignore", "pipe"],
     env: { ...process.env, PGSHIFT_LOG_LEVEL: process.env.PGSHIFT_LOG_LEVEL ?? "warn" },
   });
+  return attachedChild(sql, child, slot, "pgshift sync");
+}
+
+/** A slot's consumer running as `child`, once it streams from `slot`; stop() ends it (SIGTERM, then SIGKILL after 10 s). */
+async function attachedChild(sql: Sql, child: ChildProcess, slot: string, what: string): Promise<RunningApplier> {
   let stderr = "";
   child.stderr?.on("data", (d: Buffer) => {
     stderr = (stderr + d.toString()).slice(-4000);
@@ -412,7 +452,7 @@ async function startApplier(sql: Sql, url: string, where: "inprocess" | "child",
   } catch (err) {
     child.kill("SIGTERM");
     await exited;
-    throw new Error(`pgshift sync did not attach to the slot: ${err instanceof Error ? err.message : String(err)}\n${stderr}`);
+    throw new Error(`${what} did not attach to the slot: ${err instanceof Error ? err.message : String(err)}\n${stderr}`);
   }
   return {
     changes: () => null,
@@ -424,6 +464,48 @@ async function startApplier(sql: Sql, url: string, where: "inprocess" | "child",
       clearTimeout(t);
     },
   };
+}
+
+/** PostgreSQL's pg_recvlogical on the PATH, if any (a C client: the cheapest consumer of a slot). */
+function findRecvlogical(): string | null {
+  for (const dir of (process.env.PATH ?? "").split(":")) {
+    const p = join(dir || ".", "pg_recvlogical");
+    try {
+      accessSync(p, fsConstants.X_OK);
+      return p;
+    } catch {
+      // not here
+    }
+  }
+  return null;
+}
+
+/** The consumer (e) uses: pg_recvlogical's path when it is on the PATH, else scripts/decode-only.ts. */
+const FLOOR_CONSUMER = findRecvlogical() ?? "scripts/decode-only.ts";
+
+/**
+ * (e): the slot's consumer (FLOOR_CONSUMER), once it streams: pg_recvlogical writes to /dev/null, reports
+ * its position every second and never fsyncs; decode-only.ts is the same in Node (pg-logical-replication).
+ */
+async function startDecodeOnly(sql: Sql, url: string): Promise<RunningApplier> {
+  const child = FLOOR_CONSUMER.endsWith("pg_recvlogical")
+    ? spawn(FLOOR_CONSUMER, ["-d", url, "--slot", FLOOR_SLOT, "--start", "-o", "proto_version=1", "-o", `publication_names=${FLOOR_SLOT}`, "-f", "/dev/null", "-F", "0", "-s", "1"], { stdio: ["ignore", "ignore", "pipe"] })
+    : spawn(process.execPath, ["--import", "tsx", join(ROOT, FLOOR_CONSUMER), url, FLOOR_SLOT, FLOOR_SLOT], { cwd: ROOT, stdio: ["ignore", "ignore", "pipe"] });
+  return attachedChild(sql, child, FLOOR_SLOT, FLOOR_CONSUMER);
+}
+
+/** Drops (e)'s slot (once its consumer has let go of it) and publication, if they exist. */
+async function dropFloorSlot(sql: Sql): Promise<void> {
+  for (let i = 0; i < 100; i++) {
+    const r = await sql`select active from pg_replication_slots where slot_name = ${FLOOR_SLOT}`;
+    if (r.length === 0) break;
+    if (!r[0]!.active) {
+      await sql`select pg_drop_replication_slot(${FLOOR_SLOT})`;
+      break;
+    }
+    await sleep(100);
+  }
+  await sql`drop publication if exists ${sql(FLOOR_SLOT)}`;
 }
 
 async function waitActive(sql: Sql, slot: string, timeoutMs = 15_000): Promise<void> {
@@ -461,7 +543,7 @@ async function runOnce(
 ): Promise<Run> {
   let prepareSeconds: number | null = null;
   let shadow: QualifiedName | null = null;
-  if (setup !== "a") {
+  if (setup === "b" || setup === "c") {
     const t0 = performance.now();
     await startMigration(sql, TABLE, { spec: parsePartitionSpec(SPEC), mode: setup === "b" ? "trigger" : "logical" });
     const bf = await backfill(sql, TABLE, {});
@@ -472,13 +554,26 @@ async function runOnce(
   let applier: RunningApplier | null = null;
   let workers: Worker[] = [];
   try {
+    if (setup === "d") {
+      const t0 = performance.now();
+      const cols = sql`id, created_at, region, status, amount, note, data`;
+      await sql`create table ${sql(FLOOR_COPY.schema)}.${sql(FLOOR_COPY.name)} (like ${sql(TABLE.schema)}.${sql(TABLE.name)} including all) with (autovacuum_enabled = off)`;
+      await sql`insert into ${sql(FLOOR_COPY.schema)}.${sql(FLOOR_COPY.name)} (${cols}) select ${cols} from ${sql(TABLE.schema)}.${sql(TABLE.name)}`;
+      prepareSeconds = (performance.now() - t0) / 1000;
+      shadow = FLOOR_COPY;
+    }
+    if (setup === "e") {
+      await sql`create publication ${sql(FLOOR_SLOT)} for table ${sql(TABLE.schema)}.${sql(TABLE.name)}`;
+      await sql`select pg_create_logical_replication_slot(${FLOOR_SLOT}, 'pgoutput')`;
+    }
     await vacuumAndCheckpoint(sql, shadow);
     const m = setup === "c" ? await loadMigration(sql, TABLE) : null;
-    const slot = m?.slot_name ?? null;
+    const slot = setup === "e" ? FLOOR_SLOT : (m?.slot_name ?? null);
     if (setup === "c") applier = await startApplier(sql, url, opts.applier, slot!, say);
+    if (setup === "e") applier = await startDecodeOnly(sql, url);
     workers = await openWorkers(url, sql, opts.connections, opts.durable);
     const local = workers.every((w) => isLocalPostgres(w.pid));
-    const pids = setup === "c" && local ? await backendPids(sql) : { walsender: [], applier: [] };
+    const pids = (setup === "c" || setup === "e") && local ? await backendPids(sql) : { walsender: [], applier: [] };
     say(`[${k}] (${setup}) ${LABELS[setup]}: ${opts.seconds} s of load on ${opts.connections} connections${prepareSeconds !== null ? ` (start + backfill took ${prepareSeconds.toFixed(1)} s)` : ""} ...`);
 
     // lag sampler, every second, on the admin connection
@@ -500,7 +595,7 @@ async function runOnce(
     );
     const changes0 = applier?.changes() ?? null;
     const t0 = performance.now();
-    const load = await runLoad(workers, opts.seconds, opts.rate);
+    const load = await runLoad(workers, opts.seconds, opts.rate, setup === "d");
     const secs = (performance.now() - t0) / 1000;
     const cpu = probe.finish();
     const changes1 = applier?.changes() ?? null;
@@ -510,7 +605,7 @@ async function runOnce(
     // (c): how long the applier needs to confirm everything the window wrote
     let drainSeconds: number | null = null;
     const drainLimit = Math.max(120, 10 * opts.seconds);
-    if (setup === "c") {
+    if (setup === "c" || setup === "e") {
       const target = String((await sql`select pg_current_wal_lsn()::text as l`)[0]!.l);
       const td = performance.now();
       for (;;) {
@@ -520,7 +615,7 @@ async function runOnce(
           break;
         }
         if (performance.now() - td > drainLimit * 1000) {
-          say(`[${k}] (c) the applier did not catch up within ${drainLimit} s after the load stopped`);
+          say(`[${k}] (${setup}) the slot's consumer did not catch up within ${drainLimit} s after the load stopped`);
           break;
         }
         await sleep(20);
@@ -549,7 +644,9 @@ async function runOnce(
   } finally {
     await closeWorkers(workers);
     await applier?.stop();
-    if (setup !== "a") await abort(sql, TABLE);
+    if (setup === "b" || setup === "c") await abort(sql, TABLE);
+    if (setup === "d") await sql`drop table if exists ${sql(FLOOR_COPY.schema)}.${sql(FLOOR_COPY.name)}`;
+    if (setup === "e") await dropFloorSlot(sql);
   }
 }
 
@@ -609,6 +706,7 @@ async function main(): Promise<number> {
       applier: { type: "string" },
       durable: { type: "boolean", default: false },
       rate: { type: "string" },
+      floor: { type: "boolean", default: false },
     },
     strict: true,
     allowPositionals: false,
@@ -624,11 +722,15 @@ async function main(): Promise<number> {
   const durable = values.durable === true;
   const rate = values.rate === undefined ? null : positiveInt("--rate", values.rate, 0);
   const json = values.json === true;
+  const floor = values.floor === true;
+  const setups: Setup[] = floor ? ["a", "b", "c", "d", "e"] : ["a", "b", "c"];
   const say = (l: string) => process.stderr.write(l + "\n");
   setLogger(pino({ level: process.env.PGSHIFT_LOG_LEVEL ?? "error" }, destination(2)));
 
   const dropBench = async (s: Sql) => {
     if (await loadMigration(s, TABLE).catch(() => null)) await abort(s, TABLE);
+    await dropFloorSlot(s);
+    await s`drop table if exists ${s(FLOOR_COPY.schema)}.${s(FLOOR_COPY.name)}`;
     await s`drop table if exists ${s(TWIN.schema)}.${s(TWIN.name)}`;
     await s`drop table if exists ${s(TABLE.schema)}.${s(TABLE.name)}`;
   };
@@ -650,7 +752,7 @@ async function main(): Promise<number> {
 
     const runs: Run[] = [];
     for (let k = 1; k <= repeat; k++) {
-      for (const setup of ["a", "b", "c"] as const) {
+      for (const setup of setups) {
         const r = await runOnce(sql, url, setup, k, { connections, seconds, applier: applierWhere, durable, rate }, say);
         const lag = r.lag ? summarizeLag([r]) : null;
         say(
@@ -666,6 +768,9 @@ async function main(): Promise<number> {
     const tps = { a: median(of("a").map((r) => r.tps)), b: median(of("b").map((r) => r.tps)), c: median(of("c").map((r) => r.tps)) };
     const ratioB = r2(tps.b / tps.a);
     const ratioC = r2(tps.c / tps.a);
+    // --floor: what the machine allows any mirror (see LABELS): medians and ratios to (a), null without --floor
+    const floorTps = floor ? { d: median(of("d").map((r) => r.tps)), e: median(of("e").map((r) => r.tps)) } : null;
+    const floorRatios = floorTps ? { writtenTwice: r2(floorTps.d / tps.a), decodedOnly: r2(floorTps.e / tps.a) } : null;
     const perRepeat = Array.from({ length: repeat }, (_, i) => {
       const get = (s: Setup) => runs.find((r) => r.setup === s && r.repeat === i + 1)!.tps;
       return { trigger: r2(get("b") / get("a")), logical: r2(get("c") / get("a")) };
@@ -696,12 +801,13 @@ async function main(): Promise<number> {
       server: serverInfo,
       cpus: availableParallelism(),
       load: `one-statement transactions: 25% INSERT, 50% UPDATE (1 in 5 moves created_at to another month), 25% DELETE; ${rate === null ? "no pause" : `paced at ${fmtInt(rate)} TPS in all`}`,
-      tps: { a: Math.round(tps.a), b: Math.round(tps.b), c: Math.round(tps.c) },
+      tps: { a: Math.round(tps.a), b: Math.round(tps.b), c: Math.round(tps.c), ...(floorTps ? { d: Math.round(floorTps.d), e: Math.round(floorTps.e) } : {}) },
       ratios: { trigger: ratioB, logical: ratioC, perRepeat },
+      floor: floorRatios ? { ...floorRatios, consumer: FLOOR_CONSUMER } : null,
       targets: { trigger: TARGET_TRIGGER, logical: TARGET_LOGICAL, lagSeconds: TARGET_LAG_SECONDS },
       pass,
       lag: lag ? { ...lag, ignoredFirstSeconds: STEADY_AFTER_SECONDS, drainSeconds: drainSeconds(of("c")) } : null,
-      cpuCores: { a: cpuMedian("a"), b: cpuMedian("b"), c: cpuMedian("c") },
+      cpuCores: Object.fromEntries(setups.map((x) => [x, cpuMedian(x)])) as Record<Setup, ReturnType<typeof cpuMedian>>,
       runs: runs.map((r) => ({ ...r, tps: Math.round(r.tps) })),
     };
 
@@ -718,6 +824,10 @@ async function main(): Promise<number> {
       line("(a) no migration", `${fmtInt(tps.a)} TPS${med}   [${of("a").map((r) => fmtInt(r.tps)).join(", ")}]`);
       line("(b) trigger mirror", `${fmtInt(tps.b)} TPS${med}   [${of("b").map((r) => fmtInt(r.tps)).join(", ")}]`);
       line("(c) logical mirror", `${fmtInt(tps.c)} TPS${med}   [${of("c").map((r) => fmtInt(r.tps)).join(", ")}]`);
+      if (floorTps && floorRatios) {
+        line("(d) floor, written twice", `${fmtInt(floorTps.d)} TPS${med}   [${of("d").map((r) => fmtInt(r.tps)).join(", ")}]   ratio ${floorRatios.writtenTwice.toFixed(2)}: the load writes each row to a plain copy too, in the same statement; no synchronous mirror costs less`);
+        line("(e) floor, decoded only", `${fmtInt(floorTps.e)} TPS${med}   [${of("e").map((r) => fmtInt(r.tps)).join(", ")}]   ratio ${floorRatios.decodedOnly.toFixed(2)}: a slot's changes decoded and sent to ${FLOOR_CONSUMER}, nothing applied; no logical mirror costs less`);
+      }
       line("ratio (b)/(a) trigger", `${ratioB.toFixed(2)}   target >= ${TARGET_TRIGGER.toFixed(2)}   ${verdict(pass.trigger)}${repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.trigger.toFixed(2)).join(", ")}` : ""}`);
       line("ratio (c)/(a) logical", `${ratioC.toFixed(2)}   target >= ${TARGET_LOGICAL.toFixed(2)}   ${verdict(pass.logical)}${repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.logical.toFixed(2)).join(", ")}` : ""}`);
       if (lag) {
@@ -734,11 +844,15 @@ async function main(): Promise<number> {
         const c = report.cpuCores[s];
         const part = (label: string, x: number | null | undefined) => (x === null || x === undefined ? "" : `${label} ${x.toFixed(2)}  `);
         return `${part("machine", c.machine)}${part("server", c.server)}(${part("load backends", c.loadBackends)}${part("walsender", c.walsender)}${part("applier backend", c.applierBackend)}`.trim() +
-          `)  ${part("bench node", c.nodeMain)}${part("sync child", c.syncChild)}${part("other programs", c.outside)}`.trim();
+          `)  ${part("bench node", c.nodeMain)}${part(s === "e" ? "consumer" : "sync child", c.syncChild)}${part("other programs", c.outside)}`.trim();
       };
       line("CPU cores busy (a)", cpuLine("a"));
       line("CPU cores busy (b)", cpuLine("b"));
       line("CPU cores busy (c)", cpuLine("c"));
+      if (floor) {
+        line("CPU cores busy (d)", cpuLine("d"));
+        line("CPU cores busy (e)", cpuLine("e"));
+      }
       const lat = (s: Setup) => {
         const rs = of(s);
         return `p50 ${median(rs.map((r) => r.latencyMs.p50)).toFixed(2)} ms, p99 ${median(rs.map((r) => r.latencyMs.p99)).toFixed(2)} ms`;
