@@ -574,7 +574,7 @@ async function runOnce(
     workers = await openWorkers(url, sql, opts.connections, opts.durable);
     const local = workers.every((w) => isLocalPostgres(w.pid));
     const pids = (setup === "c" || setup === "e") && local ? await backendPids(sql) : { walsender: [], applier: [] };
-    say(`[${k}] (${setup}) ${LABELS[setup]}: ${opts.seconds} s of load on ${opts.connections} connections${prepareSeconds !== null ? ` (start + backfill took ${prepareSeconds.toFixed(1)} s)` : ""} ...`);
+    say(`[${k}] (${setup}) ${LABELS[setup]}: ${opts.seconds} s of load on ${opts.connections} connections${prepareSeconds !== null ? ` (${setup === "d" ? "copy" : "start + backfill"} took ${prepareSeconds.toFixed(1)} s)` : ""} ...`);
 
     // lag sampler, every second, on the admin connection
     const lag: LagSample[] = [];
