@@ -76,7 +76,8 @@ import {
   type QualifiedName,
   type Sql,
 } from "../src/index.js";
-import { connectionUrl } from "../src/db.js";
+import { connectionUrl, identList } from "../src/db.js";
+import { WORKLOAD_COLUMNS } from "../src/load/workload.js";
 import { COMMON_OPTIONS, fmtInt, median, openBenchSession, positiveInt, printedHelp, runBench } from "./bench-common.js";
 import { slotState } from "../src/mirror/logical.js";
 import { sync } from "../src/mirror/sync.js";
@@ -556,7 +557,7 @@ async function runOnce(
   try {
     if (setup === "d") {
       const t0 = performance.now();
-      const cols = sql`id, created_at, region, status, amount, note, data`;
+      const cols = identList(sql, WORKLOAD_COLUMNS("bigint"));
       await sql`create table ${sql(FLOOR_COPY.schema)}.${sql(FLOOR_COPY.name)} (like ${sql(TABLE.schema)}.${sql(TABLE.name)} including all) with (autovacuum_enabled = off)`;
       await sql`insert into ${sql(FLOOR_COPY.schema)}.${sql(FLOOR_COPY.name)} (${cols}) select ${cols} from ${sql(TABLE.schema)}.${sql(TABLE.name)}`;
       prepareSeconds = (performance.now() - t0) / 1000;
