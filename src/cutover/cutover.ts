@@ -93,12 +93,13 @@ function switchSql(m: Migration, to: Phase): string[] {
 }
 
 /**
- * Refuses (before any change) to switch tables while the last verify found rows that differ between the
- * live table and its copy and nothing has verified them equal since: the switch would make the copy live,
- * differences and all.
+ * Refuses (before any change) to switch tables, or to finalize, while the last verify found rows that differ
+ * between the live table and its copy and nothing has verified them equal since: the switch would make the
+ * copy live, differences and all; finalize would drop the only copy of rows the live table lacks.
+ * @param what the refused step, for the message ("cut over", "swap back", "finalize").
  * @throws PgshiftError naming the counts and when the verify ran.
  */
-function requireNoKnownDifferences(m: Migration, what: string): void {
+export function requireNoKnownDifferences(m: Migration, what: string): void {
   const v = m.last_verify;
   if (!v || v.equal) return;
   throw new PgshiftError(
