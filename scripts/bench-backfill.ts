@@ -128,7 +128,7 @@ async function runOnce(sql: Sql, rows: number, batchSize: number, say: (l: strin
   await sql.unsafe(`drop table ${TWIN}`);
 
   // (b) pgshift
-  await startMigration(sql, SOURCE, { spec: parsePartitionSpec(SPEC) });
+  await startMigration(sql, SOURCE, { allowKeyExtension: true, spec: parsePartitionSpec(SPEC) });
   await checkpoint(sql);
   say(`[${k}] (b) pgshift backfill, batch size ${batchSize} ...`);
   const rssStart = process.memoryUsage().rss;

@@ -546,7 +546,7 @@ async function runOnce(
   let shadow: QualifiedName | null = null;
   if (setup === "b" || setup === "c") {
     const t0 = performance.now();
-    await startMigration(sql, TABLE, { spec: parsePartitionSpec(SPEC), mode: setup === "b" ? "trigger" : "logical" });
+    await startMigration(sql, TABLE, { allowKeyExtension: true, spec: parsePartitionSpec(SPEC), mode: setup === "b" ? "trigger" : "logical" });
     const bf = await backfill(sql, TABLE, {});
     if (!bf.complete) throw new Error("backfill did not complete");
     prepareSeconds = (performance.now() - t0) / 1000;

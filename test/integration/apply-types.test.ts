@@ -384,7 +384,7 @@ describe("logical apply: types, awkward names, coalesced batches", () => {
     const toast = await db.admin`select pg_relation_size(reltoastrelid)::bigint > 0 as ok from pg_class where oid = to_regclass(${SRC_Q})`;
     expect(toast[0]!.ok, "the large values are stored out of line").toBe(true);
 
-    await startMigration(db.sql, SOURCE, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical", now: new Date("2025-06-15T00:00:00Z") });
+    await startMigration(db.sql, SOURCE, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month"), mode: "logical", now: new Date("2025-06-15T00:00:00Z") });
     const m = (await loadMigration(db.sql, SOURCE))!;
     const SHADOW = m.partitioned;
     expect(m.mode).toBe("logical");
@@ -608,7 +608,7 @@ describe("logical apply: types, awkward names, coalesced batches", () => {
 async function streamRows(name: string, columns: string, rows: (string | null)[][]): Promise<number> {
   const table = { schema: "public", name };
   await db.admin.unsafe(`create table ${quoteIdent(name)} (id bigint primary key, created_at timestamptz not null default '2025-03-01 12:00+00', ${columns})`);
-  await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical", now: new Date("2025-03-15T00:00:00Z") });
+  await startMigration(db.sql, table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month"), mode: "logical", now: new Date("2025-03-15T00:00:00Z") });
   await backfill(db.sql, table, {});
   const names = (await db.admin`select attname::text as a from pg_attribute where attrelid = to_regclass(${quoteIdent(name)}) and attnum > 2 order by attnum`).map((r) => String(r.a));
   let id = 0;
@@ -665,7 +665,7 @@ describe("logical apply: group commits", () => {
   it("a lone write is applied and committed with nobody waiting for it (the timed group commit)", async () => {
     const table = { schema: "public", name: "lone_write" };
     await db.admin.unsafe(`create table lone_write (id bigint primary key, created_at timestamptz not null default '2025-03-01 12:00+00', v text)`);
-    await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical", now: new Date("2025-03-15T00:00:00Z") });
+    await startMigration(db.sql, table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month"), mode: "logical", now: new Date("2025-03-15T00:00:00Z") });
     await backfill(db.sql, table, {});
     const m = (await loadMigration(db.sql, table))!;
     const commits: ApplierProgress[] = [];

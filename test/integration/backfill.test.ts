@@ -24,7 +24,7 @@ describe("backfill", () => {
       insert into bf_text select 'k' || lpad(i::text, 5, '0') || case when i % 7 = 0 then ' é''"\\' else '' end,
                                  date '2024-01-01' + (i % 400), i from generate_series(1, 5000) i;`);
     const t = { schema: "public", name: "bf_text" };
-    await startMigration(db.sql, t, { spec: parsePartitionSpec("range:created_at:quarter") });
+    await startMigration(db.sql, t, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:quarter") });
     const r1 = await backfill(db.sql, t, { batchSize: 700, maxBatches: 3 });
     expect(r1.complete).toBe(false);
     expect(r1.rowsCopied).toBe(2100);
@@ -47,7 +47,7 @@ describe("backfill", () => {
     await db.admin.unsafe(`create table bf_lock (id bigint primary key, created_at timestamptz not null default now());
                            insert into bf_lock (id) select generate_series(1, 100);`);
     const t = { schema: "public", name: "bf_lock" };
-    await startMigration(db.sql, t, { spec: parsePartitionSpec("range:created_at:month") });
+    await startMigration(db.sql, t, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month") });
     const other = await connect({ url: db.url });
     try {
       await lockMigration(other, t);
@@ -64,7 +64,7 @@ describe("backfill", () => {
   it("batches that meet rows the mirror already wrote fall back to ON CONFLICT DO NOTHING and copy the rest", async () => {
     const w: Workload = { table: { schema: "public", name: "bf_conflict" }, twin: { schema: "twin", name: "bf_conflict" }, keyKind: "bigint" };
     await createWorkload(db.admin, w, 6000);
-    await startMigration(db.sql, w.table, { spec: parsePartitionSpec("range:created_at:month") });
+    await startMigration(db.sql, w.table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month") });
     // The mirror writes these rows into the shadow before the backfill reaches them.
     await db.admin`update bf_conflict set status = 'touched' where id % 3 = 0 and id <= 3000`;
     const r = await backfill(db.sql, w.table, { batchSize: 500 });
@@ -80,7 +80,7 @@ describe("backfill", () => {
   it("resumes an index build interrupted during CREATE INDEX CONCURRENTLY (an INVALID index is rebuilt)", async () => {
     const w: Workload = { table: { schema: "public", name: "bf_index" }, twin: { schema: "twin", name: "bf_index" }, keyKind: "bigint" };
     await createWorkload(db.admin, w, 4000);
-    await startMigration(db.sql, w.table, { spec: parsePartitionSpec("list:region") });
+    await startMigration(db.sql, w.table, { allowKeyExtension: true, spec: parsePartitionSpec("list:region") });
     expect((await backfill(db.sql, w.table)).complete).toBe(true);
     const m = (await loadMigration(db.admin, w.table))!;
     const idx = m.deferred_indexes.find((d) => d.definition.includes("created_at"))!;

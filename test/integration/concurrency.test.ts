@@ -52,7 +52,7 @@ describe.each(cases)("online migration under concurrent writes: $name", ({ keyKi
     const opts = { lockTimeoutMs: 200, retries: 30 };
     try {
       await sleep(300);
-      await startMigration(db.sql, w.table, { spec: parsePartitionSpec(spec), mode, ...opts });
+      await startMigration(db.sql, w.table, { allowKeyExtension: true, spec: parsePartitionSpec(spec), mode, ...opts });
       await sleep(200);
       const bf = await backfill(db.sql, w.table, { batchSize: 2000, sleepMs: 40 });
       expect(bf.complete).toBe(true);
@@ -116,7 +116,7 @@ describe("logical mode: verify --repair under concurrent writes", () => {
     const opts = { lockTimeoutMs: 200, retries: 30 };
     try {
       await sleep(200);
-      await startMigration(db.sql, w.table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical", ...opts });
+      await startMigration(db.sql, w.table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month"), mode: "logical", ...opts });
       expect((await backfill(db.sql, w.table, { batchSize: 2000, sleepMs: 20 })).complete).toBe(true);
       const cols = "id, created_at, region, status, amount, note, data";
       // What a bug could leave behind; the load keeps changing rows meanwhile (some of these among them).

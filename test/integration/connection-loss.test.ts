@@ -94,7 +94,7 @@ describe.each(["trigger", "logical"] as const)("%s mode: a command whose session
     await createWorkload(db.admin, w, 8_000);
     const load = await startLoad(db.url, w, { connections: 3, pauseMs: 3 });
     try {
-      const st = await pgshift(["start", name, "--partition-by", "range:created_at:month", "--mode", mode]);
+      const st = await pgshift(["start", "--allow-key-extension", name, "--partition-by", "range:created_at:month", "--mode", mode]);
       expect(st.code, describeRun(st)).toBe(0);
       const m0 = (await loadMigration(db.admin, w.table))!;
       const lockOpts = ["--lock-timeout", "30000", "--retries", "0"];
@@ -167,7 +167,7 @@ describe.each(["trigger", "logical"] as const)("%s mode: a command whose session
     const name = `connloss_abort_${mode}`;
     const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
     await createWorkload(db.admin, w, 1_000);
-    expect((await pgshift(["start", name, "--partition-by", "range:created_at:month", "--mode", mode])).code).toBe(0);
+    expect((await pgshift(["start", "--allow-key-extension", name, "--partition-by", "range:created_at:month", "--mode", mode])).code).toBe(0);
     const m = (await loadMigration(db.admin, w.table))!;
     const ab = await terminatedWhileWaiting(["abort", name, "--lock-timeout", "30000", "--retries", "0"], lockTable(m.partitioned));
     expectTerminated(ab);
@@ -192,7 +192,7 @@ describe("logical mode: the consumer a command follows goes away", () => {
     await createWorkload(db.admin, w, 20_000);
     const load = await startLoad(db.url, w, { connections: 3, pauseMs: 3 });
     try {
-      const st = await pgshift(["start", name, "--partition-by", "range:created_at:month", "--mode", "logical"]);
+      const st = await pgshift(["start", "--allow-key-extension", name, "--partition-by", "range:created_at:month", "--mode", "logical"]);
       expect(st.code, describeRun(st)).toBe(0);
       const m = (await loadMigration(db.admin, w.table))!;
       const slotActive = async () => Boolean((await db.admin`select active from pg_replication_slots where slot_name = ${m.slot_name!}`)[0]?.active);

@@ -34,7 +34,7 @@ describe("crash safety", () => {
     await createWorkload(db.admin, w, 60_000);
     const load = await startLoad(db.url, w, { connections: 3, pauseMs: 2 });
     try {
-      await startMigration(db.sql, w.table, { spec: parsePartitionSpec("range:created_at:month") });
+      await startMigration(db.sql, w.table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month") });
       const child = spawn(process.execPath, ["--import", "tsx", "src/cli/main.ts", "backfill", "crash_bf", "--batch-size", "1000", "--sleep-ms", "30", "--url", db.url], {
         cwd: process.cwd(),
         stdio: ["ignore", "ignore", "pipe"],
@@ -83,7 +83,7 @@ describe("crash safety", () => {
     const load = await startLoad(db.url, w, { connections: 3, pauseMs: 2 });
     const sql = await connect({ url: db.url });
     try {
-      await startMigration(sql, w.table, { spec: parsePartitionSpec("list:region") });
+      await startMigration(sql, w.table, { allowKeyExtension: true, spec: parsePartitionSpec("list:region") });
       await backfill(sql, w.table, { batchSize: 2000 });
       const before = async () => {
         expect(await relkind("public.crash_co")).toBe("r");

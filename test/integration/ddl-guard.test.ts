@@ -104,7 +104,7 @@ describe("without superuser", () => {
     expect(plan.code, describeRun(plan)).toBe(0);
     expect(plan.stdout).not.toContain("EVENT TRIGGER");
     expect(plan.stdout + plan.stderr).toContain("the DDL guard is not installed (creating an event trigger needs superuser)");
-    const st = await pgshift(["start", "ddl_weak", "--partition-by", "range:created_at:month"], roleUrl);
+    const st = await pgshift(["start", "--allow-key-extension", "ddl_weak", "--partition-by", "range:created_at:month"], roleUrl);
     expect(st.code, describeRun(st)).toBe(0);
     expect(st.stderr).toContain("the DDL guard is not installed");
     expect(await guardCount()).toBe(0);
@@ -123,7 +123,7 @@ describe.each(["trigger", "logical"] as const)("%s mode, under a write load", (m
     await underLoad(name, async (w, load) => {
       const plan = await pgshift(["plan", name, "--partition-by", "range:created_at:month", "--mode", mode]);
       expect(plan.stdout, describeRun(plan)).toContain("CREATE EVENT TRIGGER pgshift_ddl_guard ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')");
-      const st = await pgshift(["start", name, "--partition-by", "range:created_at:month", "--mode", mode]);
+      const st = await pgshift(["start", "--allow-key-extension", name, "--partition-by", "range:created_at:month", "--mode", mode]);
       expect(st.code, describeRun(st)).toBe(0);
       expect(await guardCount()).toBe(3);
       expect((await statusOf(name)).ddlGuard).toBe("on");
@@ -233,7 +233,7 @@ describe.each(["trigger", "logical"] as const)("partitions, %s mode, under a wri
   it("refuses to detach or drop a partition, or attach one with rows, of the partitioned table before and after cutover; empty ones come and go; the table equals the twin", async () => {
     const name = `ddl_parts_${mode}`;
     await underLoad(name, async (w) => {
-      const st = await pgshift(["start", name, "--partition-by", "range:created_at:month", "--mode", mode]);
+      const st = await pgshift(["start", "--allow-key-extension", name, "--partition-by", "range:created_at:month", "--mode", mode]);
       expect(st.code, describeRun(st)).toBe(0);
       const bf = await pgshift(["backfill", name]);
       expect(bf.code, describeRun(bf)).toBe(0);
@@ -337,7 +337,7 @@ describe("unrelated DDL", () => {
     await db.admin.unsafe(`
       create table ddl_quiet (id bigserial primary key, created_at timestamptz not null, note text);
       insert into ddl_quiet (created_at, note) select timestamptz '2025-01-01 00:00+00' + i * interval '9 hours', 'n' from generate_series(1, 300) i;`);
-    const st = await pgshift(["start", "ddl_quiet", "--partition-by", "range:created_at:month"]);
+    const st = await pgshift(["start", "--allow-key-extension", "ddl_quiet", "--partition-by", "range:created_at:month"]);
     expect(st.code, describeRun(st)).toBe(0);
     await db.admin.unsafe(`drop trigger pgshift_truncate_guard on ddl_quiet_p2025_01`);
     const writer = await db.admin.reserve();

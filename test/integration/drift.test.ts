@@ -57,7 +57,7 @@ async function statusOf(name: string): Promise<StatusReport> {
 /** Creates the orders table `name`, starts its migration by month in `mode` and backfills it, through the CLI. */
 async function startAndBackfill(name: string, mode: "trigger" | "logical"): Promise<void> {
   await createOrders(db.admin, name);
-  expect((await pgshift(["start", name, ...MONTH, "--mode", mode])).code).toBe(0);
+  expect((await pgshift(["start", "--allow-key-extension", name, ...MONTH, "--mode", mode])).code).toBe(0);
   expect((await pgshift(["backfill", name])).code).toBe(0);
 }
 

@@ -151,7 +151,7 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
     "a table that does not exist: start and plan",
     () =>
       all(
-        pgshift(["start", "no_such_table", "--partition-by", "range:created_at:month"]),
+        pgshift(["start", "--allow-key-extension", "no_such_table", "--partition-by", "range:created_at:month"]),
         pgshift(["plan", "sales.no_such_table", "--partition-by", "range:created_at:month"]),
       ),
     ([start, plan]) => {
@@ -164,8 +164,8 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
     "a malformed --partition-by: nonsense, an unknown interval, a hash modulus of 1",
     () =>
       all(
-        pgshift(["start", "orders", "--partition-by", "nonsense"]),
-        pgshift(["start", "orders", "--partition-by", "range:created_at:fortnight"]),
+        pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "nonsense"]),
+        pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:created_at:fortnight"]),
         pgshift(["plan", "orders", "--partition-by", "hash:id:1"]),
       ),
     ([nonsense, fortnight, hash1]) => {
@@ -181,9 +181,9 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
     // as "another pgshift process is working on public.orders".
     () =>
       sequential(
-        () => pgshift(["start", "orders", "--partition-by", "range:placed_on:month"]),
-        () => pgshift(["start", "orders", "--partition-by", "range:note:month"]),
-        () => pgshift(["start", "orders", "--partition-by", "range:created_at:1000"]),
+        () => pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:placed_on:month"]),
+        () => pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:note:month"]),
+        () => pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:created_at:1000"]),
         () => pgshift(["plan", "orders", "--partition-by", "range:note:month"]),
       ),
     ([unknown, text, width, plan]) => {
@@ -196,7 +196,7 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
 
   refusal(
     "a server that cannot be reached",
-    () => all(pgshift(["start", "orders", "--partition-by", "range:created_at:month"], "postgres://postgres:x@127.0.0.1:1/postgres")),
+    () => all(pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:created_at:month"], "postgres://postgres:x@127.0.0.1:1/postgres")),
     ([r]) => {
       expectRefusal(r!, "cannot reach the PostgreSQL server", "ECONNREFUSED");
     },
@@ -207,7 +207,7 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
     () => {
       const u = new URL(db.url);
       u.password = "certainly-not-the-password";
-      return all(pgshift(["start", "orders", "--partition-by", "range:created_at:month"], u.toString()));
+      return all(pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:created_at:month"], u.toString()));
     },
     ([r]) => {
       expectRefusal(r!, "authentication failed", "password authentication failed");
@@ -219,7 +219,7 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
     () =>
       all(
         pgshift(["plan", "orders", "--partition-by", "range:created_at:month"], weakUrl),
-        pgshift(["start", "orders", "--partition-by", "range:created_at:month"], weakUrl),
+        pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:created_at:month"], weakUrl),
       ),
     ([plan, start]) => {
       expectPlanBlocker(plan!, "the current user is not the owner of public.orders (owner: ");
@@ -229,7 +229,7 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
 
   refusal(
     "a table without a primary key",
-    () => all(pgshift(["start", "nopk", "--partition-by", "range:created_at:month"])),
+    () => all(pgshift(["start", "--allow-key-extension", "nopk", "--partition-by", "range:created_at:month"])),
     ([r]) => {
       expectRefusal(r!, "public.nopk cannot be migrated", "has no primary key");
     },
@@ -239,7 +239,7 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
     "a table that is already partitioned, or a partition: one blocker line (its partitions or parent are not listed again)",
     () =>
       all(
-        pgshift(["start", "parted", "--partition-by", "range:created_at:month"]),
+        pgshift(["start", "--allow-key-extension", "parted", "--partition-by", "range:created_at:month"]),
         pgshift(["plan", "parted", "--partition-by", "range:created_at:month"]),
         pgshift(["plan", "parted_2025", "--partition-by", "range:created_at:month"]),
       ),
@@ -267,7 +267,7 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
       `a table with ${d.name}: start refuses and plan lists it, naming it`,
       () =>
         all(
-          pgshift(["start", d.table, "--partition-by", "range:created_at:month"]),
+          pgshift(["start", "--allow-key-extension", d.table, "--partition-by", "range:created_at:month"]),
           pgshift(["plan", d.table, "--partition-by", "range:created_at:month"]),
         ),
       ([start, plan]) => {
@@ -281,7 +281,7 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
 
   refusal(
     "a nullable partition column",
-    () => all(pgshift(["start", "orders", "--partition-by", "range:shipped_at:month"])),
+    () => all(pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:shipped_at:month"])),
     ([r]) => {
       expectRefusal(r!, "public.orders cannot be migrated", "partition column shipped_at allows NULL", "SET NOT NULL");
     },
@@ -306,7 +306,7 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
       all(
         pgshift(["plan", "orders", "--partition-by", "range:created_at:month", "--frobnicate"]),
         pgshift(["cutover"]),
-        pgshift(["start", "orders"]),
+        pgshift(["start", "--allow-key-extension", "orders"]),
         pgshift(["backfill", "orders", "--batch-size", "0"]),
       ),
     ([unknown, missingArg, missingOpt, badInt]) => {
@@ -339,7 +339,7 @@ describe("the migration flow, and commands in the wrong phase", () => {
 
   it("start exits 0; status --json reports phase started", async () => {
     const before = await catalogSnapshot(db.admin);
-    const start = await pgshift(["start", "orders", "--partition-by", "range:created_at:month"]);
+    const start = await pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:created_at:month"]);
     expect(start.code, describeRun(start)).toBe(0);
     expect(start.stdout).toContain("started: public.orders_pgshift_shadow");
     // The snapshot sees what start did (so "equal snapshots" in the refusals means something).
@@ -357,7 +357,7 @@ describe("the migration flow, and commands in the wrong phase", () => {
 
   refusal(
     "start twice: the second is refused as already under migration",
-    () => all(pgshift(["start", "orders", "--partition-by", "range:created_at:month"])),
+    () => all(pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:created_at:month"])),
     ([r]) => {
       expectRefusal(r!, "public.orders cannot be migrated", "already under migration (phase started)");
     },
@@ -365,7 +365,7 @@ describe("the migration flow, and commands in the wrong phase", () => {
 
   // Regression: pgshift's own triggers are not reported as user triggers to drop.
   it("start twice: pgshift's own mirror triggers are not reported as user triggers to drop", async () => {
-    const r = await pgshift(["start", "orders", "--partition-by", "range:created_at:month"]);
+    const r = await pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:created_at:month"]);
     const error = expectRefusal(r, "already under migration");
     expect(error).not.toMatch(/pgshift_mirror|pgshift_truncate_guard/);
   });
@@ -378,7 +378,7 @@ describe("the migration flow, and commands in the wrong phase", () => {
 
   refusal(
     "a role that does not own the table, with schema pgshift present: start is refused",
-    () => all(pgshift(["start", "orders", "--partition-by", "range:created_at:month"], weakUrl)),
+    () => all(pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:created_at:month"], weakUrl)),
     ([r]) => {
       expectRefusal(r!, /not the owner of public\.orders|permission denied/);
     },

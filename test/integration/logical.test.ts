@@ -104,7 +104,7 @@ async function startLogical(name: string, rows: number): Promise<{ table: { sche
   await createOrders(db.admin, name, rows);
   const table = { schema: "public", name };
   const names = logicalNames(await oidOf(db.admin, name));
-  await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
+  await startMigration(db.sql, table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
   return { table, names };
 }
 
@@ -239,7 +239,7 @@ describe("prerequisites: start --mode logical refuses, naming the problem, and l
     const sql = check();
     const before = await catalogSnapshot(sql);
     const [start, plan] = await Promise.all([
-      runCli(["start", table, ...MONTH, "--mode", "logical", "--url", url]),
+      runCli(["start", "--allow-key-extension", table, ...MONTH, "--mode", "logical", "--url", url]),
       runCli(["plan", table, ...MONTH, "--mode", "logical", "--url", url]),
     ]);
     expectRefusal(start, `public.${table} cannot be migrated`, ...patterns);
@@ -287,7 +287,7 @@ describe("start, stream and clean-up in logical mode", () => {
     // the TRUNCATE guard's CREATE TRIGGER (SHARE ROW EXCLUSIVE) in the start transaction does not.
     const lock = await holdRowExclusive("locked");
     try {
-      const run = runCli(["start", "locked", ...MONTH, "--mode", "logical", "--lock-timeout", "2000", "--retries", "0", "--url", db.url]);
+      const run = runCli(["start", "--allow-key-extension", "locked", ...MONTH, "--mode", "logical", "--lock-timeout", "2000", "--retries", "0", "--url", db.url]);
       // The slot and publication exist while start waits for the lock: the failure comes after them.
       let seen = false;
       const watching = (async () => {
@@ -329,7 +329,7 @@ describe("start, stream and clean-up in logical mode", () => {
     });
     try {
       const pid = await Promise.race([written, holding.then(() => -1)]);
-      const r = await runCli(["start", "idlexact", ...MONTH, "--mode", "logical", "--slot-timeout-ms", "1500", "--url", db.url]);
+      const r = await runCli(["start", "--allow-key-extension", "idlexact", ...MONTH, "--mode", "logical", "--slot-timeout-ms", "1500", "--url", db.url]);
       expect(r.code, describeRun(r)).toBe(2);
       const errors = stderrLines(r).filter((l) => l.startsWith("pgshift: error:"));
       expect(errors, describeRun(r)).toHaveLength(1);
@@ -340,7 +340,7 @@ describe("start, stream and clean-up in logical mode", () => {
       expect(await catalogSnapshot(db.admin)).toEqual(before);
 
       // The same start, with the transaction ending while it waits: the slot is created and start succeeds.
-      const run = runCli(["start", "idlexact", ...MONTH, "--mode", "logical", "--url", db.url]);
+      const run = runCli(["start", "--allow-key-extension", "idlexact", ...MONTH, "--mode", "logical", "--url", db.url]);
       await sleep(1000);
       release();
       await holding;
@@ -360,7 +360,7 @@ describe("start, stream and clean-up in logical mode", () => {
     const name = "bigtx";
     const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
     await createWorkload(db.admin, w, 6_000);
-    await startMigration(db.sql, w.table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
+    await startMigration(db.sql, w.table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
     const bf = await backfill(db.sql, w.table, { batchSize: 3000 });
     expect(bf.complete).toBe(true);
     const m = (await loadMigration(db.admin, w.table))!;
@@ -460,7 +460,7 @@ describe("start, stream and clean-up in logical mode", () => {
     await createOrders(db.admin, "st", 300);
     const oid = await oidOf(db.admin, "st");
     const names = logicalNames(oid);
-    const start = await pgshift(["start", "st", ...MONTH, "--mode", "logical"]);
+    const start = await pgshift(["start", "--allow-key-extension", "st", ...MONTH, "--mode", "logical"]);
     expect(start.code, describeRun(start)).toBe(0);
     expect(start.stdout).toContain("logical mirror installed");
     expect(await streamObjects(db.admin, "st")).toEqual({ slots: [names.slot], publications: [names.publication], shadow: true, migrations: 1 });
@@ -554,7 +554,7 @@ describe("start, stream and clean-up in logical mode", () => {
   it("pgshift sync exits promptly (within 2 s) after SIGINT", async () => {
     await createOrders(db.admin, "quick", 50);
     const names = logicalNames(await oidOf(db.admin, "quick"));
-    await startMigration(db.sql, { schema: "public", name: "quick" }, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
+    await startMigration(db.sql, { schema: "public", name: "quick" }, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
     const sync = await startSync("quick", names.slot);
     try {
       sync.child.kill("SIGINT");

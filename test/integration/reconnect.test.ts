@@ -68,7 +68,7 @@ describe("pgshift sync when its connections are lost", () => {
     const name = "reconnect_orders";
     const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
     await createWorkload(admin, w, 5_000);
-    expect((await pgshift(["start", name, "--partition-by", "range:created_at:month", "--mode", "logical"])).code).toBe(0);
+    expect((await pgshift(["start", "--allow-key-extension", name, "--partition-by", "range:created_at:month", "--mode", "logical"])).code).toBe(0);
     const bf = await pgshift(["backfill", name]);
     expect(bf.code, describeRun(bf)).toBe(0);
     const m = (await loadMigration(admin, w.table))!;
@@ -161,7 +161,7 @@ describe("pgshift sync when its connections are lost", () => {
     const name = "noloop_orders";
     const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
     await createWorkload(admin, w, 1_000);
-    expect((await pgshift(["start", name, "--partition-by", "range:created_at:month", "--mode", "logical"])).code).toBe(0);
+    expect((await pgshift(["start", "--allow-key-extension", name, "--partition-by", "range:created_at:month", "--mode", "logical"])).code).toBe(0);
     expect((await pgshift(["backfill", name])).code).toBe(0);
     const m = (await loadMigration(admin, w.table))!;
     const slot = m.slot_name!;
@@ -197,7 +197,7 @@ describe("pgshift sync when its connections are lost", () => {
     const name = "startrace_orders";
     const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
     await createWorkload(admin, w, 500);
-    expect((await pgshift(["start", name, "--partition-by", "range:created_at:month", "--mode", "logical"])).code).toBe(0);
+    expect((await pgshift(["start", "--allow-key-extension", name, "--partition-by", "range:created_at:month", "--mode", "logical"])).code).toBe(0);
     const m = (await loadMigration(admin, w.table))!;
     const app = `pgshift apply ${name}`;
     const applySession = async () => (await admin`select pid from pg_stat_activity where application_name = ${app}`)[0]?.pid as number | undefined;

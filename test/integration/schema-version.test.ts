@@ -38,7 +38,7 @@ const hasCopiesLsn = async () =>
 describe("schema version", () => {
   it("a schema of version 1 (no copies_lsn, or no version table at all) is upgraded by the next command, and the migration goes on", async () => {
     await createOrders("ver_old");
-    const st = await pgshift(["start", "ver_old", "--partition-by", "range:created_at:month", "--mode", "logical"]);
+    const st = await pgshift(["start", "--allow-key-extension", "ver_old", "--partition-by", "range:created_at:month", "--mode", "logical"]);
     expect(st.code, describeRun(st)).toBe(0);
     expect(await version()).toBe(SCHEMA_VERSION);
 
@@ -91,7 +91,7 @@ describe("schema version", () => {
 
   it("an upgrade that cannot lock a shadow to give it the TRUNCATE guard warns and goes on; the next cutover gives it", async () => {
     await createOrders("ver_busy");
-    const st = await pgshift(["start", "ver_busy", "--partition-by", "range:created_at:month"]);
+    const st = await pgshift(["start", "--allow-key-extension", "ver_busy", "--partition-by", "range:created_at:month"]);
     expect(st.code, describeRun(st)).toBe(0);
     expect((await pgshift(["backfill", "ver_busy"])).code).toBe(0);
     const guarded = async (root: string) =>
@@ -132,7 +132,7 @@ describe("schema version", () => {
   it("an upgrade the role may not make is refused with one line, nothing changed", async () => {
     await createOrders("ver_weak");
     await db.admin.unsafe(`alter table ver_weak owner to ${role!.name}`);
-    const st = await pgshift(["start", "ver_weak", "--partition-by", "range:created_at:month"]);
+    const st = await pgshift(["start", "--allow-key-extension", "ver_weak", "--partition-by", "range:created_at:month"]);
     expect(st.code, describeRun(st)).toBe(0);
     // The role may read the state but does not own it.
     await db.admin.unsafe(`grant select on pgshift.migrations, pgshift.schema_version to ${role!.name}`);
@@ -151,7 +151,7 @@ describe("schema version", () => {
   it("a schema newer than this pgshift is refused by every command with one line, nothing changed", async () => {
     await createOrders("ver_new");
     await createOrders("ver_other");
-    const st = await pgshift(["start", "ver_new", "--partition-by", "range:created_at:month"]);
+    const st = await pgshift(["start", "--allow-key-extension", "ver_new", "--partition-by", "range:created_at:month"]);
     expect(st.code, describeRun(st)).toBe(0);
     const newer = SCHEMA_VERSION + 1;
     await db.admin`update pgshift.schema_version set version = ${newer}`;
@@ -163,7 +163,7 @@ describe("schema version", () => {
     const plan = await pgshift(["plan", "ver_other", "--partition-by", "range:created_at:month"]);
     expect(plan.code, describeRun(plan)).toBe(2);
     expect(plan.stdout + plan.stderr).toContain(line);
-    expectRefusal(await pgshift(["start", "ver_other", "--partition-by", "range:created_at:month"]), line);
+    expectRefusal(await pgshift(["start", "--allow-key-extension", "ver_other", "--partition-by", "range:created_at:month"]), line);
     expect(await catalogSnapshot(db.admin)).toEqual(before);
   });
 });

@@ -195,7 +195,7 @@ describe("shadow fidelity", () => {
     expect(plan.warnings.some((w) => w.includes("uniqueness of (id)") && /no longer enforced/.test(w)), plan.warnings.join("\n")).toBe(true);
     expect(plan.warnings.some((w) => w.includes("uniqueness of (note)")), plan.warnings.join("\n")).toBe(true);
 
-    await startMigration(db.sql, table, { spec });
+    await startMigration(db.sql, table, { allowKeyExtension: true, spec });
     const shadow = shadowOf(table);
     expect(await relkind(shadow)).toBe("p");
 
@@ -346,7 +346,7 @@ describe("the full flow with odd identifiers", () => {
 
     await write();
     await expectSequenceOwnedByLive("before start");
-    await startMigration(db.sql, parsed, { spec: parsePartitionSpec(SPEC) });
+    await startMigration(db.sql, parsed, { allowKeyExtension: true, spec: parsePartitionSpec(SPEC) });
     await write();
     const part = await backfill(db.sql, parsed, { batchSize: 40, maxBatches: 3 });
     expect(part.complete).toBe(false);
@@ -425,7 +425,7 @@ describe("identity columns", () => {
       expect(r[0]!.n).toBe(r[0]!.d);
     };
 
-    await startMigration(db.sql, table, { spec: parsePartitionSpec(spec) });
+    await startMigration(db.sql, table, { allowKeyExtension: true, spec: parsePartitionSpec(spec) });
     await insertRows("started");
     expect((await backfill(db.sql, table, { batchSize: 50 })).complete).toBe(true);
     expectEqual(await verify(db.sql, table));
@@ -488,7 +488,7 @@ describe("identity columns", () => {
       });
     const insert = `insert into ${L} (v) values ('app') returning id`;
     await asApp(insert);
-    await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month") });
+    await startMigration(db.sql, table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month") });
     await asApp(insert);
     expect((await backfill(db.sql, table)).complete).toBe(true);
     await cutover(db.sql, table);
@@ -516,7 +516,7 @@ describe("identity columns", () => {
     };
     const before = await options();
     expect(before).toEqual([{ data_type: "bigint", min_value: "10", max_value: "900000", increment_by: "5", cycle: true, cache_size: "3" }]);
-    await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month") });
+    await startMigration(db.sql, table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month") });
     expect((await backfill(db.sql, table)).complete).toBe(true);
     await cutover(db.sql, table);
     await finalize(db.sql, table, { yes: true });
@@ -567,7 +567,7 @@ describe("TRUNCATE guard", () => {
       expect(await count(live), when).toBe(60);
       expect(await count(copy), when).toBe(when === "started" ? 0 : 60);
     };
-    await startMigration(db.sql, t, { spec: parsePartitionSpec(SPEC) });
+    await startMigration(db.sql, t, { allowKeyExtension: true, spec: parsePartitionSpec(SPEC) });
     await both(t, shadow, "started");
     expect((await backfill(db.sql, t)).complete).toBe(true);
     await both(t, shadow, "backfilled");
@@ -587,7 +587,7 @@ describe("TRUNCATE guard", () => {
   // Regression: TRUNCATE of one partition fires only that partition's triggers, so the guard sits on each one.
   it("is refused on a partition of the new live table after cutover", async () => {
     const t = await create("Trunc Part");
-    await startMigration(db.sql, t, { spec: parsePartitionSpec(SPEC) });
+    await startMigration(db.sql, t, { allowKeyExtension: true, spec: parsePartitionSpec(SPEC) });
     expect((await backfill(db.sql, t)).complete).toBe(true);
     await cutover(db.sql, t);
     const parts = await db.admin`
@@ -606,7 +606,7 @@ describe("TRUNCATE guard", () => {
 
   it("works again on the source after abort", async () => {
     const t = await create("Trunc Abort");
-    await startMigration(db.sql, t, { spec: parsePartitionSpec(SPEC) });
+    await startMigration(db.sql, t, { allowKeyExtension: true, spec: parsePartitionSpec(SPEC) });
     await expectRefused(t, "started");
     await abort(db.sql, t);
     await db.admin.unsafe(`truncate ${q(t)}`);
@@ -639,7 +639,7 @@ describe("abort leaves the source exactly as before start", () => {
       const types = await rowType(table);
       const before = await catalogSnapshot(db.admin);
 
-      await startMigration(db.sql, table, { spec: parsePartitionSpec(SPEC) });
+      await startMigration(db.sql, table, { allowKeyExtension: true, spec: parsePartitionSpec(SPEC) });
       const m = (await loadMigration(db.sql, table))!;
       expect(await oidOf(shadowOf(table))).not.toBeNull();
       expect(await mirrorFunctionExists(m.mirrorFn.name)).toBe(1);
@@ -681,7 +681,7 @@ describe("generated columns", () => {
       expect(r[0]!.n, q(rel)).toBe(0);
     };
 
-    const plan = await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month") });
+    const plan = await startMigration(db.sql, table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month") });
     expect(plan.plan.copyColumns).toEqual(["id", "a", "created_at", "b", "label"]);
     const shadow = shadowOf(table);
     // Mirror before the backfill: insert, update of a base column, partition move, delete.

@@ -32,7 +32,7 @@ describe("a replication slot invalidated by PostgreSQL", () => {
       create table lost (id bigserial primary key, created_at timestamptz not null, note text);
       insert into lost (created_at, note) select timestamptz '2025-01-01 00:00+00' + i * interval '11 hours', 'n' || i from generate_series(1, 200) i;
       create table filler (x text);`);
-    expect((await pgshift(["start", "lost", "--partition-by", "range:created_at:month", "--mode", "logical"])).code).toBe(0);
+    expect((await pgshift(["start", "--allow-key-extension", "lost", "--partition-by", "range:created_at:month", "--mode", "logical"])).code).toBe(0);
     expect((await pgshift(["backfill", "lost"])).code).toBe(0);
     const healthy = JSON.parse((await pgshift(["status", "lost", "--json"])).stdout) as StatusReport;
     expect(healthy.stream?.invalidated).toBeNull();
