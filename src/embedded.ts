@@ -396,7 +396,7 @@ async function shutdown(child: ChildProcess | undefined): Promise<void> {
  * start; nothing is left running or on disk then.
  */
 export async function startEmbedded(
-  opts: { log?: (line: string) => void; walLevel?: "logical" | "replica"; maxReplicationSlots?: number; maxWalSenders?: number; durable?: boolean; major?: number } = {},
+  opts: { log?: (line: string) => void; walLevel?: "logical" | "replica"; maxReplicationSlots?: number; maxWalSenders?: number; durable?: boolean; major?: number; sharedPreloadLibraries?: string[] } = {},
 ): Promise<EmbeddedServer> {
   const major = embeddedMajor(opts.major);
   const log = opts.log ?? (() => {});
@@ -418,6 +418,8 @@ export async function startEmbedded(
     "-c", "shared_buffers=256MB",
     ...(opts.durable ? [] : ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]),
     "-c", "listen_addresses=127.0.0.1",
+    // e.g. ["pg_stat_statements"] (tests of plan's look at the application's statements).
+    ...(opts.sharedPreloadLibraries?.length ? ["-c", `shared_preload_libraries=${opts.sharedPreloadLibraries.join(",")}`] : []),
   ];
   let child: ChildProcess | undefined;
   let port = 0;
