@@ -1,5 +1,6 @@
 import { Command, Option } from "commander";
 import { planMigration, type MigrationPlan } from "../migration/plan.js";
+import { describeWidenedKey } from "../migration/keys.js";
 import { displayName } from "../names.js";
 import { parsePartitionSpec, formatPartitionSpec } from "../partitioning/spec.js";
 import { addConnectionOption, formatBytes, intOption, printJson, withTable, type ConnOpts } from "./common.js";
@@ -30,8 +31,11 @@ export function printPlan(plan: MigrationPlan): void {
     for (const p of shown) out.push(p ? `    ${p.name}  ${p.bound}` : `    ...`);
     out.push(`  retired name after cutover: ${displayName(plan.retired)}`);
   }
-  for (const w of plan.warnings) out.push(`  warning: ${w}`);
+  // The widened keys' warnings are said in full by applicationLines below.
+  const keyLines = new Set(plan.widenedKeys.map(describeWidenedKey));
+  for (const w of plan.warnings) if (!keyLines.has(w)) out.push(`  warning: ${w}`);
   for (const b of plan.blockers) out.push(`  blocker: ${b}`);
+  out.push(...applicationLines(plan));
   if (plan.streamStatements.length > 0) {
     out.push("", `-- first, each on its own (logical mode: the publication, then the replication slot):`);
     for (const s of plan.streamStatements) out.push(s + ";");
@@ -45,6 +49,32 @@ export function printPlan(plan: MigrationPlan): void {
     for (const s of plan.afterCopyStatements) out.push(s + ";");
   }
   process.stdout.write(out.join("\n") + "\n");
+}
+
+/** What the application will notice: widened keys, ON CONFLICT targets, statements found, what finalize changes. */
+export function applicationLines(plan: MigrationPlan): string[] {
+  const out: string[] = [];
+  const keys = plan.widenedKeys;
+  if (keys.length === 0) {
+    out.push(`  unique keys: every one contains ${plan.spec.column}; each stays unique as it is, and every ON CONFLICT target keeps working`);
+    return out;
+  }
+  out.push(`  unique keys that lose global uniqueness (${plan.spec.column} is added to them; PostgreSQL requires it on a partitioned table):`);
+  for (const k of keys) out.push(`    ${k.kind} ${k.name}: (${k.columns.join(", ")}) -> (${k.widenedTo.join(", ")})${k.predicate ? ` WHERE ${k.predicate}` : ""}${k.deferrable ? " (deferrable: no ON CONFLICT arbiter before either)" : ""}`);
+  const targets = keys.flatMap((k) => k.onConflictTargets);
+  if (targets.length > 0) {
+    out.push(`  ON CONFLICT targets that stop working at cutover (an upsert naming one fails, or no longer arbitrates on the original key):`);
+    for (const t of targets) out.push(`    ${t}`);
+  }
+  if (plan.atFinalize) out.push(`  at finalize: ${plan.atFinalize}`);
+  const app = plan.applicationStatements;
+  out.push(`  application statements: ${app.detail}`);
+  for (const s of app.statements) {
+    out.push(`    ${s.effect === "fails" ? "FAILS" : "CHANGES"} (${s.calls} call${s.calls === 1 ? "" : "s"}, ${s.target}): ${s.reason}`);
+    out.push(`      ${s.query.replace(/\s+/g, " ").slice(0, 300)}${s.query.length > 300 ? " ..." : ""}`);
+  }
+  out.push(`  start refuses this spec unless --allow-key-extension is given`);
+  return out;
 }
 
 export function planCommand(): Command {

@@ -10,6 +10,7 @@ import { displayName, fitName, quoteLiteral, type QualifiedName } from "../names
 import { computePartitions, type DataRange, type PartitionDef } from "../partitioning/bounds.js";
 import { formatPartitionSpec, INTEGER_TYPES, TIME_TYPES, type PartitionSpec } from "../partitioning/spec.js";
 import { loadMigration, logicalNames, schemaSql, stateOwnershipProblem, type Mode, type SequenceUse } from "./state.js";
+import { affectedStatements, describeWidenedKey, widenedKeys, type StatementCheck, type WidenedKey } from "./keys.js";
 
 export interface PlanOptions {
   spec: PartitionSpec;
@@ -40,6 +41,15 @@ export interface MigrationPlan {
   blockers: string[];
   /** Things a person must know (e.g. uniqueness no longer enforced). */
   warnings: string[];
+  /**
+   * Unique keys that lose global uniqueness because the partition column is added to them, with the
+   * ON CONFLICT targets that stop working at cutover (widenedKeys). `start` refuses unless allowKeyExtension.
+   */
+  widenedKeys: WidenedKey[];
+  /** What changes at finalize, one line for a person; null when no key is widened. */
+  atFinalize: string | null;
+  /** The application's statements that would fail after cutover, from pg_stat_statements (affectedStatements). */
+  applicationStatements: StatementCheck;
   /** Logical mode: statements run first, each on its own (publication, then replication slot). */
   streamStatements: string[];
   /** Every statement `start` runs, in order, in one transaction. */
@@ -155,6 +165,11 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   const afterCopyStatements: string[] = [];
   const stream = mode === "logical" ? logicalNames(facts.oid) : null;
   if (stream && blockers.length === 0) blockers.push(...(await logicalPrerequisites(sql, facts)));
+  // What the application will notice (said before anything changes): keys widened with the partition column.
+  const keys = col ? await widenedKeys(sql, facts.oid, spec.column) : [];
+  const applicationStatements = col
+    ? await affectedStatements(sql, src, spec.column, keys)
+    : { status: "not-needed" as const, detail: "no partition column: nothing to check", statements: [], examined: 0, hidden: 0, unparsed: 0 };
   let deferredIndexes: DeferredIndex[] = [];
   let indexRenames: { from: string; to: string }[] = [];
   if (blockers.length === 0) {
@@ -176,13 +191,7 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
       const d = deferredIndexSql(src.schema, shadow.name, partitions.map((p) => p.name), idx);
       afterCopyStatements.push(d.parent, ...d.perPartition.flatMap((x) => [x.create, x.attach]));
     }
-    for (const name of ddl.widenedUniqueIndexes) {
-      const ix = facts.indexes.find((i) => i.name === name)!;
-      warnings.push(
-        `${ix.isPrimary ? "primary key" : "unique index"} ${name} (${ix.keyColumns.join(", ")}) becomes (${[...ix.keyColumns, spec.column].join(", ")}) on the partitioned table: ` +
-          `uniqueness of (${ix.keyColumns.join(", ")}) alone is no longer enforced by the database`,
-      );
-    }
+    for (const k of keys) warnings.push(describeWidenedKey(k));
     // Both tables carry the TRUNCATE guard until the migration ends (the source's comes with its mirror).
     statements.push(...truncateGuardSql(shadow));
     if (stream) {
@@ -218,12 +227,30 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     totalBytes: facts.totalBytes,
     blockers,
     warnings,
+    widenedKeys: keys,
+    atFinalize: atFinalize(keys),
+    applicationStatements,
     streamStatements,
     statements,
     afterCopyStatements,
     deferredIndexes,
     facts,
   };
+}
+
+/**
+ * What changes at finalize when keys are widened: until then the original keys stay unique through the
+ * retired table (the reverse mirror inserts there, so a duplicate is refused in the application's
+ * transaction, as the original table would refuse it); after it only the widened keys are enforced.
+ */
+function atFinalize(keys: readonly WidenedKey[]): string | null {
+  if (keys.length === 0) return null;
+  const orig = keys.map((k) => `(${k.columns.join(", ")})`).join(", ");
+  const wide = keys.map((k) => `(${k.widenedTo.join(", ")})`).join(", ");
+  return (
+    `until finalize, pgshift keeps ${orig} unique through the retired table (an insert or update that would duplicate one is refused in the application's transaction, as the original table refuses it); ` +
+    `finalize drops the retired table, and from then on the database enforces only ${wide}: a row that repeats ${keys.length === 1 ? "that key" : "one of those keys"} with another value of the partition column is accepted`
+  );
 }
 
 function textArray(xs: readonly string[]): string {

@@ -1,5 +1,5 @@
 import { withLockRetry, type LockRetryOptions, type Sql } from "../db.js";
-import { BlockedError } from "../errors.js";
+import { BlockedError, PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import { displayName, type QualifiedName } from "../names.js";
 import { planMigration, type MigrationPlan, type PlanOptions } from "./plan.js";
@@ -12,6 +12,12 @@ export const DEFAULT_SLOT_TIMEOUT_MS = 300_000;
 export interface StartOptions extends PlanOptions, LockRetryOptions {
   /** Logical mode: the longest creating the replication slot may wait for transactions already running to end, ms (default 300,000). */
   slotTimeoutMs?: number;
+  /**
+   * Start although the partition column must be added to unique keys (plan.widenedKeys): each then loses
+   * its uniqueness on its own at finalize, and ON CONFLICT targets naming it stop working at cutover.
+   * Default false: such a spec is refused (keyExtensionRefusal). CLI: --allow-key-extension.
+   */
+  allowKeyExtension?: boolean;
 }
 
 export interface StartResult {
@@ -28,13 +34,20 @@ export interface StartResult {
  * Locks on the source (CREATE TRIGGER takes SHARE ROW EXCLUSIVE) are requested last and under
  * `lock_timeout`, with jittered retries. Creating the slot waits for transactions already running to end,
  * `opts.slotTimeoutMs` at most (createSlotWaiting).
- * @throws BlockedError listing every blocker (nothing changed); PgshiftError on lock timeout or server errors.
+ * A spec that adds the partition column to a unique key is refused unless `opts.allowKeyExtension`
+ * (keyExtensionRefusal), before anything changes.
+ * @throws BlockedError listing every blocker (nothing changed); PgshiftError when keys would be widened
+ *   without allowKeyExtension (nothing changed), on lock timeout or server errors.
  */
 export async function startMigration(sql: Sql, table: QualifiedName, opts: StartOptions): Promise<StartResult> {
   await lockMigration(sql, table);
   try {
     const plan = await planMigration(sql, table, opts);
     if (plan.blockers.length > 0) throw new BlockedError(displayName(table), plan.blockers);
+    if (!opts.allowKeyExtension) {
+      const refusal = keyExtensionRefusal(plan);
+      if (refusal) throw refusal;
+    }
     const t0 = performance.now();
     // Logical mode: the publication, then the slot, before the transaction (a slot cannot be created in a
     // transaction that wrote) and before the backfill reads any row, so that no change falls in between.
@@ -63,4 +76,27 @@ export async function startMigration(sql: Sql, table: QualifiedName, opts: Start
   } finally {
     await unlockMigration(sql, table).catch(() => {});
   }
+}
+
+/**
+ * The refusal of a spec that widens unique keys (plan.widenedKeys), or null when none is widened: one line
+ * naming the keys, the ON CONFLICT targets that stop working at cutover and the application statements
+ * found failing (pg_stat_statements), and a hint with the option that accepts it.
+ */
+export function keyExtensionRefusal(plan: MigrationPlan): PgshiftError | null {
+  const keys = plan.widenedKeys;
+  if (keys.length === 0) return null;
+  const col = plan.spec.column;
+  const named = keys.map((k) => `${k.kind} ${k.name} (${k.columns.join(", ")})`).join(", ");
+  const targets = keys.flatMap((k) => k.onConflictTargets);
+  const failing = plan.applicationStatements.statements.filter((s) => s.effect === "fails").length;
+  return new PgshiftError(
+    `partitioning ${displayName(plan.source)} by ${col} adds ${col} to ${keys.length === 1 ? "a unique key" : `${keys.length} unique keys`}: ${named}; ` +
+      `after finalize the database enforces them only together with ${col}` +
+      (targets.length > 0 ? `, and ${targets.join(", ")} stop working at cutover` : "") +
+      (failing > 0 ? ` (${failing} of the application's statements in pg_stat_statements would fail)` : ""),
+    {
+      hint: `read what the application will notice with pgshift plan, then start again with --allow-key-extension; or partition by a column of the key (e.g. hash:${keys[0]!.columns[0] ?? "id"}:16); nothing was changed`,
+    },
+  );
 }
