@@ -15,8 +15,13 @@ export function finalizeCommand(): Command {
   addLockOptions(cmd);
   addConnectionOption(cmd);
   cmd.addHelpText("after", `
+Refused (exit 2, nothing changed) while the last verify found differences (run pgshift verify --repair
+first), or while anything but pgshift's own objects depends on the retired table (views, rules, functions
+with BEGIN ATOMIC bodies, columns of its row type, foreign keys referencing it: they are listed by name).
+With --dry-run the same checks run before the statements are printed.
+
 Example:
-  pgshift finalize orders --yes`);
+  pgshift verify orders && pgshift finalize orders --yes`);
   cmd.action(async (tableArg: string, opts: Opts) => {
     const r = await withTable(tableArg, opts, (sql, table) => finalize(sql, table, { yes: opts.yes, dryRun: opts.dryRun, lockTimeoutMs: opts.lockTimeout, retries: opts.retries }));
     if (opts.dryRun) return void process.stdout.write(r.statements.map((s) => s + ";").join("\n") + "\n");

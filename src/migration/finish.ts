@@ -1,9 +1,11 @@
 import type { Sql } from "../db.js";
 import { table as tableRef, withLockRetry, type AnySql, type LockRetryOptions } from "../db.js";
-import { PgshiftError } from "../errors.js";
+import { z } from "zod";
+import { requireNoKnownDifferences } from "../cutover/cutover.js";
+import { PgshiftError, sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { mirrorFor } from "../mirror/mirror.js";
-import { removeTruncateGuardSql } from "../mirror/trigger.js";
+import { MIRROR_TRIGGER, removeTruncateGuardSql, TRUNCATE_TRIGGER } from "../mirror/trigger.js";
 import { dropStream, dropStreamSql } from "../mirror/logical.js";
 import { displayName, quoteIdent, quoteQualified, type QualifiedName } from "../names.js";
 import { loadMigration, lockMigration, logicalNames, requireMigration, unlockMigration, type Migration } from "./state.js";
@@ -110,10 +112,100 @@ export interface FinishOptions extends LockRetryOptions {
   dryRun?: boolean;
 }
 
+const Dependent = z.object({ what: z.string() });
+
+/**
+ * The objects that keep `table` from being dropped without CASCADE, one description each ("view
+ * public.orders_report", "function public.order_total(bigint)", "table column public.archive.snapshot",
+ * "table constraint archive_order_fkey on public.archive"), sorted; empty when DROP TABLE would go through.
+ * Read from pg_depend as DROP ... RESTRICT decides ("pg_depend" in the PostgreSQL documentation): what the
+ * drop takes along is the table and, recursively, every object with an automatic ('a') or internal ('i')
+ * dependency on something taken along (its indexes, constraints, triggers, row type and array type, owned
+ * sequences, policies); anything else with a normal ('n') dependency on one of those blocks the drop: a
+ * view or a rule, a function whose BEGIN ATOMIC body uses the table or whose signature uses its row type, a
+ * column of another table of its row type, a foreign key referencing it. pgshift's own objects (its triggers,
+ * the functions in the pgshift schema) are left out: finalize drops them itself.
+ * @param table the table as it is named now (the retired table at finalize).
+ */
+export async function dependentsOf(sql: AnySql, table: QualifiedName): Promise<string[]> {
+  const rows = await sql`
+    with recursive dropped(classid, objid) as (
+      select 'pg_catalog.pg_class'::regclass::oid, c.oid
+        from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+       where n.nspname = ${table.schema} and c.relname = ${table.name}
+      union
+      select d.classid, d.objid
+        from pg_catalog.pg_depend d join dropped x on d.refclassid = x.classid and d.refobjid = x.objid
+       where d.deptype in ('a', 'i')
+    ),
+    blockers as (
+      select d.classid, d.objid, d.objsubid
+        from pg_catalog.pg_depend d join dropped x on d.refclassid = x.classid and d.refobjid = x.objid
+       where d.deptype = 'n'
+         and not exists (select from dropped y where y.classid = d.classid and y.objid = d.objid)
+         and not (d.classid = 'pg_catalog.pg_proc'::regclass
+                  and exists (select from pg_catalog.pg_proc p where p.oid = d.objid and p.pronamespace = to_regnamespace('pgshift')))
+         and not (d.classid = 'pg_catalog.pg_trigger'::regclass
+                  and exists (select from pg_catalog.pg_trigger t where t.oid = d.objid and t.tgname in (${MIRROR_TRIGGER}, ${TRUNCATE_TRIGGER})))
+    ),
+    named as (
+      -- a view's dependency is its _RETURN rule's: name the view, as PostgreSQL's DETAIL does
+      select distinct coalesce(v.classid, b.classid) as classid, coalesce(v.objid, b.objid) as objid,
+                      case when v.objid is null then b.objsubid else 0 end as objsubid
+        from blockers b
+        left join lateral (select 'pg_catalog.pg_class'::regclass::oid as classid, r.ev_class as objid
+                             from pg_catalog.pg_rewrite r
+                            where b.classid = 'pg_catalog.pg_rewrite'::regclass and r.oid = b.objid and r.rulename = '_RETURN') v on true
+    )
+    select distinct i.type || ' ' || i.identity as what
+      from named b, lateral pg_catalog.pg_identify_object(b.classid, b.objid, b.objsubid) i
+     order by 1`;
+  return z.array(Dependent).parse(rows).map((r) => r.what);
+}
+
+/** The refusal for objects that still depend on the retired table (`dependents`: their descriptions). */
+function dependentsError(m: Migration, dependents: readonly string[], cause?: unknown): PgshiftError {
+  return new PgshiftError(
+    `cannot finalize ${displayName(m.live)}: ${dependents.length === 1 ? "an object still depends" : `${dependents.length} objects still depend`} on the retired table ${displayName(m.copy)}, which finalize drops: ${dependents.join(", ")}`,
+    {
+      hint: `drop them, or re-create them on ${displayName(m.live)} (CREATE OR REPLACE VIEW / FUNCTION, ALTER TABLE ... ALTER COLUMN ... TYPE), then run finalize again; nothing was changed`,
+      cause,
+    },
+  );
+}
+
+/**
+ * What PostgreSQL's DETAIL of a failed DROP (SQLSTATE 2BP01, dependent_objects_still_exist) names, one entry
+ * per line: "view public.v depends on table public.t" becomes "view public.v".
+ */
+export function dependentsFromDetail(detail: string): string[] {
+  return detail
+    .split("\n")
+    .map((l) => l.trim())
+    .filter((l) => l !== "")
+    .map((l) => l.replace(/ depends on .*$/, ""));
+}
+
+/**
+ * Refuses to finalize (nothing changed) while the last verify found differences (requireNoKnownDifferences:
+ * the retired table may hold the only copy of rows the live table lacks) or while objects other than
+ * pgshift's own depend on the retired table (dependentsOf: DROP TABLE would fail, or with CASCADE take them).
+ * @throws PgshiftError listing the counts, or the dependents by name.
+ */
+async function requireFinalizable(sql: AnySql, m: Migration): Promise<void> {
+  requireNoKnownDifferences(m, "finalize");
+  const dependents = await dependentsOf(sql, m.copy);
+  if (dependents.length > 0) throw dependentsError(m, dependents);
+}
+
 /**
  * After cutover: drops the retired table, the reverse mirror and the migration's metadata, in one
- * transaction. After this, swap-back is no longer possible.
- * @throws PgshiftError without `yes`; PhaseError unless the migration is in phase cutover.
+ * transaction. After this, swap-back is no longer possible. Refuses first, changing nothing, while the last
+ * verify found differences or while anything but pgshift's own objects depends on the retired table
+ * (checked before and again under the transaction's locks; a DROP that still fails with
+ * dependent_objects_still_exist is reported with the objects from PostgreSQL's DETAIL, and the whole
+ * transaction rolls back). `dryRun` checks the same, then returns the statements without running them.
+ * @throws PgshiftError without `yes`, or when refused as above; PhaseError unless the migration is in phase cutover.
  */
 export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptions = {}): Promise<{ statements: string[] }> {
   await lockMigration(sql, table);
@@ -122,6 +214,7 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
     if (!opts.yes && !opts.dryRun) {
       throw new PgshiftError(`finalize drops ${displayName(m.copy)} and makes swap-back impossible`, { hint: "run it again with --yes to confirm" });
     }
+    await requireFinalizable(sql, m);
     let statements: string[] = [];
     if (opts.dryRun) return { statements: [...dropStreamSql(m.slot_name, m.publication_name, m.copy), ...finalizeSql(m, await identityState(sql, m))] };
     // Normally dropped at cutover already; a crash in between leaves them: never leave a slot behind.
@@ -130,7 +223,21 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
       sql,
       async (tx) => {
         statements = finalizeSql(m, await identityState(tx, m));
-        for (const stmt of statements) await tx.unsafe(stmt);
+        // The first statement locks both tables: nothing can come to depend on the retired table after
+        // this check (CREATE VIEW, a foreign key, ... lock the tables they use), nor a verify run meanwhile.
+        await tx.unsafe(statements[0]!);
+        const now = await loadMigration(tx, table, { upgrade: false });
+        if (!now || now.phase !== "cutover") throw new PgshiftError(`the migration of ${displayName(table)} changed phase meanwhile`);
+        await requireFinalizable(tx, now);
+        for (const stmt of statements.slice(1)) {
+          try {
+            await tx.unsafe(stmt);
+          } catch (err) {
+            const e = err as { detail?: string };
+            if (sqlState(err) === "2BP01" && e.detail) throw dependentsError(m, dependentsFromDetail(e.detail), err);
+            throw err;
+          }
+        }
       },
       opts,
     );

@@ -36,16 +36,23 @@ export interface Mirror {
 export const triggerMirror: Mirror = {
   mode: "trigger",
   startSql(m) {
-    // Before cutover the copy is the shadow, keyed by (key + partition column); after, the retired table,
-    // keyed by the original key, which may have GENERATED ALWAYS identity columns.
+    // Before cutover the copy is the shadow, keyed by (key + partition column), and the mirror upserts (a
+    // backfill batch may have written the row already). After, the copy is the retired table, keyed by the
+    // original key, which may have GENERATED ALWAYS identity columns: the mirror inserts and updates without
+    // ever overwriting, so the retired table's unique indexes refuse a key the partitioned table accepts
+    // (the original key with another partition value) in the application's transaction, and swap-back
+    // never loses the row it would have overwritten.
     const after = m.phase === "cutover";
+    const always = m.sequences.filter((s) => s.identity === "a").map((s) => s.column);
     return installTriggerMirrorSql({
       fn: m.mirrorFn,
       from: m.live,
       to: m.copy,
       columns: m.copy_columns,
       key: after ? m.key_columns : m.shadow_key,
-      overridingSystemValue: after && m.sequences.some((s) => s.identity === "a"),
+      overridingSystemValue: after && always.length > 0,
+      writes: after ? "strict" : "upsert",
+      alwaysIdentity: after ? always : [],
     });
   },
   stopSql(m) {

@@ -3,7 +3,7 @@ import type { Sql, TxSql } from "../db.js";
 import { identList, joinFragments, transaction, table as tableRef, textColumns, valueList, withLockRetry, type AnySql, type Fragment, type LockRetryOptions } from "../db.js";
 import { keyAfter } from "../backfill/backfill.js";
 import { log } from "../log.js";
-import { PgshiftError } from "../errors.js";
+import { PgshiftError, sqlState } from "../errors.js";
 import { CatchupTimeout, followStream, type StreamFollower } from "../mirror/stream.js";
 import { displayName, type QualifiedName } from "../names.js";
 import { lockMigration, requireMigration, unlockMigration, type Migration, type VerifyResult } from "../migration/state.js";
@@ -15,6 +15,12 @@ export interface Difference {
   kind: DifferenceKind;
   /** Key values as text, in key column order. */
   key: string[];
+  /**
+   * Why `--repair` could not rewrite this key: the integrity error PostgreSQL raised (message and detail),
+   * for instance a duplicate key when the live (partitioned) table holds two rows with one original key
+   * and the retired table's unique index refuses the second. Absent when no repair was tried or it succeeded.
+   */
+  reason?: string;
 }
 
 export interface VerifyOptions extends LockRetryOptions {
@@ -62,7 +68,10 @@ function rowText(sql: AnySql, cols: readonly string[]): Fragment {
  * count(*) and two 64-bit XORs of hashtextextended(row text, seed 0 and 1); only that one small row
  * crosses the network. A chunk that differs is drilled down in the same snapshot to the keys that are
  * missing, extra or different. With `repair`, those keys are rewritten in the copy from the live table
- * under a SHARE lock of the live table (writes wait at most lock_timeout; retried), then rechecked.
+ * under a SHARE lock of the live table (writes wait at most lock_timeout; retried), then rechecked. A key
+ * the copy's constraints refuse (a duplicate: after cutover the partitioned live table may hold two rows
+ * with one original key, which the retired table's unique index refuses) is left as the copy has it and
+ * reported as a difference with PostgreSQL's reason (`Difference.reason`), never thrown.
  *
  * @returns the report; `equal` is true when no difference remains. Also stored as the migration's last verify.
  * @throws PgshiftError / PhaseError when there is no migration or the backfill is not finished.
@@ -198,6 +207,47 @@ async function drillDown(tx: TxSql, m: Migration, b: ChunkBounds): Promise<Diffe
   return out;
 }
 
+/** SQLSTATE class 23, integrity constraint violation (PostgreSQL documentation, Appendix A). */
+const isIntegrityViolation = (err: unknown) => sqlState(err)?.startsWith("23") ?? false;
+
+/**
+ * Rewrites each key of `diffs` in the copy from the live table (delete the copy's rows with the key, insert
+ * the live table's), each inside its own savepoint. A key the copy's constraints refuse (SQLSTATE class 23:
+ * a duplicate in a unique index, as when the partitioned live table holds two rows with one original key
+ * and the copy is the retired table; a check; a foreign key) is rolled back to its savepoint, so the copy
+ * keeps the rows it had for it, and tried again after the others (deleting another key's stale row may free
+ * the value); what still fails is returned with PostgreSQL's message and detail, never thrown.
+ * @returns JSON text of a key -> why it could not be rewritten; empty when every key was.
+ * @throws any other error (a lost connection, a lock timeout: the caller's transaction is retried).
+ */
+async function rewriteKeys(tx: TxSql, m: Migration, diffs: readonly Difference[]): Promise<Map<string, string>> {
+  const keyCols = identList(tx, m.key_columns);
+  const cols = identList(tx, m.copy_columns);
+  const overriding = m.phase === "cutover" && m.sequences.some((s) => s.identity === "a") ? tx`overriding system value` : tx``;
+  const byId = new Map(diffs.map((d) => [JSON.stringify(d.key), d.key] as const));
+  let pending = [...byId.keys()];
+  const failed = new Map<string, string>();
+  for (;;) {
+    failed.clear();
+    for (const id of pending) {
+      const match = tx`(${keyCols}) = (${valueList(tx, byId.get(id)!)})`;
+      await tx`savepoint pgshift_repair`;
+      try {
+        await tx`delete from ${tableRef(tx, m.copy)} where ${match}`;
+        await tx`insert into ${tableRef(tx, m.copy)} (${cols}) ${overriding} select ${cols} from ${tableRef(tx, m.live)} where ${match}`;
+        await tx`release savepoint pgshift_repair`;
+      } catch (err) {
+        if (!isIntegrityViolation(err)) throw err;
+        await tx`rollback to savepoint pgshift_repair`;
+        const e = err as { message?: string; detail?: string };
+        failed.set(id, `${e.message ?? String(err)}${e.detail ? ` (${e.detail})` : ""}`);
+      }
+    }
+    if (failed.size === 0 || failed.size === pending.length) return failed;
+    pending = [...failed.keys()];
+  }
+}
+
 /** How long a repair in logical mode holds the table locked waiting for the stream, ms. */
 const REPAIR_CATCHUP_MS = 2000;
 
@@ -228,16 +278,15 @@ async function repairKeys(
         const target = String((await tx`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
         if (!(await follower.waitFor(target, REPAIR_CATCHUP_MS))) throw new CatchupTimeout(`the stream did not apply everything up to ${target} within ${REPAIR_CATCHUP_MS} ms`);
       }
-      const keyCols = identList(tx, m.key_columns);
-      const cols = identList(tx, m.copy_columns);
-      const overriding = m.phase === "cutover" && m.sequences.some((s) => s.identity === "a") ? tx`overriding system value` : tx``;
-      for (const d of diffs) {
-        const match = tx`(${keyCols}) = (${valueList(tx, d.key)})`;
-        await tx`delete from ${tableRef(tx, m.copy)} where ${match}`;
-        await tx`insert into ${tableRef(tx, m.copy)} (${cols}) ${overriding} select ${cols} from ${tableRef(tx, m.live)} where ${match}`;
-      }
-      const still = await drillDown(tx, m, b);
+      const failed = await rewriteKeys(tx, m, diffs);
+      const still = (await drillDown(tx, m, b)).map((d) => {
+        const reason = failed.get(JSON.stringify(d.key));
+        return reason === undefined ? d : { ...d, reason };
+      });
       log().info({ repaired: diffs.length - still.length, remaining: still.length }, "verify: repaired differing rows");
+      for (const [key, reason] of failed) {
+        log().warn({ key: JSON.parse(key) as string[], reason }, `verify: could not repair key ${key} of ${displayName(m.copy)}: ${reason}`);
+      }
       return still;
     },
     {
