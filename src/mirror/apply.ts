@@ -3,7 +3,7 @@ import { z } from "zod";
 import pTimeout from "p-timeout";
 import { LogicalReplicationService, PgoutputPlugin } from "pg-logical-replication";
 import type { Pgoutput } from "pg-logical-replication";
-import { closedSince, connect, ident, SESSION_FORMATS, identList, joinFragments, table as tableRef, valueList, type Sql, type TxSql } from "../db.js";
+import { closedSince, connect, ident, SESSION_FORMATS, identList, joinFragments, replicationConfig, table as tableRef, valueList, type Sql, type TxSql } from "../db.js";
 import { PgshiftError, isConnectionLoss } from "../errors.js";
 import { log } from "../log.js";
 import type { Migration } from "../migration/state.js";
@@ -140,10 +140,11 @@ export class Applier {
       await this.stop();
       throw this.lostDuringStart() ?? err;
     }
-    const url = this.opts.url ?? process.env.DATABASE_URL;
+    // The same server, credentials, TLS and connect timeout as the apply session (libpq's settings, see connect).
+    const config = await replicationConfig(this.opts.url);
     const service = new LogicalReplicationService(
       {
-        ...(url ? { connectionString: url } : {}),
+        ...config,
         application_name: this.m.slot_name!,
         // pgoutput writes values with the walsender's output settings: pin them (see SESSION_FORMATS).
         options: Object.entries(SESSION_FORMATS)
