@@ -1,6 +1,6 @@
 import type { Sql } from "./db.js";
 import { table as tableRef } from "./db.js";
-import { columnDrift, indexDrift } from "./catalog/drift.js";
+import { columnDrift, indexDrift, lateObjectLines } from "./catalog/drift.js";
 import { PgshiftError } from "./errors.js";
 import { mirrorFor, type MirrorHealth } from "./mirror/mirror.js";
 import { slotState, type SlotState } from "./mirror/logical.js";
@@ -35,8 +35,14 @@ export interface StatusReport {
   mirror: MirrorHealth;
   /** Column differences between the live table, its copy and the columns the mirror copies (columnDrift): empty when they agree; cutover, swap-back and verify refuse otherwise. */
   schemaDrift: string[];
-  /** Indexes created on the original table after start that the partitioned table lacks (indexDrift). */
+  /** Indexes created on the live table during the migration that the copy lacks, and what the next cutover or swap-back builds for each before its lock (indexDrift). */
   indexDrift: string[];
+  /**
+   * Other objects created during the migration that the next cutover or swap-back would leave with the other
+   * table (views, triggers, policies, functions, foreign keys, row-type columns, ...: it refuses until they are
+   * moved; each line says how), and what depends on the copy (lateObjectLines).
+   */
+  lateObjects: string[];
   /**
    * The DDL guard (event triggers pgshift_ddl_guard, pgshift_drop_guard and pgshift_partition_guard: column
    * changes, DROP of either table, and detaching, dropping or attaching with rows a partition refused during
@@ -123,6 +129,7 @@ export async function status(sql: Sql, table: QualifiedName, opts: { maxRetained
     mirror: await mirrorFor(m.mode).health(sql, m),
     schemaDrift: await columnDrift(sql, m),
     indexDrift: await indexDrift(sql, m),
+    lateObjects: await lateObjectLines(sql, m),
     ddlGuard: await ddlGuardState(sql).then((g) => (g.enabled ? "on" : g.installed ? "disabled" : "missing")),
     stream: m.slot_name ? await streamStatus(sql, m.slot_name, m.applied_commit_time, opts.maxRetainedWalBytes ?? 1024 ** 3) : null,
     lastVerify: m.last_verify,

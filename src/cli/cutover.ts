@@ -1,5 +1,5 @@
 import { Command } from "commander";
-import { cutover, cutoverPlanSql, swapBack, swapBackSql } from "../cutover/cutover.js";
+import { carryOverSql, cutover, cutoverPlanSql, swapBack, swapBackSql } from "../cutover/cutover.js";
 import { requireMigration } from "../migration/state.js";
 import { addConnectionOption, addLockOptions, intOption, withTable, type ConnOpts } from "./common.js";
 
@@ -14,7 +14,7 @@ function switchCommand(name: "cutover" | "swap-back"): Command {
         : "undo the cutover: the original table is live again with every write made since",
     )
     .argument("<table>", "table under migration")
-    .option("--dry-run", "print the statements of the transaction; change nothing");
+    .option("--dry-run", "print the statements it would run (index builds before the lock, then the transaction); change nothing");
   if (isCutover) {
     cmd.option("--catchup-timeout-ms <ms>", "logical mode: how long the stream may take, under the lock, to apply every committed change", intOption("--catchup-timeout-ms", 1), 2000);
   }
@@ -30,11 +30,22 @@ Examples:
     await withTable(tableArg, opts, async (sql, table) => {
       if (opts.dryRun) {
         const m = await requireMigration(sql, table, isCutover ? "cut over" : "swap back", isCutover ? ["backfilled", "swapped_back"] : ["cutover"], { upgrade: false });
-        process.stdout.write((isCutover ? cutoverPlanSql(m) : swapBackSql(m)).map((s) => s + ";").join("\n") + "\n");
+        // Indexes created on the live table during the migration are built on the copy first; anything else refuses here as it would there.
+        const before = await carryOverSql(sql, m, table);
+        const after = isCutover ? cutoverPlanSql(before.migration) : swapBackSql(before.migration);
+        process.stdout.write([...before.statements, ...after].map((s) => s + ";").join("\n") + "\n");
         return;
       }
       const fn = isCutover ? cutover : swapBack;
       const r = await fn(sql, table, { lockTimeoutMs: opts.lockTimeout, retries: opts.retries, catchupTimeoutMs: opts.catchupTimeoutMs });
+      for (const b of r.indexesBuilt) {
+        process.stdout.write(
+          `built index ${b.name} on ${b.on} before the lock, for index ${b.original} created during the migration (USING ${b.definition})` +
+            (b.widened ? "; unique only together with the partition column, which a partitioned table's unique index must contain" : "") +
+            (isCutover ? `; recorded in the migration, so that it takes the name ${b.original}` : "") +
+            "\n",
+        );
+      }
       process.stdout.write(
         `${isCutover ? "cutover" : "swap-back"} done in ${r.attempts} attempt(s): writes were blocked for ${r.lockHeldMs.toFixed(1)} ms\n` +
           (isCutover ? `next: pgshift verify ${tableArg}, then pgshift finalize ${tableArg} --yes (or pgshift swap-back ${tableArg})\n` : `next: pgshift cutover ${tableArg} again, or pgshift abort ${tableArg}\n`),

@@ -54,6 +54,7 @@ export function printStatus(s: StatusReport): void {
     process.stdout.write(t.toString() + "\n");
     for (const w of s.stream?.warnings ?? []) process.stdout.write(`warning: ${w}\n`);
     for (const d of s.indexDrift) process.stdout.write(`warning: ${d}\n`);
+    for (const d of s.lateObjects) process.stdout.write(`warning: ${d}\n`);
     for (const d of s.schemaDrift) process.stdout.write(`warning: ${d} (cutover, swap-back and verify refuse until the columns agree)\n`);
     if (s.defaultPartition && s.defaultPartition.rows > 0) {
       process.stdout.write(`note: ${s.defaultPartition.rows} rows fall outside the planned bounds and sit in ${s.defaultPartition.name}\n`);

@@ -1,6 +1,8 @@
-import type { Sql, TxSql } from "../db.js";
+import type { AnySql, Sql, TxSql } from "../db.js";
 import { withLockRetry, type LockRetryOptions } from "../db.js";
-import { indexDrift, requireNoDrift } from "../catalog/drift.js";
+import { dependencySnapshot, lateDependentsRefusal, lateIndexLine, lateObjects, newDependents, requireNoDrift, type LateIndex, type LateObjects } from "../catalog/drift.js";
+import { buildDeferredIndexes } from "../backfill/indexes.js";
+import { deferredIndexSql } from "../ddl/shadow.js";
 import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import { mirrorFor } from "../mirror/mirror.js";
@@ -17,6 +19,8 @@ export interface CutoverOptions extends LockRetryOptions {
   catchupTimeoutMs?: number;
   /** Test hook: runs inside the transaction after every statement, before COMMIT. */
   beforeCommit?: (tx: TxSql) => Promise<void>;
+  /** Test hook: runs after the late objects were checked and carried over, before the transaction that locks. */
+  beforeLock?: () => Promise<void>;
 }
 
 export interface CutoverResult {
@@ -26,6 +30,18 @@ export interface CutoverResult {
   attempts: number;
   phase: Phase;
   statements: string[];
+  /** Indexes created on the live table during the migration that were built on the copy before the lock (carryOver). */
+  indexesBuilt: BuiltIndex[];
+}
+
+/** An index built on the copy before the switch: its name there, the live table's index it stands for, its definition after USING. */
+export interface BuiltIndex {
+  name: string;
+  on: string;
+  original: string;
+  definition: string;
+  /** Unique, widened with the partition column (the copy is partitioned). */
+  widened: boolean;
 }
 
 /** The migration as it will be named in `phase` (names swap at cutover). */
@@ -108,6 +124,100 @@ export function requireNoKnownDifferences(m: Migration, what: string): void {
   );
 }
 
+/**
+ * The statements that build one late index on the copy (lateObjects): on a partitioned copy an invalid index
+ * ON ONLY the parent, then per partition CREATE INDEX CONCURRENTLY and ATTACH PARTITION (deferredIndexSql, as
+ * the backfill builds the shadow's indexes); on the retired table one CREATE INDEX CONCURRENTLY. None of them
+ * blocks the writes the mirror makes to the copy for more than the parent's brief lock (docs: CREATE INDEX,
+ * "Building Indexes Concurrently"; ALTER INDEX ... ATTACH PARTITION).
+ */
+async function lateIndexSql(sql: AnySql, lo: LateObjects, i: LateIndex): Promise<string[]> {
+  if (!i.partitioned) {
+    return [`CREATE ${i.build.unique ? "UNIQUE " : ""}INDEX CONCURRENTLY IF NOT EXISTS ${quoteIdent(i.build.name)} ON ${quoteQualified(lo.copy)} USING ${i.build.definition}`];
+  }
+  const parts = await sql`
+    select c.relname::text as name from pg_catalog.pg_inherits h join pg_catalog.pg_class c on c.oid = h.inhrelid
+     where h.inhparent = to_regclass(${quoteQualified(lo.copy)}) order by c.relname`;
+  const d = deferredIndexSql(lo.copy.schema, lo.copy.name, parts.map((p) => String(p.name)), i.build);
+  return [d.parent, ...d.perPartition.flatMap((x) => [x.create, x.attach])];
+}
+
+/** The statement that records renames in the migration (finalize gives each `from` index the name `to`). */
+function recordRenamesSql(m: Migration, renames: readonly { from: string; to: string }[]): string {
+  return `UPDATE pgshift.migrations SET index_renames = ${quoteLiteral(JSON.stringify([...m.index_renames, ...renames]))}::jsonb, updated_at = now() WHERE id = ${m.id}`;
+}
+
+/**
+ * What cutover (or swap-back) runs before its transaction to carry the objects created on the live table
+ * during the migration over to the copy (lateObjects): the index builds, then the statement that records the
+ * partitioned table's new indexes in the migration's index renames. For --dry-run; carryOver runs the same.
+ * @returns the statements, and the migration as the switch's transaction then reads it (index renames recorded).
+ * @throws PgshiftError (exit 2) naming every other object that would be left behind, with the statements to
+ *   run (lateDependentsRefusal).
+ */
+export async function carryOverSql(sql: AnySql, m: Migration, table: QualifiedName): Promise<{ statements: string[]; migration: Migration }> {
+  const lo = await lateObjects(sql, m);
+  const refusal = lateDependentsRefusal(lo, table);
+  if (refusal) throw refusal;
+  const out: string[] = [];
+  for (const i of lo.indexes) out.push(...(await lateIndexSql(sql, lo, i)));
+  const renames = [...lo.renames, ...(lo.step === "cutover" ? lo.indexes.map((i) => ({ from: i.build.name, to: i.name })) : [])];
+  if (renames.length > 0) out.push(recordRenamesSql(m, renames));
+  return { statements: out, migration: { ...m, index_renames: [...m.index_renames, ...renames] } };
+}
+
+/**
+ * Carries the objects created on the live table since start over to the copy, before the switch takes its
+ * lock: builds each late index there (lateIndexSql; re-runnable: an index left INVALID by an interrupted
+ * build is dropped and built again), records those of a partitioned copy in `index_renames` so that
+ * finalize gives them the original names, and checks again until nothing new appeared (at most 4 rounds).
+ * @returns the indexes built, and a snapshot of the live table's dependents (dependencySnapshot) taken
+ *   before the last check, for the re-check under the lock.
+ * @throws PgshiftError (exit 2) when anything else depends on the live table (lateDependentsRefusal; nothing
+ *   changed), when a build fails (the switch has not happened), or when indexes keep appearing.
+ */
+async function carryOver(sql: Sql, m0: Migration, table: QualifiedName, opts: LockRetryOptions): Promise<{ built: BuiltIndex[]; snapshot: string[] }> {
+  let m = m0;
+  const built: BuiltIndex[] = [];
+  for (let round = 0; round < 4; round++) {
+    const snapshot = await dependencySnapshot(sql, m.live);
+    const lo = await lateObjects(sql, m);
+    const refusal = lateDependentsRefusal(lo, table);
+    if (refusal) throw refusal;
+    if (lo.indexes.length === 0 && lo.renames.length === 0) return { built, snapshot };
+    const renames = [...lo.renames];
+    for (const i of lo.indexes) {
+      log().info({ table: displayName(table) }, lateIndexLine(lo, i));
+      if (i.widened) log().warn({ index: i.name, on: displayName(lo.copy), definition: i.build.definition }, `unique index ${i.name} is built on the partitioned table with the partition column added to its key: unique only together with it`);
+      try {
+        if (i.partitioned) {
+          await buildDeferredIndexes(sql, { ...m, partitioned: lo.copy, deferred_indexes: [i.build] }, opts);
+        } else {
+          const q = quoteQualified({ schema: lo.copy.schema, name: i.build.name });
+          const st = await sql`select indisvalid as valid from pg_catalog.pg_index where indexrelid = to_regclass(${q})`;
+          if (st[0] && !st[0].valid) await sql.unsafe(`DROP INDEX CONCURRENTLY IF EXISTS ${q}`);
+          for (const stmt of await lateIndexSql(sql, lo, i)) await sql.unsafe(stmt);
+        }
+      } catch (err) {
+        if (err instanceof PgshiftError) throw err;
+        throw new PgshiftError(`cannot ${lo.step === "cutover" ? "cut over" : "swap back"}: building index ${i.build.name} on ${displayName(lo.copy)} (for index ${i.name} of ${displayName(lo.live)}) failed: ${err instanceof Error ? err.message : String(err)}`, {
+          hint: `nothing was switched; fix the cause (or drop index ${i.name}), then run pgshift ${lo.step} ${displayName(table)} again`,
+          cause: err,
+        });
+      }
+      built.push({ name: i.build.name, on: displayName(lo.copy), original: i.name, definition: i.build.definition, widened: i.widened });
+      if (lo.step === "cutover") renames.push({ from: i.build.name, to: i.name });
+    }
+    if (renames.length > 0) {
+      await sql.unsafe(recordRenamesSql(m, renames));
+      m = { ...m, index_renames: [...m.index_renames, ...renames] };
+    }
+  }
+  throw new PgshiftError(`cannot ${m0.phase === "cutover" ? "swap back" : "cut over"}: indexes kept being created on ${displayName(m0.live)} while pgshift built their counterparts; nothing was switched`, {
+    hint: `run pgshift ${m0.phase === "cutover" ? "swap-back" : "cutover"} ${displayName(table)} again once no more are being created`,
+  });
+}
+
 async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swapped_back", from: Phase[], opts: CutoverOptions): Promise<CutoverResult> {
   await lockMigration(sql, table);
   try {
@@ -117,7 +227,10 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
     const what = to === "cutover" ? "cut over" : "swap back";
     await requireNoDrift(sql, m0, what);
     requireNoKnownDifferences(m0, what);
-    if (to === "cutover") for (const w of await indexDrift(sql, m0)) log().warn(w);
+    // Objects created on the live table since start: indexes are built on the copy now (never under the lock),
+    // anything else refuses; under the lock a snapshot of its dependents shows whatever came in between.
+    const carried = await carryOver(sql, m0, table, opts);
+    await opts.beforeLock?.();
     let attempts = 0;
     let statements: string[] = [];
     // Logical mode, before the first cutover: the shadow follows the slot; it must have applied every change
@@ -151,6 +264,12 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
         }
         // Under both locks no ALTER TABLE can slip in between this check and the renames.
         await requireNoDrift(tx, m, what);
+        const appeared = await newDependents(tx, m.live, carried.snapshot);
+        if (appeared.length > 0) {
+          throw new PgshiftError(`cannot ${what}: created on ${displayName(m.live)} while ${to === "cutover" ? "cutover" : "swap-back"} prepared: ${appeared.join(", ")}; nothing was changed`, {
+            hint: `run pgshift ${to === "cutover" ? "cutover" : "swap-back"} ${displayName(table)} again: it builds new indexes on ${displayName(m.copy)} first and names anything else, with what to run`,
+          });
+        }
         for (const stmt of statements.slice(1)) await tx.unsafe(stmt);
         await tx`
           update pgshift.migrations set phase = ${to}, updated_at = now(),
@@ -194,7 +313,7 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
       }
     }
     log().info({ table: displayName(table), lockHeldMs: Math.round(lockHeldMs * 10) / 10, attempts }, to === "cutover" ? "cutover done" : "swap-back done");
-    return { lockHeldMs, attempts, phase: to, statements };
+    return { lockHeldMs, attempts, phase: to, statements, indexesBuilt: carried.built };
   } finally {
     await unlockMigration(sql, table).catch(() => {});
   }
