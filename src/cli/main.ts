@@ -11,11 +11,38 @@ import { statusCommand } from "./status.js";
 import { syncCommand } from "./sync.js";
 import { verifyCommand } from "./verify.js";
 
+// A reader that went away (`pgshift plan ... | head -1`): what is left to print is dropped, and the command
+// ends as it would have (a step that changes the database is not cut short because nobody reads its output).
+for (const stream of [process.stdout, process.stderr]) {
+  stream.on("error", (err: NodeJS.ErrnoException) => {
+    if (err.code === "EPIPE" || err.code === "ERR_STREAM_DESTROYED") return;
+    throw err;
+  });
+}
+
+/** The subcommand being parsed, for the hint of a usage error. */
+let subcommand: string | undefined;
+
+/**
+ * Commander's usage errors (unknown option or command, bad option value, missing argument) as every other
+ * refusal: `pgshift: error: <message>` and a hint on stderr, exit 2. Commander prints nothing itself.
+ */
+function reportUsageError(err: CommanderError): void {
+  const [first = err.message, ...rest] = err.message.replace(/^error: /, "").split("\n");
+  const suggestion = rest.join(" ").trim().replace(/^\((.*)\)$/, "$1");
+  const help = `pgshift ${subcommand ? `${subcommand} ` : ""}--help lists the ${err.code === "commander.unknownCommand" ? "commands" : "options"}`;
+  process.stderr.write(`pgshift: error: ${first}\n`);
+  process.stderr.write(`pgshift: hint: ${suggestion ? `${suggestion.replace(/^Did/, "did")} (${help})` : help}\n`);
+}
+
 const program = new Command("pgshift")
   .description("Move a big, busy PostgreSQL table into a partitioned table with no downtime")
   .version("0.1.0")
   .exitOverride()
-  .configureOutput({ outputError: (str, write) => write(str) })
+  .configureOutput({ outputError: () => {} })
+  .hook("preSubcommand", (_program, sub) => {
+    subcommand = sub.name();
+  })
   .addHelpText("after", `
 The flow:
   pgshift plan      orders --partition-by range:created_at:month   # what would happen, changes nothing
@@ -26,18 +53,21 @@ The flow:
   pgshift cutover   orders                                         # swap names (milliseconds)
   pgshift swap-back orders                                         # undo, losing nothing
   pgshift finalize  orders --yes                                   # drop the retired table
-Connection: --url, else DATABASE_URL, else PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE.
+Connection: --url, else DATABASE_URL, completed as psql would: PGSERVICE, PGHOST, PGPORT, PGUSER, PGPASSWORD,
+  PGDATABASE, PGSSLMODE, PGSSLROOTCERT, PGSSLCERT, PGSSLKEY, PGCONNECT_TIMEOUT, PGAPPNAME, ~/.pgpass.
 Exit codes: 0 ok, 1 verify found differences, 2 error (nothing changed), 130 interrupted.`);
 
 for (const c of [planCommand(), startCommand(), backfillCommand(), syncCommand(), statusCommand(), verifyCommand(), cutoverCommand(), swapBackCommand(), finalizeCommand(), abortCommand(), demoCommand()]) {
-  program.addCommand(c.exitOverride().configureOutput({ outputError: (str, write) => write(str) }));
+  program.addCommand(c.exitOverride().configureOutput({ outputError: () => {} }));
 }
 
 try {
   await program.parseAsync(process.argv);
 } catch (err) {
   if (err instanceof CommanderError) {
-    // --help and --version exit 0; usage errors (unknown option, missing argument) exit 2.
+    // --help and --version exit 0 (and `pgshift` alone, which printed the help, 2); usage errors (unknown
+    // option, bad value, missing argument) print one error line and a hint, exit 2.
+    if (!["commander.helpDisplayed", "commander.help", "commander.version"].includes(err.code)) reportUsageError(err);
     process.exitCode = err.exitCode === 0 ? 0 : 2;
   } else {
     const e = explain(err);
