@@ -3,9 +3,10 @@ import type { Sql } from "../db.js";
 import { identList, transaction, type TxSql, type LockRetryOptions, joinFragments, table as tableRef, textColumns, valueList, type AnySql, type Fragment } from "../db.js";
 import { log } from "../log.js";
 import { sqlState } from "../errors.js";
-import { buildDeferredIndexes } from "./indexes.js";
+import { buildDeferredIndexes, finishShadow } from "./indexes.js";
 import { catchUp, followStream } from "../mirror/stream.js";
-import { deferredIndexSql } from "../ddl/shadow.js";
+import { afterCopySql, deferredIndexSql } from "../ddl/shadow.js";
+import { inspectTable } from "../catalog/inspect.js";
 import { displayName, quoteQualified, type QualifiedName } from "../names.js";
 import { lockMigration, requireMigration, unlockMigration, type Migration } from "../migration/state.js";
 
@@ -69,8 +70,9 @@ export function keyAfter(sql: AnySql, key: readonly string[], after: readonly st
  * updates) through. The checkpoint is `hi`, read from the index before locking, never a key value
  * re-read after a concurrent update (which could jump ahead of rows not yet copied).
  *
- * Once every row is copied, the secondary indexes are built (buildDeferredIndexes), then the phase
- * becomes `backfilled`. Memory is flat: rows go from table to table inside PostgreSQL; only `hi` crosses
+ * Once every row is copied, the secondary indexes are built (buildDeferredIndexes), the shadow is finished
+ * (finishShadow: NOT VALID constraints, which must not meet the old rows during the copy, replica identity
+ * and CLUSTER marks, comments, ANALYZE of the partitioned table), then the phase becomes `backfilled`. Memory is flat: rows go from table to table inside PostgreSQL; only `hi` crosses
  * the network.
  * @throws PgshiftError / PhaseError when there is no migration or it is past the backfill.
  */
@@ -168,6 +170,8 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
          where id = ${m.id}`;
       const built = await buildDeferredIndexes(sql, m, opts);
       if (built > 0) log().info({ table: displayName(table), indexes: built }, "backfill: secondary indexes built");
+      // NOT VALID constraints, index marks and comments, then ANALYZE of the partitioned table.
+      await finishShadow(sql, m, opts);
       await sql`
         update pgshift.migrations set phase = 'backfilled', backfill_finished_at = now(),
                rows_estimated = greatest(rows_estimated, rows_copied), updated_at = now()
@@ -233,8 +237,10 @@ export async function describeBackfill(sql: Sql, table: QualifiedName, batchSize
   const parts = await sql`select c.relname::text as name from pg_inherits i join pg_class c on c.oid = i.inhrelid where i.inhparent = to_regclass(${quoteQualified(m.partitioned)}) order by 1`;
   for (const idx of m.deferred_indexes) {
     const d = deferredIndexSql(m.partitioned.schema, m.partitioned.name, parts.map((p) => String(p.name)), idx);
-    out.push(d.parent, ...d.perPartition.flatMap((x) => [x.create, x.attach]));
+    out.push(d.parent, ...d.perPartition.flatMap((x) => [x.create, ...(x.constrain ? [x.constrain] : []), x.attach]));
   }
+  const facts = await inspectTable(sql, m.original);
+  if (facts) out.push(...afterCopySql(facts, { source: m.original, shadow: m.partitioned }));
   return out;
 }
 

@@ -18,6 +18,10 @@ export interface ColumnFacts {
   identity: string;
   /** The sequence feeding this column (serial default or identity), schema-qualified, or null. */
   sequence: QualifiedName | null;
+  /** Per-column statistics target (ALTER COLUMN ... SET STATISTICS), or null for the default. */
+  statisticsTarget: number | null;
+  /** pg_attribute.attoptions as `name=value` (n_distinct, n_distinct_inherited), empty when none. */
+  options: string[];
 }
 
 export interface IndexFacts {
@@ -31,6 +35,41 @@ export interface IndexFacts {
   tail: string;
   /** Key column names; null entries are expressions. */
   keyColumns: (string | null)[];
+  /** pg_get_constraintdef() of the constraint the index backs (`UNIQUE (a) DEFERRABLE ...`), or null. */
+  constraintDef: string | null;
+  /** The backing constraint is DEFERRABLE / INITIALLY DEFERRED (false without a constraint). */
+  deferrable: boolean;
+  deferred: boolean;
+  /** COMMENT ON INDEX and COMMENT ON CONSTRAINT texts, or null. */
+  comment: string | null;
+  constraintComment: string | null;
+  /** pg_index.indisreplident (REPLICA IDENTITY USING INDEX) and indisclustered (the CLUSTER mark). */
+  isReplicaIdentity: boolean;
+  isClustered: boolean;
+}
+
+/** A CHECK or FOREIGN KEY constraint of the table. */
+export interface ConstraintFacts {
+  name: string;
+  /** pg_get_constraintdef() text: `CHECK ((n > 0)) NOT VALID`, `FOREIGN KEY (a) REFERENCES t(id) DEFERRABLE`. */
+  definition: string;
+  /** pg_constraint.convalidated: false for NOT VALID (and, on 18, NOT ENFORCED) constraints. */
+  valid: boolean;
+  comment: string | null;
+}
+
+/** An extended statistics object on the table (CREATE STATISTICS). */
+export interface StatisticsFacts {
+  schema: string;
+  name: string;
+  owner: string;
+  /** pg_statistic_ext.stxkind: d ndistinct, f dependencies, m mcv, e expressions (implied). */
+  kinds: string[];
+  /** pg_get_statisticsobjdef_columns(): `a, b, (a + 1)`. */
+  columns: string;
+  /** ALTER STATISTICS ... SET STATISTICS target, or null for the default. */
+  target: number | null;
+  comment: string | null;
 }
 
 /** What pgshift needs to know about a source table, read from pg_catalog in one pass. */
@@ -54,10 +93,23 @@ export interface TableFacts {
   keyColumns: string[] | null;
   keyIndexName: string | null;
   indexes: IndexFacts[];
-  /** Outgoing foreign keys: name and pg_get_constraintdef() text. */
-  foreignKeys: { name: string; definition: string }[];
+  /** Outgoing foreign keys (pg_get_constraintdef() keeps DEFERRABLE, INITIALLY DEFERRED and NOT VALID). */
+  foreignKeys: ConstraintFacts[];
+  /** CHECK constraints (NOT NULL is a column property here). */
+  checks: ConstraintFacts[];
   /** Table-level grants: grantee (null = PUBLIC), privilege, grantable. */
   grants: { grantee: string | null; privilege: string; grantable: boolean }[];
+  /** Column-level grants (pg_attribute.attacl): column, grantee (null = PUBLIC), privilege, grantable. */
+  columnGrants: { column: string; grantee: string | null; privilege: string; grantable: boolean }[];
+  /** ALTER TABLE ... ENABLE / FORCE ROW LEVEL SECURITY (pg_class.relrowsecurity, relforcerowsecurity). */
+  rowSecurity: boolean;
+  forceRowSecurity: boolean;
+  /** Whether the current user bypasses row security (superuser or BYPASSRLS), as pgshift's copy must. */
+  bypassesRowSecurity: boolean;
+  /** pg_class.relreplident: d default, n nothing, f full, i index (the index has isReplicaIdentity). */
+  replicaIdentity: string;
+  /** Extended statistics objects on the table. */
+  statistics: StatisticsFacts[];
   /** Objects that would stay with the old table after a rename, by kind. */
   dependents: {
     views: string[];
@@ -87,6 +139,10 @@ const RelRow = z.object({
   reltuples: z.coerce.number(),
   total_bytes: z.coerce.number(),
   server_version_num: z.coerce.number(),
+  relrowsecurity: z.boolean(),
+  relforcerowsecurity: z.boolean(),
+  bypass_rls: z.boolean(),
+  relreplident: z.string(),
 });
 
 /**
@@ -101,7 +157,9 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
            has_schema_privilege(n.oid, 'CREATE') as can_create,
            c.reloptions, obj_description(c.oid, 'pg_class') as comment,
            c.reltuples, pg_total_relation_size(c.oid) as total_bytes,
-           current_setting('server_version_num') as server_version_num
+           current_setting('server_version_num') as server_version_num,
+           c.relrowsecurity, c.relforcerowsecurity, c.relreplident::text as relreplident,
+           (select rolsuper or rolbypassrls from pg_roles where rolname = current_user) as bypass_rls
       from pg_class c join pg_namespace n on n.oid = c.relnamespace
      where n.nspname = ${table.schema} and c.relname = ${table.name} and c.relkind in ('r', 'p', 'v', 'm', 'f')`;
   if (rel.length === 0) return null;
@@ -111,7 +169,8 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
   const cols = await sql`
     select a.attname as name, a.attnum, t.typname, format_type(a.atttypid, a.atttypmod) as formatted,
            a.attnotnull, a.attgenerated::text as generated, a.attidentity::text as identity,
-           s.nspname as seq_schema, s.relname as seq_name
+           s.nspname as seq_schema, s.relname as seq_name,
+           nullif(coalesce(a.attstattarget::int, -1), -1) as stattarget, a.attoptions
       from pg_attribute a
       join pg_type t on t.oid = case when (select typtype from pg_type where oid = a.atttypid) = 'd'
                                      then (select typbasetype from pg_type where oid = a.atttypid) else a.atttypid end
@@ -133,6 +192,8 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
     generated: String(c.generated ?? ""),
     identity: String(c.identity ?? ""),
     sequence: c.seq_name ? { schema: String(c.seq_schema), name: String(c.seq_name) } : null,
+    statisticsTarget: c.stattarget === null ? null : Number(c.stattarget),
+    options: (c.attoptions as string[] | null) ?? [],
   }));
   // Columns whose default calls nextval() of a sequence not owned by them still share it: LIKE copies the default.
 
@@ -140,6 +201,11 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
     select i.indexrelid::int as oid, ic.relname as name, i.indisprimary, i.indisunique, i.indisvalid,
            i.indpred is not null as partial, i.indnkeyatts,
            con.conname, con.contype::text as contype,
+           case when con.oid is not null then pg_get_constraintdef(con.oid) end as condef,
+           coalesce(con.condeferrable, false) as condeferrable, coalesce(con.condeferred, false) as condeferred,
+           obj_description(i.indexrelid, 'pg_class') as comment,
+           case when con.oid is not null then obj_description(con.oid, 'pg_constraint') end as concomment,
+           i.indisreplident, i.indisclustered, i.indimmediate,
            pg_get_indexdef(i.indexrelid) as def,
            quote_ident(ic.relname) as qname, quote_ident(n.nspname) || '.' || quote_ident(c.relname) as qtable,
            (select array_agg(case when k.attnum = 0 then null else a.attname::text end order by k.ord)
@@ -176,11 +242,18 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
       constraintType: i.contype ? String(i.contype) : null,
       tail,
       keyColumns: keycols,
+      constraintDef: i.condef ? String(i.condef) : null,
+      deferrable: Boolean(i.condeferrable),
+      deferred: Boolean(i.condeferred),
+      comment: i.comment === null ? null : String(i.comment),
+      constraintComment: i.concomment === null || i.concomment === undefined ? null : String(i.concomment),
+      isReplicaIdentity: Boolean(i.indisreplident),
+      isClustered: Boolean(i.indisclustered),
     });
     if (i.indisprimary) {
       keyColumns = keycols.map(String);
       keyIndexName = String(i.name);
-    } else if (!uniqueFallback && i.indisunique && i.indisvalid && !i.partial && !i.has_expr && i.all_not_null) {
+    } else if (!uniqueFallback && i.indisunique && i.indimmediate && i.indisvalid && !i.partial && !i.has_expr && i.all_not_null) {
       uniqueFallback = { cols: keycols.map(String), name: String(i.name) };
     }
   }
@@ -189,9 +262,27 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
     keyIndexName = uniqueFallback.name;
   }
 
-  const fks = await sql`
-    select conname, pg_get_constraintdef(oid) as def from pg_constraint
-     where conrelid = ${oid} and contype = 'f' order by conname`;
+  const cons = await sql`
+    select conname, contype::text as contype, pg_get_constraintdef(oid) as def, convalidated,
+           obj_description(oid, 'pg_constraint') as comment
+      from pg_constraint
+     where conrelid = ${oid} and contype in ('f', 'c') order by conname`;
+  const constraintFacts = (type: string): ConstraintFacts[] =>
+    cons
+      .filter((c) => c.contype === type)
+      .map((c) => ({ name: String(c.conname), definition: String(c.def), valid: Boolean(c.convalidated), comment: c.comment === null ? null : String(c.comment) }));
+  const colGrants = await sql`
+    select a.attname::text as col, case when x.grantee = 0 then null else pg_get_userbyid(x.grantee) end as grantee,
+           x.privilege_type, x.is_grantable
+      from pg_attribute a join pg_class c on c.oid = a.attrelid, aclexplode(a.attacl) x
+     where a.attrelid = ${oid} and a.attnum > 0 and not a.attisdropped and a.attacl is not null and x.grantee <> c.relowner
+     order by a.attnum, 2, 3`;
+  const stats = await sql`
+    select n.nspname::text as schema, s.stxname::text as name, pg_get_userbyid(s.stxowner) as owner, s.stxkind::text[] as kinds,
+           pg_get_statisticsobjdef_columns(s.oid) as columns, nullif(coalesce(s.stxstattarget::int, -1), -1) as target,
+           obj_description(s.oid, 'pg_statistic_ext') as comment
+      from pg_statistic_ext s join pg_namespace n on n.oid = s.stxnamespace
+     where s.stxrelid = ${oid} order by n.nspname, s.stxname`;
   const grants = await sql`
     select case when a.grantee = 0 then null else pg_get_userbyid(a.grantee) end as grantee,
            a.privilege_type, a.is_grantable
@@ -240,8 +331,23 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
     keyColumns,
     keyIndexName,
     indexes,
-    foreignKeys: fks.map((f) => ({ name: String(f.conname), definition: String(f.def) })),
+    foreignKeys: constraintFacts("f"),
+    checks: constraintFacts("c"),
     grants: grants.map((g) => ({ grantee: g.grantee === null ? null : String(g.grantee), privilege: String(g.privilege_type), grantable: Boolean(g.is_grantable) })),
+    columnGrants: colGrants.map((g) => ({ column: String(g.col), grantee: g.grantee === null ? null : String(g.grantee), privilege: String(g.privilege_type), grantable: Boolean(g.is_grantable) })),
+    rowSecurity: r.relrowsecurity,
+    forceRowSecurity: r.relforcerowsecurity,
+    bypassesRowSecurity: r.bypass_rls,
+    replicaIdentity: r.relreplident,
+    statistics: stats.map((x) => ({
+      schema: String(x.schema),
+      name: String(x.name),
+      owner: String(x.owner),
+      kinds: (x.kinds as string[] | null) ?? [],
+      columns: String(x.columns),
+      target: x.target === null ? null : Number(x.target),
+      comment: x.comment === null ? null : String(x.comment),
+    })),
     dependents: {
       views: arr(d.views),
       rules: arr(d.rules),

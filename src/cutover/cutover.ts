@@ -11,6 +11,7 @@ import { dropStream, dropStreamSql, slotState } from "../mirror/logical.js";
 import { CatchupTimeout, followStream } from "../mirror/stream.js";
 import { displayName, quoteIdent, quoteQualified, type QualifiedName } from "../names.js";
 import { loadMigration, lockMigration, requireMigration, unlockMigration, type Migration, type Phase } from "../migration/state.js";
+import { liveNamesSql } from "../ddl/shadow.js";
 
 /** The stream did not catch up while the live table was locked (the locks are released and the attempt retried). */
 
@@ -95,6 +96,8 @@ function switchSql(m: Migration, to: Phase): string[] {
   // m.live (original name) becomes the copy's name in the next phase; m.copy takes the original name.
   out.push(`ALTER TABLE ${quoteQualified(m.live)} RENAME TO ${quoteIdent(next.copy.name)}`);
   out.push(`ALTER TABLE ${quoteQualified(m.copy)} RENAME TO ${quoteIdent(m.source_table)}`);
+  // The live table's indexes and statistics take the original names (ON CONFLICT ON CONSTRAINT name), the copy's the shadow's.
+  out.push(...liveNamesSql(next.live, next.copy, m.index_renames));
   for (const s of m.sequences) {
     // Serial sequences follow the live table so that finalize (which drops the retired table) keeps them.
     // Identity sequences stay with the original table; finalize re-creates the identity on the new table.

@@ -2,6 +2,7 @@ import type { Sql } from "../db.js";
 import { ident, table as tableRef } from "../db.js";
 import { inspectTable, type TableFacts } from "../catalog/inspect.js";
 import { copyColumns, deferredIndexSql, identityDefaultFunction, shadowDdl, shadowKey, type DeferredIndex } from "../ddl/shadow.js";
+import { fidelityBlockers, fidelityWarnings } from "../ddl/shadow.js";
 import { PgshiftError } from "../errors.js";
 import { installTriggerMirrorSql, truncateGuardSql } from "../mirror/trigger.js";
 import { ddlGuardSql, ddlGuardState } from "./ddl-guard.js";
@@ -94,6 +95,9 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   if (facts.relkind === "p") blockers.push(`${displayName(table)} is already partitioned`);
   else if (facts.relkind !== "r") blockers.push(`${displayName(table)} is not an ordinary table (relkind ${facts.relkind})`);
   if (facts.isPartition) blockers.push(`${displayName(table)} is itself a partition of another table`);
+  // What a partitioned table cannot keep as the original has it (constraints, row security, CLUSTER mark).
+  blockers.push(...fidelityBlockers(facts));
+  warnings.push(...fidelityWarnings(facts));
   if (facts.persistence !== "p") blockers.push(`${displayName(table)} is ${facts.persistence === "u" ? "unlogged" : "temporary"}; only permanent tables are supported`);
   if (!facts.isOwner) blockers.push(`the current user is not the owner of ${displayName(table)} (owner: ${facts.owner})`);
   if (!facts.canCreateInSchema) blockers.push(`the current user may not create tables in schema ${facts.table.schema}`);
@@ -111,7 +115,6 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   // A partitioned table or a partition is refused above; its partitions or parent need no second line.
   if (facts.relkind !== "p" && !facts.isPartition) list("inheritance (parent or child tables)", dep.inheritance);
   list("exclusion constraints", dep.exclusionConstraints);
-  list("column-level privileges on", dep.columnPrivileges);
 
   const col = facts.columns.find((c) => c.name === spec.column);
   let data: DataRange = { min: null, max: null };
@@ -189,8 +192,9 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     indexRenames = ddl.indexRenames;
     for (const idx of deferredIndexes) {
       const d = deferredIndexSql(src.schema, shadow.name, partitions.map((p) => p.name), idx);
-      afterCopyStatements.push(d.parent, ...d.perPartition.flatMap((x) => [x.create, x.attach]));
+      afterCopyStatements.push(d.parent, ...d.perPartition.flatMap((x) => [x.create, ...(x.constrain ? [x.constrain] : []), x.attach]));
     }
+    afterCopyStatements.push(...ddl.afterCopy);
     for (const k of keys) warnings.push(describeWidenedKey(k));
     // Both tables carry the TRUNCATE guard until the migration ends (the source's comes with its mirror).
     statements.push(...truncateGuardSql(shadow));

@@ -35,7 +35,14 @@ const SequenceUse = z.object({
 });
 export type SequenceUse = z.infer<typeof SequenceUse>;
 
-const DeferredIndexSchema = z.object({ name: z.string(), original: z.string(), unique: z.boolean(), definition: z.string() });
+const DeferredIndexSchema = z.object({
+  name: z.string(),
+  original: z.string(),
+  unique: z.boolean(),
+  definition: z.string(),
+  /** The UNIQUE constraint the index backs (absent in rows written by an older pgshift: a plain index then). */
+  constraint: z.object({ definition: z.string(), deferrable: z.boolean(), deferred: z.boolean() }).nullable().optional(),
+});
 
 export const VerifyResultSchema = z.object({
   at: z.string(),

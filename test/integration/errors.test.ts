@@ -259,7 +259,6 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
     { name: "an incoming foreign key", table: "dep_fk", mentions: ["incoming foreign keys", "dep_fk_child_parent_id_fkey", "dep_fk_child"] },
     { name: "a publication", table: "dep_pub", mentions: ["publications", "dep_pub_feed"] },
     { name: "a user trigger", table: "dep_trigger", mentions: ["user triggers", "dep_trigger_audit"] },
-    { name: "a column-level privilege", table: "dep_colgrant", mentions: ["column-level privileges on", "id"] },
     { name: "a child table (INHERITS)", table: "dep_inherit", mentions: ["inheritance (parent or child tables): dep_inherit_child (not"] },
   ];
   for (const d of dependents) {

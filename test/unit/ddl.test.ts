@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import type { ColumnFacts, IndexFacts, TableFacts } from "../../src/catalog/inspect.js";
-import { copyColumns, deferredIndexSql, extendIndexKey, partitionIndexName, shadowDdl, shadowKey } from "../../src/ddl/shadow.js";
+import { afterCopySql, copyColumns, deferredIndexSql, extendIndexKey, fidelityBlockers, fidelityWarnings, liveNamesSql, partitionIndexName, shadowDdl, shadowKey } from "../../src/ddl/shadow.js";
 import {
   installTriggerMirrorSql,
   MIRROR_TRIGGER,
@@ -21,11 +21,27 @@ const SHD = '"My Schema"."Order Items_pgshift_shadow"';
 const OID = 16384;
 
 function column(name: string, attnum: number, typeName: string, extra: Partial<ColumnFacts> = {}): ColumnFacts {
-  return { name, attnum, typeName, formattedType: typeName, notNull: false, generated: "", identity: "", sequence: null, ...extra };
+  return { name, attnum, typeName, formattedType: typeName, notNull: false, generated: "", identity: "", sequence: null, statisticsTarget: null, options: [], ...extra };
 }
 
 function index(name: string, tail: string, keyColumns: (string | null)[], extra: Partial<IndexFacts> = {}): IndexFacts {
-  return { name, isPrimary: false, isUnique: false, constraintName: null, constraintType: null, tail, keyColumns, ...extra };
+  return {
+    name,
+    isPrimary: false,
+    isUnique: false,
+    constraintName: null,
+    constraintType: null,
+    tail,
+    keyColumns,
+    constraintDef: null,
+    deferrable: false,
+    deferred: false,
+    comment: null,
+    constraintComment: null,
+    isReplicaIdentity: false,
+    isClustered: false,
+    ...extra,
+  };
 }
 
 const WEIRD_TAIL = `btree ("we(ird, col" text_pattern_ops) WHERE (note <> 'a)b'::text)`;
@@ -65,7 +81,14 @@ function facts(overrides: Partial<TableFacts> = {}): TableFacts {
       index("order_items_created_at_idx", "btree (created_at DESC)", ["created_at"]),
       index("order_items_created_order_key", `btree (created_at, "order")`, ["created_at", "order"], { isUnique: true }),
     ],
-    foreignKeys: [{ name: "Order Items_order_fkey", definition: 'FOREIGN KEY ("order") REFERENCES "My Schema"."Orders"(id) ON DELETE CASCADE' }],
+    foreignKeys: [{ name: "Order Items_order_fkey", definition: 'FOREIGN KEY ("order") REFERENCES "My Schema"."Orders"(id) ON DELETE CASCADE', valid: true, comment: null }],
+    checks: [],
+    columnGrants: [],
+    rowSecurity: false,
+    forceRowSecurity: false,
+    bypassesRowSecurity: true,
+    replicaIdentity: "d",
+    statistics: [],
     grants: [
       { grantee: "Reporting Role", privilege: "SELECT", grantable: false },
       { grantee: "app_writer", privilege: "INSERT", grantable: true },
@@ -160,10 +183,12 @@ describe("shadowDdl", () => {
 
   it("creates the shadow with LIKE and PARTITION BY first", () => {
     expect(st[0]).toBe(
-      `CREATE TABLE ${SHD} (LIKE ${SRC} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMMENTS INCLUDING STORAGE ` +
-        `INCLUDING COMPRESSION INCLUDING GENERATED INCLUDING STATISTICS) PARTITION BY RANGE ("created_at")`,
+      `CREATE TABLE ${SHD} (LIKE ${SRC} INCLUDING DEFAULTS INCLUDING COMMENTS INCLUDING STORAGE ` +
+        `INCLUDING COMPRESSION INCLUDING GENERATED) PARTITION BY RANGE ("created_at")`,
     );
-    expect(st[0]).not.toMatch(/INCLUDING IDENTITY|INCLUDING INDEXES|INCLUDING ALL/);
+    // Checks (NOT VALID ones must wait for the copy) and statistics (their names) are added one by one.
+    expect(st[0]).not.toMatch(/INCLUDING IDENTITY|INCLUDING INDEXES|INCLUDING ALL|INCLUDING CONSTRAINTS|INCLUDING STATISTICS/);
+    expect(st[1]).toBe(`ALTER TABLE ${SHD} OWNER TO "app_owner"`);
   });
 
   it("uses the method of each strategy", () => {
@@ -196,7 +221,8 @@ describe("shadowDdl", () => {
     });
     const out = shadowDdl(f, parsePartitionSpec("hash:id:2"), [], { source: TABLE, shadow: SHADOW }).statements;
     expect(out).toEqual([
-      `CREATE TABLE ${SHD} (LIKE ${SRC} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMMENTS INCLUDING STORAGE INCLUDING COMPRESSION INCLUDING GENERATED INCLUDING STATISTICS) PARTITION BY HASH ("id")`,
+      `CREATE TABLE ${SHD} (LIKE ${SRC} INCLUDING DEFAULTS INCLUDING COMMENTS INCLUDING STORAGE INCLUDING COMPRESSION INCLUDING GENERATED) PARTITION BY HASH ("id")`,
+      `ALTER TABLE ${SHD} OWNER TO "app_owner"`,
       `CREATE OR REPLACE FUNCTION "pgshift"."nextval_${OID}_1"() RETURNS bigint LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $pgshift$ SELECT nextval(E'"s"."it''s\\\\seq"'::regclass) $pgshift$`,
       `ALTER TABLE ${SHD} ALTER COLUMN "id" SET DEFAULT "pgshift"."nextval_${OID}_1"()`,
     ]);
@@ -308,7 +334,9 @@ describe("shadowDdl", () => {
 
   it("emits the statements in dependency order", () => {
     const kinds = st.map((s) =>
-      s.startsWith("CREATE TABLE") && s.includes("PARTITION OF")
+      s.includes("OWNER TO")
+        ? "owner"
+        : s.startsWith("CREATE TABLE") && s.includes("PARTITION OF")
         ? "partition"
         : s.startsWith("CREATE TABLE")
           ? "table"
@@ -324,8 +352,10 @@ describe("shadowDdl", () => {
                       ? "grant"
                       : "other",
     );
-    expect(kinds).toEqual(["table", "other", "default", "comment", "partition", "partition", "partition", "pk", "fk", "grant", "grant", "grant"]);
-    expect(st[1]).toMatch(/^CREATE OR REPLACE FUNCTION "pgshift"\."nextval_/);
+    expect(kinds).toEqual([
+      "table", "owner", "other", "default", "comment", "partition", "owner", "partition", "owner", "partition", "owner", "pk", "fk", "grant", "grant", "grant",
+    ]);
+    expect(st[2]).toMatch(/^CREATE OR REPLACE FUNCTION "pgshift"\."nextval_/);
   });
 
   it("quotes every identifier it writes (no bare table, schema, role or odd column names)", () => {
@@ -334,8 +364,8 @@ describe("shadowDdl", () => {
       const bare = stripQuoted(s);
       expect(bare).not.toMatch(/My Schema|Order Items|Reporting Role|we\(ird|app_writer|created_at"/);
       expect(bare).not.toMatch(/\border\b/i);
-      // every statement is about the shadow, except the identity default's function (which names the sequence)
-      if (!s.startsWith("CREATE OR REPLACE FUNCTION")) expect(s).toContain(SHD);
+      // every statement is about the shadow or one of its partitions, except the identity default's function (which names the sequence)
+      if (!s.startsWith("CREATE OR REPLACE FUNCTION")) expect(s.includes(SHD) || s.includes(`"My Schema"."Order Items_`)).toBe(true);
     }
     // the reserved word column "order" is quoted wherever pgshift writes it
     const list = shadowDdl(facts(), parsePartitionSpec("list:order"), [], { source: TABLE, shadow: SHADOW });
@@ -347,6 +377,155 @@ describe("shadowDdl", () => {
       `btree (created_at, "order")`,
     ]);
     expect(list.widenedUniqueIndexes).toEqual(["Order Items_pkey", "order_items_email_key", "order_items_weird_idx"]);
+  });
+});
+
+describe("shadowDdl: what the partitioned table keeps of the original (issue 13, item 3)", () => {
+  const rich = facts({
+    rowSecurity: true,
+    forceRowSecurity: true,
+    replicaIdentity: "f",
+    columns: [
+      column("id", 1, "int8", { notNull: true }),
+      column("created_at", 2, "timestamptz", { notNull: true }),
+      column("email", 3, "text", { statisticsTarget: 500, options: ["n_distinct=-0.5", "n_distinct_inherited=40"] }),
+    ],
+    keyColumns: ["id"],
+    keyIndexName: "t_pkey",
+    indexes: [
+      index("t_pkey", "btree (id)", ["id"], {
+        isPrimary: true, isUnique: true, constraintName: "t_pkey", constraintType: "p", constraintDef: "PRIMARY KEY (id) INCLUDE (email) WITH (fillfactor='70')", comment: "the key",
+      }),
+      index("t_email_key", "btree (email)", ["email"], {
+        isUnique: true, constraintName: "t_email_key", constraintType: "u", constraintDef: "UNIQUE (email) DEFERRABLE INITIALLY DEFERRED",
+        deferrable: true, deferred: true, comment: "ix comment", constraintComment: "con comment",
+      }),
+      index("t_note_idx", "btree (email text_pattern_ops)", ["email"], { isClustered: true }),
+    ],
+    checks: [
+      { name: "ok_check", definition: "CHECK ((id > 0))", valid: true, comment: "positive" },
+      { name: "old_check", definition: "CHECK ((email <> ''::text)) NOT VALID", valid: false, comment: "not for old rows" },
+      { name: "solo", definition: "CHECK ((id < 100)) NO INHERIT", valid: true, comment: null },
+    ],
+    foreignKeys: [
+      { name: "fk_ok", definition: "FOREIGN KEY (id) REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED", valid: true, comment: "fk comment" },
+      { name: "fk_old", definition: "FOREIGN KEY (id) REFERENCES p(id) NOT VALID", valid: false, comment: null },
+    ],
+    columnGrants: [{ column: "email", grantee: "Reporting Role", privilege: "UPDATE", grantable: false }],
+    statistics: [{ schema: "stats", name: "t_st", owner: "stat owner", kinds: ["d", "f", "m"], columns: "id, email", target: 300, comment: "c" }],
+    serverVersionNum: 180000,
+  });
+  const d = shadowDdl(rich, SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW });
+  const P1 = `"My Schema"."Order Items_p2024_01"`;
+
+  it("gives the parent and every partition the owner, row security and replica identity", () => {
+    for (const rel of [SHD, P1, `"My Schema"."Order Items_default"`]) {
+      for (const what of [`OWNER TO "app_owner"`, "ENABLE ROW LEVEL SECURITY", "FORCE ROW LEVEL SECURITY", "REPLICA IDENTITY FULL"]) {
+        expect(d.statements, `${rel} ${what}`).toContain(`ALTER TABLE ${rel} ${what}`);
+      }
+    }
+  });
+
+  it("adds valid checks now (NO INHERIT dropped), NOT VALID checks and foreign keys after the copy, comments with them", () => {
+    expect(d.statements).toContain(`ALTER TABLE ${SHD} ADD CONSTRAINT "ok_check" CHECK ((id > 0))`);
+    expect(d.statements).toContain(`COMMENT ON CONSTRAINT "ok_check" ON ${SHD} IS 'positive'`);
+    expect(d.statements).toContain(`ALTER TABLE ${SHD} ADD CONSTRAINT "solo" CHECK ((id < 100))`);
+    expect(d.statements.some((s) => s.includes("old_check") || s.includes("fk_old"))).toBe(false);
+    expect(d.statements).toContain(`ALTER TABLE ${SHD} ADD CONSTRAINT "fk_ok" FOREIGN KEY (id) REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED`);
+    expect(d.afterCopy[0]).toBe(
+      `DO $pgshift$ BEGIN IF NOT EXISTS (SELECT FROM pg_catalog.pg_constraint WHERE conrelid = '${SHD}'::regclass AND conname = 'old_check') ` +
+        `THEN ALTER TABLE ${SHD} ADD CONSTRAINT "old_check" CHECK ((email <> ''::text)) NOT VALID; END IF; END $pgshift$`,
+    );
+    expect(d.afterCopy).toContain(`COMMENT ON CONSTRAINT "old_check" ON ${SHD} IS 'not for old rows'`);
+    expect(d.afterCopy.some((s) => s.includes(`ADD CONSTRAINT "fk_old" FOREIGN KEY (id) REFERENCES p(id) NOT VALID`))).toBe(true);
+    // Before 18 a NOT VALID foreign key cannot be put on a partitioned table: refused by plan, never attempted.
+    const f17 = { ...rich, serverVersionNum: 170000 };
+    expect(afterCopySql(f17, { source: TABLE, shadow: SHADOW }).some((s) => s.includes("fk_old"))).toBe(false);
+    expect(fidelityBlockers(f17)).toEqual([
+      `foreign key fk_old is NOT VALID, and PostgreSQL before 18 cannot add a NOT VALID foreign key to a partitioned table (ALTER TABLE ... VALIDATE CONSTRAINT "fk_old" first, or drop it)`,
+    ]);
+    expect(fidelityBlockers(rich)).toEqual([]);
+    expect(fidelityWarnings(rich).some((w) => w.includes("check constraint solo is NO INHERIT"))).toBe(true);
+  });
+
+  it("keeps statistics targets (recursing) and attribute options (on the parent and each partition)", () => {
+    expect(d.statements).toContain(`ALTER TABLE ${SHD} ALTER COLUMN "email" SET STATISTICS 500`);
+    for (const rel of [SHD, P1]) expect(d.statements).toContain(`ALTER TABLE ${rel} ALTER COLUMN "email" SET (n_distinct = '-0.5', n_distinct_inherited = '40')`);
+  });
+
+  it("creates the primary key from the original's constraint definition, widened, with its comment", () => {
+    expect(d.statements).toContain(`ALTER TABLE ${SHD} ADD CONSTRAINT "t_pkey_part" PRIMARY KEY (id, "created_at") INCLUDE (email) WITH (fillfactor='70')`);
+    expect(d.statements).toContain(`COMMENT ON INDEX "My Schema"."t_pkey_part" IS 'the key'`);
+  });
+
+  it("builds a unique constraint after the copy as a constraint, deferrability and name kept", () => {
+    const u = d.deferredIndexes.find((x) => x.original === "t_email_key")!;
+    expect(u.constraint).toEqual({ definition: `UNIQUE (email, "created_at") DEFERRABLE INITIALLY DEFERRED`, deferrable: true, deferred: true });
+    const sql = deferredIndexSql("My Schema", SHADOW.name, ["Order Items_p2024_01"], u);
+    expect(sql.parent).toBe(
+      `DO $pgshift$ BEGIN IF to_regclass('"My Schema"."t_email_key_part"') IS NULL THEN ALTER TABLE ONLY ${SHD} ADD CONSTRAINT "t_email_key_part" ` +
+        `UNIQUE (email, "created_at") DEFERRABLE INITIALLY DEFERRED; END IF; END $pgshift$`,
+    );
+    const p = sql.perPartition[0]!;
+    expect(p.constrain).toBe(`ALTER TABLE ${P1} ADD CONSTRAINT ${quoteIdent(p.index)} UNIQUE USING INDEX ${quoteIdent(p.index)} DEFERRABLE INITIALLY DEFERRED`);
+    // A plain index has no constraint step.
+    const plainIx = d.deferredIndexes.find((x) => x.original === "t_note_idx")!;
+    expect(plainIx.constraint).toBeUndefined();
+    expect(deferredIndexSql("My Schema", SHADOW.name, ["Order Items_p2024_01"], plainIx).perPartition[0]!.constrain).toBeNull();
+    expect(d.afterCopy).toContain(`DO $pgshift$ BEGIN IF to_regclass('"My Schema"."t_email_key_part"') IS NOT NULL THEN COMMENT ON INDEX "My Schema"."t_email_key_part" IS 'ix comment'; END IF; END $pgshift$`);
+    expect(d.afterCopy.some((s) => s.includes(`COMMENT ON CONSTRAINT "t_email_key_part" ON ${SHD} IS 'con comment'`))).toBe(true);
+  });
+
+  it("puts the CLUSTER mark on each partition's index, says so in plan, and analyzes last", () => {
+    const cl = d.afterCopy.find((s) => s.includes("CLUSTER ON"))!;
+    expect(cl).toContain(`WHERE h.inhparent = '"My Schema"."t_note_idx_part"'::regclass LOOP EXECUTE format('ALTER TABLE %I.%I CLUSTER ON %I', r.s, r.t, r.i)`);
+    expect(fidelityWarnings(rich).some((w) => w.includes(`clustered on t_note_idx`))).toBe(true);
+    expect(d.afterCopy.at(-1)).toBe(`ANALYZE ${SHD}`);
+  });
+
+  it("sets REPLICA IDENTITY USING INDEX after the copy, on the parent and each partition", () => {
+    const f = { ...rich, replicaIdentity: "i", indexes: rich.indexes.map((i) => (i.name === "t_pkey" ? { ...i, isReplicaIdentity: true } : i)) };
+    const after = afterCopySql(f, { source: TABLE, shadow: SHADOW });
+    const ri = after.find((s) => s.includes("REPLICA IDENTITY USING INDEX"))!;
+    expect(ri).toContain(`ALTER TABLE ${SHD} REPLICA IDENTITY USING INDEX "t_pkey_part";`);
+    expect(ri).toContain(`EXECUTE format('ALTER TABLE %I.%I REPLICA IDENTITY USING INDEX %I', r.s, r.t, r.i)`);
+    expect(shadowDdl(f, SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW }).statements.some((s) => s.includes("REPLICA IDENTITY"))).toBe(false);
+  });
+
+  it("creates extended statistics under the shadow's name, with owner, target and comment, and pairs the names", () => {
+    expect(d.statements).toContain(`CREATE STATISTICS "stats"."t_st_part" (ndistinct, dependencies, mcv) ON id, email FROM ${SHD}`);
+    expect(d.statements).toContain(`ALTER STATISTICS "stats"."t_st_part" OWNER TO "stat owner"`);
+    expect(d.statements).toContain(`ALTER STATISTICS "stats"."t_st_part" SET STATISTICS 300`);
+    expect(d.statements).toContain(`COMMENT ON STATISTICS "stats"."t_st_part" IS 'c'`);
+    expect(d.indexRenames).toContainEqual({ from: "t_st_part", to: "t_st" });
+    // A single expression takes no kinds.
+    const one = shadowDdl({ ...rich, statistics: [{ ...rich.statistics[0]!, kinds: ["e"], columns: "(lower(email))" }] }, SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW });
+    expect(one.statements).toContain(`CREATE STATISTICS "stats"."t_st_part" ON (lower(email)) FROM ${SHD}`);
+  });
+
+  it("repeats column grants", () => {
+    expect(d.statements).toContain(`GRANT UPDATE ("email") ON ${SHD} TO "Reporting Role"`);
+  });
+
+  it("refuses a deferrable key and forced row security the runner would be subject to", () => {
+    const f = facts({
+      forceRowSecurity: true,
+      bypassesRowSecurity: false,
+      indexes: [index("Order Items_pkey", "btree (id)", ["id"], { isPrimary: true, isUnique: true, constraintName: "Order Items_pkey", constraintType: "p", deferrable: true })],
+    });
+    const b = fidelityBlockers(f);
+    expect(b).toHaveLength(2);
+    expect(b[0]).toMatch(/^primary key Order Items_pkey is DEFERRABLE/);
+    expect(b[1]).toMatch(/^row-level security is forced on "My Schema"\."Order Items"/);
+  });
+
+  it("liveNamesSql swaps each pair between the live table and its copy in one re-runnable DO block", () => {
+    expect(liveNamesSql(TABLE, SHADOW, [])).toEqual([]);
+    const [stmt] = liveNamesSql(TABLE, SHADOW, [{ from: "a_part", to: "a" }, { from: "it's_part", to: "it's" }]);
+    expect(stmt).toMatch(/^DO \$pgshift\$ DECLARE live oid := to_regclass\('"My Schema"\."Order Items"'\); copy oid := to_regclass\('"My Schema"\."Order Items_pgshift_shadow"'\);/);
+    expect(stmt).toContain(`ARRAY[ARRAY['a_part', 'a'], ARRAY['it''s_part', 'it''s']]::text[]`);
+    expect(stmt).toContain("ALTER INDEX %I.%I RENAME TO %I");
+    expect(stmt).toContain("ALTER STATISTICS %I.%I RENAME TO %I");
   });
 });
 
