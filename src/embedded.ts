@@ -25,6 +25,8 @@ export interface EmbeddedServer {
 
 /** The PostgreSQL majors the embedded provider can start (and pgshift supports). */
 export const EMBEDDED_MAJORS = [14, 15, 16, 17, 18] as const;
+/** Majors pgshift refuses, installed only so that a test can show the refusal (`startEmbedded({ major: 13 })`). */
+export const EMBEDDED_UNSUPPORTED_MAJORS = [13] as const;
 /** The major started when neither `opts.major` nor `PGSHIFT_TEST_PG` says otherwise. */
 export const DEFAULT_EMBEDDED_MAJOR = 17;
 
@@ -384,7 +386,8 @@ async function shutdown(child: ChildProcess | undefined): Promise<void> {
  * directory, a free port on 127.0.0.1, `wal_level=logical` (with room for replication slots and WAL senders),
  * removed on stop.
  *
- * - `major` (14-18): default the `PGSHIFT_TEST_PG` environment variable, else {@link DEFAULT_EMBEDDED_MAJOR}.
+ * - `major` (14-18; 13 for the test of pgshift's refusal): default the `PGSHIFT_TEST_PG` environment variable,
+ *   else {@link DEFAULT_EMBEDDED_MAJOR}.
  * - As root the server runs as the `postgres` system user (created if missing). When that user cannot run the
  *   binaries where they are installed (a checkout in a 0700 directory), they are copied once to a cache
  *   directory under TMPDIR (see usableBinaries).
@@ -398,7 +401,7 @@ async function shutdown(child: ChildProcess | undefined): Promise<void> {
 export async function startEmbedded(
   opts: { log?: (line: string) => void; walLevel?: "logical" | "replica"; maxReplicationSlots?: number; maxWalSenders?: number; durable?: boolean; major?: number; sharedPreloadLibraries?: string[] } = {},
 ): Promise<EmbeddedServer> {
-  const major = embeddedMajor(opts.major);
+  const major = (EMBEDDED_UNSUPPORTED_MAJORS as readonly number[]).includes(opts.major ?? 0) ? opts.major! : embeddedMajor(opts.major);
   const log = opts.log ?? (() => {});
   const user = serverUser();
   const bins = usableBinaries(locateBinaries(major), user);

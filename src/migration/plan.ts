@@ -64,6 +64,22 @@ export interface MigrationPlan {
 const MIN_SERVER = 140000;
 
 /**
+ * Refuses a server older than PostgreSQL 14 (server_version_num < 140000) before anything else is read from its
+ * catalogs: pgshift relies on 14's catalog and trigger syntax (CREATE OR REPLACE TRIGGER, pg_stat_* columns,
+ * logical decoding of in-progress details), and 13 is out of community support.
+ * @throws PgshiftError, one line naming the version, exit 2; nothing read or changed.
+ */
+async function requireSupportedServer(sql: Sql): Promise<void> {
+  const r = await sql`select current_setting('server_version_num')::int as num, current_setting('server_version') as version`;
+  const num = Number(r[0]?.num);
+  if (num < MIN_SERVER) {
+    throw new PgshiftError(`PostgreSQL ${String(r[0]?.version)} is not supported: pgshift needs PostgreSQL 14 or later`, {
+      hint: "upgrade the server (pgshift supports PostgreSQL 14, 15, 16, 17 and 18); nothing was changed",
+    });
+  }
+}
+
+/**
  * Inspects `table` and computes the shadow, its partitions, the DDL and the mirror, changing nothing.
  * Blockers are collected, not thrown, so that `plan` can list them all.
  * @throws PgshiftError when the table does not exist.
@@ -72,6 +88,7 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   const spec = opts.spec;
   const mode = opts.mode ?? "trigger";
   const premake = opts.premake ?? 3;
+  await requireSupportedServer(sql);
   const facts = await inspectTable(sql, table);
   if (!facts) {
     throw new PgshiftError(`table ${displayName(table)} does not exist`, {
