@@ -150,6 +150,53 @@ describe.each(["trigger", "logical"] as Mode[])("after cutover (started in %s mo
   });
 });
 
+describe("identity columns after cutover", () => {
+  it("GENERATED ALWAYS: new rows get ids, a reused id is refused with unique_violation, an update of the id is refused as the original table refused it; swap-back loses nothing", async () => {
+    const name = "keys_identity";
+    await db.admin.unsafe(`
+      create table ${name} (id bigint generated always as identity primary key, created_at timestamptz not null, v text);
+      insert into ${name} (created_at, v) select now() - (i % 120) * interval '1 day', 'v' || i from generate_series(1, 600) i;`);
+    const table = { schema: "public", name };
+    await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month"), ...startOpts });
+    expect((await backfill(db.sql, table, { batchSize: 200 })).complete).toBe(true);
+    await cutover(db.sql, table, opts);
+    const retired = `public.${(await loadMigration(db.sql, table))!.retired_table}`;
+    const same = async (copy = retired) => {
+      const r = await db.admin.unsafe(`
+        select (select count(*) from (table ${name} except table ${copy}) a)::int as a,
+               (select count(*) from (table ${copy} except table ${name}) b)::int as b`);
+      return r[0];
+    };
+    const app = postgres(db.url, { max: 1, onnotice: () => {} });
+    try {
+      const row1 = await rowsOfIdentity(retired, 1);
+      await app.unsafe(`insert into ${name} (created_at, v) values (now(), 'new')`);
+      await app.unsafe(`update ${name} set v = 'changed' where id = 2`);
+      await app.unsafe(`update ${name} set created_at = created_at - interval '200 days' where id = 3`);
+      const dup = await pgError(() => app.unsafe(`insert into ${name} (id, created_at, v) values (1, now() - interval '300 days', 'dup')`));
+      expect(dup.code, dup.message).toBe("23505");
+      const rekey = await pgError(() => app.unsafe(`update ${name} set id = 1000000 where id = 4`));
+      // What the original table answered: an identity column GENERATED ALWAYS "can only be updated to DEFAULT".
+      expect(rekey.code, rekey.message).toBe("428C9");
+      expect(await rowsOfIdentity(retired, 1)).toEqual(row1);
+      expect(await rowsOfIdentity(name, 1)).toEqual(row1);
+      expect(await rowsOfIdentity(name, 4)).toHaveLength(1);
+      expect(await same()).toEqual({ a: 0, b: 0 });
+      await swapBack(db.sql, table, opts);
+      const m = (await loadMigration(db.sql, table))!;
+      expect(m.phase).toBe("swapped_back");
+      expect(await same(`public.${m.shadow_table}`)).toEqual({ a: 0, b: 0 });
+      expect((await db.admin.unsafe(`select count(*)::int as n from ${name}`))[0]!.n).toBe(601);
+    } finally {
+      await app.end();
+    }
+  });
+});
+
+async function rowsOfIdentity(table: string, id: number): Promise<string[]> {
+  return (await db.admin.unsafe(`select t::text from ${table} t where id = ${id}`)).map((r) => String(r.t));
+}
+
 describe("verify --repair meets a duplicate key after cutover", () => {
   it("reports it as a difference with its key (exit 1, no raw error), keeps the retired row, and converges once the duplicate is removed", async () => {
     const name = "keys_repair";
