@@ -23,6 +23,12 @@ export interface ConnectOptions {
   /** application_name shown in pg_stat_activity (default: the user's application_name / PGAPPNAME, else "pgshift"). */
   applicationName?: string;
   /**
+   * application_name when neither `applicationName` nor the user (URL, service, PGAPPNAME) sets one, as
+   * libpq's fallback_application_name: each CLI command passes `pgshift <command>` so that status can say
+   * which command holds a migration.
+   */
+  fallbackApplicationName?: string;
+  /**
    * Send and receive every value as PostgreSQL's text, untouched: no JSON.stringify of json values, no
    * Date round trip of timestamps (which would lose microseconds), no boolean coercion. The applier writes
    * the text pgoutput sent; the server converts it with each column's input function.
@@ -126,7 +132,7 @@ async function openPool(opts: ConnectOptions, s: ConnSettings, tls: TlsPlan): Pr
     onnotice: () => {},
     connect_timeout: s.connectTimeout,
     idle_timeout: 0,
-    connection: { application_name: opts.applicationName ?? s.applicationName ?? "pgshift", ...SESSION_FORMATS },
+    connection: { application_name: opts.applicationName ?? s.applicationName ?? opts.fallbackApplicationName ?? "pgshift", ...SESSION_FORMATS },
     ...(opts.rawText ? { types: RAW_TEXT_TYPES as unknown as Record<string, never>, fetch_types: false } : {}),
   };
   let sql: Sql;

@@ -8,14 +8,18 @@ import { ddlGuardState } from "./migration/ddl-guard.js";
 import { leftoverStream } from "./migration/finish.js";
 import { displayName, quoteQualified, type QualifiedName } from "./names.js";
 import { formatPartitionSpec } from "./partitioning/spec.js";
-import { loadMigration, nextStep, type Phase, type VerifyResult } from "./migration/state.js";
+import { loadMigration, type Phase, type VerifyResult } from "./migration/state.js";
+import { liveness, nextStepFor, type Liveness } from "./liveness.js";
 
 export interface StatusReport {
   table: string;
   phase: Phase;
   mode: string;
   partitionBy: string;
+  /** The next step, from the phase and from what runs now (nextStepFor): "wait: ..." while a command works on the migration. */
   next: string;
+  /** Whether a pgshift process works on the migration right now (pid, command, since when), and when its last batch or applied change happened. */
+  running: Liveness;
   /** Names of the tables as they are now. */
   live: string;
   copy: string;
@@ -25,9 +29,9 @@ export interface StatusReport {
   rowsEstimated: number;
   /** 0-100, or null before the backfill starts. */
   percent: number | null;
-  /** Backfill rows per second (average since the backfill started), or null. */
+  /** Backfill rows per second (average since the backfill started, pauses included) while a backfill runs; null when none runs. */
   rate: number | null;
-  /** Seconds until the backfill is done at that rate, or null. */
+  /** Seconds until the copy is done at that rate while a backfill runs (0 once the backfill finished); null when none runs. */
   etaSeconds: number | null;
   batches: number;
   /** Rows in the DEFAULT partition: rows outside the planned bounds. */
@@ -75,7 +79,8 @@ async function streamStatus(sql: Sql, slot: string, appliedAt: Date | null, maxR
 
 /**
  * The state of the migration of `table`: phase, backfill progress, DEFAULT partition rows, mirror health,
- * last verify result. Read-only (an older pgshift schema is read as it is, not upgraded); takes no lock, so it
+ * last verify result, and whether a pgshift process works on it right now (liveness; rate and ETA only then)
+ * with the next step that follows from all that (nextStepFor). Read-only (an older pgshift schema is read as it is, not upgraded); takes no lock, so it
  * works while another command runs.
  * @throws PgshiftError when no migration of `table` exists.
  */
@@ -103,10 +108,13 @@ export async function status(sql: Sql, table: QualifiedName, opts: { maxRetained
     const r = await sql`select count(*)::bigint as n from ${tableRef(sql, { schema: m.partitioned.schema, name: String(def.name) })}`;
     defaultPartition = { name: String(def.name), rows: Number(r[0]?.n ?? 0) };
   }
+  const stream = m.slot_name ? await streamStatus(sql, m.slot_name, m.applied_commit_time, opts.maxRetainedWalBytes ?? 1024 ** 3) : null;
+  const running = await liveness(sql, table, m, stream);
   const started = m.backfill_started_at?.getTime();
   const end = m.backfill_finished_at?.getTime() ?? Date.now();
   const secs = started ? (end - started) / 1000 : 0;
-  const rate = started && secs > 0 ? m.rows_copied / secs : null;
+  // A rate and an ETA only while a backfill runs: after a crash they would promise progress nobody makes.
+  const rate = started && secs > 0 && running.backfillRunning ? m.rows_copied / secs : null;
   const finished = m.backfill_finished_at !== null;
   const est = Math.max(m.rows_estimated, m.rows_copied);
   return {
@@ -114,7 +122,8 @@ export async function status(sql: Sql, table: QualifiedName, opts: { maxRetained
     phase: m.phase,
     mode: m.mode,
     partitionBy: formatPartitionSpec(m.spec),
-    next: nextStep(m.phase),
+    next: nextStepFor(m, table, running),
+    running,
     live: displayName(m.live),
     copy: displayName(m.copy),
     partitioned: displayName(m.partitioned),
@@ -131,7 +140,7 @@ export async function status(sql: Sql, table: QualifiedName, opts: { maxRetained
     indexDrift: await indexDrift(sql, m),
     lateObjects: await lateObjectLines(sql, m),
     ddlGuard: await ddlGuardState(sql).then((g) => (g.enabled ? "on" : g.installed ? "disabled" : "missing")),
-    stream: m.slot_name ? await streamStatus(sql, m.slot_name, m.applied_commit_time, opts.maxRetainedWalBytes ?? 1024 ** 3) : null,
+    stream,
     lastVerify: m.last_verify,
     startedAt: m.created_at.toISOString(),
     backfillStartedAt: m.backfill_started_at?.toISOString() ?? null,

@@ -4,6 +4,17 @@ import { connect, type Sql } from "../db.js";
 import { explain } from "../errors.js";
 import { parseTableName, type QualifiedName } from "../names.js";
 
+/** application_name fallback of this process's sessions: `pgshift <command>` once main.ts knows the command. */
+let commandAppName = "pgshift";
+
+/**
+ * Names the command this process runs (main.ts, before its action), so that its sessions show
+ * `pgshift <command>` as application_name (unless the user sets one) and status can say who holds a migration.
+ */
+export function setCommandName(command: string): void {
+  commandAppName = `pgshift ${command}`;
+}
+
 /** Options every command that talks to a database accepts. */
 export interface ConnOpts {
   url?: string;
@@ -43,6 +54,7 @@ export async function withTable<T>(
   lost.catch(() => {});
   const sql = await connect({
     url: opts.url,
+    fallbackApplicationName: commandAppName,
     ...(keepOnLoss ? {} : { onClose: () => !closing && onLost(Object.assign(new Error("the command's session was lost"), { code: "CONNECTION_CLOSED" })) }),
   });
   try {

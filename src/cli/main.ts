@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { Command, CommanderError } from "commander";
 import { explain, isConnectionLoss } from "../errors.js";
+import { setCommandName } from "./common.js";
 import { backfillCommand } from "./backfill.js";
 import { cutoverCommand, swapBackCommand } from "./cutover.js";
 import { demoCommand } from "./demo.js";
@@ -42,6 +43,7 @@ const program = new Command("pgshift")
   .configureOutput({ outputError: () => {} })
   .hook("preSubcommand", (_program, sub) => {
     subcommand = sub.name();
+    setCommandName(sub.name());
   })
   .addHelpText("after", `
 The flow:

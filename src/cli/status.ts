@@ -23,6 +23,21 @@ Examples:
   return cmd;
 }
 
+/** Seconds since an ISO 8601 time. */
+function ago(iso: string): number {
+  return Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+}
+
+/** Who works on the migration right now, in one line: the holder of its lock, and in logical mode the stream's consumer. */
+export function runningLine(s: StatusReport): string {
+  const r = s.running;
+  const who = (x: { pid: number; command: string | null; applicationName: string | null; since: string | null }) =>
+    `${x.command ? `pgshift ${x.command}` : (x.applicationName ?? "a pgshift process")} (backend pid ${x.pid}${x.since ? `, since ${x.since}` : ""})`;
+  const parts = [r.holder ? `${who(r.holder)} holds the migration` : `no pgshift command is working on it${s.backfillFinishedAt ? "" : " (no backfill is running)"}`];
+  if (r.streamConsumer) parts.push(`the stream is applied by ${who(r.streamConsumer)}`);
+  return parts.join("; ");
+}
+
 /** The status report as a two-column table on stdout. */
 export function printStatus(s: StatusReport): void {
     const t = new Table({ style: { head: [], border: [] } });
@@ -33,7 +48,9 @@ export function printStatus(s: StatusReport): void {
       { "partition by": `${s.partitionBy} (${s.partitions} partitions)` },
       { "live / copy": `${s.live} -> ${s.copy}` },
       { backfill: s.percent === null ? "not started" : `${s.rowsCopied} / ${s.rowsEstimated} rows (${s.percent.toFixed(1)}%), ${s.batches} batches` },
-      { rate: s.rate === null ? "-" : `${Math.round(s.rate)} rows/s, ETA ${formatDuration(s.etaSeconds)}` },
+      { rate: s.rate === null ? (s.backfillFinishedAt ? "-" : "- (no backfill is running)") : `${Math.round(s.rate)} rows/s, ETA ${formatDuration(s.etaSeconds)}` },
+      { running: runningLine(s) },
+      ...(s.running.lastBatchAt ? [{ "last batch": `${s.running.lastBatchAt} (${formatDuration(ago(s.running.lastBatchAt))} ago)` }] : []),
       { "DEFAULT rows": s.defaultPartition ? `${s.defaultPartition.rows} in ${s.defaultPartition.name}` : "no DEFAULT partition (hash)" },
       { mirror: `${s.mirror.ok ? "ok" : "NOT OK"}: ${s.mirror.detail}` },
       { columns: s.schemaDrift.length === 0 ? "the same in both tables, all mirrored" : `CHANGED during the migration (${s.schemaDrift.length} differences)` },

@@ -390,6 +390,21 @@ export async function lockMigration(sql: Sql, table: QualifiedName, waitMs = 500
   });
 }
 
+/**
+ * The backend pid of the session holding the advisory lock of the migration of `table` (lockMigration) in
+ * this database, or null when no session holds it. Read from pg_locks (PostgreSQL documentation, pg_locks:
+ * an advisory lock on two int4 keys shows them as classid and objid, objsubid 2); takes no lock.
+ */
+export async function migrationLockHolder(sql: AnySql, table: QualifiedName): Promise<number | null> {
+  const key = `${table.schema}.${table.name}`;
+  const rows = await sql`
+    select l.pid from pg_catalog.pg_locks l
+     where l.locktype = 'advisory' and l.database = (select oid from pg_catalog.pg_database where datname = current_database())
+       and l.classid = ${LOCK_CLASS}::oid and l.objid = ((hashtext(${key})::bigint & 4294967295)::text)::oid and l.objsubid = 2 and l.granted
+     limit 1`;
+  return rows[0] ? Number(rows[0].pid) : null;
+}
+
 /** Releases the advisory lock (also released when the connection closes). */
 export async function unlockMigration(sql: Sql, table: QualifiedName): Promise<void> {
   await sql`select pg_advisory_unlock(${LOCK_CLASS}, hashtext(${`${table.schema}.${table.name}`}))`;

@@ -41,13 +41,13 @@ async function terminatedWhileWaiting(args: string[], hold: (tx: Sql) => Promise
     running.push(c);
     let exited = false;
     void c.exited.then(() => (exited = true));
-    // The command's own session (not an applier's: those are named "pgshift apply ..."), waiting for the
-    // lock held here (not for a row the load holds for a moment), in this test's database (sessions of
-    // other test files, on the same server, are named "pgshift" too).
+    // The command's own session, named after it ("pgshift backfill"; not an applier's: those are named
+    // "pgshift apply ..."), waiting for the lock held here (not for a row the load holds for a moment), in
+    // this test's database (sessions of other test files, on the same server, are named so too).
     const waiter = async () =>
       (await db.admin`
         select pid from pg_stat_activity
-         where datname = current_database() and application_name = 'pgshift' and ${holder}::int = any(pg_blocking_pids(pid))`)[0]?.pid as number | undefined;
+         where datname = current_database() and application_name = ${`pgshift ${args[0]}`} and ${holder}::int = any(pg_blocking_pids(pid))`)[0]?.pid as number | undefined;
     let pid: number | undefined;
     await waitUntil(`pgshift ${args[0]} waits for the lock`, async () => {
       if (exited) throw new Error(`pgshift ${args[0]} exited before waiting:\n${c.out.stdout}\n${c.out.stderr}`);
