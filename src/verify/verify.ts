@@ -285,7 +285,10 @@ async function repairKeys(
       });
       log().info({ repaired: diffs.length - still.length, remaining: still.length }, "verify: repaired differing rows");
       for (const [key, reason] of failed) {
-        log().warn({ key: JSON.parse(key) as string[], reason }, `verify: could not repair key ${key} of ${displayName(m.copy)}: ${reason}`);
+        log().warn(
+          { key: JSON.parse(key) as string[], reason },
+          `verify: could not repair key ${key} of ${displayName(m.copy)}: ${reason}; keep one of its rows in ${displayName(m.live)} (delete the other), then run verify --repair again`,
+        );
       }
       return still;
     },
