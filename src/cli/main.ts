@@ -48,7 +48,9 @@ const program = new Command("pgshift")
   .addHelpText("after", `
 The flow:
   pgshift plan      orders --partition-by range:created_at:month   # what would happen, changes nothing
-  pgshift start     orders --partition-by range:created_at:month   # shadow + mirror (--mode logical: slot + stream)
+  pgshift start     orders --partition-by range:created_at:month --allow-key-extension
+                                                                   # shadow + mirror (--mode logical: slot + stream);
+                                                                   # the flag: the key (id) becomes (id, created_at), see plan
   pgshift sync      orders                                         # logical mode: apply the stream until cutover
   pgshift backfill  orders                                         # copy existing rows in batches
   pgshift verify    orders                                         # compare, exit 1 on differences

@@ -19,9 +19,9 @@ export function startCommand(): Command {
   addConnectionOption(cmd);
   cmd.addHelpText("after", `
 Examples:
-  pgshift start orders --partition-by range:created_at:month --premake 6
+  pgshift start orders --partition-by range:created_at:month --premake 6 --allow-key-extension
   pgshift start public.events --partition-by list:tenant_id --dry-run
-  pgshift start events --partition-by range:created_at:month --mode logical --slot-timeout-ms 60000
+  pgshift start events --partition-by range:created_at:month --mode logical --slot-timeout-ms 60000 --allow-key-extension
   pgshift start orders --partition-by range:created_at:month --allow-key-extension   # key (id) becomes (id, created_at)
 A spec that adds the partition column to a unique key is refused (exit 2, nothing changed) without
 --allow-key-extension: pgshift plan names the keys, the ON CONFLICT targets that stop working at cutover

@@ -5,7 +5,7 @@ import { addConnectionOption, formatBytes, formatDuration, intOption, printJson,
 
 export function statusCommand(): Command {
   const cmd = new Command("status")
-    .description("phase, rows copied / estimated, rate, ETA, rows in DEFAULT, mirror health, last verify result")
+    .description("phase, who works on it now (pid, command, since when), rows copied / estimated, rate and ETA while a backfill runs, rows in DEFAULT, mirror health, last verify result, next step")
     .argument("<table>", "table under migration")
     .option("--json", "print as JSON")
     .option("--max-retained-wal <bytes>", "logical mode: warn when the slot retains more WAL than this", intOption("--max-retained-wal", 1), 1024 ** 3);
