@@ -6,7 +6,7 @@ import type { Pgoutput } from "pg-logical-replication";
 import { closedSince, connect, ident, SESSION_FORMATS, identList, joinFragments, replicationConfig, table as tableRef, valueList, type Sql, type TxSql } from "../db.js";
 import { PgshiftError, isConnectionLoss } from "../errors.js";
 import { log } from "../log.js";
-import type { Migration } from "../migration/state.js";
+import type { Migration, Phase } from "../migration/state.js";
 import { ChangeBatch, columnTypes, type Tuple } from "./changes.js";
 import { lsnToBigInt, slotState } from "./logical.js";
 
@@ -30,6 +30,24 @@ const GROUP_MS = 50;
  */
 export const FLUSH_MESSAGE = { prefix: "pgshift", content: "flush" } as const;
 const GROUP_TRANSACTIONS = 5000;
+
+/** The phases in which the shadow follows the slot: from cutover on, nothing may be applied any more. */
+export const STREAMING_PHASES: readonly Phase[] = ["started", "backfilling", "backfilled"];
+
+/**
+ * A group was refused at its commit (and rolled back) because the applier is no longer the one entitled to
+ * write the shadow: the migration left the streaming phases (cut over, aborted, swapped back) or uses another
+ * slot, or another applier committed since this one read the applied position (two appliers overlapped: one
+ * that was stopped while its group was still running, and its successor). Nothing of the group stays.
+ * Starting again from the slot's confirmed position is safe (sync and the followers do so while the
+ * migration still streams).
+ */
+export class StreamFenced extends PgshiftError {
+  constructor(message: string) {
+    super(message, { hint: "nothing of the refused group was kept; pgshift sync (or the command that follows the stream) starts again from the slot's confirmed position while the migration still streams" });
+    this.name = "StreamFenced";
+  }
+}
 
 export interface ApplierProgress {
   /** End LSN of the last transaction applied (or of the last keepalive when idle and caught up). */
@@ -65,7 +83,10 @@ function lsnText(v: bigint): string {
  *   least as new, and later changes replay on top).
  * - The migration row records the applied LSN in the same transaction; the slot's confirmed LSN is advanced
  *   only after COMMIT, so a crash at any point loses nothing: the slot re-sends what was not confirmed and
- *   transactions at or below the recorded LSN are skipped.
+ *   transactions at or below the recorded LSN are skipped. That record is fenced (commitGroup): a group
+ *   commits only while the migration is in a streaming phase with this slot and the row still holds the
+ *   position this applier last recorded, so nothing is applied after a cutover (whatever a table is called
+ *   by then) and no applier overwrites what another one committed after it started.
  * - Keepalives are answered; when idle and caught up, the keepalive's position is confirmed, so that the
  *   slot does not retain WAL written by other tables.
  */
@@ -83,6 +104,12 @@ export class Applier {
   private running: Promise<unknown> | null = null;
   private pingTimer: NodeJS.Timeout | null = null;
   private applied: bigint;
+  /**
+   * applied_lsn as the migration row holds it, as far as this applier knows (its start, then each group it
+   * committed). A group commits only if the row still says so (see commitGroup): otherwise another applier
+   * wrote the shadow meanwhile, or the migration moved on.
+   */
+  private rowApplied: string | null;
   private commitTime: Date | null = null;
   private begun: { commitLsn: bigint; commitTime: Date } | null = null;
   private group: { started: number; txns: number; end: bigint; commitTime: Date | null; exact: boolean; flush: boolean } | null = null;
@@ -104,6 +131,7 @@ export class Applier {
     this.m = m;
     this.opts = opts;
     this.applied = m.applied_lsn ? lsnToBigInt(m.applied_lsn) : 0n;
+    this.rowApplied = m.applied_lsn;
   }
 
   get progress(): ApplierProgress {
@@ -373,7 +401,9 @@ export class Applier {
   private async fail(err: unknown): Promise<void> {
     this.failed ??= err instanceof Error ? err : new Error(String(err));
     this.startFailed?.(this.failed);
-    log().error({ err: this.failed.message }, "apply failed; stopping the stream (nothing after the last applied transaction was confirmed)");
+    if (this.failed instanceof StreamFenced) log().warn({ err: this.failed.message }, "apply stopped: the group in hand was rolled back");
+    else if (this.stopping) log().debug({ err: this.failed.message }, "apply stopped with a group in hand: rolled back, nothing of it confirmed");
+    else log().error({ err: this.failed.message }, "apply failed; stopping the stream (nothing after the last applied transaction was confirmed)");
     await this.abandonGroup(isConnectionLoss(err));
     void this.stop();
   }
@@ -388,7 +418,19 @@ export class Applier {
     }
   }
 
-  /** Commits the open group, records its end LSN in the migration row, then confirms it to the slot. */
+  /**
+   * Commits the open group, records its end LSN in the migration row, then confirms it to the slot.
+   *
+   * The record is fenced: the row is updated only while the migration still streams through this slot
+   * (phase started, backfilling or backfilled) and still holds the applied position this applier last
+   * knew; otherwise the group is rolled back (StreamFenced). The cutover changes the phase in its own
+   * transaction on the same row, so a group either commits before the cutover's renames or not at all,
+   * whichever table its statements reached; and of two appliers that overlap (one stopped while its group
+   * still ran, and the next one, started from the row as it was), only the first to commit keeps its group:
+   * the other's older versions can never overwrite newer ones.
+   * @throws StreamFenced as above; the group's error when it was abandoned meanwhile (stop, lost connection):
+   *   no statement of an abandoned group is sent, so nothing is recorded without the changes it stands for.
+   */
   private async commitGroup(): Promise<void> {
     if (this.commitTimer) clearTimeout(this.commitTimer);
     this.commitTimer = null;
@@ -396,16 +438,47 @@ export class Applier {
     if (!this.tx || !g) return;
     const tx = this.live();
     await this.batch!.write(tx, g.exact);
-    await tx`update pgshift.migrations set applied_lsn = ${lsnText(g.end)}, applied_commit_time = ${(g.commitTime ?? new Date()).toISOString()} where id = ${this.m.id}`;
+    this.requireCurrent(tx, g);
+    const end = lsnText(g.end);
+    const recorded = await tx`
+      update pgshift.migrations set applied_lsn = ${end}, applied_commit_time = ${(g.commitTime ?? new Date()).toISOString()}
+       where id = ${this.m.id} and slot_name = ${this.m.slot_name!} and phase::text in (${valueList(tx, STREAMING_PHASES)})
+         and applied_lsn::pg_lsn is not distinct from ${this.rowApplied}::pg_lsn
+      returning id`;
+    if (recorded.count === 0) throw new StreamFenced(await this.fenceReason(tx));
+    this.requireCurrent(tx, g);
     await tx.unsafe("commit");
-    if (!this.txClosed()) tx.release();
-    this.tx = null;
-    this.group = null;
+    this.rowApplied = end;
     this.applied = g.end;
     this.commitTime = g.commitTime;
     this.transactions += g.txns;
+    // Abandoned while COMMIT was on its way (stop): committed all the same, and abandonGroup owns the connection.
+    if (this.tx !== tx) return;
+    if (!this.txClosed()) tx.release();
+    this.tx = null;
+    this.group = null;
     await this.confirm(g.end);
     this.opts.onCommit?.(this.progress);
+  }
+
+  /**
+   * @throws when the group `g` open on `tx` was abandoned (stop, a lost connection) while a statement of it
+   *   ran: the server rolls it back (abandonGroup sent ROLLBACK, or the connection is gone), and sending its
+   *   next statement would run it outside the group (the applied position recorded without the changes).
+   */
+  private requireCurrent(tx: TxSql, g: NonNullable<Applier["group"]>): void {
+    if (this.tx !== tx || this.group !== g) throw this.failed ?? new Error("the apply group was abandoned (the applier is stopping)");
+  }
+
+  /** Why the fenced update of commitGroup found no row, read in the group's transaction. */
+  private async fenceReason(tx: TxSql): Promise<string> {
+    const rows = await tx`select phase::text as phase, slot_name, applied_lsn from pgshift.migrations where id = ${this.m.id}`;
+    const r = rows[0] as { phase: string; slot_name: string | null; applied_lsn: string | null } | undefined;
+    if (!r) return `the migration of ${this.m.source_table} is gone (aborted or finalized): the stream applies nothing more`;
+    if (!STREAMING_PHASES.includes(r.phase as Phase) || r.slot_name !== this.m.slot_name) {
+      return `the migration of ${this.m.source_table} is in phase ${r.phase}${r.slot_name === this.m.slot_name ? "" : " without this replication slot"}: the stream applies nothing more (the group in hand was rolled back)`;
+    }
+    return `another applier recorded ${r.applied_lsn ?? "-"} in the migration row since this one read ${this.rowApplied ?? "-"}: this one's group was rolled back (it starts again from the slot's confirmed position)`;
   }
 
   /**
@@ -421,8 +494,10 @@ export class Applier {
     // On a lost connection the server has rolled back already; a statement (or a release into the pool)
     // on it would crash the process (see closedSince).
     if (tx && !lost && !this.txClosed()) {
-      await tx.unsafe("rollback").catch(() => {});
-      if (!this.txClosed()) tx.release();
+      // Bounded: a statement of the group may still wait for a lock (stop() gave up waiting for it). The
+      // group cannot commit any more (requireCurrent), and the connection is ended after this.
+      const done = await pTimeout(tx.unsafe("rollback").then(() => true, () => true), { milliseconds: 5000, message: false }).catch(() => false);
+      if (done && !this.txClosed()) tx.release();
     }
   }
 

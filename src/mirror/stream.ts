@@ -2,7 +2,7 @@ import { connect, connectionUrl, transaction, type Sql } from "../db.js";
 import { PgshiftError, isConnectionLoss, sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { loadMigration, type Migration } from "../migration/state.js";
-import { Applier, FLUSH_MESSAGE } from "./apply.js";
+import { Applier, FLUSH_MESSAGE, STREAMING_PHASES, StreamFenced } from "./apply.js";
 import { lsnToBigInt, slotState } from "./logical.js";
 
 /** Keeps the shadow following the replication slot for as long as a command needs it. */
@@ -19,8 +19,12 @@ export interface StreamFollower {
 /** The stream did not apply everything up to a position in time (under a lock: release it and try again). */
 export class CatchupTimeout extends Error {}
 
-/** Apply errors worth starting again from the slot's confirmed position: a conflict, or a lost connection. */
-const retryable = (err: unknown) => ["40P01", "40001", "55P03"].includes(sqlState(err) ?? "") || isConnectionLoss(err);
+/**
+ * Apply errors worth starting again from the slot's confirmed position: a conflict, a lost connection, or a
+ * group fenced off because another applier committed first (takeOver re-reads the row, and refuses to
+ * start at all once the migration no longer streams).
+ */
+const retryable = (err: unknown) => ["40P01", "40001", "55P03"].includes(sqlState(err) ?? "") || isConnectionLoss(err) || err instanceof StreamFenced;
 
 /**
  * Keeps the shadow following the slot for as long as a command needs it: applies the stream in this process
@@ -44,7 +48,14 @@ export async function followStream(sql: Sql, m: Migration): Promise<StreamFollow
 
   /** Starts applying in this process; false when another consumer holds the slot. */
   const takeOver = async (): Promise<boolean> => {
-    const fresh = (await loadMigration(flusher, { schema: m.source_schema, name: m.source_table })) ?? m;
+    if (stopped) return false;
+    const fresh = await loadMigration(flusher, { schema: m.source_schema, name: m.source_table });
+    // Never start an applier for a migration that no longer streams: after a cutover the names point at
+    // other tables (the partitioned one is live), and the slot may still exist for a moment.
+    if (!fresh || fresh.slot_name !== slot || !STREAMING_PHASES.includes(fresh.phase)) {
+      log().info({ slot, phase: fresh?.phase ?? "gone" }, "stream: the migration no longer streams; not applying here");
+      return false;
+    }
     const a = new Applier(fresh, { url });
     try {
       await a.start();

@@ -4,7 +4,7 @@ import { PgshiftError, isConnectionLoss, sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { displayName, type QualifiedName } from "../names.js";
 import { loadMigration, requireMigration, type Migration } from "../migration/state.js";
-import { Applier } from "./apply.js";
+import { Applier, STREAMING_PHASES, StreamFenced } from "./apply.js";
 import { slotState } from "./logical.js";
 
 export interface SyncTick {
@@ -52,7 +52,8 @@ type Stop = { reason: "stopped" | "cut over" | "gone" };
 async function current(sql: Sql, table: QualifiedName): Promise<Migration | Stop> {
   const m = await loadMigration(sql, table);
   if (!m) return { reason: "gone" };
-  if (!m.slot_name || m.phase === "cutover") return { reason: "cut over" };
+  // Not streaming any more (cut over, or swapped back after it): never attach again, even if the slot is left.
+  if (!m.slot_name || !STREAMING_PHASES.includes(m.phase)) return { reason: "cut over" };
   return m;
 }
 
@@ -173,7 +174,9 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
   /** Why a failed session is worth another, or null when the error ends sync. */
   const again = (err: unknown): "transient" | "lost" | null => {
     if (opts.signal?.aborted) return null;
-    if (TRANSIENT.has(sqlState(err) ?? "")) return "transient";
+    // Fenced: another applier committed since this session read the row (or the migration moved on, which
+    // the next session's first look at the row sees): start again from the confirmed position.
+    if (TRANSIENT.has(sqlState(err) ?? "") || err instanceof StreamFenced) return "transient";
     return loop && (isConnectionLoss(err) || slotBusy(err)) ? "lost" : null;
   };
   try {
