@@ -141,7 +141,9 @@ function sameIndex(plain: IndexInfo, partitioned: IndexInfo, partitionColumn: st
   if (plain.tail === partitioned.tail) return true;
   if (!plain.unique || plain.keyColumns.includes(partitionColumn)) return false;
   try {
-    return extendIndexKey(plain.tail, [partitionColumn]) === partitioned.tail;
+    // extendIndexKey quotes the column; pg_get_indexdef quotes it only where needed.
+    const widened = extendIndexKey(plain.tail, [partitionColumn]);
+    return widened === partitioned.tail || widened.replace(`, ${quoteIdent(partitionColumn)})`, `, ${partitionColumn})`) === partitioned.tail;
   } catch {
     return false;
   }
@@ -295,7 +297,7 @@ async function lateIndexes(sql: AnySql, m: Migration): Promise<Omit<LateObjects,
     }
     const widened = copyIsPartitioned && o.unique && !o.keyColumns.includes(col);
     const tail = widened ? extendIndexKey(o.tail, [col]) : o.tail;
-    const free = buildNameCandidates(o.name, suffix).find((n) => !taken.has(n) || copyIx.some((p) => p.name === n && !p.valid && p.unique === o.unique && p.tail === tail));
+    const free = buildNameCandidates(o.name, suffix).find((n) => !taken.has(n) || copyIx.some((p) => p.name === n && !p.valid && p.unique === o.unique && (p.tail === tail || p.tail === tail.replace(`, ${quoteIdent(col)})`, `, ${col})`))));
     if (!free) {
       dependents.push({ label: `index ${o.name} on ${displayName(live)} (${o.definition})`, before: [], after: [], advice: `the names pgshift would give its copy on ${displayName(copy)} are taken: create it there yourself` });
       continue;

@@ -1,0 +1,352 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import type { Sql } from "../../src/db.js";
+import { backfill } from "../../src/backfill/backfill.js";
+import { cutover, swapBack } from "../../src/cutover/cutover.js";
+import { PgshiftError } from "../../src/errors.js";
+import { compareWithTwin, createWorkload, startLoad, type Workload } from "../../src/load/workload.js";
+import { finalize } from "../../src/migration/finish.js";
+import { startMigration } from "../../src/migration/start.js";
+import { loadMigration } from "../../src/migration/state.js";
+import { parsePartitionSpec } from "../../src/partitioning/spec.js";
+import type { StatusReport } from "../../src/status.js";
+import { verify } from "../../src/verify/verify.js";
+import { describeRun, expectRefusal, runCli, type CliResult } from "../support/cli.js";
+import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
+
+/**
+ * Objects created on a table while it is being migrated (issue 13, item 5): nothing created after `start`
+ * is silently left behind by cutover or swap-back.
+ * - An index created on the live table is built on the copy before the switch takes its lock (never under
+ *   it), is valid on the table the application writes at every step, and has its original name after finalize,
+ *   under concurrent writes checked against an independent twin.
+ * - A view, a trigger, a policy and a function with a BEGIN ATOMIC body make cutover (and, created on the
+ *   partitioned table after cutover, swap-back) refuse with exit 2, naming the object and the statements to
+ *   run, with nothing changed; status lists them; the statements of the hint work.
+ * - Something created between the check and the lock is caught under the lock and rolled back.
+ */
+
+let db: TestDatabase;
+const pgshift = (args: string[]) => runCli([...args, "--url", db.url]);
+const MONTH = ["--partition-by", "range:created_at:month"];
+const opts = { lockTimeoutMs: 200, retries: 30 };
+
+beforeAll(async () => {
+  db = await freshDatabase();
+});
+
+afterAll(async () => {
+  await db?.close();
+});
+
+async function createOrders(sql: Sql, name: string): Promise<void> {
+  await sql.unsafe(`
+    create table ${name} (id bigserial primary key, created_at timestamptz not null, note text);
+    insert into ${name} (created_at, note)
+      select timestamptz '2025-01-01 00:00+00' + i * interval '11 hours', 'order ' || i from generate_series(1, 300) i;`);
+}
+
+async function startAndBackfill(name: string): Promise<void> {
+  await createOrders(db.admin, name);
+  const st = await pgshift(["start", "--allow-key-extension", name, ...MONTH]);
+  expect(st.code, describeRun(st)).toBe(0);
+  const bf = await pgshift(["backfill", name]);
+  expect(bf.code, describeRun(bf)).toBe(0);
+}
+
+/** What a refused step must leave as it was: the phase, the kind and name of each table, their indexes and triggers. */
+async function snapshot(name: string) {
+  const r = await db.admin`
+    select (select phase from pgshift.migrations where source_table = ${name}) as phase,
+           (select index_renames::text from pgshift.migrations where source_table = ${name}) as renames,
+           (select array_agg(c.relname::text || ':' || c.relkind::text order by c.relname) from pg_class c
+             where c.relnamespace = 'public'::regnamespace and c.relname in (${name}, ${name + "_pgshift_shadow"}, ${name + "_pgshift_retired"})) as tables,
+           (select array_agg(c.relname::text order by c.relname) from pg_index i join pg_class c on c.oid = i.indexrelid
+             where i.indrelid in (to_regclass(${"public." + name}), to_regclass(${"public." + name + "_pgshift_shadow"}), to_regclass(${"public." + name + "_pgshift_retired"}))) as indexes,
+           (select array_agg(tgname::text order by tgname) from pg_trigger where tgrelid = to_regclass(${"public." + name}) and not tgisinternal) as triggers`;
+  return r[0];
+}
+
+async function statusOf(name: string): Promise<StatusReport> {
+  const r = await pgshift(["status", name, "--json"]);
+  expect(r.code, describeRun(r)).toBe(0);
+  return JSON.parse(r.stdout) as StatusReport;
+}
+
+/** The statements of a refusal's hint: `run <before> then pgshift <step> <table>, then <after>`. */
+function hintStatements(r: CliResult): { before: string; after: string } {
+  const hint = r.stderr.split("\n").find((l) => l.startsWith("pgshift: hint: "))!;
+  const m = /^pgshift: hint: (?:run (.*) then )?pgshift (?:cutover|swap-back) \S+(?:, then (.*))?$/.exec(hint);
+  expect(m, hint).not.toBeNull();
+  return { before: m![1] ?? "", after: m![2] ?? "" };
+}
+
+/** The table a view reads from (pg_depend), as regclass text. */
+async function viewReads(view: string): Promise<string[]> {
+  const r = await db.admin`
+    select distinct d.refobjid::regclass::text as t from pg_depend d join pg_rewrite w on w.oid = d.objid
+     where d.classid = 'pg_rewrite'::regclass and w.ev_class = to_regclass(${view}) and d.refclassid = 'pg_class'::regclass
+       and d.refobjid <> w.ev_class order by 1`;
+  return r.map((x) => String(x.t));
+}
+
+describe("an index created on the live table during the migration", () => {
+  it("is built on the shadow before cutover takes its lock, and is valid on the live table at every step and named as created after finalize, under concurrent writes", async () => {
+    const name = "late_ix";
+    const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
+    await createWorkload(db.admin, w, 20_000);
+    /** Valid indexes of `table` on exactly these columns, by name. */
+    const indexesOn = async (table: string, def: string) =>
+      (await db.admin`
+        select c.relname::text as n, i.indisvalid as valid, i.indisunique as uniq, pg_get_indexdef(i.indexrelid) as def
+          from pg_index i join pg_class c on c.oid = i.indexrelid
+         where i.indrelid = to_regclass(${table}) and pg_get_indexdef(i.indexrelid) like ${"% USING btree " + def}`).map((r) => ({
+        name: String(r.n),
+        valid: Boolean(r.valid),
+        unique: Boolean(r.uniq),
+      }));
+    const load = await startLoad(db.url, w, { connections: 4, pauseMs: 1 });
+    let beforeLockSeen: { plain: unknown; unique: unknown } | null = null;
+    try {
+      await sleep(200);
+      await startMigration(db.sql, w.table, { spec: parsePartitionSpec("range:created_at:month"), mode: "trigger", allowKeyExtension: true, ...opts });
+      expect((await backfill(db.sql, w.table, { batchSize: 2000, sleepMs: 20 })).complete).toBe(true);
+      // A deploy adds two indexes while the migration runs (the load keeps writing).
+      await db.admin.unsafe(`create index concurrently late_ix_amount on ${name} (amount)`);
+      await db.admin.unsafe(`create unique index concurrently late_ix_id_status on ${name} (id, status)`);
+      const st = await statusOf(name);
+      expect(st.indexDrift).toHaveLength(2);
+      expect(st.indexDrift.join("\n")).toContain("index late_ix_amount was created on public.late_ix during the migration");
+      expect(st.indexDrift.join("\n")).toContain("cutover builds it there first, before its lock, as late_ix_amount_part");
+      expect(st.indexDrift.join("\n")).toContain("late_ix_id_status_part (UNIQUE USING btree (id, status, \"created_at\")), unique only together with the partition column");
+      expect(st.lateObjects).toEqual([]);
+      // The dry run prints the builds it would run, and builds nothing.
+      const dry = await pgshift(["cutover", name, "--dry-run"]);
+      expect(dry.code, describeRun(dry)).toBe(0);
+      expect(dry.stdout).toContain(`CREATE INDEX IF NOT EXISTS "late_ix_amount_part" ON ONLY "public"."late_ix_pgshift_shadow" USING btree (amount);`);
+      expect(dry.stdout).toMatch(/CREATE INDEX CONCURRENTLY IF NOT EXISTS "\S+" ON "public"."late_ix_p\S+" USING btree \(amount\);/);
+      expect(dry.stdout).toContain(`CREATE UNIQUE INDEX IF NOT EXISTS "late_ix_id_status_part" ON ONLY "public"."late_ix_pgshift_shadow" USING btree (id, status, "created_at");`);
+      expect(dry.stdout.indexOf("late_ix_amount_part")).toBeLessThan(dry.stdout.indexOf("LOCK TABLE"));
+      expect(await indexesOn(`public.${name}_pgshift_shadow`, "(amount)")).toEqual([]);
+
+      const r = await cutover(db.sql, w.table, {
+        ...opts,
+        // Before the transaction that locks: both are already there, valid.
+        beforeLock: async () => {
+          beforeLockSeen = {
+            plain: await indexesOn(`public.${name}_pgshift_shadow`, "(amount)"),
+            unique: await indexesOn(`public.${name}_pgshift_shadow`, `(id, status, created_at)`),
+          };
+        },
+      });
+      expect(beforeLockSeen).toEqual({
+        plain: [{ name: "late_ix_amount_part", valid: true, unique: false }],
+        unique: [{ name: "late_ix_id_status_part", valid: true, unique: true }],
+      });
+      expect(r.indexesBuilt.map((b) => [b.name, b.original, b.widened])).toEqual([
+        ["late_ix_amount_part", "late_ix_amount", false],
+        ["late_ix_id_status_part", "late_ix_id_status", true],
+      ]);
+      // Every partition has its index, valid and attached.
+      const parts = await db.admin`
+        select count(*)::int as n, count(*) filter (where exists (
+                 select from pg_index i join pg_inherits h on h.inhrelid = i.indexrelid
+                  where i.indrelid = p.inhrelid and i.indisvalid and pg_get_indexdef(i.indexrelid) like '% USING btree (amount)'))::int as indexed
+          from pg_inherits p where p.inhparent = to_regclass(${"public." + name})`;
+      expect(parts[0]!.indexed).toBe(parts[0]!.n);
+      // Live (partitioned) after cutover: both valid, whatever they are called until finalize.
+      expect((await indexesOn(`public.${name}`, "(amount)")).map((i) => i.valid)).toEqual([true]);
+      expect((await indexesOn(`public.${name}`, "(id, status, created_at)")).map((i) => i.valid)).toEqual([true]);
+      expect((await statusOf(name)).indexDrift).toEqual([]);
+      await sleep(300);
+      await swapBack(db.sql, w.table, opts);
+      // Live (original) again: it kept its indexes.
+      expect(await indexesOn(`public.${name}`, "(amount)")).toEqual([{ name: "late_ix_amount", valid: true, unique: false }]);
+      expect((await statusOf(name)).indexDrift).toEqual([]);
+      await sleep(300);
+      const again = await cutover(db.sql, w.table, opts);
+      expect(again.indexesBuilt).toEqual([]);
+      expect((await indexesOn(`public.${name}`, "(amount)")).map((i) => i.valid)).toEqual([true]);
+      await sleep(300);
+    } finally {
+      await load.stop();
+    }
+    expect(load.stats.errors).toEqual([]);
+    expect(load.stats.updates).toBeGreaterThan(50);
+    const m = (await loadMigration(db.sql, w.table))!;
+    expect(m.phase).toBe("cutover");
+    expect(await compareWithTwin(db.admin, m.live, w.twin, "bigint")).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
+    expect(await compareWithTwin(db.admin, m.copy, w.twin, "bigint")).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
+    expect((await verify(db.sql, w.table)).equal).toBe(true);
+    await finalize(db.sql, w.table, { yes: true });
+    expect(await indexesOn(`public.${name}`, "(amount)")).toEqual([{ name: "late_ix_amount", valid: true, unique: false }]);
+    expect(await indexesOn(`public.${name}`, "(id, status, created_at)")).toEqual([{ name: "late_ix_id_status", valid: true, unique: true }]);
+    expect(await compareWithTwin(db.admin, w.table, w.twin, "bigint")).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
+  });
+});
+
+/**
+ * Objects that cutover refuses for, each created on `table` by `create`, named in the refusal by `named`;
+ * `check` tells whether it acts on the original table again after the round trip; `drop` removes it.
+ * A policy is carried by creating it on the copy too (the hint's statement), so it does not come back.
+ */
+const objects = (table: string) => [
+  {
+    what: "a view",
+    create: `create view ${table}_v as select id, note from ${table} where note is not null`,
+    named: `view public.${table}_v`,
+    check: async () => expect(await viewReads(`public.${table}_v`)).toEqual([table]),
+    drop: `drop view ${table}_v`,
+  },
+  {
+    what: "a trigger",
+    create: `create function ${table}_touch() returns trigger language plpgsql as $$ begin new.note := coalesce(new.note, 'touched'); return new; end $$;
+             create trigger ${table}_touch before insert on ${table} for each row execute function ${table}_touch()`,
+    named: `trigger ${table}_touch on public.${table}`,
+    check: async () => {
+      const r = await db.admin`select count(*)::int as n from pg_trigger where tgrelid = to_regclass(${"public." + table}) and tgname = ${table + "_touch"}`;
+      expect(r[0]!.n).toBe(1);
+    },
+    drop: `drop trigger ${table}_touch on ${table}`,
+  },
+  {
+    what: "a policy",
+    create: `create policy ${table}_recent on ${table} using (created_at > '2020-01-01')`,
+    named: `policy ${table}_recent on public.${table}`,
+    check: async () => {
+      const r = await db.admin`select array_agg(tablename::text order by tablename) as t from pg_policies where policyname = ${table + "_recent"}`;
+      expect(r[0]!.t).toEqual([table, `${table}_pgshift_shadow`]);
+    },
+    drop: `drop policy ${table}_recent on ${table}; drop policy ${table}_recent on ${table}_pgshift_shadow`,
+  },
+  {
+    what: "a BEGIN ATOMIC function",
+    create: `create function ${table}_count() returns bigint begin atomic select count(*) from ${table}; end`,
+    named: `function public.${table}_count()`,
+    check: async () => {
+      const r = await db.admin`select distinct d.refobjid::regclass::text as t from pg_depend d
+                                where d.objid = ${`public.${table}_count()`}::regprocedure and d.refclassid = 'pg_class'::regclass`;
+      expect(r.map((x) => x.t)).toEqual([table]);
+    },
+    drop: `drop function ${table}_count()`,
+  },
+];
+
+describe("a view, a trigger, a policy and a BEGIN ATOMIC function created after start", () => {
+  it("each makes cutover refuse with exit 2 naming it, nothing changed; status lists it; the statements of the hint carry it over and back", async () => {
+    const name = "late_dep";
+    await startAndBackfill(name);
+    for (const o of objects(name)) {
+      await db.admin.unsafe(o.create);
+      const before = await snapshot(name);
+      expect(["backfilled", "swapped_back"]).toContain(before?.phase);
+      const st = await statusOf(name);
+      expect(st.lateObjects, o.what).toHaveLength(1);
+      expect(st.lateObjects[0], o.what).toContain(`${o.named} depends on public.${name} and would stay with it as public.${name}_pgshift_retired: cutover refuses`);
+      const human = await pgshift(["status", name]);
+      expect(human.stdout, o.what).toContain(`warning: ${o.named} depends on public.${name}`);
+      const refused = await pgshift(["cutover", name]);
+      expectRefusal(refused, "cannot cut over", o.named, "nothing was changed");
+      expectRefusal(await pgshift(["cutover", name, "--dry-run"]), "cannot cut over", o.named);
+      expect(await snapshot(name), o.what).toEqual(before);
+      // As the hint says: the statements before, the cutover, the statements after.
+      const h = hintStatements(refused);
+      if (h.before) await db.admin.unsafe(h.before);
+      const cut = await pgshift(["cutover", name]);
+      expect(cut.code, describeRun(cut)).toBe(0);
+      if (h.after) await db.admin.unsafe(h.after);
+      const after = (await statusOf(name)).lateObjects;
+      if (o.what === "a policy") expect(after, o.what).toEqual([]);
+      else expect(after.join("\n"), o.what).toContain(`${o.named} depends on public.${name} and would stay with it as public.${name}_pgshift_shadow: swap-back refuses`);
+      // The object now acts on the partitioned table (a policy: on both): swap-back refuses in turn, and its hint moves it back.
+      const back = await pgshift(["swap-back", name]);
+      if (o.what !== "a policy") {
+        expectRefusal(back, "cannot swap back", o.named, "nothing was changed");
+        const hb = hintStatements(back);
+        if (hb.before) await db.admin.unsafe(hb.before);
+        const back2 = await pgshift(["swap-back", name]);
+        expect(back2.code, describeRun(back2)).toBe(0);
+        if (hb.after) await db.admin.unsafe(hb.after);
+      } else {
+        expect(back.code, describeRun(back)).toBe(0);
+      }
+      await o.check();
+      await db.admin.unsafe(o.drop);
+      expect((await statusOf(name)).lateObjects, o.what).toEqual([]);
+    }
+  });
+});
+
+describe("objects created on the partitioned live table after cutover", () => {
+  it("swap-back builds an index on the retired table before its lock, and refuses for a view, a trigger, a policy and a BEGIN ATOMIC function, naming each, nothing changed", async () => {
+    const name = "late_back";
+    await startAndBackfill(name);
+    const cut = await pgshift(["cutover", name]);
+    expect(cut.code, describeRun(cut)).toBe(0);
+    // The application's deploy adds an index to the (now partitioned) live table.
+    await db.admin.unsafe(`create index late_back_note on ${name} (note)`);
+    const st = await statusOf(name);
+    expect(st.indexDrift).toHaveLength(1);
+    expect(st.indexDrift[0]).toContain(`index late_back_note was created on public.${name} during the migration`);
+    expect(st.indexDrift[0]).toContain(`swap-back builds it there first, before its lock, as late_back_note_orig`);
+    for (const o of objects(name)) {
+      await db.admin.unsafe(o.create);
+      const before = await snapshot(name);
+      expect(before?.phase).toBe("cutover");
+      const s = await statusOf(name);
+      expect(s.lateObjects.join("\n"), o.what).toContain(`${o.named} depends on public.${name} and would stay with it as public.${name}_pgshift_shadow: swap-back refuses`);
+      const refused = await pgshift(["swap-back", name]);
+      expectRefusal(refused, "cannot swap back", o.named, "nothing was changed");
+      expectRefusal(await pgshift(["swap-back", name, "--dry-run"]), "cannot swap back", o.named);
+      // Nothing changed: not even the index was built (the refusal comes first).
+      expect(await snapshot(name), o.what).toEqual(before);
+      const h = hintStatements(refused);
+      if (h.before) await db.admin.unsafe(h.before);
+    }
+    const dry = await pgshift(["swap-back", name, "--dry-run"]);
+    expect(dry.code, describeRun(dry)).toBe(0);
+    expect(dry.stdout.split("\n")[0]).toBe(`CREATE INDEX CONCURRENTLY IF NOT EXISTS "late_back_note_orig" ON "public"."${name}_pgshift_retired" USING btree (note);`);
+    const back = await pgshift(["swap-back", name]);
+    expect(back.code, describeRun(back)).toBe(0);
+    expect(back.stdout).toContain(`built index late_back_note_orig on public.${name}_pgshift_retired before the lock, for index late_back_note`);
+    const ix = await db.admin`
+      select c.relname::text as n, i.indisvalid as valid from pg_index i join pg_class c on c.oid = i.indexrelid
+       where i.indrelid = to_regclass(${"public." + name}) and pg_get_indexdef(i.indexrelid) like '% USING btree (note)'`;
+    expect(ix.map((r) => [r.n, r.valid])).toEqual([["late_back_note_orig", true]]);
+    const st2 = await statusOf(name);
+    expect(st2.phase).toBe("swapped_back");
+    expect(st2.indexDrift).toEqual([]);
+  });
+});
+
+describe("an object created between the check and the lock", () => {
+  it("is seen under the lock: the switch rolls back and refuses, nothing changed", async () => {
+    const name = "late_race";
+    await startAndBackfill(name);
+    const before = await snapshot(name);
+    const table = { schema: "public", name };
+    const err = await cutover(db.sql, table, {
+      ...opts,
+      beforeLock: async () => {
+        await db.admin.unsafe(`create view late_race_v as select id from ${name}`);
+      },
+    }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(PgshiftError);
+    expect((err as PgshiftError).message).toContain(`cannot cut over: created on public.${name} while cutover prepared: `);
+    expect((err as PgshiftError).message).toContain("view late_race_v");
+    expect(await snapshot(name)).toEqual(before);
+    expect(await viewReads("public.late_race_v")).toEqual([name]);
+    // An index created in that window: refused the same way; the next cutover builds it first.
+    await db.admin.unsafe(`drop view late_race_v`);
+    const err2 = await cutover(db.sql, table, {
+      ...opts,
+      beforeLock: async () => {
+        await db.admin.unsafe(`create index late_race_note on ${name} (note)`);
+      },
+    }).catch((e: unknown) => e);
+    expect((err2 as PgshiftError).message).toContain("index late_race_note");
+    expect((await snapshot(name))?.phase).toBe("backfilled");
+    const ok = await cutover(db.sql, table, opts);
+    expect(ok.indexesBuilt.map((b) => b.original)).toEqual(["late_race_note"]);
+    expect((await loadMigration(db.sql, table))?.phase).toBe("cutover");
+  });
+});
