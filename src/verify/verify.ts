@@ -217,16 +217,16 @@ const isIntegrityViolation = (err: unknown) => sqlState(err)?.startsWith("23") ?
  * and the copy is the retired table; a check; a foreign key) is rolled back to its savepoint, so the copy
  * keeps the rows it had for it, and tried again after the others (deleting another key's stale row may free
  * the value); what still fails is returned with PostgreSQL's message and detail, never thrown.
- * @returns JSON text of a key -> why it could not be rewritten; empty when every key was.
+ * @returns JSON text of a key -> the SQLSTATE and why it could not be rewritten; empty when every key was.
  * @throws any other error (a lost connection, a lock timeout: the caller's transaction is retried).
  */
-async function rewriteKeys(tx: TxSql, m: Migration, diffs: readonly Difference[]): Promise<Map<string, string>> {
+async function rewriteKeys(tx: TxSql, m: Migration, diffs: readonly Difference[]): Promise<Map<string, { code: string; reason: string }>> {
   const keyCols = identList(tx, m.key_columns);
   const cols = identList(tx, m.copy_columns);
   const overriding = m.phase === "cutover" && m.sequences.some((s) => s.identity === "a") ? tx`overriding system value` : tx``;
   const byId = new Map(diffs.map((d) => [JSON.stringify(d.key), d.key] as const));
   let pending = [...byId.keys()];
-  const failed = new Map<string, string>();
+  const failed = new Map<string, { code: string; reason: string }>();
   for (;;) {
     failed.clear();
     for (const id of pending) {
@@ -240,7 +240,7 @@ async function rewriteKeys(tx: TxSql, m: Migration, diffs: readonly Difference[]
         if (!isIntegrityViolation(err)) throw err;
         await tx`rollback to savepoint pgshift_repair`;
         const e = err as { message?: string; detail?: string };
-        failed.set(id, `${e.message ?? String(err)}${e.detail ? ` (${e.detail})` : ""}`);
+        failed.set(id, { code: sqlState(err) ?? "", reason: `${e.message ?? String(err)}${e.detail ? ` (${e.detail})` : ""}` });
       }
     }
     if (failed.size === 0 || failed.size === pending.length) return failed;
@@ -280,15 +280,18 @@ async function repairKeys(
       }
       const failed = await rewriteKeys(tx, m, diffs);
       const still = (await drillDown(tx, m, b)).map((d) => {
-        const reason = failed.get(JSON.stringify(d.key));
-        return reason === undefined ? d : { ...d, reason };
+        const f = failed.get(JSON.stringify(d.key));
+        return f === undefined ? d : { ...d, reason: f.reason };
       });
       log().info({ repaired: diffs.length - still.length, remaining: still.length }, "verify: repaired differing rows");
-      for (const [key, reason] of failed) {
-        log().warn(
-          { key: JSON.parse(key) as string[], reason },
-          `verify: could not repair key ${key} of ${displayName(m.copy)}: ${reason}; keep one of its rows in ${displayName(m.live)} (delete the other), then run verify --repair again`,
-        );
+      for (const [key, { code, reason }] of failed) {
+        const todo =
+          code === "23505"
+            ? m.phase === "cutover"
+              ? `keep one row with this key in ${displayName(m.live)} (delete the other: the reverse mirror removes the key from the copy too)`
+              : `remove the row of ${displayName(m.copy)} that holds the value in the way`
+            : `correct the row in ${displayName(m.live)} or the constraint of ${displayName(m.copy)}`;
+        log().warn({ key: JSON.parse(key) as string[], reason }, `verify: could not repair key ${key} of ${displayName(m.copy)}: ${reason}; ${todo}, then run verify --repair again`);
       }
       return still;
     },
