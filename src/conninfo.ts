@@ -375,7 +375,7 @@ export function probeSsl(host: string, port: number, timeoutMs: number): Promise
     socket.on("connect", () => socket.write(Buffer.from([0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])));
     socket.once("data", (d: Buffer) => {
       const c = String.fromCharCode(d[0]!);
-      finish(c === "S" || c === "N" ? c : { other: d.subarray(0, 40).toString("latin1").replace(/[^\x20-\x7e]+/g, " ").trim() });
+      finish(c === "S" || c === "N" ? c : { other: d.subarray(0, 60).toString("latin1").split(/[\r\n]/)[0]!.replace(/[^\x20-\x7e]+/g, " ").trim() });
     });
     socket.on("error", (err) => finish(err));
     socket.on("close", () => finish("closed"));

@@ -19,13 +19,15 @@ export interface CliResult {
 /**
  * Runs the real CLI as a child process: `node --import tsx src/cli/main.ts <args>`.
  * DATABASE_URL and the libpq PG* variables are removed from the environment, so only `--url` counts;
- * PGSHIFT_DEBUG is removed so that error output is what a user sees.
+ * PGSHIFT_DEBUG is removed so that error output is what a user sees. `opts.env` is then added (PG* variables
+ * a test sets on purpose).
  */
-export function runCli(args: string[], opts: { timeoutMs?: number } = {}): Promise<CliResult> {
+export function runCli(args: string[], opts: { timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<CliResult> {
   const env: NodeJS.ProcessEnv = { ...process.env };
   for (const k of Object.keys(env)) {
     if (k === "DATABASE_URL" || k === "PGSHIFT_DEBUG" || /^PG[A-Z]+$/.test(k)) delete env[k];
   }
+  Object.assign(env, opts.env);
   const t0 = performance.now();
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, ["--import", "tsx", "src/cli/main.ts", ...args], {
