@@ -125,7 +125,9 @@ export async function verify(sql: Sql, table: QualifiedName, opts: VerifyOptions
         let remaining = res.diffs;
         if (opts.repair) {
           remaining = await repairKeys(sql, m, { lo, hi: res.hi }, res.diffs, opts, follower);
-          repaired += res.diffs.length - remaining.length;
+          // Counted by key: a key the copy refused may come back as more than one difference (a duplicate).
+          const left = new Set(remaining.map((d) => JSON.stringify(d.key)));
+          repaired += new Set(res.diffs.map((d) => JSON.stringify(d.key)).filter((k) => !left.has(k))).size;
         }
         for (const d of remaining) {
           counts[d.kind]++;
@@ -283,7 +285,7 @@ async function repairKeys(
         const f = failed.get(JSON.stringify(d.key));
         return f === undefined ? d : { ...d, reason: f.reason };
       });
-      log().info({ repaired: diffs.length - still.length, remaining: still.length }, "verify: repaired differing rows");
+      log().info({ rewritten: new Set(diffs.map((d) => JSON.stringify(d.key))).size - failed.size, refused: failed.size, remaining: still.length }, "verify: repaired differing rows");
       for (const [key, { code, reason }] of failed) {
         const todo =
           code === "23505"
