@@ -9,7 +9,7 @@ import { mirrorFor } from "../mirror/mirror.js";
 import { truncateGuardSql } from "../mirror/trigger.js";
 import { dropStream, dropStreamSql, slotState } from "../mirror/logical.js";
 import { CatchupTimeout, followStream } from "../mirror/stream.js";
-import { displayName, quoteIdent, quoteQualified, type QualifiedName } from "../names.js";
+import { displayName, quoteIdent, quoteLiteral, quoteQualified, type QualifiedName } from "../names.js";
 import { loadMigration, lockMigration, requireMigration, unlockMigration, type Migration, type Phase } from "../migration/state.js";
 import { liveNamesSql } from "../ddl/shadow.js";
 
