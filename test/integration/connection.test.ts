@@ -403,7 +403,7 @@ describe.skipIf(!hasOpenssl)("sslmode against a server with TLS (ssl=on, pg_hba:
     const url = `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}`;
     await createOrders(admin, "events", 2000);
     const spec = ["--partition-by", "range:created_at:month"];
-    const start = await pgshift(["start", "events", ...spec, "--mode", "logical", "--url", url], {}, 120_000);
+    const start = await pgshift(["start", "--allow-key-extension", "events", ...spec, "--mode", "logical", "--url", url], {}, 120_000);
     expect(start.code, describeRun(start)).toBe(0);
     // Writes while the backfill runs reach the shadow only through the stream (the replication connection).
     let writing = true;
