@@ -89,9 +89,9 @@ async function viewReads(view: string): Promise<string[]> {
   return r.map((x) => String(x.t));
 }
 
-describe("an index created on the live table during the migration", () => {
+describe.each(["trigger", "logical"] as const)("an index created on the live table during the migration (%s mode)", (mode) => {
   it("is built on the shadow before cutover takes its lock, and is valid on the live table at every step and named as created after finalize, under concurrent writes", async () => {
-    const name = "late_ix";
+    const name = `late_ix_${mode}`;
     const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
     await createWorkload(db.admin, w, 20_000);
     /** Valid indexes of `table` on exactly these columns, by name. */
@@ -104,28 +104,28 @@ describe("an index created on the live table during the migration", () => {
         valid: Boolean(r.valid),
         unique: Boolean(r.uniq),
       }));
-    const load = await startLoad(db.url, w, { connections: 4, pauseMs: 1 });
+    const load = await startLoad(db.url, w, { connections: 4, pauseMs: mode === "logical" ? 3 : 1 });
     let beforeLockSeen: { plain: unknown; unique: unknown } | null = null;
     try {
       await sleep(200);
-      await startMigration(db.sql, w.table, { spec: parsePartitionSpec("range:created_at:month"), mode: "trigger", allowKeyExtension: true, ...opts });
+      await startMigration(db.sql, w.table, { spec: parsePartitionSpec("range:created_at:month"), mode, allowKeyExtension: true, ...opts });
       expect((await backfill(db.sql, w.table, { batchSize: 2000, sleepMs: 20 })).complete).toBe(true);
       // A deploy adds two indexes while the migration runs (the load keeps writing).
-      await db.admin.unsafe(`create index concurrently late_ix_amount on ${name} (amount)`);
-      await db.admin.unsafe(`create unique index concurrently late_ix_id_status on ${name} (id, status)`);
+      await db.admin.unsafe(`create index concurrently ${name}_amount on ${name} (amount)`);
+      await db.admin.unsafe(`create unique index concurrently ${name}_id_status on ${name} (id, status)`);
       const st = await statusOf(name);
       expect(st.indexDrift).toHaveLength(2);
-      expect(st.indexDrift.join("\n")).toContain("index late_ix_amount was created on public.late_ix during the migration");
-      expect(st.indexDrift.join("\n")).toContain("cutover builds it there first, before its lock, as late_ix_amount_part");
-      expect(st.indexDrift.join("\n")).toContain("late_ix_id_status_part (UNIQUE USING btree (id, status, \"created_at\")), unique only together with the partition column");
+      expect(st.indexDrift.join("\n")).toContain(`index ${name}_amount was created on public.${name} during the migration`);
+      expect(st.indexDrift.join("\n")).toContain(`cutover builds it there first, before its lock, as ${name}_amount_part`);
+      expect(st.indexDrift.join("\n")).toContain(`${name}_id_status_part (UNIQUE USING btree (id, status, "created_at")), unique only together with the partition column`);
       expect(st.lateObjects).toEqual([]);
       // The dry run prints the builds it would run, and builds nothing.
       const dry = await pgshift(["cutover", name, "--dry-run"]);
       expect(dry.code, describeRun(dry)).toBe(0);
-      expect(dry.stdout).toContain(`CREATE INDEX IF NOT EXISTS "late_ix_amount_part" ON ONLY "public"."late_ix_pgshift_shadow" USING btree (amount);`);
-      expect(dry.stdout).toMatch(/CREATE INDEX CONCURRENTLY IF NOT EXISTS "\S+" ON "public"."late_ix_p\S+" USING btree \(amount\);/);
-      expect(dry.stdout).toContain(`CREATE UNIQUE INDEX IF NOT EXISTS "late_ix_id_status_part" ON ONLY "public"."late_ix_pgshift_shadow" USING btree (id, status, "created_at");`);
-      expect(dry.stdout.indexOf("late_ix_amount_part")).toBeLessThan(dry.stdout.indexOf("LOCK TABLE"));
+      expect(dry.stdout).toContain(`CREATE INDEX IF NOT EXISTS "${name}_amount_part" ON ONLY "public"."${name}_pgshift_shadow" USING btree (amount);`);
+      expect(dry.stdout).toMatch(new RegExp(`CREATE INDEX CONCURRENTLY IF NOT EXISTS "\\S+" ON "public"."${name}_p\\S+" USING btree \\(amount\\);`));
+      expect(dry.stdout).toContain(`CREATE UNIQUE INDEX IF NOT EXISTS "${name}_id_status_part" ON ONLY "public"."${name}_pgshift_shadow" USING btree (id, status, "created_at");`);
+      expect(dry.stdout.indexOf(`${name}_amount_part`)).toBeLessThan(dry.stdout.indexOf("LOCK TABLE"));
       expect(await indexesOn(`public.${name}_pgshift_shadow`, "(amount)")).toEqual([]);
 
       const r = await cutover(db.sql, w.table, {
@@ -139,12 +139,12 @@ describe("an index created on the live table during the migration", () => {
         },
       });
       expect(beforeLockSeen).toEqual({
-        plain: [{ name: "late_ix_amount_part", valid: true, unique: false }],
-        unique: [{ name: "late_ix_id_status_part", valid: true, unique: true }],
+        plain: [{ name: `${name}_amount_part`, valid: true, unique: false }],
+        unique: [{ name: `${name}_id_status_part`, valid: true, unique: true }],
       });
       expect(r.indexesBuilt.map((b) => [b.name, b.original, b.widened])).toEqual([
-        ["late_ix_amount_part", "late_ix_amount", false],
-        ["late_ix_id_status_part", "late_ix_id_status", true],
+        [`${name}_amount_part`, `${name}_amount`, false],
+        [`${name}_id_status_part`, `${name}_id_status`, true],
       ]);
       // Every partition has its index, valid and attached.
       const parts = await db.admin`
@@ -160,7 +160,7 @@ describe("an index created on the live table during the migration", () => {
       await sleep(300);
       await swapBack(db.sql, w.table, opts);
       // Live (original) again: it kept its indexes.
-      expect(await indexesOn(`public.${name}`, "(amount)")).toEqual([{ name: "late_ix_amount", valid: true, unique: false }]);
+      expect(await indexesOn(`public.${name}`, "(amount)")).toEqual([{ name: `${name}_amount`, valid: true, unique: false }]);
       expect((await statusOf(name)).indexDrift).toEqual([]);
       await sleep(300);
       const again = await cutover(db.sql, w.table, opts);
@@ -178,8 +178,8 @@ describe("an index created on the live table during the migration", () => {
     expect(await compareWithTwin(db.admin, m.copy, w.twin, "bigint")).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
     expect((await verify(db.sql, w.table)).equal).toBe(true);
     await finalize(db.sql, w.table, { yes: true });
-    expect(await indexesOn(`public.${name}`, "(amount)")).toEqual([{ name: "late_ix_amount", valid: true, unique: false }]);
-    expect(await indexesOn(`public.${name}`, "(id, status, created_at)")).toEqual([{ name: "late_ix_id_status", valid: true, unique: true }]);
+    expect(await indexesOn(`public.${name}`, "(amount)")).toEqual([{ name: `${name}_amount`, valid: true, unique: false }]);
+    expect(await indexesOn(`public.${name}`, "(id, status, created_at)")).toEqual([{ name: `${name}_id_status`, valid: true, unique: true }]);
     expect(await compareWithTwin(db.admin, w.table, w.twin, "bigint")).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
   });
 });
