@@ -1,4 +1,4 @@
-import { createReadStream, existsSync, readFileSync, statSync, type Stats } from "node:fs";
+import { existsSync, readFileSync, statSync, type Stats } from "node:fs";
 import { connect as netConnect } from "node:net";
 import { homedir, userInfo } from "node:os";
 import { join } from "node:path";
@@ -201,11 +201,21 @@ function usablePasswordFile(file: string, warn: Warn): boolean {
 export async function passwordFromFile(file: string, s: Pick<ConnSettings, "host" | "port" | "database" | "user">, warn: Warn): Promise<string | undefined> {
   if (!usablePasswordFile(file, warn)) return undefined;
   const host = s.host === "" || SOCKET_DIRS.includes(s.host.replace(/\/+$/, "")) ? "localhost" : s.host;
-  return new Promise((resolve) => {
-    const stream = createReadStream(file);
-    stream.on("error", () => resolve(undefined));
-    pgpass.getPassword({ host, port: s.port, database: s.database, user: s.user }, stream, (pw) => resolve(pw === "" ? undefined : pw));
-  });
+  let text: string;
+  try {
+    text = readFileSync(file, "utf8");
+  } catch {
+    return undefined;
+  }
+  // The pgpass package parses and matches each line; the first match wins (its own reader lets a later
+  // matching line win). Comment lines start with #.
+  const conn = { host, port: s.port, database: s.database, user: s.user };
+  for (const line of text.split(/\r?\n/)) {
+    if (line.startsWith("#")) continue;
+    const entry = pgpass.parseLine(line);
+    if (entry && pgpass.isValidEntry(entry) && pgpass.match(conn, entry)) return entry.password;
+  }
+  return undefined;
 }
 
 function defaultHost(port: number): string {
