@@ -523,3 +523,37 @@ describe("constraints built after the copy while the application writes", () => 
     });
   }
 });
+
+describe("replica identity USING INDEX and NOTHING", () => {
+  it("is kept on the parent and on each partition (USING INDEX: each partition's copy of the index) through every step", async () => {
+    await db.admin.unsafe(`
+      create table public.ri_index (id bigint not null, created_at timestamptz not null, ref text not null,
+        primary key (id, created_at), constraint ri_index_ref_key unique (ref, created_at));
+      insert into public.ri_index select g, timestamptz '2025-01-01 00:00+00' + g * interval '11 hours', 'r' || g from generate_series(1, 200) g;
+      alter table public.ri_index replica identity using index ri_index_ref_key;
+      create table public.ri_nothing (id bigint not null, created_at timestamptz not null, primary key (id, created_at));
+      insert into public.ri_nothing select g, timestamptz '2025-01-01 00:00+00' + g * interval '11 hours' from generate_series(1, 200) g;
+      alter table public.ri_nothing replica identity nothing;`);
+    for (const [name, replident, index] of [
+      ["ri_index", "i", "ri_index_ref_key"],
+      ["ri_nothing", "n", null],
+    ] as const) {
+      const table: QualifiedName = { schema: "public", name };
+      await flow(table, "range:created_at:month", async (step) => {
+        if (step === "started" && replident === "i") return; // USING INDEX needs the index, built after the copy
+        const rel = step === "started" || step === "backfilled" || step === "swap-back" ? SHADOW(table) : table;
+        const parent = plain(
+          await db.admin.unsafe(
+            `select c.relreplident::text as replident, (select ic.relname::text from pg_index x join pg_class ic on ic.oid = x.indexrelid where x.indrelid = c.oid and x.indisreplident) as index
+               from pg_class c where c.oid = '${q(rel)}'::regclass`,
+          ),
+        );
+        const shadowName = index === null ? null : step === "backfilled" || step === "swap-back" ? `${index}_part` : index;
+        expect(parent, `${name} ${step}`).toEqual([{ replident, index: shadowName }]);
+        const parts = await partitionsOf(rel);
+        expect(parts.length).toBeGreaterThanOrEqual(4);
+        for (const p of parts) expect({ replident: p.replident, index: p.replident_index }, `${name} ${step} ${String(p.name)}`).toEqual({ replident, index: shadowName });
+      });
+    }
+  });
+});
