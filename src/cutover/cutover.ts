@@ -255,7 +255,9 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
           await tx.unsafe(`LOCK TABLE ${quoteQualified(m.live)} IN ACCESS EXCLUSIVE MODE`);
           locked = performance.now();
           const target = String((await tx`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
-          if (!(await follower.waitFor(target, catchupMs))) {
+          // Applied means recorded: a group of the stream ending past the target committed, with its rows
+          // (see waitForRecorded; not the slot's confirmed position, nor a keepalive's).
+          if (!(await follower.waitForRecorded(target, catchupMs))) {
             const st = await slotState(tx, m.slot_name!);
             lastLag = `${st.lagBytes} bytes`;
             throw new CatchupTimeout(`the stream did not apply everything up to ${target} within ${catchupMs} ms (${lastLag} behind)`);

@@ -9,8 +9,22 @@ import { lsnToBigInt, slotState } from "./logical.js";
 export interface StreamFollower {
   /** Whether this process applies the stream (false: another consumer, e.g. `pgshift sync`, does). */
   readonly own: boolean;
-  /** Waits until every change up to `lsn` is applied; false on timeout. */
+  /**
+   * Waits until every change up to `lsn` is applied, as the slot's consumer reports it (this process's
+   * applier, or the slot's confirmed position when another consumer is attached); false on timeout.
+   */
   waitFor(lsn: string, timeoutMs: number): Promise<boolean>;
+  /**
+   * Waits, within `timeoutMs` in all, until waitFor(lsn) holds and a group of the stream ending at or past
+   * `lsn` is committed with its record in the migration row (pgshift.migrations.applied_lsn, written in the
+   * same transaction as the shadow's rows). This is the proof the cutover takes: waitFor writes a logical
+   * message (flushWal) after `lsn`, which reaches the applier after every transaction committed before
+   * `lsn`, in commit order; a group ending past it was committed only once each of those was applied (or
+   * was already recorded as applied). It does not rest on the slot's confirmed position (any consumer, a
+   * pg_recvlogical attached by mistake, advances that) nor on a keepalive's position.
+   * @returns false on timeout.
+   */
+  waitForRecorded(lsn: string, timeoutMs: number): Promise<boolean>;
   /** Changes applied by this process. */
   changes(): number;
   stop(): Promise<void>;
@@ -123,27 +137,47 @@ export async function followStream(sql: Sql, m: Migration): Promise<StreamFollow
     }
   };
 
+  const waitFor = async (lsn: string, timeoutMs: number): Promise<boolean> => {
+    const until = Date.now() + timeoutMs;
+    const target = lsnToBigInt(lsn);
+    await flush();
+    for (;;) {
+      const a = applier;
+      if (!a) {
+        if (await watch(target, until)) return true;
+        if (!applier && Date.now() >= until) return false;
+        continue;
+      }
+      try {
+        return await a.waitFor(lsn, Math.max(0, until - Date.now()));
+      } catch (err) {
+        if (!retryable(err) || Date.now() >= until) throw err;
+        while (applier === a && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
+      }
+    }
+  };
+
+  /** The applied position the migration row records (committed groups only), as a number; -1 when none. */
+  const recorded = async (): Promise<bigint> => {
+    const rows = await flusher`select applied_lsn from pgshift.migrations where id = ${m.id}`;
+    const lsn = (rows[0] as { applied_lsn: string | null } | undefined)?.applied_lsn ?? null;
+    return lsn === null ? -1n : lsnToBigInt(lsn);
+  };
+
   return {
     get own() {
       return applier !== null;
     },
-    waitFor: async (lsn, timeoutMs) => {
+    waitFor,
+    waitForRecorded: async (lsn, timeoutMs) => {
       const until = Date.now() + timeoutMs;
       const target = lsnToBigInt(lsn);
-      await flush();
+      if (!(await waitFor(lsn, timeoutMs))) return false;
+      // The group holding the flush message commits at once (see FLUSH_MESSAGE): poll often.
       for (;;) {
-        const a = applier;
-        if (!a) {
-          if (await watch(target, until)) return true;
-          if (!applier && Date.now() >= until) return false;
-          continue;
-        }
-        try {
-          return await a.waitFor(lsn, Math.max(0, until - Date.now()));
-        } catch (err) {
-          if (!retryable(err) || Date.now() >= until) throw err;
-          while (applier === a && Date.now() < until) await new Promise((r) => setTimeout(r, 50));
-        }
+        if ((await recorded()) >= target) return true;
+        if (Date.now() >= until) return false;
+        await new Promise((r) => setTimeout(r, 5));
       }
     },
     changes: () => applied + (applier?.changes ?? 0),
