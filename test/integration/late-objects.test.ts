@@ -8,7 +8,7 @@ import { finalize } from "../../src/migration/finish.js";
 import { startMigration } from "../../src/migration/start.js";
 import { loadMigration } from "../../src/migration/state.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
-import type { StatusReport } from "../../src/status.js";
+import { status, type StatusReport } from "../../src/status.js";
 import { verify } from "../../src/verify/verify.js";
 import { describeRun, expectRefusal, runCli, type CliResult } from "../support/cli.js";
 import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
@@ -27,7 +27,7 @@ import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
 
 let db: TestDatabase;
 const pgshift = (args: string[]) => runCli([...args, "--url", db.url]);
-const MONTH = ["--partition-by", "range:created_at:month"];
+const MONTH_SPEC = "range:created_at:month";
 const opts = { lockTimeoutMs: 200, retries: 30 };
 
 beforeAll(async () => {
@@ -47,10 +47,8 @@ async function createOrders(sql: Sql, name: string): Promise<void> {
 
 async function startAndBackfill(name: string): Promise<void> {
   await createOrders(db.admin, name);
-  const st = await pgshift(["start", "--allow-key-extension", name, ...MONTH]);
-  expect(st.code, describeRun(st)).toBe(0);
-  const bf = await pgshift(["backfill", name]);
-  expect(bf.code, describeRun(bf)).toBe(0);
+  await startMigration(db.sql, { schema: "public", name }, { spec: parsePartitionSpec(MONTH_SPEC), mode: "trigger", allowKeyExtension: true, ...opts });
+  expect((await backfill(db.sql, { schema: "public", name })).complete).toBe(true);
 }
 
 /** What a refused step must leave as it was: the phase, the kind and name of each table, their indexes and triggers. */
@@ -66,10 +64,9 @@ async function snapshot(name: string) {
   return r[0];
 }
 
+/** The status report (what `pgshift status --json` prints), from the library: the CLI's is checked once per test. */
 async function statusOf(name: string): Promise<StatusReport> {
-  const r = await pgshift(["status", name, "--json"]);
-  expect(r.code, describeRun(r)).toBe(0);
-  return JSON.parse(r.stdout) as StatusReport;
+  return status(db.sql, { schema: "public", name });
 }
 
 /** The statements of a refusal's hint: `run <before> then pgshift <step> <table>, then <after>`. */
@@ -235,24 +232,27 @@ describe("a view, a trigger, a policy and a BEGIN ATOMIC function created after 
   it("each makes cutover refuse with exit 2 naming it, nothing changed; status lists it; the statements of the hint carry it over and back", async () => {
     const name = "late_dep";
     await startAndBackfill(name);
-    for (const o of objects(name)) {
+    for (const [i, o] of objects(name).entries()) {
       await db.admin.unsafe(o.create);
       const before = await snapshot(name);
       expect(["backfilled", "swapped_back"]).toContain(before?.phase);
       const st = await statusOf(name);
       expect(st.lateObjects, o.what).toHaveLength(1);
       expect(st.lateObjects[0], o.what).toContain(`${o.named} depends on public.${name} and would stay with it as public.${name}_pgshift_retired: cutover refuses`);
-      const human = await pgshift(["status", name]);
-      expect(human.stdout, o.what).toContain(`warning: ${o.named} depends on public.${name}`);
+      if (i === 0) {
+        const human = await pgshift(["status", name]);
+        expect(human.stdout, o.what).toContain(`warning: ${o.named} depends on public.${name}`);
+        const json = await pgshift(["status", name, "--json"]);
+        expect((JSON.parse(json.stdout) as StatusReport).lateObjects, o.what).toEqual(st.lateObjects);
+      }
       const refused = await pgshift(["cutover", name]);
       expectRefusal(refused, "cannot cut over", o.named, "nothing was changed");
-      expectRefusal(await pgshift(["cutover", name, "--dry-run"]), "cannot cut over", o.named);
+      if (i === 0) expectRefusal(await pgshift(["cutover", name, "--dry-run"]), "cannot cut over", o.named);
       expect(await snapshot(name), o.what).toEqual(before);
       // As the hint says: the statements before, the cutover, the statements after.
       const h = hintStatements(refused);
       if (h.before) await db.admin.unsafe(h.before);
-      const cut = await pgshift(["cutover", name]);
-      expect(cut.code, describeRun(cut)).toBe(0);
+      await cutover(db.sql, { schema: "public", name }, opts);
       if (h.after) await db.admin.unsafe(h.after);
       const after = (await statusOf(name)).lateObjects;
       if (o.what === "a policy") expect(after, o.what).toEqual([]);
@@ -263,8 +263,7 @@ describe("a view, a trigger, a policy and a BEGIN ATOMIC function created after 
         expectRefusal(back, "cannot swap back", o.named, "nothing was changed");
         const hb = hintStatements(back);
         if (hb.before) await db.admin.unsafe(hb.before);
-        const back2 = await pgshift(["swap-back", name]);
-        expect(back2.code, describeRun(back2)).toBe(0);
+        await swapBack(db.sql, { schema: "public", name }, opts);
         if (hb.after) await db.admin.unsafe(hb.after);
       } else {
         expect(back.code, describeRun(back)).toBe(0);
@@ -280,15 +279,14 @@ describe("objects created on the partitioned live table after cutover", () => {
   it("swap-back builds an index on the retired table before its lock, and refuses for a view, a trigger, a policy and a BEGIN ATOMIC function, naming each, nothing changed", async () => {
     const name = "late_back";
     await startAndBackfill(name);
-    const cut = await pgshift(["cutover", name]);
-    expect(cut.code, describeRun(cut)).toBe(0);
+    await cutover(db.sql, { schema: "public", name }, opts);
     // The application's deploy adds an index to the (now partitioned) live table.
     await db.admin.unsafe(`create index late_back_note on ${name} (note)`);
     const st = await statusOf(name);
     expect(st.indexDrift).toHaveLength(1);
     expect(st.indexDrift[0]).toContain(`index late_back_note was created on public.${name} during the migration`);
     expect(st.indexDrift[0]).toContain(`swap-back builds it there first, before its lock, as late_back_note_orig`);
-    for (const o of objects(name)) {
+    for (const [i, o] of objects(name).entries()) {
       await db.admin.unsafe(o.create);
       const before = await snapshot(name);
       expect(before?.phase).toBe("cutover");
@@ -296,7 +294,7 @@ describe("objects created on the partitioned live table after cutover", () => {
       expect(s.lateObjects.join("\n"), o.what).toContain(`${o.named} depends on public.${name} and would stay with it as public.${name}_pgshift_shadow: swap-back refuses`);
       const refused = await pgshift(["swap-back", name]);
       expectRefusal(refused, "cannot swap back", o.named, "nothing was changed");
-      expectRefusal(await pgshift(["swap-back", name, "--dry-run"]), "cannot swap back", o.named);
+      if (i === 0) expectRefusal(await pgshift(["swap-back", name, "--dry-run"]), "cannot swap back", o.named);
       // Nothing changed: not even the index was built (the refusal comes first).
       expect(await snapshot(name), o.what).toEqual(before);
       const h = hintStatements(refused);
