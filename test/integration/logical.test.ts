@@ -290,8 +290,11 @@ describe("start, stream and clean-up in logical mode", () => {
       const run = runCli(["start", "--allow-key-extension", "locked", ...MONTH, "--mode", "logical", "--lock-timeout", "2000", "--retries", "0", "--url", db.url]);
       // The slot and publication exist while start waits for the lock: the failure comes after them.
       let seen = false;
+      // Watched until start ends (a fixed number of polls ran out before the slot existed on a loaded machine).
+      let ended = false;
+      void run.then(() => (ended = true), () => (ended = true));
       const watching = (async () => {
-        for (let i = 0; i < 200 && !seen; i++) {
+        while (!ended && !seen) {
           const o = await streamObjects(db.admin, "locked");
           if (o.slots.includes(names.slot) && o.publications.includes(names.publication)) seen = true;
           else await sleep(25);
