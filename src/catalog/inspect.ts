@@ -99,6 +99,8 @@ export interface TableFacts {
   checks: ConstraintFacts[];
   /** Table-level grants: grantee (null = PUBLIC), privilege, grantable. */
   grants: { grantee: string | null; privilege: string; grantable: boolean }[];
+  /** Privileges the owner revoked from itself (in acldefault() but not in relacl), e.g. TRUNCATE. */
+  ownerRevoked: string[];
   /** Column-level grants (pg_attribute.attacl): column, grantee (null = PUBLIC), privilege, grantable. */
   columnGrants: { column: string; grantee: string | null; privilege: string; grantable: boolean }[];
   /** ALTER TABLE ... ENABLE / FORCE ROW LEVEL SECURITY (pg_class.relrowsecurity, relforcerowsecurity). */
@@ -271,6 +273,11 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
     cons
       .filter((c) => c.contype === type)
       .map((c) => ({ name: String(c.conname), definition: String(c.def), valid: Boolean(c.convalidated), comment: c.comment === null ? null : String(c.comment) }));
+  const revoked = await sql`
+    select coalesce(array_agg(d.privilege_type::text order by d.privilege_type), '{}') as privileges
+      from pg_class c, aclexplode(acldefault('r', c.relowner)) d
+     where c.oid = ${oid} and c.relacl is not null
+       and not exists (select from aclexplode(c.relacl) a where a.grantee = c.relowner and a.privilege_type = d.privilege_type)`;
   const colGrants = await sql`
     select a.attname::text as col, case when x.grantee = 0 then null else pg_get_userbyid(x.grantee) end as grantee,
            x.privilege_type, x.is_grantable
@@ -334,6 +341,7 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
     foreignKeys: constraintFacts("f"),
     checks: constraintFacts("c"),
     grants: grants.map((g) => ({ grantee: g.grantee === null ? null : String(g.grantee), privilege: String(g.privilege_type), grantable: Boolean(g.is_grantable) })),
+    ownerRevoked: ((revoked[0]?.privileges as string[] | null) ?? []).map(String),
     columnGrants: colGrants.map((g) => ({ column: String(g.col), grantee: g.grantee === null ? null : String(g.grantee), privilege: String(g.privilege_type), grantable: Boolean(g.is_grantable) })),
     rowSecurity: r.relrowsecurity,
     forceRowSecurity: r.relforcerowsecurity,

@@ -240,7 +240,8 @@ export function fidelityWarnings(facts: TableFacts): string[] {
  *   constraints again, deferrability kept (deferredIndexSql). Index comments.
  * - outgoing foreign keys (deferrability kept; a NOT VALID one after the copy), the table comment,
  *   extended statistics under the shadow's names (the original names at cutover: liveNamesSql), with
- *   their owner, statistics target and comment; table and column grants.
+ *   their owner, statistics target and comment; table and column grants, and the privileges the owner
+ *   revoked from itself.
  *
  * Identifiers are quoted with quoteIdent, values with quoteLiteral: utility statements take no bind parameters.
  */
@@ -343,6 +344,7 @@ export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: re
       `GRANT ${g.privilege} ON ${shd} TO ${g.grantee === null ? "PUBLIC" : quoteIdent(g.grantee)}${g.grantable ? " WITH GRANT OPTION" : ""}`,
     );
   }
+  if ((facts.ownerRevoked ?? []).length > 0) out.push(`REVOKE ${facts.ownerRevoked.join(", ")} ON ${shd} FROM ${owner}`);
   for (const g of facts.columnGrants ?? []) {
     out.push(
       `GRANT ${g.privilege} (${quoteIdent(g.column)}) ON ${shd} TO ${g.grantee === null ? "PUBLIC" : quoteIdent(g.grantee)}${g.grantable ? " WITH GRANT OPTION" : ""}`,

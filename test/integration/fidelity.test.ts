@@ -69,7 +69,7 @@ async function fingerprint(rel: QualifiedName) {
         from pg_class c where c.oid = $1::regclass`),
     grants: await one(`
       select case when a.grantee = 0 then 'PUBLIC' else pg_get_userbyid(a.grantee)::text end as grantee, a.privilege_type::text, a.is_grantable
-        from pg_class c, aclexplode(c.relacl) a where c.oid = $1::regclass and a.grantee <> c.relowner order by 1, 2`),
+        from pg_class c, aclexplode(c.relacl) a where c.oid = $1::regclass order by 1, 2`),
     columnGrants: await one(`
       select a.attname::text as col, case when x.grantee = 0 then 'PUBLIC' else pg_get_userbyid(x.grantee)::text end as grantee, x.privilege_type::text
         from pg_attribute a, aclexplode(a.attacl) x where a.attrelid = $1::regclass and a.attacl is not null order by 1, 2, 3`),
@@ -173,6 +173,7 @@ describe("a table owned by another role, migrated by a superuser", () => {
       alter statistics fid.orders_expr owner to ${owner.name};
       grant select, insert on ${T} to ${reader.name};
       grant update (note) on ${T} to ${reader.name};
+      revoke truncate on ${T} from ${owner.name};
       analyze ${T};`);
   });
 

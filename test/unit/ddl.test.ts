@@ -84,6 +84,7 @@ function facts(overrides: Partial<TableFacts> = {}): TableFacts {
     foreignKeys: [{ name: "Order Items_order_fkey", definition: 'FOREIGN KEY ("order") REFERENCES "My Schema"."Orders"(id) ON DELETE CASCADE', valid: true, comment: null }],
     checks: [],
     columnGrants: [],
+    ownerRevoked: [],
     rowSecurity: false,
     forceRowSecurity: false,
     bypassesRowSecurity: true,
@@ -503,8 +504,11 @@ describe("shadowDdl: what the partitioned table keeps of the original (issue 13,
     expect(one.statements).toContain(`CREATE STATISTICS "stats"."t_st_part" ON (lower(email)) FROM ${SHD}`);
   });
 
-  it("repeats column grants", () => {
+  it("repeats column grants and the owner's own revokes", () => {
     expect(d.statements).toContain(`GRANT UPDATE ("email") ON ${SHD} TO "Reporting Role"`);
+    expect(shadowDdl({ ...rich, ownerRevoked: ["DELETE", "TRUNCATE"] }, SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW }).statements).toContain(
+      `REVOKE DELETE, TRUNCATE ON ${SHD} FROM "app_owner"`,
+    );
   });
 
   it("refuses a deferrable key and forced row security the runner would be subject to", () => {
