@@ -531,9 +531,11 @@ describe("logical apply: types, awkward names, coalesced batches", () => {
     // The backlog went in groups: at least one shadow transaction held several source transactions.
     const groups = applied.commits.map((c, i) => c.transactions - (i === 0 ? 0 : applied.commits[i - 1]!.transactions));
     expect(Math.max(...groups), `group sizes ${groups.join(",")}`).toBeGreaterThan(1);
-    // (PostgreSQL 15+ does not send transactions that changed no row of the table)
+    // (PostgreSQL 15+ does not send transactions that changed no row of the table; 14 sends them, empty, and
+    // the applier counts them too)
     expect(applied.commits.at(-1)!.transactions).toBeGreaterThanOrEqual(sent + 14);
-    expect(applied.commits.at(-1)!.transactions).toBeLessThanOrEqual(300 + 14 + 2);
+    const serverVersion = Number((await db.admin`select current_setting('server_version_num')::int as v`)[0]!.v);
+    if (serverVersion >= 150000) expect(applied.commits.at(-1)!.transactions).toBeLessThanOrEqual(300 + 14 + 2);
     expect(applied.changes).toBeGreaterThan(bigTxnChanges);
     // Batches were coalesced (fewer keys written than changes) and one reached the 2,000-change limit;
     // unchanged TOASTed values went through the partial path.
