@@ -357,7 +357,7 @@ export async function requireMigration(sql: AnySql, table: QualifiedName, comman
   return m;
 }
 
-/** The next step a person should take in each phase (for status). */
+/** The next step in each phase, from the phase alone (status says more, from what runs now: nextStepFor in liveness.ts). */
 export function nextStep(phase: Phase): string {
   return NEXT_STEP[phase];
 }
