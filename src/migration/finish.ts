@@ -163,10 +163,10 @@ export async function dependentsOf(sql: AnySql, table: QualifiedName): Promise<s
   return z.array(Dependent).parse(rows).map((r) => r.what);
 }
 
-/** The refusal for objects that still depend on the retired table (`dependents`: their descriptions). */
+/** The refusal for objects that still depend on the retired table (`dependents`: their descriptions; 25 are named). */
 function dependentsError(m: Migration, dependents: readonly string[], cause?: unknown): PgshiftError {
   return new PgshiftError(
-    `cannot finalize ${displayName(m.live)}: ${dependents.length === 1 ? "an object still depends" : `${dependents.length} objects still depend`} on the retired table ${displayName(m.copy)}, which finalize drops: ${dependents.join(", ")}`,
+    `cannot finalize ${displayName(m.live)}: ${dependents.length === 1 ? "an object still depends" : `${dependents.length} objects still depend`} on the retired table ${displayName(m.copy)}, which finalize drops: ${dependents.slice(0, 25).join(", ")}${dependents.length > 25 ? ` and ${dependents.length - 25} more` : ""}`,
     {
       hint: `drop them, or re-create them on ${displayName(m.live)} (CREATE OR REPLACE VIEW / FUNCTION, ALTER TABLE ... ALTER COLUMN ... TYPE), then run finalize again; nothing was changed`,
       cause,
