@@ -74,7 +74,6 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
       const plan = await planMigration(sql, w.table, { spec });
       say(`found ~${plan.estimatedRows} rows, key (${plan.keyColumns.join(", ")}); ${plan.partitions.length} partitions from ${plan.partitions[0]?.name} to ${plan.partitions.at(-2)?.name} + DEFAULT`);
       for (const warning of plan.warnings) say(`warning: ${warning}`);
-      for (const k of plan.widenedKeys) say(`${k.kind} ${k.name}: (${k.columns.join(", ")}) -> (${k.widenedTo.join(", ")}); stops working at cutover: ${k.onConflictTargets.join(", ") || "-"}`);
       say(`application statements: ${plan.applicationStatements.detail}`);
       say(`${plan.statements.length} statements, e.g.:`);
       for (const s of plan.statements.filter((x) => x.startsWith("CREATE TABLE") || x.startsWith("CREATE TRIGGER")).slice(0, 3)) say(`  ${s.slice(0, 160)}${s.length > 160 ? "..." : ""};`);
