@@ -310,6 +310,12 @@ export class Applier {
         case "delete":
           if (this.skipping || !this.tx) return;
           if (msg.relation.schema !== this.m.original.schema) return;
+          // The stream names the table as it is called when the change was made: another name means the
+          // migration was cut over (the DDL guard refuses other renames) and this is a write the reverse
+          // mirror made in the retired table. Never apply it; the group's commit would be fenced anyway.
+          if (msg.relation.name !== this.m.original.name) {
+            throw new StreamFenced(`a change of ${msg.relation.schema}.${msg.relation.name} reached the stream: ${this.m.original.name} was renamed (cut over), the stream applies nothing more (the group in hand was rolled back)`);
+          }
           this.changes++;
           await this.applyChange(this.live(), msg);
           return;

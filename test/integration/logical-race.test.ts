@@ -134,7 +134,7 @@ describe("logical cutover under a write committed just before its lock and updat
     const load = await startLoad(db.url, w, { connections: 2, pauseMs: 5 });
     const writers = await startPairWriters(db.url, w, 4);
     const found: string[] = [];
-    const followers = ["own", "sync process", "sync here", "own"] as const;
+    const followers = ["own", "sync process", "sync here"] as const;
     let cutovers = 0;
     try {
       for (const [loop, follower] of followers.entries()) {
