@@ -28,6 +28,12 @@ import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
  *   outside the group (its ROLLBACK went first) and the next applier skipped the changes.
  * - The commit fence: a group whose commit comes after the migration left the streaming phases (cut over,
  *   swapped back: the shadow's name may point at a table again) is rolled back, never applied.
+ *
+ * The first test has not reproduced the reported loss on the code before the fix either: 15 logical
+ * cutovers there (PostgreSQL 17: 6 with the cutover's own applier and 6 with `pgshift sync` in another
+ * process, in an earlier form of this loop; PostgreSQL 16: this test, 3), plus 3 runs of
+ * `pgshift demo --mode logical --rows 60000` on PostgreSQL 16; and none after it (PostgreSQL 14, 16, 17:
+ * 19 cutovers). The other two fail on the code before the fix (3 stale rows; the group applied).
  */
 
 let db: TestDatabase;
