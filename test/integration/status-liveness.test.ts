@@ -70,7 +70,9 @@ describe("status while a backfill runs, and after it was killed with SIGKILL", (
   });
 
   it("while a backfill runs in another process: status names it (pid, command, since), shows rate and ETA, and says wait", async () => {
-    bf = spawnCli(["backfill", "live_bf", "--batch-size", "200", "--sleep-ms", "100", "--url", db.url]);
+    // Slow on purpose (at least 150 s for the whole copy): it must still be copying when it is killed below,
+    // however long the status commands take on a busy machine.
+    bf = spawnCli(["backfill", "live_bf", "--batch-size", "100", "--sleep-ms", "500", "--url", db.url]);
     children.push(bf);
     await waitUntil("the backfill has copied a few batches", async () => ((await loadMigration(db.admin, w.table))?.batches ?? 0) >= 3, 60_000);
     const pids = await sessionsNamed("pgshift backfill");
@@ -101,6 +103,7 @@ describe("status while a backfill runs, and after it was killed with SIGKILL", (
     await waitUntil("the killed backfill's session is gone", async () => (await sessionsNamed("pgshift backfill")).length === 0, 30_000, 100);
     const m = (await loadMigration(db.admin, w.table))!;
     expect(m.phase).toBe("backfilling");
+    expect(m.copy_finished_at).toBeNull();
     expect(m.rows_copied).toBeGreaterThan(0);
 
     const s = await statusJson("live_bf");
