@@ -348,3 +348,43 @@ describe("an object created between the check and the lock", () => {
     expect((await loadMigration(db.sql, table))?.phase).toBe("cutover");
   });
 });
+
+describe("other objects that depend on the live table", () => {
+  it("a rule, another table's foreign key, a column of its row type, a publication, a CHECK constraint, extended statistics and a unique constraint make cutover refuse naming each; the hint's first statements clear the way", async () => {
+    const name = "late_other";
+    await startAndBackfill(name);
+    await db.admin.unsafe(`
+      create table late_other_log (id bigint, at timestamptz default now());
+      create rule late_other_keep as on delete to ${name} do also insert into late_other_log (id) values (old.id);
+      create table late_other_child (id int primary key, order_id bigint references ${name} (id));
+      create table late_other_snap (id int primary key, snap ${name});
+      create publication late_other_pub for table ${name};
+      alter table ${name} add constraint late_other_note_len check (length(note) < 1000) not valid;
+      create statistics late_other_st (dependencies) on id, note from ${name};
+      alter table ${name} add constraint late_other_note_key unique (note);`);
+    const before = await snapshot(name);
+    const refused = await pgshift(["cutover", name]);
+    expectRefusal(
+      refused,
+      "cannot cut over",
+      `rule late_other_keep on public.${name}`,
+      "foreign key late_other_child_order_id_fkey on public.late_other_child",
+      `column snap of public.late_other_snap (of the row type of public.${name})`,
+      `publication late_other_pub (of public.${name})`,
+      `check constraint late_other_note_len on public.${name}`,
+      `statistics public.late_other_st on public.${name}`,
+      `unique constraint late_other_note_key on public.${name} (UNIQUE (note))`,
+      "nothing was changed",
+    );
+    expect(await snapshot(name)).toEqual(before);
+    const st = await statusOf(name);
+    expect(st.lateObjects).toHaveLength(7);
+    // The statements before the cutover (drop, or create on the partitioned table too): then it goes through.
+    const h = hintStatements(refused);
+    expect(h.before).toContain(`ALTER TABLE "public"."${name}_pgshift_shadow" ADD CONSTRAINT "late_other_note_key_part" UNIQUE (note, "created_at")`);
+    await db.admin.unsafe(h.before);
+    expect((await statusOf(name)).lateObjects).toEqual([]);
+    await cutover(db.sql, { schema: "public", name }, opts);
+    expect((await loadMigration(db.sql, { schema: "public", name }))?.phase).toBe("cutover");
+  });
+});
