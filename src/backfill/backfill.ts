@@ -99,6 +99,14 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
     /** Batches left before the plain-INSERT fast path is tried again after a conflict. */
     let fastPathIn = 0;
     let conflictBatches = 0;
+    // A DEFERRABLE unique constraint of the shadow (created at start) is checked at the batch's COMMIT, and
+    // that check waits for a writer's uncommitted row with the same value; that writer may itself be waiting
+    // for a row the batch locked FOR SHARE: a deadlock, whose victim could be the application. So every
+    // check is deferred to COMMIT, and COMMIT waits at most DEFERRED_CHECK_WAIT: past it the batch rolls back
+    // (lock_timeout, retried) and the writer goes on.
+    const deferrable = await sql`
+      select exists (select from pg_constraint where conrelid = to_regclass(${quoteQualified(m.partitioned)}) and condeferrable and contype in ('u', 'p', 'x')) as d`;
+    const hasDeferrable = Boolean(deferrable[0]?.d);
     const copyOnConflict = async (tx: TxSql, where: Fragment): Promise<number> => {
       const r = await batchSql(tx, m, where).onConflict;
       return Number(r[0]?.read ?? 0);
@@ -116,6 +124,7 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
         // Logical mode: the applier writes the shadow too. A short lock_timeout turns a wait on its
         // uncommitted rows (a possible deadlock, detected only after deadlock_timeout) into a quick retry.
         if (follower) await tx`select set_config('lock_timeout', '100ms', true)`;
+        if (hasDeferrable) await tx`set constraints all deferred`;
         const lower = checkpoint ? sql`where ${keyAfter(tx, key, checkpoint)}` : sql``;
         const hiRows = await upperKeySql(tx, m, lower, batchSize);
         const hiRaw = hiRows[0];
@@ -147,6 +156,7 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
           update pgshift.migrations set checkpoint = ${hi ? tx.array(hi) : tx.array(checkpoint ?? [])}::text[],
                  rows_copied = rows_copied + ${read}, batches = batches + 1, updated_at = now()
            where id = ${m.id}`;
+        if (hasDeferrable) await tx`select set_config('lock_timeout', ${DEFERRED_CHECK_WAIT}, true)`;
         return { read, hi };
       }));
       copiedHere += result.read;
@@ -202,7 +212,15 @@ export function upperKeySql(tx: AnySql, m: Migration, lower: Fragment, batchSize
       select ${keyCols} from ${tableRef(tx, m.original)} ${lower} order by ${keyCols} offset ${batchSize - 1} limit 1) s`;
 }
 
-/** The two forms of a batch copy: the plain INSERT tried first, and the ON CONFLICT DO NOTHING fallback. */
+/** The longest a batch's COMMIT waits for a writer's uncommitted duplicate in a DEFERRABLE unique constraint. */
+const DEFERRED_CHECK_WAIT = "200ms";
+
+/**
+ * The two forms of a batch copy: the plain INSERT tried first, and the ON CONFLICT DO NOTHING fallback.
+ * The fallback names the shadow's key as its arbiter: PostgreSQL refuses ON CONFLICT without one when the
+ * table has a deferrable unique constraint (docs: INSERT, "ON CONFLICT Clause"), and only the key can
+ * legitimately meet a row the mirror wrote.
+ */
 export function batchSql(tx: AnySql, m: Migration, where: Fragment) {
   const src = tableRef(tx, m.original);
   const dst = tableRef(tx, m.partitioned);
@@ -211,7 +229,7 @@ export function batchSql(tx: AnySql, m: Migration, where: Fragment) {
     plain: tx`insert into ${dst} (${cols}) select ${cols} from ${src} ${where} for share`,
     onConflict: tx`
         with batch as (select ${cols} from ${src} ${where} for share),
-             ins as (insert into ${dst} (${cols}) select ${cols} from batch on conflict do nothing returning 1)
+             ins as (insert into ${dst} (${cols}) select ${cols} from batch on conflict (${identList(tx, m.shadow_key)}) do nothing returning 1)
         select (select count(*) from batch)::int as read, (select count(*) from ins)::int as inserted`,
   };
 }

@@ -237,7 +237,10 @@ export function fidelityWarnings(facts: TableFacts): string[] {
  *   (INCLUDE, WITH, tablespace) widened with the partition column; every other index is returned in
  *   `deferredIndexes`, built after the copy (cheaper than maintaining it row by row, as a bulk load does);
  *   unique ones are extended with the partition column; those backing a UNIQUE constraint become
- *   constraints again, deferrability kept (deferredIndexSql). Index comments.
+ *   constraints again (deferredIndexSql). A DEFERRABLE unique constraint is created at once instead
+ *   (a concurrently built unique index is immediate until it becomes the constraint, and would refuse the
+ *   application's momentary duplicates meanwhile); backfill defers it and bounds its commit-time wait.
+ *   Index comments.
  * - outgoing foreign keys (deferrability kept; a NOT VALID one after the copy), the table comment,
  *   extended statistics under the shadow's names (the original names at cutover: liveNamesSql), with
  *   their owner, statistics target and comment; table and column grants, and the privileges the owner
@@ -312,7 +315,11 @@ export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: re
     if (extra.length > 0) widened.push(ix.name);
     const definition = extendIndexKey(ix.tail, extra);
     const constraintDef = ix.constraintDef ? extendIndexKey(ix.constraintDef, extra) : null;
-    if (ix.isPrimary || ix.name === facts.keyIndexName) {
+    // A DEFERRABLE unique constraint is created now, on the empty table: an index built concurrently after
+    // the copy is an immediate unique index until it becomes the constraint, and would refuse the
+    // application's momentary duplicates (what DEFERRABLE is for) through the mirror meanwhile.
+    const deferrableUnique = constraintDef !== null && ix.constraintType === "u" && ix.deferrable;
+    if (ix.isPrimary || ix.name === facts.keyIndexName || deferrableUnique) {
       // The key the mirror upserts on is needed from the start; the table is empty, so it is instant.
       if (ix.isPrimary) out.push(`ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(name)} ${constraintDef ?? `PRIMARY KEY (${shadowKey(ix.keyColumns.map(String), col).map(quoteIdent).join(", ")})`}`);
       else if (constraintDef && ix.constraintType === "u") out.push(`ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(name)} ${constraintDef}`);
@@ -380,7 +387,8 @@ export function afterCopySql(facts: TableFacts, names: ShadowNames): string[] {
     `JOIN pg_catalog.pg_index x ON x.indexrelid = h.inhrelid JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid ` +
     `JOIN pg_catalog.pg_class t ON t.oid = x.indrelid JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace ` +
     `WHERE h.inhparent = ${quoteLiteral(parent)}::regclass LOOP EXECUTE format(${quoteLiteral(stmt)}, r.s, r.t, r.i); END LOOP;`;
-  const deferredIx = facts.indexes.filter((ix) => !ix.isPrimary && ix.name !== facts.keyIndexName);
+  // Built after the copy (the others, and their comments, come with start).
+  const deferredIx = facts.indexes.filter((ix) => !ix.isPrimary && ix.name !== facts.keyIndexName && !(ix.constraintType === "u" && ix.deferrable && ix.constraintDef));
   for (const ix of facts.indexes) {
     const name = shadowObjectName(ix.name);
     const q = quoteQualified({ schema: names.shadow.schema, name });

@@ -576,7 +576,7 @@ export class Applier {
        where (${identList(tx, key)}) = (${vals(n, key)})`;
     if (movedRows.count + inPlace.count === 0) {
       await tx`insert into ${shadow} (${identList(tx, cols)}) select ${identList(tx, cols)} from ${tableRef(tx, m.original)}
-                where (${identList(tx, pk)}) = (${vals(n, pk)}) on conflict do nothing`;
+                where (${identList(tx, pk)}) = (${vals(n, pk)}) on conflict (${identList(tx, key)}) do nothing`;
     }
   }
 

@@ -401,6 +401,10 @@ describe("shadowDdl: what the partitioned table keeps of the original (issue 13,
         isUnique: true, constraintName: "t_email_key", constraintType: "u", constraintDef: "UNIQUE (email) DEFERRABLE INITIALLY DEFERRED",
         deferrable: true, deferred: true, comment: "ix comment", constraintComment: "con comment",
       }),
+      index("t_code_key", "btree (email, created_at)", ["email", "created_at"], {
+        isUnique: true, constraintName: "t_code_key", constraintType: "u", constraintDef: "UNIQUE (email, created_at) WITH (fillfactor='80')",
+        comment: "ix comment", constraintComment: "con comment",
+      }),
       index("t_note_idx", "btree (email text_pattern_ops)", ["email"], { isClustered: true }),
     ],
     checks: [
@@ -459,22 +463,32 @@ describe("shadowDdl: what the partitioned table keeps of the original (issue 13,
     expect(d.statements).toContain(`COMMENT ON INDEX "My Schema"."t_pkey_part" IS 'the key'`);
   });
 
-  it("builds a unique constraint after the copy as a constraint, deferrability and name kept", () => {
-    const u = d.deferredIndexes.find((x) => x.original === "t_email_key")!;
-    expect(u.constraint).toEqual({ definition: `UNIQUE (email, "created_at") DEFERRABLE INITIALLY DEFERRED`, deferrable: true, deferred: true });
+  it("creates a DEFERRABLE unique constraint at once (widened, deferrability kept), with its comments", () => {
+    expect(d.statements).toContain(`ALTER TABLE ${SHD} ADD CONSTRAINT "t_email_key_part" UNIQUE (email, "created_at") DEFERRABLE INITIALLY DEFERRED`);
+    expect(d.statements).toContain(`COMMENT ON INDEX "My Schema"."t_email_key_part" IS 'ix comment'`);
+    expect(d.statements).toContain(`COMMENT ON CONSTRAINT "t_email_key_part" ON ${SHD} IS 'con comment'`);
+    expect(d.deferredIndexes.some((x) => x.original === "t_email_key")).toBe(false);
+    expect(d.indexRenames).toContainEqual({ from: "t_email_key_part", to: "t_email_key" });
+  });
+
+  it("builds a (non-deferrable) unique constraint after the copy as a constraint, name kept", () => {
+    const u = d.deferredIndexes.find((x) => x.original === "t_code_key")!;
+    expect(u.constraint).toEqual({ definition: `UNIQUE (email, created_at) WITH (fillfactor='80')`, deferrable: false, deferred: false });
     const sql = deferredIndexSql("My Schema", SHADOW.name, ["Order Items_p2024_01"], u);
     expect(sql.parent).toBe(
-      `DO $pgshift$ BEGIN IF to_regclass('"My Schema"."t_email_key_part"') IS NULL THEN ALTER TABLE ONLY ${SHD} ADD CONSTRAINT "t_email_key_part" ` +
-        `UNIQUE (email, "created_at") DEFERRABLE INITIALLY DEFERRED; END IF; END $pgshift$`,
+      `DO $pgshift$ BEGIN IF to_regclass('"My Schema"."t_code_key_part"') IS NULL THEN ALTER TABLE ONLY ${SHD} ADD CONSTRAINT "t_code_key_part" ` +
+        `UNIQUE (email, created_at) WITH (fillfactor='80'); END IF; END $pgshift$`,
     );
     const p = sql.perPartition[0]!;
-    expect(p.constrain).toBe(`ALTER TABLE ${P1} ADD CONSTRAINT ${quoteIdent(p.index)} UNIQUE USING INDEX ${quoteIdent(p.index)} DEFERRABLE INITIALLY DEFERRED`);
+    expect(p.constrain).toBe(`ALTER TABLE ${P1} ADD CONSTRAINT ${quoteIdent(p.index)} UNIQUE USING INDEX ${quoteIdent(p.index)}`);
+    const deferrable = deferredIndexSql("My Schema", SHADOW.name, ["Order Items_p2024_01"], { ...u, constraint: { ...u.constraint!, deferrable: true, deferred: true } });
+    expect(deferrable.perPartition[0]!.constrain).toMatch(/ DEFERRABLE INITIALLY DEFERRED$/);
     // A plain index has no constraint step.
     const plainIx = d.deferredIndexes.find((x) => x.original === "t_note_idx")!;
     expect(plainIx.constraint).toBeUndefined();
     expect(deferredIndexSql("My Schema", SHADOW.name, ["Order Items_p2024_01"], plainIx).perPartition[0]!.constrain).toBeNull();
-    expect(d.afterCopy).toContain(`DO $pgshift$ BEGIN IF to_regclass('"My Schema"."t_email_key_part"') IS NOT NULL THEN COMMENT ON INDEX "My Schema"."t_email_key_part" IS 'ix comment'; END IF; END $pgshift$`);
-    expect(d.afterCopy.some((s) => s.includes(`COMMENT ON CONSTRAINT "t_email_key_part" ON ${SHD} IS 'con comment'`))).toBe(true);
+    expect(d.afterCopy).toContain(`DO $pgshift$ BEGIN IF to_regclass('"My Schema"."t_code_key_part"') IS NOT NULL THEN COMMENT ON INDEX "My Schema"."t_code_key_part" IS 'ix comment'; END IF; END $pgshift$`);
+    expect(d.afterCopy.some((s) => s.includes(`COMMENT ON CONSTRAINT "t_code_key_part" ON ${SHD} IS 'con comment'`))).toBe(true);
   });
 
   it("puts the CLUSTER mark on each partition's index, says so in plan, and analyzes last", () => {
