@@ -579,7 +579,7 @@ export function lateDependentsRefusal(lo: LateObjects, table: QualifiedName): Pg
     `pgshift ${lo.step} ${displayName(table)}` +
     (after.length > 0 ? `, then ${after.map((s) => s + ";").join(" ")}` : "");
   return new PgshiftError(
-    `cannot ${lo.step === "cutover" ? "cut over" : "swap back"}: ${lo.dependents.length} object(s) created on ${displayName(lo.live)} during the migration would stay with it as ${displayName(lo.leftWith)}, and pgshift does not carry them over: ${labels.join("; ")}; nothing was changed`,
+    `cannot ${lo.step === "cutover" ? "cut over" : "swap back"}: ${lo.dependents.length} object(s) depending on ${displayName(lo.live)} would stay with it as ${displayName(lo.leftWith)}, and pgshift does not carry them over: ${labels.join("; ")}; nothing was changed`,
     { hint },
   );
 }
