@@ -10,6 +10,8 @@ import { Applier, StreamFenced } from "../../src/mirror/apply.js";
 import { followStream } from "../../src/mirror/stream.js";
 import { sync } from "../../src/mirror/sync.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
+import { PgshiftError } from "../../src/errors.js";
+import { LogicalReplicationService, PgoutputPlugin } from "pg-logical-replication";
 import { spawnCli, waitUntil, type Running } from "../support/cli.js";
 import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
 
@@ -28,12 +30,15 @@ import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
  *   outside the group (its ROLLBACK went first) and the next applier skipped the changes.
  * - The commit fence: a group whose commit comes after the migration left the streaming phases (cut over,
  *   swapped back: the shadow's name may point at a table again) is rolled back, never applied.
+ * - What the cutover takes as caught up: a group recorded in the migration row, not the slot's confirmed
+ *   position (a consumer that applies nothing, pg_recvlogical attached by mistake, advances that).
  *
  * The first test has not reproduced the reported loss on the code before the fix either: 15 logical
  * cutovers there (PostgreSQL 17: 6 with the cutover's own applier and 6 with `pgshift sync` in another
  * process, in an earlier form of this loop; PostgreSQL 16: this test, 3), plus 3 runs of
  * `pgshift demo --mode logical --rows 60000` on PostgreSQL 16; and none after it (PostgreSQL 14, 16, 17:
- * 19 cutovers). The other two fail on the code before the fix (3 stale rows; the group applied).
+ * 19 cutovers). The others fail on the code before the fix (3 stale rows; the cutover went through and
+ * the 10 updates were not in the live table; the group applied).
  */
 
 let db: TestDatabase;
@@ -245,6 +250,31 @@ describe("the applier's group commit", () => {
     }
     expect(await stale("stall")).toBe(0);
     await abort(db.sql, { schema: "public", name: "stall" });
+  });
+
+  it("the cutover takes only an applied and recorded position: a consumer that confirms what it never applied (pg_recvlogical attached by mistake) makes it refuse, changing nothing", async () => {
+    const m = await backfilled("outsider");
+    const table = { schema: "public", name: "outsider" };
+    // Confirms everything it receives, as pg_recvlogical does, and applies nothing.
+    const outsider = new LogicalReplicationService({ connectionString: db.url }, { acknowledge: { auto: true, timeoutSeconds: 1 } });
+    const streaming = outsider.subscribe(new PgoutputPlugin({ protoVersion: 1, publicationNames: [m.publication_name!] }), m.slot_name!).catch(() => {});
+    try {
+      await waitUntil("the outsider attached", async () => Boolean((await db.admin`select active from pg_replication_slots where slot_name = ${m.slot_name!}`)[0]?.active), 20_000);
+      await db.admin`update outsider set v = 7 where id <= 10`;
+      const after = String((await db.admin`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
+      await waitUntil("the outsider confirmed past the update", async () =>
+        Boolean((await db.admin`select confirmed_flush_lsn >= ${after}::pg_lsn as ok from pg_replication_slots where slot_name = ${m.slot_name!}`)[0]?.ok), 20_000);
+      const err = await cutover(db.sql, table, { catchupTimeoutMs: 1000, lockTimeoutMs: 500, retries: 1 }).then(() => null, (e: unknown) => e);
+      expect(err).toBeInstanceOf(PgshiftError);
+      expect((err as Error).message).toContain("did not apply everything");
+      expect((await loadMigration(db.sql, table))!.phase).toBe("backfilled");
+      // The updates never reached the shadow: cutting over would have made them vanish from the live table.
+      expect(await stale("outsider")).toBe(10);
+    } finally {
+      await outsider.stop().catch(() => {});
+      await streaming;
+    }
+    await abort(db.sql, table);
   });
 
   it("a group reaching its commit after the migration left the streaming phases is rolled back, not applied (the shadow's name points at the partitioned table again after a swap-back)", async () => {
