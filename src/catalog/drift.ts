@@ -273,7 +273,7 @@ async function lateIndexes(sql: AnySql, m: Migration): Promise<Omit<LateObjects,
   const suffix = copyIsPartitioned ? "_part" : "_orig";
   const taken = new Set(
     (await sql`select c.relname::text as name from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace
-                where n.nspname = ${copy.schema} and c.relname = any(${liveIx.flatMap((i) => buildNameCandidates(i.name, suffix))})`).map((r) => String(r.name)),
+                where n.nspname = ${copy.schema} and c.relname::text = any(${liveIx.flatMap((i) => buildNameCandidates(i.name, suffix))}::text[])`).map((r) => String(r.name)),
   );
   for (const o of liveIx) {
     if (known.has(o.name) || !o.valid) continue;
