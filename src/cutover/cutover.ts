@@ -7,7 +7,7 @@ import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import { mirrorFor } from "../mirror/mirror.js";
 import { truncateGuardSql } from "../mirror/trigger.js";
-import { dropStream, dropStreamSql, slotState } from "../mirror/logical.js";
+import { dropStream, dropStreamSql, lsnToBigInt, slotState } from "../mirror/logical.js";
 import { CatchupTimeout, followStream } from "../mirror/stream.js";
 import { displayName, quoteIdent, quoteLiteral, quoteQualified, type QualifiedName } from "../names.js";
 import { loadMigration, lockMigration, requireMigration, unlockMigration, type Migration, type Phase } from "../migration/state.js";
@@ -259,8 +259,12 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
           // (see waitForRecorded; not the slot's confirmed position, nor a keepalive's).
           if (!(await follower.waitForRecorded(target, catchupMs))) {
             const st = await slotState(tx, m.slot_name!);
-            lastLag = `${st.lagBytes} bytes`;
-            throw new CatchupTimeout(`the stream did not apply everything up to ${target} within ${catchupMs} ms (${lastLag} behind)`);
+            // The slot confirmed the position but no pgshift applier recorded it: its consumer applies nothing.
+            const unapplied = st.confirmedLsn !== null && lsnToBigInt(st.confirmedLsn) >= lsnToBigInt(target);
+            lastLag = unapplied
+              ? `the consumer of slot ${m.slot_name!}${st.activePid ? ` (pid ${st.activePid})` : ""} confirmed it, but no pgshift applier recorded it in pgshift.migrations: is something other than pgshift sync attached to the slot?`
+              : `${st.lagBytes} bytes behind`;
+            throw new CatchupTimeout(`the stream did not apply everything up to ${target} within ${catchupMs} ms (${lastLag})`);
           }
           await tx.unsafe(statements[0]!);
         } else {

@@ -267,6 +267,7 @@ describe("the applier's group commit", () => {
       const err = await cutover(db.sql, table, { catchupTimeoutMs: 1000, lockTimeoutMs: 500, retries: 1 }).then(() => null, (e: unknown) => e);
       expect(err).toBeInstanceOf(PgshiftError);
       expect((err as Error).message).toContain("did not apply everything");
+      expect((err as Error).message).toContain("no pgshift applier recorded it");
       expect((await loadMigration(db.sql, table))!.phase).toBe("backfilled");
       // The updates never reached the shadow: cutting over would have made them vanish from the live table.
       expect(await stale("outsider")).toBe(10);
