@@ -388,3 +388,29 @@ describe("other objects that depend on the live table", () => {
     expect((await loadMigration(db.sql, { schema: "public", name }))?.phase).toBe("cutover");
   });
 });
+
+describe("a cutover interrupted while it carried an index over", () => {
+  it("resumes: an invalid parent index left behind is completed under its name, a finished one not yet recorded is recorded; both carry the original names after finalize", async () => {
+    const name = "late_resume";
+    await startAndBackfill(name);
+    const table = { schema: "public", name };
+    await db.admin.unsafe(`
+      create index late_resume_a on ${name} (note);
+      create index late_resume_b on ${name} (created_at, note);
+      -- What a cutover killed mid-way leaves: a's parent index ON ONLY the shadow (invalid, no partition attached),
+      -- b built completely but not yet recorded in the migration.
+      create index late_resume_a_part on only ${name}_pgshift_shadow (note);
+      create index late_resume_b_part on ${name}_pgshift_shadow (created_at, note);`);
+    const valid = await db.admin`select indisvalid as v from pg_index where indexrelid = 'late_resume_a_part'::regclass`;
+    expect(valid[0]!.v).toBe(false);
+    const r = await cutover(db.sql, table, opts);
+    expect(r.indexesBuilt.map((b) => b.name)).toEqual(["late_resume_a_part"]);
+    const m = (await loadMigration(db.sql, table))!;
+    expect(m.index_renames).toEqual(expect.arrayContaining([{ from: "late_resume_a_part", to: "late_resume_a" }, { from: "late_resume_b_part", to: "late_resume_b" }]));
+    await finalize(db.sql, table, { yes: true });
+    const ix = await db.admin`
+      select c.relname::text as n, i.indisvalid as v from pg_index i join pg_class c on c.oid = i.indexrelid
+       where i.indrelid = to_regclass(${"public." + name}) order by 1`;
+    expect(ix.map((x) => [x.n, x.v])).toEqual([["late_resume_a", true], ["late_resume_b", true], [`${name}_pkey`, true]]);
+  });
+});
