@@ -65,7 +65,10 @@ async function current(sql: Sql, table: QualifiedName): Promise<Migration | Stop
  * A lost connection (see SyncOptions.loop and isConnectionLoss) does not end it: the apply transaction in
  * hand is lost with the connection (nothing of it was confirmed), and the next session starts again from
  * the slot's confirmed position, skipping what the migration row records as applied. So do a deadlock or
- * serialization failure of the apply (40P01, 40001), at once.
+ * serialization failure of the apply (40P01, 40001), and a group fenced off at its commit because another
+ * applier recorded a position meanwhile (StreamFenced), at once. A migration that no longer streams (cut
+ * over, or swapped back after a cutover even if its slot were left) ends sync: nothing is applied after
+ * the cutover (see Applier.commitGroup).
  * @returns why it stopped.
  * @throws PgshiftError when the migration is not in logical mode, the slot is held by another process when
  *   sync starts, the slot was invalidated or is gone, or (loop false) the connection is lost; any other
