@@ -192,8 +192,8 @@ describe("shadow fidelity", () => {
     const plan = await planMigration(db.sql, table, { spec });
     expect(plan.blockers).toEqual([]);
     expect(plan.shadow).toEqual(shadowOf(table));
-    expect(plan.warnings.some((w) => w.includes("uniqueness of (id)") && /no longer enforced/.test(w)), plan.warnings.join("\n")).toBe(true);
-    expect(plan.warnings.some((w) => w.includes("uniqueness of (note)")), plan.warnings.join("\n")).toBe(true);
+    expect(plan.warnings.some((w) => w.includes("keeps (id) unique") && w.includes(`after finalize only (id, "Created At") is enforced`)), plan.warnings.join("\n")).toBe(true);
+    expect(plan.warnings.some((w) => w.includes("keeps (note) unique")), plan.warnings.join("\n")).toBe(true);
 
     await startMigration(db.sql, table, { allowKeyExtension: true, spec });
     const shadow = shadowOf(table);
