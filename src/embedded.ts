@@ -270,7 +270,9 @@ let hooked = false;
 function hookExit(): void {
   if (hooked) return;
   hooked = true;
-  process.on("exit", () => {
+  // Prepended: a listener before ours may call process.exit() (vitest's does, on exit and on SIGTERM), which
+  // ends the process at once without calling the listeners after it.
+  process.prependListener("exit", () => {
     for (const c of running) c.kill("SIGINT");
   });
   for (const sig of ["SIGTERM", "SIGHUP"] as const) {
@@ -282,7 +284,7 @@ function hookExit(): void {
         process.kill(process.pid, sig);
       }
     };
-    process.on(sig, handler);
+    process.prependListener(sig, handler);
   }
 }
 
