@@ -56,6 +56,8 @@ export interface ConstraintFacts {
   /** pg_constraint.convalidated: false for NOT VALID (and, on 18, NOT ENFORCED) constraints. */
   valid: boolean;
   comment: string | null;
+  /** PostgreSQL 18's NOT VALID NOT NULL constraints (listed with the checks): the column. */
+  column?: string;
 }
 
 /** An extended statistics object on the table (CREATE STATISTICS). */
@@ -95,7 +97,7 @@ export interface TableFacts {
   indexes: IndexFacts[];
   /** Outgoing foreign keys (pg_get_constraintdef() keeps DEFERRABLE, INITIALLY DEFERRED and NOT VALID). */
   foreignKeys: ConstraintFacts[];
-  /** CHECK constraints (NOT NULL is a column property here). */
+  /** CHECK constraints, and on PostgreSQL 18 the NOT VALID NOT NULL ones (a valid NOT NULL is a column property here). */
   checks: ConstraintFacts[];
   /** Table-level grants: grantee (null = PUBLIC), privilege, grantable. */
   grants: { grantee: string | null; privilege: string; grantable: boolean }[];
@@ -265,14 +267,21 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
   }
 
   const cons = await sql`
-    select conname, contype::text as contype, pg_get_constraintdef(oid) as def, convalidated,
-           obj_description(oid, 'pg_constraint') as comment
+    select conname, case when contype = 'n' then 'c' else contype::text end as contype, pg_get_constraintdef(oid) as def, convalidated,
+           obj_description(oid, 'pg_constraint') as comment,
+           case when contype = 'n' then (select attname::text from pg_attribute where attrelid = conrelid and attnum = conkey[1]) end as column
       from pg_constraint
-     where conrelid = ${oid} and contype in ('f', 'c') order by conname`;
+     where conrelid = ${oid} and (contype in ('f', 'c') or (contype = 'n' and not convalidated)) order by conname`;
   const constraintFacts = (type: string): ConstraintFacts[] =>
     cons
       .filter((c) => c.contype === type)
-      .map((c) => ({ name: String(c.conname), definition: String(c.def), valid: Boolean(c.convalidated), comment: c.comment === null ? null : String(c.comment) }));
+      .map((c) => ({
+        name: String(c.conname),
+        definition: String(c.def),
+        valid: Boolean(c.convalidated),
+        comment: c.comment === null ? null : String(c.comment),
+        ...(c.column ? { column: String(c.column) } : {}),
+      }));
   const revoked = await sql`
     select coalesce(array_agg(d.privilege_type::text order by d.privilege_type), '{}') as privileges
       from pg_class c, aclexplode(acldefault('r', c.relowner)) d

@@ -277,6 +277,9 @@ export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: re
   }
   if (facts.comment !== null) out.push(`COMMENT ON TABLE ${shd} IS ${quoteLiteral(facts.comment)}`);
   for (const c of facts.checks ?? []) {
+    // PostgreSQL 18: LIKE copies a NOT VALID NOT NULL as a valid one, which would refuse the old NULLs; it
+    // comes back NOT VALID after the copy.
+    if (!c.valid && c.column !== undefined) out.push(`ALTER TABLE ${shd} ALTER COLUMN ${quoteIdent(c.column)} DROP NOT NULL`);
     if (!c.valid) continue; // after the copy (afterCopySql)
     out.push(`ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(c.name)} ${inheritableCheck(c.definition)}`);
     if (c.comment !== null) out.push(`COMMENT ON CONSTRAINT ${quoteIdent(c.name)} ON ${shd} IS ${quoteLiteral(c.comment)}`);

@@ -416,6 +416,8 @@ describe("NOT VALID foreign keys", () => {
       create table public.kids (id bigint not null, created_at timestamptz not null, parent int, primary key (id, created_at));
       insert into public.kids select g, timestamptz '2025-01-01 00:00+00' + g * interval '9 hours', case when g % 5 = 0 then 99 else 1 end from generate_series(1, 50) g;
       alter table public.kids add constraint kids_parent_fkey foreign key (parent) references public.parents (id) deferrable not valid;`);
+    // PostgreSQL 18 has NOT VALID NOT NULL too (LIKE would copy it as a valid one).
+    if (serverVersion >= 180000) await db.admin.unsafe(`alter table public.kids add column tag text; alter table public.kids add constraint kids_tag_nn not null tag not valid;`);
     const table: QualifiedName = { schema: "public", name: "kids" };
     const spec = "range:created_at:month";
     if (serverVersion < 180000) {
@@ -430,6 +432,9 @@ describe("NOT VALID foreign keys", () => {
       const rel = step === "backfilled" || step === "swap-back" ? SHADOW(table) : table;
       const c = plain(await db.admin.unsafe(`select convalidated, condeferrable from pg_constraint where conrelid = '${q(rel)}'::regclass and conname = 'kids_parent_fkey'`));
       expect(c, step).toEqual([{ convalidated: false, condeferrable: true }]);
+      const nn = plain(await db.admin.unsafe(`select convalidated from pg_constraint where conrelid = '${q(rel)}'::regclass and conname = 'kids_tag_nn'`));
+      expect(nn, step).toEqual([{ convalidated: false }]);
+      expect(Number((await db.admin.unsafe(`select count(*)::int as n from ${q(rel)} where tag is null`))[0]!.n), step).toBe(50);
       expect(Number((await db.admin.unsafe(`select count(*)::int as n from ${q(rel)} where parent = 99`))[0]!.n), step).toBe(10);
     });
   });
