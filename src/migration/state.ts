@@ -6,6 +6,8 @@ import { displayName, quoteQualified, type QualifiedName } from "../names.js";
 import { PartitionSpecSchema } from "../partitioning/spec.js";
 import { truncateGuardFunctionSql, truncateGuardSql } from "../mirror/trigger.js";
 import { upgradeDdlGuard } from "./ddl-guard.js";
+// mirror.ts imports this module's types only; triggerMirror is used inside a function (no cycle at load).
+import { triggerMirror } from "../mirror/mirror.js";
 
 /**
  * Phases of a migration and the steps that may follow each (the state machine):
@@ -123,11 +125,13 @@ export interface Migration extends MigrationRow {
  * 2: pgshift.migrations.copies_lsn; 3: the DDL guard's third event trigger (pgshift_partition_guard, on
  * ddl_command_start), which an older guard function must not serve; 4: both tables of a migration carry the
  * TRUNCATE guard, and the DDL guard gives it to new partitions of the shadow too (an older pgshift would
- * put back a guard function that does not). A database at an older version is upgraded by the first
+ * put back a guard function that does not); 5: the reverse mirror of a migration in phase cutover inserts and
+ * updates without ever overwriting (an older one upserts, and overwrites a row of the retired table when the
+ * application reuses its key with another partition value). A database at an older version is upgraded by the first
  * command that writes state (upgradeSql; plan, status and dry runs read it as it is); one at a newer
  * version is refused by every command, so that no pgshift acts on state it does not understand.
  */
-export const SCHEMA_VERSION = 4;
+export const SCHEMA_VERSION = 5;
 
 /** Statements that bring a pgshift schema of any older version to SCHEMA_VERSION (idempotent). */
 export function upgradeSql(): string[] {
@@ -288,6 +292,7 @@ async function requireSchemaVersion(sql: AnySql, upgrade: boolean): Promise<void
       await upgradeDdlGuard(sql);
       await guardCopies(sql);
     }
+    if (version < 5) await strictReverseMirrors(sql);
     // Last, with the version raised at its end: an upgrade cut short is made again.
     for (const stmt of upgradeSql()) await sql.unsafe(stmt);
   } catch (err) {
@@ -323,6 +328,20 @@ async function guardCopies(sql: AnySql): Promise<void> {
       if (sqlState(err instanceof PgshiftError ? err.cause : err) !== "55P03") throw err;
       log().warn({ table: displayName(copy) }, "could not lock the table to give it the TRUNCATE guard; the next cutover or swap-back does");
     }
+  }
+}
+
+/**
+ * Schema version 5: each migration in phase cutover gets the reverse mirror function this pgshift writes
+ * (strict writes: see triggerMirror.startSql), so that a migration cut over by an older pgshift stops
+ * overwriting rows of the retired table at once rather than at its next swap-back and cutover.
+ * CREATE OR REPLACE FUNCTION takes no lock on the tables; the trigger already calls the function by name.
+ */
+async function strictReverseMirrors(sql: AnySql): Promise<void> {
+  const rows = await sql`select * from pgshift.migrations where phase = 'cutover'`;
+  for (const row of rows) {
+    const m = withNames(MigrationRowSchema.parse(row));
+    for (const stmt of triggerMirror.startSql(m)) if (stmt.startsWith("CREATE OR REPLACE FUNCTION")) await sql.unsafe(stmt);
   }
 }
 

@@ -109,7 +109,7 @@ export async function verify(sql: Sql, table: QualifiedName, opts: VerifyOptions
       // one look (until the stream applies the change) and not in the next.
       for (let again = 0; follower && res.diffs.length > 0 && again < 8; again++) {
         const target = String((await sql`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
-        if (!(await follower.waitFor(target, opts.catchupTimeoutMs ?? 120_000))) {
+        if (!(await follower.waitForRecorded(target, opts.catchupTimeoutMs ?? 120_000))) {
           throw new PgshiftError(`the stream did not catch up within ${opts.catchupTimeoutMs ?? 120_000} ms: the shadow cannot be compared yet`, {
             hint: "the applier is slower than the write load; let pgshift sync run, throttle the load, then verify again",
           });
@@ -277,8 +277,9 @@ async function repairKeys(
         // Logical mode: copy the rows as the stream would have them, not ahead of it (the applier relies on
         // the shadow equalling the table as of its position): wait, under the lock, until it has applied
         // every write before the lock (the application's writes wait meanwhile: 2 s at most).
+        // Applied means recorded with its rows (waitForRecorded), not confirmed on the slot, as at cutover.
         const target = String((await tx`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
-        if (!(await follower.waitFor(target, REPAIR_CATCHUP_MS))) throw new CatchupTimeout(`the stream did not apply everything up to ${target} within ${REPAIR_CATCHUP_MS} ms`);
+        if (!(await follower.waitForRecorded(target, REPAIR_CATCHUP_MS))) throw new CatchupTimeout(`the stream did not apply everything up to ${target} within ${REPAIR_CATCHUP_MS} ms`);
       }
       const failed = await rewriteKeys(tx, m, diffs);
       const still = (await drillDown(tx, m, b)).map((d) => {

@@ -1,5 +1,6 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { SCHEMA_VERSION } from "../../src/migration/state.js";
+import { SCHEMA_VERSION, loadMigration } from "../../src/migration/state.js";
+import { mirrorFunctionSql } from "../../src/mirror/trigger.js";
 import { catalogSnapshot } from "../support/catalog.js";
 import { describeRun, expectRefusal, runCli } from "../support/cli.js";
 import { createLoginRole, freshDatabase, type TestDatabase } from "../support/db.js";
@@ -127,6 +128,32 @@ describe("schema version", () => {
     expect(live).toEqual(all(unguarded.map((t) => t.replace("ver_busy_pgshift_shadow", "ver_busy"))).sort());
     expect(await guarded("ver_busy_pgshift_retired")).toEqual(["ver_busy_pgshift_retired: guarded"]);
     expect((await pgshift(["finalize", "ver_busy", "--yes"])).code).toBe(0);
+  });
+
+  it("a migration cut over by a version-4 pgshift (reverse mirror upserts) gets the strict reverse mirror from the next command: a reused key is refused, the retired row kept", async () => {
+    await createOrders("ver_rev");
+    const st = await pgshift(["start", "--allow-key-extension", "ver_rev", "--partition-by", "range:created_at:month"]);
+    expect(st.code, describeRun(st)).toBe(0);
+    expect((await pgshift(["backfill", "ver_rev"])).code).toBe(0);
+    expect((await pgshift(["cutover", "ver_rev"])).code).toBe(0);
+    // What a version-4 pgshift installed after cutover: the reverse mirror upserting on the original key.
+    const m = (await loadMigration(db.admin, { schema: "public", name: "ver_rev" }))!;
+    await db.admin.unsafe(mirrorFunctionSql({ fn: m.mirrorFn, from: m.live, to: m.copy, columns: m.copy_columns, key: m.key_columns, overridingSystemValue: false, writes: "upsert" }));
+    await db.admin`update pgshift.schema_version set version = 4`;
+    const original = await db.admin`select id, created_at, note from ver_rev_pgshift_retired where id = 1`;
+    const v = await pgshift(["status", "ver_rev"]);
+    expect(v.code, describeRun(v)).toBe(0);
+    expect(await version()).toBe(4); // status reads as it is
+    const verify = await pgshift(["verify", "ver_rev"]);
+    expect(verify.code, describeRun(verify)).toBe(0);
+    expect(await version()).toBe(SCHEMA_VERSION);
+    // id 1 again, in another month: the partitioned table alone would take it; the retired table refuses it.
+    const err = await db.admin`insert into ver_rev (id, created_at, note) values (1, '2030-06-01', 'dup')`.catch((e: unknown) => e);
+    expect((err as { code?: string }).code).toBe("23505");
+    expect(await db.admin`select id, created_at, note from ver_rev_pgshift_retired where id = 1`).toEqual(original);
+    expect((await pgshift(["swap-back", "ver_rev"])).code).toBe(0);
+    expect(await db.admin`select id, created_at, note from ver_rev where id = 1`).toEqual(original);
+    expect((await pgshift(["abort", "ver_rev"])).code).toBe(0);
   });
 
   it("an upgrade the role may not make is refused with one line, nothing changed", async () => {
