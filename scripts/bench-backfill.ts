@@ -22,8 +22,9 @@
  * that it cannot run during one phase and not the other.
  * Exit status 0 whatever the ratio, unless --strict (then 1 when the median ratio is above the target).
  */
-import { parseArgs } from "node:util";
+
 import { availableParallelism } from "node:os";
+import { parseArgs } from "node:util";
 import { destination, pino } from "pino";
 import {
   abort,
@@ -31,12 +32,20 @@ import {
   computePartitions,
   loadMigration,
   parsePartitionSpec,
-  setLogger,
-  startMigration,
   type QualifiedName,
   type Sql,
+  setLogger,
+  startMigration,
 } from "../src/index.js";
-import { COMMON_OPTIONS, fmtInt, median, openBenchSession, positiveInt, printedHelp, runBench } from "./bench-common.js";
+import {
+  COMMON_OPTIONS,
+  fmtInt,
+  median,
+  openBenchSession,
+  positiveInt,
+  printedHelp,
+  runBench,
+} from "./bench-common.js";
 
 const TARGET = 1.25;
 const SOURCE: QualifiedName = { schema: "public", name: "bench_source" };
@@ -103,20 +112,35 @@ async function buildSource(sql: Sql, rows: number): Promise<void> {
 /** The twin: same columns, the same partitions pgshift computes (monthly over the data + premade + DEFAULT), same indexes. */
 async function createTwin(sql: Sql): Promise<number> {
   const r = await sql`select min(created_at)::text as min, max(created_at)::text as max from bench_source`;
-  const partitions = computePartitions(parsePartitionSpec(SPEC), TWIN, "timestamptz", { min: r[0]?.min ?? null, max: r[0]?.max ?? null }, {
-    premake: 3,
-    now: new Date(),
-  });
+  const partitions = computePartitions(
+    parsePartitionSpec(SPEC),
+    TWIN,
+    "timestamptz",
+    { min: r[0]?.min ?? null, max: r[0]?.max ?? null },
+    {
+      premake: 3,
+      now: new Date(),
+    },
+  );
   await sql.begin(async (tx) => {
-    await tx.unsafe(`create table ${TWIN} (like bench_source including defaults including constraints) partition by range (created_at)`);
-    for (const p of partitions) await tx.unsafe(`create table "${p.name}" partition of ${TWIN} ${p.bound} with (autovacuum_enabled = off)`);
+    await tx.unsafe(
+      `create table ${TWIN} (like bench_source including defaults including constraints) partition by range (created_at)`,
+    );
+    for (const p of partitions)
+      await tx.unsafe(`create table "${p.name}" partition of ${TWIN} ${p.bound} with (autovacuum_enabled = off)`);
     await tx.unsafe(`alter table ${TWIN} add primary key (id, created_at)`);
     await tx.unsafe(`create index on ${TWIN} (created_at)`);
   });
   return partitions.length;
 }
 
-async function runOnce(sql: Sql, rows: number, batchSize: number, say: (l: string) => void, k: number): Promise<Run & { partitions: number }> {
+async function runOnce(
+  sql: Sql,
+  rows: number,
+  batchSize: number,
+  say: (l: string) => void,
+  k: number,
+): Promise<Run & { partitions: number }> {
   // (a) the single-statement limit
   const partitions = await createTwin(sql);
   await checkpoint(sql);
@@ -136,7 +160,7 @@ async function runOnce(sql: Sql, rows: number, batchSize: number, say: (l: strin
   const sampler = setInterval(() => {
     rssPeak = Math.max(rssPeak, process.memoryUsage().rss);
   }, 100);
-  let result;
+  let result: Awaited<ReturnType<typeof backfill>>;
   t0 = performance.now();
   try {
     result = await backfill(sql, SOURCE, { batchSize });
@@ -145,7 +169,8 @@ async function runOnce(sql: Sql, rows: number, batchSize: number, say: (l: strin
   }
   const bMs = performance.now() - t0;
   rssPeak = Math.max(rssPeak, process.memoryUsage().rss);
-  if (!result.complete || result.rowsCopied !== rows) throw new Error(`backfill copied ${result.rowsCopied} rows (complete: ${result.complete}), expected ${rows}`);
+  if (!result.complete || result.rowsCopied !== rows)
+    throw new Error(`backfill copied ${result.rowsCopied} rows (complete: ${result.complete}), expected ${rows}`);
   const m = await loadMigration(sql, SOURCE);
   const copied = await sql.unsafe(`select count(*)::bigint as n from "${m!.partitioned.name}"`);
   if (Number(copied[0]?.n) !== rows) throw new Error(`the shadow holds ${String(copied[0]?.n)} rows, expected ${rows}`);
@@ -180,10 +205,14 @@ async function main(): Promise<number> {
   const repeat = positiveInt("--repeat", values.repeat, 1);
   const json = values.json === true;
   // progress lines go to stderr, so that --json output stays clean
-  const say = (l: string) => process.stderr.write(l + "\n");
+  const say = (l: string) => process.stderr.write(`${l}\n`);
   setLogger(pino({ level: process.env.PGSHIFT_LOG_LEVEL ?? "error" }, destination(2)));
 
-  const { sql, external, cleanup } = await openBenchSession({ applicationName: "pgshift-bench", say, dropTables: dropBenchTables });
+  const { sql, external, cleanup } = await openBenchSession({
+    applicationName: "pgshift-bench",
+    say,
+    dropTables: dropBenchTables,
+  });
   try {
     const v = await sql`select current_setting('server_version') as v, current_setting('shared_buffers') as sb,
                                current_setting('fsync') as fsync, current_setting('synchronous_commit') as sc`;
@@ -194,8 +223,11 @@ async function main(): Promise<number> {
     say(`building bench_source with ${fmtInt(rows)} rows ...`);
     const tb = performance.now();
     await buildSource(sql, rows);
-    const size = await sql`select pg_total_relation_size('bench_source')::bigint as total, pg_relation_size('bench_source')::bigint as heap`;
-    say(`built in ${secs(performance.now() - tb).toFixed(1)} s: heap ${mb(Number(size[0]?.heap))} MB, with indexes ${mb(Number(size[0]?.total))} MB`);
+    const size =
+      await sql`select pg_total_relation_size('bench_source')::bigint as total, pg_relation_size('bench_source')::bigint as heap`;
+    say(
+      `built in ${secs(performance.now() - tb).toFixed(1)} s: heap ${mb(Number(size[0]?.heap))} MB, with indexes ${mb(Number(size[0]?.total))} MB`,
+    );
 
     const runs: (Run & { partitions: number })[] = [];
     for (let k = 1; k <= repeat; k++) {
@@ -219,27 +251,49 @@ async function main(): Promise<number> {
       cpus: availableParallelism(),
       sourceBytes: { heap: Number(size[0]?.heap), total: Number(size[0]?.total) },
       a: { label: "INSERT INTO twin SELECT * FROM bench_source", seconds: aSeconds, rowsPerSecond: rows / aSeconds },
-      b: { label: `pgshift backfill, batch size ${batchSize}, 1 worker`, seconds: bSeconds, rowsPerSecond: rows / bSeconds, batches: runs[0]!.batches },
+      b: {
+        label: `pgshift backfill, batch size ${batchSize}, 1 worker`,
+        seconds: bSeconds,
+        rowsPerSecond: rows / bSeconds,
+        batches: runs[0]!.batches,
+      },
       ratio: Number(ratio.toFixed(2)),
       target: TARGET,
       pass,
       rss: { startBytes: rssStart, peakBytes: rssPeak, growthBytes: rssPeak - rssStart },
-      runs: runs.map((r) => ({ aSeconds: r.aSeconds, bSeconds: r.bSeconds, ratio: Number(r.ratio.toFixed(3)), rssPeakBytes: r.rssPeakBytes })),
+      runs: runs.map((r) => ({
+        aSeconds: r.aSeconds,
+        bSeconds: r.bSeconds,
+        ratio: Number(r.ratio.toFixed(3)),
+        rssPeakBytes: r.rssPeakBytes,
+      })),
     };
 
     if (json) {
-      process.stdout.write(JSON.stringify(report, null, 2) + "\n");
+      process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
     } else {
       const out: string[] = [];
       const line = (label: string, value: string) => out.push(`${label.padEnd(26)}${value}`);
       out.push("", `pgshift backfill benchmark: ${serverInfo}, ${report.cpus} CPUs`);
-      line("rows", `${fmtInt(rows)} (heap ${mb(report.sourceBytes.heap)} MB, ${report.partitions} partitions incl. DEFAULT)`);
+      line(
+        "rows",
+        `${fmtInt(rows)} (heap ${mb(report.sourceBytes.heap)} MB, ${report.partitions} partitions incl. DEFAULT)`,
+      );
       line("(a) INSERT ... SELECT", `${aSeconds.toFixed(2)} s   ${fmtInt(report.a.rowsPerSecond)} rows/s`);
-      line("(b) pgshift backfill", `${bSeconds.toFixed(2)} s   ${fmtInt(report.b.rowsPerSecond)} rows/s   (${report.b.batches} batches of ${fmtInt(batchSize)}, then the secondary index built CONCURRENTLY per partition)`);
-      line("ratio (b)/(a)", `${ratio.toFixed(2)}   target <= ${TARGET.toFixed(2)}   ${pass ? "PASS" : "FAIL"}${repeat > 1 ? `   (median of ${repeat})` : ""}`);
+      line(
+        "(b) pgshift backfill",
+        `${bSeconds.toFixed(2)} s   ${fmtInt(report.b.rowsPerSecond)} rows/s   (${report.b.batches} batches of ${fmtInt(batchSize)}, then the secondary index built CONCURRENTLY per partition)`,
+      );
+      line(
+        "ratio (b)/(a)",
+        `${ratio.toFixed(2)}   target <= ${TARGET.toFixed(2)}   ${pass ? "PASS" : "FAIL"}${repeat > 1 ? `   (median of ${repeat})` : ""}`,
+      );
       if (repeat > 1) line("ratios", runs.map((r) => r.ratio.toFixed(2)).join(", "));
-      line("peak RSS during (b)", `${mb(rssPeak)} MB (at start of (b): ${mb(rssStart)} MB, growth ${mb(rssPeak - rssStart)} MB)`);
-      process.stdout.write(out.join("\n") + "\n");
+      line(
+        "peak RSS during (b)",
+        `${mb(rssPeak)} MB (at start of (b): ${mb(rssStart)} MB, growth ${mb(rssPeak - rssStart)} MB)`,
+      );
+      process.stdout.write(`${out.join("\n")}\n`);
     }
     return values.strict && !pass ? 1 : 0;
   } finally {

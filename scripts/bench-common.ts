@@ -4,7 +4,7 @@
  * and the embedded one is stopped).
  */
 import { connect, type Sql } from "../src/db.js";
-import { startEmbedded, type EmbeddedServer } from "../src/embedded.js";
+import { type EmbeddedServer, startEmbedded } from "../src/embedded.js";
 
 export function positiveInt(name: string, text: string | undefined, dflt: number): number {
   if (text === undefined) return dflt;
@@ -83,10 +83,14 @@ export function runBench(name: string, usage: () => string, main: () => Promise<
   main().then(
     (code) => process.exit(code),
     (err: unknown) => {
-      const usageError = err instanceof Error && ("code" in err ? String(err.code).startsWith("ERR_PARSE_ARGS") : false);
-      const text = err instanceof Error ? (process.env.PGSHIFT_DEBUG ? (err.stack ?? err.message) : err.message) : String(err);
+      const usageError =
+        err instanceof Error && ("code" in err ? String(err.code).startsWith("ERR_PARSE_ARGS") : false);
+      const text =
+        err instanceof Error ? (process.env.PGSHIFT_DEBUG ? (err.stack ?? err.message) : err.message) : String(err);
       const hint = err instanceof Error && "hint" in err && typeof err.hint === "string" ? `\nhint: ${err.hint}` : "";
-      process.stderr.write(`${name} failed: ${text}${hint}\n${usageError || text.startsWith("--") ? usage() + "\n" : ""}`);
+      process.stderr.write(
+        `${name} failed: ${text}${hint}\n${usageError || text.startsWith("--") ? `${usage()}\n` : ""}`,
+      );
       process.exit(2);
     },
   );
@@ -103,6 +107,6 @@ export const COMMON_OPTIONS = {
 
 /** For -h/--help: prints `usage()` and returns true. */
 export function printedHelp(values: { help?: boolean | undefined }, usage: () => string): boolean {
-  if (values.help) process.stdout.write(usage() + "\n");
+  if (values.help) process.stdout.write(`${usage()}\n`);
   return Boolean(values.help);
 }

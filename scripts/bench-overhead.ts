@@ -56,14 +56,15 @@
  * synchronous_commit = on, so that each transaction waits for its WAL flush, as on a production server.
  * Exit status 0 whatever the figures, unless --strict (then 1 when a target is missed).
  */
-import { spawn, type ChildProcess } from "node:child_process";
+import { type ChildProcess, spawn } from "node:child_process";
 import { accessSync, constants as fsConstants, readdirSync, readFileSync } from "node:fs";
 import { availableParallelism } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
-import postgres from "postgres";
 import { destination, pino } from "pino";
+import postgres from "postgres";
+import { connectionUrl, identList } from "../src/db.js";
 import {
   abort,
   backfill,
@@ -71,16 +72,23 @@ import {
   createWorkload,
   loadMigration,
   parsePartitionSpec,
-  setLogger,
-  startMigration,
   type QualifiedName,
   type Sql,
+  setLogger,
+  startMigration,
 } from "../src/index.js";
-import { connectionUrl, identList } from "../src/db.js";
 import { WORKLOAD_COLUMNS } from "../src/load/workload.js";
-import { COMMON_OPTIONS, fmtInt, median, openBenchSession, positiveInt, printedHelp, runBench } from "./bench-common.js";
 import { slotState } from "../src/mirror/logical.js";
 import { sync } from "../src/mirror/sync.js";
+import {
+  COMMON_OPTIONS,
+  fmtInt,
+  median,
+  openBenchSession,
+  positiveInt,
+  printedHelp,
+  runBench,
+} from "./bench-common.js";
 
 const TARGET_TRIGGER = 0.85;
 const TARGET_LOGICAL = 0.95;
@@ -238,7 +246,10 @@ interface CpuProbe {
 }
 
 /** Starts measuring CPU of the given backend pids, the Node process, a child and the machine. */
-function cpuProbe(pids: { load: number[]; walsender: number[]; applier: number[]; server: number[] }, child: ChildProcess | null): CpuProbe {
+function cpuProbe(
+  pids: { load: number[]; walsender: number[]; applier: number[]; server: number[] },
+  child: ChildProcess | null,
+): CpuProbe {
   const sum = (xs: number[], skipGone = false) => {
     let t = 0;
     for (const p of xs) {
@@ -278,7 +289,8 @@ function cpuProbe(pids: { load: number[]; walsender: number[]; applier: number[]
         nodeMain,
         syncChild,
         machine,
-        outside: machine === null || server === null ? null : r2(Math.max(0, machine - server - nodeMain - (syncChild ?? 0))),
+        outside:
+          machine === null || server === null ? null : r2(Math.max(0, machine - server - nodeMain - (syncChild ?? 0))),
       };
     },
   };
@@ -307,11 +319,16 @@ async function openWorkers(url: string, sql: Sql, n: number, durable: boolean): 
   const ids = await sql`select id::int8::text as id from ${sql(TABLE.schema)}.${sql(TABLE.name)}`;
   const workers: Worker[] = [];
   for (let i = 0; i < n; i++) {
-    const w = postgres(url, { max: 1, onnotice: () => {}, idle_timeout: 0, connection: { application_name: LOAD_APP, ...(durable ? { synchronous_commit: "on" } : {}) } });
+    const w = postgres(url, {
+      max: 1,
+      onnotice: () => {},
+      idle_timeout: 0,
+      connection: { application_name: LOAD_APP, ...(durable ? { synchronous_commit: "on" } : {}) },
+    });
     const r = await w`select pg_backend_pid() as pid`;
     workers.push({ sql: w, pid: Number(r[0]!.pid), keys: [] });
   }
-  ids.forEach((r, i) => workers[i % n]!.keys.push(Number(r.id)));
+  for (const [i, r] of ids.entries()) workers[i % n]!.keys.push(Number(r.id));
   return workers;
 }
 
@@ -383,7 +400,8 @@ async function runLoad(workers: Worker[], seconds: number, rate: number | null, 
               }
               res.updates++;
             } else {
-              if (twice) await sql`with d as (delete from bench_overhead where id = ${id} returning id) delete from bench_overhead_floor f using d where f.id = d.id`;
+              if (twice)
+                await sql`with d as (delete from bench_overhead where id = ${id} returning id) delete from bench_overhead_floor f using d where f.id = d.id`;
               else await sql`delete from bench_overhead where id = ${id}`;
               w.keys[idx] = w.keys[w.keys.length - 1]!;
               w.keys.pop();
@@ -412,16 +430,24 @@ interface RunningApplier {
   stop(): Promise<void>;
 }
 
-async function startApplier(sql: Sql, url: string, where: "inprocess" | "child", slot: string, say: (l: string) => void): Promise<RunningApplier> {
+async function startApplier(
+  sql: Sql,
+  url: string,
+  where: "inprocess" | "child",
+  slot: string,
+  say: (l: string) => void,
+): Promise<RunningApplier> {
   if (where === "inprocess") {
     // sync() on a pool of its own (its ticks query the migration row and the slot), its Applier opens its own connection
     const syncSql = await connect({ url, applicationName: "bench-overhead-sync" });
     const ctrl = new AbortController();
     let changes = 0;
-    const done = sync(syncSql, TABLE, { signal: ctrl.signal, onTick: (t) => (changes = t.changes) }).catch((err: unknown) => {
-      say(`sync stopped with an error: ${err instanceof Error ? err.message : String(err)}`);
-      return { reason: "error" as const };
-    });
+    const done = sync(syncSql, TABLE, { signal: ctrl.signal, onTick: (t) => (changes = t.changes) }).catch(
+      (err: unknown) => {
+        say(`sync stopped with an error: ${err instanceof Error ? err.message : String(err)}`);
+        return { reason: "error" as const };
+      },
+    );
     await waitActive(sql, slot);
     return {
       changes: () => changes,
@@ -433,11 +459,15 @@ async function startApplier(sql: Sql, url: string, where: "inprocess" | "child",
       },
     };
   }
-  const child = spawn(process.execPath, ["--import", "tsx", join(ROOT, "src/cli/main.ts"), "sync", `${TABLE.schema}.${TABLE.name}`, "--url", url], {
-    cwd: ROOT,
-    stdio: ["ignore", "ignore", "pipe"],
-    env: { ...process.env, PGSHIFT_LOG_LEVEL: process.env.PGSHIFT_LOG_LEVEL ?? "warn" },
-  });
+  const child = spawn(
+    process.execPath,
+    ["--import", "tsx", join(ROOT, "src/cli/main.ts"), "sync", `${TABLE.schema}.${TABLE.name}`, "--url", url],
+    {
+      cwd: ROOT,
+      stdio: ["ignore", "ignore", "pipe"],
+      env: { ...process.env, PGSHIFT_LOG_LEVEL: process.env.PGSHIFT_LOG_LEVEL ?? "warn" },
+    },
+  );
   return attachedChild(sql, child, slot, "pgshift sync");
 }
 
@@ -453,7 +483,9 @@ async function attachedChild(sql: Sql, child: ChildProcess, slot: string, what: 
   } catch (err) {
     child.kill("SIGTERM");
     await exited;
-    throw new Error(`${what} did not attach to the slot: ${err instanceof Error ? err.message : String(err)}\n${stderr}`);
+    throw new Error(
+      `${what} did not attach to the slot: ${err instanceof Error ? err.message : String(err)}\n${stderr}`,
+    );
   }
   return {
     changes: () => null,
@@ -490,8 +522,31 @@ const FLOOR_CONSUMER = findRecvlogical() ?? "scripts/decode-only.ts";
  */
 async function startDecodeOnly(sql: Sql, url: string): Promise<RunningApplier> {
   const child = FLOOR_CONSUMER.endsWith("pg_recvlogical")
-    ? spawn(FLOOR_CONSUMER, ["-d", url, "--slot", FLOOR_SLOT, "--start", "-o", "proto_version=1", "-o", `publication_names=${FLOOR_SLOT}`, "-f", "/dev/null", "-F", "0", "-s", "1"], { stdio: ["ignore", "ignore", "pipe"] })
-    : spawn(process.execPath, ["--import", "tsx", join(ROOT, FLOOR_CONSUMER), url, FLOOR_SLOT, FLOOR_SLOT], { cwd: ROOT, stdio: ["ignore", "ignore", "pipe"] });
+    ? spawn(
+        FLOOR_CONSUMER,
+        [
+          "-d",
+          url,
+          "--slot",
+          FLOOR_SLOT,
+          "--start",
+          "-o",
+          "proto_version=1",
+          "-o",
+          `publication_names=${FLOOR_SLOT}`,
+          "-f",
+          "/dev/null",
+          "-F",
+          "0",
+          "-s",
+          "1",
+        ],
+        { stdio: ["ignore", "ignore", "pipe"] },
+      )
+    : spawn(process.execPath, ["--import", "tsx", join(ROOT, FLOOR_CONSUMER), url, FLOOR_SLOT, FLOOR_SLOT], {
+        cwd: ROOT,
+        stdio: ["ignore", "ignore", "pipe"],
+      });
   return attachedChild(sql, child, FLOOR_SLOT, FLOOR_CONSUMER);
 }
 
@@ -530,7 +585,9 @@ async function backendPids(sql: Sql): Promise<{ walsender: number[]; applier: nu
   const r = await sql`select pid, backend_type, application_name from pg_stat_activity`;
   return {
     walsender: r.filter((x) => x.backend_type === "walsender").map((x) => Number(x.pid)),
-    applier: r.filter((x) => x.backend_type === "client backend" && String(x.application_name).startsWith("pgshift apply ")).map((x) => Number(x.pid)),
+    applier: r
+      .filter((x) => x.backend_type === "client backend" && String(x.application_name).startsWith("pgshift apply "))
+      .map((x) => Number(x.pid)),
   };
 }
 
@@ -546,7 +603,11 @@ async function runOnce(
   let shadow: QualifiedName | null = null;
   if (setup === "b" || setup === "c") {
     const t0 = performance.now();
-    await startMigration(sql, TABLE, { allowKeyExtension: true, spec: parsePartitionSpec(SPEC), mode: setup === "b" ? "trigger" : "logical" });
+    await startMigration(sql, TABLE, {
+      allowKeyExtension: true,
+      spec: parsePartitionSpec(SPEC),
+      mode: setup === "b" ? "trigger" : "logical",
+    });
     const bf = await backfill(sql, TABLE, {});
     if (!bf.complete) throw new Error("backfill did not complete");
     prepareSeconds = (performance.now() - t0) / 1000;
@@ -575,7 +636,9 @@ async function runOnce(
     workers = await openWorkers(url, sql, opts.connections, opts.durable);
     const local = workers.every((w) => isLocalPostgres(w.pid));
     const pids = (setup === "c" || setup === "e") && local ? await backendPids(sql) : { walsender: [], applier: [] };
-    say(`[${k}] (${setup}) ${LABELS[setup]}: ${opts.seconds} s of load on ${opts.connections} connections${prepareSeconds !== null ? ` (${setup === "d" ? "copy" : "start + backfill"} took ${prepareSeconds.toFixed(1)} s)` : ""} ...`);
+    say(
+      `[${k}] (${setup}) ${LABELS[setup]}: ${opts.seconds} s of load on ${opts.connections} connections${prepareSeconds !== null ? ` (${setup === "d" ? "copy" : "start + backfill"} took ${prepareSeconds.toFixed(1)} s)` : ""} ...`,
+    );
 
     // lag sampler, every second, on the admin connection
     const lag: LagSample[] = [];
@@ -586,12 +649,23 @@ async function runOnce(
         await sleep(1000 - ((performance.now() - tw) % 1000));
         if (!sampling) break;
         const s = await slotState(sql, slot!);
-        const c = await sql`select extract(epoch from clock_timestamp() - applied_commit_time)::float8 as l from pgshift.migrations where id = ${m!.id}`;
-        lag.push({ t: r2((performance.now() - tw) / 1000), lagBytes: s.lagBytes, lagSeconds: s.lagSeconds, commitLagSeconds: c[0]?.l === null || c[0]?.l === undefined ? null : Number(c[0].l) });
+        const c =
+          await sql`select extract(epoch from clock_timestamp() - applied_commit_time)::float8 as l from pgshift.migrations where id = ${m!.id}`;
+        lag.push({
+          t: r2((performance.now() - tw) / 1000),
+          lagBytes: s.lagBytes,
+          lagSeconds: s.lagSeconds,
+          commitLagSeconds: c[0]?.l === null || c[0]?.l === undefined ? null : Number(c[0].l),
+        });
       }
     })();
     const probe = cpuProbe(
-      { load: local ? workers.map((w) => w.pid) : [], walsender: pids.walsender, applier: pids.applier, server: local ? serverPids(workers[0]!.pid) : [] },
+      {
+        load: local ? workers.map((w) => w.pid) : [],
+        walsender: pids.walsender,
+        applier: pids.applier,
+        server: local ? serverPids(workers[0]!.pid) : [],
+      },
       applier?.child ?? null,
     );
     const changes0 = applier?.changes() ?? null;
@@ -610,7 +684,8 @@ async function runOnce(
       const target = String((await sql`select pg_current_wal_lsn()::text as l`)[0]!.l);
       const td = performance.now();
       for (;;) {
-        const r = await sql`select confirmed_flush_lsn >= ${target}::pg_lsn as ok from pg_replication_slots where slot_name = ${slot!}`;
+        const r =
+          await sql`select confirmed_flush_lsn >= ${target}::pg_lsn as ok from pg_replication_slots where slot_name = ${slot!}`;
         if (r[0]?.ok) {
           drainSeconds = r2((performance.now() - td) / 1000);
           break;
@@ -633,7 +708,11 @@ async function runOnce(
       updates: load.updates,
       deletes: load.deletes,
       errors: load.errors.length,
-      latencyMs: { mean: r2(lat.reduce((a, b) => a + b, 0) / Math.max(1, lat.length)), p50: r2(percentile(lat, 50)), p99: r2(percentile(lat, 99)) },
+      latencyMs: {
+        mean: r2(lat.reduce((a, b) => a + b, 0) / Math.max(1, lat.length)),
+        p50: r2(percentile(lat, 50)),
+        p99: r2(percentile(lat, 99)),
+      },
       prepareSeconds: prepareSeconds === null ? null : r2(prepareSeconds),
       lag: setup === "c" ? lag : null,
       drainSeconds,
@@ -680,7 +759,8 @@ function summarizeLag(runs: Run[]): LagSummary | null {
     const first = xs[0];
     const last = xs.at(-1);
     if (last) ends.push(last.commitLagSeconds!);
-    if (first && last && last.t > first.t) paces.push(1 - (last.commitLagSeconds! - first.commitLagSeconds!) / (last.t - first.t));
+    if (first && last && last.t > first.t)
+      paces.push(1 - (last.commitLagSeconds! - first.commitLagSeconds!) / (last.t - first.t));
   }
   return {
     samples: steady.length,
@@ -718,14 +798,18 @@ async function main(): Promise<number> {
   const seconds = positiveInt("--seconds", values.seconds, 20);
   const repeat = positiveInt("--repeat", values.repeat, 1);
   const applierWhere = values.applier ?? "child";
-  if (applierWhere !== "inprocess" && applierWhere !== "child") throw new Error(`--applier must be inprocess or child, got ${JSON.stringify(applierWhere)}`);
-  if (seconds <= STEADY_AFTER_SECONDS) throw new Error(`--seconds must be more than ${STEADY_AFTER_SECONDS} (the lag of the first ${STEADY_AFTER_SECONDS} s is ignored)`);
+  if (applierWhere !== "inprocess" && applierWhere !== "child")
+    throw new Error(`--applier must be inprocess or child, got ${JSON.stringify(applierWhere)}`);
+  if (seconds <= STEADY_AFTER_SECONDS)
+    throw new Error(
+      `--seconds must be more than ${STEADY_AFTER_SECONDS} (the lag of the first ${STEADY_AFTER_SECONDS} s is ignored)`,
+    );
   const durable = values.durable === true;
   const rate = values.rate === undefined ? null : positiveInt("--rate", values.rate, 0);
   const json = values.json === true;
   const floor = values.floor === true;
   const setups: Setup[] = floor ? ["a", "b", "c", "d", "e"] : ["a", "b", "c"];
-  const say = (l: string) => process.stderr.write(l + "\n");
+  const say = (l: string) => process.stderr.write(`${l}\n`);
   setLogger(pino({ level: process.env.PGSHIFT_LOG_LEVEL ?? "error" }, destination(2)));
 
   const dropBench = async (s: Sql) => {
@@ -735,7 +819,12 @@ async function main(): Promise<number> {
     await s`drop table if exists ${s(TWIN.schema)}.${s(TWIN.name)}`;
     await s`drop table if exists ${s(TABLE.schema)}.${s(TABLE.name)}`;
   };
-  const { sql, external, cleanup } = await openBenchSession({ applicationName: "bench-overhead", say, dropTables: dropBench, durable });
+  const { sql, external, cleanup } = await openBenchSession({
+    applicationName: "bench-overhead",
+    say,
+    dropTables: dropBench,
+    durable,
+  });
   try {
     const url = connectionUrl(sql);
     const v = await sql`select current_setting('server_version') as v, current_setting('shared_buffers') as sb,
@@ -754,19 +843,34 @@ async function main(): Promise<number> {
     const runs: Run[] = [];
     for (let k = 1; k <= repeat; k++) {
       for (const setup of setups) {
-        const r = await runOnce(sql, url, setup, k, { connections, seconds, applier: applierWhere, durable, rate }, say);
+        const r = await runOnce(
+          sql,
+          url,
+          setup,
+          k,
+          { connections, seconds, applier: applierWhere, durable, rate },
+          say,
+        );
         const lag = r.lag ? summarizeLag([r]) : null;
         say(
           `[${k}] (${setup}) ${fmtInt(r.tps)} TPS, ${fmtInt(r.transactions)} transactions, latency p50 ${r.latencyMs.p50} ms p99 ${r.latencyMs.p99} ms` +
-            (r.cpu.machine !== null ? `, CPU: machine ${r.cpu.machine} cores, other programs ${r.cpu.outside ?? "?"}` : "") +
-            (lag ? `, lag median ${fmtInt(lag.bytes.median)} B / ${lag.seconds.median} s (end-to-end ${lag.commitSeconds.median} s), max ${fmtInt(lag.bytes.max)} B / ${lag.seconds.max} s (end-to-end ${lag.commitSeconds.max} s), drain ${r.drainSeconds} s` : ""),
+            (r.cpu.machine !== null
+              ? `, CPU: machine ${r.cpu.machine} cores, other programs ${r.cpu.outside ?? "?"}`
+              : "") +
+            (lag
+              ? `, lag median ${fmtInt(lag.bytes.median)} B / ${lag.seconds.median} s (end-to-end ${lag.commitSeconds.median} s), max ${fmtInt(lag.bytes.max)} B / ${lag.seconds.max} s (end-to-end ${lag.commitSeconds.max} s), drain ${r.drainSeconds} s`
+              : ""),
         );
         runs.push(r);
       }
     }
 
     const of = (s: Setup) => runs.filter((r) => r.setup === s);
-    const tps = { a: median(of("a").map((r) => r.tps)), b: median(of("b").map((r) => r.tps)), c: median(of("c").map((r) => r.tps)) };
+    const tps = {
+      a: median(of("a").map((r) => r.tps)),
+      b: median(of("b").map((r) => r.tps)),
+      c: median(of("c").map((r) => r.tps)),
+    };
     const ratioB = r2(tps.b / tps.a);
     const ratioC = r2(tps.c / tps.a);
     // --floor: what the machine allows any mirror (see LABELS): medians and ratios to (a), null without --floor
@@ -774,7 +878,11 @@ async function main(): Promise<number> {
     const floorRatios = floorTps ? { writtenTwice: r2(floorTps.d / tps.a), decodedOnly: r2(floorTps.e / tps.a) } : null;
     const perRepeat = Array.from({ length: repeat }, (_, i) => {
       const get = (s: Setup) => runs.find((r) => r.setup === s && r.repeat === i + 1)!.tps;
-      return { trigger: r2(get("b") / get("a")), logical: r2(get("c") / get("a")), ...(floor ? { writtenTwice: r2(get("d") / get("a")), decodedOnly: r2(get("e") / get("a")) } : {}) };
+      return {
+        trigger: r2(get("b") / get("a")),
+        logical: r2(get("c") / get("a")),
+        ...(floor ? { writtenTwice: r2(get("d") / get("a")), decodedOnly: r2(get("e") / get("a")) } : {}),
+      };
     });
     const lag = summarizeLag(of("c"));
     const lagWorst = lag ? Math.max(lag.seconds.max, lag.commitSeconds.max) : NaN;
@@ -784,10 +892,21 @@ async function main(): Promise<number> {
       lag: lag !== null && lagWorst < TARGET_LAG_SECONDS,
     };
     const cpuMedian = (s: Setup) => {
-      const keys = ["loadBackends", "walsender", "applierBackend", "server", "nodeMain", "syncChild", "machine", "outside"] as const;
+      const keys = [
+        "loadBackends",
+        "walsender",
+        "applierBackend",
+        "server",
+        "nodeMain",
+        "syncChild",
+        "machine",
+        "outside",
+      ] as const;
       const out: Partial<Record<(typeof keys)[number], number | null>> = {};
       for (const key of keys) {
-        const xs = of(s).map((r) => r.cpu[key]).filter((x): x is number => x !== null);
+        const xs = of(s)
+          .map((r) => r.cpu[key])
+          .filter((x): x is number => x !== null);
         out[key] = xs.length ? r2(median(xs)) : null;
       }
       return out;
@@ -802,7 +921,12 @@ async function main(): Promise<number> {
       server: serverInfo,
       cpus: availableParallelism(),
       load: `one-statement transactions: 25% INSERT, 50% UPDATE (1 in 5 moves created_at to another month), 25% DELETE; ${rate === null ? "no pause" : `paced at ${fmtInt(rate)} TPS in all`}`,
-      tps: { a: Math.round(tps.a), b: Math.round(tps.b), c: Math.round(tps.c), ...(floorTps ? { d: Math.round(floorTps.d), e: Math.round(floorTps.e) } : {}) },
+      tps: {
+        a: Math.round(tps.a),
+        b: Math.round(tps.b),
+        c: Math.round(tps.c),
+        ...(floorTps ? { d: Math.round(floorTps.d), e: Math.round(floorTps.e) } : {}),
+      },
       ratios: { trigger: ratioB, logical: ratioC, perRepeat },
       floor: floorRatios ? { ...floorRatios, consumer: FLOOR_CONSUMER } : null,
       targets: { trigger: TARGET_TRIGGER, logical: TARGET_LOGICAL, lagSeconds: TARGET_LAG_SECONDS },
@@ -813,39 +937,106 @@ async function main(): Promise<number> {
     };
 
     if (json) {
-      process.stdout.write(JSON.stringify(report, null, 2) + "\n");
+      process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
     } else {
       const out: string[] = [];
       const line = (label: string, value: string) => out.push(`${label.padEnd(28)}${value}`);
       const verdict = (ok: boolean) => (ok ? "PASS" : "FAIL");
       const med = repeat > 1 ? ` (median of ${repeat})` : "";
       out.push("", `pgshift mirror overhead benchmark: ${serverInfo}, ${report.cpus} CPUs`);
-      line("load", `${connections} connections, ${seconds} s per run, ${fmtInt(rows)} rows; ${report.load}${durable ? "; synchronous_commit = on in the load's sessions" : ""}`);
-      line("logical applier", applierWhere === "inprocess" ? "sync() in this process (same Node event loop as the load driver)" : "`pgshift sync` child process");
-      line("(a) no migration", `${fmtInt(tps.a)} TPS${med}   [${of("a").map((r) => fmtInt(r.tps)).join(", ")}]`);
-      line("(b) trigger mirror", `${fmtInt(tps.b)} TPS${med}   [${of("b").map((r) => fmtInt(r.tps)).join(", ")}]`);
-      line("(c) logical mirror", `${fmtInt(tps.c)} TPS${med}   [${of("c").map((r) => fmtInt(r.tps)).join(", ")}]`);
+      line(
+        "load",
+        `${connections} connections, ${seconds} s per run, ${fmtInt(rows)} rows; ${report.load}${durable ? "; synchronous_commit = on in the load's sessions" : ""}`,
+      );
+      line(
+        "logical applier",
+        applierWhere === "inprocess"
+          ? "sync() in this process (same Node event loop as the load driver)"
+          : "`pgshift sync` child process",
+      );
+      line(
+        "(a) no migration",
+        `${fmtInt(tps.a)} TPS${med}   [${of("a")
+          .map((r) => fmtInt(r.tps))
+          .join(", ")}]`,
+      );
+      line(
+        "(b) trigger mirror",
+        `${fmtInt(tps.b)} TPS${med}   [${of("b")
+          .map((r) => fmtInt(r.tps))
+          .join(", ")}]`,
+      );
+      line(
+        "(c) logical mirror",
+        `${fmtInt(tps.c)} TPS${med}   [${of("c")
+          .map((r) => fmtInt(r.tps))
+          .join(", ")}]`,
+      );
       if (floorTps && floorRatios) {
-        line("(d) floor, written twice", `${fmtInt(floorTps.d)} TPS${med}   [${of("d").map((r) => fmtInt(r.tps)).join(", ")}]   ratio ${floorRatios.writtenTwice.toFixed(2)}${repeat > 1 ? ` (${perRepeat.map((p) => p.writtenTwice!.toFixed(2)).join(", ")})` : ""}: the load writes each row to a plain copy too, in the same statement; no synchronous mirror costs less`);
-        line("(e) floor, decoded only", `${fmtInt(floorTps.e)} TPS${med}   [${of("e").map((r) => fmtInt(r.tps)).join(", ")}]   ratio ${floorRatios.decodedOnly.toFixed(2)}${repeat > 1 ? ` (${perRepeat.map((p) => p.decodedOnly!.toFixed(2)).join(", ")})` : ""}: a slot's changes decoded and sent to ${FLOOR_CONSUMER}, nothing applied; no logical mirror costs less`);
+        line(
+          "(d) floor, written twice",
+          `${fmtInt(floorTps.d)} TPS${med}   [${of("d")
+            .map((r) => fmtInt(r.tps))
+            .join(
+              ", ",
+            )}]   ratio ${floorRatios.writtenTwice.toFixed(2)}${repeat > 1 ? ` (${perRepeat.map((p) => p.writtenTwice!.toFixed(2)).join(", ")})` : ""}: the load writes each row to a plain copy too, in the same statement; no synchronous mirror costs less`,
+        );
+        line(
+          "(e) floor, decoded only",
+          `${fmtInt(floorTps.e)} TPS${med}   [${of("e")
+            .map((r) => fmtInt(r.tps))
+            .join(
+              ", ",
+            )}]   ratio ${floorRatios.decodedOnly.toFixed(2)}${repeat > 1 ? ` (${perRepeat.map((p) => p.decodedOnly!.toFixed(2)).join(", ")})` : ""}: a slot's changes decoded and sent to ${FLOOR_CONSUMER}, nothing applied; no logical mirror costs less`,
+        );
       }
-      line("ratio (b)/(a) trigger", `${ratioB.toFixed(2)}   target >= ${TARGET_TRIGGER.toFixed(2)}   ${verdict(pass.trigger)}${repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.trigger.toFixed(2)).join(", ")}` : ""}`);
-      line("ratio (c)/(a) logical", `${ratioC.toFixed(2)}   target >= ${TARGET_LOGICAL.toFixed(2)}   ${verdict(pass.logical)}${repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.logical.toFixed(2)).join(", ")}` : ""}`);
+      line(
+        "ratio (b)/(a) trigger",
+        `${ratioB.toFixed(2)}   target >= ${TARGET_TRIGGER.toFixed(2)}   ${verdict(pass.trigger)}${repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.trigger.toFixed(2)).join(", ")}` : ""}`,
+      );
+      line(
+        "ratio (c)/(a) logical",
+        `${ratioC.toFixed(2)}   target >= ${TARGET_LOGICAL.toFixed(2)}   ${verdict(pass.logical)}${repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.logical.toFixed(2)).join(", ")}` : ""}`,
+      );
       if (lag) {
-        line("logical lag, bytes", `median ${fmtInt(lag.bytes.median)}   max ${fmtInt(lag.bytes.max)}   (${lag.samples} samples, first ${STEADY_AFTER_SECONDS} s of each run ignored)`);
-        line("logical lag, seconds", `median ${lag.seconds.median.toFixed(3)}   max ${lag.seconds.max.toFixed(3)}   (replay_lag)`);
-        line("  end-to-end", `median ${lag.commitSeconds.median.toFixed(3)}   max ${lag.commitSeconds.max.toFixed(3)}   (now() - commit time of the last applied transaction)`);
-        line("  target", `< ${TARGET_LAG_SECONDS} s (worst of the two maxima: ${lagWorst.toFixed(3)} s)   ${verdict(pass.lag)}`);
-        if (lag.pace !== null) line("  applier pace", `${lag.pace.toFixed(2)} s of source commits applied per second${lag.pace < 0.98 ? ` (falls behind: the lag grows ${(1 - lag.pace).toFixed(2)} s every second; ${lag.commitSecondsAtEnd?.toFixed(1)} s at the end of the window)` : ""}`);
-        line("  drain after the load", report.lag!.drainSeconds === null ? "did not catch up in time (see the lines above)" : `${report.lag!.drainSeconds} s to confirm everything written in the window`);
+        line(
+          "logical lag, bytes",
+          `median ${fmtInt(lag.bytes.median)}   max ${fmtInt(lag.bytes.max)}   (${lag.samples} samples, first ${STEADY_AFTER_SECONDS} s of each run ignored)`,
+        );
+        line(
+          "logical lag, seconds",
+          `median ${lag.seconds.median.toFixed(3)}   max ${lag.seconds.max.toFixed(3)}   (replay_lag)`,
+        );
+        line(
+          "  end-to-end",
+          `median ${lag.commitSeconds.median.toFixed(3)}   max ${lag.commitSeconds.max.toFixed(3)}   (now() - commit time of the last applied transaction)`,
+        );
+        line(
+          "  target",
+          `< ${TARGET_LAG_SECONDS} s (worst of the two maxima: ${lagWorst.toFixed(3)} s)   ${verdict(pass.lag)}`,
+        );
+        if (lag.pace !== null)
+          line(
+            "  applier pace",
+            `${lag.pace.toFixed(2)} s of source commits applied per second${lag.pace < 0.98 ? ` (falls behind: the lag grows ${(1 - lag.pace).toFixed(2)} s every second; ${lag.commitSecondsAtEnd?.toFixed(1)} s at the end of the window)` : ""}`,
+          );
+        line(
+          "  drain after the load",
+          report.lag!.drainSeconds === null
+            ? "did not catch up in time (see the lines above)"
+            : `${report.lag!.drainSeconds} s to confirm everything written in the window`,
+        );
       } else {
         line("logical lag", "no steady-state sample   FAIL");
       }
       const cpuLine = (s: Setup) => {
         const c = report.cpuCores[s];
-        const part = (label: string, x: number | null | undefined) => (x === null || x === undefined ? "" : `${label} ${x.toFixed(2)}  `);
-        return `${part("machine", c.machine)}${part("server", c.server)}(${part("load backends", c.loadBackends)}${part("walsender", c.walsender)}${part("applier backend", c.applierBackend)}`.trim() +
-          `)  ${part("bench node", c.nodeMain)}${part(s === "e" ? "consumer" : "sync child", c.syncChild)}${part("other programs", c.outside)}`.trim();
+        const part = (label: string, x: number | null | undefined) =>
+          x === null || x === undefined ? "" : `${label} ${x.toFixed(2)}  `;
+        return (
+          `${part("machine", c.machine)}${part("server", c.server)}(${part("load backends", c.loadBackends)}${part("walsender", c.walsender)}${part("applier backend", c.applierBackend)}`.trim() +
+          `)  ${part("bench node", c.nodeMain)}${part(s === "e" ? "consumer" : "sync child", c.syncChild)}${part("other programs", c.outside)}`.trim()
+        );
       };
       line("CPU cores busy (a)", cpuLine("a"));
       line("CPU cores busy (b)", cpuLine("b"));
@@ -861,7 +1052,7 @@ async function main(): Promise<number> {
       line("latency a / b / c", `${lat("a")} / ${lat("b")} / ${lat("c")}`);
       const errors = runs.reduce((a, r) => a + r.errors, 0);
       if (errors > 0) line("load errors", String(errors));
-      process.stdout.write(out.join("\n") + "\n");
+      process.stdout.write(`${out.join("\n")}\n`);
     }
     return values.strict && !(pass.trigger && pass.logical && pass.lag) ? 1 : 0;
   } finally {

@@ -17,7 +17,10 @@ if (!url || !slot || !publication) {
 }
 // Confirms the last position received every 100 ms (the library's automatic mode would send a status
 // message to the server for every message it receives, which costs both sides more than the decoding).
-const service = new LogicalReplicationService({ connectionString: url, application_name: "bench-decode-only" }, { acknowledge: { auto: false, timeoutSeconds: 0 } });
+const service = new LogicalReplicationService(
+  { connectionString: url, application_name: "bench-decode-only" },
+  { acknowledge: { auto: false, timeoutSeconds: 0 } },
+);
 let last: string | null = null;
 service.on("data", (lsn: string) => {
   last = lsn;

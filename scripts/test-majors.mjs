@@ -14,7 +14,11 @@ import { readFileSync, rmSync, writeFileSync } from "node:fs";
 
 const MAJORS = [14, 15, 16, 17, 18];
 const DEFAULT = 17; // keep in step with DEFAULT_EMBEDDED_MAJOR in src/embedded.ts
-const SUBSET = ["test/integration/concurrency.test.ts", "test/integration/logical.test.ts", "test/integration/schema.test.ts"];
+const SUBSET = [
+  "test/integration/concurrency.test.ts",
+  "test/integration/logical.test.ts",
+  "test/integration/schema.test.ts",
+];
 
 const main = Number(process.env.PGSHIFT_TEST_PG || DEFAULT);
 if (!MAJORS.includes(main)) {
@@ -24,7 +28,10 @@ if (!MAJORS.includes(main)) {
 const extra = process.argv.slice(2);
 const others =
   process.env.PGSHIFT_TEST_MAJORS !== undefined
-    ? process.env.PGSHIFT_TEST_MAJORS.split(",").map((s) => s.trim()).filter(Boolean).map(Number)
+    ? process.env.PGSHIFT_TEST_MAJORS.split(",")
+        .map((s) => s.trim())
+        .filter(Boolean)
+        .map(Number)
     : extra.length
       ? []
       : MAJORS.filter((m) => m !== main);
@@ -36,7 +43,9 @@ for (const m of others) {
 }
 const runs = [{ major: main, files: [] }];
 if (process.env.DATABASE_URL) {
-  console.log(`DATABASE_URL is set: one run, on that server (PGSHIFT_TEST_PG=${main} for the servers tests start themselves)`);
+  console.log(
+    `DATABASE_URL is set: one run, on that server (PGSHIFT_TEST_PG=${main} for the servers tests start themselves)`,
+  );
 } else {
   for (const m of others) if (m !== main) runs.push({ major: m, files: extra.length ? [] : SUBSET });
 }
@@ -46,13 +55,21 @@ let failed = false;
 for (const run of runs) {
   const out = `test-results-${run.major}.json`;
   rmSync(out, { force: true });
-  const what = run.files.length ? run.files.map((f) => f.replace(/^test\/integration\/|\.test\.ts$/g, "")).join(", ") : extra.length ? extra.join(" ") : "whole suite";
+  const what = run.files.length
+    ? run.files.map((f) => f.replace(/^test\/integration\/|\.test\.ts$/g, "")).join(", ")
+    : extra.length
+      ? extra.join(" ")
+      : "whole suite";
   console.log(`\n===== PostgreSQL ${run.major}: ${what}\n`);
   const t0 = Date.now();
-  const r = spawnSync("npx", ["vitest", "run", "--reporter=default", "--reporter=json", `--outputFile=${out}`, ...run.files, ...extra], {
-    stdio: "inherit",
-    env: { ...process.env, PGSHIFT_TEST_PG: String(run.major) },
-  });
+  const r = spawnSync(
+    "npx",
+    ["vitest", "run", "--reporter=default", "--reporter=json", `--outputFile=${out}`, ...run.files, ...extra],
+    {
+      stdio: "inherit",
+      env: { ...process.env, PGSHIFT_TEST_PG: String(run.major) },
+    },
+  );
   const s = Math.round((Date.now() - t0) / 1000);
   if (r.status !== 0) failed = true;
   let report;
@@ -67,7 +84,9 @@ for (const run of runs) {
 
 console.log("\n===== per major");
 for (const { major, seconds, status, report } of reports) {
-  console.log(`PostgreSQL ${major}: ${report.numPassedTests} passed, ${report.numFailedTests} failed, ${(report.numPendingTests ?? 0) + (report.numTodoTests ?? 0)} skipped in ${seconds} s${status !== 0 ? ` (vitest exit ${status})` : ""}`);
+  console.log(
+    `PostgreSQL ${major}: ${report.numPassedTests} passed, ${report.numFailedTests} failed, ${(report.numPendingTests ?? 0) + (report.numTodoTests ?? 0)} skipped in ${seconds} s${status !== 0 ? ` (vitest exit ${status})` : ""}`,
+  );
 }
 console.log(`all runs: ${reports.reduce((n, r) => n + r.seconds, 0)} s`);
 const sum = (k) => reports.reduce((n, { report }) => n + (report[k] ?? 0), 0);
@@ -78,7 +97,12 @@ const merged = {
   numTodoTests: sum("numTodoTests"),
   numTotalTests: sum("numTotalTests"),
   success: !failed,
-  majors: reports.map(({ major, seconds, report }) => ({ major, seconds, passed: report.numPassedTests, failed: report.numFailedTests })),
+  majors: reports.map(({ major, seconds, report }) => ({
+    major,
+    seconds,
+    passed: report.numPassedTests,
+    failed: report.numFailedTests,
+  })),
   testResults: reports.flatMap(({ major, report }) => (report.testResults ?? []).map((t) => ({ ...t, major }))),
 };
 writeFileSync("test-results.json", JSON.stringify(merged));

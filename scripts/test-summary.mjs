@@ -1,5 +1,6 @@
 // Prints vitest's JSON report as one plain closing line: "N passed, N failed, N skipped".
 import { readFileSync } from "node:fs";
+
 const file = process.argv[2] ?? "test-results.json";
 try {
   const r = JSON.parse(readFileSync(file, "utf8"));

@@ -1,4 +1,4 @@
-import { existsSync, readFileSync, statSync, type Stats } from "node:fs";
+import { existsSync, readFileSync, type Stats, statSync } from "node:fs";
 import { connect as netConnect } from "node:net";
 import { homedir, userInfo } from "node:os";
 import { join } from "node:path";
@@ -75,7 +75,10 @@ function homeDir(env: NodeJS.ProcessEnv): string {
   return env.HOME && env.HOME !== "" ? env.HOME : homedir();
 }
 
-function invalid(message: string, hint = "see \"Connecting\" in pgshift's README for the parameters pgshift takes"): PgshiftError {
+function invalid(
+  message: string,
+  hint = 'see "Connecting" in pgshift\'s README for the parameters pgshift takes',
+): PgshiftError {
   return new PgshiftError(message, { hint });
 }
 
@@ -87,13 +90,20 @@ function invalid(message: string, hint = "see \"Connecting\" in pgshift's README
  * @throws PgshiftError for a URL that is not postgres:// or postgresql://, cannot be parsed, or has such a parameter.
  */
 export function parseUrlParams(url: string): Partial<Record<Param, string>> {
-  if (!/^postgres(ql)?:\/\//i.test(url)) throw invalid("the connection URL must start with postgres:// or postgresql://", "use postgres://user:password@host:port/database?sslmode=...");
+  if (!/^postgres(ql)?:\/\//i.test(url))
+    throw invalid(
+      "the connection URL must start with postgres:// or postgresql://",
+      "use postgres://user:password@host:port/database?sslmode=...",
+    );
   const q = url.indexOf("?");
   const query = new URLSearchParams(q < 0 ? "" : url.slice(q + 1));
   const out: Partial<Record<Param, string>> = {};
   for (const [k, v] of query) {
     if (!isParam(k)) {
-      throw invalid(`unsupported connection parameter "${k}" in the URL`, `pgshift takes libpq's ${Object.keys(PARAMS).join(", ")}; remove "${k}"`);
+      throw invalid(
+        `unsupported connection parameter "${k}" in the URL`,
+        `pgshift takes libpq's ${Object.keys(PARAMS).join(", ")}; remove "${k}"`,
+      );
     }
     out[k] = v;
   }
@@ -103,7 +113,10 @@ export function parseUrlParams(url: string): Partial<Record<Param, string>> {
   try {
     parsed = parseConnectionString(q < 0 ? url : url.slice(0, q));
   } catch (err) {
-    throw invalid(`invalid connection URL: ${err instanceof Error ? err.message : String(err)}`, "use postgres://user:password@host:port/database");
+    throw invalid(
+      `invalid connection URL: ${err instanceof Error ? err.message : String(err)}`,
+      "use postgres://user:password@host:port/database",
+    );
   }
   const set = (k: Param, v: string | null | undefined) => {
     if (out[k] === undefined && v !== undefined && v !== null && v !== "") out[k] = v;
@@ -137,9 +150,12 @@ export function parseServiceFile(text: string, file: string): Map<string, Partia
     if (eq <= 0) throw invalid(`syntax error in service file "${file}", line ${i + 1}`);
     const key = line.slice(0, eq).trim();
     const value = line.slice(eq + 1).trim();
-    if (key === "service") throw invalid(`nested service specifications not supported in service file "${file}", line ${i + 1}`);
-    if (!isParam(key)) throw invalid(`unsupported connection parameter "${key}" in service file "${file}", line ${i + 1}`);
-    if (current === undefined) throw invalid(`syntax error in service file "${file}", line ${i + 1}: a parameter outside any [service]`);
+    if (key === "service")
+      throw invalid(`nested service specifications not supported in service file "${file}", line ${i + 1}`);
+    if (!isParam(key))
+      throw invalid(`unsupported connection parameter "${key}" in service file "${file}", line ${i + 1}`);
+    if (current === undefined)
+      throw invalid(`syntax error in service file "${file}", line ${i + 1}: a parameter outside any [service]`);
     current[key] = value;
   });
   return services;
@@ -168,7 +184,10 @@ export function serviceParams(name: string, env: NodeJS.ProcessEnv = process.env
     const found = parseServiceFile(text, file).get(name);
     if (found) return found;
   }
-  throw invalid(`definition of service "${name}" not found`, `define [${name}] in ${userFile} (PGSERVICEFILE) or ${sysFile}, or name another service`);
+  throw invalid(
+    `definition of service "${name}" not found`,
+    `define [${name}] in ${userFile} (PGSERVICEFILE) or ${sysFile}, or name another service`,
+  );
 }
 
 /**
@@ -198,7 +217,11 @@ function usablePasswordFile(file: string, warn: Warn): boolean {
  * `*`; `localhost` also matches a connection through the default Unix socket directory), parsed by the
  * `pgpass` package. Undefined when the file is missing, unusable (see usablePasswordFile) or has no match.
  */
-export async function passwordFromFile(file: string, s: Pick<ConnSettings, "host" | "port" | "database" | "user">, warn: Warn): Promise<string | undefined> {
+export async function passwordFromFile(
+  file: string,
+  s: Pick<ConnSettings, "host" | "port" | "database" | "user">,
+  warn: Warn,
+): Promise<string | undefined> {
   if (!usablePasswordFile(file, warn)) return undefined;
   const host = s.host === "" || SOCKET_DIRS.includes(s.host.replace(/\/+$/, "")) ? "localhost" : s.host;
   let text: string;
@@ -235,7 +258,11 @@ function defaultHost(port: number): string {
  *   connect_timeout that is not an integer, several hosts, a service not defined, sslrootcert=system with
  *   an sslmode weaker than verify-full (PostgreSQL 16's rule).
  */
-export async function resolveConnSettings(url: string | undefined, env: NodeJS.ProcessEnv = process.env, warn: Warn = () => {}): Promise<ConnSettings> {
+export async function resolveConnSettings(
+  url: string | undefined,
+  env: NodeJS.ProcessEnv = process.env,
+  warn: Warn = () => {},
+): Promise<ConnSettings> {
   const p: Partial<Record<Param, string>> = url ? parseUrlParams(url) : {};
   const service = p.service ?? (env.PGSERVICE || undefined);
   if (service) for (const [k, v] of Object.entries(serviceParams(service, env))) p[k as Param] ??= v;
@@ -244,23 +271,33 @@ export async function resolveConnSettings(url: string | undefined, env: NodeJS.P
   }
 
   const portText = p.port ?? "5432";
-  if (!/^\d+$/.test(portText) || Number(portText) < 1 || Number(portText) > 65535) throw invalid(`invalid port number: "${portText}"`);
+  if (!/^\d+$/.test(portText) || Number(portText) < 1 || Number(portText) > 65535)
+    throw invalid(`invalid port number: "${portText}"`);
   const port = Number(portText);
-  if (p.host?.includes(",") || p.port?.includes(",")) throw invalid(`several hosts are not supported: "${p.host}"`, "give one host and port");
+  if (p.host?.includes(",") || p.port?.includes(","))
+    throw invalid(`several hosts are not supported: "${p.host}"`, "give one host and port");
   const host = p.host ?? defaultHost(port);
   const user = p.user ?? userInfo().username;
   const database = p.dbname ?? user;
 
   const sslrootcert = p.sslrootcert;
   const sslmodeText = p.sslmode ?? (sslrootcert === "system" ? "verify-full" : "prefer");
-  if (!(SSL_MODES as readonly string[]).includes(sslmodeText)) throw invalid(`invalid sslmode value: "${sslmodeText}"`, `use one of ${SSL_MODES.join(", ")}`);
+  if (!(SSL_MODES as readonly string[]).includes(sslmodeText))
+    throw invalid(`invalid sslmode value: "${sslmodeText}"`, `use one of ${SSL_MODES.join(", ")}`);
   const sslmode = sslmodeText as SslMode;
   if (sslrootcert === "system" && sslmode !== "verify-full") {
-    throw invalid(`weak sslmode "${sslmode}" may not be used with sslrootcert=system (use "verify-full")`, "the system's trusted roots are only meaningful with the host name checked");
+    throw invalid(
+      `weak sslmode "${sslmode}" may not be used with sslrootcert=system (use "verify-full")`,
+      "the system's trusted roots are only meaningful with the host name checked",
+    );
   }
 
   const timeoutText = p.connect_timeout ?? String(DEFAULT_CONNECT_TIMEOUT);
-  if (!/^\s*-?\d+\s*$/.test(timeoutText)) throw invalid(`invalid integer value "${timeoutText}" for connection option "connect_timeout"`, "connect_timeout is in whole seconds; 0 waits for ever");
+  if (!/^\s*-?\d+\s*$/.test(timeoutText))
+    throw invalid(
+      `invalid integer value "${timeoutText}" for connection option "connect_timeout"`,
+      "connect_timeout is in whole seconds; 0 waits for ever",
+    );
   const t = Number(timeoutText);
   // libpq: 0 or less waits for ever; less than 2 s is raised to 2 s.
   const connectTimeout = t <= 0 ? 0 : Math.max(2, t);
@@ -327,7 +364,11 @@ export function planTls(s: ConnSettings, env: NodeJS.ProcessEnv = process.env): 
   const certFile = s.sslcert ?? join(dir, "postgresql.crt");
   if (existsSync(certFile)) {
     const keyFile = s.sslkey ?? join(dir, "postgresql.key");
-    if (!existsSync(keyFile)) throw invalid(`certificate present, but not private key file "${keyFile}"`, "give the client key with sslkey / PGSSLKEY");
+    if (!existsSync(keyFile))
+      throw invalid(
+        `certificate present, but not private key file "${keyFile}"`,
+        "give the client key with sslkey / PGSSLKEY",
+      );
     const st = statSync(keyFile);
     const mine = typeof process.getuid === "function" && st.uid === process.getuid();
     if (process.platform !== "win32" && (st.uid === 0 && !mine ? (st.mode & 0o037) !== 0 : (st.mode & 0o077) !== 0)) {
@@ -339,24 +380,34 @@ export function planTls(s: ConnSettings, env: NodeJS.ProcessEnv = process.env): 
     client.cert = read(certFile, "certificate file");
     client.key = read(keyFile, "private key file");
   }
-  if (s.sslmode === "allow" || s.sslmode === "prefer") return { kind: s.sslmode, options: { ...client, rejectUnauthorized: false } };
+  if (s.sslmode === "allow" || s.sslmode === "prefer")
+    return { kind: s.sslmode, options: { ...client, rejectUnauthorized: false } };
 
   // The host the certificate must name (verify-full): tls.connect checks `servername || host`.
   const named: ConnectionOptions = { ...client, host: s.host };
   if (s.sslrootcert === "system") return { kind: "on", verify: "full", options: named };
   const rootFile = s.sslrootcert ?? join(dir, "root.crt");
   if (!existsSync(rootFile)) {
-    if (s.sslmode === "require") return { kind: "on", verify: "none", options: { ...named, rejectUnauthorized: false } };
-    throw new PgshiftError(`root certificate file "${rootFile}" does not exist, and sslmode=${s.sslmode} needs it to verify the server`, {
-      hint: "give the file with sslrootcert / PGSSLROOTCERT, or sslrootcert=system for the system's trusted roots; pgshift never falls back to an unverified connection",
-    });
+    if (s.sslmode === "require")
+      return { kind: "on", verify: "none", options: { ...named, rejectUnauthorized: false } };
+    throw new PgshiftError(
+      `root certificate file "${rootFile}" does not exist, and sslmode=${s.sslmode} needs it to verify the server`,
+      {
+        hint: "give the file with sslrootcert / PGSSLROOTCERT, or sslrootcert=system for the system's trusted roots; pgshift never falls back to an unverified connection",
+      },
+    );
   }
   const ca = read(rootFile, "root certificate file");
   const verify = s.sslmode === "verify-full" ? "full" : "ca";
   return {
     kind: "on",
     verify,
-    options: { ...named, ca, rejectUnauthorized: true, ...(verify === "ca" ? { checkServerIdentity: () => undefined } : {}) },
+    options: {
+      ...named,
+      ca,
+      rejectUnauthorized: true,
+      ...(verify === "ca" ? { checkServerIdentity: () => undefined } : {}),
+    },
   };
 }
 
@@ -385,7 +436,18 @@ export function probeSsl(host: string, port: number, timeoutMs: number): Promise
     socket.on("connect", () => socket.write(Buffer.from([0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])));
     socket.once("data", (d: Buffer) => {
       const c = String.fromCharCode(d[0]!);
-      finish(c === "S" || c === "N" ? c : { other: d.subarray(0, 60).toString("latin1").split(/[\r\n]/)[0]!.replace(/[^\x20-\x7e]+/g, " ").trim() });
+      finish(
+        c === "S" || c === "N"
+          ? c
+          : {
+              other: d
+                .subarray(0, 60)
+                .toString("latin1")
+                .split(/[\r\n]/)[0]!
+                .replace(/[^\x20-\x7e]+/g, " ")
+                .trim(),
+            },
+      );
     });
     socket.on("error", (err) => finish(err));
     socket.on("close", () => finish("closed"));
@@ -394,5 +456,7 @@ export function probeSsl(host: string, port: number, timeoutMs: number): Promise
 
 /** `host:port`, or the socket's path, for messages. */
 export function describeServer(s: Pick<ConnSettings, "host" | "port">): string {
-  return s.host.startsWith("/") ? `${s.host}/.s.PGSQL.${s.port}` : `${s.host.includes(":") ? `[${s.host}]` : s.host}:${s.port}`;
+  return s.host.startsWith("/")
+    ? `${s.host}/.s.PGSQL.${s.port}`
+    : `${s.host.includes(":") ? `[${s.host}]` : s.host}:${s.port}`;
 }

@@ -1,10 +1,18 @@
-import postgres from "postgres";
 import pRetry, { AbortError } from "p-retry";
 import type { ClientConfig } from "pg";
-import { DEFAULT_CONNECT_TIMEOUT, describeServer, planTls, probeSsl, resolveConnSettings, type ConnSettings, type TlsPlan } from "./conninfo.js";
-import { PgshiftError, explain, isConnectionLoss, sqlState } from "./errors.js";
+import postgres from "postgres";
+import {
+  type ConnSettings,
+  DEFAULT_CONNECT_TIMEOUT,
+  describeServer,
+  planTls,
+  probeSsl,
+  resolveConnSettings,
+  type TlsPlan,
+} from "./conninfo.js";
+import { explain, isConnectionLoss, PgshiftError, sqlState } from "./errors.js";
 import { log } from "./log.js";
-import { quoteIdent, type QualifiedName } from "./names.js";
+import { type QualifiedName, quoteIdent } from "./names.js";
 
 export type Sql = postgres.Sql<Record<string, never>>;
 /** A connection inside a transaction opened by `transaction()` (a reserved connection of the pool). */
@@ -48,7 +56,12 @@ export interface ConnectOptions {
  * read back in another session (the applier writes what the replication stream sent), so output must be
  * exact (extra_float_digits) and unambiguous (DateStyle, IntervalStyle). Also sent to the walsender.
  */
-export const SESSION_FORMATS = { TimeZone: "UTC", DateStyle: "ISO, YMD", IntervalStyle: "postgres", extra_float_digits: "3" } as const;
+export const SESSION_FORMATS = {
+  TimeZone: "UTC",
+  DateStyle: "ISO, YMD",
+  IntervalStyle: "postgres",
+  extra_float_digits: "3",
+} as const;
 
 const identity = (x: unknown) => x;
 /** postgres.js type handlers that leave text as text (see ConnectOptions.rawText). */
@@ -78,7 +91,9 @@ async function resolveTarget(url: string | undefined): Promise<Target> {
 /** prefer: TLS when the server offers it (asked with an SSLRequest of its own), else none. */
 async function preferDecided(s: ConnSettings, tls: TlsPlan): Promise<TlsPlan> {
   if (tls.kind !== "prefer") return tls;
-  const answer = await probeSsl(s.host, s.port, (s.connectTimeout || DEFAULT_CONNECT_TIMEOUT) * 1000).catch(() => "N" as const);
+  const answer = await probeSsl(s.host, s.port, (s.connectTimeout || DEFAULT_CONNECT_TIMEOUT) * 1000).catch(
+    () => "N" as const,
+  );
   return answer === "S" ? { kind: "on", verify: "none", options: tls.options } : { kind: "off" };
 }
 
@@ -132,7 +147,10 @@ async function openPool(opts: ConnectOptions, s: ConnSettings, tls: TlsPlan): Pr
     onnotice: () => {},
     connect_timeout: s.connectTimeout,
     idle_timeout: 0,
-    connection: { application_name: opts.applicationName ?? s.applicationName ?? opts.fallbackApplicationName ?? "pgshift", ...SESSION_FORMATS },
+    connection: {
+      application_name: opts.applicationName ?? s.applicationName ?? opts.fallbackApplicationName ?? "pgshift",
+      ...SESSION_FORMATS,
+    },
     ...(opts.rawText ? { types: RAW_TEXT_TYPES as unknown as Record<string, never>, fetch_types: false } : {}),
   };
   let sql: Sql;
@@ -147,13 +165,24 @@ async function openPool(opts: ConnectOptions, s: ConnSettings, tls: TlsPlan): Pr
   // postgres.js's connect_timeout covers one attempt, but it connects again for ever when a server that
   // is not PostgreSQL closes the connection: the whole wait is bounded here.
   let timer: NodeJS.Timeout | undefined;
-  const first = sql<{ tls: string }[]>`select case when coalesce((select ssl from pg_catalog.pg_stat_ssl where pid = pg_catalog.pg_backend_pid()), false) then 'on' else 'off' end as tls`;
+  const first = sql<
+    { tls: string }[]
+  >`select case when coalesce((select ssl from pg_catalog.pg_stat_ssl where pid = pg_catalog.pg_backend_pid()), false) then 'on' else 'off' end as tls`;
   try {
     const deadline = new Promise<never>((_, reject) => {
-      if (s.connectTimeout > 0) timer = setTimeout(() => reject(Object.assign(new Error("connect_timeout reached"), { code: "CONNECT_TIMEOUT" })), s.connectTimeout * 1000);
+      if (s.connectTimeout > 0)
+        timer = setTimeout(
+          () => reject(Object.assign(new Error("connect_timeout reached"), { code: "CONNECT_TIMEOUT" })),
+          s.connectTimeout * 1000,
+        );
     });
     const rows = await Promise.race([first, deadline]);
-    const used: TlsPlan = tls.kind === "on" ? tls : rows[0]?.tls === "on" ? { kind: "on", verify: "none", options: "options" in tls ? tls.options : {} } : { kind: "off" };
+    const used: TlsPlan =
+      tls.kind === "on"
+        ? tls
+        : rows[0]?.tls === "on"
+          ? { kind: "on", verify: "none", options: "options" in tls ? tls.options : {} }
+          : { kind: "off" };
     poolTargets.set(sql, { settings: s, tls: used });
     return sql;
   } catch (err) {
@@ -174,29 +203,48 @@ async function connectFailure(err: unknown, s: ConnSettings, tls: TlsPlan): Prom
   const code = (err as { code?: unknown } | null)?.code;
   const msg = err instanceof Error ? err.message : String(err);
   if (code === "CONNECT_TIMEOUT") {
-    return new PgshiftError(`no answer from a PostgreSQL server at ${server} within ${s.connectTimeout} s (connect_timeout)`, {
-      hint: "check the host and port (is PostgreSQL listening there?); PGCONNECT_TIMEOUT or connect_timeout=<seconds> in the URL waits longer",
-      cause: err,
-    });
+    return new PgshiftError(
+      `no answer from a PostgreSQL server at ${server} within ${s.connectTimeout} s (connect_timeout)`,
+      {
+        hint: "check the host and port (is PostgreSQL listening there?); PGCONNECT_TIMEOUT or connect_timeout=<seconds> in the URL waits longer",
+        cause: err,
+      },
+    );
   }
   if (typeof code === "string" && CERT_ERROR.test(code)) {
-    return new PgshiftError(`the certificate of the server at ${server} failed verification (sslmode=${s.sslmode}): ${msg}`, {
-      hint: "check sslrootcert / PGSSLROOTCERT (the root certificate that signed the server's) and, for verify-full, that the host name is the one in the certificate",
+    return new PgshiftError(
+      `the certificate of the server at ${server} failed verification (sslmode=${s.sslmode}): ${msg}`,
+      {
+        hint: "check sslrootcert / PGSSLROOTCERT (the root certificate that signed the server's) and, for verify-full, that the host name is the one in the certificate",
+        cause: err,
+      },
+    );
+  }
+  if (sqlState(err) === "28P01" && s.passwordFile) {
+    return new PgshiftError(`authentication failed: ${msg} (password retrieved from file "${s.passwordFile}")`, {
+      hint: "check the line for this host, port, database and user in the password file",
       cause: err,
     });
   }
-  if (sqlState(err) === "28P01" && s.passwordFile) {
-    return new PgshiftError(`authentication failed: ${msg} (password retrieved from file "${s.passwordFile}")`, { hint: "check the line for this host, port, database and user in the password file", cause: err });
-  }
-  const lostEarly = code === "ECONNRESET" || code === "CONNECTION_CLOSED" || code === "EPIPE" || /secure TLS connection|before the connection was established/i.test(msg);
-  if (!s.host.startsWith("/") && (lostEarly || (sqlState(err) === undefined && !(typeof code === "string" && /^E[A-Z]+$/.test(code))))) {
+  const lostEarly =
+    code === "ECONNRESET" ||
+    code === "CONNECTION_CLOSED" ||
+    code === "EPIPE" ||
+    /secure TLS connection|before the connection was established/i.test(msg);
+  if (
+    !s.host.startsWith("/") &&
+    (lostEarly || (sqlState(err) === undefined && !(typeof code === "string" && /^E[A-Z]+$/.test(code))))
+  ) {
     // The server hung up or sent something postgres.js could not read: ask it plainly what it is.
     const answer = await probeSsl(s.host, s.port, 2000).catch(() => undefined);
     if (typeof answer === "object") {
-      return new PgshiftError(`the server at ${server} does not speak the PostgreSQL protocol (it answered "${answer.other}")`, {
-        hint: "check the host and port: something else listens there",
-        cause: Object.assign(new Error(msg), { code: "CONNECT_TIMEOUT" }),
-      });
+      return new PgshiftError(
+        `the server at ${server} does not speak the PostgreSQL protocol (it answered "${answer.other}")`,
+        {
+          hint: "check the host and port: something else listens there",
+          cause: Object.assign(new Error(msg), { code: "CONNECT_TIMEOUT" }),
+        },
+      );
     }
     if (answer === "N" && tls.kind === "on") {
       return new PgshiftError(`the server at ${server} does not support SSL, but sslmode=${s.sslmode} requires it`, {
@@ -225,7 +273,16 @@ export function connectionUrl(sql: AnySql): string {
   const h = socket ? "" : s.host.includes(":") ? `[${s.host}]` : s.host;
   const q = new URLSearchParams();
   if (socket) q.set("host", s.host);
-  q.set("sslmode", tls.kind !== "on" ? "disable" : tls.verify === "full" ? "verify-full" : tls.verify === "ca" ? "verify-ca" : "require");
+  q.set(
+    "sslmode",
+    tls.kind !== "on"
+      ? "disable"
+      : tls.verify === "full"
+        ? "verify-full"
+        : tls.verify === "ca"
+          ? "verify-ca"
+          : "require",
+  );
   if (tls.kind === "on" && tls.verify !== "none" && s.sslrootcert !== undefined) q.set("sslrootcert", s.sslrootcert);
   if (tls.kind === "on" && s.sslcert !== undefined) q.set("sslcert", s.sslcert);
   if (tls.kind === "on" && s.sslkey !== undefined) q.set("sslkey", s.sslkey);
@@ -237,7 +294,9 @@ export function connectionUrl(sql: AnySql): string {
 }
 
 function plainConnectionUrl(sql: AnySql): string {
-  const o = (sql as unknown as { options: { host: string[]; port: number[]; user: string; pass: unknown; database: string } }).options;
+  const o = (
+    sql as unknown as { options: { host: string[]; port: number[]; user: string; pass: unknown; database: string } }
+  ).options;
   const pass = typeof o.pass === "string" ? `:${encodeURIComponent(o.pass)}` : "";
   const host = o.host[0] ?? "localhost";
   const h = host.startsWith("/") ? "localhost" : host.includes(":") ? `[${host}]` : host;
@@ -296,7 +355,11 @@ export function identList(sql: AnySql, names: readonly string[], prefix?: string
 export function textColumns(sql: AnySql, names: readonly string[], prefix?: string): Fragment {
   return joinFragments(
     sql,
-    names.map((n, i) => (prefix === undefined ? sql`${ident(sql, n)}::text as ${sql(`k${i}`)}` : sql`${ident(sql, prefix)}.${ident(sql, n)}::text as ${sql(`k${i}`)}`)),
+    names.map((n, i) =>
+      prefix === undefined
+        ? sql`${ident(sql, n)}::text as ${sql(`k${i}`)}`
+        : sql`${ident(sql, prefix)}.${ident(sql, n)}::text as ${sql(`k${i}`)}`,
+    ),
     sql`, `,
   );
 }
@@ -346,7 +409,10 @@ export async function transaction<T>(sql: Sql, fn: (tx: TxSql) => Promise<T>, op
   try {
     await tx.unsafe(options ? `begin ${options.replace(/[^a-z ]/gi, "")}` : "begin");
     const result = await fn(tx);
-    if (closed()) throw new PgshiftError("the connection to the server was lost before COMMIT", { hint: "re-run the command: the transaction was rolled back by the server" });
+    if (closed())
+      throw new PgshiftError("the connection to the server was lost before COMMIT", {
+        hint: "re-run the command: the transaction was rolled back by the server",
+      });
     await tx.unsafe("commit");
     return result;
   } catch (err) {
@@ -379,7 +445,11 @@ export interface LockRetryOptions {
  * (docs: "Explicit Locking", lock_timeout).
  * @throws PgshiftError (55P03) after the last attempt.
  */
-export async function withLockRetry<T>(sql: Sql, fn: (tx: TxSql) => Promise<T>, opts: LockRetryOptions = {}): Promise<T> {
+export async function withLockRetry<T>(
+  sql: Sql,
+  fn: (tx: TxSql) => Promise<T>,
+  opts: LockRetryOptions = {},
+): Promise<T> {
   const lockTimeoutMs = opts.lockTimeoutMs ?? 500;
   const retries = opts.retries ?? 20;
   try {
@@ -387,7 +457,7 @@ export async function withLockRetry<T>(sql: Sql, fn: (tx: TxSql) => Promise<T>, 
       async () => {
         try {
           return await transaction(sql, async (tx) => {
-            await tx`select set_config('lock_timeout', ${String(lockTimeoutMs) + "ms"}, true)`;
+            await tx`select set_config('lock_timeout', ${`${String(lockTimeoutMs)}ms`}, true)`;
             return fn(tx);
           });
         } catch (err) {

@@ -1,5 +1,19 @@
-import { execFileSync, spawn, spawnSync, type ChildProcess } from "node:child_process";
-import { chmodSync, chownSync, cpSync, existsSync, lstatSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import { type ChildProcess, execFileSync, spawn, spawnSync } from "node:child_process";
+import {
+  chmodSync,
+  chownSync,
+  cpSync,
+  existsSync,
+  lstatSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  renameSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+  writeFileSync,
+} from "node:fs";
 import { createRequire } from "node:module";
 import { createServer } from "node:net";
 import { arch, platform, tmpdir } from "node:os";
@@ -38,7 +52,8 @@ export class EmbeddedStartError extends PgshiftError {
   }
 }
 
-const OWN_SERVER_HINT = "or use a PostgreSQL 14-18 server of your own (tests: set DATABASE_URL to it, with wal_level=logical)";
+const OWN_SERVER_HINT =
+  "or use a PostgreSQL 14-18 server of your own (tests: set DATABASE_URL to it, with wal_level=logical)";
 
 /**
  * The major to start: `requested` if given, else the `PGSHIFT_TEST_PG` environment variable, else
@@ -86,7 +101,9 @@ function locateBinaries(major: number): Binaries {
       continue;
     }
     const pkgDir = resolve(dirname(entry), "..");
-    const version = String((JSON.parse(readFileSync(join(pkgDir, "package.json"), "utf8")) as { version?: unknown }).version ?? "");
+    const version = String(
+      (JSON.parse(readFileSync(join(pkgDir, "package.json"), "utf8")) as { version?: unknown }).version ?? "",
+    );
     if (Number.parseInt(version, 10) !== major) continue;
     return { major, version, native: join(pkgDir, "native") };
   }
@@ -112,8 +129,12 @@ interface RunAs {
 function serverUser(): RunAs | undefined {
   if (process.getuid?.() !== 0) return undefined;
   const ids = (): RunAs => ({
-    uid: Number(execFileSync("id", ["-u", "postgres"], { encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] }).trim()),
-    gid: Number(execFileSync("id", ["-g", "postgres"], { encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] }).trim()),
+    uid: Number(
+      execFileSync("id", ["-u", "postgres"], { encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] }).trim(),
+    ),
+    gid: Number(
+      execFileSync("id", ["-g", "postgres"], { encoding: "utf8", stdio: ["ignore", "pipe", "ignore"] }).trim(),
+    ),
   });
   try {
     return ids();
@@ -122,7 +143,11 @@ function serverUser(): RunAs | undefined {
   }
   try {
     spawnSync("groupadd", ["--system", "postgres"], { stdio: "ignore" });
-    execFileSync("useradd", ["--system", "--gid", "postgres", "--no-create-home", "--shell", "/usr/sbin/nologin", "postgres"], { stdio: ["ignore", "ignore", "pipe"] });
+    execFileSync(
+      "useradd",
+      ["--system", "--gid", "postgres", "--no-create-home", "--shell", "/usr/sbin/nologin", "postgres"],
+      { stdio: ["ignore", "ignore", "pipe"] },
+    );
     return ids();
   } catch (err) {
     throw new EmbeddedStartError(
@@ -136,13 +161,23 @@ function serverUser(): RunAs | undefined {
 function oneLine(err: unknown): string {
   const e = err as { stderr?: unknown; message?: unknown };
   const text = (e?.stderr ? String(e.stderr) : "") || (err instanceof Error ? err.message : String(err));
-  return text.split("\n").map((l) => l.trim()).filter(Boolean).join(" ").slice(0, 300);
+  return text
+    .split("\n")
+    .map((l) => l.trim())
+    .filter(Boolean)
+    .join(" ")
+    .slice(0, 300);
 }
 
 /** Whether `initdb` and `postgres` of `native` start (`--version`) as `user` (or as this process). */
 function runnable(native: string, user: RunAs | undefined): { ok: boolean; why: string } {
   for (const name of ["initdb", "postgres"]) {
-    const r = spawnSync(exe(native, name), ["--version"], { ...(user ?? {}), encoding: "utf8", stdio: ["ignore", "pipe", "pipe"], timeout: 30_000 });
+    const r = spawnSync(exe(native, name), ["--version"], {
+      ...(user ?? {}),
+      encoding: "utf8",
+      stdio: ["ignore", "pipe", "pipe"],
+      timeout: 30_000,
+    });
     if (r.error) return { ok: false, why: `${name}: ${(r.error as NodeJS.ErrnoException).code ?? r.error.message}` };
     if (r.status !== 0) return { ok: false, why: `${name} --version: exit ${String(r.status)}: ${oneLine(r.stderr)}` };
   }
@@ -180,7 +215,7 @@ function publishTree(dir: string): void {
       publishTree(p);
     } else {
       const m = statSync(p).mode & 0o777;
-      chmodSync(p, (m & 0o111 ? 0o755 : 0o644));
+      chmodSync(p, m & 0o111 ? 0o755 : 0o644);
     }
   }
 }
@@ -232,7 +267,10 @@ function usableBinaries(bins: Binaries, user: RunAs | undefined): Binaries {
         rmSync(work, { recursive: true, force: true });
       }
     }
-    if (!trustedCache(cache)) throw new Error(`${cache} is there but is not a complete copy owned by uid ${uid} and writable by it alone (remove it)`);
+    if (!trustedCache(cache))
+      throw new Error(
+        `${cache} is there but is not a complete copy owned by uid ${uid} and writable by it alone (remove it)`,
+      );
   } catch (err) {
     throw new EmbeddedStartError(
       `the PostgreSQL ${bins.major} binaries cannot be run by ${user ? "the postgres user" : "this user"} where they are (${firstWhy}), and copying them to ${cache} failed: ${oneLine(err)}`,
@@ -244,7 +282,7 @@ function usableBinaries(bins: Binaries, user: RunAs | undefined): Binaries {
   if (!probe.ok) {
     throw new EmbeddedStartError(
       `the PostgreSQL ${bins.major} binaries cannot be run by ${user ? "the postgres user" : "this user"} (${firstWhy}; copied to ${cache}: ${probe.why})`,
-      `${user ? "the postgres user must be able to enter TMPDIR (" + tmpdir() + "); " : ""}${OWN_SERVER_HINT}`,
+      `${user ? `the postgres user must be able to enter TMPDIR (${tmpdir()}); ` : ""}${OWN_SERVER_HINT}`,
     );
   }
   return { ...bins, native: cache };
@@ -295,16 +333,34 @@ const ENV = (): NodeJS.ProcessEnv => {
 };
 
 /** Runs initdb as `user`; throws EmbeddedStartError with initdb's own words when it fails. */
-async function initdb(bins: Binaries, user: RunAs | undefined, data: string, pwfile: string, log: (l: string) => void): Promise<void> {
+async function initdb(
+  bins: Binaries,
+  user: RunAs | undefined,
+  data: string,
+  pwfile: string,
+  log: (l: string) => void,
+): Promise<void> {
   const out: string[] = [];
   const code = await new Promise<number | string>((resolveExit) => {
     const c = spawn(
       exe(bins.native, "initdb"),
-      [`--pgdata=${data}`, "--auth=password", "--username=postgres", `--pwfile=${pwfile}`, "--encoding=UTF8", "--locale=C", "--no-sync"],
+      [
+        `--pgdata=${data}`,
+        "--auth=password",
+        "--username=postgres",
+        `--pwfile=${pwfile}`,
+        "--encoding=UTF8",
+        "--locale=C",
+        "--no-sync",
+      ],
       { ...(user ?? {}), env: ENV(), stdio: ["ignore", "pipe", "pipe"] },
     );
     const take = (b: Buffer) => {
-      for (const l of b.toString("utf8").split("\n")) if (l.trim()) { out.push(l.trim()); log(l); }
+      for (const l of b.toString("utf8").split("\n"))
+        if (l.trim()) {
+          out.push(l.trim());
+          log(l);
+        }
     };
     c.stdout?.on("data", take);
     c.stderr?.on("data", take);
@@ -315,10 +371,10 @@ async function initdb(bins: Binaries, user: RunAs | undefined, data: string, pwf
     const why =
       typeof code === "string"
         ? `cannot run ${exe(bins.native, "initdb")}${user ? " as the postgres user" : ""}`
-        : out.filter((l) => /error|fatal|could not|permission/i.test(l)).at(-1) ?? out.at(-1) ?? "no output";
+        : (out.filter((l) => /error|fatal|could not|permission/i.test(l)).at(-1) ?? out.at(-1) ?? "no output");
     throw new EmbeddedStartError(
       `initdb of the embedded PostgreSQL ${bins.major} failed (${String(code)}): ${why}`,
-      `${user ? "the postgres user must be able to enter TMPDIR (" + tmpdir() + "); " : "check that TMPDIR (" + tmpdir() + ") is writable; "}${OWN_SERVER_HINT}`,
+      `${user ? `the postgres user must be able to enter TMPDIR (${tmpdir()}); ` : `check that TMPDIR (${tmpdir()}) is writable; `}${OWN_SERVER_HINT}`,
     );
   }
 }
@@ -327,7 +383,14 @@ async function initdb(bins: Binaries, user: RunAs | undefined, data: string, pwf
  * Spawns the postmaster and waits until it accepts connections (its log line "database system is ready to
  * accept connections"), at most 60 s. Resolves with the child, or the last words of the log on failure.
  */
-async function postmaster(bins: Binaries, user: RunAs | undefined, data: string, port: number, flags: string[], log: (l: string) => void): Promise<ChildProcess> {
+async function postmaster(
+  bins: Binaries,
+  user: RunAs | undefined,
+  data: string,
+  port: number,
+  flags: string[],
+  log: (l: string) => void,
+): Promise<ChildProcess> {
   const tail: string[] = [];
   const child = spawn(exe(bins.native, "postgres"), ["-D", data, "-p", String(port), ...flags], {
     ...(user ?? {}),
@@ -341,7 +404,7 @@ async function postmaster(bins: Binaries, user: RunAs | undefined, data: string,
     let ready = false;
     const timer = setTimeout(() => {
       child.kill("SIGKILL");
-      reject(new Error(`not ready after 60 s${tail.length ? ": " + tail.at(-1) : ""}`));
+      reject(new Error(`not ready after 60 s${tail.length ? `: ${tail.at(-1)}` : ""}`));
     }, 60_000);
     const onData = (b: Buffer) => {
       for (const l of b.toString("utf8").split("\n")) {
@@ -365,7 +428,8 @@ async function postmaster(bins: Binaries, user: RunAs | undefined, data: string,
     child.on("exit", (code, signal) => {
       if (ready) return;
       clearTimeout(timer);
-      const why = tail.filter((l) => /FATAL|PANIC|ERROR/.test(l)).at(-1) ?? tail.at(-1) ?? `exit ${String(code ?? signal)}`;
+      const why =
+        tail.filter((l) => /FATAL|PANIC|ERROR/.test(l)).at(-1) ?? tail.at(-1) ?? `exit ${String(code ?? signal)}`;
       reject(new Error(why.replace(/^.*?(FATAL|PANIC|ERROR):\s*/, "")));
     });
   });
@@ -401,9 +465,19 @@ async function shutdown(child: ChildProcess | undefined): Promise<void> {
  * start; nothing is left running or on disk then.
  */
 export async function startEmbedded(
-  opts: { log?: (line: string) => void; walLevel?: "logical" | "replica"; maxReplicationSlots?: number; maxWalSenders?: number; durable?: boolean; major?: number; sharedPreloadLibraries?: string[] } = {},
+  opts: {
+    log?: (line: string) => void;
+    walLevel?: "logical" | "replica";
+    maxReplicationSlots?: number;
+    maxWalSenders?: number;
+    durable?: boolean;
+    major?: number;
+    sharedPreloadLibraries?: string[];
+  } = {},
 ): Promise<EmbeddedServer> {
-  const major = (EMBEDDED_UNSUPPORTED_MAJORS as readonly number[]).includes(opts.major ?? 0) ? opts.major! : embeddedMajor(opts.major);
+  const major = (EMBEDDED_UNSUPPORTED_MAJORS as readonly number[]).includes(opts.major ?? 0)
+    ? opts.major!
+    : embeddedMajor(opts.major);
   const log = opts.log ?? (() => {});
   const user = serverUser();
   const bins = usableBinaries(locateBinaries(major), user);
@@ -411,20 +485,32 @@ export async function startEmbedded(
   try {
     dir = mkdtempSync(join(tmpdir(), "pgshift-pg-data-"));
   } catch (err) {
-    throw new EmbeddedStartError(`cannot make a temporary directory for the embedded server: ${oneLine(err)}`, `set TMPDIR to a writable directory; ${OWN_SERVER_HINT}`, err);
+    throw new EmbeddedStartError(
+      `cannot make a temporary directory for the embedded server: ${oneLine(err)}`,
+      `set TMPDIR to a writable directory; ${OWN_SERVER_HINT}`,
+      err,
+    );
   }
   const data = join(dir, "data");
   const password = "pgshift";
   const flags = [
-    "-c", `wal_level=${opts.walLevel ?? "logical"}`,
-    "-c", `max_replication_slots=${opts.maxReplicationSlots ?? 20}`,
-    "-c", `max_wal_senders=${opts.maxWalSenders ?? 20}`,
-    "-c", "max_connections=200",
-    "-c", "shared_buffers=256MB",
+    "-c",
+    `wal_level=${opts.walLevel ?? "logical"}`,
+    "-c",
+    `max_replication_slots=${opts.maxReplicationSlots ?? 20}`,
+    "-c",
+    `max_wal_senders=${opts.maxWalSenders ?? 20}`,
+    "-c",
+    "max_connections=200",
+    "-c",
+    "shared_buffers=256MB",
     ...(opts.durable ? [] : ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]),
-    "-c", "listen_addresses=127.0.0.1",
+    "-c",
+    "listen_addresses=127.0.0.1",
     // e.g. ["pg_stat_statements"] (tests of plan's look at the application's statements).
-    ...(opts.sharedPreloadLibraries?.length ? ["-c", `shared_preload_libraries=${opts.sharedPreloadLibraries.join(",")}`] : []),
+    ...(opts.sharedPreloadLibraries?.length
+      ? ["-c", `shared_preload_libraries=${opts.sharedPreloadLibraries.join(",")}`]
+      : []),
   ];
   let child: ChildProcess | undefined;
   let port = 0;
@@ -470,5 +556,12 @@ export async function startEmbedded(
     await shutdown(child);
     child = await postmaster(bins, user, data, port, flags, log);
   };
-  return { url: `postgres://postgres:${password}@127.0.0.1:${port}/postgres`, port, major, version: bins.version, stop, restart };
+  return {
+    url: `postgres://postgres:${password}@127.0.0.1:${port}/postgres`,
+    port,
+    major,
+    version: bins.version,
+    stop,
+    restart,
+  };
 }

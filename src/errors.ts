@@ -45,7 +45,15 @@ export function sqlState(err: unknown): string | undefined {
 }
 
 /** Error codes of a connection that could not be made: postgres.js's own, Node's socket errors. */
-const UNREACHABLE_CODES = new Set(["CONNECT_TIMEOUT", "ECONNREFUSED", "ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH", "ENOTFOUND", "EAI_AGAIN"]);
+const UNREACHABLE_CODES = new Set([
+  "CONNECT_TIMEOUT",
+  "ECONNREFUSED",
+  "ETIMEDOUT",
+  "EHOSTUNREACH",
+  "ENETUNREACH",
+  "ENOTFOUND",
+  "EAI_AGAIN",
+]);
 /** Error codes of a connection lost once made (the session terminated, the server gone, the network cut). */
 const LOST_CODES = new Set(["CONNECTION_CLOSED", "CONNECTION_ENDED", "CONNECTION_DESTROYED", "ECONNRESET", "EPIPE"]);
 const CONNECTION_CODES = new Set([...UNREACHABLE_CODES, ...LOST_CODES]);
@@ -63,13 +71,25 @@ export function explain(err: unknown): PgshiftError {
   switch (code) {
     case "28P01":
     case "28000":
-      return new PgshiftError(`authentication failed: ${msg}`, { hint: "check the user and password in --url / DATABASE_URL / PGUSER, PGPASSWORD", cause: err });
+      return new PgshiftError(`authentication failed: ${msg}`, {
+        hint: "check the user and password in --url / DATABASE_URL / PGUSER, PGPASSWORD",
+        cause: err,
+      });
     case "3D000":
-      return new PgshiftError(`database does not exist: ${msg}`, { hint: "check the database name in --url / DATABASE_URL / PGDATABASE", cause: err });
+      return new PgshiftError(`database does not exist: ${msg}`, {
+        hint: "check the database name in --url / DATABASE_URL / PGDATABASE",
+        cause: err,
+      });
     case "42501":
-      return new PgshiftError(`permission denied: ${msg}`, { hint: "run pgshift as the table owner (or a role with the needed privileges: CREATE on the schema, ownership of the table)", cause: err });
+      return new PgshiftError(`permission denied: ${msg}`, {
+        hint: "run pgshift as the table owner (or a role with the needed privileges: CREATE on the schema, ownership of the table)",
+        cause: err,
+      });
     case "55P03":
-      return new PgshiftError(`could not get a lock in time: ${msg}`, { hint: "the table is busy; retry later or raise --lock-timeout / --retries", cause: err });
+      return new PgshiftError(`could not get a lock in time: ${msg}`, {
+        hint: "the table is busy; retry later or raise --lock-timeout / --retries",
+        cause: err,
+      });
     case "57P01":
     case "57P02":
     case "57P03":
@@ -78,7 +98,10 @@ export function explain(err: unknown): PgshiftError {
   if (err && typeof err === "object" && "code" in err) {
     const c = String((err as { code: unknown }).code);
     if (UNREACHABLE_CODES.has(c)) {
-      return new PgshiftError(`cannot reach the PostgreSQL server (${c}): ${msg}`, { hint: "check --url / DATABASE_URL / PGHOST and PGPORT, and that the server is running", cause: err });
+      return new PgshiftError(`cannot reach the PostgreSQL server (${c}): ${msg}`, {
+        hint: "check --url / DATABASE_URL / PGHOST and PGPORT, and that the server is running",
+        cause: err,
+      });
     }
     if (LOST_CODES.has(c)) {
       // Terminated by an administrator, the server restarted, the network cut: the same words as 57P01.
@@ -99,7 +122,11 @@ export function isConnectionLoss(err: unknown): boolean {
   let e: unknown = err;
   for (let depth = 0; e && typeof e === "object" && depth < 8; depth++) {
     const code = sqlState(e);
-    if (code !== undefined && (CONNECTION_CODES.has(code) || code.startsWith("08") || code === "57P01" || code === "57P02" || code === "57P03")) return true;
+    if (
+      code !== undefined &&
+      (CONNECTION_CODES.has(code) || code.startsWith("08") || code === "57P01" || code === "57P02" || code === "57P03")
+    )
+      return true;
     if (e instanceof Error && /connection terminated/i.test(e.message)) return true;
     e = (e as { cause?: unknown }).cause;
   }

@@ -1,8 +1,8 @@
 import { z } from "zod";
 import type { AnySql } from "./db.js";
-import { displayName, type QualifiedName } from "./names.js";
-import { migrationLockHolder, type Migration } from "./migration/state.js";
+import { type Migration, migrationLockHolder } from "./migration/state.js";
 import type { SlotState } from "./mirror/logical.js";
+import { displayName, type QualifiedName } from "./names.js";
 
 /** A server session as status shows it: from pg_stat_activity. */
 export interface SessionInfo {
@@ -56,7 +56,8 @@ export function commandOf(applicationName: string | null): string | null {
 }
 
 async function session(sql: AnySql, pid: number): Promise<SessionInfo> {
-  const rows = await sql`select pid, application_name, backend_start, state from pg_catalog.pg_stat_activity where pid = ${pid}`;
+  const rows =
+    await sql`select pid, application_name, backend_start, state from pg_catalog.pg_stat_activity where pid = ${pid}`;
   const r = rows[0] ? ActivityRow.parse(rows[0]) : null;
   return {
     pid,
@@ -73,7 +74,12 @@ async function session(sql: AnySql, pid: number): Promise<SessionInfo> {
  * pg_stat_activity) and when its last batch or applied change happened. Takes no lock.
  * @param slot the slot's state when the migration streams (logical mode, before cutover), else null.
  */
-export async function liveness(sql: AnySql, table: QualifiedName, m: Migration, slot: SlotState | null): Promise<Liveness> {
+export async function liveness(
+  sql: AnySql,
+  table: QualifiedName,
+  m: Migration,
+  slot: SlotState | null,
+): Promise<Liveness> {
   const holderPid = await migrationLockHolder(sql, table);
   const holder = holderPid === null ? null : await session(sql, holderPid);
   let streamConsumer: Liveness["streamConsumer"] = null;
@@ -83,7 +89,7 @@ export async function liveness(sql: AnySql, table: QualifiedName, m: Migration, 
     const syncs = await sql`
       select pid from pg_catalog.pg_stat_activity
        where datname = current_database() and application_name = ${`pgshift sync ${displayName(table)}`} order by backend_start limit 1`;
-    const by = syncs[0] ? await session(sql, Number(syncs[0].pid)) : holder ?? (await session(sql, slot.activePid));
+    const by = syncs[0] ? await session(sql, Number(syncs[0].pid)) : (holder ?? (await session(sql, slot.activePid)));
     streamConsumer = { ...by, walsenderPid: slot.activePid };
   }
   const inCopy = m.phase === "started" || m.phase === "backfilling";
@@ -91,7 +97,10 @@ export async function liveness(sql: AnySql, table: QualifiedName, m: Migration, 
     holder,
     backfillRunning: holder !== null && inCopy && (holder.command === null || holder.command === "backfill"),
     streamConsumer,
-    lastBatchAt: m.phase === "backfilling" ? m.updated_at.toISOString() : (m.copy_finished_at ?? m.backfill_finished_at)?.toISOString() ?? null,
+    lastBatchAt:
+      m.phase === "backfilling"
+        ? m.updated_at.toISOString()
+        : ((m.copy_finished_at ?? m.backfill_finished_at)?.toISOString() ?? null),
     lastAppliedCommitAt: m.applied_commit_time?.toISOString() ?? null,
     lastStateChangeAt: m.updated_at.toISOString(),
   };
@@ -105,7 +114,8 @@ export async function liveness(sql: AnySql, table: QualifiedName, m: Migration, 
 export function nextStepFor(m: Migration, table: QualifiedName, live: Liveness): string {
   const t = displayName(table);
   const h = live.holder;
-  const who = (s: SessionInfo) => `${s.command ? `pgshift ${s.command}` : (s.applicationName ?? "a pgshift process")} (backend pid ${s.pid}${s.since ? `, since ${s.since}` : ""})`;
+  const who = (s: SessionInfo) =>
+    `${s.command ? `pgshift ${s.command}` : (s.applicationName ?? "a pgshift process")} (backend pid ${s.pid}${s.since ? `, since ${s.since}` : ""})`;
   if (live.backfillRunning && h) return `wait: ${who(h)} is copying; watch it with: watch -n 5 pgshift status ${t}`;
   if (h) return `wait: ${who(h)} is working on ${t}; run pgshift status ${t} again when it is done`;
   const v = m.last_verify;
@@ -120,8 +130,12 @@ export function nextStepFor(m: Migration, table: QualifiedName, live: Liveness):
         ? `no backfill is running: the copy is complete but not all secondary indexes are built; run pgshift backfill ${t} to finish them`
         : `no backfill is running (it stopped or was killed${live.lastBatchAt ? `; last batch at ${live.lastBatchAt}` : ""}): run pgshift backfill ${t} to resume from its checkpoint (${m.rows_copied} rows copied)`;
     case "backfilled": {
-      const step = differs ? `the last verify found differences: run pgshift verify ${t} --repair, then pgshift cutover ${t}` : `run pgshift verify ${t}, then pgshift cutover ${t}`;
-      return noConsumer ? `${step}; meanwhile run pgshift sync ${t} (nothing streams the replication slot now: WAL piles up until something does)` : step;
+      const step = differs
+        ? `the last verify found differences: run pgshift verify ${t} --repair, then pgshift cutover ${t}`
+        : `run pgshift verify ${t}, then pgshift cutover ${t}`;
+      return noConsumer
+        ? `${step}; meanwhile run pgshift sync ${t} (nothing streams the replication slot now: WAL piles up until something does)`
+        : step;
     }
     case "cutover":
       return differs

@@ -1,4 +1,4 @@
-import { pino, destination, type Logger } from "pino";
+import { destination, type Logger, pino } from "pino";
 
 /**
  * The process logger: pretty lines on a terminal, one JSON object per line otherwise
@@ -11,7 +11,10 @@ export function createLogger(opts: { level?: string; pretty?: boolean } = {}): L
   if (pretty) {
     return pino({
       level,
-      transport: { target: "pino-pretty", options: { destination: 2, colorize: true, ignore: "pid,hostname", translateTime: "HH:MM:ss" } },
+      transport: {
+        target: "pino-pretty",
+        options: { destination: 2, colorize: true, ignore: "pid,hostname", translateTime: "HH:MM:ss" },
+      },
     });
   }
   return pino({ level, base: { app: "pgshift" } }, destination(2));

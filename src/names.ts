@@ -65,12 +65,12 @@ export function readQuotedIdentifier(text: string, start: number): { name: strin
 
 /** Quotes an identifier exactly as PostgreSQL's quote_ident() would always-quote it: `"` doubled. */
 export function quoteIdent(name: string): string {
-  return '"' + name.replace(/"/g, '""') + '"';
+  return `"${name.replace(/"/g, '""')}"`;
 }
 
 /** `"schema"."name"`. */
 export function quoteQualified(q: QualifiedName): string {
-  return quoteIdent(q.schema) + "." + quoteIdent(q.name);
+  return `${quoteIdent(q.schema)}.${quoteIdent(q.name)}`;
 }
 
 /** Human form for messages: schema.name, quoted only where needed. */
@@ -85,7 +85,7 @@ export function displayName(q: QualifiedName): string {
  */
 export function quoteLiteral(value: string): string {
   const body = value.replace(/'/g, "''");
-  return value.includes("\\") ? "E'" + body.replace(/\\/g, "\\\\") + "'" : "'" + body + "'";
+  return value.includes("\\") ? `E'${body.replace(/\\/g, "\\\\")}'` : `'${body}'`;
 }
 
 /**

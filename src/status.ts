@@ -1,15 +1,15 @@
+import { columnDrift, indexDrift, lateObjectLines } from "./catalog/drift.js";
 import type { Sql } from "./db.js";
 import { table as tableRef } from "./db.js";
-import { columnDrift, indexDrift, lateObjectLines } from "./catalog/drift.js";
 import { PgshiftError } from "./errors.js";
-import { mirrorFor, type MirrorHealth } from "./mirror/mirror.js";
-import { slotState, type SlotState } from "./mirror/logical.js";
+import { type Liveness, liveness, nextStepFor } from "./liveness.js";
 import { ddlGuardState } from "./migration/ddl-guard.js";
 import { leftoverStream } from "./migration/finish.js";
-import { displayName, quoteQualified, type QualifiedName } from "./names.js";
-import { formatPartitionSpec } from "./partitioning/spec.js";
 import { loadMigration, type Phase, type VerifyResult } from "./migration/state.js";
-import { liveness, nextStepFor, type Liveness } from "./liveness.js";
+import { type SlotState, slotState } from "./mirror/logical.js";
+import { type MirrorHealth, mirrorFor } from "./mirror/mirror.js";
+import { displayName, type QualifiedName, quoteQualified } from "./names.js";
+import { formatPartitionSpec } from "./partitioning/spec.js";
 
 export interface StatusReport {
   table: string;
@@ -63,17 +63,35 @@ export interface StatusReport {
   swappedBackAt: string | null;
 }
 
-async function streamStatus(sql: Sql, slot: string, appliedAt: Date | null, maxRetained: number): Promise<StatusReport["stream"]> {
+async function streamStatus(
+  sql: Sql,
+  slot: string,
+  appliedAt: Date | null,
+  maxRetained: number,
+): Promise<StatusReport["stream"]> {
   const s = await slotState(sql, slot);
   const warnings: string[] = [];
-  if (!s.exists) warnings.push(`replication slot ${slot} does not exist: the shadow no longer follows the table (pgshift abort, then start again)`);
-  if (s.retainedBytes > maxRetained) warnings.push(`slot ${slot} retains ${s.retainedBytes} bytes of WAL (more than ${maxRetained}): run pgshift sync, or abort`);
+  if (!s.exists)
+    warnings.push(
+      `replication slot ${slot} does not exist: the shadow no longer follows the table (pgshift abort, then start again)`,
+    );
+  if (s.retainedBytes > maxRetained)
+    warnings.push(
+      `slot ${slot} retains ${s.retainedBytes} bytes of WAL (more than ${maxRetained}): run pgshift sync, or abort`,
+    );
   if (s.invalidated !== null) {
-    warnings.push(`replication slot ${slot} was invalidated by PostgreSQL (${s.invalidated}): the WAL it needed is gone and the shadow can no longer follow the table (pgshift abort, then start again)`);
+    warnings.push(
+      `replication slot ${slot} was invalidated by PostgreSQL (${s.invalidated}): the WAL it needed is gone and the shadow can no longer follow the table (pgshift abort, then start again)`,
+    );
   } else if (s.walStatus === "unreserved") {
-    warnings.push(`slot ${slot} retains more WAL than max_slot_wal_keep_size allows: PostgreSQL invalidates it at the next checkpoint unless pgshift sync catches up now`);
+    warnings.push(
+      `slot ${slot} retains more WAL than max_slot_wal_keep_size allows: PostgreSQL invalidates it at the next checkpoint unless pgshift sync catches up now`,
+    );
   }
-  if (s.exists && !s.active && s.invalidated === null) warnings.push(`no consumer is attached to slot ${slot}: WAL piles up until pgshift sync (or backfill, verify, cutover) streams it`);
+  if (s.exists && !s.active && s.invalidated === null)
+    warnings.push(
+      `no consumer is attached to slot ${slot}: WAL piles up until pgshift sync (or backfill, verify, cutover) streams it`,
+    );
   return { ...s, appliedCommitTime: appliedAt?.toISOString() ?? null, warnings };
 }
 
@@ -84,7 +102,11 @@ async function streamStatus(sql: Sql, slot: string, appliedAt: Date | null, maxR
  * works while another command runs.
  * @throws PgshiftError when no migration of `table` exists.
  */
-export async function status(sql: Sql, table: QualifiedName, opts: { maxRetainedWalBytes?: number } = {}): Promise<StatusReport> {
+export async function status(
+  sql: Sql,
+  table: QualifiedName,
+  opts: { maxRetainedWalBytes?: number } = {},
+): Promise<StatusReport> {
   const m = await loadMigration(sql, table, { upgrade: false });
   if (!m) {
     const left = await leftoverStream(sql, table);
@@ -105,10 +127,13 @@ export async function status(sql: Sql, table: QualifiedName, opts: { maxRetained
   const def = parts.find((p) => p.is_default);
   let defaultPartition: StatusReport["defaultPartition"] = null;
   if (def) {
-    const r = await sql`select count(*)::bigint as n from ${tableRef(sql, { schema: m.partitioned.schema, name: String(def.name) })}`;
+    const r =
+      await sql`select count(*)::bigint as n from ${tableRef(sql, { schema: m.partitioned.schema, name: String(def.name) })}`;
     defaultPartition = { name: String(def.name), rows: Number(r[0]?.n ?? 0) };
   }
-  const stream = m.slot_name ? await streamStatus(sql, m.slot_name, m.applied_commit_time, opts.maxRetainedWalBytes ?? 1024 ** 3) : null;
+  const stream = m.slot_name
+    ? await streamStatus(sql, m.slot_name, m.applied_commit_time, opts.maxRetainedWalBytes ?? 1024 ** 3)
+    : null;
   const running = await liveness(sql, table, m, stream);
   const started = m.backfill_started_at?.getTime();
   const end = m.backfill_finished_at?.getTime() ?? Date.now();

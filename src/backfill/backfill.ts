@@ -1,14 +1,25 @@
 import pRetry from "p-retry";
-import type { Sql } from "../db.js";
-import { identList, transaction, type TxSql, type LockRetryOptions, joinFragments, table as tableRef, textColumns, valueList, type AnySql, type Fragment } from "../db.js";
-import { log } from "../log.js";
-import { sqlState } from "../errors.js";
-import { buildDeferredIndexes, finishShadow } from "./indexes.js";
-import { catchUp, followStream } from "../mirror/stream.js";
-import { afterCopySql, deferredIndexSql } from "../ddl/shadow.js";
 import { inspectTable } from "../catalog/inspect.js";
-import { displayName, quoteQualified, type QualifiedName } from "../names.js";
-import { lockMigration, requireMigration, unlockMigration, type Migration } from "../migration/state.js";
+import type { Sql } from "../db.js";
+import {
+  type AnySql,
+  type Fragment,
+  identList,
+  joinFragments,
+  type LockRetryOptions,
+  type TxSql,
+  table as tableRef,
+  textColumns,
+  transaction,
+  valueList,
+} from "../db.js";
+import { afterCopySql, deferredIndexSql } from "../ddl/shadow.js";
+import { sqlState } from "../errors.js";
+import { log } from "../log.js";
+import { lockMigration, type Migration, requireMigration, unlockMigration } from "../migration/state.js";
+import { catchUp, followStream } from "../mirror/stream.js";
+import { displayName, type QualifiedName, quoteQualified } from "../names.js";
+import { buildDeferredIndexes, finishShadow } from "./indexes.js";
 
 export interface BackfillProgress {
   rowsCopied: number;
@@ -87,7 +98,8 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
       opts.onProgress?.(p);
       return { ...p, complete: true, ms: 0, conflictBatches: 0 };
     }
-    const est = await sql`select greatest(reltuples, 0)::bigint as n from pg_class where oid = to_regclass(${quoteQualified(m.original)})`;
+    const est =
+      await sql`select greatest(reltuples, 0)::bigint as n from pg_class where oid = to_regclass(${quoteQualified(m.original)})`;
     await sql`
       update pgshift.migrations set phase = 'backfilling', backfill_started_at = coalesce(backfill_started_at, now()),
              rows_estimated = greatest(${Number(est[0]?.n ?? 0)}::bigint, rows_copied), updated_at = now()
@@ -118,80 +130,85 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
     // Logical mode: the stream is applied while the copy runs (by this process when the slot is free).
     const follower = m.mode === "logical" && m.slot_name ? await followStream(sql, m) : null;
     try {
-    while (!complete) {
-      if (opts.signal?.aborted || (opts.maxBatches !== undefined && batches >= opts.maxBatches)) break;
-      const result = await retryTransient(() => transaction(sql, async (tx) => {
-        // Logical mode: the applier writes the shadow too. A short lock_timeout turns a wait on its
-        // uncommitted rows (a possible deadlock, detected only after deadlock_timeout) into a quick retry.
-        if (follower) await tx`select set_config('lock_timeout', '100ms', true)`;
-        if (hasDeferrable) await tx`set constraints all deferred`;
-        const lower = checkpoint ? sql`where ${keyAfter(tx, key, checkpoint)}` : sql``;
-        const hiRows = await upperKeySql(tx, m, lower, batchSize);
-        const hiRaw = hiRows[0];
-        const hi = hiRaw ? key.map((_, i) => String(hiRaw[`k${i}`])) : null;
-        const conds: Fragment[] = [];
-        if (checkpoint) conds.push(keyAfter(tx, key, checkpoint));
-        if (hi) conds.push(tx`(${keyCols}) <= (${valueList(tx, hi)})`);
-        const where = conds.length === 0 ? tx`` : tx`where ${joinFragments(tx, conds, tx` and `)}`;
-        let read: number;
-        if (fastPathIn === 0) {
-          // Fast path: a plain INSERT (no speculative insertion per row). A row the mirror already wrote
-          // makes it fail with unique_violation; the batch then runs again with ON CONFLICT DO NOTHING.
-          await tx`savepoint pgshift_batch`;
-          try {
-            const r = await batchSql(tx, m, where).plain;
-            read = r.count;
-          } catch (err) {
-            if (sqlState(err) !== "23505") throw err;
-            await tx`rollback to savepoint pgshift_batch`;
-            read = await copyOnConflict(tx, where);
-            fastPathIn = 10;
-            conflictBatches++;
-          }
-        } else {
-          read = await copyOnConflict(tx, where);
-          fastPathIn--;
-        }
-        await tx`
+      while (!complete) {
+        if (opts.signal?.aborted || (opts.maxBatches !== undefined && batches >= opts.maxBatches)) break;
+        const result = await retryTransient(() =>
+          transaction(sql, async (tx) => {
+            // Logical mode: the applier writes the shadow too. A short lock_timeout turns a wait on its
+            // uncommitted rows (a possible deadlock, detected only after deadlock_timeout) into a quick retry.
+            if (follower) await tx`select set_config('lock_timeout', '100ms', true)`;
+            if (hasDeferrable) await tx`set constraints all deferred`;
+            const lower = checkpoint ? sql`where ${keyAfter(tx, key, checkpoint)}` : sql``;
+            const hiRows = await upperKeySql(tx, m, lower, batchSize);
+            const hiRaw = hiRows[0];
+            const hi = hiRaw ? key.map((_, i) => String(hiRaw[`k${i}`])) : null;
+            const conds: Fragment[] = [];
+            if (checkpoint) conds.push(keyAfter(tx, key, checkpoint));
+            if (hi) conds.push(tx`(${keyCols}) <= (${valueList(tx, hi)})`);
+            const where = conds.length === 0 ? tx`` : tx`where ${joinFragments(tx, conds, tx` and `)}`;
+            let read: number;
+            if (fastPathIn === 0) {
+              // Fast path: a plain INSERT (no speculative insertion per row). A row the mirror already wrote
+              // makes it fail with unique_violation; the batch then runs again with ON CONFLICT DO NOTHING.
+              await tx`savepoint pgshift_batch`;
+              try {
+                const r = await batchSql(tx, m, where).plain;
+                read = r.count;
+              } catch (err) {
+                if (sqlState(err) !== "23505") throw err;
+                await tx`rollback to savepoint pgshift_batch`;
+                read = await copyOnConflict(tx, where);
+                fastPathIn = 10;
+                conflictBatches++;
+              }
+            } else {
+              read = await copyOnConflict(tx, where);
+              fastPathIn--;
+            }
+            await tx`
           update pgshift.migrations set checkpoint = ${hi ? tx.array(hi) : tx.array(checkpoint ?? [])}::text[],
                  rows_copied = rows_copied + ${read}, batches = batches + 1, updated_at = now()
            where id = ${m.id}`;
-        if (hasDeferrable) await tx`select set_config('lock_timeout', ${DEFERRED_CHECK_WAIT}, true)`;
-        return { read, hi };
-      }));
-      copiedHere += result.read;
-      batches++;
-      m.rows_copied += result.read;
-      m.batches += 1;
-      if (!result.hi) {
-        complete = true;
-        break;
+            if (hasDeferrable) await tx`select set_config('lock_timeout', ${DEFERRED_CHECK_WAIT}, true)`;
+            return { read, hi };
+          }),
+        );
+        copiedHere += result.read;
+        batches++;
+        m.rows_copied += result.read;
+        m.batches += 1;
+        if (!result.hi) {
+          complete = true;
+          break;
+        }
+        checkpoint = result.hi;
+        opts.onProgress?.(progress(m, copiedHere, performance.now() - t0, false));
+        if (opts.sleepMs) await new Promise((r) => setTimeout(r, opts.sleepMs));
       }
-      checkpoint = result.hi;
-      opts.onProgress?.(progress(m, copiedHere, performance.now() - t0, false));
-      if (opts.sleepMs) await new Promise((r) => setTimeout(r, opts.sleepMs));
-    }
-    if (complete) {
-      // copies_lsn: read after the last batch committed (see the applier's exact mode). Set once: the copy
-      // never runs again once copy_finished_at is set.
-      await sql`
+      if (complete) {
+        // copies_lsn: read after the last batch committed (see the applier's exact mode). Set once: the copy
+        // never runs again once copy_finished_at is set.
+        await sql`
         update pgshift.migrations set copy_finished_at = coalesce(copy_finished_at, now()),
                copies_lsn = coalesce(copies_lsn, pg_current_wal_insert_lsn()::text), updated_at = now()
          where id = ${m.id}`;
-      const built = await buildDeferredIndexes(sql, m, opts);
-      if (built > 0) log().info({ table: displayName(table), indexes: built }, "backfill: secondary indexes built");
-      // NOT VALID constraints, index marks and comments, then ANALYZE of the partitioned table.
-      await finishShadow(sql, m, opts);
-      await sql`
+        const built = await buildDeferredIndexes(sql, m, opts);
+        if (built > 0) log().info({ table: displayName(table), indexes: built }, "backfill: secondary indexes built");
+        // NOT VALID constraints, index marks and comments, then ANALYZE of the partitioned table.
+        await finishShadow(sql, m, opts);
+        await sql`
         update pgshift.migrations set phase = 'backfilled', backfill_finished_at = now(),
                rows_estimated = greatest(rows_estimated, rows_copied), updated_at = now()
          where id = ${m.id}`;
-      log().info({ table: displayName(table), rows: m.rows_copied, batches: m.batches }, "backfill complete");
-    }
-    if (complete && follower) {
-      const took = await catchUp(sql, follower, opts.maxLagMs ?? 1000);
-      log().info({ table: displayName(table), catchUpMs: took, applied: follower.changes(), own: follower.own }, "backfill: stream caught up");
-    }
+        log().info({ table: displayName(table), rows: m.rows_copied, batches: m.batches }, "backfill complete");
+      }
+      if (complete && follower) {
+        const took = await catchUp(sql, follower, opts.maxLagMs ?? 1000);
+        log().info(
+          { table: displayName(table), catchUpMs: took, applied: follower.changes(), own: follower.own },
+          "backfill: stream caught up",
+        );
+      }
     } finally {
       await follower?.stop();
     }
@@ -239,22 +256,40 @@ export function batchSql(tx: AnySql, m: Migration, where: Fragment) {
  * run after the copy. Asks the server to describe each (parse only: nothing is executed).
  */
 export async function describeBackfill(sql: Sql, table: QualifiedName, batchSize = 10000): Promise<string[]> {
-  const m = await requireMigration(sql, table, "backfill", ["started", "backfilling", "backfilled", "swapped_back"], { upgrade: false });
+  const m = await requireMigration(sql, table, "backfill", ["started", "backfilling", "backfilled", "swapped_back"], {
+    upgrade: false,
+  });
   const key = m.key_columns;
   const sample = key.map(() => "0");
   const keyCols = identList(sql, key);
   const where = sql`where ${keyAfter(sql, key, sample)} and (${keyCols}) <= (${valueList(sql, sample)})`;
   const b = batchSql(sql, m, where);
   const out: string[] = ["begin"];
-  for (const q of [upperKeySql(sql, m, sql`where ${keyAfter(sql, key, sample)}`, batchSize), sql`savepoint pgshift_batch`, b.plain]) {
+  for (const q of [
+    upperKeySql(sql, m, sql`where ${keyAfter(sql, key, sample)}`, batchSize),
+    sql`savepoint pgshift_batch`,
+    b.plain,
+  ]) {
     out.push(((await q.describe()) as unknown as { string: string }).string.replace(/\s+/g, " ").trim());
   }
-  out.push("-- only when the INSERT meets a row the mirror wrote (unique_violation):", "rollback to savepoint pgshift_batch");
+  out.push(
+    "-- only when the INSERT meets a row the mirror wrote (unique_violation):",
+    "rollback to savepoint pgshift_batch",
+  );
   out.push(((await b.onConflict.describe()) as unknown as { string: string }).string.replace(/\s+/g, " ").trim());
-  out.push("update pgshift.migrations set checkpoint = $1, rows_copied = rows_copied + $2, batches = batches + 1, updated_at = now() where id = $3", "commit");
-  const parts = await sql`select c.relname::text as name from pg_inherits i join pg_class c on c.oid = i.inhrelid where i.inhparent = to_regclass(${quoteQualified(m.partitioned)}) order by 1`;
+  out.push(
+    "update pgshift.migrations set checkpoint = $1, rows_copied = rows_copied + $2, batches = batches + 1, updated_at = now() where id = $3",
+    "commit",
+  );
+  const parts =
+    await sql`select c.relname::text as name from pg_inherits i join pg_class c on c.oid = i.inhrelid where i.inhparent = to_regclass(${quoteQualified(m.partitioned)}) order by 1`;
   for (const idx of m.deferred_indexes) {
-    const d = deferredIndexSql(m.partitioned.schema, m.partitioned.name, parts.map((p) => String(p.name)), idx);
+    const d = deferredIndexSql(
+      m.partitioned.schema,
+      m.partitioned.name,
+      parts.map((p) => String(p.name)),
+      idx,
+    );
     out.push(d.parent, ...d.perPartition.flatMap((x) => [x.create, ...(x.constrain ? [x.constrain] : []), x.attach]));
   }
   const facts = await inspectTable(sql, m.original);
@@ -277,7 +312,11 @@ async function retryTransient<T>(fn: () => Promise<T>): Promise<T> {
     randomize: true,
     shouldRetry: ({ error }) => transient(error),
     onFailedAttempt: ({ error, attemptNumber }) => {
-      if (transient(error)) log().debug({ code: sqlState(error), attempt: attemptNumber }, "backfill: batch rolled back by a transient conflict, retrying");
+      if (transient(error))
+        log().debug(
+          { code: sqlState(error), attempt: attemptNumber },
+          "backfill: batch rolled back by a transient conflict, retrying",
+        );
     },
   });
 }

@@ -1,10 +1,10 @@
-import type { Sql } from "../db.js";
-import { withLockRetry, type LockRetryOptions } from "../db.js";
 import { inspectTable } from "../catalog/inspect.js";
+import type { Sql } from "../db.js";
+import { type LockRetryOptions, withLockRetry } from "../db.js";
 import { afterCopySql, deferredIndexSql } from "../ddl/shadow.js";
 import { log } from "../log.js";
-import { displayName, quoteQualified } from "../names.js";
 import type { Migration } from "../migration/state.js";
+import { displayName, quoteQualified } from "../names.js";
 
 /**
  * Builds the shadow's secondary indexes after the copy, without ever blocking the writes the mirror
@@ -28,32 +28,50 @@ export async function buildDeferredIndexes(sql: Sql, m: Migration, opts: LockRet
   let built = 0;
   for (const idx of m.deferred_indexes) {
     const d = deferredIndexSql(shadow.schema, shadow.name, partitions, idx);
-    await withLockRetry(sql, async (tx) => {
-      await tx.unsafe(d.parent);
-    }, opts);
+    await withLockRetry(
+      sql,
+      async (tx) => {
+        await tx.unsafe(d.parent);
+      },
+      opts,
+    );
     for (const p of d.perPartition) {
       const state = await sql`
         select i.indisvalid as valid, exists (select from pg_inherits h where h.inhrelid = i.indexrelid) as attached,
                exists (select from pg_constraint c where c.conindid = i.indexrelid and c.conrelid = i.indrelid) as constrained
           from pg_index i where i.indexrelid = to_regclass(${quoteQualified({ schema: shadow.schema, name: p.index })})`;
       const s = state[0];
-      if (s && s.valid && s.attached) continue;
-      if (s && !s.valid) await sql.unsafe(`DROP INDEX CONCURRENTLY IF EXISTS ${quoteQualified({ schema: shadow.schema, name: p.index })}`);
+      if (s?.valid && s.attached) continue;
+      if (s && !s.valid)
+        await sql.unsafe(
+          `DROP INDEX CONCURRENTLY IF EXISTS ${quoteQualified({ schema: shadow.schema, name: p.index })}`,
+        );
       const t0 = performance.now();
-      if (!s || !s.valid) {
+      if (!s?.valid) {
         await sql.unsafe(p.create);
         built++;
       }
       const constrain = p.constrain;
-      if (constrain && !(s && s.valid && s.constrained)) {
-        await withLockRetry(sql, async (tx) => {
-          await tx.unsafe(constrain);
-        }, opts);
+      if (constrain && !(s?.valid && s.constrained)) {
+        await withLockRetry(
+          sql,
+          async (tx) => {
+            await tx.unsafe(constrain);
+          },
+          opts,
+        );
       }
-      await withLockRetry(sql, async (tx) => {
-        await tx.unsafe(p.attach);
-      }, opts);
-      log().debug({ index: p.index, partition: p.partition, ms: Math.round(performance.now() - t0) }, "backfill: partition index built");
+      await withLockRetry(
+        sql,
+        async (tx) => {
+          await tx.unsafe(p.attach);
+        },
+        opts,
+      );
+      log().debug(
+        { index: p.index, partition: p.partition, ms: Math.round(performance.now() - t0) },
+        "backfill: partition index built",
+      );
     }
     log().info({ index: idx.name }, "backfill: index built on every partition");
   }
@@ -77,11 +95,18 @@ export async function finishShadow(sql: Sql, m: Migration, opts: LockRetryOption
     const t0 = performance.now();
     if (stmt.startsWith("ANALYZE ")) await sql.unsafe(stmt);
     else {
-      await withLockRetry(sql, async (tx) => {
-        await tx.unsafe(stmt);
-      }, opts);
+      await withLockRetry(
+        sql,
+        async (tx) => {
+          await tx.unsafe(stmt);
+        },
+        opts,
+      );
     }
-    log().debug({ table: displayName(m.partitioned), ms: Math.round(performance.now() - t0), statement: stmt.slice(0, 120) }, "backfill: shadow finished");
+    log().debug(
+      { table: displayName(m.partitioned), ms: Math.round(performance.now() - t0), statement: stmt.slice(0, 120) },
+      "backfill: shadow finished",
+    );
   }
   return statements;
 }

@@ -1,9 +1,9 @@
 import { z } from "zod";
 import type { AnySql } from "../db.js";
+import { type DeferredIndex, extendIndexKey } from "../ddl/shadow.js";
 import { PgshiftError } from "../errors.js";
-import { displayName, fitName, quoteIdent, quoteQualified, type QualifiedName } from "../names.js";
-import { extendIndexKey, type DeferredIndex } from "../ddl/shadow.js";
 import type { Migration } from "../migration/state.js";
+import { displayName, fitName, type QualifiedName, quoteIdent, quoteQualified } from "../names.js";
 
 const ColumnRow = z.object({ name: z.string(), type: z.string(), generated: z.boolean() });
 type ColumnRow = z.infer<typeof ColumnRow>;
@@ -39,15 +39,21 @@ export async function columnDrift(sql: AnySql, m: Migration): Promise<string[]> 
     const o = copyBy.get(c.name);
     if (!o) out.push(`column ${c.name} (${c.type}) is in ${liveName} but not in ${copyName}`);
     else if (o.type !== c.type) out.push(`column ${c.name} is ${c.type} in ${liveName} but ${o.type} in ${copyName}`);
-    else if (o.generated !== c.generated) out.push(`column ${c.name} is ${c.generated ? "" : "not "}generated in ${liveName} but ${o.generated ? "" : "not "}generated in ${copyName}`);
+    else if (o.generated !== c.generated)
+      out.push(
+        `column ${c.name} is ${c.generated ? "" : "not "}generated in ${liveName} but ${o.generated ? "" : "not "}generated in ${copyName}`,
+      );
   }
-  for (const c of copy) if (!liveBy.has(c.name)) out.push(`column ${c.name} (${c.type}) is in ${copyName} but not in ${liveName}`);
+  for (const c of copy)
+    if (!liveBy.has(c.name)) out.push(`column ${c.name} (${c.type}) is in ${copyName} but not in ${liveName}`);
   const mirrored = new Set(m.copy_columns);
   for (const c of live) {
-    if (!c.generated && !mirrored.has(c.name) && copyBy.has(c.name)) out.push(`column ${c.name} of ${liveName} is not mirrored (added after pgshift start)`);
+    if (!c.generated && !mirrored.has(c.name) && copyBy.has(c.name))
+      out.push(`column ${c.name} of ${liveName} is not mirrored (added after pgshift start)`);
   }
   for (const name of m.copy_columns) {
-    if (!liveBy.has(name) && !copyBy.has(name)) out.push(`mirrored column ${name} is in neither ${liveName} nor ${copyName}`);
+    if (!liveBy.has(name) && !copyBy.has(name))
+      out.push(`mirrored column ${name} is in neither ${liveName} nor ${copyName}`);
   }
   return out;
 }
@@ -115,20 +121,26 @@ async function indexesOf(sql: AnySql, t: QualifiedName): Promise<IndexInfo[]> {
       left join pg_catalog.pg_constraint con on con.conindid = i.indexrelid and con.conrelid = i.indrelid
      where i.indrelid = to_regclass(${quoteQualified(t)})
      order by ic.relname`;
-  return z.array(IndexInfoRow).parse(rows).map((r) => {
-    const u = r.unique ? "UNIQUE " : "";
-    const prefixes = [`CREATE ${u}INDEX ${r.qname} ON ${r.qtable} USING `, `CREATE ${u}INDEX ${r.qname} ON ONLY ${r.qtable} USING `];
-    const p = prefixes.find((x) => r.def.startsWith(x));
-    return {
-      name: r.name,
-      unique: r.unique,
-      valid: r.valid,
-      tail: p ? r.def.slice(p.length) : r.def,
-      definition: r.def,
-      keyColumns: r.keycols ?? [],
-      constraint: r.conname && r.contype ? { name: r.conname, type: r.contype } : null,
-    };
-  });
+  return z
+    .array(IndexInfoRow)
+    .parse(rows)
+    .map((r) => {
+      const u = r.unique ? "UNIQUE " : "";
+      const prefixes = [
+        `CREATE ${u}INDEX ${r.qname} ON ${r.qtable} USING `,
+        `CREATE ${u}INDEX ${r.qname} ON ONLY ${r.qtable} USING `,
+      ];
+      const p = prefixes.find((x) => r.def.startsWith(x));
+      return {
+        name: r.name,
+        unique: r.unique,
+        valid: r.valid,
+        tail: p ? r.def.slice(p.length) : r.def,
+        definition: r.def,
+        keyColumns: r.keycols ?? [],
+        constraint: r.conname && r.contype ? { name: r.conname, type: r.contype } : null,
+      };
+    });
 }
 
 /**
@@ -143,7 +155,10 @@ function sameIndex(plain: IndexInfo, partitioned: IndexInfo, partitionColumn: st
   try {
     // extendIndexKey quotes the column; pg_get_indexdef quotes it only where needed.
     const widened = extendIndexKey(plain.tail, [partitionColumn]);
-    return widened === partitioned.tail || widened.replace(`, ${quoteIdent(partitionColumn)})`, `, ${partitionColumn})`) === partitioned.tail;
+    return (
+      widened === partitioned.tail ||
+      widened.replace(`, ${quoteIdent(partitionColumn)})`, `, ${partitionColumn})`) === partitioned.tail
+    );
   } catch {
     return false;
   }
@@ -253,11 +268,17 @@ export function oneLine(stmt: string): string {
 
 /** A constraint definition without what does not change which rows it admits (NOT VALID, deferrability). */
 function constraintCore(def: string): string {
-  return def.replace(/ NOT VALID$/, "").replace(/ (NOT )?DEFERRABLE( INITIALLY (DEFERRED|IMMEDIATE))?/, "").replace(/ INITIALLY (DEFERRED|IMMEDIATE)/, "");
+  return def
+    .replace(/ NOT VALID$/, "")
+    .replace(/ (NOT )?DEFERRABLE( INITIALLY (DEFERRED|IMMEDIATE))?/, "")
+    .replace(/ INITIALLY (DEFERRED|IMMEDIATE)/, "");
 }
 
 /** The index part of lateObjects: late indexes, late index-backed constraints (as dependents), renames to record. */
-async function lateIndexes(sql: AnySql, m: Migration): Promise<Omit<LateObjects, "dependents"> & { dependents: LateDependent[] }> {
+async function lateIndexes(
+  sql: AnySql,
+  m: Migration,
+): Promise<Omit<LateObjects, "dependents"> & { dependents: LateDependent[] }> {
   const step = m.phase === "cutover" ? "swap-back" : "cutover";
   const live = m.live;
   const copy = m.copy;
@@ -272,37 +293,74 @@ async function lateIndexes(sql: AnySql, m: Migration): Promise<Omit<LateObjects,
   const renames: { from: string; to: string }[] = [];
   const suffix = copyIsPartitioned ? "_part" : "_orig";
   const taken = new Set(
-    (await sql`select c.relname::text as name from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace
-                where n.nspname = ${copy.schema} and c.relname::text = any(${liveIx.flatMap((i) => buildNameCandidates(i.name, suffix))}::text[])`).map((r) => String(r.name)),
+    (
+      await sql`select c.relname::text as name from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+                where n.nspname = ${copy.schema} and c.relname::text = any(${liveIx.flatMap((i) => buildNameCandidates(i.name, suffix))}::text[])`
+    ).map((r) => String(r.name)),
   );
   for (const o of liveIx) {
     if (known.has(o.name) || !o.valid) continue;
-    const counterpart = copyIx.find((p) => p.valid && (copyIsPartitioned ? sameIndex(o, p, col) : sameIndex(p, o, col)));
+    const counterpart = copyIx.find(
+      (p) => p.valid && (copyIsPartitioned ? sameIndex(o, p, col) : sameIndex(p, o, col)),
+    );
     if (counterpart) {
-      if (copyIsPartitioned && !known.has(counterpart.name) && buildNameCandidates(o.name, suffix).includes(counterpart.name)) {
+      if (
+        copyIsPartitioned &&
+        !known.has(counterpart.name) &&
+        buildNameCandidates(o.name, suffix).includes(counterpart.name)
+      ) {
         renames.push({ from: counterpart.name, to: o.name });
       }
       continue;
     }
     if (o.constraint) {
       const c = o.constraint;
-      const def = String((await sql`select pg_catalog.pg_get_constraintdef(oid) as d from pg_catalog.pg_constraint where conrelid = to_regclass(${quoteQualified(live)}) and conname = ${c.name}`)[0]?.d ?? "");
-      const widened = copyIsPartitioned && c.type !== "x" && !o.keyColumns.includes(col) ? extendIndexKey(def, [col]) : def;
+      const def = String(
+        (
+          await sql`select pg_catalog.pg_get_constraintdef(oid) as d from pg_catalog.pg_constraint where conrelid = to_regclass(${quoteQualified(live)}) and conname = ${c.name}`
+        )[0]?.d ?? "",
+      );
+      const widened =
+        copyIsPartitioned && c.type !== "x" && !o.keyColumns.includes(col) ? extendIndexKey(def, [col]) : def;
       dependents.push({
         label: `${c.type === "p" ? "primary key" : c.type === "u" ? "unique constraint" : "exclusion constraint"} ${c.name} on ${displayName(live)} (${def})`,
-        before: [`ALTER TABLE ${quoteQualified(copy)} ADD CONSTRAINT ${quoteIdent(fitName(c.name, suffix))} ${widened}`],
+        before: [
+          `ALTER TABLE ${quoteQualified(copy)} ADD CONSTRAINT ${quoteIdent(fitName(c.name, suffix))} ${widened}`,
+        ],
         after: [],
       });
       continue;
     }
     const widened = copyIsPartitioned && o.unique && !o.keyColumns.includes(col);
     const tail = widened ? extendIndexKey(o.tail, [col]) : o.tail;
-    const free = buildNameCandidates(o.name, suffix).find((n) => !taken.has(n) || copyIx.some((p) => p.name === n && !p.valid && p.unique === o.unique && (p.tail === tail || p.tail === tail.replace(`, ${quoteIdent(col)})`, `, ${col})`))));
+    const free = buildNameCandidates(o.name, suffix).find(
+      (n) =>
+        !taken.has(n) ||
+        copyIx.some(
+          (p) =>
+            p.name === n &&
+            !p.valid &&
+            p.unique === o.unique &&
+            (p.tail === tail || p.tail === tail.replace(`, ${quoteIdent(col)})`, `, ${col})`)),
+        ),
+    );
     if (!free) {
-      dependents.push({ label: `index ${o.name} on ${displayName(live)} (${o.definition})`, before: [], after: [], advice: `the names pgshift would give its copy on ${displayName(copy)} are taken: create it there yourself` });
+      dependents.push({
+        label: `index ${o.name} on ${displayName(live)} (${o.definition})`,
+        before: [],
+        after: [],
+        advice: `the names pgshift would give its copy on ${displayName(copy)} are taken: create it there yourself`,
+      });
       continue;
     }
-    indexes.push({ name: o.name, unique: o.unique, definition: o.definition, build: { name: free, original: o.name, unique: o.unique, definition: tail }, widened, partitioned: copyIsPartitioned });
+    indexes.push({
+      name: o.name,
+      unique: o.unique,
+      definition: o.definition,
+      build: { name: free, original: o.name, unique: o.unique, definition: tail },
+      widened,
+      partitioned: copyIsPartitioned,
+    });
   }
   const leftWith = { schema: live.schema, name: copyIsPartitioned ? m.retired_table : m.shadow_table };
   return { live, copy, leftWith, step, indexes, dependents, renames };
@@ -343,7 +401,9 @@ export function lateIndexLine(lo: Pick<LateObjects, "live" | "copy" | "step">, i
   return (
     `index ${i.name} was created on ${displayName(lo.live)} during the migration (${i.definition}) and ${displayName(lo.copy)} has no counterpart: ` +
     `${lo.step} builds it there first, before its lock, as ${i.build.name} (${i.build.unique ? "UNIQUE " : ""}USING ${i.build.definition})` +
-    (i.widened ? `, unique only together with the partition column (a partitioned table's unique index must contain it)` : "")
+    (i.widened
+      ? `, unique only together with the partition column (a partitioned table's unique index must contain it)`
+      : "")
   );
 }
 
@@ -362,7 +422,9 @@ export async function lateObjectLines(sql: AnySql, m: Migration): Promise<string
       (d.after.length > 0 ? `; after: ${d.after.join("; ")}` : ""),
   );
   for (const c of await copyDependents(sql, m)) {
-    out.push(`${c} depends on ${displayName(m.copy)}: it follows that table at ${lo.step}; until then ${m.phase === "cutover" ? "finalize" : "abort"} cannot drop it`);
+    out.push(
+      `${c} depends on ${displayName(m.copy)}: it follows that table at ${lo.step}; until then ${m.phase === "cutover" ? "finalize" : "abort"} cannot drop it`,
+    );
   }
   return out;
 }
@@ -373,7 +435,12 @@ export async function lateObjectLines(sql: AnySql, m: Migration): Promise<string
  * with the statements that move each (see lateObjects). `copy` null: list them all, with no statements (status
  * uses it for the copy's own dependents).
  */
-async function dependentsOf(sql: AnySql, m: Migration, t: QualifiedName, copy: QualifiedName | null): Promise<LateDependent[]> {
+async function dependentsOf(
+  sql: AnySql,
+  m: Migration,
+  t: QualifiedName,
+  copy: QualifiedName | null,
+): Promise<LateDependent[]> {
   const tq = quoteQualified(t);
   const rows = await sql`
     with t as (select to_regclass(${tq})::oid as oid),
@@ -412,16 +479,22 @@ async function dependentsOf(sql: AnySql, m: Migration, t: QualifiedName, copy: Q
       continue;
     }
     if (r.catalog === "pg_rewrite") {
-      const x = (await sql`
+      const x = (
+        await sql`
         select w.rulename::text as rule, w.ev_class = to_regclass(${tq}) as on_table, pg_catalog.pg_get_ruledef(w.oid) as ruledef,
                c.relkind::text as kind, pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname) as qview,
                n.nspname::text as schema, c.relname::text as name, pg_catalog.pg_get_viewdef(c.oid) as viewdef,
                coalesce(pg_catalog.array_to_string(c.reloptions, ', '), '') as options
           from pg_catalog.pg_rewrite w join pg_catalog.pg_class c on c.oid = w.ev_class join pg_catalog.pg_namespace n on n.oid = c.relnamespace
-         where w.oid = ${id}`)[0];
+         where w.oid = ${id}`
+      )[0];
       if (!x) continue;
       if (x.on_table) {
-        out.push({ label: `rule ${String(x.rule)} on ${tn}`, before: [`DROP RULE ${quoteIdent(String(x.rule))} ON ${tq}`], after: [oneLine(String(x.ruledef))] });
+        out.push({
+          label: `rule ${String(x.rule)} on ${tn}`,
+          before: [`DROP RULE ${quoteIdent(String(x.rule))} ON ${tq}`],
+          after: [oneLine(String(x.ruledef))],
+        });
       } else {
         const mat = x.kind === "m";
         const what = mat ? "MATERIALIZED VIEW" : "VIEW";
@@ -433,20 +506,32 @@ async function dependentsOf(sql: AnySql, m: Migration, t: QualifiedName, copy: Q
         });
       }
     } else if (r.catalog === "pg_trigger") {
-      const x = (await sql`select tgname::text as name, pg_catalog.pg_get_triggerdef(oid) as def from pg_catalog.pg_trigger where oid = ${id}`)[0];
+      const x = (
+        await sql`select tgname::text as name, pg_catalog.pg_get_triggerdef(oid) as def from pg_catalog.pg_trigger where oid = ${id}`
+      )[0];
       if (!x) continue;
-      out.push({ label: `trigger ${String(x.name)} on ${tn}`, before: [`DROP TRIGGER ${quoteIdent(String(x.name))} ON ${tq}`], after: [oneLine(String(x.def))] });
+      out.push({
+        label: `trigger ${String(x.name)} on ${tn}`,
+        before: [`DROP TRIGGER ${quoteIdent(String(x.name))} ON ${tq}`],
+        after: [oneLine(String(x.def))],
+      });
     } else if (r.catalog === "pg_policy") {
-      const p = PolicyRow.parse((await sql`
+      const p = PolicyRow.parse(
+        (
+          await sql`
         select p.policyname::text as name, p.permissive, p.roles::text[] as roles, p.cmd, p.qual, p.with_check
           from pg_catalog.pg_policies p join pg_catalog.pg_policy o on o.polname = p.policyname and o.polrelid = to_regclass(${tq})
-         where o.oid = ${id} and p.schemaname = ${t.schema} and p.tablename = ${t.name}`)[0]);
+         where o.oid = ${id} and p.schemaname = ${t.schema} and p.tablename = ${t.name}`
+        )[0],
+      );
       out.push({ label: `policy ${p.name} on ${tn}`, before: [policySql(p, copy)], after: [] });
     } else if (r.catalog === "pg_proc") {
-      const x = (await sql`
+      const x = (
+        await sql`
         select format('%I.%I(%s)', n.nspname, p.proname, pg_catalog.pg_get_function_identity_arguments(p.oid)) as sig, p.prokind::text as kind,
                case when p.prokind in ('f', 'p', 'w') then pg_catalog.pg_get_functiondef(p.oid) end as def
-          from pg_catalog.pg_proc p join pg_catalog.pg_namespace n on n.oid = p.pronamespace where p.oid = ${id}`)[0];
+          from pg_catalog.pg_proc p join pg_catalog.pg_namespace n on n.oid = p.pronamespace where p.oid = ${id}`
+      )[0];
       if (!x) continue;
       const proc = x.kind === "p";
       out.push({
@@ -456,7 +541,9 @@ async function dependentsOf(sql: AnySql, m: Migration, t: QualifiedName, copy: Q
         ...(x.def ? {} : { advice: "create it again after the switch" }),
       });
     } else if (r.catalog === "pg_constraint") {
-      const x = (await sql`select conname::text as name, (select format('%I.%I', n.nspname, c.relname) from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace where c.oid = conrelid) as rel, pg_catalog.pg_get_constraintdef(oid) as def from pg_catalog.pg_constraint where oid = ${id}`)[0];
+      const x = (
+        await sql`select conname::text as name, (select format('%I.%I', n.nspname, c.relname) from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace where c.oid = conrelid) as rel, pg_catalog.pg_get_constraintdef(oid) as def from pg_catalog.pg_constraint where oid = ${id}`
+      )[0];
       if (!x) continue;
       const rel = String(x.rel);
       out.push({
@@ -466,17 +553,27 @@ async function dependentsOf(sql: AnySql, m: Migration, t: QualifiedName, copy: Q
         advice: "after cutover it needs a unique key of exactly the referenced columns on the partitioned table",
       });
     } else if (r.catalog === "pg_publication_rel") {
-      const x = (await sql`select b.pubname::text as name from pg_catalog.pg_publication_rel r join pg_catalog.pg_publication b on b.oid = r.prpubid where r.oid = ${id}`)[0];
+      const x = (
+        await sql`select b.pubname::text as name from pg_catalog.pg_publication_rel r join pg_catalog.pg_publication b on b.oid = r.prpubid where r.oid = ${id}`
+      )[0];
       if (!x) continue;
       const pub = quoteIdent(String(x.name));
-      out.push({ label: `publication ${String(x.name)} (of ${tn})`, before: [`ALTER PUBLICATION ${pub} DROP TABLE ${tq}`], after: [`ALTER PUBLICATION ${pub} ADD TABLE ${tq}`] });
+      out.push({
+        label: `publication ${String(x.name)} (of ${tn})`,
+        before: [`ALTER PUBLICATION ${pub} DROP TABLE ${tq}`],
+        after: [`ALTER PUBLICATION ${pub} ADD TABLE ${tq}`],
+      });
     } else if (r.catalog === "pg_class" && r.objsubid > 0) {
-      const x = (await sql`select (select format('%I.%I', n.nspname, c.relname) from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace where c.oid = attrelid) as rel,
-                pg_catalog.quote_ident(attname) as col from pg_catalog.pg_attribute where attrelid = ${id} and attnum = ${r.objsubid}`)[0];
+      const x = (
+        await sql`select (select format('%I.%I', n.nspname, c.relname) from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace where c.oid = attrelid) as rel,
+                pg_catalog.quote_ident(attname) as col from pg_catalog.pg_attribute where attrelid = ${id} and attnum = ${r.objsubid}`
+      )[0];
       if (!x) continue;
       out.push({
         label: `column ${String(x.col)} of ${String(x.rel)} (of the row type of ${tn})`,
-        before: [`ALTER TABLE ${String(x.rel)} ALTER COLUMN ${String(x.col)} TYPE jsonb USING to_jsonb(${String(x.col)})`],
+        before: [
+          `ALTER TABLE ${String(x.rel)} ALTER COLUMN ${String(x.col)} TYPE jsonb USING to_jsonb(${String(x.col)})`,
+        ],
         after: [],
         advice: "a column of the table's row type stays with the old table: give it another type",
       });
@@ -485,7 +582,11 @@ async function dependentsOf(sql: AnySql, m: Migration, t: QualifiedName, copy: Q
     }
   }
   if (copy === null) return out;
-  out.push(...(await policiesLacking(sql, t, copy)), ...(await constraintsLacking(sql, t, copy)), ...(await statisticsLacking(sql, t, copy)));
+  out.push(
+    ...(await policiesLacking(sql, t, copy)),
+    ...(await constraintsLacking(sql, t, copy)),
+    ...(await statisticsLacking(sql, t, copy)),
+  );
   return out;
 }
 
@@ -508,9 +609,12 @@ async function policiesOf(sql: AnySql, t: QualifiedName): Promise<z.infer<typeof
 /** Row-level security policies of `t` that `copy` has no policy of the same name and definition of. */
 async function policiesLacking(sql: AnySql, t: QualifiedName, copy: QualifiedName): Promise<LateDependent[]> {
   const [mine, theirs] = await Promise.all([policiesOf(sql, t), policiesOf(sql, copy)]);
-  const key = (p: z.infer<typeof PolicyRow>) => JSON.stringify([p.name, p.permissive, [...p.roles].sort(), p.cmd, p.qual, p.with_check]);
+  const key = (p: z.infer<typeof PolicyRow>) =>
+    JSON.stringify([p.name, p.permissive, [...p.roles].sort(), p.cmd, p.qual, p.with_check]);
   const have = new Set(theirs.map(key));
-  return mine.filter((p) => !have.has(key(p))).map((p) => ({ label: `policy ${p.name} on ${displayName(t)}`, before: [policySql(p, copy)], after: [] }));
+  return mine
+    .filter((p) => !have.has(key(p)))
+    .map((p) => ({ label: `policy ${p.name} on ${displayName(t)}`, before: [policySql(p, copy)], after: [] }));
 }
 
 /**
@@ -521,7 +625,10 @@ async function constraintsLacking(sql: AnySql, t: QualifiedName, copy: Qualified
   const q = (x: QualifiedName) => sql`
     select conname::text as name, contype::text as type, pg_catalog.pg_get_constraintdef(oid) as def
       from pg_catalog.pg_constraint where conrelid = to_regclass(${quoteQualified(x)}) and contype in ('c', 'f') order by conname`;
-  const [mine, theirs] = await Promise.all([q(t), q(copy)]).then(([a, b]) => [z.array(ConstraintRow).parse(a), z.array(ConstraintRow).parse(b)]);
+  const [mine, theirs] = await Promise.all([q(t), q(copy)]).then(([a, b]) => [
+    z.array(ConstraintRow).parse(a),
+    z.array(ConstraintRow).parse(b),
+  ]);
   const have = new Set(theirs!.map((c) => `${c.type} ${constraintCore(c.def)}`));
   return mine!
     .filter((c) => !have.has(`${c.type} ${constraintCore(c.def)}`))
@@ -540,7 +647,10 @@ async function statisticsLacking(sql: AnySql, t: QualifiedName, copy: QualifiedN
     select s.stxname::text as name, n.nspname::text as schema, s.stxkind::text[] as kinds, pg_catalog.pg_get_statisticsobjdef_columns(s.oid) as columns
       from pg_catalog.pg_statistic_ext s join pg_catalog.pg_namespace n on n.oid = s.stxnamespace
      where s.stxrelid = to_regclass(${quoteQualified(x)}) order by 1`;
-  const [mine, theirs] = await Promise.all([q(t), q(copy)]).then(([a, b]) => [z.array(StatRow).parse(a), z.array(StatRow).parse(b)]);
+  const [mine, theirs] = await Promise.all([q(t), q(copy)]).then(([a, b]) => [
+    z.array(StatRow).parse(a),
+    z.array(StatRow).parse(b),
+  ]);
   const key = (s: z.infer<typeof StatRow>) => `${[...s.kinds].sort().join()} ${s.columns}`;
   const have = new Set(theirs!.map(key));
   return mine!
@@ -550,7 +660,9 @@ async function statisticsLacking(sql: AnySql, t: QualifiedName, copy: QualifiedN
       const spec = kinds.length === 3 || kinds.length === 0 ? "" : ` (${kinds.map((k) => KIND_NAMES[k]).join(", ")})`;
       return {
         label: `statistics ${displayName({ schema: s.schema, name: s.name })} on ${displayName(t)}`,
-        before: [`CREATE STATISTICS ${quoteQualified({ schema: s.schema, name: fitName(s.name, "_copy") })}${spec} ON ${s.columns} FROM ${quoteQualified(copy)}`],
+        before: [
+          `CREATE STATISTICS ${quoteQualified({ schema: s.schema, name: fitName(s.name, "_copy") })}${spec} ON ${s.columns} FROM ${quoteQualified(copy)}`,
+        ],
         after: [],
       };
     });
@@ -575,9 +687,9 @@ export function lateDependentsRefusal(lo: LateObjects, table: QualifiedName): Pg
   const before = lo.dependents.flatMap((d) => d.before);
   const after = lo.dependents.flatMap((d) => d.after);
   const hint =
-    (before.length > 0 ? `run ${before.map((s) => s + ";").join(" ")} then ` : "") +
+    (before.length > 0 ? `run ${before.map((s) => `${s};`).join(" ")} then ` : "") +
     `pgshift ${lo.step} ${displayName(table)}` +
-    (after.length > 0 ? `, then ${after.map((s) => s + ";").join(" ")}` : "");
+    (after.length > 0 ? `, then ${after.map((s) => `${s};`).join(" ")}` : "");
   return new PgshiftError(
     `cannot ${lo.step === "cutover" ? "cut over" : "swap back"}: ${lo.dependents.length} object(s) depending on ${displayName(lo.live)} would stay with it as ${displayName(lo.leftWith)}, and pgshift does not carry them over: ${labels.join("; ")}; nothing was changed`,
     { hint },

@@ -235,7 +235,11 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
     const unique = i.indisunique ? "UNIQUE " : "";
     const prefix = `CREATE ${unique}INDEX ${i.qname} ON ${i.qtable} USING `;
     const onlyPrefix = `CREATE ${unique}INDEX ${i.qname} ON ONLY ${i.qtable} USING `;
-    const tail = def.startsWith(prefix) ? def.slice(prefix.length) : def.startsWith(onlyPrefix) ? def.slice(onlyPrefix.length) : null;
+    const tail = def.startsWith(prefix)
+      ? def.slice(prefix.length)
+      : def.startsWith(onlyPrefix)
+        ? def.slice(onlyPrefix.length)
+        : null;
     if (tail === null) throw new PgshiftError(`cannot read the definition of index ${String(i.name)}: ${def}`);
     const keycols = (i.keycols as (string | null)[] | null) ?? [];
     indexes.push({
@@ -257,7 +261,15 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
     if (i.indisprimary) {
       keyColumns = keycols.map(String);
       keyIndexName = String(i.name);
-    } else if (!uniqueFallback && i.indisunique && i.indimmediate && i.indisvalid && !i.partial && !i.has_expr && i.all_not_null) {
+    } else if (
+      !uniqueFallback &&
+      i.indisunique &&
+      i.indimmediate &&
+      i.indisvalid &&
+      !i.partial &&
+      !i.has_expr &&
+      i.all_not_null
+    ) {
       uniqueFallback = { cols: keycols.map(String), name: String(i.name) };
     }
   }
@@ -349,9 +361,18 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
     indexes,
     foreignKeys: constraintFacts("f"),
     checks: constraintFacts("c"),
-    grants: grants.map((g) => ({ grantee: g.grantee === null ? null : String(g.grantee), privilege: String(g.privilege_type), grantable: Boolean(g.is_grantable) })),
+    grants: grants.map((g) => ({
+      grantee: g.grantee === null ? null : String(g.grantee),
+      privilege: String(g.privilege_type),
+      grantable: Boolean(g.is_grantable),
+    })),
     ownerRevoked: ((revoked[0]?.privileges as string[] | null) ?? []).map(String),
-    columnGrants: colGrants.map((g) => ({ column: String(g.col), grantee: g.grantee === null ? null : String(g.grantee), privilege: String(g.privilege_type), grantable: Boolean(g.is_grantable) })),
+    columnGrants: colGrants.map((g) => ({
+      column: String(g.col),
+      grantee: g.grantee === null ? null : String(g.grantee),
+      privilege: String(g.privilege_type),
+      grantable: Boolean(g.is_grantable),
+    })),
     rowSecurity: r.relrowsecurity,
     forceRowSecurity: r.relforcerowsecurity,
     bypassesRowSecurity: r.bypass_rls,

@@ -1,8 +1,8 @@
-import { Command } from "commander";
 import cliProgress from "cli-progress";
-import { backfill, describeBackfill, type BackfillProgress } from "../backfill/backfill.js";
+import { Command } from "commander";
+import { type BackfillProgress, backfill, describeBackfill } from "../backfill/backfill.js";
 import { log } from "../log.js";
-import { addConnectionOption, formatDuration, intOption, withTable, type ConnOpts } from "./common.js";
+import { addConnectionOption, type ConnOpts, formatDuration, intOption, withTable } from "./common.js";
 
 /** Progress on a terminal: a bar with rate and ETA on stderr. Elsewhere: a JSON log line every 2 s. */
 export function progressReporter(): { update: (p: BackfillProgress) => void; stop: () => void } {
@@ -36,7 +36,16 @@ export function progressReporter(): { update: (p: BackfillProgress) => void; sto
       const now = Date.now();
       if (now - last < 2000 && !p.done) return;
       last = now;
-      log().info({ rowsCopied: p.rowsCopied, rowsEstimated: p.rowsEstimated, batches: p.batches, rate: Math.round(p.rate), etaSeconds: p.etaSeconds === null ? null : Math.round(p.etaSeconds) }, "backfill progress");
+      log().info(
+        {
+          rowsCopied: p.rowsCopied,
+          rowsEstimated: p.rowsEstimated,
+          batches: p.batches,
+          rate: Math.round(p.rate),
+          etaSeconds: p.etaSeconds === null ? null : Math.round(p.etaSeconds),
+        },
+        "backfill progress",
+      );
     },
     stop: () => {},
   };
@@ -48,43 +57,64 @@ export function backfillCommand(): Command {
     .argument("<table>", "table under migration")
     .option("--batch-size <rows>", "rows per batch (one short transaction each)", intOption("--batch-size", 1), 10000)
     .option("--sleep-ms <ms>", "pause between batches, to throttle the copy", intOption("--sleep-ms"), 0)
-    .option("--max-lag-ms <ms>", "logical mode: return once the stream applies new writes within this many ms", intOption("--max-lag-ms", 1), 1000)
+    .option(
+      "--max-lag-ms <ms>",
+      "logical mode: return once the stream applies new writes within this many ms",
+      intOption("--max-lag-ms", 1),
+      1000,
+    )
     .option("--dry-run", "print the statements of one batch and of the index build; change nothing");
   addConnectionOption(cmd);
-  cmd.addHelpText("after", `
+  cmd.addHelpText(
+    "after",
+    `
 Examples:
   pgshift backfill orders
   pgshift backfill orders --batch-size 5000 --sleep-ms 50
-Ctrl-C stops after the current batch; run the command again to continue.`);
-  cmd.action(async (tableArg: string, opts: ConnOpts & { batchSize: number; sleepMs: number; maxLagMs: number; dryRun?: boolean }) => {
-    if (opts.dryRun) {
-      const statements = await withTable(tableArg, opts, (sql, table) => describeBackfill(sql, table, opts.batchSize));
-      process.stdout.write(statements.map((s) => (s.startsWith("--") ? s : s + ";")).join("\n") + "\n");
-      return;
-    }
-    const ctrl = new AbortController();
-    const onSigint = () => {
-      if (ctrl.signal.aborted) process.exit(130);
-      ctrl.abort();
-      process.stderr.write("\nstopping after the current batch (Ctrl-C again to quit now)...\n");
-    };
-    process.on("SIGINT", onSigint);
-    const reporter = progressReporter();
-    try {
-      const r = await withTable(tableArg, opts, (sql, table) =>
-        backfill(sql, table, { batchSize: opts.batchSize, sleepMs: opts.sleepMs, maxLagMs: opts.maxLagMs, signal: ctrl.signal, onProgress: reporter.update }),
-      );
-      reporter.stop();
-      process.stdout.write(
-        r.complete
-          ? `backfill complete: ${r.rowsCopied} rows in ${r.batches} batches\nnext: pgshift verify ${tableArg}\n`
-          : `backfill stopped at ${r.rowsCopied} rows (checkpoint saved); run pgshift backfill ${tableArg} to continue\n`,
-      );
-      if (!r.complete) process.exitCode = 130;
-    } finally {
-      reporter.stop();
-      process.off("SIGINT", onSigint);
-    }
-  });
+Ctrl-C stops after the current batch; run the command again to continue.`,
+  );
+  cmd.action(
+    async (
+      tableArg: string,
+      opts: ConnOpts & { batchSize: number; sleepMs: number; maxLagMs: number; dryRun?: boolean },
+    ) => {
+      if (opts.dryRun) {
+        const statements = await withTable(tableArg, opts, (sql, table) =>
+          describeBackfill(sql, table, opts.batchSize),
+        );
+        process.stdout.write(`${statements.map((s) => (s.startsWith("--") ? s : `${s};`)).join("\n")}\n`);
+        return;
+      }
+      const ctrl = new AbortController();
+      const onSigint = () => {
+        if (ctrl.signal.aborted) process.exit(130);
+        ctrl.abort();
+        process.stderr.write("\nstopping after the current batch (Ctrl-C again to quit now)...\n");
+      };
+      process.on("SIGINT", onSigint);
+      const reporter = progressReporter();
+      try {
+        const r = await withTable(tableArg, opts, (sql, table) =>
+          backfill(sql, table, {
+            batchSize: opts.batchSize,
+            sleepMs: opts.sleepMs,
+            maxLagMs: opts.maxLagMs,
+            signal: ctrl.signal,
+            onProgress: reporter.update,
+          }),
+        );
+        reporter.stop();
+        process.stdout.write(
+          r.complete
+            ? `backfill complete: ${r.rowsCopied} rows in ${r.batches} batches\nnext: pgshift verify ${tableArg}\n`
+            : `backfill stopped at ${r.rowsCopied} rows (checkpoint saved); run pgshift backfill ${tableArg} to continue\n`,
+        );
+        if (!r.complete) process.exitCode = 130;
+      } finally {
+        reporter.stop();
+        process.off("SIGINT", onSigint);
+      }
+    },
+  );
   return cmd;
 }

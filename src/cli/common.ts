@@ -1,4 +1,4 @@
-import { Command, InvalidArgumentError, Option } from "commander";
+import { type Command, InvalidArgumentError, Option } from "commander";
 import { z } from "zod";
 import { connect, type Sql } from "../db.js";
 import { explain } from "../errors.js";
@@ -22,7 +22,10 @@ export interface ConnOpts {
 
 export function addConnectionOption(cmd: Command): Command {
   return cmd.addOption(
-    new Option("--url <url>", "postgres:// URL, libpq's parameters allowed (?sslmode=verify-full&sslrootcert=...); default DATABASE_URL; completed from the service file, PG* variables and ~/.pgpass as psql does").argParser((v: string) => {
+    new Option(
+      "--url <url>",
+      "postgres:// URL, libpq's parameters allowed (?sslmode=verify-full&sslrootcert=...); default DATABASE_URL; completed from the service file, PG* variables and ~/.pgpass as psql does",
+    ).argParser((v: string) => {
       const r = UrlSchema.safeParse(v);
       if (!r.success) throw new InvalidArgumentError(`--url ${r.error.issues[0]?.message ?? "is invalid"}`);
       return r.data;
@@ -55,7 +58,13 @@ export async function withTable<T>(
   const sql = await connect({
     url: opts.url,
     fallbackApplicationName: commandAppName,
-    ...(keepOnLoss ? {} : { onClose: () => !closing && onLost(Object.assign(new Error("the command's session was lost"), { code: "CONNECTION_CLOSED" })) }),
+    ...(keepOnLoss
+      ? {}
+      : {
+          onClose: () =>
+            !closing &&
+            onLost(Object.assign(new Error("the command's session was lost"), { code: "CONNECTION_CLOSED" })),
+        }),
   });
   try {
     return await Promise.race([fn(sql, table), lost]);
@@ -79,7 +88,8 @@ export function intOption(name: string, min = 0) {
     .pipe(z.number().int().min(min).max(Number.MAX_SAFE_INTEGER));
   return (value: string): number => {
     const r = schema.safeParse(value);
-    if (!r.success) throw new InvalidArgumentError(`${name} must be an integer >= ${min}, got ${JSON.stringify(value)}`);
+    if (!r.success)
+      throw new InvalidArgumentError(`${name} must be an integer >= ${min}, got ${JSON.stringify(value)}`);
     return r.data;
   };
 }
@@ -95,7 +105,7 @@ export function addLockOptions(cmd: Command, what = "lock_timeout for the locks 
 export const UrlSchema = z.string().regex(/^postgres(ql)?:\/\/.+/, "must start with postgres:// or postgresql://");
 
 export function printJson(value: unknown): void {
-  process.stdout.write(JSON.stringify(value, null, 2) + "\n");
+  process.stdout.write(`${JSON.stringify(value, null, 2)}\n`);
 }
 
 /** Seconds as "1h02m", "3m05s", "12s". */

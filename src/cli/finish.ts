@@ -1,8 +1,8 @@
 import { Command } from "commander";
 import { abort, abortSql, finalize } from "../migration/finish.js";
-import { dropStreamSql } from "../mirror/logical.js";
 import { requireMigration } from "../migration/state.js";
-import { addConnectionOption, addLockOptions, withTable, type ConnOpts } from "./common.js";
+import { dropStreamSql } from "../mirror/logical.js";
+import { addConnectionOption, addLockOptions, type ConnOpts, withTable } from "./common.js";
 
 type Opts = ConnOpts & { lockTimeout: number; retries: number; yes?: boolean; dryRun?: boolean };
 
@@ -14,18 +14,30 @@ export function finalizeCommand(): Command {
     .option("--dry-run", "print the statements; change nothing");
   addLockOptions(cmd);
   addConnectionOption(cmd);
-  cmd.addHelpText("after", `
+  cmd.addHelpText(
+    "after",
+    `
 Refused (exit 2, nothing changed) while the last verify found differences (run pgshift verify --repair
 first), or while anything but pgshift's own objects depends on the retired table (views, rules, functions
 with BEGIN ATOMIC bodies, columns of its row type, foreign keys referencing it: they are listed by name).
 With --dry-run the same checks run before the statements are printed.
 
 Example:
-  pgshift verify orders && pgshift finalize orders --yes`);
+  pgshift verify orders && pgshift finalize orders --yes`,
+  );
   cmd.action(async (tableArg: string, opts: Opts) => {
-    const r = await withTable(tableArg, opts, (sql, table) => finalize(sql, table, { yes: opts.yes, dryRun: opts.dryRun, lockTimeoutMs: opts.lockTimeout, retries: opts.retries }));
-    if (opts.dryRun) return void process.stdout.write(r.statements.map((s) => s + ";").join("\n") + "\n");
-    process.stdout.write(`finalized: ${tableArg} is partitioned; the retired table, the mirror and the metadata are gone\n`);
+    const r = await withTable(tableArg, opts, (sql, table) =>
+      finalize(sql, table, {
+        yes: opts.yes,
+        dryRun: opts.dryRun,
+        lockTimeoutMs: opts.lockTimeout,
+        retries: opts.retries,
+      }),
+    );
+    if (opts.dryRun) return void process.stdout.write(`${r.statements.map((s) => `${s};`).join("\n")}\n`);
+    process.stdout.write(
+      `finalized: ${tableArg} is partitioned; the retired table, the mirror and the metadata are gone\n`,
+    );
   });
   return cmd;
 }
@@ -37,14 +49,26 @@ export function abortCommand(): Command {
     .option("--dry-run", "print the statements; change nothing");
   addLockOptions(cmd);
   addConnectionOption(cmd);
-  cmd.addHelpText("after", `
+  cmd.addHelpText(
+    "after",
+    `
 Example:
-  pgshift abort orders`);
+  pgshift abort orders`,
+  );
   cmd.action(async (tableArg: string, opts: Opts) => {
     await withTable(tableArg, opts, async (sql, table) => {
       if (opts.dryRun) {
-        const m = await requireMigration(sql, table, "abort", ["started", "backfilling", "backfilled", "swapped_back"], { upgrade: false });
-        process.stdout.write([...dropStreamSql(m.slot_name, m.publication_name, m.live), ...abortSql(m)].map((s) => s + ";").join("\n") + "\n");
+        const m = await requireMigration(
+          sql,
+          table,
+          "abort",
+          ["started", "backfilling", "backfilled", "swapped_back"],
+          { upgrade: false },
+        );
+        process.stdout.write(
+          [...dropStreamSql(m.slot_name, m.publication_name, m.live), ...abortSql(m)].map((s) => `${s};`).join("\n") +
+            "\n",
+        );
         return;
       }
       await abort(sql, table, { lockTimeoutMs: opts.lockTimeout, retries: opts.retries });

@@ -1,8 +1,8 @@
 #!/usr/bin/env node
 import { Command, CommanderError } from "commander";
 import { explain, isConnectionLoss } from "../errors.js";
-import { setCommandName } from "./common.js";
 import { backfillCommand } from "./backfill.js";
+import { setCommandName } from "./common.js";
 import { cutoverCommand, swapBackCommand } from "./cutover.js";
 import { demoCommand } from "./demo.js";
 import { abortCommand, finalizeCommand } from "./finish.js";
@@ -30,7 +30,10 @@ let subcommand: string | undefined;
  */
 function reportUsageError(err: CommanderError): void {
   const [first = err.message, ...rest] = err.message.replace(/^error: /, "").split("\n");
-  const suggestion = rest.join(" ").trim().replace(/^\((.*)\)$/, "$1");
+  const suggestion = rest
+    .join(" ")
+    .trim()
+    .replace(/^\((.*)\)$/, "$1");
   const help = `pgshift ${subcommand ? `${subcommand} ` : ""}--help lists the ${err.code === "commander.unknownCommand" ? "commands" : "options"}`;
   process.stderr.write(`pgshift: error: ${first}\n`);
   process.stderr.write(`pgshift: hint: ${suggestion ? `${suggestion.replace(/^Did/, "did")} (${help})` : help}\n`);
@@ -45,7 +48,9 @@ const program = new Command("pgshift")
     subcommand = sub.name();
     setCommandName(sub.name());
   })
-  .addHelpText("after", `
+  .addHelpText(
+    "after",
+    `
 The flow:
   pgshift plan      orders --partition-by range:created_at:month   # what would happen, changes nothing
   pgshift start     orders --partition-by range:created_at:month --allow-key-extension
@@ -59,9 +64,22 @@ The flow:
   pgshift finalize  orders --yes                                   # drop the retired table
 Connection: --url, else DATABASE_URL, completed as psql would: PGSERVICE, PGHOST, PGPORT, PGUSER, PGPASSWORD,
   PGDATABASE, PGSSLMODE, PGSSLROOTCERT, PGSSLCERT, PGSSLKEY, PGCONNECT_TIMEOUT, PGAPPNAME, ~/.pgpass.
-Exit codes: 0 ok, 1 verify found differences, 2 error (nothing changed), 130 interrupted.`);
+Exit codes: 0 ok, 1 verify found differences, 2 error (nothing changed), 130 interrupted.`,
+  );
 
-for (const c of [planCommand(), startCommand(), backfillCommand(), syncCommand(), statusCommand(), verifyCommand(), cutoverCommand(), swapBackCommand(), finalizeCommand(), abortCommand(), demoCommand()]) {
+for (const c of [
+  planCommand(),
+  startCommand(),
+  backfillCommand(),
+  syncCommand(),
+  statusCommand(),
+  verifyCommand(),
+  cutoverCommand(),
+  swapBackCommand(),
+  finalizeCommand(),
+  abortCommand(),
+  demoCommand(),
+]) {
   program.addCommand(c.exitOverride().configureOutput({ outputError: () => {} }));
 }
 

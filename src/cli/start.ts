@@ -5,19 +5,29 @@ import { DEFAULT_SLOT_TIMEOUT_MS, keyExtensionRefusal, startMigration } from "..
 import { displayName } from "../names.js";
 import { parsePartitionSpec } from "../partitioning/spec.js";
 import { addConnectionOption, addLockOptions, intOption, withTable } from "./common.js";
-import { printPlan, specOptions, type PlanCliOpts } from "./plan.js";
+import { type PlanCliOpts, printPlan, specOptions } from "./plan.js";
 
 export function startCommand(): Command {
   const cmd = new Command("start")
     .description("create the shadow table, its partitions and indexes, install the mirror, record the migration")
     .argument("<table>", "table to partition, optionally schema-qualified")
     .option("--dry-run", "print the plan and its statements; change nothing")
-    .option("--allow-key-extension", "start although the partition column is added to unique keys (primary key, unique constraints and indexes): each is then enforced only together with it after finalize, and ON CONFLICT on it stops working at cutover (see pgshift plan)")
-    .option("--slot-timeout-ms <ms>", "logical mode: the longest creating the replication slot may wait for transactions already running to end", intOption("--slot-timeout-ms", 1), DEFAULT_SLOT_TIMEOUT_MS);
+    .option(
+      "--allow-key-extension",
+      "start although the partition column is added to unique keys (primary key, unique constraints and indexes): each is then enforced only together with it after finalize, and ON CONFLICT on it stops working at cutover (see pgshift plan)",
+    )
+    .option(
+      "--slot-timeout-ms <ms>",
+      "logical mode: the longest creating the replication slot may wait for transactions already running to end",
+      intOption("--slot-timeout-ms", 1),
+      DEFAULT_SLOT_TIMEOUT_MS,
+    );
   specOptions(cmd);
   addLockOptions(cmd);
   addConnectionOption(cmd);
-  cmd.addHelpText("after", `
+  cmd.addHelpText(
+    "after",
+    `
 Examples:
   pgshift start orders --partition-by range:created_at:month --premake 6 --allow-key-extension
   pgshift start public.events --partition-by list:tenant_id --dry-run
@@ -25,26 +35,46 @@ Examples:
   pgshift start orders --partition-by range:created_at:month --allow-key-extension   # key (id) becomes (id, created_at)
 A spec that adds the partition column to a unique key is refused (exit 2, nothing changed) without
 --allow-key-extension: pgshift plan names the keys, the ON CONFLICT targets that stop working at cutover
-and, with pg_stat_statements, the application's statements that would fail.`);
-  cmd.action(async (tableArg: string, opts: PlanCliOpts & { lockTimeout: number; retries: number; dryRun?: boolean; slotTimeoutMs: number; allowKeyExtension?: boolean }) => {
-    const spec = parsePartitionSpec(opts.partitionBy);
-    await withTable(tableArg, opts, async (sql, table) => {
-      if (opts.dryRun) {
-        const plan = await planMigration(sql, table, { spec, mode: opts.mode, premake: opts.premake });
-        printPlan(plan);
-        if (plan.blockers.length > 0) throw new BlockedError(displayName(table), plan.blockers);
-        const refusal = opts.allowKeyExtension ? null : keyExtensionRefusal(plan);
-        if (refusal) throw refusal;
-        return;
-      }
-      const { plan, ms } = await startMigration(sql, table, { spec, mode: opts.mode, premake: opts.premake, lockTimeoutMs: opts.lockTimeout, retries: opts.retries, slotTimeoutMs: opts.slotTimeoutMs, allowKeyExtension: opts.allowKeyExtension ?? false });
-      for (const w of plan.warnings) process.stdout.write(`warning: ${w}\n`);
-      if (plan.atFinalize) process.stdout.write(`at finalize: ${plan.atFinalize}\n`);
-      process.stdout.write(
-        `started: ${displayName(plan.shadow)} with ${plan.partitions.length} partitions, ${plan.mode} mirror installed (${Math.round(ms)} ms)\n` +
-          `next: pgshift backfill ${tableArg}\n`,
-      );
-    });
-  });
+and, with pg_stat_statements, the application's statements that would fail.`,
+  );
+  cmd.action(
+    async (
+      tableArg: string,
+      opts: PlanCliOpts & {
+        lockTimeout: number;
+        retries: number;
+        dryRun?: boolean;
+        slotTimeoutMs: number;
+        allowKeyExtension?: boolean;
+      },
+    ) => {
+      const spec = parsePartitionSpec(opts.partitionBy);
+      await withTable(tableArg, opts, async (sql, table) => {
+        if (opts.dryRun) {
+          const plan = await planMigration(sql, table, { spec, mode: opts.mode, premake: opts.premake });
+          printPlan(plan);
+          if (plan.blockers.length > 0) throw new BlockedError(displayName(table), plan.blockers);
+          const refusal = opts.allowKeyExtension ? null : keyExtensionRefusal(plan);
+          if (refusal) throw refusal;
+          return;
+        }
+        const { plan, ms } = await startMigration(sql, table, {
+          spec,
+          mode: opts.mode,
+          premake: opts.premake,
+          lockTimeoutMs: opts.lockTimeout,
+          retries: opts.retries,
+          slotTimeoutMs: opts.slotTimeoutMs,
+          allowKeyExtension: opts.allowKeyExtension ?? false,
+        });
+        for (const w of plan.warnings) process.stdout.write(`warning: ${w}\n`);
+        if (plan.atFinalize) process.stdout.write(`at finalize: ${plan.atFinalize}\n`);
+        process.stdout.write(
+          `started: ${displayName(plan.shadow)} with ${plan.partitions.length} partitions, ${plan.mode} mirror installed (${Math.round(ms)} ms)\n` +
+            `next: pgshift backfill ${tableArg}\n`,
+        );
+      });
+    },
+  );
   return cmd;
 }

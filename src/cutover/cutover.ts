@@ -1,17 +1,32 @@
-import type { AnySql, Sql, TxSql } from "../db.js";
-import { withLockRetry, type LockRetryOptions } from "../db.js";
-import { dependencySnapshot, lateDependentsRefusal, lateIndexLine, lateObjects, newDependents, requireNoDrift, type LateIndex, type LateObjects } from "../catalog/drift.js";
 import { buildDeferredIndexes } from "../backfill/indexes.js";
-import { deferredIndexSql } from "../ddl/shadow.js";
+import {
+  dependencySnapshot,
+  type LateIndex,
+  type LateObjects,
+  lateDependentsRefusal,
+  lateIndexLine,
+  lateObjects,
+  newDependents,
+  requireNoDrift,
+} from "../catalog/drift.js";
+import type { AnySql, Sql, TxSql } from "../db.js";
+import { type LockRetryOptions, withLockRetry } from "../db.js";
+import { deferredIndexSql, liveNamesSql } from "../ddl/shadow.js";
 import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
-import { mirrorFor } from "../mirror/mirror.js";
-import { truncateGuardSql } from "../mirror/trigger.js";
+import {
+  loadMigration,
+  lockMigration,
+  type Migration,
+  type Phase,
+  requireMigration,
+  unlockMigration,
+} from "../migration/state.js";
 import { dropStream, dropStreamSql, lsnToBigInt, slotState } from "../mirror/logical.js";
+import { mirrorFor } from "../mirror/mirror.js";
 import { CatchupTimeout, followStream } from "../mirror/stream.js";
-import { displayName, quoteIdent, quoteLiteral, quoteQualified, type QualifiedName } from "../names.js";
-import { loadMigration, lockMigration, requireMigration, unlockMigration, type Migration, type Phase } from "../migration/state.js";
-import { liveNamesSql } from "../ddl/shadow.js";
+import { truncateGuardSql } from "../mirror/trigger.js";
+import { displayName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
 
 /** The stream did not catch up while the live table was locked (the locks are released and the attempt retried). */
 
@@ -52,7 +67,13 @@ function renamed(m: Migration, phase: Phase): Migration {
   const live = { schema, name: m.source_table };
   const shadow = { schema, name: m.shadow_table };
   const retired = { schema, name: m.retired_table };
-  return { ...m, phase, copy: after ? retired : shadow, original: after ? retired : live, partitioned: after ? live : shadow };
+  return {
+    ...m,
+    phase,
+    copy: after ? retired : shadow,
+    original: after ? retired : live,
+    partitioned: after ? live : shadow,
+  };
 }
 
 /**
@@ -102,7 +123,9 @@ function switchSql(m: Migration, to: Phase): string[] {
     // Serial sequences follow the live table so that finalize (which drops the retired table) keeps them.
     // Identity sequences stay with the original table; finalize re-creates the identity on the new table.
     if (s.identity === "" && s.schema === m.source_schema) {
-      out.push(`ALTER SEQUENCE ${quoteQualified({ schema: s.schema, name: s.name })} OWNED BY ${quoteQualified(next.live)}.${quoteIdent(s.column)}`);
+      out.push(
+        `ALTER SEQUENCE ${quoteQualified({ schema: s.schema, name: s.name })} OWNED BY ${quoteQualified(next.live)}.${quoteIdent(s.column)}`,
+      );
     }
   }
   out.push(...mirror.startSql(next));
@@ -123,7 +146,9 @@ export function requireNoKnownDifferences(m: Migration, what: string): void {
   if (!v || v.equal) return;
   throw new PgshiftError(
     `cannot ${what}: the last verify (${v.at}) found ${v.missing} missing, ${v.extra} extra and ${v.different} different rows in ${displayName(m.copy)}`,
-    { hint: `run pgshift verify --repair ${displayName({ schema: m.source_schema, name: m.source_table })} (or pgshift verify, if they were repaired since), then again` },
+    {
+      hint: `run pgshift verify --repair ${displayName({ schema: m.source_schema, name: m.source_table })} (or pgshift verify, if they were repaired since), then again`,
+    },
   );
 }
 
@@ -136,12 +161,19 @@ export function requireNoKnownDifferences(m: Migration, what: string): void {
  */
 async function lateIndexSql(sql: AnySql, lo: LateObjects, i: LateIndex): Promise<string[]> {
   if (!i.partitioned) {
-    return [`CREATE ${i.build.unique ? "UNIQUE " : ""}INDEX CONCURRENTLY IF NOT EXISTS ${quoteIdent(i.build.name)} ON ${quoteQualified(lo.copy)} USING ${i.build.definition}`];
+    return [
+      `CREATE ${i.build.unique ? "UNIQUE " : ""}INDEX CONCURRENTLY IF NOT EXISTS ${quoteIdent(i.build.name)} ON ${quoteQualified(lo.copy)} USING ${i.build.definition}`,
+    ];
   }
   const parts = await sql`
     select c.relname::text as name from pg_catalog.pg_inherits h join pg_catalog.pg_class c on c.oid = h.inhrelid
      where h.inhparent = to_regclass(${quoteQualified(lo.copy)}) order by c.relname`;
-  const d = deferredIndexSql(lo.copy.schema, lo.copy.name, parts.map((p) => String(p.name)), i.build);
+  const d = deferredIndexSql(
+    lo.copy.schema,
+    lo.copy.name,
+    parts.map((p) => String(p.name)),
+    i.build,
+  );
   return [d.parent, ...d.perPartition.flatMap((x) => [x.create, x.attach])];
 }
 
@@ -158,13 +190,20 @@ function recordRenamesSql(m: Migration, renames: readonly { from: string; to: st
  * @throws PgshiftError (exit 2) naming every other object that would be left behind, with the statements to
  *   run (lateDependentsRefusal).
  */
-export async function carryOverSql(sql: AnySql, m: Migration, table: QualifiedName): Promise<{ statements: string[]; migration: Migration }> {
+export async function carryOverSql(
+  sql: AnySql,
+  m: Migration,
+  table: QualifiedName,
+): Promise<{ statements: string[]; migration: Migration }> {
   const lo = await lateObjects(sql, m);
   const refusal = lateDependentsRefusal(lo, table);
   if (refusal) throw refusal;
   const out: string[] = [];
   for (const i of lo.indexes) out.push(...(await lateIndexSql(sql, lo, i)));
-  const renames = [...lo.renames, ...(lo.step === "cutover" ? lo.indexes.map((i) => ({ from: i.build.name, to: i.name })) : [])];
+  const renames = [
+    ...lo.renames,
+    ...(lo.step === "cutover" ? lo.indexes.map((i) => ({ from: i.build.name, to: i.name })) : []),
+  ];
   if (renames.length > 0) out.push(recordRenamesSql(m, renames));
   return { statements: out, migration: { ...m, index_renames: [...m.index_renames, ...renames] } };
 }
@@ -179,7 +218,12 @@ export async function carryOverSql(sql: AnySql, m: Migration, table: QualifiedNa
  * @throws PgshiftError (exit 2) when anything else depends on the live table (lateDependentsRefusal; nothing
  *   changed), when a build fails (the switch has not happened), or when indexes keep appearing.
  */
-async function carryOver(sql: Sql, m0: Migration, table: QualifiedName, opts: LockRetryOptions): Promise<{ built: BuiltIndex[]; snapshot: string[] }> {
+async function carryOver(
+  sql: Sql,
+  m0: Migration,
+  table: QualifiedName,
+  opts: LockRetryOptions,
+): Promise<{ built: BuiltIndex[]; snapshot: string[] }> {
   let m = m0;
   const built: BuiltIndex[] = [];
   for (let round = 0; round < 4; round++) {
@@ -191,24 +235,38 @@ async function carryOver(sql: Sql, m0: Migration, table: QualifiedName, opts: Lo
     const renames = [...lo.renames];
     for (const i of lo.indexes) {
       log().info({ table: displayName(table) }, lateIndexLine(lo, i));
-      if (i.widened) log().warn({ index: i.name, on: displayName(lo.copy), definition: i.build.definition }, `unique index ${i.name} is built on the partitioned table with the partition column added to its key: unique only together with it`);
+      if (i.widened)
+        log().warn(
+          { index: i.name, on: displayName(lo.copy), definition: i.build.definition },
+          `unique index ${i.name} is built on the partitioned table with the partition column added to its key: unique only together with it`,
+        );
       try {
         if (i.partitioned) {
           await buildDeferredIndexes(sql, { ...m, partitioned: lo.copy, deferred_indexes: [i.build] }, opts);
         } else {
           const q = quoteQualified({ schema: lo.copy.schema, name: i.build.name });
-          const st = await sql`select indisvalid as valid from pg_catalog.pg_index where indexrelid = to_regclass(${q})`;
+          const st =
+            await sql`select indisvalid as valid from pg_catalog.pg_index where indexrelid = to_regclass(${q})`;
           if (st[0] && !st[0].valid) await sql.unsafe(`DROP INDEX CONCURRENTLY IF EXISTS ${q}`);
           for (const stmt of await lateIndexSql(sql, lo, i)) await sql.unsafe(stmt);
         }
       } catch (err) {
         if (err instanceof PgshiftError) throw err;
-        throw new PgshiftError(`cannot ${lo.step === "cutover" ? "cut over" : "swap back"}: building index ${i.build.name} on ${displayName(lo.copy)} (for index ${i.name} of ${displayName(lo.live)}) failed: ${err instanceof Error ? err.message : String(err)}`, {
-          hint: `nothing was switched; fix the cause (or drop index ${i.name}), then run pgshift ${lo.step} ${displayName(table)} again`,
-          cause: err,
-        });
+        throw new PgshiftError(
+          `cannot ${lo.step === "cutover" ? "cut over" : "swap back"}: building index ${i.build.name} on ${displayName(lo.copy)} (for index ${i.name} of ${displayName(lo.live)}) failed: ${err instanceof Error ? err.message : String(err)}`,
+          {
+            hint: `nothing was switched; fix the cause (or drop index ${i.name}), then run pgshift ${lo.step} ${displayName(table)} again`,
+            cause: err,
+          },
+        );
       }
-      built.push({ name: i.build.name, on: displayName(lo.copy), original: i.name, definition: i.build.definition, widened: i.widened });
+      built.push({
+        name: i.build.name,
+        on: displayName(lo.copy),
+        original: i.name,
+        definition: i.build.definition,
+        widened: i.widened,
+      });
       if (lo.step === "cutover") renames.push({ from: i.build.name, to: i.name });
     }
     if (renames.length > 0) {
@@ -216,17 +274,29 @@ async function carryOver(sql: Sql, m0: Migration, table: QualifiedName, opts: Lo
       m = { ...m, index_renames: [...m.index_renames, ...renames] };
     }
   }
-  throw new PgshiftError(`cannot ${m0.phase === "cutover" ? "swap back" : "cut over"}: indexes kept being created on ${displayName(m0.live)} while pgshift built their counterparts; nothing was switched`, {
-    hint: `run pgshift ${m0.phase === "cutover" ? "swap-back" : "cutover"} ${displayName(table)} again once no more are being created`,
-  });
+  throw new PgshiftError(
+    `cannot ${m0.phase === "cutover" ? "swap back" : "cut over"}: indexes kept being created on ${displayName(m0.live)} while pgshift built their counterparts; nothing was switched`,
+    {
+      hint: `run pgshift ${m0.phase === "cutover" ? "swap-back" : "cutover"} ${displayName(table)} again once no more are being created`,
+    },
+  );
 }
 
-async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swapped_back", from: Phase[], opts: CutoverOptions): Promise<CutoverResult> {
+async function switchTables(
+  sql: Sql,
+  table: QualifiedName,
+  to: "cutover" | "swapped_back",
+  from: Phase[],
+  opts: CutoverOptions,
+): Promise<CutoverResult> {
   await lockMigration(sql, table);
   try {
     const m0 = await requireMigration(sql, table, to === "cutover" ? "cut over" : "swap back", from);
     const health = await mirrorFor(m0.mode).health(sql, m0);
-    if (!health.ok) throw new PgshiftError(`the mirror is not healthy: ${health.detail}`, { hint: "run pgshift verify --repair after fixing it, or pgshift abort" });
+    if (!health.ok)
+      throw new PgshiftError(`the mirror is not healthy: ${health.detail}`, {
+        hint: "run pgshift verify --repair after fixing it, or pgshift abort",
+      });
     const what = to === "cutover" ? "cut over" : "swap back";
     await requireNoDrift(sql, m0, what);
     requireNoKnownDifferences(m0, what);
@@ -248,7 +318,8 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
       async (tx) => {
         attempts++;
         const m = await loadMigration(tx, table);
-        if (!m || !from.includes(m.phase)) throw new PgshiftError(`the migration of ${displayName(table)} changed phase meanwhile`);
+        if (!m || !from.includes(m.phase))
+          throw new PgshiftError(`the migration of ${displayName(table)} changed phase meanwhile`);
         statements = to === "cutover" ? cutoverSql(m) : swapBackSql(m);
         let locked: number;
         if (follower) {
@@ -264,7 +335,9 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
             lastLag = unapplied
               ? `the consumer of slot ${m.slot_name!}${st.activePid ? ` (pid ${st.activePid})` : ""} confirmed it, but no pgshift applier recorded it in pgshift.migrations: is something other than pgshift sync attached to the slot?`
               : `${st.lagBytes} bytes behind`;
-            throw new CatchupTimeout(`the stream did not apply everything up to ${target} within ${catchupMs} ms (${lastLag})`);
+            throw new CatchupTimeout(
+              `the stream did not apply everything up to ${target} within ${catchupMs} ms (${lastLag})`,
+            );
           }
           await tx.unsafe(statements[0]!);
         } else {
@@ -275,9 +348,12 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
         await requireNoDrift(tx, m, what);
         const appeared = await newDependents(tx, m.live, carried.snapshot);
         if (appeared.length > 0) {
-          throw new PgshiftError(`cannot ${what}: created on ${displayName(m.live)} while ${to === "cutover" ? "cutover" : "swap-back"} prepared: ${appeared.join(", ")}; nothing was changed`, {
-            hint: `run pgshift ${to === "cutover" ? "cutover" : "swap-back"} ${displayName(table)} again: it builds new indexes on ${displayName(m.copy)} first and names anything else, with what to run`,
-          });
+          throw new PgshiftError(
+            `cannot ${what}: created on ${displayName(m.live)} while ${to === "cutover" ? "cutover" : "swap-back"} prepared: ${appeared.join(", ")}; nothing was changed`,
+            {
+              hint: `run pgshift ${to === "cutover" ? "cutover" : "swap-back"} ${displayName(table)} again: it builds new indexes on ${displayName(m.copy)} first and names anything else, with what to run`,
+            },
+          );
         }
         for (const stmt of statements.slice(1)) await tx.unsafe(stmt);
         await tx`
@@ -292,7 +368,10 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
         ...opts,
         retryOn: (err) => err instanceof CatchupTimeout,
         onRetry: (n, err) => {
-          log().warn({ attempt: n, err: err instanceof Error ? err.message : String(err) }, `${to}: not done in time (lock or catch-up), locks released, retrying`);
+          log().warn(
+            { attempt: n, err: err instanceof Error ? err.message : String(err) },
+            `${to}: not done in time (lock or catch-up), locks released, retrying`,
+          );
           opts.onRetry?.(n, err);
         },
       },
@@ -312,16 +391,27 @@ async function switchTables(sql: Sql, table: QualifiedName, to: "cutover" | "swa
       // committed: if the retired table stays too busy to drop the publication now, say so and leave both
       // names in the migration row (status shows them; finalize and abort drop them).
       try {
-        await dropStream(sql, m0.slot_name, m0.publication_name, { lockTimeoutMs: opts.lockTimeoutMs, retries: opts.retries });
+        await dropStream(sql, m0.slot_name, m0.publication_name, {
+          lockTimeoutMs: opts.lockTimeoutMs,
+          retries: opts.retries,
+        });
         await sql`update pgshift.migrations set slot_name = null, publication_name = null where id = ${m0.id}`;
       } catch (err) {
         log().warn(
-          { table: displayName(table), slot: m0.slot_name, publication: m0.publication_name, err: err instanceof Error ? err.message : String(err) },
+          {
+            table: displayName(table),
+            slot: m0.slot_name,
+            publication: m0.publication_name,
+            err: err instanceof Error ? err.message : String(err),
+          },
           "cutover done, but the replication slot or publication could not be dropped yet; pgshift finalize (or abort after a swap-back) drops them",
         );
       }
     }
-    log().info({ table: displayName(table), lockHeldMs: Math.round(lockHeldMs * 10) / 10, attempts }, to === "cutover" ? "cutover done" : "swap-back done");
+    log().info(
+      { table: displayName(table), lockHeldMs: Math.round(lockHeldMs * 10) / 10, attempts },
+      to === "cutover" ? "cutover done" : "swap-back done",
+    );
     return { lockHeldMs, attempts, phase: to, statements, indexesBuilt: carried.built };
   } finally {
     await unlockMigration(sql, table).catch(() => {});
@@ -346,4 +436,3 @@ export function cutover(sql: Sql, table: QualifiedName, opts: CutoverOptions = {
 export function swapBack(sql: Sql, table: QualifiedName, opts: CutoverOptions = {}): Promise<CutoverResult> {
   return switchTables(sql, table, "swapped_back", ["cutover"], opts);
 }
-

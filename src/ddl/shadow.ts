@@ -1,7 +1,7 @@
-import type { TableFacts, IndexFacts } from "../catalog/inspect.js";
-import { displayName, fitName, quoteIdent, quoteLiteral, quoteQualified, type QualifiedName } from "../names.js";
+import type { IndexFacts, TableFacts } from "../catalog/inspect.js";
+import { displayName, fitName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
 import type { PartitionDef } from "../partitioning/bounds.js";
-import { partitionMethod, type PartitionSpec } from "../partitioning/spec.js";
+import { type PartitionSpec, partitionMethod } from "../partitioning/spec.js";
 
 export interface ShadowNames {
   source: QualifiedName;
@@ -32,7 +32,7 @@ export function extendIndexKey(tail: string, extra: readonly string[]): string {
     else if (ch === ")" && --depth === 0) break;
   }
   if (i >= tail.length) throw new Error(`unbalanced index definition: ${tail}`);
-  return tail.slice(0, i) + ", " + extra.map(quoteIdent).join(", ") + tail.slice(i);
+  return `${tail.slice(0, i)}, ${extra.map(quoteIdent).join(", ")}${tail.slice(i)}`;
 }
 
 /** The shadow's unique key: the source key followed by the partition column when the key lacks it. */
@@ -109,14 +109,19 @@ export function deferredIndexSql(
   shadow: string,
   partitions: readonly string[],
   idx: DeferredIndex,
-): { parent: string; perPartition: { partition: string; index: string; create: string; constrain: string | null; attach: string }[] } {
+): {
+  parent: string;
+  perPartition: { partition: string; index: string; create: string; constrain: string | null; attach: string }[];
+} {
   const unique = idx.unique ? "UNIQUE " : "";
   const parentName = quoteQualified({ schema, name: idx.name });
   const shd = quoteQualified({ schema, name: shadow });
   const c = idx.constraint ?? null;
   return {
     parent: c
-      ? doBlock(`IF to_regclass(${quoteLiteral(parentName)}) IS NULL THEN ALTER TABLE ONLY ${shd} ADD CONSTRAINT ${quoteIdent(idx.name)} ${c.definition}; END IF;`)
+      ? doBlock(
+          `IF to_regclass(${quoteLiteral(parentName)}) IS NULL THEN ALTER TABLE ONLY ${shd} ADD CONSTRAINT ${quoteIdent(idx.name)} ${c.definition}; END IF;`,
+        )
       : `CREATE ${unique}INDEX IF NOT EXISTS ${quoteIdent(idx.name)} ON ONLY ${shd} USING ${idx.definition}`,
     perPartition: partitions.map((p) => {
       const index = partitionIndexName(p, idx.name);
@@ -125,7 +130,9 @@ export function deferredIndexSql(
         partition: p,
         index,
         create: `CREATE ${unique}INDEX CONCURRENTLY IF NOT EXISTS ${quoteIdent(index)} ON ${part} USING ${idx.definition}`,
-        constrain: c ? `ALTER TABLE ${part} ADD CONSTRAINT ${quoteIdent(index)} UNIQUE USING INDEX ${quoteIdent(index)}${deferClause(c)}` : null,
+        constrain: c
+          ? `ALTER TABLE ${part} ADD CONSTRAINT ${quoteIdent(index)} UNIQUE USING INDEX ${quoteIdent(index)}${deferClause(c)}`
+          : null,
         attach: `ALTER INDEX ${parentName} ATTACH PARTITION ${quoteQualified({ schema, name: index })}`,
       };
     }),
@@ -172,7 +179,7 @@ const STATISTICS_KINDS: Record<string, string> = { d: "ndistinct", f: "dependenc
 export function fidelityBlockers(facts: TableFacts): string[] {
   const out: string[] = [];
   const key = facts.indexes.find((i) => i.name === facts.keyIndexName);
-  if (key && key.deferrable) {
+  if (key?.deferrable) {
     out.push(
       `${key.isPrimary ? "primary key" : "unique key"} ${key.constraintName ?? key.name} is DEFERRABLE: pgshift's mirror upserts on the key with ON CONFLICT, ` +
         `which PostgreSQL refuses on a deferrable constraint (ALTER TABLE ... ALTER CONSTRAINT ... NOT DEFERRABLE first)`,
@@ -210,7 +217,9 @@ export function fidelityWarnings(facts: TableFacts): string[] {
     );
   }
   for (const c of facts.checks.filter((x) => / NO INHERIT\b/.test(x.definition))) {
-    out.push(`check constraint ${c.name} is NO INHERIT, which a partitioned table cannot hold: it is created inheritable (every partition enforces it, as the table did)`);
+    out.push(
+      `check constraint ${c.name} is NO INHERIT, which a partitioned table cannot hold: it is created inheritable (every partition enforces it, as the table did)`,
+    );
   }
   return out;
 }
@@ -248,7 +257,12 @@ export function fidelityWarnings(facts: TableFacts): string[] {
  *
  * Identifiers are quoted with quoteIdent, values with quoteLiteral: utility statements take no bind parameters.
  */
-export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: readonly PartitionDef[], names: ShadowNames): ShadowDdl {
+export function shadowDdl(
+  facts: TableFacts,
+  spec: PartitionSpec,
+  partitions: readonly PartitionDef[],
+  names: ShadowNames,
+): ShadowDdl {
   const src = quoteQualified(names.source);
   const shd = quoteQualified(names.shadow);
   const col = spec.column;
@@ -279,10 +293,12 @@ export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: re
   for (const c of facts.checks ?? []) {
     // PostgreSQL 18: LIKE copies a NOT VALID NOT NULL as a valid one, which would refuse the old NULLs; it
     // comes back NOT VALID after the copy.
-    if (!c.valid && c.column !== undefined) out.push(`ALTER TABLE ${shd} ALTER COLUMN ${quoteIdent(c.column)} DROP NOT NULL`);
+    if (!c.valid && c.column !== undefined)
+      out.push(`ALTER TABLE ${shd} ALTER COLUMN ${quoteIdent(c.column)} DROP NOT NULL`);
     if (!c.valid) continue; // after the copy (afterCopySql)
     out.push(`ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(c.name)} ${inheritableCheck(c.definition)}`);
-    if (c.comment !== null) out.push(`COMMENT ON CONSTRAINT ${quoteIdent(c.name)} ON ${shd} IS ${quoteLiteral(c.comment)}`);
+    if (c.comment !== null)
+      out.push(`COMMENT ON CONSTRAINT ${quoteIdent(c.name)} ON ${shd} IS ${quoteLiteral(c.comment)}`);
   }
   /** Row security and replica identity of one relation (the parent, or a partition). */
   const relationMarks = (rel: string): string[] => {
@@ -294,7 +310,12 @@ export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: re
     return marks;
   };
   const columnOptions = (rel: string): string[] =>
-    facts.columns.filter((c) => (c.options ?? []).length > 0).map((c) => `ALTER TABLE ${rel} ALTER COLUMN ${quoteIdent(c.name)} SET (${c.options.map(optionAssignment).join(", ")})`);
+    facts.columns
+      .filter((c) => (c.options ?? []).length > 0)
+      .map(
+        (c) =>
+          `ALTER TABLE ${rel} ALTER COLUMN ${quoteIdent(c.name)} SET (${c.options.map(optionAssignment).join(", ")})`,
+      );
   out.push(...relationMarks(shd));
   const withOpts = facts.reloptions.length > 0 ? ` WITH (${facts.reloptions.join(", ")})` : "";
   for (const [i, p] of partitions.entries()) {
@@ -306,7 +327,8 @@ export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: re
   }
   // SET STATISTICS recurses to the partitions; attribute options do not (set on each partition above).
   for (const c of facts.columns) {
-    if (c.statisticsTarget !== null && c.statisticsTarget !== undefined) out.push(`ALTER TABLE ${shd} ALTER COLUMN ${quoteIdent(c.name)} SET STATISTICS ${c.statisticsTarget}`);
+    if (c.statisticsTarget !== null && c.statisticsTarget !== undefined)
+      out.push(`ALTER TABLE ${shd} ALTER COLUMN ${quoteIdent(c.name)} SET STATISTICS ${c.statisticsTarget}`);
   }
   out.push(...columnOptions(shd));
   const extraFor = (keys: readonly (string | null)[]) => (keys.includes(col) ? [] : [col]);
@@ -324,14 +346,22 @@ export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: re
     const deferrableUnique = constraintDef !== null && ix.constraintType === "u" && ix.deferrable;
     if (ix.isPrimary || ix.name === facts.keyIndexName || deferrableUnique) {
       // The key the mirror upserts on is needed from the start; the table is empty, so it is instant.
-      if (ix.isPrimary) out.push(`ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(name)} ${constraintDef ?? `PRIMARY KEY (${shadowKey(ix.keyColumns.map(String), col).map(quoteIdent).join(", ")})`}`);
-      else if (constraintDef && ix.constraintType === "u") out.push(`ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(name)} ${constraintDef}`);
+      if (ix.isPrimary)
+        out.push(
+          `ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(name)} ${constraintDef ?? `PRIMARY KEY (${shadowKey(ix.keyColumns.map(String), col).map(quoteIdent).join(", ")})`}`,
+        );
+      else if (constraintDef && ix.constraintType === "u")
+        out.push(`ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(name)} ${constraintDef}`);
       else out.push(`CREATE UNIQUE INDEX ${quoteIdent(name)} ON ${shd} USING ${definition}`);
       if (ix.comment) out.push(`COMMENT ON INDEX ${qualifiedIndex(name)} IS ${quoteLiteral(ix.comment)}`);
-      if (ix.constraintComment && ix.constraintName) out.push(`COMMENT ON CONSTRAINT ${quoteIdent(name)} ON ${shd} IS ${quoteLiteral(ix.constraintComment)}`);
+      if (ix.constraintComment && ix.constraintName)
+        out.push(`COMMENT ON CONSTRAINT ${quoteIdent(name)} ON ${shd} IS ${quoteLiteral(ix.constraintComment)}`);
       continue;
     }
-    const constraint = constraintDef && ix.constraintType === "u" ? { definition: constraintDef, deferrable: ix.deferrable, deferred: ix.deferred } : null;
+    const constraint =
+      constraintDef && ix.constraintType === "u"
+        ? { definition: constraintDef, deferrable: ix.deferrable, deferred: ix.deferred }
+        : null;
     deferred.push({ name, original: ix.name, unique: ix.isUnique, definition, ...(constraint ? { constraint } : {}) });
   }
   for (const fk of facts.foreignKeys) {
@@ -354,13 +384,20 @@ export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: re
       `GRANT ${g.privilege} ON ${shd} TO ${g.grantee === null ? "PUBLIC" : quoteIdent(g.grantee)}${g.grantable ? " WITH GRANT OPTION" : ""}`,
     );
   }
-  if ((facts.ownerRevoked ?? []).length > 0) out.push(`REVOKE ${facts.ownerRevoked.join(", ")} ON ${shd} FROM ${owner}`);
+  if ((facts.ownerRevoked ?? []).length > 0)
+    out.push(`REVOKE ${facts.ownerRevoked.join(", ")} ON ${shd} FROM ${owner}`);
   for (const g of facts.columnGrants ?? []) {
     out.push(
       `GRANT ${g.privilege} (${quoteIdent(g.column)}) ON ${shd} TO ${g.grantee === null ? "PUBLIC" : quoteIdent(g.grantee)}${g.grantable ? " WITH GRANT OPTION" : ""}`,
     );
   }
-  return { statements: out, widenedUniqueIndexes: widened, deferredIndexes: deferred, indexRenames: renames, afterCopy: afterCopySql(facts, names) };
+  return {
+    statements: out,
+    widenedUniqueIndexes: widened,
+    deferredIndexes: deferred,
+    indexRenames: renames,
+    afterCopy: afterCopySql(facts, names),
+  };
 }
 
 /**
@@ -378,10 +415,17 @@ export function shadowDdl(facts: TableFacts, spec: PartitionSpec, partitions: re
 export function afterCopySql(facts: TableFacts, names: ShadowNames): string[] {
   const shd = quoteQualified(names.shadow);
   const out: string[] = [];
-  const hasConstraint = (name: string) => `EXISTS (SELECT FROM pg_catalog.pg_constraint WHERE conrelid = ${quoteLiteral(shd)}::regclass AND conname = ${quoteLiteral(name)})`;
-  const notValid = [...(facts.checks ?? []), ...(facts.serverVersionNum >= 180000 ? facts.foreignKeys : [])].filter((c) => c.valid === false);
+  const hasConstraint = (name: string) =>
+    `EXISTS (SELECT FROM pg_catalog.pg_constraint WHERE conrelid = ${quoteLiteral(shd)}::regclass AND conname = ${quoteLiteral(name)})`;
+  const notValid = [...(facts.checks ?? []), ...(facts.serverVersionNum >= 180000 ? facts.foreignKeys : [])].filter(
+    (c) => c.valid === false,
+  );
   for (const c of notValid) {
-    out.push(doBlock(`IF NOT ${hasConstraint(c.name)} THEN ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(c.name)} ${inheritableCheck(c.definition)}; END IF;`));
+    out.push(
+      doBlock(
+        `IF NOT ${hasConstraint(c.name)} THEN ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(c.name)} ${inheritableCheck(c.definition)}; END IF;`,
+      ),
+    );
     if (c.comment) out.push(`COMMENT ON CONSTRAINT ${quoteIdent(c.name)} ON ${shd} IS ${quoteLiteral(c.comment)}`);
   }
   /** Each partition's index attached to the parent index `parent` (qualified, quoted), in a loop over `r`. */
@@ -391,28 +435,44 @@ export function afterCopySql(facts: TableFacts, names: ShadowNames): string[] {
     `JOIN pg_catalog.pg_class t ON t.oid = x.indrelid JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace ` +
     `WHERE h.inhparent = ${quoteLiteral(parent)}::regclass LOOP EXECUTE format(${quoteLiteral(stmt)}, r.s, r.t, r.i); END LOOP;`;
   // Built after the copy (the others, and their comments, come with start).
-  const deferredIx = facts.indexes.filter((ix) => !ix.isPrimary && ix.name !== facts.keyIndexName && !(ix.constraintType === "u" && ix.deferrable && ix.constraintDef));
+  const deferredIx = facts.indexes.filter(
+    (ix) =>
+      !ix.isPrimary &&
+      ix.name !== facts.keyIndexName &&
+      !(ix.constraintType === "u" && ix.deferrable && ix.constraintDef),
+  );
   for (const ix of facts.indexes) {
     const name = shadowObjectName(ix.name);
     const q = quoteQualified({ schema: names.shadow.schema, name });
     const exists = `to_regclass(${quoteLiteral(q)}) IS NOT NULL`;
     if (deferredIx.includes(ix)) {
-      if (ix.comment) out.push(doBlock(`IF ${exists} THEN COMMENT ON INDEX ${q} IS ${quoteLiteral(ix.comment)}; END IF;`));
+      if (ix.comment)
+        out.push(doBlock(`IF ${exists} THEN COMMENT ON INDEX ${q} IS ${quoteLiteral(ix.comment)}; END IF;`));
       if (ix.constraintComment && ix.constraintType === "u") {
-        out.push(doBlock(`IF ${hasConstraint(name)} THEN COMMENT ON CONSTRAINT ${quoteIdent(name)} ON ${shd} IS ${quoteLiteral(ix.constraintComment)}; END IF;`));
+        out.push(
+          doBlock(
+            `IF ${hasConstraint(name)} THEN COMMENT ON CONSTRAINT ${quoteIdent(name)} ON ${shd} IS ${quoteLiteral(ix.constraintComment)}; END IF;`,
+          ),
+        );
       }
     }
     if (ix.isReplicaIdentity && facts.replicaIdentity === "i") {
       out.push(
         doBlock(
           `IF ${exists} THEN ALTER TABLE ${shd} REPLICA IDENTITY USING INDEX ${quoteIdent(name)}; ` +
-            forEachPartitionIndex(q, "ALTER TABLE %I.%I REPLICA IDENTITY USING INDEX %I") + ` END IF;`,
+            forEachPartitionIndex(q, "ALTER TABLE %I.%I REPLICA IDENTITY USING INDEX %I") +
+            ` END IF;`,
           "r record;",
         ),
       );
     }
     if (ix.isClustered) {
-      out.push(doBlock(`IF ${exists} THEN ` + forEachPartitionIndex(q, "ALTER TABLE %I.%I CLUSTER ON %I") + ` END IF;`, "r record;"));
+      out.push(
+        doBlock(
+          `IF ${exists} THEN ${forEachPartitionIndex(q, "ALTER TABLE %I.%I CLUSTER ON %I")} END IF;`,
+          "r record;",
+        ),
+      );
     }
   }
   out.push(`ANALYZE ${shd}`);
@@ -430,33 +490,37 @@ export function afterCopySql(facts: TableFacts, names: ShadowNames): string[] {
  * ... RENAME (an index's constraint is renamed with it: docs, ALTER INDEX).
  * @returns [] when there is nothing to rename.
  */
-export function liveNamesSql(live: QualifiedName, copy: QualifiedName, pairs: readonly { from: string; to: string }[]): string[] {
+export function liveNamesSql(
+  live: QualifiedName,
+  copy: QualifiedName,
+  pairs: readonly { from: string; to: string }[],
+): string[] {
   if (pairs.length === 0) return [];
   const arr = `ARRAY[${pairs.map((p) => `ARRAY[${quoteLiteral(p.from)}, ${quoteLiteral(p.to)}]`).join(", ")}]::text[]`;
   return [
     doBlock(
       `FOREACH p SLICE 1 IN ARRAY ${arr} LOOP ` +
-      // indexes
-      `SELECT c.oid, n.nspname INTO lf FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE i.indrelid = live AND c.relname = p[1]; ` +
-      `IF lf.oid IS NOT NULL THEN ` +
-      `SELECT c.oid INTO ct FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = copy AND c.relname = p[2]; ` +
-      `IF ct.oid IS NOT NULL THEN ` +
-      `EXECUTE format('ALTER INDEX %I.%I RENAME TO %I', lf.nspname, p[2], 'pgshift_swap_' || ct.oid); ` +
-      `EXECUTE format('ALTER INDEX %I.%I RENAME TO %I', lf.nspname, p[1], p[2]); ` +
-      `EXECUTE format('ALTER INDEX %I.%I RENAME TO %I', lf.nspname, 'pgshift_swap_' || ct.oid, p[1]); ` +
-      `ELSIF NOT EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.relnamespace = (SELECT relnamespace FROM pg_catalog.pg_class WHERE oid = lf.oid) AND c.relname = p[2]) THEN ` +
-      `EXECUTE format('ALTER INDEX %I.%I RENAME TO %I', lf.nspname, p[1], p[2]); END IF; END IF; ` +
-      // extended statistics
-      `SELECT s.oid, n.nspname, s.stxnamespace INTO lf FROM pg_catalog.pg_statistic_ext s JOIN pg_catalog.pg_namespace n ON n.oid = s.stxnamespace WHERE s.stxrelid = live AND s.stxname = p[1]; ` +
-      `IF lf.oid IS NOT NULL THEN ` +
-      `SELECT s.oid INTO ct FROM pg_catalog.pg_statistic_ext s WHERE s.stxrelid = copy AND s.stxname = p[2] AND s.stxnamespace = lf.stxnamespace; ` +
-      `IF ct.oid IS NOT NULL THEN ` +
-      `EXECUTE format('ALTER STATISTICS %I.%I RENAME TO %I', lf.nspname, p[2], 'pgshift_swap_' || ct.oid); ` +
-      `EXECUTE format('ALTER STATISTICS %I.%I RENAME TO %I', lf.nspname, p[1], p[2]); ` +
-      `EXECUTE format('ALTER STATISTICS %I.%I RENAME TO %I', lf.nspname, 'pgshift_swap_' || ct.oid, p[1]); ` +
-      `ELSIF NOT EXISTS (SELECT FROM pg_catalog.pg_statistic_ext s WHERE s.stxnamespace = lf.stxnamespace AND s.stxname = p[2]) THEN ` +
-      `EXECUTE format('ALTER STATISTICS %I.%I RENAME TO %I', lf.nspname, p[1], p[2]); END IF; END IF; ` +
-      `END LOOP;`,
+        // indexes
+        `SELECT c.oid, n.nspname INTO lf FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE i.indrelid = live AND c.relname = p[1]; ` +
+        `IF lf.oid IS NOT NULL THEN ` +
+        `SELECT c.oid INTO ct FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = copy AND c.relname = p[2]; ` +
+        `IF ct.oid IS NOT NULL THEN ` +
+        `EXECUTE format('ALTER INDEX %I.%I RENAME TO %I', lf.nspname, p[2], 'pgshift_swap_' || ct.oid); ` +
+        `EXECUTE format('ALTER INDEX %I.%I RENAME TO %I', lf.nspname, p[1], p[2]); ` +
+        `EXECUTE format('ALTER INDEX %I.%I RENAME TO %I', lf.nspname, 'pgshift_swap_' || ct.oid, p[1]); ` +
+        `ELSIF NOT EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.relnamespace = (SELECT relnamespace FROM pg_catalog.pg_class WHERE oid = lf.oid) AND c.relname = p[2]) THEN ` +
+        `EXECUTE format('ALTER INDEX %I.%I RENAME TO %I', lf.nspname, p[1], p[2]); END IF; END IF; ` +
+        // extended statistics
+        `SELECT s.oid, n.nspname, s.stxnamespace INTO lf FROM pg_catalog.pg_statistic_ext s JOIN pg_catalog.pg_namespace n ON n.oid = s.stxnamespace WHERE s.stxrelid = live AND s.stxname = p[1]; ` +
+        `IF lf.oid IS NOT NULL THEN ` +
+        `SELECT s.oid INTO ct FROM pg_catalog.pg_statistic_ext s WHERE s.stxrelid = copy AND s.stxname = p[2] AND s.stxnamespace = lf.stxnamespace; ` +
+        `IF ct.oid IS NOT NULL THEN ` +
+        `EXECUTE format('ALTER STATISTICS %I.%I RENAME TO %I', lf.nspname, p[2], 'pgshift_swap_' || ct.oid); ` +
+        `EXECUTE format('ALTER STATISTICS %I.%I RENAME TO %I', lf.nspname, p[1], p[2]); ` +
+        `EXECUTE format('ALTER STATISTICS %I.%I RENAME TO %I', lf.nspname, 'pgshift_swap_' || ct.oid, p[1]); ` +
+        `ELSIF NOT EXISTS (SELECT FROM pg_catalog.pg_statistic_ext s WHERE s.stxnamespace = lf.stxnamespace AND s.stxname = p[2]) THEN ` +
+        `EXECUTE format('ALTER STATISTICS %I.%I RENAME TO %I', lf.nspname, p[1], p[2]); END IF; END IF; ` +
+        `END LOOP;`,
       `live oid := to_regclass(${quoteLiteral(quoteQualified(live))}); copy oid := to_regclass(${quoteLiteral(quoteQualified(copy))}); p text[]; lf record; ct record;`,
     ),
   ];

@@ -1,16 +1,16 @@
-import { backfill, type BackfillProgress } from "../backfill/backfill.js";
-import { connect } from "../db.js";
+import { type BackfillProgress, backfill } from "../backfill/backfill.js";
 import { cutover, swapBack } from "../cutover/cutover.js";
+import { connect } from "../db.js";
 import { startEmbedded } from "../embedded.js";
 import { compareWithTwin, createWorkload, startLoad, type Workload } from "../load/workload.js";
 import { finalize } from "../migration/finish.js";
 import { planMigration } from "../migration/plan.js";
 import { startMigration } from "../migration/start.js";
-import { parsePartitionSpec } from "../partitioning/spec.js";
-import { status, type StatusReport } from "../status.js";
-import { verify } from "../verify/verify.js";
-import { sync } from "../mirror/sync.js";
 import type { Mode } from "../migration/state.js";
+import { sync } from "../mirror/sync.js";
+import { parsePartitionSpec } from "../partitioning/spec.js";
+import { type StatusReport, status } from "../status.js";
+import { verify } from "../verify/verify.js";
 
 export interface DemoOptions {
   rows?: number;
@@ -40,7 +40,7 @@ export interface DemoResult {
  * It ends by comparing the live table with an independent twin the load changed in the same transactions.
  */
 export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
-  const say = opts.say ?? ((l: string) => process.stdout.write(l + "\n"));
+  const say = opts.say ?? ((l: string) => process.stdout.write(`${l}\n`));
   const rows = opts.rows ?? 200_000;
   const t0 = performance.now();
   const step = (title: string) => say(`\n== ${title}`);
@@ -60,10 +60,16 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
   process.once("SIGINT", onExit);
   const sql = await connect({ url });
   try {
-    const w: Workload = { table: { schema: "public", name: "orders" }, twin: { schema: "twin", name: "orders" }, keyKind: "bigint" };
+    const w: Workload = {
+      table: { schema: "public", name: "orders" },
+      twin: { schema: "twin", name: "orders" },
+      keyKind: "bigint",
+    };
     step(`creating public.orders with ${rows} rows (and its twin, twin.orders)`);
     await createWorkload(sql, w, rows);
-    step(`starting a live load: inserts, updates (moving rows between months, NULLs, TOASTed values, key changes) and deletes on ${opts.connections ?? 4} connections`);
+    step(
+      `starting a live load: inserts, updates (moving rows between months, NULLs, TOASTed values, key changes) and deletes on ${opts.connections ?? 4} connections`,
+    );
     const load = await startLoad(url, w, { connections: opts.connections ?? 4, pauseMs: 2 });
     const spec = parsePartitionSpec("range:created_at:month");
     const mode = opts.mode ?? "trigger";
@@ -72,11 +78,16 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
     try {
       step("pgshift plan orders --partition-by range:created_at:month");
       const plan = await planMigration(sql, w.table, { spec });
-      say(`found ~${plan.estimatedRows} rows, key (${plan.keyColumns.join(", ")}); ${plan.partitions.length} partitions from ${plan.partitions[0]?.name} to ${plan.partitions.at(-2)?.name} + DEFAULT`);
+      say(
+        `found ~${plan.estimatedRows} rows, key (${plan.keyColumns.join(", ")}); ${plan.partitions.length} partitions from ${plan.partitions[0]?.name} to ${plan.partitions.at(-2)?.name} + DEFAULT`,
+      );
       for (const warning of plan.warnings) say(`warning: ${warning}`);
       say(`application statements: ${plan.applicationStatements.detail}`);
       say(`${plan.statements.length} statements, e.g.:`);
-      for (const s of plan.statements.filter((x) => x.startsWith("CREATE TABLE") || x.startsWith("CREATE TRIGGER")).slice(0, 3)) say(`  ${s.slice(0, 160)}${s.length > 160 ? "..." : ""};`);
+      for (const s of plan.statements
+        .filter((x) => x.startsWith("CREATE TABLE") || x.startsWith("CREATE TRIGGER"))
+        .slice(0, 3))
+        say(`  ${s.slice(0, 160)}${s.length > 160 ? "..." : ""};`);
 
       step(`pgshift start orders --partition-by range:created_at:month${modeFlag} --allow-key-extension`);
       // start refuses a spec that adds the partition column to a unique key unless told it is wanted.
@@ -88,7 +99,9 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
       const st = await startMigration(sql, w.table, { spec, mode, allowKeyExtension: true });
       say(
         `shadow public.orders_pgshift_shadow created with ${st.plan.partitions.length} partitions, ` +
-          (mode === "logical" ? `publication and replication slot ${st.plan.facts ? `pgshift_${st.plan.facts.oid}` : ""} created` : "trigger mirror installed") +
+          (mode === "logical"
+            ? `publication and replication slot ${st.plan.facts ? `pgshift_${st.plan.facts.oid}` : ""} created`
+            : "trigger mirror installed") +
           ` in ${Math.round(st.ms)} ms`,
       );
 
@@ -100,7 +113,9 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
       const stopSync = new AbortController();
       if (mode === "logical") {
         step("pgshift sync orders (in the background until cutover)");
-        syncing = sync(await connect({ url }), w.table, { signal: stopSync.signal }).catch((err: unknown) => say(`sync stopped: ${String(err)}`));
+        syncing = sync(await connect({ url }), w.table, { signal: stopSync.signal }).catch((err: unknown) =>
+          say(`sync stopped: ${String(err)}`),
+        );
         await new Promise((r) => setTimeout(r, 1500));
       }
 
@@ -109,7 +124,9 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
 
       step("pgshift verify orders");
       const v = await verify(sql, w.table);
-      say(`${v.equal ? "equal" : "DIFFERENT"}: ${v.rowsCompared} rows in ${v.chunks} chunks compared in ${v.ms} ms while the load kept writing`);
+      say(
+        `${v.equal ? "equal" : "DIFFERENT"}: ${v.rowsCompared} rows in ${v.chunks} chunks compared in ${v.ms} ms while the load kept writing`,
+      );
 
       step("pgshift cutover orders");
       let c = await cutover(sql, w.table);
@@ -117,15 +134,21 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
       if (syncing) {
         stopSync.abort();
         await syncing;
-        say("the replication slot and publication are dropped; from now on row triggers keep the retired table in step");
+        say(
+          "the replication slot and publication are dropped; from now on row triggers keep the retired table in step",
+        );
       }
-      say(`orders is now partitioned; writes were blocked for ${c.lockHeldMs.toFixed(1)} ms; the old table (orders_pgshift_retired) still receives every write`);
+      say(
+        `orders is now partitioned; writes were blocked for ${c.lockHeldMs.toFixed(1)} ms; the old table (orders_pgshift_retired) still receives every write`,
+      );
       await new Promise((r) => setTimeout(r, 1500));
 
       step("pgshift swap-back orders");
       c = await swapBack(sql, w.table);
       cutoverLockMs.push(c.lockHeldMs);
-      say(`the original table is live again, with every write made since the cutover (blocked ${c.lockHeldMs.toFixed(1)} ms)`);
+      say(
+        `the original table is live again, with every write made since the cutover (blocked ${c.lockHeldMs.toFixed(1)} ms)`,
+      );
       await new Promise((r) => setTimeout(r, 1500));
 
       step("pgshift cutover orders (again)");
@@ -149,12 +172,16 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
       await load.stop();
     }
     const s = load.stats;
-    say(`the load ran ${s.inserts} inserts, ${s.updates} updates, ${s.deletes} deletes, and saw ${s.errors.length} errors${s.errors.length ? ": " + s.errors.slice(0, 3).join(" | ") : ""}`);
+    say(
+      `the load ran ${s.inserts} inserts, ${s.updates} updates, ${s.deletes} deletes, and saw ${s.errors.length} errors${s.errors.length ? `: ${s.errors.slice(0, 3).join(" | ")}` : ""}`,
+    );
     step("proof: public.orders (now partitioned) EXCEPT twin.orders, both ways");
     const cmp = await compareWithTwin(sql, w.table, w.twin, "bigint");
     const kind = await sql`select relkind::text as k from pg_class where oid = 'public.orders'::regclass`;
     const equal = cmp.onlyInTable === 0 && cmp.onlyInTwin === 0 && s.errors.length === 0;
-    say(`orders is ${kind[0]?.k === "p" ? "partitioned" : "NOT partitioned"}; ${cmp.rows} rows; only in orders: ${cmp.onlyInTable}; only in twin: ${cmp.onlyInTwin}`);
+    say(
+      `orders is ${kind[0]?.k === "p" ? "partitioned" : "NOT partitioned"}; ${cmp.rows} rows; only in orders: ${cmp.onlyInTable}; only in twin: ${cmp.onlyInTwin}`,
+    );
     say(equal ? "no row lost, none invented, none stale." : "MISMATCH: the migration lost or changed rows.");
     const seconds = (performance.now() - t0) / 1000;
     say(`demo finished in ${seconds.toFixed(0)} s`);

@@ -1,7 +1,7 @@
 import { z } from "zod";
 import type { AnySql } from "../db.js";
 import { TRUNCATE_GUARD_FN, TRUNCATE_TRIGGER } from "../mirror/trigger.js";
-import { quoteQualified, type QualifiedName } from "../names.js";
+import { type QualifiedName, quoteQualified } from "../names.js";
 
 /** The event trigger that refuses column changes to tables under migration (one per database). */
 export const DDL_GUARD_TRIGGER = "pgshift_ddl_guard";
@@ -254,7 +254,9 @@ const GuardRow = z.object({ installed: z.boolean(), enabled: z.boolean(), superu
  * @returns installed: all three event triggers exist; enabled: all three fire (evtenabled is not 'D');
  *   superuser: the current user is a superuser (needed to create it).
  */
-export async function ddlGuardState(sql: AnySql): Promise<{ installed: boolean; enabled: boolean; superuser: boolean }> {
+export async function ddlGuardState(
+  sql: AnySql,
+): Promise<{ installed: boolean; enabled: boolean; superuser: boolean }> {
   const rows = await sql`
     select (select count(*) from pg_catalog.pg_event_trigger where evtname = any(${GUARD_TRIGGERS})) = ${GUARD_TRIGGERS.length} as installed,
            (select count(*) from pg_catalog.pg_event_trigger where evtname = any(${GUARD_TRIGGERS}) and evtenabled <> 'D') = ${GUARD_TRIGGERS.length} as enabled,

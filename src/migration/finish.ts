@@ -1,14 +1,21 @@
-import type { Sql } from "../db.js";
-import { table as tableRef, withLockRetry, type AnySql, type LockRetryOptions } from "../db.js";
 import { z } from "zod";
 import { requireNoKnownDifferences } from "../cutover/cutover.js";
+import type { Sql } from "../db.js";
+import { type AnySql, type LockRetryOptions, table as tableRef, withLockRetry } from "../db.js";
 import { PgshiftError, sqlState } from "../errors.js";
 import { log } from "../log.js";
+import { dropStream, dropStreamSql } from "../mirror/logical.js";
 import { mirrorFor } from "../mirror/mirror.js";
 import { MIRROR_TRIGGER, removeTruncateGuardSql, TRUNCATE_TRIGGER } from "../mirror/trigger.js";
-import { dropStream, dropStreamSql } from "../mirror/logical.js";
-import { displayName, quoteIdent, quoteQualified, type QualifiedName } from "../names.js";
-import { loadMigration, lockMigration, logicalNames, requireMigration, unlockMigration, type Migration } from "./state.js";
+import { displayName, type QualifiedName, quoteIdent, quoteQualified } from "../names.js";
+import {
+  loadMigration,
+  lockMigration,
+  logicalNames,
+  type Migration,
+  requireMigration,
+  unlockMigration,
+} from "./state.js";
 
 /** Where an identity sequence stands and how it is defined (from pg_sequences), to re-create it at finalize. */
 export interface IdentityState {
@@ -31,7 +38,12 @@ export function finalizeSql(m: Migration, identities: Map<string, IdentityState>
   const mirror = mirrorFor(m.mode);
   const live = quoteQualified(m.live);
   // The migration is forgotten first: the DDL guard refuses to drop a table of a migration in progress.
-  const out = [`LOCK TABLE ${live}, ${quoteQualified(m.copy)} IN ACCESS EXCLUSIVE MODE`, `DELETE FROM pgshift.migrations WHERE id = ${m.id}`, ...mirror.stopSql(m), ...removeTruncateGuardSql(m.live)];
+  const out = [
+    `LOCK TABLE ${live}, ${quoteQualified(m.copy)} IN ACCESS EXCLUSIVE MODE`,
+    `DELETE FROM pgshift.migrations WHERE id = ${m.id}`,
+    ...mirror.stopSql(m),
+    ...removeTruncateGuardSql(m.live),
+  ];
   const ids = m.sequences.filter((x) => x.identity !== "");
   // The live table's default calls the identity sequence, which goes with the retired table.
   for (const s of ids) out.push(`ALTER TABLE ${live} ALTER COLUMN ${quoteIdent(s.column)} DROP DEFAULT`);
@@ -45,10 +57,13 @@ export function finalizeSql(m: Migration, identities: Map<string, IdentityState>
       `ALTER TABLE ${live} ALTER COLUMN ${quoteIdent(s.column)} ADD GENERATED ${s.identity === "a" ? "ALWAYS" : "BY DEFAULT"} AS IDENTITY ` +
         `(SEQUENCE NAME ${quoteQualified({ schema: s.schema, name: s.name })}${opts})`,
     );
-    if (s.defaultFunction) out.push(`DROP FUNCTION IF EXISTS ${quoteQualified({ schema: "pgshift", name: s.defaultFunction })}()`);
+    if (s.defaultFunction)
+      out.push(`DROP FUNCTION IF EXISTS ${quoteQualified({ schema: "pgshift", name: s.defaultFunction })}()`);
   }
   for (const r of m.index_renames) {
-    out.push(`ALTER INDEX IF EXISTS ${quoteQualified({ schema: m.live.schema, name: r.from })} RENAME TO ${quoteIdent(r.to)}`);
+    out.push(
+      `ALTER INDEX IF EXISTS ${quoteQualified({ schema: m.live.schema, name: r.from })} RENAME TO ${quoteIdent(r.to)}`,
+    );
   }
   out.push(...mirror.dropSql(m));
   return out;
@@ -65,7 +80,15 @@ async function identityState(sql: AnySql, m: Migration): Promise<Map<string, Ide
         from ${tableRef(sql, { schema: s.schema, name: s.name })} sq, pg_sequences ps
        where ps.schemaname = ${s.schema} and ps.sequencename = ${s.name}`;
     const x = r[0];
-    if (x) out.set(s.column, { next: String(x.next), increment: String(x.increment), min: String(x.min), max: String(x.max), cache: String(x.cache), cycle: Boolean(x.cycle) });
+    if (x)
+      out.set(s.column, {
+        next: String(x.next),
+        increment: String(x.increment),
+        min: String(x.min),
+        max: String(x.max),
+        cache: String(x.cache),
+        cycle: Boolean(x.cycle),
+      });
   }
   return out;
 }
@@ -74,8 +97,12 @@ async function identityState(sql: AnySql, m: Migration): Promise<Map<string, Ide
  * A replication slot or publication named for `table` (pgshift_<oid>) with no migration row: what a start
  * that crashed between creating them and committing leaves behind. Null when there is none.
  */
-export async function leftoverStream(sql: AnySql, table: QualifiedName): Promise<{ slot: string | null; publication: string | null; retainedBytes: number } | null> {
-  const r = await sql`select c.oid::int as oid from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = ${table.schema} and c.relname = ${table.name}`;
+export async function leftoverStream(
+  sql: AnySql,
+  table: QualifiedName,
+): Promise<{ slot: string | null; publication: string | null; retainedBytes: number } | null> {
+  const r =
+    await sql`select c.oid::int as oid from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = ${table.schema} and c.relname = ${table.name}`;
   if (r.length === 0) return null;
   const names = logicalNames(Number(r[0]!.oid));
   const x = await sql`
@@ -100,7 +127,9 @@ export function abortSql(m: Migration): string[] {
     ...mirror.stopSql(m),
     ...removeTruncateGuardSql(m.live),
     `DROP TABLE IF EXISTS ${quoteQualified(m.copy)}`,
-    ...m.sequences.filter((s) => s.defaultFunction).map((s) => `DROP FUNCTION IF EXISTS ${quoteQualified({ schema: "pgshift", name: s.defaultFunction! })}()`),
+    ...m.sequences
+      .filter((s) => s.defaultFunction)
+      .map((s) => `DROP FUNCTION IF EXISTS ${quoteQualified({ schema: "pgshift", name: s.defaultFunction! })}()`),
     ...mirror.dropSql(m),
   ];
 }
@@ -160,7 +189,10 @@ export async function dependentsOf(sql: AnySql, table: QualifiedName): Promise<s
     select distinct i.type || ' ' || i.identity as what
       from named b, lateral pg_catalog.pg_identify_object(b.classid, b.objid, b.objsubid) i
      order by 1`;
-  return z.array(Dependent).parse(rows).map((r) => r.what);
+  return z
+    .array(Dependent)
+    .parse(rows)
+    .map((r) => r.what);
 }
 
 /** The refusal for objects that still depend on the retired table (`dependents`: their descriptions; 25 are named). */
@@ -207,16 +239,28 @@ async function requireFinalizable(sql: AnySql, m: Migration): Promise<void> {
  * transaction rolls back). `dryRun` checks the same, then returns the statements without running them.
  * @throws PgshiftError without `yes`, or when refused as above; PhaseError unless the migration is in phase cutover.
  */
-export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptions = {}): Promise<{ statements: string[] }> {
+export async function finalize(
+  sql: Sql,
+  table: QualifiedName,
+  opts: FinishOptions = {},
+): Promise<{ statements: string[] }> {
   await lockMigration(sql, table);
   try {
     const m = await requireMigration(sql, table, "finalize", ["cutover"], { upgrade: !opts.dryRun });
     if (!opts.yes && !opts.dryRun) {
-      throw new PgshiftError(`finalize drops ${displayName(m.copy)} and makes swap-back impossible`, { hint: "run it again with --yes to confirm" });
+      throw new PgshiftError(`finalize drops ${displayName(m.copy)} and makes swap-back impossible`, {
+        hint: "run it again with --yes to confirm",
+      });
     }
     await requireFinalizable(sql, m);
     let statements: string[] = [];
-    if (opts.dryRun) return { statements: [...dropStreamSql(m.slot_name, m.publication_name, m.copy), ...finalizeSql(m, await identityState(sql, m))] };
+    if (opts.dryRun)
+      return {
+        statements: [
+          ...dropStreamSql(m.slot_name, m.publication_name, m.copy),
+          ...finalizeSql(m, await identityState(sql, m)),
+        ],
+      };
     // Normally dropped at cutover already; a crash in between leaves them: never leave a slot behind.
     await dropStream(sql, m.slot_name, m.publication_name, opts);
     await withLockRetry(
@@ -227,7 +271,8 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
         // this check (CREATE VIEW, a foreign key, ... lock the tables they use), nor a verify run meanwhile.
         await tx.unsafe(statements[0]!);
         const now = await loadMigration(tx, table, { upgrade: false });
-        if (!now || now.phase !== "cutover") throw new PgshiftError(`the migration of ${displayName(table)} changed phase meanwhile`);
+        if (now?.phase !== "cutover")
+          throw new PgshiftError(`the migration of ${displayName(table)} changed phase meanwhile`);
         await requireFinalizable(tx, now);
         for (const stmt of statements.slice(1)) {
           try {
@@ -253,14 +298,21 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
  * leaving the source table exactly as it was.
  * @throws PhaseError in phase cutover (swap back first).
  */
-export async function abort(sql: Sql, table: QualifiedName, opts: LockRetryOptions = {}): Promise<{ statements: string[] }> {
+export async function abort(
+  sql: Sql,
+  table: QualifiedName,
+  opts: LockRetryOptions = {},
+): Promise<{ statements: string[] }> {
   await lockMigration(sql, table);
   try {
     if (!(await loadMigration(sql, table))) {
       const left = await leftoverStream(sql, table);
       if (left) {
         await dropStream(sql, left.slot, left.publication, opts);
-        log().info({ table: displayName(table), ...left }, "aborted: removed the replication slot and publication a crashed start left behind");
+        log().info(
+          { table: displayName(table), ...left },
+          "aborted: removed the replication slot and publication a crashed start left behind",
+        );
         return { statements: dropStreamSql(left.slot, left.publication, table) };
       }
     }

@@ -1,7 +1,7 @@
 import { z } from "zod";
 import type { AnySql } from "../db.js";
 import { sqlState } from "../errors.js";
-import { displayName, quoteIdent, type QualifiedName } from "../names.js";
+import { displayName, type QualifiedName, quoteIdent } from "../names.js";
 
 /**
  * A unique key of the source table (primary key, unique constraint or unique index) that does not contain
@@ -72,7 +72,8 @@ export async function widenedKeys(sql: AnySql, oid: number, partitionColumn: str
   for (const raw of rows) {
     const r = KeyRow.parse(raw);
     if (r.cols.includes(partitionColumn)) continue;
-    const kind = r.contype === "p" || r.primary ? "primary key" : r.contype === "u" ? "unique constraint" : "unique index";
+    const kind =
+      r.contype === "p" || r.primary ? "primary key" : r.contype === "u" ? "unique constraint" : "unique index";
     const name = r.conname ?? r.index;
     const where = r.predicate === null ? "" : ` WHERE ${r.predicate}`;
     const targets = r.deferrable ? [] : [`ON CONFLICT (${r.elems.join(", ")})${where}`];
@@ -96,7 +97,8 @@ export function describeWidenedKey(k: WidenedKey): string {
   const cols = `(${k.columns.join(", ")})`;
   const wide = `(${k.widenedTo.join(", ")})`;
   const n = k.onConflictTargets.length;
-  const targets = n > 0 ? `; ${k.onConflictTargets.join(" and ")} ${n === 1 ? "stops" : "stop"} working at cutover` : "";
+  const targets =
+    n > 0 ? `; ${k.onConflictTargets.join(" and ")} ${n === 1 ? "stops" : "stop"} working at cutover` : "";
   return (
     `${k.kind} ${k.name} ${cols} becomes ${wide} on the partitioned table: until finalize pgshift keeps ${cols} unique ` +
     `through the retired table; after finalize only ${wide} is enforced${targets}`
@@ -155,16 +157,27 @@ const ExtRow = z.object({ schema: z.string() });
  * - `ON CONFLICT DO NOTHING` without a target no longer skips a row that conflicts only on a widened key.
  * @returns what was found; never throws for a missing or unreadable extension (see StatementCheck.status).
  */
-export async function affectedStatements(sql: AnySql, table: QualifiedName, partitionColumn: string, keys: readonly WidenedKey[]): Promise<StatementCheck> {
+export async function affectedStatements(
+  sql: AnySql,
+  table: QualifiedName,
+  partitionColumn: string,
+  keys: readonly WidenedKey[],
+): Promise<StatementCheck> {
   const empty = { statements: [], examined: 0, hidden: 0, unparsed: 0 };
-  if (keys.length === 0) return { status: "not-needed", detail: "no unique key loses its uniqueness: no statement of the application is affected", ...empty };
+  if (keys.length === 0)
+    return {
+      status: "not-needed",
+      detail: "no unique key loses its uniqueness: no statement of the application is affected",
+      ...empty,
+    };
   const ext = await sql`
     select n.nspname::text as schema from pg_catalog.pg_extension e join pg_catalog.pg_namespace n on n.oid = e.extnamespace
      where e.extname = 'pg_stat_statements'`;
   if (ext.length === 0) {
     return {
       status: "not-installed",
-      detail: "pg_stat_statements is not installed in this database: the application's statements were not checked (CREATE EXTENSION pg_stat_statements, with it in shared_preload_libraries, lets plan list those that would fail)",
+      detail:
+        "pg_stat_statements is not installed in this database: the application's statements were not checked (CREATE EXTENSION pg_stat_statements, with it in shared_preload_libraries, lets plan list those that would fail)",
       ...empty,
     };
   }
@@ -217,7 +230,10 @@ export async function affectedStatements(sql: AnySql, table: QualifiedName, part
       const oc = ins.onConflictClause;
       if (!oc) continue;
       examined++;
-      const unqualified = rel.schemaname === undefined && ambiguous ? ` (the statement names ${table.name} unqualified; other schemas have a table of that name)` : "";
+      const unqualified =
+        rel.schemaname === undefined && ambiguous
+          ? ` (the statement names ${table.name} unqualified; other schemas have a table of that name)`
+          : "";
       const infer = oc.infer;
       if (infer?.conname !== undefined) {
         const k = byConstraint.get(infer.conname);
@@ -232,7 +248,9 @@ export async function affectedStatements(sql: AnySql, table: QualifiedName, part
         continue;
       }
       if (infer?.indexElems && infer.indexElems.length > 0) {
-        const plain = infer.indexElems.map((e) => (e as { IndexElem?: { name?: string } }).IndexElem?.name).filter((n): n is string => n !== undefined);
+        const plain = infer.indexElems
+          .map((e) => (e as { IndexElem?: { name?: string } }).IndexElem?.name)
+          .filter((n): n is string => n !== undefined);
         if (plain.includes(partitionColumn)) continue;
         const shown = infer.indexElems.map((e) => {
           const name = (e as { IndexElem?: { name?: string } }).IndexElem?.name;
@@ -262,7 +280,9 @@ export async function affectedStatements(sql: AnySql, table: QualifiedName, part
   const detail =
     `pg_stat_statements (this database): ${examined} upsert${examined === 1 ? "" : "s"} on ${displayName(table)} examined, ${failing} would fail after cutover` +
     (statements.length > failing ? `, ${statements.length - failing} would behave otherwise` : "") +
-    (hidden > 0 ? `; ${hidden} statements of other roles are hidden from this role (grant it pg_read_all_stats to check them)` : "") +
+    (hidden > 0
+      ? `; ${hidden} statements of other roles are hidden from this role (grant it pg_read_all_stats to check them)`
+      : "") +
     (unparsed > 0 ? `; ${unparsed} could not be parsed and were not checked` : "");
   return { status: "checked", detail, statements, examined, hidden, unparsed };
 }

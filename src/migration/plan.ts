@@ -1,17 +1,25 @@
+import { inspectTable, type TableFacts } from "../catalog/inspect.js";
 import type { Sql } from "../db.js";
 import { ident, table as tableRef } from "../db.js";
-import { inspectTable, type TableFacts } from "../catalog/inspect.js";
-import { copyColumns, deferredIndexSql, identityDefaultFunction, shadowDdl, shadowKey, type DeferredIndex } from "../ddl/shadow.js";
-import { fidelityBlockers, fidelityWarnings } from "../ddl/shadow.js";
+import {
+  copyColumns,
+  type DeferredIndex,
+  deferredIndexSql,
+  fidelityBlockers,
+  fidelityWarnings,
+  identityDefaultFunction,
+  shadowDdl,
+  shadowKey,
+} from "../ddl/shadow.js";
 import { PgshiftError } from "../errors.js";
-import { installTriggerMirrorSql, truncateGuardSql } from "../mirror/trigger.js";
-import { ddlGuardSql, ddlGuardState } from "./ddl-guard.js";
 import { createStreamSql, logicalPrerequisites } from "../mirror/logical.js";
-import { displayName, fitName, quoteLiteral, type QualifiedName } from "../names.js";
+import { installTriggerMirrorSql, truncateGuardSql } from "../mirror/trigger.js";
+import { displayName, fitName, type QualifiedName, quoteLiteral } from "../names.js";
 import { computePartitions, type DataRange, type PartitionDef } from "../partitioning/bounds.js";
-import { formatPartitionSpec, INTEGER_TYPES, TIME_TYPES, type PartitionSpec } from "../partitioning/spec.js";
-import { loadMigration, logicalNames, schemaSql, stateOwnershipProblem, type Mode, type SequenceUse } from "./state.js";
-import { affectedStatements, describeWidenedKey, widenedKeys, type StatementCheck, type WidenedKey } from "./keys.js";
+import { formatPartitionSpec, INTEGER_TYPES, type PartitionSpec, TIME_TYPES } from "../partitioning/spec.js";
+import { ddlGuardSql, ddlGuardState } from "./ddl-guard.js";
+import { affectedStatements, describeWidenedKey, type StatementCheck, type WidenedKey, widenedKeys } from "./keys.js";
+import { loadMigration, logicalNames, type Mode, type SequenceUse, schemaSql, stateOwnershipProblem } from "./state.js";
 
 export interface PlanOptions {
   spec: PartitionSpec;
@@ -70,12 +78,16 @@ const MIN_SERVER = 140000;
  * @throws PgshiftError, one line naming the version, exit 2; nothing read or changed.
  */
 async function requireSupportedServer(sql: Sql): Promise<void> {
-  const r = await sql`select current_setting('server_version_num')::int as num, current_setting('server_version') as version`;
+  const r =
+    await sql`select current_setting('server_version_num')::int as num, current_setting('server_version') as version`;
   const num = Number(r[0]?.num);
   if (num < MIN_SERVER) {
-    throw new PgshiftError(`PostgreSQL ${String(r[0]?.version)} is not supported: pgshift needs PostgreSQL 14 or later`, {
-      hint: "upgrade the server (pgshift supports PostgreSQL 14, 15, 16, 17 and 18); nothing was changed",
-    });
+    throw new PgshiftError(
+      `PostgreSQL ${String(r[0]?.version)} is not supported: pgshift needs PostgreSQL 14 or later`,
+      {
+        hint: "upgrade the server (pgshift supports PostgreSQL 14, 15, 16, 17 and 18); nothing was changed",
+      },
+    );
   }
 }
 
@@ -103,22 +115,32 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   } catch (err) {
     blockers.push(err instanceof Error ? err.message : String(err));
   }
-  if (existing) blockers.push(`${displayName(table)} is already under migration (phase ${existing.phase}); use pgshift status`);
+  if (existing)
+    blockers.push(`${displayName(table)} is already under migration (phase ${existing.phase}); use pgshift status`);
   else if (blockers.length === 0) {
     const problem = await stateOwnershipProblem(sql);
     if (problem) blockers.push(problem);
   }
-  if (facts.serverVersionNum < MIN_SERVER) blockers.push(`PostgreSQL ${facts.serverVersionNum} is too old: pgshift needs 14 or later`);
+  if (facts.serverVersionNum < MIN_SERVER)
+    blockers.push(`PostgreSQL ${facts.serverVersionNum} is too old: pgshift needs 14 or later`);
   if (facts.relkind === "p") blockers.push(`${displayName(table)} is already partitioned`);
-  else if (facts.relkind !== "r") blockers.push(`${displayName(table)} is not an ordinary table (relkind ${facts.relkind})`);
+  else if (facts.relkind !== "r")
+    blockers.push(`${displayName(table)} is not an ordinary table (relkind ${facts.relkind})`);
   if (facts.isPartition) blockers.push(`${displayName(table)} is itself a partition of another table`);
   // What a partitioned table cannot keep as the original has it (constraints, row security, CLUSTER mark).
   blockers.push(...fidelityBlockers(facts));
   warnings.push(...fidelityWarnings(facts));
-  if (facts.persistence !== "p") blockers.push(`${displayName(table)} is ${facts.persistence === "u" ? "unlogged" : "temporary"}; only permanent tables are supported`);
-  if (!facts.isOwner) blockers.push(`the current user is not the owner of ${displayName(table)} (owner: ${facts.owner})`);
+  if (facts.persistence !== "p")
+    blockers.push(
+      `${displayName(table)} is ${facts.persistence === "u" ? "unlogged" : "temporary"}; only permanent tables are supported`,
+    );
+  if (!facts.isOwner)
+    blockers.push(`the current user is not the owner of ${displayName(table)} (owner: ${facts.owner})`);
   if (!facts.canCreateInSchema) blockers.push(`the current user may not create tables in schema ${facts.table.schema}`);
-  if (!facts.keyColumns) blockers.push(`${displayName(table)} has no primary key (nor a NOT NULL unique key); pgshift copies and compares rows by key`);
+  if (!facts.keyColumns)
+    blockers.push(
+      `${displayName(table)} has no primary key (nor a NOT NULL unique key); pgshift copies and compares rows by key`,
+    );
   const dep = facts.dependents;
   const list = (what: string, xs: string[]) => {
     if (xs.length > 0) blockers.push(`${what}: ${xs.join(", ")} (not carried over yet; drop or detach them first)`);
@@ -140,13 +162,19 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   } else {
     const t = col.typeName;
     if (spec.strategy === "range" && !(TIME_TYPES as readonly string[]).includes(t)) {
-      blockers.push(`column ${col.name} is ${col.formattedType}; range:<col>:<interval> needs date, timestamp or timestamptz`);
+      blockers.push(
+        `column ${col.name} is ${col.formattedType}; range:<col>:<interval> needs date, timestamp or timestamptz`,
+      );
     } else if (spec.strategy === "range-int" && !(INTEGER_TYPES as readonly string[]).includes(t)) {
-      blockers.push(`column ${col.name} is ${col.formattedType}; range:<col>:<width> needs smallint, integer or bigint`);
+      blockers.push(
+        `column ${col.name} is ${col.formattedType}; range:<col>:<width> needs smallint, integer or bigint`,
+      );
     }
     if (col.generated !== "") blockers.push(`column ${col.name} is a generated column and cannot be the partition key`);
     if (!col.notNull) {
-      blockers.push(`partition column ${col.name} allows NULL; the shadow's key must include it: ALTER TABLE ... ALTER COLUMN ${col.name} SET NOT NULL first`);
+      blockers.push(
+        `partition column ${col.name} allows NULL; the shadow's key must include it: ALTER TABLE ... ALTER COLUMN ${col.name} SET NOT NULL first`,
+      );
     }
   }
   const src = facts.table;
@@ -165,7 +193,8 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     const taken = await sql`
       select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace
        where n.nspname = ${src.schema} and c.relname = any(${[shadow.name, retired.name, ...partitions.map((p) => p.name)]})`;
-    if (taken.length > 0) blockers.push(`names already taken in schema ${src.schema}: ${taken.map((r) => String(r.relname)).join(", ")}`);
+    if (taken.length > 0)
+      blockers.push(`names already taken in schema ${src.schema}: ${taken.map((r) => String(r.relname)).join(", ")}`);
   }
 
   const keyColumns = facts.keyColumns ?? [];
@@ -189,7 +218,14 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   const keys = col ? await widenedKeys(sql, facts.oid, spec.column) : [];
   const applicationStatements = col
     ? await affectedStatements(sql, src, spec.column, keys)
-    : { status: "not-needed" as const, detail: "no partition column: nothing to check", statements: [], examined: 0, hidden: 0, unparsed: 0 };
+    : {
+        status: "not-needed" as const,
+        detail: "no partition column: nothing to check",
+        statements: [],
+        examined: 0,
+        hidden: 0,
+        unparsed: 0,
+      };
   let deferredIndexes: DeferredIndex[] = [];
   let indexRenames: { from: string; to: string }[] = [];
   if (blockers.length === 0) {
@@ -200,7 +236,9 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
       warnings.push(
         `the DDL guard is ${guard.installed ? "disabled" : "not installed"} (creating an event trigger needs superuser): an ALTER TABLE that drops, renames, adds or retypes a column of ` +
           `${displayName(table)} or of its shadow, a DROP of either, or detaching or dropping a partition of the shadow, will not be refused during the migration` +
-          (mode === "trigger" ? ", and dropping or renaming a mirrored column, or dropping the shadow, makes the application's writes fail" : ""),
+          (mode === "trigger"
+            ? ", and dropping or renaming a mirrored column, or dropping the shadow, makes the application's writes fail"
+            : ""),
       );
     }
     const ddl = shadowDdl(facts, spec, partitions, { source: src, shadow });
@@ -208,8 +246,16 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     deferredIndexes = ddl.deferredIndexes;
     indexRenames = ddl.indexRenames;
     for (const idx of deferredIndexes) {
-      const d = deferredIndexSql(src.schema, shadow.name, partitions.map((p) => p.name), idx);
-      afterCopyStatements.push(d.parent, ...d.perPartition.flatMap((x) => [x.create, ...(x.constrain ? [x.constrain] : []), x.attach]));
+      const d = deferredIndexSql(
+        src.schema,
+        shadow.name,
+        partitions.map((p) => p.name),
+        idx,
+      );
+      afterCopyStatements.push(
+        d.parent,
+        ...d.perPartition.flatMap((x) => [x.create, ...(x.constrain ? [x.constrain] : []), x.attach]),
+      );
     }
     afterCopyStatements.push(...ddl.afterCopy);
     for (const k of keys) warnings.push(describeWidenedKey(k));
@@ -220,7 +266,14 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
       statements.push(...truncateGuardSql(src));
     } else {
       statements.push(
-        ...installTriggerMirrorSql({ fn: mirrorFunction, from: src, to: shadow, columns: cols, key: sKey, overridingSystemValue: false }),
+        ...installTriggerMirrorSql({
+          fn: mirrorFunction,
+          from: src,
+          to: shadow,
+          columns: cols,
+          key: sKey,
+          overridingSystemValue: false,
+        }),
       );
     }
     statements.push(
@@ -230,7 +283,8 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
         `${quoteLiteral(JSON.stringify(sequences))}, ${quoteLiteral(mirrorFunction.name)}, ${quoteLiteral(JSON.stringify(deferredIndexes))}, ${quoteLiteral(JSON.stringify(indexRenames))}, ${stream ? quoteLiteral(stream.slot) : "NULL"}, ${stream ? quoteLiteral(stream.publication) : "NULL"}, ${Math.max(0, Math.round(facts.estimatedRows))})`,
     );
   }
-  if (facts.estimatedRows < 0) warnings.push(`${displayName(table)} was never analyzed: row estimates are unknown until ANALYZE`);
+  if (facts.estimatedRows < 0)
+    warnings.push(`${displayName(table)} was never analyzed: row estimates are unknown until ANALYZE`);
   void formatPartitionSpec;
   return {
     source: src,

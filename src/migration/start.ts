@@ -1,10 +1,10 @@
-import { withLockRetry, type LockRetryOptions, type Sql } from "../db.js";
+import { type LockRetryOptions, type Sql, withLockRetry } from "../db.js";
 import { BlockedError, PgshiftError } from "../errors.js";
 import { log } from "../log.js";
-import { displayName, type QualifiedName } from "../names.js";
-import { planMigration, type MigrationPlan, type PlanOptions } from "./plan.js";
-import { lockMigration, logicalNames, unlockMigration } from "./state.js";
 import { createSlotWaiting, createsSlot, dropStream } from "../mirror/logical.js";
+import { displayName, type QualifiedName } from "../names.js";
+import { type MigrationPlan, type PlanOptions, planMigration } from "./plan.js";
+import { lockMigration, logicalNames, unlockMigration } from "./state.js";
 
 /** How long start --mode logical waits, by default, for running transactions before the slot exists: 5 minutes. */
 export const DEFAULT_SLOT_TIMEOUT_MS = 300_000;
@@ -63,15 +63,25 @@ export async function startMigration(sql: Sql, table: QualifiedName, opts: Start
         async (tx) => {
           for (const stmt of plan.statements) await tx.unsafe(stmt);
         },
-        { ...opts, onRetry: (n, err) => log().warn({ attempt: n, err: String(err) }, "start: lock not granted in time, retrying") },
+        {
+          ...opts,
+          onRetry: (n, err) =>
+            log().warn({ attempt: n, err: String(err) }, "start: lock not granted in time, retrying"),
+        },
       );
     } catch (err) {
-      if (stream) await dropStream(sql, stream.slot, stream.publication, { lockTimeoutMs: 200, retries: 3, force: true }).catch(() => {});
+      if (stream)
+        await dropStream(sql, stream.slot, stream.publication, { lockTimeoutMs: 200, retries: 3, force: true }).catch(
+          () => {},
+        );
       throw err;
     }
     const ms = performance.now() - t0;
     for (const w of plan.warnings) log().warn(w);
-    log().info({ table: displayName(table), partitions: plan.partitions.length, ms: Math.round(ms) }, "migration started: shadow created, mirror installed");
+    log().info(
+      { table: displayName(table), partitions: plan.partitions.length, ms: Math.round(ms) },
+      "migration started: shadow created, mirror installed",
+    );
     return { plan, ms };
   } finally {
     await unlockMigration(sql, table).catch(() => {});

@@ -1,13 +1,13 @@
 import { z } from "zod";
-import { withLockRetry, type AnySql, type Sql } from "../db.js";
+import { type AnySql, type Sql, withLockRetry } from "../db.js";
 import { isConnectionLoss, PgshiftError, PhaseError, sqlState } from "../errors.js";
 import { log } from "../log.js";
-import { displayName, quoteQualified, type QualifiedName } from "../names.js";
-import { PartitionSpecSchema } from "../partitioning/spec.js";
-import { truncateGuardFunctionSql, truncateGuardSql } from "../mirror/trigger.js";
-import { upgradeDdlGuard } from "./ddl-guard.js";
 // mirror.ts imports this module's types only; triggerMirror is used inside a function (no cycle at load).
 import { triggerMirror } from "../mirror/mirror.js";
+import { truncateGuardFunctionSql, truncateGuardSql } from "../mirror/trigger.js";
+import { displayName, type QualifiedName, quoteQualified } from "../names.js";
+import { PartitionSpecSchema } from "../partitioning/spec.js";
+import { upgradeDdlGuard } from "./ddl-guard.js";
 
 /**
  * Phases of a migration and the steps that may follow each (the state machine):
@@ -43,7 +43,10 @@ const DeferredIndexSchema = z.object({
   unique: z.boolean(),
   definition: z.string(),
   /** The UNIQUE constraint the index backs (absent in rows written by an older pgshift: a plain index then). */
-  constraint: z.object({ definition: z.string(), deferrable: z.boolean(), deferred: z.boolean() }).nullable().optional(),
+  constraint: z
+    .object({ definition: z.string(), deferrable: z.boolean(), deferred: z.boolean() })
+    .nullable()
+    .optional(),
 });
 
 export const VerifyResultSchema = z.object({
@@ -217,26 +220,35 @@ function withNames(row: MigrationRow): Migration {
  * @throws PgshiftError when pgshift.migrations is not readable, the schema is newer than this pgshift or
  *   cannot be upgraded by this role, or the row is malformed.
  */
-export async function loadMigration(sql: AnySql, table: QualifiedName, opts: { upgrade?: boolean } = {}): Promise<Migration | null> {
+export async function loadMigration(
+  sql: AnySql,
+  table: QualifiedName,
+  opts: { upgrade?: boolean } = {},
+): Promise<Migration | null> {
   const exists = await sql`
     select case when exists (select from pg_namespace where nspname = 'pgshift')
                 then has_schema_privilege('pgshift', 'USAGE') and to_regclass('pgshift.migrations') is not null
                 else false end as ok`;
   if (!exists[0]?.ok) return null;
   const readable = await sql`select has_table_privilege('pgshift.migrations', 'SELECT') as ok`;
-  if (!readable[0]?.ok) throw new PgshiftError((await stateOwnershipProblem(sql)) ?? "permission denied for table pgshift.migrations");
+  if (!readable[0]?.ok)
+    throw new PgshiftError((await stateOwnershipProblem(sql)) ?? "permission denied for table pgshift.migrations");
   await requireSchemaVersion(sql, opts.upgrade ?? true);
   if (opts.upgrade ?? true) {
     const problem = await stateOwnershipProblem(sql);
     if (problem) throw new PgshiftError(problem);
   }
-  const rows = await sql`select * from pgshift.migrations where source_schema = ${table.schema} and source_table = ${table.name}`;
+  const rows =
+    await sql`select * from pgshift.migrations where source_schema = ${table.schema} and source_table = ${table.name}`;
   if (rows.length === 0) return null;
   const parsed = MigrationRowSchema.safeParse(rows[0]);
   if (!parsed.success) {
-    throw new PgshiftError(`the pgshift.migrations row of ${displayName(table)} is malformed: ${parsed.error.issues[0]?.message ?? "?"}`, {
-      hint: "was it edited by hand? restore it or abort the migration",
-    });
+    throw new PgshiftError(
+      `the pgshift.migrations row of ${displayName(table)} is malformed: ${parsed.error.issues[0]?.message ?? "?"}`,
+      {
+        hint: "was it edited by hand? restore it or abort the migration",
+      },
+    );
   }
   return withNames(parsed.data);
 }
@@ -275,13 +287,18 @@ const VersionRow = z.object({ version: z.coerce.number().int().nullable() });
  */
 async function requireSchemaVersion(sql: AnySql, upgrade: boolean): Promise<void> {
   const table = await sql`select to_regclass('pgshift.schema_version') is not null as ok`;
-  const rows = table[0]?.ok ? await sql`select max(version) as version from pgshift.schema_version` : [{ version: null }];
+  const rows = table[0]?.ok
+    ? await sql`select max(version) as version from pgshift.schema_version`
+    : [{ version: null }];
   const version = VersionRow.parse(rows[0]).version ?? 1;
   if (version === SCHEMA_VERSION) return;
   if (version > SCHEMA_VERSION) {
-    throw new PgshiftError(`the pgshift schema of this database is version ${version}, newer than this pgshift understands (${SCHEMA_VERSION})`, {
-      hint: "run the pgshift release that started the migration, or a newer one",
-    });
+    throw new PgshiftError(
+      `the pgshift schema of this database is version ${version}, newer than this pgshift understands (${SCHEMA_VERSION})`,
+      {
+        hint: "run the pgshift release that started the migration, or a newer one",
+      },
+    );
   }
   if (!upgrade) return;
   try {
@@ -297,9 +314,12 @@ async function requireSchemaVersion(sql: AnySql, upgrade: boolean): Promise<void
     for (const stmt of upgradeSql()) await sql.unsafe(stmt);
   } catch (err) {
     if (isConnectionLoss(err)) throw err;
-    throw new PgshiftError(`the pgshift schema of this database is version ${version} and needs an upgrade to ${SCHEMA_VERSION}, which failed: ${err instanceof Error ? err.message : String(err)}`, {
-      hint: "run this pgshift once as the role that owns pgshift.migrations (it upgrades the schema), then again",
-    });
+    throw new PgshiftError(
+      `the pgshift schema of this database is version ${version} and needs an upgrade to ${SCHEMA_VERSION}, which failed: ${err instanceof Error ? err.message : String(err)}`,
+      {
+        hint: "run this pgshift once as the role that owns pgshift.migrations (it upgrades the schema), then again",
+      },
+    );
   }
   log().info({ from: version, to: SCHEMA_VERSION }, "upgraded the pgshift schema");
 }
@@ -319,14 +339,21 @@ async function guardCopies(sql: AnySql): Promise<void> {
       from pgshift.migrations`;
   for (const copy of z.array(z.object({ schema: z.string(), name: z.string() })).parse(rows)) {
     try {
-      await withLockRetry(sql, async (tx) => {
-        const exists = await tx`select to_regclass(${quoteQualified(copy)}) is not null as ok`;
-        if (exists[0]?.ok) for (const stmt of truncateGuardSql(copy)) await tx.unsafe(stmt);
-      }, { retries: 5 });
+      await withLockRetry(
+        sql,
+        async (tx) => {
+          const exists = await tx`select to_regclass(${quoteQualified(copy)}) is not null as ok`;
+          if (exists[0]?.ok) for (const stmt of truncateGuardSql(copy)) await tx.unsafe(stmt);
+        },
+        { retries: 5 },
+      );
     } catch (err) {
       // withLockRetry's last 55P03 comes wrapped in a PgshiftError.
       if (sqlState(err instanceof PgshiftError ? err.cause : err) !== "55P03") throw err;
-      log().warn({ table: displayName(copy) }, "could not lock the table to give it the TRUNCATE guard; the next cutover or swap-back does");
+      log().warn(
+        { table: displayName(copy) },
+        "could not lock the table to give it the TRUNCATE guard; the next cutover or swap-back does",
+      );
     }
   }
 }
@@ -341,7 +368,8 @@ async function strictReverseMirrors(sql: AnySql): Promise<void> {
   const rows = await sql`select * from pgshift.migrations where phase = 'cutover'`;
   for (const row of rows) {
     const m = withNames(MigrationRowSchema.parse(row));
-    for (const stmt of triggerMirror.startSql(m)) if (stmt.startsWith("CREATE OR REPLACE FUNCTION")) await sql.unsafe(stmt);
+    for (const stmt of triggerMirror.startSql(m))
+      if (stmt.startsWith("CREATE OR REPLACE FUNCTION")) await sql.unsafe(stmt);
   }
 }
 
@@ -363,7 +391,13 @@ const NEXT_STEP: Record<Phase, string> = {
  * loadMigration (false for dry runs, which change nothing).
  * @throws PgshiftError when there is no migration; PhaseError when the phase does not allow the command.
  */
-export async function requireMigration(sql: AnySql, table: QualifiedName, command: string, allowed: readonly Phase[], opts: { upgrade?: boolean } = {}): Promise<Migration> {
+export async function requireMigration(
+  sql: AnySql,
+  table: QualifiedName,
+  command: string,
+  allowed: readonly Phase[],
+  opts: { upgrade?: boolean } = {},
+): Promise<Migration> {
   const m = await loadMigration(sql, table, opts);
   if (!m) {
     throw new PgshiftError(`no migration of ${displayName(table)} is in progress`, {
@@ -371,7 +405,10 @@ export async function requireMigration(sql: AnySql, table: QualifiedName, comman
     });
   }
   if (!allowed.includes(m.phase)) {
-    throw new PhaseError(`cannot ${command} ${displayName(table)}: the migration is in phase ${m.phase}`, NEXT_STEP[m.phase]);
+    throw new PhaseError(
+      `cannot ${command} ${displayName(table)}: the migration is in phase ${m.phase}`,
+      NEXT_STEP[m.phase],
+    );
   }
   return m;
 }
@@ -402,11 +439,16 @@ export async function lockMigration(sql: Sql, table: QualifiedName, waitMs = 500
   // pg_locks shows the two int4 keys as oids (unsigned).
   const holder = await sql`
     select pid from pg_locks where locktype = 'advisory' and classid = ${LOCK_CLASS}::oid
-       and objid = ((hashtext(${key})::bigint & 4294967295)::text)::oid and objsubid = 2 and granted limit 1`.catch(() => []);
+       and objid = ((hashtext(${key})::bigint & 4294967295)::text)::oid and objsubid = 2 and granted limit 1`.catch(
+    () => [],
+  );
   const pid = holder[0]?.pid;
-  throw new PgshiftError(`another pgshift process${pid ? ` (backend pid ${String(pid)})` : ""} is working on ${displayName(table)}`, {
-    hint: "wait for it to finish, or stop it; every step can be re-run safely",
-  });
+  throw new PgshiftError(
+    `another pgshift process${pid ? ` (backend pid ${String(pid)})` : ""} is working on ${displayName(table)}`,
+    {
+      hint: "wait for it to finish, or stop it; every step can be re-run safely",
+    },
+  );
 }
 
 /**

@@ -1,10 +1,22 @@
-import pg from "pg";
-import { z } from "zod";
 import pTimeout from "p-timeout";
-import { LogicalReplicationService, PgoutputPlugin } from "pg-logical-replication";
+import pg from "pg";
 import type { Pgoutput } from "pg-logical-replication";
-import { closedSince, connect, ident, SESSION_FORMATS, identList, joinFragments, replicationConfig, table as tableRef, valueList, type Sql, type TxSql } from "../db.js";
-import { PgshiftError, isConnectionLoss } from "../errors.js";
+import { LogicalReplicationService, PgoutputPlugin } from "pg-logical-replication";
+import { z } from "zod";
+import {
+  closedSince,
+  connect,
+  ident,
+  identList,
+  joinFragments,
+  replicationConfig,
+  SESSION_FORMATS,
+  type Sql,
+  type TxSql,
+  table as tableRef,
+  valueList,
+} from "../db.js";
+import { isConnectionLoss, PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import type { Migration, Phase } from "../migration/state.js";
 import { ChangeBatch, columnTypes, type Tuple } from "./changes.js";
@@ -14,7 +26,8 @@ import { lsnToBigInt, slotState } from "./logical.js";
 // them into JavaScript values (Date, number, object) would lose precision (microseconds, numeric, int8).
 // pg-logical-replication takes each column's parser from node-postgres's type registry; make every parser
 // the identity. Nothing else in pgshift uses node-postgres.
-(pg.types as unknown as { getTypeParser: () => (value: string) => string }).getTypeParser = () => (value: string) => value;
+(pg.types as unknown as { getTypeParser: () => (value: string) => string }).getTypeParser = () => (value: string) =>
+  value;
 
 /** A batch is written before it holds more row changes than this, or more characters of values. */
 const BATCH_CHANGES = 2000;
@@ -44,7 +57,9 @@ export const STREAMING_PHASES: readonly Phase[] = ["started", "backfilling", "ba
  */
 export class StreamFenced extends PgshiftError {
   constructor(message: string) {
-    super(message, { hint: "nothing of the refused group was kept; pgshift sync (or the command that follows the stream) starts again from the slot's confirmed position while the migration still streams" });
+    super(message, {
+      hint: "nothing of the refused group was kept; pgshift sync (or the command that follows the stream) starts again from the slot's confirmed position while the migration still streams",
+    });
     this.name = "StreamFenced";
   }
 }
@@ -112,7 +127,14 @@ export class Applier {
   private rowApplied: string | null;
   private commitTime: Date | null = null;
   private begun: { commitLsn: bigint; commitTime: Date } | null = null;
-  private group: { started: number; txns: number; end: bigint; commitTime: Date | null; exact: boolean; flush: boolean } | null = null;
+  private group: {
+    started: number;
+    txns: number;
+    end: bigint;
+    commitTime: Date | null;
+    exact: boolean;
+    flush: boolean;
+  } | null = null;
   /** The message (or the timed group commit) being handled: they run one after the other. */
   private inFlight: Promise<void> = Promise.resolve();
   private commitTimer: NodeJS.Timeout | null = null;
@@ -127,7 +149,8 @@ export class Applier {
   exactGroups = 0;
 
   constructor(m: Migration, opts: ApplierOptions = {}) {
-    if (!m.slot_name || !m.publication_name) throw new PgshiftError("this migration has no replication slot (trigger mode?)");
+    if (!m.slot_name || !m.publication_name)
+      throw new PgshiftError("this migration has no replication slot (trigger mode?)");
     this.m = m;
     this.opts = opts;
     this.applied = m.applied_lsn ? lsnToBigInt(m.applied_lsn) : 0n;
@@ -135,7 +158,12 @@ export class Applier {
   }
 
   get progress(): ApplierProgress {
-    return { appliedLsn: lsnText(this.applied), transactions: this.transactions, changes: this.changes, lastCommitTime: this.commitTime };
+    return {
+      appliedLsn: lsnText(this.applied),
+      transactions: this.transactions,
+      changes: this.changes,
+      lastCommitTime: this.commitTime,
+    };
   }
 
   /** The error that stopped the stream, if any. */
@@ -149,13 +177,21 @@ export class Applier {
    *   error (see isConnectionLoss) when the apply session's connection closed while starting.
    */
   async start(): Promise<void> {
-    this.sql = await connect({ url: this.opts.url, applicationName: `pgshift apply ${this.m.source_table}`, rawText: true, onClose: () => this.connectionLost() });
+    this.sql = await connect({
+      url: this.opts.url,
+      applicationName: `pgshift apply ${this.m.source_table}`,
+      rawText: true,
+      onClose: () => this.connectionLost(),
+    });
     try {
       const slot = await slotState(this.sql, this.m.slot_name!);
       if (slot.invalidated !== null) {
-        throw new PgshiftError(`replication slot ${this.m.slot_name} was invalidated by PostgreSQL (${slot.invalidated}): the WAL it needed is gone, the shadow can no longer follow the table`, {
-          hint: "run pgshift abort and start again (max_slot_wal_keep_size limits the WAL a slot may hold back; keep pgshift sync running)",
-        });
+        throw new PgshiftError(
+          `replication slot ${this.m.slot_name} was invalidated by PostgreSQL (${slot.invalidated}): the WAL it needed is gone, the shadow can no longer follow the table`,
+          {
+            hint: "run pgshift abort and start again (max_slot_wal_keep_size limits the WAL a slot may hold back; keep pgshift sync running)",
+          },
+        );
       }
       this.batch = new ChangeBatch({
         table: this.m.partitioned,
@@ -197,7 +233,11 @@ export class Applier {
       this.failed ??= err;
     });
     // messages: a command waiting for a position says so in the stream (FLUSH_MESSAGE), see onMessage.
-    const plugin = new PgoutputPlugin({ protoVersion: 1, publicationNames: [this.m.publication_name!], messages: true });
+    const plugin = new PgoutputPlugin({
+      protoVersion: 1,
+      publicationNames: [this.m.publication_name!],
+      messages: true,
+    });
     // When the server refuses to stream (slot in use, slot gone) the library may fail without an error
     // event: end the wait for "start" either way.
     this.running = service.subscribe(plugin, this.m.slot_name!).then(
@@ -225,8 +265,16 @@ export class Applier {
       if (lost) throw lost;
       const code = (err as { code?: string }).code;
       throw new PgshiftError(
-        code === "55006" ? `replication slot ${this.m.slot_name} is in use by another process` : `cannot stream from replication slot ${this.m.slot_name}: ${err instanceof Error ? err.message : String(err)}`,
-        { cause: err, hint: code === "55006" ? "a pgshift sync process is probably attached; stop it or let this command wait for it" : undefined },
+        code === "55006"
+          ? `replication slot ${this.m.slot_name} is in use by another process`
+          : `cannot stream from replication slot ${this.m.slot_name}: ${err instanceof Error ? err.message : String(err)}`,
+        {
+          cause: err,
+          hint:
+            code === "55006"
+              ? "a pgshift sync process is probably attached; stop it or let this command wait for it"
+              : undefined,
+        },
       );
     }
     // Ask for a keepalive now and then: its position lets an idle applier confirm progress.
@@ -300,7 +348,14 @@ export class Applier {
             this.txClosed = closedSince(this.sql!);
             this.tx = await this.sql!.reserve();
             await this.live().unsafe("begin");
-            this.group = { started: Date.now(), txns: 0, end: this.applied, commitTime: null, exact: await this.exactMode(this.live()), flush: false };
+            this.group = {
+              started: Date.now(),
+              txns: 0,
+              end: this.applied,
+              commitTime: null,
+              exact: await this.exactMode(this.live()),
+              flush: false,
+            };
             if (this.group.exact) this.exactGroups++;
           }
           return;
@@ -314,7 +369,9 @@ export class Applier {
           // migration was cut over (the DDL guard refuses other renames) and this is a write the reverse
           // mirror made in the retired table. Never apply it; the group's commit would be fenced anyway.
           if (msg.relation.name !== this.m.original.name) {
-            throw new StreamFenced(`a change of ${msg.relation.schema}.${msg.relation.name} reached the stream: ${this.m.original.name} was renamed (cut over), the stream applies nothing more (the group in hand was rolled back)`);
+            throw new StreamFenced(
+              `a change of ${msg.relation.schema}.${msg.relation.name} reached the stream: ${this.m.original.name} was renamed (cut over), the stream applies nothing more (the group in hand was rolled back)`,
+            );
           }
           this.changes++;
           await this.applyChange(this.live(), msg);
@@ -327,10 +384,18 @@ export class Applier {
           const added = streamed.filter((c) => !this.m.copy_columns.includes(c));
           const dropped = this.m.copy_columns.filter((c) => !streamed.includes(c));
           if (added.length > 0 || dropped.length > 0) {
-            const what = [added.length > 0 ? `added ${added.join(", ")}` : "", dropped.length > 0 ? `dropped ${dropped.join(", ")}` : ""].filter(Boolean).join(", ");
-            throw new PgshiftError(`the columns of ${msg.schema}.${msg.name} changed during the migration (${what}); the shadow cannot follow`, {
-              hint: "pgshift does not carry ALTER TABLE over: run pgshift abort, and start the migration again",
-            });
+            const what = [
+              added.length > 0 ? `added ${added.join(", ")}` : "",
+              dropped.length > 0 ? `dropped ${dropped.join(", ")}` : "",
+            ]
+              .filter(Boolean)
+              .join(", ");
+            throw new PgshiftError(
+              `the columns of ${msg.schema}.${msg.name} changed during the migration (${what}); the shadow cannot follow`,
+              {
+                hint: "pgshift does not carry ALTER TABLE over: run pgshift abort, and start the migration again",
+              },
+            );
           }
           return;
         }
@@ -338,11 +403,14 @@ export class Applier {
           // A command waits for the stream to reach this position (flushWal, e.g. cutover under its lock):
           // commit the group at this transaction's commit rather than when it is GROUP_MS old, so that a
           // `pgshift sync` in another process confirms it at once, as an applier in the waiting process does.
-          if (msg.transactional && msg.prefix === FLUSH_MESSAGE.prefix && this.group && !this.skipping) this.group.flush = true;
+          if (msg.transactional && msg.prefix === FLUSH_MESSAGE.prefix && this.group && !this.skipping)
+            this.group.flush = true;
           return;
         case "truncate":
           if (this.skipping) return;
-          throw new PgshiftError(`TRUNCATE of ${this.m.source_table} reached the stream; the shadow cannot follow`, { hint: "abort the migration (pgshift abort) and start again" });
+          throw new PgshiftError(`TRUNCATE of ${this.m.source_table} reached the stream; the shadow cannot follow`, {
+            hint: "abort the migration (pgshift abort) and start again",
+          });
         case "commit": {
           const end = msg.commitEndLsn ? lsnToBigInt(msg.commitEndLsn) : this.applied;
           if (this.skipping || !this.tx) {
@@ -356,7 +424,13 @@ export class Applier {
           g.commitTime = this.begun?.commitTime ?? new Date();
           this.begun = null;
           const age = Date.now() - g.started;
-          if (age >= GROUP_MS || g.txns >= GROUP_TRANSACTIONS || g.flush || (this.waiters > 0 && this.queued().length === 0)) await this.commitGroup();
+          if (
+            age >= GROUP_MS ||
+            g.txns >= GROUP_TRANSACTIONS ||
+            g.flush ||
+            (this.waiters > 0 && this.queued().length === 0)
+          )
+            await this.commitGroup();
           else if (!this.commitTimer) {
             this.commitTimer = setTimeout(() => {
               this.commitTimer = null;
@@ -407,9 +481,18 @@ export class Applier {
   private async fail(err: unknown): Promise<void> {
     this.failed ??= err instanceof Error ? err : new Error(String(err));
     this.startFailed?.(this.failed);
-    if (this.failed instanceof StreamFenced) log().warn({ err: this.failed.message }, "apply stopped: the group in hand was rolled back");
-    else if (this.stopping) log().debug({ err: this.failed.message }, "apply stopped with a group in hand: rolled back, nothing of it confirmed");
-    else log().error({ err: this.failed.message }, "apply failed; stopping the stream (nothing after the last applied transaction was confirmed)");
+    if (this.failed instanceof StreamFenced)
+      log().warn({ err: this.failed.message }, "apply stopped: the group in hand was rolled back");
+    else if (this.stopping)
+      log().debug(
+        { err: this.failed.message },
+        "apply stopped with a group in hand: rolled back, nothing of it confirmed",
+      );
+    else
+      log().error(
+        { err: this.failed.message },
+        "apply failed; stopping the stream (nothing after the last applied transaction was confirmed)",
+      );
     await this.abandonGroup(isConnectionLoss(err));
     void this.stop();
   }
@@ -473,14 +556,17 @@ export class Applier {
    *   next statement would run it outside the group (the applied position recorded without the changes).
    */
   private requireCurrent(tx: TxSql, g: NonNullable<Applier["group"]>): void {
-    if (this.tx !== tx || this.group !== g) throw this.failed ?? new Error("the apply group was abandoned (the applier is stopping)");
+    if (this.tx !== tx || this.group !== g)
+      throw this.failed ?? new Error("the apply group was abandoned (the applier is stopping)");
   }
 
   /** Why the fenced update of commitGroup found no row, read in the group's transaction. */
   private async fenceReason(tx: TxSql): Promise<string> {
-    const rows = await tx`select phase::text as phase, slot_name, applied_lsn from pgshift.migrations where id = ${this.m.id}`;
+    const rows =
+      await tx`select phase::text as phase, slot_name, applied_lsn from pgshift.migrations where id = ${this.m.id}`;
     const r = rows[0] as { phase: string; slot_name: string | null; applied_lsn: string | null } | undefined;
-    if (!r) return `the migration of ${this.m.source_table} is gone (aborted or finalized): the stream applies nothing more`;
+    if (!r)
+      return `the migration of ${this.m.source_table} is gone (aborted or finalized): the stream applies nothing more`;
     if (!STREAMING_PHASES.includes(r.phase as Phase) || r.slot_name !== this.m.slot_name) {
       return `the migration of ${this.m.source_table} is in phase ${r.phase}${r.slot_name === this.m.slot_name ? "" : " without this replication slot"}: the stream applies nothing more (the group in hand was rolled back)`;
     }
@@ -502,7 +588,13 @@ export class Applier {
     if (tx && !lost && !this.txClosed()) {
       // Bounded: a statement of the group may still wait for a lock (stop() gave up waiting for it). The
       // group cannot commit any more (requireCurrent), and the connection is ended after this.
-      const done = await pTimeout(tx.unsafe("rollback").then(() => true, () => true), { milliseconds: 5000, message: false }).catch(() => false);
+      const done = await pTimeout(
+        tx.unsafe("rollback").then(
+          () => true,
+          () => true,
+        ),
+        { milliseconds: 5000, message: false },
+      ).catch(() => false);
       if (done && !this.txClosed()) tx.release();
     }
   }
@@ -513,7 +605,8 @@ export class Applier {
    */
   private live(): TxSql {
     if (!this.tx) throw new Error("no apply transaction is open");
-    if (this.txClosed()) throw Object.assign(new Error("the apply session's connection was lost"), { code: "CONNECTION_CLOSED" });
+    if (this.txClosed())
+      throw Object.assign(new Error("the apply session's connection was lost"), { code: "CONNECTION_CLOSED" });
     return this.tx;
   }
 
@@ -522,7 +615,10 @@ export class Applier {
    * or when it grows past its limits); an UPDATE with unchanged TOASTed values is applied on its own, after
    * the batch is written.
    */
-  private async applyChange(tx: TxSql, msg: Pgoutput.MessageInsert | Pgoutput.MessageUpdate | Pgoutput.MessageDelete): Promise<void> {
+  private async applyChange(
+    tx: TxSql,
+    msg: Pgoutput.MessageInsert | Pgoutput.MessageUpdate | Pgoutput.MessageDelete,
+  ): Promise<void> {
     const batch = this.batch!;
     const pk = this.m.key_columns;
     if (msg.tag === "insert") {
@@ -558,12 +654,27 @@ export class Applier {
     const pk = m.key_columns;
     const key = m.shadow_key;
     const cols = m.copy_columns;
-    const vals = (t: Tuple, names: readonly string[]) => valueList(tx, names.map((c) => (t[c] === undefined ? null : (t[c] as string | null))));
+    const vals = (t: Tuple, names: readonly string[]) =>
+      valueList(
+        tx,
+        names.map((c) => (t[c] === undefined ? null : (t[c] as string | null))),
+      );
     const moved = tx`(${identList(tx, pk)}) = (${vals(oldPk, pk)}) and (${identList(tx, key)}) is distinct from (${vals(n, key)})`;
     const known = cols.filter((c) => n[c] !== undefined);
     const knownRest = known.filter((c) => !key.includes(c));
-    const carry = joinFragments(tx, cols.map((c) => (n[c] !== undefined ? tx`${n[c] as string | null}` : tx`gone.${ident(tx, c)}`)), tx`, `);
-    const setKnown = knownRest.length === 0 ? tx`do nothing` : tx`do update set ${joinFragments(tx, knownRest.map((c) => tx`${ident(tx, c)} = excluded.${ident(tx, c)}`), tx`, `)}`;
+    const carry = joinFragments(
+      tx,
+      cols.map((c) => (n[c] !== undefined ? tx`${n[c] as string | null}` : tx`gone.${ident(tx, c)}`)),
+      tx`, `,
+    );
+    const setKnown =
+      knownRest.length === 0
+        ? tx`do nothing`
+        : tx`do update set ${joinFragments(
+            tx,
+            knownRest.map((c) => tx`${ident(tx, c)} = excluded.${ident(tx, c)}`),
+            tx`, `,
+          )}`;
     if (pk.some((c) => oldPk[c] !== n[c])) {
       // A new primary key: no other version of it may stay (exact mode relies on one version per key).
       await tx`delete from ${shadow} where (${identList(tx, pk)}) = (${vals(n, pk)}) and (${identList(tx, key)}) is distinct from (${vals(n, key)})`;
@@ -572,7 +683,15 @@ export class Applier {
       with gone as (delete from ${shadow} where ${moved} returning *)
       insert into ${shadow} (${identList(tx, cols)}) select ${carry} from gone limit 1 on conflict (${identList(tx, key)}) ${setKnown}`;
     const inPlace = await tx`
-      update ${shadow} set ${knownRest.length === 0 ? tx`${ident(tx, key[0]!)} = ${ident(tx, key[0]!)}` : joinFragments(tx, knownRest.map((c) => tx`${ident(tx, c)} = ${n[c] as string | null}`), tx`, `)}
+      update ${shadow} set ${
+        knownRest.length === 0
+          ? tx`${ident(tx, key[0]!)} = ${ident(tx, key[0]!)}`
+          : joinFragments(
+              tx,
+              knownRest.map((c) => tx`${ident(tx, c)} = ${n[c] as string | null}`),
+              tx`, `,
+            )
+      }
        where (${identList(tx, key)}) = (${vals(n, key)})`;
     if (movedRows.count + inPlace.count === 0) {
       await tx`insert into ${shadow} (${identList(tx, cols)}) select ${identList(tx, cols)} from ${tableRef(tx, m.original)}
@@ -631,4 +750,3 @@ export class Applier {
     await sql?.end({ timeout: 5 }).catch(() => {});
   }
 }
-

@@ -1,4 +1,4 @@
-import { ident, identList, joinFragments, table as tableRef, type AnySql, type Fragment, type TxSql } from "../db.js";
+import { type AnySql, type Fragment, ident, identList, joinFragments, type TxSql, table as tableRef } from "../db.js";
 import type { QualifiedName } from "../names.js";
 
 /** A row as pgoutput sends it: text, null, or undefined for an unchanged TOASTed value. */
@@ -135,7 +135,11 @@ export class ChangeBatch {
         const shadow = tableRef(tx, this.t.table);
         const inserted = await tx<Record<string, string | null>[]>`
           with w as (${this.upsert(tx, rows)} returning ${identList(tx, key)})
-          select ${joinFragments(tx, pk.map((c) => tx`w.${ident(tx, c)}::text as ${ident(tx, c)}`), tx`, `)} from w
+          select ${joinFragments(
+            tx,
+            pk.map((c) => tx`w.${ident(tx, c)}::text as ${ident(tx, c)}`),
+            tx`, `,
+          )} from w
            where (select count(*) from ${shadow} as s where (${identList(tx, key, "s")}) = (${identList(tx, key, "w")})) = 0`;
         for (const r of inserted) gone.push(pkObject(pk.map((c) => r[c] ?? null)));
       }
@@ -147,7 +151,14 @@ export class ChangeBatch {
   private upsert(tx: TxSql, rows: Record<string, string | null>[]): Fragment {
     const { key, columns } = this.t;
     const rest = columns.filter((c) => !key.includes(c));
-    const set = rest.length === 0 ? tx`do nothing` : tx`do update set ${joinFragments(tx, rest.map((c) => tx`${ident(tx, c)} = excluded.${ident(tx, c)}`), tx`, `)}`;
+    const set =
+      rest.length === 0
+        ? tx`do nothing`
+        : tx`do update set ${joinFragments(
+            tx,
+            rest.map((c) => tx`${ident(tx, c)} = excluded.${ident(tx, c)}`),
+            tx`, `,
+          )}`;
     return tx`insert into ${tableRef(tx, this.t.table)} (${identList(tx, columns)})
               select ${this.typedList(tx, columns)} from ${this.recordset(tx, JSON.stringify(rows), columns)}
               on conflict (${identList(tx, key)}) ${set}`;
@@ -158,19 +169,35 @@ export class ChangeBatch {
    * versions). `= any(array(...))` per key column: an index scan of each partition's primary key for all
    * the keys at once (a join with the list could be planned as a scan of every partition).
    */
-  private async deleteOthers(tx: TxSql, gone: Record<string, string | null>[], keep: Record<string, string | null>[]): Promise<void> {
+  private async deleteOthers(
+    tx: TxSql,
+    gone: Record<string, string | null>[],
+    keep: Record<string, string | null>[],
+  ): Promise<void> {
     if (gone.length === 0) return;
     const { pk, key } = this.t;
     const goneJson = JSON.stringify(gone);
-    const where = pk.map((c) => tx`s.${ident(tx, c)} = any(array(select ${this.typed(tx, c)} from ${this.recordset(tx, goneJson, [c])}))`);
-    if (pk.length > 1) where.push(tx`(${identList(tx, pk, "s")}) in (select ${this.typedList(tx, pk)} from ${this.recordset(tx, goneJson, pk)})`);
-    if (keep.length > 0) where.push(tx`(${identList(tx, key, "s")}) not in (select ${this.typedList(tx, key)} from ${this.recordset(tx, JSON.stringify(keep), key)})`);
+    const where = pk.map(
+      (c) => tx`s.${ident(tx, c)} = any(array(select ${this.typed(tx, c)} from ${this.recordset(tx, goneJson, [c])}))`,
+    );
+    if (pk.length > 1)
+      where.push(
+        tx`(${identList(tx, pk, "s")}) in (select ${this.typedList(tx, pk)} from ${this.recordset(tx, goneJson, pk)})`,
+      );
+    if (keep.length > 0)
+      where.push(
+        tx`(${identList(tx, key, "s")}) not in (select ${this.typedList(tx, key)} from ${this.recordset(tx, JSON.stringify(keep), key)})`,
+      );
     await tx`delete from ${tableRef(tx, this.t.table)} as s where ${joinFragments(tx, where, tx` and `)}`;
   }
 
   /** `jsonb_to_recordset($json) as u(c1 text, ...)`: the rows of a JSON array of objects, values as text. */
   private recordset(tx: TxSql, json: string, names: readonly string[]): Fragment {
-    return tx`jsonb_to_recordset(${json}::jsonb) as u(${joinFragments(tx, names.map((c) => tx`${ident(tx, c)} text`), tx`, `)})`;
+    return tx`jsonb_to_recordset(${json}::jsonb) as u(${joinFragments(
+      tx,
+      names.map((c) => tx`${ident(tx, c)} text`),
+      tx`, `,
+    )})`;
   }
 
   /** `u.c::type`: the text of column `c` read by its type's input function, as PostgreSQL reads a literal. */
@@ -181,7 +208,11 @@ export class ChangeBatch {
   }
 
   private typedList(tx: TxSql, names: readonly string[]): Fragment {
-    return joinFragments(tx, names.map((c) => this.typed(tx, c)), tx`, `);
+    return joinFragments(
+      tx,
+      names.map((c) => this.typed(tx, c)),
+      tx`, `,
+    );
   }
 }
 

@@ -1,12 +1,12 @@
 import { z } from "zod";
+import type { TableFacts } from "../catalog/inspect.js";
 import type { AnySql, LockRetryOptions, Sql } from "../db.js";
 import { ident, table as tableRef, transaction, withLockRetry } from "../db.js";
 import { PgshiftError, sqlState } from "../errors.js";
 import { log } from "../log.js";
-import type { TableFacts } from "../catalog/inspect.js";
-import { quoteIdent, quoteLiteral, quoteQualified, type QualifiedName } from "../names.js";
+import { type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
+import { type Mirror, type MirrorHealth, triggerMirror } from "./mirror.js";
 import { removeMirrorTriggerSql, truncateGuardSql } from "./trigger.js";
-import { triggerMirror, type Mirror, type MirrorHealth } from "./mirror.js";
 
 /**
  * Reasons the logical mirror cannot work on this server and table; empty when it can.
@@ -28,15 +28,29 @@ export async function logicalPrerequisites(sql: Sql, facts: TableFacts): Promise
            exists (select from pg_index where indrelid = ${facts.oid} and indisreplident) as has_replident_index`;
   const x = r[0]!;
   const out: string[] = [];
-  if (x.wal_level !== "logical") out.push(`wal_level is ${String(x.wal_level)}, --mode logical needs wal_level = logical (set it and restart the server, or use --mode trigger)`);
-  if (Number(x.slots) >= Number(x.max_slots)) out.push(`no free replication slot (${String(x.slots)} of max_replication_slots = ${String(x.max_slots)} in use)`);
-  if (Number(x.senders) >= Number(x.max_senders)) out.push(`no free WAL sender (${String(x.senders)} of max_wal_senders = ${String(x.max_senders)} in use)`);
-  if (!x.can_replicate) out.push(`the current user lacks the REPLICATION privilege (ALTER ROLE ... REPLICATION), needed to stream changes`);
-  if (!x.can_publish) out.push(`the current user may not create publications in this database (needs CREATE on the database)`);
+  if (x.wal_level !== "logical")
+    out.push(
+      `wal_level is ${String(x.wal_level)}, --mode logical needs wal_level = logical (set it and restart the server, or use --mode trigger)`,
+    );
+  if (Number(x.slots) >= Number(x.max_slots))
+    out.push(`no free replication slot (${String(x.slots)} of max_replication_slots = ${String(x.max_slots)} in use)`);
+  if (Number(x.senders) >= Number(x.max_senders))
+    out.push(`no free WAL sender (${String(x.senders)} of max_wal_senders = ${String(x.max_senders)} in use)`);
+  if (!x.can_replicate)
+    out.push(`the current user lacks the REPLICATION privilege (ALTER ROLE ... REPLICATION), needed to stream changes`);
+  if (!x.can_publish)
+    out.push(`the current user may not create publications in this database (needs CREATE on the database)`);
   const ri = String(x.replident);
-  if (ri === "n") out.push(`${facts.table.schema}.${facts.table.name} has REPLICA IDENTITY NOTHING: its UPDATEs and DELETEs cannot be streamed (ALTER TABLE ... REPLICA IDENTITY DEFAULT)`);
-  else if (ri === "d" && !x.has_pk) out.push(`${facts.table.schema}.${facts.table.name} has no primary key for REPLICA IDENTITY DEFAULT: its UPDATEs and DELETEs would fail once published (ALTER TABLE ... REPLICA IDENTITY USING INDEX <unique index>)`);
-  else if (ri === "i" && !x.has_replident_index) out.push(`${facts.table.schema}.${facts.table.name} has REPLICA IDENTITY USING INDEX but the index is gone`);
+  if (ri === "n")
+    out.push(
+      `${facts.table.schema}.${facts.table.name} has REPLICA IDENTITY NOTHING: its UPDATEs and DELETEs cannot be streamed (ALTER TABLE ... REPLICA IDENTITY DEFAULT)`,
+    );
+  else if (ri === "d" && !x.has_pk)
+    out.push(
+      `${facts.table.schema}.${facts.table.name} has no primary key for REPLICA IDENTITY DEFAULT: its UPDATEs and DELETEs would fail once published (ALTER TABLE ... REPLICA IDENTITY USING INDEX <unique index>)`,
+    );
+  else if (ri === "i" && !x.has_replident_index)
+    out.push(`${facts.table.schema}.${facts.table.name} has REPLICA IDENTITY USING INDEX but the index is gone`);
   return out;
 }
 
@@ -54,7 +68,12 @@ const CREATE_SLOT = "SELECT pg_create_logical_replication_slot(";
 /** Whether `statement` (one of createStreamSql's) creates the slot: start runs it with createSlotWaiting. */
 export const createsSlot = (statement: string): boolean => statement.startsWith(CREATE_SLOT);
 
-const OpenTransaction = z.object({ pid: z.number(), state: z.string().nullable(), xact_start: z.date().nullable(), application_name: z.string().nullable() });
+const OpenTransaction = z.object({
+  pid: z.number(),
+  state: z.string().nullable(),
+  xact_start: z.date().nullable(),
+  application_name: z.string().nullable(),
+});
 
 /** Other sessions' transactions that hold a transaction id (those a new slot's snapshot waits for), oldest first. */
 async function transactionsHoldingXids(sql: AnySql): Promise<z.infer<typeof OpenTransaction>[]> {
@@ -68,7 +87,10 @@ async function transactionsHoldingXids(sql: AnySql): Promise<z.infer<typeof Open
 const describeTransactions = (ts: z.infer<typeof OpenTransaction>[]) =>
   ts
     .slice(0, 5)
-    .map((t) => `pid ${t.pid} (${t.state ?? "?"}${t.xact_start ? ` since ${t.xact_start.toISOString()}` : ""}${t.application_name ? `, ${t.application_name}` : ""})`)
+    .map(
+      (t) =>
+        `pid ${t.pid} (${t.state ?? "?"}${t.xact_start ? ` since ${t.xact_start.toISOString()}` : ""}${t.application_name ? `, ${t.application_name}` : ""})`,
+    )
     .join(", ") + (ts.length > 5 ? ` and ${ts.length - 5} more` : "");
 
 /**
@@ -84,7 +106,10 @@ const describeTransactions = (ts: z.infer<typeof OpenTransaction>[]) =>
 export async function createSlotWaiting(sql: Sql, statement: string, timeoutMs: number): Promise<void> {
   const before = await transactionsHoldingXids(sql);
   if (before.length > 0) {
-    log().warn({ sessions: before.map((t) => t.pid) }, `creating the replication slot waits until these transactions end: ${describeTransactions(before)}`);
+    log().warn(
+      { sessions: before.map((t) => t.pid) },
+      `creating the replication slot waits until these transactions end: ${describeTransactions(before)}`,
+    );
   }
   try {
     await transaction(sql, async (tx) => {
@@ -96,7 +121,9 @@ export async function createSlotWaiting(sql: Sql, statement: string, timeoutMs: 
     const still = await transactionsHoldingXids(sql);
     throw new PgshiftError(
       `the replication slot was not created within ${timeoutMs} ms: it waits for transactions that were running when it began to end${still.length > 0 ? `, still open: ${describeTransactions(still)}` : ""}`,
-      { hint: "end them (COMMIT, or SELECT pg_terminate_backend(pid)) and run start again, or give them longer with --slot-timeout-ms" },
+      {
+        hint: "end them (COMMIT, or SELECT pg_terminate_backend(pid)) and run start again, or give them longer with --slot-timeout-ms",
+      },
     );
   }
 }
@@ -114,7 +141,11 @@ export function dropStreamSql(slot: string | null, publication: string | null, t
       `SELECT pg_drop_replication_slot(${quoteLiteral(slot)})`,
     );
   }
-  if (publication) out.push(`LOCK TABLE ${quoteQualified(table)} IN SHARE MODE`, `DROP PUBLICATION IF EXISTS ${quoteIdent(publication)}`);
+  if (publication)
+    out.push(
+      `LOCK TABLE ${quoteQualified(table)} IN SHARE MODE`,
+      `DROP PUBLICATION IF EXISTS ${quoteIdent(publication)}`,
+    );
   return out;
 }
 
@@ -125,7 +156,12 @@ export function dropStreamSql(slot: string | null, publication: string | null, t
  *   not granted, drop the publication without them (a start cleaning up after itself must leave nothing).
  * @throws PgshiftError (55P03) when the published table stays locked through every retry (unless `force`).
  */
-export async function dropStream(sql: Sql, slot: string | null, publication: string | null, opts: LockRetryOptions & { force?: boolean } = {}): Promise<void> {
+export async function dropStream(
+  sql: Sql,
+  slot: string | null,
+  publication: string | null,
+  opts: LockRetryOptions & { force?: boolean } = {},
+): Promise<void> {
   if (slot) {
     for (let i = 0; i < 50; i++) {
       const s = await sql`select active_pid from pg_replication_slots where slot_name = ${slot}`;
@@ -158,7 +194,11 @@ export async function dropStream(sql: Sql, slot: string | null, publication: str
  * in a 15 s loop of CREATE and DROP PUBLICATION, none with the lock). SHARE conflicts with their ROW
  * EXCLUSIVE: the writes in flight finish first, new ones wait the few ms of the DROP ("Explicit Locking").
  */
-async function dropPublication(sql: Sql, publication: string, opts: LockRetryOptions & { force?: boolean }): Promise<void> {
+async function dropPublication(
+  sql: Sql,
+  publication: string,
+  opts: LockRetryOptions & { force?: boolean },
+): Promise<void> {
   try {
     await dropPublicationLocked(sql, publication, opts);
   } catch (err) {
@@ -172,10 +212,13 @@ async function dropPublicationLocked(sql: Sql, publication: string, opts: LockRe
   await withLockRetry(
     sql,
     async (tx) => {
-      const tables = z.array(PublishedTable).parse(
-        await tx`select schemaname, tablename from pg_catalog.pg_publication_tables where pubname = ${publication} order by 1, 2`,
-      );
-      for (const t of tables) await tx`lock table ${tableRef(tx, { schema: t.schemaname, name: t.tablename })} in share mode`;
+      const tables = z
+        .array(PublishedTable)
+        .parse(
+          await tx`select schemaname, tablename from pg_catalog.pg_publication_tables where pubname = ${publication} order by 1, 2`,
+        );
+      for (const t of tables)
+        await tx`lock table ${tableRef(tx, { schema: t.schemaname, name: t.tablename })} in share mode`;
       await tx`drop publication if exists ${ident(tx, publication)}`;
     },
     opts,
@@ -279,4 +322,3 @@ export const logicalMirror: Mirror = {
     };
   },
 };
-

@@ -1,6 +1,6 @@
 import type { AnySql } from "../db.js";
-import { quoteQualified } from "../names.js";
 import type { Migration, Mode } from "../migration/state.js";
+import { quoteQualified } from "../names.js";
 // logical.ts builds on triggerMirror (used only inside functions, so the import cycle is harmless).
 import { logicalMirror } from "./logical.js";
 import { installTriggerMirrorSql, MIRROR_TRIGGER, removeMirrorTriggerSql, TRUNCATE_TRIGGER } from "./trigger.js";
@@ -72,7 +72,9 @@ export const triggerMirror: Mirror = {
     return {
       mode: "trigger",
       ok,
-      detail: ok ? `row trigger enabled: ${route}` : `row trigger ${mirror ? "disabled" : "missing"} on ${m.live.schema}.${m.live.name}: writes are NOT mirrored`,
+      detail: ok
+        ? `row trigger enabled: ${route}`
+        : `row trigger ${mirror ? "disabled" : "missing"} on ${m.live.schema}.${m.live.name}: writes are NOT mirrored`,
     };
   },
 };

@@ -1,5 +1,5 @@
-import { connect, connectionUrl, transaction, type Sql } from "../db.js";
-import { PgshiftError, isConnectionLoss, sqlState } from "../errors.js";
+import { connect, connectionUrl, type Sql, transaction } from "../db.js";
+import { isConnectionLoss, PgshiftError, sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { loadMigration, type Migration } from "../migration/state.js";
 import { Applier, FLUSH_MESSAGE, STREAMING_PHASES, StreamFenced } from "./apply.js";
@@ -38,7 +38,8 @@ export class CatchupTimeout extends Error {}
  * group fenced off because another applier committed first (takeOver re-reads the row, and refuses to
  * start at all once the migration no longer streams).
  */
-const retryable = (err: unknown) => ["40P01", "40001", "55P03"].includes(sqlState(err) ?? "") || isConnectionLoss(err) || err instanceof StreamFenced;
+const retryable = (err: unknown) =>
+  ["40P01", "40001", "55P03"].includes(sqlState(err) ?? "") || isConnectionLoss(err) || err instanceof StreamFenced;
 
 /**
  * Keeps the shadow following the slot for as long as a command needs it: applies the stream in this process
@@ -128,7 +129,10 @@ export async function followStream(sql: Sql, m: Migration): Promise<StreamFollow
       if (s.exists && !s.active) {
         idleSince ??= Date.now();
         if (Date.now() - idleSince >= 500 && (await takeOver())) {
-          log().warn({ slot }, "stream: the consumer attached to the slot went away; applying the stream in this process");
+          log().warn(
+            { slot },
+            "stream: the consumer attached to the slot went away; applying the stream in this process",
+          );
           return false;
         }
       } else idleSince = null;
@@ -220,9 +224,12 @@ export async function catchUp(sql: Sql, f: StreamFollower, maxLagMs: number, tim
     if (ok && took <= maxLagMs) return took;
     if (Date.now() >= until) {
       if (ok) return took;
-      throw new PgshiftError(`the replication stream did not reach WAL position ${target} within ${Math.round(timeoutMs / 1000)} s`, {
-        hint: "see pgshift status (lag, consumer attached); verify and cutover wait for the stream again",
-      });
+      throw new PgshiftError(
+        `the replication stream did not reach WAL position ${target} within ${Math.round(timeoutMs / 1000)} s`,
+        {
+          hint: "see pgshift status (lag, consumer attached); verify and cutover wait for the stream again",
+        },
+      );
     }
   }
 }

@@ -1,9 +1,9 @@
 import pRetry from "p-retry";
 import { connect, connectionUrl, type Sql } from "../db.js";
-import { PgshiftError, isConnectionLoss, sqlState } from "../errors.js";
+import { isConnectionLoss, PgshiftError, sqlState } from "../errors.js";
 import { log } from "../log.js";
+import { loadMigration, type Migration, requireMigration } from "../migration/state.js";
 import { displayName, type QualifiedName } from "../names.js";
-import { loadMigration, requireMigration, type Migration } from "../migration/state.js";
 import { Applier, STREAMING_PHASES, StreamFenced } from "./apply.js";
 import { slotState } from "./logical.js";
 
@@ -77,7 +77,10 @@ async function current(sql: Sql, table: QualifiedName): Promise<Migration | Stop
 export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {}): Promise<Stop> {
   const first = await requireMigration(sql, table, "sync", ["started", "backfilling", "backfilled"]);
   if (first.mode !== "logical" || !first.slot_name) {
-    throw new PgshiftError(`the migration of ${displayName(table)} is in ${first.mode} mode: there is no stream to apply`, { hint: "sync is for migrations started with --mode logical" });
+    throw new PgshiftError(
+      `the migration of ${displayName(table)} is in ${first.mode} mode: there is no stream to apply`,
+      { hint: "sync is for migrations started with --mode logical" },
+    );
   }
   const url = connectionUrl(sql);
   const loop = opts.loop ?? true;
@@ -111,7 +114,11 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
       }
       sessions++;
       if (sessions === 1) log().info({ table: displayName(table), slot: m.slot_name }, "sync: streaming");
-      else log().warn({ table: displayName(table), slot: m.slot_name }, "sync: streaming again, from the slot's confirmed position");
+      else
+        log().warn(
+          { table: displayName(table), slot: m.slot_name },
+          "sync: streaming again, from the slot's confirmed position",
+        );
       lost = 0;
       return await streamUntilDone(db, m, applier);
     } finally {
@@ -135,7 +142,9 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
       const later = await current(db, table);
       if ("reason" in later) return later;
     }
-    throw new PgshiftError(`replication slot ${m.slot_name} is gone but the migration still expects it`, { hint: "run pgshift abort and start again" });
+    throw new PgshiftError(`replication slot ${m.slot_name} is gone but the migration still expects it`, {
+      hint: "run pgshift abort and start again",
+    });
   };
 
   /** Reports progress once a second until stopped, cut over or gone; throws the stream's error. */
@@ -193,20 +202,27 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
       onFailedAttempt: ({ error }) => {
         const why = again(error);
         const code = sqlState(error);
-        if (why === "transient") log().warn({ code }, "sync: transient apply error, starting again from the confirmed position");
+        if (why === "transient")
+          log().warn({ code }, "sync: transient apply error, starting again from the confirmed position");
         if (why !== "lost") return;
         lost++;
-        log().warn({ attempt: lost, code, err: error.message }, "sync: connection lost; connecting again (nothing unconfirmed is lost: the slot sends it again)");
+        log().warn(
+          { attempt: lost, code, err: error.message },
+          "sync: connection lost; connecting again (nothing unconfirmed is lost: the slot sends it again)",
+        );
         opts.onReconnect?.({ attempt: lost, error: error.message });
       },
     });
   } catch (err) {
     if (opts.signal?.aborted) return { reason: "stopped" };
     if (!loop && isConnectionLoss(err) && !(err instanceof PgshiftError)) {
-      throw new PgshiftError(`sync lost its connection to the server: ${err instanceof Error ? err.message : String(err)}`, {
-        hint: "run pgshift sync again (without --no-loop it connects again by itself); nothing unconfirmed was lost",
-        cause: err,
-      });
+      throw new PgshiftError(
+        `sync lost its connection to the server: ${err instanceof Error ? err.message : String(err)}`,
+        {
+          hint: "run pgshift sync again (without --no-loop it connects again by itself); nothing unconfirmed was lost",
+          cause: err,
+        },
+      );
     }
     throw err;
   }

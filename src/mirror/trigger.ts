@@ -1,4 +1,4 @@
-import { quoteIdent, quoteLiteral, quoteQualified, type QualifiedName } from "../names.js";
+import { type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
 
 /** What a row-trigger mirror copies from one table into another. */
 export interface TriggerMirrorSpec {
@@ -179,7 +179,11 @@ export function truncateGuardSql(table: QualifiedName): string[] {
   // CREATE OR REPLACE per partition.
   return [
     `CREATE OR REPLACE TRIGGER ${TRUNCATE_TRIGGER} ${guard.replace("%s", () => t)}`,
-    forEachPartitionSql(table, `CREATE TRIGGER ${TRUNCATE_TRIGGER} ${guard}`, `NOT EXISTS (SELECT FROM pg_catalog.pg_trigger AS g WHERE g.tgrelid = relid AND g.tgname = ${quoteLiteral(TRUNCATE_TRIGGER)})`),
+    forEachPartitionSql(
+      table,
+      `CREATE TRIGGER ${TRUNCATE_TRIGGER} ${guard}`,
+      `NOT EXISTS (SELECT FROM pg_catalog.pg_trigger AS g WHERE g.tgrelid = relid AND g.tgname = ${quoteLiteral(TRUNCATE_TRIGGER)})`,
+    ),
   ];
 }
 
@@ -208,13 +212,11 @@ export function removeTruncateGuardSql(table: QualifiedName): string[] {
 
 /** The shared TRUNCATE guard function, created with the pgshift schema. */
 export function truncateGuardFunctionSql(): string {
-  return (
-    `CREATE OR REPLACE FUNCTION ${quoteQualified(TRUNCATE_GUARD_FN)}() RETURNS trigger LANGUAGE plpgsql AS $pgshift$
+  return `CREATE OR REPLACE FUNCTION ${quoteQualified(TRUNCATE_GUARD_FN)}() RETURNS trigger LANGUAGE plpgsql AS $pgshift$
 BEGIN
   RAISE EXCEPTION 'pgshift: TRUNCATE of %.% is refused while the table is being migrated', TG_TABLE_SCHEMA, TG_TABLE_NAME
     USING ERRCODE = 'object_in_use',
           HINT = 'finish the migration (pgshift finalize) or undo it (pgshift abort) first';
 END
-$pgshift$`
-  );
+$pgshift$`;
 }

@@ -126,7 +126,11 @@ function floorDiv(a: bigint, b: bigint): bigint {
 }
 
 function listSuffix(value: string): string {
-  const s = value.toLowerCase().replace(/[^a-z0-9_]+/g, "_").replace(/^_+|_+$/g, "").slice(0, 24);
+  const s = value
+    .toLowerCase()
+    .replace(/[^a-z0-9_]+/g, "_")
+    .replace(/^_+|_+$/g, "")
+    .slice(0, 24);
   return s;
 }
 
@@ -189,7 +193,11 @@ export function computePartitions(
       while (from < stop && from <= typeMax) {
         const to = from + width;
         const label = from < 0n ? `m${-from}` : String(from);
-        out.push({ name: fitName(base, `_p${label}`), bound: `FOR VALUES FROM (${lit(from)}) TO (${lit(to)})`, isDefault: false });
+        out.push({
+          name: fitName(base, `_p${label}`),
+          bound: `FOR VALUES FROM (${lit(from)}) TO (${lit(to)})`,
+          isDefault: false,
+        });
         from = to;
       }
       out.push(defaultPartition);
@@ -211,13 +219,17 @@ export function computePartitions(
     }
     case "hash":
       for (let r = 0; r < spec.modulus; r++) {
-        out.push({ name: fitName(base, `_p${r}`), bound: `FOR VALUES WITH (MODULUS ${spec.modulus}, REMAINDER ${r})`, isDefault: false });
+        out.push({
+          name: fitName(base, `_p${r}`),
+          bound: `FOR VALUES WITH (MODULUS ${spec.modulus}, REMAINDER ${r})`,
+          isDefault: false,
+        });
       }
       break;
   }
   return out;
 }
 
-function tooMany(spec: PartitionSpec): string {
+function tooMany(_spec: PartitionSpec): string {
   return `the spec would create more than ${MAX_PARTITIONS} partitions; choose a coarser interval or width`;
 }

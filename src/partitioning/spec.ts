@@ -23,7 +23,8 @@ const SPEC_HELP =
  * @throws PgshiftError with the accepted forms when the spec is malformed.
  */
 export function parsePartitionSpec(text: string): PartitionSpec {
-  const bad = (why: string) => new PgshiftError(`invalid --partition-by ${JSON.stringify(text)}: ${why}`, { hint: SPEC_HELP });
+  const bad = (why: string) =>
+    new PgshiftError(`invalid --partition-by ${JSON.stringify(text)}: ${why}`, { hint: SPEC_HELP });
   const colon = text.indexOf(":");
   if (colon < 0) throw bad("missing the column");
   const strategy = text.slice(0, colon).toLowerCase();
@@ -36,7 +37,8 @@ export function parsePartitionSpec(text: string): PartitionSpec {
     rest = rest.slice(q.end);
   } else {
     const m = /^[^:]*/.exec(rest)![0];
-    if (!/^[A-Za-z_][A-Za-z0-9_$]*$/.test(m)) throw bad(`${JSON.stringify(m)} is not a column name (quote it with "...")`);
+    if (!/^[A-Za-z_][A-Za-z0-9_$]*$/.test(m))
+      throw bad(`${JSON.stringify(m)} is not a column name (quote it with "...")`);
     column = m.toLowerCase();
     rest = rest.slice(m.length);
   }
@@ -49,7 +51,8 @@ export function parsePartitionSpec(text: string): PartitionSpec {
       if ((TIME_INTERVALS as readonly string[]).includes(param.toLowerCase())) {
         return { strategy: "range", column, interval: param.toLowerCase() as TimeInterval };
       }
-      if (/^[1-9][0-9]*$/.test(param) && BigInt(param) <= 2n ** 62n) return { strategy: "range-int", column, width: param };
+      if (/^[1-9][0-9]*$/.test(param) && BigInt(param) <= 2n ** 62n)
+        return { strategy: "range-int", column, width: param };
       throw bad(`${JSON.stringify(param)} is neither day, week, month, quarter, year nor a positive integer width`);
     }
     case "list":
@@ -68,7 +71,7 @@ export function parsePartitionSpec(text: string): PartitionSpec {
 
 /** The spec written back in its command-line form. */
 export function formatPartitionSpec(spec: PartitionSpec): string {
-  const col = /^[a-z_][a-z0-9_$]*$/.test(spec.column) ? spec.column : '"' + spec.column.replace(/"/g, '""') + '"';
+  const col = /^[a-z_][a-z0-9_$]*$/.test(spec.column) ? spec.column : `"${spec.column.replace(/"/g, '""')}"`;
   switch (spec.strategy) {
     case "range":
       return `range:${col}:${spec.interval}`;

@@ -1,12 +1,29 @@
+import { keyAfter } from "../backfill/backfill.js";
 import { requireNoDrift } from "../catalog/drift.js";
 import type { Sql, TxSql } from "../db.js";
-import { identList, joinFragments, transaction, table as tableRef, textColumns, valueList, withLockRetry, type AnySql, type Fragment, type LockRetryOptions } from "../db.js";
-import { keyAfter } from "../backfill/backfill.js";
-import { log } from "../log.js";
+import {
+  type AnySql,
+  type Fragment,
+  identList,
+  joinFragments,
+  type LockRetryOptions,
+  table as tableRef,
+  textColumns,
+  transaction,
+  valueList,
+  withLockRetry,
+} from "../db.js";
 import { PgshiftError, sqlState } from "../errors.js";
+import { log } from "../log.js";
+import {
+  lockMigration,
+  type Migration,
+  requireMigration,
+  unlockMigration,
+  type VerifyResult,
+} from "../migration/state.js";
 import { CatchupTimeout, followStream, type StreamFollower } from "../mirror/stream.js";
 import { displayName, type QualifiedName } from "../names.js";
-import { lockMigration, requireMigration, unlockMigration, type Migration, type VerifyResult } from "../migration/state.js";
 
 export type DifferenceKind = "missing" | "extra" | "different";
 
@@ -93,51 +110,59 @@ export async function verify(sql: Sql, table: QualifiedName, opts: VerifyOptions
     let lo: string[] | null = null;
     // Logical mode: the shadow trails the table by the stream's lag, so a chunk that differs is compared
     // again once the stream has applied everything written until then; only what still differs counts.
-    const follower = m.mode === "logical" && m.slot_name && m.phase === "backfilled" ? await followStream(sql, m) : null;
+    const follower =
+      m.mode === "logical" && m.slot_name && m.phase === "backfilled" ? await followStream(sql, m) : null;
     try {
-    for (;;) {
-      const check = (fixedHi?: string[] | null) =>
-        transaction(sql, async (tx) => {
-          const hi = fixedHi === undefined ? await nthKeyAfter(tx, m, lo, chunkSize) : fixedHi;
-          const bounds = { lo, hi };
-          const same = await compareChunk(tx, m, bounds);
-          const diffs = same.equal ? [] : await drillDown(tx, m, bounds);
-          return { hi, rows: same.rows, diffs };
-        }, "isolation level repeatable read read only");
-      let res = await check();
-      // A key counts only if it differs in every look: a row the application changes meanwhile differs in
-      // one look (until the stream applies the change) and not in the next.
-      for (let again = 0; follower && res.diffs.length > 0 && again < 8; again++) {
-        const target = String((await sql`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
-        if (!(await follower.waitForRecorded(target, opts.catchupTimeoutMs ?? 120_000))) {
-          throw new PgshiftError(`the stream did not catch up within ${opts.catchupTimeoutMs ?? 120_000} ms: the shadow cannot be compared yet`, {
-            hint: "the applier is slower than the write load; let pgshift sync run, throttle the load, then verify again",
-          });
+      for (;;) {
+        const check = (fixedHi?: string[] | null) =>
+          transaction(
+            sql,
+            async (tx) => {
+              const hi = fixedHi === undefined ? await nthKeyAfter(tx, m, lo, chunkSize) : fixedHi;
+              const bounds = { lo, hi };
+              const same = await compareChunk(tx, m, bounds);
+              const diffs = same.equal ? [] : await drillDown(tx, m, bounds);
+              return { hi, rows: same.rows, diffs };
+            },
+            "isolation level repeatable read read only",
+          );
+        let res = await check();
+        // A key counts only if it differs in every look: a row the application changes meanwhile differs in
+        // one look (until the stream applies the change) and not in the next.
+        for (let again = 0; follower && res.diffs.length > 0 && again < 8; again++) {
+          const target = String((await sql`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
+          if (!(await follower.waitForRecorded(target, opts.catchupTimeoutMs ?? 120_000))) {
+            throw new PgshiftError(
+              `the stream did not catch up within ${opts.catchupTimeoutMs ?? 120_000} ms: the shadow cannot be compared yet`,
+              {
+                hint: "the applier is slower than the write load; let pgshift sync run, throttle the load, then verify again",
+              },
+            );
+          }
+          const next = await check(res.hi);
+          const still = new Set(next.diffs.map((d) => d.kind + JSON.stringify(d.key)));
+          res = { ...next, diffs: res.diffs.filter((d) => still.has(d.kind + JSON.stringify(d.key))) };
         }
-        const next = await check(res.hi);
-        const still = new Set(next.diffs.map((d) => d.kind + JSON.stringify(d.key)));
-        res = { ...next, diffs: res.diffs.filter((d) => still.has(d.kind + JSON.stringify(d.key))) };
+        chunks++;
+        rowsCompared += res.rows;
+        if (res.diffs.length > 0) {
+          chunksDiffering++;
+          let remaining = res.diffs;
+          if (opts.repair) {
+            remaining = await repairKeys(sql, m, { lo, hi: res.hi }, res.diffs, opts, follower);
+            // Counted by key: a key the copy refused may come back as more than one difference (a duplicate).
+            const left = new Set(remaining.map((d) => JSON.stringify(d.key)));
+            repaired += new Set(res.diffs.map((d) => JSON.stringify(d.key)).filter((k) => !left.has(k))).size;
+          }
+          for (const d of remaining) {
+            counts[d.kind]++;
+            if (differences.length < maxListed) differences.push(d);
+          }
+        }
+        opts.onChunk?.({ chunks, rowsCompared, differences: counts.missing + counts.extra + counts.different });
+        if (!res.hi) break;
+        lo = res.hi;
       }
-      chunks++;
-      rowsCompared += res.rows;
-      if (res.diffs.length > 0) {
-        chunksDiffering++;
-        let remaining = res.diffs;
-        if (opts.repair) {
-          remaining = await repairKeys(sql, m, { lo, hi: res.hi }, res.diffs, opts, follower);
-          // Counted by key: a key the copy refused may come back as more than one difference (a duplicate).
-          const left = new Set(remaining.map((d) => JSON.stringify(d.key)));
-          repaired += new Set(res.diffs.map((d) => JSON.stringify(d.key)).filter((k) => !left.has(k))).size;
-        }
-        for (const d of remaining) {
-          counts[d.kind]++;
-          if (differences.length < maxListed) differences.push(d);
-        }
-      }
-      opts.onChunk?.({ chunks, rowsCompared, differences: counts.missing + counts.extra + counts.different });
-      if (!res.hi) break;
-      lo = res.hi;
-    }
     } finally {
       await follower?.stop();
     }
@@ -152,7 +177,10 @@ export async function verify(sql: Sql, table: QualifiedName, opts: VerifyOptions
       ms: Math.round(performance.now() - t0),
     };
     await sql`update pgshift.migrations set last_verify = ${sql.json(result)}, updated_at = now() where id = ${m.id}`;
-    log().info({ table: displayName(table), ...result }, result.equal ? "verify: tables are equal" : "verify: tables differ");
+    log().info(
+      { table: displayName(table), ...result },
+      result.equal ? "verify: tables are equal" : "verify: tables differ",
+    );
     return { ...result, live: displayName(m.live), copy: displayName(m.copy), differences };
   } finally {
     await unlockMigration(sql, table).catch(() => {});
@@ -164,7 +192,8 @@ async function nthKeyAfter(tx: TxSql, m: Migration, lo: string[] | null, n: numb
   const key = m.key_columns;
   const keyCols = identList(tx, key);
   const where = lo ? tx`where ${keyAfter(tx, key, lo)}` : tx``;
-  const r = await tx`select ${textColumns(tx, key)} from (select ${keyCols} from ${tableRef(tx, m.live)} ${where} order by ${keyCols} offset ${n - 1} limit 1) s`;
+  const r =
+    await tx`select ${textColumns(tx, key)} from (select ${keyCols} from ${tableRef(tx, m.live)} ${where} order by ${keyCols} offset ${n - 1} limit 1) s`;
   const row = r[0];
   return row ? key.map((_, i) => String(row[`k${i}`])) : null;
 }
@@ -222,10 +251,15 @@ const isIntegrityViolation = (err: unknown) => sqlState(err)?.startsWith("23") ?
  * @returns JSON text of a key -> the SQLSTATE and why it could not be rewritten; empty when every key was.
  * @throws any other error (a lost connection, a lock timeout: the caller's transaction is retried).
  */
-async function rewriteKeys(tx: TxSql, m: Migration, diffs: readonly Difference[]): Promise<Map<string, { code: string; reason: string }>> {
+async function rewriteKeys(
+  tx: TxSql,
+  m: Migration,
+  diffs: readonly Difference[],
+): Promise<Map<string, { code: string; reason: string }>> {
   const keyCols = identList(tx, m.key_columns);
   const cols = identList(tx, m.copy_columns);
-  const overriding = m.phase === "cutover" && m.sequences.some((s) => s.identity === "a") ? tx`overriding system value` : tx``;
+  const overriding =
+    m.phase === "cutover" && m.sequences.some((s) => s.identity === "a") ? tx`overriding system value` : tx``;
   const byId = new Map(diffs.map((d) => [JSON.stringify(d.key), d.key] as const));
   let pending = [...byId.keys()];
   const failed = new Map<string, { code: string; reason: string }>();
@@ -242,7 +276,10 @@ async function rewriteKeys(tx: TxSql, m: Migration, diffs: readonly Difference[]
         if (!isIntegrityViolation(err)) throw err;
         await tx`rollback to savepoint pgshift_repair`;
         const e = err as { message?: string; detail?: string };
-        failed.set(id, { code: sqlState(err) ?? "", reason: `${e.message ?? String(err)}${e.detail ? ` (${e.detail})` : ""}` });
+        failed.set(id, {
+          code: sqlState(err) ?? "",
+          reason: `${e.message ?? String(err)}${e.detail ? ` (${e.detail})` : ""}`,
+        });
       }
     }
     if (failed.size === 0 || failed.size === pending.length) return failed;
@@ -279,14 +316,24 @@ async function repairKeys(
         // every write before the lock (the application's writes wait meanwhile: 2 s at most).
         // Applied means recorded with its rows (waitForRecorded), not confirmed on the slot, as at cutover.
         const target = String((await tx`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
-        if (!(await follower.waitForRecorded(target, REPAIR_CATCHUP_MS))) throw new CatchupTimeout(`the stream did not apply everything up to ${target} within ${REPAIR_CATCHUP_MS} ms`);
+        if (!(await follower.waitForRecorded(target, REPAIR_CATCHUP_MS)))
+          throw new CatchupTimeout(
+            `the stream did not apply everything up to ${target} within ${REPAIR_CATCHUP_MS} ms`,
+          );
       }
       const failed = await rewriteKeys(tx, m, diffs);
       const still = (await drillDown(tx, m, b)).map((d) => {
         const f = failed.get(JSON.stringify(d.key));
         return f === undefined ? d : { ...d, reason: f.reason };
       });
-      log().info({ rewritten: new Set(diffs.map((d) => JSON.stringify(d.key))).size - failed.size, refused: failed.size, remaining: still.length }, "verify: repaired differing rows");
+      log().info(
+        {
+          rewritten: new Set(diffs.map((d) => JSON.stringify(d.key))).size - failed.size,
+          refused: failed.size,
+          remaining: still.length,
+        },
+        "verify: repaired differing rows",
+      );
       for (const [key, { code, reason }] of failed) {
         const todo =
           code === "23505"
@@ -294,7 +341,10 @@ async function repairKeys(
               ? `keep one row with this key in ${displayName(m.live)} (delete the other: the reverse mirror removes the key from the copy too)`
               : `remove the row of ${displayName(m.copy)} that holds the value in the way`
             : `correct the row in ${displayName(m.live)} or the constraint of ${displayName(m.copy)}`;
-        log().warn({ key: JSON.parse(key) as string[], reason }, `verify: could not repair key ${key} of ${displayName(m.copy)}: ${reason}; ${todo}, then run verify --repair again`);
+        log().warn(
+          { key: JSON.parse(key) as string[], reason },
+          `verify: could not repair key ${key} of ${displayName(m.copy)}: ${reason}; ${todo}, then run verify --repair again`,
+        );
       }
       return still;
     },
@@ -302,14 +352,21 @@ async function repairKeys(
       ...opts,
       retries: opts.retries ?? 5,
       retryOn: (err) => err instanceof CatchupTimeout,
-      onRetry: (n, err) => log().warn({ attempt: n, err: err instanceof Error ? err.message : String(err) }, "verify: repair not done in time (lock or stream), lock released, retrying"),
+      onRetry: (n, err) =>
+        log().warn(
+          { attempt: n, err: err instanceof Error ? err.message : String(err) },
+          "verify: repair not done in time (lock or stream), lock released, retrying",
+        ),
     },
   ).catch((err: unknown) => {
     if (err instanceof CatchupTimeout) {
-      throw new PgshiftError(`${err.message} while the table was locked for the repair, on every attempt; nothing more was repaired`, {
-        hint: "let pgshift sync catch up (pgshift status shows the lag) and run verify --repair again",
-        cause: err,
-      });
+      throw new PgshiftError(
+        `${err.message} while the table was locked for the repair, on every attempt; nothing more was repaired`,
+        {
+          hint: "let pgshift sync catch up (pgshift status shows the lag) and run verify --repair again",
+          cause: err,
+        },
+      );
     }
     throw err;
   });

@@ -1,14 +1,14 @@
 import { randomBytes, randomUUID } from "node:crypto";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { backfill } from "../../src/backfill/backfill.js";
-import { connect, transaction, type Sql, type TxSql } from "../../src/db.js";
+import { connect, type Sql, type TxSql, transaction } from "../../src/db.js";
 import { sqlState } from "../../src/errors.js";
 import { startMigration } from "../../src/migration/start.js";
 import { loadMigration } from "../../src/migration/state.js";
 import { Applier, type ApplierProgress } from "../../src/mirror/apply.js";
 import { ChangeBatch } from "../../src/mirror/changes.js";
 import { flushWal } from "../../src/mirror/stream.js";
-import { quoteIdent, quoteQualified, type QualifiedName } from "../../src/names.js";
+import { type QualifiedName, quoteIdent, quoteQualified } from "../../src/names.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
 import { verify } from "../../src/verify/verify.js";
 import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
@@ -107,7 +107,14 @@ const POOLS: Record<string, readonly string[]> = {
     '{"nul": "\\u0000"}',
     "{}",
   ],
-  jb: ['{"b": 1, "a": [1, 2, {"c": null}], "a": "dup"}', "null", '"x"', "[]", '{"num": 1.50, "big": 123456789012345678901234567890.5, "e": 1e-7}', '{"": ""}'],
+  jb: [
+    '{"b": 1, "a": [1, 2, {"c": null}], "a": "dup"}',
+    "null",
+    '"x"',
+    "[]",
+    '{"num": 1.50, "big": 123456789012345678901234567890.5, "e": 1e-7}',
+    '{"": ""}',
+  ],
   n20: ["12345678901234.123456", "-0.000001", "0", "99999999999999.999999", "1.5", "-99999999999999.999999"],
   n: [
     "123456789012345678901234567890.123456789012345678901234567890",
@@ -119,10 +126,33 @@ const POOLS: Record<string, readonly string[]> = {
     "0.000",
     "-0",
   ],
-  tstz: ["2025-03-15 12:34:56.123456+00", "infinity", "-infinity", "1999-12-31 23:59:59.999999-08", "0044-03-15 12:00:00+00 BC", "2000-01-01 00:00:00.000001+05:30"],
-  ts: ["2025-03-15 12:34:56.654321", "infinity", "-infinity", "4713-01-01 00:00:00 BC", "294276-12-31 23:59:59.999999", "2024-02-29 00:00:00"],
+  tstz: [
+    "2025-03-15 12:34:56.123456+00",
+    "infinity",
+    "-infinity",
+    "1999-12-31 23:59:59.999999-08",
+    "0044-03-15 12:00:00+00 BC",
+    "2000-01-01 00:00:00.000001+05:30",
+  ],
+  ts: [
+    "2025-03-15 12:34:56.654321",
+    "infinity",
+    "-infinity",
+    "4713-01-01 00:00:00 BC",
+    "294276-12-31 23:59:59.999999",
+    "2024-02-29 00:00:00",
+  ],
   d: ["2025-02-28", "infinity", "-infinity", "0001-01-01 BC", "5874897-12-31", "2000-02-29"],
-  iv: ["1 year 2 mons 3 days 04:05:06.789012", "-1 days +02:00:00", "-1 days -02:00:00", "00:00:00.000001", "-178000000 years", "1 mon -1 days", "P1Y2M3DT4H5M6.5S", "infinity"],
+  iv: [
+    "1 year 2 mons 3 days 04:05:06.789012",
+    "-1 days +02:00:00",
+    "-1 days -02:00:00",
+    "00:00:00.000001",
+    "-178000000 years",
+    "1 mon -1 days",
+    "P1Y2M3DT4H5M6.5S",
+    "infinity",
+  ],
   b: ["\\x00ff00", "\\x", "\\x00", "\\xdeadbeef0000", "\\x5c78"],
   u: ["00000000-0000-0000-0000-000000000000", randomUUID(), randomUUID(), "ffffffff-ffff-ffff-ffff-ffffffffffff"],
   ia: ["{1,NULL,3}", "{}", "{{1,2},{3,4}}", "[0:2]={7,8,9}", "{-2147483648,2147483647}", "{NULL}"],
@@ -134,10 +164,27 @@ const POOLS: Record<string, readonly string[]> = {
   vb: ["", "1", "101010101010101010101", "0"],
   flag: ["true", "false"],
   ip: ["192.168.0.1/24", "::1", "10.0.0.1", "2001:db8::1/64", "::ffff:1.2.3.4"],
-  f8: ["0.1", "1e308", "-0", "NaN", "Infinity", "-Infinity", "5e-324", "0.30000000000000004", "1.7976931348623157e308", "-2.2250738585072014e-308", "123456789.12345679"],
+  f8: [
+    "0.1",
+    "1e308",
+    "-0",
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "5e-324",
+    "0.30000000000000004",
+    "1.7976931348623157e308",
+    "-2.2250738585072014e-308",
+    "123456789.12345679",
+  ],
   f4: ["0.1", "-0", "NaN", "3.4028235e+38", "1e-45", "-Infinity", "1.0000001"],
   cp: ['(1,"q ""x""")', "(,)", '(-5,"")', '(2147483647,"🎉, (paren)")'],
-  r: ["[2025-01-01 00:00:00.000001+00,infinity)", "empty", "(,)", "[2025-03-01 00:00:00+00,2025-03-01 00:00:00.000001+00]"],
+  r: [
+    "[2025-01-01 00:00:00.000001+00,infinity)",
+    "empty",
+    "(,)",
+    "[2025-03-01 00:00:00+00,2025-03-01 00:00:00.000001+00]",
+  ],
   ea: ['{"it\'s","Ünïcode \\"q\\"",NULL}', "{}", "{plain,plain}"],
   tt: ["12:34:56.789012+05:30", "00:00:00-15:59", "24:00:00+00"],
   pt: ["(0.1,1e308)", "(-0,NaN)", "(1.5,-2.25)"],
@@ -166,7 +213,12 @@ const at = (month: number, id: number, year = 2025) =>
 /** 100,000 characters of random hex: stored out of line (pglz cannot shrink it below the TOAST threshold). */
 const bigText = () => randomBytes(50_000).toString("hex");
 
-const fullRow = (id: number, createdAt: string, v: number, big: string | null): Row => ({ id: String(id), created_at: createdAt, ...vals(v), big });
+const fullRow = (id: number, createdAt: string, v: number, big: string | null): Row => ({
+  id: String(id),
+  created_at: createdAt,
+  ...vals(v),
+  big,
+});
 
 /** A small deterministic PRNG (mulberry32): rnd(n) is an integer in [0, n). */
 function prng(seed: number): (n: number) => number {
@@ -198,15 +250,25 @@ async function both(tx: TxSql, text: (t: string) => string, params: (string | nu
 function insertRows(tx: TxSql, rows: Row[], suffix = ""): Promise<number> {
   const n = COLS.length;
   const values = rows.map((_, r) => `(${COLS.map((_, c) => `$${r * n + c + 1}`).join(", ")})`).join(", ");
-  return both(tx, (t) => `insert into ${t} (${COLS.map(quoteIdent).join(", ")}) values ${values} ${suffix}`, rows.flatMap((row) => COLS.map((c) => row[c] ?? null)));
+  return both(
+    tx,
+    (t) => `insert into ${t} (${COLS.map(quoteIdent).join(", ")}) values ${values} ${suffix}`,
+    rows.flatMap((row) => COLS.map((c) => row[c] ?? null)),
+  );
 }
 
 function update(tx: TxSql, id: number, set: Row): Promise<number> {
   const cols = Object.keys(set);
-  return both(tx, (t) => `update ${t} set ${cols.map((c, i) => `${quoteIdent(c)} = $${i + 1}`).join(", ")} where id = $${cols.length + 1}`, [...cols.map((c) => set[c] ?? null), String(id)]);
+  return both(
+    tx,
+    (t) =>
+      `update ${t} set ${cols.map((c, i) => `${quoteIdent(c)} = $${i + 1}`).join(", ")} where id = $${cols.length + 1}`,
+    [...cols.map((c) => set[c] ?? null), String(id)],
+  );
 }
 
-const changeId = (tx: TxSql, from: number, to: number) => both(tx, (t) => `update ${t} set id = $1 where id = $2`, [String(to), String(from)]);
+const changeId = (tx: TxSql, from: number, to: number) =>
+  both(tx, (t) => `update ${t} set id = $1 where id = $2`, [String(to), String(from)]);
 const del = (tx: TxSql, id: number) => both(tx, (t) => `delete from ${t} where id = $1`, [String(id)]);
 
 /**
@@ -254,7 +316,11 @@ async function randomTxn(tx: TxSql, rnd: (n: number) => number, hot: number): Pr
         break;
       case 3:
         await changeId(tx, id, ids.next++);
-        await insertRows(tx, [fullRow(id, at(1 + rnd(6), id), v, rnd(4) === 0 ? bigText() : null)], "on conflict (id) do nothing");
+        await insertRows(
+          tx,
+          [fullRow(id, at(1 + rnd(6), id), v, rnd(4) === 0 ? bigText() : null)],
+          "on conflict (id) do nothing",
+        );
         break;
       case 4:
         await del(tx, id);
@@ -285,7 +351,11 @@ async function randomTxn(tx: TxSql, rnd: (n: number) => number, hot: number): Pr
 }
 
 /** Two-way EXCEPT ALL of `a` and `b` over `cols`, each column compared as its text. */
-async function compareText(a: QualifiedName, b: QualifiedName, cols: readonly string[] = COLS): Promise<{ onlyInA: number; onlyInB: number; rowsA: number; rowsB: number }> {
+async function compareText(
+  a: QualifiedName,
+  b: QualifiedName,
+  cols: readonly string[] = COLS,
+): Promise<{ onlyInA: number; onlyInB: number; rowsA: number; rowsB: number }> {
   const list = cols.map((c) => `${quoteIdent(c)}::text`).join(", ");
   const qa = quoteQualified(a);
   const qb = quoteQualified(b);
@@ -304,7 +374,9 @@ const seen = { writes: [] as { changes: number; keys: number }[], partial: 0 };
  * Applies the stream up to the current end of WAL with an Applier of this process, then detaches.
  * @returns the progress reported at each commit of the shadow (one per group of source transactions).
  */
-async function applyStream(table: QualifiedName = SOURCE): Promise<{ commits: ApplierProgress[]; changes: number; exactGroups: number }> {
+async function applyStream(
+  table: QualifiedName = SOURCE,
+): Promise<{ commits: ApplierProgress[]; changes: number; exactGroups: number }> {
   const m = (await loadMigration(db.sql, table))!;
   const target = String((await db.admin`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
   await flushWal(db.sql);
@@ -348,7 +420,9 @@ afterAll(async () => {
   vi.restoreAllMocks();
   await writer?.end({ timeout: 5 });
   if (!db) return;
-  await db.admin`select pg_drop_replication_slot(slot_name) from pg_replication_slots where database = current_database() and not active`.catch(() => {});
+  await db.admin`select pg_drop_replication_slot(slot_name) from pg_replication_slots where database = current_database() and not active`.catch(
+    () => {},
+  );
   await db.close();
 });
 
@@ -376,26 +450,37 @@ describe("logical apply: types, awkward names, coalesced batches", () => {
     await txn(async (tx) => {
       for (let from = 1; from <= 800; from += 50) {
         const rows: Row[] = [];
-        for (let id = from; id < from + 50; id++) rows.push(fullRow(id, at(1 + (id % 6), id), id, id % 40 === 0 ? bigText() : null));
+        for (let id = from; id < from + 50; id++)
+          rows.push(fullRow(id, at(1 + (id % 6), id), id, id % 40 === 0 ? bigText() : null));
         await insertRows(tx, rows);
       }
     });
     await db.admin.unsafe(`analyze ${SRC_Q}`);
-    const toast = await db.admin`select pg_relation_size(reltoastrelid)::bigint > 0 as ok from pg_class where oid = to_regclass(${SRC_Q})`;
+    const toast =
+      await db.admin`select pg_relation_size(reltoastrelid)::bigint > 0 as ok from pg_class where oid = to_regclass(${SRC_Q})`;
     expect(toast[0]!.ok, "the large values are stored out of line").toBe(true);
 
-    await startMigration(db.sql, SOURCE, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month"), mode: "logical", now: new Date("2025-06-15T00:00:00Z") });
+    await startMigration(db.sql, SOURCE, {
+      allowKeyExtension: true,
+      spec: parsePartitionSpec("range:created_at:month"),
+      mode: "logical",
+      now: new Date("2025-06-15T00:00:00Z"),
+    });
     const m = (await loadMigration(db.sql, SOURCE))!;
     const SHADOW = m.partitioned;
     expect(m.mode).toBe("logical");
     expect(m.copy_columns, "every column but the generated one is copied").toEqual(COLS);
     expect(m.shadow_key).toEqual(["id", "created_at"]);
-    const parts = await db.admin`select count(*)::int as n from pg_inherits where inhparent = to_regclass(${quoteQualified(SHADOW)})`;
+    const parts =
+      await db.admin`select count(*)::int as n from pg_inherits where inhparent = to_regclass(${quoteQualified(SHADOW)})`;
     expect(parts[0]!.n, "2025-01 .. 2025-09 and DEFAULT").toBe(10);
 
     // Before the backfill: changes the stream carries for rows the backfill has not copied yet.
     await txn(async (tx) => {
-      await insertRows(tx, [1001, 1002, 1003].map((id) => fullRow(id, at(2, id), id * 3, null)));
+      await insertRows(
+        tx,
+        [1001, 1002, 1003].map((id) => fullRow(id, at(2, id), id * 3, null)),
+      );
       for (let v = 0; v < 25; v++) await update(tx, 601, v % 5 === 4 ? nulls() : vals(v)); // the same row 25 times
       await del(tx, 602);
       await insertRows(tx, [fullRow(602, at(5, 602), 77, null)]); // delete and re-insert (another partition)
@@ -430,7 +515,12 @@ describe("logical apply: types, awkward names, coalesced batches", () => {
     await applyStream();
     expect(await compareText(SOURCE, TWIN)).toMatchObject({ onlyInA: 0, onlyInB: 0 });
     const mid = await compareText(SHADOW, TWIN);
-    expect(mid, "shadow vs twin after the backfill").toEqual({ onlyInA: 0, onlyInB: 0, rowsA: mid.rowsB, rowsB: mid.rowsB });
+    expect(mid, "shadow vs twin after the backfill").toEqual({
+      onlyInA: 0,
+      onlyInB: 0,
+      rowsA: mid.rowsB,
+      rowsB: mid.rowsB,
+    });
     expect(mid.rowsB).toBeGreaterThan(750);
 
     // After the backfill, with no applier attached: a backlog the applier takes in groups of transactions.
@@ -487,25 +577,46 @@ describe("logical apply: types, awkward names, coalesced batches", () => {
       const count = async (p: Promise<number>) => (bigTxnChanges += await p);
       // first 4 rounds over the same ~600 rows without TOASTed values: whole rows only, past the 2,000 limit
       for (let round = 0; round < 4; round++) {
-        await count(both(tx, (t) => `update ${t} set t = $1, n20 = $2 where id <= 600 and big is null`, [`round ${round} 🎉 "q" \\`, `${round}.5`]));
+        await count(
+          both(tx, (t) => `update ${t} set t = $1, n20 = $2 where id <= 600 and big is null`, [
+            `round ${round} 🎉 "q" \\`,
+            `${round}.5`,
+          ]),
+        );
       }
       for (let from = 0; from < 500; from += 100) {
         const rows: Row[] = [];
-        for (let i = from; i < from + 100; i++) rows.push(fullRow(200_000 + i, at(1 + (i % 6), i), 3 * i, i % 100 === 0 ? bigText() : null));
+        for (let i = from; i < from + 100; i++)
+          rows.push(fullRow(200_000 + i, at(1 + (i % 6), i), 3 * i, i % 100 === 0 ? bigText() : null));
         await count(insertRows(tx, rows));
       }
       await count(both(tx, (t) => `update ${t} set id = id + 300000 where id <= 600 and id % 6 = 1`));
       const reused: Row[] = [];
       for (let id = 1; id <= 600; id += 12) reused.push(fullRow(id, at(1 + (id % 6), id), 7 * id, null));
       await count(insertRows(tx, reused, "on conflict (id) do nothing"));
-      await count(both(tx, (t) => `update ${t} set created_at = created_at + interval '2 months' where id <= 600 and id % 4 = 2`));
-      await count(both(tx, (t) => `update ${t} set created_at = created_at - interval '2 months' where id <= 600 and id % 8 = 2`));
+      await count(
+        both(tx, (t) => `update ${t} set created_at = created_at + interval '2 months' where id <= 600 and id % 4 = 2`),
+      );
+      await count(
+        both(tx, (t) => `update ${t} set created_at = created_at - interval '2 months' where id <= 600 and id % 8 = 2`),
+      );
       await count(both(tx, (t) => `delete from ${t} where id >= 200000 and id < 200500 and id % 5 = 0`));
       const again: Row[] = [];
       for (let i = 0; i < 500; i += 10) again.push(fullRow(200_000 + i, at(1 + ((i + 3) % 6), i), 11 * i, null));
       await count(insertRows(tx, again));
-      await count(both(tx, (t) => `update ${t} set "Mixed Case col" = null, ia = null, j = null where id >= 200000 and id % 3 = 0`));
-      await count(both(tx, (t) => `update ${t} set "Mixed Case col" = 'back', ia = '[5:6]={1,NULL}', j = '{"b":1,  "b":2}' where id >= 200000 and id % 6 = 0`));
+      await count(
+        both(
+          tx,
+          (t) => `update ${t} set "Mixed Case col" = null, ia = null, j = null where id >= 200000 and id % 3 = 0`,
+        ),
+      );
+      await count(
+        both(
+          tx,
+          (t) =>
+            `update ${t} set "Mixed Case col" = 'back', ia = '[5:6]={1,NULL}', j = '{"b":1,  "b":2}' where id >= 200000 and id % 6 = 0`,
+        ),
+      );
       // and a last round over every row, TOASTed ones included (partial updates between batched ones)
       await count(both(tx, (t) => `update ${t} set t = 'final round' where id <= 600`));
     });
@@ -540,8 +651,14 @@ describe("logical apply: types, awkward names, coalesced batches", () => {
     // Batches were coalesced (fewer keys written than changes) and one reached the 2,000-change limit;
     // unchanged TOASTed values went through the partial path.
     const writes = seen.writes.slice(writesBefore);
-    expect(writes.some((w) => w.changes >= 2000), JSON.stringify(writes.slice(0, 20))).toBe(true);
-    expect(writes.every((w) => w.keys > 0), "ChangeBatch.finals (read by the spy) is a Map").toBe(true);
+    expect(
+      writes.some((w) => w.changes >= 2000),
+      JSON.stringify(writes.slice(0, 20)),
+    ).toBe(true);
+    expect(
+      writes.every((w) => w.keys > 0),
+      "ChangeBatch.finals (read by the spy) is a Map",
+    ).toBe(true);
     expect(writes.some((w) => w.keys < w.changes)).toBe(true);
     expect(seen.partial - partialBefore).toBeGreaterThan(10);
 
@@ -592,7 +709,9 @@ describe("logical apply: types, awkward names, coalesced batches", () => {
     await db.admin.unsafe(`update ${shadowQ} s set j = w.j from ${TWIN_Q} w where w.id = s.id and s.id = 613`);
     await db.admin.unsafe(`update ${shadowQ} set "Mixed Case col" = null where id = 613`);
     expect(await compareText(SHADOW, TWIN)).toMatchObject({ onlyInA: 1, onlyInB: 1 });
-    await db.admin.unsafe(`update ${shadowQ} s set "Mixed Case col" = w."Mixed Case col" from ${TWIN_Q} w where w.id = s.id and s.id = 613`);
+    await db.admin.unsafe(
+      `update ${shadowQ} s set "Mixed Case col" = w."Mixed Case col" from ${TWIN_Q} w where w.id = s.id and s.id = 613`,
+    );
     expect(await compareText(SHADOW, TWIN)).toMatchObject({ onlyInA: 0, onlyInB: 0 });
 
     const v = await verify(db.sql, SOURCE);
@@ -609,13 +728,25 @@ describe("logical apply: types, awkward names, coalesced batches", () => {
  */
 async function streamRows(name: string, columns: string, rows: (string | null)[][]): Promise<number> {
   const table = { schema: "public", name };
-  await db.admin.unsafe(`create table ${quoteIdent(name)} (id bigint primary key, created_at timestamptz not null default '2025-03-01 12:00+00', ${columns})`);
-  await startMigration(db.sql, table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month"), mode: "logical", now: new Date("2025-03-15T00:00:00Z") });
+  await db.admin.unsafe(
+    `create table ${quoteIdent(name)} (id bigint primary key, created_at timestamptz not null default '2025-03-01 12:00+00', ${columns})`,
+  );
+  await startMigration(db.sql, table, {
+    allowKeyExtension: true,
+    spec: parsePartitionSpec("range:created_at:month"),
+    mode: "logical",
+    now: new Date("2025-03-15T00:00:00Z"),
+  });
   await backfill(db.sql, table, {});
-  const names = (await db.admin`select attname::text as a from pg_attribute where attrelid = to_regclass(${quoteIdent(name)}) and attnum > 2 order by attnum`).map((r) => String(r.a));
+  const names = (
+    await db.admin`select attname::text as a from pg_attribute where attrelid = to_regclass(${quoteIdent(name)}) and attnum > 2 order by attnum`
+  ).map((r) => String(r.a));
   let id = 0;
   for (const row of rows) {
-    await writer.unsafe(`insert into ${quoteIdent(name)} (id, ${names.map(quoteIdent).join(", ")}) values ($1, ${names.map((_, i) => `$${i + 2}`).join(", ")})`, [String(++id), ...row]);
+    await writer.unsafe(
+      `insert into ${quoteIdent(name)} (id, ${names.map(quoteIdent).join(", ")}) values ($1, ${names.map((_, i) => `$${i + 2}`).join(", ")})`,
+      [String(++id), ...row],
+    );
   }
   await applyStream(table);
   const m = (await loadMigration(db.sql, table))!;
@@ -644,7 +775,9 @@ describe("logical apply: names with dots, database-level output settings", () =>
     const name = new URL(db.url).pathname.slice(1);
     await db.admin.unsafe(`alter database ${quoteIdent(name)} set extra_float_digits = 0`);
     try {
-      expect(await streamRows("float_digits", "f8 float8, f4 real", [["0.30000000000000004", "3.4028235e+38"]])).toBe(0);
+      expect(await streamRows("float_digits", "f8 float8, f4 real", [["0.30000000000000004", "3.4028235e+38"]])).toBe(
+        0,
+      );
     } finally {
       await db.admin.unsafe(`alter database ${quoteIdent(name)} reset extra_float_digits`);
     }
@@ -666,8 +799,15 @@ describe("logical apply: names with dots, database-level output settings", () =>
 describe("logical apply: group commits", () => {
   it("a lone write is applied and committed with nobody waiting for it (the timed group commit)", async () => {
     const table = { schema: "public", name: "lone_write" };
-    await db.admin.unsafe(`create table lone_write (id bigint primary key, created_at timestamptz not null default '2025-03-01 12:00+00', v text)`);
-    await startMigration(db.sql, table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month"), mode: "logical", now: new Date("2025-03-15T00:00:00Z") });
+    await db.admin.unsafe(
+      `create table lone_write (id bigint primary key, created_at timestamptz not null default '2025-03-01 12:00+00', v text)`,
+    );
+    await startMigration(db.sql, table, {
+      allowKeyExtension: true,
+      spec: parsePartitionSpec("range:created_at:month"),
+      mode: "logical",
+      now: new Date("2025-03-15T00:00:00Z"),
+    });
     await backfill(db.sql, table, {});
     const m = (await loadMigration(db.sql, table))!;
     const commits: ApplierProgress[] = [];
@@ -679,7 +819,13 @@ describe("logical apply: group commits", () => {
       const t0 = Date.now();
       let seen = 0;
       while (Date.now() - t0 < 5000) {
-        seen = Number((await db.admin.unsafe(`select count(*)::int as n from ${quoteQualified(m.partitioned)} where id = 1 and v = 'one'`))[0]!.n);
+        seen = Number(
+          (
+            await db.admin.unsafe(
+              `select count(*)::int as n from ${quoteQualified(m.partitioned)} where id = 1 and v = 'one'`,
+            )
+          )[0]!.n,
+        );
         if (seen === 1) break;
         await sleep(20);
       }

@@ -1,10 +1,10 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { backfill } from "../../src/backfill/backfill.js";
+import { connect } from "../../src/db.js";
 import { partitionIndexName } from "../../src/ddl/shadow.js";
 import { createWorkload, type Workload } from "../../src/load/workload.js";
 import { startMigration } from "../../src/migration/start.js";
 import { loadMigration, lockMigration, unlockMigration } from "../../src/migration/state.js";
-import { connect } from "../../src/db.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
 import { verify } from "../../src/verify/verify.js";
 import { freshDatabase, type TestDatabase } from "../support/db.js";
@@ -51,7 +51,9 @@ describe("backfill", () => {
     const other = await connect({ url: db.url });
     try {
       await lockMigration(other, t);
-      await expect(backfill(db.sql, t)).rejects.toThrow(/another pgshift process \(backend pid \d+\) is working on public\.bf_lock/);
+      await expect(backfill(db.sql, t)).rejects.toThrow(
+        /another pgshift process \(backend pid \d+\) is working on public\.bf_lock/,
+      );
       await expect(verify(db.sql, t)).rejects.toThrow(/another pgshift process/);
       expect((await loadMigration(db.admin, t))!.rows_copied).toBe(0);
       await unlockMigration(other, t);
@@ -62,9 +64,16 @@ describe("backfill", () => {
   });
 
   it("batches that meet rows the mirror already wrote fall back to ON CONFLICT DO NOTHING and copy the rest", async () => {
-    const w: Workload = { table: { schema: "public", name: "bf_conflict" }, twin: { schema: "twin", name: "bf_conflict" }, keyKind: "bigint" };
+    const w: Workload = {
+      table: { schema: "public", name: "bf_conflict" },
+      twin: { schema: "twin", name: "bf_conflict" },
+      keyKind: "bigint",
+    };
     await createWorkload(db.admin, w, 6000);
-    await startMigration(db.sql, w.table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month") });
+    await startMigration(db.sql, w.table, {
+      allowKeyExtension: true,
+      spec: parsePartitionSpec("range:created_at:month"),
+    });
     // The mirror writes these rows into the shadow before the backfill reaches them.
     await db.admin`update bf_conflict set status = 'touched' where id % 3 = 0 and id <= 3000`;
     const r = await backfill(db.sql, w.table, { batchSize: 500 });
@@ -78,7 +87,11 @@ describe("backfill", () => {
   });
 
   it("resumes an index build interrupted during CREATE INDEX CONCURRENTLY (an INVALID index is rebuilt)", async () => {
-    const w: Workload = { table: { schema: "public", name: "bf_index" }, twin: { schema: "twin", name: "bf_index" }, keyKind: "bigint" };
+    const w: Workload = {
+      table: { schema: "public", name: "bf_index" },
+      twin: { schema: "twin", name: "bf_index" },
+      keyKind: "bigint",
+    };
     await createWorkload(db.admin, w, 4000);
     await startMigration(db.sql, w.table, { allowKeyExtension: true, spec: parsePartitionSpec("list:region") });
     expect((await backfill(db.sql, w.table)).complete).toBe(true);
@@ -91,7 +104,9 @@ describe("backfill", () => {
     await db.admin.unsafe(`drop index "${idx.name}"`);
     const part = "bf_index_p_emea";
     const pidx = partitionIndexName(part, idx.name);
-    await expect(db.admin.unsafe(`create unique index concurrently "${pidx}" on "${part}" (region)`)).rejects.toThrow(/could not create unique index/);
+    await expect(db.admin.unsafe(`create unique index concurrently "${pidx}" on "${part}" (region)`)).rejects.toThrow(
+      /could not create unique index/,
+    );
     const invalid = await db.admin`select indisvalid from pg_index where indexrelid = to_regclass(${pidx})`;
     expect(invalid[0]!.indisvalid).toBe(false);
 

@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { backfill } from "../../src/backfill/backfill.js";
 import { cutover, swapBack } from "../../src/cutover/cutover.js";
-import { compareWithTwin, createWorkload, startLoad, type KeyKind, type Workload } from "../../src/load/workload.js";
+import { compareWithTwin, createWorkload, type KeyKind, startLoad, type Workload } from "../../src/load/workload.js";
 import { finalize } from "../../src/migration/finish.js";
 import { startMigration } from "../../src/migration/start.js";
 import { loadMigration, type Mode } from "../../src/migration/state.js";
@@ -21,10 +21,20 @@ const cases: { name: string; keyKind: KeyKind; spec: string; mode: Mode }[] = [
   { name: "list by region, bigint key", keyKind: "bigint", spec: "list:region", mode: "trigger" },
   { name: "hash, uuid key", keyKind: "uuid", spec: "hash:id:8", mode: "trigger" },
   { name: "range by quarter, composite key", keyKind: "composite", spec: "range:created_at:quarter", mode: "trigger" },
-  { name: "logical mode, range by month, bigint key", keyKind: "bigint", spec: "range:created_at:month", mode: "logical" },
+  {
+    name: "logical mode, range by month, bigint key",
+    keyKind: "bigint",
+    spec: "range:created_at:month",
+    mode: "logical",
+  },
   { name: "logical mode, list by region, bigint key", keyKind: "bigint", spec: "list:region", mode: "logical" },
   { name: "logical mode, hash, uuid key", keyKind: "uuid", spec: "hash:id:8", mode: "logical" },
-  { name: "logical mode, range by quarter, composite key", keyKind: "composite", spec: "range:created_at:quarter", mode: "logical" },
+  {
+    name: "logical mode, range by quarter, composite key",
+    keyKind: "composite",
+    spec: "range:created_at:quarter",
+    mode: "logical",
+  },
 ];
 
 let db: TestDatabase;
@@ -41,10 +51,14 @@ describe.each(cases)("online migration under concurrent writes: $name", ({ keyKi
     const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind };
     await createWorkload(db.admin, w, 30_000);
     const indexNames = async () =>
-      (await db.admin`select c.relname::text as n from pg_index i join pg_class c on c.oid = i.indexrelid
-                      where i.indrelid = to_regclass(${`public.${name}`}) order by 1`).map((r) => String(r.n));
+      (
+        await db.admin`select c.relname::text as n from pg_index i join pg_class c on c.oid = i.indexrelid
+                      where i.indrelid = to_regclass(${`public.${name}`}) order by 1`
+      ).map((r) => String(r.n));
     const constraintNames = async () =>
-      (await db.admin`select conname::text as n from pg_constraint where conrelid = to_regclass(${`public.${name}`}) order by 1`).map((r) => String(r.n));
+      (
+        await db.admin`select conname::text as n from pg_constraint where conrelid = to_regclass(${`public.${name}`}) order by 1`
+      ).map((r) => String(r.n));
     const originalIndexes = await indexNames();
     const originalConstraints = await constraintNames();
     // In logical mode the applier runs on the same 2 cores as the load and the server: a little slower load.
@@ -116,14 +130,23 @@ describe("logical mode: verify --repair under concurrent writes", () => {
     const opts = { lockTimeoutMs: 200, retries: 30 };
     try {
       await sleep(200);
-      await startMigration(db.sql, w.table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month"), mode: "logical", ...opts });
+      await startMigration(db.sql, w.table, {
+        allowKeyExtension: true,
+        spec: parsePartitionSpec("range:created_at:month"),
+        mode: "logical",
+        ...opts,
+      });
       expect((await backfill(db.sql, w.table, { batchSize: 2000, sleepMs: 20 })).complete).toBe(true);
       const cols = "id, created_at, region, status, amount, note, data";
       // What a bug could leave behind; the load keeps changing rows meanwhile (some of these among them).
       const t = (await db.admin`select to_regclass(${shadow})::text as t`)[0]!.t as string;
       await db.admin.unsafe(`delete from ${t} where id in (select id from ${t} order by id offset 100 limit 10)`);
-      await db.admin.unsafe(`update ${t} set note = 'corrupted' where id in (select id from ${t} order by id offset 1000 limit 10)`);
-      await db.admin.unsafe(`insert into ${t} (${cols}) values (-5, now(), 'emea', 'extra', 1, 'not in the table', null)`);
+      await db.admin.unsafe(
+        `update ${t} set note = 'corrupted' where id in (select id from ${t} order by id offset 1000 limit 10)`,
+      );
+      await db.admin.unsafe(
+        `insert into ${t} (${cols}) values (-5, now(), 'emea', 'extra', 1, 'not in the table', null)`,
+      );
       await db.admin.unsafe(`insert into ${t} (${cols})
                                select id, created_at - interval '40 days', region, status, amount, note, data from ${t}
                                 where id in (select id from ${t} order by id offset 2000 limit 3)`);
@@ -144,7 +167,9 @@ describe("logical mode: verify --repair under concurrent writes", () => {
     expect(m.phase).toBe("cutover");
     expect(await compareWithTwin(db.admin, m.live, w.twin, "bigint")).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
     expect(await compareWithTwin(db.admin, m.copy, w.twin, "bigint")).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
-    const dup = await db.admin.unsafe(`select count(*)::int as n from (select id from ${name} group by id having count(*) > 1) d`);
+    const dup = await db.admin.unsafe(
+      `select count(*)::int as n from (select id from ${name} group by id having count(*) > 1) d`,
+    );
     expect(dup[0]!.n).toBe(0);
     await finalize(db.sql, w.table, { yes: true });
   });

@@ -1,9 +1,18 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type Sql, table as tableRef } from "../../src/db.js";
 import { compareWithTwin, createWorkload, startLoad, type Workload } from "../../src/load/workload.js";
 import { loadMigration, type Migration } from "../../src/migration/state.js";
-import { table as tableRef, type Sql } from "../../src/db.js";
 import { displayName, type QualifiedName } from "../../src/names.js";
-import { describeRun, exitWithin, expectRefusal, runCli, spawnCli, waitUntil, type CliResult, type Running } from "../support/cli.js";
+import {
+  type CliResult,
+  describeRun,
+  exitWithin,
+  expectRefusal,
+  type Running,
+  runCli,
+  spawnCli,
+  waitUntil,
+} from "../support/cli.js";
 import { freshDatabase, type TestDatabase } from "../support/db.js";
 
 /**
@@ -45,19 +54,29 @@ async function terminatedWhileWaiting(args: string[], hold: (tx: Sql) => Promise
     // "pgshift apply ..."), waiting for the lock held here (not for a row the load holds for a moment), in
     // this test's database (sessions of other test files, on the same server, are named so too).
     const waiter = async () =>
-      (await db.admin`
+      (
+        await db.admin`
         select pid from pg_stat_activity
-         where datname = current_database() and application_name = ${`pgshift ${args[0]}`} and ${holder}::int = any(pg_blocking_pids(pid))`)[0]?.pid as number | undefined;
+         where datname = current_database() and application_name = ${`pgshift ${args[0]}`} and ${holder}::int = any(pg_blocking_pids(pid))`
+      )[0]?.pid as number | undefined;
     let pid: number | undefined;
-    await waitUntil(`pgshift ${args[0]} waits for the lock`, async () => {
-      if (exited) throw new Error(`pgshift ${args[0]} exited before waiting:\n${c.out.stdout}\n${c.out.stderr}`);
-      pid = await waiter();
-      return pid !== undefined;
-    }, 60_000, 20);
+    await waitUntil(
+      `pgshift ${args[0]} waits for the lock`,
+      async () => {
+        if (exited) throw new Error(`pgshift ${args[0]} exited before waiting:\n${c.out.stdout}\n${c.out.stderr}`);
+        pid = await waiter();
+        return pid !== undefined;
+      },
+      60_000,
+      20,
+    );
     const killed = await db.admin`select pg_terminate_backend(${pid!}::int) as ok`;
     expect(killed[0]?.ok).toBe(true);
     const ex = await exitWithin(c, 30_000);
-    if (ex.timedOut) throw new Error(`pgshift ${args[0]} did not exit within 30 s of losing its session:\n${c.out.stdout}\n${c.out.stderr}`);
+    if (ex.timedOut)
+      throw new Error(
+        `pgshift ${args[0]} did not exit within 30 s of losing its session:\n${c.out.stdout}\n${c.out.stderr}`,
+      );
     return { args, code: ex.code, signal: ex.signal, stdout: c.out.stdout, stderr: c.out.stderr, ms: 0 };
   } finally {
     await admin`rollback`.catch(() => {});
@@ -94,7 +113,15 @@ describe.each(["trigger", "logical"] as const)("%s mode: a command whose session
     await createWorkload(db.admin, w, 8_000);
     const load = await startLoad(db.url, w, { connections: 3, pauseMs: 3 });
     try {
-      const st = await pgshift(["start", "--allow-key-extension", name, "--partition-by", "range:created_at:month", "--mode", mode]);
+      const st = await pgshift([
+        "start",
+        "--allow-key-extension",
+        name,
+        "--partition-by",
+        "range:created_at:month",
+        "--mode",
+        mode,
+      ]);
       expect(st.code, describeRun(st)).toBe(0);
       const m0 = (await loadMigration(db.admin, w.table))!;
       const lockOpts = ["--lock-timeout", "30000", "--retries", "0"];
@@ -105,7 +132,12 @@ describe.each(["trigger", "logical"] as const)("%s mode: a command whose session
       // (another test file's logical start, on the same server) waits for every transaction with an xid.
       const first = spawnCli(["backfill", name, "--batch-size", "250", "--sleep-ms", "20", "--url", db.url]);
       running.push(first);
-      await waitUntil("the first backfill has copied some rows", async () => ((await loadMigration(db.admin, w.table))?.rows_copied ?? 0) >= 1_000, 60_000, 20);
+      await waitUntil(
+        "the first backfill has copied some rows",
+        async () => ((await loadMigration(db.admin, w.table))?.rows_copied ?? 0) >= 1_000,
+        60_000,
+        20,
+      );
       first.child.kill("SIGINT");
       const ex1 = await exitWithin(first, 30_000);
       expect(ex1, first.out.stderr).toMatchObject({ code: 130, timedOut: false });
@@ -167,9 +199,24 @@ describe.each(["trigger", "logical"] as const)("%s mode: a command whose session
     const name = `connloss_abort_${mode}`;
     const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
     await createWorkload(db.admin, w, 1_000);
-    expect((await pgshift(["start", "--allow-key-extension", name, "--partition-by", "range:created_at:month", "--mode", mode])).code).toBe(0);
+    expect(
+      (
+        await pgshift([
+          "start",
+          "--allow-key-extension",
+          name,
+          "--partition-by",
+          "range:created_at:month",
+          "--mode",
+          mode,
+        ])
+      ).code,
+    ).toBe(0);
     const m = (await loadMigration(db.admin, w.table))!;
-    const ab = await terminatedWhileWaiting(["abort", name, "--lock-timeout", "30000", "--retries", "0"], lockTable(m.partitioned));
+    const ab = await terminatedWhileWaiting(
+      ["abort", name, "--lock-timeout", "30000", "--retries", "0"],
+      lockTable(m.partitioned),
+    );
     expectTerminated(ab);
     expect((await state(w)).phase).toBe("started");
     expect(await relkind(m.partitioned), "the shadow is still there").toBe("p");
@@ -181,7 +228,9 @@ describe.each(["trigger", "logical"] as const)("%s mode: a command whose session
     expect(await relkind(m.partitioned)).toBeNull();
     expect(await loadMigration(db.admin, w.table)).toBeNull();
     expect(await slots(m.slot_name)).toBe(0);
-    expect((await db.admin`select count(*)::int as n from pg_publication where pubname = ${m.publication_name ?? ""}`)[0]!.n).toBe(0);
+    expect(
+      (await db.admin`select count(*)::int as n from pg_publication where pubname = ${m.publication_name ?? ""}`)[0]!.n,
+    ).toBe(0);
   });
 });
 
@@ -192,23 +241,44 @@ describe("logical mode: the consumer a command follows goes away", () => {
     await createWorkload(db.admin, w, 20_000);
     const load = await startLoad(db.url, w, { connections: 3, pauseMs: 3 });
     try {
-      const st = await pgshift(["start", "--allow-key-extension", name, "--partition-by", "range:created_at:month", "--mode", "logical"]);
+      const st = await pgshift([
+        "start",
+        "--allow-key-extension",
+        name,
+        "--partition-by",
+        "range:created_at:month",
+        "--mode",
+        "logical",
+      ]);
       expect(st.code, describeRun(st)).toBe(0);
       const m = (await loadMigration(db.admin, w.table))!;
-      const slotActive = async () => Boolean((await db.admin`select active from pg_replication_slots where slot_name = ${m.slot_name!}`)[0]?.active);
+      const slotActive = async () =>
+        Boolean((await db.admin`select active from pg_replication_slots where slot_name = ${m.slot_name!}`)[0]?.active);
       const sync = spawnCli(["sync", name, "--url", db.url]);
       running.push(sync);
       await waitUntil("pgshift sync attaches to the slot", slotActive, 30_000, 50);
       // backfill finds sync attached: it follows it rather than applying the stream itself.
       const bf = spawnCli(["backfill", name, "--batch-size", "500", "--sleep-ms", "20", "--url", db.url]);
       running.push(bf);
-      await waitUntil("backfill has copied some rows", async () => ((await loadMigration(db.admin, w.table))?.rows_copied ?? 0) >= 2_000, 60_000, 20);
+      await waitUntil(
+        "backfill has copied some rows",
+        async () => ((await loadMigration(db.admin, w.table))?.rows_copied ?? 0) >= 2_000,
+        60_000,
+        20,
+      );
       sync.child.kill("SIGKILL");
       await sync.exited;
       // Regression: backfill waited for the stream to catch up through a consumer that was gone, for up to
       // 10 minutes, then said it had caught up.
       const ex = await exitWithin(bf, 90_000);
-      const r = { args: ["backfill", name], code: ex.code, signal: ex.signal, stdout: bf.out.stdout, stderr: bf.out.stderr, ms: 0 };
+      const r = {
+        args: ["backfill", name],
+        code: ex.code,
+        signal: ex.signal,
+        stdout: bf.out.stdout,
+        stderr: bf.out.stderr,
+        ms: 0,
+      };
       expect(ex.timedOut, describeRun(r)).toBe(false);
       expect(ex.code, describeRun(r)).toBe(0);
       expect(bf.out.stderr, describeRun(r)).toContain("applying the stream in this process");

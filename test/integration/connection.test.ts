@@ -15,8 +15,8 @@ import pg from "pg";
 import postgres from "postgres";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connect, connectionUrl, replicationConfig, type Sql } from "../../src/db.js";
-import { startEmbedded, type EmbeddedServer } from "../../src/embedded.js";
-import { describeRun, expectRefusal, repoRoot, runCli, type CliResult } from "../support/cli.js";
+import { type EmbeddedServer, startEmbedded } from "../../src/embedded.js";
+import { type CliResult, describeRun, expectRefusal, repoRoot, runCli } from "../support/cli.js";
 import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
 
 let db: TestDatabase;
@@ -83,12 +83,18 @@ describe("the password file (PGPASSFILE, ~/.pgpass)", () => {
     chmodSync(file, 0o600);
     expectPlanned(await pgshift([...PLAN, "--url", url], { PGPASSFILE: file }));
     // Without the file, the same URL has no password: the server refuses the login.
-    expectRefusal(await pgshift([...PLAN, "--url", url], { PGPASSFILE: join(work, "no-such-file") }), "authentication failed");
+    expectRefusal(
+      await pgshift([...PLAN, "--url", url], { PGPASSFILE: join(work, "no-such-file") }),
+      "authentication failed",
+    );
   });
 
   it("~/.pgpass is read when PGPASSFILE is not set, and wildcards match", async () => {
     const { url, line } = parts();
-    const password = line.split(/(?<!\\):/).slice(4).join(":");
+    const password = line
+      .split(/(?<!\\):/)
+      .slice(4)
+      .join(":");
     const fakeHome = join(work, "home-pgpass");
     mkdirSync(fakeHome);
     writeFileSync(join(fakeHome, ".pgpass"), `*:*:*:*:${password}\n`);
@@ -103,7 +109,9 @@ describe("the password file (PGPASSFILE, ~/.pgpass)", () => {
     chmodSync(file, 0o644);
     const r = await pgshift([...PLAN, "--url", url], { PGPASSFILE: file });
     expectRefusal(r, "authentication failed");
-    expect(logMessages(r), describeRun(r)).toContain(`password file "${file}" has group or world access; permissions should be u=rw (0600) or less`);
+    expect(logMessages(r), describeRun(r)).toContain(
+      `password file "${file}" has group or world access; permissions should be u=rw (0600) or less`,
+    );
     // The same file made private is used: the warning was about the mode, nothing else.
     chmodSync(file, 0o600);
     expectPlanned(await pgshift([...PLAN, "--url", url], { PGPASSFILE: file }));
@@ -155,7 +163,11 @@ describe("connect_timeout: a port that does not speak PostgreSQL fails in time, 
 
   it("a server that accepts and says nothing: PGCONNECT_TIMEOUT=2 fails after about 2 s, exit 2", async () => {
     const { port, waitedMs } = await listen(() => {});
-    const r = await pgshift([...PLAN, "--url", `postgres://u:p@127.0.0.1:${port}/db`], { PGCONNECT_TIMEOUT: "2" }, 60_000);
+    const r = await pgshift(
+      [...PLAN, "--url", `postgres://u:p@127.0.0.1:${port}/db`],
+      { PGCONNECT_TIMEOUT: "2" },
+      60_000,
+    );
     expectRefusal(r, `no answer from a PostgreSQL server at 127.0.0.1:${port} within 2 s (connect_timeout)`);
     expect(await waitedMs(), describeRun(r)).toBeGreaterThan(1900);
     expect(await waitedMs(), describeRun(r)).toBeLessThan(4000);
@@ -163,10 +175,18 @@ describe("connect_timeout: a port that does not speak PostgreSQL fails in time, 
 
   it("a server that answers something else and hangs up (HTTP): fails within connect_timeout, never retries for ever", async () => {
     for (const sslmode of ["prefer", "disable", "require"]) {
-      const { port, waitedMs } = await listen((s) => s.once("data", () => s.end("HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")));
-      const r = await pgshift([...PLAN, "--url", `postgres://u:p@127.0.0.1:${port}/db?connect_timeout=2&sslmode=${sslmode}`], {}, 60_000);
-      expectRefusal(r, "127.0.0.1:" + port);
-      expect(r.stderr, describeRun(r)).toMatch(/within 2 s \(connect_timeout\)|does not speak the PostgreSQL protocol \(it answered "HTTP\/1\.1 400 Bad Request"\)/);
+      const { port, waitedMs } = await listen((s) =>
+        s.once("data", () => s.end("HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")),
+      );
+      const r = await pgshift(
+        [...PLAN, "--url", `postgres://u:p@127.0.0.1:${port}/db?connect_timeout=2&sslmode=${sslmode}`],
+        {},
+        60_000,
+      );
+      expectRefusal(r, `127.0.0.1:${port}`);
+      expect(r.stderr, describeRun(r)).toMatch(
+        /within 2 s \(connect_timeout\)|does not speak the PostgreSQL protocol \(it answered "HTTP\/1\.1 400 Bad Request"\)/,
+      );
       expect(await waitedMs(), describeRun(r)).toBeLessThan(4000);
     }
   });
@@ -180,7 +200,10 @@ describe("connect_timeout: a port that does not speak PostgreSQL fails in time, 
   });
 
   it("an invalid connect_timeout is refused as libpq refuses it", async () => {
-    expectRefusal(await pgshift([...PLAN, "--url", db.url], { PGCONNECT_TIMEOUT: "soon" }), 'invalid integer value "soon" for connection option "connect_timeout"');
+    expectRefusal(
+      await pgshift([...PLAN, "--url", db.url], { PGCONNECT_TIMEOUT: "soon" }),
+      'invalid integer value "soon" for connection option "connect_timeout"',
+    );
   });
 });
 
@@ -189,21 +212,34 @@ describe("sslmode against a server without TLS (the run's server)", () => {
     const missing = join(work, "no-such-root.crt");
     const viaEnv = await pgshift([...PLAN, "--url", db.url], { PGSSLMODE: "verify-full", PGSSLROOTCERT: missing });
     expectRefusal(viaEnv, `root certificate file "${missing}" does not exist`, "sslmode=verify-full");
-    const viaUrl = await pgshift([...PLAN, "--url", `${db.url}?sslmode=verify-ca&sslrootcert=${encodeURIComponent(missing)}`]);
+    const viaUrl = await pgshift([
+      ...PLAN,
+      "--url",
+      `${db.url}?sslmode=verify-ca&sslrootcert=${encodeURIComponent(missing)}`,
+    ]);
     expectRefusal(viaUrl, `root certificate file "${missing}" does not exist`, "sslmode=verify-ca");
     const byDefault = await pgshift([...PLAN, "--url", db.url], { PGSSLMODE: "verify-full" });
     expectRefusal(byDefault, `root certificate file "${join(home, ".postgresql", "root.crt")}" does not exist`);
   });
 
   it("require is refused by a server without TLS; prefer (the default) and disable connect without it", async () => {
-    expectRefusal(await pgshift([...PLAN, "--url", db.url], { PGSSLMODE: "require" }), "does not support SSL, but sslmode=require requires it");
+    expectRefusal(
+      await pgshift([...PLAN, "--url", db.url], { PGSSLMODE: "require" }),
+      "does not support SSL, but sslmode=require requires it",
+    );
     expectPlanned(await pgshift([...PLAN, "--url", db.url], { PGSSLMODE: "prefer" }));
     expectPlanned(await pgshift([...PLAN, "--url", `${db.url}?sslmode=disable`]));
   });
 
   it("an unknown sslmode, or a parameter libpq does not know, is refused", async () => {
-    expectRefusal(await pgshift([...PLAN, "--url", db.url], { PGSSLMODE: "sometimes" }), 'invalid sslmode value: "sometimes"');
-    expectRefusal(await pgshift([...PLAN, "--url", `${db.url}?schema=public`]), 'unsupported connection parameter "schema"');
+    expectRefusal(
+      await pgshift([...PLAN, "--url", db.url], { PGSSLMODE: "sometimes" }),
+      'invalid sslmode value: "sometimes"',
+    );
+    expectRefusal(
+      await pgshift([...PLAN, "--url", `${db.url}?schema=public`]),
+      'unsupported connection parameter "schema"',
+    );
   });
 
   it("application_name: PGAPPNAME or the URL's, else pgshift; pgshift's own sessions keep their names", async () => {
@@ -246,15 +282,71 @@ describe.skipIf(!hasOpenssl)("sslmode against a server with TLS (ssl=on, pg_hba:
     certs = join(work, "certs");
     mkdirSync(certs);
     const openssl = (...args: string[]) => execFileSync("openssl", args, { cwd: certs, stdio: "pipe" });
-    openssl("req", "-new", "-x509", "-days", "2", "-nodes", "-subj", "/CN=pgshift test CA", "-keyout", "ca.key", "-out", "ca.crt");
-    openssl("req", "-new", "-x509", "-days", "2", "-nodes", "-subj", "/CN=another CA", "-keyout", "other.key", "-out", "other.crt");
+    openssl(
+      "req",
+      "-new",
+      "-x509",
+      "-days",
+      "2",
+      "-nodes",
+      "-subj",
+      "/CN=pgshift test CA",
+      "-keyout",
+      "ca.key",
+      "-out",
+      "ca.crt",
+    );
+    openssl(
+      "req",
+      "-new",
+      "-x509",
+      "-days",
+      "2",
+      "-nodes",
+      "-subj",
+      "/CN=another CA",
+      "-keyout",
+      "other.key",
+      "-out",
+      "other.crt",
+    );
     openssl("req", "-new", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr");
     // The certificate names localhost only (no IP address): verify-full to 127.0.0.1 must fail.
     writeFileSync(join(certs, "ext.cnf"), "subjectAltName=DNS:localhost\n");
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.crt");
+    openssl(
+      "x509",
+      "-req",
+      "-in",
+      "server.csr",
+      "-CA",
+      "ca.crt",
+      "-CAkey",
+      "ca.key",
+      "-CAcreateserial",
+      "-days",
+      "2",
+      "-extfile",
+      "ext.cnf",
+      "-out",
+      "server.crt",
+    );
     // A client certificate and key, for the checks of sslcert / sslkey.
     openssl("req", "-new", "-nodes", "-subj", "/CN=postgres", "-keyout", "client.key", "-out", "client.csr");
-    openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-out", "client.crt");
+    openssl(
+      "x509",
+      "-req",
+      "-in",
+      "client.csr",
+      "-CA",
+      "ca.crt",
+      "-CAkey",
+      "ca.key",
+      "-CAcreateserial",
+      "-days",
+      "2",
+      "-out",
+      "client.crt",
+    );
     chmodSync(join(certs, "client.key"), 0o600);
 
     srv = await startEmbedded();
@@ -307,14 +399,17 @@ describe.skipIf(!hasOpenssl)("sslmode against a server with TLS (ssl=on, pg_hba:
   });
 
   const ca = () => join(certs, "ca.crt");
-  const tlsInUse = async (sql: Sql) => (await sql`select ssl from pg_stat_ssl where pid = pg_backend_pid()`)[0]!.ssl as boolean;
+  const tlsInUse = async (sql: Sql) =>
+    (await sql`select ssl from pg_stat_ssl where pid = pg_backend_pid()`)[0]!.ssl as boolean;
 
   it("a plain connection is rejected by this server (the premise of the other checks)", async () => {
     await expect(connect({ url: `${base("127.0.0.1")}?sslmode=disable` })).rejects.toThrow(/no encryption/);
   });
 
   it("verify-full with the right root certificate and host name connects over TLS; connectionUrl carries it", async () => {
-    const sql = await connect({ url: `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}` });
+    const sql = await connect({
+      url: `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}`,
+    });
     expect(await tlsInUse(sql)).toBe(true);
     const derived = connectionUrl(sql);
     expect(derived).toContain("sslmode=verify-full");
@@ -332,11 +427,19 @@ describe.skipIf(!hasOpenssl)("sslmode against a server with TLS (ssl=on, pg_hba:
   });
 
   it("verify-full refuses a host name the certificate does not name, and a certificate from another root; verify-ca accepts the first", async () => {
-    const wrongHost = connect({ url: `${base("127.0.0.1")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}` });
-    await expect(wrongHost).rejects.toThrow(/certificate of the server at 127\.0\.0\.1:\d+ failed verification \(sslmode=verify-full\)/);
-    const otherRoot = connect({ url: `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(join(certs, "other.crt"))}` });
+    const wrongHost = connect({
+      url: `${base("127.0.0.1")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}`,
+    });
+    await expect(wrongHost).rejects.toThrow(
+      /certificate of the server at 127\.0\.0\.1:\d+ failed verification \(sslmode=verify-full\)/,
+    );
+    const otherRoot = connect({
+      url: `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(join(certs, "other.crt"))}`,
+    });
     await expect(otherRoot).rejects.toThrow(/failed verification/);
-    const verifyCa = await connect({ url: `${base("127.0.0.1")}?sslmode=verify-ca&sslrootcert=${encodeURIComponent(ca())}` });
+    const verifyCa = await connect({
+      url: `${base("127.0.0.1")}?sslmode=verify-ca&sslrootcert=${encodeURIComponent(ca())}`,
+    });
     expect(await tlsInUse(verifyCa)).toBe(true);
     await verifyCa.end();
   });
@@ -354,20 +457,26 @@ describe.skipIf(!hasOpenssl)("sslmode against a server with TLS (ssl=on, pg_hba:
     const allow = await connect({ url: `${base("127.0.0.1")}?sslmode=allow` });
     expect(await tlsInUse(allow)).toBe(true);
     await allow.end();
-    const requireWithRoot = connect({ url: `${base("localhost")}?sslmode=require&sslrootcert=${encodeURIComponent(join(certs, "other.crt"))}` });
+    const requireWithRoot = connect({
+      url: `${base("localhost")}?sslmode=require&sslrootcert=${encodeURIComponent(join(certs, "other.crt"))}`,
+    });
     await expect(requireWithRoot).rejects.toThrow(/failed verification \(sslmode=require\)/);
   });
 
   it("a client certificate is sent, and a key readable by others is refused as libpq refuses it", async () => {
     const cert = encodeURIComponent(join(certs, "client.crt"));
     const key = join(certs, "client.key");
-    const sql = await connect({ url: `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}&sslcert=${cert}&sslkey=${encodeURIComponent(key)}` });
+    const sql = await connect({
+      url: `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}&sslcert=${cert}&sslkey=${encodeURIComponent(key)}`,
+    });
     const [row] = await sql`select client_dn from pg_stat_ssl where pid = pg_backend_pid()`;
     expect(row!.client_dn).toBe("/CN=postgres");
     await sql.end();
     chmodSync(key, 0o644);
     try {
-      await expect(connect({ url: `${base("localhost")}?sslmode=require&sslcert=${cert}&sslkey=${encodeURIComponent(key)}` })).rejects.toThrow(
+      await expect(
+        connect({ url: `${base("localhost")}?sslmode=require&sslcert=${cert}&sslkey=${encodeURIComponent(key)}` }),
+      ).rejects.toThrow(
         `private key file "${key}" has group or world access; file must have permissions u=rw (0600) or less if owned by the current user, or permissions u=rw,g=r (0640) or less if owned by root`,
       );
     } finally {
@@ -376,10 +485,18 @@ describe.skipIf(!hasOpenssl)("sslmode against a server with TLS (ssl=on, pg_hba:
   });
 
   it("the CLI: verify-full from PGSSLMODE/PGSSLROOTCERT connects; a missing root certificate is refused, not ignored", async () => {
-    expectPlanned(await pgshift([...PLAN, "--url", base("localhost")], { PGSSLMODE: "verify-full", PGSSLROOTCERT: ca() }));
-    const missing = await pgshift([...PLAN, "--url", base("localhost")], { PGSSLMODE: "verify-full", PGSSLROOTCERT: join(certs, "missing.crt") });
+    expectPlanned(
+      await pgshift([...PLAN, "--url", base("localhost")], { PGSSLMODE: "verify-full", PGSSLROOTCERT: ca() }),
+    );
+    const missing = await pgshift([...PLAN, "--url", base("localhost")], {
+      PGSSLMODE: "verify-full",
+      PGSSLROOTCERT: join(certs, "missing.crt"),
+    });
     expectRefusal(missing, `root certificate file "${join(certs, "missing.crt")}" does not exist`);
-    const wrongHost = await pgshift([...PLAN, "--url", base("127.0.0.1")], { PGSSLMODE: "verify-full", PGSSLROOTCERT: ca() });
+    const wrongHost = await pgshift([...PLAN, "--url", base("127.0.0.1")], {
+      PGSSLMODE: "verify-full",
+      PGSSLROOTCERT: ca(),
+    });
     expectRefusal(wrongHost, "failed verification (sslmode=verify-full)");
   });
 
@@ -405,15 +522,27 @@ describe.skipIf(!hasOpenssl)("sslmode against a server with TLS (ssl=on, pg_hba:
     );
     expectPlanned(await pgshift(PLAN, { PGSERVICEFILE: file, PGSERVICE: "tls" }));
     // The URL's parameters win over the service's: sslmode=disable is rejected by this server's pg_hba.
-    expectRefusal(await pgshift([...PLAN, "--url", `postgres://localhost/postgres?service=tls&sslmode=disable`], { PGSERVICEFILE: file }), "no encryption");
-    expectRefusal(await pgshift(PLAN, { PGSERVICEFILE: file, PGSERVICE: "nope" }), 'definition of service "nope" not found');
+    expectRefusal(
+      await pgshift([...PLAN, "--url", `postgres://localhost/postgres?service=tls&sslmode=disable`], {
+        PGSERVICEFILE: file,
+      }),
+      "no encryption",
+    );
+    expectRefusal(
+      await pgshift(PLAN, { PGSERVICEFILE: file, PGSERVICE: "nope" }),
+      'definition of service "nope" not found',
+    );
   });
 
   it("logical mode over verify-full: the replication stream and sync's sessions use TLS too (pg_hba rejects anything else)", async () => {
     const url = `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}`;
     await createOrders(admin, "events", 2000);
     const spec = ["--partition-by", "range:created_at:month"];
-    const start = await pgshift(["start", "--allow-key-extension", "events", ...spec, "--mode", "logical", "--url", url], {}, 120_000);
+    const start = await pgshift(
+      ["start", "--allow-key-extension", "events", ...spec, "--mode", "logical", "--url", url],
+      {},
+      120_000,
+    );
     expect(start.code, describeRun(start)).toBe(0);
     // Writes while the backfill runs reach the shadow only through the stream (the replication connection).
     let writing = true;
@@ -444,7 +573,11 @@ describe("the CLI's hygiene", () => {
     await createOrders(db.admin, "big", 3 * 365 * 24);
     const script = `node --import tsx src/cli/main.ts plan big --partition-by range:created_at:day --url '${db.url}' | head -1; echo "pgshift exit: \${PIPESTATUS[0]}" >&2`;
     const r = await new Promise<{ stdout: string; stderr: string }>((resolve, reject) => {
-      const child = spawn("bash", ["-c", script], { cwd: repoRoot, env: { ...process.env, HOME: home }, stdio: ["ignore", "pipe", "pipe"] });
+      const child = spawn("bash", ["-c", script], {
+        cwd: repoRoot,
+        env: { ...process.env, HOME: home },
+        stdio: ["ignore", "pipe", "pipe"],
+      });
       let stdout = "";
       let stderr = "";
       child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
@@ -467,7 +600,7 @@ describe("the CLI's hygiene", () => {
       pgshift([...PLAN, "--url", "mysql://localhost/db"]),
     ]);
     const [badInt, unknown, suggested, badChoice, unknownCommand, badUrl] = runs;
-    expectRefusal(badInt!, "--lock-timeout must be an integer >= 1, got \"abc\"");
+    expectRefusal(badInt!, '--lock-timeout must be an integer >= 1, got "abc"');
     expectRefusal(unknown!, "unknown option '--frobnicate'");
     expectRefusal(suggested!, "unknown option '--jsn'");
     expect(suggested!.stderr).toContain("pgshift: hint: did you mean --json? (pgshift plan --help lists the options)");

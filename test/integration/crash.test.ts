@@ -24,25 +24,51 @@ async function relkind(name: string): Promise<string | null> {
 }
 
 async function triggersOn(name: string): Promise<string[]> {
-  const r = await db.admin`select tgname::text as n from pg_trigger where tgrelid = to_regclass(${name}) and not tgisinternal order by 1`;
+  const r =
+    await db.admin`select tgname::text as n from pg_trigger where tgrelid = to_regclass(${name}) and not tgisinternal order by 1`;
   return r.map((x) => String(x.n));
 }
 
 describe("crash safety", () => {
   it("backfill killed with SIGKILL mid-way resumes from its checkpoint, under live writes", async () => {
-    const w: Workload = { table: { schema: "public", name: "crash_bf" }, twin: { schema: "twin", name: "crash_bf" }, keyKind: "bigint" };
+    const w: Workload = {
+      table: { schema: "public", name: "crash_bf" },
+      twin: { schema: "twin", name: "crash_bf" },
+      keyKind: "bigint",
+    };
     await createWorkload(db.admin, w, 60_000);
     const load = await startLoad(db.url, w, { connections: 3, pauseMs: 2 });
     try {
-      await startMigration(db.sql, w.table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month") });
-      const child = spawn(process.execPath, ["--import", "tsx", "src/cli/main.ts", "backfill", "crash_bf", "--batch-size", "1000", "--sleep-ms", "30", "--url", db.url], {
-        cwd: process.cwd(),
-        stdio: ["ignore", "ignore", "pipe"],
-        env: { ...process.env, DATABASE_URL: "" },
+      await startMigration(db.sql, w.table, {
+        allowKeyExtension: true,
+        spec: parsePartitionSpec("range:created_at:month"),
       });
+      const child = spawn(
+        process.execPath,
+        [
+          "--import",
+          "tsx",
+          "src/cli/main.ts",
+          "backfill",
+          "crash_bf",
+          "--batch-size",
+          "1000",
+          "--sleep-ms",
+          "30",
+          "--url",
+          db.url,
+        ],
+        {
+          cwd: process.cwd(),
+          stdio: ["ignore", "ignore", "pipe"],
+          env: { ...process.env, DATABASE_URL: "" },
+        },
+      );
       let stderr = "";
       child.stderr.on("data", (d) => (stderr += String(d)));
-      const exited = new Promise<number | null>((resolve) => child.on("exit", (code, signal) => resolve(signal ? -1 : code)));
+      const exited = new Promise<number | null>((resolve) =>
+        child.on("exit", (code, signal) => resolve(signal ? -1 : code)),
+      );
       let atKill = 0;
       for (let i = 0; i < 600; i++) {
         const m = await loadMigration(db.admin, w.table);
@@ -78,14 +104,18 @@ describe("crash safety", () => {
   });
 
   it("a connection killed during cutover leaves the database fully before; the next cutover leaves it fully after", async () => {
-    const w: Workload = { table: { schema: "public", name: "crash_co" }, twin: { schema: "twin", name: "crash_co" }, keyKind: "bigint" };
+    const w: Workload = {
+      table: { schema: "public", name: "crash_co" },
+      twin: { schema: "twin", name: "crash_co" },
+      keyKind: "bigint",
+    };
     await createWorkload(db.admin, w, 10_000);
     const load = await startLoad(db.url, w, { connections: 3, pauseMs: 2 });
     const sql = await connect({ url: db.url });
     try {
       await startMigration(sql, w.table, { allowKeyExtension: true, spec: parsePartitionSpec("list:region") });
       await backfill(sql, w.table, { batchSize: 2000 });
-      const before = async () => {
+      const expectFullyBefore = async () => {
         expect(await relkind("public.crash_co")).toBe("r");
         expect(await relkind("public.crash_co_pgshift_shadow")).toBe("p");
         expect(await relkind("public.crash_co_pgshift_retired")).toBeNull();
@@ -93,7 +123,7 @@ describe("crash safety", () => {
         expect(await triggersOn("public.crash_co_pgshift_shadow")).toEqual(["pgshift_truncate_guard"]);
         expect((await loadMigration(db.admin, w.table))!.phase).toBe("backfilled");
       };
-      const after = async () => {
+      const expectFullyAfter = async () => {
         expect(await relkind("public.crash_co")).toBe("p");
         expect(await relkind("public.crash_co_pgshift_retired")).toBe("r");
         expect(await relkind("public.crash_co_pgshift_shadow")).toBeNull();
@@ -101,7 +131,7 @@ describe("crash safety", () => {
         expect(await triggersOn("public.crash_co_pgshift_retired")).toEqual(["pgshift_truncate_guard"]);
         expect((await loadMigration(db.admin, w.table))!.phase).toBe("cutover");
       };
-            // 1. killed after every statement of the cutover ran, just before COMMIT
+      // 1. killed after every statement of the cutover ran, just before COMMIT
       const doomed = await connect({ url: db.url });
       await expect(
         cutover(doomed, w.table, {
@@ -115,8 +145,8 @@ describe("crash safety", () => {
         }),
       ).rejects.toThrow();
       await doomed.end({ timeout: 1 }).catch(() => {});
-      await before();
-            // 2. killed while waiting for the lock behind another transaction
+      await expectFullyBefore();
+      // 2. killed while waiting for the lock behind another transaction
       const blocker = await connect({ url: db.url });
       let release!: () => void;
       const released = new Promise<void>((r) => (release = r));
@@ -134,7 +164,9 @@ describe("crash safety", () => {
       for (let i = 0; i < 50 && waiting.length === 0; i++) {
         await sleep(100);
         waiting = (await db.admin`select pid from pg_stat_activity
-                  where wait_event_type = 'Lock' and query ilike 'lock table "public"."crash_co"%' and datname = current_database()`) as unknown as { pid: number }[];
+                  where wait_event_type = 'Lock' and query ilike 'lock table "public"."crash_co"%' and datname = current_database()`) as unknown as {
+          pid: number;
+        }[];
       }
       expect(waiting.length).toBe(1);
       await db.admin`select pg_terminate_backend(${waiting[0]!.pid})`;
@@ -143,18 +175,18 @@ describe("crash safety", () => {
       release();
       await holding;
       await blocker.end();
-      await before();
-            // 3. the next cutover completes: fully after
+      await expectFullyBefore();
+      // 3. the next cutover completes: fully after
       const ok = await cutover(sql, w.table);
       expect(ok.attempts).toBeGreaterThanOrEqual(1);
-      await after();
+      await expectFullyAfter();
       await sleep(300);
       // and swap-back / cutover still work after the crashes
       await swapBack(sql, w.table);
-      await before().catch(() => {}); // phase is swapped_back, not backfilled
+      await expectFullyBefore().catch(() => {}); // phase is swapped_back, not backfilled
       expect((await loadMigration(db.admin, w.table))!.phase).toBe("swapped_back");
       await cutover(sql, w.table);
-      await after();
+      await expectFullyAfter();
       await sleep(300);
     } finally {
       await load.stop();
@@ -162,6 +194,8 @@ describe("crash safety", () => {
     }
     expect(load.stats.errors).toEqual([]);
     expect(await compareWithTwin(db.admin, w.table, w.twin, "bigint")).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
-    expect(await compareWithTwin(db.admin, { schema: "public", name: "crash_co_pgshift_retired" }, w.twin, "bigint")).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
+    expect(
+      await compareWithTwin(db.admin, { schema: "public", name: "crash_co_pgshift_retired" }, w.twin, "bigint"),
+    ).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
   });
 });

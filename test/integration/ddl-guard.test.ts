@@ -1,6 +1,12 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connect, type Sql } from "../../src/db.js";
-import { compareWithTwin, createWorkload, startLoad, type RunningLoad, type Workload } from "../../src/load/workload.js";
+import {
+  compareWithTwin,
+  createWorkload,
+  type RunningLoad,
+  startLoad,
+  type Workload,
+} from "../../src/load/workload.js";
 import { loadMigration } from "../../src/migration/state.js";
 import { displayName, type QualifiedName } from "../../src/names.js";
 import type { StatusReport } from "../../src/status.js";
@@ -51,7 +57,11 @@ async function columns(t: QualifiedName): Promise<string[]> {
 }
 
 const guardCount = async () =>
-  Number((await db.admin`select count(*)::int as n from pg_event_trigger where evtname in ('pgshift_ddl_guard', 'pgshift_drop_guard', 'pgshift_partition_guard')`)[0]!.n);
+  Number(
+    (
+      await db.admin`select count(*)::int as n from pg_event_trigger where evtname in ('pgshift_ddl_guard', 'pgshift_drop_guard', 'pgshift_partition_guard')`
+    )[0]!.n,
+  );
 
 /** Runs `stmt` and returns the error PostgreSQL raised (code, message, hint), or null when it went through. */
 async function tryDdl(sql: Sql, stmt: string): Promise<{ code: string; message: string; hint: string } | null> {
@@ -67,7 +77,9 @@ async function tryDdl(sql: Sql, stmt: string): Promise<{ code: string; message: 
 function expectGuardRefusal(err: Awaited<ReturnType<typeof tryDdl>>, live: string, copy: string, column: string): void {
   expect(err).not.toBeNull();
   expect(err!.code).toBe("55006");
-  expect(err!.message).toBe(`pgshift: ALTER TABLE refused while ${live} is being migrated: the columns of ${live} and ${copy} would differ (${column})`);
+  expect(err!.message).toBe(
+    `pgshift: ALTER TABLE refused while ${live} is being migrated: the columns of ${live} and ${copy} would differ (${column})`,
+  );
   expect(err!.hint).toContain("SET pgshift.allow_ddl = on");
 }
 
@@ -103,15 +115,22 @@ describe("without superuser", () => {
     const plan = await pgshift(["plan", "ddl_weak", "--partition-by", "range:created_at:month"], roleUrl);
     expect(plan.code, describeRun(plan)).toBe(0);
     expect(plan.stdout).not.toContain("EVENT TRIGGER");
-    expect(plan.stdout + plan.stderr).toContain("the DDL guard is not installed (creating an event trigger needs superuser)");
-    const st = await pgshift(["start", "--allow-key-extension", "ddl_weak", "--partition-by", "range:created_at:month"], roleUrl);
+    expect(plan.stdout + plan.stderr).toContain(
+      "the DDL guard is not installed (creating an event trigger needs superuser)",
+    );
+    const st = await pgshift(
+      ["start", "--allow-key-extension", "ddl_weak", "--partition-by", "range:created_at:month"],
+      roleUrl,
+    );
     expect(st.code, describeRun(st)).toBe(0);
     expect(st.stderr).toContain("the DDL guard is not installed");
     expect(await guardCount()).toBe(0);
     expect((await statusOf("ddl_weak", roleUrl)).ddlGuard).toBe("missing");
     // Nothing refuses the change; status reports it, and cutover would refuse.
     await sql`alter table ddl_weak add column extra int`;
-    expect((await statusOf("ddl_weak", roleUrl)).schemaDrift).toEqual(["column extra (integer) is in public.ddl_weak but not in public.ddl_weak_pgshift_shadow"]);
+    expect((await statusOf("ddl_weak", roleUrl)).schemaDrift).toEqual([
+      "column extra (integer) is in public.ddl_weak but not in public.ddl_weak_pgshift_shadow",
+    ]);
     const ab = await pgshift(["abort", "ddl_weak"], roleUrl);
     expect(ab.code, describeRun(ab)).toBe(0);
   });
@@ -122,8 +141,18 @@ describe.each(["trigger", "logical"] as const)("%s mode, under a write load", (m
     const name = `ddl_${mode}`;
     await underLoad(name, async (w, load) => {
       const plan = await pgshift(["plan", name, "--partition-by", "range:created_at:month", "--mode", mode]);
-      expect(plan.stdout, describeRun(plan)).toContain("CREATE EVENT TRIGGER pgshift_ddl_guard ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')");
-      const st = await pgshift(["start", "--allow-key-extension", name, "--partition-by", "range:created_at:month", "--mode", mode]);
+      expect(plan.stdout, describeRun(plan)).toContain(
+        "CREATE EVENT TRIGGER pgshift_ddl_guard ON ddl_command_end WHEN TAG IN ('ALTER TABLE', 'CREATE TABLE')",
+      );
+      const st = await pgshift([
+        "start",
+        "--allow-key-extension",
+        name,
+        "--partition-by",
+        "range:created_at:month",
+        "--mode",
+        mode,
+      ]);
       expect(st.code, describeRun(st)).toBe(0);
       expect(await guardCount()).toBe(3);
       expect((await statusOf(name)).ddlGuard).toBe("on");
@@ -141,12 +170,32 @@ describe.each(["trigger", "logical"] as const)("%s mode, under a write load", (m
       const opsBefore = ops();
 
       expectGuardRefusal(await tryDdl(db.admin, `alter table ${live} drop column note`), live, shadow, "note");
-      expectGuardRefusal(await tryDdl(db.admin, `alter table ${live} rename column note to remark`), live, shadow, "note, remark");
-      expectGuardRefusal(await tryDdl(db.admin, `alter table ${live} add column extra int default 7`), live, shadow, "extra");
-      expectGuardRefusal(await tryDdl(db.admin, `alter table ${live} alter column status type varchar(40)`), live, shadow, "status");
+      expectGuardRefusal(
+        await tryDdl(db.admin, `alter table ${live} rename column note to remark`),
+        live,
+        shadow,
+        "note, remark",
+      );
+      expectGuardRefusal(
+        await tryDdl(db.admin, `alter table ${live} add column extra int default 7`),
+        live,
+        shadow,
+        "extra",
+      );
+      expectGuardRefusal(
+        await tryDdl(db.admin, `alter table ${live} alter column status type varchar(40)`),
+        live,
+        shadow,
+        "status",
+      );
       expectGuardRefusal(await tryDdl(db.admin, `alter table ${shadow} drop column status`), live, shadow, "status");
       // Several subcommands in one ALTER: refused whole.
-      expectGuardRefusal(await tryDdl(db.admin, `alter table ${live} set (fillfactor = 95), drop column region`), live, shadow, "region");
+      expectGuardRefusal(
+        await tryDdl(db.admin, `alter table ${live} set (fillfactor = 95), drop column region`),
+        live,
+        shadow,
+        "region",
+      );
       // Dropping either table: in trigger mode a dropped shadow would make every application write fail.
       expectDropRefusal(await tryDdl(db.admin, `drop table ${shadow}`), live, shadow);
       expectDropRefusal(await tryDdl(db.admin, `drop table ${live} cascade`), live, live);
@@ -172,12 +221,15 @@ describe.each(["trigger", "logical"] as const)("%s mode, under a write load", (m
           })
           .catch((err: Error) => err.message);
         expect(through).toBe("rollback");
-      } else await db.admin.begin(async (tx) => {
-        await tx`set local pgshift.allow_ddl = on`;
-        await tx.unsafe(`alter table ${live} add column extra int`);
-      });
+      } else
+        await db.admin.begin(async (tx) => {
+          await tx`set local pgshift.allow_ddl = on`;
+          await tx.unsafe(`alter table ${live} add column extra int`);
+        });
       if (mode === "trigger") {
-        expect((await statusOf(name)).schemaDrift).toEqual([`column extra (integer) is in ${live} but not in ${shadow}`]);
+        expect((await statusOf(name)).schemaDrift).toEqual([
+          `column extra (integer) is in ${live} but not in ${shadow}`,
+        ]);
         await db.admin.begin(async (tx) => {
           await tx`set local pgshift.allow_ddl = on`;
           await tx.unsafe(`alter table ${live} drop column extra`);
@@ -192,7 +244,12 @@ describe.each(["trigger", "logical"] as const)("%s mode, under a write load", (m
       // After cutover the application writes the partitioned table and the mirror fills the retired one.
       const retired = displayName((await loadMigration(db.admin, w.table))!.copy);
       expectGuardRefusal(await tryDdl(db.admin, `alter table ${live} drop column note`), live, retired, "note");
-      expectGuardRefusal(await tryDdl(db.admin, `alter table ${retired} rename column status to state`), live, retired, "state, status");
+      expectGuardRefusal(
+        await tryDdl(db.admin, `alter table ${retired} rename column status to state`),
+        live,
+        retired,
+        "state, status",
+      );
       expectDropRefusal(await tryDdl(db.admin, `drop table ${retired}`), live, retired);
       await new Promise((r) => setTimeout(r, 300));
       expect(ops(), "the application kept writing").toBeGreaterThan(opsBefore);
@@ -233,7 +290,15 @@ describe.each(["trigger", "logical"] as const)("partitions, %s mode, under a wri
   it("refuses to detach or drop a partition, or attach one with rows, of the partitioned table before and after cutover; empty ones come and go; the table equals the twin", async () => {
     const name = `ddl_parts_${mode}`;
     await underLoad(name, async (w) => {
-      const st = await pgshift(["start", "--allow-key-extension", name, "--partition-by", "range:created_at:month", "--mode", mode]);
+      const st = await pgshift([
+        "start",
+        "--allow-key-extension",
+        name,
+        "--partition-by",
+        "range:created_at:month",
+        "--mode",
+        mode,
+      ]);
       expect(st.code, describeRun(st)).toBe(0);
       const bf = await pgshift(["backfill", name]);
       expect(bf.code, describeRun(bf)).toBe(0);
@@ -267,15 +332,32 @@ describe.each(["trigger", "logical"] as const)("partitions, %s mode, under a wri
 
       // A table with rows attached: rows the source never had. Refused; an empty one goes through, and
       // CREATE TABLE ... PARTITION OF, and (on purpose) a detach of that empty one.
-      await db.admin.unsafe(`create table public.${name}_2101_01 (like ${shadow} including defaults including generated including constraints)`);
-      await db.admin.unsafe(`insert into public.${name}_2101_01 (id, created_at, region, status, amount) values (-1, '2101-01-15', 'eu', 'x', 1)`);
+      await db.admin.unsafe(
+        `create table public.${name}_2101_01 (like ${shadow} including defaults including generated including constraints)`,
+      );
+      await db.admin.unsafe(
+        `insert into public.${name}_2101_01 (id, created_at, region, status, amount) values (-1, '2101-01-15', 'eu', 'x', 1)`,
+      );
       expectPartitionRefusal(
-        await tryDdl(db.admin, `alter table ${shadow} attach partition public.${name}_2101_01 for values from ('2101-01-01') to ('2101-02-01')`),
+        await tryDdl(
+          db.admin,
+          `alter table ${shadow} attach partition public.${name}_2101_01 for values from ('2101-01-01') to ('2101-02-01')`,
+        ),
         `pgshift: ALTER TABLE refused while a table is being migrated: it would attach public.${name}_2101_01, which holds rows the other table of the migration does not have, to ${shadow}`,
       );
       await db.admin.unsafe(`truncate public.${name}_2101_01`);
-      expect(await tryDdl(db.admin, `alter table ${shadow} attach partition public.${name}_2101_01 for values from ('2101-01-01') to ('2101-02-01')`)).toBeNull();
-      expect(await tryDdl(db.admin, `create table public.${name}_2101_02 partition of ${shadow} for values from ('2101-02-01') to ('2101-03-01')`)).toBeNull();
+      expect(
+        await tryDdl(
+          db.admin,
+          `alter table ${shadow} attach partition public.${name}_2101_01 for values from ('2101-01-01') to ('2101-02-01')`,
+        ),
+      ).toBeNull();
+      expect(
+        await tryDdl(
+          db.admin,
+          `create table public.${name}_2101_02 partition of ${shadow} for values from ('2101-02-01') to ('2101-03-01')`,
+        ),
+      ).toBeNull();
       // The shadow, its partitions and those added since start carry the TRUNCATE guard (a TRUNCATE of the
       // shadow would lose its rows at cutover).
       for (const t of [shadow, full.name, `public.${name}_2101_01`, `public.${name}_2101_02`]) {
@@ -307,12 +389,26 @@ describe.each(["trigger", "logical"] as const)("partitions, %s mode, under a wri
       // A partition created or attached after cutover gets the TRUNCATE guard the others have (TRUNCATE of a
       // partition fires only its own triggers; the retired table would keep the rows), and so does the
       // retired table.
-      expect(await tryDdl(db.admin, `create table public.${name}_2101_03 partition of ${live} for values from ('2101-03-01') to ('2101-04-01')`)).toBeNull();
-      await db.admin.unsafe(`create table public.${name}_2101_04 (like ${live} including defaults including generated including constraints)`);
-      expect(await tryDdl(db.admin, `alter table ${live} attach partition public.${name}_2101_04 for values from ('2101-04-01') to ('2101-05-01')`)).toBeNull();
+      expect(
+        await tryDdl(
+          db.admin,
+          `create table public.${name}_2101_03 partition of ${live} for values from ('2101-03-01') to ('2101-04-01')`,
+        ),
+      ).toBeNull();
+      await db.admin.unsafe(
+        `create table public.${name}_2101_04 (like ${live} including defaults including generated including constraints)`,
+      );
+      expect(
+        await tryDdl(
+          db.admin,
+          `alter table ${live} attach partition public.${name}_2101_04 for values from ('2101-04-01') to ('2101-05-01')`,
+        ),
+      ).toBeNull();
       for (const p of ["2101_01", "2101_03", "2101_04", "pgshift_retired"]) {
         const t = await tryDdl(db.admin, `truncate public.${name}_${p}`);
-        expect(t?.message, p).toBe(`pgshift: TRUNCATE of public.${name}_${p} is refused while the table is being migrated`);
+        expect(t?.message, p).toBe(
+          `pgshift: TRUNCATE of public.${name}_${p} is refused while the table is being migrated`,
+        );
       }
       const sb = await pgshift(["swap-back", name]);
       expect(sb.code, describeRun(sb)).toBe(0);
@@ -324,7 +420,9 @@ describe.each(["trigger", "logical"] as const)("partitions, %s mode, under a wri
     // Finalized: the partitions are the application's again.
     expect(await tryDdl(db.admin, `alter table public.${name} detach partition public.${name}_2101_01`)).toBeNull();
     expect(await tryDdl(db.admin, `truncate public.${name}_2101_03`)).toBeNull();
-    expect(await db.admin`select tgrelid::regclass::text as t from pg_trigger where tgname like 'pgshift%' and not tgisinternal`).toEqual([]);
+    expect(
+      await db.admin`select tgrelid::regclass::text as t from pg_trigger where tgname like 'pgshift%' and not tgisinternal`,
+    ).toEqual([]);
   });
 });
 
@@ -337,7 +435,13 @@ describe("unrelated DDL", () => {
     await db.admin.unsafe(`
       create table ddl_quiet (id bigserial primary key, created_at timestamptz not null, note text);
       insert into ddl_quiet (created_at, note) select timestamptz '2025-01-01 00:00+00' + i * interval '9 hours', 'n' from generate_series(1, 300) i;`);
-    const st = await pgshift(["start", "--allow-key-extension", "ddl_quiet", "--partition-by", "range:created_at:month"]);
+    const st = await pgshift([
+      "start",
+      "--allow-key-extension",
+      "ddl_quiet",
+      "--partition-by",
+      "range:created_at:month",
+    ]);
     expect(st.code, describeRun(st)).toBe(0);
     await db.admin.unsafe(`drop trigger pgshift_truncate_guard on ddl_quiet_p2025_01`);
     const writer = await db.admin.reserve();
@@ -356,7 +460,9 @@ describe("unrelated DDL", () => {
     }
     // A partition created in the shadow does get it (the command holds its lock). Not while the writer
     // runs: CREATE TABLE ... PARTITION OF locks the partitioned table, which a write to a partition locks too.
-    await db.admin.unsafe(`create table ddl_quiet_p2101_01 partition of ddl_quiet_pgshift_shadow for values from ('2101-01-01') to ('2101-02-01')`);
+    await db.admin.unsafe(
+      `create table ddl_quiet_p2101_01 partition of ddl_quiet_pgshift_shadow for values from ('2101-01-01') to ('2101-02-01')`,
+    );
     const guarded = await db.admin`
       select c.relname::text as t from pg_trigger g join pg_class c on c.oid = g.tgrelid
        where g.tgname = 'pgshift_truncate_guard' and c.relname::text in ('ddl_quiet_p2025_01', 'ddl_quiet_p2101_01', 'ddl_quiet_other')`;

@@ -71,19 +71,33 @@ describe("trigger mode", () => {
     await db.admin`update drift_t set extra = 1 where id <= 10`;
     const before = await snapshot("drift_t");
     const st = await statusOf("drift_t");
-    expect(st.schemaDrift).toEqual(["column extra (integer) is in public.drift_t but not in public.drift_t_pgshift_shadow"]);
+    expect(st.schemaDrift).toEqual([
+      "column extra (integer) is in public.drift_t but not in public.drift_t_pgshift_shadow",
+    ]);
     const human = await pgshift(["status", "drift_t"]);
     expect(human.stdout).toContain("CHANGED during the migration (1 differences)");
-    expect(human.stdout).toContain("warning: column extra (integer) is in public.drift_t but not in public.drift_t_pgshift_shadow");
+    expect(human.stdout).toContain(
+      "warning: column extra (integer) is in public.drift_t but not in public.drift_t_pgshift_shadow",
+    );
 
-    expectRefusal(await pgshift(["cutover", "drift_t"]), "cannot cut over", "column extra (integer) is in public.drift_t");
+    expectRefusal(
+      await pgshift(["cutover", "drift_t"]),
+      "cannot cut over",
+      "column extra (integer) is in public.drift_t",
+    );
     expectRefusal(await pgshift(["verify", "drift_t"]), "cannot verify", "column extra");
     expect(await snapshot("drift_t")).toEqual(before);
 
     // The same column added to the shadow by hand: the tables agree, but the mirror does not copy it.
     await alterAnyway(`alter table drift_t_pgshift_shadow add column extra int`);
-    expect((await statusOf("drift_t")).schemaDrift).toEqual(["column extra of public.drift_t is not mirrored (added after pgshift start)"]);
-    expectRefusal(await pgshift(["cutover", "drift_t"]), "cannot cut over", "column extra of public.drift_t is not mirrored");
+    expect((await statusOf("drift_t")).schemaDrift).toEqual([
+      "column extra of public.drift_t is not mirrored (added after pgshift start)",
+    ]);
+    expectRefusal(
+      await pgshift(["cutover", "drift_t"]),
+      "cannot cut over",
+      "column extra of public.drift_t is not mirrored",
+    );
     expect(await snapshot("drift_t")).toEqual(before);
 
     // Undone on both: cutover goes through.
@@ -98,7 +112,9 @@ describe("trigger mode", () => {
     const after = await snapshot("drift_t");
     expect(after?.phase).toBe("cutover");
     expect(after?.live_kind).toBe("p");
-    expect((await statusOf("drift_t")).schemaDrift).toEqual(["column note is character varying(200) in public.drift_t but text in public.drift_t_pgshift_retired"]);
+    expect((await statusOf("drift_t")).schemaDrift).toEqual([
+      "column note is character varying(200) in public.drift_t but text in public.drift_t_pgshift_retired",
+    ]);
     expectRefusal(await pgshift(["swap-back", "drift_t"]), "cannot swap back", "column note is character varying(200)");
     expect(await snapshot("drift_t")).toEqual(after);
 
@@ -116,7 +132,9 @@ describe("indexes", () => {
     await db.admin`create index drift_i_note on drift_i (note)`;
     const st = await statusOf("drift_i");
     expect(st.indexDrift).toHaveLength(1);
-    expect(st.indexDrift[0]).toContain("index drift_i_note was created on public.drift_i during the migration (CREATE INDEX drift_i_note ON public.drift_i USING btree (note)) and public.drift_i_pgshift_shadow has no counterpart: cutover builds it there first, before its lock, as drift_i_note_part");
+    expect(st.indexDrift[0]).toContain(
+      "index drift_i_note was created on public.drift_i during the migration (CREATE INDEX drift_i_note ON public.drift_i USING btree (note)) and public.drift_i_pgshift_shadow has no counterpart: cutover builds it there first, before its lock, as drift_i_note_part",
+    );
     expect(st.indexDrift[0]).toContain("CREATE INDEX drift_i_note ON public.drift_i USING btree (note)");
     expect(st.schemaDrift).toEqual([]);
     // The operator does as told for this one: the same index on the partitioned table is its counterpart.
@@ -131,14 +149,20 @@ describe("indexes", () => {
     const cut = await pgshift(["cutover", "drift_i"]);
     expect(cut.code, describeRun(cut)).toBe(0);
     // Cutover built the one without a counterpart on the partitioned table first (late-objects.test.ts tests that under load).
-    expect(cut.stdout, describeRun(cut)).toContain("built index drift_i_recent_part on public.drift_i_pgshift_shadow before the lock, for index drift_i_recent");
+    expect(cut.stdout, describeRun(cut)).toContain(
+      "built index drift_i_recent_part on public.drift_i_pgshift_shadow before the lock, for index drift_i_recent",
+    );
     expect(cut.stdout, describeRun(cut)).not.toContain("index drift_i_note");
     // After cutover the retired table's extra index does not matter any more; the partitioned table's extra
     // one (drift_i_shadow_recent, without the predicate) is what swap-back would build on the retired table.
     const st3 = await statusOf("drift_i");
     expect(st3.indexDrift).toHaveLength(1);
-    expect(st3.indexDrift[0]).toContain("index drift_i_shadow_recent was created on public.drift_i during the migration");
-    expect(st3.indexDrift[0]).toContain("swap-back builds it there first, before its lock, as drift_i_shadow_recent_orig");
+    expect(st3.indexDrift[0]).toContain(
+      "index drift_i_shadow_recent was created on public.drift_i during the migration",
+    );
+    expect(st3.indexDrift[0]).toContain(
+      "swap-back builds it there first, before its lock, as drift_i_shadow_recent_orig",
+    );
   });
 });
 
@@ -157,21 +181,26 @@ describe("logical mode", () => {
 
     // Nothing written after the ALTER reached the shadow (the group holding it was rolled back), and the
     // slot never confirmed a position past the ALTER.
-    const shadow = await db.admin`select id, note from drift_l_pgshift_shadow where id = 2 or note like 'after%' order by id`;
+    const shadow =
+      await db.admin`select id, note from drift_l_pgshift_shadow where id = 2 or note like 'after%' order by id`;
     expect(shadow.map((r) => [Number(r.id), r.note])).toEqual([[2, "order 2"]]);
-    const slot = await db.admin`select confirmed_flush_lsn <= ${alterAt}::pg_lsn as ok from pg_replication_slots where database = current_database()`;
+    const slot =
+      await db.admin`select confirmed_flush_lsn <= ${alterAt}::pg_lsn as ok from pg_replication_slots where database = current_database()`;
     expect(slot.map((r) => r.ok)).toEqual([true]);
     // Restarting replays to the same place and stops again: the slot never confirmed past it.
     expectRefusal(await runCli(["sync", "drift_l", "--url", db.url], { timeoutMs: 60_000 }), "added extra");
 
     const st = await statusOf("drift_l");
-    expect(st.schemaDrift).toEqual(["column extra (integer) is in public.drift_l but not in public.drift_l_pgshift_shadow"]);
+    expect(st.schemaDrift).toEqual([
+      "column extra (integer) is in public.drift_l but not in public.drift_l_pgshift_shadow",
+    ]);
     expectRefusal(await pgshift(["cutover", "drift_l"]), "cannot cut over", "column extra");
     expect((await snapshot("drift_l"))?.phase).toBe("backfilled");
 
     const ab = await pgshift(["abort", "drift_l"]);
     expect(ab.code, describeRun(ab)).toBe(0);
-    const left = await db.admin`select count(*)::int as n from pg_replication_slots where database = current_database()`;
+    const left =
+      await db.admin`select count(*)::int as n from pg_replication_slots where database = current_database()`;
     expect(left[0]!.n).toBe(0);
   });
 });

@@ -1,7 +1,7 @@
 import postgres from "postgres";
 import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
 import { catalogSnapshot } from "../support/catalog.js";
-import { describeRun, runCli, type CliResult } from "../support/cli.js";
+import { type CliResult, describeRun, runCli } from "../support/cli.js";
 import { freshDatabase, type TestDatabase } from "../support/db.js";
 
 /**
@@ -27,7 +27,10 @@ const stderrLines = (r: CliResult) => r.stderr.split("\n").filter((l) => l.trim(
 function expectRefusal(r: CliResult, ...patterns: (string | RegExp)[]): string {
   expect(r.signal, describeRun(r)).toBeNull();
   const lines = stderrLines(r);
-  expect(lines.filter((l) => l.startsWith("pgshift: error:")), describeRun(r)).toHaveLength(1);
+  expect(
+    lines.filter((l) => l.startsWith("pgshift: error:")),
+    describeRun(r),
+  ).toHaveLength(1);
   expect(lines[0], describeRun(r)).toMatch(/^pgshift: error: /);
   expect(lines.length, describeRun(r)).toBeLessThanOrEqual(2);
   if (lines.length === 2) expect(lines[1], describeRun(r)).toMatch(/^pgshift: hint: \S/);
@@ -106,7 +109,16 @@ beforeAll(async () => {
     insert into parted values (1, '2025-03-01');
   `);
   // One table per dependent object that must block, each with a key and a NOT NULL time column.
-  for (const t of ["dep_view", "dep_rule", "dep_policy", "dep_fk", "dep_pub", "dep_trigger", "dep_colgrant", "dep_inherit"]) {
+  for (const t of [
+    "dep_view",
+    "dep_rule",
+    "dep_policy",
+    "dep_fk",
+    "dep_pub",
+    "dep_trigger",
+    "dep_colgrant",
+    "dep_inherit",
+  ]) {
     await db.admin.unsafe(`
       create table ${t} (id int primary key, created_at timestamptz not null default '2025-06-01');
       insert into ${t} (id) select generate_series(1, 20);`);
@@ -189,14 +201,25 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
     ([unknown, text, width, plan]) => {
       expectRefusal(unknown!, "cannot be migrated", 'column "placed_on" does not exist in public.orders');
       expectRefusal(text!, "cannot be migrated", "column note is text", "needs date, timestamp or timestamptz");
-      expectRefusal(width!, "cannot be migrated", "column created_at is timestamp with time zone", "needs smallint, integer or bigint");
+      expectRefusal(
+        width!,
+        "cannot be migrated",
+        "column created_at is timestamp with time zone",
+        "needs smallint, integer or bigint",
+      );
       expectPlanBlocker(plan!, "column note is text");
     },
   );
 
   refusal(
     "a server that cannot be reached",
-    () => all(pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:created_at:month"], "postgres://postgres:x@127.0.0.1:1/postgres")),
+    () =>
+      all(
+        pgshift(
+          ["start", "--allow-key-extension", "orders", "--partition-by", "range:created_at:month"],
+          "postgres://postgres:x@127.0.0.1:1/postgres",
+        ),
+      ),
     ([r]) => {
       expectRefusal(r!, "cannot reach the PostgreSQL server", "ECONNREFUSED");
     },
@@ -207,7 +230,9 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
     () => {
       const u = new URL(db.url);
       u.password = "certainly-not-the-password";
-      return all(pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:created_at:month"], u.toString()));
+      return all(
+        pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:created_at:month"], u.toString()),
+      );
     },
     ([r]) => {
       expectRefusal(r!, "authentication failed", "password authentication failed");
@@ -255,11 +280,23 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
   const dependents: { name: string; table: string; mentions: string[] }[] = [
     { name: "a view on the table", table: "dep_view", mentions: ["dependent views", "public.dep_view_summary"] },
     { name: "a rule", table: "dep_rule", mentions: ["rules", "dep_rule_ignore"] },
-    { name: "a row-level security policy", table: "dep_policy", mentions: ["row-level security policies", "dep_policy_tenant"] },
-    { name: "an incoming foreign key", table: "dep_fk", mentions: ["incoming foreign keys", "dep_fk_child_parent_id_fkey", "dep_fk_child"] },
+    {
+      name: "a row-level security policy",
+      table: "dep_policy",
+      mentions: ["row-level security policies", "dep_policy_tenant"],
+    },
+    {
+      name: "an incoming foreign key",
+      table: "dep_fk",
+      mentions: ["incoming foreign keys", "dep_fk_child_parent_id_fkey", "dep_fk_child"],
+    },
     { name: "a publication", table: "dep_pub", mentions: ["publications", "dep_pub_feed"] },
     { name: "a user trigger", table: "dep_trigger", mentions: ["user triggers", "dep_trigger_audit"] },
-    { name: "a child table (INHERITS)", table: "dep_inherit", mentions: ["inheritance (parent or child tables): dep_inherit_child (not"] },
+    {
+      name: "a child table (INHERITS)",
+      table: "dep_inherit",
+      mentions: ["inheritance (parent or child tables): dep_inherit_child (not"],
+    },
   ];
   for (const d of dependents) {
     refusal(
@@ -311,7 +348,9 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
     ([unknown, missingArg, missingOpt, badInt]) => {
       expect(unknown!.stderr, describeRun(unknown!)).toContain("unknown option '--frobnicate'");
       expect(missingArg!.stderr, describeRun(missingArg!)).toContain("missing required argument 'table'");
-      expect(missingOpt!.stderr, describeRun(missingOpt!)).toContain("required option '--partition-by <spec>' not specified");
+      expect(missingOpt!.stderr, describeRun(missingOpt!)).toContain(
+        "required option '--partition-by <spec>' not specified",
+      );
       expect(badInt!.stderr, describeRun(badInt!)).toContain("--batch-size must be an integer >= 1");
       for (const r of [unknown!, missingArg!, missingOpt!, badInt!]) expect(r.stdout, describeRun(r)).toBe("");
     },
@@ -338,7 +377,13 @@ describe("the migration flow, and commands in the wrong phase", () => {
 
   it("start exits 0; status --json reports phase started", async () => {
     const before = await catalogSnapshot(db.admin);
-    const start = await pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:created_at:month"]);
+    const start = await pgshift([
+      "start",
+      "--allow-key-extension",
+      "orders",
+      "--partition-by",
+      "range:created_at:month",
+    ]);
     expect(start.code, describeRun(start)).toBe(0);
     expect(start.stdout).toContain("started: public.orders_pgshift_shadow");
     // The snapshot sees what start did (so "equal snapshots" in the refusals means something).
@@ -377,57 +422,81 @@ describe("the migration flow, and commands in the wrong phase", () => {
 
   refusal(
     "a role that does not own the table, with schema pgshift present: start is refused",
-    () => all(pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:created_at:month"], weakUrl)),
+    () =>
+      all(pgshift(["start", "--allow-key-extension", "orders", "--partition-by", "range:created_at:month"], weakUrl)),
     ([r]) => {
       expectRefusal(r!, /not the owner of public\.orders|permission denied/);
     },
   );
 
-  refusal("cutover before backfill", () => all(pgshift(["cutover", "orders"])), ([r]) => {
-    expectRefusal(r!, "cannot cut over public.orders: the migration is in phase started");
-  });
-  refusal("swap-back before cutover", () => all(pgshift(["swap-back", "orders"])), ([r]) => {
-    expectRefusal(r!, "cannot swap back public.orders: the migration is in phase started");
-  });
-  refusal("finalize before cutover (even with --yes)", () => all(pgshift(["finalize", "orders", "--yes"])), ([r]) => {
-    expectRefusal(r!, "cannot finalize public.orders: the migration is in phase started");
-  });
-  refusal("verify before backfill", () => all(pgshift(["verify", "orders"])), ([r]) => {
-    expectRefusal(r!, "cannot verify public.orders: the migration is in phase started");
-  });
+  refusal(
+    "cutover before backfill",
+    () => all(pgshift(["cutover", "orders"])),
+    ([r]) => {
+      expectRefusal(r!, "cannot cut over public.orders: the migration is in phase started");
+    },
+  );
+  refusal(
+    "swap-back before cutover",
+    () => all(pgshift(["swap-back", "orders"])),
+    ([r]) => {
+      expectRefusal(r!, "cannot swap back public.orders: the migration is in phase started");
+    },
+  );
+  refusal(
+    "finalize before cutover (even with --yes)",
+    () => all(pgshift(["finalize", "orders", "--yes"])),
+    ([r]) => {
+      expectRefusal(r!, "cannot finalize public.orders: the migration is in phase started");
+    },
+  );
+  refusal(
+    "verify before backfill",
+    () => all(pgshift(["verify", "orders"])),
+    ([r]) => {
+      expectRefusal(r!, "cannot verify public.orders: the migration is in phase started");
+    },
+  );
 
-  cliIt("verify: 0 after backfill, 1 naming the key of a corrupted shadow row (cutover refuses then), 0 after --repair", async (expectExit) => {
-    const bf = await pgshift(["backfill", "orders", "--batch-size", "100"]);
-    expect(bf.code, describeRun(bf)).toBe(0);
-    expect(bf.stdout).toContain("backfill complete: 300 rows");
-    const ok = await pgshift(["verify", "orders"]);
-    expect(ok.code, describeRun(ok)).toBe(0);
-    expect(ok.stdout).toMatch(/^equal: public\.orders vs public\.orders_pgshift_shadow, 300 rows/);
+  cliIt(
+    "verify: 0 after backfill, 1 naming the key of a corrupted shadow row (cutover refuses then), 0 after --repair",
+    async (expectExit) => {
+      const bf = await pgshift(["backfill", "orders", "--batch-size", "100"]);
+      expect(bf.code, describeRun(bf)).toBe(0);
+      expect(bf.stdout).toContain("backfill complete: 300 rows");
+      const ok = await pgshift(["verify", "orders"]);
+      expect(ok.code, describeRun(ok)).toBe(0);
+      expect(ok.stdout).toMatch(/^equal: public\.orders vs public\.orders_pgshift_shadow, 300 rows/);
 
-    const changed = await db.admin`update orders_pgshift_shadow set note = 'corrupted by hand' where id = 137`;
-    expect(changed.count).toBe(1);
-    const bad = await pgshift(["verify", "orders"]);
-    expectExit(bad, 1);
-    expect(bad.stdout, describeRun(bad)).toMatch(/^DIFFERENT: /);
-    expect(bad.stdout, describeRun(bad)).toContain("0 missing, 0 extra, 1 different");
-    expect(bad.stdout, describeRun(bad)).toMatch(/^ {2}different +\(137\)$/m);
+      const changed = await db.admin`update orders_pgshift_shadow set note = 'corrupted by hand' where id = 137`;
+      expect(changed.count).toBe(1);
+      const bad = await pgshift(["verify", "orders"]);
+      expectExit(bad, 1);
+      expect(bad.stdout, describeRun(bad)).toMatch(/^DIFFERENT: /);
+      expect(bad.stdout, describeRun(bad)).toContain("0 missing, 0 extra, 1 different");
+      expect(bad.stdout, describeRun(bad)).toMatch(/^ {2}different +\(137\)$/m);
 
-    // While the last verify found differences, cutover refuses (the shadow would go live as it is).
-    const before = await catalogSnapshot(db.admin);
-    const cut = await pgshift(["cutover", "orders"]);
-    expectRefusal(cut, "cannot cut over: the last verify", "found 0 missing, 0 extra and 1 different rows in public.orders_pgshift_shadow");
-    expect(cut.stderr).toContain("pgshift verify --repair public.orders");
-    expect(await catalogSnapshot(db.admin)).toEqual(before);
+      // While the last verify found differences, cutover refuses (the shadow would go live as it is).
+      const before = await catalogSnapshot(db.admin);
+      const cut = await pgshift(["cutover", "orders"]);
+      expectRefusal(
+        cut,
+        "cannot cut over: the last verify",
+        "found 0 missing, 0 extra and 1 different rows in public.orders_pgshift_shadow",
+      );
+      expect(cut.stderr).toContain("pgshift verify --repair public.orders");
+      expect(await catalogSnapshot(db.admin)).toEqual(before);
 
-    const repair = await pgshift(["verify", "orders", "--repair"]);
-    expect(repair.code, describeRun(repair)).toBe(0);
-    expect(repair.stdout).toContain("repaired 1 rows");
-    const again = await pgshift(["verify", "orders"]);
-    expect(again.code, describeRun(again)).toBe(0);
-    expect(again.stdout).toMatch(/^equal: /);
-    const row = await db.admin`select note from orders_pgshift_shadow where id = 137`;
-    expect(row[0]?.note).toBe("order 137");
-  });
+      const repair = await pgshift(["verify", "orders", "--repair"]);
+      expect(repair.code, describeRun(repair)).toBe(0);
+      expect(repair.stdout).toContain("repaired 1 rows");
+      const again = await pgshift(["verify", "orders"]);
+      expect(again.code, describeRun(again)).toBe(0);
+      expect(again.stdout).toMatch(/^equal: /);
+      const row = await db.admin`select note from orders_pgshift_shadow where id = 137`;
+      expect(row[0]?.note).toBe("order 137");
+    },
+  );
 
   it("cutover exits 0", async () => {
     const r = await pgshift(["cutover", "orders"]);
@@ -437,26 +506,45 @@ describe("the migration flow, and commands in the wrong phase", () => {
     expect(kind[0]?.k).toBe("p");
   });
 
-  refusal("finalize without --yes after a cutover", () => all(pgshift(["finalize", "orders"])), ([r]) => {
-    expectRefusal(r!, "finalize drops public.orders_pgshift_retired", "swap-back impossible");
-    expect(stderrLines(r!)[1]).toContain("--yes");
-  });
-  refusal("abort after cutover", () => all(pgshift(["abort", "orders"])), ([r]) => {
-    expectRefusal(r!, "cannot abort public.orders: the migration is in phase cutover");
-  });
-  refusal("cutover twice", () => all(pgshift(["cutover", "orders"])), ([r]) => {
-    expectRefusal(r!, "cannot cut over public.orders: the migration is in phase cutover");
-  });
+  refusal(
+    "finalize without --yes after a cutover",
+    () => all(pgshift(["finalize", "orders"])),
+    ([r]) => {
+      expectRefusal(r!, "finalize drops public.orders_pgshift_retired", "swap-back impossible");
+      expect(stderrLines(r!)[1]).toContain("--yes");
+    },
+  );
+  refusal(
+    "abort after cutover",
+    () => all(pgshift(["abort", "orders"])),
+    ([r]) => {
+      expectRefusal(r!, "cannot abort public.orders: the migration is in phase cutover");
+    },
+  );
+  refusal(
+    "cutover twice",
+    () => all(pgshift(["cutover", "orders"])),
+    ([r]) => {
+      expectRefusal(r!, "cannot cut over public.orders: the migration is in phase cutover");
+    },
+  );
 
-  cliIt("swap-back refuses while the last verify found the retired table different, and goes through once repaired", async (expectExit) => {
-    await db.admin`delete from orders_pgshift_retired where id = 42`;
-    expectExit(await pgshift(["verify", "orders"]), 1);
-    const before = await catalogSnapshot(db.admin);
-    expectRefusal(await pgshift(["swap-back", "orders"]), "cannot swap back: the last verify", "found 1 missing, 0 extra and 0 different rows in public.orders_pgshift_retired");
-    expect(await catalogSnapshot(db.admin)).toEqual(before);
-    expect((await pgshift(["verify", "orders", "--repair"])).code).toBe(0);
-    const back = await pgshift(["swap-back", "orders"]);
-    expect(back.code, describeRun(back)).toBe(0);
-    expect((await db.admin`select count(*)::int as n from orders where id = 42`)[0]!.n).toBe(1);
-  });
+  cliIt(
+    "swap-back refuses while the last verify found the retired table different, and goes through once repaired",
+    async (expectExit) => {
+      await db.admin`delete from orders_pgshift_retired where id = 42`;
+      expectExit(await pgshift(["verify", "orders"]), 1);
+      const before = await catalogSnapshot(db.admin);
+      expectRefusal(
+        await pgshift(["swap-back", "orders"]),
+        "cannot swap back: the last verify",
+        "found 1 missing, 0 extra and 0 different rows in public.orders_pgshift_retired",
+      );
+      expect(await catalogSnapshot(db.admin)).toEqual(before);
+      expect((await pgshift(["verify", "orders", "--repair"])).code).toBe(0);
+      const back = await pgshift(["swap-back", "orders"]);
+      expect(back.code, describeRun(back)).toBe(0);
+      expect((await db.admin`select count(*)::int as n from orders where id = 42`)[0]!.n).toBe(1);
+    },
+  );
 });

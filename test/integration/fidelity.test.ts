@@ -6,7 +6,7 @@ import { finalize } from "../../src/migration/finish.js";
 import { planMigration } from "../../src/migration/plan.js";
 import { startMigration } from "../../src/migration/start.js";
 import { loadMigration } from "../../src/migration/state.js";
-import { quoteQualified, type QualifiedName } from "../../src/names.js";
+import { type QualifiedName, quoteQualified } from "../../src/names.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
 import { verify } from "../../src/verify/verify.js";
 import { createLoginRole, freshDatabase, type TestDatabase } from "../support/db.js";
@@ -113,8 +113,17 @@ async function partitionsOf(rel: QualifiedName) {
 }
 
 /** start, backfill, cutover, swap-back, cutover, finalize; `check` runs after each step with the step's name. */
-async function flow(table: QualifiedName, spec: string, check: (step: string) => Promise<void>, opts: { allowKeyExtension?: boolean; mode?: "trigger" | "logical" } = {}) {
-  await startMigration(db.sql, table, { spec: parsePartitionSpec(spec), allowKeyExtension: opts.allowKeyExtension, mode: opts.mode });
+async function flow(
+  table: QualifiedName,
+  spec: string,
+  check: (step: string) => Promise<void>,
+  opts: { allowKeyExtension?: boolean; mode?: "trigger" | "logical" } = {},
+) {
+  await startMigration(db.sql, table, {
+    spec: parsePartitionSpec(spec),
+    allowKeyExtension: opts.allowKeyExtension,
+    mode: opts.mode,
+  });
   await check("started");
   const bf = await backfill(db.sql, table, { batchSize: 50 });
   expect(bf.complete).toBe(true);
@@ -180,16 +189,26 @@ describe("a table owned by another role, migrated by a superuser", () => {
   it("keeps owner, constraints (deferrable, NOT VALID, names), replica identity, statistics, comments, grants and the CLUSTER mark through every step", async () => {
     const before = await fingerprint(table);
     // The fixture is what the test claims it is.
-    expect(before.relation).toEqual([{ owner: owner.name, relrowsecurity: false, relforcerowsecurity: false, replident: "f", comment: null }]);
+    expect(before.relation).toEqual([
+      { owner: owner.name, relrowsecurity: false, relforcerowsecurity: false, replident: "f", comment: null },
+    ]);
     expect(before.constraints.find((c) => c.name === "qty_positive")).toMatchObject({ convalidated: false });
-    expect(before.constraints.find((c) => c.name === "orders_email_key")).toMatchObject({ condeferrable: true, condeferred: true });
+    expect(before.constraints.find((c) => c.name === "orders_email_key")).toMatchObject({
+      condeferrable: true,
+      condeferred: true,
+    });
     const violating = Number((await db.admin.unsafe(`select count(*)::int as n from ${T} where qty <= 0`))[0]!.n);
     expect(violating).toBe(40);
 
     const plan = await planMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month") });
     expect(plan.blockers).toEqual([]);
-    expect(plan.warnings.some((w) => w.includes("clustered on orders_note_idx") && w.includes("CLUSTER mark")), plan.warnings.join("\n")).toBe(true);
-    expect(plan.afterCopyStatements.some((s) => /ADD CONSTRAINT "qty_positive" CHECK \(\(qty > 0\)\) NOT VALID/.test(s))).toBe(true);
+    expect(
+      plan.warnings.some((w) => w.includes("clustered on orders_note_idx") && w.includes("CLUSTER mark")),
+      plan.warnings.join("\n"),
+    ).toBe(true);
+    expect(
+      plan.afterCopyStatements.some((s) => /ADD CONSTRAINT "qty_positive" CHECK \(\(qty > 0\)\) NOT VALID/.test(s)),
+    ).toBe(true);
     expect(plan.afterCopyStatements.at(-1)).toBe(`ANALYZE ${q(SHADOW(table))}`);
 
     let round = 0;
@@ -201,10 +220,16 @@ describe("a table owned by another role, migrated by a superuser", () => {
         await tx.unsafe(`update ${T} set note = 'updated ${k}' where id = ${k}`);
         await tx.unsafe(`delete from ${T} where id = ${100 + k}`);
       });
-      expect(Number((await asOwner.unsafe(`select count(*)::int as n from ${T} where id = ${10000 + k}`))[0]!.n), step).toBe(1);
+      expect(
+        Number((await asOwner.unsafe(`select count(*)::int as n from ${T} where id = ${10000 + k}`))[0]!.n),
+        step,
+      ).toBe(1);
       expect(Number((await asReader.unsafe(`select count(*)::int as n from ${T}`))[0]!.n), step).toBeGreaterThan(350);
       await asReader.unsafe(`update ${T} set note = 'reader ${k}' where id = ${200 + k}`);
-      const refused = await asReader.unsafe(`update ${T} set qty = 5 where id = 1`).then(() => "ok", (e: { code?: string }) => String(e.code));
+      const refused = await asReader.unsafe(`update ${T} set qty = 5 where id = 1`).then(
+        () => "ok",
+        (e: { code?: string }) => String(e.code),
+      );
       expect(refused, step).toBe("42501");
     };
 
@@ -242,12 +267,22 @@ describe("a table owned by another role, migrated by a superuser", () => {
         });
       }
       // The NOT VALID check did not stop the copy: the old violating rows are there, the constraint still NOT VALID.
-      const bad = Number((await db.admin.unsafe(`select count(*)::int as n from ${q(partitioned)} where qty <= 0`))[0]!.n);
+      const bad = Number(
+        (await db.admin.unsafe(`select count(*)::int as n from ${q(partitioned)} where qty <= 0`))[0]!.n,
+      );
       expect(bad, step).toBe(violating);
-      const chk = await db.admin.unsafe(`select convalidated from pg_constraint where conrelid = '${q(partitioned).replace(/'/g, "''")}'::regclass and conname = 'qty_positive'`);
-      expect(chk.map((r) => r.convalidated), step).toEqual([false]);
+      const chk = await db.admin.unsafe(
+        `select convalidated from pg_constraint where conrelid = '${q(partitioned).replace(/'/g, "''")}'::regclass and conname = 'qty_positive'`,
+      );
+      expect(
+        chk.map((r) => r.convalidated),
+        step,
+      ).toEqual([false]);
       // A new row must pass it, as on the original.
-      const rejected = await asOwner.unsafe(`insert into ${T} values (99999, now(), 'x', 'y', 0, 'n')`).then(() => "ok", (e: { code?: string }) => String(e.code));
+      const rejected = await asOwner.unsafe(`insert into ${T} values (99999, now(), 'x', 'y', 0, 'n')`).then(
+        () => "ok",
+        (e: { code?: string }) => String(e.code),
+      );
       expect(rejected, step).toBe("23514");
     };
     await flow(table, "range:created_at:month", live);
@@ -307,9 +342,16 @@ describe("the deferred unique constraint and ON CONFLICT ON CONSTRAINT after cut
     );
     expect(plain(r), step).toEqual([{ id: "10", balance: 10 + 1000 * k }]);
     const err = await asOwner
-      .unsafe(`insert into ${T} (id, region, email, handle) values (7000, 'eu', 'a6@x', 'hx') on conflict on constraint accounts_email_key do nothing`)
-      .then(() => "accepted", (e: { message?: string }) => String(e.message));
-    expect(err, step).toBe("ON CONFLICT does not support deferrable unique constraints/exclusion constraints as arbiters");
+      .unsafe(
+        `insert into ${T} (id, region, email, handle) values (7000, 'eu', 'a6@x', 'hx') on conflict on constraint accounts_email_key do nothing`,
+      )
+      .then(
+        () => "accepted",
+        (e: { message?: string }) => String(e.message),
+      );
+    expect(err, step).toBe(
+      "ON CONFLICT does not support deferrable unique constraints/exclusion constraints as arbiters",
+    );
   };
 
   it("keeps both constraints under their names: the upsert works, the deferred one is still deferred", async () => {
@@ -320,7 +362,11 @@ describe("the deferred unique constraint and ON CONFLICT ON CONSTRAINT after cut
       if (step === "started" || step === "backfilled") return;
       await deferredStill(step);
       await upserts(step, ++k);
-      const c = plain(await db.admin.unsafe(`select conname::text as name, condeferrable, condeferred from pg_constraint where conrelid = '${T}'::regclass and contype = 'u' order by 1`));
+      const c = plain(
+        await db.admin.unsafe(
+          `select conname::text as name, condeferrable, condeferred from pg_constraint where conrelid = '${T}'::regclass and contype = 'u' order by 1`,
+        ),
+      );
       expect(c, step).toEqual([
         { name: "accounts_email_key", condeferrable: true, condeferred: true },
         { name: "accounts_handle_key", condeferrable: false, condeferred: false },
@@ -351,12 +397,19 @@ describe("row security enabled and forced, no policy", () => {
       expect(await seen(asReader), step).toBe(0);
       expect(await seen(asOwner), step).toBe(0);
       expect(await seen(db.admin), step).toBe(300);
-      const live = plain(await db.admin.unsafe(`select relrowsecurity, relforcerowsecurity from pg_class where oid = '${T}'::regclass`));
+      const live = plain(
+        await db.admin.unsafe(`select relrowsecurity, relforcerowsecurity from pg_class where oid = '${T}'::regclass`),
+      );
       expect(live, step).toEqual([{ relrowsecurity: true, relforcerowsecurity: true }]);
       if (step === "started") {
         const shadow = SHADOW(table);
         const parts = await partitionsOf(shadow);
-        for (const p of parts) expect(p, String(p.name)).toMatchObject({ relrowsecurity: true, relforcerowsecurity: true, owner: owner.name });
+        for (const p of parts)
+          expect(p, String(p.name)).toMatchObject({
+            relrowsecurity: true,
+            relforcerowsecurity: true,
+            owner: owner.name,
+          });
       }
     });
   });
@@ -401,7 +454,15 @@ describe("a unique constraint without the partition column", () => {
           ),
         );
         const name = step === "backfilled" || step === "swap-back" ? "users_email_key_part" : "users_email_key";
-        expect(c, step).toEqual([{ name, condeferrable: true, condeferred: true, def: `UNIQUE (email, created_at) DEFERRABLE INITIALLY DEFERRED`, comment: "login" }]);
+        expect(c, step).toEqual([
+          {
+            name,
+            condeferrable: true,
+            condeferred: true,
+            def: `UNIQUE (email, created_at) DEFERRABLE INITIALLY DEFERRED`,
+            comment: "login",
+          },
+        ]);
       },
       { allowKeyExtension: true },
     );
@@ -417,7 +478,10 @@ describe("NOT VALID foreign keys", () => {
       insert into public.kids select g, timestamptz '2025-01-01 00:00+00' + g * interval '9 hours', case when g % 5 = 0 then 99 else 1 end from generate_series(1, 50) g;
       alter table public.kids add constraint kids_parent_fkey foreign key (parent) references public.parents (id) deferrable not valid;`);
     // PostgreSQL 18 has NOT VALID NOT NULL too (LIKE would copy it as a valid one).
-    if (serverVersion >= 180000) await db.admin.unsafe(`alter table public.kids add column tag text; alter table public.kids add constraint kids_tag_nn not null tag not valid;`);
+    if (serverVersion >= 180000)
+      await db.admin.unsafe(
+        `alter table public.kids add column tag text; alter table public.kids add constraint kids_tag_nn not null tag not valid;`,
+      );
     const table: QualifiedName = { schema: "public", name: "kids" };
     const spec = "range:created_at:month";
     if (serverVersion < 180000) {
@@ -430,12 +494,26 @@ describe("NOT VALID foreign keys", () => {
     await flow(table, spec, async (step) => {
       if (step === "started") return;
       const rel = step === "backfilled" || step === "swap-back" ? SHADOW(table) : table;
-      const c = plain(await db.admin.unsafe(`select convalidated, condeferrable from pg_constraint where conrelid = '${q(rel)}'::regclass and conname = 'kids_parent_fkey'`));
+      const c = plain(
+        await db.admin.unsafe(
+          `select convalidated, condeferrable from pg_constraint where conrelid = '${q(rel)}'::regclass and conname = 'kids_parent_fkey'`,
+        ),
+      );
       expect(c, step).toEqual([{ convalidated: false, condeferrable: true }]);
-      const nn = plain(await db.admin.unsafe(`select convalidated from pg_constraint where conrelid = '${q(rel)}'::regclass and conname = 'kids_tag_nn'`));
+      const nn = plain(
+        await db.admin.unsafe(
+          `select convalidated from pg_constraint where conrelid = '${q(rel)}'::regclass and conname = 'kids_tag_nn'`,
+        ),
+      );
       expect(nn, step).toEqual([{ convalidated: false }]);
-      expect(Number((await db.admin.unsafe(`select count(*)::int as n from ${q(rel)} where tag is null`))[0]!.n), step).toBe(50);
-      expect(Number((await db.admin.unsafe(`select count(*)::int as n from ${q(rel)} where parent = 99`))[0]!.n), step).toBe(10);
+      expect(
+        Number((await db.admin.unsafe(`select count(*)::int as n from ${q(rel)} where tag is null`))[0]!.n),
+        step,
+      ).toBe(50);
+      expect(
+        Number((await db.admin.unsafe(`select count(*)::int as n from ${q(rel)} where parent = 99`))[0]!.n),
+        step,
+      ).toBe(10);
     });
   });
 });
@@ -462,7 +540,9 @@ describe("constraints built after the copy while the application writes", () => 
         alter table ${T} owner to ${owner.name};
         alter table ${W} owner to ${owner.name};`);
       const before = plain(
-        await db.admin.unsafe(`select conname::text as name, condeferrable, condeferred, convalidated, pg_get_constraintdef(oid) as def from pg_constraint where conrelid = '${T}'::regclass order by 1`),
+        await db.admin.unsafe(
+          `select conname::text as name, condeferrable, condeferred, convalidated, pg_get_constraintdef(oid) as def from pg_constraint where conrelid = '${T}'::regclass order by 1`,
+        ),
       );
       let stop = false;
       let n = 0;
@@ -475,12 +555,18 @@ describe("constraints built after the copy while the application writes", () => 
             try {
               await w.begin(async (tx) => {
                 for (const t of [T, W]) {
-                  await tx.unsafe(`insert into ${t} values (${100000 + k}, timestamptz '2025-01-01 00:00+00' + ${k % 90} * interval '1 day', 'new${k}', 'nc${k}', 2)`);
+                  await tx.unsafe(
+                    `insert into ${t} values (${100000 + k}, timestamptz '2025-01-01 00:00+00' + ${k % 90} * interval '1 day', 'new${k}', 'nc${k}', 2)`,
+                  );
                   // Violates the deferred constraint for a moment, then fixes it, in one transaction.
                   // (Rows with qty = 0 break the NOT VALID check: an update of one fails, on the original as on the partitioned table.)
-                  await tx.unsafe(`update ${t} set email = 'e' || (id + 90) where id = ${(k * 7) % 2900 + 1} and qty > 0`);
-                  await tx.unsafe(`update ${t} set email = 'moved${k}', code = 'code${k}', qty = qty + 1 where id = ${(k * 7) % 2900 + 1} and qty > 0`);
-                  await tx.unsafe(`delete from ${t} where id = ${(k * 13) % 2900 + 1}`);
+                  await tx.unsafe(
+                    `update ${t} set email = 'e' || (id + 90) where id = ${((k * 7) % 2900) + 1} and qty > 0`,
+                  );
+                  await tx.unsafe(
+                    `update ${t} set email = 'moved${k}', code = 'code${k}', qty = qty + 1 where id = ${((k * 7) % 2900) + 1} and qty > 0`,
+                  );
+                  await tx.unsafe(`delete from ${t} where id = ${((k * 13) % 2900) + 1}`);
                 }
               });
             } catch (err) {
@@ -507,7 +593,9 @@ describe("constraints built after the copy while the application writes", () => 
             if (step === "started") return;
             if (step !== "backfilled" && step !== "swap-back") {
               const now = plain(
-                await db.admin.unsafe(`select conname::text as name, condeferrable, condeferred, convalidated, pg_get_constraintdef(oid) as def from pg_constraint where conrelid = '${T}'::regclass order by 1`),
+                await db.admin.unsafe(
+                  `select conname::text as name, condeferrable, condeferred, convalidated, pg_get_constraintdef(oid) as def from pg_constraint where conrelid = '${T}'::regclass order by 1`,
+                ),
               );
               expect(now, step).toEqual(before);
             }
@@ -554,11 +642,16 @@ describe("replica identity USING INDEX and NOTHING", () => {
                from pg_class c where c.oid = '${q(rel)}'::regclass`,
           ),
         );
-        const shadowName = index === null ? null : step === "backfilled" || step === "swap-back" ? `${index}_part` : index;
+        const shadowName =
+          index === null ? null : step === "backfilled" || step === "swap-back" ? `${index}_part` : index;
         expect(parent, `${name} ${step}`).toEqual([{ replident, index: shadowName }]);
         const parts = await partitionsOf(rel);
         expect(parts.length).toBeGreaterThanOrEqual(4);
-        for (const p of parts) expect({ replident: p.replident, index: p.replident_index }, `${name} ${step} ${String(p.name)}`).toEqual({ replident, index: shadowName });
+        for (const p of parts)
+          expect({ replident: p.replident, index: p.replident_index }, `${name} ${step} ${String(p.name)}`).toEqual({
+            replident,
+            index: shadowName,
+          });
       });
     }
   });

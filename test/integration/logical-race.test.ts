@@ -1,7 +1,9 @@
+import { LogicalReplicationService, PgoutputPlugin } from "pg-logical-replication";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { backfill } from "../../src/backfill/backfill.js";
 import { cutover, swapBack } from "../../src/cutover/cutover.js";
 import { connect, type Sql } from "../../src/db.js";
+import { PgshiftError } from "../../src/errors.js";
 import { compareWithTwin, createWorkload, startLoad, type Workload } from "../../src/load/workload.js";
 import { abort } from "../../src/migration/finish.js";
 import { startMigration } from "../../src/migration/start.js";
@@ -10,9 +12,7 @@ import { Applier, StreamFenced } from "../../src/mirror/apply.js";
 import { followStream } from "../../src/mirror/stream.js";
 import { sync } from "../../src/mirror/sync.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
-import { PgshiftError } from "../../src/errors.js";
-import { LogicalReplicationService, PgoutputPlugin } from "pg-logical-replication";
-import { spawnCli, waitUntil, type Running } from "../support/cli.js";
+import { type Running, spawnCli, waitUntil } from "../support/cli.js";
 import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
 
 /**
@@ -51,7 +51,9 @@ beforeAll(async () => {
 afterAll(async () => {
   for (const s of syncs) if (s.child.exitCode === null && s.child.signalCode === null) s.child.kill("SIGKILL");
   if (!db) return;
-  await db.admin`select pg_drop_replication_slot(slot_name) from pg_replication_slots where database = current_database() and not active`.catch(() => {});
+  await db.admin`select pg_drop_replication_slot(slot_name) from pg_replication_slots where database = current_database() and not active`.catch(
+    () => {},
+  );
   await db.close();
 });
 
@@ -84,14 +86,26 @@ async function startPairWriters(url: string, w: Workload, n: number): Promise<Pa
           const at = new Date(Date.now() - Math.floor(Math.random() * 500) * 86400_000).toISOString();
           const region = ["emea", "amer", "apac", "latam"][wi % 4]!;
           const id = await c.begin(async (tx) => {
-            const r = await tx.unsafe(`insert into ${t} (created_at, region, status, amount, data) values ($1, $2, 'new', 10, '{"pair": 1}') returning id`, [at, region]);
+            const r = await tx.unsafe(
+              `insert into ${t} (created_at, region, status, amount, data) values ($1, $2, 'new', 10, '{"pair": 1}') returning id`,
+              [at, region],
+            );
             const id = String(r[0]!.id);
-            await tx.unsafe(`insert into ${tw} (id, created_at, region, status, amount, data) values ($1, $2, $3, 'new', 10, '{"pair": 1}')`, [id, at, region]);
+            await tx.unsafe(
+              `insert into ${tw} (id, created_at, region, status, amount, data) values ($1, $2, $3, 'new', 10, '{"pair": 1}')`,
+              [id, at, region],
+            );
             return id;
           });
           await c.begin(async (tx) => {
-            const r = await tx.unsafe(`update ${t} set status = 'paid', amount = amount + 1, data = data || '{"paid": 1}' where id = $1`, [id]);
-            await tx.unsafe(`update ${tw} set status = 'paid', amount = amount + 1, data = data || '{"paid": 1}' where id = $1`, [id]);
+            const r = await tx.unsafe(
+              `update ${t} set status = 'paid', amount = amount + 1, data = data || '{"paid": 1}' where id = $1`,
+              [id],
+            );
+            await tx.unsafe(
+              `update ${tw} set status = 'paid', amount = amount + 1, data = data || '{"paid": 1}' where id = $1`,
+              [id],
+            );
             if (r.count !== 1) lost.push(id);
           });
           mine.push(id);
@@ -140,7 +154,11 @@ async function slotOf(sql: Sql, name: string): Promise<string> {
 
 describe("logical cutover under a write committed just before its lock and updated at once after it", () => {
   it("loses no update, in either table, through repeated start, backfill, cutover, swap-back, cutover, swap-back (applier here, pgshift sync in another process, sync in this process)", async () => {
-    const w: Workload = { table: { schema: "public", name: "pairs" }, twin: { schema: "twin", name: "pairs" }, keyKind: "bigint" };
+    const w: Workload = {
+      table: { schema: "public", name: "pairs" },
+      twin: { schema: "twin", name: "pairs" },
+      keyKind: "bigint",
+    };
     await createWorkload(db.admin, w, 3000);
     const load = await startLoad(db.url, w, { connections: 2, pauseMs: 5 });
     const writers = await startPairWriters(db.url, w, 4);
@@ -149,7 +167,12 @@ describe("logical cutover under a write committed just before its lock and updat
     let cutovers = 0;
     try {
       for (const [loop, follower] of followers.entries()) {
-        await startMigration(db.sql, w.table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical", allowKeyExtension: true, ...OPTS });
+        await startMigration(db.sql, w.table, {
+          spec: parsePartitionSpec("range:created_at:month"),
+          mode: "logical",
+          allowKeyExtension: true,
+          ...OPTS,
+        });
         expect((await backfill(db.sql, w.table, { batchSize: 5000 })).complete).toBe(true);
         const stopSync = new AbortController();
         let inProcess: Promise<unknown> | null = null;
@@ -161,7 +184,12 @@ describe("logical cutover under a write committed just before its lock and updat
             syncSql = await connect({ url: db.url });
             inProcess = sync(syncSql, w.table, { signal: stopSync.signal });
           }
-          await waitUntil("sync attached to the slot", async () => Boolean((await db.admin`select active from pg_replication_slots where slot_name = ${slot}`)[0]?.active), 30_000);
+          await waitUntil(
+            "sync attached to the slot",
+            async () =>
+              Boolean((await db.admin`select active from pg_replication_slots where slot_name = ${slot}`)[0]?.active),
+            30_000,
+          );
           await sleep(200);
         }
         const check = async (step: string) => {
@@ -209,14 +237,20 @@ describe("the applier's group commit", () => {
       create table ${name} (id bigserial primary key, created_at timestamptz not null, v int not null, note text);
       insert into ${name} (created_at, v) select timestamptz '2025-01-01 00:00+00' + i * interval '9 hours', 0 from generate_series(1, 100) i;`);
     const table = { schema: "public", name };
-    await startMigration(db.sql, table, { spec: parsePartitionSpec("range:created_at:month"), mode: "logical", allowKeyExtension: true });
+    await startMigration(db.sql, table, {
+      spec: parsePartitionSpec("range:created_at:month"),
+      mode: "logical",
+      allowKeyExtension: true,
+    });
     expect((await backfill(db.sql, table, { batchSize: 1000 })).complete).toBe(true);
     return (await loadMigration(db.sql, table))!;
   }
 
   /** Rows whose v differs between the source and the shadow. */
   async function stale(name: string): Promise<number> {
-    const r = await db.admin.unsafe(`select count(*)::int as n from ${name} s join ${name}_pgshift_shadow p using (id) where s.v <> p.v`);
+    const r = await db.admin.unsafe(
+      `select count(*)::int as n from ${name} s join ${name}_pgshift_shadow p using (id) where s.v <> p.v`,
+    );
     return Number(r[0]!.n);
   }
 
@@ -230,8 +264,14 @@ describe("the applier's group commit", () => {
     await held`begin`;
     await held`update stall_pgshift_shadow set note = 'held' where id = 1`;
     await db.admin`update stall set v = 1 where id in (1, 2, 3)`;
-    await waitUntil("the applier waits for the held row", async () =>
-      (await db.admin`select count(*)::int as n from pg_stat_activity where application_name = 'pgshift apply stall' and wait_event_type = 'Lock'`)[0]!.n === 1, 20_000);
+    await waitUntil(
+      "the applier waits for the held row",
+      async () =>
+        (
+          await db.admin`select count(*)::int as n from pg_stat_activity where application_name = 'pgshift apply stall' and wait_event_type = 'Lock'`
+        )[0]!.n === 1,
+      20_000,
+    );
     const stopped = a.stop();
     // stop() waits 5 s for the group in hand, then abandons it; the lock is released after that.
     await sleep(6000);
@@ -256,15 +296,38 @@ describe("the applier's group commit", () => {
     const m = await backfilled("outsider");
     const table = { schema: "public", name: "outsider" };
     // Confirms everything it receives, as pg_recvlogical does, and applies nothing.
-    const outsider = new LogicalReplicationService({ connectionString: db.url }, { acknowledge: { auto: true, timeoutSeconds: 1 } });
-    const streaming = outsider.subscribe(new PgoutputPlugin({ protoVersion: 1, publicationNames: [m.publication_name!] }), m.slot_name!).catch(() => {});
+    const outsider = new LogicalReplicationService(
+      { connectionString: db.url },
+      { acknowledge: { auto: true, timeoutSeconds: 1 } },
+    );
+    const streaming = outsider
+      .subscribe(new PgoutputPlugin({ protoVersion: 1, publicationNames: [m.publication_name!] }), m.slot_name!)
+      .catch(() => {});
     try {
-      await waitUntil("the outsider attached", async () => Boolean((await db.admin`select active from pg_replication_slots where slot_name = ${m.slot_name!}`)[0]?.active), 20_000);
+      await waitUntil(
+        "the outsider attached",
+        async () =>
+          Boolean(
+            (await db.admin`select active from pg_replication_slots where slot_name = ${m.slot_name!}`)[0]?.active,
+          ),
+        20_000,
+      );
       await db.admin`update outsider set v = 7 where id <= 10`;
       const after = String((await db.admin`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
-      await waitUntil("the outsider confirmed past the update", async () =>
-        Boolean((await db.admin`select confirmed_flush_lsn >= ${after}::pg_lsn as ok from pg_replication_slots where slot_name = ${m.slot_name!}`)[0]?.ok), 20_000);
-      const err = await cutover(db.sql, table, { catchupTimeoutMs: 1000, lockTimeoutMs: 500, retries: 1 }).then(() => null, (e: unknown) => e);
+      await waitUntil(
+        "the outsider confirmed past the update",
+        async () =>
+          Boolean(
+            (
+              await db.admin`select confirmed_flush_lsn >= ${after}::pg_lsn as ok from pg_replication_slots where slot_name = ${m.slot_name!}`
+            )[0]?.ok,
+          ),
+        20_000,
+      );
+      const err = await cutover(db.sql, table, { catchupTimeoutMs: 1000, lockTimeoutMs: 500, retries: 1 }).then(
+        () => null,
+        (e: unknown) => e,
+      );
       expect(err).toBeInstanceOf(PgshiftError);
       expect((err as Error).message).toContain("did not apply everything");
       expect((err as Error).message).toContain("no pgshift applier recorded it");
@@ -292,11 +355,14 @@ describe("the applier's group commit", () => {
       expect(a.error).toBeInstanceOf(StreamFenced);
       expect(a.error!.message).toContain("phase swapped_back");
       expect(await stale("fence")).toBe(1);
-      const after = (await db.admin`select applied_lsn from pgshift.migrations where id = ${m.id}`)[0]!.applied_lsn as string;
+      const after = (await db.admin`select applied_lsn from pgshift.migrations where id = ${m.id}`)[0]!
+        .applied_lsn as string;
       await db.admin`update fence set v = 3 where id = 3`;
       await sleep(500);
       expect(await stale("fence")).toBe(2);
-      expect((await db.admin`select applied_lsn from pgshift.migrations where id = ${m.id}`)[0]!.applied_lsn).toBe(after);
+      expect((await db.admin`select applied_lsn from pgshift.migrations where id = ${m.id}`)[0]!.applied_lsn).toBe(
+        after,
+      );
     } finally {
       await a.stop();
       await db.admin`update pgshift.migrations set phase = 'backfilled' where id = ${m.id}`;

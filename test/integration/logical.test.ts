@@ -1,8 +1,8 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { backfill } from "../../src/backfill/backfill.js";
 import { cutover } from "../../src/cutover/cutover.js";
-import { connect, identList, table as tableRef, transaction, type Sql } from "../../src/db.js";
-import { startEmbedded, type EmbeddedServer } from "../../src/embedded.js";
+import { connect, identList, type Sql, table as tableRef, transaction } from "../../src/db.js";
+import { type EmbeddedServer, startEmbedded } from "../../src/embedded.js";
 import { createWorkload, type Workload } from "../../src/load/workload.js";
 import { abort, finalize } from "../../src/migration/finish.js";
 import { startMigration } from "../../src/migration/start.js";
@@ -12,7 +12,7 @@ import { parsePartitionSpec } from "../../src/partitioning/spec.js";
 import type { StatusReport } from "../../src/status.js";
 import { verify } from "../../src/verify/verify.js";
 import { catalogSnapshot } from "../support/catalog.js";
-import { describeRun, exitWithin, runCli, spawnCli, waitUntil, type CliResult, type Running } from "../support/cli.js";
+import { type CliResult, describeRun, exitWithin, type Running, runCli, spawnCli, waitUntil } from "../support/cli.js";
 import { createLoginRole, freshDatabase, sleep, type TestDatabase } from "../support/db.js";
 
 /**
@@ -64,7 +64,10 @@ function expectRefusal(r: CliResult, ...patterns: string[]): string {
   expect(r.signal, describeRun(r)).toBeNull();
   expect(r.code, describeRun(r)).toBe(2);
   const lines = stderrLines(r);
-  expect(lines.filter((l) => l.startsWith("pgshift: error:")), describeRun(r)).toHaveLength(1);
+  expect(
+    lines.filter((l) => l.startsWith("pgshift: error:")),
+    describeRun(r),
+  ).toHaveLength(1);
   expect(lines[0], describeRun(r)).toMatch(/^pgshift: error: /);
   expect(lines.length, describeRun(r)).toBeLessThanOrEqual(2);
   if (lines.length === 2) expect(lines[1], describeRun(r)).toMatch(/^pgshift: hint: \S/);
@@ -100,11 +103,18 @@ async function createOrders(sql: Sql, name: string, rows = 200): Promise<void> {
 }
 
 /** Creates an orders table `name` with `rows` rows and starts its migration by month in logical mode. */
-async function startLogical(name: string, rows: number): Promise<{ table: { schema: string; name: string }; names: ReturnType<typeof logicalNames> }> {
+async function startLogical(
+  name: string,
+  rows: number,
+): Promise<{ table: { schema: string; name: string }; names: ReturnType<typeof logicalNames> }> {
   await createOrders(db.admin, name, rows);
   const table = { schema: "public", name };
   const names = logicalNames(await oidOf(db.admin, name));
-  await startMigration(db.sql, table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
+  await startMigration(db.sql, table, {
+    allowKeyExtension: true,
+    spec: parsePartitionSpec("range:created_at:month"),
+    mode: "logical",
+  });
   return { table, names };
 }
 
@@ -114,7 +124,10 @@ async function oidOf(sql: Sql, name: string): Promise<number> {
 }
 
 /** What a logical-mode start creates, as it stands: slots and publications of this database, the shadow, migration rows. */
-async function streamObjects(sql: Sql, table: string): Promise<{ slots: string[]; publications: string[]; shadow: boolean; migrations: number }> {
+async function streamObjects(
+  sql: Sql,
+  table: string,
+): Promise<{ slots: string[]; publications: string[]; shadow: boolean; migrations: number }> {
   const r = await sql`
     select coalesce((select array_agg(slot_name::text order by slot_name) from pg_replication_slots where database = current_database()), '{}') as slots,
            coalesce((select array_agg(pubname::text order by pubname) from pg_publication), '{}') as publications,
@@ -126,7 +139,12 @@ async function streamObjects(sql: Sql, table: string): Promise<{ slots: string[]
     const n = await sql`select count(*)::int as n from pgshift.migrations where source_table = ${table}`;
     migrations = Number(n[0]!.n);
   }
-  return { slots: x.slots as string[], publications: x.publications as string[], shadow: Boolean(x.shadow), migrations };
+  return {
+    slots: x.slots as string[],
+    publications: x.publications as string[],
+    shadow: Boolean(x.shadow),
+    migrations,
+  };
 }
 
 interface SlotRow {
@@ -136,7 +154,8 @@ interface SlotRow {
 }
 
 async function slotRow(sql: Sql, slot: string): Promise<SlotRow> {
-  const r = await sql`select active, confirmed_flush_lsn::text as confirmed from pg_replication_slots where slot_name = ${slot}`;
+  const r =
+    await sql`select active, confirmed_flush_lsn::text as confirmed from pg_replication_slots where slot_name = ${slot}`;
   if (r.length === 0) return { exists: false, active: false, confirmed: null };
   return { exists: true, active: Boolean(r[0]!.active), confirmed: (r[0]!.confirmed as string | null) ?? null };
 }
@@ -168,7 +187,10 @@ async function interruptSync(s: Running): Promise<void> {
 }
 
 /** Two-way EXCEPT between the source and its shadow over the copied columns: rows only in one of them. */
-async function compareWithShadow(sql: Sql, table: string): Promise<{ onlyInSource: number; onlyInShadow: number; rows: number }> {
+async function compareWithShadow(
+  sql: Sql,
+  table: string,
+): Promise<{ onlyInSource: number; onlyInShadow: number; rows: number }> {
   const m = (await loadMigration(sql, { schema: "public", name: table }))!;
   const cols = identList(sql, m.copy_columns);
   const a = tableRef(sql, m.original);
@@ -188,7 +210,9 @@ afterAll(async () => {
   for (const s of syncs) if (s.child.exitCode === null && s.child.signalCode === null) s.child.kill("SIGKILL");
   if (!db) return;
   // DROP DATABASE refuses while a logical slot of the database exists: drop what a failed test left.
-  await db.admin`select pg_drop_replication_slot(slot_name) from pg_replication_slots where database = current_database() and not active`.catch(() => {});
+  await db.admin`select pg_drop_replication_slot(slot_name) from pg_replication_slots where database = current_database() and not active`.catch(
+    () => {},
+  );
   await db.close();
 });
 
@@ -235,7 +259,13 @@ describe("prerequisites: start --mode logical refuses, naming the problem, and l
    * error line containing `patterns`, plan must list the same problem as a blocker; afterwards no slot,
    * no publication, no shadow, no migration row, and the catalog snapshot (taken through `check`) is unchanged.
    */
-  async function refused(check: () => Sql, url: string, table: string, patterns: string[], slotsAfter: string[] = []): Promise<void> {
+  async function refused(
+    check: () => Sql,
+    url: string,
+    table: string,
+    patterns: string[],
+    slotsAfter: string[] = [],
+  ): Promise<void> {
     const sql = check();
     const before = await catalogSnapshot(sql);
     const [start, plan] = await Promise.all([
@@ -244,7 +274,12 @@ describe("prerequisites: start --mode logical refuses, naming the problem, and l
     ]);
     expectRefusal(start, `public.${table} cannot be migrated`, ...patterns);
     expectPlanBlocker(plan, ...patterns);
-    expect(await streamObjects(sql, table)).toEqual({ slots: slotsAfter, publications: [], shadow: false, migrations: 0 });
+    expect(await streamObjects(sql, table)).toEqual({
+      slots: slotsAfter,
+      publications: [],
+      shadow: false,
+      migrations: 0,
+    });
     expect(await catalogSnapshot(sql)).toEqual(before);
   }
 
@@ -253,7 +288,13 @@ describe("prerequisites: start --mode logical refuses, naming the problem, and l
   });
 
   it("no free replication slot (max_replication_slots = 1, one slot taken)", async () => {
-    await refused(() => oneSlotSql!, oneSlot!.url, "orders", ["no free replication slot", "max_replication_slots = 1"], ["other"]);
+    await refused(
+      () => oneSlotSql!,
+      oneSlot!.url,
+      "orders",
+      ["no free replication slot", "max_replication_slots = 1"],
+      ["other"],
+    );
   });
 
   it("a table owner without the REPLICATION privilege", async () => {
@@ -287,12 +328,28 @@ describe("start, stream and clean-up in logical mode", () => {
     // the TRUNCATE guard's CREATE TRIGGER (SHARE ROW EXCLUSIVE) in the start transaction does not.
     const lock = await holdRowExclusive("locked");
     try {
-      const run = runCli(["start", "--allow-key-extension", "locked", ...MONTH, "--mode", "logical", "--lock-timeout", "2000", "--retries", "0", "--url", db.url]);
+      const run = runCli([
+        "start",
+        "--allow-key-extension",
+        "locked",
+        ...MONTH,
+        "--mode",
+        "logical",
+        "--lock-timeout",
+        "2000",
+        "--retries",
+        "0",
+        "--url",
+        db.url,
+      ]);
       // The slot and publication exist while start waits for the lock: the failure comes after them.
       let seen = false;
       // Watched until start ends (a fixed number of polls ran out before the slot existed on a loaded machine).
       let ended = false;
-      void run.then(() => (ended = true), () => (ended = true));
+      void run.then(
+        () => (ended = true),
+        () => (ended = true),
+      );
       const watching = (async () => {
         while (!ended && !seen) {
           const o = await streamObjects(db.admin, "locked");
@@ -311,7 +368,12 @@ describe("start, stream and clean-up in logical mode", () => {
     } finally {
       await lock.release();
     }
-    expect(await streamObjects(db.admin, "locked")).toEqual({ slots: [], publications: [], shadow: false, migrations: 0 });
+    expect(await streamObjects(db.admin, "locked")).toEqual({
+      slots: [],
+      publications: [],
+      shadow: false,
+      migrations: 0,
+    });
     expect(await catalogSnapshot(db.admin)).toEqual(before);
   });
 
@@ -332,25 +394,58 @@ describe("start, stream and clean-up in logical mode", () => {
     });
     try {
       const pid = await Promise.race([written, holding.then(() => -1)]);
-      const r = await runCli(["start", "--allow-key-extension", "idlexact", ...MONTH, "--mode", "logical", "--slot-timeout-ms", "1500", "--url", db.url]);
+      const r = await runCli([
+        "start",
+        "--allow-key-extension",
+        "idlexact",
+        ...MONTH,
+        "--mode",
+        "logical",
+        "--slot-timeout-ms",
+        "1500",
+        "--url",
+        db.url,
+      ]);
       expect(r.code, describeRun(r)).toBe(2);
       const errors = stderrLines(r).filter((l) => l.startsWith("pgshift: error:"));
       expect(errors, describeRun(r)).toHaveLength(1);
       expect(errors[0], describeRun(r)).toContain("the replication slot was not created within 1500 ms");
       expect(errors[0], describeRun(r)).toContain(`pid ${pid} (idle in transaction since `);
-      expect(stderrLines(r).some((l) => l.startsWith("pgshift: hint:") && l.includes("pg_terminate_backend")), describeRun(r)).toBe(true);
-      expect(await streamObjects(db.admin, "idlexact")).toEqual({ slots: [], publications: [], shadow: false, migrations: 0 });
+      expect(
+        stderrLines(r).some((l) => l.startsWith("pgshift: hint:") && l.includes("pg_terminate_backend")),
+        describeRun(r),
+      ).toBe(true);
+      expect(await streamObjects(db.admin, "idlexact")).toEqual({
+        slots: [],
+        publications: [],
+        shadow: false,
+        migrations: 0,
+      });
       expect(await catalogSnapshot(db.admin)).toEqual(before);
 
       // The same start, with the transaction ending while it waits: the slot is created and start succeeds.
-      const run = runCli(["start", "--allow-key-extension", "idlexact", ...MONTH, "--mode", "logical", "--url", db.url]);
+      const run = runCli([
+        "start",
+        "--allow-key-extension",
+        "idlexact",
+        ...MONTH,
+        "--mode",
+        "logical",
+        "--url",
+        db.url,
+      ]);
       await sleep(1000);
       release();
       await holding;
       const ok = await run;
       expect(ok.code, describeRun(ok)).toBe(0);
       const names = logicalNames(await oidOf(db.admin, "idlexact"));
-      expect(await streamObjects(db.admin, "idlexact")).toEqual({ slots: [names.slot], publications: [names.publication], shadow: true, migrations: 1 });
+      expect(await streamObjects(db.admin, "idlexact")).toEqual({
+        slots: [names.slot],
+        publications: [names.publication],
+        shadow: true,
+        migrations: 1,
+      });
       expect((await runCli(["abort", "idlexact", "--url", db.url])).code).toBe(0);
     } finally {
       release();
@@ -363,7 +458,11 @@ describe("start, stream and clean-up in logical mode", () => {
     const name = "bigtx";
     const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
     await createWorkload(db.admin, w, 6_000);
-    await startMigration(db.sql, w.table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
+    await startMigration(db.sql, w.table, {
+      allowKeyExtension: true,
+      spec: parsePartitionSpec("range:created_at:month"),
+      mode: "logical",
+    });
     const bf = await backfill(db.sql, w.table, { batchSize: 3000 });
     expect(bf.complete).toBe(true);
     const m = (await loadMigration(db.admin, w.table))!;
@@ -403,8 +502,10 @@ describe("start, stream and clean-up in logical mode", () => {
 
     // Kill sync once its apply transaction has written into the shadow (it has an xid), i.e. mid-transaction.
     const applying = async () =>
-      (await db.admin`select count(*)::int as n from pg_stat_activity
-                       where datname = current_database() and application_name = ${`pgshift apply ${name}`} and backend_xid is not null`)[0]!.n > 0;
+      (
+        await db.admin`select count(*)::int as n from pg_stat_activity
+                       where datname = current_database() and application_name = ${`pgshift apply ${name}`} and backend_xid is not null`
+      )[0]!.n > 0;
     await waitUntil("sync applies the large transaction", applying, 60_000, 10);
     sync1.child.kill("SIGKILL");
     expect((await sync1.exited).signal).toBe("SIGKILL");
@@ -412,7 +513,8 @@ describe("start, stream and clean-up in logical mode", () => {
       "the killed sync's slot consumer and apply session are gone",
       async () => {
         const s = await slotRow(db.admin, slot);
-        const apply = await db.admin`select count(*)::int as n from pg_stat_activity where datname = current_database() and application_name = ${`pgshift apply ${name}`}`;
+        const apply =
+          await db.admin`select count(*)::int as n from pg_stat_activity where datname = current_database() and application_name = ${`pgshift apply ${name}`}`;
         return !s.active && apply[0]!.n === 0;
       },
       20_000,
@@ -429,11 +531,19 @@ describe("start, stream and clean-up in logical mode", () => {
           from pg_logical_slot_peek_binary_changes(${slot}, null, null, 'proto_version', '1', 'publication_names', ${m.publication_name!})
          where xid = ${big.xid}::xid and get_byte(data, 0) = 67`;
       expect(c, "the large transaction's commit message").toHaveLength(1);
-      const lsn = (hex: string) => `${BigInt("0x" + hex.slice(0, 8)).toString(16).toUpperCase()}/${BigInt("0x" + hex.slice(8)).toString(16).toUpperCase()}`;
+      const lsn = (hex: string) =>
+        `${BigInt(`0x${hex.slice(0, 8)}`)
+          .toString(16)
+          .toUpperCase()}/${BigInt(`0x${hex.slice(8)}`)
+          .toString(16)
+          .toUpperCase()}`;
       commit = { start: lsn(String(c[0]!.s)), end: lsn(String(c[0]!.e)) };
     }
     const flushed = String((await db.admin`select pg_current_wal_flush_lsn()::text as l`)[0]!.l);
-    expect(lsnToBigInt(commit.start), `commit record ${commit.start}..${commit.end} after ${big.pre}`).toBeGreaterThanOrEqual(lsnToBigInt(big.pre));
+    expect(
+      lsnToBigInt(commit.start),
+      `commit record ${commit.start}..${commit.end} after ${big.pre}`,
+    ).toBeGreaterThanOrEqual(lsnToBigInt(big.pre));
     expect(lsnToBigInt(commit.end)).toBeGreaterThan(lsnToBigInt(commit.start));
     expect(lsnToBigInt(commit.end)).toBeLessThanOrEqual(lsnToBigInt(flushed));
     const counts = async () => {
@@ -450,7 +560,10 @@ describe("start, stream and clean-up in logical mode", () => {
     // Killed mid-apply: nothing of it committed in the shadow, the slot's confirmed LSN is at most where the
     // commit record starts (the slot will send the transaction again), and the recorded applied LSN too.
     expect(afterKill).toEqual(none);
-    expect(lsnToBigInt(killed.confirmed!), `confirmed ${killed.confirmed} vs commit record ${commit.start}..${commit.end}`).toBeLessThanOrEqual(lsnToBigInt(commit.start));
+    expect(
+      lsnToBigInt(killed.confirmed!),
+      `confirmed ${killed.confirmed} vs commit record ${commit.start}..${commit.end}`,
+    ).toBeLessThanOrEqual(lsnToBigInt(commit.start));
     const mk = (await loadMigration(db.admin, w.table))!;
     if (mk.applied_lsn) expect(lsnToBigInt(mk.applied_lsn)).toBeLessThanOrEqual(lsnToBigInt(commit.start));
 
@@ -486,7 +599,12 @@ describe("start, stream and clean-up in logical mode", () => {
     const start = await pgshift(["start", "--allow-key-extension", "st", ...MONTH, "--mode", "logical"]);
     expect(start.code, describeRun(start)).toBe(0);
     expect(start.stdout).toContain("logical mirror installed");
-    expect(await streamObjects(db.admin, "st")).toEqual({ slots: [names.slot], publications: [names.publication], shadow: true, migrations: 1 });
+    expect(await streamObjects(db.admin, "st")).toEqual({
+      slots: [names.slot],
+      publications: [names.publication],
+      shadow: true,
+      migrations: 1,
+    });
 
     const statusJson = async (): Promise<StatusReport> => {
       const r = await pgshift(["status", "st", "--json"]);
@@ -516,7 +634,9 @@ describe("start, stream and clean-up in logical mode", () => {
       expect(busy.stream).toMatchObject({ slot: names.slot, exists: true, active: true });
       expect(busy.stream!.activePid).toEqual(expect.any(Number));
       expect(busy.mirror.ok).toBe(true);
-      expect(h.stdout, describeRun(h)).toMatch(new RegExp(`replication slot\\s*│?\\s*${names.slot} streaming to pid \\d+`));
+      expect(h.stdout, describeRun(h)).toMatch(
+        new RegExp(`replication slot\\s*│?\\s*${names.slot} streaming to pid \\d+`),
+      );
     } finally {
       await interruptSync(sync);
     }
@@ -536,16 +656,31 @@ describe("start, stream and clean-up in logical mode", () => {
     const names = logicalNames(oid);
     await db.admin.unsafe(`create publication "${names.publication}" for table leftover`);
     await db.admin`select pg_create_logical_replication_slot(${names.slot}, 'pgoutput')`;
-    expect(await streamObjects(db.admin, "leftover")).toEqual({ slots: [names.slot], publications: [names.publication], shadow: false, migrations: 0 });
+    expect(await streamObjects(db.admin, "leftover")).toEqual({
+      slots: [names.slot],
+      publications: [names.publication],
+      shadow: false,
+      migrations: 0,
+    });
 
     const s1 = await pgshift(["status", "leftover"]);
-    const err = expectRefusal(s1, "no migration of public.leftover is in progress", `replication slot ${names.slot}`, `publication ${names.publication}`);
+    const err = expectRefusal(
+      s1,
+      "no migration of public.leftover is in progress",
+      `replication slot ${names.slot}`,
+      `publication ${names.publication}`,
+    );
     expect(err).toContain("crashed start left");
     expect(s1.stderr).toContain("pgshift abort public.leftover");
 
     const ab = await pgshift(["abort", "leftover"]);
     expect(ab.code, describeRun(ab)).toBe(0);
-    expect(await streamObjects(db.admin, "leftover")).toEqual({ slots: [], publications: [], shadow: false, migrations: 0 });
+    expect(await streamObjects(db.admin, "leftover")).toEqual({
+      slots: [],
+      publications: [],
+      shadow: false,
+      migrations: 0,
+    });
 
     const s2 = await pgshift(["status", "leftover"]);
     const err2 = expectRefusal(s2, "no migration of public.leftover is in progress");
@@ -553,7 +688,11 @@ describe("start, stream and clean-up in logical mode", () => {
   });
 
   /** Exit status and output of a child, for assertion messages. */
-  const described = (r: Running, ex: { code: number | null; signal: NodeJS.Signals | null; timedOut: boolean }, ms: number) =>
+  const described = (
+    r: Running,
+    ex: { code: number | null; signal: NodeJS.Signals | null; timedOut: boolean },
+    ms: number,
+  ) =>
     `exit ${String(ex.code)} ${String(ex.signal)}${ex.timedOut ? ` (did not exit within ${ms} ms: killed)` : ""}\n--- stdout\n${r.out.stdout}--- stderr\n${r.out.stderr}`;
 
   // Regression: a refused START_REPLICATION (slot in use) ends Applier.start() with an error instead of a hang.
@@ -564,7 +703,9 @@ describe("start, stream and clean-up in logical mode", () => {
       const second = spawnCli(["sync", "twosync", "--url", db.url]);
       const ex = await exitWithin(second, 8_000);
       expect(ex.code, described(second, ex, 8_000)).toBe(2);
-      expect(second.out.stderr, described(second, ex, 8_000)).toContain(`pgshift: error: replication slot ${names.slot} is in use by another process`);
+      expect(second.out.stderr, described(second, ex, 8_000)).toContain(
+        `pgshift: error: replication slot ${names.slot} is in use by another process`,
+      );
     } finally {
       // (its clean exit is tested elsewhere)
       first.child.kill("SIGKILL");
@@ -577,7 +718,11 @@ describe("start, stream and clean-up in logical mode", () => {
   it("pgshift sync exits promptly (within 2 s) after SIGINT", async () => {
     await createOrders(db.admin, "quick", 50);
     const names = logicalNames(await oidOf(db.admin, "quick"));
-    await startMigration(db.sql, { schema: "public", name: "quick" }, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
+    await startMigration(
+      db.sql,
+      { schema: "public", name: "quick" },
+      { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month"), mode: "logical" },
+    );
     const sync = await startSync("quick", names.slot);
     try {
       sync.child.kill("SIGINT");
@@ -599,7 +744,9 @@ describe("start, stream and clean-up in logical mode", () => {
     await cutover(db.sql, table);
     expect(await streamObjects(db.admin, "cosync")).toMatchObject({ slots: [], publications: [], migrations: 1 });
     // The retired table got every change through sync (cutover itself never attached to the slot).
-    expect((await db.admin`select count(*)::int as n from cosync_pgshift_retired where note = 'during sync'`)[0]!.n).toBe(72);
+    expect(
+      (await db.admin`select count(*)::int as n from cosync_pgshift_retired where note = 'during sync'`)[0]!.n,
+    ).toBe(72);
     expect((await verify(db.sql, table)).equal).toBe(true);
     const ex = await exitWithin(sync, 10_000);
     // Usually sync exits 0 by itself ("the migration is cut over"). It may instead hang when its 1 s tick falls
@@ -610,7 +757,12 @@ describe("start, stream and clean-up in logical mode", () => {
       expect(sync.out.stdout, described(sync, ex, 10_000)).toContain("sync finished: the migration is cut over");
     }
     await finalize(db.sql, table, { yes: true });
-    expect(await streamObjects(db.admin, "cosync")).toEqual({ slots: [], publications: [], shadow: false, migrations: 0 });
+    expect(await streamObjects(db.admin, "cosync")).toEqual({
+      slots: [],
+      publications: [],
+      shadow: false,
+      migrations: 0,
+    });
   });
 
   // Regression: sync notices a slot dropped by abort or cutover and exits 0 instead of reattaching to nothing.
@@ -626,7 +778,12 @@ describe("start, stream and clean-up in logical mode", () => {
       await lock.release();
       const ab = await abort;
       expect(ab.code, describeRun(ab)).toBe(0);
-      expect(await streamObjects(db.admin, "absync")).toEqual({ slots: [], publications: [], shadow: false, migrations: 0 });
+      expect(await streamObjects(db.admin, "absync")).toEqual({
+        slots: [],
+        publications: [],
+        shadow: false,
+        migrations: 0,
+      });
       const ex = await exitWithin(sync, 8_000);
       expect(ex.code, described(sync, ex, 8_000)).toBe(0);
       expect(sync.out.stdout, described(sync, ex, 8_000)).toContain("sync finished: the migration is gone");
@@ -641,7 +798,12 @@ describe("start, stream and clean-up in logical mode", () => {
     await db.admin`update fin set note = 'changed' where id % 10 = 0`;
     await backfill(db.sql, table, { batchSize: 100 });
     await db.admin`insert into fin (created_at, note) values ('2025-03-03', 'late')`;
-    expect(await streamObjects(db.admin, "fin")).toEqual({ slots: [names.slot], publications: [names.publication], shadow: true, migrations: 1 });
+    expect(await streamObjects(db.admin, "fin")).toEqual({
+      slots: [names.slot],
+      publications: [names.publication],
+      shadow: true,
+      migrations: 1,
+    });
     await cutover(db.sql, table);
     const after = await streamObjects(db.admin, "fin");
     expect(after.slots).toEqual([]);
@@ -677,10 +839,11 @@ describe("dropping the publication while the application updates and deletes", (
         for (let i = 0; running; i++) {
           const id = 1 + wi + 3 * Math.floor(Math.random() * 333);
           try {
-            if (i % 10 === 9) await c.begin(async (tx) => {
-              await tx`delete from ${tableRef(tx, { schema: "public", name: "pubrace" })} where id = ${id}`;
-              await tx`insert into ${tableRef(tx, { schema: "public", name: "pubrace" })} values (${id}, 0)`;
-            });
+            if (i % 10 === 9)
+              await c.begin(async (tx) => {
+                await tx`delete from ${tableRef(tx, { schema: "public", name: "pubrace" })} where id = ${id}`;
+                await tx`insert into ${tableRef(tx, { schema: "public", name: "pubrace" })} values (${id}, 0)`;
+              });
             else await c`update ${tableRef(c, { schema: "public", name: "pubrace" })} set v = v + 1 where id = ${id}`;
             writes++;
           } catch (err) {
@@ -706,7 +869,9 @@ describe("dropping the publication while the application updates and deletes", (
     expect([...new Set(errors)]).toEqual([]);
     expect(cycles).toBeGreaterThan(50);
     expect(writes).toBeGreaterThan(1000);
-    expect((await db.admin`select count(*)::int as n from pg_publication where pubname = 'pgshift_race'`)[0]!.n).toBe(0);
+    expect((await db.admin`select count(*)::int as n from pg_publication where pubname = 'pgshift_race'`)[0]!.n).toBe(
+      0,
+    );
   });
 });
 
@@ -723,10 +888,20 @@ describe("--dry-run in logical mode", () => {
     expect(at(`DROP PUBLICATION IF EXISTS "${names.publication}"`), dry.stdout).toBe(at("IN SHARE MODE") + 1);
     expect(at("DROP TABLE IF EXISTS"), dry.stdout).toBeGreaterThan(at("DROP PUBLICATION"));
     expect(await catalogSnapshot(db.admin)).toEqual(before);
-    expect(await streamObjects(db.admin, "dryab")).toEqual({ slots: [names.slot], publications: [names.publication], shadow: true, migrations: 1 });
+    expect(await streamObjects(db.admin, "dryab")).toEqual({
+      slots: [names.slot],
+      publications: [names.publication],
+      shadow: true,
+      migrations: 1,
+    });
     const done = await abort(db.sql, table);
     expect(done.statements.map((s) => `${s};`).join("\n")).toBe(dry.stdout.trim());
-    expect(await streamObjects(db.admin, "dryab")).toEqual({ slots: [], publications: [], shadow: false, migrations: 0 });
+    expect(await streamObjects(db.admin, "dryab")).toEqual({
+      slots: [],
+      publications: [],
+      shadow: false,
+      migrations: 0,
+    });
   });
 
   it("cutover --dry-run prints the lock and WAL position before the renames, the slot and publication drop after; changes nothing", async () => {
@@ -736,7 +911,10 @@ describe("--dry-run in logical mode", () => {
     const dry = await pgshift(["cutover", "drycut", "--dry-run"]);
     expect(dry.code, describeRun(dry)).toBe(0);
     const lines = dry.stdout.trim().split("\n");
-    expect(lines.slice(0, 2)).toEqual(['LOCK TABLE "public"."drycut" IN ACCESS EXCLUSIVE MODE;', "SELECT pg_current_wal_insert_lsn();"]);
+    expect(lines.slice(0, 2)).toEqual([
+      'LOCK TABLE "public"."drycut" IN ACCESS EXCLUSIVE MODE;',
+      "SELECT pg_current_wal_insert_lsn();",
+    ]);
     expect(lines.at(-1)).toBe(`DROP PUBLICATION IF EXISTS "${names.publication}";`);
     expect(lines.some((l) => l.includes(`pg_drop_replication_slot('${names.slot}')`))).toBe(true);
     expect(await catalogSnapshot(db.admin)).toEqual(before);

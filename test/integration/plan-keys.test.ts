@@ -3,13 +3,13 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { backfill } from "../../src/backfill/backfill.js";
 import { cutover } from "../../src/cutover/cutover.js";
 import { connect, type Sql } from "../../src/db.js";
-import { startEmbedded, type EmbeddedServer } from "../../src/embedded.js";
+import { type EmbeddedServer, startEmbedded } from "../../src/embedded.js";
 import { PgshiftError } from "../../src/errors.js";
 import { startMigration } from "../../src/migration/start.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
 import { verify } from "../../src/verify/verify.js";
 import { catalogSnapshot } from "../support/catalog.js";
-import { describeRun, expectRefusal, runCli, type CliResult } from "../support/cli.js";
+import { type CliResult, describeRun, expectRefusal, runCli } from "../support/cli.js";
 import { freshDatabase, type TestDatabase } from "../support/db.js";
 
 /**
@@ -21,7 +21,14 @@ import { freshDatabase, type TestDatabase } from "../support/db.js";
  */
 
 interface PlanJson {
-  widenedKeys: { kind: string; name: string; columns: string[]; widenedTo: string[]; deferrable: boolean; onConflictTargets: string[] }[];
+  widenedKeys: {
+    kind: string;
+    name: string;
+    columns: string[];
+    widenedTo: string[];
+    deferrable: boolean;
+    onConflictTargets: string[];
+  }[];
   atFinalize: string | null;
   applicationStatements: {
     status: string;
@@ -77,7 +84,12 @@ async function upsertOutcome(sql: Sql, table: string, target: string): Promise<s
           values (1, timestamptz '2025-06-15', 'e1', 'other-sku', 'r1', 'c1-other', 'upserted')
           ${target} do update set note = excluded.note`);
         const rows = await tx.unsafe(`select note from ${table} where id = 1`);
-        outcome = rows.length === 1 && rows[0]!.note === "upserted" ? "updated" : rows.length > 1 ? "inserted" : `unexpected: ${JSON.stringify(rows)}`;
+        outcome =
+          rows.length === 1 && rows[0]!.note === "upserted"
+            ? "updated"
+            : rows.length > 1
+              ? "inserted"
+              : `unexpected: ${JSON.stringify(rows)}`;
       } catch (err) {
         outcome = `error ${(err as { code?: string }).code ?? String(err)}`;
       }
@@ -105,13 +117,37 @@ describe("plan and start on a table whose unique keys lack the partition column"
   it("plan names the widened keys, their ON CONFLICT targets and what changes at finalize; the targets work today", async () => {
     const plan = parsePlan(await pgshift(["plan", "orders", ...MONTH, "--json"]));
     const byName = Object.fromEntries(plan.widenedKeys.map((k) => [k.name, k]));
-    expect(Object.keys(byName).sort()).toEqual(["orders_code_key", "orders_email_key", "orders_pkey", "orders_ref_idx"]);
-    expect(byName.orders_pkey).toMatchObject({ kind: "primary key", columns: ["id"], widenedTo: ["id", "created_at"], onConflictTargets: ["ON CONFLICT (id)", "ON CONFLICT ON CONSTRAINT orders_pkey"] });
-    expect(byName.orders_email_key).toMatchObject({ kind: "unique constraint", columns: ["email"], onConflictTargets: ["ON CONFLICT (email)", "ON CONFLICT ON CONSTRAINT orders_email_key"] });
-    expect(byName.orders_ref_idx).toMatchObject({ kind: "unique index", columns: ["lower(ref)"], onConflictTargets: ["ON CONFLICT (lower(ref)) WHERE ref IS NOT NULL"] });
+    expect(Object.keys(byName).sort()).toEqual([
+      "orders_code_key",
+      "orders_email_key",
+      "orders_pkey",
+      "orders_ref_idx",
+    ]);
+    expect(byName.orders_pkey).toMatchObject({
+      kind: "primary key",
+      columns: ["id"],
+      widenedTo: ["id", "created_at"],
+      onConflictTargets: ["ON CONFLICT (id)", "ON CONFLICT ON CONSTRAINT orders_pkey"],
+    });
+    expect(byName.orders_email_key).toMatchObject({
+      kind: "unique constraint",
+      columns: ["email"],
+      onConflictTargets: ["ON CONFLICT (email)", "ON CONFLICT ON CONSTRAINT orders_email_key"],
+    });
+    expect(byName.orders_ref_idx).toMatchObject({
+      kind: "unique index",
+      columns: ["lower(ref)"],
+      onConflictTargets: ["ON CONFLICT (lower(ref)) WHERE ref IS NOT NULL"],
+    });
     // A deferrable constraint is no ON CONFLICT arbiter, before or after; it still loses its uniqueness.
-    expect(byName.orders_code_key).toMatchObject({ kind: "unique constraint", deferrable: true, onConflictTargets: [] });
-    expect(plan.atFinalize).toMatch(/^until finalize, pgshift keeps \(id\), \(code\), \(email\), \(lower\(ref\)\) unique through the retired table/);
+    expect(byName.orders_code_key).toMatchObject({
+      kind: "unique constraint",
+      deferrable: true,
+      onConflictTargets: [],
+    });
+    expect(plan.atFinalize).toMatch(
+      /^until finalize, pgshift keeps \(id\), \(code\), \(email\), \(lower\(ref\)\) unique through the retired table/,
+    );
     expect(plan.atFinalize).toContain("from then on the database enforces only (id, created_at)");
     expect(plan.applicationStatements.status).toBe("not-installed");
 
@@ -135,12 +171,26 @@ describe("plan and start on a table whose unique keys lack the partition column"
   it("start without --allow-key-extension exits 2 with one line and changes nothing; so does --dry-run and the library", async () => {
     const before = await catalogSnapshot(db.admin);
     const r = await pgshift(["start", "orders", ...MONTH]);
-    expectRefusal(r, "adds created_at to 4 unique keys", "primary key orders_pkey (id)", "ON CONFLICT (id)", "stop working at cutover");
-    expect(r.stderr).toContain("pgshift: hint: read what the application will notice with pgshift plan, then start again with --allow-key-extension");
+    expectRefusal(
+      r,
+      "adds created_at to 4 unique keys",
+      "primary key orders_pkey (id)",
+      "ON CONFLICT (id)",
+      "stop working at cutover",
+    );
+    expect(r.stderr).toContain(
+      "pgshift: hint: read what the application will notice with pgshift plan, then start again with --allow-key-extension",
+    );
     const dry = await pgshift(["start", "orders", ...MONTH, "--dry-run"]);
     expect(dry.code, describeRun(dry)).toBe(2);
     expect(dry.stderr).toContain("adds created_at to 4 unique keys");
-    await expect(startMigration(db.sql, { schema: "public", name: "orders" }, { spec: parsePartitionSpec("range:created_at:month") })).rejects.toThrow(PgshiftError);
+    await expect(
+      startMigration(
+        db.sql,
+        { schema: "public", name: "orders" },
+        { spec: parsePartitionSpec("range:created_at:month") },
+      ),
+    ).rejects.toThrow(PgshiftError);
     expect(await catalogSnapshot(db.admin)).toEqual(before);
   });
 
@@ -158,14 +208,18 @@ describe("plan and start on a table whose unique keys lack the partition column"
     const plan = parsePlan(await pgshift(["plan", "orders", ...MONTH, "--json"]));
     const st = await pgshift(["start", "orders", ...MONTH, "--allow-key-extension"]);
     expect(st.code, describeRun(st)).toBe(0);
-    expect(st.stdout).toContain("warning: primary key orders_pkey (id) becomes (id, created_at) on the partitioned table: until finalize pgshift keeps (id) unique");
+    expect(st.stdout).toContain(
+      "warning: primary key orders_pkey (id) becomes (id, created_at) on the partitioned table: until finalize pgshift keeps (id) unique",
+    );
     expect(st.stdout).toContain("at finalize: until finalize, pgshift keeps (id)");
     const table = { schema: "public", name: "orders" };
     const bf = await backfill(db.sql, table);
     expect(bf.complete).toBe(true);
     expect((await verify(db.sql, table)).equal).toBe(true);
     await cutover(db.sql, table);
-    expect((await db.admin`select relkind::text as k from pg_class where oid = 'public.orders'::regclass`)[0]!.k).toBe("p");
+    expect((await db.admin`select relkind::text as k from pg_class where oid = 'public.orders'::regclass`)[0]!.k).toBe(
+      "p",
+    );
     for (const target of plan.widenedKeys.flatMap((k) => k.onConflictTargets)) {
       // Either PostgreSQL finds no arbiter (42P10) or no such constraint (42704), or the row is refused
       // (23505: the original key kept through the retired table), or it no longer updates the existing row.
@@ -225,9 +279,22 @@ describe("plan with pg_stat_statements", () => {
     const found = plan.applicationStatements;
     expect(found.status).toBe("checked");
     const listed = found.statements.map((s) => `${s.effect} ${s.target} ${s.query}`);
-    expect(listed.some((s) => /^fails ON CONFLICT \(id\) insert into orders \(id, created_at, note\) values .* on conflict \(id\) do update/.test(s)), listed.join("\n")).toBe(true);
-    expect(listed.some((s) => s.startsWith("fails ON CONFLICT ON CONSTRAINT orders_email_key insert into public.orders")), listed.join("\n")).toBe(true);
-    expect(listed.some((s) => /^fails ON CONFLICT \(id\) with v as/.test(s)), listed.join("\n")).toBe(true);
+    expect(
+      listed.some((s) =>
+        /^fails ON CONFLICT \(id\) insert into orders \(id, created_at, note\) values .* on conflict \(id\) do update/.test(
+          s,
+        ),
+      ),
+      listed.join("\n"),
+    ).toBe(true);
+    expect(
+      listed.some((s) => s.startsWith("fails ON CONFLICT ON CONSTRAINT orders_email_key insert into public.orders")),
+      listed.join("\n"),
+    ).toBe(true);
+    expect(
+      listed.some((s) => /^fails ON CONFLICT \(id\) with v as/.test(s)),
+      listed.join("\n"),
+    ).toBe(true);
     expect(found.statements).toHaveLength(3);
     expect(listed.join("\n")).not.toContain("insert into other");
     expect(listed.join("\n")).not.toContain("sku");

@@ -1,13 +1,13 @@
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import postgres from "postgres";
 import pTimeout from "p-timeout";
-import { startEmbedded, type EmbeddedServer } from "../../src/embedded.js";
+import postgres from "postgres";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type Sql, table as tableRef } from "../../src/db.js";
+import { type EmbeddedServer, startEmbedded } from "../../src/embedded.js";
+import { isConnectionLoss } from "../../src/errors.js";
 import { compareWithTwin, createWorkload, startLoad, type Workload } from "../../src/load/workload.js";
 import { loadMigration } from "../../src/migration/state.js";
 import { Applier } from "../../src/mirror/apply.js";
-import { isConnectionLoss } from "../../src/errors.js";
-import { table as tableRef, type Sql } from "../../src/db.js";
-import { describeRun, exitWithin, expectRefusal, runCli, spawnCli, waitUntil, type Running } from "../support/cli.js";
+import { describeRun, exitWithin, expectRefusal, type Running, runCli, spawnCli, waitUntil } from "../support/cli.js";
 import { sleep } from "../support/db.js";
 import { startProxy } from "../support/proxy.js";
 
@@ -68,7 +68,19 @@ describe("pgshift sync when its connections are lost", () => {
     const name = "reconnect_orders";
     const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
     await createWorkload(admin, w, 5_000);
-    expect((await pgshift(["start", "--allow-key-extension", name, "--partition-by", "range:created_at:month", "--mode", "logical"])).code).toBe(0);
+    expect(
+      (
+        await pgshift([
+          "start",
+          "--allow-key-extension",
+          name,
+          "--partition-by",
+          "range:created_at:month",
+          "--mode",
+          "logical",
+        ])
+      ).code,
+    ).toBe(0);
     const bf = await pgshift(["backfill", name]);
     expect(bf.code, describeRun(bf)).toBe(0);
     const m = (await loadMigration(admin, w.table))!;
@@ -92,7 +104,8 @@ describe("pgshift sync when its connections are lost", () => {
     // 2. The walsender is terminated (as a network failure or an administrator would), then the apply session.
     const load2 = await startLoad(server.url, w, { connections: 3, pauseMs: 2 });
     await sleep(1000);
-    const ws = await admin`select pg_terminate_backend(active_pid) as ok from pg_replication_slots where slot_name = ${slot} and active`;
+    const ws =
+      await admin`select pg_terminate_backend(active_pid) as ok from pg_replication_slots where slot_name = ${slot} and active`;
     expect(ws[0]?.ok).toBe(true);
     await sleep(1500);
     await waitUntil("sync attaches again after its walsender was terminated", () => slotActive(slot), 30_000, 100);
@@ -101,13 +114,23 @@ describe("pgshift sync when its connections are lost", () => {
     // never sent those transactions again); terminated between two groups, it waited for ever in
     // postgres.js reserve() while sync reported 0 changes/s.
     const applySessions = async () =>
-      (await admin`select count(*)::int as n from pg_stat_activity where application_name = ${`pgshift apply ${name}`}`)[0]!.n;
+      (
+        await admin`select count(*)::int as n from pg_stat_activity where application_name = ${`pgshift apply ${name}`}`
+      )[0]!.n;
     for (let i = 0; i < 3; i++) {
-      await waitUntil("sync has an apply session", async () => (await applySessions()) > 0 && (await slotActive(slot)), 30_000, 100);
+      await waitUntil(
+        "sync has an apply session",
+        async () => (await applySessions()) > 0 && (await slotActive(slot)),
+        30_000,
+        100,
+      );
       await sleep(700);
       await waitUntil(
         "an apply session was terminated",
-        async () => (await admin`select pg_terminate_backend(pid) as ok from pg_stat_activity where application_name = ${`pgshift apply ${name}`}`).length > 0,
+        async () =>
+          (
+            await admin`select pg_terminate_backend(pid) as ok from pg_stat_activity where application_name = ${`pgshift apply ${name}`}`
+          ).length > 0,
         30_000,
         50,
       );
@@ -127,9 +150,11 @@ describe("pgshift sync when its connections are lost", () => {
       const lastLoss = last("sync: connection lost");
       return lastLoss >= 0 && last("sync: streaming again") > lastLoss;
     };
-    await waitUntil("sync streams again after the last loss", async () => streamingAfterLastLoss(), 30_000, 100).catch((err: unknown) => {
-      throw new Error(`${err instanceof Error ? err.message : String(err)}\n${describeSync(sync)}`);
-    });
+    await waitUntil("sync streams again after the last loss", async () => streamingAfterLastLoss(), 30_000, 100).catch(
+      (err: unknown) => {
+        throw new Error(`${err instanceof Error ? err.message : String(err)}\n${describeSync(sync)}`);
+      },
+    );
     expect(logLines(sync, "sync: connection lost").length, describeSync(sync)).toBeGreaterThanOrEqual(3);
     expect(await compareWithTwin(admin, w.table, w.twin, "bigint")).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
     let last = { onlyInTable: -1, onlyInTwin: -1, rows: 0 };
@@ -142,7 +167,9 @@ describe("pgshift sync when its connections are lost", () => {
       30_000,
       250,
     ).catch((err: unknown) => {
-      throw new Error(`${err instanceof Error ? err.message : String(err)}: ${JSON.stringify(last)}\n${describeSync(sync)}`);
+      throw new Error(
+        `${err instanceof Error ? err.message : String(err)}: ${JSON.stringify(last)}\n${describeSync(sync)}`,
+      );
     });
     expect(last.rows).toBeGreaterThan(4_000);
 
@@ -161,7 +188,19 @@ describe("pgshift sync when its connections are lost", () => {
     const name = "noloop_orders";
     const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
     await createWorkload(admin, w, 1_000);
-    expect((await pgshift(["start", "--allow-key-extension", name, "--partition-by", "range:created_at:month", "--mode", "logical"])).code).toBe(0);
+    expect(
+      (
+        await pgshift([
+          "start",
+          "--allow-key-extension",
+          name,
+          "--partition-by",
+          "range:created_at:month",
+          "--mode",
+          "logical",
+        ])
+      ).code,
+    ).toBe(0);
     expect((await pgshift(["backfill", name])).code).toBe(0);
     const m = (await loadMigration(admin, w.table))!;
     const slot = m.slot_name!;
@@ -169,7 +208,14 @@ describe("pgshift sync when its connections are lost", () => {
     await admin`select pg_terminate_backend(active_pid) from pg_replication_slots where slot_name = ${slot} and active`;
     const ex = await exitWithin(sync, 20_000);
     expectRefusal(
-      { args: ["sync", name, "--no-loop"], code: ex.code, signal: ex.signal, stdout: sync.out.stdout, stderr: sync.out.stderr, ms: 0 },
+      {
+        args: ["sync", name, "--no-loop"],
+        code: ex.code,
+        signal: ex.signal,
+        stdout: sync.out.stdout,
+        stderr: sync.out.stderr,
+        ms: 0,
+      },
       "sync lost its connection to the server",
     );
     expect(logLines(sync, "sync: connection lost")).toEqual([]);
@@ -179,7 +225,10 @@ describe("pgshift sync when its connections are lost", () => {
     const again = await startSync(name, slot);
     await waitUntil(
       "the change made while no sync ran reaches the shadow",
-      async () => (await admin`select count(*)::int as n from ${tableRef(admin, m.partitioned)} where id = 1 and status = 'after-no-loop'`)[0]!.n === 1,
+      async () =>
+        (
+          await admin`select count(*)::int as n from ${tableRef(admin, m.partitioned)} where id = 1 and status = 'after-no-loop'`
+        )[0]!.n === 1,
       20_000,
       100,
     );
@@ -197,11 +246,25 @@ describe("pgshift sync when its connections are lost", () => {
     const name = "startrace_orders";
     const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
     await createWorkload(admin, w, 500);
-    expect((await pgshift(["start", "--allow-key-extension", name, "--partition-by", "range:created_at:month", "--mode", "logical"])).code).toBe(0);
+    expect(
+      (
+        await pgshift([
+          "start",
+          "--allow-key-extension",
+          name,
+          "--partition-by",
+          "range:created_at:month",
+          "--mode",
+          "logical",
+        ])
+      ).code,
+    ).toBe(0);
     const m = (await loadMigration(admin, w.table))!;
     const app = `pgshift apply ${name}`;
-    const applySession = async () => (await admin`select pid from pg_stat_activity where application_name = ${app}`)[0]?.pid as number | undefined;
-    const terminateApply = () => admin`select pg_terminate_backend(pid) from pg_stat_activity where application_name = ${app}`;
+    const applySession = async () =>
+      (await admin`select pid from pg_stat_activity where application_name = ${app}`)[0]?.pid as number | undefined;
+    const terminateApply = () =>
+      admin`select pg_terminate_backend(pid) from pg_stat_activity where application_name = ${app}`;
     const poll = async (what: () => Promise<number | undefined>) => {
       for (let t = 0; t < 5000; t++) {
         const pid = await what();
@@ -247,8 +310,13 @@ describe("pgshift sync when its connections are lost", () => {
       await proxy?.close();
       await waitUntil("the slot is free again", async () => !(await slotActive(m.slot_name!)), 20_000, 20);
     }
-    expect(outcomes.slice(0, 2), "both terminations made while the stream connected landed during the start").toEqual(["during start", "during start"]);
+    expect(outcomes.slice(0, 2), "both terminations made while the stream connected landed during the start").toEqual([
+      "during start",
+      "during start",
+    ]);
     expect((await pgshift(["abort", name])).code).toBe(0);
-    expect((await admin`select count(*)::int as n from pg_replication_slots where slot_name = ${m.slot_name!}`)[0]!.n).toBe(0);
+    expect(
+      (await admin`select count(*)::int as n from pg_replication_slots where slot_name = ${m.slot_name!}`)[0]!.n,
+    ).toBe(0);
   });
 });

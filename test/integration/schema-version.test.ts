@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { SCHEMA_VERSION, loadMigration } from "../../src/migration/state.js";
+import { loadMigration, SCHEMA_VERSION } from "../../src/migration/state.js";
 import { mirrorFunctionSql } from "../../src/mirror/trigger.js";
 import { catalogSnapshot } from "../support/catalog.js";
 import { describeRun, expectRefusal, runCli } from "../support/cli.js";
@@ -34,21 +34,39 @@ async function createOrders(name: string): Promise<void> {
 
 const version = async () => Number((await db.admin`select max(version) as v from pgshift.schema_version`)[0]!.v);
 const hasCopiesLsn = async () =>
-  Number((await db.admin`select count(*)::int as n from pg_attribute where attrelid = 'pgshift.migrations'::regclass and attname = 'copies_lsn' and not attisdropped`)[0]!.n) === 1;
+  Number(
+    (
+      await db.admin`select count(*)::int as n from pg_attribute where attrelid = 'pgshift.migrations'::regclass and attname = 'copies_lsn' and not attisdropped`
+    )[0]!.n,
+  ) === 1;
 
 describe("schema version", () => {
   it("a schema of version 1 (no copies_lsn, or no version table at all) is upgraded by the next command, and the migration goes on", async () => {
     await createOrders("ver_old");
-    const st = await pgshift(["start", "--allow-key-extension", "ver_old", "--partition-by", "range:created_at:month", "--mode", "logical"]);
+    const st = await pgshift([
+      "start",
+      "--allow-key-extension",
+      "ver_old",
+      "--partition-by",
+      "range:created_at:month",
+      "--mode",
+      "logical",
+    ]);
     expect(st.code, describeRun(st)).toBe(0);
     expect(await version()).toBe(SCHEMA_VERSION);
 
     // What a version-1 pgshift left: no copies_lsn column (and, as up to version 2, a DDL guard without
     // its partition guard; as up to version 3, no TRUNCATE guard on the shadow).
     const shadowGuards = async () =>
-      Number((await db.admin`select count(*)::int as n from pg_trigger where tgname = 'pgshift_truncate_guard'
-                               and tgrelid in (select relid from pg_partition_tree('ver_old_pgshift_shadow'))`)[0]!.n);
-    const shadowTables = Number((await db.admin`select count(*)::int as n from pg_partition_tree('ver_old_pgshift_shadow')`)[0]!.n);
+      Number(
+        (
+          await db.admin`select count(*)::int as n from pg_trigger where tgname = 'pgshift_truncate_guard'
+                               and tgrelid in (select relid from pg_partition_tree('ver_old_pgshift_shadow'))`
+        )[0]!.n,
+      );
+    const shadowTables = Number(
+      (await db.admin`select count(*)::int as n from pg_partition_tree('ver_old_pgshift_shadow')`)[0]!.n,
+    );
     expect(await shadowGuards()).toBe(shadowTables);
     await db.admin.unsafe(`do $$ declare r regclass; begin
       for r in select relid from pg_partition_tree('ver_old_pgshift_shadow') loop
@@ -65,7 +83,10 @@ describe("schema version", () => {
     expect(JSON.parse(s1.stdout).phase).toBe("started");
     // status reads it as it is; the next command that writes upgrades it.
     expect(await version()).toBe(1);
-    for (const args of [["backfill", "ver_old", "--dry-run"], ["abort", "ver_old", "--dry-run"]]) {
+    for (const args of [
+      ["backfill", "ver_old", "--dry-run"],
+      ["abort", "ver_old", "--dry-run"],
+    ]) {
       const dry = await pgshift(args);
       expect(dry.code, describeRun(dry)).toBe(0);
       expect(await version(), `${args.join(" ")} changes nothing`).toBe(1);
@@ -78,8 +99,12 @@ describe("schema version", () => {
     expect(bf.code, describeRun(bf)).toBe(0);
     expect(await version()).toBe(SCHEMA_VERSION);
     expect(await hasCopiesLsn()).toBe(true);
-    expect((await db.admin`select count(*)::int as n from pg_event_trigger where evtname = 'pgshift_partition_guard'`)[0]!.n).toBe(1);
-    expect((await db.admin`select evttags from pg_event_trigger where evtname = 'pgshift_ddl_guard'`)[0]!.evttags).toEqual(["ALTER TABLE", "CREATE TABLE"]);
+    expect(
+      (await db.admin`select count(*)::int as n from pg_event_trigger where evtname = 'pgshift_partition_guard'`)[0]!.n,
+    ).toBe(1);
+    expect(
+      (await db.admin`select evttags from pg_event_trigger where evtname = 'pgshift_ddl_guard'`)[0]!.evttags,
+    ).toEqual(["ALTER TABLE", "CREATE TABLE"]);
     expect(await shadowGuards()).toBe(shadowTables);
     await expect(db.admin`truncate ver_old_pgshift_shadow`).rejects.toMatchObject({ code: "55006" });
     const v = await pgshift(["verify", "ver_old"]);
@@ -92,13 +117,21 @@ describe("schema version", () => {
 
   it("an upgrade that cannot lock a shadow to give it the TRUNCATE guard warns and goes on; the next cutover gives it", async () => {
     await createOrders("ver_busy");
-    const st = await pgshift(["start", "--allow-key-extension", "ver_busy", "--partition-by", "range:created_at:month"]);
+    const st = await pgshift([
+      "start",
+      "--allow-key-extension",
+      "ver_busy",
+      "--partition-by",
+      "range:created_at:month",
+    ]);
     expect(st.code, describeRun(st)).toBe(0);
     expect((await pgshift(["backfill", "ver_busy"])).code).toBe(0);
     const guarded = async (root: string) =>
-      (await db.admin`select c.oid::regclass::text as t, exists (select from pg_trigger g where g.tgrelid = c.oid and g.tgname = 'pgshift_truncate_guard') as g
+      (
+        await db.admin`select c.oid::regclass::text as t, exists (select from pg_trigger g where g.tgrelid = c.oid and g.tgname = 'pgshift_truncate_guard') as g
                         from pg_class c where c.oid = ${root}::regclass or c.oid in (select relid from pg_partition_tree(${root}::regclass))
-                       order by 1`).map((r) => `${String(r.t)}: ${r.g ? "guarded" : "not guarded"}`);
+                       order by 1`
+      ).map((r) => `${String(r.t)}: ${r.g ? "guarded" : "not guarded"}`);
     const all = (ts: string[]) => ts.map((t) => t.replace(/not guarded$/, "guarded"));
     // What a version-3 pgshift left: a shadow without the guard.
     await db.admin.unsafe(`do $$ declare r regclass; begin
@@ -115,7 +148,9 @@ describe("schema version", () => {
       await holder.unsafe("lock table ver_busy_pgshift_shadow in row exclusive mode");
       const v = await pgshift(["verify", "ver_busy"]);
       expect(v.code, describeRun(v)).toBe(0);
-      expect(v.stdout + v.stderr).toContain("could not lock the table to give it the TRUNCATE guard; the next cutover or swap-back does");
+      expect(v.stdout + v.stderr).toContain(
+        "could not lock the table to give it the TRUNCATE guard; the next cutover or swap-back does",
+      );
       expect(await version()).toBe(SCHEMA_VERSION);
       expect(await guarded("ver_busy_pgshift_shadow")).toEqual(unguarded);
     } finally {
@@ -138,7 +173,17 @@ describe("schema version", () => {
     expect((await pgshift(["cutover", "ver_rev"])).code).toBe(0);
     // What a version-4 pgshift installed after cutover: the reverse mirror upserting on the original key.
     const m = (await loadMigration(db.admin, { schema: "public", name: "ver_rev" }))!;
-    await db.admin.unsafe(mirrorFunctionSql({ fn: m.mirrorFn, from: m.live, to: m.copy, columns: m.copy_columns, key: m.key_columns, overridingSystemValue: false, writes: "upsert" }));
+    await db.admin.unsafe(
+      mirrorFunctionSql({
+        fn: m.mirrorFn,
+        from: m.live,
+        to: m.copy,
+        columns: m.copy_columns,
+        key: m.key_columns,
+        overridingSystemValue: false,
+        writes: "upsert",
+      }),
+    );
     await db.admin`update pgshift.schema_version set version = 4`;
     const original = await db.admin`select id, created_at, note from ver_rev_pgshift_retired where id = 1`;
     const v = await pgshift(["status", "ver_rev"]);
@@ -148,7 +193,9 @@ describe("schema version", () => {
     expect(verify.code, describeRun(verify)).toBe(0);
     expect(await version()).toBe(SCHEMA_VERSION);
     // id 1 again, in another month: the partitioned table alone would take it; the retired table refuses it.
-    const err = await db.admin`insert into ver_rev (id, created_at, note) values (1, '2030-06-01', 'dup')`.catch((e: unknown) => e);
+    const err = await db.admin`insert into ver_rev (id, created_at, note) values (1, '2030-06-01', 'dup')`.catch(
+      (e: unknown) => e,
+    );
     expect((err as { code?: string }).code).toBe("23505");
     expect(await db.admin`select id, created_at, note from ver_rev_pgshift_retired where id = 1`).toEqual(original);
     expect((await pgshift(["swap-back", "ver_rev"])).code).toBe(0);
@@ -159,14 +206,23 @@ describe("schema version", () => {
   it("an upgrade the role may not make is refused with one line, nothing changed", async () => {
     await createOrders("ver_weak");
     await db.admin.unsafe(`alter table ver_weak owner to ${role!.name}`);
-    const st = await pgshift(["start", "--allow-key-extension", "ver_weak", "--partition-by", "range:created_at:month"]);
+    const st = await pgshift([
+      "start",
+      "--allow-key-extension",
+      "ver_weak",
+      "--partition-by",
+      "range:created_at:month",
+    ]);
     expect(st.code, describeRun(st)).toBe(0);
     // The role may read the state but does not own it.
     await db.admin.unsafe(`grant select on pgshift.migrations, pgshift.schema_version to ${role!.name}`);
     await db.admin`alter table pgshift.migrations drop column copies_lsn`;
     await db.admin`update pgshift.schema_version set version = 1`;
     const before = await catalogSnapshot(db.admin);
-    expectRefusal(await pgshift(["backfill", "ver_weak"], role!.url), `the pgshift schema of this database is version 1 and needs an upgrade to ${SCHEMA_VERSION}, which failed`);
+    expectRefusal(
+      await pgshift(["backfill", "ver_weak"], role!.url),
+      `the pgshift schema of this database is version 1 and needs an upgrade to ${SCHEMA_VERSION}, which failed`,
+    );
     expect(await catalogSnapshot(db.admin)).toEqual(before);
     // Its owner runs a command that writes: upgraded.
     expect((await pgshift(["backfill", "ver_weak"])).code).toBe(0);
@@ -184,13 +240,22 @@ describe("schema version", () => {
     await db.admin`update pgshift.schema_version set version = ${newer}`;
     const before = await catalogSnapshot(db.admin);
     const line = `the pgshift schema of this database is version ${newer}, newer than this pgshift understands (${SCHEMA_VERSION})`;
-    for (const args of [["status", "ver_new"], ["backfill", "ver_new"], ["verify", "ver_new"], ["cutover", "ver_new"], ["abort", "ver_new"]]) {
+    for (const args of [
+      ["status", "ver_new"],
+      ["backfill", "ver_new"],
+      ["verify", "ver_new"],
+      ["cutover", "ver_new"],
+      ["abort", "ver_new"],
+    ]) {
       expectRefusal(await pgshift(args), line);
     }
     const plan = await pgshift(["plan", "ver_other", "--partition-by", "range:created_at:month"]);
     expect(plan.code, describeRun(plan)).toBe(2);
     expect(plan.stdout + plan.stderr).toContain(line);
-    expectRefusal(await pgshift(["start", "--allow-key-extension", "ver_other", "--partition-by", "range:created_at:month"]), line);
+    expectRefusal(
+      await pgshift(["start", "--allow-key-extension", "ver_other", "--partition-by", "range:created_at:month"]),
+      line,
+    );
     expect(await catalogSnapshot(db.admin)).toEqual(before);
   });
 });

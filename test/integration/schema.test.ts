@@ -6,10 +6,10 @@ import { abort, finalize } from "../../src/migration/finish.js";
 import { planMigration } from "../../src/migration/plan.js";
 import { startMigration } from "../../src/migration/start.js";
 import { loadMigration, schemaSql } from "../../src/migration/state.js";
-import { parseTableName, quoteIdent, quoteQualified, type QualifiedName } from "../../src/names.js";
+import { parseTableName, type QualifiedName, quoteIdent, quoteQualified } from "../../src/names.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
-import { verify, type VerifyReport } from "../../src/verify/verify.js";
-import { catalogSnapshot, type CatalogSnapshot } from "../support/catalog.js";
+import { type VerifyReport, verify } from "../../src/verify/verify.js";
+import { type CatalogSnapshot, catalogSnapshot } from "../support/catalog.js";
 import { freshDatabase, type TestDatabase } from "../support/db.js";
 
 /**
@@ -147,7 +147,11 @@ async function serialSequence(rel: QualifiedName, column: string): Promise<strin
 }
 
 /** Rows only in `a` and only in `b` (multiset EXCEPT ALL over `cols`), and the row count of `a`. */
-async function diffRows(a: QualifiedName, b: QualifiedName, cols: string): Promise<{ onlyA: number; onlyB: number; rows: number }> {
+async function diffRows(
+  a: QualifiedName,
+  b: QualifiedName,
+  cols: string,
+): Promise<{ onlyA: number; onlyB: number; rows: number }> {
   const r = await db.admin.unsafe(`
     select (select count(*) from (select ${cols} from ${q(a)} except all select ${cols} from ${q(b)}) x)::int as only_a,
            (select count(*) from (select ${cols} from ${q(b)} except all select ${cols} from ${q(a)}) x)::int as only_b,
@@ -192,8 +196,16 @@ describe("shadow fidelity", () => {
     const plan = await planMigration(db.sql, table, { spec });
     expect(plan.blockers).toEqual([]);
     expect(plan.shadow).toEqual(shadowOf(table));
-    expect(plan.warnings.some((w) => w.includes("keeps (id) unique") && w.includes(`after finalize only (id, "Created At") is enforced`)), plan.warnings.join("\n")).toBe(true);
-    expect(plan.warnings.some((w) => w.includes("keeps (note) unique")), plan.warnings.join("\n")).toBe(true);
+    expect(
+      plan.warnings.some(
+        (w) => w.includes("keeps (id) unique") && w.includes(`after finalize only (id, "Created At") is enforced`),
+      ),
+      plan.warnings.join("\n"),
+    ).toBe(true);
+    expect(
+      plan.warnings.some((w) => w.includes("keeps (note) unique")),
+      plan.warnings.join("\n"),
+    ).toBe(true);
 
     await startMigration(db.sql, table, { allowKeyExtension: true, spec });
     const shadow = shadowOf(table);
@@ -202,7 +214,18 @@ describe("shadow fidelity", () => {
     // Columns: same order, types, collations, NOT NULL, defaults, generated expressions, storage, comments.
     const srcCols = await columnsOf(table);
     const shdCols = await columnsOf(shadow);
-    expect(srcCols.map((c) => c.name)).toEqual(["id", "Created At", "select", "qty", "price", "note", "total", "code", "payload", "customer_id"]);
+    expect(srcCols.map((c) => c.name)).toEqual([
+      "id",
+      "Created At",
+      "select",
+      "qty",
+      "price",
+      "note",
+      "total",
+      "code",
+      "payload",
+      "customer_id",
+    ]);
     expect(shdCols).toEqual(srcCols);
     const byName = (n: string) => shdCols.find((c) => c.name === n)!;
     expect(byName("code")).toMatchObject({ type: "character varying(40)", collation: "C" });
@@ -234,7 +257,9 @@ describe("shadow fidelity", () => {
 
     // CHECK constraint, with the source's definition.
     const checks = async (rel: QualifiedName) =>
-      (await db.admin`select pg_get_constraintdef(oid) as def from pg_constraint where conrelid = to_regclass(${q(rel)}) and contype = 'c' order by 1`).map((r) => String(r.def));
+      (
+        await db.admin`select pg_get_constraintdef(oid) as def from pg_constraint where conrelid = to_regclass(${q(rel)}) and contype = 'c' order by 1`
+      ).map((r) => String(r.def));
     expect(await checks(shadow)).toEqual(["CHECK ((qty > 0))"]);
     expect(await checks(shadow)).toEqual(await checks(table));
 
@@ -266,7 +291,9 @@ describe("shadow fidelity", () => {
 
     // Outgoing foreign key.
     const fks = async (rel: QualifiedName) =>
-      (await db.admin`select pg_get_constraintdef(oid) as def from pg_constraint where conrelid = to_regclass(${q(rel)}) and contype = 'f'`).map((r) => String(r.def));
+      (
+        await db.admin`select pg_get_constraintdef(oid) as def from pg_constraint where conrelid = to_regclass(${q(rel)}) and contype = 'f'`
+      ).map((r) => String(r.def));
     expect(await fks(shadow)).toHaveLength(1);
     expect(await fks(shadow)).toEqual(await fks(table));
     expect((await fks(shadow))[0]).toMatch(/FOREIGN KEY \(customer_id\) REFERENCES "My Schema"\.customers\(id\)/);
@@ -328,7 +355,9 @@ describe("the full flow with odd identifiers", () => {
         for (const t of [L, T]) {
           await tx.unsafe(`update ${t} set qty = qty + 1, "select" = 'u${k}' where id % 11 = ${k % 11}`);
           await tx.unsafe(`update ${t} set "Created At" = "Created At" - interval '33 days' where id % 13 = ${k % 13}`);
-          await tx.unsafe(`update ${t} set payload = repeat('y${k}', 2000), price = price + 1 where id % 29 = ${k % 29}`);
+          await tx.unsafe(
+            `update ${t} set payload = repeat('y${k}', 2000), price = price + 1 where id % 29 = ${k % 29}`,
+          );
           await tx.unsafe(`update ${t} set note = null where id % 31 = ${k % 31}`);
           await tx.unsafe(`delete from ${t} where id % 17 = ${k % 17}`);
         }
@@ -375,7 +404,7 @@ describe("the full flow with odd identifiers", () => {
     await expectSequenceOwnedByLive("after the second cutover");
     const m = (await loadMigration(db.sql, parsed))!;
     expect(m.phase).toBe("cutover");
-    expect((await diffRows(m.copy, twin, ALL_COLS))).toMatchObject({ onlyA: 0, onlyB: 0 });
+    expect(await diffRows(m.copy, twin, ALL_COLS)).toMatchObject({ onlyA: 0, onlyB: 0 });
 
     await finalize(db.sql, parsed, { yes: true });
     expect(await loadMigration(db.sql, parsed)).toBeNull();
@@ -392,7 +421,8 @@ describe("the full flow with odd identifiers", () => {
     // Every id came from the one sequence, in order: no duplicates, each round above the previous one.
     const flat = ids.flat();
     expect(new Set(flat).size).toBe(flat.length);
-    for (let i = 1; i < ids.length; i++) expect(Math.min(...ids[i]!), `round ${i + 1}`).toBeGreaterThan(Math.max(...ids[i - 1]!));
+    for (let i = 1; i < ids.length; i++)
+      expect(Math.min(...ids[i]!), `round ${i + 1}`).toBeGreaterThan(Math.max(...ids[i - 1]!));
     const dup = await db.admin.unsafe(`select count(*)::int as n, count(distinct id)::int as d from ${L}`);
     expect(dup[0]!.n).toBe(dup[0]!.d);
   });
@@ -404,74 +434,87 @@ describe("identity columns", () => {
     { name: "ident_by_default", identity: "d", clause: "generated by default as identity", spec: "hash:id:4" },
   ] as const;
 
-  it.each(cases)("$name: ids stay unique through cutover, swap-back, cutover; finalize restores the identity", async ({ name, identity, clause, spec }) => {
-    const table: QualifiedName = { schema: "public", name };
-    const L = q(table);
-    await db.admin.unsafe(`
+  it.each(cases)(
+    "$name: ids stay unique through cutover, swap-back, cutover; finalize restores the identity",
+    async ({ name, identity, clause, spec }) => {
+      const table: QualifiedName = { schema: "public", name };
+      const L = q(table);
+      await db.admin.unsafe(`
       create table ${L} (id bigint ${clause} primary key, created_at timestamptz not null default now(), v text);
       insert into ${L} (created_at, v) select now() - make_interval(days => g % 80), 'v' || g from generate_series(1, 120) g;`);
-    const seq = (await serialSequence(table, "id"))!;
-    expect(seq).not.toBeNull();
-    const ids: number[] = [];
-    const insertRows = async (tag: string) => {
-      const r = await db.admin.unsafe(`insert into ${L} (created_at, v) select now() - make_interval(days => g * 20), '${tag}' || g from generate_series(1, 5) g returning id`);
-      const got = r.map((x) => Number(x.id));
-      const prev = ids.length > 0 ? Math.max(...ids) : 120;
-      expect(Math.min(...got), tag).toBeGreaterThan(prev);
-      ids.push(...got);
-    };
-    const noDuplicates = async () => {
-      const r = await db.admin.unsafe(`select count(*)::int as n, count(distinct id)::int as d from ${L}`);
-      expect(r[0]!.n).toBe(r[0]!.d);
-    };
+      const seq = (await serialSequence(table, "id"))!;
+      expect(seq).not.toBeNull();
+      const ids: number[] = [];
+      const insertRows = async (tag: string) => {
+        const r = await db.admin.unsafe(
+          `insert into ${L} (created_at, v) select now() - make_interval(days => g * 20), '${tag}' || g from generate_series(1, 5) g returning id`,
+        );
+        const got = r.map((x) => Number(x.id));
+        const prev = ids.length > 0 ? Math.max(...ids) : 120;
+        expect(Math.min(...got), tag).toBeGreaterThan(prev);
+        ids.push(...got);
+      };
+      const noDuplicates = async () => {
+        const r = await db.admin.unsafe(`select count(*)::int as n, count(distinct id)::int as d from ${L}`);
+        expect(r[0]!.n).toBe(r[0]!.d);
+      };
 
-    await startMigration(db.sql, table, { allowKeyExtension: true, spec: parsePartitionSpec(spec) });
-    await insertRows("started");
-    expect((await backfill(db.sql, table, { batchSize: 50 })).complete).toBe(true);
-    expectEqual(await verify(db.sql, table));
+      await startMigration(db.sql, table, { allowKeyExtension: true, spec: parsePartitionSpec(spec) });
+      await insertRows("started");
+      expect((await backfill(db.sql, table, { batchSize: 50 })).complete).toBe(true);
+      expectEqual(await verify(db.sql, table));
 
-    await cutover(db.sql, table);
-    expect(await relkind(table)).toBe("p");
-    await insertRows("cutover");
-    await noDuplicates();
-    expectEqual(await verify(db.sql, table));
+      await cutover(db.sql, table);
+      expect(await relkind(table)).toBe("p");
+      await insertRows("cutover");
+      await noDuplicates();
+      expectEqual(await verify(db.sql, table));
 
-    await swapBack(db.sql, table);
-    expect(await relkind(table)).toBe("r");
-    await insertRows("swapped-back");
-    await noDuplicates();
-    if (identity === "a") {
-      // The original table still has its GENERATED ALWAYS identity: explicit ids need OVERRIDING SYSTEM VALUE.
-      const e = await sqlState(db.admin.unsafe(`insert into ${L} (id, created_at, v) values (1000000, now(), 'explicit')`));
-      expect(e.code).toBe("428C9");
-      await db.admin.begin(async (tx) => {
-        await tx.unsafe(`insert into ${L} (id, created_at, v) overriding system value values (1000000, now(), 'explicit')`);
-        await tx.unsafe(`delete from ${L} where id = 1000000`);
-      });
-    }
-    const attidentity = await db.admin`select attidentity::text as i from pg_attribute where attrelid = to_regclass(${L}) and attname = 'id'`;
-    expect(attidentity[0]!.i).toBe(identity);
-    expectEqual(await verify(db.sql, table));
+      await swapBack(db.sql, table);
+      expect(await relkind(table)).toBe("r");
+      await insertRows("swapped-back");
+      await noDuplicates();
+      if (identity === "a") {
+        // The original table still has its GENERATED ALWAYS identity: explicit ids need OVERRIDING SYSTEM VALUE.
+        const e = await sqlState(
+          db.admin.unsafe(`insert into ${L} (id, created_at, v) values (1000000, now(), 'explicit')`),
+        );
+        expect(e.code).toBe("428C9");
+        await db.admin.begin(async (tx) => {
+          await tx.unsafe(
+            `insert into ${L} (id, created_at, v) overriding system value values (1000000, now(), 'explicit')`,
+          );
+          await tx.unsafe(`delete from ${L} where id = 1000000`);
+        });
+      }
+      const attidentity =
+        await db.admin`select attidentity::text as i from pg_attribute where attrelid = to_regclass(${L}) and attname = 'id'`;
+      expect(attidentity[0]!.i).toBe(identity);
+      expectEqual(await verify(db.sql, table));
 
-    await cutover(db.sql, table);
-    await insertRows("cutover-again");
-    expectEqual(await verify(db.sql, table));
-    await finalize(db.sql, table, { yes: true });
+      await cutover(db.sql, table);
+      await insertRows("cutover-again");
+      expectEqual(await verify(db.sql, table));
+      await finalize(db.sql, table, { yes: true });
 
-    expect(await relkind(table)).toBe("p");
-    const after = await db.admin`select attidentity::text as i from pg_attribute where attrelid = to_regclass(${L}) and attname = 'id'`;
-    expect(after[0]!.i).toBe(identity);
-    const newSeq = await serialSequence(table, "id");
-    expect(newSeq).not.toBeNull();
-    const max = await db.admin.unsafe(`select max(id)::text as m from ${L}`);
-    expect(BigInt(await nextValue(table, "id"))).toBeGreaterThan(BigInt(String(max[0]!.m)));
-    await insertRows("finalized");
-    await noDuplicates();
-    if (identity === "a") {
-      const e = await sqlState(db.admin.unsafe(`insert into ${L} (id, created_at, v) values (1000000, now(), 'explicit')`));
-      expect(e.code).toBe("428C9");
-    }
-  });
+      expect(await relkind(table)).toBe("p");
+      const after =
+        await db.admin`select attidentity::text as i from pg_attribute where attrelid = to_regclass(${L}) and attname = 'id'`;
+      expect(after[0]!.i).toBe(identity);
+      const newSeq = await serialSequence(table, "id");
+      expect(newSeq).not.toBeNull();
+      const max = await db.admin.unsafe(`select max(id)::text as m from ${L}`);
+      expect(BigInt(await nextValue(table, "id"))).toBeGreaterThan(BigInt(String(max[0]!.m)));
+      await insertRows("finalized");
+      await noDuplicates();
+      if (identity === "a") {
+        const e = await sqlState(
+          db.admin.unsafe(`insert into ${L} (id, created_at, v) values (1000000, now(), 'explicit')`),
+        );
+        expect(e.code).toBe("428C9");
+      }
+    },
+  );
 
   // Regression: the shadow's identity default is a SECURITY DEFINER function, so roles without USAGE on the sequence can insert.
   it("an application role with INSERT and no sequence privilege can insert without id after cutover", async () => {
@@ -488,7 +531,10 @@ describe("identity columns", () => {
       });
     const insert = `insert into ${L} (v) values ('app') returning id`;
     await asApp(insert);
-    await startMigration(db.sql, table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month") });
+    await startMigration(db.sql, table, {
+      allowKeyExtension: true,
+      spec: parsePartitionSpec("range:created_at:month"),
+    });
     await asApp(insert);
     expect((await backfill(db.sql, table)).complete).toBe(true);
     await cutover(db.sql, table);
@@ -515,8 +561,13 @@ describe("identity columns", () => {
       return plain(r);
     };
     const before = await options();
-    expect(before).toEqual([{ data_type: "bigint", min_value: "10", max_value: "900000", increment_by: "5", cycle: true, cache_size: "3" }]);
-    await startMigration(db.sql, table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month") });
+    expect(before).toEqual([
+      { data_type: "bigint", min_value: "10", max_value: "900000", increment_by: "5", cycle: true, cache_size: "3" },
+    ]);
+    await startMigration(db.sql, table, {
+      allowKeyExtension: true,
+      spec: parsePartitionSpec("range:created_at:month"),
+    });
     expect((await backfill(db.sql, table)).complete).toBe(true);
     await cutover(db.sql, table);
     await finalize(db.sql, table, { yes: true });
@@ -526,19 +577,21 @@ describe("identity columns", () => {
   });
 });
 
-
 describe("TRUNCATE guard", () => {
   const expectRefused = async (rel: QualifiedName, when: string) => {
     const e = await sqlState(db.admin.unsafe(`truncate ${q(rel)}`));
     expect(e.code, when).toBe("55006");
     expect(e.message, when).toMatch(/pgshift/);
   };
-  const count = async (rel: QualifiedName) => Number((await db.admin.unsafe(`select count(*)::int as n from ${q(rel)}`))[0]!.n);
+  const count = async (rel: QualifiedName) =>
+    Number((await db.admin.unsafe(`select count(*)::int as n from ${q(rel)}`))[0]!.n);
   /** pgshift's triggers on the tables whose name starts with `t`'s (its shadow, retired table, partitions). */
   const pgshiftTriggers = async (t: QualifiedName) =>
-    (await db.admin`
+    (
+      await db.admin`
       select c.relname::text || '.' || g.tgname::text as t from pg_trigger g join pg_class c on c.oid = g.tgrelid
-       where g.tgname like 'pgshift%' and not g.tgisinternal and starts_with(c.relname::text, ${t.name})`).map((r) => String(r.t));
+       where g.tgname like 'pgshift%' and not g.tgisinternal and starts_with(c.relname::text, ${t.name})`
+    ).map((r) => String(r.t));
   const create = async (name: string) => {
     const t: QualifiedName = { schema: "Trunc Schema", name };
     await db.admin.unsafe(`
@@ -558,7 +611,8 @@ describe("TRUNCATE guard", () => {
       await expectRefused(live, `${when}, live`);
       await expectRefused(copy, `${when}, copy`);
       const parted = (await relkind(live)) === "p" ? live : copy;
-      const parts = await db.admin`select relid::regclass::text as name from pg_partition_tree(${q(parted)}) where level > 0`;
+      const parts =
+        await db.admin`select relid::regclass::text as name from pg_partition_tree(${q(parted)}) where level > 0`;
       expect(parts.length, when).toBeGreaterThan(1);
       for (const p of parts) {
         const e = await sqlState(db.admin.unsafe(`truncate ${String(p.name)}`));
@@ -617,14 +671,23 @@ describe("TRUNCATE guard", () => {
 
 /** A snapshot without the position of pgshift.migrations_id_seq: every start draws a migration id from it. */
 function withoutBookkeeping(s: CatalogSnapshot): CatalogSnapshot {
-  return { ...s, sequences: s.sequences.filter((x) => !(x.includes('"schemaname":"pgshift"') && x.includes('"sequencename":"migrations_id_seq"'))) };
+  return {
+    ...s,
+    sequences: s.sequences.filter(
+      (x) => !(x.includes('"schemaname":"pgshift"') && x.includes('"sequencename":"migrations_id_seq"')),
+    ),
+  };
 }
 
 describe("abort leaves the source exactly as before start", () => {
   const mirrorFunctionExists = async (fn: string) =>
-    (await db.admin`select count(*)::int as n from pg_proc p join pg_namespace n on n.oid = p.pronamespace where n.nspname = 'pgshift' and p.proname = ${fn}`)[0]!.n;
+    (
+      await db.admin`select count(*)::int as n from pg_proc p join pg_namespace n on n.oid = p.pronamespace where n.nspname = 'pgshift' and p.proname = ${fn}`
+    )[0]!.n;
   const rowType = async (rel: QualifiedName) =>
-    plain(await db.admin`select t.typname::text as typ, a.typname::text as arr from pg_type t left join pg_type a on a.oid = t.typarray where t.typrelid = to_regclass(${q(rel)})`);
+    plain(
+      await db.admin`select t.typname::text as typ, a.typname::text as arr from pg_type t left join pg_type a on a.oid = t.typarray where t.typrelid = to_regclass(${q(rel)})`,
+    );
 
   beforeAll(async () => {
     // The pgshift schema outlives every migration; create it first so that the snapshots compare the rest.
@@ -677,11 +740,16 @@ describe("generated columns", () => {
           from generate_series(1, 200) g;`);
     const cols = "id, a, doubled, created_at, b, sum_ab, label";
     const consistent = async (rel: QualifiedName) => {
-      const r = await db.admin.unsafe(`select count(*)::int as n from ${q(rel)} where doubled is distinct from a * 2 or sum_ab is distinct from a + coalesce(b, 0)`);
+      const r = await db.admin.unsafe(
+        `select count(*)::int as n from ${q(rel)} where doubled is distinct from a * 2 or sum_ab is distinct from a + coalesce(b, 0)`,
+      );
       expect(r[0]!.n, q(rel)).toBe(0);
     };
 
-    const plan = await startMigration(db.sql, table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month") });
+    const plan = await startMigration(db.sql, table, {
+      allowKeyExtension: true,
+      spec: parsePartitionSpec("range:created_at:month"),
+    });
     expect(plan.plan.copyColumns).toEqual(["id", "a", "created_at", "b", "label"]);
     const shadow = shadowOf(table);
     // Mirror before the backfill: insert, update of a base column, partition move, delete.

@@ -1,6 +1,6 @@
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import postgres from "postgres";
-import { startEmbedded, type EmbeddedServer } from "../../src/embedded.js";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type EmbeddedServer, startEmbedded } from "../../src/embedded.js";
 import type { StatusReport } from "../../src/status.js";
 import { describeRun, expectRefusal, runCli } from "../support/cli.js";
 
@@ -32,7 +32,19 @@ describe("a replication slot invalidated by PostgreSQL", () => {
       create table lost (id bigserial primary key, created_at timestamptz not null, note text);
       insert into lost (created_at, note) select timestamptz '2025-01-01 00:00+00' + i * interval '11 hours', 'n' || i from generate_series(1, 200) i;
       create table filler (x text);`);
-    expect((await pgshift(["start", "--allow-key-extension", "lost", "--partition-by", "range:created_at:month", "--mode", "logical"])).code).toBe(0);
+    expect(
+      (
+        await pgshift([
+          "start",
+          "--allow-key-extension",
+          "lost",
+          "--partition-by",
+          "range:created_at:month",
+          "--mode",
+          "logical",
+        ])
+      ).code,
+    ).toBe(0);
     expect((await pgshift(["backfill", "lost"])).code).toBe(0);
     const healthy = JSON.parse((await pgshift(["status", "lost", "--json"])).stdout) as StatusReport;
     expect(healthy.stream?.invalidated).toBeNull();
@@ -52,7 +64,9 @@ describe("a replication slot invalidated by PostgreSQL", () => {
     expect(st.stream?.walStatus).toBe("lost");
     expect(st.stream?.invalidated).toMatch(/wal_removed/);
     expect(st.mirror.ok).toBe(false);
-    expect(st.stream?.warnings.some((w) => w.includes("was invalidated by PostgreSQL") && w.includes("pgshift abort"))).toBe(true);
+    expect(
+      st.stream?.warnings.some((w) => w.includes("was invalidated by PostgreSQL") && w.includes("pgshift abort")),
+    ).toBe(true);
     const human = await pgshift(["status", "lost"]);
     expect(human.stdout).toContain("INVALIDATED (wal_removed)");
 

@@ -1,12 +1,18 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { backfill } from "../../src/backfill/backfill.js";
-import { compareWithTwin, createWorkload, startLoad, type RunningLoad, type Workload } from "../../src/load/workload.js";
+import {
+  compareWithTwin,
+  createWorkload,
+  type RunningLoad,
+  startLoad,
+  type Workload,
+} from "../../src/load/workload.js";
 import { startMigration } from "../../src/migration/start.js";
 import { loadMigration } from "../../src/migration/state.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
 import type { StatusReport } from "../../src/status.js";
 import { verify } from "../../src/verify/verify.js";
-import { describeRun, runCli, spawnCli, waitUntil, type Running } from "../support/cli.js";
+import { describeRun, type Running, runCli, spawnCli, waitUntil } from "../support/cli.js";
 import { freshDatabase, type TestDatabase } from "../support/db.js";
 
 /**
@@ -42,19 +48,27 @@ async function statusText(table: string): Promise<string> {
 
 /** Backend pids of this database's sessions named `name`, read here, not through pgshift. */
 async function sessionsNamed(name: string): Promise<number[]> {
-  const rows = await db.admin`select pid from pg_stat_activity where datname = current_database() and application_name = ${name}`;
+  const rows =
+    await db.admin`select pid from pg_stat_activity where datname = current_database() and application_name = ${name}`;
   return rows.map((r) => Number(r.pid));
 }
 
 describe("status while a backfill runs, and after it was killed with SIGKILL", () => {
-  const w: Workload = { table: { schema: "public", name: "live_bf" }, twin: { schema: "twin", name: "live_bf" }, keyKind: "bigint" };
+  const w: Workload = {
+    table: { schema: "public", name: "live_bf" },
+    twin: { schema: "twin", name: "live_bf" },
+    keyKind: "bigint",
+  };
   let load: RunningLoad | null = null;
   let bf: Running;
 
   beforeAll(async () => {
     await createWorkload(db.admin, w, 30_000);
     load = await startLoad(db.url, w, { connections: 2, pauseMs: 5 });
-    await startMigration(db.sql, w.table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month") });
+    await startMigration(db.sql, w.table, {
+      allowKeyExtension: true,
+      spec: parsePartitionSpec("range:created_at:month"),
+    });
   });
   afterAll(async () => {
     await load?.stop();
@@ -74,7 +88,11 @@ describe("status while a backfill runs, and after it was killed with SIGKILL", (
     // however long the status commands take on a busy machine.
     bf = spawnCli(["backfill", "live_bf", "--batch-size", "100", "--sleep-ms", "500", "--url", db.url]);
     children.push(bf);
-    await waitUntil("the backfill has copied a few batches", async () => ((await loadMigration(db.admin, w.table))?.batches ?? 0) >= 3, 60_000);
+    await waitUntil(
+      "the backfill has copied a few batches",
+      async () => ((await loadMigration(db.admin, w.table))?.batches ?? 0) >= 3,
+      60_000,
+    );
     const pids = await sessionsNamed("pgshift backfill");
     expect(pids).toHaveLength(1);
     const s = await statusJson("live_bf");
@@ -85,7 +103,11 @@ describe("status while a backfill runs, and after it was killed with SIGKILL", (
     expect(s.running.lastBatchAt).not.toBeNull();
     expect(s.rate).toBeGreaterThan(0);
     expect(s.etaSeconds).not.toBeNull();
-    expect(s.next).toMatch(new RegExp(`^wait: pgshift backfill \\(backend pid ${pids[0]}, since .*\\) is copying; watch it with: watch -n 5 pgshift status public.live_bf$`));
+    expect(s.next).toMatch(
+      new RegExp(
+        `^wait: pgshift backfill \\(backend pid ${pids[0]}, since .*\\) is copying; watch it with: watch -n 5 pgshift status public.live_bf$`,
+      ),
+    );
     expect(s.next).not.toContain("run pgshift backfill");
 
     const text = await statusText("live_bf");
@@ -100,7 +122,12 @@ describe("status while a backfill runs, and after it was killed with SIGKILL", (
     bf.child.kill("SIGKILL");
     expect((await bf.exited).signal).toBe("SIGKILL");
     // The server ends the session once it sees the closed connection: checked here, not through pgshift.
-    await waitUntil("the killed backfill's session is gone", async () => (await sessionsNamed("pgshift backfill")).length === 0, 30_000, 100);
+    await waitUntil(
+      "the killed backfill's session is gone",
+      async () => (await sessionsNamed("pgshift backfill")).length === 0,
+      30_000,
+      100,
+    );
     const m = (await loadMigration(db.admin, w.table))!;
     expect(m.phase).toBe("backfilling");
     expect(m.copy_finished_at).toBeNull();
@@ -112,7 +139,9 @@ describe("status while a backfill runs, and after it was killed with SIGKILL", (
     expect(s.rate).toBeNull();
     expect(s.etaSeconds).toBeNull();
     expect(s.running.lastBatchAt).toBe(m.updated_at.toISOString());
-    expect(s.next).toMatch(/^no backfill is running \(it stopped or was killed; last batch at .*\): run pgshift backfill public\.live_bf to resume from its checkpoint \(\d+ rows copied\)$/);
+    expect(s.next).toMatch(
+      /^no backfill is running \(it stopped or was killed; last batch at .*\): run pgshift backfill public\.live_bf to resume from its checkpoint \(\d+ rows copied\)$/,
+    );
 
     const text = await statusText("live_bf");
     expect(text).toContain("no pgshift command is working on it (no backfill is running)");
@@ -144,7 +173,11 @@ describe("logical mode: the stream's consumer", () => {
     await db.admin.unsafe(`
       create table live_lg (id bigint primary key, created_at timestamptz not null, v text);
       insert into live_lg select i, timestamptz '2025-01-01' + i * interval '1 hour', 'v' from generate_series(1, 2000) i;`);
-    await startMigration(db.sql, table, { allowKeyExtension: true, spec: parsePartitionSpec("range:created_at:month"), mode: "logical" });
+    await startMigration(db.sql, table, {
+      allowKeyExtension: true,
+      spec: parsePartitionSpec("range:created_at:month"),
+      mode: "logical",
+    });
     expect((await backfill(db.sql, table)).complete).toBe(true);
   });
   afterAll(async () => {
@@ -162,10 +195,15 @@ describe("logical mode: the stream's consumer", () => {
     );
     sync = spawnCli(["sync", "live_lg", "--url", db.url]);
     children.push(sync);
-    await waitUntil("sync streams the slot", async () => {
-      const r = await db.admin`select active from pg_replication_slots where slot_name = ${idle.stream!.slot}`;
-      return Boolean(r[0]?.active);
-    }, 60_000, 100);
+    await waitUntil(
+      "sync streams the slot",
+      async () => {
+        const r = await db.admin`select active from pg_replication_slots where slot_name = ${idle.stream!.slot}`;
+        return Boolean(r[0]?.active);
+      },
+      60_000,
+      100,
+    );
     const pids = await sessionsNamed("pgshift sync public.live_lg");
     expect(pids.length).toBeGreaterThan(0);
     const s = await statusJson("live_lg");

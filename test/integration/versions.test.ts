@@ -1,6 +1,6 @@
 import postgres from "postgres";
 import { afterAll, beforeAll, describe, expect, inject, it } from "vitest";
-import { embeddedMajor, startEmbedded, type EmbeddedServer } from "../../src/embedded.js";
+import { type EmbeddedServer, embeddedMajor, startEmbedded } from "../../src/embedded.js";
 import { describeRun, expectRefusal, runCli } from "../support/cli.js";
 
 /**

@@ -74,7 +74,9 @@ export async function catalogSnapshot(sql: AnySql) {
      where c.relkind = 'r' and ${SYSTEM_SCHEMAS}`);
   const contents: string[] = [];
   for (const t of tables) {
-    const r = await sql.unsafe(`select count(*)::int as n, md5(coalesce(string_agg(x::text, E'\\n' order by x::text), '')) as h from ${String(t.q)} x`);
+    const r = await sql.unsafe(
+      `select count(*)::int as n, md5(coalesce(string_agg(x::text, E'\\n' order by x::text), '')) as h from ${String(t.q)} x`,
+    );
     contents.push(JSON.stringify({ table: t.q, rows: r[0]?.n, hash: r[0]?.h }));
   }
 

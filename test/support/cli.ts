@@ -1,6 +1,6 @@
-import { spawn, type ChildProcess } from "node:child_process";
-import { expect } from "vitest";
+import { type ChildProcess, spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
+import { expect } from "vitest";
 import { sleep } from "./db.js";
 
 /** The repository root: the CLI runs from here, the way `npx tsx src/cli/main.ts` would. */
@@ -42,7 +42,9 @@ export function runCli(args: string[], opts: { timeoutMs?: number; env?: NodeJS.
     child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout += d));
     child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr += d));
     child.on("error", reject);
-    child.on("close", (code, signal) => resolve({ args, code, signal, stdout, stderr, ms: Math.round(performance.now() - t0) }));
+    child.on("close", (code, signal) =>
+      resolve({ args, code, signal, stdout, stderr, ms: Math.round(performance.now() - t0) }),
+    );
   });
 }
 
@@ -65,7 +67,12 @@ export function expectRefusal(r: CliResult, ...patterns: string[]): void {
 }
 
 /** Polls `cond` every `everyMs` until it is true. @throws after `timeoutMs`, naming `what`. */
-export async function waitUntil(what: string, cond: () => Promise<boolean>, timeoutMs = 30_000, everyMs = 50): Promise<void> {
+export async function waitUntil(
+  what: string,
+  cond: () => Promise<boolean>,
+  timeoutMs = 30_000,
+  everyMs = 50,
+): Promise<void> {
   const until = Date.now() + timeoutMs;
   for (;;) {
     if (await cond()) return;
@@ -87,16 +94,25 @@ export function spawnCli(args: string[]): Running {
   for (const k of Object.keys(env)) {
     if (k === "DATABASE_URL" || k === "PGSHIFT_DEBUG" || /^PG[A-Z]+$/.test(k)) delete env[k];
   }
-  const child = spawn(process.execPath, ["--import", "tsx", "src/cli/main.ts", ...args], { cwd: repoRoot, env, stdio: ["ignore", "pipe", "pipe"] });
+  const child = spawn(process.execPath, ["--import", "tsx", "src/cli/main.ts", ...args], {
+    cwd: repoRoot,
+    env,
+    stdio: ["ignore", "pipe", "pipe"],
+  });
   const out = { stdout: "", stderr: "" };
   child.stdout!.setEncoding("utf8").on("data", (d: string) => (out.stdout += d));
   child.stderr!.setEncoding("utf8").on("data", (d: string) => (out.stderr += d));
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.on("close", (code, signal) => resolve({ code, signal })));
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+    child.on("close", (code, signal) => resolve({ code, signal })),
+  );
   return { child, out, exited };
 }
 
 /** Waits for a child to exit by itself, at most `ms`; SIGKILLs it after that and reports signal SIGKILL. */
-export async function exitWithin(s: Running, ms: number): Promise<{ code: number | null; signal: NodeJS.Signals | null; timedOut: boolean }> {
+export async function exitWithin(
+  s: Running,
+  ms: number,
+): Promise<{ code: number | null; signal: NodeJS.Signals | null; timedOut: boolean }> {
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<"timeout">((r) => (timer = setTimeout(() => r("timeout"), ms)));
   const first = await Promise.race([s.exited, timeout]);

@@ -1,10 +1,10 @@
 import { randomBytes } from "node:crypto";
-import { inject } from "vitest";
+import { pino } from "pino";
 import postgres from "postgres";
+import { inject } from "vitest";
 import type { Sql } from "../../src/db.js";
 import { connect } from "../../src/db.js";
 import { setLogger } from "../../src/log.js";
-import { pino } from "pino";
 
 setLogger(pino({ level: process.env.PGSHIFT_TEST_LOG ?? "silent" }));
 
@@ -50,7 +50,10 @@ export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
  * tables in its public schema (not a superuser). Roles are cluster-wide: call drop() after db.close().
  * @returns the role's name, a URL that connects to `db` as it, and drop().
  */
-export async function createLoginRole(db: TestDatabase, prefix: string): Promise<{ name: string; url: string; drop: () => Promise<void> }> {
+export async function createLoginRole(
+  db: TestDatabase,
+  prefix: string,
+): Promise<{ name: string; url: string; drop: () => Promise<void> }> {
   const name = `${prefix}_${randomBytes(4).toString("hex")}`;
   const dbName = new URL(db.url).pathname.slice(1);
   await db.admin.unsafe(`

@@ -46,7 +46,9 @@ export default async function setup(project: TestProject): Promise<() => Promise
         await c.stop();
       };
     } catch (err) {
-      console.warn(`Docker engine not usable (${err instanceof Error ? err.message : String(err)}); using the embedded server`);
+      console.warn(
+        `Docker engine not usable (${err instanceof Error ? err.message : String(err)}); using the embedded server`,
+      );
     }
   }
   try {
@@ -61,7 +63,13 @@ export default async function setup(project: TestProject): Promise<() => Promise
 
 /** The start failure as one line (message and hint), without the stack vitest would print. */
 function oneLineError(err: unknown): Error {
-  const e = new Error(err instanceof PgshiftError && err.hint ? `${err.message} (hint: ${err.hint})` : err instanceof Error ? err.message : String(err));
+  const e = new Error(
+    err instanceof PgshiftError && err.hint
+      ? `${err.message} (hint: ${err.hint})`
+      : err instanceof Error
+        ? err.message
+        : String(err),
+  );
   e.stack = `Error: ${e.message}`;
   return e;
 }

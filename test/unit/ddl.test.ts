@@ -1,6 +1,17 @@
 import { describe, expect, it } from "vitest";
 import type { ColumnFacts, IndexFacts, TableFacts } from "../../src/catalog/inspect.js";
-import { afterCopySql, copyColumns, deferredIndexSql, extendIndexKey, fidelityBlockers, fidelityWarnings, liveNamesSql, partitionIndexName, shadowDdl, shadowKey } from "../../src/ddl/shadow.js";
+import {
+  afterCopySql,
+  copyColumns,
+  deferredIndexSql,
+  extendIndexKey,
+  fidelityBlockers,
+  fidelityWarnings,
+  liveNamesSql,
+  partitionIndexName,
+  shadowDdl,
+  shadowKey,
+} from "../../src/ddl/shadow.js";
 import {
   installTriggerMirrorSql,
   MIRROR_TRIGGER,
@@ -10,9 +21,9 @@ import {
   TRUNCATE_TRIGGER,
   type TriggerMirrorSpec,
 } from "../../src/mirror/trigger.js";
+import { quoteIdent } from "../../src/names.js";
 import { computePartitions } from "../../src/partitioning/bounds.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
-import { quoteIdent } from "../../src/names.js";
 
 const TABLE = { schema: "My Schema", name: "Order Items" };
 const SHADOW = { schema: "My Schema", name: "Order Items_pgshift_shadow" };
@@ -21,7 +32,19 @@ const SHD = '"My Schema"."Order Items_pgshift_shadow"';
 const OID = 16384;
 
 function column(name: string, attnum: number, typeName: string, extra: Partial<ColumnFacts> = {}): ColumnFacts {
-  return { name, attnum, typeName, formattedType: typeName, notNull: false, generated: "", identity: "", sequence: null, statisticsTarget: null, options: [], ...extra };
+  return {
+    name,
+    attnum,
+    typeName,
+    formattedType: typeName,
+    notNull: false,
+    generated: "",
+    identity: "",
+    sequence: null,
+    statisticsTarget: null,
+    options: [],
+    ...extra,
+  };
 }
 
 function index(name: string, tail: string, keyColumns: (string | null)[], extra: Partial<IndexFacts> = {}): IndexFacts {
@@ -61,8 +84,15 @@ function facts(overrides: Partial<TableFacts> = {}): TableFacts {
     estimatedRows: 1000,
     totalBytes: 65536,
     columns: [
-      column("id", 1, "int8", { notNull: true, identity: "a", sequence: { schema: "My Schema", name: "Order Items_id_seq" } }),
-      column("line_no", 2, "int4", { notNull: true, sequence: { schema: "My Schema", name: "Order Items_line_no_seq" } }),
+      column("id", 1, "int8", {
+        notNull: true,
+        identity: "a",
+        sequence: { schema: "My Schema", name: "Order Items_id_seq" },
+      }),
+      column("line_no", 2, "int4", {
+        notNull: true,
+        sequence: { schema: "My Schema", name: "Order Items_line_no_seq" },
+      }),
       column("order", 3, "int4", { notNull: true }),
       column("created_at", 4, "timestamptz", { notNull: true }),
       column("email", 5, "text"),
@@ -73,15 +103,33 @@ function facts(overrides: Partial<TableFacts> = {}): TableFacts {
     keyColumns: ["id"],
     keyIndexName: "Order Items_pkey",
     indexes: [
-      index("Order Items_pkey", "btree (id)", ["id"], { isPrimary: true, isUnique: true, constraintName: "Order Items_pkey", constraintType: "p" }),
-      index("order_items_email_key", "btree (email)", ["email"], { isUnique: true, constraintName: "order_items_email_key", constraintType: "u" }),
+      index("Order Items_pkey", "btree (id)", ["id"], {
+        isPrimary: true,
+        isUnique: true,
+        constraintName: "Order Items_pkey",
+        constraintType: "p",
+      }),
+      index("order_items_email_key", "btree (email)", ["email"], {
+        isUnique: true,
+        constraintName: "order_items_email_key",
+        constraintType: "u",
+      }),
       index("order_items_lower_email_idx", "btree (lower(email))", [null]),
       index("order_items_order_idx", `btree ("order") WHERE (note IS NOT NULL)`, ["order"]),
       index("order_items_weird_idx", WEIRD_TAIL, ["we(ird, col"], { isUnique: true }),
       index("order_items_created_at_idx", "btree (created_at DESC)", ["created_at"]),
-      index("order_items_created_order_key", `btree (created_at, "order")`, ["created_at", "order"], { isUnique: true }),
+      index("order_items_created_order_key", `btree (created_at, "order")`, ["created_at", "order"], {
+        isUnique: true,
+      }),
     ],
-    foreignKeys: [{ name: "Order Items_order_fkey", definition: 'FOREIGN KEY ("order") REFERENCES "My Schema"."Orders"(id) ON DELETE CASCADE', valid: true, comment: null }],
+    foreignKeys: [
+      {
+        name: "Order Items_order_fkey",
+        definition: 'FOREIGN KEY ("order") REFERENCES "My Schema"."Orders"(id) ON DELETE CASCADE',
+        valid: true,
+        comment: null,
+      },
+    ],
     checks: [],
     columnGrants: [],
     ownerRevoked: [],
@@ -95,17 +143,33 @@ function facts(overrides: Partial<TableFacts> = {}): TableFacts {
       { grantee: "app_writer", privilege: "INSERT", grantable: true },
       { grantee: null, privilege: "SELECT", grantable: false },
     ],
-    dependents: { views: [], rules: [], policies: [], incomingForeignKeys: [], publications: [], triggers: [], inheritance: [], exclusionConstraints: [], columnPrivileges: [] },
+    dependents: {
+      views: [],
+      rules: [],
+      policies: [],
+      incomingForeignKeys: [],
+      publications: [],
+      triggers: [],
+      inheritance: [],
+      exclusionConstraints: [],
+      columnPrivileges: [],
+    },
     serverVersionNum: 170000,
     ...overrides,
   };
 }
 
 const SPEC = parsePartitionSpec("range:created_at:month");
-const PARTITIONS = computePartitions(SPEC, TABLE.name, "timestamptz", { min: "2024-01-03 00:00:00+00", max: "2024-02-10 00:00:00+00" }, {
-  premake: 0,
-  now: new Date("2024-02-15T00:00:00Z"),
-});
+const PARTITIONS = computePartitions(
+  SPEC,
+  TABLE.name,
+  "timestamptz",
+  { min: "2024-01-03 00:00:00+00", max: "2024-02-10 00:00:00+00" },
+  {
+    premake: 0,
+    now: new Date("2024-02-15T00:00:00Z"),
+  },
+);
 
 describe("extendIndexKey", () => {
   it("appends quoted columns to the key list", () => {
@@ -119,13 +183,21 @@ describe("extendIndexKey", () => {
   });
 
   it("keeps INCLUDE and WHERE after the key list", () => {
-    expect(extendIndexKey("btree (a) INCLUDE (b, c) WHERE (d > 0)", ["p"])).toBe('btree (a, "p") INCLUDE (b, c) WHERE (d > 0)');
-    expect(extendIndexKey("btree (a DESC NULLS LAST) NULLS NOT DISTINCT", ["p"])).toBe('btree (a DESC NULLS LAST, "p") NULLS NOT DISTINCT');
-    expect(extendIndexKey("btree (a) WITH (fillfactor='70') TABLESPACE ts", ["p"])).toBe(`btree (a, "p") WITH (fillfactor='70') TABLESPACE ts`);
+    expect(extendIndexKey("btree (a) INCLUDE (b, c) WHERE (d > 0)", ["p"])).toBe(
+      'btree (a, "p") INCLUDE (b, c) WHERE (d > 0)',
+    );
+    expect(extendIndexKey("btree (a DESC NULLS LAST) NULLS NOT DISTINCT", ["p"])).toBe(
+      'btree (a DESC NULLS LAST, "p") NULLS NOT DISTINCT',
+    );
+    expect(extendIndexKey("btree (a) WITH (fillfactor='70') TABLESPACE ts", ["p"])).toBe(
+      `btree (a, "p") WITH (fillfactor='70') TABLESPACE ts`,
+    );
   });
 
   it("skips parentheses and commas inside quoted identifiers and string literals", () => {
-    expect(extendIndexKey(WEIRD_TAIL, ["created_at"])).toBe(`btree ("we(ird, col" text_pattern_ops, "created_at") WHERE (note <> 'a)b'::text)`);
+    expect(extendIndexKey(WEIRD_TAIL, ["created_at"])).toBe(
+      `btree ("we(ird, col" text_pattern_ops, "created_at") WHERE (note <> 'a)b'::text)`,
+    );
     expect(extendIndexKey(`btree ("a)""b(" )`, ["p"])).toBe(`btree ("a)""b(" , "p")`);
     expect(extendIndexKey(`btree ((x || ')'::text))`, ["p"])).toBe(`btree ((x || ')'::text), "p")`);
     expect(extendIndexKey(`btree (COALESCE(x, ''::text), y)`, ["p"])).toBe(`btree (COALESCE(x, ''::text), y, "p")`);
@@ -134,7 +206,9 @@ describe("extendIndexKey", () => {
   });
 
   it("handles nested expressions", () => {
-    expect(extendIndexKey("btree (lower(email), date_trunc('day'::text, ts))", ["p"])).toBe(`btree (lower(email), date_trunc('day'::text, ts), "p")`);
+    expect(extendIndexKey("btree (lower(email), date_trunc('day'::text, ts))", ["p"])).toBe(
+      `btree (lower(email), date_trunc('day'::text, ts), "p")`,
+    );
     expect(extendIndexKey("btree (((a + b) * (c - d)))", ["p"])).toBe('btree (((a + b) * (c - d)), "p")');
   });
 
@@ -188,7 +262,9 @@ describe("shadowDdl", () => {
         `INCLUDING COMPRESSION INCLUDING GENERATED) PARTITION BY RANGE ("created_at")`,
     );
     // Checks (NOT VALID ones must wait for the copy) and statistics (their names) are added one by one.
-    expect(st[0]).not.toMatch(/INCLUDING IDENTITY|INCLUDING INDEXES|INCLUDING ALL|INCLUDING CONSTRAINTS|INCLUDING STATISTICS/);
+    expect(st[0]).not.toMatch(
+      /INCLUDING IDENTITY|INCLUDING INDEXES|INCLUDING ALL|INCLUDING CONSTRAINTS|INCLUDING STATISTICS/,
+    );
     expect(st[1]).toBe(`ALTER TABLE ${SHD} OWNER TO "app_owner"`);
   });
 
@@ -213,7 +289,9 @@ describe("shadowDdl", () => {
 
   it("quotes a sequence name with a quote or backslash as a literal", () => {
     const f = facts({
-      columns: [column("id", 1, "int8", { notNull: true, identity: "d", sequence: { schema: "s", name: "it's\\seq" } })],
+      columns: [
+        column("id", 1, "int8", { notNull: true, identity: "d", sequence: { schema: "s", name: "it's\\seq" } }),
+      ],
       indexes: [],
       grants: [],
       foreignKeys: [],
@@ -245,8 +323,15 @@ describe("shadowDdl", () => {
   });
 
   it("joins several storage parameters and omits WITH when there are none", () => {
-    const two = shadowDdl(facts({ reloptions: ["fillfactor=80", "autovacuum_enabled=false"] }), SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW });
-    expect(two.statements.find((s) => s.includes("PARTITION OF"))!.endsWith(" WITH (fillfactor=80, autovacuum_enabled=false)")).toBe(true);
+    const two = shadowDdl(facts({ reloptions: ["fillfactor=80", "autovacuum_enabled=false"] }), SPEC, PARTITIONS, {
+      source: TABLE,
+      shadow: SHADOW,
+    });
+    expect(
+      two.statements
+        .find((s) => s.includes("PARTITION OF"))!
+        .endsWith(" WITH (fillfactor=80, autovacuum_enabled=false)"),
+    ).toBe(true);
     const none = shadowDdl(facts({ reloptions: [] }), SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW });
     expect(none.statements.find((s) => s.includes("PARTITION OF"))).toBe(
       `CREATE TABLE "My Schema"."Order Items_p2024_01" PARTITION OF ${SHD} FOR VALUES FROM ('2024-01-01 00:00:00+00') TO ('2024-02-01 00:00:00+00')`,
@@ -255,7 +340,9 @@ describe("shadowDdl", () => {
   });
 
   it("extends the primary key with the partition column", () => {
-    expect(st.filter((s) => s.includes("PRIMARY KEY"))).toEqual([`ALTER TABLE ${SHD} ADD CONSTRAINT "Order Items_pkey_part" PRIMARY KEY ("id", "created_at")`]);
+    expect(st.filter((s) => s.includes("PRIMARY KEY"))).toEqual([
+      `ALTER TABLE ${SHD} ADD CONSTRAINT "Order Items_pkey_part" PRIMARY KEY ("id", "created_at")`,
+    ]);
     expect(ddl.indexRenames[0]).toEqual({ from: "Order Items_pkey_part", to: "Order Items_pkey" });
     expect(ddl.indexRenames.map((r) => r.to)).toEqual(facts().indexes.map((i) => i.name));
   });
@@ -275,13 +362,24 @@ describe("shadowDdl", () => {
 
   it("builds deferred indexes ON ONLY the parent, then CONCURRENTLY per partition, then attaches them", () => {
     const idx = ddl.deferredIndexes[0]!;
-    const d = deferredIndexSql("My Schema", "Order Items_pgshift_shadow", ["Order Items_p2024_01", "Order Items_default"], idx);
-    expect(d.parent).toBe(`CREATE UNIQUE INDEX IF NOT EXISTS ${quoteIdent(idx.name)} ON ONLY ${SHD} USING btree (email, "created_at")`);
+    const d = deferredIndexSql(
+      "My Schema",
+      "Order Items_pgshift_shadow",
+      ["Order Items_p2024_01", "Order Items_default"],
+      idx,
+    );
+    expect(d.parent).toBe(
+      `CREATE UNIQUE INDEX IF NOT EXISTS ${quoteIdent(idx.name)} ON ONLY ${SHD} USING btree (email, "created_at")`,
+    );
     expect(d.perPartition).toHaveLength(2);
     const p = d.perPartition[0]!;
     expect(p.index).toBe(partitionIndexName("Order Items_p2024_01", idx.name));
-    expect(p.create).toBe(`CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS ${quoteIdent(p.index)} ON "My Schema"."Order Items_p2024_01" USING btree (email, "created_at")`);
-    expect(p.attach).toBe(`ALTER INDEX "My Schema".${quoteIdent(idx.name)} ATTACH PARTITION "My Schema".${quoteIdent(p.index)}`);
+    expect(p.create).toBe(
+      `CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS ${quoteIdent(p.index)} ON "My Schema"."Order Items_p2024_01" USING btree (email, "created_at")`,
+    );
+    expect(p.attach).toBe(
+      `ALTER INDEX "My Schema".${quoteIdent(idx.name)} ATTACH PARTITION "My Schema".${quoteIdent(p.index)}`,
+    );
     // distinct parents give distinct partition index names, each at most 63 bytes
     const names = ddl.deferredIndexes.map((x) => partitionIndexName("x".repeat(80), x.name));
     expect(new Set(names).size).toBe(names.length);
@@ -292,10 +390,15 @@ describe("shadowDdl", () => {
     const f = facts({
       keyColumns: ["email"],
       keyIndexName: "u_email",
-      indexes: [index("u_email", "btree (email)", ["email"], { isUnique: true }), index("i_note", "btree (note)", ["note"])],
+      indexes: [
+        index("u_email", "btree (email)", ["email"], { isUnique: true }),
+        index("i_note", "btree (note)", ["note"]),
+      ],
     });
     const out = shadowDdl(f, SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW });
-    expect(out.statements.filter((s) => s.includes(" INDEX "))).toEqual([`CREATE UNIQUE INDEX "u_email_part" ON ${SHD} USING btree (email, "created_at")`]);
+    expect(out.statements.filter((s) => s.includes(" INDEX "))).toEqual([
+      `CREATE UNIQUE INDEX "u_email_part" ON ${SHD} USING btree (email, "created_at")`,
+    ]);
     expect(out.deferredIndexes.map((d) => d.name)).toEqual(["i_note_part"]);
   });
 
@@ -308,7 +411,9 @@ describe("shadowDdl", () => {
       indexes: [index("pk", "btree (id, created_at)", ["id", "created_at"], { isPrimary: true, isUnique: true })],
     });
     const out = shadowDdl(f, SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW });
-    expect(out.statements.filter((s) => s.includes("PRIMARY KEY"))).toEqual([`ALTER TABLE ${SHD} ADD CONSTRAINT "pk_part" PRIMARY KEY ("id", "created_at")`]);
+    expect(out.statements.filter((s) => s.includes("PRIMARY KEY"))).toEqual([
+      `ALTER TABLE ${SHD} ADD CONSTRAINT "pk_part" PRIMARY KEY ("id", "created_at")`,
+    ]);
     expect(out.widenedUniqueIndexes).toEqual([]);
   });
 
@@ -338,23 +443,38 @@ describe("shadowDdl", () => {
       s.includes("OWNER TO")
         ? "owner"
         : s.startsWith("CREATE TABLE") && s.includes("PARTITION OF")
-        ? "partition"
-        : s.startsWith("CREATE TABLE")
-          ? "table"
-          : s.includes("SET DEFAULT")
-            ? "default"
-            : s.startsWith("COMMENT")
-              ? "comment"
-              : s.includes("PRIMARY KEY")
-                ? "pk"
-                : s.includes("FOREIGN KEY")
+          ? "partition"
+          : s.startsWith("CREATE TABLE")
+            ? "table"
+            : s.includes("SET DEFAULT")
+              ? "default"
+              : s.startsWith("COMMENT")
+                ? "comment"
+                : s.includes("PRIMARY KEY")
+                  ? "pk"
+                  : s.includes("FOREIGN KEY")
                     ? "fk"
                     : s.startsWith("GRANT")
                       ? "grant"
                       : "other",
     );
     expect(kinds).toEqual([
-      "table", "owner", "other", "default", "comment", "partition", "owner", "partition", "owner", "partition", "owner", "pk", "fk", "grant", "grant", "grant",
+      "table",
+      "owner",
+      "other",
+      "default",
+      "comment",
+      "partition",
+      "owner",
+      "partition",
+      "owner",
+      "partition",
+      "owner",
+      "pk",
+      "fk",
+      "grant",
+      "grant",
+      "grant",
     ]);
     expect(st[2]).toMatch(/^CREATE OR REPLACE FUNCTION "pgshift"\."nextval_/);
   });
@@ -366,12 +486,15 @@ describe("shadowDdl", () => {
       expect(bare).not.toMatch(/My Schema|Order Items|Reporting Role|we\(ird|app_writer|created_at"/);
       expect(bare).not.toMatch(/\border\b/i);
       // every statement is about the shadow or one of its partitions, except the identity default's function (which names the sequence)
-      if (!s.startsWith("CREATE OR REPLACE FUNCTION")) expect(s.includes(SHD) || s.includes(`"My Schema"."Order Items_`)).toBe(true);
+      if (!s.startsWith("CREATE OR REPLACE FUNCTION"))
+        expect(s.includes(SHD) || s.includes(`"My Schema"."Order Items_`)).toBe(true);
     }
     // the reserved word column "order" is quoted wherever pgshift writes it
     const list = shadowDdl(facts(), parsePartitionSpec("list:order"), [], { source: TABLE, shadow: SHADOW });
     expect(list.statements[0]!.endsWith(`PARTITION BY LIST ("order")`)).toBe(true);
-    expect(list.statements.filter((s) => s.includes("PRIMARY KEY"))).toEqual([`ALTER TABLE ${SHD} ADD CONSTRAINT "Order Items_pkey_part" PRIMARY KEY ("id", "order")`]);
+    expect(list.statements.filter((s) => s.includes("PRIMARY KEY"))).toEqual([
+      `ALTER TABLE ${SHD} ADD CONSTRAINT "Order Items_pkey_part" PRIMARY KEY ("id", "order")`,
+    ]);
     expect(list.deferredIndexes.filter((d) => d.unique).map((d) => d.definition)).toEqual([
       `btree (email, "order")`,
       `btree ("we(ird, col" text_pattern_ops, "order") WHERE (note <> 'a)b'::text)`,
@@ -395,29 +518,64 @@ describe("shadowDdl: what the partitioned table keeps of the original (issue 13,
     keyIndexName: "t_pkey",
     indexes: [
       index("t_pkey", "btree (id)", ["id"], {
-        isPrimary: true, isUnique: true, constraintName: "t_pkey", constraintType: "p", constraintDef: "PRIMARY KEY (id) INCLUDE (email) WITH (fillfactor='70')", comment: "the key",
+        isPrimary: true,
+        isUnique: true,
+        constraintName: "t_pkey",
+        constraintType: "p",
+        constraintDef: "PRIMARY KEY (id) INCLUDE (email) WITH (fillfactor='70')",
+        comment: "the key",
       }),
       index("t_email_key", "btree (email)", ["email"], {
-        isUnique: true, constraintName: "t_email_key", constraintType: "u", constraintDef: "UNIQUE (email) DEFERRABLE INITIALLY DEFERRED",
-        deferrable: true, deferred: true, comment: "ix comment", constraintComment: "con comment",
+        isUnique: true,
+        constraintName: "t_email_key",
+        constraintType: "u",
+        constraintDef: "UNIQUE (email) DEFERRABLE INITIALLY DEFERRED",
+        deferrable: true,
+        deferred: true,
+        comment: "ix comment",
+        constraintComment: "con comment",
       }),
       index("t_code_key", "btree (email, created_at)", ["email", "created_at"], {
-        isUnique: true, constraintName: "t_code_key", constraintType: "u", constraintDef: "UNIQUE (email, created_at) WITH (fillfactor='80')",
-        comment: "ix comment", constraintComment: "con comment",
+        isUnique: true,
+        constraintName: "t_code_key",
+        constraintType: "u",
+        constraintDef: "UNIQUE (email, created_at) WITH (fillfactor='80')",
+        comment: "ix comment",
+        constraintComment: "con comment",
       }),
       index("t_note_idx", "btree (email text_pattern_ops)", ["email"], { isClustered: true }),
     ],
     checks: [
       { name: "ok_check", definition: "CHECK ((id > 0))", valid: true, comment: "positive" },
-      { name: "old_check", definition: "CHECK ((email <> ''::text)) NOT VALID", valid: false, comment: "not for old rows" },
+      {
+        name: "old_check",
+        definition: "CHECK ((email <> ''::text)) NOT VALID",
+        valid: false,
+        comment: "not for old rows",
+      },
       { name: "solo", definition: "CHECK ((id < 100)) NO INHERIT", valid: true, comment: null },
     ],
     foreignKeys: [
-      { name: "fk_ok", definition: "FOREIGN KEY (id) REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED", valid: true, comment: "fk comment" },
+      {
+        name: "fk_ok",
+        definition: "FOREIGN KEY (id) REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED",
+        valid: true,
+        comment: "fk comment",
+      },
       { name: "fk_old", definition: "FOREIGN KEY (id) REFERENCES p(id) NOT VALID", valid: false, comment: null },
     ],
     columnGrants: [{ column: "email", grantee: "Reporting Role", privilege: "UPDATE", grantable: false }],
-    statistics: [{ schema: "stats", name: "t_st", owner: "stat owner", kinds: ["d", "f", "m"], columns: "id, email", target: 300, comment: "c" }],
+    statistics: [
+      {
+        schema: "stats",
+        name: "t_st",
+        owner: "stat owner",
+        kinds: ["d", "f", "m"],
+        columns: "id, email",
+        target: 300,
+        comment: "c",
+      },
+    ],
     serverVersionNum: 180000,
   });
   const d = shadowDdl(rich, SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW });
@@ -425,7 +583,12 @@ describe("shadowDdl: what the partitioned table keeps of the original (issue 13,
 
   it("gives the parent and every partition the owner, row security and replica identity", () => {
     for (const rel of [SHD, P1, `"My Schema"."Order Items_default"`]) {
-      for (const what of [`OWNER TO "app_owner"`, "ENABLE ROW LEVEL SECURITY", "FORCE ROW LEVEL SECURITY", "REPLICA IDENTITY FULL"]) {
+      for (const what of [
+        `OWNER TO "app_owner"`,
+        "ENABLE ROW LEVEL SECURITY",
+        "FORCE ROW LEVEL SECURITY",
+        "REPLICA IDENTITY FULL",
+      ]) {
         expect(d.statements, `${rel} ${what}`).toContain(`ALTER TABLE ${rel} ${what}`);
       }
     }
@@ -436,13 +599,17 @@ describe("shadowDdl: what the partitioned table keeps of the original (issue 13,
     expect(d.statements).toContain(`COMMENT ON CONSTRAINT "ok_check" ON ${SHD} IS 'positive'`);
     expect(d.statements).toContain(`ALTER TABLE ${SHD} ADD CONSTRAINT "solo" CHECK ((id < 100))`);
     expect(d.statements.some((s) => s.includes("old_check") || s.includes("fk_old"))).toBe(false);
-    expect(d.statements).toContain(`ALTER TABLE ${SHD} ADD CONSTRAINT "fk_ok" FOREIGN KEY (id) REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED`);
+    expect(d.statements).toContain(
+      `ALTER TABLE ${SHD} ADD CONSTRAINT "fk_ok" FOREIGN KEY (id) REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED`,
+    );
     expect(d.afterCopy[0]).toBe(
       `DO $pgshift$ BEGIN IF NOT EXISTS (SELECT FROM pg_catalog.pg_constraint WHERE conrelid = '${SHD}'::regclass AND conname = 'old_check') ` +
         `THEN ALTER TABLE ${SHD} ADD CONSTRAINT "old_check" CHECK ((email <> ''::text)) NOT VALID; END IF; END $pgshift$`,
     );
     expect(d.afterCopy).toContain(`COMMENT ON CONSTRAINT "old_check" ON ${SHD} IS 'not for old rows'`);
-    expect(d.afterCopy.some((s) => s.includes(`ADD CONSTRAINT "fk_old" FOREIGN KEY (id) REFERENCES p(id) NOT VALID`))).toBe(true);
+    expect(
+      d.afterCopy.some((s) => s.includes(`ADD CONSTRAINT "fk_old" FOREIGN KEY (id) REFERENCES p(id) NOT VALID`)),
+    ).toBe(true);
     // Before 18 a NOT VALID foreign key cannot be put on a partitioned table: refused by plan, never attempted.
     const f17 = { ...rich, serverVersionNum: 170000 };
     expect(afterCopySql(f17, { source: TABLE, shadow: SHADOW }).some((s) => s.includes("fk_old"))).toBe(false);
@@ -455,16 +622,23 @@ describe("shadowDdl: what the partitioned table keeps of the original (issue 13,
 
   it("keeps statistics targets (recursing) and attribute options (on the parent and each partition)", () => {
     expect(d.statements).toContain(`ALTER TABLE ${SHD} ALTER COLUMN "email" SET STATISTICS 500`);
-    for (const rel of [SHD, P1]) expect(d.statements).toContain(`ALTER TABLE ${rel} ALTER COLUMN "email" SET (n_distinct = '-0.5', n_distinct_inherited = '40')`);
+    for (const rel of [SHD, P1])
+      expect(d.statements).toContain(
+        `ALTER TABLE ${rel} ALTER COLUMN "email" SET (n_distinct = '-0.5', n_distinct_inherited = '40')`,
+      );
   });
 
   it("creates the primary key from the original's constraint definition, widened, with its comment", () => {
-    expect(d.statements).toContain(`ALTER TABLE ${SHD} ADD CONSTRAINT "t_pkey_part" PRIMARY KEY (id, "created_at") INCLUDE (email) WITH (fillfactor='70')`);
+    expect(d.statements).toContain(
+      `ALTER TABLE ${SHD} ADD CONSTRAINT "t_pkey_part" PRIMARY KEY (id, "created_at") INCLUDE (email) WITH (fillfactor='70')`,
+    );
     expect(d.statements).toContain(`COMMENT ON INDEX "My Schema"."t_pkey_part" IS 'the key'`);
   });
 
   it("creates a DEFERRABLE unique constraint at once (widened, deferrability kept), with its comments", () => {
-    expect(d.statements).toContain(`ALTER TABLE ${SHD} ADD CONSTRAINT "t_email_key_part" UNIQUE (email, "created_at") DEFERRABLE INITIALLY DEFERRED`);
+    expect(d.statements).toContain(
+      `ALTER TABLE ${SHD} ADD CONSTRAINT "t_email_key_part" UNIQUE (email, "created_at") DEFERRABLE INITIALLY DEFERRED`,
+    );
     expect(d.statements).toContain(`COMMENT ON INDEX "My Schema"."t_email_key_part" IS 'ix comment'`);
     expect(d.statements).toContain(`COMMENT ON CONSTRAINT "t_email_key_part" ON ${SHD} IS 'con comment'`);
     expect(d.deferredIndexes.some((x) => x.original === "t_email_key")).toBe(false);
@@ -473,63 +647,104 @@ describe("shadowDdl: what the partitioned table keeps of the original (issue 13,
 
   it("builds a (non-deferrable) unique constraint after the copy as a constraint, name kept", () => {
     const u = d.deferredIndexes.find((x) => x.original === "t_code_key")!;
-    expect(u.constraint).toEqual({ definition: `UNIQUE (email, created_at) WITH (fillfactor='80')`, deferrable: false, deferred: false });
+    expect(u.constraint).toEqual({
+      definition: `UNIQUE (email, created_at) WITH (fillfactor='80')`,
+      deferrable: false,
+      deferred: false,
+    });
     const sql = deferredIndexSql("My Schema", SHADOW.name, ["Order Items_p2024_01"], u);
     expect(sql.parent).toBe(
       `DO $pgshift$ BEGIN IF to_regclass('"My Schema"."t_code_key_part"') IS NULL THEN ALTER TABLE ONLY ${SHD} ADD CONSTRAINT "t_code_key_part" ` +
         `UNIQUE (email, created_at) WITH (fillfactor='80'); END IF; END $pgshift$`,
     );
     const p = sql.perPartition[0]!;
-    expect(p.constrain).toBe(`ALTER TABLE ${P1} ADD CONSTRAINT ${quoteIdent(p.index)} UNIQUE USING INDEX ${quoteIdent(p.index)}`);
-    const deferrable = deferredIndexSql("My Schema", SHADOW.name, ["Order Items_p2024_01"], { ...u, constraint: { ...u.constraint!, deferrable: true, deferred: true } });
+    expect(p.constrain).toBe(
+      `ALTER TABLE ${P1} ADD CONSTRAINT ${quoteIdent(p.index)} UNIQUE USING INDEX ${quoteIdent(p.index)}`,
+    );
+    const deferrable = deferredIndexSql("My Schema", SHADOW.name, ["Order Items_p2024_01"], {
+      ...u,
+      constraint: { ...u.constraint!, deferrable: true, deferred: true },
+    });
     expect(deferrable.perPartition[0]!.constrain).toMatch(/ DEFERRABLE INITIALLY DEFERRED$/);
     // A plain index has no constraint step.
     const plainIx = d.deferredIndexes.find((x) => x.original === "t_note_idx")!;
     expect(plainIx.constraint).toBeUndefined();
-    expect(deferredIndexSql("My Schema", SHADOW.name, ["Order Items_p2024_01"], plainIx).perPartition[0]!.constrain).toBeNull();
-    expect(d.afterCopy).toContain(`DO $pgshift$ BEGIN IF to_regclass('"My Schema"."t_code_key_part"') IS NOT NULL THEN COMMENT ON INDEX "My Schema"."t_code_key_part" IS 'ix comment'; END IF; END $pgshift$`);
-    expect(d.afterCopy.some((s) => s.includes(`COMMENT ON CONSTRAINT "t_code_key_part" ON ${SHD} IS 'con comment'`))).toBe(true);
+    expect(
+      deferredIndexSql("My Schema", SHADOW.name, ["Order Items_p2024_01"], plainIx).perPartition[0]!.constrain,
+    ).toBeNull();
+    expect(d.afterCopy).toContain(
+      `DO $pgshift$ BEGIN IF to_regclass('"My Schema"."t_code_key_part"') IS NOT NULL THEN COMMENT ON INDEX "My Schema"."t_code_key_part" IS 'ix comment'; END IF; END $pgshift$`,
+    );
+    expect(
+      d.afterCopy.some((s) => s.includes(`COMMENT ON CONSTRAINT "t_code_key_part" ON ${SHD} IS 'con comment'`)),
+    ).toBe(true);
   });
 
   it("puts the CLUSTER mark on each partition's index, says so in plan, and analyzes last", () => {
     const cl = d.afterCopy.find((s) => s.includes("CLUSTER ON"))!;
-    expect(cl).toContain(`WHERE h.inhparent = '"My Schema"."t_note_idx_part"'::regclass LOOP EXECUTE format('ALTER TABLE %I.%I CLUSTER ON %I', r.s, r.t, r.i)`);
+    expect(cl).toContain(
+      `WHERE h.inhparent = '"My Schema"."t_note_idx_part"'::regclass LOOP EXECUTE format('ALTER TABLE %I.%I CLUSTER ON %I', r.s, r.t, r.i)`,
+    );
     expect(fidelityWarnings(rich).some((w) => w.includes(`clustered on t_note_idx`))).toBe(true);
     expect(d.afterCopy.at(-1)).toBe(`ANALYZE ${SHD}`);
   });
 
   it("sets REPLICA IDENTITY USING INDEX after the copy, on the parent and each partition", () => {
-    const f = { ...rich, replicaIdentity: "i", indexes: rich.indexes.map((i) => (i.name === "t_pkey" ? { ...i, isReplicaIdentity: true } : i)) };
+    const f = {
+      ...rich,
+      replicaIdentity: "i",
+      indexes: rich.indexes.map((i) => (i.name === "t_pkey" ? { ...i, isReplicaIdentity: true } : i)),
+    };
     const after = afterCopySql(f, { source: TABLE, shadow: SHADOW });
     const ri = after.find((s) => s.includes("REPLICA IDENTITY USING INDEX"))!;
     expect(ri).toContain(`ALTER TABLE ${SHD} REPLICA IDENTITY USING INDEX "t_pkey_part";`);
     expect(ri).toContain(`EXECUTE format('ALTER TABLE %I.%I REPLICA IDENTITY USING INDEX %I', r.s, r.t, r.i)`);
-    expect(shadowDdl(f, SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW }).statements.some((s) => s.includes("REPLICA IDENTITY"))).toBe(false);
+    expect(
+      shadowDdl(f, SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW }).statements.some((s) =>
+        s.includes("REPLICA IDENTITY"),
+      ),
+    ).toBe(false);
   });
 
   it("creates extended statistics under the shadow's name, with owner, target and comment, and pairs the names", () => {
-    expect(d.statements).toContain(`CREATE STATISTICS "stats"."t_st_part" (ndistinct, dependencies, mcv) ON id, email FROM ${SHD}`);
+    expect(d.statements).toContain(
+      `CREATE STATISTICS "stats"."t_st_part" (ndistinct, dependencies, mcv) ON id, email FROM ${SHD}`,
+    );
     expect(d.statements).toContain(`ALTER STATISTICS "stats"."t_st_part" OWNER TO "stat owner"`);
     expect(d.statements).toContain(`ALTER STATISTICS "stats"."t_st_part" SET STATISTICS 300`);
     expect(d.statements).toContain(`COMMENT ON STATISTICS "stats"."t_st_part" IS 'c'`);
     expect(d.indexRenames).toContainEqual({ from: "t_st_part", to: "t_st" });
     // A single expression takes no kinds.
-    const one = shadowDdl({ ...rich, statistics: [{ ...rich.statistics[0]!, kinds: ["e"], columns: "(lower(email))" }] }, SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW });
+    const one = shadowDdl(
+      { ...rich, statistics: [{ ...rich.statistics[0]!, kinds: ["e"], columns: "(lower(email))" }] },
+      SPEC,
+      PARTITIONS,
+      { source: TABLE, shadow: SHADOW },
+    );
     expect(one.statements).toContain(`CREATE STATISTICS "stats"."t_st_part" ON (lower(email)) FROM ${SHD}`);
   });
 
   it("repeats column grants and the owner's own revokes", () => {
     expect(d.statements).toContain(`GRANT UPDATE ("email") ON ${SHD} TO "Reporting Role"`);
-    expect(shadowDdl({ ...rich, ownerRevoked: ["DELETE", "TRUNCATE"] }, SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW }).statements).toContain(
-      `REVOKE DELETE, TRUNCATE ON ${SHD} FROM "app_owner"`,
-    );
+    expect(
+      shadowDdl({ ...rich, ownerRevoked: ["DELETE", "TRUNCATE"] }, SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW })
+        .statements,
+    ).toContain(`REVOKE DELETE, TRUNCATE ON ${SHD} FROM "app_owner"`);
   });
 
   it("refuses a deferrable key and forced row security the runner would be subject to", () => {
     const f = facts({
       forceRowSecurity: true,
       bypassesRowSecurity: false,
-      indexes: [index("Order Items_pkey", "btree (id)", ["id"], { isPrimary: true, isUnique: true, constraintName: "Order Items_pkey", constraintType: "p", deferrable: true })],
+      indexes: [
+        index("Order Items_pkey", "btree (id)", ["id"], {
+          isPrimary: true,
+          isUnique: true,
+          constraintName: "Order Items_pkey",
+          constraintType: "p",
+          deferrable: true,
+        }),
+      ],
     });
     const b = fidelityBlockers(f);
     expect(b).toHaveLength(2);
@@ -539,8 +754,13 @@ describe("shadowDdl: what the partitioned table keeps of the original (issue 13,
 
   it("liveNamesSql swaps each pair between the live table and its copy in one re-runnable DO block", () => {
     expect(liveNamesSql(TABLE, SHADOW, [])).toEqual([]);
-    const [stmt] = liveNamesSql(TABLE, SHADOW, [{ from: "a_part", to: "a" }, { from: "it's_part", to: "it's" }]);
-    expect(stmt).toMatch(/^DO \$pgshift\$ DECLARE live oid := to_regclass\('"My Schema"\."Order Items"'\); copy oid := to_regclass\('"My Schema"\."Order Items_pgshift_shadow"'\);/);
+    const [stmt] = liveNamesSql(TABLE, SHADOW, [
+      { from: "a_part", to: "a" },
+      { from: "it's_part", to: "it's" },
+    ]);
+    expect(stmt).toMatch(
+      /^DO \$pgshift\$ DECLARE live oid := to_regclass\('"My Schema"\."Order Items"'\); copy oid := to_regclass\('"My Schema"\."Order Items_pgshift_shadow"'\);/,
+    );
     expect(stmt).toContain(`ARRAY[ARRAY['a_part', 'a'], ARRAY['it''s_part', 'it''s']]::text[]`);
     expect(stmt).toContain("ALTER INDEX %I.%I RENAME TO %I");
     expect(stmt).toContain("ALTER STATISTICS %I.%I RENAME TO %I");
@@ -580,7 +800,9 @@ $pgshift$`,
 
   it("upserts on the key and updates only non-key columns", () => {
     const sql = mirrorFunctionSql({ ...base, key: ["id"], columns: ["id", "created_at", "status"] });
-    expect(sql).toContain(`ON CONFLICT ("id") DO UPDATE SET "created_at" = EXCLUDED."created_at", "status" = EXCLUDED."status";`);
+    expect(sql).toContain(
+      `ON CONFLICT ("id") DO UPDATE SET "created_at" = EXCLUDED."created_at", "status" = EXCLUDED."status";`,
+    );
     expect(sql).not.toContain(`"id" = EXCLUDED."id"`);
   });
 
@@ -617,10 +839,14 @@ $pgshift$`,
       overridingSystemValue: false,
     });
     expect(sql.startsWith(`CREATE OR REPLACE FUNCTION "pg shift"."mir""ror"() RETURNS trigger`)).toBe(true);
-    expect(sql).toContain(`DELETE FROM "My Schema"."Order Items_pgshift_shadow" WHERE ("Id", "order") = (OLD."Id", OLD."order");`);
+    expect(sql).toContain(
+      `DELETE FROM "My Schema"."Order Items_pgshift_shadow" WHERE ("Id", "order") = (OLD."Id", OLD."order");`,
+    );
     expect(sql).toContain(`INSERT INTO "My Schema"."Order Items_pgshift_shadow" ("Id", "order", "a""b", "x, y")`);
     expect(sql).toContain(`VALUES (NEW."Id", NEW."order", NEW."a""b", NEW."x, y")`);
-    expect(sql).toContain(`ON CONFLICT ("Id", "order") DO UPDATE SET "a""b" = EXCLUDED."a""b", "x, y" = EXCLUDED."x, y";`);
+    expect(sql).toContain(
+      `ON CONFLICT ("Id", "order") DO UPDATE SET "a""b" = EXCLUDED."a""b", "x, y" = EXCLUDED."x, y";`,
+    );
   });
 
   it("picks a dollar-quote tag that does not occur in the body", () => {
@@ -636,7 +862,9 @@ $pgshift$`,
     expect(two).toMatch(/ AS \$pgshift2\$\n#variable_conflict use_column\nBEGIN/);
     expect(two.endsWith("END\n$pgshift2$")).toBe(true);
 
-    expect(mirrorFunctionSql({ ...base, columns: ["id", "created_at", "pgshift"] })).toMatch(/ AS \$pgshift\$\n#variable_conflict use_column\nBEGIN/);
+    expect(mirrorFunctionSql({ ...base, columns: ["id", "created_at", "pgshift"] })).toMatch(
+      / AS \$pgshift\$\n#variable_conflict use_column\nBEGIN/,
+    );
   });
 
   // BUG: the body refers to key columns unqualified (ON CONFLICT (...), WHERE (...) = (OLD...)). In PL/pgSQL a column
@@ -649,7 +877,11 @@ $pgshift$`,
   });
 
   it("installs the function, the row trigger and the TRUNCATE guard", () => {
-    const spec: TriggerMirrorSpec = { ...base, from: { schema: "My Schema", name: "Order Items" }, fn: { schema: "pgshift", name: "mirror_1" } };
+    const spec: TriggerMirrorSpec = {
+      ...base,
+      from: { schema: "My Schema", name: "Order Items" },
+      fn: { schema: "pgshift", name: "mirror_1" },
+    };
     const sql = installTriggerMirrorSql(spec);
     expect(sql).toHaveLength(4);
     expect(sql[0]).toBe(mirrorFunctionSql(spec));
@@ -661,9 +893,13 @@ $pgshift$`,
     );
     // and on every partition that lacks it, at every level, should the table be partitioned (TRUNCATE of one
     // partition fires only its triggers)
-    expect(sql[3]).toContain(`pg_catalog.pg_partition_tree('"My Schema"."Order Items"'::regclass) WHERE level > 0 AND NOT EXISTS`);
+    expect(sql[3]).toContain(
+      `pg_catalog.pg_partition_tree('"My Schema"."Order Items"'::regclass) WHERE level > 0 AND NOT EXISTS`,
+    );
     expect(sql[3]).toContain(`g.tgname = 'pgshift_truncate_guard'`);
-    expect(sql[3]).toContain(`EXECUTE format('CREATE TRIGGER pgshift_truncate_guard BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION "pgshift"."truncate_guard"()', part)`);
+    expect(sql[3]).toContain(
+      `EXECUTE format('CREATE TRIGGER pgshift_truncate_guard BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION "pgshift"."truncate_guard"()', part)`,
+    );
     expect(MIRROR_TRIGGER).toBe("pgshift_mirror");
     expect(TRUNCATE_TRIGGER).toBe("pgshift_truncate_guard");
   });

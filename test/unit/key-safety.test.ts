@@ -16,11 +16,17 @@ describe("mirrorFunctionSql, writes: strict (the reverse mirror into the retired
   it("inserts plainly, updates by the old key, deletes by the old key: never ON CONFLICT", () => {
     const sql = mirrorFunctionSql(base);
     expect(sql).not.toContain("ON CONFLICT");
-    expect(sql).toContain(`INSERT INTO "public"."orders_pgshift_retired" ("id", "created_at", "status")\n    VALUES (NEW."id", NEW."created_at", NEW."status");`);
-    expect(sql).toContain(`UPDATE "public"."orders_pgshift_retired" SET "id" = NEW."id", "created_at" = NEW."created_at", "status" = NEW."status" WHERE ("id") = (OLD."id");`);
+    expect(sql).toContain(
+      `INSERT INTO "public"."orders_pgshift_retired" ("id", "created_at", "status")\n    VALUES (NEW."id", NEW."created_at", NEW."status");`,
+    );
+    expect(sql).toContain(
+      `UPDATE "public"."orders_pgshift_retired" SET "id" = NEW."id", "created_at" = NEW."created_at", "status" = NEW."status" WHERE ("id") = (OLD."id");`,
+    );
     expect(sql).toContain(`DELETE FROM "public"."orders_pgshift_retired" WHERE ("id") = (OLD."id");`);
     // an UPDATE that found its row is done; one that did not (the row is missing) inserts it
-    expect(sql).toMatch(/IF TG_OP = 'UPDATE' THEN\n.*\n    IF FOUND THEN\n      RETURN NULL;\n    END IF;\n  END IF;\n  INSERT INTO/);
+    expect(sql).toMatch(
+      /IF TG_OP = 'UPDATE' THEN\n.*\n {4}IF FOUND THEN\n {6}RETURN NULL;\n {4}END IF;\n {2}END IF;\n {2}INSERT INTO/,
+    );
   });
 
   it("sets a GENERATED ALWAYS identity column only when it changed (the retired table then refuses as the original did)", () => {

@@ -12,7 +12,8 @@ import {
 
 const bytes = (s: string) => Buffer.byteLength(s, "utf8");
 /** True when `s` holds a UTF-16 surrogate that is not part of a pair (a split character). */
-const hasLoneSurrogate = (s: string) => /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/.test(s);
+const hasLoneSurrogate = (s: string) =>
+  /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/.test(s);
 
 describe("parseTableName", () => {
   it("puts a bare name in the default schema", () => {
@@ -169,29 +170,29 @@ describe("fitName", () => {
     expect(fitName("orders", "_p2024_01")).toBe("orders_p2024_01");
     expect(fitName("orders", "")).toBe("orders");
     const exact = "a".repeat(54);
-    expect(fitName(exact, "_p2024_01")).toBe(exact + "_p2024_01");
+    expect(fitName(exact, "_p2024_01")).toBe(`${exact}_p2024_01`);
     expect(bytes(fitName(exact, "_p2024_01"))).toBe(63);
   });
 
   it("cuts an ASCII base so that base + suffix is exactly 63 bytes", () => {
     const out = fitName("a".repeat(100), "_default");
-    expect(out).toBe("a".repeat(55) + "_default");
+    expect(out).toBe(`${"a".repeat(55)}_default`);
     expect(bytes(out)).toBe(63);
     expect(fitName("b".repeat(70), "")).toBe("b".repeat(63));
   });
 
   it("counts bytes, not characters, for two-byte characters", () => {
     const out = fitName("é".repeat(40), "_x"); // 80 bytes of base; room 61 -> 30 characters (60 bytes)
-    expect(out).toBe("é".repeat(30) + "_x");
+    expect(out).toBe(`${"é".repeat(30)}_x`);
     expect(bytes(out)).toBe(62);
   });
 
   it("counts bytes for three-byte characters", () => {
     const out = fitName("日".repeat(30), "_p0"); // room 60 -> 20 characters
-    expect(out).toBe("日".repeat(20) + "_p0");
+    expect(out).toBe(`${"日".repeat(20)}_p0`);
     expect(bytes(out)).toBe(63);
-    const mixed = fitName("ab" + "日".repeat(30), "_p0"); // room 60: 2 + 19*3 = 59, one more would be 62
-    expect(mixed).toBe("ab" + "日".repeat(19) + "_p0");
+    const mixed = fitName(`ab${"日".repeat(30)}`, "_p0"); // room 60: 2 + 19*3 = 59, one more would be 62
+    expect(mixed).toBe(`ab${"日".repeat(19)}_p0`);
     expect(bytes(mixed)).toBe(62);
   });
 
@@ -206,20 +207,20 @@ describe("fitName", () => {
 
   it("drops a whole four-byte character when the fit is tighter than the character", () => {
     // 58 + 4 = 62 bytes before "abc", room 60: the emoji cannot stay (and half of it would be 61 bytes)
-    const out = fitName("x".repeat(58) + "😀" + "abc", "_p1");
-    expect(out).toBe("x".repeat(58) + "_p1");
+    const out = fitName(`${"x".repeat(58)}😀abc`, "_p1");
+    expect(out).toBe(`${"x".repeat(58)}_p1`);
     expect(bytes(out)).toBe(61);
     expect(hasLoneSurrogate(out)).toBe(false);
     // 56 + 4 = 60 bytes: the emoji stays whole
-    expect(fitName("x".repeat(56) + "😀" + "abc", "_p1")).toBe("x".repeat(56) + "😀_p1");
+    expect(fitName(`${"x".repeat(56)}😀abc`, "_p1")).toBe(`${"x".repeat(56)}😀_p1`);
   });
 
   // BUG: fitName trims one UTF-16 code unit at a time. When dropping only the low surrogate of an
   // astral character makes the (lone high surrogate, encoded by TextEncoder as U+FFFD, 3 bytes) text fit,
   // it stops there and returns a string with half a character.
   it("never splits a surrogate pair (astral characters such as emoji)", () => {
-    const out = fitName("x".repeat(57) + "😀" + "abc", "_p1"); // room 60: 57 + 3 (lone surrogate) fits
+    const out = fitName(`${"x".repeat(57)}😀abc`, "_p1"); // room 60: 57 + 3 (lone surrogate) fits
     expect(hasLoneSurrogate(out)).toBe(false);
-    expect(out).toBe("x".repeat(57) + "_p1");
+    expect(out).toBe(`${"x".repeat(57)}_p1`);
   });
 });

@@ -2,11 +2,11 @@ import { describe, expect, it } from "vitest";
 import { PgshiftError } from "../../src/errors.js";
 import {
   formatPartitionSpec,
+  type PartitionSpec,
+  PartitionSpecSchema,
   parsePartitionSpec,
   partitionMethod,
-  PartitionSpecSchema,
   TIME_INTERVALS,
-  type PartitionSpec,
 } from "../../src/partitioning/spec.js";
 
 /** Runs `fn`, expects a PgshiftError, returns it for further checks. */
@@ -22,12 +22,24 @@ function thrown(fn: () => unknown): PgshiftError {
 
 describe("parsePartitionSpec: valid forms", () => {
   it.each(TIME_INTERVALS.map((i) => [i]))("range:<col>:%s", (interval) => {
-    expect(parsePartitionSpec(`range:created_at:${interval}`)).toEqual({ strategy: "range", column: "created_at", interval });
+    expect(parsePartitionSpec(`range:created_at:${interval}`)).toEqual({
+      strategy: "range",
+      column: "created_at",
+      interval,
+    });
   });
 
   it("folds the interval and the strategy to lower case", () => {
-    expect(parsePartitionSpec("RANGE:created_at:MONTH")).toEqual({ strategy: "range", column: "created_at", interval: "month" });
-    expect(parsePartitionSpec("Range:created_at:Quarter")).toEqual({ strategy: "range", column: "created_at", interval: "quarter" });
+    expect(parsePartitionSpec("RANGE:created_at:MONTH")).toEqual({
+      strategy: "range",
+      column: "created_at",
+      interval: "month",
+    });
+    expect(parsePartitionSpec("Range:created_at:Quarter")).toEqual({
+      strategy: "range",
+      column: "created_at",
+      interval: "quarter",
+    });
     expect(parsePartitionSpec("LIST:tenant")).toEqual({ strategy: "list", column: "tenant" });
     expect(parsePartitionSpec("Hash:id:8")).toEqual({ strategy: "hash", column: "id", modulus: 8 });
   });
@@ -39,7 +51,11 @@ describe("parsePartitionSpec: valid forms", () => {
 
   it("accepts a width up to 2^62 and no more", () => {
     const max = (2n ** 62n).toString();
-    expect(parsePartitionSpec(`range:id:${max}`)).toEqual({ strategy: "range-int", column: "id", width: "4611686018427387904" });
+    expect(parsePartitionSpec(`range:id:${max}`)).toEqual({
+      strategy: "range-int",
+      column: "id",
+      width: "4611686018427387904",
+    });
     thrown(() => parsePartitionSpec(`range:id:${(2n ** 62n + 1n).toString()}`));
     thrown(() => parsePartitionSpec("range:id:99999999999999999999999"));
   });
@@ -55,7 +71,11 @@ describe("parsePartitionSpec: valid forms", () => {
   });
 
   it("folds unquoted column names to lower case", () => {
-    expect(parsePartitionSpec("range:CreatedAt:day")).toEqual({ strategy: "range", column: "createdat", interval: "day" });
+    expect(parsePartitionSpec("range:CreatedAt:day")).toEqual({
+      strategy: "range",
+      column: "createdat",
+      interval: "day",
+    });
     expect(parsePartitionSpec("list:Tenant_ID")).toEqual({ strategy: "list", column: "tenant_id" });
     expect(parsePartitionSpec("hash:ID:4")).toEqual({ strategy: "hash", column: "id", modulus: 4 });
   });
@@ -65,7 +85,11 @@ describe("parsePartitionSpec: valid forms", () => {
   });
 
   it("keeps the case and spaces of quoted columns", () => {
-    expect(parsePartitionSpec('range:"Created At":week')).toEqual({ strategy: "range", column: "Created At", interval: "week" });
+    expect(parsePartitionSpec('range:"Created At":week')).toEqual({
+      strategy: "range",
+      column: "Created At",
+      interval: "week",
+    });
     expect(parsePartitionSpec('list:"TenantId"')).toEqual({ strategy: "list", column: "TenantId" });
     expect(parsePartitionSpec('hash:"Id":3')).toEqual({ strategy: "hash", column: "Id", modulus: 3 });
   });
@@ -99,7 +123,11 @@ describe("parsePartitionSpec: malformed input throws PgshiftError", () => {
     ["empty strategy", ":created_at:month", /unknown strategy ""/],
     ["range without a parameter", "range:created_at", /range needs an interval/],
     ["range with an empty parameter", "range:created_at:", /range needs an interval/],
-    ["bad interval", "range:created_at:fortnight", /is neither day, week, month, quarter, year nor a positive integer width/],
+    [
+      "bad interval",
+      "range:created_at:fortnight",
+      /is neither day, week, month, quarter, year nor a positive integer width/,
+    ],
     ["plural interval", "range:created_at:months", /is neither/],
     ["zero width", "range:id:0", /is neither/],
     ["negative width", "range:id:-10", /is neither/],
@@ -131,14 +159,18 @@ describe("parsePartitionSpec: malformed input throws PgshiftError", () => {
 
 describe("formatPartitionSpec", () => {
   it("writes each strategy in its command-line form", () => {
-    expect(formatPartitionSpec({ strategy: "range", column: "created_at", interval: "quarter" })).toBe("range:created_at:quarter");
+    expect(formatPartitionSpec({ strategy: "range", column: "created_at", interval: "quarter" })).toBe(
+      "range:created_at:quarter",
+    );
     expect(formatPartitionSpec({ strategy: "range-int", column: "id", width: "250000" })).toBe("range:id:250000");
     expect(formatPartitionSpec({ strategy: "list", column: "tenant_id" })).toBe("list:tenant_id");
     expect(formatPartitionSpec({ strategy: "hash", column: "id", modulus: 32 })).toBe("hash:id:32");
   });
 
   it("quotes columns that are not plain lower-case identifiers, doubling quotes", () => {
-    expect(formatPartitionSpec({ strategy: "range", column: "Created At", interval: "month" })).toBe('range:"Created At":month');
+    expect(formatPartitionSpec({ strategy: "range", column: "Created At", interval: "month" })).toBe(
+      'range:"Created At":month',
+    );
     expect(formatPartitionSpec({ strategy: "list", column: "CamelCase" })).toBe('list:"CamelCase"');
     expect(formatPartitionSpec({ strategy: "list", column: 'say "hi"' })).toBe('list:"say ""hi"""');
     expect(formatPartitionSpec({ strategy: "hash", column: "a:b", modulus: 2 })).toBe('hash:"a:b":2');
