@@ -91,7 +91,7 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
   const batchSize = opts.batchSize ?? 10000;
   await lockMigration(sql, table);
   try {
-    let m = await requireMigration(sql, table, "backfill", ["started", "backfilling", "backfilled", "swapped_back"]);
+    let m = await requireMigration(sql, table, "backfill");
     const t0 = performance.now();
     if (m.phase === "backfilled" || m.phase === "swapped_back") {
       const p = progress(m, 0, 0, true);
@@ -104,7 +104,7 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
       update pgshift.migrations set phase = 'backfilling', backfill_started_at = coalesce(backfill_started_at, now()),
              rows_estimated = greatest(${Number(est[0]?.n ?? 0)}::bigint, rows_copied), updated_at = now()
        where id = ${m.id}`;
-    m = (await requireMigration(sql, table, "backfill", ["backfilling"]))!;
+    m = (await requireMigration(sql, table, "backfill"))!;
     const key = m.key_columns;
     const keyCols = identList(sql, key);
     let checkpoint = m.checkpoint && m.checkpoint.length > 0 ? m.checkpoint : null;
@@ -256,9 +256,7 @@ export function batchSql(tx: AnySql, m: Migration, where: Fragment) {
  * run after the copy. Asks the server to describe each (parse only: nothing is executed).
  */
 export async function describeBackfill(sql: Sql, table: QualifiedName, batchSize = 10000): Promise<string[]> {
-  const m = await requireMigration(sql, table, "backfill", ["started", "backfilling", "backfilled", "swapped_back"], {
-    upgrade: false,
-  });
+  const m = await requireMigration(sql, table, "backfill", { upgrade: false });
   const key = m.key_columns;
   const sample = key.map(() => "0");
   const keyCols = identList(sql, key);

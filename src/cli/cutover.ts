@@ -42,13 +42,7 @@ Examples:
   cmd.action(async (tableArg: string, opts: Opts) => {
     await withTable(tableArg, opts, async (sql, table) => {
       if (opts.dryRun) {
-        const m = await requireMigration(
-          sql,
-          table,
-          isCutover ? "cut over" : "swap back",
-          isCutover ? ["backfilled", "swapped_back"] : ["cutover"],
-          { upgrade: false },
-        );
+        const m = await requireMigration(sql, table, isCutover ? "cutover" : "swap-back", { upgrade: false });
         // Indexes created on the live table during the migration are built on the copy first; anything else refuses here as it would there.
         const before = await carryOverSql(sql, m, table);
         const after = isCutover ? cutoverPlanSql(before.migration) : swapBackSql(before.migration);

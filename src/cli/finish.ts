@@ -58,13 +58,7 @@ Example:
   cmd.action(async (tableArg: string, opts: Opts) => {
     await withTable(tableArg, opts, async (sql, table) => {
       if (opts.dryRun) {
-        const m = await requireMigration(
-          sql,
-          table,
-          "abort",
-          ["started", "backfilling", "backfilled", "swapped_back"],
-          { upgrade: false },
-        );
+        const m = await requireMigration(sql, table, "abort", { upgrade: false });
         process.stdout.write(
           [...dropStreamSql(m.slot_name, m.publication_name, m.live), ...abortSql(m)].map((s) => `${s};`).join("\n") +
             "\n",

@@ -14,6 +14,7 @@ import { type LockRetryOptions, withLockRetry } from "../db.js";
 import { deferredIndexSql, liveNamesSql } from "../ddl/shadow.js";
 import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
+import { allows, tablesIn } from "../migration/phases.js";
 import {
   loadMigration,
   lockMigration,
@@ -60,20 +61,9 @@ export interface BuiltIndex {
   widened: boolean;
 }
 
-/** The migration as it will be named in `phase` (names swap at cutover). */
+/** The migration as it will be named in `phase` (names swap at cutover; tablesIn, phases.ts). */
 function renamed(m: Migration, phase: Phase): Migration {
-  const after = phase === "cutover";
-  const schema = m.source_schema;
-  const live = { schema, name: m.source_table };
-  const shadow = { schema, name: m.shadow_table };
-  const retired = { schema, name: m.retired_table };
-  return {
-    ...m,
-    phase,
-    copy: after ? retired : shadow,
-    original: after ? retired : live,
-    partitioned: after ? live : shadow,
-  };
+  return { ...m, phase, ...tablesIn(m, phase) };
 }
 
 /**
@@ -286,12 +276,12 @@ async function switchTables(
   sql: Sql,
   table: QualifiedName,
   to: "cutover" | "swapped_back",
-  from: Phase[],
   opts: CutoverOptions,
 ): Promise<CutoverResult> {
   await lockMigration(sql, table);
   try {
-    const m0 = await requireMigration(sql, table, to === "cutover" ? "cut over" : "swap back", from);
+    const command = to === "cutover" ? "cutover" : "swap-back";
+    const m0 = await requireMigration(sql, table, command);
     const health = await mirrorFor(m0.mode).health(sql, m0);
     if (!health.ok)
       throw new PgshiftError(`the mirror is not healthy: ${health.detail}`, {
@@ -318,7 +308,7 @@ async function switchTables(
       async (tx) => {
         attempts++;
         const m = await loadMigration(tx, table);
-        if (!m || !from.includes(m.phase))
+        if (!m || !allows(command, m.phase))
           throw new PgshiftError(`the migration of ${displayName(table)} changed phase meanwhile`);
         statements = to === "cutover" ? cutoverSql(m) : swapBackSql(m);
         let locked: number;
@@ -425,7 +415,7 @@ async function switchTables(
  * @throws PhaseError before the backfill is complete; PgshiftError when the locks are never granted in time.
  */
 export function cutover(sql: Sql, table: QualifiedName, opts: CutoverOptions = {}): Promise<CutoverResult> {
-  return switchTables(sql, table, "cutover", ["backfilled", "swapped_back"], opts);
+  return switchTables(sql, table, "cutover", opts);
 }
 
 /**
@@ -434,5 +424,5 @@ export function cutover(sql: Sql, table: QualifiedName, opts: CutoverOptions = {
  * @throws PhaseError unless the migration is in phase cutover.
  */
 export function swapBack(sql: Sql, table: QualifiedName, opts: CutoverOptions = {}): Promise<CutoverResult> {
-  return switchTables(sql, table, "swapped_back", ["cutover"], opts);
+  return switchTables(sql, table, "swapped_back", opts);
 }

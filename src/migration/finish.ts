@@ -246,7 +246,7 @@ export async function finalize(
 ): Promise<{ statements: string[] }> {
   await lockMigration(sql, table);
   try {
-    const m = await requireMigration(sql, table, "finalize", ["cutover"], { upgrade: !opts.dryRun });
+    const m = await requireMigration(sql, table, "finalize", { upgrade: !opts.dryRun });
     if (!opts.yes && !opts.dryRun) {
       throw new PgshiftError(`finalize drops ${displayName(m.copy)} and makes swap-back impossible`, {
         hint: "run it again with --yes to confirm",
@@ -316,7 +316,7 @@ export async function abort(
         return { statements: dropStreamSql(left.slot, left.publication, table) };
       }
     }
-    const m = await requireMigration(sql, table, "abort", ["started", "backfilling", "backfilled", "swapped_back"]);
+    const m = await requireMigration(sql, table, "abort");
     const statements = abortSql(m);
     await dropStream(sql, m.slot_name, m.publication_name, opts);
     await withLockRetry(

@@ -8,20 +8,9 @@ import { truncateGuardFunctionSql, truncateGuardSql } from "../mirror/trigger.js
 import { displayName, type QualifiedName, quoteQualified } from "../names.js";
 import { PartitionSpecSchema } from "../partitioning/spec.js";
 import { upgradeDdlGuard } from "./ddl-guard.js";
+import { type Command, NEXT_STEP, namesInSql, PHASES, type Phase, TRANSITIONS, tablesIn } from "./phases.js";
 
-/**
- * Phases of a migration and the steps that may follow each (the state machine):
- *
- *   started --backfill--> backfilling --(done)--> backfilled --cutover--> cutover --swap-back--> swapped_back
- *                                                                            |  ^--------cutover-------'
- *                                                                         finalize (row deleted)
- *   abort (row deleted) from started, backfilling, backfilled, swapped_back.
- *
- * In `cutover` the partitioned table carries the original name and the old table the retired name;
- * in every other phase the original table carries its name and the partitioned one the shadow name.
- */
-export const PHASES = ["started", "backfilling", "backfilled", "cutover", "swapped_back"] as const;
-export type Phase = (typeof PHASES)[number];
+export { type Command, NEXT_STEP, PHASES, type Phase, TRANSITIONS, tablesIn } from "./phases.js";
 
 export const MODES = ["trigger", "logical"] as const;
 export type Mode = (typeof MODES)[number];
@@ -198,19 +187,7 @@ export function schemaSql(): string[] {
 }
 
 function withNames(row: MigrationRow): Migration {
-  const schema = row.source_schema;
-  const live = { schema, name: row.source_table };
-  const shadow = { schema, name: row.shadow_table };
-  const retired = { schema, name: row.retired_table };
-  const after = row.phase === "cutover";
-  return {
-    ...row,
-    live,
-    copy: after ? retired : shadow,
-    original: after ? retired : live,
-    partitioned: after ? live : shadow,
-    mirrorFn: { schema: "pgshift", name: row.mirror_function },
-  };
+  return { ...row, ...tablesIn(row, row.phase), mirrorFn: { schema: "pgshift", name: row.mirror_function } };
 }
 
 /**
@@ -335,7 +312,7 @@ async function requireSchemaVersion(sql: AnySql, upgrade: boolean): Promise<void
 async function guardCopies(sql: AnySql): Promise<void> {
   if ("release" in sql || "savepoint" in sql) return;
   const rows = await sql`
-    select source_schema as schema, case when phase = 'cutover' then retired_table else shadow_table end as name
+    select source_schema as schema, ${sql.unsafe(namesInSql().copy)} as name
       from pgshift.migrations`;
   for (const copy of z.array(z.object({ schema: z.string(), name: z.string() })).parse(rows)) {
     try {
@@ -378,24 +355,16 @@ export function logicalNames(sourceOid: number): { slot: string; publication: st
   return { slot: `pgshift_${sourceOid}`, publication: `pgshift_${sourceOid}` };
 }
 
-const NEXT_STEP: Record<Phase, string> = {
-  started: "run pgshift backfill",
-  backfilling: "run pgshift backfill (it resumes from its checkpoint)",
-  backfilled: "run pgshift verify, then pgshift cutover",
-  cutover: "run pgshift verify, then pgshift finalize --yes (or pgshift swap-back)",
-  swapped_back: "run pgshift cutover again, or pgshift abort",
-};
-
 /**
- * Loads the migration of `table` and checks that `command` may run in its phase. `opts.upgrade`: as for
- * loadMigration (false for dry runs, which change nothing).
- * @throws PgshiftError when there is no migration; PhaseError when the phase does not allow the command.
+ * Loads the migration of `table` and checks that `command` may run in its phase (TRANSITIONS, phases.ts).
+ * `opts.upgrade`: as for loadMigration (false for dry runs, which change nothing).
+ * @throws PgshiftError when there is no migration; PhaseError, with the phase's next step as its hint, when the
+ *   phase does not allow the command.
  */
 export async function requireMigration(
   sql: AnySql,
   table: QualifiedName,
-  command: string,
-  allowed: readonly Phase[],
+  command: Command,
   opts: { upgrade?: boolean } = {},
 ): Promise<Migration> {
   const m = await loadMigration(sql, table, opts);
@@ -404,9 +373,10 @@ export async function requireMigration(
       hint: `start one with: pgshift start ${displayName(table)} --partition-by <spec>`,
     });
   }
-  if (!allowed.includes(m.phase)) {
+  const t = TRANSITIONS[command];
+  if (!t.from.includes(m.phase)) {
     throw new PhaseError(
-      `cannot ${command} ${displayName(table)}: the migration is in phase ${m.phase}`,
+      `cannot ${t.verb} ${displayName(table)}: the migration is in phase ${m.phase}`,
       NEXT_STEP[m.phase],
     );
   }

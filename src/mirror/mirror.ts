@@ -1,4 +1,5 @@
 import type { AnySql } from "../db.js";
+import { partitionedIsLive } from "../migration/phases.js";
 import type { Migration, Mode } from "../migration/state.js";
 import { quoteQualified } from "../names.js";
 // logical.ts builds on triggerMirror (used only inside functions, so the import cycle is harmless).
@@ -42,7 +43,7 @@ export const triggerMirror: Mirror = {
     // ever overwriting, so the retired table's unique indexes refuse a key the partitioned table accepts
     // (the original key with another partition value) in the application's transaction, and swap-back
     // never loses the row it would have overwritten.
-    const after = m.phase === "cutover";
+    const after = partitionedIsLive(m.phase);
     const always = m.sequences.filter((s) => s.identity === "a").map((s) => s.column);
     return installTriggerMirrorSql({
       fn: m.mirrorFn,

@@ -75,7 +75,7 @@ async function current(sql: Sql, table: QualifiedName): Promise<Migration | Stop
  *   error of the apply (a schema change of the table, a TRUNCATE) as it is.
  */
 export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {}): Promise<Stop> {
-  const first = await requireMigration(sql, table, "sync", ["started", "backfilling", "backfilled"]);
+  const first = await requireMigration(sql, table, "sync");
   if (first.mode !== "logical" || !first.slot_name) {
     throw new PgshiftError(
       `the migration of ${displayName(table)} is in ${first.mode} mode: there is no stream to apply`,

@@ -98,7 +98,7 @@ export async function verify(sql: Sql, table: QualifiedName, opts: VerifyOptions
   const maxListed = opts.maxListed ?? 1000;
   await lockMigration(sql, table);
   try {
-    const m = await requireMigration(sql, table, "verify", ["backfilled", "cutover", "swapped_back"]);
+    const m = await requireMigration(sql, table, "verify");
     await requireNoDrift(sql, m, "verify");
     const t0 = performance.now();
     const differences: Difference[] = [];
