@@ -1,6 +1,8 @@
 import { Command, Option } from "commander";
+import type { TableFacts } from "../catalog/inspect.js";
 import { describeWidenedKey } from "../migration/keys.js";
 import { type MigrationPlan, planMigration } from "../migration/plan.js";
+import { logicalNames } from "../migration/state.js";
 import { displayName } from "../names.js";
 import { formatPartitionSpec, parsePartitionSpec } from "../partitioning/spec.js";
 import { addConnectionOption, type ConnOpts, formatBytes, intOption, printJson, withTable } from "./common.js";
@@ -31,10 +33,186 @@ export function specOptions(cmd: Command): Command {
     );
 }
 
-/** Human-readable plan: what was found, what will be created, every statement. */
+/**
+ * What `plan` says first, one line per item for a person (also `summary` in `plan --json`):
+ * - creates: the partitioned shadow and its partitions (how many, first and last bound, DEFAULT), the mirror,
+ *   pgshift's schema and the DDL guard;
+ * - carriedOver: what the partitioned table keeps of the original (owner, columns, keys, indexes, constraints,
+ *   grants, row security, replica identity, storage parameters, statistics, comments, CLUSTER mark), as counts;
+ * - application: what changes for the application (widened unique keys, ON CONFLICT targets, its statements
+ *   from pg_stat_statements, the names at cutover, the other warnings);
+ * - blocks: the blockers, or none.
+ * Index and constraint names are left to the details and the statements below it.
+ */
+export interface PlanSummary {
+  creates: string[];
+  carriedOver: string[];
+  application: string[];
+  blocks: string[];
+}
+
+const plural = (n: number, one: string, many = `${one}s`) => `${n} ${n === 1 ? one : many}`;
+
+/** The summary of `plan` (PlanSummary), from the plan and the table's facts. */
+export function planSummary(plan: MigrationPlan): PlanSummary {
+  const f = plan.facts;
+  const creates: string[] = [];
+  const carriedOver: string[] = [];
+  const application: string[] = [];
+  if (plan.blockers.length === 0) {
+    creates.push(`partitioned shadow ${displayName(plan.shadow)} ${describePartitions(plan)}`);
+    if (plan.mode === "logical" && f) {
+      const { slot, publication } = logicalNames(f.oid);
+      creates.push(
+        `logical mirror: publication ${publication} and replication slot ${slot}, created first; ` +
+          `pgshift sync (or backfill, verify and cutover) applies the stream to the shadow`,
+      );
+    } else {
+      creates.push(
+        `trigger mirror: a row trigger on ${displayName(plan.source)} calling ${displayName(plan.mirrorFunction)}, ` +
+          `which writes each change to the shadow in the application's own transaction`,
+      );
+    }
+    creates.push(`pgshift's schema (if missing): its state, one row in pgshift.migrations, and the TRUNCATE guard`);
+    if (plan.ddlGuard === "installs") creates.push(`the DDL guard (3 event triggers, inert when no migration runs)`);
+    else if (plan.ddlGuard === "present") creates.push(`no DDL guard: the one in this database is on already`);
+    else creates.push(`no DDL guard: creating one needs superuser (see the warning below)`);
+  } else creates.push(`nothing: start is refused while anything blocks (below)`);
+  if (f) carriedOver.push(...carriedOverLines(plan, f));
+
+  const col = plan.spec.column;
+  const keys = plan.widenedKeys;
+  if (keys.length === 0) application.push(`no unique key changes: every one contains ${col}`);
+  else {
+    application.push(
+      `${plural(keys.length, "unique key")} ${keys.length === 1 ? "loses" : "lose"} global uniqueness, ${col} added: ${keys.map((k) => k.name).join(", ")}`,
+    );
+    const targets = keys.flatMap((k) => k.onConflictTargets);
+    if (targets.length > 0)
+      application.push(
+        `${plural(targets.length, "ON CONFLICT target")} ${targets.length === 1 ? "stops" : "stop"} working at cutover`,
+      );
+    const app = plan.applicationStatements;
+    if (app.status === "checked") {
+      const fails = app.statements.filter((s) => s.effect === "fails").length;
+      application.push(
+        `pg_stat_statements: ${plural(fails, "statement")} would fail after cutover, ` +
+          `${plural(app.statements.length - fails, "other")} would behave otherwise`,
+      );
+    } else
+      application.push(
+        `the application's statements were not checked: pg_stat_statements ${app.status === "not-installed" ? "is not installed" : "could not be read"} (below)`,
+      );
+    application.push(`start refuses this spec unless --allow-key-extension is given`);
+  }
+  if (plan.blockers.length === 0)
+    application.push(
+      `at cutover the partitioned table takes the name ${displayName(plan.source)}; ` +
+        `the original is kept as ${displayName(plan.retired)}, in step, until finalize`,
+    );
+  const keyLines = new Set(keys.map(describeWidenedKey));
+  const others = plan.warnings.filter((w) => !keyLines.has(w) && !w.startsWith("the DDL guard is"));
+  if (others.length > 0) application.push(`${plural(others.length, "more warning")}: below`);
+  const blocks =
+    plan.blockers.length === 0
+      ? ["nothing"]
+      : [`${plural(plan.blockers.length, "reason")} start refuses for, each on a blocker line below`];
+  return { creates, carriedOver, application, blocks };
+}
+
+/** "28 partitions from '2024-01-01 ...' to '2026-05-01 ...', plus DEFAULT orders_default", from the bounds. */
+function describePartitions(plan: MigrationPlan): string {
+  const ps = plan.partitions.filter((p) => !p.isDefault);
+  const dflt = plan.partitions.find((p) => p.isDefault);
+  const by = `(${formatPartitionSpec(plan.spec)})`;
+  let span = "";
+  const first = /^FOR VALUES FROM \((.*)\) TO \((.*)\)$/.exec(ps[0]?.bound ?? "");
+  const last = /^FOR VALUES FROM \((.*)\) TO \((.*)\)$/.exec(ps[ps.length - 1]?.bound ?? "");
+  if (first && last) span = ` from ${first[1]} to ${last[2]}`;
+  else if (ps.length > 0) span = ` (${ps[0]!.name} .. ${ps[ps.length - 1]!.name})`;
+  return `${by}: ${plural(ps.length, "partition")}${span}${dflt ? `, plus DEFAULT ${dflt.name}` : ""}`;
+}
+
+/** What the partitioned table keeps of the original, as counts (names are in the statements). */
+function carriedOverLines(plan: MigrationPlan, f: TableFacts): string[] {
+  const out: string[] = [];
+  out.push(`owner ${f.owner}, on the parent and every partition`);
+  out.push(
+    `${plural(f.columns.length, "column")} in the same order: types, collations, defaults, NOT NULL, generated ` +
+      `columns, column comments`,
+  );
+  const identity = f.columns.filter((c) => c.identity !== "" && c.sequence).length;
+  const serial = f.columns.filter((c) => c.identity === "" && c.sequence).length;
+  if (serial > 0) out.push(`${plural(serial, "serial column")}: the same sequence`);
+  if (identity > 0)
+    out.push(
+      `${plural(identity, "identity column")}: drawn from the original sequence until finalize makes ` +
+        `${identity === 1 ? "it an identity column" : "them identity columns"} again`,
+    );
+  const key = f.indexes.find((i) => i.isPrimary || i.name === f.keyIndexName);
+  const kind = key?.isPrimary ? "primary key" : "key";
+  const widened = plan.shadowKey.length > plan.keyColumns.length ? ` as (${plan.shadowKey.join(", ")})` : "";
+  out.push(`${kind} (${plan.keyColumns.join(", ")})${widened}, created at start`);
+  const others = f.indexes.filter((i) => i !== key);
+  if (others.length > 0) {
+    const unique = others.filter((i) => i.isUnique).length;
+    const later = plan.deferredIndexes.length;
+    out.push(
+      `${plural(others.length, "more index", "more indexes")}${unique > 0 ? ` (${unique} unique)` : ""}: ` +
+        [
+          ...(later > 0 ? [`${later} built by backfill after the copy, without blocking writes`] : []),
+          ...(others.length > later ? [`${others.length - later} at start (deferrable unique)`] : []),
+        ].join(", "),
+    );
+  }
+  const notValid = f.checks.filter((c) => !c.valid).length + f.foreignKeys.filter((c) => !c.valid).length;
+  const constraints = [
+    ...(f.checks.length > 0 ? [plural(f.checks.length, "CHECK constraint")] : []),
+    ...(f.foreignKeys.length > 0 ? [plural(f.foreignKeys.length, "foreign key")] : []),
+  ];
+  if (constraints.length > 0)
+    out.push(
+      `${constraints.join(", ")}, same names${notValid > 0 ? ` (${notValid} NOT VALID, added after the copy)` : ""}`,
+    );
+  const grants = f.grants.length + f.columnGrants.length;
+  if (grants > 0 || f.ownerRevoked.length > 0)
+    out.push(
+      `${plural(f.grants.length, "table grant")}, ${plural(f.columnGrants.length, "column grant")}` +
+        (f.ownerRevoked.length > 0 ? `, the owner's own revokes (${f.ownerRevoked.join(", ")})` : ""),
+    );
+  if (f.rowSecurity || f.forceRowSecurity)
+    out.push(
+      `row level security: ${[f.rowSecurity ? "enabled" : "", f.forceRowSecurity ? "forced" : ""].join(" ").trim()}`,
+    );
+  const identityKind = { f: "FULL", n: "NOTHING", i: "USING INDEX (after the copy)" }[f.replicaIdentity];
+  if (identityKind) out.push(`replica identity ${identityKind}`);
+  if (f.reloptions.length > 0) out.push(`storage parameters on each partition: ${f.reloptions.join(", ")}`);
+  const perColumn = f.columns.filter((c) => c.statisticsTarget !== null || c.options.length > 0).length;
+  if (perColumn > 0) out.push(`statistics targets and n_distinct of ${plural(perColumn, "column")}`);
+  if (f.statistics.length > 0) out.push(`${plural(f.statistics.length, "extended statistics object")}`);
+  if (f.comment !== null) out.push(`the table comment`);
+  if (f.indexes.some((i) => i.isClustered)) out.push(`the CLUSTER mark, on each partition's copy of the index`);
+  return out;
+}
+
+/**
+ * Human-readable plan: the summary (planSummary), then what was found (rows, key, partitions, warnings,
+ * blockers, what the application will notice), then every statement in the order start runs it: the table's
+ * own DDL, then pgshift's own objects (plan.tableStatementCount), then what backfill runs after the copy.
+ */
 export function printPlan(plan: MigrationPlan): void {
   const out: string[] = [];
   out.push(`plan for ${displayName(plan.source)}: partition by ${formatPartitionSpec(plan.spec)}, ${plan.mode} mirror`);
+  const summary = planSummary(plan);
+  const section = (title: string, lines: string[]) => {
+    if (lines.length === 1) out.push(`  ${title}: ${lines[0]}`);
+    else if (lines.length > 1) out.push(`  ${title}:`, ...lines.map((l) => `    - ${l}`));
+  };
+  section("creates", summary.creates);
+  section("carries over", summary.carriedOver);
+  section("changes for the application", summary.application);
+  section("blocks", summary.blocks);
+  out.push("", "details:");
   out.push(
     `  found: ~${plan.estimatedRows} rows, ${formatBytes(plan.totalBytes)}, key (${plan.keyColumns.join(", ")})`,
   );
@@ -55,8 +233,16 @@ export function printPlan(plan: MigrationPlan): void {
     for (const s of plan.streamStatements) out.push(`${s};`);
   }
   if (plan.statements.length > 0) {
+    const table = plan.statements.slice(0, plan.tableStatementCount);
+    const own = plan.statements.slice(plan.tableStatementCount);
     out.push("", `-- the ${plan.statements.length} statements start runs, in one transaction:`);
-    for (const s of plan.statements) out.push(`${s};`);
+    out.push(`-- the table's own DDL: the shadow, its partitions, key, constraints, grants (${table.length}):`);
+    for (const s of table) out.push(`${s};`);
+    out.push(
+      `-- pgshift's own objects: its schema, the DDL guard, identity defaults, TRUNCATE guard, mirror, ` +
+        `the migration's row (${own.length}):`,
+    );
+    for (const s of own) out.push(`${s};`);
   }
   if (plan.afterCopyStatements.length > 0) {
     out.push(
@@ -129,7 +315,7 @@ Exit codes: 0 the table can be migrated, 2 blockers found or error.`,
     );
     if (opts.json) {
       const { facts: _facts, ...rest } = plan;
-      printJson(rest);
+      printJson({ ...rest, summary: planSummary(plan) });
     } else printPlan(plan);
     if (plan.blockers.length > 0) process.exitCode = 2;
   });

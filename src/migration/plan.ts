@@ -14,7 +14,7 @@ import {
 import { PgshiftError } from "../errors.js";
 import { createStreamSql, logicalPrerequisites } from "../mirror/logical.js";
 import { installTriggerMirrorSql, truncateGuardSql } from "../mirror/trigger.js";
-import { displayName, fitName, type QualifiedName, quoteLiteral } from "../names.js";
+import { displayName, fitName, type QualifiedName, quoteLiteral, quoteQualified } from "../names.js";
 import { computePartitions, type DataRange, type PartitionDef } from "../partitioning/bounds.js";
 import { formatPartitionSpec, INTEGER_TYPES, type PartitionSpec, TIME_TYPES } from "../partitioning/spec.js";
 import { ddlGuardSql, ddlGuardState } from "./ddl-guard.js";
@@ -61,8 +61,19 @@ export interface MigrationPlan {
   applicationStatements: StatementCheck;
   /** Logical mode: statements run first, each on its own (publication, then replication slot). */
   streamStatements: string[];
-  /** Every statement `start` runs, in order, in one transaction. */
+  /**
+   * Every statement `start` runs, in order, in one transaction: first the table's own DDL (the shadow, its
+   * partitions, keys, constraints, grants), then pgshift's own objects (its schema, the DDL guard, the
+   * identity default functions, the TRUNCATE guard, the mirror, the migration's row).
+   */
   statements: string[];
+  /** How many of `statements`, from the first, are the table's own DDL; the rest are pgshift's own objects. */
+  tableStatementCount: number;
+  /**
+   * The DDL guard at start: "installs" (superuser: start creates or replaces it), "present" (already on),
+   * "missing" (not installed or disabled, and creating it needs superuser); null when blockers stop the plan.
+   */
+  ddlGuard: "installs" | "present" | "missing" | null;
   /** Statements `backfill` runs after the copy to build the secondary indexes without blocking writes. */
   afterCopyStatements: string[];
   deferredIndexes: DeferredIndex[];
@@ -228,9 +239,22 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
       };
   let deferredIndexes: DeferredIndex[] = [];
   let indexRenames: { from: string; to: string }[] = [];
+  let tableStatementCount = 0;
+  let ddlGuard: MigrationPlan["ddlGuard"] = null;
   if (blockers.length === 0) {
+    // The table's own DDL runs first, then pgshift's own objects (what plan prints is what start runs). The
+    // identity default functions live in schema pgshift, so they and the column defaults calling them come
+    // after the schema; nothing is written to the shadow before the transaction commits.
+    const ddl = shadowDdl(facts, spec, partitions, { source: src, shadow });
+    const identityFns = sequences.flatMap((s) =>
+      s.defaultFunction ? [`${quoteQualified({ schema: "pgshift", name: s.defaultFunction })}()`] : [],
+    );
+    const callsPgshift = (stmt: string) => identityFns.some((fn) => stmt.includes(fn));
+    statements.push(...ddl.statements.filter((s) => !callsPgshift(s)));
+    tableStatementCount = statements.length;
     if (!existing) statements.push(...schemaSql());
     const guard = await ddlGuardState(sql);
+    ddlGuard = guard.superuser ? "installs" : guard.installed && guard.enabled ? "present" : "missing";
     if (guard.superuser) statements.push(...ddlGuardSql());
     else if (!guard.installed || !guard.enabled) {
       warnings.push(
@@ -241,8 +265,7 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
             : ""),
       );
     }
-    const ddl = shadowDdl(facts, spec, partitions, { source: src, shadow });
-    statements.push(...ddl.statements);
+    statements.push(...ddl.statements.filter(callsPgshift));
     deferredIndexes = ddl.deferredIndexes;
     indexRenames = ddl.indexRenames;
     for (const idx of deferredIndexes) {
@@ -307,6 +330,8 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     applicationStatements,
     streamStatements,
     statements,
+    tableStatementCount,
+    ddlGuard,
     afterCopyStatements,
     deferredIndexes,
     facts,
