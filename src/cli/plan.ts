@@ -85,7 +85,8 @@ export function planSummary(plan: MigrationPlan): PlanSummary {
   if (keys.length === 0) application.push(`no unique key changes: every one contains ${col}`);
   else {
     application.push(
-      `${plural(keys.length, "unique key")} ${keys.length === 1 ? "loses" : "lose"} global uniqueness, ${col} added: ${keys.map((k) => k.name).join(", ")}`,
+      `${plural(keys.length, "unique key")} ${keys.length === 1 ? "loses" : "lose"} global uniqueness, ` +
+        `${col} added: ${keys.map((k) => k.name).join(", ")}`,
     );
     const targets = keys.flatMap((k) => k.onConflictTargets);
     if (targets.length > 0)
@@ -101,7 +102,8 @@ export function planSummary(plan: MigrationPlan): PlanSummary {
       );
     } else
       application.push(
-        `the application's statements were not checked: pg_stat_statements ${app.status === "not-installed" ? "is not installed" : "could not be read"} (below)`,
+        `the application's statements were not checked: pg_stat_statements ` +
+          `${app.status === "not-installed" ? "is not installed" : "could not be read"} (below)`,
       );
     application.push(`start refuses this spec unless --allow-key-extension is given`);
   }
@@ -172,7 +174,8 @@ function carriedOverLines(plan: MigrationPlan, f: TableFacts): string[] {
   ];
   if (constraints.length > 0)
     out.push(
-      `${constraints.join(", ")}, same names${notValid > 0 ? ` (${notValid} NOT VALID, added after the copy)` : ""}`,
+      `${constraints.join(", ")}, under ${f.checks.length + f.foreignKeys.length === 1 ? "its name" : "their names"}` +
+        (notValid > 0 ? ` (${notValid} NOT VALID, added after the copy)` : ""),
     );
   const grants = f.grants.length + f.columnGrants.length;
   if (grants > 0 || f.ownerRevoked.length > 0)
@@ -247,7 +250,8 @@ export function printPlan(plan: MigrationPlan): void {
   if (plan.afterCopyStatements.length > 0) {
     out.push(
       "",
-      `-- after the copy, backfill builds the secondary indexes without blocking writes (${plan.afterCopyStatements.length} statements, each on its own):`,
+      `-- after the copy, backfill builds the secondary indexes without blocking writes ` +
+        `(${plan.afterCopyStatements.length} statements, each on its own):`,
     );
     for (const s of plan.afterCopyStatements) out.push(`${s};`);
   }
