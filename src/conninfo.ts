@@ -77,7 +77,7 @@ function homeDir(env: NodeJS.ProcessEnv): string {
 
 function invalid(
   message: string,
-  hint = 'see "Connecting" in pgshift\'s README for the parameters pgshift takes',
+  hint = "see pgshift's docs/connecting.md for the parameters pgshift takes",
 ): PgshiftError {
   return new PgshiftError(message, { hint });
 }

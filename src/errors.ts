@@ -2,7 +2,7 @@
  * Typed errors. Every error a person can act on carries a one-line message and a hint;
  * the CLI prints `error: <message>` and `hint: <hint>` and exits with `exitCode`.
  *
- * Exit codes (documented in the README):
+ * Exit codes (documented in docs/commands/README.md):
  *   0 success, 1 verify found differences, 2 any error (bad input, wrong phase, connection, privilege).
  */
 export class PgshiftError extends Error {

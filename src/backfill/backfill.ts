@@ -64,7 +64,7 @@ export function keyAfter(sql: AnySql, key: readonly string[], after: readonly st
  * checkpoint after each batch (in the batch's own transaction), so that a crash loses at most the
  * batch in flight and `backfill` run again continues from the checkpoint.
  *
- * Why no ghost or stale row can appear (README, "What each step guarantees, and how"):
+ * Why no ghost or stale row can appear (docs/design.md, "backfill"):
  * each batch is one READ COMMITTED transaction that
  *  1. finds the batch's upper key `hi` (the N-th key after the checkpoint; an index-only scan), then
  *  2. `INSERT INTO shadow SELECT ... FROM source WHERE key > checkpoint AND key <= hi FOR SHARE

@@ -291,7 +291,7 @@ export function lsnToBigInt(lsn: string): bigint {
  * The logical mirror. Before cutover the shadow is fed by the replication slot (the applier in
  * mirror/apply.ts); the live table only carries the TRUNCATE guard, nothing on the write path.
  * From cutover on, writes to the new live table reach the retired table through row triggers (the trigger
- * mirror), and after a swap-back the shadow is fed by row triggers too: see the README for why.
+ * mirror), and after a swap-back the shadow is fed by row triggers too: see docs/logical-mode.md for why.
  */
 export const logicalMirror: Mirror = {
   mode: "logical",
