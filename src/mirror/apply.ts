@@ -686,7 +686,7 @@ export class Applier {
     this.stream = null;
     await stream?.stop();
     // Let the message in hand finish before the connection goes: a query sent on a closing postgres.js
-    // connection crashes the process.
+    // connection crashes the process (UPSTREAM.postgresJsWritesOnClosedReservedConnection, driver/upstream.ts).
     await pTimeout(this.inFlight, { milliseconds: 5000, message: false }).catch(() => {});
     await this.abandonGroup();
     const sql = this.sql;
