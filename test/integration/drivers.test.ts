@@ -355,9 +355,28 @@ describe("pg-logical-replication", () => {
     let release: () => void = () => {};
     const gate = new Promise<void>((r) => (release = r));
     let handed = 0;
+    // Messages are queued when several arrive in one read: the server's bytes are held here, then handed over
+    // in one write (the library pauses the socket while it handles a message, so later reads wait).
+    const held = { on: false, chunks: [] as Buffer[], bytes: 0 };
+    const target = new URL(db.url);
+    const toClient = new Set<net.Socket>();
+    const relay = await tcpServer((client) => {
+      const server = net.connect(Number(target.port), target.hostname);
+      server.on("error", () => client.destroy());
+      toClient.add(client);
+      client.on("data", (b: Buffer) => server.write(b));
+      client.on("close", () => server.destroy());
+      server.on("data", (b: Buffer) => {
+        if (!held.on) return void client.write(b);
+        held.chunks.push(b);
+        held.bytes += b.length;
+      });
+    });
+    const relayUrl = new URL(db.url);
+    relayUrl.port = String(relay.port);
     const stream = new ReplicationStream(
       { slot: "queue_private", publication: "queue_private", applicationName: "pgshift queue test" },
-      await replicationConfig(db.url),
+      await replicationConfig(relayUrl.toString()),
       {
         onMessage: async () => {
           handed++;
@@ -371,9 +390,18 @@ describe("pg-logical-replication", () => {
     try {
       await stream.start();
       expect(stream.pending()).toEqual({ length: 0, processing: false });
-      // One transaction of 1,000 inserts: the first message (begin) is in hand, those received with it wait in
-      // the queue (the socket is paused meanwhile, the rest waits there).
+      // One transaction of 1,000 inserts, its messages handed over in one write: the first message (begin) is
+      // in hand, those read with it wait in the queue.
+      held.on = true;
       await db.admin`insert into queue_private (id) select g from generate_series(1, 1000) g`;
+      // At least 20 bytes a row change (its tag, relation, tuple header and id): wait for all of them.
+      for (let i = 0, last = -1; i < 400 && (held.bytes < 20_000 || held.bytes !== last); i++) {
+        last = held.bytes;
+        await sleep(100);
+      }
+      expect(held.bytes).toBeGreaterThan(20_000);
+      held.on = false;
+      for (const c of toClient) c.write(Buffer.concat(held.chunks));
       for (let i = 0; i < 200 && stream.pending().length === 0; i++) await sleep(25);
       expect(handed).toBe(1);
       expect(stream.pending().length).toBeGreaterThan(0);
@@ -386,6 +414,7 @@ describe("pg-logical-replication", () => {
     } finally {
       release();
       await stream.stop();
+      await relay.close();
       await dropSlot("queue_private");
     }
   });
