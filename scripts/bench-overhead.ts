@@ -69,7 +69,6 @@ import {
   abort,
   backfill,
   connect,
-  createWorkload,
   loadMigration,
   parsePartitionSpec,
   type QualifiedName,
@@ -77,7 +76,7 @@ import {
   setLogger,
   startMigration,
 } from "../src/index.js";
-import { WORKLOAD_COLUMNS } from "../src/load/workload.js";
+import { createWorkload, WORKLOAD_COLUMNS } from "../src/load/workload.js";
 import { slotState } from "../src/mirror/logical.js";
 import { sync } from "../src/mirror/sync.js";
 import {

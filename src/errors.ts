@@ -1,3 +1,5 @@
+import { nodePostgresTerminated } from "./driver/upstream.js";
+
 /**
  * Typed errors. Every error a person can act on carries a one-line message and a hint;
  * the CLI prints `error: <message>` and `hint: <hint>` and exits with `exitCode`.
@@ -116,7 +118,7 @@ export function explain(err: unknown): PgshiftError {
  * be made, so that the same work may succeed on a new connection: a socket error, the server shutting down
  * or terminating the session (SQLSTATE 57P01 admin_shutdown, 57P02 crash_shutdown), starting up (57P03
  * cannot_connect_now), a connection exception (class 08), or node-postgres's "Connection terminated"
- * (the replication connection, which carries no code). SQLSTATEs: PostgreSQL documentation, Appendix A.
+ * (the replication connection, which carries no code: UPSTREAM.nodePostgresTerminationHasNoCode). SQLSTATEs: PostgreSQL documentation, Appendix A.
  */
 export function isConnectionLoss(err: unknown): boolean {
   let e: unknown = err;
@@ -127,7 +129,7 @@ export function isConnectionLoss(err: unknown): boolean {
       (CONNECTION_CODES.has(code) || code.startsWith("08") || code === "57P01" || code === "57P02" || code === "57P03")
     )
       return true;
-    if (e instanceof Error && /connection terminated/i.test(e.message)) return true;
+    if (nodePostgresTerminated(e)) return true;
     e = (e as { cause?: unknown }).cause;
   }
   return false;

@@ -2,6 +2,9 @@
  * pgshift as a library. The CLI is a thin shell over these functions.
  *
  *   import { connect, parseTableName, parsePartitionSpec, startMigration, backfill, verify, cutover } from "pgshift";
+ *
+ * The product's other parts are not exported here: the demo (src/demo/, `pgshift demo`), its load generator
+ * (src/load/workload.ts, which the tests use too) and the embedded PostgreSQL server (src/embedded.ts).
  */
 
 export { type BackfillOptions, type BackfillProgress, type BackfillResult, backfill } from "./backfill/backfill.js";
@@ -16,16 +19,8 @@ export {
 } from "./cutover/cutover.js";
 export { type ConnectOptions, connect, type LockRetryOptions, type Sql, withLockRetry } from "./db.js";
 export { extendIndexKey, shadowDdl } from "./ddl/shadow.js";
-export { BlockedError, explain, PgshiftError, PhaseError } from "./errors.js";
+export { BlockedError, explain, isConnectionLoss, PgshiftError, PhaseError } from "./errors.js";
 export { type Liveness, liveness, nextStepFor, type SessionInfo } from "./liveness.js";
-export {
-  compareWithTwin,
-  createWorkload,
-  type KeyKind,
-  type LoadStats,
-  startLoad,
-  type Workload,
-} from "./load/workload.js";
 export { createLogger, log, setLogger } from "./log.js";
 export {
   ALLOW_DDL_SETTING,
@@ -42,12 +37,36 @@ export {
   type WidenedKey,
   widenedKeys,
 } from "./migration/keys.js";
+export {
+  allows,
+  COMMANDS,
+  type Command,
+  type NamedTable,
+  NEXT_STEP,
+  PHASES,
+  type Phase,
+  type PhaseTables,
+  type TableNames,
+  TRANSITIONS,
+  type Transition,
+  tablesIn,
+} from "./migration/phases.js";
 export { type MigrationPlan, type PlanOptions, planMigration } from "./migration/plan.js";
 export { keyExtensionRefusal, type StartOptions, type StartResult, startMigration } from "./migration/start.js";
-export { loadMigration, type Migration, PHASES, type Phase, type VerifyResult } from "./migration/state.js";
+export { loadMigration, type Migration, MODES, type Mode, type VerifyResult } from "./migration/state.js";
+export { type ApplierProgress, StreamFenced } from "./mirror/apply.js";
 export { type Mirror, type MirrorHealth, mirrorFor, triggerMirror } from "./mirror/mirror.js";
+export { type SyncOptions, type SyncReconnect, type SyncTick, sync } from "./mirror/sync.js";
 export { displayName, parseTableName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "./names.js";
 export { computePartitions, type PartitionDef } from "./partitioning/bounds.js";
 export { formatPartitionSpec, type PartitionSpec, parsePartitionSpec } from "./partitioning/spec.js";
+export {
+  type CheckStep,
+  formatSteps,
+  type StatementStep,
+  type Step,
+  type StepWhere,
+  statementsOf,
+} from "./plan/steps.js";
 export { type StatusReport, status } from "./status.js";
 export { type Difference, type VerifyOptions, type VerifyReport, verify } from "./verify/verify.js";

@@ -1,6 +1,6 @@
 import { type Command, InvalidArgumentError, Option } from "commander";
 import { z } from "zod";
-import { connect, type Sql } from "../db.js";
+import { connect, failOnConnectionLoss, type Sql } from "../db.js";
 import { explain } from "../errors.js";
 import { parseTableName, type QualifiedName } from "../names.js";
 
@@ -38,9 +38,8 @@ export function addConnectionOption(cmd: Command): Command {
  *
  * When the command's session is lost (terminated, the server restarted, the network cut), the command
  * fails at once with a connection-loss error (code CONNECTION_CLOSED; explain() words it, exit 2), whatever
- * `fn` was waiting for: postgres.js 3.4.9 may leave the next query on a connection that closed waiting for
- * ever (see ConnectOptions.onClose), and a command that hangs is worse for an operator than one that says
- * "run me again". Every step is re-runnable from the state in the database, as after a crash.
+ * `fn` was waiting for (failOnConnectionLoss: a pool that lost a connection may never answer again). Every
+ * step is re-runnable from the state in the database, as after a crash.
  * `keepOnLoss`: `fn` handles losses itself (sync opens connections of its own and connects again).
  * @throws PgshiftError: what went wrong, as explain() words it.
  */
@@ -51,27 +50,18 @@ export async function withTable<T>(
   { keepOnLoss = false }: { keepOnLoss?: boolean } = {},
 ): Promise<T> {
   const table = parseTableName(tableArg);
-  let closing = false;
-  let onLost: (err: Error) => void = () => {};
-  const lost = new Promise<never>((_, reject) => (onLost = reject));
-  lost.catch(() => {});
+  const watch = keepOnLoss ? null : failOnConnectionLoss("the command's session was lost");
   const sql = await connect({
     url: opts.url,
     fallbackApplicationName: commandAppName,
-    ...(keepOnLoss
-      ? {}
-      : {
-          onClose: () =>
-            !closing &&
-            onLost(Object.assign(new Error("the command's session was lost"), { code: "CONNECTION_CLOSED" })),
-        }),
+    ...(watch ? { onClose: watch.onClose } : {}),
   });
   try {
-    return await Promise.race([fn(sql, table), lost]);
+    return await Promise.race(watch ? [fn(sql, table), watch.lost] : [fn(sql, table)]);
   } catch (err) {
     throw explain(err);
   } finally {
-    closing = true;
+    watch?.end();
     await sql.end({ timeout: 5 }).catch(() => {});
   }
 }

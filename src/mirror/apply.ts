@@ -1,7 +1,4 @@
 import pTimeout from "p-timeout";
-import pg from "pg";
-import type { Pgoutput } from "pg-logical-replication";
-import { LogicalReplicationService, PgoutputPlugin } from "pg-logical-replication";
 import { z } from "zod";
 import {
   closedSince,
@@ -10,24 +7,20 @@ import {
   identList,
   joinFragments,
   replicationConfig,
-  SESSION_FORMATS,
   type Sql,
   type TxSql,
   table as tableRef,
   valueList,
 } from "../db.js";
+import { lsnText, type Pgoutput, ReplicationStream } from "../driver/replication.js";
 import { isConnectionLoss, PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import type { Migration, Phase } from "../migration/state.js";
 import { ChangeBatch, columnTypes, type Tuple } from "./changes.js";
 import { lsnToBigInt, slotState } from "./logical.js";
 
-// Tuples are applied as the text PostgreSQL sent, and typed by the server from the target columns: parsing
-// them into JavaScript values (Date, number, object) would lose precision (microseconds, numeric, int8).
-// pg-logical-replication takes each column's parser from node-postgres's type registry; make every parser
-// the identity. Nothing else in pgshift uses node-postgres.
-(pg.types as unknown as { getTypeParser: () => (value: string) => string }).getTypeParser = () => (value: string) =>
-  value;
+// Tuples are applied as the text PostgreSQL sent, and typed by the server from the target columns (the
+// replication adapter hands values over as text, see driver/replication.ts).
 
 /** A batch is written before it holds more row changes than this, or more characters of values. */
 const BATCH_CHANGES = 2000;
@@ -78,10 +71,6 @@ export interface ApplierOptions {
   onCommit?: (p: ApplierProgress) => void;
 }
 
-function lsnText(v: bigint): string {
-  return `${(v >> 32n).toString(16).toUpperCase()}/${(v & 0xffffffffn).toString(16).toUpperCase()}`;
-}
-
 /**
  * Applies the replication slot's stream of the source table to the shadow, on its own connection.
  *
@@ -108,7 +97,7 @@ function lsnText(v: bigint): string {
 export class Applier {
   private readonly m: Migration;
   private readonly opts: ApplierOptions;
-  private service: LogicalReplicationService | null = null;
+  private stream: ReplicationStream | null = null;
   private sql: Sql | null = null;
   private tx: TxSql | null = null;
   /** Whether the connection of `tx` has closed since it was reserved (see closedSince). */
@@ -116,7 +105,6 @@ export class Applier {
   private batch: ChangeBatch | null = null;
   private skipping = false;
   private failed: Error | null = null;
-  private running: Promise<unknown> | null = null;
   private pingTimer: NodeJS.Timeout | null = null;
   private applied: bigint;
   /**
@@ -141,8 +129,6 @@ export class Applier {
   /** Callers of waitFor(): while there are any, a group commits as soon as the stream pauses. */
   private waiters = 0;
   private stopping = false;
-  /** Ends start()'s wait for the stream with an error, while start() waits. */
-  private startFailed: ((err: unknown) => void) | null = null;
   transactions = 0;
   changes = 0;
   /** Groups applied in exact mode (see exactMode). */
@@ -205,59 +191,28 @@ export class Applier {
       throw this.lostDuringStart() ?? err;
     }
     // The same server, credentials, TLS and connect timeout as the apply session (libpq's settings, see connect).
-    const config = await replicationConfig(this.opts.url);
-    const service = new LogicalReplicationService(
+    const stream = new ReplicationStream(
       {
-        ...config,
-        application_name: this.m.slot_name!,
-        // pgoutput writes values with the walsender's output settings: pin them (see SESSION_FORMATS).
-        options: Object.entries(SESSION_FORMATS)
-          .map(([k, v]) => `-c ${k}=${v.replace(/ /g, "\\ ")}`)
-          .join(" "),
+        slot: this.m.slot_name!,
+        publication: this.m.publication_name!,
+        applicationName: this.m.slot_name!,
       },
-      { acknowledge: { auto: false, timeoutSeconds: 0 }, flowControl: { enabled: true } },
-    );
-    this.service = service;
-    service.on("data", (_lsn: string, msg: Pgoutput.Message) => this.serially(() => this.onMessage(msg)));
-    service.on("heartbeat", (lsn: string, _ts: number, shouldRespond: boolean) => this.onKeepalive(lsn, shouldRespond));
-    let failStart: (err: unknown) => void = () => {};
-    const started = new Promise<void>((resolve, reject) => {
-      failStart = reject;
-      // fail() ends the wait too: once the library's client is ended while it connects, subscribe() may
-      // never settle (node-postgres: a connect() in progress when end() is called is left pending).
-      this.startFailed = reject;
-      service.once("start", () => resolve());
-      service.once("error", (err: Error) => reject(err));
-    });
-    service.on("error", (err: Error) => {
-      this.failed ??= err;
-    });
-    // messages: a command waiting for a position says so in the stream (FLUSH_MESSAGE), see onMessage.
-    const plugin = new PgoutputPlugin({
-      protoVersion: 1,
-      publicationNames: [this.m.publication_name!],
-      messages: true,
-    });
-    // When the server refuses to stream (slot in use, slot gone) the library may fail without an error
-    // event: end the wait for "start" either way.
-    this.running = service.subscribe(plugin, this.m.slot_name!).then(
-      () => {
-        // The server ended the stream (it shuts down, or the walsender was told to stop): from here on
-        // nothing arrives, so say so rather than wait for ever. CONNECTION_ENDED: see isConnectionLoss.
-        const ended = Object.assign(new Error("the server ended the replication stream"), { code: "CONNECTION_ENDED" });
-        if (!this.stopping) this.failed ??= ended;
-        failStart(ended);
-      },
-      (err: unknown) => {
-        this.failed ??= err instanceof Error ? err : new Error(String(err));
-        failStart(err);
+      await replicationConfig(this.opts.url),
+      {
+        onMessage: (msg) => this.serially(() => this.onMessage(msg)),
+        onKeepalive: (lsn, shouldRespond) => this.onKeepalive(lsn, shouldRespond),
+        onError: (err) => {
+          this.failed ??= err;
+        },
+        onEnd: (ended) => {
+          if (!this.stopping) this.failed ??= ended;
+        },
       },
     );
+    this.stream = stream;
     try {
-      await started;
-      this.startFailed = null;
+      await stream.start();
     } catch (err) {
-      this.startFailed = null;
       await this.stop();
       // The apply session lost in the meantime stopped the stream itself: the replication client's
       // "Client was closed" is a consequence; the loss is the cause, and worth connecting again for.
@@ -281,28 +236,22 @@ export class Applier {
     this.pingTimer = setInterval(() => void this.ping(), 250);
   }
 
-  /**
-   * Reports `pos` as written, flushed and applied. `pos` is where the next record starts (a commit record's
-   * end, a keepalive's position); pg-logical-replication adds 1 to what it is given (it expects the last
-   * byte received), so it is given pos - 1. Reporting pos + 1 would tell the server that a transaction whose
-   * commit record starts exactly at pos was done, and it would not be sent again after a restart.
-   */
+  /** Reports `pos` (where the next record starts) as written, flushed and applied (ReplicationStream.confirm). */
   private async confirm(pos: bigint, ping = false): Promise<void> {
     // After a failure the open group is being rolled back: confirming any position now could tell the
     // slot that transactions of that group were applied, and they would never be sent again.
-    if (!this.service || this.failed || this.stopping) return;
-    await this.service.acknowledge(lsnText(pos > 0n ? pos - 1n : 0n), ping).catch(() => {});
+    if (!this.stream || this.failed || this.stopping) return;
+    await this.stream.confirm(pos, ping);
   }
 
   private async ping(): Promise<void> {
-    if (!this.service || this.failed) return;
+    if (!this.stream || this.failed) return;
     await this.confirm(this.applied, true);
   }
 
-  /** Messages received and not handed to us yet (pg-logical-replication's private flow-control queue). */
+  /** Messages received and not handed to onMessage yet (ReplicationStream.pending). */
   private queued(): { length: number; processing: boolean } {
-    const s = this.service as unknown as { _messageQueue?: unknown[]; _processing?: boolean } | null;
-    return { length: s?._messageQueue?.length ?? 0, processing: Boolean(s?._processing) };
+    return this.stream?.pending() ?? { length: 0, processing: false };
   }
 
   private queueEmpty(): boolean {
@@ -480,7 +429,7 @@ export class Applier {
   /** Stops the stream after an error; the open group is rolled back (none of it was confirmed). */
   private async fail(err: unknown): Promise<void> {
     this.failed ??= err instanceof Error ? err : new Error(String(err));
-    this.startFailed?.(this.failed);
+    this.stream?.abandonStart(this.failed);
     if (this.failed instanceof StreamFenced)
       log().warn({ err: this.failed.message }, "apply stopped: the group in hand was rolled back");
     else if (this.stopping)
@@ -733,16 +682,11 @@ export class Applier {
     this.pingTimer = null;
     if (this.commitTimer) clearTimeout(this.commitTimer);
     this.commitTimer = null;
-    const service = this.service;
-    this.service = null;
-    // Bounded: node-postgres's end() never settles when its connection had already ended, and the
-    // library's subscribe() never settles when it was stopped while connecting.
-    if (service) await pTimeout(service.stop(), { milliseconds: 5000, message: false }).catch(() => {});
-    const running = this.running;
-    this.running = null;
-    if (running) await pTimeout(running, { milliseconds: 2000, message: false }).catch(() => {});
+    const stream = this.stream;
+    this.stream = null;
+    await stream?.stop();
     // Let the message in hand finish before the connection goes: a query sent on a closing postgres.js
-    // connection crashes the process.
+    // connection crashes the process (UPSTREAM.postgresJsWritesOnClosedReservedConnection, driver/upstream.ts).
     await pTimeout(this.inFlight, { milliseconds: 5000, message: false }).catch(() => {});
     await this.abandonGroup();
     const sql = this.sql;

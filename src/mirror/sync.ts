@@ -93,9 +93,8 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
 
   /**
    * One attachment to the slot: streams until stopped, cut over or gone, or throws what ended it. Each
-   * session opens connections of its own and closes them at its end: postgres.js 3.4.9 can leave a pooled
-   * connection unable to send anything after its socket died with a write pending (its next connection
-   * attempt then hangs until connect_timeout), so a pool that lost a connection is never used again.
+   * session opens connections of its own and closes them at its end: a pool that lost a connection may never
+   * answer again (UPSTREAM.postgresJsReconnectsForEverOnCleanClose in driver/upstream.ts), so it is not used again.
    */
   const session = async (): Promise<Stop> => {
     const db = await connect({ url, applicationName: `pgshift sync ${displayName(table)}` });

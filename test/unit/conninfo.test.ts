@@ -8,7 +8,7 @@ import {
   parseUrlParams,
   planTls,
   resolveConnSettings,
-} from "../../src/conninfo.js";
+} from "../../src/driver/conninfo.js";
 import { PgshiftError } from "../../src/errors.js";
 
 let dir: string;

@@ -5,7 +5,7 @@ import { join } from "node:path";
 import type { ConnectionOptions } from "node:tls";
 import { parse as parseConnectionString } from "pg-connection-string";
 import pgpass from "pgpass/lib/helper.js";
-import { PgshiftError } from "./errors.js";
+import { PgshiftError } from "../errors.js";
 
 /**
  * Connection settings taken the way libpq (and so psql) takes them: the URL's parameters first, then those of
@@ -107,8 +107,8 @@ export function parseUrlParams(url: string): Partial<Record<Param, string>> {
     }
     out[k] = v;
   }
-  // pg-connection-string reads certificate files itself when their parameters are present: it only gets the
-  // URL without its query (the query was read above).
+  // UPSTREAM.pgConnectionStringReadsCertificateFiles (upstream.ts): it only gets the URL without its query
+  // (the query was read above).
   let parsed: ReturnType<typeof parseConnectionString>;
   try {
     parsed = parseConnectionString(q < 0 ? url : url.slice(0, q));
@@ -230,8 +230,8 @@ export async function passwordFromFile(
   } catch {
     return undefined;
   }
-  // The pgpass package parses and matches each line; the first match wins (its own reader lets a later
-  // matching line win). Comment lines start with #.
+  // The pgpass package parses and matches each line; the first match wins, as in libpq (its own reader lets a
+  // later matching line win: UPSTREAM.pgpassLaterLineWins in upstream.ts). Comment lines start with #.
   const conn = { host, port: s.port, database: s.database, user: s.user };
   for (const line of text.split(/\r?\n/)) {
     if (line.startsWith("#")) continue;
