@@ -130,11 +130,12 @@ export const SCHEMA_VERSION = 5;
 /**
  * The file that brings the pgshift schema from `version - 1` to `version` (src/sql/schema/000001.sql creates
  * version 1), in graphile-worker's way: numbered files, each idempotent, each ending by raising
- * pgshift.schema_version to its number. Several statements in one text (run as one query: one implicit
- * transaction when not inside one already).
+ * pgshift.schema_version to its number. Several statements in one text, run as one query (postgres.js sends a
+ * query without parameters in the simple protocol: one implicit transaction when not inside one already).
  */
 function schemaFile(version: number): string {
-  return loadSql(`schema/${String(version).padStart(6, "0")}.sql`);
+  // Without its last semicolon, like every statement pgshift prints (plan adds one).
+  return loadSql(`schema/${String(version).padStart(6, "0")}.sql`).replace(/;$/, "");
 }
 
 /** The files that bring a pgshift schema of version `from` (0: none) to SCHEMA_VERSION, in order. */
