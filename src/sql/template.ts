@@ -39,16 +39,6 @@ export function loadSql(path: string): string {
   return text;
 }
 
-/** Whether a template file exists next to this module (e.g. the next schema version). */
-export function hasSql(path: string): boolean {
-  try {
-    loadSql(path);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
 function isQualified(v: SqlValue): v is QualifiedName {
   return typeof v === "object" && !Array.isArray(v);
 }
