@@ -1,12 +1,13 @@
 import { z } from "zod";
-import { type AnySql, type Sql, withLockRetry } from "../db.js";
+import { type AnySql, type Sql, transaction, withLockRetry } from "../db.js";
 import { isConnectionLoss, PgshiftError, PhaseError, sqlState } from "../errors.js";
 import { log } from "../log.js";
 // mirror.ts imports this module's types only; triggerMirror is used inside a function (no cycle at load).
 import { triggerMirror } from "../mirror/mirror.js";
-import { truncateGuardFunctionSql, truncateGuardSql } from "../mirror/trigger.js";
+import { truncateGuardSql } from "../mirror/trigger.js";
 import { displayName, type QualifiedName, quoteQualified } from "../names.js";
 import { PartitionSpecSchema } from "../partitioning/spec.js";
+import { loadSql } from "../sql/template.js";
 import { upgradeDdlGuard } from "./ddl-guard.js";
 import { type Command, NEXT_STEP, namesInSql, PHASES, type Phase, TRANSITIONS, tablesIn } from "./phases.js";
 
@@ -119,72 +120,64 @@ export interface Migration extends MigrationRow {
  * TRUNCATE guard, and the DDL guard gives it to new partitions of the shadow too (an older pgshift would
  * put back a guard function that does not); 5: the reverse mirror of a migration in phase cutover inserts and
  * updates without ever overwriting (an older one upserts, and overwrites a row of the retired table when the
- * application reuses its key with another partition value). A database at an older version is upgraded by the first
- * command that writes state (upgradeSql; plan, status and dry runs read it as it is); one at a newer
+ * application reuses its key with another partition value). Each version's change is a numbered file,
+ * src/sql/schema/00000N.sql (schemaFile). A database at an older version is upgraded by the first
+ * command that writes state (requireSchemaVersion; plan, status and dry runs read it as it is); one at a newer
  * version is refused by every command, so that no pgshift acts on state it does not understand.
  */
 export const SCHEMA_VERSION = 5;
 
-/** Statements that bring a pgshift schema of any older version to SCHEMA_VERSION (idempotent). */
-export function upgradeSql(): string[] {
-  return [
-    // ALTER only when missing (an ALTER takes an exclusive lock on the table).
-    `DO $pgshift$ BEGIN
-  IF NOT EXISTS (SELECT FROM pg_catalog.pg_attribute WHERE attrelid = 'pgshift.migrations'::regclass AND attname = 'copies_lsn') THEN
-    ALTER TABLE pgshift.migrations ADD COLUMN IF NOT EXISTS copies_lsn text;
-  END IF;
-END $pgshift$`,
-    `UPDATE pgshift.schema_version SET version = ${SCHEMA_VERSION} WHERE version < ${SCHEMA_VERSION}`,
-  ];
+/**
+ * The file that brings the pgshift schema from `version - 1` to `version` (src/sql/schema/000001.sql creates
+ * version 1), in graphile-worker's way: numbered files, each idempotent, each ending by raising
+ * pgshift.schema_version to its number. Several statements in one text, run as one query (postgres.js sends a
+ * query without parameters in the simple protocol: one implicit transaction when not inside one already).
+ */
+function schemaFile(version: number): string {
+  // Without its last semicolon, like every statement pgshift prints (plan adds one).
+  return loadSql(`schema/${String(version).padStart(6, "0")}.sql`).replace(/;$/, "");
 }
 
-/** Statements that create the pgshift schema (idempotent), at SCHEMA_VERSION. */
-export function schemaSql(): string[] {
-  return [
-    `CREATE SCHEMA IF NOT EXISTS pgshift`,
-    `CREATE TABLE IF NOT EXISTS pgshift.migrations (
-  id bigserial PRIMARY KEY,
-  source_schema text NOT NULL,
-  source_table text NOT NULL,
-  shadow_table text NOT NULL,
-  retired_table text NOT NULL,
-  spec jsonb NOT NULL,
-  mode text NOT NULL,
-  phase text NOT NULL,
-  key_columns text[] NOT NULL,
-  shadow_key text[] NOT NULL,
-  copy_columns text[] NOT NULL,
-  sequences jsonb NOT NULL,
-  mirror_function text NOT NULL,
-  deferred_indexes jsonb NOT NULL DEFAULT '[]',
-  slot_name text,
-  publication_name text,
-  applied_lsn text,
-  applied_commit_time timestamptz,
-  copies_lsn text,
-  index_renames jsonb NOT NULL DEFAULT '[]',
-  checkpoint text[],
-  rows_copied bigint NOT NULL DEFAULT 0,
-  rows_estimated bigint NOT NULL DEFAULT 0,
-  batches bigint NOT NULL DEFAULT 0,
-  last_verify jsonb,
-  created_at timestamptz NOT NULL DEFAULT now(),
-  backfill_started_at timestamptz,
-  copy_finished_at timestamptz,
-  backfill_finished_at timestamptz,
-  cutover_at timestamptz,
-  swapped_back_at timestamptz,
-  updated_at timestamptz NOT NULL DEFAULT now(),
-  UNIQUE (source_schema, source_table)
-)`,
-    `CREATE TABLE IF NOT EXISTS pgshift.schema_version (version int NOT NULL)`,
-    // Lets application roles call the identity default functions (pgshift.nextval_*); tables stay private.
-    `GRANT USAGE ON SCHEMA pgshift TO PUBLIC`,
-    `INSERT INTO pgshift.schema_version SELECT ${SCHEMA_VERSION} WHERE NOT EXISTS (SELECT FROM pgshift.schema_version)`,
-    ...upgradeSql(),
-    truncateGuardFunctionSql(),
-  ];
+/** The files that bring a pgshift schema of version `from` (0: none) to SCHEMA_VERSION, in order. */
+export function upgradeSql(from: number): string[] {
+  const files: string[] = [];
+  for (let v = from + 1; v <= SCHEMA_VERSION; v++) files.push(schemaFile(v));
+  return files;
 }
+
+/** Statements that create the pgshift schema (idempotent), at SCHEMA_VERSION: every schema file in order. */
+export function schemaSql(): string[] {
+  return upgradeSql(0);
+}
+
+/**
+ * Work of an upgrade that the schema's files cannot do, because it depends on each migration in progress or on
+ * SQL generated by this pgshift (the DDL guard is filled from phases.ts, a mirror function from a migration's
+ * row), or must lock tables one by one under lock_timeout and go on without those it cannot lock.
+ * `before` runs ahead of the version's transaction, on `sql` itself (its own transactions); `during` runs in
+ * that transaction, after the version's file. `guardDone`: the DDL guard was already replaced in this upgrade.
+ */
+interface UpgradeWork {
+  before?: (sql: AnySql) => Promise<void>;
+  during?: (tx: AnySql, ctx: { guardDone: boolean }) => Promise<void>;
+}
+
+/** Replaces an installed DDL guard with this pgshift's, once per upgrade (it serves versions 3 and 4 alike). */
+async function guardOnce(tx: AnySql, ctx: { guardDone: boolean }): Promise<void> {
+  if (ctx.guardDone) return;
+  await upgradeDdlGuard(tx);
+  ctx.guardDone = true;
+}
+
+const UPGRADE_WORK: Readonly<Record<number, UpgradeWork>> = {
+  // Version 3: the guard's third event trigger (and its function, which an older one must not serve).
+  3: { during: guardOnce },
+  // Version 4: the copy of each migration in progress gets the TRUNCATE guard; the DDL guard gives it to new
+  // partitions.
+  4: { before: guardCopies, during: guardOnce },
+  // Version 5: the strict reverse mirror of each migration in phase cutover.
+  5: { during: (tx) => strictReverseMirrors(tx) },
+};
 
 function withNames(row: MigrationRow): Migration {
   return { ...row, ...tablesIn(row, row.phase), mirrorFn: { schema: "pgshift", name: row.mirror_function } };
@@ -258,7 +251,8 @@ const VersionRow = z.object({ version: z.coerce.number().int().nullable() });
 
 /**
  * Checks the version of the pgshift schema (pgshift.schema_version, 1 when the table is missing) against
- * SCHEMA_VERSION: refuses a newer one; upgrades an older one (upgradeSql, logged) when `upgrade`.
+ * SCHEMA_VERSION: refuses a newer one; upgrades an older one when `upgrade` (logged): for each missing version in
+ * order, its work ahead of the transaction (UPGRADE_WORK), then one transaction with its file and the rest.
  * @throws PgshiftError when the schema is newer than this pgshift, or when an upgrade is needed and the
  *   current role may not make it (it must own pgshift.migrations); nothing is changed then.
  */
@@ -279,26 +273,40 @@ async function requireSchemaVersion(sql: AnySql, upgrade: boolean): Promise<void
   }
   if (!upgrade) return;
   try {
-    // Each step is idempotent.
+    // A schema of version 1 may have no version table (each step is idempotent).
     await sql`create table if not exists pgshift.schema_version (version int not null)`;
     await sql`insert into pgshift.schema_version select ${version}::int where not exists (select from pgshift.schema_version)`;
-    if (version < 4) {
-      await upgradeDdlGuard(sql);
-      await guardCopies(sql);
+    // One transaction per version, its file last but for the work that needs one: an upgrade cut short stops at
+    // a version, and the next command goes on from there.
+    const ctx = { guardDone: false };
+    for (let v = version + 1; v <= SCHEMA_VERSION; v++) {
+      const work = UPGRADE_WORK[v] ?? {};
+      if (work.before) await work.before(sql);
+      await inTransaction(sql, async (tx) => {
+        await tx.unsafe(schemaFile(v));
+        if (work.during) await work.during(tx, ctx);
+      });
     }
-    if (version < 5) await strictReverseMirrors(sql);
-    // Last, with the version raised at its end: an upgrade cut short is made again.
-    for (const stmt of upgradeSql()) await sql.unsafe(stmt);
   } catch (err) {
     if (isConnectionLoss(err)) throw err;
     throw new PgshiftError(
-      `the pgshift schema of this database is version ${version} and needs an upgrade to ${SCHEMA_VERSION}, which failed: ${err instanceof Error ? err.message : String(err)}`,
+      `the pgshift schema of this database is version ${version} and needs an upgrade to ${SCHEMA_VERSION}, ` +
+        `which failed: ${err instanceof Error ? err.message : String(err)}`,
       {
         hint: "run this pgshift once as the role that owns pgshift.migrations (it upgrades the schema), then again",
       },
     );
   }
   log().info({ from: version, to: SCHEMA_VERSION }, "upgraded the pgshift schema");
+}
+
+/**
+ * Runs `fn` in a transaction of its own on a pool (transaction, db.ts); on a reserved connection or in a
+ * caller's transaction, on it as it is (the caller's transaction, if any, holds it).
+ */
+async function inTransaction(sql: AnySql, fn: (tx: AnySql) => Promise<void>): Promise<void> {
+  if ("release" in sql || "savepoint" in sql) await fn(sql);
+  else await transaction(sql, fn);
 }
 
 /**

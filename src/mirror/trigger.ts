@@ -1,4 +1,5 @@
 import { type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
+import { type SqlValue, sqlFile } from "../sql/template.js";
 
 /** What a row-trigger mirror copies from one table into another. */
 export interface TriggerMirrorSpec {
@@ -34,12 +35,20 @@ export interface TriggerMirrorSpec {
 
 export const MIRROR_TRIGGER = "pgshift_mirror";
 export const TRUNCATE_TRIGGER = "pgshift_truncate_guard";
+/** The TRUNCATE guard's function, created with the pgshift schema (src/sql/schema/000001.sql). */
 export const TRUNCATE_GUARD_FN: QualifiedName = { schema: "pgshift", name: "truncate_guard" };
 
-function dollarTag(body: string): string {
-  let tag = "$pgshift$";
-  for (let n = 1; body.includes(tag); n++) tag = `$pgshift${n}$`;
-  return tag;
+/**
+ * The template at `path` filled with `values` and a dollar quote (:tag) that occurs nowhere in the body:
+ * $pgshift$, else $pgshift1$, $pgshift2$, ... (a body holds the names of the columns, which may hold one).
+ */
+function withDollarTag(path: string, values: Record<string, SqlValue>): string {
+  for (let n = 0; ; n++) {
+    const tag = n === 0 ? "$pgshift$" : `$pgshift${n}$`;
+    const text = sqlFile(path, { ...values, tag });
+    // The tag opens and closes the body; any other occurrence is inside it.
+    if (text.split(tag).length === 3) return text;
+  }
 }
 
 /**
@@ -69,50 +78,29 @@ function dollarTag(body: string): string {
  * partitioned the plan cache judges the generic plan (all partitions) dearer than a custom one and plans the
  * statement again on every row; a generic plan prunes partitions when it runs instead ("Partition Pruning"
  * and "plan_cache_mode" in the PostgreSQL documentation).
+ * The SQL is in src/sql/mirror/upsert.sql and src/sql/mirror/strict.sql.
  */
 export function mirrorFunctionSql(m: TriggerMirrorSpec): string {
-  const body = m.writes === "strict" ? strictBody(m) : upsertBody(m);
-  const tag = dollarTag(body);
-  return (
-    `CREATE OR REPLACE FUNCTION ${quoteQualified(m.fn)}() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER ` +
-    `SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan AS ${tag}${body}${tag}`
-  );
+  const values: Record<string, SqlValue> = {
+    fn: m.fn,
+    to: m.to,
+    columns: m.columns,
+    key: m.key,
+    old_key: keyTupleOf(m.key, "OLD"),
+    new_values: m.columns.map((c) => `NEW.${quoteIdent(c)}`).join(", "),
+    overriding: m.overridingSystemValue ? " OVERRIDING SYSTEM VALUE" : "",
+  };
+  if (m.writes === "strict") return withDollarTag("mirror/strict.sql", { ...values, update: strictUpdate(m) });
+  const rest = m.columns.filter((c) => !m.key.includes(c)).map(quoteIdent);
+  const conflict =
+    rest.length === 0 ? "DO NOTHING" : `DO UPDATE SET ${rest.map((c) => `${c} = EXCLUDED.${c}`).join(", ")}`;
+  return withDollarTag("mirror/upsert.sql", { ...values, new_key: keyTupleOf(m.key, "NEW"), conflict });
 }
 
 const keyTupleOf = (key: readonly string[], rec: string) => `(${key.map((k) => `${rec}.${quoteIdent(k)}`).join(", ")})`;
 
-function insertSql(m: TriggerMirrorSpec): string {
-  const overriding = m.overridingSystemValue ? " OVERRIDING SYSTEM VALUE" : "";
-  return `INSERT INTO ${quoteQualified(m.to)} (${m.columns.map(quoteIdent).join(", ")})${overriding}
-    VALUES (${m.columns.map((c) => `NEW.${quoteIdent(c)}`).join(", ")})`;
-}
-
-function upsertBody(m: TriggerMirrorSpec): string {
-  const to = quoteQualified(m.to);
-  const key = m.key.map(quoteIdent);
-  const rest = m.columns.filter((c) => !m.key.includes(c)).map(quoteIdent);
-  const conflict =
-    rest.length === 0 ? "DO NOTHING" : `DO UPDATE SET ${rest.map((c) => `${c} = EXCLUDED.${c}`).join(", ")}`;
-  const where = `(${key.join(", ")}) = ${keyTupleOf(m.key, "OLD")}`;
-  // #variable_conflict use_column: a column named found, new, old or tg_op must mean the column.
-  return `
-#variable_conflict use_column
-BEGIN
-  IF TG_OP = 'DELETE' THEN
-    DELETE FROM ${to} WHERE ${where};
-    RETURN NULL;
-  END IF;
-  IF TG_OP = 'UPDATE' AND ${keyTupleOf(m.key, "OLD")} IS DISTINCT FROM ${keyTupleOf(m.key, "NEW")} THEN
-    DELETE FROM ${to} WHERE ${where};
-  END IF;
-  ${insertSql(m)}
-    ON CONFLICT (${key.join(", ")}) ${conflict};
-  RETURN NULL;
-END
-`;
-}
-
-function strictBody(m: TriggerMirrorSpec): string {
+/** The strict mirror's UPDATE by the old key (its GENERATED ALWAYS identity columns set only when changed). */
+function strictUpdate(m: TriggerMirrorSpec): string {
   const to = quoteQualified(m.to);
   const where = `(${m.key.map(quoteIdent).join(", ")}) = ${keyTupleOf(m.key, "OLD")}`;
   const always = m.columns.filter((c) => (m.alwaysIdentity ?? []).includes(c));
@@ -121,31 +109,13 @@ function strictBody(m: TriggerMirrorSpec): string {
   const settable = m.columns.filter((c) => !always.includes(c));
   // Every column may be a GENERATED ALWAYS identity column, leaving nothing to set when none changed.
   const plain = settable.length > 0 ? update(settable) : `PERFORM FROM ${to} WHERE ${where};`;
-  const updateSql =
-    always.length === 0
-      ? `    ${plain}`
-      : `    IF ${keyTupleOf(always, "OLD")} IS DISTINCT FROM ${keyTupleOf(always, "NEW")} THEN
+  return always.length === 0
+    ? `    ${plain}`
+    : `    IF ${keyTupleOf(always, "OLD")} IS DISTINCT FROM ${keyTupleOf(always, "NEW")} THEN
       ${update(m.columns)}
     ELSE
       ${plain}
     END IF;`;
-  return `
-#variable_conflict use_column
-BEGIN
-  IF TG_OP = 'DELETE' THEN
-    DELETE FROM ${to} WHERE ${where};
-    RETURN NULL;
-  END IF;
-  IF TG_OP = 'UPDATE' THEN
-${updateSql}
-    IF FOUND THEN
-      RETURN NULL;
-    END IF;
-  END IF;
-  ${insertSql(m)};
-  RETURN NULL;
-END
-`;
 }
 
 /**
@@ -155,14 +125,7 @@ END
  * guard must sit on each of them.
  */
 function forEachPartitionSql(parent: QualifiedName, command: string, condition?: string): string {
-  return `DO $pgshift$
-DECLARE part regclass;
-BEGIN
-  FOR part IN SELECT relid FROM pg_catalog.pg_partition_tree(${quoteLiteral(quoteQualified(parent))}::regclass) WHERE level > 0${condition ? ` AND ${condition}` : ""} LOOP
-    EXECUTE format(${quoteLiteral(command)}, part);
-  END LOOP;
-END
-$pgshift$`;
+  return sqlFile("mirror/each-partition.sql", { parent, command, condition: condition ? ` AND ${condition}` : "" });
 }
 
 /**
@@ -208,15 +171,4 @@ export function removeTruncateGuardSql(table: QualifiedName): string[] {
     `DROP TRIGGER IF EXISTS ${TRUNCATE_TRIGGER} ON ${quoteQualified(table)}`,
     forEachPartitionSql(table, `DROP TRIGGER IF EXISTS ${TRUNCATE_TRIGGER} ON %s`),
   ];
-}
-
-/** The shared TRUNCATE guard function, created with the pgshift schema. */
-export function truncateGuardFunctionSql(): string {
-  return `CREATE OR REPLACE FUNCTION ${quoteQualified(TRUNCATE_GUARD_FN)}() RETURNS trigger LANGUAGE plpgsql AS $pgshift$
-BEGIN
-  RAISE EXCEPTION 'pgshift: TRUNCATE of %.% is refused while the table is being migrated', TG_TABLE_SCHEMA, TG_TABLE_NAME
-    USING ERRCODE = 'object_in_use',
-          HINT = 'finish the migration (pgshift finalize) or undo it (pgshift abort) first';
-END
-$pgshift$`;
 }

@@ -779,7 +779,8 @@ describe("mirrorFunctionSql / installTriggerMirrorSql", () => {
 
   it("writes the whole function", () => {
     expect(mirrorFunctionSql(base)).toBe(
-      `CREATE OR REPLACE FUNCTION "pgshift"."mirror_16384"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan AS $pgshift$
+      `CREATE OR REPLACE FUNCTION "pgshift"."mirror_16384"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan AS $pgshift$
 #variable_conflict use_column
 BEGIN
   IF TG_OP = 'DELETE' THEN
