@@ -218,10 +218,13 @@ export async function runSteps(sql: AnySql, steps: readonly Step[], opts: RunOpt
     }
     if (s.where === "own-connection") {
       if (!opts.ownConnection) throw new Error(`runSteps: no connection of its own given for: ${s.sql}`);
-      s.read?.(await opts.ownConnection.unsafe(s.sql));
+      // Not s.read?.(await ...): an optional call skips its arguments when there is no read.
+      const rows = await opts.ownConnection.unsafe(s.sql);
+      s.read?.(rows);
       continue;
     }
-    s.read?.(await sql.unsafe(s.sql));
+    const rows = await sql.unsafe(s.sql);
+    s.read?.(rows);
   }
 }
 
