@@ -5,6 +5,7 @@ import { ident, table as tableRef, transaction, withLockRetry } from "../db.js";
 import { PgshiftError, sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
+import { type BlockStep, block, check, runSteps, type Step, statement, transactionStep } from "../plan/steps.js";
 import { type Mirror, type MirrorHealth, triggerMirror } from "./mirror.js";
 import { removeMirrorTriggerSql, truncateGuardSql } from "./trigger.js";
 
@@ -128,30 +129,83 @@ export async function createSlotWaiting(sql: Sql, statement: string, timeoutMs: 
   }
 }
 
+/** The slot is still in use after its consumer was ended (one attached again): the block runs again. */
+class SlotInUse extends Error {}
+
 /**
- * What dropStream runs, as SQL text for --dry-run: end the slot's consumer, drop the slot, then lock the
- * published table (`table`: the source, under whatever name it has now) and drop the publication, those two
- * in one transaction. Empty when there is neither.
+ * The block that drops `slot`: end its consumer, wait until no process uses it, drop it (if it still
+ * exists); run again from the start when a consumer attached again meanwhile (SQLSTATE 55006), at most 25 times.
  */
-export function dropStreamSql(slot: string | null, publication: string | null, table: QualifiedName): string[] {
-  const out: string[] = [];
-  if (slot) {
-    out.push(
-      `SELECT pg_terminate_backend(active_pid) FROM pg_catalog.pg_replication_slots WHERE slot_name = ${quoteLiteral(slot)} AND active_pid IS NOT NULL`,
-      `SELECT pg_drop_replication_slot(${quoteLiteral(slot)})`,
-    );
-  }
-  if (publication)
-    out.push(
-      `LOCK TABLE ${quoteQualified(table)} IN SHARE MODE`,
-      `DROP PUBLICATION IF EXISTS ${quoteIdent(publication)}`,
-    );
+function dropSlotBlock(slot: string): BlockStep {
+  const lit = quoteLiteral(slot);
+  const steps: Step[] = [
+    statement(
+      "SELECT pg_terminate_backend(active_pid) FROM pg_catalog.pg_replication_slots " +
+        `WHERE slot_name = ${lit} AND active_pid IS NOT NULL`,
+      "session",
+    ),
+    check(`wait until no process uses replication slot ${slot} (at most 2 s)`, async (sql) => {
+      for (let i = 0; i < 20; i++) {
+        const s = await sql`select active_pid from pg_catalog.pg_replication_slots where slot_name = ${slot}`;
+        if (s.length === 0 || s[0]!.active_pid === null) return;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      throw new SlotInUse(`replication slot ${slot} is still in use`);
+    }),
+    statement(
+      `SELECT pg_drop_replication_slot(${lit}) FROM pg_catalog.pg_replication_slots WHERE slot_name = ${lit}`,
+      "session",
+    ),
+  ];
+  return block(
+    "once or more",
+    `drop replication slot ${slot}; again while a consumer attaches meanwhile (at most 25 times)`,
+    steps,
+    async (sql) => {
+      for (let attempt = 1; ; attempt++) {
+        try {
+          return await runSteps(sql, steps);
+        } catch (err) {
+          if (attempt >= 25 || !(err instanceof SlotInUse || sqlState(err) === "55006")) throw err;
+        }
+      }
+    },
+  );
+}
+
+/**
+ * The steps that drop the stream, as --dry-run prints them and abort, finalize and cutover run them
+ * (runSteps): end the slot's consumer and drop the slot (if it still exists), then one transaction under
+ * `opts.lockTimeoutMs` (default 500 ms): `opts.forget` (a statement of pgshift's own, e.g. the UPDATE that
+ * clears the names in the migration row), a lock of the published table (`table`: the source, under whatever
+ * name it has now) IN SHARE MODE, DROP PUBLICATION (see dropPublication for why the lock). Empty when there
+ * is nothing to drop or forget.
+ */
+export function dropStreamSql(
+  slot: string | null,
+  publication: string | null,
+  table: QualifiedName,
+  opts: { lockTimeoutMs?: number; forget?: string } = {},
+): Step[] {
+  const out: Step[] = [];
+  if (slot) out.push(dropSlotBlock(slot));
+  const tx = [
+    ...(opts.forget ? [statement(opts.forget)] : []),
+    ...(publication
+      ? [
+          statement(`LOCK TABLE ${quoteQualified(table)} IN SHARE MODE`),
+          statement(`DROP PUBLICATION IF EXISTS ${quoteIdent(publication)}`),
+        ]
+      : []),
+  ];
+  if (tx.length > 0) out.push(transactionStep(tx, { lockTimeoutMs: opts.lockTimeoutMs ?? 500 }));
   return out;
 }
 
 /**
- * Drops the slot (after terminating a consumer still attached to it) and the publication, if they exist.
- * Non-transactional, idempotent: run by abort, finalize, cutover and failed starts.
+ * Drops the slot (after terminating a consumer still attached to it: the block of dropStreamSql) and the
+ * publication, if they exist. Non-transactional, idempotent: run by failed starts (the commands that know the
+ * published table run dropStreamSql's steps).
  * @param opts lock_timeout and retries for the SHARE locks of dropPublication; `force`: when the locks are
  *   not granted, drop the publication without them (a start cleaning up after itself must leave nothing).
  * @throws PgshiftError (55P03) when the published table stays locked through every retry (unless `force`).
@@ -162,27 +216,7 @@ export async function dropStream(
   publication: string | null,
   opts: LockRetryOptions & { force?: boolean } = {},
 ): Promise<void> {
-  if (slot) {
-    for (let i = 0; i < 50; i++) {
-      const s = await sql`select active_pid from pg_replication_slots where slot_name = ${slot}`;
-      if (s.length === 0) break;
-      const pid = s[0]!.active_pid as number | null;
-      if (pid) {
-        await sql`select pg_terminate_backend(${pid})`;
-        await new Promise((r) => setTimeout(r, 100));
-        continue;
-      }
-      try {
-        await sql`select pg_drop_replication_slot(${slot})`;
-        break;
-      } catch (err) {
-        // 55006: became active again meanwhile; 42704: already gone
-        const code = (err as { code?: string }).code;
-        if (code === "42704") break;
-        if (code !== "55006") throw err;
-      }
-    }
-  }
+  if (slot) await runSteps(sql, [dropSlotBlock(slot)]);
   if (publication) await dropPublication(sql, publication, opts);
 }
 
