@@ -43,7 +43,11 @@ Examples:
       if (opts.dryRun) {
         // The plan the command runs: index builds first (indexes created on the live table meanwhile), then
         // the transaction; refused here as it would be there.
-        const plan = await switchPlan(sql, table, name, { dryRun: true, catchupTimeoutMs: opts.catchupTimeoutMs });
+        const plan = await switchPlan(sql, table, name, {
+          dryRun: true,
+          catchupTimeoutMs: opts.catchupTimeoutMs,
+          lockTimeoutMs: opts.lockTimeout,
+        });
         process.stdout.write(formatSwitchPlan(plan));
         return;
       }

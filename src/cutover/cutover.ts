@@ -40,8 +40,6 @@ import {
 
 export type { BuiltIndex } from "./carry-over.js";
 
-/** The stream did not catch up while the live table was locked (the locks are released and the attempt retried). */
-
 export interface CutoverOptions extends LockRetryOptions {
   /** Logical mode: how long to wait, under the lock, for the stream to apply every committed change (default 2000 ms). */
   catchupTimeoutMs?: number;
@@ -57,6 +55,10 @@ export interface CutoverResult {
   /** Attempts made (1 = the locks were granted at the first try). */
   attempts: number;
   phase: Phase;
+  /**
+   * Every statement of the plan that ran, in order, as PostgreSQL received them (the carry-over's, the
+   * transaction's BEGIN ... COMMIT, the stream's drop after it).
+   */
   statements: string[];
   /** Indexes created on the live table during the migration that were built on the copy before the lock (carryOver). */
   indexesBuilt: BuiltIndex[];
@@ -71,7 +73,8 @@ function renamed(m: Migration, phase: Phase): Migration {
  * The statements of the cutover transaction (phase backfilled or swapped_back -> cutover), in order:
  * lock both tables, stop the forward mirror, rename the original to the retired name and the shadow to
  * the original name, give serial sequences to the new live table, start the reverse mirror (new live ->
- * retired) so swap-back loses nothing.
+ * retired) so swap-back loses nothing. The switch's transaction (switchPlan) runs them between its checks,
+ * followed by the UPDATE of pgshift.migrations that records the phase.
  */
 export function cutoverSql(m: Migration): string[] {
   return switchSql(m, "cutover");
