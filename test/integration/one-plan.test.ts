@@ -70,7 +70,12 @@ async function createTable(name: string): Promise<void> {
  * plan the command's sessions sent are the ones the dry run printed, in order (batch values aside), that the
  * dry run sent none, and that no other session of pgshift ran but the stream's.
  */
-async function planAndRun(command: string, table: string, args: string[], mode: string): Promise<CliResult> {
+async function planAndRun(
+  command: string,
+  table: string,
+  args: string[],
+  mode: string,
+): Promise<{ run: CliResult; ran: string[] }> {
   const m0 = await log.mark();
   const dry = await runCli([command, table, ...args, "--dry-run", "--url", url]);
   expect(dry.code, describeRun(dry)).toBe(0);
@@ -103,7 +108,7 @@ async function planAndRun(command: string, table: string, args: string[], mode: 
   const printed = parsePrintedPlan(dry.stdout);
   const differs = comparePlan(printed, ran);
   if (differs !== null) expect.fail(`pgshift ${command} ${table} (${mode} mode): ${differs}`);
-  return run;
+  return { run, ran };
 }
 
 describe.each(["trigger", "logical"])("what ran is what --dry-run printed (%s mode)", (mode) => {
@@ -120,15 +125,18 @@ describe.each(["trigger", "logical"])("what ran is what --dry-run printed (%s mo
   });
 
   it("backfill (batches of 1000 rows: the batch's statements printed once, run three times)", async () => {
-    const r = await planAndRun("backfill", t, ["--batch-size", "1000"], mode);
-    expect(r.stdout).toContain("backfill complete: 2500 rows");
+    const { run, ran } = await planAndRun("backfill", t, ["--batch-size", "1000"], mode);
+    expect(run.stdout).toContain("backfill complete: 2500 rows");
+    expect(ran.filter((s) => s.startsWith(`INSERT INTO "public"."${t}_pgshift_shadow"`))).toHaveLength(3);
+    expect(ran.filter((s) => s.startsWith("CREATE INDEX CONCURRENTLY"))).toHaveLength(4);
   });
 
   it("verify --repair (a row missing from the copy, another different)", async () => {
     await admin.unsafe(`delete from ${t}_pgshift_shadow where id = 1500`);
     await admin.unsafe(`update ${t}_pgshift_shadow set note = 'changed' where id = 2200`);
-    const r = await planAndRun("verify", t, ["--repair", "--chunk-size", "1000"], mode);
-    expect(r.stdout).toContain("repaired 2 rows");
+    const { run, ran } = await planAndRun("verify", t, ["--repair", "--chunk-size", "1000"], mode);
+    expect(run.stdout).toContain("repaired 2 rows");
+    expect(ran.filter((s) => s.startsWith(`LOCK TABLE "public"."${t}" IN SHARE MODE`))).toHaveLength(2);
   });
 
   it("cutover", async () => {
