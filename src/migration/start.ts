@@ -1,8 +1,7 @@
-import { z } from "zod";
 import type { LockRetryOptions, Sql } from "../db.js";
 import { BlockedError, PgshiftError, sqlState } from "../errors.js";
 import { log } from "../log.js";
-import { dropStream } from "../mirror/logical.js";
+import { describeTransactions, dropStream, transactionsHoldingXids } from "../mirror/logical.js";
 import { displayName, type QualifiedName } from "../names.js";
 import { runSteps, type Step } from "../plan/steps.js";
 import { DEFAULT_SLOT_TIMEOUT_MS, type MigrationPlan, type PlanOptions, planMigration } from "./plan.js";
@@ -91,31 +90,20 @@ export async function startMigration(sql: Sql, table: QualifiedName, opts: Start
  */
 async function runStreamStep(sql: Sql, step: Step, timeoutMs: number): Promise<void> {
   if (step.kind !== "transaction") return runSteps(sql, [step]);
-  // The sessions as createSlotWaiting (mirror/logical.ts) names them: pid (state since xact_start, application).
-  const holders = async () =>
-    z
-      .array(
-        z.object({ pid: z.number(), state: z.string().nullable(), xact_start: z.date().nullable(), app: z.string() }),
-      )
-      .parse(
-        await sql`
-          select pid, state, xact_start, coalesce(application_name, '') as app from pg_catalog.pg_stat_activity
-           where backend_xid is not null and pid <> pg_catalog.pg_backend_pid() order by xact_start nulls last`,
-      )
-      .map(
-        (t) =>
-          `pid ${t.pid} (${t.state ?? "?"}${t.xact_start ? ` since ${t.xact_start.toISOString()}` : ""}${t.app ? `, ${t.app}` : ""})`,
-      );
-  const before = await holders();
-  if (before.length > 0)
-    log().warn(`creating the replication slot waits until these transactions end: ${before.join(", ")}`);
+  const before = await transactionsHoldingXids(sql);
+  if (before.length > 0) {
+    log().warn(
+      { sessions: before.map((t) => t.pid) },
+      `creating the replication slot waits until these transactions end: ${describeTransactions(before)}`,
+    );
+  }
   try {
     await runSteps(sql, [step]);
   } catch (err) {
     if (sqlState(err) !== "57014") throw err;
-    const still = await holders();
+    const still = await transactionsHoldingXids(sql);
     throw new PgshiftError(
-      `the replication slot was not created within ${timeoutMs} ms: it waits for transactions that were running when it began to end${still.length > 0 ? `, still open: ${still.slice(0, 5).join(", ")}${still.length > 5 ? ` and ${still.length - 5} more` : ""}` : ""}`,
+      `the replication slot was not created within ${timeoutMs} ms: it waits for transactions that were running when it began to end${still.length > 0 ? `, still open: ${describeTransactions(still)}` : ""}`,
       {
         hint: "end them (COMMIT, or SELECT pg_terminate_backend(pid)) and run start again, or give them longer with --slot-timeout-ms",
       },

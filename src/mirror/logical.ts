@@ -1,8 +1,8 @@
 import { z } from "zod";
 import type { TableFacts } from "../catalog/inspect.js";
 import type { AnySql, LockRetryOptions, Sql } from "../db.js";
-import { ident, table as tableRef, transaction, withLockRetry } from "../db.js";
-import { PgshiftError, sqlState } from "../errors.js";
+import { ident, table as tableRef, withLockRetry } from "../db.js";
+import { sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
 import { type BlockStep, block, check, runSteps, type Step, statement, transactionStep } from "../plan/steps.js";
@@ -66,7 +66,7 @@ export function createStreamSql(source: QualifiedName, slot: string, publication
 }
 
 const CREATE_SLOT = "SELECT pg_create_logical_replication_slot(";
-/** Whether `statement` (one of createStreamSql's) creates the slot: start runs it with createSlotWaiting. */
+/** Whether `statement` (one of createStreamSql's) creates the slot: start runs it under statement_timeout. */
 export const createsSlot = (statement: string): boolean => statement.startsWith(CREATE_SLOT);
 
 const OpenTransaction = z.object({
@@ -77,7 +77,7 @@ const OpenTransaction = z.object({
 });
 
 /** Other sessions' transactions that hold a transaction id (those a new slot's snapshot waits for), oldest first. */
-async function transactionsHoldingXids(sql: AnySql): Promise<z.infer<typeof OpenTransaction>[]> {
+export async function transactionsHoldingXids(sql: AnySql): Promise<z.infer<typeof OpenTransaction>[]> {
   const rows = await sql`
     select pid, state, xact_start, application_name from pg_catalog.pg_stat_activity
      where backend_xid is not null and pid <> pg_catalog.pg_backend_pid()
@@ -85,7 +85,8 @@ async function transactionsHoldingXids(sql: AnySql): Promise<z.infer<typeof Open
   return z.array(OpenTransaction).parse(rows);
 }
 
-const describeTransactions = (ts: z.infer<typeof OpenTransaction>[]) =>
+/** Those sessions as start names them: `pid 123 (idle in transaction since <time>, <application>)`, 5 at most. */
+export const describeTransactions = (ts: z.infer<typeof OpenTransaction>[]) =>
   ts
     .slice(0, 5)
     .map(
@@ -93,41 +94,6 @@ const describeTransactions = (ts: z.infer<typeof OpenTransaction>[]) =>
         `pid ${t.pid} (${t.state ?? "?"}${t.xact_start ? ` since ${t.xact_start.toISOString()}` : ""}${t.application_name ? `, ${t.application_name}` : ""})`,
     )
     .join(", ") + (ts.length > 5 ? ` and ${ts.length - 5} more` : "");
-
-/**
- * Runs `statement` (createStreamSql's slot creation), waiting at most `timeoutMs` (statement_timeout, for
- * this statement only). PostgreSQL builds a new logical slot's starting point by waiting until every
- * transaction that held a transaction id when the call began has ended ("Logical Decoding" > "Replication
- * Slots" in the PostgreSQL documentation: creating a slot waits for running transactions), so one session
- * left idle in transaction blocks it for as long as it stays open. Such sessions are logged before the wait.
- * @param timeoutMs ms (> 0).
- * @throws PgshiftError naming the sessions still holding transactions when the time is up (no slot is left:
- *   a slot whose creation fails is dropped by the server); other errors as the server reports them.
- */
-export async function createSlotWaiting(sql: Sql, statement: string, timeoutMs: number): Promise<void> {
-  const before = await transactionsHoldingXids(sql);
-  if (before.length > 0) {
-    log().warn(
-      { sessions: before.map((t) => t.pid) },
-      `creating the replication slot waits until these transactions end: ${describeTransactions(before)}`,
-    );
-  }
-  try {
-    await transaction(sql, async (tx) => {
-      await tx`select pg_catalog.set_config('statement_timeout', ${String(timeoutMs)}, true)`;
-      await tx.unsafe(statement);
-    });
-  } catch (err) {
-    if ((err as { code?: string }).code !== "57014") throw err;
-    const still = await transactionsHoldingXids(sql);
-    throw new PgshiftError(
-      `the replication slot was not created within ${timeoutMs} ms: it waits for transactions that were running when it began to end${still.length > 0 ? `, still open: ${describeTransactions(still)}` : ""}`,
-      {
-        hint: "end them (COMMIT, or SELECT pg_terminate_backend(pid)) and run start again, or give them longer with --slot-timeout-ms",
-      },
-    );
-  }
-}
 
 /** The slot is still in use after its consumer was ended (one attached again): the block runs again. */
 class SlotInUse extends Error {}
