@@ -77,10 +77,10 @@ async function planAndRun(
   mode: string,
 ): Promise<{ run: CliResult; ran: string[] }> {
   const m0 = await log.mark();
-  const dry = await runCli([command, table, ...args, "--dry-run", "--url", url]);
+  const dry = await runCli([command, table, ...args, "--dry-run", "--url", url], { timeoutMs: 240_000 });
   expect(dry.code, describeRun(dry)).toBe(0);
   const m1 = await log.mark();
-  const run = await runCli([command, table, ...args, "--url", url]);
+  const run = await runCli([command, table, ...args, "--url", url], { timeoutMs: 240_000 });
   expect(run.code, describeRun(run)).toBe(0);
   const m2 = await log.mark();
 
@@ -148,13 +148,15 @@ describe.each(["trigger", "logical"])("what ran is what --dry-run printed (%s mo
   });
 
   it("finalize (after a second cutover)", async () => {
-    const again = await runCli(["cutover", t, "--url", url]);
+    const again = await runCli(["cutover", t, "--url", url], { timeoutMs: 240_000 });
     expect(again.code, describeRun(again)).toBe(0);
     await planAndRun("finalize", t, ["--yes"], mode);
   });
 
   it("abort", async () => {
-    const s = await runCli(["start", dropped, "--partition-by", "hash:id:4", "--mode", mode, "--url", url]);
+    const s = await runCli(["start", dropped, "--partition-by", "hash:id:4", "--mode", mode, "--url", url], {
+      timeoutMs: 240_000,
+    });
     expect(s.code, describeRun(s)).toBe(0);
     await planAndRun("abort", dropped, [], mode);
   });
