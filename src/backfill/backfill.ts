@@ -1,25 +1,22 @@
 import pRetry from "p-retry";
-import { inspectTable } from "../catalog/inspect.js";
-import type { Sql } from "../db.js";
-import {
-  type AnySql,
-  type Fragment,
-  identList,
-  joinFragments,
-  type LockRetryOptions,
-  type TxSql,
-  table as tableRef,
-  textColumns,
-  transaction,
-  valueList,
-} from "../db.js";
-import { afterCopySql, deferredIndexSql } from "../ddl/shadow.js";
+import { type AnySql, type Fragment, identList, type LockRetryOptions, type Sql, valueList } from "../db.js";
 import { sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { lockMigration, type Migration, requireMigration, unlockMigration } from "../migration/state.js";
-import { catchUp, followStream } from "../mirror/stream.js";
-import { displayName, type QualifiedName, quoteQualified } from "../names.js";
-import { buildDeferredIndexes, finishShadow } from "./indexes.js";
+import { catchUp, followStream, type StreamFollower } from "../mirror/stream.js";
+import { displayName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
+import {
+  block,
+  check,
+  formatSteps,
+  lockTimeoutSql,
+  runSteps,
+  runTransaction,
+  type Step,
+  statement,
+  transactionStep,
+} from "../plan/steps.js";
+import { deferredIndexSteps, finishShadowSteps } from "./indexes.js";
 
 export interface BackfillProgress {
   rowsCopied: number;
@@ -59,19 +56,279 @@ export function keyAfter(sql: AnySql, key: readonly string[], after: readonly st
   return sql`(${identList(sql, key)}) > (${valueList(sql, after)})`;
 }
 
+/** `$from, $from+1, ...`: `n` parameters. */
+const params = (from: number, n: number) => Array.from({ length: n }, (_, i) => `$${from + i}`).join(", ");
+
+/**
+ * The statements of one batch, as printed and as sent (the batch's key values are `$n` parameters):
+ * - `upper`: the batch's last key and how many keys it holds (the last of the next `batchSize` keys after
+ *   the checkpoint, an index-only scan; no row when none is left); parameters: the checkpoint (`lower`);
+ * - `plain`: the copy as a plain INSERT ... SELECT ... FOR SHARE; parameters: the checkpoint (`lower`), the
+ *   batch's last key;
+ * - `onConflict`: the same copy with ON CONFLICT (shadow key) DO NOTHING, which also counts the rows read. It
+ *   names the shadow's key as its arbiter: PostgreSQL refuses ON CONFLICT without one when the table has a
+ *   deferrable unique constraint (docs: INSERT, "ON CONFLICT Clause"), and only the key can legitimately meet
+ *   a row the mirror wrote;
+ * - `checkpoint`: the migration row's checkpoint (the batch's last key), rows copied and batches.
+ * @param lower whether the batch starts after a checkpoint (false for the first batch of a migration).
+ */
+export function batchStatements(m: Migration, lower: boolean, batchSize: number) {
+  const key = m.key_columns;
+  const k = key.length;
+  const keyCols = key.map(quoteIdent).join(", ");
+  const src = quoteQualified(m.original);
+  const dst = quoteQualified(m.partitioned);
+  const cols = m.copy_columns.map(quoteIdent).join(", ");
+  const after = lower ? `(${keyCols}) > (${params(1, k)})` : null;
+  const range = [...(after ? [after] : []), `(${keyCols}) <= (${params(lower ? k + 1 : 1, k)})`].join(" AND ");
+  const rows = `SELECT ${cols} FROM ${src} WHERE ${range} FOR SHARE`;
+  return {
+    upper:
+      `SELECT ${key.map((c, i) => `${quoteIdent(c)}::text AS k${i}`).join(", ")}, count(*) OVER () AS n ` +
+      `FROM (SELECT ${keyCols} FROM ${src}${after ? ` WHERE ${after}` : ""} ORDER BY ${keyCols} LIMIT ${batchSize}) s ` +
+      `ORDER BY ${key.map((c) => `${quoteIdent(c)} DESC`).join(", ")} LIMIT 1`,
+    plain: `INSERT INTO ${dst} (${cols}) ${rows}`,
+    onConflict:
+      `WITH batch AS (${rows}), ins AS (INSERT INTO ${dst} (${cols}) SELECT ${cols} FROM batch ` +
+      `ON CONFLICT (${m.shadow_key.map(quoteIdent).join(", ")}) DO NOTHING RETURNING 1) ` +
+      `SELECT (SELECT count(*) FROM batch)::int AS read, (SELECT count(*) FROM ins)::int AS inserted`,
+    checkpoint:
+      `UPDATE pgshift.migrations SET checkpoint = ARRAY[${params(1, k)}]::text[], rows_copied = rows_copied + $${k + 1}, ` +
+      `batches = batches + 1, updated_at = now() WHERE id = ${m.id}`,
+  };
+}
+
+/** The longest a batch's COMMIT waits for a writer's uncommitted duplicate in a DEFERRABLE unique constraint. */
+const DEFERRED_CHECK_WAIT_MS = 200;
+/** Logical mode: a batch's lock_timeout (the applier writes the shadow too; a wait on it is retried quickly). */
+const APPLIER_WAIT_MS = 100;
+/** Batches after a conflict that go straight to ON CONFLICT DO NOTHING. */
+const AFTER_CONFLICT = 10;
+
+/** The steps backfill runs (what backfill --dry-run prints) and what its copy needs while it runs. */
+export interface BackfillPlan {
+  migration: Migration;
+  steps: Step[];
+}
+
+/**
+ * Builds backfill's plan for migration `m` from the state it is in: the phase change, the copy in batches
+ * (unless the copy was finished before a crash), the deferred indexes, the shadow's last touches, the phase
+ * `backfilled`; in logical mode the stream followed meanwhile. The copy's block and the checks carry the code
+ * that runs them (with the very statements printed); `progress` receives the copy's counters as it goes.
+ */
+export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions = {}): Promise<BackfillPlan> {
+  const batchSize = opts.batchSize ?? 10000;
+  const lockTimeoutMs = opts.lockTimeoutMs ?? 500;
+  if (m.phase === "backfilled" || m.phase === "swapped_back") return { migration: m, steps: [] };
+  const logical = m.mode === "logical" && m.slot_name !== null;
+  // A DEFERRABLE unique constraint of the shadow (created at start) is checked at the batch's COMMIT, and
+  // that check waits for a writer's uncommitted row with the same value; that writer may itself be waiting
+  // for a row the batch locked FOR SHARE: a deadlock, whose victim could be the application. So every
+  // check is deferred to COMMIT, and COMMIT waits at most DEFERRED_CHECK_WAIT_MS: past it the batch rolls
+  // back (lock_timeout, retried) and the writer goes on.
+  const deferrable = await sql`
+    select exists (select from pg_constraint where conrelid = to_regclass(${quoteQualified(m.partitioned)}) and condeferrable and contype in ('u', 'p', 'x')) as d`;
+  const hasDeferrable = Boolean(deferrable[0]?.d);
+  const run: CopyRun = {
+    follower: null,
+    copiedHere: 0,
+    batches: 0,
+    conflictBatches: 0,
+    complete: m.copy_finished_at !== null,
+    t0: performance.now(),
+  };
+  const id = m.id;
+  const steps: Step[] = [
+    {
+      ...statement(
+        `UPDATE pgshift.migrations SET phase = 'backfilling', backfill_started_at = coalesce(backfill_started_at, now()), ` +
+          `rows_estimated = greatest(coalesce((SELECT greatest(reltuples, 0)::bigint FROM pg_catalog.pg_class ` +
+          `WHERE oid = to_regclass(${quoteLiteral(quoteQualified(m.original))})), 0), rows_copied), updated_at = now() ` +
+          `WHERE id = ${id} RETURNING rows_estimated`,
+        "session",
+      ),
+      read: (rows) => {
+        m.rows_estimated = Number(rows[0]?.rows_estimated ?? m.rows_estimated);
+      },
+    },
+  ];
+  if (logical)
+    steps.push(
+      check(
+        "follow the replication stream while the copy runs: apply it in this process, or watch pgshift sync apply it",
+        async () => {
+          run.follower = await followStream(sql, m);
+        },
+      ),
+    );
+  if (!run.complete) {
+    const batch = (lower: boolean) => {
+      const b = batchStatements(m, lower, batchSize);
+      const plain = block("at most once", "the copy as a plain INSERT (skipped for 10 batches after a conflict)", [
+        statement("SAVEPOINT pgshift_batch"),
+        statement(b.plain),
+        block("at most once", "only when the INSERT meets a row the mirror wrote (unique_violation)", [
+          statement("ROLLBACK TO SAVEPOINT pgshift_batch"),
+        ]),
+      ]);
+      const onConflict = block(
+        "at most once",
+        "the copy with ON CONFLICT DO NOTHING: after a conflict, and for 10 batches after it",
+        [statement(b.onConflict)],
+      );
+      const pre = [
+        ...(logical
+          ? [statement(lockTimeoutSql(APPLIER_WAIT_MS), "transaction", "the applier writes the shadow too")]
+          : []),
+        ...(hasDeferrable ? [statement("SET CONSTRAINTS ALL DEFERRED")] : []),
+      ];
+      const post = hasDeferrable
+        ? [statement(lockTimeoutSql(DEFERRED_CHECK_WAIT_MS), "transaction", "how long COMMIT may wait for a writer")]
+        : [];
+      const tx = transactionStep([
+        ...pre,
+        statement(b.upper),
+        block("at most once", "when keys remain after the checkpoint", [plain, onConflict, statement(b.checkpoint)]),
+        ...post,
+      ]);
+      return { b, tx, pre, post };
+    };
+    const checkpoint0 = m.checkpoint && m.checkpoint.length > 0 ? m.checkpoint : null;
+    const first = checkpoint0 ? null : batch(false);
+    const next = batch(true);
+    const copy = async () => {
+      let checkpoint = checkpoint0;
+      let fastPathIn = 0;
+      while (!run.complete) {
+        if (opts.signal?.aborted || (opts.maxBatches !== undefined && run.batches >= opts.maxBatches)) break;
+        const { b, tx: t, pre, post } = checkpoint ? next : first!;
+        const values = checkpoint ?? [];
+        const result = await retryTransient(() =>
+          runTransaction(sql, t, async (tx) => {
+            for (const x of pre) await tx.unsafe(x.sql);
+            const hiRow = (await tx.unsafe(b.upper, values))[0];
+            let r = { read: 0, hi: null as string[] | null, last: true, conflict: false };
+            if (hiRow) {
+              const hi = m.key_columns.map((_, i) => String(hiRow[`k${i}`]));
+              const range = [...values, ...hi];
+              let read: number;
+              let conflict = false;
+              if (fastPathIn === 0) {
+                // Fast path: a plain INSERT (no speculative insertion per row). A row the mirror already wrote
+                // makes it fail with unique_violation; the batch then runs again with ON CONFLICT DO NOTHING.
+                await tx.unsafe("SAVEPOINT pgshift_batch");
+                try {
+                  read = (await tx.unsafe(b.plain, range)).count;
+                } catch (err) {
+                  if (sqlState(err) !== "23505") throw err;
+                  await tx.unsafe("ROLLBACK TO SAVEPOINT pgshift_batch");
+                  read = Number((await tx.unsafe(b.onConflict, range))[0]?.read ?? 0);
+                  conflict = true;
+                }
+              } else read = Number((await tx.unsafe(b.onConflict, range))[0]?.read ?? 0);
+              await tx.unsafe(b.checkpoint, [...hi, read]);
+              r = { read, hi, last: Number(hiRow.n) < batchSize, conflict };
+            }
+            for (const x of post) await tx.unsafe(x.sql);
+            return r;
+          }),
+        );
+        if (result.conflict) {
+          fastPathIn = AFTER_CONFLICT;
+          run.conflictBatches++;
+        } else if (fastPathIn > 0 && result.hi) fastPathIn--;
+        run.copiedHere += result.read;
+        if (result.hi) {
+          run.batches++;
+          m.rows_copied += result.read;
+          m.batches += 1;
+          checkpoint = result.hi;
+        }
+        if (result.last) {
+          run.complete = true;
+          break;
+        }
+        opts.onProgress?.(progress(m, run.copiedHere, performance.now() - run.t0, false));
+        if (opts.sleepMs) await new Promise((r) => setTimeout(r, opts.sleepMs));
+      }
+    };
+    steps.push(
+      block(
+        "once",
+        `the copy, in batches of ${batchSize} rows in key order, one transaction each (a batch that meets a deadlock or a lock timeout runs again)`,
+        [
+          ...(first ? [block("at most once", "the first batch (no checkpoint yet)", [first.tx])] : []),
+          block("any number of times", "each next batch, from the checkpoint ($1 ...: the checkpoint's key)", [
+            next.tx,
+          ]),
+        ],
+        copy,
+      ),
+    );
+  }
+  // Until the copy is complete (stopped early: Ctrl-C, maxBatches) nothing below runs.
+  const after: Step[] = [
+    // copies_lsn: read after the last batch committed (see the applier's exact mode). Set once: the copy
+    // never runs again once copy_finished_at is set.
+    statement(
+      `UPDATE pgshift.migrations SET copy_finished_at = coalesce(copy_finished_at, now()), ` +
+        `copies_lsn = coalesce(copies_lsn, pg_current_wal_insert_lsn()::text), updated_at = now() WHERE id = ${id}`,
+      "session",
+    ),
+    ...(await deferredIndexSteps(sql, m, lockTimeoutMs)),
+    // NOT VALID constraints, index marks and comments, then ANALYZE of the partitioned table.
+    ...(await finishShadowSteps(sql, m, lockTimeoutMs)),
+    statement(
+      `UPDATE pgshift.migrations SET phase = 'backfilled', backfill_finished_at = now(), ` +
+        `rows_estimated = greatest(rows_estimated, rows_copied), updated_at = now() WHERE id = ${id}`,
+      "session",
+    ),
+  ];
+  steps.push(
+    block("once", "once every row is copied: the secondary indexes, the shadow's last touches", after, async () => {
+      if (run.complete) await runSteps(sql, after);
+    }),
+  );
+  if (logical)
+    steps.push(
+      check(`wait until the stream applies what is written within ${opts.maxLagMs ?? 1000} ms`, async () => {
+        if (!run.complete || !run.follower) return;
+        const took = await catchUp(sql, run.follower, opts.maxLagMs ?? 1000);
+        log().info(
+          { table: displayName(m.original), catchUpMs: took, applied: run.follower.changes(), own: run.follower.own },
+          "backfill: stream caught up",
+        );
+      }),
+    );
+  runs.set(steps, run);
+  return { migration: m, steps };
+}
+
+/** What the copy of a plan being run has done so far. */
+interface CopyRun {
+  follower: StreamFollower | null;
+  copiedHere: number;
+  batches: number;
+  conflictBatches: number;
+  complete: boolean;
+  t0: number;
+}
+const runs = new WeakMap<Step[], CopyRun>();
+
 /**
  * Copies the rows of the original table into the shadow in keyset batches, in key order, with a
  * checkpoint after each batch (in the batch's own transaction), so that a crash loses at most the
- * batch in flight and `backfill` run again continues from the checkpoint.
+ * batch in flight and `backfill` run again continues from the checkpoint. Runs planBackfill's steps, the
+ * ones backfill --dry-run prints.
  *
  * Why no ghost or stale row can appear (docs/design.md, "backfill"):
  * each batch is one READ COMMITTED transaction that
- *  1. finds the batch's upper key `hi` (the N-th key after the checkpoint; an index-only scan), then
- *  2. `INSERT INTO shadow SELECT ... FROM source WHERE key > checkpoint AND key <= hi FOR SHARE
- *     ON CONFLICT DO NOTHING`.
+ *  1. finds the batch's last key `hi` (the last of the next N keys after the checkpoint; an index-only scan),
+ *  2. `INSERT INTO shadow SELECT ... FROM source WHERE key > checkpoint AND key <= hi FOR SHARE`.
  * (Step 2 first runs as a plain INSERT inside a savepoint, which avoids the per-row cost of speculative
  * insertion; if a row the mirror already wrote is in the way it fails with unique_violation, and the batch
- * runs again as written above; after such a conflict the next 10 batches go straight to ON CONFLICT.)
+ * runs again with ON CONFLICT DO NOTHING; after such a conflict the next 10 batches go straight to it.)
  * FOR SHARE locks every copied source row until the batch commits. An UPDATE or DELETE that committed
  * before the lock is seen at its newest version (PostgreSQL re-reads a concurrently updated row when it
  * locks it, and skips it if it was deleted or left the range); one that comes after the lock waits for the
@@ -79,220 +336,54 @@ export function keyAfter(sql: AnySql, key: readonly string[], after: readonly st
  * mirror already wrote is the newest version too (the trigger runs in the writer's transaction), so
  * DO NOTHING keeps it. FOR KEY SHARE would not do: it lets non-key updates (including partition-key
  * updates) through. The checkpoint is `hi`, read from the index before locking, never a key value
- * re-read after a concurrent update (which could jump ahead of rows not yet copied).
+ * re-read after a concurrent update (which could jump ahead of rows not yet copied). The batch that finds
+ * fewer than N keys is the last: a row written after it read its keys was written with the mirror in place
+ * (installed by start, whose lock waited for every earlier writer), so the mirror copies it.
  *
- * Once every row is copied, the secondary indexes are built (buildDeferredIndexes), the shadow is finished
- * (finishShadow: NOT VALID constraints, which must not meet the old rows during the copy, replica identity
- * and CLUSTER marks, comments, ANALYZE of the partitioned table), then the phase becomes `backfilled`. Memory is flat: rows go from table to table inside PostgreSQL; only `hi` crosses
- * the network.
+ * Once every row is copied, the secondary indexes are built (deferredIndexSteps), the shadow is finished
+ * (finishShadowSteps: NOT VALID constraints, which must not meet the old rows during the copy, replica
+ * identity and CLUSTER marks, comments, ANALYZE of the partitioned table), then the phase becomes
+ * `backfilled`. Memory is flat: rows go from table to table inside PostgreSQL; only `hi` crosses the network.
  * @throws PgshiftError / PhaseError when there is no migration or it is past the backfill.
  */
 export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOptions = {}): Promise<BackfillResult> {
-  const batchSize = opts.batchSize ?? 10000;
   await lockMigration(sql, table);
   try {
-    let m = await requireMigration(sql, table, "backfill");
+    const m = await requireMigration(sql, table, "backfill");
     const t0 = performance.now();
-    if (m.phase === "backfilled" || m.phase === "swapped_back") {
+    const plan = await planBackfill(sql, m, opts);
+    const run = runs.get(plan.steps);
+    if (!run) {
       const p = progress(m, 0, 0, true);
       opts.onProgress?.(p);
       return { ...p, complete: true, ms: 0, conflictBatches: 0 };
     }
-    const est =
-      await sql`select greatest(reltuples, 0)::bigint as n from pg_class where oid = to_regclass(${quoteQualified(m.original)})`;
-    await sql`
-      update pgshift.migrations set phase = 'backfilling', backfill_started_at = coalesce(backfill_started_at, now()),
-             rows_estimated = greatest(${Number(est[0]?.n ?? 0)}::bigint, rows_copied), updated_at = now()
-       where id = ${m.id}`;
-    m = (await requireMigration(sql, table, "backfill"))!;
-    const key = m.key_columns;
-    const keyCols = identList(sql, key);
-    let checkpoint = m.checkpoint && m.checkpoint.length > 0 ? m.checkpoint : null;
-    /** Batches left before the plain-INSERT fast path is tried again after a conflict. */
-    let fastPathIn = 0;
-    let conflictBatches = 0;
-    // A DEFERRABLE unique constraint of the shadow (created at start) is checked at the batch's COMMIT, and
-    // that check waits for a writer's uncommitted row with the same value; that writer may itself be waiting
-    // for a row the batch locked FOR SHARE: a deadlock, whose victim could be the application. So every
-    // check is deferred to COMMIT, and COMMIT waits at most DEFERRED_CHECK_WAIT: past it the batch rolls back
-    // (lock_timeout, retried) and the writer goes on.
-    const deferrable = await sql`
-      select exists (select from pg_constraint where conrelid = to_regclass(${quoteQualified(m.partitioned)}) and condeferrable and contype in ('u', 'p', 'x')) as d`;
-    const hasDeferrable = Boolean(deferrable[0]?.d);
-    const copyOnConflict = async (tx: TxSql, where: Fragment): Promise<number> => {
-      const r = await batchSql(tx, m, where).onConflict;
-      return Number(r[0]?.read ?? 0);
-    };
-    let copiedHere = 0;
-    let batches = 0;
-    // After a crash while the indexes were being built, the copy is not done again.
-    let complete = m.copy_finished_at !== null;
-    // Logical mode: the stream is applied while the copy runs (by this process when the slot is free).
-    const follower = m.mode === "logical" && m.slot_name ? await followStream(sql, m) : null;
     try {
-      while (!complete) {
-        if (opts.signal?.aborted || (opts.maxBatches !== undefined && batches >= opts.maxBatches)) break;
-        const result = await retryTransient(() =>
-          transaction(sql, async (tx) => {
-            // Logical mode: the applier writes the shadow too. A short lock_timeout turns a wait on its
-            // uncommitted rows (a possible deadlock, detected only after deadlock_timeout) into a quick retry.
-            if (follower) await tx`select set_config('lock_timeout', '100ms', true)`;
-            if (hasDeferrable) await tx`set constraints all deferred`;
-            const lower = checkpoint ? sql`where ${keyAfter(tx, key, checkpoint)}` : sql``;
-            const hiRows = await upperKeySql(tx, m, lower, batchSize);
-            const hiRaw = hiRows[0];
-            const hi = hiRaw ? key.map((_, i) => String(hiRaw[`k${i}`])) : null;
-            const conds: Fragment[] = [];
-            if (checkpoint) conds.push(keyAfter(tx, key, checkpoint));
-            if (hi) conds.push(tx`(${keyCols}) <= (${valueList(tx, hi)})`);
-            const where = conds.length === 0 ? tx`` : tx`where ${joinFragments(tx, conds, tx` and `)}`;
-            let read: number;
-            if (fastPathIn === 0) {
-              // Fast path: a plain INSERT (no speculative insertion per row). A row the mirror already wrote
-              // makes it fail with unique_violation; the batch then runs again with ON CONFLICT DO NOTHING.
-              await tx`savepoint pgshift_batch`;
-              try {
-                const r = await batchSql(tx, m, where).plain;
-                read = r.count;
-              } catch (err) {
-                if (sqlState(err) !== "23505") throw err;
-                await tx`rollback to savepoint pgshift_batch`;
-                read = await copyOnConflict(tx, where);
-                fastPathIn = 10;
-                conflictBatches++;
-              }
-            } else {
-              read = await copyOnConflict(tx, where);
-              fastPathIn--;
-            }
-            await tx`
-          update pgshift.migrations set checkpoint = ${hi ? tx.array(hi) : tx.array(checkpoint ?? [])}::text[],
-                 rows_copied = rows_copied + ${read}, batches = batches + 1, updated_at = now()
-           where id = ${m.id}`;
-            if (hasDeferrable) await tx`select set_config('lock_timeout', ${DEFERRED_CHECK_WAIT}, true)`;
-            return { read, hi };
-          }),
-        );
-        copiedHere += result.read;
-        batches++;
-        m.rows_copied += result.read;
-        m.batches += 1;
-        if (!result.hi) {
-          complete = true;
-          break;
-        }
-        checkpoint = result.hi;
-        opts.onProgress?.(progress(m, copiedHere, performance.now() - t0, false));
-        if (opts.sleepMs) await new Promise((r) => setTimeout(r, opts.sleepMs));
-      }
-      if (complete) {
-        // copies_lsn: read after the last batch committed (see the applier's exact mode). Set once: the copy
-        // never runs again once copy_finished_at is set.
-        await sql`
-        update pgshift.migrations set copy_finished_at = coalesce(copy_finished_at, now()),
-               copies_lsn = coalesce(copies_lsn, pg_current_wal_insert_lsn()::text), updated_at = now()
-         where id = ${m.id}`;
-        const built = await buildDeferredIndexes(sql, m, opts);
-        if (built > 0) log().info({ table: displayName(table), indexes: built }, "backfill: secondary indexes built");
-        // NOT VALID constraints, index marks and comments, then ANALYZE of the partitioned table.
-        await finishShadow(sql, m, opts);
-        await sql`
-        update pgshift.migrations set phase = 'backfilled', backfill_finished_at = now(),
-               rows_estimated = greatest(rows_estimated, rows_copied), updated_at = now()
-         where id = ${m.id}`;
-        log().info({ table: displayName(table), rows: m.rows_copied, batches: m.batches }, "backfill complete");
-      }
-      if (complete && follower) {
-        const took = await catchUp(sql, follower, opts.maxLagMs ?? 1000);
-        log().info(
-          { table: displayName(table), catchUpMs: took, applied: follower.changes(), own: follower.own },
-          "backfill: stream caught up",
-        );
-      }
+      await runSteps(sql, plan.steps, { lockRetry: opts.retries !== undefined ? { retries: opts.retries } : {} });
     } finally {
-      await follower?.stop();
+      await run.follower?.stop();
     }
+    if (run.complete)
+      log().info({ table: displayName(table), rows: m.rows_copied, batches: m.batches }, "backfill complete");
     const ms = performance.now() - t0;
-    const p = progress(m, copiedHere, ms, complete);
+    const p = progress(m, run.copiedHere, ms, run.complete);
     opts.onProgress?.(p);
-    return { ...p, complete, ms, conflictBatches };
+    return { ...p, complete: run.complete, ms, conflictBatches: run.conflictBatches };
   } finally {
     await unlockMigration(sql, table).catch(() => {});
   }
 }
 
-/** The batch's upper key: the N-th key after the checkpoint (key values as text). Not executed until awaited. */
-export function upperKeySql(tx: AnySql, m: Migration, lower: Fragment, batchSize: number) {
-  const keyCols = identList(tx, m.key_columns);
-  return tx`
-    select ${textColumns(tx, m.key_columns)} from (
-      select ${keyCols} from ${tableRef(tx, m.original)} ${lower} order by ${keyCols} offset ${batchSize - 1} limit 1) s`;
-}
-
-/** The longest a batch's COMMIT waits for a writer's uncommitted duplicate in a DEFERRABLE unique constraint. */
-const DEFERRED_CHECK_WAIT = "200ms";
-
 /**
- * The two forms of a batch copy: the plain INSERT tried first, and the ON CONFLICT DO NOTHING fallback.
- * The fallback names the shadow's key as its arbiter: PostgreSQL refuses ON CONFLICT without one when the
- * table has a deferrable unique constraint (docs: INSERT, "ON CONFLICT Clause"), and only the key can
- * legitimately meet a row the mirror wrote.
+ * What backfill would run for `table` now, as backfill --dry-run prints it (formatSteps of planBackfill's
+ * steps: a batch's statements once, its key values as `$n`). Changes nothing (the schema is not upgraded).
  */
-export function batchSql(tx: AnySql, m: Migration, where: Fragment) {
-  const src = tableRef(tx, m.original);
-  const dst = tableRef(tx, m.partitioned);
-  const cols = identList(tx, m.copy_columns);
-  return {
-    plain: tx`insert into ${dst} (${cols}) select ${cols} from ${src} ${where} for share`,
-    onConflict: tx`
-        with batch as (select ${cols} from ${src} ${where} for share),
-             ins as (insert into ${dst} (${cols}) select ${cols} from batch on conflict (${identList(tx, m.shadow_key)}) do nothing returning 1)
-        select (select count(*) from batch)::int as read, (select count(*) from ins)::int as inserted`,
-  };
-}
-
-/**
- * The statements one batch runs, as PostgreSQL receives them ($n are the key values), and the statements
- * run after the copy. Asks the server to describe each (parse only: nothing is executed).
- */
-export async function describeBackfill(sql: Sql, table: QualifiedName, batchSize = 10000): Promise<string[]> {
+export async function describeBackfill(sql: Sql, table: QualifiedName, opts: BackfillOptions = {}): Promise<string> {
   const m = await requireMigration(sql, table, "backfill", { upgrade: false });
-  const key = m.key_columns;
-  const sample = key.map(() => "0");
-  const keyCols = identList(sql, key);
-  const where = sql`where ${keyAfter(sql, key, sample)} and (${keyCols}) <= (${valueList(sql, sample)})`;
-  const b = batchSql(sql, m, where);
-  const out: string[] = ["begin"];
-  for (const q of [
-    upperKeySql(sql, m, sql`where ${keyAfter(sql, key, sample)}`, batchSize),
-    sql`savepoint pgshift_batch`,
-    b.plain,
-  ]) {
-    out.push(((await q.describe()) as unknown as { string: string }).string.replace(/\s+/g, " ").trim());
-  }
-  out.push(
-    "-- only when the INSERT meets a row the mirror wrote (unique_violation):",
-    "rollback to savepoint pgshift_batch",
-  );
-  out.push(((await b.onConflict.describe()) as unknown as { string: string }).string.replace(/\s+/g, " ").trim());
-  out.push(
-    "update pgshift.migrations set checkpoint = $1, rows_copied = rows_copied + $2, batches = batches + 1, updated_at = now() where id = $3",
-    "commit",
-  );
-  const parts =
-    await sql`select c.relname::text as name from pg_inherits i join pg_class c on c.oid = i.inhrelid where i.inhparent = to_regclass(${quoteQualified(m.partitioned)}) order by 1`;
-  for (const idx of m.deferred_indexes) {
-    const d = deferredIndexSql(
-      m.partitioned.schema,
-      m.partitioned.name,
-      parts.map((p) => String(p.name)),
-      idx,
-    );
-    out.push(d.parent, ...d.perPartition.flatMap((x) => [x.create, ...(x.constrain ? [x.constrain] : []), x.attach]));
-  }
-  const facts = await inspectTable(sql, m.original);
-  if (facts) out.push(...afterCopySql(facts, { source: m.original, shadow: m.partitioned }));
-  return out;
+  const plan = await planBackfill(sql, m, opts);
+  if (plan.steps.length === 0)
+    return `-- nothing to do: the rows of ${displayName(table)} are copied (phase ${m.phase})\n`;
+  return formatSteps(plan.steps);
 }
 
 /**

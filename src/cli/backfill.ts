@@ -63,7 +63,10 @@ export function backfillCommand(): Command {
       intOption("--max-lag-ms", 1),
       1000,
     )
-    .option("--dry-run", "print the statements of one batch and of the index build; change nothing");
+    .option(
+      "--dry-run",
+      "print the plan (a batch's statements once, its key values as $n; the index build; the phase changes); change nothing",
+    );
   addConnectionOption(cmd);
   cmd.addHelpText(
     "after",
@@ -79,10 +82,10 @@ Ctrl-C stops after the current batch; run the command again to continue.`,
       opts: ConnOpts & { batchSize: number; sleepMs: number; maxLagMs: number; dryRun?: boolean },
     ) => {
       if (opts.dryRun) {
-        const statements = await withTable(tableArg, opts, (sql, table) =>
-          describeBackfill(sql, table, opts.batchSize),
+        const plan = await withTable(tableArg, opts, (sql, table) =>
+          describeBackfill(sql, table, { batchSize: opts.batchSize, maxLagMs: opts.maxLagMs }),
         );
-        process.stdout.write(`${statements.map((s) => (s.startsWith("--") ? s : `${s};`)).join("\n")}\n`);
+        process.stdout.write(plan);
         return;
       }
       const ctrl = new AbortController();

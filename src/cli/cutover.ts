@@ -1,6 +1,5 @@
 import { Command } from "commander";
-import { carryOverSql, cutover, cutoverPlanSql, swapBack, swapBackSql } from "../cutover/cutover.js";
-import { requireMigration } from "../migration/state.js";
+import { cutover, formatSwitchPlan, swapBack, switchPlan } from "../cutover/cutover.js";
 import { addConnectionOption, addLockOptions, type ConnOpts, intOption, withTable } from "./common.js";
 
 type Opts = ConnOpts & { lockTimeout: number; retries: number; catchupTimeoutMs: number; dryRun?: boolean };
@@ -16,7 +15,7 @@ function switchCommand(name: "cutover" | "swap-back"): Command {
     .argument("<table>", "table under migration")
     .option(
       "--dry-run",
-      "print the statements it would run (index builds before the lock, then the transaction); change nothing",
+      "print the plan it would run (index builds before the lock, the transaction, the checks between); change nothing",
     );
   if (isCutover) {
     cmd.option(
@@ -42,11 +41,14 @@ Examples:
   cmd.action(async (tableArg: string, opts: Opts) => {
     await withTable(tableArg, opts, async (sql, table) => {
       if (opts.dryRun) {
-        const m = await requireMigration(sql, table, isCutover ? "cutover" : "swap-back", { upgrade: false });
-        // Indexes created on the live table during the migration are built on the copy first; anything else refuses here as it would there.
-        const before = await carryOverSql(sql, m, table);
-        const after = isCutover ? cutoverPlanSql(before.migration) : swapBackSql(before.migration);
-        process.stdout.write(`${[...before.statements, ...after].map((s) => `${s};`).join("\n")}\n`);
+        // The plan the command runs: index builds first (indexes created on the live table meanwhile), then
+        // the transaction; refused here as it would be there.
+        const plan = await switchPlan(sql, table, name, {
+          dryRun: true,
+          catchupTimeoutMs: opts.catchupTimeoutMs,
+          lockTimeoutMs: opts.lockTimeout,
+        });
+        process.stdout.write(formatSwitchPlan(plan));
         return;
       }
       const fn = isCutover ? cutover : swapBack;

@@ -1,7 +1,6 @@
 import { Command } from "commander";
-import { abort, abortSql, finalize } from "../migration/finish.js";
-import { requireMigration } from "../migration/state.js";
-import { dropStreamSql } from "../mirror/logical.js";
+import { abort, abortPlan, finalize } from "../migration/finish.js";
+import { formatSteps } from "../plan/steps.js";
 import { addConnectionOption, addLockOptions, type ConnOpts, withTable } from "./common.js";
 
 type Opts = ConnOpts & { lockTimeout: number; retries: number; yes?: boolean; dryRun?: boolean };
@@ -11,7 +10,7 @@ export function finalizeCommand(): Command {
     .description("after cutover: drop the retired table, the mirror and the metadata (swap-back is then impossible)")
     .argument("<table>", "table under migration")
     .option("--yes", "confirm dropping the retired table")
-    .option("--dry-run", "print the statements; change nothing");
+    .option("--dry-run", "print the plan (its statements, where each runs, the checks between); change nothing");
   addLockOptions(cmd);
   addConnectionOption(cmd);
   cmd.addHelpText(
@@ -34,7 +33,7 @@ Example:
         retries: opts.retries,
       }),
     );
-    if (opts.dryRun) return void process.stdout.write(`${r.statements.map((s) => `${s};`).join("\n")}\n`);
+    if (opts.dryRun) return void process.stdout.write(formatSteps(r.steps));
     process.stdout.write(
       `finalized: ${tableArg} is partitioned; the retired table, the mirror and the metadata are gone\n`,
     );
@@ -46,7 +45,7 @@ export function abortCommand(): Command {
   const cmd = new Command("abort")
     .description("before cutover: drop the shadow and the mirror, leaving the source untouched")
     .argument("<table>", "table under migration")
-    .option("--dry-run", "print the statements; change nothing");
+    .option("--dry-run", "print the plan (its statements, where each runs, the checks between); change nothing");
   addLockOptions(cmd);
   addConnectionOption(cmd);
   cmd.addHelpText(
@@ -58,10 +57,8 @@ Example:
   cmd.action(async (tableArg: string, opts: Opts) => {
     await withTable(tableArg, opts, async (sql, table) => {
       if (opts.dryRun) {
-        const m = await requireMigration(sql, table, "abort", { upgrade: false });
         process.stdout.write(
-          [...dropStreamSql(m.slot_name, m.publication_name, m.live), ...abortSql(m)].map((s) => `${s};`).join("\n") +
-            "\n",
+          formatSteps((await abortPlan(sql, table, { dryRun: true, lockTimeoutMs: opts.lockTimeout })).steps),
         );
         return;
       }

@@ -1,11 +1,12 @@
 import { Command } from "commander";
 import { BlockedError } from "../errors.js";
-import { planMigration } from "../migration/plan.js";
+import { type MigrationPlan, planMigration } from "../migration/plan.js";
 import { DEFAULT_SLOT_TIMEOUT_MS, keyExtensionRefusal, startMigration } from "../migration/start.js";
 import { displayName } from "../names.js";
-import { parsePartitionSpec } from "../partitioning/spec.js";
+import { formatPartitionSpec, parsePartitionSpec } from "../partitioning/spec.js";
+import { formatSteps } from "../plan/steps.js";
 import { addConnectionOption, addLockOptions, intOption, withTable } from "./common.js";
-import { type PlanCliOpts, printPlan, specOptions } from "./plan.js";
+import { applicationLines, type PlanCliOpts, specOptions } from "./plan.js";
 
 export function startCommand(): Command {
   const cmd = new Command("start")
@@ -51,8 +52,14 @@ and, with pg_stat_statements, the application's statements that would fail.`,
       const spec = parsePartitionSpec(opts.partitionBy);
       await withTable(tableArg, opts, async (sql, table) => {
         if (opts.dryRun) {
-          const plan = await planMigration(sql, table, { spec, mode: opts.mode, premake: opts.premake });
-          printPlan(plan);
+          const plan = await planMigration(sql, table, {
+            spec,
+            mode: opts.mode,
+            premake: opts.premake,
+            lockTimeoutMs: opts.lockTimeout,
+            slotTimeoutMs: opts.slotTimeoutMs,
+          });
+          printStartPlan(plan);
           if (plan.blockers.length > 0) throw new BlockedError(displayName(table), plan.blockers);
           const refusal = opts.allowKeyExtension ? null : keyExtensionRefusal(plan);
           if (refusal) throw refusal;
@@ -77,4 +84,19 @@ and, with pg_stat_statements, the application's statements that would fail.`,
     },
   );
   return cmd;
+}
+
+/**
+ * What start --dry-run prints: what was found and what the application will notice as `--` comments, then
+ * the steps start runs (formatSteps of plan.steps, the very list startMigration runs).
+ */
+function printStartPlan(plan: MigrationPlan): void {
+  const head = [
+    `start ${displayName(plan.source)}: partition by ${formatPartitionSpec(plan.spec)}, ${plan.mode} mirror, ` +
+      `${plan.partitions.length} partitions, shadow ${displayName(plan.shadow)}, key (${plan.shadowKey.join(", ")})`,
+    ...applicationLines(plan).map((l) => l.trim()),
+    ...plan.warnings.map((w) => `warning: ${w}`),
+    ...plan.blockers.map((b) => `blocker: ${b}`),
+  ];
+  process.stdout.write(`${head.map((l) => `-- ${l}`).join("\n")}\n${formatSteps(plan.steps)}`);
 }

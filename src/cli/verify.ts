@@ -1,5 +1,5 @@
 import { Command } from "commander";
-import { verify } from "../verify/verify.js";
+import { describeVerify, verify } from "../verify/verify.js";
 import { addConnectionOption, addLockOptions, type ConnOpts, intOption, printJson, withTable } from "./common.js";
 
 export function verifyCommand(): Command {
@@ -10,6 +10,7 @@ export function verifyCommand(): Command {
     .argument("<table>", "table under migration")
     .option("--json", "print the report as JSON")
     .option("--repair", "rewrite differing rows of the copy from the live table")
+    .option("--dry-run", "print the plan (a chunk's and a key's statements once, key values as $n); change nothing")
     .option("--chunk-size <rows>", "rows per compared chunk", intOption("--chunk-size", 1), 10000);
   addLockOptions(cmd, "lock_timeout for --repair's short SHARE lock");
   addConnectionOption(cmd);
@@ -20,13 +21,32 @@ Examples:
   pgshift verify orders
   pgshift verify orders --json > verify.json; echo $?
   pgshift verify orders --repair
+  pgshift verify orders --repair --dry-run
 Exit codes: 0 equal (also after a successful --repair), 1 differences remain (keys listed), 2 error.`,
   );
   cmd.action(
     async (
       tableArg: string,
-      opts: ConnOpts & { json?: boolean; repair?: boolean; chunkSize: number; lockTimeout: number; retries: number },
+      opts: ConnOpts & {
+        json?: boolean;
+        repair?: boolean;
+        dryRun?: boolean;
+        chunkSize: number;
+        lockTimeout: number;
+        retries: number;
+      },
     ) => {
+      if (opts.dryRun) {
+        const plan = await withTable(tableArg, opts, (sql, table) =>
+          describeVerify(sql, table, {
+            chunkSize: opts.chunkSize,
+            repair: opts.repair,
+            lockTimeoutMs: opts.lockTimeout,
+          }),
+        );
+        process.stdout.write(plan);
+        return;
+      }
       const r = await withTable(tableArg, opts, (sql, table) =>
         verify(sql, table, {
           chunkSize: opts.chunkSize,

@@ -1,13 +1,23 @@
 import { z } from "zod";
 import { requireNoKnownDifferences } from "../cutover/cutover.js";
 import type { Sql } from "../db.js";
-import { type AnySql, type LockRetryOptions, table as tableRef, withLockRetry } from "../db.js";
+import { type AnySql, type LockRetryOptions, table as tableRef } from "../db.js";
 import { PgshiftError, sqlState } from "../errors.js";
 import { log } from "../log.js";
-import { dropStream, dropStreamSql } from "../mirror/logical.js";
+import { dropStreamSql } from "../mirror/logical.js";
 import { mirrorFor } from "../mirror/mirror.js";
 import { MIRROR_TRIGGER, removeTruncateGuardSql, TRUNCATE_TRIGGER } from "../mirror/trigger.js";
 import { displayName, type QualifiedName, quoteIdent, quoteQualified } from "../names.js";
+import {
+  check,
+  runSteps,
+  runTransaction,
+  type Step,
+  statement,
+  statementsOf,
+  type TransactionStep,
+  transactionStep,
+} from "../plan/steps.js";
 import {
   loadMigration,
   lockMigration,
@@ -230,20 +240,58 @@ async function requireFinalizable(sql: AnySql, m: Migration): Promise<void> {
   if (dependents.length > 0) throw dependentsError(m, dependents);
 }
 
+/** What finalize and abort did (or, with `dryRun`, would do). */
+export interface FinishResult {
+  /** Every statement, in order, as PostgreSQL receives them. */
+  statements: string[];
+  /** The plan: what --dry-run prints (formatSteps). */
+  steps: Step[];
+}
+
+/**
+ * Finalize's transaction, from the state the identity sequences are in now (read on `sql`): lock both
+ * tables, check again under the lock, then finalizeSql's statements (the migration row deleted first).
+ */
+async function finalizeTransaction(
+  sql: AnySql,
+  m: Migration,
+  table: QualifiedName,
+  lockTimeoutMs: number,
+): Promise<TransactionStep> {
+  const [lock, ...rest] = finalizeSql(m, await identityState(sql, m));
+  return transactionStep(
+    [
+      // Nothing can come to depend on the retired table after this lock (CREATE VIEW, a foreign key, ... lock
+      // the tables they use), nor a verify run meanwhile.
+      statement(lock!),
+      check(
+        "refuse if the migration left phase cutover, a verify found differences, or objects depend on " +
+          displayName(m.copy),
+        async (tx) => {
+          const now = await loadMigration(tx, table, { upgrade: false });
+          if (now?.phase !== "cutover")
+            throw new PgshiftError(`the migration of ${displayName(table)} changed phase meanwhile`);
+          await requireFinalizable(tx, now);
+        },
+      ),
+      ...rest.map((s) => statement(s)),
+    ],
+    { lockTimeoutMs },
+  );
+}
+
 /**
  * After cutover: drops the retired table, the reverse mirror and the migration's metadata, in one
- * transaction. After this, swap-back is no longer possible. Refuses first, changing nothing, while the last
- * verify found differences or while anything but pgshift's own objects depends on the retired table
- * (checked before and again under the transaction's locks; a DROP that still fails with
- * dependent_objects_still_exist is reported with the objects from PostgreSQL's DETAIL, and the whole
- * transaction rolls back). `dryRun` checks the same, then returns the statements without running them.
+ * transaction (before it, a replication slot and publication a crash left behind: dropStreamSql). After
+ * this, swap-back is no longer possible. Refuses first, changing nothing, while the last verify found
+ * differences or while anything but pgshift's own objects depends on the retired table (checked before and
+ * again under the transaction's locks; a DROP that still fails with dependent_objects_still_exist is
+ * reported with the objects from PostgreSQL's DETAIL, and the whole transaction rolls back). `dryRun` checks
+ * the same, then returns the plan without running it. The transaction's statements are built again inside
+ * it, from the identity sequences' positions then (the only values that may differ from the dry run's).
  * @throws PgshiftError without `yes`, or when refused as above; PhaseError unless the migration is in phase cutover.
  */
-export async function finalize(
-  sql: Sql,
-  table: QualifiedName,
-  opts: FinishOptions = {},
-): Promise<{ statements: string[] }> {
+export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptions = {}): Promise<FinishResult> {
   await lockMigration(sql, table);
   try {
     const m = await requireMigration(sql, table, "finalize", { upgrade: !opts.dryRun });
@@ -253,81 +301,88 @@ export async function finalize(
       });
     }
     await requireFinalizable(sql, m);
-    let statements: string[] = [];
-    if (opts.dryRun)
-      return {
-        statements: [
-          ...dropStreamSql(m.slot_name, m.publication_name, m.copy),
-          ...finalizeSql(m, await identityState(sql, m)),
-        ],
-      };
     // Normally dropped at cutover already; a crash in between leaves them: never leave a slot behind.
-    await dropStream(sql, m.slot_name, m.publication_name, opts);
-    await withLockRetry(
+    const lockTimeoutMs = opts.lockTimeoutMs ?? 500;
+    const stream = dropStreamSql(m.slot_name, m.publication_name, m.copy, { lockTimeoutMs });
+    const planned = await finalizeTransaction(sql, m, table, lockTimeoutMs);
+    if (opts.dryRun) {
+      const steps = [...stream, planned];
+      return { statements: statementsOf(steps), steps };
+    }
+    await runSteps(sql, stream, { lockRetry: { retries: opts.retries } });
+    let ran = planned;
+    await runTransaction(
       sql,
+      planned,
       async (tx) => {
-        statements = finalizeSql(m, await identityState(tx, m));
-        // The first statement locks both tables: nothing can come to depend on the retired table after
-        // this check (CREATE VIEW, a foreign key, ... lock the tables they use), nor a verify run meanwhile.
-        await tx.unsafe(statements[0]!);
-        const now = await loadMigration(tx, table, { upgrade: false });
-        if (now?.phase !== "cutover")
-          throw new PgshiftError(`the migration of ${displayName(table)} changed phase meanwhile`);
-        await requireFinalizable(tx, now);
-        for (const stmt of statements.slice(1)) {
-          try {
-            await tx.unsafe(stmt);
-          } catch (err) {
-            const e = err as { detail?: string };
-            if (sqlState(err) === "2BP01" && e.detail) throw dependentsError(m, dependentsFromDetail(e.detail), err);
-            throw err;
-          }
+        ran = await finalizeTransaction(tx, m, table, lockTimeoutMs);
+        try {
+          await runSteps(tx, ran.steps);
+        } catch (err) {
+          const e = err as { detail?: string };
+          if (sqlState(err) === "2BP01" && e.detail) throw dependentsError(m, dependentsFromDetail(e.detail), err);
+          throw err;
         }
       },
-      opts,
+      { retries: opts.retries },
     );
     log().info({ table: displayName(table) }, "finalized: retired table, mirror and metadata dropped");
-    return { statements };
+    const steps = [...stream, ran];
+    return { statements: statementsOf(steps), steps };
   } finally {
     await unlockMigration(sql, table).catch(() => {});
   }
 }
 
 /**
+ * The plan of abort, as --dry-run prints it and abort runs it: drop the replication slot and the publication
+ * (logical mode), then abortSql's statements in one transaction. With no migration, the slot and publication a
+ * start that crashed before committing left behind (leftoverStream).
+ * @param opts `dryRun`: read an older pgshift schema as it is (no upgrade); `lockTimeoutMs` of its transactions
+ *   (default 500 ms).
+ * @throws PgshiftError when there is no migration (nor anything left behind); PhaseError in phase cutover.
+ */
+export async function abortPlan(
+  sql: AnySql,
+  table: QualifiedName,
+  opts: { dryRun?: boolean; lockTimeoutMs?: number } = {},
+): Promise<{ migration: Migration | null; steps: Step[] }> {
+  const lockTimeoutMs = opts.lockTimeoutMs ?? 500;
+  if (!(await loadMigration(sql, table, { upgrade: !opts.dryRun }))) {
+    const left = await leftoverStream(sql, table);
+    if (left) return { migration: null, steps: dropStreamSql(left.slot, left.publication, table, { lockTimeoutMs }) };
+  }
+  const m = await requireMigration(sql, table, "abort", { upgrade: !opts.dryRun });
+  return {
+    migration: m,
+    steps: [
+      ...dropStreamSql(m.slot_name, m.publication_name, m.live, { lockTimeoutMs }),
+      transactionStep(
+        abortSql(m).map((s) => statement(s)),
+        { lockTimeoutMs },
+      ),
+    ],
+  };
+}
+
+/**
  * Before cutover (or after a swap-back): drops the shadow and the mirror and forgets the migration,
- * leaving the source table exactly as it was.
+ * leaving the source table exactly as it was. Runs abortPlan's steps.
  * @throws PhaseError in phase cutover (swap back first).
  */
-export async function abort(
-  sql: Sql,
-  table: QualifiedName,
-  opts: LockRetryOptions = {},
-): Promise<{ statements: string[] }> {
+export async function abort(sql: Sql, table: QualifiedName, opts: LockRetryOptions = {}): Promise<FinishResult> {
   await lockMigration(sql, table);
   try {
-    if (!(await loadMigration(sql, table))) {
-      const left = await leftoverStream(sql, table);
-      if (left) {
-        await dropStream(sql, left.slot, left.publication, opts);
-        log().info(
-          { table: displayName(table), ...left },
-          "aborted: removed the replication slot and publication a crashed start left behind",
-        );
-        return { statements: dropStreamSql(left.slot, left.publication, table) };
-      }
-    }
-    const m = await requireMigration(sql, table, "abort");
-    const statements = abortSql(m);
-    await dropStream(sql, m.slot_name, m.publication_name, opts);
-    await withLockRetry(
-      sql,
-      async (tx) => {
-        for (const stmt of statements) await tx.unsafe(stmt);
-      },
-      opts,
-    );
-    log().info({ table: displayName(table) }, "aborted: shadow and mirror dropped, source untouched");
-    return { statements: [...dropStreamSql(m.slot_name, m.publication_name, m.live), ...statements] };
+    const plan = await abortPlan(sql, table, { lockTimeoutMs: opts.lockTimeoutMs });
+    await runSteps(sql, plan.steps, { lockRetry: { retries: opts.retries } });
+    if (plan.migration)
+      log().info({ table: displayName(table) }, "aborted: shadow and mirror dropped, source untouched");
+    else
+      log().info(
+        { table: displayName(table) },
+        "aborted: removed the replication slot and publication a crashed start left behind",
+      );
+    return { statements: statementsOf(plan.steps), steps: plan.steps };
   } finally {
     await unlockMigration(sql, table).catch(() => {});
   }

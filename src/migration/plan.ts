@@ -12,11 +12,12 @@ import {
   shadowKey,
 } from "../ddl/shadow.js";
 import { PgshiftError } from "../errors.js";
-import { createStreamSql, logicalPrerequisites } from "../mirror/logical.js";
+import { createStreamSql, createsSlot, logicalPrerequisites } from "../mirror/logical.js";
 import { installTriggerMirrorSql, truncateGuardSql } from "../mirror/trigger.js";
 import { displayName, fitName, type QualifiedName, quoteLiteral, quoteQualified } from "../names.js";
 import { computePartitions, type DataRange, type PartitionDef } from "../partitioning/bounds.js";
-import { formatPartitionSpec, INTEGER_TYPES, type PartitionSpec, TIME_TYPES } from "../partitioning/spec.js";
+import { INTEGER_TYPES, type PartitionSpec, TIME_TYPES } from "../partitioning/spec.js";
+import { type Step, statement, type TransactionStep, transactionStep } from "../plan/steps.js";
 import { ddlGuardSql, ddlGuardState } from "./ddl-guard.js";
 import { affectedStatements, describeWidenedKey, type StatementCheck, type WidenedKey, widenedKeys } from "./keys.js";
 import { loadMigration, logicalNames, type Mode, type SequenceUse, schemaSql, stateOwnershipProblem } from "./state.js";
@@ -28,7 +29,16 @@ export interface PlanOptions {
   premake?: number;
   /** "Now" for premade time partitions (tests pin it). */
   now?: Date;
+  /** lock_timeout of start's transaction, ms (default 500; retried on a lock timeout). */
+  lockTimeoutMs?: number;
+  /** Logical mode: the longest creating the replication slot may wait for running transactions, ms (default 300,000). */
+  slotTimeoutMs?: number;
 }
+
+/** lock_timeout of start's transaction when none is given, ms. */
+export const DEFAULT_LOCK_TIMEOUT_MS = 500;
+/** How long start --mode logical waits, by default, for running transactions before the slot exists: 5 minutes. */
+export const DEFAULT_SLOT_TIMEOUT_MS = 300_000;
 
 /** Everything `start` would do, computed without changing anything. */
 export interface MigrationPlan {
@@ -64,7 +74,8 @@ export interface MigrationPlan {
   /**
    * Every statement `start` runs, in order, in one transaction: first the table's own DDL (the shadow, its
    * partitions, keys, constraints, grants), then pgshift's own objects (its schema, the DDL guard, the
-   * identity default functions, the TRUNCATE guard, the mirror, the migration's row).
+   * identity default functions, the TRUNCATE guard, the mirror, the migration's row). The statements of
+   * `transaction`.
    */
   statements: string[];
   /** How many of `statements`, from the first, are the table's own DDL; the rest are pgshift's own objects. */
@@ -74,6 +85,16 @@ export interface MigrationPlan {
    * "missing" (not installed or disabled, and creating it needs superuser); null when blockers stop the plan.
    */
   ddlGuard: "installs" | "present" | "missing" | null;
+  /**
+   * What `start` runs, in order, and what `start --dry-run` prints (formatSteps): in logical mode the
+   * publication (committed on its own) and the slot's transaction (`streamSteps`), then `transaction`.
+   * Empty when there are blockers.
+   */
+  steps: Step[];
+  /** Logical mode: CREATE PUBLICATION, then the transaction that creates the slot (under statement_timeout). */
+  streamSteps: Step[];
+  /** The transaction that creates the shadow, installs the mirror and records the migration (lock_timeout, retried). */
+  transaction: TransactionStep;
   /** Statements `backfill` runs after the copy to build the secondary indexes without blocking writes. */
   afterCopyStatements: string[];
   deferredIndexes: DeferredIndex[];
@@ -111,6 +132,8 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   const spec = opts.spec;
   const mode = opts.mode ?? "trigger";
   const premake = opts.premake ?? 3;
+  const lockTimeoutMs = opts.lockTimeoutMs ?? DEFAULT_LOCK_TIMEOUT_MS;
+  const slotTimeoutMs = opts.slotTimeoutMs ?? DEFAULT_SLOT_TIMEOUT_MS;
   await requireSupportedServer(sql);
   const facts = await inspectTable(sql, table);
   if (!facts) {
@@ -308,7 +331,18 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   }
   if (facts.estimatedRows < 0)
     warnings.push(`${displayName(table)} was never analyzed: row estimates are unknown until ANALYZE`);
-  void formatPartitionSpec;
+  const streamSteps: Step[] = streamStatements.map((stmt) =>
+    createsSlot(stmt)
+      ? transactionStep([statement(`SET LOCAL statement_timeout = '${slotTimeoutMs}ms'`), statement(stmt)], {
+          why: `the replication slot: its creation waits until the transactions running now end, ${slotTimeoutMs} ms at most`,
+        })
+      : statement(stmt, "session", "logical mode: the publication first, then the slot, before anything is copied"),
+  );
+  const transaction = transactionStep(
+    statements.map((stmt) => statement(stmt)),
+    { lockTimeoutMs, why: "the shadow, its partitions, the mirror and the migration's row, all or nothing" },
+  );
+  const steps: Step[] = statements.length > 0 ? [...streamSteps, transaction] : [];
   return {
     source: src,
     shadow,
@@ -332,6 +366,9 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     statements,
     tableStatementCount,
     ddlGuard,
+    steps,
+    streamSteps,
+    transaction,
     afterCopyStatements,
     deferredIndexes,
     facts,

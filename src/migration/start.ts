@@ -1,17 +1,15 @@
-import { type LockRetryOptions, type Sql, withLockRetry } from "../db.js";
-import { BlockedError, PgshiftError } from "../errors.js";
+import type { LockRetryOptions, Sql } from "../db.js";
+import { BlockedError, PgshiftError, sqlState } from "../errors.js";
 import { log } from "../log.js";
-import { createSlotWaiting, createsSlot, dropStream } from "../mirror/logical.js";
+import { describeTransactions, dropStream, transactionsHoldingXids } from "../mirror/logical.js";
 import { displayName, type QualifiedName } from "../names.js";
-import { type MigrationPlan, type PlanOptions, planMigration } from "./plan.js";
+import { runSteps, type Step } from "../plan/steps.js";
+import { DEFAULT_SLOT_TIMEOUT_MS, type MigrationPlan, type PlanOptions, planMigration } from "./plan.js";
 import { lockMigration, logicalNames, unlockMigration } from "./state.js";
 
-/** How long start --mode logical waits, by default, for running transactions before the slot exists: 5 minutes. */
-export const DEFAULT_SLOT_TIMEOUT_MS = 300_000;
+export { DEFAULT_SLOT_TIMEOUT_MS } from "./plan.js";
 
 export interface StartOptions extends PlanOptions, LockRetryOptions {
-  /** Logical mode: the longest creating the replication slot may wait for transactions already running to end, ms (default 300,000). */
-  slotTimeoutMs?: number;
   /**
    * Start although the partition column must be added to unique keys (plan.widenedKeys): each then loses
    * its uniqueness on its own at finalize, and ON CONFLICT targets naming it stop working at cutover.
@@ -33,7 +31,7 @@ export interface StartResult {
  * transaction fails (a slot left by a crash in between is reported by status and removed by abort).
  * Locks on the source (CREATE TRIGGER takes SHARE ROW EXCLUSIVE) are requested last and under
  * `lock_timeout`, with jittered retries. Creating the slot waits for transactions already running to end,
- * `opts.slotTimeoutMs` at most (createSlotWaiting).
+ * `opts.slotTimeoutMs` at most (statement_timeout of its transaction).
  * A spec that adds the partition column to a unique key is refused unless `opts.allowKeyExtension`
  * (keyExtensionRefusal), before anything changes.
  * @throws BlockedError listing every blocker (nothing changed); PgshiftError when keys would be widened
@@ -54,21 +52,16 @@ export async function startMigration(sql: Sql, table: QualifiedName, opts: Start
     // If anything below fails they are dropped again: nothing is left behind.
     const stream = plan.mode === "logical" ? logicalNames(plan.facts!.oid) : null;
     try {
-      for (const stmt of plan.streamStatements) {
-        if (createsSlot(stmt)) await createSlotWaiting(sql, stmt, opts.slotTimeoutMs ?? DEFAULT_SLOT_TIMEOUT_MS);
-        else await sql.unsafe(stmt);
-      }
-      await withLockRetry(
-        sql,
-        async (tx) => {
-          for (const stmt of plan.statements) await tx.unsafe(stmt);
-        },
-        {
-          ...opts,
+      // The steps start --dry-run prints (plan.steps): the stream's, then the one transaction.
+      for (const step of plan.streamSteps)
+        await runStreamStep(sql, step, opts.slotTimeoutMs ?? DEFAULT_SLOT_TIMEOUT_MS);
+      await runSteps(sql, [plan.transaction], {
+        lockRetry: {
+          ...(opts.retries !== undefined ? { retries: opts.retries } : {}),
           onRetry: (n, err) =>
             log().warn({ attempt: n, err: String(err) }, "start: lock not granted in time, retrying"),
         },
-      );
+      });
     } catch (err) {
       if (stream)
         await dropStream(sql, stream.slot, stream.publication, { lockTimeoutMs: 200, retries: 3, force: true }).catch(
@@ -85,6 +78,36 @@ export async function startMigration(sql: Sql, table: QualifiedName, opts: Start
     return { plan, ms };
   } finally {
     await unlockMigration(sql, table).catch(() => {});
+  }
+}
+
+/**
+ * Runs one of start's stream steps (the publication, the slot's transaction). The slot's creation waits for
+ * the transactions that hold a transaction id when it begins to end (PostgreSQL documentation, "Logical
+ * Decoding" > "Replication Slots"): those are logged before, and named in the error when statement_timeout
+ * (`timeoutMs`, the transaction's SET LOCAL) ends the wait.
+ * @throws PgshiftError when the slot was not created in time (no slot is left: the server drops it).
+ */
+async function runStreamStep(sql: Sql, step: Step, timeoutMs: number): Promise<void> {
+  if (step.kind !== "transaction") return runSteps(sql, [step]);
+  const before = await transactionsHoldingXids(sql);
+  if (before.length > 0) {
+    log().warn(
+      { sessions: before.map((t) => t.pid) },
+      `creating the replication slot waits until these transactions end: ${describeTransactions(before)}`,
+    );
+  }
+  try {
+    await runSteps(sql, [step]);
+  } catch (err) {
+    if (sqlState(err) !== "57014") throw err;
+    const still = await transactionsHoldingXids(sql);
+    throw new PgshiftError(
+      `the replication slot was not created within ${timeoutMs} ms: it waits for transactions that were running when it began to end${still.length > 0 ? `, still open: ${describeTransactions(still)}` : ""}`,
+      {
+        hint: "end them (COMMIT, or SELECT pg_terminate_backend(pid)) and run start again, or give them longer with --slot-timeout-ms",
+      },
+    );
   }
 }
 

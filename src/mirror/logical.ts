@@ -1,10 +1,11 @@
 import { z } from "zod";
 import type { TableFacts } from "../catalog/inspect.js";
 import type { AnySql, LockRetryOptions, Sql } from "../db.js";
-import { ident, table as tableRef, transaction, withLockRetry } from "../db.js";
-import { PgshiftError, sqlState } from "../errors.js";
+import { ident, table as tableRef, withLockRetry } from "../db.js";
+import { sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
+import { type BlockStep, block, check, runSteps, type Step, statement, transactionStep } from "../plan/steps.js";
 import { type Mirror, type MirrorHealth, triggerMirror } from "./mirror.js";
 import { removeMirrorTriggerSql, truncateGuardSql } from "./trigger.js";
 
@@ -65,7 +66,7 @@ export function createStreamSql(source: QualifiedName, slot: string, publication
 }
 
 const CREATE_SLOT = "SELECT pg_create_logical_replication_slot(";
-/** Whether `statement` (one of createStreamSql's) creates the slot: start runs it with createSlotWaiting. */
+/** Whether `statement` (one of createStreamSql's) creates the slot: start runs it under statement_timeout. */
 export const createsSlot = (statement: string): boolean => statement.startsWith(CREATE_SLOT);
 
 const OpenTransaction = z.object({
@@ -76,7 +77,7 @@ const OpenTransaction = z.object({
 });
 
 /** Other sessions' transactions that hold a transaction id (those a new slot's snapshot waits for), oldest first. */
-async function transactionsHoldingXids(sql: AnySql): Promise<z.infer<typeof OpenTransaction>[]> {
+export async function transactionsHoldingXids(sql: AnySql): Promise<z.infer<typeof OpenTransaction>[]> {
   const rows = await sql`
     select pid, state, xact_start, application_name from pg_catalog.pg_stat_activity
      where backend_xid is not null and pid <> pg_catalog.pg_backend_pid()
@@ -84,7 +85,8 @@ async function transactionsHoldingXids(sql: AnySql): Promise<z.infer<typeof Open
   return z.array(OpenTransaction).parse(rows);
 }
 
-const describeTransactions = (ts: z.infer<typeof OpenTransaction>[]) =>
+/** Those sessions as start names them: `pid 123 (idle in transaction since <time>, <application>)`, 5 at most. */
+export const describeTransactions = (ts: z.infer<typeof OpenTransaction>[]) =>
   ts
     .slice(0, 5)
     .map(
@@ -93,65 +95,83 @@ const describeTransactions = (ts: z.infer<typeof OpenTransaction>[]) =>
     )
     .join(", ") + (ts.length > 5 ? ` and ${ts.length - 5} more` : "");
 
+/** The slot is still in use after its consumer was ended (one attached again): the block runs again. */
+class SlotInUse extends Error {}
+
 /**
- * Runs `statement` (createStreamSql's slot creation), waiting at most `timeoutMs` (statement_timeout, for
- * this statement only). PostgreSQL builds a new logical slot's starting point by waiting until every
- * transaction that held a transaction id when the call began has ended ("Logical Decoding" > "Replication
- * Slots" in the PostgreSQL documentation: creating a slot waits for running transactions), so one session
- * left idle in transaction blocks it for as long as it stays open. Such sessions are logged before the wait.
- * @param timeoutMs ms (> 0).
- * @throws PgshiftError naming the sessions still holding transactions when the time is up (no slot is left:
- *   a slot whose creation fails is dropped by the server); other errors as the server reports them.
+ * The block that drops `slot`: end its consumer, wait until no process uses it, drop it (if it still
+ * exists); run again from the start when a consumer attached again meanwhile (SQLSTATE 55006), at most 25 times.
  */
-export async function createSlotWaiting(sql: Sql, statement: string, timeoutMs: number): Promise<void> {
-  const before = await transactionsHoldingXids(sql);
-  if (before.length > 0) {
-    log().warn(
-      { sessions: before.map((t) => t.pid) },
-      `creating the replication slot waits until these transactions end: ${describeTransactions(before)}`,
-    );
-  }
-  try {
-    await transaction(sql, async (tx) => {
-      await tx`select pg_catalog.set_config('statement_timeout', ${String(timeoutMs)}, true)`;
-      await tx.unsafe(statement);
-    });
-  } catch (err) {
-    if ((err as { code?: string }).code !== "57014") throw err;
-    const still = await transactionsHoldingXids(sql);
-    throw new PgshiftError(
-      `the replication slot was not created within ${timeoutMs} ms: it waits for transactions that were running when it began to end${still.length > 0 ? `, still open: ${describeTransactions(still)}` : ""}`,
-      {
-        hint: "end them (COMMIT, or SELECT pg_terminate_backend(pid)) and run start again, or give them longer with --slot-timeout-ms",
-      },
-    );
-  }
+function dropSlotBlock(slot: string): BlockStep {
+  const lit = quoteLiteral(slot);
+  const steps: Step[] = [
+    statement(
+      "SELECT pg_terminate_backend(active_pid) FROM pg_catalog.pg_replication_slots " +
+        `WHERE slot_name = ${lit} AND active_pid IS NOT NULL`,
+      "session",
+    ),
+    check(`wait until no process uses replication slot ${slot} (at most 2 s)`, async (sql) => {
+      for (let i = 0; i < 20; i++) {
+        const s = await sql`select active_pid from pg_catalog.pg_replication_slots where slot_name = ${slot}`;
+        if (s.length === 0 || s[0]!.active_pid === null) return;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      throw new SlotInUse(`replication slot ${slot} is still in use`);
+    }),
+    statement(
+      `SELECT pg_drop_replication_slot(${lit}) FROM pg_catalog.pg_replication_slots WHERE slot_name = ${lit}`,
+      "session",
+    ),
+  ];
+  return block(
+    "once or more",
+    `drop replication slot ${slot}; again while a consumer attaches meanwhile (at most 25 times)`,
+    steps,
+    async (sql) => {
+      for (let attempt = 1; ; attempt++) {
+        try {
+          return await runSteps(sql, steps);
+        } catch (err) {
+          if (attempt >= 25 || !(err instanceof SlotInUse || sqlState(err) === "55006")) throw err;
+        }
+      }
+    },
+  );
 }
 
 /**
- * What dropStream runs, as SQL text for --dry-run: end the slot's consumer, drop the slot, then lock the
- * published table (`table`: the source, under whatever name it has now) and drop the publication, those two
- * in one transaction. Empty when there is neither.
+ * The steps that drop the stream, as --dry-run prints them and abort, finalize and cutover run them
+ * (runSteps): end the slot's consumer and drop the slot (if it still exists), then one transaction under
+ * `opts.lockTimeoutMs` (default 500 ms): `opts.forget` (a statement of pgshift's own, e.g. the UPDATE that
+ * clears the names in the migration row), a lock of the published table (`table`: the source, under whatever
+ * name it has now) IN SHARE MODE, DROP PUBLICATION (see dropPublication for why the lock). Empty when there
+ * is nothing to drop or forget.
  */
-export function dropStreamSql(slot: string | null, publication: string | null, table: QualifiedName): string[] {
-  const out: string[] = [];
-  if (slot) {
-    out.push(
-      `SELECT pg_terminate_backend(active_pid) FROM pg_catalog.pg_replication_slots WHERE slot_name = ${quoteLiteral(slot)} AND active_pid IS NOT NULL`,
-      `SELECT pg_drop_replication_slot(${quoteLiteral(slot)})`,
-    );
-  }
-  if (publication)
-    out.push(
-      `LOCK TABLE ${quoteQualified(table)} IN SHARE MODE`,
-      `DROP PUBLICATION IF EXISTS ${quoteIdent(publication)}`,
-    );
+export function dropStreamSql(
+  slot: string | null,
+  publication: string | null,
+  table: QualifiedName,
+  opts: { lockTimeoutMs?: number; forget?: string } = {},
+): Step[] {
+  const out: Step[] = [];
+  if (slot) out.push(dropSlotBlock(slot));
+  const tx = [
+    ...(opts.forget ? [statement(opts.forget)] : []),
+    ...(publication
+      ? [
+          statement(`LOCK TABLE ${quoteQualified(table)} IN SHARE MODE`),
+          statement(`DROP PUBLICATION IF EXISTS ${quoteIdent(publication)}`),
+        ]
+      : []),
+  ];
+  if (tx.length > 0) out.push(transactionStep(tx, { lockTimeoutMs: opts.lockTimeoutMs ?? 500 }));
   return out;
 }
 
 /**
- * Drops the slot (after terminating a consumer still attached to it) and the publication, if they exist.
- * Non-transactional, idempotent: run by abort, finalize, cutover and failed starts.
+ * Drops the slot (after terminating a consumer still attached to it: the block of dropStreamSql) and the
+ * publication, if they exist. Non-transactional, idempotent: run by failed starts (the commands that know the
+ * published table run dropStreamSql's steps).
  * @param opts lock_timeout and retries for the SHARE locks of dropPublication; `force`: when the locks are
  *   not granted, drop the publication without them (a start cleaning up after itself must leave nothing).
  * @throws PgshiftError (55P03) when the published table stays locked through every retry (unless `force`).
@@ -162,27 +182,7 @@ export async function dropStream(
   publication: string | null,
   opts: LockRetryOptions & { force?: boolean } = {},
 ): Promise<void> {
-  if (slot) {
-    for (let i = 0; i < 50; i++) {
-      const s = await sql`select active_pid from pg_replication_slots where slot_name = ${slot}`;
-      if (s.length === 0) break;
-      const pid = s[0]!.active_pid as number | null;
-      if (pid) {
-        await sql`select pg_terminate_backend(${pid})`;
-        await new Promise((r) => setTimeout(r, 100));
-        continue;
-      }
-      try {
-        await sql`select pg_drop_replication_slot(${slot})`;
-        break;
-      } catch (err) {
-        // 55006: became active again meanwhile; 42704: already gone
-        const code = (err as { code?: string }).code;
-        if (code === "42704") break;
-        if (code !== "55006") throw err;
-      }
-    }
-  }
+  if (slot) await runSteps(sql, [dropSlotBlock(slot)]);
   if (publication) await dropPublication(sql, publication, opts);
 }
 

@@ -9,9 +9,7 @@ import {
   type LockRetryOptions,
   table as tableRef,
   textColumns,
-  transaction,
   valueList,
-  withLockRetry,
 } from "../db.js";
 import { PgshiftError, sqlState } from "../errors.js";
 import { log } from "../log.js";
@@ -23,7 +21,18 @@ import {
   type VerifyResult,
 } from "../migration/state.js";
 import { CatchupTimeout, followStream, type StreamFollower } from "../mirror/stream.js";
-import { displayName, type QualifiedName } from "../names.js";
+import { displayName, type QualifiedName, quoteIdent, quoteQualified } from "../names.js";
+import {
+  block,
+  check,
+  formatSteps,
+  runSteps,
+  runTransaction,
+  type Step,
+  statement,
+  type TransactionStep,
+  transactionStep,
+} from "../plan/steps.js";
 
 export type DifferenceKind = "missing" | "extra" | "different";
 
@@ -94,79 +103,159 @@ function rowText(sql: AnySql, cols: readonly string[]): Fragment {
  * @throws PgshiftError / PhaseError when there is no migration or the backfill is not finished.
  */
 export async function verify(sql: Sql, table: QualifiedName, opts: VerifyOptions = {}): Promise<VerifyReport> {
-  const chunkSize = opts.chunkSize ?? 10000;
-  const maxListed = opts.maxListed ?? 1000;
   await lockMigration(sql, table);
   try {
     const m = await requireMigration(sql, table, "verify");
     await requireNoDrift(sql, m, "verify");
+    const plan = planVerify(sql, m, opts);
+    try {
+      await runSteps(sql, plan.steps);
+    } finally {
+      await plan.state.follower?.stop();
+    }
+    const result = plan.state.result!;
+    log().info(
+      { table: displayName(table), ...result },
+      result.equal ? "verify: tables are equal" : "verify: tables differ",
+    );
+    return { ...result, live: displayName(m.live), copy: displayName(m.copy), differences: plan.state.differences };
+  } finally {
+    await unlockMigration(sql, table).catch(() => {});
+  }
+}
+
+/**
+ * What verify would run for `table` now, as verify --dry-run prints it (formatSteps of planVerify's steps: a
+ * chunk's and a key's statements once, their key values as `$n`). Changes nothing.
+ */
+export async function describeVerify(sql: Sql, table: QualifiedName, opts: VerifyOptions = {}): Promise<string> {
+  const m = await requireMigration(sql, table, "verify", { upgrade: false });
+  await requireNoDrift(sql, m, "verify");
+  return formatSteps(planVerify(sql, m, opts).steps);
+}
+
+/** What a verify being run has found so far. */
+interface VerifyState {
+  follower: StreamFollower | null;
+  differences: Difference[];
+  result: VerifyResult | null;
+}
+
+/** The statements of a repair, as printed and sent (`$n`: the values of one key). */
+function repairStatements(m: Migration) {
+  const keyCols = m.key_columns.map(quoteIdent).join(", ");
+  const match = `(${keyCols}) = (${m.key_columns.map((_, i) => `$${i + 1}`).join(", ")})`;
+  const cols = m.copy_columns.map(quoteIdent).join(", ");
+  const overriding =
+    m.phase === "cutover" && m.sequences.some((s) => s.identity === "a") ? " OVERRIDING SYSTEM VALUE" : "";
+  return {
+    lock: `LOCK TABLE ${quoteQualified(m.live)} IN SHARE MODE`,
+    savepoint: "SAVEPOINT pgshift_repair",
+    remove: `DELETE FROM ${quoteQualified(m.copy)} WHERE ${match}`,
+    insert: `INSERT INTO ${quoteQualified(m.copy)} (${cols})${overriding} SELECT ${cols} FROM ${quoteQualified(m.live)} WHERE ${match}`,
+    release: "RELEASE SAVEPOINT pgshift_repair",
+    rollback: "ROLLBACK TO SAVEPOINT pgshift_repair",
+  };
+}
+
+/**
+ * verify's plan for migration `m` (what verify runs and verify --dry-run prints): the chunks compared one
+ * snapshot each (in logical mode a differing chunk looked at again once the stream applied what was written
+ * meanwhile); with `opts.repair`, a differing chunk's keys rewritten in the copy under a SHARE lock of the live
+ * table; then the result recorded in the migration's row. The blocks carry the code that runs them with the
+ * very statements printed; what it finds goes to `state`.
+ */
+export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { steps: Step[]; state: VerifyState } {
+  const chunkSize = opts.chunkSize ?? 10000;
+  const maxListed = opts.maxListed ?? 1000;
+  const lockTimeoutMs = opts.lockTimeoutMs ?? 500;
+  const state: VerifyState = { follower: null, differences: [], result: null };
+  const logical = m.mode === "logical" && m.slot_name !== null && m.phase === "backfilled";
+  const look = transactionStep(
+    [
+      check(
+        `read the chunk's last key, then compare count(*) and row hashes of ${displayName(m.live)} and ${displayName(m.copy)}`,
+      ),
+    ],
+    { modes: "ISOLATION LEVEL REPEATABLE READ READ ONLY" },
+  );
+  const r = repairStatements(m);
+  const repairTx = transactionStep(
+    [
+      statement(r.lock),
+      ...(logical ? [check("wait, under the lock, until the stream applied every write before it (2 s at most)")] : []),
+      block(
+        "any number of times",
+        "each differing key ($1 ...: its key), again after the others while some go through",
+        [
+          statement(r.savepoint),
+          statement(r.remove),
+          block("at most once", "unless the DELETE failed", [statement(r.insert)]),
+          block("at most once", "when the key went through", [statement(r.release)]),
+          block("at most once", "when the copy's constraints refused it", [statement(r.rollback)]),
+        ],
+      ),
+      check("compare the chunk's keys again"),
+    ],
+    { lockTimeoutMs },
+  );
+  const recordSql = `UPDATE pgshift.migrations SET last_verify = $1::text::jsonb, updated_at = now() WHERE id = ${m.id}`;
+  const compare = async () => {
     const t0 = performance.now();
-    const differences: Difference[] = [];
     const counts = { missing: 0, extra: 0, different: 0 };
     let rowsCompared = 0;
     let chunks = 0;
     let chunksDiffering = 0;
     let repaired = 0;
     let lo: string[] | null = null;
-    // Logical mode: the shadow trails the table by the stream's lag, so a chunk that differs is compared
-    // again once the stream has applied everything written until then; only what still differs counts.
-    const follower =
-      m.mode === "logical" && m.slot_name && m.phase === "backfilled" ? await followStream(sql, m) : null;
-    try {
-      for (;;) {
-        const check = (fixedHi?: string[] | null) =>
-          transaction(
-            sql,
-            async (tx) => {
-              const hi = fixedHi === undefined ? await nthKeyAfter(tx, m, lo, chunkSize) : fixedHi;
-              const bounds = { lo, hi };
-              const same = await compareChunk(tx, m, bounds);
-              const diffs = same.equal ? [] : await drillDown(tx, m, bounds);
-              return { hi, rows: same.rows, diffs };
+    const follower = state.follower;
+    for (;;) {
+      const lookAt = (fixedHi?: string[] | null) =>
+        runTransaction(sql, look, async (tx) => {
+          const hi = fixedHi === undefined ? await nthKeyAfter(tx, m, lo, chunkSize) : fixedHi;
+          const bounds = { lo, hi };
+          const same = await compareChunk(tx, m, bounds);
+          const diffs = same.equal ? [] : await drillDown(tx, m, bounds);
+          return { hi, rows: same.rows, diffs };
+        });
+      let res = await lookAt();
+      // A key counts only if it differs in every look: a row the application changes meanwhile differs in
+      // one look (until the stream applies the change) and not in the next.
+      for (let again = 0; follower && res.diffs.length > 0 && again < 8; again++) {
+        const target = String((await sql`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
+        if (!(await follower.waitForRecorded(target, opts.catchupTimeoutMs ?? 120_000))) {
+          throw new PgshiftError(
+            `the stream did not catch up within ${opts.catchupTimeoutMs ?? 120_000} ms: the shadow cannot be compared yet`,
+            {
+              hint: "the applier is slower than the write load; let pgshift sync run, throttle the load, then verify again",
             },
-            "isolation level repeatable read read only",
           );
-        let res = await check();
-        // A key counts only if it differs in every look: a row the application changes meanwhile differs in
-        // one look (until the stream applies the change) and not in the next.
-        for (let again = 0; follower && res.diffs.length > 0 && again < 8; again++) {
-          const target = String((await sql`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
-          if (!(await follower.waitForRecorded(target, opts.catchupTimeoutMs ?? 120_000))) {
-            throw new PgshiftError(
-              `the stream did not catch up within ${opts.catchupTimeoutMs ?? 120_000} ms: the shadow cannot be compared yet`,
-              {
-                hint: "the applier is slower than the write load; let pgshift sync run, throttle the load, then verify again",
-              },
-            );
-          }
-          const next = await check(res.hi);
-          const still = new Set(next.diffs.map((d) => d.kind + JSON.stringify(d.key)));
-          res = { ...next, diffs: res.diffs.filter((d) => still.has(d.kind + JSON.stringify(d.key))) };
         }
-        chunks++;
-        rowsCompared += res.rows;
-        if (res.diffs.length > 0) {
-          chunksDiffering++;
-          let remaining = res.diffs;
-          if (opts.repair) {
-            remaining = await repairKeys(sql, m, { lo, hi: res.hi }, res.diffs, opts, follower);
-            // Counted by key: a key the copy refused may come back as more than one difference (a duplicate).
-            const left = new Set(remaining.map((d) => JSON.stringify(d.key)));
-            repaired += new Set(res.diffs.map((d) => JSON.stringify(d.key)).filter((k) => !left.has(k))).size;
-          }
-          for (const d of remaining) {
-            counts[d.kind]++;
-            if (differences.length < maxListed) differences.push(d);
-          }
-        }
-        opts.onChunk?.({ chunks, rowsCompared, differences: counts.missing + counts.extra + counts.different });
-        if (!res.hi) break;
-        lo = res.hi;
+        const next = await lookAt(res.hi);
+        const still = new Set(next.diffs.map((d) => d.kind + JSON.stringify(d.key)));
+        res = { ...next, diffs: res.diffs.filter((d) => still.has(d.kind + JSON.stringify(d.key))) };
       }
-    } finally {
-      await follower?.stop();
+      chunks++;
+      rowsCompared += res.rows;
+      if (res.diffs.length > 0) {
+        chunksDiffering++;
+        let remaining = res.diffs;
+        if (opts.repair) {
+          remaining = await repairKeys(sql, m, repairTx, { lo, hi: res.hi }, res.diffs, opts, follower);
+          // Counted by key: a key the copy refused may come back as more than one difference (a duplicate).
+          const left = new Set(remaining.map((d) => JSON.stringify(d.key)));
+          repaired += new Set(res.diffs.map((d) => JSON.stringify(d.key)).filter((k) => !left.has(k))).size;
+        }
+        for (const d of remaining) {
+          counts[d.kind]++;
+          if (state.differences.length < maxListed) state.differences.push(d);
+        }
+      }
+      opts.onChunk?.({ chunks, rowsCompared, differences: counts.missing + counts.extra + counts.different });
+      if (!res.hi) break;
+      lo = res.hi;
     }
-    const result: VerifyResult = {
+    state.result = {
       at: new Date().toISOString(),
       equal: counts.missing + counts.extra + counts.different === 0,
       rowsCompared,
@@ -176,15 +265,41 @@ export async function verify(sql: Sql, table: QualifiedName, opts: VerifyOptions
       repaired,
       ms: Math.round(performance.now() - t0),
     };
-    await sql`update pgshift.migrations set last_verify = ${sql.json(result)}, updated_at = now() where id = ${m.id}`;
-    log().info(
-      { table: displayName(table), ...result },
-      result.equal ? "verify: tables are equal" : "verify: tables differ",
-    );
-    return { ...result, live: displayName(m.live), copy: displayName(m.copy), differences };
-  } finally {
-    await unlockMigration(sql, table).catch(() => {});
-  }
+    await sql.unsafe(recordSql, [JSON.stringify(state.result)]);
+  };
+  const chunk: Step[] = [
+    look,
+    ...(logical
+      ? [
+          block("any number of times", "while the chunk differs (8 times at most): look again", [
+            check("wait until the stream applied everything written until now"),
+            look,
+          ]),
+        ]
+      : []),
+    ...(opts.repair
+      ? [block("at most once", "when the chunk differs: rewrite its differing keys in the copy", [repairTx])]
+      : []),
+  ];
+  const steps: Step[] = [
+    ...(logical
+      ? [
+          check("follow the replication stream: apply it in this process, or watch pgshift sync apply it", async () => {
+            state.follower = await followStream(sql, m);
+          }),
+        ]
+      : []),
+    block(
+      "once",
+      `the comparison of ${displayName(m.live)} with ${displayName(m.copy)}, chunk by chunk in key order`,
+      [
+        block("once or more", `each chunk of ${chunkSize} rows of ${displayName(m.live)}, in one snapshot`, chunk),
+        statement(recordSql, "session", "the result ($1, JSON), kept as the migration's last verify"),
+      ],
+      compare,
+    ),
+  ];
+  return { steps, state };
 }
 
 /** The `n`-th key of the live table after `lo` (text), or null when fewer rows remain (last chunk). */
@@ -256,25 +371,22 @@ async function rewriteKeys(
   m: Migration,
   diffs: readonly Difference[],
 ): Promise<Map<string, { code: string; reason: string }>> {
-  const keyCols = identList(tx, m.key_columns);
-  const cols = identList(tx, m.copy_columns);
-  const overriding =
-    m.phase === "cutover" && m.sequences.some((s) => s.identity === "a") ? tx`overriding system value` : tx``;
+  const r = repairStatements(m);
   const byId = new Map(diffs.map((d) => [JSON.stringify(d.key), d.key] as const));
   let pending = [...byId.keys()];
   const failed = new Map<string, { code: string; reason: string }>();
   for (;;) {
     failed.clear();
     for (const id of pending) {
-      const match = tx`(${keyCols}) = (${valueList(tx, byId.get(id)!)})`;
-      await tx`savepoint pgshift_repair`;
+      const key = byId.get(id)!;
+      await tx.unsafe(r.savepoint);
       try {
-        await tx`delete from ${tableRef(tx, m.copy)} where ${match}`;
-        await tx`insert into ${tableRef(tx, m.copy)} (${cols}) ${overriding} select ${cols} from ${tableRef(tx, m.live)} where ${match}`;
-        await tx`release savepoint pgshift_repair`;
+        await tx.unsafe(r.remove, key);
+        await tx.unsafe(r.insert, key);
+        await tx.unsafe(r.release);
       } catch (err) {
         if (!isIntegrityViolation(err)) throw err;
-        await tx`rollback to savepoint pgshift_repair`;
+        await tx.unsafe(r.rollback);
         const e = err as { message?: string; detail?: string };
         failed.set(id, {
           code: sqlState(err) ?? "",
@@ -301,15 +413,17 @@ const REPAIR_CATCHUP_MS = 2000;
 async function repairKeys(
   sql: Sql,
   m: Migration,
+  t: TransactionStep,
   b: ChunkBounds,
   diffs: Difference[],
   opts: LockRetryOptions,
   follower: StreamFollower | null,
 ): Promise<Difference[]> {
-  return withLockRetry(
+  return runTransaction(
     sql,
+    t,
     async (tx) => {
-      await tx`lock table ${tableRef(tx, m.live)} in share mode`;
+      await tx.unsafe(repairStatements(m).lock);
       if (follower) {
         // Logical mode: copy the rows as the stream would have them, not ahead of it (the applier relies on
         // the shadow equalling the table as of its position): wait, under the lock, until it has applied
@@ -349,7 +463,6 @@ async function repairKeys(
       return still;
     },
     {
-      ...opts,
       retries: opts.retries ?? 5,
       retryOn: (err) => err instanceof CatchupTimeout,
       onRetry: (n, err) =>

@@ -1,0 +1,163 @@
+import postgres from "postgres";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type CliResult, describeRun, runCli } from "../support/cli.js";
+import {
+  classify,
+  comparePlan,
+  type LoggedStatement,
+  parsePrintedPlan,
+  type StatementLog,
+  splitStatements,
+  startStatementLog,
+} from "../support/statement-log.js";
+
+/**
+ * One plan: for every command that changes something, what runs is what --dry-run printed.
+ *
+ * The recorder is the server's own statement log, not pgshift's runner: a dedicated embedded server with
+ * log_statement = 'all' and a log_line_prefix with the session id, virtual transaction id and application_name
+ * (test/support/statement-log.ts; read from the server's stderr). Each command runs as the real CLI, so its sessions are named
+ * `pgshift <command>`. For each command: marks in the log, the command's --dry-run, a mark, the command, a mark;
+ * then what the command's sessions sent between the last two marks is compared with what the dry run printed.
+ *
+ * Told apart (classify in statement-log.ts, applied alike to the printed plan and to the log):
+ * - the plan: every statement that writes or changes the session: DDL, INSERT/UPDATE/DELETE, LOCK, SET,
+ *   transaction control, ANALYZE, a SELECT calling a function with an effect (set_config, slots, messages);
+ *   compared exactly, in order; the statements of a block (a batch, a chunk, a key) are printed once, with
+ *   their values as $n parameters, and may run as many times as the block's mark says;
+ * - reads (plain SELECTs: catalog looks, a batch's upper key, checksums): left aside on both sides;
+ * - the migration's advisory lock (taken before the plan is read, released at the end, the same for every
+ *   command): left aside on both sides.
+ * The dry run itself must send nothing of the first kind. Sessions other than the command's during its run must
+ * be the stream's in logical mode (`pgshift flush`, `pgshift apply <table>`: they follow the replication
+ * stream, which carries the application's rows, not the plan), and nothing else.
+ */
+
+let log: StatementLog;
+let url: string;
+let admin: postgres.Sql;
+
+beforeAll(async () => {
+  log = await startStatementLog();
+  const root = postgres(log.url, { max: 1, onnotice: () => {}, connection: { application_name: "one-plan test" } });
+  await root.unsafe("create database one_plan");
+  await root.end();
+  const u = new URL(log.url);
+  u.pathname = "/one_plan";
+  url = u.toString();
+  admin = postgres(url, { max: 2, onnotice: () => {}, connection: { application_name: "one-plan test" } });
+});
+
+afterAll(async () => {
+  await admin?.end({ timeout: 5 });
+  await log?.stop();
+});
+
+/** The stream's own sessions (logical mode), which may run while a command waits for the stream. */
+const STREAM_SESSION = /^pgshift (flush|apply .*)$/;
+
+async function createTable(name: string): Promise<void> {
+  await admin.unsafe(`
+    create table ${name} (id bigint primary key, created_at timestamptz not null, note text);
+    create index ${name}_note on ${name} (note);
+    insert into ${name} select i, timestamptz '2024-01-01' + i * interval '1 hour', 'n' || i
+      from generate_series(1, 2500) i;
+    analyze ${name};`);
+}
+
+/**
+ * Runs `pgshift <command> <table> <args> --dry-run`, then the command, and checks that the statements of the
+ * plan the command's sessions sent are the ones the dry run printed, in order (batch values aside), that the
+ * dry run sent none, and that no other session of pgshift ran but the stream's.
+ */
+async function planAndRun(
+  command: string,
+  table: string,
+  args: string[],
+  mode: string,
+): Promise<{ run: CliResult; ran: string[] }> {
+  const m0 = await log.mark();
+  const dry = await runCli([command, table, ...args, "--dry-run", "--url", url], { timeoutMs: 240_000 });
+  expect(dry.code, describeRun(dry)).toBe(0);
+  const m1 = await log.mark();
+  const run = await runCli([command, table, ...args, "--url", url], { timeoutMs: 240_000 });
+  expect(run.code, describeRun(run)).toBe(0);
+  const m2 = await log.mark();
+
+  const pgshiftSessions = (xs: LoggedStatement[]) => xs.filter((s) => s.app !== "one-plan test");
+  const dryWrites = pgshiftSessions(await log.between(m0, m1)).filter((s) =>
+    splitStatements(s.text).some((t) => classify(t) === "plan"),
+  );
+  expect(
+    dryWrites.map((s) => `${s.app}: ${s.text}`),
+    `${command} --dry-run sent statements that change something`,
+  ).toEqual([]);
+
+  const during = pgshiftSessions(await log.between(m1, m2));
+  const others = during.filter((s) => s.app !== `pgshift ${command}`);
+  const strangers = others.filter((s) => !(mode === "logical" && STREAM_SESSION.test(s.app)));
+  expect(
+    strangers.map((s) => `${s.app}: ${s.text}`),
+    `sessions other than pgshift ${command}'s ran while it ran`,
+  ).toEqual([]);
+
+  const ran = during
+    .filter((s) => s.app === `pgshift ${command}`)
+    .flatMap((s) => splitStatements(s.text))
+    .filter((t) => classify(t) === "plan");
+  const printed = parsePrintedPlan(dry.stdout);
+  const differs = comparePlan(printed, ran);
+  if (differs !== null) expect.fail(`pgshift ${command} ${table} (${mode} mode): ${differs}`);
+  return { run, ran };
+}
+
+describe.each(["trigger", "logical"])("what ran is what --dry-run printed (%s mode)", (mode) => {
+  const t = `op_${mode}`;
+  const dropped = `op_${mode}_aborted`;
+
+  beforeAll(async () => {
+    await createTable(t);
+    await createTable(dropped);
+  });
+
+  it("start", async () => {
+    await planAndRun("start", t, ["--partition-by", "hash:id:4", "--mode", mode], mode);
+  });
+
+  it("backfill (batches of 1000 rows: the batch's statements printed once, run three times)", async () => {
+    const { run, ran } = await planAndRun("backfill", t, ["--batch-size", "1000"], mode);
+    expect(run.stdout).toContain("backfill complete: 2500 rows");
+    expect(ran.filter((s) => s.startsWith(`INSERT INTO "public"."${t}_pgshift_shadow"`))).toHaveLength(3);
+    expect(ran.filter((s) => s.startsWith("CREATE INDEX CONCURRENTLY"))).toHaveLength(4);
+  });
+
+  it("verify --repair (a row missing from the copy, another different)", async () => {
+    await admin.unsafe(`delete from ${t}_pgshift_shadow where id = 1500`);
+    await admin.unsafe(`update ${t}_pgshift_shadow set note = 'changed' where id = 2200`);
+    const { run, ran } = await planAndRun("verify", t, ["--repair", "--chunk-size", "1000"], mode);
+    expect(run.stdout).toContain("repaired 2 rows");
+    expect(ran.filter((s) => s.startsWith(`LOCK TABLE "public"."${t}" IN SHARE MODE`))).toHaveLength(2);
+  });
+
+  it("cutover", async () => {
+    await planAndRun("cutover", t, [], mode);
+  });
+
+  it("swap-back", async () => {
+    await planAndRun("swap-back", t, [], mode);
+  });
+
+  it("finalize (after a second cutover)", async () => {
+    const again = await runCli(["cutover", t, "--url", url], { timeoutMs: 240_000 });
+    expect(again.code, describeRun(again)).toBe(0);
+    await planAndRun("finalize", t, ["--yes"], mode);
+  });
+
+  it("abort", async () => {
+    const s = await runCli(["start", dropped, "--partition-by", "hash:id:4", "--mode", mode, "--url", url], {
+      timeoutMs: 240_000,
+    });
+    expect(s.code, describeRun(s)).toBe(0);
+    await planAndRun("abort", dropped, [], mode);
+  });
+});
