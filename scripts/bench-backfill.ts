@@ -109,7 +109,10 @@ async function buildSource(sql: Sql, rows: number): Promise<void> {
   await sql`vacuum (freeze, analyze) bench_source`;
 }
 
-/** The twin: same columns, the same partitions pgshift computes (monthly over the data + premade + DEFAULT), same indexes. */
+/**
+ * The twin: same columns, the same partitions pgshift computes (monthly over the data + premade + DEFAULT), same
+ * indexes.
+ */
 async function createTwin(sql: Sql): Promise<number> {
   const r = await sql`select min(created_at)::text as min, max(created_at)::text as max from bench_source`;
   const partitions = computePartitions(

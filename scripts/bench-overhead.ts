@@ -438,7 +438,8 @@ async function startApplier(
   say: (l: string) => void,
 ): Promise<RunningApplier> {
   if (where === "inprocess") {
-    // sync() on a pool of its own (its ticks query the migration row and the slot), its Applier opens its own connection
+    // sync() on a pool of its own (its ticks query the migration row and the slot), its Applier opens its own
+    // connection
     const syncSql = await connect({ url, applicationName: "bench-overhead-sync" });
     const ctrl = new AbortController();
     let changes = 0;
@@ -471,7 +472,9 @@ async function startApplier(
   return attachedChild(sql, child, slot, "pgshift sync");
 }
 
-/** A slot's consumer running as `child`, once it streams from `slot`; stop() ends it (SIGTERM, then SIGKILL after 10 s). */
+/**
+ * A slot's consumer running as `child`, once it streams from `slot`; stop() ends it (SIGTERM, then SIGKILL after 10 s).
+ */
 async function attachedChild(sql: Sql, child: ChildProcess, slot: string, what: string): Promise<RunningApplier> {
   let stderr = "";
   child.stderr?.on("data", (d: Buffer) => {

@@ -12,7 +12,10 @@ export interface SessionInfo {
   applicationName: string | null;
   /** The pgshift command read from the application_name (`backfill`, `cutover`, ...), or null when it does not say. */
   command: string | null;
-  /** When its session started (ISO 8601): a pgshift command connects once, so about when it started. null when not visible to this role. */
+  /**
+   * When its session started (ISO 8601): a pgshift command connects once, so about when it started. null when not
+   * visible to this role.
+   */
   since: string | null;
   /** pg_stat_activity.state (active, idle, idle in transaction, ...), or null when not visible to this role. */
   state: string | null;

@@ -16,9 +16,15 @@ export interface StatusReport {
   phase: Phase;
   mode: string;
   partitionBy: string;
-  /** The next step, from the phase and from what runs now (nextStepFor): "wait: ..." while a command works on the migration. */
+  /**
+   * The next step, from the phase and from what runs now (nextStepFor): "wait: ..." while a command works on the
+   * migration.
+   */
   next: string;
-  /** Whether a pgshift process works on the migration right now (pid, command, since when), and when its last batch or applied change happened. */
+  /**
+   * Whether a pgshift process works on the migration right now (pid, command, since when), and when its last batch or
+   * applied change happened.
+   */
   running: Liveness;
   /** Names of the tables as they are now. */
   live: string;
@@ -29,17 +35,29 @@ export interface StatusReport {
   rowsEstimated: number;
   /** 0-100, or null before the backfill starts. */
   percent: number | null;
-  /** Backfill rows per second (average since the backfill started, pauses included) while a backfill runs; null when none runs. */
+  /**
+   * Backfill rows per second (average since the backfill started, pauses included) while a backfill runs; null when
+   * none runs.
+   */
   rate: number | null;
-  /** Seconds until the copy is done at that rate while a backfill runs (0 once the backfill finished); null when none runs. */
+  /**
+   * Seconds until the copy is done at that rate while a backfill runs (0 once the backfill finished); null when none
+   * runs.
+   */
   etaSeconds: number | null;
   batches: number;
   /** Rows in the DEFAULT partition: rows outside the planned bounds. */
   defaultPartition: { name: string; rows: number } | null;
   mirror: MirrorHealth;
-  /** Column differences between the live table, its copy and the columns the mirror copies (columnDrift): empty when they agree; cutover, swap-back and verify refuse otherwise. */
+  /**
+   * Column differences between the live table, its copy and the columns the mirror copies (columnDrift): empty when
+   * they agree; cutover, swap-back and verify refuse otherwise.
+   */
   schemaDrift: string[];
-  /** Indexes created on the live table during the migration that the copy lacks, and what the next cutover or swap-back builds for each before its lock (indexDrift). */
+  /**
+   * Indexes created on the live table during the migration that the copy lacks, and what the next cutover or swap-back
+   * builds for each before its lock (indexDrift).
+   */
   indexDrift: string[];
   /**
    * Other objects created during the migration that the next cutover or swap-back would leave with the other
@@ -98,7 +116,8 @@ async function streamStatus(
 /**
  * The state of the migration of `table`: phase, backfill progress, DEFAULT partition rows, mirror health,
  * last verify result, and whether a pgshift process works on it right now (liveness; rate and ETA only then)
- * with the next step that follows from all that (nextStepFor). Read-only (an older pgshift schema is read as it is, not upgraded); takes no lock, so it
+ * with the next step that follows from all that (nextStepFor). Read-only (an older pgshift schema is read as it is, not
+ * upgraded); takes no lock, so it
  * works while another command runs.
  * @throws PgshiftError when no migration of `table` exists.
  */

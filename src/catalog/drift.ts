@@ -164,14 +164,20 @@ function sameIndex(plain: IndexInfo, partitioned: IndexInfo, partitionColumn: st
   }
 }
 
-/** An index of the live table created after start that the copy lacks: cutover (or swap-back) builds it on the copy before its lock. */
+/**
+ * An index of the live table created after start that the copy lacks: cutover (or swap-back) builds it on the copy
+ * before its lock.
+ */
 export interface LateIndex {
   /** The index on the live table. */
   name: string;
   unique: boolean;
   /** Its pg_get_indexdef() text. */
   definition: string;
-  /** What is built on the copy: its name and the definition after USING (widened with the partition column when `widened`). */
+  /**
+   * What is built on the copy: its name and the definition after USING (widened with the partition column when
+   * `widened`).
+   */
   build: DeferredIndex;
   /** Unique, and the partition column had to be added to its key (the copy is partitioned). */
   widened: boolean;
@@ -196,7 +202,10 @@ export interface LateObjects {
   /** The table the application writes now, and the table that takes its name at the next switch. */
   live: QualifiedName;
   copy: QualifiedName;
-  /** The name the live table gets at the next switch, with whatever is left on it: the retired table's (cutover) or the shadow's (swap-back). */
+  /**
+   * The name the live table gets at the next switch, with whatever is left on it: the retired table's (cutover) or the
+   * shadow's (swap-back).
+   */
   leftWith: QualifiedName;
   /** "cutover" before the first cutover and after a swap-back; "swap-back" in phase cutover. */
   step: "cutover" | "swap-back";

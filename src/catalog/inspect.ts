@@ -97,7 +97,9 @@ export interface TableFacts {
   indexes: IndexFacts[];
   /** Outgoing foreign keys (pg_get_constraintdef() keeps DEFERRABLE, INITIALLY DEFERRED and NOT VALID). */
   foreignKeys: ConstraintFacts[];
-  /** CHECK constraints, and on PostgreSQL 18 the NOT VALID NOT NULL ones (a valid NOT NULL is a column property here). */
+  /**
+   * CHECK constraints, and on PostgreSQL 18 the NOT VALID NOT NULL ones (a valid NOT NULL is a column property here).
+   */
   checks: ConstraintFacts[];
   /** Table-level grants: grantee (null = PUBLIC), privilege, grantable. */
   grants: { grantee: string | null; privilege: string; grantable: boolean }[];

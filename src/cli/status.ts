@@ -48,7 +48,9 @@ function ago(iso: string): number {
   return Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
 }
 
-/** Who works on the migration right now, in one line: the holder of its lock, and in logical mode the stream's consumer. */
+/**
+ * Who works on the migration right now, in one line: the holder of its lock, and in logical mode the stream's consumer.
+ */
 export function runningLine(s: StatusReport): string {
   const r = s.running;
   const who = (x: { pid: number; command: string | null; applicationName: string | null; since: string | null }) =>

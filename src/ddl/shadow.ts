@@ -81,7 +81,9 @@ export interface ShadowDdl {
   afterCopy: string[];
 }
 
-/** A DO block around `body` (after `DECLARE declare`, when given), with a dollar-quote tag the text does not contain. */
+/**
+ * A DO block around `body` (after `DECLARE declare`, when given), with a dollar-quote tag the text does not contain.
+ */
 export function doBlock(body: string, declare = ""): string {
   let tag = "pgshift";
   for (let i = 0; body.includes(`$${tag}$`) || declare.includes(`$${tag}$`); i++) tag = `pgshift${i}`;
@@ -151,7 +153,9 @@ export function shadowObjectName(original: string): string {
   return fitName(original, "_part");
 }
 
-/** A NO INHERIT check is refused on a partitioned table; on a table without children it means no more than a plain one. */
+/**
+ * A NO INHERIT check is refused on a partitioned table; on a table without children it means no more than a plain one.
+ */
 function inheritableCheck(definition: string): string {
   return definition.replace(/ NO INHERIT\b/, "");
 }

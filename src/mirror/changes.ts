@@ -40,7 +40,8 @@ interface Final {
  * change of each key decides what remains. When the partition column is not part of the primary key, the
  * shadow may hold a version of the row under another partition (the row moved, or the backfill copied a
  * newer version than the stream has reached): the DELETE removes every version of each touched key except
- * the one the upsert writes (in exact mode, of the keys the upsert inserted; see write()). Only whole rows go in a batch; an UPDATE with unchanged TOASTed values is
+ * the one the upsert writes (in exact mode, of the keys the upsert inserted; see write()). Only whole rows go in a
+ * batch; an UPDATE with unchanged TOASTed values is
  * applied on its own (the caller writes the batch first, to keep commit order).
  *
  * Memory: the batch holds the last version of each touched row; the caller writes it when `changes` or

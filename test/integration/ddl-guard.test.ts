@@ -264,7 +264,10 @@ describe.each(["trigger", "logical"] as const)("%s mode, under a write load", (m
   });
 });
 
-/** The partitions of `parent` (every level, schema-qualified), with whether each is detach-pending and how many rows it holds itself. */
+/**
+ * The partitions of `parent` (every level, schema-qualified), with whether each is detach-pending and how many rows it
+ * holds itself.
+ */
 async function partitionsOf(parent: string): Promise<{ name: string; pending: boolean; rows: number }[]> {
   const parts = await db.admin`
     select format('%I.%I', n.nspname, c.relname) as name, coalesce(i.inhdetachpending, false) as pending

@@ -148,7 +148,8 @@ describe("indexes", () => {
     expect(st2.indexDrift[0]).toContain("index drift_i_recent was created on public.drift_i during the migration");
     const cut = await pgshift(["cutover", "drift_i"]);
     expect(cut.code, describeRun(cut)).toBe(0);
-    // Cutover built the one without a counterpart on the partitioned table first (late-objects.test.ts tests that under load).
+    // Cutover built the one without a counterpart on the partitioned table first (late-objects.test.ts tests that under
+    // load).
     expect(cut.stdout, describeRun(cut)).toContain(
       "built index drift_i_recent_part on public.drift_i_pgshift_shadow before the lock, for index drift_i_recent",
     );

@@ -92,7 +92,10 @@ async function fingerprint(rel: QualifiedName) {
   };
 }
 
-/** Per partition of `rel`: owner, row security, replica identity (and its index's parent name), attribute options, clustered index's parent. */
+/**
+ * Per partition of `rel`: owner, row security, replica identity (and its index's parent name), attribute options,
+ * clustered index's parent.
+ */
 async function partitionsOf(rel: QualifiedName) {
   return plain(
     await db.admin.unsafe(
@@ -212,7 +215,9 @@ describe("a table owned by another role, migrated by a superuser", () => {
     expect(plan.afterCopyStatements.at(-1)).toBe(`ANALYZE ${q(SHADOW(table))}`);
 
     let round = 0;
-    /** The owner writes through its own connection (insert, update, delete); the reader reads and updates its column. */
+    /**
+     * The owner writes through its own connection (insert, update, delete); the reader reads and updates its column.
+     */
     const roles = async (step: string) => {
       const k = ++round;
       await asOwner.begin(async (tx) => {
@@ -253,7 +258,8 @@ describe("a table owned by another role, migrated by a superuser", () => {
         // Indexes: same names, comments, definitions, deferrability; the CLUSTER mark is on the partitions (below).
         expect(now.indexes, step).toEqual(before.indexes);
       }
-      // The partitioned table, whatever its name: owner, row security, replica identity, options, CLUSTER mark on every partition.
+      // The partitioned table, whatever its name: owner, row security, replica identity, options, CLUSTER mark on every
+      // partition.
       const parts = await partitionsOf(partitioned);
       expect(parts.length, step).toBeGreaterThanOrEqual(4);
       for (const p of parts) {
@@ -314,7 +320,10 @@ describe("the deferred unique constraint and ON CONFLICT ON CONSTRAINT after cut
       alter table ${T} owner to ${owner.name};`);
   });
 
-  /** Violates the deferred constraint, then fixes it, within one transaction: commits. Violates and does not fix: refused at COMMIT. */
+  /**
+   * Violates the deferred constraint, then fixes it, within one transaction: commits. Violates and does not fix:
+   * refused at COMMIT.
+   */
   const deferredStill = async (step: string) => {
     await asOwner.begin(async (tx) => {
       await tx.unsafe(`update ${T} set email = 'a2@x' where id = 4`); // duplicate of row 2 (both 'eu'): allowed until commit
@@ -559,7 +568,8 @@ describe("constraints built after the copy while the application writes", () => 
                     `insert into ${t} values (${100000 + k}, timestamptz '2025-01-01 00:00+00' + ${k % 90} * interval '1 day', 'new${k}', 'nc${k}', 2)`,
                   );
                   // Violates the deferred constraint for a moment, then fixes it, in one transaction.
-                  // (Rows with qty = 0 break the NOT VALID check: an update of one fails, on the original as on the partitioned table.)
+                  // (Rows with qty = 0 break the NOT VALID check: an update of one fails, on the original as on the
+                  // partitioned table.)
                   await tx.unsafe(
                     `update ${t} set email = 'e' || (id + 90) where id = ${((k * 7) % 2900) + 1} and qty > 0`,
                   );

@@ -37,7 +37,8 @@ import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
  * cutovers there (PostgreSQL 17: 6 with the cutover's own applier and 6 with `pgshift sync` in another
  * process, in an earlier form of this loop; PostgreSQL 16: this test, 3), plus 3 runs of
  * `pgshift demo --mode logical --rows 60000` on PostgreSQL 16; and none after it (PostgreSQL 14, 16, 17
- * and 18: 25 logical cutovers, each followed by swap-back, cutover and swap-back). The others fail on the code before the fix (3 stale rows; the cutover went through and
+ * and 18: 25 logical cutovers, each followed by swap-back, cutover and swap-back). The others fail on the code before
+ * the fix (3 stale rows; the cutover went through and
  * the 10 updates were not in the live table; the group applied).
  */
 

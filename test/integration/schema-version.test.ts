@@ -7,7 +7,8 @@ import { createLoginRole, freshDatabase, type TestDatabase } from "../support/db
 
 /**
  * The version of the pgshift schema (pgshift.schema_version): a database whose state an older pgshift
- * wrote is read as it is by status and upgraded by the first command that writes, and the migration goes on; one whose state a newer
+ * wrote is read as it is by status and upgraded by the first command that writes, and the migration goes on; one whose
+ * state a newer
  * pgshift wrote is refused by every command with one line, nothing changed.
  */
 

@@ -337,7 +337,10 @@ describe("the full flow with odd identifiers", () => {
     const ids: number[][] = [];
     let round = 0;
 
-    /** One transaction: inserts (ids from the sequence), updates (partition-key moves, TOAST), deletes, on the table and the twin. */
+    /**
+     * One transaction: inserts (ids from the sequence), updates (partition-key moves, TOAST), deletes, on the table and
+     * the twin.
+     */
     const write = async () => {
       const k = ++round;
       await db.admin.begin(async (tx) => {
@@ -516,7 +519,8 @@ describe("identity columns", () => {
     },
   );
 
-  // Regression: the shadow's identity default is a SECURITY DEFINER function, so roles without USAGE on the sequence can insert.
+  // Regression: the shadow's identity default is a SECURITY DEFINER function, so roles without USAGE on the sequence
+  // can insert.
   it("an application role with INSERT and no sequence privilege can insert without id after cutover", async () => {
     const table: QualifiedName = { schema: "public", name: "ident_app" };
     const L = q(table);
