@@ -157,18 +157,26 @@ interface Run {
 }
 
 function usage(): string {
-  return `usage: scripts/bench-overhead [--rows N] [--connections N] [--seconds S] [--repeat K] [--applier child|inprocess] [--durable] [--rate TPS] [--json] [--strict]
+  return (
+    `usage: scripts/bench-overhead [--rows N] [--connections N] [--seconds S] [--repeat K] [--applier ` +
+    `child|inprocess] [--durable] [--rate TPS] [--json] [--strict]
   --rows N          rows in the workload table (default 200000)
   --connections N   load connections (default 4)
   --seconds S       length of each timed window (default 20)
   --repeat K        run (a), (b), (c) K times, interleaved; report medians (default 1)
-  --applier WHERE   logical run's applier: \`pgshift sync\` as a child process (child, default) or sync() in this process (inprocess)
-  --durable         commit durably: PostgreSQL's default fsync/synchronous_commit/full_page_writes on the embedded server, synchronous_commit = on in the load's sessions
-  --rate TPS        pace the load at TPS transactions per second in all (default: no pause, as fast as the machine allows)
-  --floor           also run (d) the load writing each row twice itself and (e) a slot decoded with nothing applied: the least any mirror costs
+  --applier WHERE   logical run's applier: \`pgshift sync\` as a child process (child, default) or sync() in this ` +
+    `process (inprocess)
+  --durable         commit durably: PostgreSQL's default fsync/synchronous_commit/full_page_writes on the embedded ` +
+    `server, synchronous_commit = on in the load's sessions
+  --rate TPS        pace the load at TPS transactions per second in all (default: no pause, as fast as ` +
+    `the machine allows)
+  --floor           also run (d) the load writing each row twice itself and (e) a slot decoded with nothing applied: ` +
+    `the least any mirror costs
   --json            print the report as JSON on stdout
-  --strict          exit 1 when a target is missed (trigger >= ${TARGET_TRIGGER}, logical >= ${TARGET_LOGICAL}, lag < ${TARGET_LAG_SECONDS} s)
-Uses DATABASE_URL when set, else starts an embedded PostgreSQL.`;
+  --strict          exit 1 when a target is missed (trigger >= ${TARGET_TRIGGER}, logical >= ${TARGET_LOGICAL}, lag ` +
+    `< ${TARGET_LAG_SECONDS} s)
+Uses DATABASE_URL when set, else starts an embedded PostgreSQL.`
+  );
 }
 
 function percentile(sorted: number[], p: number): number {
@@ -371,7 +379,8 @@ async function runLoad(workers: Worker[], seconds: number, rate: number | null, 
                     insert into bench_overhead (region, status, amount, note, data)
                     values (${regions[wi % 4]!}, 'new', ${amount}, ${`w${wi}`}, ${sql.json({ w: wi })})
                     returning id, created_at, region, status, amount, note, data),
-                  c as (insert into bench_overhead_floor (id, created_at, region, status, amount, note, data) select * from i)
+                  c as (insert into bench_overhead_floor (id, created_at, region, status, amount, note,
+                    data) select * from i)
                   select id::text as id from i`
               : await sql`
                   insert into bench_overhead (region, status, amount, note, data)
@@ -387,21 +396,26 @@ async function runLoad(workers: Worker[], seconds: number, rate: number | null, 
                 // moves the row to another month: another partition of the shadow
                 const at = new Date(Date.now() - Math.floor(Math.random() * 700 * DAY));
                 if (twice)
-                  await sql`with u as (update bench_overhead set created_at = ${at}, status = 'moved' where id = ${id} returning id, created_at, status)
-                            update bench_overhead_floor f set created_at = u.created_at, status = u.status from u where f.id = u.id`;
+                  await sql`with u as (update bench_overhead set created_at = ${at}, status = 'moved' where id = ${id}
+                    returning id, created_at, status)
+                            update bench_overhead_floor f set created_at = u.created_at, status = u.status from u
+                              where f.id = u.id`;
                 else await sql`update bench_overhead set created_at = ${at}, status = 'moved' where id = ${id}`;
               } else {
                 const amount = (Math.random() * 1000).toFixed(2);
                 const status = statuses[Math.floor(Math.random() * 3)]!;
                 if (twice)
-                  await sql`with u as (update bench_overhead set status = ${status}, amount = ${amount} where id = ${id} returning id, status, amount)
-                            update bench_overhead_floor f set status = u.status, amount = u.amount from u where f.id = u.id`;
+                  await sql`with u as (update bench_overhead set status = ${status}, amount = ${amount} where id = ${id}
+                    returning id, status, amount)
+                            update bench_overhead_floor f set status = u.status, amount = u.amount from u
+                              where f.id = u.id`;
                 else await sql`update bench_overhead set status = ${status}, amount = ${amount} where id = ${id}`;
               }
               res.updates++;
             } else {
               if (twice)
-                await sql`with d as (delete from bench_overhead where id = ${id} returning id) delete from bench_overhead_floor f using d where f.id = d.id`;
+                await sql`with d as (delete from bench_overhead where id = ${id} returning id) delete from
+                  bench_overhead_floor f using d where f.id = d.id`;
               else await sql`delete from bench_overhead where id = ${id}`;
               w.keys[idx] = w.keys[w.keys.length - 1]!;
               w.keys.pop();
@@ -622,8 +636,10 @@ async function runOnce(
     if (setup === "d") {
       const t0 = performance.now();
       const cols = identList(sql, WORKLOAD_COLUMNS("bigint"));
-      await sql`create table ${sql(FLOOR_COPY.schema)}.${sql(FLOOR_COPY.name)} (like ${sql(TABLE.schema)}.${sql(TABLE.name)} including all) with (autovacuum_enabled = off)`;
-      await sql`insert into ${sql(FLOOR_COPY.schema)}.${sql(FLOOR_COPY.name)} (${cols}) select ${cols} from ${sql(TABLE.schema)}.${sql(TABLE.name)}`;
+      await sql`create table ${sql(FLOOR_COPY.schema)}.${sql(FLOOR_COPY.name)} (like
+        ${sql(TABLE.schema)}.${sql(TABLE.name)} including all) with (autovacuum_enabled = off)`;
+      await sql`insert into ${sql(FLOOR_COPY.schema)}.${sql(FLOOR_COPY.name)} (${cols}) select ${cols} from
+        ${sql(TABLE.schema)}.${sql(TABLE.name)}`;
       prepareSeconds = (performance.now() - t0) / 1000;
       shadow = FLOOR_COPY;
     }
@@ -640,7 +656,8 @@ async function runOnce(
     const local = workers.every((w) => isLocalPostgres(w.pid));
     const pids = (setup === "c" || setup === "e") && local ? await backendPids(sql) : { walsender: [], applier: [] };
     say(
-      `[${k}] (${setup}) ${LABELS[setup]}: ${opts.seconds} s of load on ${opts.connections} connections${prepareSeconds !== null ? ` (${setup === "d" ? "copy" : "start + backfill"} took ${prepareSeconds.toFixed(1)} s)` : ""} ...`,
+      `[${k}] (${setup}) ${LABELS[setup]}: ${opts.seconds} s of load on ${opts.connections} ` +
+        `connections${prepareSeconds !== null ? ` (${setup === "d" ? "copy" : "start + backfill"} took ${prepareSeconds.toFixed(1)} s)` : ""} ...`,
     );
 
     // lag sampler, every second, on the admin connection
@@ -652,8 +669,8 @@ async function runOnce(
         await sleep(1000 - ((performance.now() - tw) % 1000));
         if (!sampling) break;
         const s = await slotState(sql, slot!);
-        const c =
-          await sql`select extract(epoch from clock_timestamp() - applied_commit_time)::float8 as l from pgshift.migrations where id = ${m!.id}`;
+        const c = await sql`select extract(epoch from clock_timestamp() - applied_commit_time)::float8 as l from
+            pgshift.migrations where id = ${m!.id}`;
         lag.push({
           t: r2((performance.now() - tw) / 1000),
           lagBytes: s.lagBytes,
@@ -687,8 +704,8 @@ async function runOnce(
       const target = String((await sql`select pg_current_wal_lsn()::text as l`)[0]!.l);
       const td = performance.now();
       for (;;) {
-        const r =
-          await sql`select confirmed_flush_lsn >= ${target}::pg_lsn as ok from pg_replication_slots where slot_name = ${slot!}`;
+        const r = await sql`select confirmed_flush_lsn >= ${target}::pg_lsn as ok from pg_replication_slots where
+            slot_name = ${slot!}`;
         if (r[0]?.ok) {
           drainSeconds = r2((performance.now() - td) / 1000);
           break;
@@ -831,9 +848,13 @@ async function main(): Promise<number> {
   try {
     const url = connectionUrl(sql);
     const v = await sql`select current_setting('server_version') as v, current_setting('shared_buffers') as sb,
-                               current_setting('fsync') as fsync, current_setting('synchronous_commit') as sc, current_setting('wal_level') as wl`;
+                               current_setting('fsync') as fsync, current_setting('synchronous_commit') as sc,
+                                 current_setting('wal_level') as wl`;
     if (durable) v[0]!.sc = "on (load sessions)";
-    const serverInfo = `PostgreSQL ${String(v[0]?.v)}${external ? "" : " (embedded)"}, shared_buffers=${String(v[0]?.sb)}, fsync=${String(v[0]?.fsync)}, synchronous_commit=${String(v[0]?.sc)}, wal_level=${String(v[0]?.wl)}`;
+    const serverInfo =
+      `PostgreSQL ${String(v[0]?.v)}${external ? "" : " (embedded)"}, ` +
+      `shared_buffers=${String(v[0]?.sb)}, fsync=${String(v[0]?.fsync)}, synchronous_commit=${String(v[0]?.sc)}, ` +
+      `wal_level=${String(v[0]?.wl)}`;
     say(serverInfo);
 
     await dropBench(sql);
@@ -856,12 +877,15 @@ async function main(): Promise<number> {
         );
         const lag = r.lag ? summarizeLag([r]) : null;
         say(
-          `[${k}] (${setup}) ${fmtInt(r.tps)} TPS, ${fmtInt(r.transactions)} transactions, latency p50 ${r.latencyMs.p50} ms p99 ${r.latencyMs.p99} ms` +
+          `[${k}] (${setup}) ${fmtInt(r.tps)} TPS, ${fmtInt(r.transactions)} transactions, latency ` +
+            `p50 ${r.latencyMs.p50} ms p99 ${r.latencyMs.p99} ms` +
             (r.cpu.machine !== null
               ? `, CPU: machine ${r.cpu.machine} cores, other programs ${r.cpu.outside ?? "?"}`
               : "") +
             (lag
-              ? `, lag median ${fmtInt(lag.bytes.median)} B / ${lag.seconds.median} s (end-to-end ${lag.commitSeconds.median} s), max ${fmtInt(lag.bytes.max)} B / ${lag.seconds.max} s (end-to-end ${lag.commitSeconds.max} s), drain ${r.drainSeconds} s`
+              ? `, lag median ${fmtInt(lag.bytes.median)} B / ${lag.seconds.median} s ` +
+                `(end-to-end ${lag.commitSeconds.median} s), max ${fmtInt(lag.bytes.max)} B / ${lag.seconds.max} s ` +
+                `(end-to-end ${lag.commitSeconds.max} s), drain ${r.drainSeconds} s`
               : ""),
         );
         runs.push(r);
@@ -923,7 +947,9 @@ async function main(): Promise<number> {
       durable,
       server: serverInfo,
       cpus: availableParallelism(),
-      load: `one-statement transactions: 25% INSERT, 50% UPDATE (1 in 5 moves created_at to another month), 25% DELETE; ${rate === null ? "no pause" : `paced at ${fmtInt(rate)} TPS in all`}`,
+      load:
+        `one-statement transactions: 25% INSERT, 50% UPDATE (1 in 5 moves created_at to another month), 25% ` +
+        `DELETE; ${rate === null ? "no pause" : `paced at ${fmtInt(rate)} TPS in all`}`,
       tps: {
         a: Math.round(tps.a),
         b: Math.round(tps.b),
@@ -949,7 +975,8 @@ async function main(): Promise<number> {
       out.push("", `pgshift mirror overhead benchmark: ${serverInfo}, ${report.cpus} CPUs`);
       line(
         "load",
-        `${connections} connections, ${seconds} s per run, ${fmtInt(rows)} rows; ${report.load}${durable ? "; synchronous_commit = on in the load's sessions" : ""}`,
+        `${connections} connections, ${seconds} s per run, ${fmtInt(rows)} ` +
+          `rows; ${report.load}${durable ? "; synchronous_commit = on in the load's sessions" : ""}`,
       );
       line(
         "logical applier",
@@ -995,16 +1022,19 @@ async function main(): Promise<number> {
       }
       line(
         "ratio (b)/(a) trigger",
-        `${ratioB.toFixed(2)}   target >= ${TARGET_TRIGGER.toFixed(2)}   ${verdict(pass.trigger)}${repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.trigger.toFixed(2)).join(", ")}` : ""}`,
+        `${ratioB.toFixed(2)}   target >= ${TARGET_TRIGGER.toFixed(2)}  ` +
+          ` ${verdict(pass.trigger)}${repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.trigger.toFixed(2)).join(", ")}` : ""}`,
       );
       line(
         "ratio (c)/(a) logical",
-        `${ratioC.toFixed(2)}   target >= ${TARGET_LOGICAL.toFixed(2)}   ${verdict(pass.logical)}${repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.logical.toFixed(2)).join(", ")}` : ""}`,
+        `${ratioC.toFixed(2)}   target >= ${TARGET_LOGICAL.toFixed(2)}  ` +
+          ` ${verdict(pass.logical)}${repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.logical.toFixed(2)).join(", ")}` : ""}`,
       );
       if (lag) {
         line(
           "logical lag, bytes",
-          `median ${fmtInt(lag.bytes.median)}   max ${fmtInt(lag.bytes.max)}   (${lag.samples} samples, first ${STEADY_AFTER_SECONDS} s of each run ignored)`,
+          `median ${fmtInt(lag.bytes.median)}   max ${fmtInt(lag.bytes.max)}   (${lag.samples} samples, ` +
+            `first ${STEADY_AFTER_SECONDS} s of each run ignored)`,
         );
         line(
           "logical lag, seconds",
@@ -1012,7 +1042,8 @@ async function main(): Promise<number> {
         );
         line(
           "  end-to-end",
-          `median ${lag.commitSeconds.median.toFixed(3)}   max ${lag.commitSeconds.max.toFixed(3)}   (now() - commit time of the last applied transaction)`,
+          `median ${lag.commitSeconds.median.toFixed(3)}   max ${lag.commitSeconds.max.toFixed(3)}   (now() - commit ` +
+            `time of the last applied transaction)`,
         );
         line(
           "  target",
@@ -1021,7 +1052,8 @@ async function main(): Promise<number> {
         if (lag.pace !== null)
           line(
             "  applier pace",
-            `${lag.pace.toFixed(2)} s of source commits applied per second${lag.pace < 0.98 ? ` (falls behind: the lag grows ${(1 - lag.pace).toFixed(2)} s every second; ${lag.commitSecondsAtEnd?.toFixed(1)} s at the end of the window)` : ""}`,
+            `${lag.pace.toFixed(2)} s of source commits applied per ` +
+              `second${lag.pace < 0.98 ? ` (falls behind: the lag grows ${(1 - lag.pace).toFixed(2)} s every second; ${lag.commitSecondsAtEnd?.toFixed(1)} s at the end of the window)` : ""}`,
           );
         line(
           "  drain after the load",
@@ -1050,7 +1082,10 @@ async function main(): Promise<number> {
       }
       const lat = (s: Setup) => {
         const rs = of(s);
-        return `p50 ${median(rs.map((r) => r.latencyMs.p50)).toFixed(2)} ms, p99 ${median(rs.map((r) => r.latencyMs.p99)).toFixed(2)} ms`;
+        return (
+          `p50 ${median(rs.map((r) => r.latencyMs.p50)).toFixed(2)} ms, ` +
+          `p99 ${median(rs.map((r) => r.latencyMs.p99)).toFixed(2)} ms`
+        );
       };
       line("latency a / b / c", `${lat("a")} / ${lat("b")} / ${lat("c")}`);
       const errors = runs.reduce((a, r) => a + r.errors, 0);

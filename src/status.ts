@@ -91,7 +91,8 @@ async function streamStatus(
   const warnings: string[] = [];
   if (!s.exists)
     warnings.push(
-      `replication slot ${slot} does not exist: the shadow no longer follows the table (pgshift abort, then start again)`,
+      `replication slot ${slot} does not exist: the shadow no longer follows the table (pgshift abort, ` +
+        `then start again)`,
     );
   if (s.retainedBytes > maxRetained)
     warnings.push(
@@ -99,16 +100,19 @@ async function streamStatus(
     );
   if (s.invalidated !== null) {
     warnings.push(
-      `replication slot ${slot} was invalidated by PostgreSQL (${s.invalidated}): the WAL it needed is gone and the shadow can no longer follow the table (pgshift abort, then start again)`,
+      `replication slot ${slot} was invalidated by PostgreSQL (${s.invalidated}): the WAL it needed is gone and the ` +
+        `shadow can no longer follow the table (pgshift abort, then start again)`,
     );
   } else if (s.walStatus === "unreserved") {
     warnings.push(
-      `slot ${slot} retains more WAL than max_slot_wal_keep_size allows: PostgreSQL invalidates it at the next checkpoint unless pgshift sync catches up now`,
+      `slot ${slot} retains more WAL than max_slot_wal_keep_size allows: PostgreSQL invalidates it at the next ` +
+        `checkpoint unless pgshift sync catches up now`,
     );
   }
   if (s.exists && !s.active && s.invalidated === null)
     warnings.push(
-      `no consumer is attached to slot ${slot}: WAL piles up until pgshift sync (or backfill, verify, cutover) streams it`,
+      `no consumer is attached to slot ${slot}: WAL piles up until pgshift sync (or backfill, verify, ` +
+        `cutover) streams it`,
     );
   return { ...s, appliedCommitTime: appliedAt?.toISOString() ?? null, warnings };
 }
@@ -131,7 +135,9 @@ export async function status(
     const left = await leftoverStream(sql, table);
     if (left) {
       throw new PgshiftError(
-        `no migration of ${displayName(table)} is in progress, but a crashed start left replication slot ${left.slot ?? "-"} / publication ${left.publication ?? "-"} behind (retaining ${left.retainedBytes} bytes of WAL)`,
+        `no migration of ${displayName(table)} is in progress, but a crashed start left replication ` +
+          `slot ${left.slot ?? "-"} / publication ${left.publication ?? "-"} behind ` +
+          `(retaining ${left.retainedBytes} bytes of WAL)`,
         { hint: `remove them with: pgshift abort ${displayName(table)}` },
       );
     }
@@ -146,8 +152,8 @@ export async function status(
   const def = parts.find((p) => p.is_default);
   let defaultPartition: StatusReport["defaultPartition"] = null;
   if (def) {
-    const r =
-      await sql`select count(*)::bigint as n from ${tableRef(sql, { schema: m.partitioned.schema, name: String(def.name) })}`;
+    const r = await sql`select count(*)::bigint as n from
+        ${tableRef(sql, { schema: m.partitioned.schema, name: String(def.name) })}`;
     defaultPartition = { name: String(def.name), rows: Number(r[0]?.n ?? 0) };
   }
   const stream = m.slot_name

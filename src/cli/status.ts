@@ -14,7 +14,8 @@ import {
 export function statusCommand(): Command {
   const cmd = new Command("status")
     .description(
-      "phase, who works on it now (pid, command, since when), rows copied / estimated, rate and ETA while a backfill runs, rows in DEFAULT, mirror health, last verify result, next step",
+      "phase, who works on it now (pid, command, since when), rows copied / estimated, rate and ETA while a backfill " +
+        "runs, rows in DEFAULT, mirror health, last verify result, next step",
     )
     .argument("<table>", "table under migration")
     .option("--json", "print as JSON")
@@ -54,7 +55,8 @@ function ago(iso: string): number {
 export function runningLine(s: StatusReport): string {
   const r = s.running;
   const who = (x: { pid: number; command: string | null; applicationName: string | null; since: string | null }) =>
-    `${x.command ? `pgshift ${x.command}` : (x.applicationName ?? "a pgshift process")} (backend pid ${x.pid}${x.since ? `, since ${x.since}` : ""})`;
+    `${x.command ? `pgshift ${x.command}` : (x.applicationName ?? "a pgshift process")} (backend ` +
+    `pid ${x.pid}${x.since ? `, since ${x.since}` : ""})`;
   const parts = [
     r.holder
       ? `${who(r.holder)} holds the migration`
@@ -106,12 +108,15 @@ export function printStatus(s: StatusReport): void {
     {
       "DDL guard":
         s.ddlGuard === "on"
-          ? "on: ALTER TABLE that changes columns, DROP of either table, and detaching or dropping a partition are refused"
-          : `${s.ddlGuard}: column changes, DROP of either table and of partitions are not refused (creating the guard needs superuser)`,
+          ? "on: ALTER TABLE that changes columns, DROP of either table, and detaching or dropping a " +
+            "partition are refused"
+          : `${s.ddlGuard}: column changes, DROP of either table and of partitions are not refused (creating the ` +
+            `guard needs superuser)`,
     },
     {
       "last verify": v
-        ? `${v.equal ? "equal" : "DIFFERENT"}: ${v.rowsCompared} rows, ${v.missing} missing, ${v.extra} extra, ${v.different} different, ${v.repaired} repaired (${v.at})`
+        ? `${v.equal ? "equal" : "DIFFERENT"}: ${v.rowsCompared} rows, ${v.missing} missing, ${v.extra} ` +
+          `extra, ${v.different} different, ${v.repaired} repaired (${v.at})`
         : "never",
     },
     { next: s.next },

@@ -141,7 +141,8 @@ export class ChangeBatch {
             pk.map((c) => tx`w.${ident(tx, c)}::text as ${ident(tx, c)}`),
             tx`, `,
           )} from w
-           where (select count(*) from ${shadow} as s where (${identList(tx, key, "s")}) = (${identList(tx, key, "w")})) = 0`;
+           where (select count(*) from ${shadow} as s where (${identList(tx, key, "s")}) =
+             (${identList(tx, key, "w")})) = 0`;
         for (const r of inserted) gone.push(pkObject(pk.map((c) => r[c] ?? null)));
       }
     }
@@ -187,7 +188,8 @@ export class ChangeBatch {
       );
     if (keep.length > 0)
       where.push(
-        tx`(${identList(tx, key, "s")}) not in (select ${this.typedList(tx, key)} from ${this.recordset(tx, JSON.stringify(keep), key)})`,
+        tx`(${identList(tx, key, "s")}) not in (select ${this.typedList(tx, key)} from
+          ${this.recordset(tx, JSON.stringify(keep), key)})`,
       );
     await tx`delete from ${tableRef(tx, this.t.table)} as s where ${joinFragments(tx, where, tx` and `)}`;
   }
@@ -227,7 +229,8 @@ export async function columnTypes(tx: AnySql, table: QualifiedName): Promise<Map
       from pg_catalog.pg_attribute a
       join pg_catalog.pg_type t on t.oid = a.atttypid
       join pg_catalog.pg_namespace n on n.oid = t.typnamespace
-     where a.attrelid = (select c.oid from pg_catalog.pg_class c join pg_catalog.pg_namespace cn on cn.oid = c.relnamespace
+     where a.attrelid = (select c.oid from pg_catalog.pg_class c join pg_catalog.pg_namespace cn on
+       cn.oid = c.relnamespace
                           where cn.nspname = ${table.schema} and c.relname = ${table.name})
        and a.attnum > 0 and not a.attisdropped`;
   if (rows.length === 0) throw new Error(`table ${table.schema}.${table.name} not found`);
