@@ -338,8 +338,9 @@ async function lateIndexes(
       );
       const widened =
         copyIsPartitioned && c.type !== "x" && !o.keyColumns.includes(col) ? extendIndexKey(def, [col]) : def;
+      const kind = c.type === "p" ? "primary key" : c.type === "u" ? "unique constraint" : "exclusion constraint";
       dependents.push({
-        label: `${c.type === "p" ? "primary key" : c.type === "u" ? "unique constraint" : "exclusion constraint"} ${c.name} on ${displayName(live)} (${def})`,
+        label: `${kind} ${c.name} on ${displayName(live)} (${def})`,
         before: [
           `ALTER TABLE ${quoteQualified(copy)} ADD CONSTRAINT ${quoteIdent(fitName(c.name, suffix))} ${widened}`,
         ],
@@ -532,7 +533,8 @@ async function dependentsOf(
         const what = mat ? "MATERIALIZED VIEW" : "VIEW";
         const opts = x.options ? ` WITH (${String(x.options)})` : "";
         out.push({
-          label: `${mat ? "materialized view" : "view"} ${displayName({ schema: String(x.schema), name: String(x.name) })}`,
+          label:
+            `${mat ? "materialized view" : "view"} ` + displayName({ schema: String(x.schema), name: String(x.name) }),
           before: [`DROP ${what} ${String(x.qview)}`],
           after: [`CREATE ${what} ${String(x.qview)}${opts} AS ${oneLine(String(x.viewdef))}`],
         });

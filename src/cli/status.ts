@@ -66,6 +66,13 @@ export function runningLine(s: StatusReport): string {
   return parts.join("; ");
 }
 
+/** The replication slot's state in a few words: missing, invalidated (and why), streaming to a pid, or idle. */
+function slotState(st: NonNullable<StatusReport["stream"]>): string {
+  if (!st.exists) return "MISSING";
+  if (st.invalidated !== null) return `INVALIDATED (${st.invalidated})`;
+  return st.active ? `streaming to pid ${st.activePid}` : "idle: no consumer attached";
+}
+
 /** The status report as a two-column table on stdout. */
 export function printStatus(s: StatusReport): void {
   const t = new Table({ style: { head: [], border: [] } });
@@ -125,7 +132,7 @@ export function printStatus(s: StatusReport): void {
     const st = s.stream;
     t.push(
       {
-        "replication slot": `${st.slot} ${!st.exists ? "MISSING" : st.invalidated !== null ? `INVALIDATED (${st.invalidated})` : st.active ? `streaming to pid ${st.activePid}` : "idle: no consumer attached"}${st.walStatus ? `, WAL ${st.walStatus}` : ""}`,
+        "replication slot": `${st.slot} ${slotState(st)}${st.walStatus ? `, WAL ${st.walStatus}` : ""}`,
       },
       { "confirmed LSN": `${st.confirmedLsn ?? "-"} (current ${st.currentLsn})` },
       { lag: `${formatBytes(st.lagBytes)}, ${st.lagSeconds === null ? "-" : `${st.lagSeconds.toFixed(1)} s`}` },

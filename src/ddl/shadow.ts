@@ -364,8 +364,8 @@ export function shadowDdl(
       // The key the mirror upserts on is needed from the start; the table is empty, so it is instant.
       if (ix.isPrimary)
         out.push(
-          `ALTER TABLE ${shd} ADD ` +
-            `CONSTRAINT ${quoteIdent(name)} ${constraintDef ?? `PRIMARY KEY (${shadowKey(ix.keyColumns.map(String), col).map(quoteIdent).join(", ")})`}`,
+          `ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(name)} ` +
+            (constraintDef ?? `PRIMARY KEY (${shadowKey(ix.keyColumns.map(String), col).map(quoteIdent).join(", ")})`),
         );
       else if (constraintDef && ix.constraintType === "u")
         out.push(`ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(name)} ${constraintDef}`);

@@ -208,7 +208,8 @@ const nulls = (): Row => Object.fromEntries(VAL_COLS.map((c) => [c, null]));
 const pad = (n: number, w = 2) => String(n).padStart(w, "0");
 /** A created_at in `month` of `year` with microseconds, varied by id. */
 const at = (month: number, id: number, year = 2025) =>
-  `${year}-${pad(month)}-${pad(1 + (id % 27))} ${pad(id % 24)}:${pad((id * 7) % 60)}:${pad((id * 13) % 60)}.${pad((id * 7919) % 1_000_000, 6)}+00`;
+  `${year}-${pad(month)}-${pad(1 + (id % 27))} ` +
+  `${pad(id % 24)}:${pad((id * 7) % 60)}:${pad((id * 13) % 60)}.${pad((id * 7919) % 1_000_000, 6)}+00`;
 
 /** 100,000 characters of random hex: stored out of line (pglz cannot shrink it below the TOAST threshold). */
 const bigText = () => randomBytes(50_000).toString("hex");

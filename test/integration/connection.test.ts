@@ -72,7 +72,9 @@ describe("the password file (PGPASSFILE, ~/.pgpass)", () => {
   function parts() {
     const u = new URL(db.url);
     const password = decodeURIComponent(u.password);
-    const line = `${u.hostname}:${u.port}:${u.pathname.slice(1)}:${decodeURIComponent(u.username)}:${password.replace(/\\/g, "\\\\").replace(/:/g, "\\:")}`;
+    const user = decodeURIComponent(u.username);
+    const escaped = password.replace(/\\/g, "\\\\").replace(/:/g, "\\:");
+    const line = `${u.hostname}:${u.port}:${u.pathname.slice(1)}:${user}:${escaped}`;
     u.password = "";
     return { url: u.toString(), line, host: u.hostname, port: u.port, user: decodeURIComponent(u.username) };
   }
@@ -190,7 +192,10 @@ describe("connect_timeout: a port that does not speak PostgreSQL fails in time, 
         );
         expectRefusal(r, `127.0.0.1:${port}`);
         expect(r.stderr, describeRun(r)).toMatch(
-          /within 2 s \(connect_timeout\)|does not speak the PostgreSQL protocol \(it answered "HTTP\/1\.1 400 Bad Request"\)/,
+          new RegExp(
+            String.raw`within 2 s \(connect_timeout\)|does not speak the PostgreSQL protocol ` +
+              String.raw`\(it answered "HTTP\/1\.1 400 Bad Request"\)`,
+          ),
         );
         expect(await waitedMs(), describeRun(r)).toBeLessThan(4000);
       }
@@ -488,7 +493,9 @@ describe.skipIf(!hasOpenssl)("sslmode against a server with TLS (ssl=on, pg_hba:
     const cert = encodeURIComponent(join(certs, "client.crt"));
     const key = join(certs, "client.key");
     const sql = await connect({
-      url: `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}&sslcert=${cert}&sslkey=${encodeURIComponent(key)}`,
+      url:
+        `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}` +
+        `&sslcert=${cert}&sslkey=${encodeURIComponent(key)}`,
     });
     const [row] = await sql`select client_dn from pg_stat_ssl where pid = pg_backend_pid()`;
     expect(row!.client_dn).toBe("/CN=postgres");

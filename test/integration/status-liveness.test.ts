@@ -152,7 +152,10 @@ describe("status while a backfill runs, and after it was killed with SIGKILL", (
       expect(s.etaSeconds).toBeNull();
       expect(s.running.lastBatchAt).toBe(m.updated_at.toISOString());
       expect(s.next).toMatch(
-        /^no backfill is running \(it stopped or was killed; last batch at .*\): run pgshift backfill public\.live_bf to resume from its checkpoint \(\d+ rows copied\)$/,
+        new RegExp(
+          String.raw`^no backfill is running \(it stopped or was killed; last batch at .*\): ` +
+            String.raw`run pgshift backfill public\.live_bf to resume from its checkpoint \(\d+ rows copied\)$`,
+        ),
       );
 
       const text = await statusText("live_bf");

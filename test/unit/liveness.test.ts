@@ -70,7 +70,10 @@ describe("nextStepFor", () => {
         "backfill public.orders to resume from its checkpoint (1234 rows copied)",
     );
     expect(nextStepFor(migration("backfilling", { copy_finished_at: new Date() }), table, idle)).toMatch(
-      /^no backfill is running: the copy is complete but not all secondary indexes are built; run pgshift backfill public\.orders/,
+      new RegExp(
+        String.raw`^no backfill is running: the copy is complete but not all secondary indexes are built; ` +
+          String.raw`run pgshift backfill public\.orders`,
+      ),
     );
     expect(nextStepFor(migration("backfilled"), table, idle)).toBe(
       "run pgshift verify public.orders, then pgshift cutover public.orders",
