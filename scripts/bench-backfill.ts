@@ -296,8 +296,8 @@ async function main(): Promise<number> {
       );
       line(
         "ratio (b)/(a)",
-        `${ratio.toFixed(2)}   target <= ${TARGET.toFixed(2)}  ` +
-          ` ${pass ? "PASS" : "FAIL"}${repeat > 1 ? `   (median of ${repeat})` : ""}`,
+        `${ratio.toFixed(2)}   target <= ${TARGET.toFixed(2)}   ` +
+          `${pass ? "PASS" : "FAIL"}${repeat > 1 ? `   (median of ${repeat})` : ""}`,
       );
       if (repeat > 1) line("ratios", runs.map((r) => r.ratio.toFixed(2)).join(", "));
       line(

@@ -655,10 +655,9 @@ async function runOnce(
     workers = await openWorkers(url, sql, opts.connections, opts.durable);
     const local = workers.every((w) => isLocalPostgres(w.pid));
     const pids = (setup === "c" || setup === "e") && local ? await backendPids(sql) : { walsender: [], applier: [] };
-    say(
-      `[${k}] (${setup}) ${LABELS[setup]}: ${opts.seconds} s of load on ${opts.connections} ` +
-        `connections${prepareSeconds !== null ? ` (${setup === "d" ? "copy" : "start + backfill"} took ${prepareSeconds.toFixed(1)} s)` : ""} ...`,
-    );
+    const prepared = setup === "d" ? "copy" : "start + backfill";
+    const took = prepareSeconds !== null ? ` (${prepared} took ${prepareSeconds.toFixed(1)} s)` : "";
+    say(`[${k}] (${setup}) ${LABELS[setup]}: ${opts.seconds} s of load on ${opts.connections} connections${took} ...`);
 
     // lag sampler, every second, on the admin connection
     const lag: LagSample[] = [];
@@ -1003,32 +1002,32 @@ async function main(): Promise<number> {
           .join(", ")}]`,
       );
       if (floorTps && floorRatios) {
+        const twice = repeat > 1 ? ` (${perRepeat.map((p) => p.writtenTwice!.toFixed(2)).join(", ")})` : "";
+        const decoded = repeat > 1 ? ` (${perRepeat.map((p) => p.decodedOnly!.toFixed(2)).join(", ")})` : "";
         line(
           "(d) floor, written twice",
           `${fmtInt(floorTps.d)} TPS${med}   [${of("d")
             .map((r) => fmtInt(r.tps))
-            .join(
-              ", ",
-            )}]   ratio ${floorRatios.writtenTwice.toFixed(2)}${repeat > 1 ? ` (${perRepeat.map((p) => p.writtenTwice!.toFixed(2)).join(", ")})` : ""}: the load writes each row to a plain copy too, in the same statement; no synchronous mirror costs less`,
+            .join(", ")}]   ratio ${floorRatios.writtenTwice.toFixed(2)}${twice}: ` +
+            "the load writes each row to a plain copy too, in the same statement; no synchronous mirror costs less",
         );
         line(
           "(e) floor, decoded only",
           `${fmtInt(floorTps.e)} TPS${med}   [${of("e")
             .map((r) => fmtInt(r.tps))
-            .join(
-              ", ",
-            )}]   ratio ${floorRatios.decodedOnly.toFixed(2)}${repeat > 1 ? ` (${perRepeat.map((p) => p.decodedOnly!.toFixed(2)).join(", ")})` : ""}: a slot's changes decoded and sent to ${FLOOR_CONSUMER}, nothing applied; no logical mirror costs less`,
+            .join(", ")}]   ratio ${floorRatios.decodedOnly.toFixed(2)}${decoded}: ` +
+            `a slot's changes decoded and sent to ${FLOOR_CONSUMER}, nothing applied; no logical mirror costs less`,
         );
       }
+      const triggers = repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.trigger.toFixed(2)).join(", ")}` : "";
+      const logicals = repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.logical.toFixed(2)).join(", ")}` : "";
       line(
         "ratio (b)/(a) trigger",
-        `${ratioB.toFixed(2)}   target >= ${TARGET_TRIGGER.toFixed(2)}  ` +
-          ` ${verdict(pass.trigger)}${repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.trigger.toFixed(2)).join(", ")}` : ""}`,
+        `${ratioB.toFixed(2)}   target >= ${TARGET_TRIGGER.toFixed(2)}   ${verdict(pass.trigger)}${triggers}`,
       );
       line(
         "ratio (c)/(a) logical",
-        `${ratioC.toFixed(2)}   target >= ${TARGET_LOGICAL.toFixed(2)}  ` +
-          ` ${verdict(pass.logical)}${repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.logical.toFixed(2)).join(", ")}` : ""}`,
+        `${ratioC.toFixed(2)}   target >= ${TARGET_LOGICAL.toFixed(2)}   ${verdict(pass.logical)}${logicals}`,
       );
       if (lag) {
         line(
@@ -1049,12 +1048,14 @@ async function main(): Promise<number> {
           "  target",
           `< ${TARGET_LAG_SECONDS} s (worst of the two maxima: ${lagWorst.toFixed(3)} s)   ${verdict(pass.lag)}`,
         );
-        if (lag.pace !== null)
-          line(
-            "  applier pace",
-            `${lag.pace.toFixed(2)} s of source commits applied per ` +
-              `second${lag.pace < 0.98 ? ` (falls behind: the lag grows ${(1 - lag.pace).toFixed(2)} s every second; ${lag.commitSecondsAtEnd?.toFixed(1)} s at the end of the window)` : ""}`,
-          );
+        if (lag.pace !== null) {
+          const behind =
+            lag.pace < 0.98
+              ? ` (falls behind: the lag grows ${(1 - lag.pace).toFixed(2)} s every second; ` +
+                `${lag.commitSecondsAtEnd?.toFixed(1)} s at the end of the window)`
+              : "";
+          line("  applier pace", `${lag.pace.toFixed(2)} s of source commits applied per second${behind}`);
+        }
         line(
           "  drain after the load",
           report.lag!.drainSeconds === null
@@ -1068,10 +1069,15 @@ async function main(): Promise<number> {
         const c = report.cpuCores[s];
         const part = (label: string, x: number | null | undefined) =>
           x === null || x === undefined ? "" : `${label} ${x.toFixed(2)}  `;
-        return (
-          `${part("machine", c.machine)}${part("server", c.server)}(${part("load backends", c.loadBackends)}${part("walsender", c.walsender)}${part("applier backend", c.applierBackend)}`.trim() +
-          `)  ${part("bench node", c.nodeMain)}${part(s === "e" ? "consumer" : "sync child", c.syncChild)}${part("other programs", c.outside)}`.trim()
-        );
+        const backends =
+          part("load backends", c.loadBackends) +
+          part("walsender", c.walsender) +
+          part("applier backend", c.applierBackend);
+        const clients =
+          part("bench node", c.nodeMain) +
+          part(s === "e" ? "consumer" : "sync child", c.syncChild) +
+          part("other programs", c.outside);
+        return `${part("machine", c.machine)}${part("server", c.server)}(${backends}`.trim() + `)  ${clients}`.trim();
       };
       line("CPU cores busy (a)", cpuLine("a"));
       line("CPU cores busy (b)", cpuLine("b"));
