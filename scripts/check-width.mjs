@@ -4,35 +4,25 @@
 // .json and .sql (not node_modules, dist or package-lock.json). Biome does not wrap comments, strings or template
 // literals, so this check catches what the formatter leaves long. Prints "file:line: length" for each such line
 // and exits 1 if there is any, 0 otherwise. Markdown files are not checked.
-// Usage: node scripts/check-width.mjs (from the repository's root)
+// Usage: node scripts/check-width.mjs (from the repository's root; it asks git for the list of files)
 
-import { readdirSync, readFileSync } from "node:fs";
-import { join, relative } from "node:path";
+import { execFileSync } from "node:child_process";
+import { existsSync, readFileSync } from "node:fs";
 
 const WIDTH = 120;
 const EXTENSIONS = [".ts", ".mjs", ".js", ".json", ".sql"];
-const SKIPPED = new Set(["node_modules", "dist", "package-lock.json"]);
-const root = process.cwd();
 
-/** The files under `dir` (recursively when `deep`) that the check reads, as absolute paths. */
-function filesIn(dir, deep) {
-  const found = [];
-  for (const entry of readdirSync(dir, { withFileTypes: true })) {
-    if (SKIPPED.has(entry.name) || entry.name.startsWith(".")) continue;
-    const path = join(dir, entry.name);
-    if (entry.isDirectory()) {
-      if (deep) found.push(...filesIn(path, true));
-    } else if (entry.isFile() && EXTENSIONS.some((ext) => entry.name.endsWith(ext))) {
-      found.push(path);
-    }
-  }
-  return found;
-}
-
-const files = [
-  ...filesIn(root, false),
-  ...["src", "test", "scripts"].flatMap((dir) => filesIn(join(root, dir), true)),
-].sort();
+// The files git knows or would add (tracked, and untracked but not ignored: Biome also follows .gitignore), in
+// src/, test/, scripts/ or at the root.
+const listed = execFileSync("git", ["ls-files", "--cached", "--others", "--exclude-standard", "-z"], {
+  encoding: "utf8",
+}).split("\0");
+const files = [...new Set(listed)]
+  .filter((path) => /^(src|test|scripts)\//.test(path) || (path !== "" && !path.includes("/")))
+  .filter((path) => EXTENSIONS.some((ext) => path.endsWith(ext)) && path !== "package-lock.json")
+  .filter((path) => !path.split("/").some((part) => part === "node_modules" || part === "dist"))
+  .filter((path) => existsSync(path)) // a tracked file deleted in the work tree is not checked
+  .sort();
 
 let long = 0;
 for (const file of files) {
@@ -41,7 +31,7 @@ for (const file of files) {
     const length = [...line.replace(/\r$/, "")].length;
     if (length > WIDTH) {
       long += 1;
-      console.log(`${relative(root, file)}:${index + 1}: ${length}`);
+      console.log(`${file}:${index + 1}: ${length}`);
     }
   });
 }
