@@ -532,9 +532,9 @@ async function dependentsOf(
         const mat = x.kind === "m";
         const what = mat ? "MATERIALIZED VIEW" : "VIEW";
         const opts = x.options ? ` WITH (${String(x.options)})` : "";
+        const viewName = { schema: String(x.schema), name: String(x.name) };
         out.push({
-          label:
-            `${mat ? "materialized view" : "view"} ` + displayName({ schema: String(x.schema), name: String(x.name) }),
+          label: `${mat ? "materialized view" : "view"} ${displayName(viewName)}`,
           before: [`DROP ${what} ${String(x.qview)}`],
           after: [`CREATE ${what} ${String(x.qview)}${opts} AS ${oneLine(String(x.viewdef))}`],
         });

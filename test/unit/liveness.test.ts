@@ -71,7 +71,7 @@ describe("nextStepFor", () => {
     );
     expect(nextStepFor(migration("backfilling", { copy_finished_at: new Date() }), table, idle)).toMatch(
       new RegExp(
-        String.raw`^no backfill is running: the copy is complete but not all secondary indexes are built; ` +
+        "^no backfill is running: the copy is complete but not all secondary indexes are built; " +
           String.raw`run pgshift backfill public\.orders`,
       ),
     );
