@@ -101,15 +101,20 @@ async function buildSource(sql: Sql, rows: number): Promise<void> {
   await sql`
     insert into bench_source (id, created_at, customer, amount, payload)
     select i,
-           now() - interval '730 days' + (i - 1) * (interval '730 days' / ${rows}::int) + ((i * 7919) % 21600) * interval '1 second',
+           now() - interval '730 days' + (i - 1) * (interval '730 days' / ${rows}::int) + ((i * 7919) % 21600) *
+             interval '1 second',
            'customer-' || lpad((i * 31 % 50000)::text, 6, '0'),
            ((i * 104729) % 10000000) / 100.0,
-           jsonb_build_object('sku', 'SKU-' || (i % 5000), 'qty', 1 + i % 9, 'tags', jsonb_build_array(i % 10, i % 7), 'note', md5(i::text))
+           jsonb_build_object('sku', 'SKU-' || (i % 5000), 'qty', 1 + i % 9, 'tags', jsonb_build_array(i % 10, i % 7),
+             'note', md5(i::text))
       from generate_series(1, ${rows}::bigint) i`;
   await sql`vacuum (freeze, analyze) bench_source`;
 }
 
-/** The twin: same columns, the same partitions pgshift computes (monthly over the data + premade + DEFAULT), same indexes. */
+/**
+ * The twin: same columns, the same partitions pgshift computes (monthly over the data + premade + DEFAULT), same
+ * indexes.
+ */
 async function createTwin(sql: Sql): Promise<number> {
   const r = await sql`select min(created_at)::text as min, max(created_at)::text as max from bench_source`;
   const partitions = computePartitions(
@@ -124,7 +129,8 @@ async function createTwin(sql: Sql): Promise<number> {
   );
   await sql.begin(async (tx) => {
     await tx.unsafe(
-      `create table ${TWIN} (like bench_source including defaults including constraints) partition by range (created_at)`,
+      `create table ${TWIN} (like bench_source including defaults including constraints) partition by
+        range (created_at)`,
     );
     for (const p of partitions)
       await tx.unsafe(`create table "${p.name}" partition of ${TWIN} ${p.bound} with (autovacuum_enabled = off)`);
@@ -216,17 +222,20 @@ async function main(): Promise<number> {
   try {
     const v = await sql`select current_setting('server_version') as v, current_setting('shared_buffers') as sb,
                                current_setting('fsync') as fsync, current_setting('synchronous_commit') as sc`;
-    const serverInfo = `PostgreSQL ${String(v[0]?.v)}${external ? "" : " (embedded)"}, shared_buffers=${String(v[0]?.sb)}, fsync=${String(v[0]?.fsync)}, synchronous_commit=${String(v[0]?.sc)}`;
+    const serverInfo =
+      `PostgreSQL ${String(v[0]?.v)}${external ? "" : " (embedded)"}, ` +
+      `shared_buffers=${String(v[0]?.sb)}, fsync=${String(v[0]?.fsync)}, synchronous_commit=${String(v[0]?.sc)}`;
     say(serverInfo);
 
     await dropBenchTables(sql);
     say(`building bench_source with ${fmtInt(rows)} rows ...`);
     const tb = performance.now();
     await buildSource(sql, rows);
-    const size =
-      await sql`select pg_total_relation_size('bench_source')::bigint as total, pg_relation_size('bench_source')::bigint as heap`;
+    const size = await sql`select pg_total_relation_size('bench_source')::bigint as total,
+        pg_relation_size('bench_source')::bigint as heap`;
     say(
-      `built in ${secs(performance.now() - tb).toFixed(1)} s: heap ${mb(Number(size[0]?.heap))} MB, with indexes ${mb(Number(size[0]?.total))} MB`,
+      `built in ${secs(performance.now() - tb).toFixed(1)} s: heap ${mb(Number(size[0]?.heap))} MB, with ` +
+        `indexes ${mb(Number(size[0]?.total))} MB`,
     );
 
     const runs: (Run & { partitions: number })[] = [];
@@ -282,11 +291,13 @@ async function main(): Promise<number> {
       line("(a) INSERT ... SELECT", `${aSeconds.toFixed(2)} s   ${fmtInt(report.a.rowsPerSecond)} rows/s`);
       line(
         "(b) pgshift backfill",
-        `${bSeconds.toFixed(2)} s   ${fmtInt(report.b.rowsPerSecond)} rows/s   (${report.b.batches} batches of ${fmtInt(batchSize)}, then the secondary index built CONCURRENTLY per partition)`,
+        `${bSeconds.toFixed(2)} s   ${fmtInt(report.b.rowsPerSecond)} rows/s   (${report.b.batches} batches ` +
+          `of ${fmtInt(batchSize)}, then the secondary index built CONCURRENTLY per partition)`,
       );
       line(
         "ratio (b)/(a)",
-        `${ratio.toFixed(2)}   target <= ${TARGET.toFixed(2)}   ${pass ? "PASS" : "FAIL"}${repeat > 1 ? `   (median of ${repeat})` : ""}`,
+        `${ratio.toFixed(2)}   target <= ${TARGET.toFixed(2)}   ` +
+          `${pass ? "PASS" : "FAIL"}${repeat > 1 ? `   (median of ${repeat})` : ""}`,
       );
       if (repeat > 1) line("ratios", runs.map((r) => r.ratio.toFixed(2)).join(", "));
       line(

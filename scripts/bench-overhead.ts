@@ -156,18 +156,26 @@ interface Run {
 }
 
 function usage(): string {
-  return `usage: scripts/bench-overhead [--rows N] [--connections N] [--seconds S] [--repeat K] [--applier child|inprocess] [--durable] [--rate TPS] [--json] [--strict]
+  return (
+    `usage: scripts/bench-overhead [--rows N] [--connections N] [--seconds S] [--repeat K] [--applier ` +
+    `child|inprocess] [--durable] [--rate TPS] [--json] [--strict]
   --rows N          rows in the workload table (default 200000)
   --connections N   load connections (default 4)
   --seconds S       length of each timed window (default 20)
   --repeat K        run (a), (b), (c) K times, interleaved; report medians (default 1)
-  --applier WHERE   logical run's applier: \`pgshift sync\` as a child process (child, default) or sync() in this process (inprocess)
-  --durable         commit durably: PostgreSQL's default fsync/synchronous_commit/full_page_writes on the embedded server, synchronous_commit = on in the load's sessions
-  --rate TPS        pace the load at TPS transactions per second in all (default: no pause, as fast as the machine allows)
-  --floor           also run (d) the load writing each row twice itself and (e) a slot decoded with nothing applied: the least any mirror costs
+  --applier WHERE   logical run's applier: \`pgshift sync\` as a child process (child, default) or sync() in this ` +
+    `process (inprocess)
+  --durable         commit durably: PostgreSQL's default fsync/synchronous_commit/full_page_writes on the embedded ` +
+    `server, synchronous_commit = on in the load's sessions
+  --rate TPS        pace the load at TPS transactions per second in all (default: no pause, as fast as ` +
+    `the machine allows)
+  --floor           also run (d) the load writing each row twice itself and (e) a slot decoded with nothing applied: ` +
+    `the least any mirror costs
   --json            print the report as JSON on stdout
-  --strict          exit 1 when a target is missed (trigger >= ${TARGET_TRIGGER}, logical >= ${TARGET_LOGICAL}, lag < ${TARGET_LAG_SECONDS} s)
-Uses DATABASE_URL when set, else starts an embedded PostgreSQL.`;
+  --strict          exit 1 when a target is missed (trigger >= ${TARGET_TRIGGER}, logical >= ${TARGET_LOGICAL}, lag ` +
+    `< ${TARGET_LAG_SECONDS} s)
+Uses DATABASE_URL when set, else starts an embedded PostgreSQL.`
+  );
 }
 
 function percentile(sorted: number[], p: number): number {
@@ -370,7 +378,8 @@ async function runLoad(workers: Worker[], seconds: number, rate: number | null, 
                     insert into bench_overhead (region, status, amount, note, data)
                     values (${regions[wi % 4]!}, 'new', ${amount}, ${`w${wi}`}, ${sql.json({ w: wi })})
                     returning id, created_at, region, status, amount, note, data),
-                  c as (insert into bench_overhead_floor (id, created_at, region, status, amount, note, data) select * from i)
+                  c as (insert into bench_overhead_floor (id, created_at, region, status, amount, note,
+                    data) select * from i)
                   select id::text as id from i`
               : await sql`
                   insert into bench_overhead (region, status, amount, note, data)
@@ -386,21 +395,26 @@ async function runLoad(workers: Worker[], seconds: number, rate: number | null, 
                 // moves the row to another month: another partition of the shadow
                 const at = new Date(Date.now() - Math.floor(Math.random() * 700 * DAY));
                 if (twice)
-                  await sql`with u as (update bench_overhead set created_at = ${at}, status = 'moved' where id = ${id} returning id, created_at, status)
-                            update bench_overhead_floor f set created_at = u.created_at, status = u.status from u where f.id = u.id`;
+                  await sql`with u as (update bench_overhead set created_at = ${at}, status = 'moved' where id = ${id}
+                    returning id, created_at, status)
+                            update bench_overhead_floor f set created_at = u.created_at, status = u.status from u
+                              where f.id = u.id`;
                 else await sql`update bench_overhead set created_at = ${at}, status = 'moved' where id = ${id}`;
               } else {
                 const amount = (Math.random() * 1000).toFixed(2);
                 const status = statuses[Math.floor(Math.random() * 3)]!;
                 if (twice)
-                  await sql`with u as (update bench_overhead set status = ${status}, amount = ${amount} where id = ${id} returning id, status, amount)
-                            update bench_overhead_floor f set status = u.status, amount = u.amount from u where f.id = u.id`;
+                  await sql`with u as (update bench_overhead set status = ${status}, amount = ${amount} where id = ${id}
+                    returning id, status, amount)
+                            update bench_overhead_floor f set status = u.status, amount = u.amount from u
+                              where f.id = u.id`;
                 else await sql`update bench_overhead set status = ${status}, amount = ${amount} where id = ${id}`;
               }
               res.updates++;
             } else {
               if (twice)
-                await sql`with d as (delete from bench_overhead where id = ${id} returning id) delete from bench_overhead_floor f using d where f.id = d.id`;
+                await sql`with d as (delete from bench_overhead where id = ${id} returning id) delete from
+                  bench_overhead_floor f using d where f.id = d.id`;
               else await sql`delete from bench_overhead where id = ${id}`;
               w.keys[idx] = w.keys[w.keys.length - 1]!;
               w.keys.pop();
@@ -437,7 +451,8 @@ async function startApplier(
   say: (l: string) => void,
 ): Promise<RunningApplier> {
   if (where === "inprocess") {
-    // sync() on a pool of its own (its ticks query the migration row and the slot), its Applier opens its own connection
+    // sync() on a pool of its own (its ticks query the migration row and the slot), its Applier opens its own
+    // connection
     const syncSql = await connect({ url, applicationName: "bench-overhead-sync" });
     const ctrl = new AbortController();
     let changes = 0;
@@ -470,7 +485,9 @@ async function startApplier(
   return attachedChild(sql, child, slot, "pgshift sync");
 }
 
-/** A slot's consumer running as `child`, once it streams from `slot`; stop() ends it (SIGTERM, then SIGKILL after 10 s). */
+/**
+ * A slot's consumer running as `child`, once it streams from `slot`; stop() ends it (SIGTERM, then SIGKILL after 10 s).
+ */
 async function attachedChild(sql: Sql, child: ChildProcess, slot: string, what: string): Promise<RunningApplier> {
   let stderr = "";
   child.stderr?.on("data", (d: Buffer) => {
@@ -618,8 +635,10 @@ async function runOnce(
     if (setup === "d") {
       const t0 = performance.now();
       const cols = identList(sql, WORKLOAD_COLUMNS("bigint"));
-      await sql`create table ${sql(FLOOR_COPY.schema)}.${sql(FLOOR_COPY.name)} (like ${sql(TABLE.schema)}.${sql(TABLE.name)} including all) with (autovacuum_enabled = off)`;
-      await sql`insert into ${sql(FLOOR_COPY.schema)}.${sql(FLOOR_COPY.name)} (${cols}) select ${cols} from ${sql(TABLE.schema)}.${sql(TABLE.name)}`;
+      await sql`create table ${sql(FLOOR_COPY.schema)}.${sql(FLOOR_COPY.name)} (like
+        ${sql(TABLE.schema)}.${sql(TABLE.name)} including all) with (autovacuum_enabled = off)`;
+      await sql`insert into ${sql(FLOOR_COPY.schema)}.${sql(FLOOR_COPY.name)} (${cols}) select ${cols} from
+        ${sql(TABLE.schema)}.${sql(TABLE.name)}`;
       prepareSeconds = (performance.now() - t0) / 1000;
       shadow = FLOOR_COPY;
     }
@@ -635,9 +654,9 @@ async function runOnce(
     workers = await openWorkers(url, sql, opts.connections, opts.durable);
     const local = workers.every((w) => isLocalPostgres(w.pid));
     const pids = (setup === "c" || setup === "e") && local ? await backendPids(sql) : { walsender: [], applier: [] };
-    say(
-      `[${k}] (${setup}) ${LABELS[setup]}: ${opts.seconds} s of load on ${opts.connections} connections${prepareSeconds !== null ? ` (${setup === "d" ? "copy" : "start + backfill"} took ${prepareSeconds.toFixed(1)} s)` : ""} ...`,
-    );
+    const prepared = setup === "d" ? "copy" : "start + backfill";
+    const took = prepareSeconds !== null ? ` (${prepared} took ${prepareSeconds.toFixed(1)} s)` : "";
+    say(`[${k}] (${setup}) ${LABELS[setup]}: ${opts.seconds} s of load on ${opts.connections} connections${took} ...`);
 
     // lag sampler, every second, on the admin connection
     const lag: LagSample[] = [];
@@ -648,8 +667,8 @@ async function runOnce(
         await sleep(1000 - ((performance.now() - tw) % 1000));
         if (!sampling) break;
         const s = await slotState(sql, slot!);
-        const c =
-          await sql`select extract(epoch from clock_timestamp() - applied_commit_time)::float8 as l from pgshift.migrations where id = ${m!.id}`;
+        const c = await sql`select extract(epoch from clock_timestamp() - applied_commit_time)::float8 as l from
+            pgshift.migrations where id = ${m!.id}`;
         lag.push({
           t: r2((performance.now() - tw) / 1000),
           lagBytes: s.lagBytes,
@@ -683,8 +702,8 @@ async function runOnce(
       const target = String((await sql`select pg_current_wal_lsn()::text as l`)[0]!.l);
       const td = performance.now();
       for (;;) {
-        const r =
-          await sql`select confirmed_flush_lsn >= ${target}::pg_lsn as ok from pg_replication_slots where slot_name = ${slot!}`;
+        const r = await sql`select confirmed_flush_lsn >= ${target}::pg_lsn as ok from pg_replication_slots where
+            slot_name = ${slot!}`;
         if (r[0]?.ok) {
           drainSeconds = r2((performance.now() - td) / 1000);
           break;
@@ -827,9 +846,13 @@ async function main(): Promise<number> {
   try {
     const url = connectionUrl(sql);
     const v = await sql`select current_setting('server_version') as v, current_setting('shared_buffers') as sb,
-                               current_setting('fsync') as fsync, current_setting('synchronous_commit') as sc, current_setting('wal_level') as wl`;
+                               current_setting('fsync') as fsync, current_setting('synchronous_commit') as sc,
+                                 current_setting('wal_level') as wl`;
     if (durable) v[0]!.sc = "on (load sessions)";
-    const serverInfo = `PostgreSQL ${String(v[0]?.v)}${external ? "" : " (embedded)"}, shared_buffers=${String(v[0]?.sb)}, fsync=${String(v[0]?.fsync)}, synchronous_commit=${String(v[0]?.sc)}, wal_level=${String(v[0]?.wl)}`;
+    const serverInfo =
+      `PostgreSQL ${String(v[0]?.v)}${external ? "" : " (embedded)"}, ` +
+      `shared_buffers=${String(v[0]?.sb)}, fsync=${String(v[0]?.fsync)}, synchronous_commit=${String(v[0]?.sc)}, ` +
+      `wal_level=${String(v[0]?.wl)}`;
     say(serverInfo);
 
     await dropBench(sql);
@@ -852,12 +875,15 @@ async function main(): Promise<number> {
         );
         const lag = r.lag ? summarizeLag([r]) : null;
         say(
-          `[${k}] (${setup}) ${fmtInt(r.tps)} TPS, ${fmtInt(r.transactions)} transactions, latency p50 ${r.latencyMs.p50} ms p99 ${r.latencyMs.p99} ms` +
+          `[${k}] (${setup}) ${fmtInt(r.tps)} TPS, ${fmtInt(r.transactions)} transactions, latency ` +
+            `p50 ${r.latencyMs.p50} ms p99 ${r.latencyMs.p99} ms` +
             (r.cpu.machine !== null
               ? `, CPU: machine ${r.cpu.machine} cores, other programs ${r.cpu.outside ?? "?"}`
               : "") +
             (lag
-              ? `, lag median ${fmtInt(lag.bytes.median)} B / ${lag.seconds.median} s (end-to-end ${lag.commitSeconds.median} s), max ${fmtInt(lag.bytes.max)} B / ${lag.seconds.max} s (end-to-end ${lag.commitSeconds.max} s), drain ${r.drainSeconds} s`
+              ? `, lag median ${fmtInt(lag.bytes.median)} B / ${lag.seconds.median} s ` +
+                `(end-to-end ${lag.commitSeconds.median} s), max ${fmtInt(lag.bytes.max)} B / ${lag.seconds.max} s ` +
+                `(end-to-end ${lag.commitSeconds.max} s), drain ${r.drainSeconds} s`
               : ""),
         );
         runs.push(r);
@@ -919,7 +945,9 @@ async function main(): Promise<number> {
       durable,
       server: serverInfo,
       cpus: availableParallelism(),
-      load: `one-statement transactions: 25% INSERT, 50% UPDATE (1 in 5 moves created_at to another month), 25% DELETE; ${rate === null ? "no pause" : `paced at ${fmtInt(rate)} TPS in all`}`,
+      load:
+        `one-statement transactions: 25% INSERT, 50% UPDATE (1 in 5 moves created_at to another month), 25% ` +
+        `DELETE; ${rate === null ? "no pause" : `paced at ${fmtInt(rate)} TPS in all`}`,
       tps: {
         a: Math.round(tps.a),
         b: Math.round(tps.b),
@@ -945,7 +973,8 @@ async function main(): Promise<number> {
       out.push("", `pgshift mirror overhead benchmark: ${serverInfo}, ${report.cpus} CPUs`);
       line(
         "load",
-        `${connections} connections, ${seconds} s per run, ${fmtInt(rows)} rows; ${report.load}${durable ? "; synchronous_commit = on in the load's sessions" : ""}`,
+        `${connections} connections, ${seconds} s per run, ${fmtInt(rows)} ` +
+          `rows; ${report.load}${durable ? "; synchronous_commit = on in the load's sessions" : ""}`,
       );
       line(
         "logical applier",
@@ -972,35 +1001,38 @@ async function main(): Promise<number> {
           .join(", ")}]`,
       );
       if (floorTps && floorRatios) {
+        const twice = repeat > 1 ? ` (${perRepeat.map((p) => p.writtenTwice!.toFixed(2)).join(", ")})` : "";
+        const decoded = repeat > 1 ? ` (${perRepeat.map((p) => p.decodedOnly!.toFixed(2)).join(", ")})` : "";
         line(
           "(d) floor, written twice",
           `${fmtInt(floorTps.d)} TPS${med}   [${of("d")
             .map((r) => fmtInt(r.tps))
-            .join(
-              ", ",
-            )}]   ratio ${floorRatios.writtenTwice.toFixed(2)}${repeat > 1 ? ` (${perRepeat.map((p) => p.writtenTwice!.toFixed(2)).join(", ")})` : ""}: the load writes each row to a plain copy too, in the same statement; no synchronous mirror costs less`,
+            .join(", ")}]   ratio ${floorRatios.writtenTwice.toFixed(2)}${twice}: ` +
+            "the load writes each row to a plain copy too, in the same statement; no synchronous mirror costs less",
         );
         line(
           "(e) floor, decoded only",
           `${fmtInt(floorTps.e)} TPS${med}   [${of("e")
             .map((r) => fmtInt(r.tps))
-            .join(
-              ", ",
-            )}]   ratio ${floorRatios.decodedOnly.toFixed(2)}${repeat > 1 ? ` (${perRepeat.map((p) => p.decodedOnly!.toFixed(2)).join(", ")})` : ""}: a slot's changes decoded and sent to ${FLOOR_CONSUMER}, nothing applied; no logical mirror costs less`,
+            .join(", ")}]   ratio ${floorRatios.decodedOnly.toFixed(2)}${decoded}: ` +
+            `a slot's changes decoded and sent to ${FLOOR_CONSUMER}, nothing applied; no logical mirror costs less`,
         );
       }
+      const triggers = repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.trigger.toFixed(2)).join(", ")}` : "";
+      const logicals = repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.logical.toFixed(2)).join(", ")}` : "";
       line(
         "ratio (b)/(a) trigger",
-        `${ratioB.toFixed(2)}   target >= ${TARGET_TRIGGER.toFixed(2)}   ${verdict(pass.trigger)}${repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.trigger.toFixed(2)).join(", ")}` : ""}`,
+        `${ratioB.toFixed(2)}   target >= ${TARGET_TRIGGER.toFixed(2)}   ${verdict(pass.trigger)}${triggers}`,
       );
       line(
         "ratio (c)/(a) logical",
-        `${ratioC.toFixed(2)}   target >= ${TARGET_LOGICAL.toFixed(2)}   ${verdict(pass.logical)}${repeat > 1 ? `   per repeat: ${perRepeat.map((p) => p.logical.toFixed(2)).join(", ")}` : ""}`,
+        `${ratioC.toFixed(2)}   target >= ${TARGET_LOGICAL.toFixed(2)}   ${verdict(pass.logical)}${logicals}`,
       );
       if (lag) {
         line(
           "logical lag, bytes",
-          `median ${fmtInt(lag.bytes.median)}   max ${fmtInt(lag.bytes.max)}   (${lag.samples} samples, first ${STEADY_AFTER_SECONDS} s of each run ignored)`,
+          `median ${fmtInt(lag.bytes.median)}   max ${fmtInt(lag.bytes.max)}   (${lag.samples} samples, ` +
+            `first ${STEADY_AFTER_SECONDS} s of each run ignored)`,
         );
         line(
           "logical lag, seconds",
@@ -1008,17 +1040,21 @@ async function main(): Promise<number> {
         );
         line(
           "  end-to-end",
-          `median ${lag.commitSeconds.median.toFixed(3)}   max ${lag.commitSeconds.max.toFixed(3)}   (now() - commit time of the last applied transaction)`,
+          `median ${lag.commitSeconds.median.toFixed(3)}   max ${lag.commitSeconds.max.toFixed(3)}   (now() - commit ` +
+            `time of the last applied transaction)`,
         );
         line(
           "  target",
           `< ${TARGET_LAG_SECONDS} s (worst of the two maxima: ${lagWorst.toFixed(3)} s)   ${verdict(pass.lag)}`,
         );
-        if (lag.pace !== null)
-          line(
-            "  applier pace",
-            `${lag.pace.toFixed(2)} s of source commits applied per second${lag.pace < 0.98 ? ` (falls behind: the lag grows ${(1 - lag.pace).toFixed(2)} s every second; ${lag.commitSecondsAtEnd?.toFixed(1)} s at the end of the window)` : ""}`,
-          );
+        if (lag.pace !== null) {
+          const behind =
+            lag.pace < 0.98
+              ? ` (falls behind: the lag grows ${(1 - lag.pace).toFixed(2)} s every second; ` +
+                `${lag.commitSecondsAtEnd?.toFixed(1)} s at the end of the window)`
+              : "";
+          line("  applier pace", `${lag.pace.toFixed(2)} s of source commits applied per second${behind}`);
+        }
         line(
           "  drain after the load",
           report.lag!.drainSeconds === null
@@ -1032,10 +1068,15 @@ async function main(): Promise<number> {
         const c = report.cpuCores[s];
         const part = (label: string, x: number | null | undefined) =>
           x === null || x === undefined ? "" : `${label} ${x.toFixed(2)}  `;
-        return (
-          `${part("machine", c.machine)}${part("server", c.server)}(${part("load backends", c.loadBackends)}${part("walsender", c.walsender)}${part("applier backend", c.applierBackend)}`.trim() +
-          `)  ${part("bench node", c.nodeMain)}${part(s === "e" ? "consumer" : "sync child", c.syncChild)}${part("other programs", c.outside)}`.trim()
-        );
+        const backends =
+          part("load backends", c.loadBackends) +
+          part("walsender", c.walsender) +
+          part("applier backend", c.applierBackend);
+        const clients =
+          part("bench node", c.nodeMain) +
+          part(s === "e" ? "consumer" : "sync child", c.syncChild) +
+          part("other programs", c.outside);
+        return `${part("machine", c.machine)}${part("server", c.server)}(${backends}`.trim() + `)  ${clients}`.trim();
       };
       line("CPU cores busy (a)", cpuLine("a"));
       line("CPU cores busy (b)", cpuLine("b"));
@@ -1046,7 +1087,10 @@ async function main(): Promise<number> {
       }
       const lat = (s: Setup) => {
         const rs = of(s);
-        return `p50 ${median(rs.map((r) => r.latencyMs.p50)).toFixed(2)} ms, p99 ${median(rs.map((r) => r.latencyMs.p99)).toFixed(2)} ms`;
+        return (
+          `p50 ${median(rs.map((r) => r.latencyMs.p50)).toFixed(2)} ms, ` +
+          `p99 ${median(rs.map((r) => r.latencyMs.p99)).toFixed(2)} ms`
+        );
       };
       line("latency a / b / c", `${lat("a")} / ${lat("b")} / ${lat("c")}`);
       const errors = runs.reduce((a, r) => a + r.errors, 0);

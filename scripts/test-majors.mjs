@@ -85,7 +85,9 @@ for (const run of runs) {
 console.log("\n===== per major");
 for (const { major, seconds, status, report } of reports) {
   console.log(
-    `PostgreSQL ${major}: ${report.numPassedTests} passed, ${report.numFailedTests} failed, ${(report.numPendingTests ?? 0) + (report.numTodoTests ?? 0)} skipped in ${seconds} s${status !== 0 ? ` (vitest exit ${status})` : ""}`,
+    `PostgreSQL ${major}: ${report.numPassedTests} passed, ${report.numFailedTests} ` +
+      `failed, ${(report.numPendingTests ?? 0) + (report.numTodoTests ?? 0)} skipped in ${seconds} ` +
+      `s${status !== 0 ? ` (vitest exit ${status})` : ""}`,
   );
 }
 console.log(`all runs: ${reports.reduce((n, r) => n + r.seconds, 0)} s`);

@@ -23,7 +23,9 @@ export class BlockedError extends PgshiftError {
   readonly blockers: string[];
   constructor(table: string, blockers: string[]) {
     super(`${table} cannot be migrated: ${blockers.join("; ")}`, {
-      hint: "fix the listed blockers (or choose another partition spec), then run the command again; nothing was changed",
+      hint:
+        "fix the listed blockers (or choose another partition spec), then run the command again; " +
+        "nothing was changed",
     });
     this.name = "BlockedError";
     this.blockers = blockers;
@@ -84,7 +86,9 @@ export function explain(err: unknown): PgshiftError {
       });
     case "42501":
       return new PgshiftError(`permission denied: ${msg}`, {
-        hint: "run pgshift as the table owner (or a role with the needed privileges: CREATE on the schema, ownership of the table)",
+        hint:
+          "run pgshift as the table owner (or a role with the needed privileges: CREATE on the schema, " +
+          "ownership of the table)",
         cause: err,
       });
     case "55P03":

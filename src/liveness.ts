@@ -12,7 +12,10 @@ export interface SessionInfo {
   applicationName: string | null;
   /** The pgshift command read from the application_name (`backfill`, `cutover`, ...), or null when it does not say. */
   command: string | null;
-  /** When its session started (ISO 8601): a pgshift command connects once, so about when it started. null when not visible to this role. */
+  /**
+   * When its session started (ISO 8601): a pgshift command connects once, so about when it started. null when not
+   * visible to this role.
+   */
   since: string | null;
   /** pg_stat_activity.state (active, idle, idle in transaction, ...), or null when not visible to this role. */
   state: string | null;
@@ -88,7 +91,8 @@ export async function liveness(
     // holder, a backfill or verify or cutover that follows the stream itself).
     const syncs = await sql`
       select pid from pg_catalog.pg_stat_activity
-       where datname = current_database() and application_name = ${`pgshift sync ${displayName(table)}`} order by backend_start limit 1`;
+       where datname = current_database() and application_name = ${`pgshift sync ${displayName(table)}`} order by
+         backend_start limit 1`;
     const by = syncs[0] ? await session(sql, Number(syncs[0].pid)) : (holder ?? (await session(sql, slot.activePid)));
     streamConsumer = { ...by, walsenderPid: slot.activePid };
   }
@@ -115,7 +119,8 @@ export function nextStepFor(m: Migration, table: QualifiedName, live: Liveness):
   const t = displayName(table);
   const h = live.holder;
   const who = (s: SessionInfo) =>
-    `${s.command ? `pgshift ${s.command}` : (s.applicationName ?? "a pgshift process")} (backend pid ${s.pid}${s.since ? `, since ${s.since}` : ""})`;
+    `${s.command ? `pgshift ${s.command}` : (s.applicationName ?? "a pgshift process")} (backend ` +
+    `pid ${s.pid}${s.since ? `, since ${s.since}` : ""})`;
   if (live.backfillRunning && h) return `wait: ${who(h)} is copying; watch it with: watch -n 5 pgshift status ${t}`;
   if (h) return `wait: ${who(h)} is working on ${t}; run pgshift status ${t} again when it is done`;
   const v = m.last_verify;
@@ -127,19 +132,24 @@ export function nextStepFor(m: Migration, table: QualifiedName, live: Liveness):
       return `run pgshift backfill ${t}`;
     case "backfilling":
       return m.copy_finished_at
-        ? `no backfill is running: the copy is complete but not all secondary indexes are built; run pgshift backfill ${t} to finish them`
-        : `no backfill is running (it stopped or was killed${live.lastBatchAt ? `; last batch at ${live.lastBatchAt}` : ""}): run pgshift backfill ${t} to resume from its checkpoint (${m.rows_copied} rows copied)`;
+        ? `no backfill is running: the copy is complete but not all secondary indexes are built; run pgshift ` +
+            `backfill ${t} to finish them`
+        : `no backfill is running (it stopped or was ` +
+            `killed${live.lastBatchAt ? `; last batch at ${live.lastBatchAt}` : ""}): run pgshift backfill ${t} to ` +
+            `resume from its checkpoint (${m.rows_copied} rows copied)`;
     case "backfilled": {
       const step = differs
         ? `the last verify found differences: run pgshift verify ${t} --repair, then pgshift cutover ${t}`
         : `run pgshift verify ${t}, then pgshift cutover ${t}`;
       return noConsumer
-        ? `${step}; meanwhile run pgshift sync ${t} (nothing streams the replication slot now: WAL piles up until something does)`
+        ? `${step}; meanwhile run pgshift sync ${t} (nothing streams the replication slot now: WAL piles up ` +
+            `until something does)`
         : step;
     }
     case "cutover":
       return differs
-        ? `the last verify found differences: run pgshift verify ${t} --repair, then pgshift finalize ${t} --yes (or pgshift swap-back ${t})`
+        ? `the last verify found differences: run pgshift verify ${t} --repair, then pgshift finalize ${t} --yes (or ` +
+            `pgshift swap-back ${t})`
         : `run pgshift verify ${t}, then pgshift finalize ${t} --yes (or pgshift swap-back ${t})`;
     case "swapped_back":
       return `run pgshift cutover ${t} again, or pgshift abort ${t}`;

@@ -16,9 +16,15 @@ export interface StatusReport {
   phase: Phase;
   mode: string;
   partitionBy: string;
-  /** The next step, from the phase and from what runs now (nextStepFor): "wait: ..." while a command works on the migration. */
+  /**
+   * The next step, from the phase and from what runs now (nextStepFor): "wait: ..." while a command works on the
+   * migration.
+   */
   next: string;
-  /** Whether a pgshift process works on the migration right now (pid, command, since when), and when its last batch or applied change happened. */
+  /**
+   * Whether a pgshift process works on the migration right now (pid, command, since when), and when its last batch or
+   * applied change happened.
+   */
   running: Liveness;
   /** Names of the tables as they are now. */
   live: string;
@@ -29,17 +35,29 @@ export interface StatusReport {
   rowsEstimated: number;
   /** 0-100, or null before the backfill starts. */
   percent: number | null;
-  /** Backfill rows per second (average since the backfill started, pauses included) while a backfill runs; null when none runs. */
+  /**
+   * Backfill rows per second (average since the backfill started, pauses included) while a backfill runs; null when
+   * none runs.
+   */
   rate: number | null;
-  /** Seconds until the copy is done at that rate while a backfill runs (0 once the backfill finished); null when none runs. */
+  /**
+   * Seconds until the copy is done at that rate while a backfill runs (0 once the backfill finished); null when none
+   * runs.
+   */
   etaSeconds: number | null;
   batches: number;
   /** Rows in the DEFAULT partition: rows outside the planned bounds. */
   defaultPartition: { name: string; rows: number } | null;
   mirror: MirrorHealth;
-  /** Column differences between the live table, its copy and the columns the mirror copies (columnDrift): empty when they agree; cutover, swap-back and verify refuse otherwise. */
+  /**
+   * Column differences between the live table, its copy and the columns the mirror copies (columnDrift): empty when
+   * they agree; cutover, swap-back and verify refuse otherwise.
+   */
   schemaDrift: string[];
-  /** Indexes created on the live table during the migration that the copy lacks, and what the next cutover or swap-back builds for each before its lock (indexDrift). */
+  /**
+   * Indexes created on the live table during the migration that the copy lacks, and what the next cutover or swap-back
+   * builds for each before its lock (indexDrift).
+   */
   indexDrift: string[];
   /**
    * Other objects created during the migration that the next cutover or swap-back would leave with the other
@@ -73,7 +91,8 @@ async function streamStatus(
   const warnings: string[] = [];
   if (!s.exists)
     warnings.push(
-      `replication slot ${slot} does not exist: the shadow no longer follows the table (pgshift abort, then start again)`,
+      `replication slot ${slot} does not exist: the shadow no longer follows the table (pgshift abort, ` +
+        `then start again)`,
     );
   if (s.retainedBytes > maxRetained)
     warnings.push(
@@ -81,16 +100,19 @@ async function streamStatus(
     );
   if (s.invalidated !== null) {
     warnings.push(
-      `replication slot ${slot} was invalidated by PostgreSQL (${s.invalidated}): the WAL it needed is gone and the shadow can no longer follow the table (pgshift abort, then start again)`,
+      `replication slot ${slot} was invalidated by PostgreSQL (${s.invalidated}): the WAL it needed is gone and the ` +
+        `shadow can no longer follow the table (pgshift abort, then start again)`,
     );
   } else if (s.walStatus === "unreserved") {
     warnings.push(
-      `slot ${slot} retains more WAL than max_slot_wal_keep_size allows: PostgreSQL invalidates it at the next checkpoint unless pgshift sync catches up now`,
+      `slot ${slot} retains more WAL than max_slot_wal_keep_size allows: PostgreSQL invalidates it at the next ` +
+        `checkpoint unless pgshift sync catches up now`,
     );
   }
   if (s.exists && !s.active && s.invalidated === null)
     warnings.push(
-      `no consumer is attached to slot ${slot}: WAL piles up until pgshift sync (or backfill, verify, cutover) streams it`,
+      `no consumer is attached to slot ${slot}: WAL piles up until pgshift sync (or backfill, verify, ` +
+        `cutover) streams it`,
     );
   return { ...s, appliedCommitTime: appliedAt?.toISOString() ?? null, warnings };
 }
@@ -98,7 +120,8 @@ async function streamStatus(
 /**
  * The state of the migration of `table`: phase, backfill progress, DEFAULT partition rows, mirror health,
  * last verify result, and whether a pgshift process works on it right now (liveness; rate and ETA only then)
- * with the next step that follows from all that (nextStepFor). Read-only (an older pgshift schema is read as it is, not upgraded); takes no lock, so it
+ * with the next step that follows from all that (nextStepFor). Read-only (an older pgshift schema is read as it is, not
+ * upgraded); takes no lock, so it
  * works while another command runs.
  * @throws PgshiftError when no migration of `table` exists.
  */
@@ -112,7 +135,9 @@ export async function status(
     const left = await leftoverStream(sql, table);
     if (left) {
       throw new PgshiftError(
-        `no migration of ${displayName(table)} is in progress, but a crashed start left replication slot ${left.slot ?? "-"} / publication ${left.publication ?? "-"} behind (retaining ${left.retainedBytes} bytes of WAL)`,
+        `no migration of ${displayName(table)} is in progress, but a crashed start left replication ` +
+          `slot ${left.slot ?? "-"} / publication ${left.publication ?? "-"} behind ` +
+          `(retaining ${left.retainedBytes} bytes of WAL)`,
         { hint: `remove them with: pgshift abort ${displayName(table)}` },
       );
     }
@@ -127,8 +152,8 @@ export async function status(
   const def = parts.find((p) => p.is_default);
   let defaultPartition: StatusReport["defaultPartition"] = null;
   if (def) {
-    const r =
-      await sql`select count(*)::bigint as n from ${tableRef(sql, { schema: m.partitioned.schema, name: String(def.name) })}`;
+    const r = await sql`select count(*)::bigint as n from
+        ${tableRef(sql, { schema: m.partitioned.schema, name: String(def.name) })}`;
     defaultPartition = { name: String(def.name), rows: Number(r[0]?.n ?? 0) };
   }
   const stream = m.slot_name

@@ -10,7 +10,8 @@ type ColumnRow = z.infer<typeof ColumnRow>;
 
 async function columnsOf(sql: AnySql, t: QualifiedName): Promise<ColumnRow[]> {
   const rows = await sql`
-    select a.attname::text as name, pg_catalog.format_type(a.atttypid, a.atttypmod) as type, a.attgenerated <> '' as generated
+    select a.attname::text as name, pg_catalog.format_type(a.atttypid, a.atttypmod) as type,
+      a.attgenerated <> '' as generated
       from pg_catalog.pg_attribute a
       join pg_catalog.pg_class c on c.oid = a.attrelid
       join pg_catalog.pg_namespace n on n.oid = c.relnamespace
@@ -41,7 +42,8 @@ export async function columnDrift(sql: AnySql, m: Migration): Promise<string[]> 
     else if (o.type !== c.type) out.push(`column ${c.name} is ${c.type} in ${liveName} but ${o.type} in ${copyName}`);
     else if (o.generated !== c.generated)
       out.push(
-        `column ${c.name} is ${c.generated ? "" : "not "}generated in ${liveName} but ${o.generated ? "" : "not "}generated in ${copyName}`,
+        `column ${c.name} is ${c.generated ? "" : "not "}generated in ${liveName} ` +
+          `but ${o.generated ? "" : "not "}generated in ${copyName}`,
       );
   }
   for (const c of copy)
@@ -67,7 +69,9 @@ export async function requireNoDrift(sql: AnySql, m: Migration, what: string): P
   const drift = await columnDrift(sql, m);
   if (drift.length === 0) return;
   throw new PgshiftError(`cannot ${what}: the columns changed during the migration: ${drift.join("; ")}`, {
-    hint: "pgshift does not carry ALTER TABLE over; undo the change, or run pgshift abort and start the migration again",
+    hint:
+      "pgshift does not carry ALTER TABLE over; undo the change, or run pgshift abort and start " +
+      "the migration again",
   });
 }
 
@@ -164,14 +168,20 @@ function sameIndex(plain: IndexInfo, partitioned: IndexInfo, partitionColumn: st
   }
 }
 
-/** An index of the live table created after start that the copy lacks: cutover (or swap-back) builds it on the copy before its lock. */
+/**
+ * An index of the live table created after start that the copy lacks: cutover (or swap-back) builds it on the copy
+ * before its lock.
+ */
 export interface LateIndex {
   /** The index on the live table. */
   name: string;
   unique: boolean;
   /** Its pg_get_indexdef() text. */
   definition: string;
-  /** What is built on the copy: its name and the definition after USING (widened with the partition column when `widened`). */
+  /**
+   * What is built on the copy: its name and the definition after USING (widened with the partition column when
+   * `widened`).
+   */
   build: DeferredIndex;
   /** Unique, and the partition column had to be added to its key (the copy is partitioned). */
   widened: boolean;
@@ -196,7 +206,10 @@ export interface LateObjects {
   /** The table the application writes now, and the table that takes its name at the next switch. */
   live: QualifiedName;
   copy: QualifiedName;
-  /** The name the live table gets at the next switch, with whatever is left on it: the retired table's (cutover) or the shadow's (swap-back). */
+  /**
+   * The name the live table gets at the next switch, with whatever is left on it: the retired table's (cutover) or the
+   * shadow's (swap-back).
+   */
   leftWith: QualifiedName;
   /** "cutover" before the first cutover and after a swap-back; "swap-back" in phase cutover. */
   step: "cutover" | "swap-back";
@@ -294,8 +307,10 @@ async function lateIndexes(
   const suffix = copyIsPartitioned ? "_part" : "_orig";
   const taken = new Set(
     (
-      await sql`select c.relname::text as name from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace
-                where n.nspname = ${copy.schema} and c.relname::text = any(${liveIx.flatMap((i) => buildNameCandidates(i.name, suffix))}::text[])`
+      await sql`select c.relname::text as name from pg_catalog.pg_class c join pg_catalog.pg_namespace n on
+        n.oid = c.relnamespace
+                where n.nspname = ${copy.schema} and c.relname::text =
+                  any(${liveIx.flatMap((i) => buildNameCandidates(i.name, suffix))}::text[])`
     ).map((r) => String(r.name)),
   );
   for (const o of liveIx) {
@@ -317,13 +332,15 @@ async function lateIndexes(
       const c = o.constraint;
       const def = String(
         (
-          await sql`select pg_catalog.pg_get_constraintdef(oid) as d from pg_catalog.pg_constraint where conrelid = to_regclass(${quoteQualified(live)}) and conname = ${c.name}`
+          await sql`select pg_catalog.pg_get_constraintdef(oid) as d from pg_catalog.pg_constraint where conrelid =
+            to_regclass(${quoteQualified(live)}) and conname = ${c.name}`
         )[0]?.d ?? "",
       );
       const widened =
         copyIsPartitioned && c.type !== "x" && !o.keyColumns.includes(col) ? extendIndexKey(def, [col]) : def;
+      const kind = c.type === "p" ? "primary key" : c.type === "u" ? "unique constraint" : "exclusion constraint";
       dependents.push({
-        label: `${c.type === "p" ? "primary key" : c.type === "u" ? "unique constraint" : "exclusion constraint"} ${c.name} on ${displayName(live)} (${def})`,
+        label: `${kind} ${c.name} on ${displayName(live)} (${def})`,
         before: [
           `ALTER TABLE ${quoteQualified(copy)} ADD CONSTRAINT ${quoteIdent(fitName(c.name, suffix))} ${widened}`,
         ],
@@ -399,8 +416,10 @@ export async function indexDrift(sql: AnySql, m: Migration): Promise<string[]> {
 /** One line for a late index: what it is and what the next switch builds. */
 export function lateIndexLine(lo: Pick<LateObjects, "live" | "copy" | "step">, i: LateIndex): string {
   return (
-    `index ${i.name} was created on ${displayName(lo.live)} during the migration (${i.definition}) and ${displayName(lo.copy)} has no counterpart: ` +
-    `${lo.step} builds it there first, before its lock, as ${i.build.name} (${i.build.unique ? "UNIQUE " : ""}USING ${i.build.definition})` +
+    `index ${i.name} was created on ${displayName(lo.live)} during the migration (${i.definition}) ` +
+    `and ${displayName(lo.copy)} has no counterpart: ` +
+    `${lo.step} builds it there first, before its lock, as ${i.build.name} ` +
+    `(${i.build.unique ? "UNIQUE " : ""}USING ${i.build.definition})` +
     (i.widened
       ? `, unique only together with the partition column (a partitioned table's unique index must contain it)`
       : "")
@@ -416,14 +435,16 @@ export async function lateObjectLines(sql: AnySql, m: Migration): Promise<string
   const deps = [...lo.dependents, ...(await dependentsOf(sql, m, lo.live, lo.copy))];
   const out = deps.map(
     (d) =>
-      `${d.label} depends on ${displayName(lo.live)} and would stay with it as ${displayName(lo.leftWith)}: ${lo.step} refuses until it is moved` +
+      `${d.label} depends on ${displayName(lo.live)} and would stay with it ` +
+      `as ${displayName(lo.leftWith)}: ${lo.step} refuses until it is moved` +
       (d.advice ? ` (${d.advice})` : "") +
       (d.before.length > 0 ? `; before: ${d.before.join("; ")}` : "") +
       (d.after.length > 0 ? `; after: ${d.after.join("; ")}` : ""),
   );
   for (const c of await copyDependents(sql, m)) {
     out.push(
-      `${c} depends on ${displayName(m.copy)}: it follows that table at ${lo.step}; until then ${m.phase === "cutover" ? "finalize" : "abort"} cannot drop it`,
+      `${c} depends on ${displayName(m.copy)}: it follows that table at ${lo.step}; until ` +
+        `then ${m.phase === "cutover" ? "finalize" : "abort"} cannot drop it`,
     );
   }
   return out;
@@ -445,28 +466,37 @@ async function dependentsOf(
   const rows = await sql`
     with t as (select to_regclass(${tq})::oid as oid),
     ty as (select y.oid from pg_catalog.pg_type y where y.typrelid = (select oid from t)
-           union all select y.typarray from pg_catalog.pg_type y where y.typrelid = (select oid from t) and y.typarray <> 0),
-    d as (select distinct d.classid, d.objid, case when d.classid = 'pg_catalog.pg_class'::regclass then d.objsubid else 0 end as objsubid
+           union all select y.typarray from pg_catalog.pg_type y where y.typrelid = (select oid from t)
+             and y.typarray <> 0),
+    d as (select distinct d.classid, d.objid, case when d.classid = 'pg_catalog.pg_class'::regclass then d.objsubid
+      else 0 end as objsubid
             from pg_catalog.pg_depend d
            where ((d.refclassid = 'pg_catalog.pg_class'::regclass and d.refobjid = (select oid from t))
                   or (d.refclassid = 'pg_catalog.pg_type'::regclass and d.refobjid in (select oid from ty)))
              and d.deptype not in ('i', 'e', 'x'))
-    select d.classid::regclass::text as catalog, d.objid::int8 as objid, d.objsubid, pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid) as description
+    select d.classid::regclass::text as catalog, d.objid::int8 as objid, d.objsubid,
+      pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid) as description
       from d
      where not (d.classid = 'pg_catalog.pg_class'::regclass and (
                   d.objid = (select oid from t)
-               or exists (select from pg_catalog.pg_index i where i.indexrelid = d.objid and i.indrelid = (select oid from t))
+               or exists (select from pg_catalog.pg_index i where i.indexrelid = d.objid and i.indrelid =
+                 (select oid from t))
                or exists (select from pg_catalog.pg_class s where s.oid = d.objid and s.relkind = 'S')
-               or exists (select from pg_catalog.pg_inherits h where h.inhrelid = d.objid and h.inhparent = (select oid from t))))
-       and not (d.classid = 'pg_catalog.pg_attrdef'::regclass and exists (select from pg_catalog.pg_attrdef a where a.oid = d.objid and a.adrelid = (select oid from t)))
-       and not (d.classid = 'pg_catalog.pg_constraint'::regclass and exists (select from pg_catalog.pg_constraint c where c.oid = d.objid and c.conrelid = (select oid from t)))
+               or exists (select from pg_catalog.pg_inherits h where h.inhrelid = d.objid and h.inhparent =
+                 (select oid from t))))
+       and not (d.classid = 'pg_catalog.pg_attrdef'::regclass and exists (select from pg_catalog.pg_attrdef a where
+         a.oid = d.objid and a.adrelid = (select oid from t)))
+       and not (d.classid = 'pg_catalog.pg_constraint'::regclass and exists (select from pg_catalog.pg_constraint c
+         where c.oid = d.objid and c.conrelid = (select oid from t)))
        and not (d.classid = 'pg_catalog.pg_trigger'::regclass and exists (
                   select from pg_catalog.pg_trigger g join pg_catalog.pg_proc p on p.oid = g.tgfoid
                    where g.oid = d.objid and (g.tgisinternal or p.pronamespace = 'pgshift'::regnamespace)))
-       and not (d.classid = 'pg_catalog.pg_proc'::regclass and exists (select from pg_catalog.pg_proc p where p.oid = d.objid and p.pronamespace = 'pgshift'::regnamespace))
+       and not (d.classid = 'pg_catalog.pg_proc'::regclass and exists (select from pg_catalog.pg_proc p where p.oid =
+         d.objid and p.pronamespace = 'pgshift'::regnamespace))
        and not (d.classid = 'pg_catalog.pg_publication_rel'::regclass and exists (
                   select from pg_catalog.pg_publication_rel r join pg_catalog.pg_publication b on b.oid = r.prpubid
-                   where r.oid = d.objid and (b.pubname = ${m.publication_name ?? ""} or b.pubname ~ '^pgshift_[0-9]+$')))
+                   where r.oid = d.objid and (b.pubname = ${m.publication_name ?? ""} or b.pubname ~
+                     '^pgshift_[0-9]+$')))
        and d.classid not in ('pg_catalog.pg_statistic_ext'::regclass, 'pg_catalog.pg_policy'::regclass)
      order by 1, 2, 3`;
   const out: LateDependent[] = [];
@@ -481,11 +511,14 @@ async function dependentsOf(
     if (r.catalog === "pg_rewrite") {
       const x = (
         await sql`
-        select w.rulename::text as rule, w.ev_class = to_regclass(${tq}) as on_table, pg_catalog.pg_get_ruledef(w.oid) as ruledef,
-               c.relkind::text as kind, pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname) as qview,
+        select w.rulename::text as rule, w.ev_class = to_regclass(${tq}) as on_table,
+          pg_catalog.pg_get_ruledef(w.oid) as ruledef,
+               c.relkind::text as kind, pg_catalog.quote_ident(n.nspname) || '.' ||
+                 pg_catalog.quote_ident(c.relname) as qview,
                n.nspname::text as schema, c.relname::text as name, pg_catalog.pg_get_viewdef(c.oid) as viewdef,
                coalesce(pg_catalog.array_to_string(c.reloptions, ', '), '') as options
-          from pg_catalog.pg_rewrite w join pg_catalog.pg_class c on c.oid = w.ev_class join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+          from pg_catalog.pg_rewrite w join pg_catalog.pg_class c on c.oid = w.ev_class join pg_catalog.pg_namespace n
+            on n.oid = c.relnamespace
          where w.oid = ${id}`
       )[0];
       if (!x) continue;
@@ -499,15 +532,17 @@ async function dependentsOf(
         const mat = x.kind === "m";
         const what = mat ? "MATERIALIZED VIEW" : "VIEW";
         const opts = x.options ? ` WITH (${String(x.options)})` : "";
+        const viewName = { schema: String(x.schema), name: String(x.name) };
         out.push({
-          label: `${mat ? "materialized view" : "view"} ${displayName({ schema: String(x.schema), name: String(x.name) })}`,
+          label: `${mat ? "materialized view" : "view"} ${displayName(viewName)}`,
           before: [`DROP ${what} ${String(x.qview)}`],
           after: [`CREATE ${what} ${String(x.qview)}${opts} AS ${oneLine(String(x.viewdef))}`],
         });
       }
     } else if (r.catalog === "pg_trigger") {
       const x = (
-        await sql`select tgname::text as name, pg_catalog.pg_get_triggerdef(oid) as def from pg_catalog.pg_trigger where oid = ${id}`
+        await sql`select tgname::text as name, pg_catalog.pg_get_triggerdef(oid) as def from
+          pg_catalog.pg_trigger where oid = ${id}`
       )[0];
       if (!x) continue;
       out.push({
@@ -520,7 +555,8 @@ async function dependentsOf(
         (
           await sql`
         select p.policyname::text as name, p.permissive, p.roles::text[] as roles, p.cmd, p.qual, p.with_check
-          from pg_catalog.pg_policies p join pg_catalog.pg_policy o on o.polname = p.policyname and o.polrelid = to_regclass(${tq})
+          from pg_catalog.pg_policies p join pg_catalog.pg_policy o on o.polname = p.policyname and o.polrelid
+            = to_regclass(${tq})
          where o.oid = ${id} and p.schemaname = ${t.schema} and p.tablename = ${t.name}`
         )[0],
       );
@@ -528,7 +564,8 @@ async function dependentsOf(
     } else if (r.catalog === "pg_proc") {
       const x = (
         await sql`
-        select format('%I.%I(%s)', n.nspname, p.proname, pg_catalog.pg_get_function_identity_arguments(p.oid)) as sig, p.prokind::text as kind,
+        select format('%I.%I(%s)', n.nspname, p.proname, pg_catalog.pg_get_function_identity_arguments(p.oid)) as sig,
+          p.prokind::text as kind,
                case when p.prokind in ('f', 'p', 'w') then pg_catalog.pg_get_functiondef(p.oid) end as def
           from pg_catalog.pg_proc p join pg_catalog.pg_namespace n on n.oid = p.pronamespace where p.oid = ${id}`
       )[0];
@@ -542,7 +579,9 @@ async function dependentsOf(
       });
     } else if (r.catalog === "pg_constraint") {
       const x = (
-        await sql`select conname::text as name, (select format('%I.%I', n.nspname, c.relname) from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace where c.oid = conrelid) as rel, pg_catalog.pg_get_constraintdef(oid) as def from pg_catalog.pg_constraint where oid = ${id}`
+        await sql`select conname::text as name, (select format('%I.%I', n.nspname, c.relname) from pg_catalog.pg_class c
+          join pg_catalog.pg_namespace n on n.oid = c.relnamespace where c.oid = conrelid) as rel,
+            pg_catalog.pg_get_constraintdef(oid) as def from pg_catalog.pg_constraint where oid = ${id}`
       )[0];
       if (!x) continue;
       const rel = String(x.rel);
@@ -554,7 +593,8 @@ async function dependentsOf(
       });
     } else if (r.catalog === "pg_publication_rel") {
       const x = (
-        await sql`select b.pubname::text as name from pg_catalog.pg_publication_rel r join pg_catalog.pg_publication b on b.oid = r.prpubid where r.oid = ${id}`
+        await sql`select b.pubname::text as name from pg_catalog.pg_publication_rel r join pg_catalog.pg_publication b
+          on b.oid = r.prpubid where r.oid = ${id}`
       )[0];
       if (!x) continue;
       const pub = quoteIdent(String(x.name));
@@ -565,8 +605,10 @@ async function dependentsOf(
       });
     } else if (r.catalog === "pg_class" && r.objsubid > 0) {
       const x = (
-        await sql`select (select format('%I.%I', n.nspname, c.relname) from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace where c.oid = attrelid) as rel,
-                pg_catalog.quote_ident(attname) as col from pg_catalog.pg_attribute where attrelid = ${id} and attnum = ${r.objsubid}`
+        await sql`select (select format('%I.%I', n.nspname, c.relname) from pg_catalog.pg_class c join
+          pg_catalog.pg_namespace n on n.oid = c.relnamespace where c.oid = attrelid) as rel,
+                pg_catalog.quote_ident(attname) as col from pg_catalog.pg_attribute where attrelid = ${id} and
+                  attnum = ${r.objsubid}`
       )[0];
       if (!x) continue;
       out.push({
@@ -624,7 +666,8 @@ async function policiesLacking(sql: AnySql, t: QualifiedName, copy: QualifiedNam
 async function constraintsLacking(sql: AnySql, t: QualifiedName, copy: QualifiedName): Promise<LateDependent[]> {
   const q = (x: QualifiedName) => sql`
     select conname::text as name, contype::text as type, pg_catalog.pg_get_constraintdef(oid) as def
-      from pg_catalog.pg_constraint where conrelid = to_regclass(${quoteQualified(x)}) and contype in ('c', 'f') order by conname`;
+      from pg_catalog.pg_constraint where conrelid = to_regclass(${quoteQualified(x)}) and contype in ('c',
+        'f') order by conname`;
   const [mine, theirs] = await Promise.all([q(t), q(copy)]).then(([a, b]) => [
     z.array(ConstraintRow).parse(a),
     z.array(ConstraintRow).parse(b),
@@ -644,7 +687,8 @@ const KIND_NAMES: Record<string, string> = { d: "ndistinct", f: "dependencies", 
 /** Extended statistics of `t` (CREATE STATISTICS) that `copy` has none of the same kinds and columns of. */
 async function statisticsLacking(sql: AnySql, t: QualifiedName, copy: QualifiedName): Promise<LateDependent[]> {
   const q = (x: QualifiedName) => sql`
-    select s.stxname::text as name, n.nspname::text as schema, s.stxkind::text[] as kinds, pg_catalog.pg_get_statisticsobjdef_columns(s.oid) as columns
+    select s.stxname::text as name, n.nspname::text as schema, s.stxkind::text[] as kinds,
+      pg_catalog.pg_get_statisticsobjdef_columns(s.oid) as columns
       from pg_catalog.pg_statistic_ext s join pg_catalog.pg_namespace n on n.oid = s.stxnamespace
      where s.stxrelid = to_regclass(${quoteQualified(x)}) order by 1`;
   const [mine, theirs] = await Promise.all([q(t), q(copy)]).then(([a, b]) => [
@@ -661,7 +705,8 @@ async function statisticsLacking(sql: AnySql, t: QualifiedName, copy: QualifiedN
       return {
         label: `statistics ${displayName({ schema: s.schema, name: s.name })} on ${displayName(t)}`,
         before: [
-          `CREATE STATISTICS ${quoteQualified({ schema: s.schema, name: fitName(s.name, "_copy") })}${spec} ON ${s.columns} FROM ${quoteQualified(copy)}`,
+          `CREATE STATISTICS ${quoteQualified({ schema: s.schema, name: fitName(s.name, "_copy") })}${spec} ` +
+            `ON ${s.columns} FROM ${quoteQualified(copy)}`,
         ],
         after: [],
       };
@@ -691,7 +736,9 @@ export function lateDependentsRefusal(lo: LateObjects, table: QualifiedName): Pg
     `pgshift ${lo.step} ${displayName(table)}` +
     (after.length > 0 ? `, then ${after.map((s) => `${s};`).join(" ")}` : "");
   return new PgshiftError(
-    `cannot ${lo.step === "cutover" ? "cut over" : "swap back"}: ${lo.dependents.length} object(s) depending on ${displayName(lo.live)} would stay with it as ${displayName(lo.leftWith)}, and pgshift does not carry them over: ${labels.join("; ")}; nothing was changed`,
+    `cannot ${lo.step === "cutover" ? "cut over" : "swap back"}: ${lo.dependents.length} object(s) depending ` +
+      `on ${displayName(lo.live)} would stay with it as ${displayName(lo.leftWith)}, and pgshift does not carry them ` +
+      `over: ${labels.join("; ")}; nothing was changed`,
     { hint },
   );
 }

@@ -97,7 +97,9 @@ export interface TableFacts {
   indexes: IndexFacts[];
   /** Outgoing foreign keys (pg_get_constraintdef() keeps DEFERRABLE, INITIALLY DEFERRED and NOT VALID). */
   foreignKeys: ConstraintFacts[];
-  /** CHECK constraints, and on PostgreSQL 18 the NOT VALID NOT NULL ones (a valid NOT NULL is a column property here). */
+  /**
+   * CHECK constraints, and on PostgreSQL 18 the NOT VALID NOT NULL ones (a valid NOT NULL is a column property here).
+   */
   checks: ConstraintFacts[];
   /** Table-level grants: grantee (null = PUBLIC), privilege, grantable. */
   grants: { grantee: string | null; privilege: string; grantable: boolean }[];
@@ -279,9 +281,11 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
   }
 
   const cons = await sql`
-    select conname, case when contype = 'n' then 'c' else contype::text end as contype, pg_get_constraintdef(oid) as def, convalidated,
+    select conname, case when contype = 'n' then 'c' else contype::text end as contype, pg_get_constraintdef(oid)
+      as def, convalidated,
            obj_description(oid, 'pg_constraint') as comment,
-           case when contype = 'n' then (select attname::text from pg_attribute where attrelid = conrelid and attnum = conkey[1]) end as column
+           case when contype = 'n' then (select attname::text from pg_attribute where attrelid = conrelid and attnum =
+             conkey[1]) end as column
       from pg_constraint
      where conrelid = ${oid} and (contype in ('f', 'c') or (contype = 'n' and not convalidated)) order by conname`;
   const constraintFacts = (type: string): ConstraintFacts[] =>
@@ -298,15 +302,18 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
     select coalesce(array_agg(d.privilege_type::text order by d.privilege_type), '{}') as privileges
       from pg_class c, aclexplode(acldefault('r', c.relowner)) d
      where c.oid = ${oid} and c.relacl is not null
-       and not exists (select from aclexplode(c.relacl) a where a.grantee = c.relowner and a.privilege_type = d.privilege_type)`;
+       and not exists (select from aclexplode(c.relacl) a where a.grantee = c.relowner and a.privilege_type =
+         d.privilege_type)`;
   const colGrants = await sql`
     select a.attname::text as col, case when x.grantee = 0 then null else pg_get_userbyid(x.grantee) end as grantee,
            x.privilege_type, x.is_grantable
       from pg_attribute a join pg_class c on c.oid = a.attrelid, aclexplode(a.attacl) x
-     where a.attrelid = ${oid} and a.attnum > 0 and not a.attisdropped and a.attacl is not null and x.grantee <> c.relowner
+     where a.attrelid = ${oid} and a.attnum > 0 and not a.attisdropped and a.attacl is not null and
+       x.grantee <> c.relowner
      order by a.attnum, 2, 3`;
   const stats = await sql`
-    select n.nspname::text as schema, s.stxname::text as name, pg_get_userbyid(s.stxowner) as owner, s.stxkind::text[] as kinds,
+    select n.nspname::text as schema, s.stxname::text as name, pg_get_userbyid(s.stxowner) as owner,
+      s.stxkind::text[] as kinds,
            pg_get_statisticsobjdef_columns(s.oid) as columns, nullif(coalesce(s.stxstattarget::int, -1), -1) as target,
            obj_description(s.oid, 'pg_statistic_ext') as comment
       from pg_statistic_ext s join pg_namespace n on n.oid = s.stxnamespace
@@ -332,8 +339,10 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
       (select coalesce(array_agg(distinct pubname::text), '{}') from pg_publication_tables
         where schemaname = ${table.schema} and tablename = ${table.name}) as publications,
       (select coalesce(array_agg(tgname::text), '{}') from pg_trigger
-        where tgrelid = ${oid} and not tgisinternal and tgname::text not in ('pgshift_mirror', 'pgshift_truncate_guard')) as triggers,
-      (select coalesce(array_agg(distinct format('%s', (case when inhrelid = ${oid} then inhparent else inhrelid end)::regclass)), '{}')
+        where tgrelid = ${oid} and not tgisinternal and tgname::text not in ('pgshift_mirror',
+          'pgshift_truncate_guard')) as triggers,
+      (select coalesce(array_agg(distinct format('%s', (case when inhrelid = ${oid} then inhparent else inhrelid
+        end)::regclass)), '{}')
          from pg_inherits where inhrelid = ${oid} or inhparent = ${oid}) as inheritance,
       (select coalesce(array_agg(conname::text), '{}') from pg_constraint
         where conrelid = ${oid} and contype = 'x') as exclusion,

@@ -34,7 +34,9 @@ function reportUsageError(err: CommanderError): void {
     .join(" ")
     .trim()
     .replace(/^\((.*)\)$/, "$1");
-  const help = `pgshift ${subcommand ? `${subcommand} ` : ""}--help lists the ${err.code === "commander.unknownCommand" ? "commands" : "options"}`;
+  const help =
+    `pgshift ${subcommand ? `${subcommand} ` : ""}--help lists ` +
+    `the ${err.code === "commander.unknownCommand" ? "commands" : "options"}`;
   process.stderr.write(`pgshift: error: ${first}\n`);
   process.stderr.write(`pgshift: hint: ${suggestion ? `${suggestion.replace(/^Did/, "did")} (${help})` : help}\n`);
 }
@@ -55,7 +57,8 @@ The flow:
   pgshift plan      orders --partition-by range:created_at:month   # what would happen, changes nothing
   pgshift start     orders --partition-by range:created_at:month --allow-key-extension
                                                                    # shadow + mirror (--mode logical: slot + stream);
-                                                                   # the flag: the key (id) becomes (id, created_at), see plan
+                                                                   # the flag: the key (id) becomes (id, ` +
+      `created_at), see plan
   pgshift sync      orders                                         # logical mode: apply the stream until cutover
   pgshift backfill  orders                                         # copy existing rows in batches
   pgshift verify    orders                                         # compare, exit 1 on differences

@@ -14,7 +14,8 @@ import {
 export function statusCommand(): Command {
   const cmd = new Command("status")
     .description(
-      "phase, who works on it now (pid, command, since when), rows copied / estimated, rate and ETA while a backfill runs, rows in DEFAULT, mirror health, last verify result, next step",
+      "phase, who works on it now (pid, command, since when), rows copied / estimated, rate and ETA while a backfill " +
+        "runs, rows in DEFAULT, mirror health, last verify result, next step",
     )
     .argument("<table>", "table under migration")
     .option("--json", "print as JSON")
@@ -48,11 +49,14 @@ function ago(iso: string): number {
   return Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
 }
 
-/** Who works on the migration right now, in one line: the holder of its lock, and in logical mode the stream's consumer. */
+/**
+ * Who works on the migration right now, in one line: the holder of its lock, and in logical mode the stream's consumer.
+ */
 export function runningLine(s: StatusReport): string {
   const r = s.running;
   const who = (x: { pid: number; command: string | null; applicationName: string | null; since: string | null }) =>
-    `${x.command ? `pgshift ${x.command}` : (x.applicationName ?? "a pgshift process")} (backend pid ${x.pid}${x.since ? `, since ${x.since}` : ""})`;
+    `${x.command ? `pgshift ${x.command}` : (x.applicationName ?? "a pgshift process")} (backend ` +
+    `pid ${x.pid}${x.since ? `, since ${x.since}` : ""})`;
   const parts = [
     r.holder
       ? `${who(r.holder)} holds the migration`
@@ -60,6 +64,13 @@ export function runningLine(s: StatusReport): string {
   ];
   if (r.streamConsumer) parts.push(`the stream is applied by ${who(r.streamConsumer)}`);
   return parts.join("; ");
+}
+
+/** The replication slot's state in a few words: missing, invalidated (and why), streaming to a pid, or idle. */
+function slotState(st: NonNullable<StatusReport["stream"]>): string {
+  if (!st.exists) return "MISSING";
+  if (st.invalidated !== null) return `INVALIDATED (${st.invalidated})`;
+  return st.active ? `streaming to pid ${st.activePid}` : "idle: no consumer attached";
 }
 
 /** The status report as a two-column table on stdout. */
@@ -104,12 +115,15 @@ export function printStatus(s: StatusReport): void {
     {
       "DDL guard":
         s.ddlGuard === "on"
-          ? "on: ALTER TABLE that changes columns, DROP of either table, and detaching or dropping a partition are refused"
-          : `${s.ddlGuard}: column changes, DROP of either table and of partitions are not refused (creating the guard needs superuser)`,
+          ? "on: ALTER TABLE that changes columns, DROP of either table, and detaching or dropping a " +
+            "partition are refused"
+          : `${s.ddlGuard}: column changes, DROP of either table and of partitions are not refused (creating the ` +
+            `guard needs superuser)`,
     },
     {
       "last verify": v
-        ? `${v.equal ? "equal" : "DIFFERENT"}: ${v.rowsCompared} rows, ${v.missing} missing, ${v.extra} extra, ${v.different} different, ${v.repaired} repaired (${v.at})`
+        ? `${v.equal ? "equal" : "DIFFERENT"}: ${v.rowsCompared} rows, ${v.missing} missing, ${v.extra} ` +
+          `extra, ${v.different} different, ${v.repaired} repaired (${v.at})`
         : "never",
     },
     { next: s.next },
@@ -118,7 +132,7 @@ export function printStatus(s: StatusReport): void {
     const st = s.stream;
     t.push(
       {
-        "replication slot": `${st.slot} ${!st.exists ? "MISSING" : st.invalidated !== null ? `INVALIDATED (${st.invalidated})` : st.active ? `streaming to pid ${st.activePid}` : "idle: no consumer attached"}${st.walStatus ? `, WAL ${st.walStatus}` : ""}`,
+        "replication slot": `${st.slot} ${slotState(st)}${st.walStatus ? `, WAL ${st.walStatus}` : ""}`,
       },
       { "confirmed LSN": `${st.confirmedLsn ?? "-"} (current ${st.currentLsn})` },
       { lag: `${formatBytes(st.lagBytes)}, ${st.lagSeconds === null ? "-" : `${st.lagSeconds.toFixed(1)} s`}` },

@@ -6,12 +6,14 @@ import { addConnectionOption, type ConnOpts, formatBytes, withTable } from "./co
 export function syncCommand(): Command {
   const cmd = new Command("sync")
     .description(
-      "logical mode: apply the replication stream to the shadow until stopped (Ctrl-C), showing applied LSN, lag and rate",
+      "logical mode: apply the replication stream to the shadow until stopped (Ctrl-C), showing applied " +
+        "LSN, lag and rate",
     )
     .argument("<table>", "table under migration (started with --mode logical)");
   cmd.option(
     "--no-loop",
-    "exit (code 2) when the connection to the server is lost, instead of connecting again (as pg_recvlogical --no-loop)",
+    "exit (code 2) when the connection to the server is lost, instead of connecting again (as " +
+      "pg_recvlogical --no-loop)",
   );
   addConnectionOption(cmd);
   cmd.addHelpText(
@@ -37,7 +39,10 @@ It exits 0 by itself once the migration is cut over or aborted.`,
     const tty = Boolean(process.stderr.isTTY);
     let lastLog = 0;
     const onTick = (t: SyncTick) => {
-      const line = `applied ${t.appliedLsn} | lag ${formatBytes(t.lagBytes)}, ${t.lagSeconds === null ? "-" : `${t.lagSeconds.toFixed(1)} s`} | ${Math.round(t.changesPerSecond)} changes/s | ${t.transactions} transactions`;
+      const line =
+        `applied ${t.appliedLsn} | ` +
+        `lag ${formatBytes(t.lagBytes)}, ${t.lagSeconds === null ? "-" : `${t.lagSeconds.toFixed(1)} s`} ` +
+        `| ${Math.round(t.changesPerSecond)} changes/s | ${t.transactions} transactions`;
       if (tty) process.stderr.write(`\r\x1b[2K${line}`);
       else if (Date.now() - lastLog >= 5000) {
         lastLog = Date.now();

@@ -81,7 +81,9 @@ export interface ShadowDdl {
   afterCopy: string[];
 }
 
-/** A DO block around `body` (after `DECLARE declare`, when given), with a dollar-quote tag the text does not contain. */
+/**
+ * A DO block around `body` (after `DECLARE declare`, when given), with a dollar-quote tag the text does not contain.
+ */
 export function doBlock(body: string, declare = ""): string {
   let tag = "pgshift";
   for (let i = 0; body.includes(`$${tag}$`) || declare.includes(`$${tag}$`); i++) tag = `pgshift${i}`;
@@ -120,7 +122,8 @@ export function deferredIndexSql(
   return {
     parent: c
       ? doBlock(
-          `IF to_regclass(${quoteLiteral(parentName)}) IS NULL THEN ALTER TABLE ONLY ${shd} ADD CONSTRAINT ${quoteIdent(idx.name)} ${c.definition}; END IF;`,
+          `IF to_regclass(${quoteLiteral(parentName)}) IS NULL THEN ALTER TABLE ONLY ${shd} ADD ` +
+            `CONSTRAINT ${quoteIdent(idx.name)} ${c.definition}; END IF;`,
         )
       : `CREATE ${unique}INDEX IF NOT EXISTS ${quoteIdent(idx.name)} ON ONLY ${shd} USING ${idx.definition}`,
     perPartition: partitions.map((p) => {
@@ -129,9 +132,12 @@ export function deferredIndexSql(
       return {
         partition: p,
         index,
-        create: `CREATE ${unique}INDEX CONCURRENTLY IF NOT EXISTS ${quoteIdent(index)} ON ${part} USING ${idx.definition}`,
+        create:
+          `CREATE ${unique}INDEX CONCURRENTLY IF NOT EXISTS ${quoteIdent(index)} ON ${part} ` +
+          `USING ${idx.definition}`,
         constrain: c
-          ? `ALTER TABLE ${part} ADD CONSTRAINT ${quoteIdent(index)} UNIQUE USING INDEX ${quoteIdent(index)}${deferClause(c)}`
+          ? `ALTER TABLE ${part} ADD CONSTRAINT ${quoteIdent(index)} UNIQUE USING ` +
+            `INDEX ${quoteIdent(index)}${deferClause(c)}`
           : null,
         attach: `ALTER INDEX ${parentName} ATTACH PARTITION ${quoteQualified({ schema, name: index })}`,
       };
@@ -151,7 +157,9 @@ export function shadowObjectName(original: string): string {
   return fitName(original, "_part");
 }
 
-/** A NO INHERIT check is refused on a partitioned table; on a table without children it means no more than a plain one. */
+/**
+ * A NO INHERIT check is refused on a partitioned table; on a table without children it means no more than a plain one.
+ */
 function inheritableCheck(definition: string): string {
   return definition.replace(/ NO INHERIT\b/, "");
 }
@@ -181,20 +189,24 @@ export function fidelityBlockers(facts: TableFacts): string[] {
   const key = facts.indexes.find((i) => i.name === facts.keyIndexName);
   if (key?.deferrable) {
     out.push(
-      `${key.isPrimary ? "primary key" : "unique key"} ${key.constraintName ?? key.name} is DEFERRABLE: pgshift's mirror upserts on the key with ON CONFLICT, ` +
-        `which PostgreSQL refuses on a deferrable constraint (ALTER TABLE ... ALTER CONSTRAINT ... NOT DEFERRABLE first)`,
+      `${key.isPrimary ? "primary key" : "unique key"} ${key.constraintName ?? key.name} is DEFERRABLE: pgshift's ` +
+        `mirror upserts on the key with ON CONFLICT, ` +
+        `which PostgreSQL refuses on a deferrable constraint (ALTER TABLE ... ALTER CONSTRAINT ... NOT ` +
+        `DEFERRABLE first)`,
     );
   }
   if (facts.forceRowSecurity && !facts.bypassesRowSecurity) {
     out.push(
-      `row-level security is forced on ${displayName(facts.table)} and the current user has neither superuser nor BYPASSRLS: ` +
+      `row-level security is forced on ${displayName(facts.table)} and the current user has neither ` +
+        `superuser nor BYPASSRLS: ` +
         `the copy would see only the rows the policies let it see (run pgshift as a role WITH BYPASSRLS)`,
     );
   }
   if (facts.serverVersionNum < 180000) {
     for (const fk of facts.foreignKeys.filter((f) => !f.valid)) {
       out.push(
-        `foreign key ${fk.name} is NOT VALID, and PostgreSQL before 18 cannot add a NOT VALID foreign key to a partitioned table ` +
+        `foreign key ${fk.name} is NOT VALID, and PostgreSQL before 18 cannot add a NOT VALID foreign key to a ` +
+          `partitioned table ` +
           `(ALTER TABLE ... VALIDATE CONSTRAINT ${quoteIdent(fk.name)} first, or drop it)`,
       );
     }
@@ -212,13 +224,16 @@ export function fidelityWarnings(facts: TableFacts): string[] {
   const out: string[] = [];
   for (const ix of facts.indexes.filter((i) => i.isClustered)) {
     out.push(
-      `${displayName(facts.table)} is clustered on ${ix.name}: a partitioned table cannot carry the CLUSTER mark, so each partition carries it on its copy of the index; ` +
-        `after cutover a plain CLUSTER reclusters the partitions, CLUSTER ${displayName(facts.table)} needs USING ${quoteIdent(ix.name)} (PostgreSQL 15 and later; 14 clusters partitions only)`,
+      `${displayName(facts.table)} is clustered on ${ix.name}: a partitioned table cannot carry the CLUSTER mark, so ` +
+        `each partition carries it on its copy of the index; ` +
+        `after cutover a plain CLUSTER reclusters the partitions, CLUSTER ${displayName(facts.table)} needs ` +
+        `USING ${quoteIdent(ix.name)} (PostgreSQL 15 and later; 14 clusters partitions only)`,
     );
   }
   for (const c of facts.checks.filter((x) => / NO INHERIT\b/.test(x.definition))) {
     out.push(
-      `check constraint ${c.name} is NO INHERIT, which a partitioned table cannot hold: it is created inheritable (every partition enforces it, as the table did)`,
+      `check constraint ${c.name} is NO INHERIT, which a partitioned table cannot hold: it is created inheritable ` +
+        `(every partition enforces it, as the table did)`,
     );
   }
   return out;
@@ -283,7 +298,8 @@ export function shadowDdl(
       // runs as its owner, so every role that may insert into the table still can.
       const fn = quoteQualified(identityDefaultFunction(facts.oid, c.attnum));
       out.push(
-        `CREATE OR REPLACE FUNCTION ${fn}() RETURNS bigint LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp ` +
+        `CREATE OR REPLACE FUNCTION ${fn}() RETURNS bigint LANGUAGE sql SECURITY DEFINER SET search_path = ` +
+          `pg_catalog, pg_temp ` +
           `AS $pgshift$ SELECT nextval(${quoteLiteral(quoteQualified(c.sequence))}::regclass) $pgshift$`,
       );
       out.push(`ALTER TABLE ${shd} ALTER COLUMN ${quoteIdent(c.name)} SET DEFAULT ${fn}()`);
@@ -348,7 +364,8 @@ export function shadowDdl(
       // The key the mirror upserts on is needed from the start; the table is empty, so it is instant.
       if (ix.isPrimary)
         out.push(
-          `ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(name)} ${constraintDef ?? `PRIMARY KEY (${shadowKey(ix.keyColumns.map(String), col).map(quoteIdent).join(", ")})`}`,
+          `ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(name)} ` +
+            (constraintDef ?? `PRIMARY KEY (${shadowKey(ix.keyColumns.map(String), col).map(quoteIdent).join(", ")})`),
         );
       else if (constraintDef && ix.constraintType === "u")
         out.push(`ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(name)} ${constraintDef}`);
@@ -381,14 +398,16 @@ export function shadowDdl(
   }
   for (const g of facts.grants) {
     out.push(
-      `GRANT ${g.privilege} ON ${shd} TO ${g.grantee === null ? "PUBLIC" : quoteIdent(g.grantee)}${g.grantable ? " WITH GRANT OPTION" : ""}`,
+      `GRANT ${g.privilege} ON ${shd} ` +
+        `TO ${g.grantee === null ? "PUBLIC" : quoteIdent(g.grantee)}${g.grantable ? " WITH GRANT OPTION" : ""}`,
     );
   }
   if ((facts.ownerRevoked ?? []).length > 0)
     out.push(`REVOKE ${facts.ownerRevoked.join(", ")} ON ${shd} FROM ${owner}`);
   for (const g of facts.columnGrants ?? []) {
     out.push(
-      `GRANT ${g.privilege} (${quoteIdent(g.column)}) ON ${shd} TO ${g.grantee === null ? "PUBLIC" : quoteIdent(g.grantee)}${g.grantable ? " WITH GRANT OPTION" : ""}`,
+      `GRANT ${g.privilege} (${quoteIdent(g.column)}) ON ${shd} ` +
+        `TO ${g.grantee === null ? "PUBLIC" : quoteIdent(g.grantee)}${g.grantable ? " WITH GRANT OPTION" : ""}`,
     );
   }
   return {
@@ -416,14 +435,16 @@ export function afterCopySql(facts: TableFacts, names: ShadowNames): string[] {
   const shd = quoteQualified(names.shadow);
   const out: string[] = [];
   const hasConstraint = (name: string) =>
-    `EXISTS (SELECT FROM pg_catalog.pg_constraint WHERE conrelid = ${quoteLiteral(shd)}::regclass AND conname = ${quoteLiteral(name)})`;
+    `EXISTS (SELECT FROM pg_catalog.pg_constraint WHERE conrelid = ${quoteLiteral(shd)}::regclass AND conname ` +
+    `= ${quoteLiteral(name)})`;
   const notValid = [...(facts.checks ?? []), ...(facts.serverVersionNum >= 180000 ? facts.foreignKeys : [])].filter(
     (c) => c.valid === false,
   );
   for (const c of notValid) {
     out.push(
       doBlock(
-        `IF NOT ${hasConstraint(c.name)} THEN ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(c.name)} ${inheritableCheck(c.definition)}; END IF;`,
+        `IF NOT ${hasConstraint(c.name)} THEN ALTER TABLE ${shd} ADD ` +
+          `CONSTRAINT ${quoteIdent(c.name)} ${inheritableCheck(c.definition)}; END IF;`,
       ),
     );
     if (c.comment) out.push(`COMMENT ON CONSTRAINT ${quoteIdent(c.name)} ON ${shd} IS ${quoteLiteral(c.comment)}`);
@@ -433,7 +454,8 @@ export function afterCopySql(facts: TableFacts, names: ShadowNames): string[] {
     `FOR r IN SELECT tn.nspname AS s, t.relname AS t, ic.relname AS i FROM pg_catalog.pg_inherits h ` +
     `JOIN pg_catalog.pg_index x ON x.indexrelid = h.inhrelid JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid ` +
     `JOIN pg_catalog.pg_class t ON t.oid = x.indrelid JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace ` +
-    `WHERE h.inhparent = ${quoteLiteral(parent)}::regclass LOOP EXECUTE format(${quoteLiteral(stmt)}, r.s, r.t, r.i); END LOOP;`;
+    `WHERE h.inhparent = ${quoteLiteral(parent)}::regclass LOOP EXECUTE format(${quoteLiteral(stmt)}, r.s, ` +
+    `r.t, r.i); END LOOP;`;
   // Built after the copy (the others, and their comments, come with start).
   const deferredIx = facts.indexes.filter(
     (ix) =>
@@ -451,7 +473,8 @@ export function afterCopySql(facts: TableFacts, names: ShadowNames): string[] {
       if (ix.constraintComment && ix.constraintType === "u") {
         out.push(
           doBlock(
-            `IF ${hasConstraint(name)} THEN COMMENT ON CONSTRAINT ${quoteIdent(name)} ON ${shd} IS ${quoteLiteral(ix.constraintComment)}; END IF;`,
+            `IF ${hasConstraint(name)} THEN COMMENT ON CONSTRAINT ${quoteIdent(name)} ON ${shd} ` +
+              `IS ${quoteLiteral(ix.constraintComment)}; END IF;`,
           ),
         );
       }
@@ -501,27 +524,35 @@ export function liveNamesSql(
     doBlock(
       `FOREACH p SLICE 1 IN ARRAY ${arr} LOOP ` +
         // indexes
-        `SELECT c.oid, n.nspname INTO lf FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE i.indrelid = live AND c.relname = p[1]; ` +
+        `SELECT c.oid, n.nspname INTO lf FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = ` +
+        `i.indexrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE i.indrelid = live AND ` +
+        `c.relname = p[1]; ` +
         `IF lf.oid IS NOT NULL THEN ` +
-        `SELECT c.oid INTO ct FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = copy AND c.relname = p[2]; ` +
+        `SELECT c.oid INTO ct FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid WHERE ` +
+        `i.indrelid = copy AND c.relname = p[2]; ` +
         `IF ct.oid IS NOT NULL THEN ` +
         `EXECUTE format('ALTER INDEX %I.%I RENAME TO %I', lf.nspname, p[2], 'pgshift_swap_' || ct.oid); ` +
         `EXECUTE format('ALTER INDEX %I.%I RENAME TO %I', lf.nspname, p[1], p[2]); ` +
         `EXECUTE format('ALTER INDEX %I.%I RENAME TO %I', lf.nspname, 'pgshift_swap_' || ct.oid, p[1]); ` +
-        `ELSIF NOT EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.relnamespace = (SELECT relnamespace FROM pg_catalog.pg_class WHERE oid = lf.oid) AND c.relname = p[2]) THEN ` +
+        `ELSIF NOT EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.relnamespace = (SELECT relnamespace FROM ` +
+        `pg_catalog.pg_class WHERE oid = lf.oid) AND c.relname = p[2]) THEN ` +
         `EXECUTE format('ALTER INDEX %I.%I RENAME TO %I', lf.nspname, p[1], p[2]); END IF; END IF; ` +
         // extended statistics
-        `SELECT s.oid, n.nspname, s.stxnamespace INTO lf FROM pg_catalog.pg_statistic_ext s JOIN pg_catalog.pg_namespace n ON n.oid = s.stxnamespace WHERE s.stxrelid = live AND s.stxname = p[1]; ` +
+        `SELECT s.oid, n.nspname, s.stxnamespace INTO lf FROM pg_catalog.pg_statistic_ext s JOIN ` +
+        `pg_catalog.pg_namespace n ON n.oid = s.stxnamespace WHERE s.stxrelid = live AND s.stxname = p[1]; ` +
         `IF lf.oid IS NOT NULL THEN ` +
-        `SELECT s.oid INTO ct FROM pg_catalog.pg_statistic_ext s WHERE s.stxrelid = copy AND s.stxname = p[2] AND s.stxnamespace = lf.stxnamespace; ` +
+        `SELECT s.oid INTO ct FROM pg_catalog.pg_statistic_ext s WHERE s.stxrelid = copy AND s.stxname = p[2] AND ` +
+        `s.stxnamespace = lf.stxnamespace; ` +
         `IF ct.oid IS NOT NULL THEN ` +
         `EXECUTE format('ALTER STATISTICS %I.%I RENAME TO %I', lf.nspname, p[2], 'pgshift_swap_' || ct.oid); ` +
         `EXECUTE format('ALTER STATISTICS %I.%I RENAME TO %I', lf.nspname, p[1], p[2]); ` +
         `EXECUTE format('ALTER STATISTICS %I.%I RENAME TO %I', lf.nspname, 'pgshift_swap_' || ct.oid, p[1]); ` +
-        `ELSIF NOT EXISTS (SELECT FROM pg_catalog.pg_statistic_ext s WHERE s.stxnamespace = lf.stxnamespace AND s.stxname = p[2]) THEN ` +
+        `ELSIF NOT EXISTS (SELECT FROM pg_catalog.pg_statistic_ext s WHERE s.stxnamespace = lf.stxnamespace AND ` +
+        `s.stxname = p[2]) THEN ` +
         `EXECUTE format('ALTER STATISTICS %I.%I RENAME TO %I', lf.nspname, p[1], p[2]); END IF; END IF; ` +
         `END LOOP;`,
-      `live oid := to_regclass(${quoteLiteral(quoteQualified(live))}); copy oid := to_regclass(${quoteLiteral(quoteQualified(copy))}); p text[]; lf record; ct record;`,
+      `live oid := to_regclass(${quoteLiteral(quoteQualified(live))}); copy oid := ` +
+        `to_regclass(${quoteLiteral(quoteQualified(copy))}); p text[]; lf record; ct record;`,
     ),
   ];
 }

@@ -40,7 +40,8 @@ interface Final {
  * change of each key decides what remains. When the partition column is not part of the primary key, the
  * shadow may hold a version of the row under another partition (the row moved, or the backfill copied a
  * newer version than the stream has reached): the DELETE removes every version of each touched key except
- * the one the upsert writes (in exact mode, of the keys the upsert inserted; see write()). Only whole rows go in a batch; an UPDATE with unchanged TOASTed values is
+ * the one the upsert writes (in exact mode, of the keys the upsert inserted; see write()). Only whole rows go in a
+ * batch; an UPDATE with unchanged TOASTed values is
  * applied on its own (the caller writes the batch first, to keep commit order).
  *
  * Memory: the batch holds the last version of each touched row; the caller writes it when `changes` or
@@ -140,7 +141,8 @@ export class ChangeBatch {
             pk.map((c) => tx`w.${ident(tx, c)}::text as ${ident(tx, c)}`),
             tx`, `,
           )} from w
-           where (select count(*) from ${shadow} as s where (${identList(tx, key, "s")}) = (${identList(tx, key, "w")})) = 0`;
+           where (select count(*) from ${shadow} as s where (${identList(tx, key, "s")}) =
+             (${identList(tx, key, "w")})) = 0`;
         for (const r of inserted) gone.push(pkObject(pk.map((c) => r[c] ?? null)));
       }
     }
@@ -186,7 +188,8 @@ export class ChangeBatch {
       );
     if (keep.length > 0)
       where.push(
-        tx`(${identList(tx, key, "s")}) not in (select ${this.typedList(tx, key)} from ${this.recordset(tx, JSON.stringify(keep), key)})`,
+        tx`(${identList(tx, key, "s")}) not in (select ${this.typedList(tx, key)} from
+          ${this.recordset(tx, JSON.stringify(keep), key)})`,
       );
     await tx`delete from ${tableRef(tx, this.t.table)} as s where ${joinFragments(tx, where, tx` and `)}`;
   }
@@ -226,7 +229,8 @@ export async function columnTypes(tx: AnySql, table: QualifiedName): Promise<Map
       from pg_catalog.pg_attribute a
       join pg_catalog.pg_type t on t.oid = a.atttypid
       join pg_catalog.pg_namespace n on n.oid = t.typnamespace
-     where a.attrelid = (select c.oid from pg_catalog.pg_class c join pg_catalog.pg_namespace cn on cn.oid = c.relnamespace
+     where a.attrelid = (select c.oid from pg_catalog.pg_class c join pg_catalog.pg_namespace cn on
+       cn.oid = c.relnamespace
                           where cn.nspname = ${table.schema} and c.relname = ${table.name})
        and a.attnum > 0 and not a.attisdropped`;
   if (rows.length === 0) throw new Error(`table ${table.schema}.${table.name} not found`);

@@ -208,7 +208,8 @@ const nulls = (): Row => Object.fromEntries(VAL_COLS.map((c) => [c, null]));
 const pad = (n: number, w = 2) => String(n).padStart(w, "0");
 /** A created_at in `month` of `year` with microseconds, varied by id. */
 const at = (month: number, id: number, year = 2025) =>
-  `${year}-${pad(month)}-${pad(1 + (id % 27))} ${pad(id % 24)}:${pad((id * 7) % 60)}:${pad((id * 13) % 60)}.${pad((id * 7919) % 1_000_000, 6)}+00`;
+  `${year}-${pad(month)}-${pad(1 + (id % 27))} ` +
+  `${pad(id % 24)}:${pad((id * 7) % 60)}:${pad((id * 13) % 60)}.${pad((id * 7919) % 1_000_000, 6)}+00`;
 
 /** 100,000 characters of random hex: stored out of line (pglz cannot shrink it below the TOAST threshold). */
 const bigText = () => randomBytes(50_000).toString("hex");
@@ -420,22 +421,24 @@ afterAll(async () => {
   vi.restoreAllMocks();
   await writer?.end({ timeout: 5 });
   if (!db) return;
-  await db.admin`select pg_drop_replication_slot(slot_name) from pg_replication_slots where database = current_database() and not active`.catch(
-    () => {},
-  );
+  await db.admin`select pg_drop_replication_slot(slot_name) from pg_replication_slots where database =
+    current_database() and not active`.catch(() => {});
   await db.close();
 });
 
 describe("logical apply: types, awkward names, coalesced batches", () => {
-  it("every value survives the stream exactly, and the set-based apply equals the changes applied one by one (twin)", async () => {
-    const ddl = (t: string) => `create table ${t} (
+  it(
+    "every value survives the stream exactly, and the set-based apply equals the changes applied one by one " +
+      "(twin)",
+    async () => {
+      const ddl = (t: string) => `create table ${t} (
       id bigint primary key,
       created_at timestamptz not null,
       ${VALUE_COLUMNS.map(([c, type]) => `${quoteIdent(c)} ${type}`).join(",\n      ")},
       big text,
       gen text generated always as (id::text || '|' || coalesce(md5(big), '-') || '|' || coalesce(t, '-')) stored
     )`;
-    await db.admin.unsafe(`
+      await db.admin.unsafe(`
       create schema ${quoteIdent(SOURCE.schema)};
       create schema ${quoteIdent(TWIN.schema)};
       create schema ${quoteIdent(TYPES_SCHEMA)};
@@ -445,280 +448,296 @@ describe("logical apply: types, awkward names, coalesced batches", () => {
       ${ddl(SRC_Q)};
       ${ddl(TWIN_Q)};`);
 
-    // Seed: 800 rows over January to June 2025; every 40th with a 100 kB TOASTed value. Random transactions
-    // change ids 1..200, the large transaction ids up to 600, the scripted ones ids 601..800.
-    await txn(async (tx) => {
-      for (let from = 1; from <= 800; from += 50) {
-        const rows: Row[] = [];
-        for (let id = from; id < from + 50; id++)
-          rows.push(fullRow(id, at(1 + (id % 6), id), id, id % 40 === 0 ? bigText() : null));
-        await insertRows(tx, rows);
-      }
-    });
-    await db.admin.unsafe(`analyze ${SRC_Q}`);
-    const toast =
-      await db.admin`select pg_relation_size(reltoastrelid)::bigint > 0 as ok from pg_class where oid = to_regclass(${SRC_Q})`;
-    expect(toast[0]!.ok, "the large values are stored out of line").toBe(true);
+      // Seed: 800 rows over January to June 2025; every 40th with a 100 kB TOASTed value. Random transactions
+      // change ids 1..200, the large transaction ids up to 600, the scripted ones ids 601..800.
+      await txn(async (tx) => {
+        for (let from = 1; from <= 800; from += 50) {
+          const rows: Row[] = [];
+          for (let id = from; id < from + 50; id++)
+            rows.push(fullRow(id, at(1 + (id % 6), id), id, id % 40 === 0 ? bigText() : null));
+          await insertRows(tx, rows);
+        }
+      });
+      await db.admin.unsafe(`analyze ${SRC_Q}`);
+      const toast = await db.admin`select pg_relation_size(reltoastrelid)::bigint > 0 as ok from pg_class where oid =
+        to_regclass(${SRC_Q})`;
+      expect(toast[0]!.ok, "the large values are stored out of line").toBe(true);
 
-    await startMigration(db.sql, SOURCE, {
-      allowKeyExtension: true,
-      spec: parsePartitionSpec("range:created_at:month"),
-      mode: "logical",
-      now: new Date("2025-06-15T00:00:00Z"),
-    });
-    const m = (await loadMigration(db.sql, SOURCE))!;
-    const SHADOW = m.partitioned;
-    expect(m.mode).toBe("logical");
-    expect(m.copy_columns, "every column but the generated one is copied").toEqual(COLS);
-    expect(m.shadow_key).toEqual(["id", "created_at"]);
-    const parts =
-      await db.admin`select count(*)::int as n from pg_inherits where inhparent = to_regclass(${quoteQualified(SHADOW)})`;
-    expect(parts[0]!.n, "2025-01 .. 2025-09 and DEFAULT").toBe(10);
+      await startMigration(db.sql, SOURCE, {
+        allowKeyExtension: true,
+        spec: parsePartitionSpec("range:created_at:month"),
+        mode: "logical",
+        now: new Date("2025-06-15T00:00:00Z"),
+      });
+      const m = (await loadMigration(db.sql, SOURCE))!;
+      const SHADOW = m.partitioned;
+      expect(m.mode).toBe("logical");
+      expect(m.copy_columns, "every column but the generated one is copied").toEqual(COLS);
+      expect(m.shadow_key).toEqual(["id", "created_at"]);
+      const parts = await db.admin`select count(*)::int as n from pg_inherits where inhparent =
+        to_regclass(${quoteQualified(SHADOW)})`;
+      expect(parts[0]!.n, "2025-01 .. 2025-09 and DEFAULT").toBe(10);
 
-    // Before the backfill: changes the stream carries for rows the backfill has not copied yet.
-    await txn(async (tx) => {
-      await insertRows(
-        tx,
-        [1001, 1002, 1003].map((id) => fullRow(id, at(2, id), id * 3, null)),
-      );
-      for (let v = 0; v < 25; v++) await update(tx, 601, v % 5 === 4 ? nulls() : vals(v)); // the same row 25 times
-      await del(tx, 602);
-      await insertRows(tx, [fullRow(602, at(5, 602), 77, null)]); // delete and re-insert (another partition)
-    });
-    await txn(async (tx) => {
-      await changeId(tx, 603, 2603); // primary key change, then the old id reused
-      await insertRows(tx, [fullRow(603, at(3, 603), 5, bigText())]);
-    });
-    await txn(async (tx) => {
-      await update(tx, 604, { created_at: at(8, 604) }); // to a premade partition
-      await update(tx, 605, { created_at: "2001-02-03 04:05:06.789012+00" }); // to DEFAULT
-    });
-    await txn((tx) => update(tx, 606, nulls()));
-    await txn((tx) => update(tx, 760, { flag: "true", "Mixed Case col": "TOAST untouched, before backfill" })); // partial, row not in the shadow
-    await txn((tx) => update(tx, 720, { created_at: at(7, 720) })); // partial and moved, row not in the shadow
-
-    // During the backfill (it applies the stream while it copies): random transactions over ids 1..200.
-    const rndB = prng(20250615);
-    let during = 0;
-    let whileCopying = 0;
-    let copying = true;
-    const bf = backfill(db.sql, SOURCE, { batchSize: 40, sleepMs: 25 }).finally(() => (copying = false));
-    while (copying || during < 40) {
-      await txn((tx) => randomTxn(tx, rndB, 200));
-      during++;
-      if (copying) whileCopying++;
-    }
-    const bfr = await bf;
-    expect(bfr.complete).toBe(true);
-    expect(bfr.rowsCopied).toBeGreaterThan(750);
-    expect(whileCopying, "transactions committed while the backfill ran").toBeGreaterThan(5);
-    await applyStream();
-    expect(await compareText(SOURCE, TWIN)).toMatchObject({ onlyInA: 0, onlyInB: 0 });
-    const mid = await compareText(SHADOW, TWIN);
-    expect(mid, "shadow vs twin after the backfill").toEqual({
-      onlyInA: 0,
-      onlyInB: 0,
-      rowsA: mid.rowsB,
-      rowsB: mid.rowsB,
-    });
-    expect(mid.rowsB).toBeGreaterThan(750);
-
-    // After the backfill, with no applier attached: a backlog the applier takes in groups of transactions.
-    const writesBefore = seen.writes.length;
-    const partialBefore = seen.partial;
-    // 300 small transactions over 40 hot keys: many changes of the same keys across transactions.
-    const rndC = prng(42);
-    let sent = 0;
-    for (let i = 0; i < 300; i++) if (await txn((tx) => randomTxn(tx, rndC, 40))) sent++;
-    // scripted: the same row 30 times in one transaction, with moves there and back and NULLs and back
-    await txn(async (tx) => {
-      for (let k = 0; k < 30; k++) {
-        if (k % 10 === 3) await update(tx, 647, { created_at: at(8, 647) });
-        else if (k % 10 === 4) await update(tx, 647, { created_at: "2001-01-01 00:00:00+00" });
-        else if (k % 10 === 5) await update(tx, 647, { created_at: at(1 + (647 % 6), 647) });
-        else await update(tx, 647, k % 7 === 6 ? nulls() : vals(1000 + k));
-      }
-    });
-    // moves there and back, delete and re-insert, NULLs and back, each across transactions
-    await txn((tx) => update(tx, 648, { created_at: at(9, 648) }));
-    await txn((tx) => update(tx, 648, { created_at: at(1 + (648 % 6), 648) }));
-    await txn((tx) => del(tx, 649));
-    await txn((tx) => insertRows(tx, [fullRow(649, at(4, 649), 4949, null)]));
-    await txn((tx) => update(tx, 650, nulls()));
-    await txn((tx) => update(tx, 650, vals(5050)));
-    // two keys swapped through a third, and a freed one reused, in one transaction
-    await txn(async (tx) => {
-      expect(await changeId(tx, 651, 900_651)).toBe(1);
-      expect(await changeId(tx, 652, 651)).toBe(1);
-      expect(await changeId(tx, 900_651, 652)).toBe(1);
-      expect(await changeId(tx, 653, 900_653)).toBe(1);
-      await insertRows(tx, [fullRow(653, at(6, 653), 5353, null)]);
-    });
-    // the TOASTed value left alone: in place, with a partition move, with a primary-key change
-    await txn((tx) => update(tx, 800, { flag: "false", n: "3.14159265358979323846264338327950288" }));
-    await txn((tx) => update(tx, 680, { created_at: at(8, 680), t: "moved, TOAST unchanged" }));
-    await txn(async (tx) => expect(await changeId(tx, 640, 900_640)).toBe(1));
-    await txn(async (tx) => {
-      // inserted with a TOASTed value, then small updates in the same transaction: whole row, then partial ones
-      await insertRows(tx, [fullRow(900_001, at(2, 900_001), 7, bigText())]);
-      await update(tx, 900_001, { flag: "true" });
-      await update(tx, 900_001, { created_at: at(5, 900_001), j: ' {"moved" :  true} ' });
-      await changeId(tx, 900_001, 900_002);
-      await update(tx, 900_002, nulls());
-      // a TOASTed value replaced (whole row), then left alone again
-      await update(tx, 760, { big: bigText() });
-      await update(tx, 760, { t: "after a new TOASTed value" });
-    });
-
-    // One transaction with thousands of changes of overlapping keys (more than a batch holds).
-    let bigTxnChanges = 0;
-    await txn(async (tx) => {
-      bigTxnChanges = 0;
-      const count = async (p: Promise<number>) => (bigTxnChanges += await p);
-      // first 4 rounds over the same ~600 rows without TOASTed values: whole rows only, past the 2,000 limit
-      for (let round = 0; round < 4; round++) {
-        await count(
-          both(tx, (t) => `update ${t} set t = $1, n20 = $2 where id <= 600 and big is null`, [
-            `round ${round} 🎉 "q" \\`,
-            `${round}.5`,
-          ]),
+      // Before the backfill: changes the stream carries for rows the backfill has not copied yet.
+      await txn(async (tx) => {
+        await insertRows(
+          tx,
+          [1001, 1002, 1003].map((id) => fullRow(id, at(2, id), id * 3, null)),
         );
+        for (let v = 0; v < 25; v++) await update(tx, 601, v % 5 === 4 ? nulls() : vals(v)); // the same row 25 times
+        await del(tx, 602);
+        await insertRows(tx, [fullRow(602, at(5, 602), 77, null)]); // delete and re-insert (another partition)
+      });
+      await txn(async (tx) => {
+        await changeId(tx, 603, 2603); // primary key change, then the old id reused
+        await insertRows(tx, [fullRow(603, at(3, 603), 5, bigText())]);
+      });
+      await txn(async (tx) => {
+        await update(tx, 604, { created_at: at(8, 604) }); // to a premade partition
+        await update(tx, 605, { created_at: "2001-02-03 04:05:06.789012+00" }); // to DEFAULT
+      });
+      await txn((tx) => update(tx, 606, nulls()));
+      await txn((tx) =>
+        update(tx, 760, { flag: "true", "Mixed Case col": "TOAST untouched, " + "before " + "backfill" }),
+      ); // partial, row not in the shadow
+      await txn((tx) => update(tx, 720, { created_at: at(7, 720) })); // partial and moved, row not in the shadow
+
+      // During the backfill (it applies the stream while it copies): random transactions over ids 1..200.
+      const rndB = prng(20250615);
+      let during = 0;
+      let whileCopying = 0;
+      let copying = true;
+      const bf = backfill(db.sql, SOURCE, { batchSize: 40, sleepMs: 25 }).finally(() => (copying = false));
+      while (copying || during < 40) {
+        await txn((tx) => randomTxn(tx, rndB, 200));
+        during++;
+        if (copying) whileCopying++;
       }
-      for (let from = 0; from < 500; from += 100) {
-        const rows: Row[] = [];
-        for (let i = from; i < from + 100; i++)
-          rows.push(fullRow(200_000 + i, at(1 + (i % 6), i), 3 * i, i % 100 === 0 ? bigText() : null));
-        await count(insertRows(tx, rows));
-      }
-      await count(both(tx, (t) => `update ${t} set id = id + 300000 where id <= 600 and id % 6 = 1`));
-      const reused: Row[] = [];
-      for (let id = 1; id <= 600; id += 12) reused.push(fullRow(id, at(1 + (id % 6), id), 7 * id, null));
-      await count(insertRows(tx, reused, "on conflict (id) do nothing"));
-      await count(
-        both(tx, (t) => `update ${t} set created_at = created_at + interval '2 months' where id <= 600 and id % 4 = 2`),
-      );
-      await count(
-        both(tx, (t) => `update ${t} set created_at = created_at - interval '2 months' where id <= 600 and id % 8 = 2`),
-      );
-      await count(both(tx, (t) => `delete from ${t} where id >= 200000 and id < 200500 and id % 5 = 0`));
-      const again: Row[] = [];
-      for (let i = 0; i < 500; i += 10) again.push(fullRow(200_000 + i, at(1 + ((i + 3) % 6), i), 11 * i, null));
-      await count(insertRows(tx, again));
-      await count(
-        both(
-          tx,
-          (t) => `update ${t} set "Mixed Case col" = null, ia = null, j = null where id >= 200000 and id % 3 = 0`,
-        ),
-      );
-      await count(
-        both(
-          tx,
-          (t) =>
-            `update ${t} set "Mixed Case col" = 'back', ia = '[5:6]={1,NULL}', j = '{"b":1,  "b":2}' where id >= 200000 and id % 6 = 0`,
-        ),
-      );
-      // and a last round over every row, TOASTed ones included (partial updates between batched ones)
-      await count(both(tx, (t) => `update ${t} set t = 'final round' where id <= 600`));
-    });
-    expect(bigTxnChanges).toBeGreaterThan(3500);
+      const bfr = await bf;
+      expect(bfr.complete).toBe(true);
+      expect(bfr.rowsCopied).toBeGreaterThan(750);
+      expect(whileCopying, "transactions committed while the backfill ran").toBeGreaterThan(5);
+      await applyStream();
+      expect(await compareText(SOURCE, TWIN)).toMatchObject({ onlyInA: 0, onlyInB: 0 });
+      const mid = await compareText(SHADOW, TWIN);
+      expect(mid, "shadow vs twin after the backfill").toEqual({
+        onlyInA: 0,
+        onlyInB: 0,
+        rowsA: mid.rowsB,
+        rowsB: mid.rowsB,
+      });
+      expect(mid.rowsB).toBeGreaterThan(750);
 
-    // A rolled-back transaction leaves no trace.
-    await expect(
-      transaction(writer, async (tx) => {
-        await insertRows(tx, [fullRow(9_000_001, at(3, 1), 1, bigText())]);
-        await both(tx, (t) => `update ${t} set t = 'rolled back' where id <= 300`);
-        await both(tx, (t) => `delete from ${t} where id between 301 and 350`);
-        await changeId(tx, 351, 9_000_002);
-        throw new Error("roll back on purpose");
-      }),
-    ).rejects.toThrow("roll back on purpose");
-    // a last small transaction after it, with a json value the sanity check below normalises
-    await txn((tx) => update(tx, 613, { j: ' { "a" : 1 , "a" : 2 } ', "Mixed Case col": "mc 613" }));
+      // After the backfill, with no applier attached: a backlog the applier takes in groups of transactions.
+      const writesBefore = seen.writes.length;
+      const partialBefore = seen.partial;
+      // 300 small transactions over 40 hot keys: many changes of the same keys across transactions.
+      const rndC = prng(42);
+      let sent = 0;
+      for (let i = 0; i < 300; i++) if (await txn((tx) => randomTxn(tx, rndC, 40))) sent++;
+      // scripted: the same row 30 times in one transaction, with moves there and back and NULLs and back
+      await txn(async (tx) => {
+        for (let k = 0; k < 30; k++) {
+          if (k % 10 === 3) await update(tx, 647, { created_at: at(8, 647) });
+          else if (k % 10 === 4) await update(tx, 647, { created_at: "2001-01-01 00:00:00+00" });
+          else if (k % 10 === 5) await update(tx, 647, { created_at: at(1 + (647 % 6), 647) });
+          else await update(tx, 647, k % 7 === 6 ? nulls() : vals(1000 + k));
+        }
+      });
+      // moves there and back, delete and re-insert, NULLs and back, each across transactions
+      await txn((tx) => update(tx, 648, { created_at: at(9, 648) }));
+      await txn((tx) => update(tx, 648, { created_at: at(1 + (648 % 6), 648) }));
+      await txn((tx) => del(tx, 649));
+      await txn((tx) => insertRows(tx, [fullRow(649, at(4, 649), 4949, null)]));
+      await txn((tx) => update(tx, 650, nulls()));
+      await txn((tx) => update(tx, 650, vals(5050)));
+      // two keys swapped through a third, and a freed one reused, in one transaction
+      await txn(async (tx) => {
+        expect(await changeId(tx, 651, 900_651)).toBe(1);
+        expect(await changeId(tx, 652, 651)).toBe(1);
+        expect(await changeId(tx, 900_651, 652)).toBe(1);
+        expect(await changeId(tx, 653, 900_653)).toBe(1);
+        await insertRows(tx, [fullRow(653, at(6, 653), 5353, null)]);
+      });
+      // the TOASTed value left alone: in place, with a partition move, with a primary-key change
+      await txn((tx) => update(tx, 800, { flag: "false", n: "3.14159265358979323846264338327950288" }));
+      await txn((tx) => update(tx, 680, { created_at: at(8, 680), t: "moved, TOAST unchanged" }));
+      await txn(async (tx) => expect(await changeId(tx, 640, 900_640)).toBe(1));
+      await txn(async (tx) => {
+        // inserted with a TOASTed value, then small updates in the same transaction: whole row, then partial ones
+        await insertRows(tx, [fullRow(900_001, at(2, 900_001), 7, bigText())]);
+        await update(tx, 900_001, { flag: "true" });
+        await update(tx, 900_001, { created_at: at(5, 900_001), j: ' {"moved" :  true} ' });
+        await changeId(tx, 900_001, 900_002);
+        await update(tx, 900_002, nulls());
+        // a TOASTed value replaced (whole row), then left alone again
+        await update(tx, 760, { big: bigText() });
+        await update(tx, 760, { t: "after a new TOASTed value" });
+      });
 
-    const applied = await applyStream();
-    // The copy is over and the stream past its end: the applier wrote in exact mode (no search for other
-    // versions of rows already at their place), and the comparisons below hold all the same.
-    expect(applied.exactGroups).toBeGreaterThan(0);
-    // The backlog went in groups: at least one shadow transaction held several source transactions.
-    const groups = applied.commits.map((c, i) => c.transactions - (i === 0 ? 0 : applied.commits[i - 1]!.transactions));
-    expect(Math.max(...groups), `group sizes ${groups.join(",")}`).toBeGreaterThan(1);
-    // (PostgreSQL 15+ does not send transactions that changed no row of the table; 14 sends them, empty, and
-    // the applier counts them too)
-    expect(applied.commits.at(-1)!.transactions).toBeGreaterThanOrEqual(sent + 14);
-    const serverVersion = Number((await db.admin`select current_setting('server_version_num')::int as v`)[0]!.v);
-    if (serverVersion >= 150000) expect(applied.commits.at(-1)!.transactions).toBeLessThanOrEqual(300 + 14 + 2);
-    expect(applied.changes).toBeGreaterThan(bigTxnChanges);
-    // Batches were coalesced (fewer keys written than changes) and one reached the 2,000-change limit;
-    // unchanged TOASTed values went through the partial path.
-    const writes = seen.writes.slice(writesBefore);
-    expect(
-      writes.some((w) => w.changes >= 2000),
-      JSON.stringify(writes.slice(0, 20)),
-    ).toBe(true);
-    expect(
-      writes.every((w) => w.keys > 0),
-      "ChangeBatch.finals (read by the spy) is a Map",
-    ).toBe(true);
-    expect(writes.some((w) => w.keys < w.changes)).toBe(true);
-    expect(seen.partial - partialBefore).toBeGreaterThan(10);
+      // One transaction with thousands of changes of overlapping keys (more than a batch holds).
+      let bigTxnChanges = 0;
+      await txn(async (tx) => {
+        bigTxnChanges = 0;
+        const count = async (p: Promise<number>) => (bigTxnChanges += await p);
+        // first 4 rounds over the same ~600 rows without TOASTed values: whole rows only, past the 2,000 limit
+        for (let round = 0; round < 4; round++) {
+          await count(
+            both(tx, (t) => `update ${t} set t = $1, n20 = $2 where id <= 600 and big is null`, [
+              `round ${round} 🎉 "q" \\`,
+              `${round}.5`,
+            ]),
+          );
+        }
+        for (let from = 0; from < 500; from += 100) {
+          const rows: Row[] = [];
+          for (let i = from; i < from + 100; i++)
+            rows.push(fullRow(200_000 + i, at(1 + (i % 6), i), 3 * i, i % 100 === 0 ? bigText() : null));
+          await count(insertRows(tx, rows));
+        }
+        await count(both(tx, (t) => `update ${t} set id = id + 300000 where id <= 600 and id % 6 = 1`));
+        const reused: Row[] = [];
+        for (let id = 1; id <= 600; id += 12) reused.push(fullRow(id, at(1 + (id % 6), id), 7 * id, null));
+        await count(insertRows(tx, reused, "on conflict (id) do nothing"));
+        await count(
+          both(
+            tx,
+            (t) => `update ${t} set created_at = created_at + interval '2 months' where id <= 600 and id % 4 = 2`,
+          ),
+        );
+        await count(
+          both(
+            tx,
+            (t) => `update ${t} set created_at = created_at - interval '2 months' where id <= 600 and id % 8 = 2`,
+          ),
+        );
+        await count(both(tx, (t) => `delete from ${t} where id >= 200000 and id < 200500 and id % 5 = 0`));
+        const again: Row[] = [];
+        for (let i = 0; i < 500; i += 10) again.push(fullRow(200_000 + i, at(1 + ((i + 3) % 6), i), 11 * i, null));
+        await count(insertRows(tx, again));
+        await count(
+          both(
+            tx,
+            (t) => `update ${t} set "Mixed Case col" = null, ia = null, j = null where id >= 200000 and id % 3 = 0`,
+          ),
+        );
+        await count(
+          both(
+            tx,
+            (t) =>
+              `update ${t} set "Mixed Case col" = 'back', ia = '[5:6]={1,NULL}', j = '{"b":1,  "b":2}' where id >= ` +
+              `200000 and id % 6 = 0`,
+          ),
+        );
+        // and a last round over every row, TOASTed ones included (partial updates between batched ones)
+        await count(both(tx, (t) => `update ${t} set t = 'final round' where id <= 600`));
+      });
+      expect(bigTxnChanges).toBeGreaterThan(3500);
 
-    // The script ran the same on the source and the twin.
-    const srcTwin = await compareText(SOURCE, TWIN);
-    expect(srcTwin).toMatchObject({ onlyInA: 0, onlyInB: 0 });
-    expect(srcTwin.rowsA).toBe(srcTwin.rowsB);
-    expect(srcTwin.rowsB).toBeGreaterThan(1000);
+      // A rolled-back transaction leaves no trace.
+      await expect(
+        transaction(writer, async (tx) => {
+          await insertRows(tx, [fullRow(9_000_001, at(3, 1), 1, bigText())]);
+          await both(tx, (t) => `update ${t} set t = 'rolled back' where id <= 300`);
+          await both(tx, (t) => `delete from ${t} where id between 301 and 350`);
+          await changeId(tx, 351, 9_000_002);
+          throw new Error("roll back on purpose");
+        }),
+      ).rejects.toThrow("roll back on purpose");
+      // a last small transaction after it, with a json value the sanity check below normalises
+      await txn((tx) => update(tx, 613, { j: ' { "a" : 1 , "a" : 2 } ', "Mixed Case col": "mc 613" }));
 
-    // The shadow equals the twin, every copied column as text, and the generated column too.
-    const res = await compareText(SHADOW, TWIN);
-    expect(res).toEqual({ onlyInA: 0, onlyInB: 0, rowsA: srcTwin.rowsB, rowsB: srcTwin.rowsB });
-    expect(await compareText(SHADOW, TWIN, ["id", "gen"])).toMatchObject({ onlyInA: 0, onlyInB: 0 });
-    // Each id exactly once (no stale version left in another partition), spread over the partitions.
-    const shape = await db.admin.unsafe(
-      `select count(*)::int as rows, count(distinct id)::int as ids, count(distinct tableoid)::int as partitions,
-              count(*) filter (where tableoid = (select c.oid from pg_class c join pg_namespace n on n.oid = c.relnamespace
+      const applied = await applyStream();
+      // The copy is over and the stream past its end: the applier wrote in exact mode (no search for other
+      // versions of rows already at their place), and the comparisons below hold all the same.
+      expect(applied.exactGroups).toBeGreaterThan(0);
+      // The backlog went in groups: at least one shadow transaction held several source transactions.
+      const groups = applied.commits.map(
+        (c, i) => c.transactions - (i === 0 ? 0 : applied.commits[i - 1]!.transactions),
+      );
+      expect(Math.max(...groups), `group sizes ${groups.join(",")}`).toBeGreaterThan(1);
+      // (PostgreSQL 15+ does not send transactions that changed no row of the table; 14 sends them, empty, and
+      // the applier counts them too)
+      expect(applied.commits.at(-1)!.transactions).toBeGreaterThanOrEqual(sent + 14);
+      const serverVersion = Number((await db.admin`select current_setting('server_version_num')::int as v`)[0]!.v);
+      if (serverVersion >= 150000) expect(applied.commits.at(-1)!.transactions).toBeLessThanOrEqual(300 + 14 + 2);
+      expect(applied.changes).toBeGreaterThan(bigTxnChanges);
+      // Batches were coalesced (fewer keys written than changes) and one reached the 2,000-change limit;
+      // unchanged TOASTed values went through the partial path.
+      const writes = seen.writes.slice(writesBefore);
+      expect(
+        writes.some((w) => w.changes >= 2000),
+        JSON.stringify(writes.slice(0, 20)),
+      ).toBe(true);
+      expect(
+        writes.every((w) => w.keys > 0),
+        "ChangeBatch.finals (read by the spy) is a Map",
+      ).toBe(true);
+      expect(writes.some((w) => w.keys < w.changes)).toBe(true);
+      expect(seen.partial - partialBefore).toBeGreaterThan(10);
+
+      // The script ran the same on the source and the twin.
+      const srcTwin = await compareText(SOURCE, TWIN);
+      expect(srcTwin).toMatchObject({ onlyInA: 0, onlyInB: 0 });
+      expect(srcTwin.rowsA).toBe(srcTwin.rowsB);
+      expect(srcTwin.rowsB).toBeGreaterThan(1000);
+
+      // The shadow equals the twin, every copied column as text, and the generated column too.
+      const res = await compareText(SHADOW, TWIN);
+      expect(res).toEqual({ onlyInA: 0, onlyInB: 0, rowsA: srcTwin.rowsB, rowsB: srcTwin.rowsB });
+      expect(await compareText(SHADOW, TWIN, ["id", "gen"])).toMatchObject({ onlyInA: 0, onlyInB: 0 });
+      // Each id exactly once (no stale version left in another partition), spread over the partitions.
+      const shape = await db.admin.unsafe(
+        `select count(*)::int as rows, count(distinct id)::int as ids, count(distinct tableoid)::int as partitions,
+              count(*) filter (where tableoid = (select c.oid from pg_class c join pg_namespace n on
+                n.oid = c.relnamespace
                                                   where n.nspname = $1 and c.relname = $2))::int as in_default,
               count(*) filter (where id >= 9000000 or t = 'rolled back')::int as rolled_back,
               count(*) filter (where big is not null)::int as toasted
          from ${quoteQualified(SHADOW)}`,
-      [SHADOW.schema, `${SOURCE.name}_default`],
-    );
-    expect(shape[0]).toMatchObject({ rows: srcTwin.rowsB, ids: srcTwin.rowsB, rolled_back: 0 });
-    expect(shape[0]!.partitions).toBeGreaterThanOrEqual(8);
-    expect(shape[0]!.in_default).toBeGreaterThan(0);
-    expect(shape[0]!.toasted).toBeGreaterThan(10);
-    // A few rows the script pinned down.
-    const pinned = await db.admin.unsafe(
-      `select id::int as id, created_at::text as at, t, j::text as j, big is not null as has_big, flag::text as flag, tableoid::regclass::text as part
-         from ${quoteQualified(SHADOW)} where id in (603, 2603, 605, 613, 640, 900640, 649, 651, 652, 653, 900653, 900001, 900002) order by id`,
-    );
-    const byId = new Map(pinned.map((r) => [Number(r.id), r]));
-    expect([...byId.keys()]).toEqual([603, 605, 613, 649, 651, 652, 653, 2603, 900002, 900640, 900653]);
-    expect(byId.get(613)!.j).toBe(' { "a" : 1 , "a" : 2 } ');
-    expect(byId.get(605)!.part).toMatch(/_default"?$/);
-    expect(byId.get(900640)!.has_big).toBe(true);
-    expect(byId.get(603)!.has_big).toBe(true);
-    expect(byId.get(900002)!.has_big).toBe(true);
+        [SHADOW.schema, `${SOURCE.name}_default`],
+      );
+      expect(shape[0]).toMatchObject({ rows: srcTwin.rowsB, ids: srcTwin.rowsB, rolled_back: 0 });
+      expect(shape[0]!.partitions).toBeGreaterThanOrEqual(8);
+      expect(shape[0]!.in_default).toBeGreaterThan(0);
+      expect(shape[0]!.toasted).toBeGreaterThan(10);
+      // A few rows the script pinned down.
+      const pinned = await db.admin.unsafe(
+        `select id::int as id, created_at::text as at, t, j::text as j, big is not null as has_big, flag::text as flag,
+        tableoid::regclass::text as part
+         from ${quoteQualified(SHADOW)} where id in (603, 2603, 605, 613, 640, 900640, 649, 651, 652, 653, 900653,
+           900001, 900002) order by id`,
+      );
+      const byId = new Map(pinned.map((r) => [Number(r.id), r]));
+      expect([...byId.keys()]).toEqual([603, 605, 613, 649, 651, 652, 653, 2603, 900002, 900640, 900653]);
+      expect(byId.get(613)!.j).toBe(' { "a" : 1 , "a" : 2 } ');
+      expect(byId.get(605)!.part).toMatch(/_default"?$/);
+      expect(byId.get(900640)!.has_big).toBe(true);
+      expect(byId.get(603)!.has_big).toBe(true);
+      expect(byId.get(900002)!.has_big).toBe(true);
 
-    // The comparison catches a normalised json value and a value written as NULL; then both are undone.
-    const shadowQ = quoteQualified(SHADOW);
-    await db.admin.unsafe(`update ${shadowQ} set j = (j::jsonb)::json where id = 613`);
-    expect(await compareText(SHADOW, TWIN)).toMatchObject({ onlyInA: 1, onlyInB: 1 });
-    const v0 = await verify(db.sql, SOURCE);
-    expect(v0).toMatchObject({ equal: false, different: 1, missing: 0, extra: 0 });
-    expect(v0.differences[0]!.key[0]).toBe("613");
-    await db.admin.unsafe(`update ${shadowQ} s set j = w.j from ${TWIN_Q} w where w.id = s.id and s.id = 613`);
-    await db.admin.unsafe(`update ${shadowQ} set "Mixed Case col" = null where id = 613`);
-    expect(await compareText(SHADOW, TWIN)).toMatchObject({ onlyInA: 1, onlyInB: 1 });
-    await db.admin.unsafe(
-      `update ${shadowQ} s set "Mixed Case col" = w."Mixed Case col" from ${TWIN_Q} w where w.id = s.id and s.id = 613`,
-    );
-    expect(await compareText(SHADOW, TWIN)).toMatchObject({ onlyInA: 0, onlyInB: 0 });
+      // The comparison catches a normalised json value and a value written as NULL; then both are undone.
+      const shadowQ = quoteQualified(SHADOW);
+      await db.admin.unsafe(`update ${shadowQ} set j = (j::jsonb)::json where id = 613`);
+      expect(await compareText(SHADOW, TWIN)).toMatchObject({ onlyInA: 1, onlyInB: 1 });
+      const v0 = await verify(db.sql, SOURCE);
+      expect(v0).toMatchObject({ equal: false, different: 1, missing: 0, extra: 0 });
+      expect(v0.differences[0]!.key[0]).toBe("613");
+      await db.admin.unsafe(`update ${shadowQ} s set j = w.j from ${TWIN_Q} w where w.id = s.id and s.id = 613`);
+      await db.admin.unsafe(`update ${shadowQ} set "Mixed Case col" = null where id = 613`);
+      expect(await compareText(SHADOW, TWIN)).toMatchObject({ onlyInA: 1, onlyInB: 1 });
+      await db.admin.unsafe(
+        `update ${shadowQ} s set "Mixed Case col" = w."Mixed Case col" from ${TWIN_Q} w where w.id =
+          s.id and s.id = 613`,
+      );
+      expect(await compareText(SHADOW, TWIN)).toMatchObject({ onlyInA: 0, onlyInB: 0 });
 
-    const v = await verify(db.sql, SOURCE);
-    expect(v.differences).toEqual([]);
-    expect(v.equal).toBe(true);
-    expect(v.rowsCompared).toBe(srcTwin.rowsB);
-  });
+      const v = await verify(db.sql, SOURCE);
+      expect(v.differences).toEqual([]);
+      expect(v.equal).toBe(true);
+      expect(v.rowsCompared).toBe(srcTwin.rowsB);
+    },
+  );
 });
 
 /**
@@ -729,7 +748,8 @@ describe("logical apply: types, awkward names, coalesced batches", () => {
 async function streamRows(name: string, columns: string, rows: (string | null)[][]): Promise<number> {
   const table = { schema: "public", name };
   await db.admin.unsafe(
-    `create table ${quoteIdent(name)} (id bigint primary key, created_at timestamptz not null default '2025-03-01 12:00+00', ${columns})`,
+    `create table ${quoteIdent(name)} (id bigint primary key, created_at timestamptz not null default
+      '2025-03-01 12:00+00', ${columns})`,
   );
   await startMigration(db.sql, table, {
     allowKeyExtension: true,
@@ -739,20 +759,24 @@ async function streamRows(name: string, columns: string, rows: (string | null)[]
   });
   await backfill(db.sql, table, {});
   const names = (
-    await db.admin`select attname::text as a from pg_attribute where attrelid = to_regclass(${quoteIdent(name)}) and attnum > 2 order by attnum`
+    await db.admin`select attname::text as a from pg_attribute where attrelid = to_regclass(${quoteIdent(name)}) and
+      attnum > 2 order by attnum`
   ).map((r) => String(r.a));
   let id = 0;
   for (const row of rows) {
     await writer.unsafe(
-      `insert into ${quoteIdent(name)} (id, ${names.map(quoteIdent).join(", ")}) values ($1, ${names.map((_, i) => `$${i + 2}`).join(", ")})`,
+      `insert into ${quoteIdent(name)} (id, ${names.map(quoteIdent).join(", ")}) values ($1,
+        ${names.map((_, i) => `$${i + 2}`).join(", ")})`,
       [String(++id), ...row],
     );
   }
   await applyStream(table);
   const m = (await loadMigration(db.sql, table))!;
   const r = await db.admin.unsafe(`
-    select (select count(*) from (select * from ${quoteQualified(m.original)} except all select * from ${quoteQualified(m.partitioned)}) x)::int
-         + (select count(*) from (select * from ${quoteQualified(m.partitioned)} except all select * from ${quoteQualified(m.original)}) y)::int as n`);
+    select (select count(*) from (select * from ${quoteQualified(m.original)} except all select * from
+      ${quoteQualified(m.partitioned)}) x)::int
+         + (select count(*) from (select * from ${quoteQualified(m.partitioned)} except all select * from
+           ${quoteQualified(m.original)}) y)::int as n`);
   return Number(r[0]!.n);
 }
 
@@ -800,7 +824,8 @@ describe("logical apply: group commits", () => {
   it("a lone write is applied and committed with nobody waiting for it (the timed group commit)", async () => {
     const table = { schema: "public", name: "lone_write" };
     await db.admin.unsafe(
-      `create table lone_write (id bigint primary key, created_at timestamptz not null default '2025-03-01 12:00+00', v text)`,
+      `create table lone_write (id bigint primary key, created_at timestamptz not null default
+        '2025-03-01 12:00+00', v text)`,
     );
     await startMigration(db.sql, table, {
       allowKeyExtension: true,

@@ -57,7 +57,8 @@ describe.each(cases)("online migration under concurrent writes: $name", ({ keyKi
       ).map((r) => String(r.n));
     const constraintNames = async () =>
       (
-        await db.admin`select conname::text as n from pg_constraint where conrelid = to_regclass(${`public.${name}`}) order by 1`
+        await db.admin`select conname::text as n from pg_constraint where conrelid =
+          to_regclass(${`public.${name}`}) order by 1`
       ).map((r) => String(r.n));
     const originalIndexes = await indexNames();
     const originalConstraints = await constraintNames();
@@ -73,9 +74,11 @@ describe.each(cases)("online migration under concurrent writes: $name", ({ keyKi
       // every index of the source exists on the shadow, valid (secondary ones were built after the copy)
       const ix = await db.admin`
         select (select count(*) from pg_index where indrelid = to_regclass(${`public.${name}`}))::int as source,
-               (select count(*) from pg_index where indrelid = to_regclass(${`public.${name}_pgshift_shadow`}) and indisvalid)::int as shadow,
+               (select count(*) from pg_index where indrelid = to_regclass(${`public.${name}_pgshift_shadow`}) and
+                 indisvalid)::int as shadow,
                (select count(*) from pg_index i join pg_inherits h on h.inhrelid = i.indrelid
-                 where h.inhparent = to_regclass(${`public.${name}_pgshift_shadow`}) and not i.indisvalid)::int as invalid`;
+                 where h.inhparent = to_regclass(${`public.${name}_pgshift_shadow`}) and not
+                   i.indisvalid)::int as invalid`;
       expect(ix[0]).toEqual({ source: 3, shadow: 3, invalid: 0 });
       const v1 = await verify(db.sql, w.table, { chunkSize: 4000 });
       expect(v1.differences).toEqual([]);
@@ -121,56 +124,66 @@ describe.each(cases)("online migration under concurrent writes: $name", ({ keyKi
 });
 
 describe("logical mode: verify --repair under concurrent writes", () => {
-  it("repairs a corrupted shadow (missing, changed, extra rows, a second version in another partition) consistently with the stream", async () => {
-    const name = "orders_repair_logical";
-    const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
-    await createWorkload(db.admin, w, 20_000);
-    const shadow = `public.${name}_pgshift_shadow`;
-    const load = await startLoad(db.url, w, { connections: 4, pauseMs: 3 });
-    const opts = { lockTimeoutMs: 200, retries: 30 };
-    try {
-      await sleep(200);
-      await startMigration(db.sql, w.table, {
-        allowKeyExtension: true,
-        spec: parsePartitionSpec("range:created_at:month"),
-        mode: "logical",
-        ...opts,
-      });
-      expect((await backfill(db.sql, w.table, { batchSize: 2000, sleepMs: 20 })).complete).toBe(true);
-      const cols = "id, created_at, region, status, amount, note, data";
-      // What a bug could leave behind; the load keeps changing rows meanwhile (some of these among them).
-      const t = (await db.admin`select to_regclass(${shadow})::text as t`)[0]!.t as string;
-      await db.admin.unsafe(`delete from ${t} where id in (select id from ${t} order by id offset 100 limit 10)`);
-      await db.admin.unsafe(
-        `update ${t} set note = 'corrupted' where id in (select id from ${t} order by id offset 1000 limit 10)`,
-      );
-      await db.admin.unsafe(
-        `insert into ${t} (${cols}) values (-5, now(), 'emea', 'extra', 1, 'not in the table', null)`,
-      );
-      await db.admin.unsafe(`insert into ${t} (${cols})
+  it(
+    "repairs a corrupted shadow (missing, changed, extra rows, a second version in another partition) consistently " +
+      "with the stream",
+    async () => {
+      const name = "orders_repair_logical";
+      const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
+      await createWorkload(db.admin, w, 20_000);
+      const shadow = `public.${name}_pgshift_shadow`;
+      const load = await startLoad(db.url, w, { connections: 4, pauseMs: 3 });
+      const opts = { lockTimeoutMs: 200, retries: 30 };
+      try {
+        await sleep(200);
+        await startMigration(db.sql, w.table, {
+          allowKeyExtension: true,
+          spec: parsePartitionSpec("range:created_at:month"),
+          mode: "logical",
+          ...opts,
+        });
+        expect((await backfill(db.sql, w.table, { batchSize: 2000, sleepMs: 20 })).complete).toBe(true);
+        const cols = "id, created_at, region, status, amount, note, data";
+        // What a bug could leave behind; the load keeps changing rows meanwhile (some of these among them).
+        const t = (await db.admin`select to_regclass(${shadow})::text as t`)[0]!.t as string;
+        await db.admin.unsafe(`delete from ${t} where id in (select id from ${t} order by id offset 100 limit 10)`);
+        await db.admin.unsafe(
+          `update ${t} set note = 'corrupted' where id in (select id from ${t} order by id offset 1000 limit 10)`,
+        );
+        await db.admin.unsafe(
+          `insert into ${t} (${cols}) values (-5, now(), 'emea', 'extra', 1, 'not in the table', null)`,
+        );
+        await db.admin.unsafe(`insert into ${t} (${cols})
                                select id, created_at - interval '40 days', region, status, amount, note, data from ${t}
                                 where id in (select id from ${t} order by id offset 2000 limit 3)`);
-      const v1 = await verify(db.sql, w.table, { chunkSize: 4000, repair: true, ...opts });
-      expect(v1.repaired, JSON.stringify(v1)).toBeGreaterThanOrEqual(1);
-      expect(v1.equal, JSON.stringify(v1.differences)).toBe(true);
-      await sleep(1000); // the stream applies further writes on top of the repaired rows
-      const v2 = await verify(db.sql, w.table, { chunkSize: 4000 });
-      expect(v2.equal, JSON.stringify(v2.differences)).toBe(true);
-      await cutover(db.sql, w.table, opts);
-      await sleep(300);
-    } finally {
-      await load.stop();
-    }
-    expect(load.stats.errors).toEqual([]);
-    expect(load.stats.updates).toBeGreaterThan(50);
-    const m = (await loadMigration(db.sql, w.table))!;
-    expect(m.phase).toBe("cutover");
-    expect(await compareWithTwin(db.admin, m.live, w.twin, "bigint")).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
-    expect(await compareWithTwin(db.admin, m.copy, w.twin, "bigint")).toMatchObject({ onlyInTable: 0, onlyInTwin: 0 });
-    const dup = await db.admin.unsafe(
-      `select count(*)::int as n from (select id from ${name} group by id having count(*) > 1) d`,
-    );
-    expect(dup[0]!.n).toBe(0);
-    await finalize(db.sql, w.table, { yes: true });
-  });
+        const v1 = await verify(db.sql, w.table, { chunkSize: 4000, repair: true, ...opts });
+        expect(v1.repaired, JSON.stringify(v1)).toBeGreaterThanOrEqual(1);
+        expect(v1.equal, JSON.stringify(v1.differences)).toBe(true);
+        await sleep(1000); // the stream applies further writes on top of the repaired rows
+        const v2 = await verify(db.sql, w.table, { chunkSize: 4000 });
+        expect(v2.equal, JSON.stringify(v2.differences)).toBe(true);
+        await cutover(db.sql, w.table, opts);
+        await sleep(300);
+      } finally {
+        await load.stop();
+      }
+      expect(load.stats.errors).toEqual([]);
+      expect(load.stats.updates).toBeGreaterThan(50);
+      const m = (await loadMigration(db.sql, w.table))!;
+      expect(m.phase).toBe("cutover");
+      expect(await compareWithTwin(db.admin, m.live, w.twin, "bigint")).toMatchObject({
+        onlyInTable: 0,
+        onlyInTwin: 0,
+      });
+      expect(await compareWithTwin(db.admin, m.copy, w.twin, "bigint")).toMatchObject({
+        onlyInTable: 0,
+        onlyInTwin: 0,
+      });
+      const dup = await db.admin.unsafe(
+        `select count(*)::int as n from (select id from ${name} group by id having count(*) > 1) d`,
+      );
+      expect(dup[0]!.n).toBe(0);
+      await finalize(db.sql, w.table, { yes: true });
+    },
+  );
 });

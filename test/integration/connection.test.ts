@@ -29,8 +29,10 @@ const PLAN = ["plan", "orders", "--partition-by", "range:created_at:month"];
 /** The table plan runs on: (id, created_at) as key, so that nothing about key extension is in the way. */
 async function createOrders(sql: Sql | postgres.Sql, name = "orders", hours = 200): Promise<void> {
   await sql.unsafe(`
-    create table ${name} (id bigint not null, created_at timestamptz not null, amount int, primary key (id, created_at));
-    insert into ${name} select g, timestamptz '2026-01-01' - g * interval '1 hour', g from generate_series(1, ${hours}) g;`);
+    create table ${name} (id bigint not null, created_at timestamptz not null, amount int, primary
+      key (id, created_at));
+    insert into ${name} select g, timestamptz '2026-01-01' - g * interval '1 hour', g from
+      generate_series(1, ${hours}) g;`);
 }
 
 /** pgshift with only `env` (plus HOME) as its libpq environment. */
@@ -70,7 +72,9 @@ describe("the password file (PGPASSFILE, ~/.pgpass)", () => {
   function parts() {
     const u = new URL(db.url);
     const password = decodeURIComponent(u.password);
-    const line = `${u.hostname}:${u.port}:${u.pathname.slice(1)}:${decodeURIComponent(u.username)}:${password.replace(/\\/g, "\\\\").replace(/:/g, "\\:")}`;
+    const user = decodeURIComponent(u.username);
+    const escaped = password.replace(/\\/g, "\\\\").replace(/:/g, "\\:");
+    const line = `${u.hostname}:${u.port}:${u.pathname.slice(1)}:${user}:${escaped}`;
     u.password = "";
     return { url: u.toString(), line, host: u.hostname, port: u.port, user: decodeURIComponent(u.username) };
   }
@@ -173,23 +177,30 @@ describe("connect_timeout: a port that does not speak PostgreSQL fails in time, 
     expect(await waitedMs(), describeRun(r)).toBeLessThan(4000);
   });
 
-  it("a server that answers something else and hangs up (HTTP): fails within connect_timeout, never retries for ever", async () => {
-    for (const sslmode of ["prefer", "disable", "require"]) {
-      const { port, waitedMs } = await listen((s) =>
-        s.once("data", () => s.end("HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")),
-      );
-      const r = await pgshift(
-        [...PLAN, "--url", `postgres://u:p@127.0.0.1:${port}/db?connect_timeout=2&sslmode=${sslmode}`],
-        {},
-        60_000,
-      );
-      expectRefusal(r, `127.0.0.1:${port}`);
-      expect(r.stderr, describeRun(r)).toMatch(
-        /within 2 s \(connect_timeout\)|does not speak the PostgreSQL protocol \(it answered "HTTP\/1\.1 400 Bad Request"\)/,
-      );
-      expect(await waitedMs(), describeRun(r)).toBeLessThan(4000);
-    }
-  });
+  it(
+    "a server that answers something else and hangs up (HTTP): fails within connect_timeout, never retries for " +
+      "ever",
+    async () => {
+      for (const sslmode of ["prefer", "disable", "require"]) {
+        const { port, waitedMs } = await listen((s) =>
+          s.once("data", () => s.end("HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")),
+        );
+        const r = await pgshift(
+          [...PLAN, "--url", `postgres://u:p@127.0.0.1:${port}/db?connect_timeout=2&sslmode=${sslmode}`],
+          {},
+          60_000,
+        );
+        expectRefusal(r, `127.0.0.1:${port}`);
+        expect(r.stderr, describeRun(r)).toMatch(
+          new RegExp(
+            String.raw`within 2 s \(connect_timeout\)|does not speak the PostgreSQL protocol ` +
+              String.raw`\(it answered "HTTP\/1\.1 400 Bad Request"\)`,
+          ),
+        );
+        expect(await waitedMs(), describeRun(r)).toBeLessThan(4000);
+      }
+    },
+  );
 
   it("with no connect_timeout anywhere, the wait is 10 s", async () => {
     const { port, waitedMs } = await listen(() => {});
@@ -208,19 +219,23 @@ describe("connect_timeout: a port that does not speak PostgreSQL fails in time, 
 });
 
 describe("sslmode against a server without TLS (the run's server)", () => {
-  it("verify-full with a missing root certificate is refused before connecting (PGSSLROOTCERT, sslrootcert, ~/.postgresql/root.crt)", async () => {
-    const missing = join(work, "no-such-root.crt");
-    const viaEnv = await pgshift([...PLAN, "--url", db.url], { PGSSLMODE: "verify-full", PGSSLROOTCERT: missing });
-    expectRefusal(viaEnv, `root certificate file "${missing}" does not exist`, "sslmode=verify-full");
-    const viaUrl = await pgshift([
-      ...PLAN,
-      "--url",
-      `${db.url}?sslmode=verify-ca&sslrootcert=${encodeURIComponent(missing)}`,
-    ]);
-    expectRefusal(viaUrl, `root certificate file "${missing}" does not exist`, "sslmode=verify-ca");
-    const byDefault = await pgshift([...PLAN, "--url", db.url], { PGSSLMODE: "verify-full" });
-    expectRefusal(byDefault, `root certificate file "${join(home, ".postgresql", "root.crt")}" does not exist`);
-  });
+  it(
+    "verify-full with a missing root certificate is refused before connecting (PGSSLROOTCERT, sslrootcert, " +
+      "~/.postgresql/root.crt)",
+    async () => {
+      const missing = join(work, "no-such-root.crt");
+      const viaEnv = await pgshift([...PLAN, "--url", db.url], { PGSSLMODE: "verify-full", PGSSLROOTCERT: missing });
+      expectRefusal(viaEnv, `root certificate file "${missing}" does not exist`, "sslmode=verify-full");
+      const viaUrl = await pgshift([
+        ...PLAN,
+        "--url",
+        `${db.url}?sslmode=verify-ca&sslrootcert=${encodeURIComponent(missing)}`,
+      ]);
+      expectRefusal(viaUrl, `root certificate file "${missing}" does not exist`, "sslmode=verify-ca");
+      const byDefault = await pgshift([...PLAN, "--url", db.url], { PGSSLMODE: "verify-full" });
+      expectRefusal(byDefault, `root certificate file "${join(home, ".postgresql", "root.crt")}" does not exist`);
+    },
+  );
 
   it("require is refused by a server without TLS; prefer (the default) and disable connect without it", async () => {
     expectRefusal(
@@ -406,68 +421,81 @@ describe.skipIf(!hasOpenssl)("sslmode against a server with TLS (ssl=on, pg_hba:
     await expect(connect({ url: `${base("127.0.0.1")}?sslmode=disable` })).rejects.toThrow(/no encryption/);
   });
 
-  it("verify-full with the right root certificate and host name connects over TLS; connectionUrl carries it", async () => {
-    const sql = await connect({
-      url: `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}`,
-    });
-    expect(await tlsInUse(sql)).toBe(true);
-    const derived = connectionUrl(sql);
-    expect(derived).toContain("sslmode=verify-full");
-    const again = await connect({ url: derived });
-    expect(await tlsInUse(again)).toBe(true);
-    // The replication connection (node-postgres, as pg-logical-replication opens it) gets the same TLS.
-    const config = await replicationConfig(derived);
-    const repl = new pg.Client({ ...config, replication: "database" } as pg.ClientConfig);
-    await repl.connect();
-    const ident = await repl.query("IDENTIFY_SYSTEM");
-    expect(ident.rows.length).toBe(1);
-    await repl.end();
-    await again.end();
-    await sql.end();
-  });
-
-  it("verify-full refuses a host name the certificate does not name, and a certificate from another root; verify-ca accepts the first", async () => {
-    const wrongHost = connect({
-      url: `${base("127.0.0.1")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}`,
-    });
-    await expect(wrongHost).rejects.toThrow(
-      /certificate of the server at 127\.0\.0\.1:\d+ failed verification \(sslmode=verify-full\)/,
-    );
-    const otherRoot = connect({
-      url: `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(join(certs, "other.crt"))}`,
-    });
-    await expect(otherRoot).rejects.toThrow(/failed verification/);
-    const verifyCa = await connect({
-      url: `${base("127.0.0.1")}?sslmode=verify-ca&sslrootcert=${encodeURIComponent(ca())}`,
-    });
-    expect(await tlsInUse(verifyCa)).toBe(true);
-    await verifyCa.end();
-  });
-
-  it("require, prefer and allow use TLS without verifying; require with a root certificate verifies it (libpq's rule)", async () => {
-    for (const mode of ["require", "prefer"]) {
-      const sql = await connect({ url: `${base("127.0.0.1")}?sslmode=${mode}` });
-      expect(await tlsInUse(sql), mode).toBe(true);
-      const again = await connect({ url: connectionUrl(sql) });
-      expect(await tlsInUse(again), mode).toBe(true);
+  it(
+    "verify-full with the right root certificate and host name connects over TLS; connectionUrl " + "carries it",
+    async () => {
+      const sql = await connect({
+        url: `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}`,
+      });
+      expect(await tlsInUse(sql)).toBe(true);
+      const derived = connectionUrl(sql);
+      expect(derived).toContain("sslmode=verify-full");
+      const again = await connect({ url: derived });
+      expect(await tlsInUse(again)).toBe(true);
+      // The replication connection (node-postgres, as pg-logical-replication opens it) gets the same TLS.
+      const config = await replicationConfig(derived);
+      const repl = new pg.Client({ ...config, replication: "database" } as pg.ClientConfig);
+      await repl.connect();
+      const ident = await repl.query("IDENTIFY_SYSTEM");
+      expect(ident.rows.length).toBe(1);
+      await repl.end();
       await again.end();
       await sql.end();
-    }
-    // allow: plain first; this server refuses that (hostssl only), so TLS next.
-    const allow = await connect({ url: `${base("127.0.0.1")}?sslmode=allow` });
-    expect(await tlsInUse(allow)).toBe(true);
-    await allow.end();
-    const requireWithRoot = connect({
-      url: `${base("localhost")}?sslmode=require&sslrootcert=${encodeURIComponent(join(certs, "other.crt"))}`,
-    });
-    await expect(requireWithRoot).rejects.toThrow(/failed verification \(sslmode=require\)/);
-  });
+    },
+  );
+
+  it(
+    "verify-full refuses a host name the certificate does not name, and a certificate from another root; verify-ca " +
+      "accepts the first",
+    async () => {
+      const wrongHost = connect({
+        url: `${base("127.0.0.1")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}`,
+      });
+      await expect(wrongHost).rejects.toThrow(
+        /certificate of the server at 127\.0\.0\.1:\d+ failed verification \(sslmode=verify-full\)/,
+      );
+      const otherRoot = connect({
+        url: `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(join(certs, "other.crt"))}`,
+      });
+      await expect(otherRoot).rejects.toThrow(/failed verification/);
+      const verifyCa = await connect({
+        url: `${base("127.0.0.1")}?sslmode=verify-ca&sslrootcert=${encodeURIComponent(ca())}`,
+      });
+      expect(await tlsInUse(verifyCa)).toBe(true);
+      await verifyCa.end();
+    },
+  );
+
+  it(
+    "require, prefer and allow use TLS without verifying; require with a root certificate verifies it (libpq's " +
+      "rule)",
+    async () => {
+      for (const mode of ["require", "prefer"]) {
+        const sql = await connect({ url: `${base("127.0.0.1")}?sslmode=${mode}` });
+        expect(await tlsInUse(sql), mode).toBe(true);
+        const again = await connect({ url: connectionUrl(sql) });
+        expect(await tlsInUse(again), mode).toBe(true);
+        await again.end();
+        await sql.end();
+      }
+      // allow: plain first; this server refuses that (hostssl only), so TLS next.
+      const allow = await connect({ url: `${base("127.0.0.1")}?sslmode=allow` });
+      expect(await tlsInUse(allow)).toBe(true);
+      await allow.end();
+      const requireWithRoot = connect({
+        url: `${base("localhost")}?sslmode=require&sslrootcert=${encodeURIComponent(join(certs, "other.crt"))}`,
+      });
+      await expect(requireWithRoot).rejects.toThrow(/failed verification \(sslmode=require\)/);
+    },
+  );
 
   it("a client certificate is sent, and a key readable by others is refused as libpq refuses it", async () => {
     const cert = encodeURIComponent(join(certs, "client.crt"));
     const key = join(certs, "client.key");
     const sql = await connect({
-      url: `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}&sslcert=${cert}&sslkey=${encodeURIComponent(key)}`,
+      url:
+        `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}` +
+        `&sslcert=${cert}&sslkey=${encodeURIComponent(key)}`,
     });
     const [row] = await sql`select client_dn from pg_stat_ssl where pid = pg_backend_pid()`;
     expect(row!.client_dn).toBe("/CN=postgres");
@@ -477,28 +505,33 @@ describe.skipIf(!hasOpenssl)("sslmode against a server with TLS (ssl=on, pg_hba:
       await expect(
         connect({ url: `${base("localhost")}?sslmode=require&sslcert=${cert}&sslkey=${encodeURIComponent(key)}` }),
       ).rejects.toThrow(
-        `private key file "${key}" has group or world access; file must have permissions u=rw (0600) or less if owned by the current user, or permissions u=rw,g=r (0640) or less if owned by root`,
+        `private key file "${key}" has group or world access; file must have permissions u=rw (0600) or less if ` +
+          `owned by the current user, or permissions u=rw,g=r (0640) or less if owned by root`,
       );
     } finally {
       chmodSync(key, 0o600);
     }
   });
 
-  it("the CLI: verify-full from PGSSLMODE/PGSSLROOTCERT connects; a missing root certificate is refused, not ignored", async () => {
-    expectPlanned(
-      await pgshift([...PLAN, "--url", base("localhost")], { PGSSLMODE: "verify-full", PGSSLROOTCERT: ca() }),
-    );
-    const missing = await pgshift([...PLAN, "--url", base("localhost")], {
-      PGSSLMODE: "verify-full",
-      PGSSLROOTCERT: join(certs, "missing.crt"),
-    });
-    expectRefusal(missing, `root certificate file "${join(certs, "missing.crt")}" does not exist`);
-    const wrongHost = await pgshift([...PLAN, "--url", base("127.0.0.1")], {
-      PGSSLMODE: "verify-full",
-      PGSSLROOTCERT: ca(),
-    });
-    expectRefusal(wrongHost, "failed verification (sslmode=verify-full)");
-  });
+  it(
+    "the CLI: verify-full from PGSSLMODE/PGSSLROOTCERT connects; a missing root certificate is refused, not " +
+      "ignored",
+    async () => {
+      expectPlanned(
+        await pgshift([...PLAN, "--url", base("localhost")], { PGSSLMODE: "verify-full", PGSSLROOTCERT: ca() }),
+      );
+      const missing = await pgshift([...PLAN, "--url", base("localhost")], {
+        PGSSLMODE: "verify-full",
+        PGSSLROOTCERT: join(certs, "missing.crt"),
+      });
+      expectRefusal(missing, `root certificate file "${join(certs, "missing.crt")}" does not exist`);
+      const wrongHost = await pgshift([...PLAN, "--url", base("127.0.0.1")], {
+        PGSSLMODE: "verify-full",
+        PGSSLROOTCERT: ca(),
+      });
+      expectRefusal(wrongHost, "failed verification (sslmode=verify-full)");
+    },
+  );
 
   it("the CLI: a service from PGSERVICEFILE gives host, port, user, password, sslmode and sslrootcert", async () => {
     const u = new URL(srv.url);
@@ -534,44 +567,50 @@ describe.skipIf(!hasOpenssl)("sslmode against a server with TLS (ssl=on, pg_hba:
     );
   });
 
-  it("logical mode over verify-full: the replication stream and sync's sessions use TLS too (pg_hba rejects anything else)", async () => {
-    const url = `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}`;
-    await createOrders(admin, "events", 2000);
-    const spec = ["--partition-by", "range:created_at:month"];
-    const start = await pgshift(
-      ["start", "--allow-key-extension", "events", ...spec, "--mode", "logical", "--url", url],
-      {},
-      120_000,
-    );
-    expect(start.code, describeRun(start)).toBe(0);
-    // Writes while the backfill runs reach the shadow only through the stream (the replication connection).
-    let writing = true;
-    let written = 0;
-    const load = (async () => {
-      while (writing) {
-        await admin`insert into events values (${100_000 + written}, now(), 1)`;
-        await admin`update events set amount = amount + 1 where id = ${1 + (written % 2000)}`;
-        written++;
-        await sleep(5);
-      }
-    })();
-    const backfill = await pgshift(["backfill", "events", "--url", url], {}, 180_000);
-    writing = false;
-    await load;
-    expect(backfill.code, describeRun(backfill)).toBe(0);
-    expect(written).toBeGreaterThan(0);
-    const verify = await pgshift(["verify", "events", "--url", url], {}, 180_000);
-    expect(verify.code, describeRun(verify)).toBe(0);
-    const abort = await pgshift(["abort", "events", "--url", url], {}, 120_000);
-    expect(abort.code, describeRun(abort)).toBe(0);
-  });
+  it(
+    "logical mode over verify-full: the replication stream and sync's sessions use TLS too (pg_hba rejects anything " +
+      "else)",
+    async () => {
+      const url = `${base("localhost")}?sslmode=verify-full&sslrootcert=${encodeURIComponent(ca())}`;
+      await createOrders(admin, "events", 2000);
+      const spec = ["--partition-by", "range:created_at:month"];
+      const start = await pgshift(
+        ["start", "--allow-key-extension", "events", ...spec, "--mode", "logical", "--url", url],
+        {},
+        120_000,
+      );
+      expect(start.code, describeRun(start)).toBe(0);
+      // Writes while the backfill runs reach the shadow only through the stream (the replication connection).
+      let writing = true;
+      let written = 0;
+      const load = (async () => {
+        while (writing) {
+          await admin`insert into events values (${100_000 + written}, now(), 1)`;
+          await admin`update events set amount = amount + 1 where id = ${1 + (written % 2000)}`;
+          written++;
+          await sleep(5);
+        }
+      })();
+      const backfill = await pgshift(["backfill", "events", "--url", url], {}, 180_000);
+      writing = false;
+      await load;
+      expect(backfill.code, describeRun(backfill)).toBe(0);
+      expect(written).toBeGreaterThan(0);
+      const verify = await pgshift(["verify", "events", "--url", url], {}, 180_000);
+      expect(verify.code, describeRun(verify)).toBe(0);
+      const abort = await pgshift(["abort", "events", "--url", url], {}, 120_000);
+      expect(abort.code, describeRun(abort)).toBe(0);
+    },
+  );
 });
 
 describe("the CLI's hygiene", () => {
   it("plan | head -1 ends quietly: no EPIPE, no stack trace, exit 0", async () => {
     // Three years of days: the plan (> 200 kB) is still being written when head has gone.
     await createOrders(db.admin, "big", 3 * 365 * 24);
-    const script = `node --import tsx src/cli/main.ts plan big --partition-by range:created_at:day --url '${db.url}' | head -1; echo "pgshift exit: \${PIPESTATUS[0]}" >&2`;
+    const script =
+      `node --import tsx src/cli/main.ts plan big --partition-by range:created_at:day --url '${db.url}' ` +
+      `| head -1; echo "pgshift exit: \${PIPESTATUS[0]}" >&2`;
     const r = await new Promise<{ stdout: string; stderr: string }>((resolve, reject) => {
       const child = spawn("bash", ["-c", script], {
         cwd: repoRoot,

@@ -28,7 +28,8 @@ async function createOrders(sql: Sql, name: string): Promise<void> {
   await sql.unsafe(`
     create table ${name} (id bigserial primary key, created_at timestamptz not null, note text);
     insert into ${name} (created_at, note)
-      select timestamptz '2025-01-01 00:00+00' + i * interval '11 hours', 'order ' || i from generate_series(1, 300) i;`);
+      select timestamptz '2025-01-01 00:00+00' + i * interval '11 hours', 'order ' || i from
+        generate_series(1, 300) i;`);
 }
 
 /** Runs an ALTER TABLE that the DDL guard would refuse, as an operator who sets pgshift.allow_ddl does. */
@@ -44,7 +45,8 @@ async function snapshot(name: string) {
   const r = await db.admin`
     select (select phase from pgshift.migrations where source_table = ${name}) as phase,
            (select relkind::text from pg_class where oid = to_regclass(${`public.${name}`})) as live_kind,
-           (select array_agg(tgname::text order by tgname) from pg_trigger where tgrelid = to_regclass(${`public.${name}`}) and not tgisinternal) as triggers`;
+           (select array_agg(tgname::text order by tgname) from pg_trigger where tgrelid =
+             to_regclass(${`public.${name}`}) and not tgisinternal) as triggers`;
   return r[0];
 }
 
@@ -126,44 +128,52 @@ describe("trigger mode", () => {
 });
 
 describe("indexes", () => {
-  it("an index created on the table during the migration is reported by status until the partitioned table has the same index, and built there by cutover first", async () => {
-    await startAndBackfill("drift_i", "trigger");
-    expect((await statusOf("drift_i")).indexDrift).toEqual([]);
-    await db.admin`create index drift_i_note on drift_i (note)`;
-    const st = await statusOf("drift_i");
-    expect(st.indexDrift).toHaveLength(1);
-    expect(st.indexDrift[0]).toContain(
-      "index drift_i_note was created on public.drift_i during the migration (CREATE INDEX drift_i_note ON public.drift_i USING btree (note)) and public.drift_i_pgshift_shadow has no counterpart: cutover builds it there first, before its lock, as drift_i_note_part",
-    );
-    expect(st.indexDrift[0]).toContain("CREATE INDEX drift_i_note ON public.drift_i USING btree (note)");
-    expect(st.schemaDrift).toEqual([]);
-    // The operator does as told for this one: the same index on the partitioned table is its counterpart.
-    await db.admin`create index drift_i_shadow_note on drift_i_pgshift_shadow (note)`;
-    expect((await statusOf("drift_i")).indexDrift).toEqual([]);
-    // Another one, with a predicate; a counterpart without the predicate does not count.
-    await db.admin`create index drift_i_recent on drift_i (created_at) where note is not null`;
-    await db.admin`create index drift_i_shadow_recent on drift_i_pgshift_shadow (created_at)`;
-    const st2 = await statusOf("drift_i");
-    expect(st2.indexDrift).toHaveLength(1);
-    expect(st2.indexDrift[0]).toContain("index drift_i_recent was created on public.drift_i during the migration");
-    const cut = await pgshift(["cutover", "drift_i"]);
-    expect(cut.code, describeRun(cut)).toBe(0);
-    // Cutover built the one without a counterpart on the partitioned table first (late-objects.test.ts tests that under load).
-    expect(cut.stdout, describeRun(cut)).toContain(
-      "built index drift_i_recent_part on public.drift_i_pgshift_shadow before the lock, for index drift_i_recent",
-    );
-    expect(cut.stdout, describeRun(cut)).not.toContain("index drift_i_note");
-    // After cutover the retired table's extra index does not matter any more; the partitioned table's extra
-    // one (drift_i_shadow_recent, without the predicate) is what swap-back would build on the retired table.
-    const st3 = await statusOf("drift_i");
-    expect(st3.indexDrift).toHaveLength(1);
-    expect(st3.indexDrift[0]).toContain(
-      "index drift_i_shadow_recent was created on public.drift_i during the migration",
-    );
-    expect(st3.indexDrift[0]).toContain(
-      "swap-back builds it there first, before its lock, as drift_i_shadow_recent_orig",
-    );
-  });
+  it(
+    "an index created on the table during the migration is reported by status until the partitioned table has the " +
+      "same index, and built there by cutover first",
+    async () => {
+      await startAndBackfill("drift_i", "trigger");
+      expect((await statusOf("drift_i")).indexDrift).toEqual([]);
+      await db.admin`create index drift_i_note on drift_i (note)`;
+      const st = await statusOf("drift_i");
+      expect(st.indexDrift).toHaveLength(1);
+      expect(st.indexDrift[0]).toContain(
+        "index drift_i_note was created on public.drift_i during the migration (CREATE INDEX drift_i_note ON " +
+          "public.drift_i USING btree (note)) and public.drift_i_pgshift_shadow has no counterpart: cutover builds " +
+          "it there first, before its lock, as drift_i_note_part",
+      );
+      expect(st.indexDrift[0]).toContain("CREATE INDEX drift_i_note ON public.drift_i USING btree (note)");
+      expect(st.schemaDrift).toEqual([]);
+      // The operator does as told for this one: the same index on the partitioned table is its counterpart.
+      await db.admin`create index drift_i_shadow_note on drift_i_pgshift_shadow (note)`;
+      expect((await statusOf("drift_i")).indexDrift).toEqual([]);
+      // Another one, with a predicate; a counterpart without the predicate does not count.
+      await db.admin`create index drift_i_recent on drift_i (created_at) where note is not null`;
+      await db.admin`create index drift_i_shadow_recent on drift_i_pgshift_shadow (created_at)`;
+      const st2 = await statusOf("drift_i");
+      expect(st2.indexDrift).toHaveLength(1);
+      expect(st2.indexDrift[0]).toContain("index drift_i_recent was created on public.drift_i during the migration");
+      const cut = await pgshift(["cutover", "drift_i"]);
+      expect(cut.code, describeRun(cut)).toBe(0);
+      // Cutover built the one without a counterpart on the partitioned table first (late-objects.test.ts tests that
+      // under
+      // load).
+      expect(cut.stdout, describeRun(cut)).toContain(
+        "built index drift_i_recent_part on public.drift_i_pgshift_shadow before the lock, for index drift_i_recent",
+      );
+      expect(cut.stdout, describeRun(cut)).not.toContain("index drift_i_note");
+      // After cutover the retired table's extra index does not matter any more; the partitioned table's extra
+      // one (drift_i_shadow_recent, without the predicate) is what swap-back would build on the retired table.
+      const st3 = await statusOf("drift_i");
+      expect(st3.indexDrift).toHaveLength(1);
+      expect(st3.indexDrift[0]).toContain(
+        "index drift_i_shadow_recent was created on public.drift_i during the migration",
+      );
+      expect(st3.indexDrift[0]).toContain(
+        "swap-back builds it there first, before its lock, as drift_i_shadow_recent_orig",
+      );
+    },
+  );
 });
 
 describe("logical mode", () => {
@@ -173,7 +183,8 @@ describe("logical mode", () => {
     await db.admin`update drift_l set note = 'before' where id = 1`;
     const alterAt = String((await db.admin`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
     await alterAnyway(`alter table drift_l add column extra int default 7`);
-    await db.admin`insert into drift_l (created_at, note, extra) values (timestamptz '2025-02-01 00:00+00', 'after', 8)`;
+    await db.admin`insert into drift_l (created_at, note, extra) values (timestamptz
+      '2025-02-01 00:00+00', 'after', 8)`;
     await db.admin`update drift_l set note = 'after too' where id = 2`;
 
     const sync = await runCli(["sync", "drift_l", "--url", db.url], { timeoutMs: 60_000 });
@@ -185,7 +196,8 @@ describe("logical mode", () => {
       await db.admin`select id, note from drift_l_pgshift_shadow where id = 2 or note like 'after%' order by id`;
     expect(shadow.map((r) => [Number(r.id), r.note])).toEqual([[2, "order 2"]]);
     const slot =
-      await db.admin`select confirmed_flush_lsn <= ${alterAt}::pg_lsn as ok from pg_replication_slots where database = current_database()`;
+      await db.admin`select confirmed_flush_lsn <= ${alterAt}::pg_lsn as ok from pg_replication_slots where database =
+        current_database()`;
     expect(slot.map((r) => r.ok)).toEqual([true]);
     // Restarting replays to the same place and stops again: the slot never confirmed past it.
     expectRefusal(await runCli(["sync", "drift_l", "--url", db.url], { timeoutMs: 60_000 }), "added extra");

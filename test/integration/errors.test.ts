@@ -104,7 +104,8 @@ beforeAll(async () => {
     create table nopk (id int not null, created_at timestamptz not null);
     insert into nopk select i, now() from generate_series(1, 10) i;
 
-    create table parted (id int not null, created_at timestamptz not null, primary key (id, created_at)) partition by range (created_at);
+    create table parted (id int not null, created_at timestamptz not null, primary key (id, created_at)) partition by
+      range (created_at);
     create table parted_2025 partition of parted for values from ('2025-01-01') to ('2026-01-01');
     insert into parted values (1, '2025-03-01');
   `);
@@ -261,7 +262,8 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
   );
 
   refusal(
-    "a table that is already partitioned, or a partition: one blocker line (its partitions or parent are not listed again)",
+    "a table that is already partitioned, or a partition: one blocker line (its partitions or parent are " +
+      "not listed again)",
     () =>
       all(
         pgshift(["start", "--allow-key-extension", "parted", "--partition-by", "range:created_at:month"]),

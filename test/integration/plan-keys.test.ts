@@ -59,7 +59,8 @@ async function createOrders(sql: Sql, name = "orders"): Promise<void> {
     create unique index ${name}_sku_idx on ${name} (sku, created_at);
     create unique index ${name}_ref_idx on ${name} (lower(ref)) where ref is not null;
     insert into ${name} (id, created_at, email, sku, ref, code)
-      select i, timestamptz '2025-01-01' + i * interval '1 day', 'e' || i, 's' || i, 'r' || i, 'c' || i from generate_series(1, 200) i;
+      select i, timestamptz '2025-01-01' + i * interval '1 day', 'e' || i, 's' || i, 'r' || i, 'c' || i from
+        generate_series(1, 200) i;
     analyze ${name};`);
 }
 
@@ -114,85 +115,93 @@ describe("plan and start on a table whose unique keys lack the partition column"
     await db?.close();
   });
 
-  it("plan names the widened keys, their ON CONFLICT targets and what changes at finalize; the targets work today", async () => {
-    const plan = parsePlan(await pgshift(["plan", "orders", ...MONTH, "--json"]));
-    const byName = Object.fromEntries(plan.widenedKeys.map((k) => [k.name, k]));
-    expect(Object.keys(byName).sort()).toEqual([
-      "orders_code_key",
-      "orders_email_key",
-      "orders_pkey",
-      "orders_ref_idx",
-    ]);
-    expect(byName.orders_pkey).toMatchObject({
-      kind: "primary key",
-      columns: ["id"],
-      widenedTo: ["id", "created_at"],
-      onConflictTargets: ["ON CONFLICT (id)", "ON CONFLICT ON CONSTRAINT orders_pkey"],
-    });
-    expect(byName.orders_email_key).toMatchObject({
-      kind: "unique constraint",
-      columns: ["email"],
-      onConflictTargets: ["ON CONFLICT (email)", "ON CONFLICT ON CONSTRAINT orders_email_key"],
-    });
-    expect(byName.orders_ref_idx).toMatchObject({
-      kind: "unique index",
-      columns: ["lower(ref)"],
-      onConflictTargets: ["ON CONFLICT (lower(ref)) WHERE ref IS NOT NULL"],
-    });
-    // A deferrable constraint is no ON CONFLICT arbiter, before or after; it still loses its uniqueness.
-    expect(byName.orders_code_key).toMatchObject({
-      kind: "unique constraint",
-      deferrable: true,
-      onConflictTargets: [],
-    });
-    expect(plan.atFinalize).toMatch(
-      /^until finalize, pgshift keeps \(id\), \(code\), \(email\), \(lower\(ref\)\) unique through the retired table/,
-    );
-    expect(plan.atFinalize).toContain("from then on the database enforces only (id, created_at)");
-    expect(plan.applicationStatements.status).toBe("not-installed");
+  it(
+    "plan names the widened keys, their ON CONFLICT targets and what changes at finalize; the targets work " + "today",
+    async () => {
+      const plan = parsePlan(await pgshift(["plan", "orders", ...MONTH, "--json"]));
+      const byName = Object.fromEntries(plan.widenedKeys.map((k) => [k.name, k]));
+      expect(Object.keys(byName).sort()).toEqual([
+        "orders_code_key",
+        "orders_email_key",
+        "orders_pkey",
+        "orders_ref_idx",
+      ]);
+      expect(byName.orders_pkey).toMatchObject({
+        kind: "primary key",
+        columns: ["id"],
+        widenedTo: ["id", "created_at"],
+        onConflictTargets: ["ON CONFLICT (id)", "ON CONFLICT ON CONSTRAINT orders_pkey"],
+      });
+      expect(byName.orders_email_key).toMatchObject({
+        kind: "unique constraint",
+        columns: ["email"],
+        onConflictTargets: ["ON CONFLICT (email)", "ON CONFLICT ON CONSTRAINT orders_email_key"],
+      });
+      expect(byName.orders_ref_idx).toMatchObject({
+        kind: "unique index",
+        columns: ["lower(ref)"],
+        onConflictTargets: ["ON CONFLICT (lower(ref)) WHERE ref IS NOT NULL"],
+      });
+      // A deferrable constraint is no ON CONFLICT arbiter, before or after; it still loses its uniqueness.
+      expect(byName.orders_code_key).toMatchObject({
+        kind: "unique constraint",
+        deferrable: true,
+        onConflictTargets: [],
+      });
+      expect(plan.atFinalize).toMatch(
+        /^until finalize, pgshift keeps \(id\), \(code\), \(email\), \(lower\(ref\)\) unique through the retired table/,
+      );
+      expect(plan.atFinalize).toContain("from then on the database enforces only (id, created_at)");
+      expect(plan.applicationStatements.status).toBe("not-installed");
 
-    const text = await pgshift(["plan", "orders", ...MONTH]);
-    expect(text.code, describeRun(text)).toBe(0);
-    expect(text.stdout).toContain("unique keys that lose global uniqueness (created_at is added to them");
-    expect(text.stdout).toContain("    primary key orders_pkey: (id) -> (id, created_at)");
-    expect(text.stdout).toContain("    ON CONFLICT ON CONSTRAINT orders_email_key\n");
-    expect(text.stdout).toContain("  at finalize: until finalize, pgshift keeps (id)");
-    expect(text.stdout).toContain("pg_stat_statements is not installed in this database");
-    expect(text.stdout).toContain("start refuses this spec unless --allow-key-extension is given");
-    // The unique index that already contains created_at is not among them (the SQL below names it, of course).
-    expect(text.stdout.split("\n-- ")[0]).not.toContain("orders_sku_idx");
+      const text = await pgshift(["plan", "orders", ...MONTH]);
+      expect(text.code, describeRun(text)).toBe(0);
+      expect(text.stdout).toContain("unique keys that lose global uniqueness (created_at is added to them");
+      expect(text.stdout).toContain("    primary key orders_pkey: (id) -> (id, created_at)");
+      expect(text.stdout).toContain("    ON CONFLICT ON CONSTRAINT orders_email_key\n");
+      expect(text.stdout).toContain("  at finalize: until finalize, pgshift keeps (id)");
+      expect(text.stdout).toContain("pg_stat_statements is not installed in this database");
+      expect(text.stdout).toContain("start refuses this spec unless --allow-key-extension is given");
+      // The unique index that already contains created_at is not among them (the SQL below names it, of course).
+      expect(text.stdout.split("\n-- ")[0]).not.toContain("orders_sku_idx");
 
-    // Every target plan names works against the original table today (it updates the existing row).
-    for (const target of plan.widenedKeys.flatMap((k) => k.onConflictTargets)) {
-      expect(await upsertOutcome(db.admin, "orders", target), target).toBe("updated");
-    }
-  });
+      // Every target plan names works against the original table today (it updates the existing row).
+      for (const target of plan.widenedKeys.flatMap((k) => k.onConflictTargets)) {
+        expect(await upsertOutcome(db.admin, "orders", target), target).toBe("updated");
+      }
+    },
+  );
 
-  it("start without --allow-key-extension exits 2 with one line and changes nothing; so does --dry-run and the library", async () => {
-    const before = await catalogSnapshot(db.admin);
-    const r = await pgshift(["start", "orders", ...MONTH]);
-    expectRefusal(
-      r,
-      "adds created_at to 4 unique keys",
-      "primary key orders_pkey (id)",
-      "ON CONFLICT (id)",
-      "stop working at cutover",
-    );
-    expect(r.stderr).toContain(
-      "pgshift: hint: read what the application will notice with pgshift plan, then start again with --allow-key-extension",
-    );
-    const dry = await pgshift(["start", "orders", ...MONTH, "--dry-run"]);
-    expect(dry.code, describeRun(dry)).toBe(2);
-    expect(dry.stderr).toContain("adds created_at to 4 unique keys");
-    await expect(
-      startMigration(
-        db.sql,
-        { schema: "public", name: "orders" },
-        { spec: parsePartitionSpec("range:created_at:month") },
-      ),
-    ).rejects.toThrow(PgshiftError);
-    expect(await catalogSnapshot(db.admin)).toEqual(before);
-  });
+  it(
+    "start without --allow-key-extension exits 2 with one line and changes nothing; so does --dry-run and the " +
+      "library",
+    async () => {
+      const before = await catalogSnapshot(db.admin);
+      const r = await pgshift(["start", "orders", ...MONTH]);
+      expectRefusal(
+        r,
+        "adds created_at to 4 unique keys",
+        "primary key orders_pkey (id)",
+        "ON CONFLICT (id)",
+        "stop working at cutover",
+      );
+      expect(r.stderr).toContain(
+        "pgshift: hint: read what the application will notice with pgshift plan, then start again with " +
+          "--allow-key-extension",
+      );
+      const dry = await pgshift(["start", "orders", ...MONTH, "--dry-run"]);
+      expect(dry.code, describeRun(dry)).toBe(2);
+      expect(dry.stderr).toContain("adds created_at to 4 unique keys");
+      await expect(
+        startMigration(
+          db.sql,
+          { schema: "public", name: "orders" },
+          { spec: parsePartitionSpec("range:created_at:month") },
+        ),
+      ).rejects.toThrow(PgshiftError);
+      expect(await catalogSnapshot(db.admin)).toEqual(before);
+    },
+  );
 
   it("a spec whose column is in every unique key needs no option", async () => {
     const plan = parsePlan(await pgshift(["plan", "plain", "--partition-by", "hash:id:4", "--json"]));
@@ -204,34 +213,42 @@ describe("plan and start on a table whose unique keys lack the partition column"
     expect((await pgshift(["abort", "plain"])).code).toBe(0);
   });
 
-  it("with --allow-key-extension it starts; after cutover every target plan named stops working, and the one it did not name still works", async () => {
-    const plan = parsePlan(await pgshift(["plan", "orders", ...MONTH, "--json"]));
-    const st = await pgshift(["start", "orders", ...MONTH, "--allow-key-extension"]);
-    expect(st.code, describeRun(st)).toBe(0);
-    expect(st.stdout).toContain(
-      "warning: primary key orders_pkey (id) becomes (id, created_at) on the partitioned table: until finalize pgshift keeps (id) unique",
-    );
-    expect(st.stdout).toContain("at finalize: until finalize, pgshift keeps (id)");
-    const table = { schema: "public", name: "orders" };
-    const bf = await backfill(db.sql, table);
-    expect(bf.complete).toBe(true);
-    expect((await verify(db.sql, table)).equal).toBe(true);
-    await cutover(db.sql, table);
-    expect((await db.admin`select relkind::text as k from pg_class where oid = 'public.orders'::regclass`)[0]!.k).toBe(
-      "p",
-    );
-    for (const target of plan.widenedKeys.flatMap((k) => k.onConflictTargets)) {
-      // Either PostgreSQL finds no arbiter (42P10) or no such constraint (42704), or the row is refused
-      // (23505: the original key kept through the retired table), or it no longer updates the existing row.
-      expect(await upsertOutcome(db.admin, "orders", target), target).not.toBe("updated");
-    }
-    // ON CONFLICT (id) in particular fails outright: no unique index on exactly (id) is left.
-    expect(await upsertOutcome(db.admin, "orders", "ON CONFLICT (id)")).toBe("error 42P10");
-    // A target that contains the partition column keeps working.
-    await db.admin`insert into orders (id, created_at, sku, note) values (100000, timestamptz '2025-03-01', 'keep', 'a')`;
-    await db.admin`insert into orders (id, created_at, sku, note) values (100000, timestamptz '2025-03-01', 'keep', 'b') on conflict (sku, created_at) do update set note = excluded.note`;
-    expect((await db.admin`select note from orders where sku = 'keep'`).map((r) => r.note)).toEqual(["b"]);
-  });
+  it(
+    "with --allow-key-extension it starts; after cutover every target plan named stops working, and the one it did " +
+      "not name still works",
+    async () => {
+      const plan = parsePlan(await pgshift(["plan", "orders", ...MONTH, "--json"]));
+      const st = await pgshift(["start", "orders", ...MONTH, "--allow-key-extension"]);
+      expect(st.code, describeRun(st)).toBe(0);
+      expect(st.stdout).toContain(
+        "warning: primary key orders_pkey (id) becomes (id, created_at) on the partitioned table: until finalize " +
+          "pgshift keeps (id) unique",
+      );
+      expect(st.stdout).toContain("at finalize: until finalize, pgshift keeps (id)");
+      const table = { schema: "public", name: "orders" };
+      const bf = await backfill(db.sql, table);
+      expect(bf.complete).toBe(true);
+      expect((await verify(db.sql, table)).equal).toBe(true);
+      await cutover(db.sql, table);
+      expect(
+        (await db.admin`select relkind::text as k from pg_class where oid = 'public.orders'::regclass`)[0]!.k,
+      ).toBe("p");
+      for (const target of plan.widenedKeys.flatMap((k) => k.onConflictTargets)) {
+        // Either PostgreSQL finds no arbiter (42P10) or no such constraint (42704), or the row is refused
+        // (23505: the original key kept through the retired table), or it no longer updates the existing row.
+        expect(await upsertOutcome(db.admin, "orders", target), target).not.toBe("updated");
+      }
+      // ON CONFLICT (id) in particular fails outright: no unique index on exactly (id) is left.
+      expect(await upsertOutcome(db.admin, "orders", "ON CONFLICT (id)")).toBe("error 42P10");
+      // A target that contains the partition column keeps working.
+      await db.admin`insert into orders (id, created_at, sku, note) values (100000, timestamptz
+      '2025-03-01', 'keep', 'a')`;
+      await db.admin`insert into orders (id, created_at, sku, note) values (100000, timestamptz
+        '2025-03-01', 'keep', 'b')
+      on conflict (sku, created_at) do update set note = excluded.note`;
+      expect((await db.admin`select note from orders where sku = 'keep'`).map((r) => r.note)).toEqual(["b"]);
+    },
+  );
 });
 
 describe("plan with pg_stat_statements", () => {
@@ -260,16 +277,23 @@ describe("plan with pg_stat_statements", () => {
 
   it("lists the application's upserts that would fail after cutover, and none of the others", async () => {
     for (let i = 0; i < 3; i++) {
-      // (a) an upsert on ON CONFLICT (id): fails after cutover.
-      await app`insert into orders (id, created_at, note) values (${1 + i}, now(), ${"a"}) on conflict (id) do update set note = excluded.note`;
+      // (a) an upsert on ON CONFLICT (id): fails after cutover. Its text stays on one line (the test below matches
+      // it with /values .* on conflict/), the line breaks inside ${}.
+      await app`insert into orders (id, created_at, note) values (${
+        1 + i
+      }, now(), ${"a"}) on conflict (id) do update set note = excluded.note`;
       // (b) a target with the partition column: keeps working.
-      await app`insert into orders (id, created_at, sku) values (${5000 + i}, timestamptz '2025-02-01', ${"s2"}) on conflict (sku, created_at) do nothing`;
+      await app`insert into orders (id, created_at, sku) values (${5000 + i}, timestamptz '2025-02-01', ${"s2"})
+        on conflict (sku, created_at) do nothing`;
       // (c) ON CONFLICT ON CONSTRAINT of a widened unique constraint.
-      await app`insert into public.orders (id, created_at, email) values (${6000 + i}, now(), ${"e3"}) on conflict on constraint orders_email_key do nothing`;
+      await app`insert into public.orders (id, created_at, email) values (${6000 + i}, now(), ${"e3"})
+        on conflict on constraint orders_email_key do nothing`;
       // (d) the same upsert as (a) on another table.
-      await app`insert into other (id, created_at, note) values (${1 + i}, now(), ${"d"}) on conflict (id) do update set note = excluded.note`;
+      await app`insert into other (id, created_at, note) values (${1 + i}, now(), ${"d"})
+        on conflict (id) do update set note = excluded.note`;
       // (e) an upsert hidden in a CTE.
-      await app`with v as (select ${7000 + i}::bigint as id) insert into orders (id, created_at) select id, now() from v on conflict (id) do nothing`;
+      await app`with v as (select ${7000 + i}::bigint as id)
+        insert into orders (id, created_at) select id, now() from v on conflict (id) do nothing`;
     }
     // (f) a statement that only ever failed (no arbiter on the original table either): never counted.
     await app`insert into orders (id, created_at) values (1, now()) on conflict (id, note) do nothing`.catch(() => {});
@@ -279,12 +303,10 @@ describe("plan with pg_stat_statements", () => {
     const found = plan.applicationStatements;
     expect(found.status).toBe("checked");
     const listed = found.statements.map((s) => `${s.effect} ${s.target} ${s.query}`);
+    const failsA =
+      /^fails ON CONFLICT \(id\) insert into orders \(id, created_at, note\) values .* on conflict \(id\) do update/;
     expect(
-      listed.some((s) =>
-        /^fails ON CONFLICT \(id\) insert into orders \(id, created_at, note\) values .* on conflict \(id\) do update/.test(
-          s,
-        ),
-      ),
+      listed.some((s) => failsA.test(s)),
       listed.join("\n"),
     ).toBe(true);
     expect(
@@ -312,10 +334,13 @@ describe("plan with pg_stat_statements", () => {
     expectRefusal(refused, "(3 of the application's statements in pg_stat_statements would fail)");
   });
 
-  it("installed but not loaded through shared_preload_libraries: plan says it could not read it, and exits 0", async () => {
-    const plan = parsePlan(await runCli(["plan", "orders", ...MONTH, "--json", "--url", noPreload.url]));
-    expect(plan.applicationStatements.status).toBe("unavailable");
-    expect(plan.applicationStatements.detail).toContain("pg_stat_statements is installed but could not be read");
-    expect(plan.blockers).toEqual([]);
-  });
+  it(
+    "installed but not loaded through shared_preload_libraries: plan says it could not read it, and " + "exits 0",
+    async () => {
+      const plan = parsePlan(await runCli(["plan", "orders", ...MONTH, "--json", "--url", noPreload.url]));
+      expect(plan.applicationStatements.status).toBe("unavailable");
+      expect(plan.applicationStatements.detail).toContain("pg_stat_statements is installed but could not be read");
+      expect(plan.blockers).toEqual([]);
+    },
+  );
 });

@@ -40,74 +40,80 @@ afterAll(async () => {
 });
 
 describe("two roles in one database", () => {
-  it("the role that does not own pgshift's state is refused with one line naming the owner, nothing changed; after GRANT it migrates its table", async () => {
-    const st = await pgshift(
-      ["start", "--allow-key-extension", "first_orders", "--partition-by", "range:created_at:month"],
-      first!.url,
-    );
-    expect(st.code, describeRun(st)).toBe(0);
-    const owner = (
-      await db.admin`select pg_get_userbyid(relowner) as o from pg_class where oid = 'pgshift.migrations'::regclass`
-    )[0]!.o;
-    expect(owner).toBe(first!.name);
+  it(
+    "the role that does not own pgshift's state is refused with one line naming the owner, nothing changed; after " +
+      "GRANT it migrates its table",
+    async () => {
+      const st = await pgshift(
+        ["start", "--allow-key-extension", "first_orders", "--partition-by", "range:created_at:month"],
+        first!.url,
+      );
+      expect(st.code, describeRun(st)).toBe(0);
+      const owner = (
+        await db.admin`select pg_get_userbyid(relowner) as o from pg_class where oid = 'pgshift.migrations'::regclass`
+      )[0]!.o;
+      expect(owner).toBe(first!.name);
 
-    const line = `pgshift's state in this database (schema pgshift) belongs to role ${first!.name}, and ${second!.name} is not a member of it`;
-    const remedy = `GRANT ${first!.name} TO ${second!.name}`;
-    const before = await catalogSnapshot(db.admin);
-    const plan = await pgshift(["plan", "second_orders", "--partition-by", "range:created_at:month"], second!.url);
-    expect(plan.code, describeRun(plan)).toBe(2);
-    expect(plan.stdout, describeRun(plan)).toContain(`blocker: ${line}`);
-    expect(plan.stdout).toContain(remedy);
-    expectRefusal(
-      await pgshift(
+      const line =
+        `pgshift's state in this database (schema pgshift) belongs to role ${first!.name}, ` +
+        `and ${second!.name} is not a member of it`;
+      const remedy = `GRANT ${first!.name} TO ${second!.name}`;
+      const before = await catalogSnapshot(db.admin);
+      const plan = await pgshift(["plan", "second_orders", "--partition-by", "range:created_at:month"], second!.url);
+      expect(plan.code, describeRun(plan)).toBe(2);
+      expect(plan.stdout, describeRun(plan)).toContain(`blocker: ${line}`);
+      expect(plan.stdout).toContain(remedy);
+      expectRefusal(
+        await pgshift(
+          ["start", "--allow-key-extension", "second_orders", "--partition-by", "range:created_at:month"],
+          second!.url,
+        ),
+        line,
+        remedy,
+      );
+      // The other role's migration: not readable (its tables are private), let alone changeable.
+      for (const args of [
+        ["status", "first_orders"],
+        ["backfill", "first_orders"],
+        ["abort", "first_orders"],
+      ]) {
+        expectRefusal(await pgshift(args, second!.url), line, remedy);
+      }
+      expect(await catalogSnapshot(db.admin)).toEqual(before);
+
+      // The state readable is not enough to write it: commands that write still refuse, before any change.
+      await db.admin.unsafe(`grant select on pgshift.migrations, pgshift.schema_version to ${second!.name}`);
+      const before2 = await catalogSnapshot(db.admin);
+      expectRefusal(await pgshift(["backfill", "first_orders"], second!.url), line, remedy);
+      expectRefusal(
+        await pgshift(
+          ["start", "--allow-key-extension", "second_orders", "--partition-by", "range:created_at:month"],
+          second!.url,
+        ),
+        line,
+        remedy,
+      );
+      expect(await catalogSnapshot(db.admin)).toEqual(before2);
+
+      await db.admin.unsafe(`grant ${first!.name} to ${second!.name}`);
+      for (const args of [
         ["start", "--allow-key-extension", "second_orders", "--partition-by", "range:created_at:month"],
-        second!.url,
-      ),
-      line,
-      remedy,
-    );
-    // The other role's migration: not readable (its tables are private), let alone changeable.
-    for (const args of [
-      ["status", "first_orders"],
-      ["backfill", "first_orders"],
-      ["abort", "first_orders"],
-    ]) {
-      expectRefusal(await pgshift(args, second!.url), line, remedy);
-    }
-    expect(await catalogSnapshot(db.admin)).toEqual(before);
-
-    // The state readable is not enough to write it: commands that write still refuse, before any change.
-    await db.admin.unsafe(`grant select on pgshift.migrations, pgshift.schema_version to ${second!.name}`);
-    const before2 = await catalogSnapshot(db.admin);
-    expectRefusal(await pgshift(["backfill", "first_orders"], second!.url), line, remedy);
-    expectRefusal(
-      await pgshift(
-        ["start", "--allow-key-extension", "second_orders", "--partition-by", "range:created_at:month"],
-        second!.url,
-      ),
-      line,
-      remedy,
-    );
-    expect(await catalogSnapshot(db.admin)).toEqual(before2);
-
-    await db.admin.unsafe(`grant ${first!.name} to ${second!.name}`);
-    for (const args of [
-      ["start", "--allow-key-extension", "second_orders", "--partition-by", "range:created_at:month"],
-      ["backfill", "second_orders"],
-      ["verify", "second_orders"],
-      ["cutover", "second_orders"],
-      ["finalize", "second_orders", "--yes"],
-    ]) {
-      const r = await pgshift(args, second!.url);
-      expect(r.code, describeRun(r)).toBe(0);
-    }
-    const parts =
-      await db.admin`select count(*)::int as n from pg_inherits where inhparent = 'public.second_orders'::regclass`;
-    expect(parts[0]!.n).toBeGreaterThan(1);
-    const rows = await db.admin`select count(*)::int as n from second_orders`;
-    expect(rows[0]!.n).toBe(300);
-    // The first role's migration is its own to finish.
-    const ab = await pgshift(["abort", "first_orders"], first!.url);
-    expect(ab.code, describeRun(ab)).toBe(0);
-  });
+        ["backfill", "second_orders"],
+        ["verify", "second_orders"],
+        ["cutover", "second_orders"],
+        ["finalize", "second_orders", "--yes"],
+      ]) {
+        const r = await pgshift(args, second!.url);
+        expect(r.code, describeRun(r)).toBe(0);
+      }
+      const parts =
+        await db.admin`select count(*)::int as n from pg_inherits where inhparent = 'public.second_orders'::regclass`;
+      expect(parts[0]!.n).toBeGreaterThan(1);
+      const rows = await db.admin`select count(*)::int as n from second_orders`;
+      expect(rows[0]!.n).toBe(300);
+      // The first role's migration is its own to finish.
+      const ab = await pgshift(["abort", "first_orders"], first!.url);
+      expect(ab.code, describeRun(ab)).toBe(0);
+    },
+  );
 });

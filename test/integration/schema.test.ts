@@ -99,7 +99,8 @@ async function columnsOf(rel: QualifiedName): Promise<Row[]> {
     await db.admin`
       select a.attname::text as name, format_type(a.atttypid, a.atttypmod) as type, co.collname::text as collation,
              a.attnotnull as not_null, pg_get_expr(ad.adbin, ad.adrelid) as default, a.attgenerated::text as generated,
-             a.attidentity::text as identity, a.attstorage::text as storage, col_description(a.attrelid, a.attnum) as comment
+             a.attidentity::text as identity, a.attstorage::text as storage, col_description(a.attrelid,
+               a.attnum) as comment
         from pg_attribute a
         left join pg_attrdef ad on ad.adrelid = a.attrelid and ad.adnum = a.attnum
         left join pg_collation co on co.oid = a.attcollation
@@ -114,7 +115,8 @@ async function defaultSequence(rel: QualifiedName, column: string): Promise<stri
     select d.refobjid::text as seq
       from pg_attrdef ad
       join pg_attribute a on a.attrelid = ad.adrelid and a.attnum = ad.adnum
-      join pg_depend d on d.classid = 'pg_attrdef'::regclass and d.objid = ad.oid and d.refclassid = 'pg_class'::regclass
+      join pg_depend d on d.classid = 'pg_attrdef'::regclass and d.objid = ad.oid and d.refclassid =
+        'pg_class'::regclass
       join pg_class s on s.oid = d.refobjid and s.relkind = 'S'
      where ad.adrelid = to_regclass(${q(rel)}) and a.attname = ${column}`;
   return r[0] ? String(r[0].seq) : null;
@@ -187,245 +189,268 @@ async function sqlState(p: Promise<unknown>): Promise<{ code: string; message: s
 }
 
 describe("shadow fidelity", () => {
-  it('the shadow of "My Schema"."Order Items" has every column property, constraint, index, comment, option and grant', async () => {
-    const table = await createOrderItems("My Schema");
-    expect(parseTableName('"My Schema"."Order Items"')).toEqual(table);
-    const spec = parsePartitionSpec(SPEC);
-    expect(spec).toEqual({ strategy: "range", column: "Created At", interval: "month" });
+  it(
+    'the shadow of "My Schema"."Order Items" has every column property, constraint, index, comment, option and ' +
+      "grant",
+    async () => {
+      const table = await createOrderItems("My Schema");
+      expect(parseTableName('"My Schema"."Order Items"')).toEqual(table);
+      const spec = parsePartitionSpec(SPEC);
+      expect(spec).toEqual({ strategy: "range", column: "Created At", interval: "month" });
 
-    const plan = await planMigration(db.sql, table, { spec });
-    expect(plan.blockers).toEqual([]);
-    expect(plan.shadow).toEqual(shadowOf(table));
-    expect(
-      plan.warnings.some(
-        (w) => w.includes("keeps (id) unique") && w.includes(`after finalize only (id, "Created At") is enforced`),
-      ),
-      plan.warnings.join("\n"),
-    ).toBe(true);
-    expect(
-      plan.warnings.some((w) => w.includes("keeps (note) unique")),
-      plan.warnings.join("\n"),
-    ).toBe(true);
+      const plan = await planMigration(db.sql, table, { spec });
+      expect(plan.blockers).toEqual([]);
+      expect(plan.shadow).toEqual(shadowOf(table));
+      expect(
+        plan.warnings.some(
+          (w) => w.includes("keeps (id) unique") && w.includes(`after finalize only (id, "Created At") is enforced`),
+        ),
+        plan.warnings.join("\n"),
+      ).toBe(true);
+      expect(
+        plan.warnings.some((w) => w.includes("keeps (note) unique")),
+        plan.warnings.join("\n"),
+      ).toBe(true);
 
-    await startMigration(db.sql, table, { allowKeyExtension: true, spec });
-    const shadow = shadowOf(table);
-    expect(await relkind(shadow)).toBe("p");
+      await startMigration(db.sql, table, { allowKeyExtension: true, spec });
+      const shadow = shadowOf(table);
+      expect(await relkind(shadow)).toBe("p");
 
-    // Columns: same order, types, collations, NOT NULL, defaults, generated expressions, storage, comments.
-    const srcCols = await columnsOf(table);
-    const shdCols = await columnsOf(shadow);
-    expect(srcCols.map((c) => c.name)).toEqual([
-      "id",
-      "Created At",
-      "select",
-      "qty",
-      "price",
-      "note",
-      "total",
-      "code",
-      "payload",
-      "customer_id",
-    ]);
-    expect(shdCols).toEqual(srcCols);
-    const byName = (n: string) => shdCols.find((c) => c.name === n)!;
-    expect(byName("code")).toMatchObject({ type: "character varying(40)", collation: "C" });
-    expect(byName("price")).toMatchObject({ type: "numeric(10,2)" });
-    expect(byName("payload")).toMatchObject({ storage: "e" });
-    expect(byName("total")).toMatchObject({ generated: "s" });
-    expect(String(byName("total").default)).toMatch(/qty.*price/);
-    expect(byName("select")).toMatchObject({ default: "'x'::text" });
-    expect(byName("Created At")).toMatchObject({ not_null: true, default: "now()" });
-    expect(byName("note")).toMatchObject({ comment: "the customer's note" });
-    // The serial default calls nextval() of the one sequence of the source, not a copy.
-    const seq = await serialSequence(table, "id");
-    expect(seq).not.toBeNull();
-    expect(await defaultSequence(table, "id")).toBe(seq);
-    expect(await defaultSequence(shadow, "id")).toBe(seq);
+      // Columns: same order, types, collations, NOT NULL, defaults, generated expressions, storage, comments.
+      const srcCols = await columnsOf(table);
+      const shdCols = await columnsOf(shadow);
+      expect(srcCols.map((c) => c.name)).toEqual([
+        "id",
+        "Created At",
+        "select",
+        "qty",
+        "price",
+        "note",
+        "total",
+        "code",
+        "payload",
+        "customer_id",
+      ]);
+      expect(shdCols).toEqual(srcCols);
+      const byName = (n: string) => shdCols.find((c) => c.name === n)!;
+      expect(byName("code")).toMatchObject({ type: "character varying(40)", collation: "C" });
+      expect(byName("price")).toMatchObject({ type: "numeric(10,2)" });
+      expect(byName("payload")).toMatchObject({ storage: "e" });
+      expect(byName("total")).toMatchObject({ generated: "s" });
+      expect(String(byName("total").default)).toMatch(/qty.*price/);
+      expect(byName("select")).toMatchObject({ default: "'x'::text" });
+      expect(byName("Created At")).toMatchObject({ not_null: true, default: "now()" });
+      expect(byName("note")).toMatchObject({ comment: "the customer's note" });
+      // The serial default calls nextval() of the one sequence of the source, not a copy.
+      const seq = await serialSequence(table, "id");
+      expect(seq).not.toBeNull();
+      expect(await defaultSequence(table, "id")).toBe(seq);
+      expect(await defaultSequence(shadow, "id")).toBe(seq);
 
-    // Every partition inherits the column storage and carries the source's storage parameters.
-    const parts = await db.admin`
+      // Every partition inherits the column storage and carries the source's storage parameters.
+      const parts = await db.admin`
       select c.relname::text as name, c.reloptions,
-             (select a.attstorage::text from pg_attribute a where a.attrelid = c.oid and a.attname = 'payload') as storage
+             (select a.attstorage::text from pg_attribute a where a.attrelid = c.oid and a.attname =
+               'payload') as storage
         from pg_inherits i join pg_class c on c.oid = i.inhrelid
        where i.inhparent = to_regclass(${q(shadow)}) order by 1`;
-    expect(parts.length).toBeGreaterThanOrEqual(4);
-    expect(parts.map((p) => p.name)).toContain("Order Items_default");
-    for (const p of parts) {
-      expect(p.reloptions, String(p.name)).toEqual(["fillfactor=70"]);
-      expect(p.storage, String(p.name)).toBe("e");
-    }
+      expect(parts.length).toBeGreaterThanOrEqual(4);
+      expect(parts.map((p) => p.name)).toContain("Order Items_default");
+      for (const p of parts) {
+        expect(p.reloptions, String(p.name)).toEqual(["fillfactor=70"]);
+        expect(p.storage, String(p.name)).toBe("e");
+      }
 
-    // CHECK constraint, with the source's definition.
-    const checks = async (rel: QualifiedName) =>
-      (
-        await db.admin`select pg_get_constraintdef(oid) as def from pg_constraint where conrelid = to_regclass(${q(rel)}) and contype = 'c' order by 1`
-      ).map((r) => String(r.def));
-    expect(await checks(shadow)).toEqual(["CHECK ((qty > 0))"]);
-    expect(await checks(shadow)).toEqual(await checks(table));
+      // CHECK constraint, with the source's definition.
+      const checks = async (rel: QualifiedName) =>
+        (
+          await db.admin`select pg_get_constraintdef(oid) as def from pg_constraint where conrelid =
+          to_regclass(${q(rel)}) and contype = 'c' order by 1`
+        ).map((r) => String(r.def));
+      expect(await checks(shadow)).toEqual(["CHECK ((qty > 0))"]);
+      expect(await checks(shadow)).toEqual(await checks(table));
 
-    // Table comment (with quotes).
-    const comment = await db.admin`select obj_description(to_regclass(${q(shadow)}), 'pg_class') as c`;
-    expect(comment[0]!.c).toBe(`line items: it's "quoted"`);
+      // Table comment (with quotes).
+      const comment = await db.admin`select obj_description(to_regclass(${q(shadow)}), 'pg_class') as c`;
+      expect(comment[0]!.c).toBe(`line items: it's "quoted"`);
 
-    // Primary key (id, "Created At"); the partial unique index widened with "Created At"; the plain index.
-    // (Secondary indexes may be built only after the copy: look once the backfill is done.)
-    expect((await backfill(db.sql, table)).complete).toBe(true);
-    const indexes = await db.admin`
-      select i.indisprimary as primary, i.indisunique as unique, i.indisvalid as valid, pg_get_indexdef(i.indexrelid) as def,
+      // Primary key (id, "Created At"); the partial unique index widened with "Created At"; the plain index.
+      // (Secondary indexes may be built only after the copy: look once the backfill is done.)
+      expect((await backfill(db.sql, table)).complete).toBe(true);
+      const indexes = await db.admin`
+      select i.indisprimary as primary, i.indisunique as unique, i.indisvalid as valid,
+        pg_get_indexdef(i.indexrelid) as def,
              array(select a.attname::text from unnest(i.indkey) with ordinality k(n, o)
                      join pg_attribute a on a.attrelid = i.indrelid and a.attnum = k.n order by k.o) as cols
         from pg_index i where i.indrelid = to_regclass(${q(shadow)}) order by 3`;
-    const pk = indexes.filter((i) => i.primary);
-    expect(pk.map((i) => i.cols)).toEqual([["id", "Created At"]]);
-    const uniques = indexes.filter((i) => i.unique && !i.primary);
-    expect(uniques.map((i) => i.cols)).toEqual([["note", "Created At"]]);
-    expect(String(uniques[0]!.def)).toMatch(/WHERE \(note IS NOT NULL\)/);
-    const plainIx = indexes.filter((i) => !i.unique);
-    expect(plainIx.map((i) => i.cols)).toEqual([["select"]]);
-    for (const i of indexes) expect(i.valid, String(i.def)).toBe(true);
-    // Every partition has the three indexes too.
-    const perPartition = await db.admin`
-      select c.relname::text as name, (select count(*)::int from pg_index i where i.indrelid = c.oid and i.indisvalid) as n
+      const pk = indexes.filter((i) => i.primary);
+      expect(pk.map((i) => i.cols)).toEqual([["id", "Created At"]]);
+      const uniques = indexes.filter((i) => i.unique && !i.primary);
+      expect(uniques.map((i) => i.cols)).toEqual([["note", "Created At"]]);
+      expect(String(uniques[0]!.def)).toMatch(/WHERE \(note IS NOT NULL\)/);
+      const plainIx = indexes.filter((i) => !i.unique);
+      expect(plainIx.map((i) => i.cols)).toEqual([["select"]]);
+      for (const i of indexes) expect(i.valid, String(i.def)).toBe(true);
+      // Every partition has the three indexes too.
+      const perPartition = await db.admin`
+      select c.relname::text as name, (select count(*)::int from pg_index i where i.indrelid = c.oid
+        and i.indisvalid) as n
         from pg_inherits h join pg_class c on c.oid = h.inhrelid where h.inhparent = to_regclass(${q(shadow)})`;
-    for (const p of perPartition) expect(p.n, String(p.name)).toBe(3);
+      for (const p of perPartition) expect(p.n, String(p.name)).toBe(3);
 
-    // Outgoing foreign key.
-    const fks = async (rel: QualifiedName) =>
-      (
-        await db.admin`select pg_get_constraintdef(oid) as def from pg_constraint where conrelid = to_regclass(${q(rel)}) and contype = 'f'`
-      ).map((r) => String(r.def));
-    expect(await fks(shadow)).toHaveLength(1);
-    expect(await fks(shadow)).toEqual(await fks(table));
-    expect((await fks(shadow))[0]).toMatch(/FOREIGN KEY \(customer_id\) REFERENCES "My Schema"\.customers\(id\)/);
+      // Outgoing foreign key.
+      const fks = async (rel: QualifiedName) =>
+        (
+          await db.admin`select pg_get_constraintdef(oid) as def from pg_constraint where conrelid =
+          to_regclass(${q(rel)}) and contype = 'f'`
+        ).map((r) => String(r.def));
+      expect(await fks(shadow)).toHaveLength(1);
+      expect(await fks(shadow)).toEqual(await fks(table));
+      expect((await fks(shadow))[0]).toMatch(/FOREIGN KEY \(customer_id\) REFERENCES "My Schema"\.customers\(id\)/);
 
-    // Grants (relacl) to pgshift_app and PUBLIC.
-    const grants = async (rel: QualifiedName) =>
-      plain(
-        await db.admin`
-          select case when a.grantee = 0 then 'PUBLIC' else pg_get_userbyid(a.grantee)::text end as grantee, a.privilege_type, a.is_grantable
+      // Grants (relacl) to pgshift_app and PUBLIC.
+      const grants = async (rel: QualifiedName) =>
+        plain(
+          await db.admin`
+          select case when a.grantee = 0 then 'PUBLIC' else pg_get_userbyid(a.grantee)::text end as grantee,
+            a.privilege_type, a.is_grantable
             from pg_class c, aclexplode(c.relacl) a
            where c.oid = to_regclass(${q(rel)}) and a.grantee <> c.relowner order by 1, 2`,
-      );
-    expect(await grants(shadow)).toEqual([
-      { grantee: "PUBLIC", privilege_type: "SELECT", is_grantable: false },
-      { grantee: ROLE, privilege_type: "INSERT", is_grantable: false },
-      { grantee: ROLE, privilege_type: "SELECT", is_grantable: false },
-    ]);
-    expect(await grants(shadow)).toEqual(await grants(table));
-  });
+        );
+      expect(await grants(shadow)).toEqual([
+        { grantee: "PUBLIC", privilege_type: "SELECT", is_grantable: false },
+        { grantee: ROLE, privilege_type: "INSERT", is_grantable: false },
+        { grantee: ROLE, privilege_type: "SELECT", is_grantable: false },
+      ]);
+      expect(await grants(shadow)).toEqual(await grants(table));
+    },
+  );
 });
 
 describe("the full flow with odd identifiers", () => {
-  it("insert/update/delete through the table name across start, backfill, verify, cutover, swap-back, cutover, finalize", async () => {
-    const schema = 'Flow "Schema"';
-    const table = await createOrderItems(schema);
-    const parsed = parseTableName(`${quoteIdent(schema)}."Order Items"`);
-    expect(parsed).toEqual(table);
-    const L = q(table);
-    const twin: QualifiedName = { schema: "twin", name: "Order Items" };
-    const T = q(twin);
-    await db.admin.unsafe(`
+  it(
+    "insert/update/delete through the table name across start, backfill, verify, cutover, swap-back, cutover, " +
+      "finalize",
+    async () => {
+      const schema = 'Flow "Schema"';
+      const table = await createOrderItems(schema);
+      const parsed = parseTableName(`${quoteIdent(schema)}."Order Items"`);
+      expect(parsed).toEqual(table);
+      const L = q(table);
+      const twin: QualifiedName = { schema: "twin", name: "Order Items" };
+      const T = q(twin);
+      await db.admin.unsafe(`
       create schema twin;
       create table ${T} (id bigint primary key, "Created At" timestamptz not null, "select" text, qty int not null,
-        price numeric(10,2), note text, total numeric generated always as (qty * price) stored, code varchar(40) collate "C",
+        price numeric(10,2), note text, total numeric generated always as (qty * price) stored, code
+          varchar(40) collate "C",
         payload text, customer_id bigint);
       insert into ${T} (id, ${WRITE_COLS}) select id, ${WRITE_COLS} from ${L};`);
 
-    const seq = (await serialSequence(table, "id"))!;
-    expect(seq).not.toBeNull();
-    const originalOid = (await oidOf(table))!;
-    const ids: number[][] = [];
-    let round = 0;
+      const seq = (await serialSequence(table, "id"))!;
+      expect(seq).not.toBeNull();
+      const originalOid = (await oidOf(table))!;
+      const ids: number[][] = [];
+      let round = 0;
 
-    /** One transaction: inserts (ids from the sequence), updates (partition-key moves, TOAST), deletes, on the table and the twin. */
-    const write = async () => {
-      const k = ++round;
-      await db.admin.begin(async (tx) => {
-        const ins = await tx.unsafe(`
+      /**
+       * One transaction: inserts (ids from the sequence), updates (partition-key moves, TOAST), deletes, on the table
+       * and
+       * the twin.
+       */
+      const write = async () => {
+        const k = ++round;
+        await db.admin.begin(async (tx) => {
+          const ins = await tx.unsafe(`
           with ins as (
             insert into ${L} ("Created At", "select", qty, price, note, code, payload, customer_id)
-            select now() - make_interval(days => (g * 13 + ${k}) % 90), case when g % 2 = 0 then 'r${k}' end, g, g * 2.5,
+            select now() - make_interval(days => (g * 13 + ${k}) % 90), case when g % 2 = 0 then
+              'r${k}' end, g, g * 2.5,
                    'round ${k} row ' || g, 'c' || g, repeat('x', g * 700), 1 + g % 20
               from generate_series(1, 6) g
             returning *),
           ins2 as (insert into ${L} (qty, note) values (3, 'round ${k} defaults') returning *),
-          tw as (insert into ${T} (id, ${WRITE_COLS}) select id, ${WRITE_COLS} from ins union all select id, ${WRITE_COLS} from ins2)
+          tw as (insert into ${T} (id, ${WRITE_COLS}) select id, ${WRITE_COLS} from ins union all select id,
+            ${WRITE_COLS} from ins2)
           select id from ins union all select id from ins2 order by id`);
-        ids.push(ins.map((r) => Number(r.id)));
-        for (const t of [L, T]) {
-          await tx.unsafe(`update ${t} set qty = qty + 1, "select" = 'u${k}' where id % 11 = ${k % 11}`);
-          await tx.unsafe(`update ${t} set "Created At" = "Created At" - interval '33 days' where id % 13 = ${k % 13}`);
-          await tx.unsafe(
-            `update ${t} set payload = repeat('y${k}', 2000), price = price + 1 where id % 29 = ${k % 29}`,
-          );
-          await tx.unsafe(`update ${t} set note = null where id % 31 = ${k % 31}`);
-          await tx.unsafe(`delete from ${t} where id % 17 = ${k % 17}`);
-        }
-      });
+          ids.push(ins.map((r) => Number(r.id)));
+          for (const t of [L, T]) {
+            await tx.unsafe(`update ${t} set qty = qty + 1, "select" = 'u${k}' where id % 11 = ${k % 11}`);
+            await tx.unsafe(
+              `update ${t} set "Created At" = "Created At" - interval '33 days' where id % 13 = ${k % 13}`,
+            );
+            await tx.unsafe(
+              `update ${t} set payload = repeat('y${k}', 2000), price = price + 1 where id % 29 = ${k % 29}`,
+            );
+            await tx.unsafe(`update ${t} set note = null where id % 31 = ${k % 31}`);
+            await tx.unsafe(`delete from ${t} where id % 17 = ${k % 17}`);
+          }
+        });
+        const d = await diffRows(table, twin, ALL_COLS);
+        expect(d, `after write round ${k}`).toMatchObject({ onlyA: 0, onlyB: 0 });
+      };
+      /** The one sequence is owned by the id column of the table that is live now (OWNED BY, deptype 'a'). */
+      const expectSequenceOwnedByLive = async (phase: string) => {
+        const live = (await oidOf(table))!;
+        expect(await sequenceOwners(seq), phase).toEqual([{ rel: live, column: "id", deptype: "a" }]);
+        expect(await serialSequence(table, "id"), phase).toBe(seq);
+        expect(await defaultSequence(table, "id"), phase).toBe(seq);
+      };
+
+      await write();
+      await expectSequenceOwnedByLive("before start");
+      await startMigration(db.sql, parsed, { allowKeyExtension: true, spec: parsePartitionSpec(SPEC) });
+      await write();
+      const part = await backfill(db.sql, parsed, { batchSize: 40, maxBatches: 3 });
+      expect(part.complete).toBe(false);
+      await write();
+      const bf = await backfill(db.sql, parsed, { batchSize: 40 });
+      expect(bf.complete).toBe(true);
+      await write();
+      expectEqual(await verify(db.sql, parsed, { chunkSize: 50 }));
+      await expectSequenceOwnedByLive("backfilled");
+
+      await cutover(db.sql, parsed);
+      expect(await relkind(table)).toBe("p");
+      await write();
+      expectEqual(await verify(db.sql, parsed, { chunkSize: 50 }));
+      await expectSequenceOwnedByLive("after cutover");
+
+      await swapBack(db.sql, parsed);
+      expect(await oidOf(table)).toBe(originalOid);
+      await write();
+      expectEqual(await verify(db.sql, parsed, { chunkSize: 50 }));
+      await expectSequenceOwnedByLive("after swap-back");
+
+      await cutover(db.sql, parsed);
+      await write();
+      expectEqual(await verify(db.sql, parsed, { chunkSize: 50 }));
+      await expectSequenceOwnedByLive("after the second cutover");
+      const m = (await loadMigration(db.sql, parsed))!;
+      expect(m.phase).toBe("cutover");
+      expect(await diffRows(m.copy, twin, ALL_COLS)).toMatchObject({ onlyA: 0, onlyB: 0 });
+
+      await finalize(db.sql, parsed, { yes: true });
+      expect(await loadMigration(db.sql, parsed)).toBeNull();
+      expect(await relkind(table)).toBe("p");
+      expect(await oidOf(m.copy)).toBeNull();
       const d = await diffRows(table, twin, ALL_COLS);
-      expect(d, `after write round ${k}`).toMatchObject({ onlyA: 0, onlyB: 0 });
-    };
-    /** The one sequence is owned by the id column of the table that is live now (OWNED BY, deptype 'a'). */
-    const expectSequenceOwnedByLive = async (phase: string) => {
-      const live = (await oidOf(table))!;
-      expect(await sequenceOwners(seq), phase).toEqual([{ rel: live, column: "id", deptype: "a" }]);
-      expect(await serialSequence(table, "id"), phase).toBe(seq);
-      expect(await defaultSequence(table, "id"), phase).toBe(seq);
-    };
+      expect(d).toMatchObject({ onlyA: 0, onlyB: 0 });
+      expect(d.rows).toBeGreaterThan(150);
 
-    await write();
-    await expectSequenceOwnedByLive("before start");
-    await startMigration(db.sql, parsed, { allowKeyExtension: true, spec: parsePartitionSpec(SPEC) });
-    await write();
-    const part = await backfill(db.sql, parsed, { batchSize: 40, maxBatches: 3 });
-    expect(part.complete).toBe(false);
-    await write();
-    const bf = await backfill(db.sql, parsed, { batchSize: 40 });
-    expect(bf.complete).toBe(true);
-    await write();
-    expectEqual(await verify(db.sql, parsed, { chunkSize: 50 }));
-    await expectSequenceOwnedByLive("backfilled");
+      // The sequence survived the retired table and is owned by the new table's id column.
+      await expectSequenceOwnedByLive("after finalize");
+      await write();
 
-    await cutover(db.sql, parsed);
-    expect(await relkind(table)).toBe("p");
-    await write();
-    expectEqual(await verify(db.sql, parsed, { chunkSize: 50 }));
-    await expectSequenceOwnedByLive("after cutover");
-
-    await swapBack(db.sql, parsed);
-    expect(await oidOf(table)).toBe(originalOid);
-    await write();
-    expectEqual(await verify(db.sql, parsed, { chunkSize: 50 }));
-    await expectSequenceOwnedByLive("after swap-back");
-
-    await cutover(db.sql, parsed);
-    await write();
-    expectEqual(await verify(db.sql, parsed, { chunkSize: 50 }));
-    await expectSequenceOwnedByLive("after the second cutover");
-    const m = (await loadMigration(db.sql, parsed))!;
-    expect(m.phase).toBe("cutover");
-    expect(await diffRows(m.copy, twin, ALL_COLS)).toMatchObject({ onlyA: 0, onlyB: 0 });
-
-    await finalize(db.sql, parsed, { yes: true });
-    expect(await loadMigration(db.sql, parsed)).toBeNull();
-    expect(await relkind(table)).toBe("p");
-    expect(await oidOf(m.copy)).toBeNull();
-    const d = await diffRows(table, twin, ALL_COLS);
-    expect(d).toMatchObject({ onlyA: 0, onlyB: 0 });
-    expect(d.rows).toBeGreaterThan(150);
-
-    // The sequence survived the retired table and is owned by the new table's id column.
-    await expectSequenceOwnedByLive("after finalize");
-    await write();
-
-    // Every id came from the one sequence, in order: no duplicates, each round above the previous one.
-    const flat = ids.flat();
-    expect(new Set(flat).size).toBe(flat.length);
-    for (let i = 1; i < ids.length; i++)
-      expect(Math.min(...ids[i]!), `round ${i + 1}`).toBeGreaterThan(Math.max(...ids[i - 1]!));
-    const dup = await db.admin.unsafe(`select count(*)::int as n, count(distinct id)::int as d from ${L}`);
-    expect(dup[0]!.n).toBe(dup[0]!.d);
-  });
+      // Every id came from the one sequence, in order: no duplicates, each round above the previous one.
+      const flat = ids.flat();
+      expect(new Set(flat).size).toBe(flat.length);
+      for (let i = 1; i < ids.length; i++)
+        expect(Math.min(...ids[i]!), `round ${i + 1}`).toBeGreaterThan(Math.max(...ids[i - 1]!));
+      const dup = await db.admin.unsafe(`select count(*)::int as n, count(distinct id)::int as d from ${L}`);
+      expect(dup[0]!.n).toBe(dup[0]!.d);
+    },
+  );
 });
 
 describe("identity columns", () => {
@@ -441,13 +466,15 @@ describe("identity columns", () => {
       const L = q(table);
       await db.admin.unsafe(`
       create table ${L} (id bigint ${clause} primary key, created_at timestamptz not null default now(), v text);
-      insert into ${L} (created_at, v) select now() - make_interval(days => g % 80), 'v' || g from generate_series(1, 120) g;`);
+      insert into ${L} (created_at, v) select now() - make_interval(days => g % 80), 'v' || g from
+        generate_series(1, 120) g;`);
       const seq = (await serialSequence(table, "id"))!;
       expect(seq).not.toBeNull();
       const ids: number[] = [];
       const insertRows = async (tag: string) => {
         const r = await db.admin.unsafe(
-          `insert into ${L} (created_at, v) select now() - make_interval(days => g * 20), '${tag}' || g from generate_series(1, 5) g returning id`,
+          `insert into ${L} (created_at, v) select now() - make_interval(days => g * 20), '${tag}' || g from
+            generate_series(1, 5) g returning id`,
         );
         const got = r.map((x) => Number(x.id));
         const prev = ids.length > 0 ? Math.max(...ids) : 120;
@@ -488,7 +515,8 @@ describe("identity columns", () => {
         });
       }
       const attidentity =
-        await db.admin`select attidentity::text as i from pg_attribute where attrelid = to_regclass(${L}) and attname = 'id'`;
+        await db.admin`select attidentity::text as i from pg_attribute where attrelid = to_regclass(${L})
+          and attname = 'id'`;
       expect(attidentity[0]!.i).toBe(identity);
       expectEqual(await verify(db.sql, table));
 
@@ -498,8 +526,8 @@ describe("identity columns", () => {
       await finalize(db.sql, table, { yes: true });
 
       expect(await relkind(table)).toBe("p");
-      const after =
-        await db.admin`select attidentity::text as i from pg_attribute where attrelid = to_regclass(${L}) and attname = 'id'`;
+      const after = await db.admin`select attidentity::text as i from pg_attribute where attrelid = to_regclass(${L})
+          and attname = 'id'`;
       expect(after[0]!.i).toBe(identity);
       const newSeq = await serialSequence(table, "id");
       expect(newSeq).not.toBeNull();
@@ -516,13 +544,16 @@ describe("identity columns", () => {
     },
   );
 
-  // Regression: the shadow's identity default is a SECURITY DEFINER function, so roles without USAGE on the sequence can insert.
+  // Regression: the shadow's identity default is a SECURITY DEFINER function, so roles without USAGE on the sequence
+  // can insert.
   it("an application role with INSERT and no sequence privilege can insert without id after cutover", async () => {
     const table: QualifiedName = { schema: "public", name: "ident_app" };
     const L = q(table);
     await db.admin.unsafe(`
-      create table ${L} (id bigint generated always as identity primary key, created_at timestamptz not null default now(), v text);
-      insert into ${L} (created_at, v) select now() - make_interval(days => g % 60), 'v' || g from generate_series(1, 50) g;
+      create table ${L} (id bigint generated always as identity primary key, created_at timestamptz not null
+        default now(), v text);
+      insert into ${L} (created_at, v) select now() - make_interval(days => g % 60), 'v' || g from
+        generate_series(1, 50) g;
       grant select, insert on ${L} to ${ROLE};`);
     const asApp = (text: string) =>
       db.admin.begin(async (tx) => {
@@ -549,9 +580,11 @@ describe("identity columns", () => {
     const L = q(table);
     await db.admin.unsafe(`
       create table ${L} (
-        id bigint generated by default as identity (start with 1000 increment by 5 minvalue 10 maxvalue 900000 cache 3 cycle) primary key,
+        id bigint generated by default as identity (start with 1000 increment by 5 minvalue 10 maxvalue 900000 cache 3
+          cycle) primary key,
         created_at timestamptz not null default now(), v text);
-      insert into ${L} (created_at, v) select now() - make_interval(days => g % 60), 'v' || g from generate_series(1, 50) g;`);
+      insert into ${L} (created_at, v) select now() - make_interval(days => g % 60), 'v' || g from
+        generate_series(1, 50) g;`);
     const options = async () => {
       const name = (await db.admin`select pg_get_serial_sequence(${L}, 'id') as s`)[0]!.s as string | null;
       expect(name).not.toBeNull();
@@ -597,7 +630,8 @@ describe("TRUNCATE guard", () => {
     await db.admin.unsafe(`
       create schema if not exists "Trunc Schema";
       create table ${q(t)} (id bigserial primary key, "Created At" timestamptz not null default now(), v text);
-      insert into ${q(t)} ("Created At", v) select now() - make_interval(days => g), 'v' || g from generate_series(1, 60) g;`);
+      insert into ${q(t)} ("Created At", v) select now() - make_interval(days => g), 'v' || g from
+        generate_series(1, 60) g;`);
     return t;
   };
 
@@ -682,11 +716,13 @@ function withoutBookkeeping(s: CatalogSnapshot): CatalogSnapshot {
 describe("abort leaves the source exactly as before start", () => {
   const mirrorFunctionExists = async (fn: string) =>
     (
-      await db.admin`select count(*)::int as n from pg_proc p join pg_namespace n on n.oid = p.pronamespace where n.nspname = 'pgshift' and p.proname = ${fn}`
+      await db.admin`select count(*)::int as n from pg_proc p join pg_namespace n on n.oid = p.pronamespace where
+        n.nspname = 'pgshift' and p.proname = ${fn}`
     )[0]!.n;
   const rowType = async (rel: QualifiedName) =>
     plain(
-      await db.admin`select t.typname::text as typ, a.typname::text as arr from pg_type t left join pg_type a on a.oid = t.typarray where t.typrelid = to_regclass(${q(rel)})`,
+      await db.admin`select t.typname::text as typ, a.typname::text as arr from pg_type t left join pg_type a on a.oid =
+        t.typarray where t.typrelid = to_regclass(${q(rel)})`,
     );
 
   beforeAll(async () => {
@@ -741,7 +777,8 @@ describe("generated columns", () => {
     const cols = "id, a, doubled, created_at, b, sum_ab, label";
     const consistent = async (rel: QualifiedName) => {
       const r = await db.admin.unsafe(
-        `select count(*)::int as n from ${q(rel)} where doubled is distinct from a * 2 or sum_ab is distinct from a + coalesce(b, 0)`,
+        `select count(*)::int as n from ${q(rel)} where doubled is distinct from a * 2 or sum_ab is distinct from
+          a + coalesce(b, 0)`,
       );
       expect(r[0]!.n, q(rel)).toBe(0);
     };

@@ -30,7 +30,8 @@ describe("a replication slot invalidated by PostgreSQL", () => {
   it("status reports it, sync and cutover refuse, abort removes everything", async () => {
     await admin.unsafe(`
       create table lost (id bigserial primary key, created_at timestamptz not null, note text);
-      insert into lost (created_at, note) select timestamptz '2025-01-01 00:00+00' + i * interval '11 hours', 'n' || i from generate_series(1, 200) i;
+      insert into lost (created_at, note) select timestamptz '2025-01-01 00:00+00' + i * interval '11 hours', 'n' || i
+        from generate_series(1, 200) i;
       create table filler (x text);`);
     expect(
       (

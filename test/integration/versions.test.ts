@@ -40,7 +40,8 @@ describe("PostgreSQL versions", () => {
         await sql`
           select (select count(*) from pg_namespace where nspname = 'pgshift')::int as schemas,
                  (select count(*) from pg_class where relname like '%pgshift%')::int as relations,
-                 (select count(*) from pg_trigger where tgrelid = 'orders'::regclass and not tgisinternal)::int as triggers,
+                 (select count(*) from pg_trigger where tgrelid = 'orders'::regclass and not
+                   tgisinternal)::int as triggers,
                  (select count(*) from pg_replication_slots)::int as slots,
                  (select count(*) from pg_publication)::int as publications,
                  (select count(*) from orders)::int as rows`

@@ -3,7 +3,9 @@ import type { AnySql } from "../../src/db.js";
 export type CatalogSnapshot = Awaited<ReturnType<typeof catalogSnapshot>>;
 
 /** Schemas that are PostgreSQL's own, not the database's content. */
-const SYSTEM_SCHEMAS = `n.nspname not in ('pg_catalog', 'information_schema') and n.nspname not like 'pg\\_toast%' and n.nspname not like 'pg\\_temp\\_%'`;
+const SYSTEM_SCHEMAS =
+  `n.nspname not in ('pg_catalog', 'information_schema') and n.nspname not like 'pg\\_toast%' ` +
+  `and n.nspname not like 'pg\\_temp\\_%'`;
 
 /**
  * Everything a pgshift command could create, drop, rename or alter, by kind, each entry one JSON text,
@@ -28,7 +30,8 @@ export async function catalogSnapshot(sql: AnySql) {
              (select string_agg(format('%s %s%s%s%s', a.attname, format_type(a.atttypid, a.atttypmod),
                                        case when a.attnotnull then ' not null' else '' end,
                                        coalesce(' default ' || pg_get_expr(ad.adbin, ad.adrelid), ''),
-                                       case when a.attidentity::text <> '' then ' identity ' || a.attidentity::text else '' end),
+                                       case when a.attidentity::text <> '' then ' identity ' ||
+                                         a.attidentity::text else '' end),
                                 ', ' order by a.attnum)
                 from pg_attribute a left join pg_attrdef ad on ad.adrelid = a.attrelid and ad.adnum = a.attnum
                where a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped) as columns
@@ -50,7 +53,8 @@ export async function catalogSnapshot(sql: AnySql) {
         from pg_proc p join pg_namespace n on n.oid = p.pronamespace
        where ${SYSTEM_SCHEMAS}`),
     triggers: await q(`
-      select t.tgname, t.tgrelid::regclass::text as rel, t.tgenabled::text, t.tgisinternal, pg_get_triggerdef(t.oid) as def
+      select t.tgname, t.tgrelid::regclass::text as rel, t.tgenabled::text, t.tgisinternal,
+        pg_get_triggerdef(t.oid) as def
         from pg_trigger t join pg_class c on c.oid = t.tgrelid join pg_namespace n on n.oid = c.relnamespace
        where ${SYSTEM_SCHEMAS}`),
     constraints: await q(`
@@ -63,7 +67,8 @@ export async function catalogSnapshot(sql: AnySql) {
        where r.rulename <> '_RETURN' and ${SYSTEM_SCHEMAS}`),
     policies: await q(`select polname, polrelid::regclass::text as rel, polcmd::text from pg_policy`),
     publications: await q(`
-      select p.pubname, p.puballtables, coalesce((select string_agg(pr.prrelid::regclass::text, ', ' order by pr.prrelid::regclass::text)
+      select p.pubname, p.puballtables, coalesce((select string_agg(pr.prrelid::regclass::text, ', ' order by
+        pr.prrelid::regclass::text)
                                                from pg_publication_rel pr where pr.prpubid = p.oid), '') as tables
         from pg_publication p`),
   };
@@ -75,7 +80,8 @@ export async function catalogSnapshot(sql: AnySql) {
   const contents: string[] = [];
   for (const t of tables) {
     const r = await sql.unsafe(
-      `select count(*)::int as n, md5(coalesce(string_agg(x::text, E'\\n' order by x::text), '')) as h from ${String(t.q)} x`,
+      `select count(*)::int as n, md5(coalesce(string_agg(x::text, E'\\n' order by x::text), '')) as h
+        from ${String(t.q)} x`,
     );
     contents.push(JSON.stringify({ table: t.q, rows: r[0]?.n, hash: r[0]?.h }));
   }

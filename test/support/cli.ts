@@ -50,7 +50,10 @@ export function runCli(args: string[], opts: { timeoutMs?: number; env?: NodeJS.
 
 /** A result as text for assertion messages. */
 export function describeRun(r: CliResult): string {
-  return `pgshift ${r.args.join(" ")}\n  exit ${r.code}${r.signal ? ` (${r.signal})` : ""}, ${r.ms} ms\n--- stdout\n${r.stdout}--- stderr\n${r.stderr}---`;
+  return (
+    `pgshift ${r.args.join(" ")}\n  exit ${r.code}${r.signal ? ` (${r.signal})` : ""}, ${r.ms} ms\n--- ` +
+    `stdout\n${r.stdout}--- stderr\n${r.stderr}---`
+  );
 }
 
 /**

@@ -17,10 +17,12 @@ describe("mirrorFunctionSql, writes: strict (the reverse mirror into the retired
     const sql = mirrorFunctionSql(base);
     expect(sql).not.toContain("ON CONFLICT");
     expect(sql).toContain(
-      `INSERT INTO "public"."orders_pgshift_retired" ("id", "created_at", "status")\n    VALUES (NEW."id", NEW."created_at", NEW."status");`,
+      `INSERT INTO "public"."orders_pgshift_retired" ("id", "created_at", "status")\n    VALUES (NEW."id", ` +
+        `NEW."created_at", NEW."status");`,
     );
     expect(sql).toContain(
-      `UPDATE "public"."orders_pgshift_retired" SET "id" = NEW."id", "created_at" = NEW."created_at", "status" = NEW."status" WHERE ("id") = (OLD."id");`,
+      `UPDATE "public"."orders_pgshift_retired" SET "id" = NEW."id", "created_at" = NEW."created_at", "status" = ` +
+        `NEW."status" WHERE ("id") = (OLD."id");`,
     );
     expect(sql).toContain(`DELETE FROM "public"."orders_pgshift_retired" WHERE ("id") = (OLD."id");`);
     // an UPDATE that found its row is done; one that did not (the row is missing) inserts it
@@ -29,15 +31,23 @@ describe("mirrorFunctionSql, writes: strict (the reverse mirror into the retired
     );
   });
 
-  it("sets a GENERATED ALWAYS identity column only when it changed (the retired table then refuses as the original did)", () => {
-    const sql = mirrorFunctionSql({ ...base, overridingSystemValue: true, alwaysIdentity: ["id"] });
-    expect(sql).toContain(`IF (OLD."id") IS DISTINCT FROM (NEW."id") THEN
-      UPDATE "public"."orders_pgshift_retired" SET "id" = NEW."id", "created_at" = NEW."created_at", "status" = NEW."status" WHERE ("id") = (OLD."id");
+  it(
+    "sets a GENERATED ALWAYS identity column only when it changed (the retired table then refuses as the " +
+      "original did)",
+    () => {
+      const sql = mirrorFunctionSql({ ...base, overridingSystemValue: true, alwaysIdentity: ["id"] });
+      expect(sql).toContain(
+        `IF (OLD."id") IS DISTINCT FROM (NEW."id") THEN
+      UPDATE "public"."orders_pgshift_retired" SET "id" = NEW."id", "created_at" = NEW."created_at", "status" = ` +
+          `NEW."status" WHERE ("id") = (OLD."id");
     ELSE
-      UPDATE "public"."orders_pgshift_retired" SET "created_at" = NEW."created_at", "status" = NEW."status" WHERE ("id") = (OLD."id");
-    END IF;`);
-    expect(sql).toContain(`("id", "created_at", "status") OVERRIDING SYSTEM VALUE\n    VALUES`);
-  });
+      UPDATE "public"."orders_pgshift_retired" SET "created_at" = NEW."created_at", "status" = NEW."status" WHERE ` +
+          `("id") = (OLD."id");
+    END IF;`,
+      );
+      expect(sql).toContain(`("id", "created_at", "status") OVERRIDING SYSTEM VALUE\n    VALUES`);
+    },
+  );
 
   it("keeps the forward mirror an upsert (the default)", () => {
     const { writes: _, ...forward } = base;

@@ -49,7 +49,8 @@ describe("nextStepFor", () => {
     for (const phase of ["started", "backfilling"] as const) {
       const next = nextStepFor(migration(phase), table, live);
       expect(next).toBe(
-        "wait: pgshift backfill (backend pid 42, since 2026-01-01T00:00:00.000Z) is copying; watch it with: watch -n 5 pgshift status public.orders",
+        "wait: pgshift backfill (backend pid 42, since 2026-01-01T00:00:00.000Z) is copying; watch it with: watch -n " +
+          "5 pgshift status public.orders",
       );
     }
   });
@@ -65,19 +66,25 @@ describe("nextStepFor", () => {
   it("nothing runs: each phase's own step", () => {
     expect(nextStepFor(migration("started"), table, idle)).toBe("run pgshift backfill public.orders");
     expect(nextStepFor(migration("backfilling"), table, idle)).toBe(
-      "no backfill is running (it stopped or was killed; last batch at 2026-01-01T00:00:00.000Z): run pgshift backfill public.orders to resume from its checkpoint (1234 rows copied)",
+      "no backfill is running (it stopped or was killed; last batch at 2026-01-01T00:00:00.000Z): run pgshift " +
+        "backfill public.orders to resume from its checkpoint (1234 rows copied)",
     );
     expect(nextStepFor(migration("backfilling", { copy_finished_at: new Date() }), table, idle)).toMatch(
-      /^no backfill is running: the copy is complete but not all secondary indexes are built; run pgshift backfill public\.orders/,
+      new RegExp(
+        "^no backfill is running: the copy is complete but not all secondary indexes are built; " +
+          String.raw`run pgshift backfill public\.orders`,
+      ),
     );
     expect(nextStepFor(migration("backfilled"), table, idle)).toBe(
       "run pgshift verify public.orders, then pgshift cutover public.orders",
     );
     expect(nextStepFor(migration("backfilled", { last_verify: differs }), table, idle)).toBe(
-      "the last verify found differences: run pgshift verify public.orders --repair, then pgshift cutover public.orders",
+      "the last verify found differences: run pgshift verify public.orders --repair, then pgshift " +
+        "cutover public.orders",
     );
     expect(nextStepFor(migration("cutover"), table, idle)).toBe(
-      "run pgshift verify public.orders, then pgshift finalize public.orders --yes (or pgshift swap-back public.orders)",
+      "run pgshift verify public.orders, then pgshift finalize public.orders --yes (or pgshift " +
+        "swap-back public.orders)",
     );
     expect(nextStepFor(migration("cutover", { last_verify: differs }), table, idle)).toMatch(
       /^the last verify found differences: run pgshift verify public\.orders --repair/,

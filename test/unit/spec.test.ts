@@ -151,7 +151,8 @@ describe("parsePartitionSpec: malformed input throws PgshiftError", () => {
     expect(err.message).toMatch(message);
     expect(err.message).toContain(`invalid --partition-by ${JSON.stringify(text)}`);
     expect(err.hint).toBe(
-      "use range:<column>:<day|week|month|quarter|year>, range:<column>:<width>, list:<column> or hash:<column>:<modulus>",
+      "use range:<column>:<day|week|month|quarter|year>, range:<column>:<width>, list:<column> or " +
+        "hash:<column>:<modulus>",
     );
     expect(err.exitCode).toBe(2);
   });
