@@ -3,7 +3,8 @@ import { type AnySql, type Fragment, identList, type LockRetryOptions, type Sql,
 import { sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { lockMigration, type Migration, requireMigration, unlockMigration } from "../migration/state.js";
-import { catchUp, followStream, type StreamFollower } from "../mirror/stream.js";
+import { mirrorFor } from "../mirror/mirror.js";
+import { catchUp, type StreamFollower } from "../mirror/stream.js";
 import { displayName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
 import {
   block,
@@ -121,7 +122,8 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
   const batchSize = opts.batchSize ?? 10000;
   const lockTimeoutMs = opts.lockTimeoutMs ?? 500;
   if (m.phase === "backfilled" || m.phase === "swapped_back") return { migration: m, steps: [] };
-  const logical = m.mode === "logical" && m.slot_name !== null;
+  const mirror = mirrorFor(m.mode);
+  const logical = mirror.streams(m);
   // A DEFERRABLE unique constraint of the shadow (created at start) is checked at the batch's COMMIT, and
   // that check waits for a writer's uncommitted row with the same value; that writer may itself be waiting
   // for a row the batch locked FOR SHARE: a deadlock, whose victim could be the application. So every
@@ -158,7 +160,7 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
       check(
         "follow the replication stream while the copy runs: apply it in this process, or watch pgshift sync apply it",
         async () => {
-          run.follower = await followStream(sql, m);
+          run.follower = await mirror.follow(sql, m);
         },
       ),
     );

@@ -14,7 +14,7 @@ import {
 } from "../migration/state.js";
 import { dropStreamSql, lsnToBigInt, slotState } from "../mirror/logical.js";
 import { mirrorFor } from "../mirror/mirror.js";
-import { CatchupTimeout, followStream, type StreamFollower } from "../mirror/stream.js";
+import { CatchupTimeout, type StreamFollower } from "../mirror/stream.js";
 import { truncateGuardSql } from "../mirror/trigger.js";
 import { displayName, type QualifiedName, quoteIdent, quoteQualified } from "../names.js";
 import {
@@ -197,8 +197,11 @@ function buildSwitch(
   const to = command === "cutover" ? "cutover" : "swapped_back";
   const what = command === "cutover" ? "cut over" : "swap back";
   const context: SwitchContext = { follower: null, target: "", snapshot: [], locked: 0 };
-  const slot = m.slot_name;
-  const streamed = to === "cutover" && m.mode === "logical" && m.phase === "backfilled" && slot !== null;
+  // Logical mode before the first cutover: the shadow follows the slot (swap-back's and a later cutover's never do).
+  const mirror = mirrorFor(m.mode);
+  const stream = mirror.streams(m) ? m : null;
+  const slot = stream?.slot_name ?? null;
+  const streamed = stream !== null && slot !== null;
   const sw = switchSql(m, to);
   const lockBoth = statement(sw[0]!);
   if (!streamed) lockBoth.read = markLocked;
@@ -282,7 +285,7 @@ function buildSwitch(
         "apply the replication slot's changes to the shadow on a connection of its own until the cutover commits " +
           "(or follow pgshift sync doing it)",
         async () => {
-          context.follower = await followStream(sql, m);
+          context.follower = await mirror.follow(sql, m);
         },
       )
     : null;

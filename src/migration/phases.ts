@@ -16,6 +16,12 @@
 export const PHASES = ["started", "backfilling", "backfilled", "cutover", "swapped_back"] as const;
 export type Phase = (typeof PHASES)[number];
 
+/**
+ * The phases in which, in logical mode, the shadow follows the replication slot (until the first cutover);
+ * from cutover on the reverse mirror is a row trigger and the stream applies nothing more.
+ */
+export const STREAMING_PHASES: readonly Phase[] = ["started", "backfilling", "backfilled"];
+
 /** The commands that act on a migration in progress (plan, start and status act before one or read it only). */
 export const COMMANDS = ["backfill", "sync", "verify", "cutover", "swap-back", "finalize", "abort"] as const;
 export type Command = (typeof COMMANDS)[number];

@@ -9,7 +9,16 @@ import { displayName, type QualifiedName, quoteQualified } from "../names.js";
 import { PartitionSpecSchema } from "../partitioning/spec.js";
 import { loadSql } from "../sql/template.js";
 import { upgradeDdlGuard } from "./ddl-guard.js";
-import { type Command, NEXT_STEP, namesInSql, PHASES, type Phase, TRANSITIONS, tablesIn } from "./phases.js";
+import {
+  type Command,
+  NEXT_STEP,
+  namesInSql,
+  PHASES,
+  type Phase,
+  STREAMING_PHASES,
+  TRANSITIONS,
+  tablesIn,
+} from "./phases.js";
 
 export { type Command, NEXT_STEP, PHASES, type Phase, TRANSITIONS, tablesIn } from "./phases.js";
 
@@ -100,8 +109,8 @@ export const MigrationRowSchema = z.object({
 });
 export type MigrationRow = z.infer<typeof MigrationRowSchema>;
 
-/** A migration with its tables named for the current phase. */
-export interface Migration extends MigrationRow {
+/** A migration row with its tables named for the current phase (either mode: see Migration). */
+export interface MigrationBase extends MigrationRow {
   /** The table the application writes to: always the original name. */
   live: QualifiedName;
   /** The table that receives the mirror: shadow before cutover, retired table after. */
@@ -111,6 +120,43 @@ export interface Migration extends MigrationRow {
   /** The partitioned table under its current name. */
   partitioned: QualifiedName;
   mirrorFn: QualifiedName;
+}
+
+/** A trigger-mode migration: row triggers mirror every write; it never has a replication slot or publication. */
+export type TriggerMigration = MigrationBase & { mode: "trigger"; slot_name: null; publication_name: null };
+/**
+ * A logical-mode migration: a replication slot and publication carry the writes to the shadow until the first
+ * cutover, which drops them (their names are null from then on, or until a failed drop is retried).
+ */
+export type LogicalMigration = MigrationBase & { mode: "logical" };
+/** A migration, of either mode; `mode` tells which (a trigger-mode one has no slot or publication). */
+export type Migration = TriggerMigration | LogicalMigration;
+/** A logical-mode migration whose shadow follows its slot now: slot and publication exist, phase before cutover. */
+export type StreamingMigration = LogicalMigration & { slot_name: string; publication_name: string };
+
+/** Whether `m` is a logical-mode migration whose slot and publication are named (whatever its phase). */
+export function hasStream(m: Migration): m is StreamingMigration {
+  return m.mode === "logical" && m.slot_name !== null && m.publication_name !== null;
+}
+
+/**
+ * `m`, typed as a migration with a stream (to start an Applier on it).
+ * @throws PgshiftError when `m` is in trigger mode or its slot or publication is gone.
+ */
+export function requireStream(m: Migration): StreamingMigration {
+  if (hasStream(m)) return m;
+  throw new PgshiftError(
+    `the migration of ${m.source_schema}.${m.source_table} has no replication stream ` +
+      `(${m.mode} mode${m.mode === "logical" ? ", slot dropped at cutover" : ""})`,
+  );
+}
+
+/**
+ * Whether the shadow of `m` follows a replication stream now (logical mode, slot and publication named, a phase
+ * of STREAMING_PHASES): then the commands that need every committed change applied wait for the stream.
+ */
+export function isStreaming(m: Migration): m is StreamingMigration {
+  return hasStream(m) && STREAMING_PHASES.includes(m.phase);
 }
 
 /**
@@ -179,8 +225,25 @@ const UPGRADE_WORK: Readonly<Record<number, UpgradeWork>> = {
   5: { during: (tx) => strictReverseMirrors(tx) },
 };
 
+/**
+ * The migration of a row read back, named for its phase, typed by its mode.
+ * @throws PgshiftError when a trigger-mode row names a replication slot or publication (a state no pgshift writes).
+ */
 function withNames(row: MigrationRow): Migration {
-  return { ...row, ...tablesIn(row, row.phase), mirrorFn: { schema: "pgshift", name: row.mirror_function } };
+  const base: MigrationBase = {
+    ...row,
+    ...tablesIn(row, row.phase),
+    mirrorFn: { schema: "pgshift", name: row.mirror_function },
+  };
+  if (base.mode === "logical") return base as LogicalMigration;
+  if (base.slot_name !== null || base.publication_name !== null) {
+    throw new PgshiftError(
+      `the migration of ${row.source_schema}.${row.source_table} is in trigger mode but names a replication slot ` +
+        `or publication (${base.slot_name ?? "-"}, ${base.publication_name ?? "-"}): pgshift never writes that`,
+      { hint: "inspect pgshift.migrations; run pgshift abort (before cutover) or fix the row" },
+    );
+  }
+  return base as TriggerMigration;
 }
 
 /**

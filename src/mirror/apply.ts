@@ -15,7 +15,8 @@ import {
 import { lsnText, type Pgoutput, ReplicationStream } from "../driver/replication.js";
 import { isConnectionLoss, PgshiftError } from "../errors.js";
 import { log } from "../log.js";
-import type { Migration, Phase } from "../migration/state.js";
+import { STREAMING_PHASES } from "../migration/phases.js";
+import type { Phase, StreamingMigration } from "../migration/state.js";
 import { ChangeBatch, columnTypes, type Tuple } from "./changes.js";
 import { lsnToBigInt, slotState } from "./logical.js";
 
@@ -38,7 +39,7 @@ export const FLUSH_MESSAGE = { prefix: "pgshift", content: "flush" } as const;
 const GROUP_TRANSACTIONS = 5000;
 
 /** The phases in which the shadow follows the slot: from cutover on, nothing may be applied any more. */
-export const STREAMING_PHASES: readonly Phase[] = ["started", "backfilling", "backfilled"];
+export { STREAMING_PHASES };
 
 /**
  * A group was refused at its commit (and rolled back) because the applier is no longer the one entitled to
@@ -95,7 +96,7 @@ export interface ApplierOptions {
  *   slot does not retain WAL written by other tables.
  */
 export class Applier {
-  private readonly m: Migration;
+  private readonly m: StreamingMigration;
   private readonly opts: ApplierOptions;
   private stream: ReplicationStream | null = null;
   private sql: Sql | null = null;
@@ -134,8 +135,9 @@ export class Applier {
   /** Groups applied in exact mode (see exactMode). */
   exactGroups = 0;
 
-  constructor(m: Migration, opts: ApplierOptions = {}) {
-    if (!m.slot_name || !m.publication_name)
+  constructor(m: StreamingMigration, opts: ApplierOptions = {}) {
+    // The type says so; a caller from JavaScript may not have checked (isStreaming, state.ts).
+    if (m.mode !== "logical" || !m.slot_name || !m.publication_name)
       throw new PgshiftError("this migration has no replication slot (trigger mode?)");
     this.m = m;
     this.opts = opts;
@@ -170,7 +172,7 @@ export class Applier {
       onClose: () => this.connectionLost(),
     });
     try {
-      const slot = await slotState(this.sql, this.m.slot_name!);
+      const slot = await slotState(this.sql, this.m.slot_name);
       if (slot.invalidated !== null) {
         throw new PgshiftError(
           `replication slot ${this.m.slot_name} was invalidated by PostgreSQL (${slot.invalidated}): the WAL it needed is gone, the shadow can no longer follow the table`,
@@ -193,9 +195,9 @@ export class Applier {
     // The same server, credentials, TLS and connect timeout as the apply session (libpq's settings, see connect).
     const stream = new ReplicationStream(
       {
-        slot: this.m.slot_name!,
-        publication: this.m.publication_name!,
-        applicationName: this.m.slot_name!,
+        slot: this.m.slot_name,
+        publication: this.m.publication_name,
+        applicationName: this.m.slot_name,
       },
       await replicationConfig(this.opts.url),
       {
@@ -480,7 +482,7 @@ export class Applier {
     const end = lsnText(g.end);
     const recorded = await tx`
       update pgshift.migrations set applied_lsn = ${end}, applied_commit_time = ${(g.commitTime ?? new Date()).toISOString()}
-       where id = ${this.m.id} and slot_name = ${this.m.slot_name!} and phase::text in (${valueList(tx, STREAMING_PHASES)})
+       where id = ${this.m.id} and slot_name = ${this.m.slot_name} and phase::text in (${valueList(tx, STREAMING_PHASES)})
          and applied_lsn::pg_lsn is not distinct from ${this.rowApplied}::pg_lsn
       returning id`;
     if (recorded.count === 0) throw new StreamFenced(await this.fenceReason(tx));

@@ -4,6 +4,7 @@ import type { AnySql, LockRetryOptions, Sql } from "../db.js";
 import { ident, table as tableRef, withLockRetry } from "../db.js";
 import { sqlState } from "../errors.js";
 import { log } from "../log.js";
+import { isStreaming, type StreamingMigration } from "../migration/state.js";
 import { type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
 import { type BlockStep, block, check, runSteps, type Step, statement, transactionStep } from "../plan/steps.js";
 import { type Mirror, type MirrorHealth, triggerMirror } from "./mirror.js";
@@ -320,5 +321,14 @@ export const logicalMirror: Mirror = {
           ? `replication slot ${m.slot_name} was invalidated by PostgreSQL (${s.invalidated}): changes are NOT mirrored`
           : `replication slot ${m.slot_name} ${s.active ? "streaming" : "idle (no consumer attached)"}, ${s.lagBytes} bytes behind`,
     };
+  },
+  streams(m): m is StreamingMigration {
+    return isStreaming(m);
+  },
+  async follow(sql, m) {
+    if (!isStreaming(m)) return null;
+    // Loaded when needed: stream.ts builds on this module (lsnToBigInt, slotState).
+    const { followStream } = await import("./stream.js");
+    return followStream(sql, m);
   },
 };

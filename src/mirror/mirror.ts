@@ -1,9 +1,10 @@
-import type { AnySql } from "../db.js";
+import type { AnySql, Sql } from "../db.js";
 import { partitionedIsLive } from "../migration/phases.js";
-import type { Migration, Mode } from "../migration/state.js";
+import type { Migration, Mode, StreamingMigration } from "../migration/state.js";
 import { quoteQualified } from "../names.js";
 // logical.ts builds on triggerMirror (used only inside functions, so the import cycle is harmless).
 import { logicalMirror } from "./logical.js";
+import type { StreamFollower } from "./stream.js";
 import { installTriggerMirrorSql, MIRROR_TRIGGER, removeMirrorTriggerSql, TRUNCATE_TRIGGER } from "./trigger.js";
 
 /** Health of the mirror as `status` shows it. */
@@ -31,6 +32,18 @@ export interface Mirror {
   /** Statements that remove what the mirror left behind for good (functions, slots). */
   dropSql(m: Migration): string[];
   health(sql: AnySql, m: Migration): Promise<MirrorHealth>;
+  /**
+   * Whether the copy follows a replication stream now, so that a command needing every committed change in the
+   * copy (backfill's catch-up, verify, the first cutover) must wait for it (follow). Trigger mode: never (the
+   * mirror writes in the application's transaction); logical mode: isStreaming (state.ts).
+   */
+  streams(m: Migration): m is StreamingMigration;
+  /**
+   * Starts following the stream of `m`: applies it in this process, or watches the slot's consumer
+   * (`pgshift sync`) apply it (followStream, stream.ts); the caller stops the follower. Null when `streams(m)`
+   * is false: there is nothing to wait for.
+   */
+  follow(sql: Sql, m: Migration): Promise<StreamFollower | null>;
 }
 
 /** Row triggers on the live table writing into the copy in the application's transaction. */
@@ -77,6 +90,12 @@ export const triggerMirror: Mirror = {
         ? `row trigger enabled: ${route}`
         : `row trigger ${mirror ? "disabled" : "missing"} on ${m.live.schema}.${m.live.name}: writes are NOT mirrored`,
     };
+  },
+  streams(_m): _m is StreamingMigration {
+    return false;
+  },
+  async follow() {
+    return null;
   },
 };
 

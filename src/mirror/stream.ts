@@ -1,8 +1,8 @@
 import { connect, connectionUrl, type Sql, transaction } from "../db.js";
 import { isConnectionLoss, PgshiftError, sqlState } from "../errors.js";
 import { log } from "../log.js";
-import { loadMigration, type Migration } from "../migration/state.js";
-import { Applier, FLUSH_MESSAGE, STREAMING_PHASES, StreamFenced } from "./apply.js";
+import { isStreaming, loadMigration, type StreamingMigration } from "../migration/state.js";
+import { Applier, FLUSH_MESSAGE, StreamFenced } from "./apply.js";
 import { lsnToBigInt, slotState } from "./logical.js";
 
 /** Keeps the shadow following the replication slot for as long as a command needs it. */
@@ -50,8 +50,8 @@ const retryable = (err: unknown) =>
  * @throws PgshiftError when the stream cannot start for another reason than a consumer attached (the slot
  *   invalidated, the connection lost).
  */
-export async function followStream(sql: Sql, m: Migration): Promise<StreamFollower> {
-  const slot = m.slot_name!;
+export async function followStream(sql: Sql, m: StreamingMigration): Promise<StreamFollower> {
+  const slot = m.slot_name;
   const url = connectionUrl(sql);
   // A connection of its own to flush WAL and poll the slot: the caller's may be inside a transaction
   // (cutover holds a lock).
@@ -67,7 +67,7 @@ export async function followStream(sql: Sql, m: Migration): Promise<StreamFollow
     const fresh = await loadMigration(flusher, { schema: m.source_schema, name: m.source_table });
     // Never start an applier for a migration that no longer streams: after a cutover the names point at
     // other tables (the partitioned one is live), and the slot may still exist for a moment.
-    if (!fresh || fresh.slot_name !== slot || !STREAMING_PHASES.includes(fresh.phase)) {
+    if (!fresh || !isStreaming(fresh) || fresh.slot_name !== slot) {
       log().info({ slot, phase: fresh?.phase ?? "gone" }, "stream: the migration no longer streams; not applying here");
       return false;
     }

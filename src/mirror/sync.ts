@@ -2,9 +2,15 @@ import pRetry from "p-retry";
 import { connect, connectionUrl, type Sql } from "../db.js";
 import { isConnectionLoss, PgshiftError, sqlState } from "../errors.js";
 import { log } from "../log.js";
-import { loadMigration, type Migration, requireMigration } from "../migration/state.js";
+import {
+  hasStream,
+  isStreaming,
+  loadMigration,
+  requireMigration,
+  type StreamingMigration,
+} from "../migration/state.js";
 import { displayName, type QualifiedName } from "../names.js";
-import { Applier, STREAMING_PHASES, StreamFenced } from "./apply.js";
+import { Applier, StreamFenced } from "./apply.js";
 import { slotState } from "./logical.js";
 
 export interface SyncTick {
@@ -49,11 +55,11 @@ const TRANSIENT = new Set(["40P01", "40001"]);
 type Stop = { reason: "stopped" | "cut over" | "gone" };
 
 /** The migration's state for sync: a Stop when it no longer streams, else the migration. */
-async function current(sql: Sql, table: QualifiedName): Promise<Migration | Stop> {
+async function current(sql: Sql, table: QualifiedName): Promise<StreamingMigration | Stop> {
   const m = await loadMigration(sql, table);
   if (!m) return { reason: "gone" };
   // Not streaming any more (cut over, or swapped back after it): never attach again, even if the slot is left.
-  if (!m.slot_name || !STREAMING_PHASES.includes(m.phase)) return { reason: "cut over" };
+  if (!isStreaming(m)) return { reason: "cut over" };
   return m;
 }
 
@@ -76,7 +82,7 @@ async function current(sql: Sql, table: QualifiedName): Promise<Migration | Stop
  */
 export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {}): Promise<Stop> {
   const first = await requireMigration(sql, table, "sync");
-  if (first.mode !== "logical" || !first.slot_name) {
+  if (!hasStream(first)) {
     throw new PgshiftError(
       `the migration of ${displayName(table)} is in ${first.mode} mode: there is no stream to apply`,
       { hint: "sync is for migrations started with --mode logical" },
@@ -103,12 +109,12 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
       const m = sessions === 0 ? first : await current(db, table);
       if ("reason" in m) return m;
       // Terminated by abort or cutover, which drop the slot next: do not attach to nothing.
-      if (!(await slotState(db, m.slot_name!)).exists) return await slotGone(db, m);
+      if (!(await slotState(db, m.slot_name)).exists) return await slotGone(db, m);
       applier = new Applier(m, { url });
       try {
         await applier.start();
       } catch (err) {
-        if (!(await slotState(db, m.slot_name!)).exists) return await slotGone(db, m);
+        if (!(await slotState(db, m.slot_name)).exists) return await slotGone(db, m);
         throw err;
       }
       sessions++;
@@ -135,7 +141,7 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
    * commit (abort's transaction may wait for its lock). Waits up to 5 s for the row to say so.
    * @throws PgshiftError when it does not: the slot was dropped by someone else.
    */
-  const slotGone = async (db: Sql, m: Migration): Promise<Stop> => {
+  const slotGone = async (db: Sql, m: StreamingMigration): Promise<Stop> => {
     for (let i = 0; i < 50; i++) {
       await pause(100);
       const later = await current(db, table);
@@ -147,7 +153,7 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
   };
 
   /** Reports progress once a second until stopped, cut over or gone; throws the stream's error. */
-  const streamUntilDone = async (db: Sql, m: Migration, applier: Applier): Promise<Stop> => {
+  const streamUntilDone = async (db: Sql, m: StreamingMigration, applier: Applier): Promise<Stop> => {
     for (let tick = 0; ; tick++) {
       await pause(1000, opts.signal);
       if (opts.signal?.aborted) return { reason: "stopped" };
@@ -156,14 +162,14 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
         // The stream may have ended because abort or cutover dropped the slot: then stop, not reconnect.
         const now = await current(db, table);
         if ("reason" in now) return now;
-        if (!(await slotState(db, now.slot_name!)).exists) return await slotGone(db, now);
+        if (!(await slotState(db, now.slot_name)).exists) return await slotGone(db, now);
         throw err;
       }
       if (tick % 2 === 0) {
         const now = await current(db, table);
         if ("reason" in now) return now;
       }
-      const s = await slotState(db, m.slot_name!);
+      const s = await slotState(db, m.slot_name);
       const changes = base + applier.changes;
       const secs = (Date.now() - lastTick) / 1000;
       opts.onTick?.({

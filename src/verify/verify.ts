@@ -20,7 +20,8 @@ import {
   unlockMigration,
   type VerifyResult,
 } from "../migration/state.js";
-import { CatchupTimeout, followStream, type StreamFollower } from "../mirror/stream.js";
+import { mirrorFor } from "../mirror/mirror.js";
+import { CatchupTimeout, type StreamFollower } from "../mirror/stream.js";
 import { displayName, type QualifiedName, quoteIdent, quoteQualified } from "../names.js";
 import {
   block,
@@ -170,7 +171,8 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
   const maxListed = opts.maxListed ?? 1000;
   const lockTimeoutMs = opts.lockTimeoutMs ?? 500;
   const state: VerifyState = { follower: null, differences: [], result: null };
-  const logical = m.mode === "logical" && m.slot_name !== null && m.phase === "backfilled";
+  const mirror = mirrorFor(m.mode);
+  const logical = mirror.streams(m);
   const look = transactionStep(
     [
       check(
@@ -285,7 +287,7 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
     ...(logical
       ? [
           check("follow the replication stream: apply it in this process, or watch pgshift sync apply it", async () => {
-            state.follower = await followStream(sql, m);
+            state.follower = await mirror.follow(sql, m);
           }),
         ]
       : []),

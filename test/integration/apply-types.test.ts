@@ -4,7 +4,7 @@ import { backfill } from "../../src/backfill/backfill.js";
 import { connect, type Sql, type TxSql, transaction } from "../../src/db.js";
 import { sqlState } from "../../src/errors.js";
 import { startMigration } from "../../src/migration/start.js";
-import { loadMigration } from "../../src/migration/state.js";
+import { loadMigration, requireStream } from "../../src/migration/state.js";
 import { Applier, type ApplierProgress } from "../../src/mirror/apply.js";
 import { ChangeBatch } from "../../src/mirror/changes.js";
 import { flushWal } from "../../src/mirror/stream.js";
@@ -382,7 +382,7 @@ async function applyStream(
   const target = String((await db.admin`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
   await flushWal(db.sql);
   const commits: ApplierProgress[] = [];
-  const applier = new Applier(m, { url: db.url, onCommit: (p) => commits.push(p) });
+  const applier = new Applier(requireStream(m), { url: db.url, onCommit: (p) => commits.push(p) });
   await applier.start();
   try {
     expect(await applier.waitFor(target, 30_000)).toBe(true);
@@ -836,7 +836,7 @@ describe("logical apply: group commits", () => {
     await backfill(db.sql, table, {});
     const m = (await loadMigration(db.sql, table))!;
     const commits: ApplierProgress[] = [];
-    const applier = new Applier(m, { url: db.url, onCommit: (p) => commits.push(p) });
+    const applier = new Applier(requireStream(m), { url: db.url, onCommit: (p) => commits.push(p) });
     await applier.start();
     try {
       await db.admin`insert into lone_write (id, v) values (1, 'one')`;

@@ -7,7 +7,7 @@ import { PgshiftError } from "../../src/errors.js";
 import { compareWithTwin, createWorkload, startLoad, type Workload } from "../../src/load/workload.js";
 import { abort } from "../../src/migration/finish.js";
 import { startMigration } from "../../src/migration/start.js";
-import { loadMigration, logicalNames, type Migration } from "../../src/migration/state.js";
+import { loadMigration, logicalNames, type Migration, requireStream } from "../../src/migration/state.js";
 import { Applier, StreamFenced } from "../../src/mirror/apply.js";
 import { followStream } from "../../src/mirror/stream.js";
 import { sync } from "../../src/mirror/sync.js";
@@ -270,7 +270,7 @@ describe("the applier's group commit", () => {
       "changes",
     async () => {
       const m = await backfilled("stall");
-      const a = new Applier(m, { url: db.url });
+      const a = new Applier(requireStream(m), { url: db.url });
       await a.start();
       // A session holds a row of the shadow: the applier's next group waits for it.
       const blocker = await connect({ url: db.url });
@@ -297,7 +297,7 @@ describe("the applier's group commit", () => {
       await blocker.end();
       const row = (await loadMigration(db.sql, { schema: "public", name: "stall" }))!;
       // The next applier (sync, a command following the stream) starts from the recorded position.
-      const f = await followStream(db.sql, row);
+      const f = await followStream(db.sql, requireStream(row));
       try {
         const target = String((await db.admin`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
         expect(await f.waitFor(target, 20_000)).toBe(true);
@@ -368,7 +368,7 @@ describe("the applier's group commit", () => {
       "shadow's name points at the partitioned table again after a swap-back)",
     async () => {
       const m = await backfilled("fence");
-      const a = new Applier(m, { url: db.url });
+      const a = new Applier(requireStream(m), { url: db.url });
       await a.start();
       try {
         await db.admin`update fence set v = 1 where id = 1`;

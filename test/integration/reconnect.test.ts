@@ -5,7 +5,7 @@ import { type Sql, table as tableRef } from "../../src/db.js";
 import { type EmbeddedServer, startEmbedded } from "../../src/embedded.js";
 import { isConnectionLoss } from "../../src/errors.js";
 import { compareWithTwin, createWorkload, startLoad, type Workload } from "../../src/load/workload.js";
-import { loadMigration } from "../../src/migration/state.js";
+import { loadMigration, requireStream } from "../../src/migration/state.js";
 import { Applier } from "../../src/mirror/apply.js";
 import { describeRun, exitWithin, expectRefusal, type Running, runCli, spawnCli, waitUntil } from "../support/cli.js";
 import { sleep } from "../support/db.js";
@@ -291,7 +291,7 @@ describe("pgshift sync when its connections are lost", () => {
         // Deterministic first: the replication connection is held in a proxy (as a slow network would)
         // while its client is still connecting, and the apply session is terminated meanwhile.
         const proxy = i < 2 ? await startProxy(server.url, { holdReplication: true }) : null;
-        const applier = new Applier(m, { url: proxy?.url ?? server.url });
+        const applier = new Applier(requireStream(m), { url: proxy?.url ?? server.url });
         const starting = applier.start().then(
           () => "started",
           (err: unknown) => err,
