@@ -17,8 +17,6 @@ export {
   type Fragment,
   failOnConnectionLoss,
   ident,
-  type LossWatch,
-  SESSION_FORMATS,
   type Sql,
   type TxSql,
   transaction,

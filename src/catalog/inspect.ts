@@ -1,7 +1,7 @@
 import { z } from "zod";
 import type { Sql } from "../db.js";
 import { PgshiftError } from "../errors.js";
-import { displayName, type QualifiedName } from "../names.js";
+import type { QualifiedName } from "../names.js";
 
 /** One column of the source table, in attnum order. */
 export interface ColumnFacts {
@@ -408,9 +408,4 @@ export async function inspectTable(sql: Sql, table: QualifiedName): Promise<Tabl
     },
     serverVersionNum: r.server_version_num,
   };
-}
-
-/** Human name of a table for messages. */
-export function tableLabel(facts: TableFacts): string {
-  return displayName(facts.table);
 }

@@ -1,4 +1,4 @@
-import type { IndexFacts, TableFacts } from "../catalog/inspect.js";
+import type { TableFacts } from "../catalog/inspect.js";
 import { displayName, fitName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
 import type { PartitionDef } from "../partitioning/bounds.js";
 import { type PartitionSpec, partitionMethod } from "../partitioning/spec.js";
@@ -566,6 +566,3 @@ export function identityDefaultFunction(tableOid: number, attnum: number): Quali
 export function copyColumns(facts: TableFacts): string[] {
   return facts.columns.filter((c) => c.generated === "").map((c) => c.name);
 }
-
-/** Index facts re-exported for callers that only need DDL. */
-export type { IndexFacts };

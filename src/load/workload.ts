@@ -31,7 +31,6 @@ export const WORKLOAD_COLUMNS = (k: KeyKind) => [
   "note",
   "data",
 ];
-export const keyColumns = (k: KeyKind) => KEY_COLUMNS[k];
 
 /**
  * Creates `table` with `rows` rows spread over the last ~2 years (some with large TOASTed notes and NULLs)

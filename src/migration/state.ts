@@ -9,18 +9,9 @@ import { displayName, type QualifiedName, quoteQualified } from "../names.js";
 import { PartitionSpecSchema } from "../partitioning/spec.js";
 import { loadSql } from "../sql/template.js";
 import { upgradeDdlGuard } from "./ddl-guard.js";
-import {
-  type Command,
-  NEXT_STEP,
-  namesInSql,
-  PHASES,
-  type Phase,
-  STREAMING_PHASES,
-  TRANSITIONS,
-  tablesIn,
-} from "./phases.js";
+import { type Command, NEXT_STEP, namesInSql, PHASES, STREAMING_PHASES, TRANSITIONS, tablesIn } from "./phases.js";
 
-export { type Command, NEXT_STEP, PHASES, type Phase, TRANSITIONS, tablesIn } from "./phases.js";
+export type { Command, Phase } from "./phases.js";
 
 export const MODES = ["trigger", "logical"] as const;
 export type Mode = (typeof MODES)[number];
@@ -452,11 +443,6 @@ export async function requireMigration(
     );
   }
   return m;
-}
-
-/** The next step in each phase, from the phase alone (status says more, from what runs now: nextStepFor in liveness.ts). */
-export function nextStep(phase: Phase): string {
-  return NEXT_STEP[phase];
 }
 
 const LOCK_CLASS = 0x70677368; // 'pgsh'
