@@ -1,5 +1,6 @@
 // `npm test`: the whole suite on the default PostgreSQL major, then the tests whose behaviour differs between
-// majors (concurrency in both modes with every spec, logical mode, schema) on each other supported major.
+// majors (concurrency in both modes with every spec, logical mode and its races through repeated cutovers, one
+// plan in both modes, schema) on each other supported major.
 //
 //   PGSHIFT_TEST_PG=16 npm test          whole suite on 16, then the subset on 14, 15, 17, 18
 //   PGSHIFT_TEST_MAJORS=14,18 npm test   the subset on 14 and 18 only (empty: the default major alone)
@@ -17,6 +18,8 @@ const DEFAULT = 17; // keep in step with DEFAULT_EMBEDDED_MAJOR in src/embedded.
 const SUBSET = [
   "test/integration/concurrency.test.ts",
   "test/integration/logical.test.ts",
+  "test/integration/logical-race.test.ts",
+  "test/integration/one-plan.test.ts",
   "test/integration/schema.test.ts",
 ];
 
