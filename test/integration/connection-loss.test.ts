@@ -159,7 +159,9 @@ describe.each(["trigger", "logical"] as const)("%s mode: a command whose session
 
         // cutover: blocked on the shadow (it holds the table's lock by then: the load waits, then goes on).
         const before = await state(w);
-        const cut = await terminatedWhileWaiting(["cutover", name, ...lockOpts], lockTable(m0.partitioned));
+        // The catch-up gets its time (the stream may lag on a busy machine): what is tested is the lock wait.
+        const catchup = ["--catchup-timeout-ms", "30000"];
+        const cut = await terminatedWhileWaiting(["cutover", name, ...lockOpts, ...catchup], lockTable(m0.partitioned));
         expectTerminated(cut);
         expect(await state(w)).toEqual(before);
         expect(await relkind(w.table), "the table keeps its name: nothing was renamed").toBe("r");
