@@ -39,7 +39,10 @@ export function identList(sql: AnySql, names: readonly string[], prefix?: string
   return out;
 }
 
-/** `"a"::text as k0, "b"::text as k1`: key values as text, which round-trips exactly through the column's input function. */
+/**
+ * `"a"::text as k0, "b"::text as k1`: key values as text, which round-trips exactly through the column's input
+ * function.
+ */
 export function textColumns(sql: AnySql, names: readonly string[], prefix?: string): Fragment {
   return joinFragments(
     sql,
@@ -123,7 +126,9 @@ export async function withLockRetry<T>(
     const code = sqlState(err);
     if (code === "55P03") {
       throw new PgshiftError(`could not lock the tables within ${lockTimeoutMs} ms after ${retries + 1} attempts`, {
-        hint: "the tables are busy (a long transaction holds a lock?); check pg_stat_activity, then retry or raise --lock-timeout / --retries",
+        hint:
+          "the tables are busy (a long transaction holds a lock?); check pg_stat_activity, then retry or raise " +
+          "--lock-timeout / --retries",
         cause: err,
       });
     }

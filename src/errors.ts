@@ -122,7 +122,8 @@ export function explain(err: unknown): PgshiftError {
  * be made, so that the same work may succeed on a new connection: a socket error, the server shutting down
  * or terminating the session (SQLSTATE 57P01 admin_shutdown, 57P02 crash_shutdown), starting up (57P03
  * cannot_connect_now), a connection exception (class 08), or node-postgres's "Connection terminated"
- * (the replication connection, which carries no code: UPSTREAM.nodePostgresTerminationHasNoCode). SQLSTATEs: PostgreSQL documentation, Appendix A.
+ * (the replication connection, which carries no code: UPSTREAM.nodePostgresTerminationHasNoCode). SQLSTATEs: PostgreSQL
+ * documentation, Appendix A.
  */
 export function isConnectionLoss(err: unknown): boolean {
   let e: unknown = err;

@@ -86,7 +86,8 @@ export function batchStatements(m: Migration, lower: boolean, batchSize: number)
   return {
     upper:
       `SELECT ${key.map((c, i) => `${quoteIdent(c)}::text AS k${i}`).join(", ")}, count(*) OVER () AS n ` +
-      `FROM (SELECT ${keyCols} FROM ${src}${after ? ` WHERE ${after}` : ""} ORDER BY ${keyCols} LIMIT ${batchSize}) s ` +
+      `FROM (SELECT ${keyCols} FROM ${src}${after ? ` WHERE ${after}` : ""} ORDER BY ${keyCols} LIMIT ${batchSize}) ` +
+      `s ` +
       `ORDER BY ${key.map((c) => `${quoteIdent(c)} DESC`).join(", ")} LIMIT 1`,
     plain: `INSERT INTO ${dst} (${cols}) ${rows}`,
     onConflict:
@@ -94,7 +95,8 @@ export function batchStatements(m: Migration, lower: boolean, batchSize: number)
       `ON CONFLICT (${m.shadow_key.map(quoteIdent).join(", ")}) DO NOTHING RETURNING 1) ` +
       `SELECT (SELECT count(*) FROM batch)::int AS read, (SELECT count(*) FROM ins)::int AS inserted`,
     checkpoint:
-      `UPDATE pgshift.migrations SET checkpoint = ARRAY[${params(1, k)}]::text[], rows_copied = rows_copied + $${k + 1}, ` +
+      `UPDATE pgshift.migrations SET checkpoint = ARRAY[${params(1, k)}]::text[], rows_copied = rows_copied + ` +
+      `$${k + 1}, ` +
       `batches = batches + 1, updated_at = now() WHERE id = ${m.id}`,
   };
 }
@@ -130,7 +132,8 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
   // check is deferred to COMMIT, and COMMIT waits at most DEFERRED_CHECK_WAIT_MS: past it the batch rolls
   // back (lock_timeout, retried) and the writer goes on.
   const deferrable = await sql`
-    select exists (select from pg_constraint where conrelid = to_regclass(${quoteQualified(m.partitioned)}) and condeferrable and contype in ('u', 'p', 'x')) as d`;
+    select exists (select from pg_constraint where conrelid = to_regclass(${quoteQualified(m.partitioned)}) and
+      condeferrable and contype in ('u', 'p', 'x')) as d`;
   const hasDeferrable = Boolean(deferrable[0]?.d);
   const run: CopyRun = {
     follower: null,
@@ -144,9 +147,11 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
   const steps: Step[] = [
     {
       ...statement(
-        `UPDATE pgshift.migrations SET phase = 'backfilling', backfill_started_at = coalesce(backfill_started_at, now()), ` +
+        `UPDATE pgshift.migrations SET phase = 'backfilling', backfill_started_at = coalesce(backfill_started_at, ` +
+          `now()), ` +
           `rows_estimated = greatest(coalesce((SELECT greatest(reltuples, 0)::bigint FROM pg_catalog.pg_class ` +
-          `WHERE oid = to_regclass(${quoteLiteral(quoteQualified(m.original))})), 0), rows_copied), updated_at = now() ` +
+          `WHERE oid = to_regclass(${quoteLiteral(quoteQualified(m.original))})), 0), rows_copied), updated_at = ` +
+          `now() ` +
           `WHERE id = ${id} RETURNING rows_estimated`,
         "session",
       ),
@@ -258,7 +263,8 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
     steps.push(
       block(
         "once",
-        `the copy, in batches of ${batchSize} rows in key order, one transaction each (a batch that meets a deadlock or a lock timeout runs again)`,
+        `the copy, in batches of ${batchSize} rows in key order, one transaction each (a batch that meets a deadlock ` +
+          `or a lock timeout runs again)`,
         [
           ...(first ? [block("at most once", "the first batch (no checkpoint yet)", [first.tx])] : []),
           block("any number of times", "each next batch, from the checkpoint ($1 ...: the checkpoint's key)", [

@@ -33,8 +33,10 @@ export async function deferredIndexSteps(sql: Sql, m: Migration, lockTimeoutMs: 
     for (const p of d.perPartition) {
       const state = await sql`
         select i.indisvalid as valid, exists (select from pg_inherits h where h.inhrelid = i.indexrelid) as attached,
-               exists (select from pg_constraint c where c.conindid = i.indexrelid and c.conrelid = i.indrelid) as constrained
-          from pg_index i where i.indexrelid = to_regclass(${quoteQualified({ schema: shadow.schema, name: p.index })})`;
+               exists (select from pg_constraint c where c.conindid = i.indexrelid and c.conrelid = i.indrelid) as
+                 constrained
+          from pg_index i where i.indexrelid =
+            to_regclass(${quoteQualified({ schema: shadow.schema, name: p.index })})`;
       const s = state[0];
       if (s?.valid && s.attached) continue;
       if (s && !s.valid)

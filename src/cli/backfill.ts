@@ -65,7 +65,8 @@ export function backfillCommand(): Command {
     )
     .option(
       "--dry-run",
-      "print the plan (a batch's statements once, its key values as $n; the index build; the phase changes); change nothing",
+      "print the plan (a batch's statements once, its key values as $n; the index build; the phase changes); change " +
+        "nothing",
     );
   addConnectionOption(cmd);
   cmd.addHelpText(
@@ -110,7 +111,8 @@ Ctrl-C stops after the current batch; run the command again to continue.`,
         process.stdout.write(
           r.complete
             ? `backfill complete: ${r.rowsCopied} rows in ${r.batches} batches\nnext: pgshift verify ${tableArg}\n`
-            : `backfill stopped at ${r.rowsCopied} rows (checkpoint saved); run pgshift backfill ${tableArg} to continue\n`,
+            : `backfill stopped at ${r.rowsCopied} rows (checkpoint saved); run pgshift backfill ${tableArg} to ` +
+                `continue\n`,
         );
         if (!r.complete) process.exitCode = 130;
       } finally {

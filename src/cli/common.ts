@@ -24,7 +24,8 @@ export function addConnectionOption(cmd: Command): Command {
   return cmd.addOption(
     new Option(
       "--url <url>",
-      "postgres:// URL, libpq's parameters allowed (?sslmode=verify-full&sslrootcert=...); default DATABASE_URL; completed from the service file, PG* variables and ~/.pgpass as psql does",
+      "postgres:// URL, libpq's parameters allowed (?sslmode=verify-full&sslrootcert=...); default DATABASE_URL; " +
+        "completed from the service file, PG* variables and ~/.pgpass as psql does",
     ).argParser((v: string) => {
       const r = UrlSchema.safeParse(v);
       if (!r.success) throw new InvalidArgumentError(`--url ${r.error.issues[0]?.message ?? "is invalid"}`);

@@ -9,7 +9,8 @@ function switchCommand(name: "cutover" | "swap-back"): Command {
   const cmd = new Command(name)
     .description(
       isCutover
-        ? "swap the names in one short transaction; the old table keeps receiving writes; prints how long writes were blocked"
+        ? "swap the names in one short transaction; the old table keeps receiving writes; prints how long writes " +
+            "were blocked"
         : "undo the cutover: the original table is live again with every write made since",
     )
     .argument("<table>", "table under migration")
@@ -59,18 +60,22 @@ Examples:
       });
       for (const b of r.indexesBuilt) {
         process.stdout.write(
-          `built index ${b.name} on ${b.on} before the lock, for index ${b.original} created during the migration (USING ${b.definition})` +
+          `built index ${b.name} on ${b.on} before the lock, for index ${b.original} created during the migration ` +
+            `(USING ${b.definition})` +
             (b.widened
-              ? "; unique only together with the partition column, which a partitioned table's unique index must contain"
+              ? "; unique only together with the partition column, which a partitioned table's unique index must " +
+                "contain"
               : "") +
             (isCutover ? `; recorded in the migration, so that it takes the name ${b.original}` : "") +
             "\n",
         );
       }
       process.stdout.write(
-        `${isCutover ? "cutover" : "swap-back"} done in ${r.attempts} attempt(s): writes were blocked for ${r.lockHeldMs.toFixed(1)} ms\n` +
+        `${isCutover ? "cutover" : "swap-back"} done in ${r.attempts} attempt(s): writes were blocked ` +
+          `for ${r.lockHeldMs.toFixed(1)} ms\n` +
           (isCutover
-            ? `next: pgshift verify ${tableArg}, then pgshift finalize ${tableArg} --yes (or pgshift swap-back ${tableArg})\n`
+            ? `next: pgshift verify ${tableArg}, then pgshift finalize ${tableArg} --yes (or pgshift ` +
+              `swap-back ${tableArg})\n`
             : `next: pgshift cutover ${tableArg} again, or pgshift abort ${tableArg}\n`),
       );
     });

@@ -264,21 +264,26 @@ export function applicationLines(plan: MigrationPlan): string[] {
   const keys = plan.widenedKeys;
   if (keys.length === 0) {
     out.push(
-      `  unique keys: every one contains ${plan.spec.column}; each stays unique as it is, and every ON CONFLICT target keeps working`,
+      `  unique keys: every one contains ${plan.spec.column}; each stays unique as it is, and every ON CONFLICT ` +
+        `target keeps working`,
     );
     return out;
   }
   out.push(
-    `  unique keys that lose global uniqueness (${plan.spec.column} is added to them; PostgreSQL requires it on a partitioned table):`,
+    `  unique keys that lose global uniqueness (${plan.spec.column} is added to them; PostgreSQL requires it on a ` +
+      `partitioned table):`,
   );
   for (const k of keys)
     out.push(
-      `    ${k.kind} ${k.name}: (${k.columns.join(", ")}) -> (${k.widenedTo.join(", ")})${k.predicate ? ` WHERE ${k.predicate}` : ""}${k.deferrable ? " (deferrable: no ON CONFLICT arbiter before either)" : ""}`,
+      `    ${k.kind} ${k.name}: (${k.columns.join(", ")}) -> (${k.widenedTo.join(", ")})${
+        k.predicate ? ` WHERE ${k.predicate}` : ""
+      }${k.deferrable ? " (deferrable: no ON CONFLICT arbiter before either)" : ""}`,
     );
   const targets = keys.flatMap((k) => k.onConflictTargets);
   if (targets.length > 0) {
     out.push(
-      `  ON CONFLICT targets that stop working at cutover (an upsert naming one fails, or no longer arbitrates on the original key):`,
+      `  ON CONFLICT targets that stop working at cutover (an upsert naming one fails, or no longer arbitrates on ` +
+        `the original key):`,
     );
     for (const t of targets) out.push(`    ${t}`);
   }
@@ -287,7 +292,8 @@ export function applicationLines(plan: MigrationPlan): string[] {
   out.push(`  application statements: ${app.detail}`);
   for (const s of app.statements) {
     out.push(
-      `    ${s.effect === "fails" ? "FAILS" : "CHANGES"} (${s.calls} call${s.calls === 1 ? "" : "s"}, ${s.target}): ${s.reason}`,
+      `    ${s.effect === "fails" ? "FAILS" : "CHANGES"} (${s.calls} ` +
+        `call${s.calls === 1 ? "" : "s"}, ${s.target}): ${s.reason}`,
     );
     out.push(`      ${s.query.replace(/\s+/g, " ").slice(0, 300)}${s.query.length > 300 ? " ..." : ""}`);
   }

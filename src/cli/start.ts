@@ -15,7 +15,9 @@ export function startCommand(): Command {
     .option("--dry-run", "print the plan and its statements; change nothing")
     .option(
       "--allow-key-extension",
-      "start although the partition column is added to unique keys (primary key, unique constraints and indexes): each is then enforced only together with it after finalize, and ON CONFLICT on it stops working at cutover (see pgshift plan)",
+      "start although the partition column is added to unique keys (primary key, unique constraints and indexes): " +
+        "each is then enforced only together with it after finalize, and ON CONFLICT on it stops working at cutover " +
+        "(see pgshift plan)",
     )
     .option(
       "--slot-timeout-ms <ms>",
@@ -32,7 +34,8 @@ export function startCommand(): Command {
 Examples:
   pgshift start orders --partition-by range:created_at:month --premake 6 --allow-key-extension
   pgshift start public.events --partition-by list:tenant_id --dry-run
-  pgshift start events --partition-by range:created_at:month --mode logical --slot-timeout-ms 60000 --allow-key-extension
+  pgshift start events --partition-by range:created_at:month --mode logical --slot-timeout-ms 60000 ` +
+      `--allow-key-extension
   pgshift start orders --partition-by range:created_at:month --allow-key-extension   # key (id) becomes (id, created_at)
 A spec that adds the partition column to a unique key is refused (exit 2, nothing changed) without
 --allow-key-extension: pgshift plan names the keys, the ON CONFLICT targets that stop working at cutover
@@ -77,7 +80,8 @@ and, with pg_stat_statements, the application's statements that would fail.`,
         for (const w of plan.warnings) process.stdout.write(`warning: ${w}\n`);
         if (plan.atFinalize) process.stdout.write(`at finalize: ${plan.atFinalize}\n`);
         process.stdout.write(
-          `started: ${displayName(plan.shadow)} with ${plan.partitions.length} partitions, ${plan.mode} mirror installed (${Math.round(ms)} ms)\n` +
+          `started: ${displayName(plan.shadow)} with ${plan.partitions.length} partitions, ${plan.mode} mirror ` +
+            `installed (${Math.round(ms)} ms)\n` +
             `next: pgshift backfill ${tableArg}\n`,
         );
       });

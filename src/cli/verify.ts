@@ -58,7 +58,8 @@ Exit codes: 0 equal (also after a successful --repair), 1 differences remain (ke
       if (opts.json) printJson(r);
       else {
         const lines = [
-          `${r.equal ? "equal" : "DIFFERENT"}: ${r.live} vs ${r.copy}, ${r.rowsCompared} rows in ${r.chunks} chunks (${r.ms} ms)`,
+          `${r.equal ? "equal" : "DIFFERENT"}: ${r.live} vs ${r.copy}, ${r.rowsCompared} rows in ${r.chunks} chunks ` +
+            `(${r.ms} ms)`,
         ];
         if (r.repaired > 0) lines.push(`repaired ${r.repaired} rows of ${r.copy}`);
         if (!r.equal) {

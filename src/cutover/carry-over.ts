@@ -18,7 +18,10 @@ import type { Migration } from "../migration/state.js";
 import { displayName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
 import { runSteps, type Step, statement, transactionStep } from "../plan/steps.js";
 
-/** An index built on the copy before the switch: its name there, the live table's index it stands for, its definition after USING. */
+/**
+ * An index built on the copy before the switch: its name there, the live table's index it stands for, its definition
+ * after USING.
+ */
 export interface BuiltIndex {
   name: string;
   on: string;
@@ -54,7 +57,8 @@ async function indexState(
 ): Promise<{ valid: boolean; attached: boolean; constrained: boolean } | null> {
   const r = await sql`
     select i.indisvalid as valid, exists (select from pg_inherits h where h.inhrelid = i.indexrelid) as attached,
-           exists (select from pg_constraint c where c.conindid = i.indexrelid and c.conrelid = i.indrelid) as constrained
+           exists (select from pg_constraint c where c.conindid = i.indexrelid and c.conrelid = i.indrelid) as
+             constrained
       from pg_index i where i.indexrelid = to_regclass(${quoteQualified(index)})`;
   const x = r[0];
   return x ? { valid: Boolean(x.valid), attached: Boolean(x.attached), constrained: Boolean(x.constrained) } : null;
@@ -112,7 +116,10 @@ async function lateIndexSteps(sql: AnySql, lo: LateObjects, i: LateIndex, lockTi
 
 /** The statement that records renames in the migration (finalize gives each `from` index the name `to`). */
 function recordRenamesSql(m: Migration, renames: readonly { from: string; to: string }[]): string {
-  return `UPDATE pgshift.migrations SET index_renames = ${quoteLiteral(JSON.stringify([...m.index_renames, ...renames]))}::jsonb, updated_at = now() WHERE id = ${m.id}`;
+  return (
+    `UPDATE pgshift.migrations SET index_renames ` +
+    `= ${quoteLiteral(JSON.stringify([...m.index_renames, ...renames]))}::jsonb, updated_at = now() WHERE id = ${m.id}`
+  );
 }
 
 /**
@@ -164,16 +171,21 @@ export async function runCarryOver(
     if (i.widened)
       log().warn(
         { index: i.name, on: displayName(lo.copy), definition: i.build.definition },
-        `unique index ${i.name} is built on the partitioned table with the partition column added to its key: unique only together with it`,
+        `unique index ${i.name} is built on the partitioned table with the partition column added to its key: unique ` +
+          `only together with it`,
       );
     try {
       await runSteps(sql, steps, { lockRetry: { retries } });
     } catch (err) {
       if (err instanceof PgshiftError) throw err;
       throw new PgshiftError(
-        `cannot ${lo.step === "cutover" ? "cut over" : "swap back"}: building index ${i.build.name} on ${displayName(lo.copy)} (for index ${i.name} of ${displayName(lo.live)}) failed: ${err instanceof Error ? err.message : String(err)}`,
+        `cannot ${lo.step === "cutover" ? "cut over" : "swap back"}: building index ${i.build.name} ` +
+          `on ${displayName(lo.copy)} (for index ${i.name} of ${displayName(lo.live)}) ` +
+          `failed: ${err instanceof Error ? err.message : String(err)}`,
         {
-          hint: `nothing was switched; fix the cause (or drop index ${i.name}), then run pgshift ${lo.step} ${displayName(table)} again`,
+          hint:
+            `nothing was switched; fix the cause (or drop index ${i.name}), then run ` +
+            `pgshift ${lo.step} ${displayName(table)} again`,
           cause: err,
         },
       );

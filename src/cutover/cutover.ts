@@ -41,7 +41,9 @@ import {
 export type { BuiltIndex } from "./carry-over.js";
 
 export interface CutoverOptions extends LockRetryOptions {
-  /** Logical mode: how long to wait, under the lock, for the stream to apply every committed change (default 2000 ms). */
+  /**
+   * Logical mode: how long to wait, under the lock, for the stream to apply every committed change (default 2000 ms).
+   */
   catchupTimeoutMs?: number;
   /** Test hook: runs inside the transaction after every statement, before COMMIT. */
   beforeCommit?: (tx: TxSql) => Promise<void>;
@@ -93,14 +95,16 @@ function switchSql(m: Migration, to: Phase): string[] {
   // m.live (original name) becomes the copy's name in the next phase; m.copy takes the original name.
   out.push(`ALTER TABLE ${quoteQualified(m.live)} RENAME TO ${quoteIdent(next.copy.name)}`);
   out.push(`ALTER TABLE ${quoteQualified(m.copy)} RENAME TO ${quoteIdent(m.source_table)}`);
-  // The live table's indexes and statistics take the original names (ON CONFLICT ON CONSTRAINT name), the copy's the shadow's.
+  // The live table's indexes and statistics take the original names (ON CONFLICT ON CONSTRAINT name), the copy's the
+  // shadow's.
   out.push(...liveNamesSql(next.live, next.copy, m.index_renames));
   for (const s of m.sequences) {
     // Serial sequences follow the live table so that finalize (which drops the retired table) keeps them.
     // Identity sequences stay with the original table; finalize re-creates the identity on the new table.
     if (s.identity === "" && s.schema === m.source_schema) {
       out.push(
-        `ALTER SEQUENCE ${quoteQualified({ schema: s.schema, name: s.name })} OWNED BY ${quoteQualified(next.live)}.${quoteIdent(s.column)}`,
+        `ALTER SEQUENCE ${quoteQualified({ schema: s.schema, name: s.name })} OWNED ` +
+          `BY ${quoteQualified(next.live)}.${quoteIdent(s.column)}`,
       );
     }
   }
@@ -121,9 +125,12 @@ export function requireNoKnownDifferences(m: Migration, what: string): void {
   const v = m.last_verify;
   if (!v || v.equal) return;
   throw new PgshiftError(
-    `cannot ${what}: the last verify (${v.at}) found ${v.missing} missing, ${v.extra} extra and ${v.different} different rows in ${displayName(m.copy)}`,
+    `cannot ${what}: the last verify (${v.at}) found ${v.missing} missing, ${v.extra} extra and ${v.different} ` +
+      `different rows in ${displayName(m.copy)}`,
     {
-      hint: `run pgshift verify --repair ${displayName({ schema: m.source_schema, name: m.source_table })} (or pgshift verify, if they were repaired since), then again`,
+      hint:
+        `run pgshift verify --repair ${displayName({ schema: m.source_schema, name: m.source_table })} (or ` +
+        `pgshift verify, if they were repaired since), then again`,
     },
   );
 }
@@ -396,7 +403,9 @@ async function switchTables(
       } catch (err) {
         if (err instanceof CatchupTimeout) {
           throw new PgshiftError(`cannot cut over: ${err.message}, after ${attempts} attempts`, {
-            hint: "the stream is lagging: let pgshift sync catch up (pgshift status shows the lag), or raise --catchup-timeout-ms",
+            hint:
+              "the stream is lagging: let pgshift sync catch up (pgshift status shows the lag), or raise " +
+              "--catchup-timeout-ms",
           });
         }
         throw err;
@@ -420,7 +429,8 @@ async function switchTables(
             publication: m.publication_name,
             err: err instanceof Error ? err.message : String(err),
           },
-          "cutover done, but the replication slot or publication could not be dropped yet; pgshift finalize (or abort after a swap-back) drops them",
+          "cutover done, but the replication slot or publication could not be dropped yet; pgshift finalize (or " +
+            "abort after a swap-back) drops them",
         );
       }
     }

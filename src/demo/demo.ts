@@ -68,7 +68,8 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
     step(`creating public.orders with ${rows} rows (and its twin, twin.orders)`);
     await createWorkload(sql, w, rows);
     step(
-      `starting a live load: inserts, updates (moving rows between months, NULLs, TOASTed values, key changes) and deletes on ${opts.connections ?? 4} connections`,
+      `starting a live load: inserts, updates (moving rows between months, NULLs, TOASTed values, key changes) and ` +
+        `deletes on ${opts.connections ?? 4} connections`,
     );
     const load = await startLoad(url, w, { connections: opts.connections ?? 4, pauseMs: 2 });
     const spec = parsePartitionSpec("range:created_at:month");
@@ -79,7 +80,8 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
       step("pgshift plan orders --partition-by range:created_at:month");
       const plan = await planMigration(sql, w.table, { spec });
       say(
-        `found ~${plan.estimatedRows} rows, key (${plan.keyColumns.join(", ")}); ${plan.partitions.length} partitions from ${plan.partitions[0]?.name} to ${plan.partitions.at(-2)?.name} + DEFAULT`,
+        `found ~${plan.estimatedRows} rows, key (${plan.keyColumns.join(", ")}); ${plan.partitions.length} ` +
+          `partitions from ${plan.partitions[0]?.name} to ${plan.partitions.at(-2)?.name} + DEFAULT`,
       );
       for (const warning of plan.warnings) say(`warning: ${warning}`);
       say(`application statements: ${plan.applicationStatements.detail}`);
@@ -93,7 +95,8 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
       // start refuses a spec that adds the partition column to a unique key unless told it is wanted.
       say(
         "--allow-key-extension: the key (id) becomes (id, created_at). The demo's load never reuses an id and never " +
-          "upserts on ON CONFLICT (id), and until finalize pgshift keeps (id) unique through the retired table, so nothing it does changes; " +
+          "upserts on ON CONFLICT (id), and until finalize pgshift keeps (id) unique through the retired table, so " +
+          "nothing it does changes; " +
           "on your own tables, read plan's list of keys and ON CONFLICT targets first",
       );
       const st = await startMigration(sql, w.table, { spec, mode, allowKeyExtension: true });
@@ -125,7 +128,8 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
       step("pgshift verify orders");
       const v = await verify(sql, w.table);
       say(
-        `${v.equal ? "equal" : "DIFFERENT"}: ${v.rowsCompared} rows in ${v.chunks} chunks compared in ${v.ms} ms while the load kept writing`,
+        `${v.equal ? "equal" : "DIFFERENT"}: ${v.rowsCompared} rows in ${v.chunks} chunks compared in ${v.ms} ms ` +
+          `while the load kept writing`,
       );
 
       step("pgshift cutover orders");
@@ -139,7 +143,8 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
         );
       }
       say(
-        `orders is now partitioned; writes were blocked for ${c.lockHeldMs.toFixed(1)} ms; the old table (orders_pgshift_retired) still receives every write`,
+        `orders is now partitioned; writes were blocked for ${c.lockHeldMs.toFixed(1)} ms; the old table ` +
+          `(orders_pgshift_retired) still receives every write`,
       );
       await new Promise((r) => setTimeout(r, 1500));
 
@@ -147,7 +152,8 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
       c = await swapBack(sql, w.table);
       cutoverLockMs.push(c.lockHeldMs);
       say(
-        `the original table is live again, with every write made since the cutover (blocked ${c.lockHeldMs.toFixed(1)} ms)`,
+        `the original table is live again, with every write made since the cutover ` +
+          `(blocked ${c.lockHeldMs.toFixed(1)} ms)`,
       );
       await new Promise((r) => setTimeout(r, 1500));
 
@@ -173,14 +179,16 @@ export async function runDemo(opts: DemoOptions = {}): Promise<DemoResult> {
     }
     const s = load.stats;
     say(
-      `the load ran ${s.inserts} inserts, ${s.updates} updates, ${s.deletes} deletes, and saw ${s.errors.length} errors${s.errors.length ? `: ${s.errors.slice(0, 3).join(" | ")}` : ""}`,
+      `the load ran ${s.inserts} inserts, ${s.updates} updates, ${s.deletes} deletes, and saw ${s.errors.length} ` +
+        `errors${s.errors.length ? `: ${s.errors.slice(0, 3).join(" | ")}` : ""}`,
     );
     step("proof: public.orders (now partitioned) EXCEPT twin.orders, both ways");
     const cmp = await compareWithTwin(sql, w.table, w.twin, "bigint");
     const kind = await sql`select relkind::text as k from pg_class where oid = 'public.orders'::regclass`;
     const equal = cmp.onlyInTable === 0 && cmp.onlyInTwin === 0 && s.errors.length === 0;
     say(
-      `orders is ${kind[0]?.k === "p" ? "partitioned" : "NOT partitioned"}; ${cmp.rows} rows; only in orders: ${cmp.onlyInTable}; only in twin: ${cmp.onlyInTwin}`,
+      `orders is ${kind[0]?.k === "p" ? "partitioned" : "NOT partitioned"}; ${cmp.rows} rows; only in ` +
+        `orders: ${cmp.onlyInTable}; only in twin: ${cmp.onlyInTwin}`,
     );
     say(equal ? "no row lost, none invented, none stale." : "MISMATCH: the migration lost or changed rows.");
     const seconds = (performance.now() - t0) / 1000;

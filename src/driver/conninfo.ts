@@ -373,7 +373,8 @@ export function planTls(s: ConnSettings, env: NodeJS.ProcessEnv = process.env): 
     const mine = typeof process.getuid === "function" && st.uid === process.getuid();
     if (process.platform !== "win32" && (st.uid === 0 && !mine ? (st.mode & 0o037) !== 0 : (st.mode & 0o077) !== 0)) {
       throw invalid(
-        `private key file "${keyFile}" has group or world access; file must have permissions u=rw (0600) or less if owned by the current user, or permissions u=rw,g=r (0640) or less if owned by root`,
+        `private key file "${keyFile}" has group or world access; file must have permissions u=rw (0600) or less if ` +
+          `owned by the current user, or permissions u=rw,g=r (0640) or less if owned by root`,
         `chmod 0600 ${keyFile}`,
       );
     }
@@ -393,7 +394,9 @@ export function planTls(s: ConnSettings, env: NodeJS.ProcessEnv = process.env): 
     throw new PgshiftError(
       `root certificate file "${rootFile}" does not exist, and sslmode=${s.sslmode} needs it to verify the server`,
       {
-        hint: "give the file with sslrootcert / PGSSLROOTCERT, or sslrootcert=system for the system's trusted roots; pgshift never falls back to an unverified connection",
+        hint:
+          "give the file with sslrootcert / PGSSLROOTCERT, or sslrootcert=system for the system's trusted roots; " +
+          "pgshift never falls back to an unverified connection",
       },
     );
   }

@@ -170,7 +170,8 @@ export async function startLoad(
         } else {
           const tenant = 1 + (wi % 7);
           const ins = await tx`insert into ${t} (tenant_id, created_at, region, status, amount, note, data)
-                   values (${tenant}, ${created_at}, ${region}, 'new', ${amount}, ${note}, ${tx.json({ w: wi })}) returning id`;
+                   values (${tenant}, ${created_at}, ${region}, 'new', ${amount}, ${note}, ${tx.json({ w: wi })})
+                     returning id`;
           key = [tenant, String(ins[0]!.id)];
         }
         for (const [i, k] of keyCols.entries()) row[k] = key[i];
@@ -198,7 +199,8 @@ export async function startLoad(
             await tx`update ${target} set note = ${big}, amount = 1 where ${match(tx, key)}`;
           } else if (v < 0.75) {
             // non-key update that leaves a TOASTed note as it is
-            await tx`update ${target} set amount = coalesce(amount, 0) + 1, data = data || '{"u": 1}' where ${match(tx, key)}`;
+            await tx`update ${target} set amount = coalesce(amount, 0) + 1, data = data || '{"u": 1}' where
+              ${match(tx, key)}`;
           } else if (v < 0.88) {
             await tx`update ${target} set region = ${region} where ${match(tx, key)}`;
           } else {

@@ -10,9 +10,15 @@ import { namesInSql } from "./phases.js";
 export const DDL_GUARD_TRIGGER = "pgshift_ddl_guard";
 /** Its companion on sql_drop: refuses to drop the table or its copy while the migration runs. */
 export const DROP_GUARD_TRIGGER = "pgshift_drop_guard";
-/** Its companion on ddl_command_start: notes the partitions before ALTER TABLE and DROP, and refuses a concurrent detach. */
+/**
+ * Its companion on ddl_command_start: notes the partitions before ALTER TABLE and DROP, and refuses a concurrent
+ * detach.
+ */
 export const PARTITION_GUARD_TRIGGER = "pgshift_partition_guard";
-/** Where ddl_command_start keeps the partitions it saw, for the same command's ddl_command_end or sql_drop (session setting). */
+/**
+ * Where ddl_command_start keeps the partitions it saw, for the same command's ddl_command_end or sql_drop (session
+ * setting).
+ */
 const PARTITIONS_SETTING = "pgshift.partitions_before";
 const GUARD_TRIGGERS = [PARTITION_GUARD_TRIGGER, DDL_GUARD_TRIGGER, DROP_GUARD_TRIGGER];
 export const DDL_GUARD_FN: QualifiedName = { schema: "pgshift", name: "ddl_guard" };
@@ -110,8 +116,10 @@ export async function ddlGuardState(
   sql: AnySql,
 ): Promise<{ installed: boolean; enabled: boolean; superuser: boolean }> {
   const rows = await sql`
-    select (select count(*) from pg_catalog.pg_event_trigger where evtname = any(${GUARD_TRIGGERS})) = ${GUARD_TRIGGERS.length} as installed,
-           (select count(*) from pg_catalog.pg_event_trigger where evtname = any(${GUARD_TRIGGERS}) and evtenabled <> 'D') = ${GUARD_TRIGGERS.length} as enabled,
+    select (select count(*) from pg_catalog.pg_event_trigger where evtname = any(${GUARD_TRIGGERS})) =
+      ${GUARD_TRIGGERS.length} as installed,
+           (select count(*) from pg_catalog.pg_event_trigger where evtname = any(${GUARD_TRIGGERS}) and evtenabled <>
+             'D') = ${GUARD_TRIGGERS.length} as enabled,
            (select rolsuper from pg_catalog.pg_roles where rolname = current_user) as superuser`;
   return GuardRow.parse(rows[0]);
 }

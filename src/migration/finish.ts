@@ -61,11 +61,13 @@ export function finalizeSql(m: Migration, identities: Map<string, IdentityState>
   for (const s of ids) {
     const st = identities.get(s.column);
     const opts = st
-      ? ` INCREMENT BY ${st.increment} MINVALUE ${st.min} MAXVALUE ${st.max} CACHE ${st.cache} ${st.cycle ? "CYCLE" : "NO CYCLE"} START WITH ${st.next}`
+      ? ` INCREMENT BY ${st.increment} MINVALUE ${st.min} MAXVALUE ${st.max} ` +
+        `CACHE ${st.cache} ${st.cycle ? "CYCLE" : "NO CYCLE"} START WITH ${st.next}`
       : "";
     out.push(
-      `ALTER TABLE ${live} ALTER COLUMN ${quoteIdent(s.column)} ADD GENERATED ${s.identity === "a" ? "ALWAYS" : "BY DEFAULT"} AS IDENTITY ` +
-        `(SEQUENCE NAME ${quoteQualified({ schema: s.schema, name: s.name })}${opts})`,
+      `ALTER TABLE ${live} ALTER COLUMN ${quoteIdent(s.column)} ADD GENERATED ${
+        s.identity === "a" ? "ALWAYS" : "BY DEFAULT"
+      } AS IDENTITY (SEQUENCE NAME ${quoteQualified({ schema: s.schema, name: s.name })}${opts})`,
     );
     if (s.defaultFunction)
       out.push(`DROP FUNCTION IF EXISTS ${quoteQualified({ schema: "pgshift", name: s.defaultFunction })}()`);
@@ -112,13 +114,15 @@ export async function leftoverStream(
   table: QualifiedName,
 ): Promise<{ slot: string | null; publication: string | null; retainedBytes: number } | null> {
   const r =
-    await sql`select c.oid::int as oid from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname = ${table.schema} and c.relname = ${table.name}`;
+    await sql`select c.oid::int as oid from pg_class c join pg_namespace n on n.oid = c.relnamespace where n.nspname =
+      ${table.schema} and c.relname = ${table.name}`;
   if (r.length === 0) return null;
   const names = logicalNames(Number(r[0]!.oid));
   const x = await sql`
     select (select slot_name::text from pg_replication_slots where slot_name = ${names.slot}) as slot,
            (select pubname::text from pg_publication where pubname = ${names.publication}) as publication,
-           coalesce((select pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn) from pg_replication_slots where slot_name = ${names.slot}), 0)::bigint as retained`;
+           coalesce((select pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn) from pg_replication_slots where slot_name
+             = ${names.slot}), 0)::bigint as retained`;
   const slot = (x[0]!.slot as string | null) ?? null;
   const publication = (x[0]!.publication as string | null) ?? null;
   return slot || publication ? { slot, publication, retainedBytes: Number(x[0]!.retained) } : null;
@@ -183,9 +187,11 @@ export async function dependentsOf(sql: AnySql, table: QualifiedName): Promise<s
        where d.deptype = 'n'
          and not exists (select from dropped y where y.classid = d.classid and y.objid = d.objid)
          and not (d.classid = 'pg_catalog.pg_proc'::regclass
-                  and exists (select from pg_catalog.pg_proc p where p.oid = d.objid and p.pronamespace = to_regnamespace('pgshift')))
+                  and exists (select from pg_catalog.pg_proc p where p.oid = d.objid and p.pronamespace =
+                    to_regnamespace('pgshift')))
          and not (d.classid = 'pg_catalog.pg_trigger'::regclass
-                  and exists (select from pg_catalog.pg_trigger t where t.oid = d.objid and t.tgname in (${MIRROR_TRIGGER}, ${TRUNCATE_TRIGGER})))
+                  and exists (select from pg_catalog.pg_trigger t where t.oid = d.objid and t.tgname in
+                    (${MIRROR_TRIGGER}, ${TRUNCATE_TRIGGER})))
     ),
     named as (
       -- a view's dependency is its _RETURN rule's: name the view, as PostgreSQL's DETAIL does
@@ -194,7 +200,8 @@ export async function dependentsOf(sql: AnySql, table: QualifiedName): Promise<s
         from blockers b
         left join lateral (select 'pg_catalog.pg_class'::regclass::oid as classid, r.ev_class as objid
                              from pg_catalog.pg_rewrite r
-                            where b.classid = 'pg_catalog.pg_rewrite'::regclass and r.oid = b.objid and r.rulename = '_RETURN') v on true
+                            where b.classid = 'pg_catalog.pg_rewrite'::regclass and r.oid = b.objid
+                              and r.rulename = '_RETURN') v on true
     )
     select distinct i.type || ' ' || i.identity as what
       from named b, lateral pg_catalog.pg_identify_object(b.classid, b.objid, b.objsubid) i
@@ -208,9 +215,16 @@ export async function dependentsOf(sql: AnySql, table: QualifiedName): Promise<s
 /** The refusal for objects that still depend on the retired table (`dependents`: their descriptions; 25 are named). */
 function dependentsError(m: Migration, dependents: readonly string[], cause?: unknown): PgshiftError {
   return new PgshiftError(
-    `cannot finalize ${displayName(m.live)}: ${dependents.length === 1 ? "an object still depends" : `${dependents.length} objects still depend`} on the retired table ${displayName(m.copy)}, which finalize drops: ${dependents.slice(0, 25).join(", ")}${dependents.length > 25 ? ` and ${dependents.length - 25} more` : ""}`,
+    `cannot finalize ${displayName(m.live)}: ${
+      dependents.length === 1 ? "an object still depends" : `${dependents.length} objects still depend`
+    } on the retired table ${displayName(m.copy)}, which ` +
+      `finalize drops: ${dependents.slice(0, 25).join(", ")}${
+        dependents.length > 25 ? ` and ${dependents.length - 25} more` : ""
+      }`,
     {
-      hint: `drop them, or re-create them on ${displayName(m.live)} (CREATE OR REPLACE VIEW / FUNCTION, ALTER TABLE ... ALTER COLUMN ... TYPE), then run finalize again; nothing was changed`,
+      hint:
+        `drop them, or re-create them on ${displayName(m.live)} (CREATE OR REPLACE VIEW / FUNCTION, ALTER TABLE ` +
+        `... ALTER COLUMN ... TYPE), then run finalize again; nothing was changed`,
       cause,
     },
   );

@@ -54,7 +54,8 @@ const KeyRow = z.object({
 export async function widenedKeys(sql: AnySql, oid: number, partitionColumn: string): Promise<WidenedKey[]> {
   const rows = await sql`
     select ic.relname::text as index, i.indisprimary as primary, con.conname::text as conname,
-           pg_catalog.quote_ident(con.conname) as qconname, pg_catalog.quote_ident(${partitionColumn}) as qpart, con.contype::text as contype,
+           pg_catalog.quote_ident(con.conname) as qconname, pg_catalog.quote_ident(${partitionColumn}) as qpart,
+             con.contype::text as contype,
            coalesce(con.condeferrable, false) as deferrable,
            pg_catalog.pg_get_expr(i.indpred, i.indrelid, true) as predicate,
            (select array_agg(pg_catalog.pg_get_indexdef(i.indexrelid, k.n, true) order by k.n)
@@ -65,7 +66,8 @@ export async function widenedKeys(sql: AnySql, oid: number, partitionColumn: str
              where k.ord <= i.indnkeyatts) as cols
       from pg_catalog.pg_index i
       join pg_catalog.pg_class ic on ic.oid = i.indexrelid
-      left join pg_catalog.pg_constraint con on con.conindid = i.indexrelid and con.conrelid = i.indrelid and con.contype in ('p', 'u')
+      left join pg_catalog.pg_constraint con on con.conindid = i.indexrelid and con.conrelid = i.indrelid and
+        con.contype in ('p', 'u')
      where i.indrelid = ${oid} and i.indisunique and i.indisvalid
      order by i.indisprimary desc, ic.relname`;
   const out: WidenedKey[] = [];
@@ -92,7 +94,10 @@ export async function widenedKeys(sql: AnySql, oid: number, partitionColumn: str
   return out;
 }
 
-/** One line per widened key for `plan` and `start`: what it becomes, until and after finalize, and the targets that stop working. */
+/**
+ * One line per widened key for `plan` and `start`: what it becomes, until and after finalize, and the targets that stop
+ * working.
+ */
 export function describeWidenedKey(k: WidenedKey): string {
   const cols = `(${k.columns.join(", ")})`;
   const wide = `(${k.widenedTo.join(", ")})`;
@@ -100,7 +105,8 @@ export function describeWidenedKey(k: WidenedKey): string {
   const targets =
     n > 0 ? `; ${k.onConflictTargets.join(" and ")} ${n === 1 ? "stops" : "stop"} working at cutover` : "";
   return (
-    `${k.kind} ${k.name} ${cols} becomes ${wide} on the partitioned table: until finalize pgshift keeps ${cols} unique ` +
+    `${k.kind} ${k.name} ${cols} becomes ${wide} on the partitioned table: until finalize pgshift keeps ${cols} ` +
+    `unique ` +
     `through the retired table; after finalize only ${wide} is enforced${targets}`
   );
 }
@@ -171,13 +177,15 @@ export async function affectedStatements(
       ...empty,
     };
   const ext = await sql`
-    select n.nspname::text as schema from pg_catalog.pg_extension e join pg_catalog.pg_namespace n on n.oid = e.extnamespace
+    select n.nspname::text as schema from pg_catalog.pg_extension e join pg_catalog.pg_namespace n on n.oid =
+      e.extnamespace
      where e.extname = 'pg_stat_statements'`;
   if (ext.length === 0) {
     return {
       status: "not-installed",
       detail:
-        "pg_stat_statements is not installed in this database: the application's statements were not checked (CREATE EXTENSION pg_stat_statements, with it in shared_preload_libraries, lets plan list those that would fail)",
+        "pg_stat_statements is not installed in this database: the application's statements were not checked (CREATE " +
+        "EXTENSION pg_stat_statements, with it in shared_preload_libraries, lets plan list those that would fail)",
       ...empty,
     };
   }
@@ -194,14 +202,17 @@ export async function affectedStatements(
     rows = z.array(StatRow).parse(r);
     const h = await sql`
       select count(*)::int as n from ${view}
-       where dbid = (select oid from pg_catalog.pg_database where datname = current_database()) and query = '<insufficient privilege>'`;
+       where dbid = (select oid from pg_catalog.pg_database where datname = current_database()) and query =
+         '<insufficient privilege>'`;
     hidden = Number(h[0]?.n ?? 0);
   } catch (err) {
     const code = sqlState(err);
     if (code === undefined || code.startsWith("08") || code.startsWith("57")) throw err;
     return {
       status: "unavailable",
-      detail: `pg_stat_statements is installed but could not be read (${err instanceof Error ? err.message : String(err)}): the application's statements were not checked`,
+      detail:
+        `pg_stat_statements is installed but could not be read ` +
+        `(${err instanceof Error ? err.message : String(err)}): the application's statements were not checked`,
       ...empty,
     };
   }
@@ -243,7 +254,9 @@ export async function affectedStatements(
           calls: row.calls,
           target: `ON CONFLICT ON CONSTRAINT ${show(infer.conname)}`,
           effect: "fails",
-          reason: `from cutover on ${show(infer.conname)} no longer arbitrates on (${k.columns.join(", ")}): the partitioned table's key is (${k.widenedTo.join(", ")})${unqualified}`,
+          reason:
+            `from cutover on ${show(infer.conname)} no longer arbitrates on (${k.columns.join(", ")}): the ` +
+            `partitioned table's key is (${k.widenedTo.join(", ")})${unqualified}`,
         });
         continue;
       }
@@ -261,7 +274,10 @@ export async function affectedStatements(
           calls: row.calls,
           target: `ON CONFLICT (${shown.join(", ")})`,
           effect: "fails",
-          reason: `fails at every call from cutover on (42P10: no unique or exclusion constraint matching the ON CONFLICT specification): every unique key of the partitioned table contains ${show(partitionColumn)}${unqualified}`,
+          reason:
+            `fails at every call from cutover on (42P10: no unique or exclusion constraint matching the ON ` +
+            `CONFLICT specification): every unique key of the partitioned table ` +
+            `contains ${show(partitionColumn)}${unqualified}`,
         });
         continue;
       }
@@ -271,14 +287,18 @@ export async function affectedStatements(
           calls: row.calls,
           target: "ON CONFLICT DO NOTHING",
           effect: "changes",
-          reason: `a row that conflicts only on (${primary.columns.join(", ")}) (same key, another ${show(partitionColumn)}) is no longer skipped: refused until finalize, inserted as a second row after${unqualified}`,
+          reason:
+            `a row that conflicts only on (${primary.columns.join(", ")}) (same key, ` +
+            `another ${show(partitionColumn)}) is no longer skipped: refused until finalize, inserted as a second ` +
+            `row after${unqualified}`,
         });
       }
     }
   }
   const failing = statements.filter((s) => s.effect === "fails").length;
   const detail =
-    `pg_stat_statements (this database): ${examined} upsert${examined === 1 ? "" : "s"} on ${displayName(table)} examined, ${failing} would fail after cutover` +
+    `pg_stat_statements (this database): ${examined} upsert${examined === 1 ? "" : "s"} on ${displayName(table)} ` +
+    `examined, ${failing} would fail after cutover` +
     (statements.length > failing ? `, ${statements.length - failing} would behave otherwise` : "") +
     (hidden > 0
       ? `; ${hidden} statements of other roles are hidden from this role (grant it pg_read_all_stats to check them)`

@@ -30,7 +30,10 @@ export type Command = (typeof COMMANDS)[number];
 export interface Transition {
   /** Phases in which the command may run. */
   from: readonly Phase[];
-  /** The phase after the command succeeds; "same" when it does not change the phase, "deleted" when it forgets the migration. */
+  /**
+   * The phase after the command succeeds; "same" when it does not change the phase, "deleted" when it forgets the
+   * migration.
+   */
   to: Phase | "same" | "deleted";
   /** The command as a verb, for messages ("cannot cut over public.orders: ..."). */
   verb: string;

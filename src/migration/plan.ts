@@ -31,7 +31,9 @@ export interface PlanOptions {
   now?: Date;
   /** lock_timeout of start's transaction, ms (default 500; retried on a lock timeout). */
   lockTimeoutMs?: number;
-  /** Logical mode: the longest creating the replication slot may wait for running transactions, ms (default 300,000). */
+  /**
+   * Logical mode: the longest creating the replication slot may wait for running transactions, ms (default 300,000).
+   */
   slotTimeoutMs?: number;
 }
 
@@ -166,7 +168,8 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   warnings.push(...fidelityWarnings(facts));
   if (facts.persistence !== "p")
     blockers.push(
-      `${displayName(table)} is ${facts.persistence === "u" ? "unlogged" : "temporary"}; only permanent tables are supported`,
+      `${displayName(table)} is ${facts.persistence === "u" ? "unlogged" : "temporary"}; only permanent tables are ` +
+        `supported`,
     );
   if (!facts.isOwner)
     blockers.push(`the current user is not the owner of ${displayName(table)} (owner: ${facts.owner})`);
@@ -207,7 +210,8 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     if (col.generated !== "") blockers.push(`column ${col.name} is a generated column and cannot be the partition key`);
     if (!col.notNull) {
       blockers.push(
-        `partition column ${col.name} allows NULL; the shadow's key must include it: ALTER TABLE ... ALTER COLUMN ${col.name} SET NOT NULL first`,
+        `partition column ${col.name} allows NULL; the shadow's key must include it: ALTER TABLE ... ALTER ` +
+          `COLUMN ${col.name} SET NOT NULL first`,
       );
     }
   }
@@ -226,7 +230,8 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     }
     const taken = await sql`
       select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace
-       where n.nspname = ${src.schema} and c.relname = any(${[shadow.name, retired.name, ...partitions.map((p) => p.name)]})`;
+       where n.nspname = ${src.schema} and c.relname =
+         any(${[shadow.name, retired.name, ...partitions.map((p) => p.name)]})`;
     if (taken.length > 0)
       blockers.push(`names already taken in schema ${src.schema}: ${taken.map((r) => String(r.relname)).join(", ")}`);
   }
@@ -281,10 +286,13 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     if (guard.superuser) statements.push(...ddlGuardSql());
     else if (!guard.installed || !guard.enabled) {
       warnings.push(
-        `the DDL guard is ${guard.installed ? "disabled" : "not installed"} (creating an event trigger needs superuser): an ALTER TABLE that drops, renames, adds or retypes a column of ` +
-          `${displayName(table)} or of its shadow, a DROP of either, or detaching or dropping a partition of the shadow, will not be refused during the migration` +
+        `the DDL guard is ${guard.installed ? "disabled" : "not installed"} (creating an event trigger needs ` +
+          `superuser): an ALTER TABLE that drops, renames, adds or retypes a column of ` +
+          `${displayName(table)} or of its shadow, a DROP of either, or detaching or dropping a partition of the ` +
+          `shadow, will not be refused during the migration` +
           (mode === "trigger"
-            ? ", and dropping or renaming a mirrored column, or dropping the shadow, makes the application's writes fail"
+            ? ", and dropping or renaming a mirrored column, or dropping the shadow, makes the application's writes " +
+              "fail"
             : ""),
       );
     }
@@ -323,10 +331,16 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
       );
     }
     statements.push(
-      `INSERT INTO pgshift.migrations (source_schema, source_table, shadow_table, retired_table, spec, mode, phase, key_columns, shadow_key, copy_columns, sequences, mirror_function, deferred_indexes, index_renames, slot_name, publication_name, rows_estimated) VALUES (` +
+      `INSERT INTO pgshift.migrations (source_schema, source_table, shadow_table, retired_table, spec, mode, phase, ` +
+        `key_columns, shadow_key, copy_columns, sequences, mirror_function, deferred_indexes, index_renames, ` +
+        `slot_name, publication_name, rows_estimated) VALUES (` +
         [src.schema, src.name, shadow.name, retired.name].map(quoteLiteral).join(", ") +
-        `, ${quoteLiteral(JSON.stringify(spec))}, ${quoteLiteral(mode)}, 'started', ${textArray(keyColumns)}, ${textArray(sKey)}, ${textArray(cols)}, ` +
-        `${quoteLiteral(JSON.stringify(sequences))}, ${quoteLiteral(mirrorFunction.name)}, ${quoteLiteral(JSON.stringify(deferredIndexes))}, ${quoteLiteral(JSON.stringify(indexRenames))}, ${stream ? quoteLiteral(stream.slot) : "NULL"}, ${stream ? quoteLiteral(stream.publication) : "NULL"}, ${Math.max(0, Math.round(facts.estimatedRows))})`,
+        `, ${quoteLiteral(JSON.stringify(spec))}, ${quoteLiteral(mode)}, ` +
+        `'started', ${textArray(keyColumns)}, ${textArray(sKey)}, ${textArray(cols)}, ` +
+        `${quoteLiteral(JSON.stringify(sequences))}, ${quoteLiteral(mirrorFunction.name)}, ` +
+        `${quoteLiteral(JSON.stringify(deferredIndexes))}, ${quoteLiteral(JSON.stringify(indexRenames))}, ` +
+        `${stream ? quoteLiteral(stream.slot) : "NULL"}, ${stream ? quoteLiteral(stream.publication) : "NULL"}, ` +
+        `${Math.max(0, Math.round(facts.estimatedRows))})`,
     );
   }
   if (facts.estimatedRows < 0)
@@ -334,7 +348,9 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   const streamSteps: Step[] = streamStatements.map((stmt) =>
     createsSlot(stmt)
       ? transactionStep([statement(`SET LOCAL statement_timeout = '${slotTimeoutMs}ms'`), statement(stmt)], {
-          why: `the replication slot: its creation waits until the transactions running now end, ${slotTimeoutMs} ms at most`,
+          why:
+            `the replication slot: its creation waits until the transactions running now end, ${slotTimeoutMs} ms ` +
+            `at most`,
         })
       : statement(stmt, "session", "logical mode: the publication first, then the slot, before anything is copied"),
   );
@@ -385,8 +401,11 @@ function atFinalize(keys: readonly WidenedKey[]): string | null {
   const orig = keys.map((k) => `(${k.columns.join(", ")})`).join(", ");
   const wide = keys.map((k) => `(${k.widenedTo.join(", ")})`).join(", ");
   return (
-    `until finalize, pgshift keeps ${orig} unique through the retired table (an insert or update that would duplicate one is refused in the application's transaction, as the original table refuses it); ` +
-    `finalize drops the retired table, and from then on the database enforces only ${wide}: a row that repeats ${keys.length === 1 ? "that key" : "one of those keys"} with another value of the partition column is accepted`
+    `until finalize, pgshift keeps ${orig} unique through the retired table (an insert or update that would ` +
+    `duplicate one is refused in the application's transaction, as the original table refuses it); ` +
+    `finalize drops the retired table, and from then on the database enforces only ${wide}: a row that ` +
+    `repeats ${keys.length === 1 ? "that key" : "one of those keys"} with another value of the partition column is ` +
+    `accepted`
   );
 }
 

@@ -103,9 +103,12 @@ async function runStreamStep(sql: Sql, step: Step, timeoutMs: number): Promise<v
     if (sqlState(err) !== "57014") throw err;
     const still = await transactionsHoldingXids(sql);
     throw new PgshiftError(
-      `the replication slot was not created within ${timeoutMs} ms: it waits for transactions that were running when it began to end${still.length > 0 ? `, still open: ${describeTransactions(still)}` : ""}`,
+      `the replication slot was not created within ${timeoutMs} ms: it waits for transactions that were running when ` +
+        `it began to end${still.length > 0 ? `, still open: ${describeTransactions(still)}` : ""}`,
       {
-        hint: "end them (COMMIT, or SELECT pg_terminate_backend(pid)) and run start again, or give them longer with --slot-timeout-ms",
+        hint:
+          "end them (COMMIT, or SELECT pg_terminate_backend(pid)) and run start again, or give them longer with " +
+          "--slot-timeout-ms",
       },
     );
   }
@@ -124,12 +127,16 @@ export function keyExtensionRefusal(plan: MigrationPlan): PgshiftError | null {
   const targets = keys.flatMap((k) => k.onConflictTargets);
   const failing = plan.applicationStatements.statements.filter((s) => s.effect === "fails").length;
   return new PgshiftError(
-    `partitioning ${displayName(plan.source)} by ${col} adds ${col} to ${keys.length === 1 ? "a unique key" : `${keys.length} unique keys`}: ${named}; ` +
+    `partitioning ${displayName(plan.source)} by ${col} adds ${col} to ${
+      keys.length === 1 ? "a unique key" : `${keys.length} unique keys`
+    }: ${named}; ` +
       `after finalize the database enforces them only together with ${col}` +
       (targets.length > 0 ? `, and ${targets.join(", ")} stop working at cutover` : "") +
       (failing > 0 ? ` (${failing} of the application's statements in pg_stat_statements would fail)` : ""),
     {
-      hint: `read what the application will notice with pgshift plan, then start again with --allow-key-extension; or partition by a column of the key (e.g. hash:${keys[0]!.columns[0] ?? "id"}:16); nothing was changed`,
+      hint:
+        `read what the application will notice with pgshift plan, then start again with --allow-key-extension; ` +
+        `or partition by a column of the key (e.g. hash:${keys[0]!.columns[0] ?? "id"}:16); nothing was changed`,
     },
   );
 }

@@ -289,14 +289,16 @@ const StateOwnerRow = z.object({ owner: z.string(), member: z.boolean(), me: z.s
  */
 export async function stateOwnershipProblem(sql: AnySql): Promise<string | null> {
   const rows = await sql`
-    select pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(c.relowner)) as owner, pg_catalog.pg_has_role(c.relowner, 'USAGE') as member,
+    select pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(c.relowner)) as owner, pg_catalog.pg_has_role(c.relowner,
+      'USAGE') as member,
            pg_catalog.quote_ident(current_user) as me
       from pg_catalog.pg_class c where c.oid = to_regclass('pgshift.migrations')`;
   if (rows.length === 0) return null;
   const r = StateOwnerRow.parse(rows[0]);
   if (r.member) return null;
   return (
-    `pgshift's state in this database (schema pgshift) belongs to role ${r.owner}, and ${r.me} is not a member of it: ` +
+    `pgshift's state in this database (schema pgshift) belongs to role ${r.owner}, and ${r.me} is not a member of ` +
+    `it: ` +
     `run pgshift as ${r.owner}, or let ${r.me} act as it (GRANT ${r.owner} TO ${r.me})`
   );
 }
@@ -319,7 +321,8 @@ async function requireSchemaVersion(sql: AnySql, upgrade: boolean): Promise<void
   if (version === SCHEMA_VERSION) return;
   if (version > SCHEMA_VERSION) {
     throw new PgshiftError(
-      `the pgshift schema of this database is version ${version}, newer than this pgshift understands (${SCHEMA_VERSION})`,
+      `the pgshift schema of this database is version ${version}, newer than this pgshift understands ` +
+        `(${SCHEMA_VERSION})`,
       {
         hint: "run the pgshift release that started the migration, or a newer one",
       },
@@ -329,7 +332,8 @@ async function requireSchemaVersion(sql: AnySql, upgrade: boolean): Promise<void
   try {
     // A schema of version 1 may have no version table (each step is idempotent).
     await sql`create table if not exists pgshift.schema_version (version int not null)`;
-    await sql`insert into pgshift.schema_version select ${version}::int where not exists (select from pgshift.schema_version)`;
+    await sql`insert into pgshift.schema_version select ${version}::int where not exists (select from
+      pgshift.schema_version)`;
     // One transaction per version, its file last but for the work that needs one: an upgrade cut short stops at
     // a version, and the next command goes on from there.
     const ctx = { guardDone: false };
@@ -487,8 +491,10 @@ export async function migrationLockHolder(sql: AnySql, table: QualifiedName): Pr
   const key = `${table.schema}.${table.name}`;
   const rows = await sql`
     select l.pid from pg_catalog.pg_locks l
-     where l.locktype = 'advisory' and l.database = (select oid from pg_catalog.pg_database where datname = current_database())
-       and l.classid = ${LOCK_CLASS}::oid and l.objid = ((hashtext(${key})::bigint & 4294967295)::text)::oid and l.objsubid = 2 and l.granted
+     where l.locktype = 'advisory' and l.database = (select oid from pg_catalog.pg_database where datname =
+       current_database())
+       and l.classid = ${LOCK_CLASS}::oid and l.objid = ((hashtext(${key})::bigint & 4294967295)::text)::oid and
+         l.objsubid = 2 and l.granted
      limit 1`;
   return rows[0] ? Number(rows[0].pid) : null;
 }

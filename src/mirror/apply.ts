@@ -52,7 +52,9 @@ export { STREAMING_PHASES };
 export class StreamFenced extends PgshiftError {
   constructor(message: string) {
     super(message, {
-      hint: "nothing of the refused group was kept; pgshift sync (or the command that follows the stream) starts again from the slot's confirmed position while the migration still streams",
+      hint:
+        "nothing of the refused group was kept; pgshift sync (or the command that follows the stream) starts " +
+        "again from the slot's confirmed position while the migration still streams",
     });
     this.name = "StreamFenced";
   }
@@ -80,8 +82,8 @@ export interface ApplierOptions {
  *   bounded by the batch limits below, whatever the size of a transaction.
  * - Row changes are written as sets (ChangeBatch, src/mirror/changes.ts): the net effect per primary key of
  *   the group's changes, a DELETE and multi-row upserts (three statements at most) per batch of up to 2,000
- *   changes (or 8 M characters of values). INSERT upserts; UPDATE replaces the row found by its old primary key (a row whose
- *   key or partition column changed leaves its old place); DELETE removes by primary key. An UPDATE whose
+ *   changes (or 8 M characters of values). INSERT upserts; UPDATE replaces the row found by its old primary key (a row
+ *   whose key or partition column changed leaves its old place); DELETE removes by primary key. An UPDATE whose
  *   unchanged TOASTed values were not sent by pgoutput is applied on its own after the batch is written:
  *   only the sent columns are written, the old values are carried over when the row moves, and a row not in
  *   the shadow yet is read from the source (the backfill has not reached it; its current version is at
@@ -175,9 +177,12 @@ export class Applier {
       const slot = await slotState(this.sql, this.m.slot_name);
       if (slot.invalidated !== null) {
         throw new PgshiftError(
-          `replication slot ${this.m.slot_name} was invalidated by PostgreSQL (${slot.invalidated}): the WAL it needed is gone, the shadow can no longer follow the table`,
+          `replication slot ${this.m.slot_name} was invalidated by PostgreSQL (${slot.invalidated}): the WAL it ` +
+            `needed is gone, the shadow can no longer follow the table`,
           {
-            hint: "run pgshift abort and start again (max_slot_wal_keep_size limits the WAL a slot may hold back; keep pgshift sync running)",
+            hint:
+              "run pgshift abort and start again (max_slot_wal_keep_size limits the WAL a slot may hold back; " +
+              "keep pgshift sync running)",
           },
         );
       }
@@ -224,7 +229,8 @@ export class Applier {
       throw new PgshiftError(
         code === "55006"
           ? `replication slot ${this.m.slot_name} is in use by another process`
-          : `cannot stream from replication slot ${this.m.slot_name}: ${err instanceof Error ? err.message : String(err)}`,
+          : `cannot stream from replication ` +
+              `slot ${this.m.slot_name}: ${err instanceof Error ? err.message : String(err)}`,
         {
           cause: err,
           hint:
@@ -321,7 +327,8 @@ export class Applier {
           // mirror made in the retired table. Never apply it; the group's commit would be fenced anyway.
           if (msg.relation.name !== this.m.original.name) {
             throw new StreamFenced(
-              `a change of ${msg.relation.schema}.${msg.relation.name} reached the stream: ${this.m.original.name} was renamed (cut over), the stream applies nothing more (the group in hand was rolled back)`,
+              `a change of ${msg.relation.schema}.${msg.relation.name} reached the stream: ${this.m.original.name} ` +
+                `was renamed (cut over), the stream applies nothing more (the group in hand was rolled back)`,
             );
           }
           this.changes++;
@@ -342,7 +349,8 @@ export class Applier {
               .filter(Boolean)
               .join(", ");
             throw new PgshiftError(
-              `the columns of ${msg.schema}.${msg.name} changed during the migration (${what}); the shadow cannot follow`,
+              `the columns of ${msg.schema}.${msg.name} changed during the migration (${what}); the shadow cannot ` +
+                `follow`,
               {
                 hint: "pgshift does not carry ALTER TABLE over: run pgshift abort, and start the migration again",
               },
@@ -481,8 +489,10 @@ export class Applier {
     this.requireCurrent(tx, g);
     const end = lsnText(g.end);
     const recorded = await tx`
-      update pgshift.migrations set applied_lsn = ${end}, applied_commit_time = ${(g.commitTime ?? new Date()).toISOString()}
-       where id = ${this.m.id} and slot_name = ${this.m.slot_name} and phase::text in (${valueList(tx, STREAMING_PHASES)})
+      update pgshift.migrations set applied_lsn = ${end}, applied_commit_time =
+        ${(g.commitTime ?? new Date()).toISOString()}
+       where id = ${this.m.id} and slot_name = ${this.m.slot_name} and phase::text in
+         (${valueList(tx, STREAMING_PHASES)})
          and applied_lsn::pg_lsn is not distinct from ${this.rowApplied}::pg_lsn
       returning id`;
     if (recorded.count === 0) throw new StreamFenced(await this.fenceReason(tx));
@@ -519,9 +529,17 @@ export class Applier {
     if (!r)
       return `the migration of ${this.m.source_table} is gone (aborted or finalized): the stream applies nothing more`;
     if (!STREAMING_PHASES.includes(r.phase as Phase) || r.slot_name !== this.m.slot_name) {
-      return `the migration of ${this.m.source_table} is in phase ${r.phase}${r.slot_name === this.m.slot_name ? "" : " without this replication slot"}: the stream applies nothing more (the group in hand was rolled back)`;
+      return (
+        `the migration of ${this.m.source_table} is in ` +
+        `phase ${r.phase}${r.slot_name === this.m.slot_name ? "" : " without this replication slot"}: the stream ` +
+        `applies nothing more (the group in hand was rolled back)`
+      );
     }
-    return `another applier recorded ${r.applied_lsn ?? "-"} in the migration row since this one read ${this.rowApplied ?? "-"}: this one's group was rolled back (it starts again from the slot's confirmed position)`;
+    return (
+      `another applier recorded ${r.applied_lsn ?? "-"} in the migration row since this one ` +
+      `read ${this.rowApplied ?? "-"}: this one's group was rolled back (it starts again from the slot's confirmed ` +
+      `position)`
+    );
   }
 
   /**
@@ -610,7 +628,8 @@ export class Applier {
         tx,
         names.map((c) => (t[c] === undefined ? null : (t[c] as string | null))),
       );
-    const moved = tx`(${identList(tx, pk)}) = (${vals(oldPk, pk)}) and (${identList(tx, key)}) is distinct from (${vals(n, key)})`;
+    const moved = tx`(${identList(tx, pk)}) = (${vals(oldPk, pk)}) and (${identList(tx, key)}) is distinct from
+      (${vals(n, key)})`;
     const known = cols.filter((c) => n[c] !== undefined);
     const knownRest = known.filter((c) => !key.includes(c));
     const carry = joinFragments(
@@ -628,11 +647,13 @@ export class Applier {
           )}`;
     if (pk.some((c) => oldPk[c] !== n[c])) {
       // A new primary key: no other version of it may stay (exact mode relies on one version per key).
-      await tx`delete from ${shadow} where (${identList(tx, pk)}) = (${vals(n, pk)}) and (${identList(tx, key)}) is distinct from (${vals(n, key)})`;
+      await tx`delete from ${shadow} where (${identList(tx, pk)}) = (${vals(n, pk)}) and (${identList(tx, key)}) is
+        distinct from (${vals(n, key)})`;
     }
     const movedRows = await tx`
       with gone as (delete from ${shadow} where ${moved} returning *)
-      insert into ${shadow} (${identList(tx, cols)}) select ${carry} from gone limit 1 on conflict (${identList(tx, key)}) ${setKnown}`;
+      insert into ${shadow} (${identList(tx, cols)}) select ${carry} from gone limit 1 on conflict
+        (${identList(tx, key)}) ${setKnown}`;
     const inPlace = await tx`
       update ${shadow} set ${
         knownRest.length === 0
@@ -645,7 +666,8 @@ export class Applier {
       }
        where (${identList(tx, key)}) = (${vals(n, key)})`;
     if (movedRows.count + inPlace.count === 0) {
-      await tx`insert into ${shadow} (${identList(tx, cols)}) select ${identList(tx, cols)} from ${tableRef(tx, m.original)}
+      await tx`insert into ${shadow} (${identList(tx, cols)}) select ${identList(tx, cols)} from
+        ${tableRef(tx, m.original)}
                 where (${identList(tx, pk)}) = (${vals(n, pk)}) on conflict (${identList(tx, key)}) do nothing`;
     }
   }

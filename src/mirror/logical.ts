@@ -32,7 +32,8 @@ export async function logicalPrerequisites(sql: Sql, facts: TableFacts): Promise
   const out: string[] = [];
   if (x.wal_level !== "logical")
     out.push(
-      `wal_level is ${String(x.wal_level)}, --mode logical needs wal_level = logical (set it and restart the server, or use --mode trigger)`,
+      `wal_level is ${String(x.wal_level)}, --mode logical needs wal_level = logical (set it and restart the server, ` +
+        `or use --mode trigger)`,
     );
   if (Number(x.slots) >= Number(x.max_slots))
     out.push(`no free replication slot (${String(x.slots)} of max_replication_slots = ${String(x.max_slots)} in use)`);
@@ -45,18 +46,22 @@ export async function logicalPrerequisites(sql: Sql, facts: TableFacts): Promise
   const ri = String(x.replident);
   if (ri === "n")
     out.push(
-      `${facts.table.schema}.${facts.table.name} has REPLICA IDENTITY NOTHING: its UPDATEs and DELETEs cannot be streamed (ALTER TABLE ... REPLICA IDENTITY DEFAULT)`,
+      `${facts.table.schema}.${facts.table.name} has REPLICA IDENTITY NOTHING: its UPDATEs and DELETEs cannot be ` +
+        `streamed (ALTER TABLE ... REPLICA IDENTITY DEFAULT)`,
     );
   else if (ri === "d" && !x.has_pk)
     out.push(
-      `${facts.table.schema}.${facts.table.name} has no primary key for REPLICA IDENTITY DEFAULT: its UPDATEs and DELETEs would fail once published (ALTER TABLE ... REPLICA IDENTITY USING INDEX <unique index>)`,
+      `${facts.table.schema}.${facts.table.name} has no primary key for REPLICA IDENTITY DEFAULT: its UPDATEs and ` +
+        `DELETEs would fail once published (ALTER TABLE ... REPLICA IDENTITY USING INDEX <unique index>)`,
     );
   else if (ri === "i" && !x.has_replident_index)
     out.push(`${facts.table.schema}.${facts.table.name} has REPLICA IDENTITY USING INDEX but the index is gone`);
   return out;
 }
 
-/** Statements that create the stream, in order, each on its own (a slot cannot be created in a transaction that wrote). */
+/**
+ * Statements that create the stream, in order, each on its own (a slot cannot be created in a transaction that wrote).
+ */
 export function createStreamSql(source: QualifiedName, slot: string, publication: string): string[] {
   return [
     // The publication must exist before the slot: pgoutput reads publication membership from the
@@ -92,7 +97,9 @@ export const describeTransactions = (ts: z.infer<typeof OpenTransaction>[]) =>
     .slice(0, 5)
     .map(
       (t) =>
-        `pid ${t.pid} (${t.state ?? "?"}${t.xact_start ? ` since ${t.xact_start.toISOString()}` : ""}${t.application_name ? `, ${t.application_name}` : ""})`,
+        `pid ${t.pid} (${t.state ?? "?"}${
+          t.xact_start ? ` since ${t.xact_start.toISOString()}` : ""
+        }${t.application_name ? `, ${t.application_name}` : ""})`,
     )
     .join(", ") + (ts.length > 5 ? ` and ${ts.length - 5} more` : "");
 
@@ -213,11 +220,10 @@ async function dropPublicationLocked(sql: Sql, publication: string, opts: LockRe
   await withLockRetry(
     sql,
     async (tx) => {
-      const tables = z
-        .array(PublishedTable)
-        .parse(
-          await tx`select schemaname, tablename from pg_catalog.pg_publication_tables where pubname = ${publication} order by 1, 2`,
-        );
+      const tables = z.array(PublishedTable).parse(
+        await tx`select schemaname, tablename from pg_catalog.pg_publication_tables where pubname = ${publication}
+            order by 1, 2`,
+      );
       for (const t of tables)
         await tx`lock table ${tableRef(tx, { schema: t.schemaname, name: t.tablename })} in share mode`;
       await tx`drop publication if exists ${ident(tx, publication)}`;
@@ -239,7 +245,9 @@ export interface SlotState {
   confirmedLsn: string | null;
   /** pg_current_wal_lsn() - confirmed_flush_lsn, bytes. */
   lagBytes: number;
-  /** replay_lag of the attached consumer as PostgreSQL measures it, seconds (0 when caught up, null when none attached). */
+  /**
+   * replay_lag of the attached consumer as PostgreSQL measures it, seconds (0 when caught up, null when none attached).
+   */
   lagSeconds: number | null;
   currentLsn: string;
   /**
@@ -247,7 +255,10 @@ export interface SlotState {
    * max_slot_wal_keep_size: invalidated at the next checkpoint unless the consumer catches up) or lost.
    */
   walStatus: string | null;
-  /** Why PostgreSQL invalidated the slot (invalidation_reason, PostgreSQL 17+; "wal_removed" for a lost slot before 17); null while usable. */
+  /**
+   * Why PostgreSQL invalidated the slot (invalidation_reason, PostgreSQL 17+; "wal_removed" for a lost slot before 17);
+   * null while usable.
+   */
   invalidated: string | null;
 }
 
@@ -319,7 +330,9 @@ export const logicalMirror: Mirror = {
         ? `replication slot ${m.slot_name} is missing: changes are NOT mirrored`
         : s.invalidated !== null
           ? `replication slot ${m.slot_name} was invalidated by PostgreSQL (${s.invalidated}): changes are NOT mirrored`
-          : `replication slot ${m.slot_name} ${s.active ? "streaming" : "idle (no consumer attached)"}, ${s.lagBytes} bytes behind`,
+          : `replication slot ${m.slot_name} ${
+              s.active ? "streaming" : "idle (no consumer attached)"
+            }, ${s.lagBytes} bytes behind`,
     };
   },
   streams(m): m is StreamingMigration {

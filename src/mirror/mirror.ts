@@ -78,7 +78,8 @@ export const triggerMirror: Mirror = {
   async health(sql, m) {
     const r = await sql`
       select t.tgname::text as name, t.tgenabled::text as enabled from pg_trigger t
-       where t.tgrelid = to_regclass(${quoteQualified(m.live)}) and t.tgname in (${MIRROR_TRIGGER}, ${TRUNCATE_TRIGGER})`;
+       where t.tgrelid = to_regclass(${quoteQualified(m.live)}) and t.tgname in (${MIRROR_TRIGGER},
+         ${TRUNCATE_TRIGGER})`;
     const mirror = r.find((x) => x.name === MIRROR_TRIGGER);
     const guard = r.find((x) => x.name === TRUNCATE_TRIGGER);
     const ok = Boolean(mirror && mirror.enabled !== "D" && guard);

@@ -145,7 +145,8 @@ export function truncateGuardSql(table: QualifiedName): string[] {
     forEachPartitionSql(
       table,
       `CREATE TRIGGER ${TRUNCATE_TRIGGER} ${guard}`,
-      `NOT EXISTS (SELECT FROM pg_catalog.pg_trigger AS g WHERE g.tgrelid = relid AND g.tgname = ${quoteLiteral(TRUNCATE_TRIGGER)})`,
+      `NOT EXISTS (SELECT FROM pg_catalog.pg_trigger AS g WHERE g.tgrelid = relid AND g.tgname ` +
+        `= ${quoteLiteral(TRUNCATE_TRIGGER)})`,
     ),
   ];
 }
@@ -155,7 +156,8 @@ export function installTriggerMirrorSql(m: TriggerMirrorSpec): string[] {
   const from = quoteQualified(m.from);
   return [
     mirrorFunctionSql(m),
-    `CREATE TRIGGER ${MIRROR_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON ${from} FOR EACH ROW EXECUTE FUNCTION ${quoteQualified(m.fn)}()`,
+    `CREATE TRIGGER ${MIRROR_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON ${from} FOR EACH ROW EXECUTE ` +
+      `FUNCTION ${quoteQualified(m.fn)}()`,
     ...truncateGuardSql(m.from),
   ];
 }

@@ -292,7 +292,9 @@ export async function runTransaction<T>(
   } catch (err) {
     if (sqlState(err) === "55P03") {
       throw new PgshiftError(`could not lock the tables within ${t.lockTimeoutMs} ms after ${retries + 1} attempts`, {
-        hint: "the tables are busy (a long transaction holds a lock?); check pg_stat_activity, then retry or raise --lock-timeout / --retries",
+        hint:
+          "the tables are busy (a long transaction holds a lock?); check pg_stat_activity, then retry or raise " +
+          "--lock-timeout / --retries",
         cause: err,
       });
     }

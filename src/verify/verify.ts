@@ -58,7 +58,9 @@ export interface VerifyOptions extends LockRetryOptions {
   /** At most this many differing keys are kept in the result (default 1000); all are counted. */
   maxListed?: number;
   onChunk?: (done: { chunks: number; rowsCompared: number; differences: number }) => void;
-  /** Logical mode: how long to wait for the stream to apply what was written before a second look (default 120000 ms). */
+  /**
+   * Logical mode: how long to wait for the stream to apply what was written before a second look (default 120000 ms).
+   */
   catchupTimeoutMs?: number;
 }
 
@@ -153,7 +155,9 @@ function repairStatements(m: Migration) {
     lock: `LOCK TABLE ${quoteQualified(m.live)} IN SHARE MODE`,
     savepoint: "SAVEPOINT pgshift_repair",
     remove: `DELETE FROM ${quoteQualified(m.copy)} WHERE ${match}`,
-    insert: `INSERT INTO ${quoteQualified(m.copy)} (${cols})${overriding} SELECT ${cols} FROM ${quoteQualified(m.live)} WHERE ${match}`,
+    insert:
+      `INSERT INTO ${quoteQualified(m.copy)} (${cols})${overriding} SELECT ${cols} ` +
+      `FROM ${quoteQualified(m.live)} WHERE ${match}`,
     release: "RELEASE SAVEPOINT pgshift_repair",
     rollback: "ROLLBACK TO SAVEPOINT pgshift_repair",
   };
@@ -176,7 +180,8 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
   const look = transactionStep(
     [
       check(
-        `read the chunk's last key, then compare count(*) and row hashes of ${displayName(m.live)} and ${displayName(m.copy)}`,
+        `read the chunk's last key, then compare count(*) and row hashes of ${displayName(m.live)} ` +
+          `and ${displayName(m.copy)}`,
       ),
     ],
     { modes: "ISOLATION LEVEL REPEATABLE READ READ ONLY" },
@@ -201,7 +206,8 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
     ],
     { lockTimeoutMs },
   );
-  const recordSql = `UPDATE pgshift.migrations SET last_verify = $1::text::jsonb, updated_at = now() WHERE id = ${m.id}`;
+  const recordWhere = `WHERE id = ${m.id}`;
+  const recordSql = `UPDATE pgshift.migrations SET last_verify = $1::text::jsonb, updated_at = now() ${recordWhere}`;
   const compare = async () => {
     const t0 = performance.now();
     const counts = { missing: 0, extra: 0, different: 0 };
@@ -227,9 +233,12 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
         const target = String((await sql`select pg_current_wal_insert_lsn()::text as l`)[0]!.l);
         if (!(await follower.waitForRecorded(target, opts.catchupTimeoutMs ?? 120_000))) {
           throw new PgshiftError(
-            `the stream did not catch up within ${opts.catchupTimeoutMs ?? 120_000} ms: the shadow cannot be compared yet`,
+            `the stream did not catch up within ${opts.catchupTimeoutMs ?? 120_000} ms: the shadow cannot be ` +
+              `compared yet`,
             {
-              hint: "the applier is slower than the write load; let pgshift sync run, throttle the load, then verify again",
+              hint:
+                "the applier is slower than the write load; let pgshift sync run, throttle the load, then verify " +
+                "again",
             },
           );
         }
@@ -310,7 +319,8 @@ async function nthKeyAfter(tx: TxSql, m: Migration, lo: string[] | null, n: numb
   const keyCols = identList(tx, key);
   const where = lo ? tx`where ${keyAfter(tx, key, lo)}` : tx``;
   const r =
-    await tx`select ${textColumns(tx, key)} from (select ${keyCols} from ${tableRef(tx, m.live)} ${where} order by ${keyCols} offset ${n - 1} limit 1) s`;
+    await tx`select ${textColumns(tx, key)} from (select ${keyCols} from ${tableRef(tx, m.live)} ${where} order by
+      ${keyCols} offset ${n - 1} limit 1) s`;
   const row = r[0];
   return row ? key.map((_, i) => String(row[`k${i}`])) : null;
 }
@@ -454,12 +464,14 @@ async function repairKeys(
         const todo =
           code === "23505"
             ? m.phase === "cutover"
-              ? `keep one row with this key in ${displayName(m.live)} (delete the other: the reverse mirror removes the key from the copy too)`
+              ? `keep one row with this key in ${displayName(m.live)} (delete the other: the reverse mirror removes ` +
+                `the key from the copy too)`
               : `remove the row of ${displayName(m.copy)} that holds the value in the way`
             : `correct the row in ${displayName(m.live)} or the constraint of ${displayName(m.copy)}`;
         log().warn(
           { key: JSON.parse(key) as string[], reason },
-          `verify: could not repair key ${key} of ${displayName(m.copy)}: ${reason}; ${todo}, then run verify --repair again`,
+          `verify: could not repair key ${key} of ${displayName(m.copy)}: ${reason}; ${todo}, then run verify ` +
+            `--repair again`,
         );
       }
       return still;

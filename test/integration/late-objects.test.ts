@@ -39,10 +39,13 @@ afterAll(async () => {
 });
 
 async function createOrders(sql: Sql, name: string): Promise<void> {
-  await sql.unsafe(`
+  await sql.unsafe(
+    `
     create table ${name} (id bigserial primary key, created_at timestamptz not null, note text);
     insert into ${name} (created_at, note)
-      select timestamptz '2025-01-01 00:00+00' + i * interval '11 hours', 'order ' || i from generate_series(1, 300) i;`);
+      select timestamptz '2025-01-01 00:00+00' + i * interval '11 hours', 'order ' || i from generate_series(1, 300) ` +
+      `i;`,
+  );
 }
 
 async function startAndBackfill(name: string): Promise<void> {
@@ -61,10 +64,13 @@ async function snapshot(name: string) {
     select (select phase from pgshift.migrations where source_table = ${name}) as phase,
            (select index_renames::text from pgshift.migrations where source_table = ${name}) as renames,
            (select array_agg(c.relname::text || ':' || c.relkind::text order by c.relname) from pg_class c
-             where c.relnamespace = 'public'::regnamespace and c.relname in (${name}, ${`${name}_pgshift_shadow`}, ${`${name}_pgshift_retired`})) as tables,
+             where c.relnamespace = 'public'::regnamespace and c.relname in (${name}, ${`${name}_pgshift_shadow`},
+               ${`${name}_pgshift_retired`})) as tables,
            (select array_agg(c.relname::text order by c.relname) from pg_index i join pg_class c on c.oid = i.indexrelid
-             where i.indrelid in (to_regclass(${`public.${name}`}), to_regclass(${`public.${name}_pgshift_shadow`}), to_regclass(${`public.${name}_pgshift_retired`}))) as indexes,
-           (select array_agg(tgname::text order by tgname) from pg_trigger where tgrelid = to_regclass(${`public.${name}`}) and not tgisinternal) as triggers`;
+             where i.indrelid in (to_regclass(${`public.${name}`}), to_regclass(${`public.${name}_pgshift_shadow`}),
+               to_regclass(${`public.${name}_pgshift_retired`}))) as indexes,
+           (select array_agg(tgname::text order by tgname) from pg_trigger where tgrelid =
+             to_regclass(${`public.${name}`}) and not tgisinternal) as triggers`;
   return r[0];
 }
 
@@ -85,7 +91,8 @@ function hintStatements(r: CliResult): { before: string; after: string } {
 async function viewReads(view: string): Promise<string[]> {
   const r = await db.admin`
     select distinct d.refobjid::regclass::text as t from pg_depend d join pg_rewrite w on w.oid = d.objid
-     where d.classid = 'pg_rewrite'::regclass and w.ev_class = to_regclass(${view}) and d.refclassid = 'pg_class'::regclass
+     where d.classid = 'pg_rewrite'::regclass and w.ev_class = to_regclass(${view}) and d.refclassid =
+       'pg_class'::regclass
        and d.refobjid <> w.ev_class order by 1`;
   return r.map((x) => String(x.t));
 }
@@ -93,134 +100,142 @@ async function viewReads(view: string): Promise<string[]> {
 describe.each(["trigger", "logical"] as const)(
   "an index created on the live table during the migration (%s mode)",
   (mode) => {
-    it("is built on the shadow before cutover takes its lock, and is valid on the live table at every step and named as created after finalize, under concurrent writes", async () => {
-      const name = `late_ix_${mode}`;
-      const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
-      await createWorkload(db.admin, w, 20_000);
-      /** Valid indexes of `table` on exactly these columns, by name. */
-      const indexesOn = async (table: string, def: string) =>
-        (
-          await db.admin`
+    it(
+      "is built on the shadow before cutover takes its lock, and is valid on the live table at every step and named " +
+        "as created after finalize, under concurrent writes",
+      async () => {
+        const name = `late_ix_${mode}`;
+        const w: Workload = { table: { schema: "public", name }, twin: { schema: "twin", name }, keyKind: "bigint" };
+        await createWorkload(db.admin, w, 20_000);
+        /** Valid indexes of `table` on exactly these columns, by name. */
+        const indexesOn = async (table: string, def: string) =>
+          (
+            await db.admin`
         select c.relname::text as n, i.indisvalid as valid, i.indisunique as uniq, pg_get_indexdef(i.indexrelid) as def
           from pg_index i join pg_class c on c.oid = i.indexrelid
          where i.indrelid = to_regclass(${table}) and pg_get_indexdef(i.indexrelid) like ${`% USING btree ${def}`}`
-        ).map((r) => ({
-          name: String(r.n),
-          valid: Boolean(r.valid),
-          unique: Boolean(r.uniq),
-        }));
-      const load = await startLoad(db.url, w, { connections: 4, pauseMs: mode === "logical" ? 3 : 1 });
-      let beforeLockSeen: { plain: unknown; unique: unknown } | null = null;
-      try {
-        await sleep(200);
-        await startMigration(db.sql, w.table, {
-          spec: parsePartitionSpec("range:created_at:month"),
-          mode,
-          allowKeyExtension: true,
-          ...opts,
-        });
-        expect((await backfill(db.sql, w.table, { batchSize: 2000, sleepMs: 20 })).complete).toBe(true);
-        // A deploy adds two indexes while the migration runs (the load keeps writing).
-        await db.admin.unsafe(`create index concurrently ${name}_amount on ${name} (amount)`);
-        await db.admin.unsafe(`create unique index concurrently ${name}_id_status on ${name} (id, status)`);
-        const st = await statusOf(name);
-        expect(st.indexDrift).toHaveLength(2);
-        expect(st.indexDrift.join("\n")).toContain(
-          `index ${name}_amount was created on public.${name} during the migration`,
-        );
-        expect(st.indexDrift.join("\n")).toContain(
-          `cutover builds it there first, before its lock, as ${name}_amount_part`,
-        );
-        expect(st.indexDrift.join("\n")).toContain(
-          `${name}_id_status_part (UNIQUE USING btree (id, status, "created_at")), unique only together with the partition column`,
-        );
-        expect(st.lateObjects).toEqual([]);
-        // The dry run prints the builds it would run, and builds nothing.
-        const dry = await pgshift(["cutover", name, "--dry-run"]);
-        expect(dry.code, describeRun(dry)).toBe(0);
-        expect(dry.stdout).toContain(
-          `CREATE INDEX IF NOT EXISTS "${name}_amount_part" ON ONLY "public"."${name}_pgshift_shadow" USING btree (amount);`,
-        );
-        expect(dry.stdout).toMatch(
-          new RegExp(
-            `CREATE INDEX CONCURRENTLY IF NOT EXISTS "\\S+" ON "public"."${name}_p\\S+" USING btree \\(amount\\);`,
-          ),
-        );
-        expect(dry.stdout).toContain(
-          `CREATE UNIQUE INDEX IF NOT EXISTS "${name}_id_status_part" ON ONLY "public"."${name}_pgshift_shadow" USING btree (id, status, "created_at");`,
-        );
-        expect(dry.stdout.indexOf(`${name}_amount_part`)).toBeLessThan(dry.stdout.indexOf("LOCK TABLE"));
-        expect(await indexesOn(`public.${name}_pgshift_shadow`, "(amount)")).toEqual([]);
+          ).map((r) => ({
+            name: String(r.n),
+            valid: Boolean(r.valid),
+            unique: Boolean(r.uniq),
+          }));
+        const load = await startLoad(db.url, w, { connections: 4, pauseMs: mode === "logical" ? 3 : 1 });
+        let beforeLockSeen: { plain: unknown; unique: unknown } | null = null;
+        try {
+          await sleep(200);
+          await startMigration(db.sql, w.table, {
+            spec: parsePartitionSpec("range:created_at:month"),
+            mode,
+            allowKeyExtension: true,
+            ...opts,
+          });
+          expect((await backfill(db.sql, w.table, { batchSize: 2000, sleepMs: 20 })).complete).toBe(true);
+          // A deploy adds two indexes while the migration runs (the load keeps writing).
+          await db.admin.unsafe(`create index concurrently ${name}_amount on ${name} (amount)`);
+          await db.admin.unsafe(`create unique index concurrently ${name}_id_status on ${name} (id, status)`);
+          const st = await statusOf(name);
+          expect(st.indexDrift).toHaveLength(2);
+          expect(st.indexDrift.join("\n")).toContain(
+            `index ${name}_amount was created on public.${name} during the migration`,
+          );
+          expect(st.indexDrift.join("\n")).toContain(
+            `cutover builds it there first, before its lock, as ${name}_amount_part`,
+          );
+          expect(st.indexDrift.join("\n")).toContain(
+            `${name}_id_status_part (UNIQUE USING btree (id, status, "created_at")), unique only together with the ` +
+              `partition column`,
+          );
+          expect(st.lateObjects).toEqual([]);
+          // The dry run prints the builds it would run, and builds nothing.
+          const dry = await pgshift(["cutover", name, "--dry-run"]);
+          expect(dry.code, describeRun(dry)).toBe(0);
+          expect(dry.stdout).toContain(
+            `CREATE INDEX IF NOT EXISTS "${name}_amount_part" ON ONLY "public"."${name}_pgshift_shadow" USING btree ` +
+              `(amount);`,
+          );
+          expect(dry.stdout).toMatch(
+            new RegExp(
+              `CREATE INDEX CONCURRENTLY IF NOT EXISTS "\\S+" ON "public"."${name}_p\\S+" USING btree \\(amount\\);`,
+            ),
+          );
+          expect(dry.stdout).toContain(
+            `CREATE UNIQUE INDEX IF NOT EXISTS "${name}_id_status_part" ON ONLY "public"."${name}_pgshift_shadow" ` +
+              `USING btree (id, status, "created_at");`,
+          );
+          expect(dry.stdout.indexOf(`${name}_amount_part`)).toBeLessThan(dry.stdout.indexOf("LOCK TABLE"));
+          expect(await indexesOn(`public.${name}_pgshift_shadow`, "(amount)")).toEqual([]);
 
-        const r = await cutover(db.sql, w.table, {
-          ...opts,
-          // Before the transaction that locks: both are already there, valid.
-          beforeLock: async () => {
-            beforeLockSeen = {
-              plain: await indexesOn(`public.${name}_pgshift_shadow`, "(amount)"),
-              unique: await indexesOn(`public.${name}_pgshift_shadow`, `(id, status, created_at)`),
-            };
-          },
-        });
-        expect(beforeLockSeen).toEqual({
-          plain: [{ name: `${name}_amount_part`, valid: true, unique: false }],
-          unique: [{ name: `${name}_id_status_part`, valid: true, unique: true }],
-        });
-        expect(r.indexesBuilt.map((b) => [b.name, b.original, b.widened])).toEqual([
-          [`${name}_amount_part`, `${name}_amount`, false],
-          [`${name}_id_status_part`, `${name}_id_status`, true],
-        ]);
-        // Every partition has its index, valid and attached.
-        const parts = await db.admin`
+          const r = await cutover(db.sql, w.table, {
+            ...opts,
+            // Before the transaction that locks: both are already there, valid.
+            beforeLock: async () => {
+              beforeLockSeen = {
+                plain: await indexesOn(`public.${name}_pgshift_shadow`, "(amount)"),
+                unique: await indexesOn(`public.${name}_pgshift_shadow`, `(id, status, created_at)`),
+              };
+            },
+          });
+          expect(beforeLockSeen).toEqual({
+            plain: [{ name: `${name}_amount_part`, valid: true, unique: false }],
+            unique: [{ name: `${name}_id_status_part`, valid: true, unique: true }],
+          });
+          expect(r.indexesBuilt.map((b) => [b.name, b.original, b.widened])).toEqual([
+            [`${name}_amount_part`, `${name}_amount`, false],
+            [`${name}_id_status_part`, `${name}_id_status`, true],
+          ]);
+          // Every partition has its index, valid and attached.
+          const parts = await db.admin`
         select count(*)::int as n, count(*) filter (where exists (
                  select from pg_index i join pg_inherits h on h.inhrelid = i.indexrelid
-                  where i.indrelid = p.inhrelid and i.indisvalid and pg_get_indexdef(i.indexrelid) like '% USING btree (amount)'))::int as indexed
+                  where i.indrelid = p.inhrelid and i.indisvalid and pg_get_indexdef(i.indexrelid) like
+                    '% USING btree (amount)'))::int as indexed
           from pg_inherits p where p.inhparent = to_regclass(${`public.${name}`})`;
-        expect(parts[0]!.indexed).toBe(parts[0]!.n);
-        // Live (partitioned) after cutover: both valid, whatever they are called until finalize.
-        expect((await indexesOn(`public.${name}`, "(amount)")).map((i) => i.valid)).toEqual([true]);
-        expect((await indexesOn(`public.${name}`, "(id, status, created_at)")).map((i) => i.valid)).toEqual([true]);
-        expect((await statusOf(name)).indexDrift).toEqual([]);
-        await sleep(300);
-        await swapBack(db.sql, w.table, opts);
-        // Live (original) again: it kept its indexes.
+          expect(parts[0]!.indexed).toBe(parts[0]!.n);
+          // Live (partitioned) after cutover: both valid, whatever they are called until finalize.
+          expect((await indexesOn(`public.${name}`, "(amount)")).map((i) => i.valid)).toEqual([true]);
+          expect((await indexesOn(`public.${name}`, "(id, status, created_at)")).map((i) => i.valid)).toEqual([true]);
+          expect((await statusOf(name)).indexDrift).toEqual([]);
+          await sleep(300);
+          await swapBack(db.sql, w.table, opts);
+          // Live (original) again: it kept its indexes.
+          expect(await indexesOn(`public.${name}`, "(amount)")).toEqual([
+            { name: `${name}_amount`, valid: true, unique: false },
+          ]);
+          expect((await statusOf(name)).indexDrift).toEqual([]);
+          await sleep(300);
+          const again = await cutover(db.sql, w.table, opts);
+          expect(again.indexesBuilt).toEqual([]);
+          expect((await indexesOn(`public.${name}`, "(amount)")).map((i) => i.valid)).toEqual([true]);
+          await sleep(300);
+        } finally {
+          await load.stop();
+        }
+        expect(load.stats.errors).toEqual([]);
+        expect(load.stats.updates).toBeGreaterThan(50);
+        const m = (await loadMigration(db.sql, w.table))!;
+        expect(m.phase).toBe("cutover");
+        expect(await compareWithTwin(db.admin, m.live, w.twin, "bigint")).toMatchObject({
+          onlyInTable: 0,
+          onlyInTwin: 0,
+        });
+        expect(await compareWithTwin(db.admin, m.copy, w.twin, "bigint")).toMatchObject({
+          onlyInTable: 0,
+          onlyInTwin: 0,
+        });
+        expect((await verify(db.sql, w.table)).equal).toBe(true);
+        await finalize(db.sql, w.table, { yes: true });
         expect(await indexesOn(`public.${name}`, "(amount)")).toEqual([
           { name: `${name}_amount`, valid: true, unique: false },
         ]);
-        expect((await statusOf(name)).indexDrift).toEqual([]);
-        await sleep(300);
-        const again = await cutover(db.sql, w.table, opts);
-        expect(again.indexesBuilt).toEqual([]);
-        expect((await indexesOn(`public.${name}`, "(amount)")).map((i) => i.valid)).toEqual([true]);
-        await sleep(300);
-      } finally {
-        await load.stop();
-      }
-      expect(load.stats.errors).toEqual([]);
-      expect(load.stats.updates).toBeGreaterThan(50);
-      const m = (await loadMigration(db.sql, w.table))!;
-      expect(m.phase).toBe("cutover");
-      expect(await compareWithTwin(db.admin, m.live, w.twin, "bigint")).toMatchObject({
-        onlyInTable: 0,
-        onlyInTwin: 0,
-      });
-      expect(await compareWithTwin(db.admin, m.copy, w.twin, "bigint")).toMatchObject({
-        onlyInTable: 0,
-        onlyInTwin: 0,
-      });
-      expect((await verify(db.sql, w.table)).equal).toBe(true);
-      await finalize(db.sql, w.table, { yes: true });
-      expect(await indexesOn(`public.${name}`, "(amount)")).toEqual([
-        { name: `${name}_amount`, valid: true, unique: false },
-      ]);
-      expect(await indexesOn(`public.${name}`, "(id, status, created_at)")).toEqual([
-        { name: `${name}_id_status`, valid: true, unique: true },
-      ]);
-      expect(await compareWithTwin(db.admin, w.table, w.twin, "bigint")).toMatchObject({
-        onlyInTable: 0,
-        onlyInTwin: 0,
-      });
-    });
+        expect(await indexesOn(`public.${name}`, "(id, status, created_at)")).toEqual([
+          { name: `${name}_id_status`, valid: true, unique: true },
+        ]);
+        expect(await compareWithTwin(db.admin, w.table, w.twin, "bigint")).toMatchObject({
+          onlyInTable: 0,
+          onlyInTwin: 0,
+        });
+      },
+    );
   },
 );
 
@@ -239,12 +254,15 @@ const objects = (table: string) => [
   },
   {
     what: "a trigger",
-    create: `create function ${table}_touch() returns trigger language plpgsql as $$ begin new.note := coalesce(new.note, 'touched'); return new; end $$;
+    create:
+      `create function ${table}_touch() returns trigger language plpgsql as $$ begin new.note := ` +
+      `coalesce(new.note, 'touched'); return new; end $$;
              create trigger ${table}_touch before insert on ${table} for each row execute function ${table}_touch()`,
     named: `trigger ${table}_touch on public.${table}`,
     check: async () => {
       const r =
-        await db.admin`select count(*)::int as n from pg_trigger where tgrelid = to_regclass(${`public.${table}`}) and tgname = ${`${table}_touch`}`;
+        await db.admin`select count(*)::int as n from pg_trigger where tgrelid = to_regclass(${`public.${table}`}) and
+          tgname = ${`${table}_touch`}`;
       expect(r[0]!.n).toBe(1);
     },
     drop: `drop trigger ${table}_touch on ${table}`,
@@ -255,7 +273,8 @@ const objects = (table: string) => [
     named: `policy ${table}_recent on public.${table}`,
     check: async () => {
       const r =
-        await db.admin`select array_agg(tablename::text order by tablename) as t from pg_policies where policyname = ${`${table}_recent`}`;
+        await db.admin`select array_agg(tablename::text order by tablename) as t from pg_policies where policyname =
+          ${`${table}_recent`}`;
       expect(r[0]!.t).toEqual([table, `${table}_pgshift_shadow`]);
     },
     drop: `drop policy ${table}_recent on ${table}; drop policy ${table}_recent on ${table}_pgshift_shadow`,
@@ -266,7 +285,8 @@ const objects = (table: string) => [
     named: `function public.${table}_count()`,
     check: async () => {
       const r = await db.admin`select distinct d.refobjid::regclass::text as t from pg_depend d
-                                where d.objid = ${`public.${table}_count()`}::regprocedure and d.refclassid = 'pg_class'::regclass`;
+                                where d.objid = ${`public.${table}_count()`}::regprocedure and d.refclassid =
+                                  'pg_class'::regclass`;
       expect(r.map((x) => x.t)).toEqual([table]);
     },
     drop: `drop function ${table}_count()`,
@@ -274,102 +294,116 @@ const objects = (table: string) => [
 ];
 
 describe("a view, a trigger, a policy and a BEGIN ATOMIC function created after start", () => {
-  it("each makes cutover refuse with exit 2 naming it, nothing changed; status lists it; the statements of the hint carry it over and back", async () => {
-    const name = "late_dep";
-    await startAndBackfill(name);
-    for (const [i, o] of objects(name).entries()) {
-      await db.admin.unsafe(o.create);
-      const before = await snapshot(name);
-      expect(["backfilled", "swapped_back"]).toContain(before?.phase);
-      const st = await statusOf(name);
-      expect(st.lateObjects, o.what).toHaveLength(1);
-      expect(st.lateObjects[0], o.what).toContain(
-        `${o.named} depends on public.${name} and would stay with it as public.${name}_pgshift_retired: cutover refuses`,
-      );
-      if (i === 0) {
-        const human = await pgshift(["status", name]);
-        expect(human.stdout, o.what).toContain(`warning: ${o.named} depends on public.${name}`);
-        const json = await pgshift(["status", name, "--json"]);
-        expect((JSON.parse(json.stdout) as StatusReport).lateObjects, o.what).toEqual(st.lateObjects);
-      }
-      const refused = await pgshift(["cutover", name]);
-      expectRefusal(refused, "cannot cut over", o.named, "nothing was changed");
-      if (i === 0) expectRefusal(await pgshift(["cutover", name, "--dry-run"]), "cannot cut over", o.named);
-      expect(await snapshot(name), o.what).toEqual(before);
-      // As the hint says: the statements before, the cutover, the statements after.
-      const h = hintStatements(refused);
-      if (h.before) await db.admin.unsafe(h.before);
-      await cutover(db.sql, { schema: "public", name }, opts);
-      if (h.after) await db.admin.unsafe(h.after);
-      const after = (await statusOf(name)).lateObjects;
-      if (o.what === "a policy") expect(after, o.what).toEqual([]);
-      else
-        expect(after.join("\n"), o.what).toContain(
-          `${o.named} depends on public.${name} and would stay with it as public.${name}_pgshift_shadow: swap-back refuses`,
+  it(
+    "each makes cutover refuse with exit 2 naming it, nothing changed; status lists it; the statements of the hint " +
+      "carry it over and back",
+    async () => {
+      const name = "late_dep";
+      await startAndBackfill(name);
+      for (const [i, o] of objects(name).entries()) {
+        await db.admin.unsafe(o.create);
+        const before = await snapshot(name);
+        expect(["backfilled", "swapped_back"]).toContain(before?.phase);
+        const st = await statusOf(name);
+        expect(st.lateObjects, o.what).toHaveLength(1);
+        expect(st.lateObjects[0], o.what).toContain(
+          `${o.named} depends on public.${name} and would stay with it as ` +
+            `public.${name}_pgshift_retired: cutover refuses`,
         );
-      // The object now acts on the partitioned table (a policy: on both): swap-back refuses in turn, and its hint moves it back.
-      const back = await pgshift(["swap-back", name]);
-      if (o.what !== "a policy") {
-        expectRefusal(back, "cannot swap back", o.named, "nothing was changed");
-        const hb = hintStatements(back);
-        if (hb.before) await db.admin.unsafe(hb.before);
-        await swapBack(db.sql, { schema: "public", name }, opts);
-        if (hb.after) await db.admin.unsafe(hb.after);
-      } else {
-        expect(back.code, describeRun(back)).toBe(0);
+        if (i === 0) {
+          const human = await pgshift(["status", name]);
+          expect(human.stdout, o.what).toContain(`warning: ${o.named} depends on public.${name}`);
+          const json = await pgshift(["status", name, "--json"]);
+          expect((JSON.parse(json.stdout) as StatusReport).lateObjects, o.what).toEqual(st.lateObjects);
+        }
+        const refused = await pgshift(["cutover", name]);
+        expectRefusal(refused, "cannot cut over", o.named, "nothing was changed");
+        if (i === 0) expectRefusal(await pgshift(["cutover", name, "--dry-run"]), "cannot cut over", o.named);
+        expect(await snapshot(name), o.what).toEqual(before);
+        // As the hint says: the statements before, the cutover, the statements after.
+        const h = hintStatements(refused);
+        if (h.before) await db.admin.unsafe(h.before);
+        await cutover(db.sql, { schema: "public", name }, opts);
+        if (h.after) await db.admin.unsafe(h.after);
+        const after = (await statusOf(name)).lateObjects;
+        if (o.what === "a policy") expect(after, o.what).toEqual([]);
+        else
+          expect(after.join("\n"), o.what).toContain(
+            `${o.named} depends on public.${name} and would stay with it as ` +
+              `public.${name}_pgshift_shadow: swap-back refuses`,
+          );
+        // The object now acts on the partitioned table (a policy: on both): swap-back refuses in turn, and its hint
+        // moves it back.
+        const back = await pgshift(["swap-back", name]);
+        if (o.what !== "a policy") {
+          expectRefusal(back, "cannot swap back", o.named, "nothing was changed");
+          const hb = hintStatements(back);
+          if (hb.before) await db.admin.unsafe(hb.before);
+          await swapBack(db.sql, { schema: "public", name }, opts);
+          if (hb.after) await db.admin.unsafe(hb.after);
+        } else {
+          expect(back.code, describeRun(back)).toBe(0);
+        }
+        await o.check();
+        await db.admin.unsafe(o.drop);
+        expect((await statusOf(name)).lateObjects, o.what).toEqual([]);
       }
-      await o.check();
-      await db.admin.unsafe(o.drop);
-      expect((await statusOf(name)).lateObjects, o.what).toEqual([]);
-    }
-  });
+    },
+  );
 });
 
 describe("objects created on the partitioned live table after cutover", () => {
-  it("swap-back builds an index on the retired table before its lock, and refuses for a view, a trigger, a policy and a BEGIN ATOMIC function, naming each, nothing changed", async () => {
-    const name = "late_back";
-    await startAndBackfill(name);
-    await cutover(db.sql, { schema: "public", name }, opts);
-    // The application's deploy adds an index to the (now partitioned) live table.
-    await db.admin.unsafe(`create index late_back_note on ${name} (note)`);
-    const st = await statusOf(name);
-    expect(st.indexDrift).toHaveLength(1);
-    expect(st.indexDrift[0]).toContain(`index late_back_note was created on public.${name} during the migration`);
-    expect(st.indexDrift[0]).toContain(`swap-back builds it there first, before its lock, as late_back_note_orig`);
-    for (const [i, o] of objects(name).entries()) {
-      await db.admin.unsafe(o.create);
-      const before = await snapshot(name);
-      expect(before?.phase).toBe("cutover");
-      const s = await statusOf(name);
-      expect(s.lateObjects.join("\n"), o.what).toContain(
-        `${o.named} depends on public.${name} and would stay with it as public.${name}_pgshift_shadow: swap-back refuses`,
+  it(
+    "swap-back builds an index on the retired table before its lock, and refuses for a view, a trigger, a policy " +
+      "and a BEGIN ATOMIC function, naming each, nothing changed",
+    async () => {
+      const name = "late_back";
+      await startAndBackfill(name);
+      await cutover(db.sql, { schema: "public", name }, opts);
+      // The application's deploy adds an index to the (now partitioned) live table.
+      await db.admin.unsafe(`create index late_back_note on ${name} (note)`);
+      const st = await statusOf(name);
+      expect(st.indexDrift).toHaveLength(1);
+      expect(st.indexDrift[0]).toContain(`index late_back_note was created on public.${name} during the migration`);
+      expect(st.indexDrift[0]).toContain(`swap-back builds it there first, before its lock, as late_back_note_orig`);
+      for (const [i, o] of objects(name).entries()) {
+        await db.admin.unsafe(o.create);
+        const before = await snapshot(name);
+        expect(before?.phase).toBe("cutover");
+        const s = await statusOf(name);
+        expect(s.lateObjects.join("\n"), o.what).toContain(
+          `${o.named} depends on public.${name} and would stay with it as ` +
+            `public.${name}_pgshift_shadow: swap-back refuses`,
+        );
+        const refused = await pgshift(["swap-back", name]);
+        expectRefusal(refused, "cannot swap back", o.named, "nothing was changed");
+        if (i === 0) expectRefusal(await pgshift(["swap-back", name, "--dry-run"]), "cannot swap back", o.named);
+        // Nothing changed: not even the index was built (the refusal comes first).
+        expect(await snapshot(name), o.what).toEqual(before);
+        const h = hintStatements(refused);
+        if (h.before) await db.admin.unsafe(h.before);
+      }
+      const dry = await pgshift(["swap-back", name, "--dry-run"]);
+      expect(dry.code, describeRun(dry)).toBe(0);
+      expect(dry.stdout.split("\n").find((l) => !l.startsWith("--"))).toBe(
+        `CREATE INDEX CONCURRENTLY IF NOT EXISTS "late_back_note_orig" ON "public"."${name}_pgshift_retired" USING ` +
+          `btree (note);`,
       );
-      const refused = await pgshift(["swap-back", name]);
-      expectRefusal(refused, "cannot swap back", o.named, "nothing was changed");
-      if (i === 0) expectRefusal(await pgshift(["swap-back", name, "--dry-run"]), "cannot swap back", o.named);
-      // Nothing changed: not even the index was built (the refusal comes first).
-      expect(await snapshot(name), o.what).toEqual(before);
-      const h = hintStatements(refused);
-      if (h.before) await db.admin.unsafe(h.before);
-    }
-    const dry = await pgshift(["swap-back", name, "--dry-run"]);
-    expect(dry.code, describeRun(dry)).toBe(0);
-    expect(dry.stdout.split("\n").find((l) => !l.startsWith("--"))).toBe(
-      `CREATE INDEX CONCURRENTLY IF NOT EXISTS "late_back_note_orig" ON "public"."${name}_pgshift_retired" USING btree (note);`,
-    );
-    const back = await pgshift(["swap-back", name]);
-    expect(back.code, describeRun(back)).toBe(0);
-    expect(back.stdout).toContain(
-      `built index late_back_note_orig on public.${name}_pgshift_retired before the lock, for index late_back_note`,
-    );
-    const ix = await db.admin`
+      const back = await pgshift(["swap-back", name]);
+      expect(back.code, describeRun(back)).toBe(0);
+      expect(back.stdout).toContain(
+        `built index late_back_note_orig on public.${name}_pgshift_retired before the lock, for index late_back_note`,
+      );
+      const ix = await db.admin`
       select c.relname::text as n, i.indisvalid as valid from pg_index i join pg_class c on c.oid = i.indexrelid
-       where i.indrelid = to_regclass(${`public.${name}`}) and pg_get_indexdef(i.indexrelid) like '% USING btree (note)'`;
-    expect(ix.map((r) => [r.n, r.valid])).toEqual([["late_back_note_orig", true]]);
-    const st2 = await statusOf(name);
-    expect(st2.phase).toBe("swapped_back");
-    expect(st2.indexDrift).toEqual([]);
-  });
+       where i.indrelid = to_regclass(${`public.${name}`}) and pg_get_indexdef(i.indexrelid) like
+         '% USING btree (note)'`;
+      expect(ix.map((r) => [r.n, r.valid])).toEqual([["late_back_note_orig", true]]);
+      const st2 = await statusOf(name);
+      expect(st2.phase).toBe("swapped_back");
+      expect(st2.indexDrift).toEqual([]);
+    },
+  );
 });
 
 describe("an object created between the check and the lock", () => {
@@ -408,10 +442,14 @@ describe("an object created between the check and the lock", () => {
 });
 
 describe("other objects that depend on the live table", () => {
-  it("a rule, another table's foreign key, a column of its row type, a publication, a CHECK constraint, extended statistics and a unique constraint make cutover refuse naming each; the hint's first statements clear the way", async () => {
-    const name = "late_other";
-    await startAndBackfill(name);
-    await db.admin.unsafe(`
+  it(
+    "a rule, another table's foreign key, a column of its row type, a publication, a CHECK constraint, extended " +
+      "statistics and a unique constraint make cutover refuse naming each; the hint's first statements clear the " +
+      "way",
+    async () => {
+      const name = "late_other";
+      await startAndBackfill(name);
+      await db.admin.unsafe(`
       create table late_other_log (id bigint, at timestamptz default now());
       create rule late_other_keep as on delete to ${name} do also insert into late_other_log (id) values (old.id);
       create table late_other_child (id int primary key, order_id bigint references ${name} (id));
@@ -420,67 +458,73 @@ describe("other objects that depend on the live table", () => {
       alter table ${name} add constraint late_other_note_len check (length(note) < 1000) not valid;
       create statistics late_other_st (dependencies) on id, note from ${name};
       alter table ${name} add constraint late_other_note_key unique (note);`);
-    const before = await snapshot(name);
-    const refused = await pgshift(["cutover", name]);
-    expectRefusal(
-      refused,
-      "cannot cut over",
-      `rule late_other_keep on public.${name}`,
-      "foreign key late_other_child_order_id_fkey on public.late_other_child",
-      `column snap of public.late_other_snap (of the row type of public.${name})`,
-      `publication late_other_pub (of public.${name})`,
-      `check constraint late_other_note_len on public.${name}`,
-      `statistics public.late_other_st on public.${name}`,
-      `unique constraint late_other_note_key on public.${name} (UNIQUE (note))`,
-      "nothing was changed",
-    );
-    expect(await snapshot(name)).toEqual(before);
-    const st = await statusOf(name);
-    expect(st.lateObjects).toHaveLength(7);
-    // The statements before the cutover (drop, or create on the partitioned table too): then it goes through.
-    const h = hintStatements(refused);
-    expect(h.before).toContain(
-      `ALTER TABLE "public"."${name}_pgshift_shadow" ADD CONSTRAINT "late_other_note_key_part" UNIQUE (note, "created_at")`,
-    );
-    await db.admin.unsafe(h.before);
-    expect((await statusOf(name)).lateObjects).toEqual([]);
-    await cutover(db.sql, { schema: "public", name }, opts);
-    expect((await loadMigration(db.sql, { schema: "public", name }))?.phase).toBe("cutover");
-  });
+      const before = await snapshot(name);
+      const refused = await pgshift(["cutover", name]);
+      expectRefusal(
+        refused,
+        "cannot cut over",
+        `rule late_other_keep on public.${name}`,
+        "foreign key late_other_child_order_id_fkey on public.late_other_child",
+        `column snap of public.late_other_snap (of the row type of public.${name})`,
+        `publication late_other_pub (of public.${name})`,
+        `check constraint late_other_note_len on public.${name}`,
+        `statistics public.late_other_st on public.${name}`,
+        `unique constraint late_other_note_key on public.${name} (UNIQUE (note))`,
+        "nothing was changed",
+      );
+      expect(await snapshot(name)).toEqual(before);
+      const st = await statusOf(name);
+      expect(st.lateObjects).toHaveLength(7);
+      // The statements before the cutover (drop, or create on the partitioned table too): then it goes through.
+      const h = hintStatements(refused);
+      expect(h.before).toContain(
+        `ALTER TABLE "public"."${name}_pgshift_shadow" ADD CONSTRAINT "late_other_note_key_part" UNIQUE (note, ` +
+          `"created_at")`,
+      );
+      await db.admin.unsafe(h.before);
+      expect((await statusOf(name)).lateObjects).toEqual([]);
+      await cutover(db.sql, { schema: "public", name }, opts);
+      expect((await loadMigration(db.sql, { schema: "public", name }))?.phase).toBe("cutover");
+    },
+  );
 });
 
 describe("a cutover interrupted while it carried an index over", () => {
-  it("resumes: an invalid parent index left behind is completed under its name, a finished one not yet recorded is recorded; both carry the original names after finalize", async () => {
-    const name = "late_resume";
-    await startAndBackfill(name);
-    const table = { schema: "public", name };
-    await db.admin.unsafe(`
+  it(
+    "resumes: an invalid parent index left behind is completed under its name, a finished one not yet recorded is " +
+      "recorded; both carry the original names after finalize",
+    async () => {
+      const name = "late_resume";
+      await startAndBackfill(name);
+      const table = { schema: "public", name };
+      await db.admin.unsafe(`
       create index late_resume_a on ${name} (note);
       create index late_resume_b on ${name} (created_at, note);
       -- What a cutover killed mid-way leaves: a's parent index ON ONLY the shadow (invalid, no partition attached),
       -- b built completely but not yet recorded in the migration.
       create index late_resume_a_part on only ${name}_pgshift_shadow (note);
       create index late_resume_b_part on ${name}_pgshift_shadow (created_at, note);`);
-    const valid =
-      await db.admin`select indisvalid as v from pg_index where indexrelid = 'late_resume_a_part'::regclass`;
-    expect(valid[0]!.v).toBe(false);
-    const r = await cutover(db.sql, table, opts);
-    expect(r.indexesBuilt.map((b) => b.name)).toEqual(["late_resume_a_part"]);
-    const m = (await loadMigration(db.sql, table))!;
-    expect(m.index_renames).toEqual(
-      expect.arrayContaining([
-        { from: "late_resume_a_part", to: "late_resume_a" },
-        { from: "late_resume_b_part", to: "late_resume_b" },
-      ]),
-    );
-    await finalize(db.sql, table, { yes: true });
-    const ix = await db.admin`
+      const valid =
+        await db.admin`select indisvalid as v from pg_index where indexrelid = 'late_resume_a_part'::regclass`;
+      expect(valid[0]!.v).toBe(false);
+      const r = await cutover(db.sql, table, opts);
+      expect(r.indexesBuilt.map((b) => b.name)).toEqual(["late_resume_a_part"]);
+      const m = (await loadMigration(db.sql, table))!;
+      expect(m.index_renames).toEqual(
+        expect.arrayContaining([
+          { from: "late_resume_a_part", to: "late_resume_a" },
+          { from: "late_resume_b_part", to: "late_resume_b" },
+        ]),
+      );
+      await finalize(db.sql, table, { yes: true });
+      const ix = await db.admin`
       select c.relname::text as n, i.indisvalid as v from pg_index i join pg_class c on c.oid = i.indexrelid
        where i.indrelid = to_regclass(${`public.${name}`}) order by 1`;
-    expect(ix.map((x) => [x.n, x.v])).toEqual([
-      ["late_resume_a", true],
-      ["late_resume_b", true],
-      [`${name}_pkey`, true],
-    ]);
-  });
+      expect(ix.map((x) => [x.n, x.v])).toEqual([
+        ["late_resume_a", true],
+        ["late_resume_b", true],
+        [`${name}_pkey`, true],
+      ]);
+    },
+  );
 });

@@ -16,9 +16,9 @@ import {
  *
  * The recorder is the server's own statement log, not pgshift's runner: a dedicated embedded server with
  * log_statement = 'all' and a log_line_prefix with the session id, virtual transaction id and application_name
- * (test/support/statement-log.ts; read from the server's stderr). Each command runs as the real CLI, so its sessions are named
- * `pgshift <command>`. For each command: marks in the log, the command's --dry-run, a mark, the command, a mark;
- * then what the command's sessions sent between the last two marks is compared with what the dry run printed.
+ * (test/support/statement-log.ts; read from the server's stderr). Each command runs as the real CLI, so its sessions
+ * are named `pgshift <command>`. For each command: marks in the log, the command's --dry-run, a mark, the command, a
+ * mark; then what the command's sessions sent between the last two marks is compared with what the dry run printed.
  *
  * Told apart (classify in statement-log.ts, applied alike to the printed plan and to the log):
  * - the plan: every statement that writes or changes the session: DDL, INSERT/UPDATE/DELETE, LOCK, SET,

@@ -149,10 +149,18 @@ export function splitStatements(text: string): string[] {
 /** What a statement is to the comparison (see classify). */
 export type StatementKind = "plan" | "read" | "migration lock";
 
-const WRITES =
-  /^(begin|start|commit|end|abort|rollback|savepoint|release|set|reset|lock|create|alter|drop|comment|grant|revoke|insert|update|delete|merge|truncate|analyze|vacuum|cluster|reindex|refresh|do|call|copy|security|discard|prepare|deallocate|notify|listen|unlisten|import)\b/i;
-const SIDE_EFFECTS =
-  /\b(set_config|pg_create_logical_replication_slot|pg_drop_replication_slot|pg_replication_slot_advance|pg_terminate_backend|pg_cancel_backend|pg_logical_emit_message|nextval|setval|pg_notify|pg_advisory_\w+|pg_try_advisory_\w+|lo_\w+)\s*\(/i;
+const WRITES = new RegExp(
+  "^(begin|start|commit|end|abort|rollback|savepoint|release|set|reset|lock|create|alter|drop|" +
+    "comment|grant|revoke|insert|update|delete|merge|truncate|analyze|vacuum|cluster|reindex|" +
+    "refresh|do|call|copy|security|discard|prepare|deallocate|notify|listen|unlisten|import)\\b",
+  "i",
+);
+const SIDE_EFFECTS = new RegExp(
+  "\\b(set_config|pg_create_logical_replication_slot|pg_drop_replication_slot|" +
+    "pg_replication_slot_advance|pg_terminate_backend|pg_cancel_backend|pg_logical_emit_message|" +
+    "nextval|setval|pg_notify|pg_advisory_\\w+|pg_try_advisory_\\w+|lo_\\w+)\\s*\\(",
+  "i",
+);
 const MIGRATION_LOCK = /^select pg_(try_advisory_lock|advisory_unlock)\(/i;
 
 /**
@@ -278,7 +286,8 @@ export function comparePlan(printed: readonly PlanItem[], ran: readonly string[]
   const at = furthest.pos;
   const lines = [
     at >= ran.length
-      ? `the plan expects more after the ${ran.length} statements that ran; next expected: ${[...furthest.expected].join(" | ")}`
+      ? `the plan expects more after the ${ran.length} statements that ran; next ` +
+        `expected: ${[...furthest.expected].join(" | ")}`
       : `statement #${at + 1} that ran differs from the plan:`,
     ...(at < ran.length && at >= 0
       ? [`  ran:      ${ran[at]}`, ...[...furthest.expected].map((e) => `  expected: ${e}`)]

@@ -143,7 +143,8 @@ describe("resolveConnSettings: URL, then service, then PG* variables, then defau
   it("a service (PGSERVICE or ?service=) fills what the URL does not give, before the variables", async () => {
     const services = file(
       "services.conf",
-      "# comment\n[a]\nhost = svc-host\nport=7000\ndbname=svcdb\nsslmode=verify-full\nsslrootcert=/svc.crt\n\n[b]\nhost=b\n",
+      "# comment\n[a]\nhost = " +
+        "svc-host\nport=7000\ndbname=svcdb\nsslmode=verify-full\nsslrootcert=/svc.crt\n\n[b]\nhost=b\n",
     );
     const s = await resolveConnSettings("postgres://u@/?sslmode=require", {
       ...env,

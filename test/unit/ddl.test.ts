@@ -277,15 +277,19 @@ describe("shadowDdl", () => {
     expect(int.statements[0]!.endsWith(`PARTITION BY RANGE ("line_no")`)).toBe(true);
   });
 
-  it("gives the identity column a default that draws from the identity sequence, and leaves serial columns to LIKE", () => {
-    const defaults = st.filter((s) => s.includes("SET DEFAULT"));
-    expect(defaults).toEqual([`ALTER TABLE ${SHD} ALTER COLUMN "id" SET DEFAULT "pgshift"."nextval_${OID}_1"()`]);
-    expect(st).toContain(
-      `CREATE OR REPLACE FUNCTION "pgshift"."nextval_${OID}_1"() RETURNS bigint LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp ` +
-        `AS $pgshift$ SELECT nextval('"My Schema"."Order Items_id_seq"'::regclass) $pgshift$`,
-    );
-    expect(st.some((s) => s.includes("line_no_seq"))).toBe(false);
-  });
+  it(
+    "gives the identity column a default that draws from the identity sequence, " + "and leaves serial columns to LIKE",
+    () => {
+      const defaults = st.filter((s) => s.includes("SET DEFAULT"));
+      expect(defaults).toEqual([`ALTER TABLE ${SHD} ALTER COLUMN "id" SET DEFAULT "pgshift"."nextval_${OID}_1"()`]);
+      expect(st).toContain(
+        `CREATE OR REPLACE FUNCTION "pgshift"."nextval_${OID}_1"() RETURNS bigint LANGUAGE sql SECURITY DEFINER SET ` +
+          `search_path = pg_catalog, pg_temp ` +
+          `AS $pgshift$ SELECT nextval('"My Schema"."Order Items_id_seq"'::regclass) $pgshift$`,
+      );
+      expect(st.some((s) => s.includes("line_no_seq"))).toBe(false);
+    },
+  );
 
   it("quotes a sequence name with a quote or backslash as a literal", () => {
     const f = facts({
@@ -300,9 +304,11 @@ describe("shadowDdl", () => {
     });
     const out = shadowDdl(f, parsePartitionSpec("hash:id:2"), [], { source: TABLE, shadow: SHADOW }).statements;
     expect(out).toEqual([
-      `CREATE TABLE ${SHD} (LIKE ${SRC} INCLUDING DEFAULTS INCLUDING COMMENTS INCLUDING STORAGE INCLUDING COMPRESSION INCLUDING GENERATED) PARTITION BY HASH ("id")`,
+      `CREATE TABLE ${SHD} (LIKE ${SRC} INCLUDING DEFAULTS INCLUDING COMMENTS INCLUDING STORAGE INCLUDING ` +
+        `COMPRESSION INCLUDING GENERATED) PARTITION BY HASH ("id")`,
       `ALTER TABLE ${SHD} OWNER TO "app_owner"`,
-      `CREATE OR REPLACE FUNCTION "pgshift"."nextval_${OID}_1"() RETURNS bigint LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $pgshift$ SELECT nextval(E'"s"."it''s\\\\seq"'::regclass) $pgshift$`,
+      `CREATE OR REPLACE FUNCTION "pgshift"."nextval_${OID}_1"() RETURNS bigint LANGUAGE sql SECURITY DEFINER SET ` +
+        `search_path = pg_catalog, pg_temp AS $pgshift$ SELECT nextval(E'"s"."it''s\\\\seq"'::regclass) $pgshift$`,
       `ALTER TABLE ${SHD} ALTER COLUMN "id" SET DEFAULT "pgshift"."nextval_${OID}_1"()`,
     ]);
   });
@@ -316,8 +322,10 @@ describe("shadowDdl", () => {
   it("creates each partition in the shadow's schema with the source's storage parameters", () => {
     const creates = st.filter((s) => s.includes("PARTITION OF"));
     expect(creates).toEqual([
-      `CREATE TABLE "My Schema"."Order Items_p2024_01" PARTITION OF ${SHD} FOR VALUES FROM ('2024-01-01 00:00:00+00') TO ('2024-02-01 00:00:00+00') WITH (fillfactor=80)`,
-      `CREATE TABLE "My Schema"."Order Items_p2024_02" PARTITION OF ${SHD} FOR VALUES FROM ('2024-02-01 00:00:00+00') TO ('2024-03-01 00:00:00+00') WITH (fillfactor=80)`,
+      `CREATE TABLE "My Schema"."Order Items_p2024_01" PARTITION OF ${SHD} FOR VALUES FROM ('2024-01-01 ` +
+        `00:00:00+00') TO ('2024-02-01 00:00:00+00') WITH (fillfactor=80)`,
+      `CREATE TABLE "My Schema"."Order Items_p2024_02" PARTITION OF ${SHD} FOR VALUES FROM ('2024-02-01 ` +
+        `00:00:00+00') TO ('2024-03-01 00:00:00+00') WITH (fillfactor=80)`,
       `CREATE TABLE "My Schema"."Order Items_default" PARTITION OF ${SHD} DEFAULT WITH (fillfactor=80)`,
     ]);
   });
@@ -334,7 +342,8 @@ describe("shadowDdl", () => {
     ).toBe(true);
     const none = shadowDdl(facts({ reloptions: [] }), SPEC, PARTITIONS, { source: TABLE, shadow: SHADOW });
     expect(none.statements.find((s) => s.includes("PARTITION OF"))).toBe(
-      `CREATE TABLE "My Schema"."Order Items_p2024_01" PARTITION OF ${SHD} FOR VALUES FROM ('2024-01-01 00:00:00+00') TO ('2024-02-01 00:00:00+00')`,
+      `CREATE TABLE "My Schema"."Order Items_p2024_01" PARTITION OF ${SHD} FOR VALUES FROM ('2024-01-01 ` +
+        `00:00:00+00') TO ('2024-02-01 00:00:00+00')`,
     );
     expect(none.statements.some((s) => s.includes("WITH ("))).toBe(false);
   });
@@ -375,7 +384,8 @@ describe("shadowDdl", () => {
     const p = d.perPartition[0]!;
     expect(p.index).toBe(partitionIndexName("Order Items_p2024_01", idx.name));
     expect(p.create).toBe(
-      `CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS ${quoteIdent(p.index)} ON "My Schema"."Order Items_p2024_01" USING btree (email, "created_at")`,
+      `CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS ${quoteIdent(p.index)} ON "My Schema"."Order Items_p2024_01" ` +
+        `USING btree (email, "created_at")`,
     );
     expect(p.attach).toBe(
       `ALTER INDEX "My Schema".${quoteIdent(idx.name)} ATTACH PARTITION "My Schema".${quoteIdent(p.index)}`,
@@ -426,7 +436,8 @@ describe("shadowDdl", () => {
 
   it("adds the foreign keys under their names", () => {
     expect(st.filter((s) => s.includes("FOREIGN KEY"))).toEqual([
-      `ALTER TABLE ${SHD} ADD CONSTRAINT "Order Items_order_fkey" FOREIGN KEY ("order") REFERENCES "My Schema"."Orders"(id) ON DELETE CASCADE`,
+      `ALTER TABLE ${SHD} ADD CONSTRAINT "Order Items_order_fkey" FOREIGN KEY ("order") REFERENCES "My ` +
+        `Schema"."Orders"(id) ON DELETE CASCADE`,
     ]);
   });
 
@@ -485,7 +496,8 @@ describe("shadowDdl", () => {
       const bare = stripQuoted(s);
       expect(bare).not.toMatch(/My Schema|Order Items|Reporting Role|we\(ird|app_writer|created_at"/);
       expect(bare).not.toMatch(/\border\b/i);
-      // every statement is about the shadow or one of its partitions, except the identity default's function (which names the sequence)
+      // every statement is about the shadow or one of its partitions, except the identity default's function (which
+      // names the sequence)
       if (!s.startsWith("CREATE OR REPLACE FUNCTION"))
         expect(s.includes(SHD) || s.includes(`"My Schema"."Order Items_`)).toBe(true);
     }
@@ -594,31 +606,38 @@ describe("shadowDdl: what the partitioned table keeps of the original (issue 13,
     }
   });
 
-  it("adds valid checks now (NO INHERIT dropped), NOT VALID checks and foreign keys after the copy, comments with them", () => {
-    expect(d.statements).toContain(`ALTER TABLE ${SHD} ADD CONSTRAINT "ok_check" CHECK ((id > 0))`);
-    expect(d.statements).toContain(`COMMENT ON CONSTRAINT "ok_check" ON ${SHD} IS 'positive'`);
-    expect(d.statements).toContain(`ALTER TABLE ${SHD} ADD CONSTRAINT "solo" CHECK ((id < 100))`);
-    expect(d.statements.some((s) => s.includes("old_check") || s.includes("fk_old"))).toBe(false);
-    expect(d.statements).toContain(
-      `ALTER TABLE ${SHD} ADD CONSTRAINT "fk_ok" FOREIGN KEY (id) REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED`,
-    );
-    expect(d.afterCopy[0]).toBe(
-      `DO $pgshift$ BEGIN IF NOT EXISTS (SELECT FROM pg_catalog.pg_constraint WHERE conrelid = '${SHD}'::regclass AND conname = 'old_check') ` +
-        `THEN ALTER TABLE ${SHD} ADD CONSTRAINT "old_check" CHECK ((email <> ''::text)) NOT VALID; END IF; END $pgshift$`,
-    );
-    expect(d.afterCopy).toContain(`COMMENT ON CONSTRAINT "old_check" ON ${SHD} IS 'not for old rows'`);
-    expect(
-      d.afterCopy.some((s) => s.includes(`ADD CONSTRAINT "fk_old" FOREIGN KEY (id) REFERENCES p(id) NOT VALID`)),
-    ).toBe(true);
-    // Before 18 a NOT VALID foreign key cannot be put on a partitioned table: refused by plan, never attempted.
-    const f17 = { ...rich, serverVersionNum: 170000 };
-    expect(afterCopySql(f17, { source: TABLE, shadow: SHADOW }).some((s) => s.includes("fk_old"))).toBe(false);
-    expect(fidelityBlockers(f17)).toEqual([
-      `foreign key fk_old is NOT VALID, and PostgreSQL before 18 cannot add a NOT VALID foreign key to a partitioned table (ALTER TABLE ... VALIDATE CONSTRAINT "fk_old" first, or drop it)`,
-    ]);
-    expect(fidelityBlockers(rich)).toEqual([]);
-    expect(fidelityWarnings(rich).some((w) => w.includes("check constraint solo is NO INHERIT"))).toBe(true);
-  });
+  it(
+    "adds valid checks now (NO INHERIT dropped), NOT VALID checks and foreign keys after the copy, comments with " +
+      "them",
+    () => {
+      expect(d.statements).toContain(`ALTER TABLE ${SHD} ADD CONSTRAINT "ok_check" CHECK ((id > 0))`);
+      expect(d.statements).toContain(`COMMENT ON CONSTRAINT "ok_check" ON ${SHD} IS 'positive'`);
+      expect(d.statements).toContain(`ALTER TABLE ${SHD} ADD CONSTRAINT "solo" CHECK ((id < 100))`);
+      expect(d.statements.some((s) => s.includes("old_check") || s.includes("fk_old"))).toBe(false);
+      expect(d.statements).toContain(
+        `ALTER TABLE ${SHD} ADD CONSTRAINT "fk_ok" FOREIGN KEY (id) REFERENCES p(id) DEFERRABLE INITIALLY DEFERRED`,
+      );
+      expect(d.afterCopy[0]).toBe(
+        `DO $pgshift$ BEGIN IF NOT EXISTS (SELECT FROM pg_catalog.pg_constraint WHERE conrelid = '${SHD}'::regclass ` +
+          `AND conname = 'old_check') ` +
+          `THEN ALTER TABLE ${SHD} ADD CONSTRAINT "old_check" CHECK ((email <> ''::text)) NOT VALID; END IF; END ` +
+          `$pgshift$`,
+      );
+      expect(d.afterCopy).toContain(`COMMENT ON CONSTRAINT "old_check" ON ${SHD} IS 'not for old rows'`);
+      expect(
+        d.afterCopy.some((s) => s.includes(`ADD CONSTRAINT "fk_old" FOREIGN KEY (id) REFERENCES p(id) NOT VALID`)),
+      ).toBe(true);
+      // Before 18 a NOT VALID foreign key cannot be put on a partitioned table: refused by plan, never attempted.
+      const f17 = { ...rich, serverVersionNum: 170000 };
+      expect(afterCopySql(f17, { source: TABLE, shadow: SHADOW }).some((s) => s.includes("fk_old"))).toBe(false);
+      expect(fidelityBlockers(f17)).toEqual([
+        `foreign key fk_old is NOT VALID, and PostgreSQL before 18 cannot add a NOT VALID foreign key to a ` +
+          `partitioned table (ALTER TABLE ... VALIDATE CONSTRAINT "fk_old" first, or drop it)`,
+      ]);
+      expect(fidelityBlockers(rich)).toEqual([]);
+      expect(fidelityWarnings(rich).some((w) => w.includes("check constraint solo is NO INHERIT"))).toBe(true);
+    },
+  );
 
   it("keeps statistics targets (recursing) and attribute options (on the parent and each partition)", () => {
     expect(d.statements).toContain(`ALTER TABLE ${SHD} ALTER COLUMN "email" SET STATISTICS 500`);
@@ -630,7 +649,8 @@ describe("shadowDdl: what the partitioned table keeps of the original (issue 13,
 
   it("creates the primary key from the original's constraint definition, widened, with its comment", () => {
     expect(d.statements).toContain(
-      `ALTER TABLE ${SHD} ADD CONSTRAINT "t_pkey_part" PRIMARY KEY (id, "created_at") INCLUDE (email) WITH (fillfactor='70')`,
+      `ALTER TABLE ${SHD} ADD CONSTRAINT "t_pkey_part" PRIMARY KEY (id, "created_at") INCLUDE (email) WITH ` +
+        `(fillfactor='70')`,
     );
     expect(d.statements).toContain(`COMMENT ON INDEX "My Schema"."t_pkey_part" IS 'the key'`);
   });
@@ -654,7 +674,8 @@ describe("shadowDdl: what the partitioned table keeps of the original (issue 13,
     });
     const sql = deferredIndexSql("My Schema", SHADOW.name, ["Order Items_p2024_01"], u);
     expect(sql.parent).toBe(
-      `DO $pgshift$ BEGIN IF to_regclass('"My Schema"."t_code_key_part"') IS NULL THEN ALTER TABLE ONLY ${SHD} ADD CONSTRAINT "t_code_key_part" ` +
+      `DO $pgshift$ BEGIN IF to_regclass('"My Schema"."t_code_key_part"') IS NULL THEN ALTER TABLE ONLY ${SHD} ADD ` +
+        `CONSTRAINT "t_code_key_part" ` +
         `UNIQUE (email, created_at) WITH (fillfactor='80'); END IF; END $pgshift$`,
     );
     const p = sql.perPartition[0]!;
@@ -673,7 +694,8 @@ describe("shadowDdl: what the partitioned table keeps of the original (issue 13,
       deferredIndexSql("My Schema", SHADOW.name, ["Order Items_p2024_01"], plainIx).perPartition[0]!.constrain,
     ).toBeNull();
     expect(d.afterCopy).toContain(
-      `DO $pgshift$ BEGIN IF to_regclass('"My Schema"."t_code_key_part"') IS NOT NULL THEN COMMENT ON INDEX "My Schema"."t_code_key_part" IS 'ix comment'; END IF; END $pgshift$`,
+      `DO $pgshift$ BEGIN IF to_regclass('"My Schema"."t_code_key_part"') IS NOT NULL THEN COMMENT ON INDEX "My ` +
+        `Schema"."t_code_key_part" IS 'ix comment'; END IF; END $pgshift$`,
     );
     expect(
       d.afterCopy.some((s) => s.includes(`COMMENT ON CONSTRAINT "t_code_key_part" ON ${SHD} IS 'con comment'`)),
@@ -683,7 +705,8 @@ describe("shadowDdl: what the partitioned table keeps of the original (issue 13,
   it("puts the CLUSTER mark on each partition's index, says so in plan, and analyzes last", () => {
     const cl = d.afterCopy.find((s) => s.includes("CLUSTER ON"))!;
     expect(cl).toContain(
-      `WHERE h.inhparent = '"My Schema"."t_note_idx_part"'::regclass LOOP EXECUTE format('ALTER TABLE %I.%I CLUSTER ON %I', r.s, r.t, r.i)`,
+      `WHERE h.inhparent = '"My Schema"."t_note_idx_part"'::regclass LOOP EXECUTE format('ALTER TABLE %I.%I CLUSTER ` +
+        `ON %I', r.s, r.t, r.i)`,
     );
     expect(fidelityWarnings(rich).some((w) => w.includes(`clustered on t_note_idx`))).toBe(true);
     expect(d.afterCopy.at(-1)).toBe(`ANALYZE ${SHD}`);
@@ -759,7 +782,10 @@ describe("shadowDdl: what the partitioned table keeps of the original (issue 13,
       { from: "it's_part", to: "it's" },
     ]);
     expect(stmt).toMatch(
-      /^DO \$pgshift\$ DECLARE live oid := to_regclass\('"My Schema"\."Order Items"'\); copy oid := to_regclass\('"My Schema"\."Order Items_pgshift_shadow"'\);/,
+      new RegExp(
+        String.raw`^DO \$pgshift\$ DECLARE live oid := to_regclass\('"My Schema"\."Order Items"'\); ` +
+          String.raw`copy oid := to_regclass\('"My Schema"\."Order Items_pgshift_shadow"'\);`,
+      ),
     );
     expect(stmt).toContain(`ARRAY[ARRAY['a_part', 'a'], ARRAY['it''s_part', 'it''s']]::text[]`);
     expect(stmt).toContain("ALTER INDEX %I.%I RENAME TO %I");
@@ -816,7 +842,8 @@ $pgshift$`,
   it("adds OVERRIDING SYSTEM VALUE only when asked", () => {
     expect(mirrorFunctionSql(base)).not.toContain("OVERRIDING");
     expect(mirrorFunctionSql({ ...base, overridingSystemValue: true })).toContain(
-      `INSERT INTO "public"."orders_pgshift_shadow" ("id", "created_at", "status", "total") OVERRIDING SYSTEM VALUE\n    VALUES (NEW."id"`,
+      `INSERT INTO "public"."orders_pgshift_shadow" ("id", "created_at", "status", "total") OVERRIDING SYSTEM ` +
+        `VALUE\n    VALUES (NEW."id"`,
     );
   });
 
@@ -887,10 +914,12 @@ $pgshift$`,
     expect(sql).toHaveLength(4);
     expect(sql[0]).toBe(mirrorFunctionSql(spec));
     expect(sql[1]).toBe(
-      `CREATE TRIGGER ${MIRROR_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON "My Schema"."Order Items" FOR EACH ROW EXECUTE FUNCTION "pgshift"."mirror_1"()`,
+      `CREATE TRIGGER ${MIRROR_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON "My Schema"."Order Items" FOR EACH ROW ` +
+        `EXECUTE FUNCTION "pgshift"."mirror_1"()`,
     );
     expect(sql[2]).toBe(
-      `CREATE OR REPLACE TRIGGER ${TRUNCATE_TRIGGER} BEFORE TRUNCATE ON "My Schema"."Order Items" FOR EACH STATEMENT EXECUTE FUNCTION "pgshift"."truncate_guard"()`,
+      `CREATE OR REPLACE TRIGGER ${TRUNCATE_TRIGGER} BEFORE TRUNCATE ON "My Schema"."Order Items" FOR EACH STATEMENT ` +
+        `EXECUTE FUNCTION "pgshift"."truncate_guard"()`,
     );
     // and on every partition that lacks it, at every level, should the table be partitioned (TRUNCATE of one
     // partition fires only its triggers)
@@ -899,7 +928,8 @@ $pgshift$`,
     );
     expect(sql[3]).toContain(`g.tgname = 'pgshift_truncate_guard'`);
     expect(sql[3]).toContain(
-      `EXECUTE format('CREATE TRIGGER pgshift_truncate_guard BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION "pgshift"."truncate_guard"()', part)`,
+      `EXECUTE format('CREATE TRIGGER pgshift_truncate_guard BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE ` +
+        `FUNCTION "pgshift"."truncate_guard"()', part)`,
     );
     expect(MIRROR_TRIGGER).toBe("pgshift_mirror");
     expect(TRUNCATE_TRIGGER).toBe("pgshift_truncate_guard");
