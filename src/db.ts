@@ -83,28 +83,23 @@ export interface LockRetryOptions {
 }
 
 /**
- * Runs `fn` in a transaction with `SET LOCAL lock_timeout`, retrying with jittered exponential backoff
- * (p-retry, 50 ms to 2 s) when the lock is not granted in time (SQLSTATE 55P03) or a deadlock is
- * detected (40P01). Other errors are not retried. Keeps the application from queueing behind pgshift
- * for longer than the lock timeout: a waiting ACCESS EXCLUSIVE request blocks every later reader
- * (docs: "Explicit Locking", lock_timeout).
- * @throws PgshiftError (55P03) after the last attempt.
+ * Runs `attempt` (one transaction that sets `lock_timeout` to `lockTimeoutMs`), again with jittered exponential
+ * backoff (p-retry, 50 ms to 2 s) when the lock is not granted in time (SQLSTATE 55P03) or a deadlock is detected
+ * (40P01), or on an error `opts.retryOn` accepts; `opts.retries` times at most (default 20). Other errors end it
+ * at once. Shared by withLockRetry and the plan runner (runTransaction, plan/steps.ts).
+ * @throws PgshiftError (55P03) after the last attempt; any other error as is.
  */
-export async function withLockRetry<T>(
-  sql: Sql,
-  fn: (tx: TxSql) => Promise<T>,
-  opts: LockRetryOptions = {},
+export async function retryOnLockTimeout<T>(
+  attempt: () => Promise<T>,
+  lockTimeoutMs: number,
+  opts: Omit<LockRetryOptions, "lockTimeoutMs"> = {},
 ): Promise<T> {
-  const lockTimeoutMs = opts.lockTimeoutMs ?? 500;
   const retries = opts.retries ?? 20;
   try {
     return await pRetry(
       async () => {
         try {
-          return await transaction(sql, async (tx) => {
-            await tx`select set_config('lock_timeout', ${`${String(lockTimeoutMs)}ms`}, true)`;
-            return fn(tx);
-          });
+          return await attempt();
         } catch (err) {
           const code = sqlState(err);
           if (code === "55P03" || code === "40P01" || opts.retryOn?.(err)) throw err;
@@ -134,4 +129,27 @@ export async function withLockRetry<T>(
     }
     throw err;
   }
+}
+
+/**
+ * Runs `fn` in a transaction with `SET LOCAL lock_timeout`, retried by retryOnLockTimeout. Keeps the application
+ * from queueing behind pgshift for longer than the lock timeout: a waiting ACCESS EXCLUSIVE request blocks every
+ * later reader (docs: "Explicit Locking", lock_timeout).
+ * @throws PgshiftError (55P03) after the last attempt.
+ */
+export async function withLockRetry<T>(
+  sql: Sql,
+  fn: (tx: TxSql) => Promise<T>,
+  opts: LockRetryOptions = {},
+): Promise<T> {
+  const lockTimeoutMs = opts.lockTimeoutMs ?? 500;
+  return retryOnLockTimeout(
+    () =>
+      transaction(sql, async (tx) => {
+        await tx`select set_config('lock_timeout', ${`${String(lockTimeoutMs)}ms`}, true)`;
+        return fn(tx);
+      }),
+    lockTimeoutMs,
+    opts,
+  );
 }

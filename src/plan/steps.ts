@@ -7,10 +7,9 @@
  * objects created meanwhile), printed as a comment, so the printed plan shows every point where the command
  * may stop.
  */
-import pRetry, { AbortError } from "p-retry";
 import type { Row } from "postgres";
-import { type AnySql, closedSince, type LockRetryOptions, type Sql, type TxSql } from "../db.js";
-import { isConnectionLoss, PgshiftError, sqlState } from "../errors.js";
+import { type AnySql, closedSince, type LockRetryOptions, retryOnLockTimeout, type Sql, type TxSql } from "../db.js";
+import { isConnectionLoss, PgshiftError } from "../errors.js";
 
 /**
  * Where a statement runs:
@@ -266,38 +265,5 @@ export async function runTransaction<T>(
     }
   };
   if (t.lockTimeoutMs === undefined) return once();
-  const retries = opts.retries ?? 20;
-  try {
-    return await pRetry(
-      async () => {
-        try {
-          return await once();
-        } catch (err) {
-          const code = sqlState(err);
-          if (code === "55P03" || code === "40P01" || opts.retryOn?.(err)) throw err;
-          throw new AbortError(err instanceof Error ? err : new Error(String(err)));
-        }
-      },
-      {
-        retries,
-        minTimeout: 50,
-        maxTimeout: 2000,
-        factor: 1.6,
-        randomize: true,
-        onFailedAttempt: (ctx) => {
-          if (ctx.retriesLeft > 0) opts.onRetry?.(ctx.attemptNumber, ctx.error);
-        },
-      },
-    );
-  } catch (err) {
-    if (sqlState(err) === "55P03") {
-      throw new PgshiftError(`could not lock the tables within ${t.lockTimeoutMs} ms after ${retries + 1} attempts`, {
-        hint:
-          "the tables are busy (a long transaction holds a lock?); check pg_stat_activity, then retry or raise " +
-          "--lock-timeout / --retries",
-        cause: err,
-      });
-    }
-    throw err;
-  }
+  return retryOnLockTimeout(once, t.lockTimeoutMs, opts);
 }
