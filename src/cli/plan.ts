@@ -79,6 +79,7 @@ export function planSummary(plan: MigrationPlan): PlanSummary {
     else creates.push(`no DDL guard: creating one needs superuser (see the warning below)`);
   } else creates.push(`nothing: start is refused while anything blocks (below)`);
   if (f) carriedOver.push(...carriedOverLines(plan, f));
+  carriedOver.push(...plan.dependents);
 
   const col = plan.spec.column;
   const keys = plan.widenedKeys;

@@ -1,6 +1,7 @@
 import { dependencySnapshot, newDependents, requireNoDrift } from "../catalog/drift.js";
 import type { LockRetryOptions, Sql, TxSql } from "../db.js";
 import { liveNamesSql } from "../ddl/shadow.js";
+import { type Carried, carryDependents } from "../dependents/index.js";
 import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import { tablesIn } from "../migration/phases.js";
@@ -158,6 +159,11 @@ export interface SwitchPlan {
   /** The migration as read when the plan was built (before the carry-over). */
   migration: Migration;
   carryOver: CarryOver;
+  /**
+   * The dependent objects that follow the live table (src/dependents): their statements run in the switch's
+   * transaction after the renames, their `after` steps after COMMIT.
+   */
+  carried: Carried[];
   /** Start applying the stream (null unless the shadow follows the slot). */
   follow: CheckStep | null;
   /** The switch's transaction: locks, checks, renames, mirror switched, the phase recorded. */
@@ -168,7 +174,13 @@ export interface SwitchPlan {
 
 /** The steps of a switch's plan, in order. */
 export function switchSteps(p: SwitchPlan): Step[] {
-  return [...carryOverSteps(p.carryOver), ...(p.follow ? [p.follow] : []), p.transaction, ...p.after];
+  return [
+    ...carryOverSteps(p.carryOver),
+    ...(p.follow ? [p.follow] : []),
+    p.transaction,
+    ...p.after,
+    ...p.carried.flatMap((c) => c.after),
+  ];
 }
 
 /** The plan as `cutover --dry-run` and `swap-back --dry-run` print it. */
@@ -191,6 +203,7 @@ function buildSwitch(
   sql: Sql,
   m0: Migration,
   c: CarryOver,
+  carried: Carried[],
   table: QualifiedName,
   command: "cutover" | "swap-back",
   opts: { catchupMs: number; lockTimeoutMs: number },
@@ -285,6 +298,7 @@ function buildSwitch(
       },
     ),
     ...sw.slice(1).map((s) => statement(s)),
+    ...carried.flatMap((x) => x.inside),
     statement(phaseSql(m, to)),
   );
   const follow = streamed
@@ -307,6 +321,7 @@ function buildSwitch(
     command,
     migration: m0,
     carryOver: c,
+    carried,
     follow,
     transaction: transactionStep(steps, { lockTimeoutMs: opts.lockTimeoutMs }),
     after,
@@ -340,7 +355,11 @@ export async function switchPlan(
   // lock), anything else refuses.
   const lockTimeoutMs = opts.lockTimeoutMs ?? 500;
   const c = await carryOverPlan(sql, m0, table, lockTimeoutMs);
-  return buildSwitch(sql, m0, c, table, command, { catchupMs: opts.catchupTimeoutMs ?? 2000, lockTimeoutMs });
+  const carried = await carryDependents(sql, c.migration, command === "cutover" ? "cutover" : "swapped_back");
+  return buildSwitch(sql, m0, c, carried, table, command, {
+    catchupMs: opts.catchupTimeoutMs ?? 2000,
+    lockTimeoutMs,
+  });
 }
 
 async function switchTables(
@@ -370,7 +389,8 @@ async function switchTables(
       statements.push(...statementsOf(carryOverSteps(plan.carryOver)));
       snapshot = await dependencySnapshot(sql, table);
       const next = await carryOverPlan(sql, plan.carryOver.migration, table, o.lockTimeoutMs);
-      plan = buildSwitch(sql, plan.migration, next, table, command, o);
+      const carried = await carryDependents(sql, next.migration, command === "cutover" ? "cutover" : "swapped_back");
+      plan = buildSwitch(sql, plan.migration, next, carried, table, command, o);
     }
     plan.context.snapshot = snapshot;
     await opts.beforeLock?.();
@@ -431,6 +451,25 @@ async function switchTables(
           },
           "cutover done, but the replication slot or publication could not be dropped yet; pgshift finalize (or " +
             "abort after a swap-back) drops them",
+        );
+      }
+    }
+    // The switch has committed: what carried objects still need (a foreign key validated, a materialized view
+    // rebuilt) runs now without blocking writes; if it fails it is said, with the statements, and status shows it.
+    for (const c of plan.carried) {
+      if (c.after.length === 0) continue;
+      try {
+        await runSteps(sql, c.after, { lockRetry: { retries: opts.retries } });
+        statements.push(...statementsOf(c.after));
+      } catch (err) {
+        log().warn(
+          {
+            table: displayName(table),
+            object: c.label,
+            statements: statementsOf(c.after),
+            err: err instanceof Error ? err.message : String(err),
+          },
+          `${command} done, but the work left for ${c.label} after it failed; run its statements again`,
         );
       }
     }

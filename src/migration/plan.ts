@@ -11,6 +11,7 @@ import {
   shadowDdl,
   shadowKey,
 } from "../ddl/shadow.js";
+import { planDependents } from "../dependents/index.js";
 import { PgshiftError } from "../errors.js";
 import { createStreamSql, createsSlot, logicalPrerequisites } from "../mirror/logical.js";
 import { installTriggerMirrorSql, truncateGuardSql } from "../mirror/trigger.js";
@@ -62,6 +63,11 @@ export interface MigrationPlan {
   blockers: string[];
   /** Things a person must know (e.g. uniqueness no longer enforced). */
   warnings: string[];
+  /**
+   * What happens to each object that depends on the table (views, triggers, policies, foreign keys of other
+   * tables, publications) at cutover, swap-back and finalize: one line each (planDependents).
+   */
+  dependents: string[];
   /**
    * Unique keys that lose global uniqueness because the partition column is added to them, with the
    * ON CONFLICT targets that stop working at cutover (widenedKeys). `start` refuses unless allowKeyExtension.
@@ -178,6 +184,9 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     blockers.push(
       `${displayName(table)} has no primary key (nor a NOT NULL unique key); pgshift copies and compares rows by key`,
     );
+  // Dependent objects that follow the live table through every switch (src/dependents), and those that cannot.
+  const dependents = await planDependents(sql, facts, spec);
+  blockers.push(...dependents.blockers);
   const dep = facts.dependents;
   const list = (what: string, xs: string[]) => {
     if (xs.length > 0) blockers.push(`${what}: ${xs.join(", ")} (not carried over yet; drop or detach them first)`);
@@ -375,6 +384,7 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     totalBytes: facts.totalBytes,
     blockers,
     warnings,
+    dependents: dependents.lines,
     widenedKeys: keys,
     atFinalize: atFinalize(keys),
     applicationStatements,
