@@ -191,7 +191,6 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   const list = (what: string, xs: string[]) => {
     if (xs.length > 0) blockers.push(`${what}: ${xs.join(", ")} (not carried over yet; drop or detach them first)`);
   };
-  list("dependent views", dep.views);
   list("rules", dep.rules);
   list("row-level security policies", dep.policies);
   list("incoming foreign keys", dep.incomingForeignKeys);

@@ -19,9 +19,10 @@ import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
  * - An index created on the live table is built on the copy before the switch takes its lock (never under
  *   it), is valid on the table the application writes at every step, and has its original name after finalize,
  *   under concurrent writes checked against an independent twin.
- * - A view, a trigger, a policy and a function with a BEGIN ATOMIC body make cutover (and, created on the
- *   partitioned table after cutover, swap-back) refuse with exit 2, naming the object and the statements to
- *   run, with nothing changed; status lists them; the statements of the hint work.
+ * - A view and a function with a BEGIN ATOMIC body follow the live table (src/dependents carries them).
+ * - A trigger and a policy make cutover (and, created on the partitioned table after cutover, swap-back) refuse
+ *   with exit 2, naming the object and the statements to run, with nothing changed; status lists them; the
+ *   statements of the hint work.
  * - Something created between the check and the lock is caught under the lock and rolled back.
  */
 
@@ -247,6 +248,7 @@ describe.each(["trigger", "logical"] as const)(
 const objects = (table: string) => [
   {
     what: "a view",
+    carried: true,
     create: `create view ${table}_v as select id, note from ${table} where note is not null`,
     named: `view public.${table}_v`,
     check: async () => expect(await viewReads(`public.${table}_v`)).toEqual([table]),
@@ -254,6 +256,7 @@ const objects = (table: string) => [
   },
   {
     what: "a trigger",
+    carried: false,
     create:
       `create function ${table}_touch() returns trigger language plpgsql as $$ begin new.note := ` +
       `coalesce(new.note, 'touched'); return new; end $$;
@@ -269,6 +272,7 @@ const objects = (table: string) => [
   },
   {
     what: "a policy",
+    carried: false,
     create: `create policy ${table}_recent on ${table} using (created_at > '2020-01-01')`,
     named: `policy ${table}_recent on public.${table}`,
     check: async () => {
@@ -281,6 +285,7 @@ const objects = (table: string) => [
   },
   {
     what: "a BEGIN ATOMIC function",
+    carried: true,
     create: `create function ${table}_count() returns bigint begin atomic select count(*) from ${table}; end`,
     named: `function public.${table}_count()`,
     check: async () => {
@@ -293,14 +298,16 @@ const objects = (table: string) => [
   },
 ];
 
-describe("a view, a trigger, a policy and a BEGIN ATOMIC function created after start", () => {
+describe("a trigger and a policy created after start", () => {
   it(
     "each makes cutover refuse with exit 2 naming it, nothing changed; status lists it; the statements of the hint " +
       "carry it over and back",
     async () => {
       const name = "late_dep";
       await startAndBackfill(name);
-      for (const [i, o] of objects(name).entries()) {
+      for (const [i, o] of objects(name)
+        .filter((x) => !x.carried)
+        .entries()) {
         await db.admin.unsafe(o.create);
         const before = await snapshot(name);
         expect(["backfilled", "swapped_back"]).toContain(before?.phase);
@@ -352,10 +359,49 @@ describe("a view, a trigger, a policy and a BEGIN ATOMIC function created after 
   );
 });
 
+describe("a view and a BEGIN ATOMIC function created after start (carried, src/dependents)", () => {
+  it("follow the live table through cutover and swap-back: status lists nothing, no switch refuses", async () => {
+    const name = "late_carried";
+    await startAndBackfill(name);
+    const table = { schema: "public", name };
+    for (const o of objects(name).filter((x) => x.carried)) await db.admin.unsafe(o.create);
+    expect((await statusOf(name)).lateObjects).toEqual([]);
+    /** The relation (regclass text of its oid) each carried object uses now. */
+    const uses = async () => {
+      const r = await db.admin`
+        select (select array_agg(distinct d.refobjid) from pg_depend d join pg_rewrite w on w.oid = d.objid
+                 where w.ev_class = to_regclass(${`public.${name}_v`}) and d.refclassid = 'pg_class'::regclass
+                   and d.refobjid <> w.ev_class) as view,
+               (select array_agg(distinct d.refobjid) from pg_depend d where d.objid =
+                 ${`public.${name}_count()`}::regprocedure and d.refclassid = 'pg_class'::regclass) as fn,
+               to_regclass(${`public.${name}`})::oid as live`;
+      return r[0]!;
+    };
+    const original = (await uses()).live;
+    await cutover(db.sql, table, opts);
+    let u = await uses();
+    expect(u.live).not.toEqual(original);
+    expect(u.view).toEqual([u.live]);
+    expect(u.fn).toEqual([u.live]);
+    const counted = await db.admin.unsafe(`select ${name}_count() as n`);
+    expect(Number(counted[0]?.n)).toBe(300);
+    // Created on the partitioned table after cutover: carried back by swap-back too.
+    await db.admin.unsafe(`create view ${name}_v3 as select id from ${name}`);
+    await swapBack(db.sql, table, opts);
+    u = await uses();
+    expect(u.live).toEqual(original);
+    expect(u.view).toEqual([original]);
+    expect(u.fn).toEqual([original]);
+    for (const o of objects(name).filter((x) => x.carried)) await o.check();
+    expect(await viewReads(`public.${name}_v3`)).toEqual([name]);
+    expect((await statusOf(name)).lateObjects).toEqual([]);
+  });
+});
+
 describe("objects created on the partitioned live table after cutover", () => {
   it(
-    "swap-back builds an index on the retired table before its lock, and refuses for a view, a trigger, a policy " +
-      "and a BEGIN ATOMIC function, naming each, nothing changed",
+    "swap-back builds an index on the retired table before its lock, and refuses for a trigger and a policy, " +
+      "naming each, nothing changed",
     async () => {
       const name = "late_back";
       await startAndBackfill(name);
@@ -366,7 +412,9 @@ describe("objects created on the partitioned live table after cutover", () => {
       expect(st.indexDrift).toHaveLength(1);
       expect(st.indexDrift[0]).toContain(`index late_back_note was created on public.${name} during the migration`);
       expect(st.indexDrift[0]).toContain(`swap-back builds it there first, before its lock, as late_back_note_orig`);
-      for (const [i, o] of objects(name).entries()) {
+      for (const [i, o] of objects(name)
+        .filter((x) => !x.carried)
+        .entries()) {
         await db.admin.unsafe(o.create);
         const before = await snapshot(name);
         expect(before?.phase).toBe("cutover");
