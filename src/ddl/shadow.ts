@@ -360,14 +360,17 @@ export function shadowDdl(
     // the copy is an immediate unique index until it becomes the constraint, and would refuse the
     // application's momentary duplicates (what DEFERRABLE is for) through the mirror meanwhile.
     const deferrableUnique = constraintDef !== null && ix.constraintType === "u" && ix.deferrable;
-    if (ix.isPrimary || ix.name === facts.keyIndexName || deferrableUnique) {
+    // An exclusion constraint (PostgreSQL 17+, comparing the partition column with =: plan refuses others) is
+    // created now too, so that no row breaking it gets into the shadow while it would not into the original.
+    const exclusion = constraintDef !== null && ix.constraintType === "x";
+    if (ix.isPrimary || ix.name === facts.keyIndexName || deferrableUnique || exclusion) {
       // The key the mirror upserts on is needed from the start; the table is empty, so it is instant.
       if (ix.isPrimary)
         out.push(
           `ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(name)} ` +
             (constraintDef ?? `PRIMARY KEY (${shadowKey(ix.keyColumns.map(String), col).map(quoteIdent).join(", ")})`),
         );
-      else if (constraintDef && ix.constraintType === "u")
+      else if (constraintDef && (ix.constraintType === "u" || ix.constraintType === "x"))
         out.push(`ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(name)} ${constraintDef}`);
       else out.push(`CREATE UNIQUE INDEX ${quoteIdent(name)} ON ${shd} USING ${definition}`);
       if (ix.comment) out.push(`COMMENT ON INDEX ${qualifiedIndex(name)} IS ${quoteLiteral(ix.comment)}`);
@@ -461,7 +464,8 @@ export function afterCopySql(facts: TableFacts, names: ShadowNames): string[] {
     (ix) =>
       !ix.isPrimary &&
       ix.name !== facts.keyIndexName &&
-      !(ix.constraintType === "u" && ix.deferrable && ix.constraintDef),
+      !(ix.constraintType === "u" && ix.deferrable && ix.constraintDef) &&
+      !(ix.constraintType === "x" && ix.constraintDef),
   );
   for (const ix of facts.indexes) {
     const name = shadowObjectName(ix.name);

@@ -132,6 +132,37 @@ async function requireSupportedServer(sql: Sql): Promise<void> {
 }
 
 /**
+ * Exclusion constraints a partitioned table cannot keep, one blocker each: PostgreSQL 17 is the first to allow
+ * them on a partitioned table, and only when they compare every partition column with equality (docs: CREATE
+ * TABLE, "EXCLUDE", and the partitioning limitations of "Table Partitioning"). One that qualifies is created on
+ * the shadow at start (shadowDdl), before any row, so the mirror and the backfill are checked by it.
+ */
+async function exclusionBlockers(sql: Sql, facts: TableFacts, column: string): Promise<string[]> {
+  const rows = await sql`
+    select c.conname::text as name,
+           exists (select from unnest(c.conkey, c.conexclop) as u(k, op) join pg_catalog.pg_operator o on o.oid = u.op
+                    join pg_catalog.pg_attribute a on a.attrelid = c.conrelid and a.attnum = u.k
+                   where a.attname = ${column} and o.oprname = '=') as equal
+      from pg_catalog.pg_constraint c where c.conrelid = ${facts.oid} and c.contype = 'x' order by 1`;
+  const t = displayName(facts.table);
+  return rows.flatMap((r) => {
+    const name = String(r.name);
+    if (facts.serverVersionNum < 170000)
+      return [
+        `exclusion constraint ${name} on ${t}: PostgreSQL ${Math.floor(facts.serverVersionNum / 10000)} cannot ` +
+          `have one on a partitioned table (17 and later can, when it compares the partition column with =)`,
+      ];
+    if (!r.equal)
+      return [
+        `exclusion constraint ${name} on ${t} does not compare partition column ${column} with =, as PostgreSQL ` +
+          `requires on a partitioned table; partition by a column it compares with = (or add "${column} WITH =" ` +
+          `to it)`,
+      ];
+    return [];
+  });
+}
+
+/**
  * Inspects `table` and computes the shadow, its partitions, the DDL and the mirror, changing nothing.
  * Blockers are collected, not thrown, so that `plan` can list them all.
  * @throws PgshiftError when the table does not exist.
@@ -198,7 +229,7 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   list("user triggers", dep.triggers);
   // A partitioned table or a partition is refused above; its partitions or parent need no second line.
   if (facts.relkind !== "p" && !facts.isPartition) list("inheritance (parent or child tables)", dep.inheritance);
-  list("exclusion constraints", dep.exclusionConstraints);
+  if (dep.exclusionConstraints.length > 0) blockers.push(...(await exclusionBlockers(sql, facts, spec.column)));
 
   const col = facts.columns.find((c) => c.name === spec.column);
   let data: DataRange = { min: null, max: null };

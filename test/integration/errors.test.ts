@@ -125,7 +125,7 @@ beforeAll(async () => {
       insert into ${t} (id) select generate_series(1, 20);`);
   }
   await db.admin.unsafe(`
-    create view dep_view_summary as select count(*) as n from dep_view;
+    create materialized view dep_view_summary as select count(*) as n from dep_view;
     create rule dep_rule_ignore as on delete to dep_rule do instead nothing;
     alter table dep_policy enable row level security;
     create policy dep_policy_tenant on dep_policy using (id > 0);
@@ -280,7 +280,11 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
   );
 
   const dependents: { name: string; table: string; mentions: string[] }[] = [
-    { name: "a view on the table", table: "dep_view", mentions: ["dependent views", "public.dep_view_summary"] },
+    {
+      name: "a materialized view on the table",
+      table: "dep_view",
+      mentions: ["materialized view public.dep_view_summary reads public.dep_view"],
+    },
     { name: "a rule", table: "dep_rule", mentions: ["rules", "dep_rule_ignore"] },
     {
       name: "a row-level security policy",
