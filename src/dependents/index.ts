@@ -9,12 +9,13 @@ import type { QualifiedName } from "../names.js";
 import type { PartitionSpec } from "../partitioning/spec.js";
 import type { Carried, Carrier, CarrierPlan, SwitchTo } from "./carrier.js";
 import { functionsCarrier } from "./functions.js";
+import { materializedViewsCarrier } from "./materialized-views.js";
 import { viewsCarrier } from "./views.js";
 
 export type { Carried, Carrier, CarrierPlan, SwitchTo } from "./carrier.js";
 
 /** The carriers, in the order their statements run in a switch's transaction. */
-export const CARRIERS: readonly Carrier[] = [functionsCarrier, viewsCarrier];
+export const CARRIERS: readonly Carrier[] = [functionsCarrier, viewsCarrier, materializedViewsCarrier];
 
 /** What `plan` says about every kind of dependent object (CarrierPlan), merged in carrier order. */
 export async function planDependents(sql: AnySql, facts: TableFacts, spec: PartitionSpec): Promise<CarrierPlan> {

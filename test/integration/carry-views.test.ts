@@ -65,7 +65,11 @@ describe.each(["trigger", "logical"] as const)("views of a migrated table (%s mo
         create view ${name}_paid with (security_barrier) as select id, status from ${name} where status = 'paid'
           with local check option;
         ${invoker ? `create view ${name}_inv with (security_invoker = true) as select id from ${name};` : ""}
-        grant select on ${name}_v, ${name}_v2, ${name}_paid to ${reader.name};`);
+        create materialized view ${name}_mv as select status, count(*) as n from ${name} group by status;
+        create unique index ${name}_mv_status on ${name}_mv (status);
+        comment on materialized view ${name}_mv is 'orders by status';
+        create view ${name}_mvv as select status from ${name}_mv;
+        grant select on ${name}_v, ${name}_v2, ${name}_paid, ${name}_mv, ${name}_mvv to ${reader.name};`);
     const views = [`public.${name}_v`, `public.${name}_paid`, ...(invoker ? [`public.${name}_inv`] : [])];
     const before = await Promise.all([...views, `public.${name}_v2`].map(viewFacts));
     const readerSql = (await import("postgres")).default(reader.url, { max: 1, onnotice: () => {} });
@@ -73,6 +77,19 @@ describe.each(["trigger", "logical"] as const)("views of a migrated table (%s mo
     const check = async (step: string, expected: string) => {
       for (const v of views) expect(await viewReads(v), `${v} after ${step}`).toEqual([expected]);
       expect(await viewReads(`public.${name}_v2`), step).toEqual([`${name}_v`]);
+      // The materialized view was rebuilt from the live table after the switch, with its index, grant and
+      // comment; the view on it reads the rebuilt one; REFRESH ... CONCURRENTLY still works.
+      expect(await viewReads(`public.${name}_mv`), step).toEqual([expected]);
+      expect(await viewReads(`public.${name}_mvv`), step).toEqual([`${name}_mv`]);
+      const mv = await db.admin`
+        select obj_description(c.oid, 'pg_class') as comment, has_table_privilege(${reader.name}, c.oid, 'select') as g,
+               (select array_agg(i.relname::text) from pg_index x join pg_class i on i.oid = x.indexrelid
+                 where x.indrelid = c.oid and x.indisunique) as ix
+          from pg_class c where c.oid = to_regclass(${`public.${name}_mv`})`;
+      expect(mv[0], step).toEqual({ comment: "orders by status", g: true, ix: [`${name}_mv_status`] });
+      await db.admin.unsafe(`refresh materialized view concurrently ${name}_mv`);
+      const rows = await readerSql.unsafe(`select count(*)::int as n from ${name}_mvv`);
+      expect(Number(rows[0]?.n), step).toBeGreaterThan(0);
       expect(await Promise.all([...views, `public.${name}_v2`].map(viewFacts)), step).toEqual(before);
       // What the view shows is what the table holds now (one snapshot: the load keeps writing), and the
       // reader granted the views reads them.

@@ -126,6 +126,7 @@ beforeAll(async () => {
   }
   await db.admin.unsafe(`
     create materialized view dep_view_summary as select count(*) as n from dep_view;
+    create materialized view dep_view_summary2 as select n from dep_view_summary;
     create rule dep_rule_ignore as on delete to dep_rule do instead nothing;
     alter table dep_policy enable row level security;
     create policy dep_policy_tenant on dep_policy using (id > 0);
@@ -281,9 +282,12 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
 
   const dependents: { name: string; table: string; mentions: string[] }[] = [
     {
-      name: "a materialized view on the table",
+      name: "a materialized view on the table that another materialized view reads",
       table: "dep_view",
-      mentions: ["materialized view public.dep_view_summary reads public.dep_view"],
+      mentions: [
+        "materialized view public.dep_view_summary reads public.dep_view, and rule _RETURN on materialized " +
+          "view public.dep_view_summary2 depend on it",
+      ],
     },
     { name: "a rule", table: "dep_rule", mentions: ["rules", "dep_rule_ignore"] },
     {
