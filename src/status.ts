@@ -1,6 +1,7 @@
 import { columnDrift, indexDrift, lateObjectLines } from "./catalog/drift.js";
 import type { Sql } from "./db.js";
 import { table as tableRef } from "./db.js";
+import { pendingRebuilds } from "./dependents/materialized-views.js";
 import { PgshiftError } from "./errors.js";
 import { type Liveness, liveness, nextStepFor } from "./liveness.js";
 import { ddlGuardState } from "./migration/ddl-guard.js";
@@ -65,6 +66,11 @@ export interface StatusReport {
    * moved; each line says how), and what depends on the copy (lateObjectLines).
    */
   lateObjects: string[];
+  /**
+   * Work a switch left to do after its COMMIT that has not finished (a materialized view not rebuilt yet from the
+   * live table), one line each with what finishes it.
+   */
+  pending: string[];
   /**
    * The DDL guard (event triggers pgshift_ddl_guard, pgshift_drop_guard and pgshift_partition_guard: column
    * changes, DROP of either table, and detaching, dropping or attaching with rows a partition refused during
@@ -189,6 +195,12 @@ export async function status(
     schemaDrift: await columnDrift(sql, m),
     indexDrift: await indexDrift(sql, m),
     lateObjects: await lateObjectLines(sql, m),
+    pending: (await pendingRebuilds(sql, m)).map(
+      (p) =>
+        `${p.label} still reads ${displayName(m.copy)}: its rebuild from ${displayName(m.live)} after the last ` +
+        `switch did not finish; ${m.phase === "cutover" ? "pgshift finalize finishes it first, and " : ""}the next ` +
+        `switch makes it read the table then live`,
+    ),
     ddlGuard: await ddlGuardState(sql).then((g) => (g.enabled ? "on" : g.installed ? "disabled" : "missing")),
     stream,
     lastVerify: m.last_verify,

@@ -101,33 +101,54 @@ const body = (definition: string) => definition.trim().replace(/;$/, "");
 const withOptions = (options: readonly string[] | null) =>
   options && options.length > 0 ? ` WITH (${options.join(", ")})` : "";
 
-/** The steps that rebuild `v` from the table live after the switch (see the module's comment). */
-function rebuildSteps(v: MatviewRow, lockTimeoutMs: number): Step[] {
-  const old = nameOf(v);
-  const next = { schema: v.schema, name: fitName(v.name, "_pgshift_next") };
-  const aside = { schema: v.schema, name: fitName(v.name, "_pgshift_old") };
-  const q = quoteQualified(old);
-  const steps: Step[] = [
-    statement(`DROP MATERIALIZED VIEW IF EXISTS ${quoteQualified(next)}`, "session", "left by an interrupted rebuild"),
+/** The name of the materialized view that replaces `v` (built WITH NO DATA in the switch, filled after it). */
+const nextOf = (v: { schema: string; name: string }): QualifiedName => ({
+  schema: v.schema,
+  name: fitName(v.name, NEXT),
+});
+const NEXT = "_pgshift_next";
+const isNext = (v: MatviewRow) => v.name.endsWith(NEXT);
+
+/**
+ * The switch's part for `v`: its replacement created WITH NO DATA (catalog only: nothing is read, no time
+ * under the locks) from its definition, which resolves to the table becoming live.
+ */
+function createNextSteps(v: MatviewRow): Step[] {
+  const next = quoteQualified(nextOf(v));
+  return [
+    statement(`DROP MATERIALIZED VIEW IF EXISTS ${next}`, "transaction", "left by an earlier switch"),
     statement(
-      `CREATE MATERIALIZED VIEW ${quoteQualified(next)}${withOptions(v.options)}` +
-        `${v.tablespace ? ` TABLESPACE ${quoteIdent(v.tablespace)}` : ""} AS ${body(v.definition)} ` +
-        `WITH ${v.populated ? "" : "NO "}DATA`,
-      "session",
-      `${label(v)}, rebuilt from the live table without blocking writes`,
+      `CREATE MATERIALIZED VIEW ${next}${withOptions(v.options)}` +
+        `${v.tablespace ? ` TABLESPACE ${quoteIdent(v.tablespace)}` : ""} AS ${body(v.definition)} WITH NO DATA`,
+      "transaction",
+      `${label(v)}: its replacement, reading the table that is live now, filled after the switch`,
     ),
   ];
-  // Renaming it first takes its ACCESS EXCLUSIVE lock (LOCK TABLE does not take materialized views).
+}
+
+/**
+ * After the switch, without blocking writes: fill `v`'s replacement (REFRESH, unless `v` was never populated),
+ * build its indexes, then in one short transaction (lock_timeout, retried) swap it in: the old one renamed aside
+ * (its ACCESS EXCLUSIVE lock; LOCK TABLE does not take materialized views) with its indexes, the replacement and
+ * its indexes given their names, owner, grants, comment, the views reading it re-pointed, the old one dropped.
+ * Every statement can run again after an interruption.
+ */
+function finishSteps(v: MatviewRow, lockTimeoutMs: number): Step[] {
+  const q = quoteQualified(nameOf(v));
+  const next = nextOf(v);
+  const aside = { schema: v.schema, name: fitName(v.name, "_pgshift_old") };
+  const steps: Step[] = v.populated
+    ? [statement(`REFRESH MATERIALIZED VIEW ${quoteQualified(next)}`, "session", `${label(v)}, rebuilt`)]
+    : [];
   const swap: Step[] = [statement(`ALTER MATERIALIZED VIEW ${q} RENAME TO ${quoteIdent(aside.name)}`)];
   for (const [i, ix] of v.indexes.entries()) {
     // pg_get_indexdef: CREATE [UNIQUE] INDEX <name> ON <schema>.<matview> USING ...
     const using = ix.definition.indexOf(" USING ");
     const unique = ix.definition.startsWith("CREATE UNIQUE ");
-    const temp = fitName(ix.name, "_pgshift_next");
     steps.push(
       statement(
-        `CREATE ${unique ? "UNIQUE " : ""}INDEX ${quoteIdent(temp)} ON ${quoteQualified(next)}` +
-          ix.definition.slice(using),
+        `CREATE ${unique ? "UNIQUE " : ""}INDEX IF NOT EXISTS ${quoteIdent(fitName(ix.name, NEXT))} ` +
+          `ON ${quoteQualified(next)}${ix.definition.slice(using)}`,
         "session",
       ),
     );
@@ -142,7 +163,7 @@ function rebuildSteps(v: MatviewRow, lockTimeoutMs: number): Step[] {
   for (const ix of v.indexes) {
     swap.push(
       statement(
-        `ALTER INDEX ${quoteQualified({ schema: v.schema, name: fitName(ix.name, "_pgshift_next") })} RENAME TO ` +
+        `ALTER INDEX ${quoteQualified({ schema: v.schema, name: fitName(ix.name, NEXT) })} RENAME TO ` +
           quoteIdent(ix.name),
       ),
     );
@@ -170,6 +191,25 @@ function rebuildSteps(v: MatviewRow, lockTimeoutMs: number): Step[] {
   return steps;
 }
 
+/**
+ * Materialized views whose rebuild after the last switch did not finish (the process stopped, or a step
+ * failed): they still read `m.copy`, and their replacement (`<name>_pgshift_next`, reading the live table)
+ * exists. With the steps that finish each (finishSteps): finalize runs them first, status lists them.
+ */
+export async function pendingRebuilds(
+  sql: AnySql,
+  m: Migration,
+  lockTimeoutMs = 500,
+): Promise<{ label: string; steps: Step[] }[]> {
+  const out: { label: string; steps: Step[] }[] = [];
+  for (const v of await matviewsOf(sql, m.copy)) {
+    if (isNext(v)) continue;
+    const r = await sql`select pg_catalog.to_regclass(${quoteQualified(nextOf(v))}) is not null as present`;
+    if (r[0]?.present) out.push({ label: label(v), steps: finishSteps(v, lockTimeoutMs) });
+  }
+  return out;
+}
+
 /** Materialized views: rebuilt from the live table after every switch (see the module's comment). */
 export const materializedViewsCarrier: Carrier = {
   kind: "materialized views",
@@ -177,6 +217,7 @@ export const materializedViewsCarrier: Carrier = {
   async plan(sql: AnySql, facts: TableFacts): Promise<CarrierPlan> {
     const out: CarrierPlan = { lines: [], blockers: [] };
     for (const v of await matviewsOf(sql, facts.table)) {
+      if (isNext(v)) continue;
       if (!v.is_owner) {
         out.blockers.push(
           `${label(v)} reads ${displayName(facts.table)} and is owned by ${v.owner}: rebuilding it after every ` +
@@ -201,11 +242,24 @@ export const materializedViewsCarrier: Carrier = {
     return out;
   },
 
+  // A replacement left by an unfinished rebuild reads the live table too: it is claimed, and dropped by the
+  // next switch (its materialized view then reads the table becoming live again).
   async claims(sql: AnySql, live: QualifiedName): Promise<string[]> {
     return (await matviewsOf(sql, live)).map((v) => `pg_rewrite/${v.rewrite}`);
   },
 
   async carry(sql: AnySql, m: Migration): Promise<Carried[]> {
-    return (await matviewsOf(sql, m.live)).map((v) => ({ label: label(v), inside: [], after: rebuildSteps(v, 500) }));
+    const out: Carried[] = [];
+    for (const v of await matviewsOf(sql, m.live)) {
+      if (isNext(v)) {
+        const q = quoteQualified({ schema: v.schema, name: v.name });
+        out.push({
+          label: `materialized view ${displayName({ schema: v.schema, name: v.name })}`,
+          inside: [statement(`DROP MATERIALIZED VIEW ${q}`, "transaction", "left by an unfinished rebuild")],
+          after: [],
+        });
+      } else out.push({ label: label(v), inside: createNextSteps(v), after: finishSteps(v, 500) });
+    }
+    return out;
   },
 };

@@ -2,6 +2,7 @@ import { z } from "zod";
 import { requireNoKnownDifferences } from "../cutover/cutover.js";
 import type { Sql } from "../db.js";
 import { type AnySql, type LockRetryOptions, table as tableRef } from "../db.js";
+import { pendingRebuilds } from "../dependents/materialized-views.js";
 import { PgshiftError, sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { dropStreamSql } from "../mirror/logical.js";
@@ -314,13 +315,16 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
         hint: "run it again with --yes to confirm",
       });
     }
-    await requireFinalizable(sql, m);
-    // Normally dropped at cutover already; a crash in between leaves them: never leave a slot behind.
     const lockTimeoutMs = opts.lockTimeoutMs ?? 500;
+    // A materialized view whose rebuild after cutover did not finish still reads the retired table: finish it first.
+    const rebuilds = (await pendingRebuilds(sql, m, lockTimeoutMs)).flatMap((p) => p.steps);
+    if (rebuilds.length > 0 && !opts.dryRun) await runSteps(sql, rebuilds, { lockRetry: { retries: opts.retries } });
+    if (!opts.dryRun || rebuilds.length === 0) await requireFinalizable(sql, m);
+    // Normally dropped at cutover already; a crash in between leaves them: never leave a slot behind.
     const stream = dropStreamSql(m.slot_name, m.publication_name, m.copy, { lockTimeoutMs });
     const planned = await finalizeTransaction(sql, m, table, lockTimeoutMs);
     if (opts.dryRun) {
-      const steps = [...stream, planned];
+      const steps = [...rebuilds, ...stream, planned];
       return { statements: statementsOf(steps), steps };
     }
     await runSteps(sql, stream, { lockRetry: { retries: opts.retries } });
@@ -341,7 +345,7 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
       { retries: opts.retries },
     );
     log().info({ table: displayName(table) }, "finalized: retired table, mirror and metadata dropped");
-    const steps = [...stream, ran];
+    const steps = [...rebuilds, ...stream, ran];
     return { statements: statementsOf(steps), steps };
   } finally {
     await unlockMigration(sql, table).catch(() => {});

@@ -5,6 +5,7 @@ import { compareWithTwin, createWorkload, startLoad, type Workload } from "../..
 import { finalize } from "../../src/migration/finish.js";
 import { startMigration } from "../../src/migration/start.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
+import { status } from "../../src/status.js";
 import { verify } from "../../src/verify/verify.js";
 import { describeRun, runCli } from "../support/cli.js";
 import { createLoginRole, freshDatabase, sleep, type TestDatabase } from "../support/db.js";
@@ -164,5 +165,51 @@ describe("a view owned by another role", () => {
       `blocker: view public.${name}_v reads public.${name} and is owned by ${reader.name}_other`,
     );
     await db.admin.unsafe(`drop view ${name}_v; drop role ${reader.name}_other`);
+  });
+});
+
+describe("a materialized view whose rebuild after the switch fails", () => {
+  it("is pending in status and reads the copy; swap-back drops the replacement, finalize finishes it", async () => {
+    const name = "mv_gate";
+    const table = { schema: "public", name };
+    await db.admin.unsafe(`
+      create table ${name} (id bigint primary key, created_at timestamptz not null);
+      insert into ${name} select i, timestamptz '2025-01-01' + i * interval '1 hour' from generate_series(1, 500) i;
+      create table ${name}_closed (closed bool);
+      create function ${name}_open() returns int language plpgsql as $$
+        begin
+          if exists (select from public.${name}_closed) then raise exception 'gate closed'; end if; return 1;
+        end $$;
+      create materialized view ${name}_mv as select count(*) * ${name}_open() as n from ${name};`);
+    const reads = () => viewReads(`public.${name}_mv`);
+    const pending = async () => (await status(db.sql, table)).pending;
+    await startMigration(db.sql, table, { spec: parsePartitionSpec("hash:id:4"), ...opts });
+    expect((await backfill(db.sql, table)).complete).toBe(true);
+    await db.admin.unsafe(`insert into ${name}_closed values (true)`);
+    await cutover(db.sql, table, opts);
+    // The switch happened; the rebuild failed: the materialized view still reads the retired table.
+    expect(await reads()).toEqual([`${name}_pgshift_retired`]);
+    expect(await pending()).toEqual([
+      `materialized view public.${name}_mv still reads public.${name}_pgshift_retired: its rebuild from ` +
+        `public.${name} after the last switch did not finish; pgshift finalize finishes it first, and the next ` +
+        `switch makes it read the table then live`,
+    ]);
+    const human = await runCli(["status", name, "--url", db.url]);
+    expect(human.stdout).toContain(`pending: materialized view public.${name}_mv still reads`);
+    // Swap-back: the original table is live again, the materialized view reads it, the replacement is gone.
+    await swapBack(db.sql, table, opts);
+    expect(await reads()).toEqual([name]);
+    expect(await pending()).toEqual([]);
+    expect((await db.admin`select to_regclass(${`public.${name}_mv_pgshift_next`}) as r`)[0]!.r).toBeNull();
+    await cutover(db.sql, table, opts);
+    expect(await pending()).toHaveLength(1);
+    // Finalize finishes the rebuild first (the gate open again), then drops the retired table.
+    await db.admin.unsafe(`delete from ${name}_closed`);
+    const dry = await runCli(["finalize", name, "--dry-run", "--url", db.url]);
+    expect(dry.code, describeRun(dry)).toBe(0);
+    expect(dry.stdout).toContain(`REFRESH MATERIALIZED VIEW "public"."${name}_mv_pgshift_next";`);
+    await finalize(db.sql, table, { yes: true });
+    expect(await reads()).toEqual([name]);
+    expect((await db.admin.unsafe(`select n from ${name}_mv`))[0]?.n).toBe("500");
   });
 });
