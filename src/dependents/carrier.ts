@@ -8,7 +8,7 @@
  * without blocking writes.
  */
 import type { TableFacts } from "../catalog/inspect.js";
-import { type AnySql, transaction } from "../db.js";
+import type { AnySql } from "../db.js";
 import type { Migration } from "../migration/state.js";
 import type { QualifiedName } from "../names.js";
 import type { PartitionSpec } from "../partitioning/spec.js";
@@ -56,35 +56,13 @@ export interface Carrier {
   carry(sql: AnySql, m: Migration, to: SwitchTo): Promise<Carried[]>;
 }
 
-/** Thrown out of a savepoint to roll it back (and with it the search_path set in it) after a read. */
-class ReadDone<T> extends Error {
-  constructor(readonly value: T) {
-    super("read done");
-  }
-}
-
 /**
- * Runs the catalog reads of `fn` with `search_path = pg_catalog`, so that pg_get_viewdef, pg_get_triggerdef,
- * pg_get_constraintdef, pg_get_expr and pg_get_functiondef schema-qualify every name outside pg_catalog: a
- * definition read so names the table by its schema and name, and means the same wherever it runs again. The
- * setting is local to a transaction of its own (or to a savepoint rolled back after the read, when `sql` is
- * already in a transaction), so no session keeps it.
+ * Runs the catalog reads of `fn` that give definitions (pg_get_viewdef, pg_get_triggerdef, pg_get_constraintdef,
+ * pg_get_expr, pg_get_functiondef). These qualify a name with its schema unless the session's search_path finds it
+ * (PostgreSQL's ruleutils), so a definition read here names the table as this session finds it, and re-created
+ * by pgshift (on a connection with the same settings) resolves the same way: after the renames, to the table
+ * becoming live. No setting is changed, so a `--dry-run` sends only reads.
  */
 export async function withQualifiedNames<T>(sql: AnySql, fn: (sql: AnySql) => Promise<T>): Promise<T> {
-  const pin = async (s: AnySql) => {
-    await s`select pg_catalog.set_config('search_path', 'pg_catalog', true)`;
-    return fn(s);
-  };
-  if ("savepoint" in sql) {
-    try {
-      await sql.savepoint(async (sp) => {
-        throw new ReadDone(await pin(sp));
-      });
-    } catch (err) {
-      if (err instanceof ReadDone) return err.value as T;
-      throw err;
-    }
-    throw new Error("withQualifiedNames: the savepoint returned");
-  }
-  return transaction(sql, pin);
+  return fn(sql);
 }
