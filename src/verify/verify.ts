@@ -202,7 +202,6 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
   const mirror = mirrorFor(m.mode);
   const logical = mirror.streams(m);
   const c = chunkStatements(m, true, true, chunkSize);
-  const keysOfChunk = [statement(c.keys(m.live)), statement(c.keys(m.copy))];
   const look = transactionStep(
     [
       statement(
@@ -216,7 +215,10 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
         `count(*) and row hashes of both tables over the chunk ($${m.key_columns.length + 1} ...: its last key; ` +
           `the last chunk has no upper bound)`,
       ),
-      block("at most once", "when the chunk differs: the key and row hash of each of its rows", keysOfChunk),
+      block("at most once", "when the chunk differs: the key and row hash of each of its rows", [
+        statement(c.keys(m.live)),
+        statement(c.keys(m.copy)),
+      ]),
     ],
     { modes: "ISOLATION LEVEL REPEATABLE READ READ ONLY" },
   );
@@ -236,7 +238,8 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
           block("at most once", "when the copy's constraints refused it", [statement(r.rollback)]),
         ],
       ),
-      block("once", "compare the chunk's keys again", keysOfChunk),
+      statement(c.keys(m.live), "transaction", "compare the chunk's keys again"),
+      statement(c.keys(m.copy)),
     ],
     { lockTimeoutMs },
   );
