@@ -64,7 +64,7 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { destination, pino } from "pino";
 import postgres from "postgres";
-import { connectionUrl, identList } from "../src/db.js";
+import { connectionUrl } from "../src/db.js";
 import {
   abort,
   backfill,
@@ -79,6 +79,8 @@ import {
 import { createWorkload, WORKLOAD_COLUMNS } from "../src/load/workload.js";
 import { slotState } from "../src/mirror/logical.js";
 import { sync } from "../src/mirror/sync.js";
+import { quoteQualified } from "../src/names.js";
+import { columnList } from "../src/sql/statement.js";
 import {
   COMMON_OPTIONS,
   fmtInt,
@@ -634,11 +636,14 @@ async function runOnce(
   try {
     if (setup === "d") {
       const t0 = performance.now();
-      const cols = identList(sql, WORKLOAD_COLUMNS("bigint"));
-      await sql`create table ${sql(FLOOR_COPY.schema)}.${sql(FLOOR_COPY.name)} (like
-        ${sql(TABLE.schema)}.${sql(TABLE.name)} including all) with (autovacuum_enabled = off)`;
-      await sql`insert into ${sql(FLOOR_COPY.schema)}.${sql(FLOOR_COPY.name)} (${cols}) select ${cols} from
-        ${sql(TABLE.schema)}.${sql(TABLE.name)}`;
+      const cols = columnList(WORKLOAD_COLUMNS("bigint"));
+      await sql.unsafe(
+        `create table ${quoteQualified(FLOOR_COPY)} (like ${quoteQualified(TABLE)} including all) ` +
+          `with (autovacuum_enabled = off)`,
+      );
+      await sql.unsafe(
+        `insert into ${quoteQualified(FLOOR_COPY)} (${cols}) select ${cols} from ${quoteQualified(TABLE)}`,
+      );
       prepareSeconds = (performance.now() - t0) / 1000;
       shadow = FLOOR_COPY;
     }

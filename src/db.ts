@@ -1,7 +1,15 @@
 /**
- * pgshift's SQL helpers, and the face of the driver adapter (src/driver/) for the rest of pgshift: sessions,
- * transactions and identifiers come from driver/postgres.ts (postgres.js and the workarounds for it), the
- * replication connection's settings from driver/replication.ts.
+ * The face of the driver adapter (src/driver/) for the rest of pgshift: sessions, transactions and identifiers
+ * come from driver/postgres.ts (postgres.js and the workarounds for it), the replication connection's settings
+ * from driver/replication.ts; and the lock-timeout retry every locking transaction goes through.
+ *
+ * Statements are built one way (src/sql/statement.ts): SQL text, identifiers quoted by quoteIdent /
+ * quoteQualified, literals by quoteLiteral, longer statements from `.sql` templates, values as `$n` bind
+ * parameters, sent with `sql.unsafe(text, values)` (prepared where it runs per batch or per change); that text
+ * is what `plan` and `--dry-run` print. The one exception is a read with bound values only and no identifier
+ * (`` sql`select ... where id = ${id}` ``: a catalog look, the migration row): a postgres.js tagged template,
+ * which binds its values the same way, builds nothing. `table` and `ident` (postgres.js fragments) remain for
+ * the reads of migration/plan.ts not yet moved to text, and for tests.
  */
 import pRetry, { AbortError } from "p-retry";
 import { type AnySql, type Fragment, ident, type Sql, type TxSql, transaction } from "./driver/postgres.js";
@@ -23,52 +31,9 @@ export {
 } from "./driver/postgres.js";
 export { replicationConfig } from "./driver/replication.js";
 
-/** `"schema"."table"` as a fragment. */
+/** `"schema"."table"` as a postgres.js fragment (see the module's comment: not for new code). */
 export function table(sql: AnySql, q: QualifiedName): Fragment {
   return sql`${ident(sql, q.schema)}.${ident(sql, q.name)}`;
-}
-
-/** Comma-separated identifiers `"a", "b"` as a fragment. */
-export function identList(sql: AnySql, names: readonly string[], prefix?: string): Fragment {
-  let out: Fragment | undefined;
-  for (const n of names) {
-    const one = prefix === undefined ? sql`${ident(sql, n)}` : sql`${ident(sql, prefix)}.${ident(sql, n)}`;
-    out = out === undefined ? one : sql`${out}, ${one}`;
-  }
-  if (out === undefined) throw new Error("identList: empty list");
-  return out;
-}
-
-/**
- * `"a"::text as k0, "b"::text as k1`: key values as text, which round-trips exactly through the column's input
- * function.
- */
-export function textColumns(sql: AnySql, names: readonly string[], prefix?: string): Fragment {
-  return joinFragments(
-    sql,
-    names.map((n, i) =>
-      prefix === undefined
-        ? sql`${ident(sql, n)}::text as ${sql(`k${i}`)}`
-        : sql`${ident(sql, prefix)}.${ident(sql, n)}::text as ${sql(`k${i}`)}`,
-    ),
-    sql`, `,
-  );
-}
-
-/** Comma-separated parameters `$1, $2` (values sent as text, typed by the server from context). */
-export function valueList(sql: AnySql, values: readonly (string | null)[]): Fragment {
-  let out: Fragment | undefined;
-  for (const v of values) out = out === undefined ? sql`${v}` : sql`${out}, ${v}`;
-  if (out === undefined) throw new Error("valueList: empty list");
-  return out;
-}
-
-/** Joins fragments with a separator fragment. */
-export function joinFragments(sql: AnySql, parts: readonly Fragment[], sep: Fragment): Fragment {
-  let out: Fragment | undefined;
-  for (const p of parts) out = out === undefined ? p : sql`${out}${sep}${p}`;
-  if (out === undefined) throw new Error("joinFragments: empty list");
-  return out;
 }
 
 export interface LockRetryOptions {

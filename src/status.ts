@@ -1,6 +1,5 @@
 import { columnDrift, indexDrift, lateObjectLines } from "./catalog/drift.js";
 import type { Sql } from "./db.js";
-import { table as tableRef } from "./db.js";
 import { pendingRebuilds } from "./dependents/materialized-views.js";
 import { PgshiftError } from "./errors.js";
 import { type Liveness, liveness, nextStepFor } from "./liveness.js";
@@ -158,8 +157,8 @@ export async function status(
   const def = parts.find((p) => p.is_default);
   let defaultPartition: StatusReport["defaultPartition"] = null;
   if (def) {
-    const r = await sql`select count(*)::bigint as n from
-        ${tableRef(sql, { schema: m.partitioned.schema, name: String(def.name) })}`;
+    const part = quoteQualified({ schema: m.partitioned.schema, name: String(def.name) });
+    const r = await sql.unsafe(`select count(*)::bigint as n from ${part}`);
     defaultPartition = { name: String(def.name), rows: Number(r[0]?.n ?? 0) };
   }
   const stream = m.slot_name

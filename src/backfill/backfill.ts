@@ -1,5 +1,5 @@
 import pRetry from "p-retry";
-import { type AnySql, type Fragment, identList, type LockRetryOptions, type Sql, valueList } from "../db.js";
+import type { LockRetryOptions, Sql } from "../db.js";
 import { sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { lockMigration, type Migration, requireMigration, unlockMigration } from "../migration/state.js";
@@ -17,6 +17,7 @@ import {
   statement,
   transactionStep,
 } from "../plan/steps.js";
+import { columnList, placeholders, rowCompare } from "../sql/statement.js";
 import { deferredIndexSteps, finishShadowSteps } from "./indexes.js";
 
 export interface BackfillProgress {
@@ -52,14 +53,6 @@ export interface BackfillResult extends BackfillProgress {
   ms: number;
 }
 
-/** `(a, b) > ($1, $2)`: keyset predicate on the key columns. */
-export function keyAfter(sql: AnySql, key: readonly string[], after: readonly string[]): Fragment {
-  return sql`(${identList(sql, key)}) > (${valueList(sql, after)})`;
-}
-
-/** `$from, $from+1, ...`: `n` parameters. */
-const params = (from: number, n: number) => Array.from({ length: n }, (_, i) => `$${from + i}`).join(", ");
-
 /**
  * The statements of one batch, as printed and as sent (the batch's key values are `$n` parameters):
  * - `upper`: the batch's last key and how many keys it holds (the last of the next `batchSize` keys after
@@ -76,12 +69,12 @@ const params = (from: number, n: number) => Array.from({ length: n }, (_, i) => 
 export function batchStatements(m: Migration, lower: boolean, batchSize: number) {
   const key = m.key_columns;
   const k = key.length;
-  const keyCols = key.map(quoteIdent).join(", ");
+  const keyCols = columnList(key);
   const src = quoteQualified(m.original);
   const dst = quoteQualified(m.partitioned);
-  const cols = m.copy_columns.map(quoteIdent).join(", ");
-  const after = lower ? `(${keyCols}) > (${params(1, k)})` : null;
-  const range = [...(after ? [after] : []), `(${keyCols}) <= (${params(lower ? k + 1 : 1, k)})`].join(" AND ");
+  const cols = columnList(m.copy_columns);
+  const after = lower ? rowCompare(key, ">", 1) : null;
+  const range = [...(after ? [after] : []), rowCompare(key, "<=", lower ? k + 1 : 1)].join(" AND ");
   const rows = `SELECT ${cols} FROM ${src} WHERE ${range} FOR SHARE`;
   return {
     upper:
@@ -92,10 +85,10 @@ export function batchStatements(m: Migration, lower: boolean, batchSize: number)
     plain: `INSERT INTO ${dst} (${cols}) ${rows}`,
     onConflict:
       `WITH batch AS (${rows}), ins AS (INSERT INTO ${dst} (${cols}) SELECT ${cols} FROM batch ` +
-      `ON CONFLICT (${m.shadow_key.map(quoteIdent).join(", ")}) DO NOTHING RETURNING 1) ` +
+      `ON CONFLICT (${columnList(m.shadow_key)}) DO NOTHING RETURNING 1) ` +
       `SELECT (SELECT count(*) FROM batch)::int AS read, (SELECT count(*) FROM ins)::int AS inserted`,
     checkpoint:
-      `UPDATE pgshift.migrations SET checkpoint = ARRAY[${params(1, k)}]::text[], rows_copied = rows_copied + ` +
+      `UPDATE pgshift.migrations SET checkpoint = ARRAY[${placeholders(1, k)}]::text[], rows_copied = rows_copied + ` +
       `$${k + 1}, ` +
       `batches = batches + 1, updated_at = now() WHERE id = ${m.id}`,
   };
@@ -105,6 +98,11 @@ export function batchStatements(m: Migration, lower: boolean, batchSize: number)
 const DEFERRED_CHECK_WAIT_MS = 200;
 /** Logical mode: a batch's lock_timeout (the applier writes the shadow too; a wait on it is retried quickly). */
 const APPLIER_WAIT_MS = 100;
+/**
+ * A batch's statements are sent prepared (postgres.js `prepare`: parsed and planned once per connection, then
+ * only bound and run): the same text runs for every batch, with the batch's keys as its values.
+ */
+const PREPARED = { prepare: true } as const;
 /** Batches after a conflict that go straight to ON CONFLICT DO NOTHING. */
 const AFTER_CONFLICT = 10;
 
@@ -214,7 +212,7 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
         const result = await retryTransient(() =>
           runTransaction(sql, t, async (tx) => {
             for (const x of pre) await tx.unsafe(x.sql);
-            const hiRow = (await tx.unsafe(b.upper, values))[0];
+            const hiRow = (await tx.unsafe(b.upper, values, PREPARED))[0];
             let r = { read: 0, hi: null as string[] | null, last: true, conflict: false };
             if (hiRow) {
               const hi = m.key_columns.map((_, i) => String(hiRow[`k${i}`]));
@@ -226,15 +224,15 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
                 // makes it fail with unique_violation; the batch then runs again with ON CONFLICT DO NOTHING.
                 await tx.unsafe("SAVEPOINT pgshift_batch");
                 try {
-                  read = (await tx.unsafe(b.plain, range)).count;
+                  read = (await tx.unsafe(b.plain, range, PREPARED)).count;
                 } catch (err) {
                   if (sqlState(err) !== "23505") throw err;
                   await tx.unsafe("ROLLBACK TO SAVEPOINT pgshift_batch");
-                  read = Number((await tx.unsafe(b.onConflict, range))[0]?.read ?? 0);
+                  read = Number((await tx.unsafe(b.onConflict, range, PREPARED))[0]?.read ?? 0);
                   conflict = true;
                 }
-              } else read = Number((await tx.unsafe(b.onConflict, range))[0]?.read ?? 0);
-              await tx.unsafe(b.checkpoint, [...hi, read]);
+              } else read = Number((await tx.unsafe(b.onConflict, range, PREPARED))[0]?.read ?? 0);
+              await tx.unsafe(b.checkpoint, [...hi, read], PREPARED);
               r = { read, hi, last: Number(hiRow.n) < batchSize, conflict };
             }
             for (const x of post) await tx.unsafe(x.sql);

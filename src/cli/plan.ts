@@ -5,6 +5,7 @@ import { type MigrationPlan, planMigration } from "../migration/plan.js";
 import { logicalNames } from "../migration/state.js";
 import { displayName } from "../names.js";
 import { formatPartitionSpec, parsePartitionSpec } from "../partitioning/spec.js";
+import { check, formatSteps, type Step, transactionStep } from "../plan/steps.js";
 import { addConnectionOption, type ConnOpts, formatBytes, intOption, printJson, withTable } from "./common.js";
 
 export interface PlanCliOpts extends ConnOpts {
@@ -200,9 +201,40 @@ function carriedOverLines(plan: MigrationPlan, f: TableFacts): string[] {
 }
 
 /**
+ * The steps start runs (plan.steps, what start --dry-run prints and startMigration runs), with the parts of
+ * start's transaction marked for a reader by comment-only steps (checks without a run: they print as `--`
+ * lines and run nothing): the table's own DDL first, then pgshift's own objects (plan.tableStatementCount).
+ * statementsOf() of the result is statementsOf(plan.steps).
+ */
+export function planSteps(plan: MigrationPlan): Step[] {
+  const t = plan.transaction;
+  const n = plan.tableStatementCount;
+  const own = t.steps.length - n;
+  const marked = transactionStep(
+    [
+      check(`the ${t.steps.length} statements start runs, in this transaction:`),
+      check(`the table's own DDL: the shadow, its partitions, key, constraints, grants (${n}):`),
+      ...t.steps.slice(0, n),
+      check(
+        `pgshift's own objects: its schema, the DDL guard, identity defaults, TRUNCATE guard, mirror, ` +
+          `the migration's row (${own}):`,
+      ),
+      ...t.steps.slice(n),
+    ],
+    {
+      ...(t.modes !== undefined ? { modes: t.modes } : {}),
+      ...(t.lockTimeoutMs !== undefined ? { lockTimeoutMs: t.lockTimeoutMs } : {}),
+      ...(t.why !== undefined ? { why: t.why } : {}),
+    },
+  );
+  return plan.steps.map((s) => (s === t ? marked : s));
+}
+
+/**
  * Human-readable plan: the summary (planSummary), then what was found (rows, key, partitions, warnings,
- * blockers, what the application will notice), then every statement in the order start runs it: the table's
- * own DDL, then pgshift's own objects (plan.tableStatementCount), then what backfill runs after the copy.
+ * blockers, what the application will notice), then the steps start runs as start --dry-run prints them
+ * (formatSteps of planSteps: the stream's steps in logical mode, then start's transaction, BEGIN, SET LOCAL
+ * lock_timeout, the table's own DDL, pgshift's own objects, COMMIT), then what backfill runs after the copy.
  */
 export function printPlan(plan: MigrationPlan): void {
   const out: string[] = [];
@@ -232,21 +264,9 @@ export function printPlan(plan: MigrationPlan): void {
   for (const w of plan.warnings) if (!keyLines.has(w)) out.push(`  warning: ${w}`);
   for (const b of plan.blockers) out.push(`  blocker: ${b}`);
   out.push(...applicationLines(plan));
-  if (plan.streamStatements.length > 0) {
-    out.push("", `-- first, each on its own (logical mode: the publication, then the replication slot):`);
-    for (const s of plan.streamStatements) out.push(`${s};`);
-  }
-  if (plan.statements.length > 0) {
-    const table = plan.statements.slice(0, plan.tableStatementCount);
-    const own = plan.statements.slice(plan.tableStatementCount);
-    out.push("", `-- the ${plan.statements.length} statements start runs, in one transaction:`);
-    out.push(`-- the table's own DDL: the shadow, its partitions, key, constraints, grants (${table.length}):`);
-    for (const s of table) out.push(`${s};`);
-    out.push(
-      `-- pgshift's own objects: its schema, the DDL guard, identity defaults, TRUNCATE guard, mirror, ` +
-        `the migration's row (${own.length}):`,
-    );
-    for (const s of own) out.push(`${s};`);
+  if (plan.steps.length > 0) {
+    out.push("", `-- what start runs, step by step (start --dry-run prints these very steps):`);
+    out.push(formatSteps(planSteps(plan)).trimEnd());
   }
   if (plan.afterCopyStatements.length > 0) {
     out.push(

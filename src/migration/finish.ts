@@ -1,7 +1,6 @@
 import { z } from "zod";
 import { requireNoKnownDifferences } from "../cutover/cutover.js";
-import type { Sql } from "../db.js";
-import { type AnySql, type LockRetryOptions, table as tableRef } from "../db.js";
+import type { AnySql, LockRetryOptions, Sql } from "../db.js";
 import { pendingRebuilds } from "../dependents/materialized-views.js";
 import { PgshiftError, sqlState } from "../errors.js";
 import { log } from "../log.js";
@@ -86,12 +85,14 @@ export function finalizeSql(m: Migration, identities: Map<string, IdentityState>
 async function identityState(sql: AnySql, m: Migration): Promise<Map<string, IdentityState>> {
   const out = new Map<string, IdentityState>();
   for (const s of m.sequences.filter((x) => x.identity !== "")) {
-    const r = await sql`
-      select case when sq.is_called then sq.last_value + ps.increment_by else sq.last_value end::text as next,
+    const r = await sql.unsafe(
+      `select case when sq.is_called then sq.last_value + ps.increment_by else sq.last_value end::text as next,
              ps.increment_by::text as increment, ps.min_value::text as min, ps.max_value::text as max,
              ps.cache_size::text as cache, ps.cycle
-        from ${tableRef(sql, { schema: s.schema, name: s.name })} sq, pg_sequences ps
-       where ps.schemaname = ${s.schema} and ps.sequencename = ${s.name}`;
+        from ${quoteQualified({ schema: s.schema, name: s.name })} sq, pg_sequences ps
+       where ps.schemaname = $1 and ps.sequencename = $2`,
+      [s.schema, s.name],
+    );
     const x = r[0];
     if (x)
       out.set(s.column, {

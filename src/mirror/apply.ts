@@ -1,22 +1,13 @@
 import pTimeout from "p-timeout";
 import { z } from "zod";
-import {
-  closedSince,
-  connect,
-  ident,
-  identList,
-  joinFragments,
-  replicationConfig,
-  type Sql,
-  type TxSql,
-  table as tableRef,
-  valueList,
-} from "../db.js";
+import { closedSince, connect, replicationConfig, type Sql, type TxSql } from "../db.js";
 import { lsnText, type Pgoutput, ReplicationStream } from "../driver/replication.js";
 import { isConnectionLoss, PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import { STREAMING_PHASES } from "../migration/phases.js";
 import type { Phase, StreamingMigration } from "../migration/state.js";
+import { quoteIdent, quoteQualified } from "../names.js";
+import { Bindings, columnList, placeholders } from "../sql/statement.js";
 import { ChangeBatch, columnTypes, type Tuple } from "./changes.js";
 import { lsnToBigInt, slotState } from "./logical.js";
 
@@ -37,6 +28,22 @@ const GROUP_MS = 50;
  */
 export const FLUSH_MESSAGE = { prefix: "pgshift", content: "flush" } as const;
 const GROUP_TRANSACTIONS = 5000;
+
+/**
+ * Sent prepared (postgres.js `prepare`: parsed once per connection, then only bound and run): the applier
+ * sends the same statements for every group and every partial update.
+ */
+const PREPARED = { prepare: true } as const;
+
+/**
+ * The fenced record of a group's end (see commitGroup): $1 the end LSN, $2 the last source commit's time, $3 the
+ * migration's id, $4 its replication slot, $5 the applied position this applier last knew, then the phases that
+ * stream (STREAMING_PHASES).
+ */
+const RECORD_APPLIED_SQL =
+  `update pgshift.migrations set applied_lsn = $1, applied_commit_time = $2 ` +
+  `where id = $3 and slot_name = $4 and phase::text in (${placeholders(6, STREAMING_PHASES.length)}) ` +
+  `and applied_lsn::pg_lsn is not distinct from $5::pg_lsn returning id`;
 
 /** The phases in which the shadow follows the slot: from cutover on, nothing may be applied any more. */
 export { STREAMING_PHASES };
@@ -488,13 +495,18 @@ export class Applier {
     await this.batch!.write(tx, g.exact);
     this.requireCurrent(tx, g);
     const end = lsnText(g.end);
-    const recorded = await tx`
-      update pgshift.migrations set applied_lsn = ${end}, applied_commit_time =
-        ${(g.commitTime ?? new Date()).toISOString()}
-       where id = ${this.m.id} and slot_name = ${this.m.slot_name} and phase::text in
-         (${valueList(tx, STREAMING_PHASES)})
-         and applied_lsn::pg_lsn is not distinct from ${this.rowApplied}::pg_lsn
-      returning id`;
+    const recorded = await tx.unsafe(
+      RECORD_APPLIED_SQL,
+      [
+        end,
+        (g.commitTime ?? new Date()).toISOString(),
+        this.m.id,
+        this.m.slot_name,
+        this.rowApplied,
+        ...STREAMING_PHASES,
+      ],
+      PREPARED,
+    );
     if (recorded.count === 0) throw new StreamFenced(await this.fenceReason(tx));
     this.requireCurrent(tx, g);
     await tx.unsafe("commit");
@@ -619,56 +631,49 @@ export class Applier {
    */
   private async applyPartialUpdate(tx: TxSql, oldPk: Tuple, n: Tuple): Promise<void> {
     const m = this.m;
-    const shadow = tableRef(tx, m.partitioned);
+    const shadow = quoteQualified(m.partitioned);
     const pk = m.key_columns;
     const key = m.shadow_key;
     const cols = m.copy_columns;
-    const vals = (t: Tuple, names: readonly string[]) =>
-      valueList(
-        tx,
-        names.map((c) => (t[c] === undefined ? null : (t[c] as string | null))),
-      );
-    const moved = tx`(${identList(tx, pk)}) = (${vals(oldPk, pk)}) and (${identList(tx, key)}) is distinct from
-      (${vals(n, key)})`;
+    /** `(<names>) = ($i, ...)`: the values of `names` in `t` bound to `b` (an unsent value as null). */
+    const match = (b: Bindings, names: readonly string[], t: Tuple, op = "=") =>
+      `(${columnList(names)}) ${op} (${b.list(names.map((c) => t[c] ?? null))})`;
     const known = cols.filter((c) => n[c] !== undefined);
     const knownRest = known.filter((c) => !key.includes(c));
-    const carry = joinFragments(
-      tx,
-      cols.map((c) => (n[c] !== undefined ? tx`${n[c] as string | null}` : tx`gone.${ident(tx, c)}`)),
-      tx`, `,
-    );
     const setKnown =
       knownRest.length === 0
-        ? tx`do nothing`
-        : tx`do update set ${joinFragments(
-            tx,
-            knownRest.map((c) => tx`${ident(tx, c)} = excluded.${ident(tx, c)}`),
-            tx`, `,
-          )}`;
+        ? "do nothing"
+        : `do update set ${knownRest.map((c) => `${quoteIdent(c)} = excluded.${quoteIdent(c)}`).join(", ")}`;
     if (pk.some((c) => oldPk[c] !== n[c])) {
       // A new primary key: no other version of it may stay (exact mode relies on one version per key).
-      await tx`delete from ${shadow} where (${identList(tx, pk)}) = (${vals(n, pk)}) and (${identList(tx, key)}) is
-        distinct from (${vals(n, key)})`;
+      const b = new Bindings();
+      const text = `delete from ${shadow} where ${match(b, pk, n)} and ${match(b, key, n, "is distinct from")}`;
+      await tx.unsafe(text, b.values, PREPARED);
     }
-    const movedRows = await tx`
-      with gone as (delete from ${shadow} where ${moved} returning *)
-      insert into ${shadow} (${identList(tx, cols)}) select ${carry} from gone limit 1 on conflict
-        (${identList(tx, key)}) ${setKnown}`;
-    const inPlace = await tx`
-      update ${shadow} set ${
-        knownRest.length === 0
-          ? tx`${ident(tx, key[0]!)} = ${ident(tx, key[0]!)}`
-          : joinFragments(
-              tx,
-              knownRest.map((c) => tx`${ident(tx, c)} = ${n[c] as string | null}`),
-              tx`, `,
-            )
-      }
-       where (${identList(tx, key)}) = (${vals(n, key)})`;
+    const mb = new Bindings();
+    const moved = `${match(mb, pk, oldPk)} and ${match(mb, key, n, "is distinct from")}`;
+    const carry = cols.map((c) => (n[c] !== undefined ? mb.add(n[c]) : `gone.${quoteIdent(c)}`)).join(", ");
+    const movedRows = await tx.unsafe(
+      `with gone as (delete from ${shadow} where ${moved} returning *) ` +
+        `insert into ${shadow} (${columnList(cols)}) select ${carry} from gone limit 1 ` +
+        `on conflict (${columnList(key)}) ${setKnown}`,
+      mb.values,
+      PREPARED,
+    );
+    const ub = new Bindings();
+    const set =
+      knownRest.length === 0
+        ? `${quoteIdent(key[0]!)} = ${quoteIdent(key[0]!)}`
+        : knownRest.map((c) => `${quoteIdent(c)} = ${ub.add(n[c] ?? null)}`).join(", ");
+    const inPlace = await tx.unsafe(`update ${shadow} set ${set} where ${match(ub, key, n)}`, ub.values, PREPARED);
     if (movedRows.count + inPlace.count === 0) {
-      await tx`insert into ${shadow} (${identList(tx, cols)}) select ${identList(tx, cols)} from
-        ${tableRef(tx, m.original)}
-                where (${identList(tx, pk)}) = (${vals(n, pk)}) on conflict (${identList(tx, key)}) do nothing`;
+      const ib = new Bindings();
+      await tx.unsafe(
+        `insert into ${shadow} (${columnList(cols)}) select ${columnList(cols)} from ${quoteQualified(m.original)} ` +
+          `where ${match(ib, pk, n)} on conflict (${columnList(key)}) do nothing`,
+        ib.values,
+        PREPARED,
+      );
     }
   }
 

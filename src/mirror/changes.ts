@@ -1,5 +1,6 @@
-import { type AnySql, type Fragment, ident, identList, joinFragments, type TxSql, table as tableRef } from "../db.js";
-import type { QualifiedName } from "../names.js";
+import type { AnySql, TxSql } from "../db.js";
+import { type QualifiedName, quoteIdent, quoteQualified } from "../names.js";
+import { columnList } from "../sql/statement.js";
 
 /** A row as pgoutput sends it: text, null, or undefined for an unchanged TOASTed value. */
 export type Tuple = Record<string, string | null | undefined>;
@@ -56,9 +57,13 @@ export class ChangeBatch {
   /** Approximate size of the values held (characters). */
   bytes = 0;
 
+  /** The statements write() sends, built once per target (their one parameter: a JSON array of rows). */
+  private readonly text: ChangeStatements;
+
   constructor(target: BatchTarget) {
     this.t = target;
     this.samePk = target.key.length === target.pk.length;
+    this.text = changeStatements(target);
   }
 
   private set(from: Tuple, row: Tuple | null, creates = false): void {
@@ -126,50 +131,24 @@ export class ChangeBatch {
       if (!this.samePk && !fresh) keep.push(Object.fromEntries(key.map((c) => [c, row[c] ?? null])));
     }
     if (lookFirst) await this.deleteOthers(tx, gone, keep);
-    if (freshRows.length > 0) await this.upsert(tx, freshRows);
+    if (freshRows.length > 0) await tx.unsafe(this.text.upsert, [JSON.stringify(freshRows)], PREPARED);
     if (rows.length > 0) {
-      if (this.samePk || !exact) await this.upsert(tx, rows);
+      if (this.samePk || !exact) await tx.unsafe(this.text.upsert, [JSON.stringify(rows)], PREPARED);
       else {
-        // The rows the upsert inserted: not at their shadow key before the statement (its snapshot). A scalar
-        // subquery per row, so that each probes one partition (run-time pruning) rather than being planned
-        // as a join with every partition.
-        const shadow = tableRef(tx, this.t.table);
-        const inserted = await tx<Record<string, string | null>[]>`
-          with w as (${this.upsert(tx, rows)} returning ${identList(tx, key)})
-          select ${joinFragments(
-            tx,
-            pk.map((c) => tx`w.${ident(tx, c)}::text as ${ident(tx, c)}`),
-            tx`, `,
-          )} from w
-           where (select count(*) from ${shadow} as s where (${identList(tx, key, "s")}) =
-             (${identList(tx, key, "w")})) = 0`;
+        const inserted = await tx.unsafe<Record<string, string | null>[]>(
+          this.text.upsertReturningInserted,
+          [JSON.stringify(rows)],
+          PREPARED,
+        );
         for (const r of inserted) gone.push(pkObject(pk.map((c) => r[c] ?? null)));
       }
     }
     if (!lookFirst) await this.deleteOthers(tx, gone, keep);
   }
 
-  /** The multi-row upsert of `rows` (objects keyed by column name, values as text). */
-  private upsert(tx: TxSql, rows: Record<string, string | null>[]): Fragment {
-    const { key, columns } = this.t;
-    const rest = columns.filter((c) => !key.includes(c));
-    const set =
-      rest.length === 0
-        ? tx`do nothing`
-        : tx`do update set ${joinFragments(
-            tx,
-            rest.map((c) => tx`${ident(tx, c)} = excluded.${ident(tx, c)}`),
-            tx`, `,
-          )}`;
-    return tx`insert into ${tableRef(tx, this.t.table)} (${identList(tx, columns)})
-              select ${this.typedList(tx, columns)} from ${this.recordset(tx, JSON.stringify(rows), columns)}
-              on conflict (${identList(tx, key)}) ${set}`;
-  }
-
   /**
    * Deletes every row whose primary key is in `gone` and whose shadow key is not in `keep` (the final
-   * versions). `= any(array(...))` per key column: an index scan of each partition's primary key for all
-   * the keys at once (a join with the list could be planned as a scan of every partition).
+   * versions): see ChangeStatements.deleteOthers.
    */
   private async deleteOthers(
     tx: TxSql,
@@ -177,46 +156,76 @@ export class ChangeBatch {
     keep: Record<string, string | null>[],
   ): Promise<void> {
     if (gone.length === 0) return;
-    const { pk, key } = this.t;
-    const goneJson = JSON.stringify(gone);
-    const where = pk.map(
-      (c) => tx`s.${ident(tx, c)} = any(array(select ${this.typed(tx, c)} from ${this.recordset(tx, goneJson, [c])}))`,
-    );
-    if (pk.length > 1)
-      where.push(
-        tx`(${identList(tx, pk, "s")}) in (select ${this.typedList(tx, pk)} from ${this.recordset(tx, goneJson, pk)})`,
-      );
-    if (keep.length > 0)
-      where.push(
-        tx`(${identList(tx, key, "s")}) not in (select ${this.typedList(tx, key)} from
-          ${this.recordset(tx, JSON.stringify(keep), key)})`,
-      );
-    await tx`delete from ${tableRef(tx, this.t.table)} as s where ${joinFragments(tx, where, tx` and `)}`;
+    if (keep.length === 0) await tx.unsafe(this.text.deleteOthers, [JSON.stringify(gone)], PREPARED);
+    else await tx.unsafe(this.text.deleteOthersKeeping, [JSON.stringify(gone), JSON.stringify(keep)], PREPARED);
   }
+}
 
-  /** `jsonb_to_recordset($json) as u(c1 text, ...)`: the rows of a JSON array of objects, values as text. */
-  private recordset(tx: TxSql, json: string, names: readonly string[]): Fragment {
-    return tx`jsonb_to_recordset(${json}::jsonb) as u(${joinFragments(
-      tx,
-      names.map((c) => tx`${ident(tx, c)} text`),
-      tx`, `,
-    )})`;
-  }
+/**
+ * Sent prepared (postgres.js `prepare`: parsed and planned once per connection, then only bound and run):
+ * the applier sends the same few statements for every batch.
+ */
+const PREPARED = { prepare: true } as const;
 
-  /** `u.c::type`: the text of column `c` read by its type's input function, as PostgreSQL reads a literal. */
-  private typed(tx: TxSql, c: string): Fragment {
-    const t = this.t.types.get(c);
-    if (!t) throw new Error(`no type known for column ${c}`);
-    return tx`u.${ident(tx, c)}::${ident(tx, t.schema)}.${ident(tx, t.name)}`;
-  }
+/** The statements of a ChangeBatch, as SQL text; `$1` (and `$2`) a JSON array of objects, values as text. */
+export interface ChangeStatements {
+  /** The multi-row upsert of the rows in `$1` (INSERT ... ON CONFLICT (shadow key) DO UPDATE). */
+  upsert: string;
+  /**
+   * The upsert, returning the primary key (as text) of the rows it inserted: not at their shadow key before
+   * the statement (its snapshot). A scalar subquery per row, so that each probes one partition (run-time
+   * pruning) rather than being planned as a join with every partition.
+   */
+  upsertReturningInserted: string;
+  /**
+   * Deletes every row whose primary key is in `$1`. `= any(array(...))` per key column: an index scan of each
+   * partition's primary key for all the keys at once (a join with the list could be planned as a scan of
+   * every partition).
+   */
+  deleteOthers: string;
+  /** The same, sparing the rows whose shadow key is in `$2` (the final versions). */
+  deleteOthersKeeping: string;
+}
 
-  private typedList(tx: TxSql, names: readonly string[]): Fragment {
-    return joinFragments(
-      tx,
-      names.map((c) => this.typed(tx, c)),
-      tx`, `,
-    );
-  }
+/** The statements of a ChangeBatch writing into `t`. */
+export function changeStatements(t: BatchTarget): ChangeStatements {
+  const { pk, key, columns } = t;
+  const table = quoteQualified(t.table);
+  /** `u."c"::"schema"."type"`: the text of column `c` read by its type's input function, as for a literal. */
+  const typed = (names: readonly string[]) =>
+    names
+      .map((c) => {
+        const type = t.types.get(c);
+        if (!type) throw new Error(`no type known for column ${c}`);
+        return `u.${quoteIdent(c)}::${quoteQualified(type)}`;
+      })
+      .join(", ");
+  /** `jsonb_to_recordset($n::jsonb) as u("c1" text, ...)`: the rows of a JSON array of objects, values as text. */
+  const recordset = (param: string, names: readonly string[]) =>
+    `jsonb_to_recordset(${param}::jsonb) as u(${names.map((c) => `${quoteIdent(c)} text`).join(", ")})`;
+  const rest = columns.filter((c) => !key.includes(c));
+  const set =
+    rest.length === 0
+      ? "do nothing"
+      : `do update set ${rest.map((c) => `${quoteIdent(c)} = excluded.${quoteIdent(c)}`).join(", ")}`;
+  const upsert =
+    `insert into ${table} (${columnList(columns)}) select ${typed(columns)} from ${recordset("$1", columns)} ` +
+    `on conflict (${columnList(key)}) ${set}`;
+  const gone = [
+    ...pk.map((c) => `s.${quoteIdent(c)} = any(array(select ${typed([c])} from ${recordset("$1", [c])}))`),
+    ...(pk.length > 1 ? [`(${columnList(pk, "s")}) in (select ${typed(pk)} from ${recordset("$1", pk)})`] : []),
+  ];
+  const deleteOthers = `delete from ${table} as s where ${gone.join(" and ")}`;
+  return {
+    upsert,
+    upsertReturningInserted:
+      `with w as (${upsert} returning ${columnList(key)}) ` +
+      `select ${pk.map((c) => `w.${quoteIdent(c)}::text as ${quoteIdent(c)}`).join(", ")} from w ` +
+      `where (select count(*) from ${table} as s where (${columnList(key, "s")}) = (${columnList(key, "w")})) = 0`,
+    deleteOthers,
+    deleteOthersKeeping:
+      `${deleteOthers} and (${columnList(key, "s")}) not in ` + `(select ${typed(key)} from ${recordset("$2", key)})`,
+  };
 }
 
 /**

@@ -1,7 +1,7 @@
 import { z } from "zod";
 import type { TableFacts } from "../catalog/inspect.js";
 import type { AnySql, LockRetryOptions, Sql } from "../db.js";
-import { ident, table as tableRef, withLockRetry } from "../db.js";
+import { withLockRetry } from "../db.js";
 import { sqlState } from "../errors.js";
 import { log } from "../log.js";
 import { isStreaming, type StreamingMigration } from "../migration/state.js";
@@ -212,7 +212,7 @@ async function dropPublication(
   } catch (err) {
     if (!opts.force || sqlState((err as { cause?: unknown }).cause ?? err) !== "55P03") throw err;
     log().warn({ publication }, "the published table stays locked: dropping the publication without its SHARE lock");
-    await sql`drop publication if exists ${ident(sql, publication)}`;
+    await sql.unsafe(`drop publication if exists ${quoteIdent(publication)}`);
   }
 }
 
@@ -225,8 +225,8 @@ async function dropPublicationLocked(sql: Sql, publication: string, opts: LockRe
             order by 1, 2`,
       );
       for (const t of tables)
-        await tx`lock table ${tableRef(tx, { schema: t.schemaname, name: t.tablename })} in share mode`;
-      await tx`drop publication if exists ${ident(tx, publication)}`;
+        await tx.unsafe(`lock table ${quoteQualified({ schema: t.schemaname, name: t.tablename })} in share mode`);
+      await tx.unsafe(`drop publication if exists ${quoteIdent(publication)}`);
     },
     opts,
   );

@@ -1,16 +1,5 @@
-import { keyAfter } from "../backfill/backfill.js";
 import { requireNoDrift } from "../catalog/drift.js";
-import type { Sql, TxSql } from "../db.js";
-import {
-  type AnySql,
-  type Fragment,
-  identList,
-  joinFragments,
-  type LockRetryOptions,
-  table as tableRef,
-  textColumns,
-  valueList,
-} from "../db.js";
+import type { LockRetryOptions, Sql, TxSql } from "../db.js";
 import { PgshiftError, sqlState } from "../errors.js";
 import { log } from "../log.js";
 import {
@@ -34,6 +23,7 @@ import {
   type TransactionStep,
   transactionStep,
 } from "../plan/steps.js";
+import { columnList, rowCompare } from "../sql/statement.js";
 
 export type DifferenceKind = "missing" | "extra" | "different";
 
@@ -76,16 +66,50 @@ interface ChunkBounds {
   hi: string[] | null;
 }
 
-function chunkWhere(sql: AnySql, key: readonly string[], b: ChunkBounds): Fragment {
-  const conds: Fragment[] = [];
-  if (b.lo) conds.push(keyAfter(sql, key, b.lo));
-  if (b.hi) conds.push(sql`(${identList(sql, key)}) <= (${valueList(sql, b.hi)})`);
-  return conds.length === 0 ? sql`` : sql`where ${joinFragments(sql, conds, sql` and `)}`;
-}
+/**
+ * Sent prepared (postgres.js `prepare`: parsed once per connection, then only bound and run): the same
+ * statements run for every chunk, with its bounds as their values.
+ */
+const PREPARED = { prepare: true } as const;
 
-/** `row("a", "b", ...)::text`: the text of a row over the compared columns (same types on both sides). */
-function rowText(sql: AnySql, cols: readonly string[]): Fragment {
-  return sql`row(${identList(sql, cols)})::text`;
+/** The values of a chunk's statements: its lower bound's key values, then its upper bound's. */
+const boundValues = (b: ChunkBounds): string[] => [...(b.lo ?? []), ...(b.hi ?? [])];
+
+/**
+ * The statements that read a chunk, as printed and sent, for a chunk with a lower bound (`lo`: every chunk
+ * but the first; `$1 ...` its key values) and an upper bound (`hi`: every chunk but the last; the next
+ * parameters its key values):
+ * - `lastKey`: the chunk's last key as text (k0, k1 ...), the `chunkSize`-th key after `lo` (no row: the last
+ *   chunk); parameters: `lo` only;
+ * - `compare`: count(*) and two 64-bit XORs of hashtextextended(row text, seed 0 and 1) of each table over
+ *   the chunk (an, ah0, ah1 of the live table; bn, bh0, bh1 of the copy);
+ * - `keys(t)`: the key (k0 ...) and row hash (h) of every row of table `t` in the chunk.
+ * The row text is `row("a", "b", ...)::text` over the compared columns (the same types on both sides).
+ */
+function chunkStatements(m: Migration, lo: boolean, hi: boolean, chunkSize: number) {
+  const key = m.key_columns;
+  const keyCols = columnList(key);
+  const conds = [
+    ...(lo ? [rowCompare(key, ">", 1)] : []),
+    ...(hi ? [rowCompare(key, "<=", lo ? key.length + 1 : 1)] : []),
+  ];
+  const where = conds.length === 0 ? "" : ` WHERE ${conds.join(" AND ")}`;
+  const textKey = key.map((c, i) => `${quoteIdent(c)}::text AS k${i}`).join(", ");
+  const rowText = `row(${columnList(m.copy_columns)})::text`;
+  const side = (t: QualifiedName) =>
+    `SELECT count(*)::bigint AS n, coalesce(bit_xor(hashtextextended(r, 0)), 0)::text AS h0, ` +
+    `coalesce(bit_xor(hashtextextended(r, 1)), 0)::text AS h1 ` +
+    `FROM (SELECT ${rowText} AS r FROM ${quoteQualified(t)}${where}) s`;
+  return {
+    lastKey:
+      `SELECT ${textKey} FROM (SELECT ${keyCols} FROM ${quoteQualified(m.live)}${lo ? ` WHERE ${conds[0]}` : ""} ` +
+      `ORDER BY ${keyCols} OFFSET ${chunkSize - 1} LIMIT 1) s`,
+    compare:
+      `SELECT a.n AS an, a.h0 AS ah0, a.h1 AS ah1, b.n AS bn, b.h0 AS bh0, b.h1 AS bh1 ` +
+      `FROM (${side(m.live)}) a, (${side(m.copy)}) b`,
+    keys: (t: QualifiedName) =>
+      `SELECT ${textKey}, hashtextextended(${rowText}, 0)::text AS h FROM ${quoteQualified(t)}${where}`,
+  };
 }
 
 /**
@@ -177,12 +201,24 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
   const state: VerifyState = { follower: null, differences: [], result: null };
   const mirror = mirrorFor(m.mode);
   const logical = mirror.streams(m);
+  const c = chunkStatements(m, true, true, chunkSize);
   const look = transactionStep(
     [
-      check(
-        `read the chunk's last key, then compare count(*) and row hashes of ${displayName(m.live)} ` +
-          `and ${displayName(m.copy)}`,
+      statement(
+        c.lastKey,
+        "transaction",
+        `the chunk's last key ($1 ...: the previous chunk's last key; the first chunk has no lower bound)`,
       ),
+      statement(
+        c.compare,
+        "transaction",
+        `count(*) and row hashes of both tables over the chunk ($${m.key_columns.length + 1} ...: its last key; ` +
+          `the last chunk has no upper bound)`,
+      ),
+      block("at most once", "when the chunk differs: the key and row hash of each of its rows", [
+        statement(c.keys(m.live)),
+        statement(c.keys(m.copy)),
+      ]),
     ],
     { modes: "ISOLATION LEVEL REPEATABLE READ READ ONLY" },
   );
@@ -202,7 +238,8 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
           block("at most once", "when the copy's constraints refused it", [statement(r.rollback)]),
         ],
       ),
-      check("compare the chunk's keys again"),
+      statement(c.keys(m.live), "transaction", "compare the chunk's keys again"),
+      statement(c.keys(m.copy)),
     ],
     { lockTimeoutMs },
   );
@@ -222,8 +259,8 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
         runTransaction(sql, look, async (tx) => {
           const hi = fixedHi === undefined ? await nthKeyAfter(tx, m, lo, chunkSize) : fixedHi;
           const bounds = { lo, hi };
-          const same = await compareChunk(tx, m, bounds);
-          const diffs = same.equal ? [] : await drillDown(tx, m, bounds);
+          const same = await compareChunk(tx, m, bounds, chunkSize);
+          const diffs = same.equal ? [] : await drillDown(tx, m, bounds, chunkSize);
           return { hi, rows: same.rows, diffs };
         });
       let res = await lookAt();
@@ -252,7 +289,7 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
         chunksDiffering++;
         let remaining = res.diffs;
         if (opts.repair) {
-          remaining = await repairKeys(sql, m, repairTx, { lo, hi: res.hi }, res.diffs, opts, follower);
+          remaining = await repairKeys(sql, m, repairTx, { lo, hi: res.hi }, chunkSize, res.diffs, opts, follower);
           // Counted by key: a key the copy refused may come back as more than one difference (a duplicate).
           const left = new Set(remaining.map((d) => JSON.stringify(d.key)));
           repaired += new Set(res.diffs.map((d) => JSON.stringify(d.key)).filter((k) => !left.has(k))).size;
@@ -315,34 +352,28 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
 
 /** The `n`-th key of the live table after `lo` (text), or null when fewer rows remain (last chunk). */
 async function nthKeyAfter(tx: TxSql, m: Migration, lo: string[] | null, n: number): Promise<string[] | null> {
-  const key = m.key_columns;
-  const keyCols = identList(tx, key);
-  const where = lo ? tx`where ${keyAfter(tx, key, lo)}` : tx``;
-  const r =
-    await tx`select ${textColumns(tx, key)} from (select ${keyCols} from ${tableRef(tx, m.live)} ${where} order by
-      ${keyCols} offset ${n - 1} limit 1) s`;
-  const row = r[0];
-  return row ? key.map((_, i) => String(row[`k${i}`])) : null;
+  const text = chunkStatements(m, lo !== null, false, n).lastKey;
+  const row = (await tx.unsafe(text, lo ?? [], PREPARED))[0];
+  return row ? m.key_columns.map((_, i) => String(row[`k${i}`])) : null;
 }
 
-async function compareChunk(tx: TxSql, m: Migration, b: ChunkBounds): Promise<{ equal: boolean; rows: number }> {
-  const side = (t: QualifiedName) => tx`
-    select count(*)::bigint as n, coalesce(bit_xor(hashtextextended(r, 0)), 0)::text as h0,
-           coalesce(bit_xor(hashtextextended(r, 1)), 0)::text as h1
-      from (select ${rowText(tx, m.copy_columns)} as r from ${tableRef(tx, t)} ${chunkWhere(tx, m.key_columns, b)}) s`;
-  const r = await tx`select a.n as an, a.h0 as ah0, a.h1 as ah1, b.n as bn, b.h0 as bh0, b.h1 as bh1
-                       from (${side(m.live)}) a, (${side(m.copy)}) b`;
-  const x = r[0]!;
+async function compareChunk(
+  tx: TxSql,
+  m: Migration,
+  b: ChunkBounds,
+  chunkSize: number,
+): Promise<{ equal: boolean; rows: number }> {
+  const text = chunkStatements(m, b.lo !== null, b.hi !== null, chunkSize).compare;
+  const x = (await tx.unsafe(text, boundValues(b), PREPARED))[0]!;
   return { equal: x.an === x.bn && x.ah0 === x.bh0 && x.ah1 === x.bh1, rows: Number(x.an) };
 }
 
 /** Keys of one chunk whose rows differ, computed from per-row hashes read in the chunk's snapshot. */
-async function drillDown(tx: TxSql, m: Migration, b: ChunkBounds): Promise<Difference[]> {
+async function drillDown(tx: TxSql, m: Migration, b: ChunkBounds, chunkSize: number): Promise<Difference[]> {
   const out: Difference[] = [];
+  const statements = chunkStatements(m, b.lo !== null, b.hi !== null, chunkSize);
   const read = async (t: QualifiedName, duplicate: DifferenceKind) => {
-    const rows = await tx`
-      select ${textColumns(tx, m.key_columns)}, hashtextextended(${rowText(tx, m.copy_columns)}, 0)::text as h
-        from ${tableRef(tx, t)} ${chunkWhere(tx, m.key_columns, b)}`;
+    const rows = await tx.unsafe(statements.keys(t), boundValues(b), PREPARED);
     const map = new Map<string, { key: string[]; h: string }>();
     for (const row of rows) {
       const k = m.key_columns.map((_, i) => String(row[`k${i}`]));
@@ -427,6 +458,7 @@ async function repairKeys(
   m: Migration,
   t: TransactionStep,
   b: ChunkBounds,
+  chunkSize: number,
   diffs: Difference[],
   opts: LockRetryOptions,
   follower: StreamFollower | null,
@@ -448,7 +480,7 @@ async function repairKeys(
           );
       }
       const failed = await rewriteKeys(tx, m, diffs);
-      const still = (await drillDown(tx, m, b)).map((d) => {
+      const still = (await drillDown(tx, m, b, chunkSize)).map((d) => {
         const f = failed.get(JSON.stringify(d.key));
         return f === undefined ? d : { ...d, reason: f.reason };
       });

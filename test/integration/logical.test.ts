@@ -1,14 +1,16 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { backfill } from "../../src/backfill/backfill.js";
 import { cutover } from "../../src/cutover/cutover.js";
-import { connect, identList, type Sql, table as tableRef, transaction } from "../../src/db.js";
+import { connect, type Sql, table as tableRef, transaction } from "../../src/db.js";
 import { type EmbeddedServer, startEmbedded } from "../../src/embedded.js";
 import { createWorkload, type Workload } from "../../src/load/workload.js";
 import { abort, finalize } from "../../src/migration/finish.js";
 import { startMigration } from "../../src/migration/start.js";
 import { loadMigration, logicalNames } from "../../src/migration/state.js";
 import { dropStream, lsnToBigInt } from "../../src/mirror/logical.js";
+import { quoteQualified } from "../../src/names.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
+import { columnList } from "../../src/sql/statement.js";
 import type { StatusReport } from "../../src/status.js";
 import { verify } from "../../src/verify/verify.js";
 import { catalogSnapshot } from "../support/catalog.js";
@@ -198,13 +200,13 @@ async function compareWithShadow(
   table: string,
 ): Promise<{ onlyInSource: number; onlyInShadow: number; rows: number }> {
   const m = (await loadMigration(sql, { schema: "public", name: table }))!;
-  const cols = identList(sql, m.copy_columns);
-  const a = tableRef(sql, m.original);
-  const b = tableRef(sql, m.partitioned);
-  const r = await sql`
+  const cols = columnList(m.copy_columns);
+  const a = quoteQualified(m.original);
+  const b = quoteQualified(m.partitioned);
+  const r = await sql.unsafe(`
     select (select count(*) from (select ${cols} from ${a} except select ${cols} from ${b}) x)::int as a,
            (select count(*) from (select ${cols} from ${b} except select ${cols} from ${a}) y)::int as b,
-           (select count(*) from ${a})::int as n`;
+           (select count(*) from ${a})::int as n`);
   return { onlyInSource: Number(r[0]!.a), onlyInShadow: Number(r[0]!.b), rows: Number(r[0]!.n) };
 }
 

@@ -56,6 +56,16 @@ afterAll(async () => {
 /** The stream's own sessions (logical mode), which may run while a command waits for the stream. */
 const STREAM_SESSION = /^pgshift (flush|apply .*)$/;
 
+/** Every statement of a printed plan, in order (its `--` comment lines left out), reads included. */
+function printedStatements(out: string): string[] {
+  return splitStatements(
+    out
+      .split("\n")
+      .filter((l) => !l.startsWith("--"))
+      .join("\n"),
+  );
+}
+
 async function createTable(name: string): Promise<void> {
   await admin.unsafe(`
     create table ${name} (id bigint primary key, created_at timestamptz not null, note text);
@@ -75,7 +85,7 @@ async function planAndRun(
   table: string,
   args: string[],
   mode: string,
-): Promise<{ run: CliResult; ran: string[] }> {
+): Promise<{ dry: CliResult; run: CliResult; ran: string[] }> {
   const m0 = await log.mark();
   const dry = await runCli([command, table, ...args, "--dry-run", "--url", url], { timeoutMs: 240_000 });
   expect(dry.code, describeRun(dry)).toBe(0);
@@ -108,7 +118,7 @@ async function planAndRun(
   const printed = parsePrintedPlan(dry.stdout);
   const differs = comparePlan(printed, ran);
   if (differs !== null) expect.fail(`pgshift ${command} ${table} (${mode} mode): ${differs}`);
-  return { run, ran };
+  return { dry, run, ran };
 }
 
 describe.each(["trigger", "logical"])("what ran is what --dry-run printed (%s mode)", (mode) => {
@@ -120,8 +130,17 @@ describe.each(["trigger", "logical"])("what ran is what --dry-run printed (%s mo
     await createTable(dropped);
   });
 
-  it("start", async () => {
-    await planAndRun("start", t, ["--partition-by", "hash:id:4", "--mode", mode], mode);
+  it("start (and plan prints the very statements start --dry-run prints)", async () => {
+    const args = ["--partition-by", "hash:id:4", "--mode", mode];
+    const plan = await runCli(["plan", t, ...args, "--url", url], { timeoutMs: 240_000 });
+    expect(plan.code, describeRun(plan)).toBe(0);
+    const { dry } = await planAndRun("start", t, args, mode);
+    const header = "\n-- what start runs, step by step (start --dry-run prints these very steps):\n";
+    expect(plan.stdout, describeRun(plan)).toContain(header);
+    const planSteps = plan.stdout.slice(plan.stdout.indexOf(header)).split("\n-- after the copy")[0]!;
+    const fromPlan = printedStatements(planSteps);
+    expect(fromPlan.length).toBeGreaterThan(10);
+    expect(fromPlan).toEqual(printedStatements(dry.stdout));
   });
 
   it("backfill (batches of 1000 rows: the batch's statements printed once, run three times)", async () => {

@@ -5,8 +5,10 @@ import { freshDatabase, type TestDatabase } from "../support/db.js";
 /**
  * Item 8 of issue 14: `plan`'s human output starts with a short summary (what is created, what is carried
  * over, what changes for the application, what blocks) before the statements, and prints the table's own DDL
- * before pgshift's own objects; start runs the statements in that same order. `plan --json` keeps its fields
- * and adds `summary`, `tableStatementCount` and `ddlGuard`.
+ * before pgshift's own objects; start runs the statements in that same order. The statements are printed as
+ * the steps start runs (formatSteps, what start --dry-run prints: BEGIN, SET LOCAL lock_timeout, ..., COMMIT);
+ * one-plan.test.ts checks that they are start --dry-run's. `plan --json` keeps its fields and adds `summary`,
+ * `tableStatementCount` and `ddlGuard`.
  */
 
 interface PlanJson {
@@ -149,12 +151,19 @@ describe("plan's human output: summary first, the table's DDL before pgshift's o
     expect(plan.summary.blocks).toEqual(["nothing"]);
     expect(plan.summary.creates.length).toBeGreaterThan(0);
 
-    // The text prints the same statements in the same order, under its two headers, after the summary.
+    // The text prints the same statements in the same order, under its two headers, after the summary, as
+    // the steps start runs: start's transaction, BEGIN and its lock_timeout first, COMMIT last.
     const out = text.stdout;
+    const stepsHeader = out.indexOf("\n-- what start runs, step by step (start --dry-run prints these very steps):\n");
     const tableHeader = out.indexOf("-- the table's own DDL: the shadow, its partitions, key, constraints, grants");
     const ownHeader = out.indexOf("-- pgshift's own objects: its schema, the DDL guard, identity defaults");
-    expect(out.indexOf("details:")).toBeLessThan(tableHeader);
-    expect(tableHeader).toBeGreaterThan(0);
+    expect(out.indexOf("details:")).toBeLessThan(stepsHeader);
+    expect(stepsHeader, describeRun(text)).toBeGreaterThan(0);
+    expect(out.slice(stepsHeader, tableHeader)).toContain(
+      `BEGIN;\nSET LOCAL lock_timeout = '500ms';\n-- the ${plan.statements.length} statements start runs, in this ` +
+        `transaction:\n`,
+    );
+    expect(tableHeader).toBeGreaterThan(stepsHeader);
     expect(ownHeader).toBeGreaterThan(tableHeader);
     expect(out.slice(tableHeader, ownHeader)).toContain(`${plan.statements[0]};`);
     expect(out.slice(tableHeader, ownHeader)).not.toContain("CREATE SCHEMA");
@@ -171,7 +180,7 @@ describe("plan's human output: summary first, the table's DDL before pgshift's o
         .split("\n")
         .filter((l) => !l.startsWith("-- "))
         .join("\n");
-    expect(printed.trim()).toBe(uncommented(plan.statements.map((s) => `${s};`).join("\n")));
+    expect(printed.trim()).toBe(`${uncommented(plan.statements.map((s) => `${s};`).join("\n"))}\nCOMMIT;`);
   });
 
   it("start runs them in that order: the shadow's identity column calls pgshift's function", async () => {
