@@ -1,6 +1,7 @@
 import { columnDrift, indexDrift, lateObjectLines } from "./catalog/drift.js";
 import type { Sql } from "./db.js";
 import { table as tableRef } from "./db.js";
+import { pendingValidations } from "./dependents/foreign-keys.js";
 import { PgshiftError } from "./errors.js";
 import { type Liveness, liveness, nextStepFor } from "./liveness.js";
 import { ddlGuardState } from "./migration/ddl-guard.js";
@@ -71,6 +72,11 @@ export interface StatusReport {
    * the migration): "on", "disabled" (one of them disabled) or "missing" (one of them missing).
    */
   ddlGuard: "on" | "disabled" | "missing";
+  /**
+   * Work a switch left for carried-over objects (src/dependents): foreign keys of other tables referencing the
+   * live table that are not validated yet, each with the statement that validates it (pendingValidations).
+   */
+  pending: string[];
   /** Logical mode, while the slot exists: where the stream stands. */
   stream: (SlotState & { appliedCommitTime: string | null; warnings: string[] }) | null;
   lastVerify: VerifyResult | null;
@@ -189,6 +195,7 @@ export async function status(
     schemaDrift: await columnDrift(sql, m),
     indexDrift: await indexDrift(sql, m),
     lateObjects: await lateObjectLines(sql, m),
+    pending: await pendingValidations(sql, m),
     ddlGuard: await ddlGuardState(sql).then((g) => (g.enabled ? "on" : g.installed ? "disabled" : "missing")),
     stream,
     lastVerify: m.last_verify,

@@ -144,6 +144,7 @@ export function printStatus(s: StatusReport): void {
   for (const w of s.stream?.warnings ?? []) process.stdout.write(`warning: ${w}\n`);
   for (const d of s.indexDrift) process.stdout.write(`warning: ${d}\n`);
   for (const d of s.lateObjects) process.stdout.write(`warning: ${d}\n`);
+  for (const d of s.pending) process.stdout.write(`pending: ${d}\n`);
   for (const d of s.schemaDrift)
     process.stdout.write(`warning: ${d} (cutover, swap-back and verify refuse until the columns agree)\n`);
   if (s.defaultPartition && s.defaultPartition.rows > 0) {
