@@ -154,30 +154,38 @@ describe.each<{ mode: Mode }>([{ mode: "trigger" }, { mode: "logical" }])(
   },
 );
 
-async function schemaPublication(sql: Sql, schema: string): Promise<string> {
-  // FOR TABLES IN SCHEMA exists from PostgreSQL 15 on; on 14 FOR ALL TABLES is the whole-database kind.
-  const v15 = version >= 150000;
-  const pub = `${schema}_whole`;
-  await sql.unsafe(`create publication ${pub} for ${v15 ? `tables in schema ${schema}` : "all tables"}`);
-  return v15 ? `publication ${pub} (FOR TABLES IN SCHEMA ${schema})` : `publication ${pub} (FOR ALL TABLES)`;
+/**
+ * A FOR ALL TABLES publication (which publishes pgshift's own tables too), and on 15+ a FOR TABLES IN SCHEMA one
+ * (new in 15). Returns how plan names each.
+ */
+async function wholePublications(sql: Sql, schema: string): Promise<string[]> {
+  await sql.unsafe(`create publication ${schema}_all for all tables`);
+  const out = [`publication ${schema}_all (FOR ALL TABLES)`];
+  if (version >= 150000) {
+    await sql.unsafe(`create publication ${schema}_whole for tables in schema ${schema}`);
+    out.push(`publication ${schema}_whole (FOR TABLES IN SCHEMA ${schema})`);
+  }
+  return out;
 }
 
-describe("a FOR TABLES IN SCHEMA (or FOR ALL TABLES) publication", () => {
+describe("FOR ALL TABLES and FOR TABLES IN SCHEMA publications", () => {
   it("no longer blocks: plan explains what its consumers see, and the migration runs to finalize", async () => {
     const schema = "wholepub";
     const t = "orders";
     const table = { schema, name: t };
     await db.admin.unsafe(`create schema ${schema}; set search_path = ${schema}; ${tableSql(t)}; reset search_path`);
-    const label = await schemaPublication(db.admin, schema);
+    const labels = await wholePublications(db.admin, schema);
     const spec = parsePartitionSpec("range:created_at:month");
     const p = await planMigration(db.sql, table, { spec });
     expect(p.blockers).toEqual([]);
-    const line = p.dependents.find((l) => l.startsWith(label));
-    expect(line, p.dependents.join("\n")).toBeDefined();
-    expect(line).toContain(`also publishes pgshift's tables: during the migration ${schema}.${t}_pgshift_shadow`);
-    expect(line).toContain(`after cutover ${schema}.${t}_pgshift_retired`);
-    expect(line).toContain('"logical replication target relation ... does not exist"');
-    expect(line).toContain("under its partitions' names (publish_via_partition_root is off");
+    for (const label of labels) {
+      const line = p.dependents.find((l) => l.startsWith(label));
+      expect(line, p.dependents.join("\n")).toBeDefined();
+      expect(line).toContain(`also publishes pgshift's tables: during the migration ${schema}.${t}_pgshift_shadow`);
+      expect(line).toContain(`after cutover ${schema}.${t}_pgshift_retired`);
+      expect(line).toContain('"logical replication target relation ... does not exist"');
+      expect(line).toContain("under its partitions' names (publish_via_partition_root is off");
+    }
     await startMigration(db.sql, table, { spec, allowKeyExtension: true, ...opts });
     expect((await backfill(db.sql, table)).complete).toBe(true);
     await cutover(db.sql, table, opts);
@@ -186,8 +194,8 @@ describe("a FOR TABLES IN SCHEMA (or FOR ALL TABLES) publication", () => {
     const published = await db.admin`
       select count(*)::int as n from pg_publication_tables p join pg_inherits i
           on i.inhrelid = format('%I.%I', p.schemaname, p.tablename)::regclass
-       where p.pubname = ${`${schema}_whole`} and i.inhparent = ${`${schema}.${t}`}::regclass`;
+       where p.pubname = ${`${schema}_all`} and i.inhparent = ${`${schema}.${t}`}::regclass`;
     expect(published[0]!.n).toBeGreaterThan(3);
-    await db.admin.unsafe(`drop publication ${schema}_whole`);
+    await db.admin.unsafe(`drop publication ${schema}_all; drop publication if exists ${schema}_whole`);
   });
 });
