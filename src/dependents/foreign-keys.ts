@@ -91,24 +91,23 @@ export function specsAllowing(cols: readonly string[], types: readonly string[])
 }
 
 /**
- * Why the foreign key `fk` cannot follow the table partitioned by `column` on a server of `version`
- * (server_version_num), one line naming it; null when it can.
+ * Why the foreign key `fk` cannot follow `table` partitioned by `column` on a server of `version`
+ * (server_version_num), as what follows `foreign key <name> on <table>: `; null when it can.
  */
 export function whyNot(fk: IncomingForeignKey, column: string, version: number, table: string): string | null {
-  const label = `foreign key ${fk.name} on ${fk.relName}`;
   if (fk.self)
     return (
-      `${label} references the table itself: pgshift does not carry a self-referencing foreign key (the ` +
-      `shadow would have to reference its own rows before they are copied); drop it, and add it again after finalize`
+      "it references its own table: pgshift does not carry a self-referencing foreign key (the shadow would " +
+      "have to reference its own rows before they are copied); drop it, and add it again after finalize"
     );
   if (fk.relkind === "p" && version < 180000)
     return (
-      `${label}: ${fk.relName} is partitioned, and PostgreSQL before 18 cannot add a NOT VALID foreign key to a ` +
+      `${fk.relName} is partitioned, and PostgreSQL before 18 cannot add a NOT VALID foreign key to a ` +
       `partitioned table, so re-creating it would check every row of ${fk.relName} while the switch blocks writes`
     );
   if (!fk.refcols.includes(column))
     return (
-      `${label} references (${fk.refcols.join(", ")}) of ${table}: a foreign key needs a unique key of exactly its ` +
+      `it references (${fk.refcols.join(", ")}) of ${table}: a foreign key needs a unique key of exactly its ` +
       `referenced columns, and every unique key of a partitioned table must contain the partition column ` +
       `${column} (docs: CREATE TABLE, PARTITION BY), so it cannot reference the partitioned table; a spec ` +
       `partitioning by a referenced column allows it: ${specsAllowing(fk.refcols, fk.reftypes).join(", ")}`
@@ -116,7 +115,8 @@ export function whyNot(fk: IncomingForeignKey, column: string, version: number, 
   return null;
 }
 
-const serverVersion = async (sql: AnySql) =>
+/** server_version_num. */
+export const serverVersion = async (sql: AnySql) =>
   Number((await sql`select current_setting('server_version_num')::int as v`)[0]?.v);
 
 /** The statements that move `fk` at a switch: drop, add NOT VALID, its comment; VALIDATE after COMMIT. */
@@ -171,7 +171,7 @@ export const foreignKeys: Carrier = {
     for (const fk of fks) {
       const why = whyNot(fk, spec.column, facts.serverVersionNum, table);
       if (why) {
-        out.blockers.push(why);
+        out.blockers.push(`foreign key ${fk.name} on ${fk.relName}: ${why}`);
         continue;
       }
       out.lines.push(

@@ -172,7 +172,11 @@ export const publications: Carrier = {
           `it also publishes pgshift's tables: during the migration ${shadow}` +
           (p.viaRoot ? "" : " (under its partitions' names)") +
           `, written by the backfill and the mirror, and after cutover ${retired}, kept current by the reverse ` +
-          "mirror, until finalize (or abort) drops them: a consumer (subscription) without tables of those names " +
+          "mirror, until finalize (or abort) drops them" +
+          (p.allTables
+            ? ", and pgshift's state (pgshift.migrations, pgshift.schema_version), written at every step"
+            : "") +
+          ": a consumer (subscription) without tables of those names " +
           'stops with "logical replication target relation ... does not exist" unless it has them; after ' +
           `cutover consumers receive ${table}'s changes ` +
           (p.viaRoot

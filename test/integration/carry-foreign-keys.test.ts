@@ -172,7 +172,9 @@ async function expectEqualToTwin(orders: string): Promise<void> {
 describe.each<{ mode: Mode }>([{ mode: "trigger" }, { mode: "logical" }])(
   "a foreign key of another table follows the live table ($mode mirror)",
   ({ mode }) => {
-    it("under concurrent writes: orphans refused and deletes cascading at every step, validated after each switch", async () => {
+    const title =
+      "under concurrent writes: orphans refused and deletes cascading at every step, validated after each switch";
+    it(title, async () => {
       const orders = `fk_orders_${mode}`;
       const table = { schema: "public", name: orders };
       await createSchema(db.admin, orders);

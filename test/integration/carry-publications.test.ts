@@ -186,6 +186,7 @@ describe("FOR ALL TABLES and FOR TABLES IN SCHEMA publications", () => {
       expect(line).toContain('"logical replication target relation ... does not exist"');
       expect(line).toContain("under its partitions' names (publish_via_partition_root is off");
     }
+    expect(p.dependents.find((l) => l.startsWith(labels[0]!))).toContain("pgshift's state (pgshift.migrations");
     await startMigration(db.sql, table, { spec, allowKeyExtension: true, ...opts });
     expect((await backfill(db.sql, table)).complete).toBe(true);
     await cutover(db.sql, table, opts);
