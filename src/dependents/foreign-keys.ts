@@ -193,9 +193,17 @@ export const foreignKeys: Carrier = {
     if (!m) return [];
     const version = await serverVersion(sql);
     // A foreign key that cannot follow is not claimed: the late-object check refuses it, naming it.
-    return (await incomingForeignKeys(sql, m.live))
+    const oids = (await incomingForeignKeys(sql, m.live))
       .filter((f) => whyNot(f, m.spec.column, version, displayName(m.live)) === null)
-      .map((f) => `pg_constraint/${f.oid}`);
+      .map((f) => String(f.oid));
+    // With them, their clones on the partitions of a partitioned referencing table (dropped and re-created with them).
+    const rows = await sql`
+      with recursive tree as (
+        select c.oid from pg_catalog.pg_constraint c where c.oid = any(${oids}::oid[])
+        union all
+        select c.oid from pg_catalog.pg_constraint c join tree t on c.conparentid = t.oid)
+      select oid::int8 as oid from tree`;
+    return rows.map((r) => `pg_constraint/${String(r.oid)}`);
   },
 
   async carry(sql: AnySql, m: Migration, _to: SwitchTo): Promise<Carried[]> {

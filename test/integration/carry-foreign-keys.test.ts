@@ -239,3 +239,49 @@ describe("a spec the foreign key cannot follow", () => {
     expect(p.blockers.join("\n")).toContain(`foreign key ${orders}_notes_order_fkey on public.${orders}_notes`);
   });
 });
+
+describe("a foreign key of a partitioned table", () => {
+  const title =
+    "is refused by plan before PostgreSQL 18 (no NOT VALID foreign key on a partitioned table), carried on 18";
+  it(title, async () => {
+    const orders = "fk_orders_partref";
+    const table = { schema: "public", name: orders };
+    await db.admin.unsafe(`
+      create table ${orders} (id bigint primary key, note text);
+      insert into ${orders} select i, 'o' from generate_series(1, 200) i;
+      create table ${orders}_lines (id int, order_id bigint not null, primary key (id, order_id))
+        partition by hash (order_id);
+      create table ${orders}_lines_0 partition of ${orders}_lines for values with (modulus 2, remainder 0);
+      create table ${orders}_lines_1 partition of ${orders}_lines for values with (modulus 2, remainder 1);
+      alter table ${orders}_lines add constraint ${orders}_lines_fk foreign key (order_id)
+        references ${orders} (id) on delete cascade;
+      insert into ${orders}_lines select i, i from generate_series(1, 200) i;`);
+    const version = Number((await db.admin`select current_setting('server_version_num')::int as v`)[0]!.v);
+    const spec = parsePartitionSpec("hash:id:4");
+    const p = await planMigration(db.sql, table, { spec });
+    const label = `foreign key ${orders}_lines_fk on public.${orders}_lines`;
+    if (version < 180000) {
+      expect(p.blockers).toEqual([
+        `${label}: public.${orders}_lines is partitioned, and PostgreSQL before 18 cannot add a NOT VALID foreign ` +
+          `key to a partitioned table, so re-creating it would check every row of public.${orders}_lines while ` +
+          "the switch blocks writes",
+      ]);
+      return;
+    }
+    expect(p.blockers).toEqual([]);
+    await startMigration(db.sql, table, { spec, ...opts });
+    expect((await backfill(db.sql, table)).complete).toBe(true);
+    await cutover(db.sql, table, opts);
+    await swapBack(db.sql, table, opts);
+    await cutover(db.sql, table, opts);
+    const con = async () =>
+      db.admin`select c.confrelid = to_regclass(${`public.${orders}`}) as live, c.convalidated
+                 from pg_constraint c where c.conname = ${`${orders}_lines_fk`} and c.conparentid = 0`;
+    expect(await con()).toEqual([{ live: true, convalidated: true }]);
+    await db.admin.unsafe(`delete from ${orders} where id = 7`);
+    const left = await db.admin.unsafe(`select count(*)::int as n from ${orders}_lines where order_id = 7`);
+    expect(left[0]!.n).toBe(0);
+    await finalize(db.sql, table, { yes: true });
+    expect(await con()).toEqual([{ live: true, convalidated: true }]);
+  });
+});
