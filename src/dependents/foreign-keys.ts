@@ -44,16 +44,10 @@ const IncomingRow = z.object({
 export type IncomingForeignKey = z.infer<typeof IncomingRow>;
 
 /**
- * The foreign keys referencing `t` (their parent constraint when the referencing table is partitioned), with
- * (`definitions`) their definitions (pg_get_constraintdef) read with search_path = pg_catalog for this statement
- * only (set_config(..., true) outside a transaction block: `sql` must not be inside one), so every name in them
- * is schema-qualified.
+ * The foreign keys referencing `t` (their parent constraint when the referencing table is partitioned), each
+ * with its definition (pg_get_constraintdef) naming the referenced table schema-qualified (qualifiedReference).
  */
-export async function incomingForeignKeys(
-  sql: AnySql,
-  t: QualifiedName,
-  definitions = false,
-): Promise<IncomingForeignKey[]> {
+export async function incomingForeignKeys(sql: AnySql, t: QualifiedName): Promise<IncomingForeignKey[]> {
   const rows = await sql`
     select c.oid::int8 as oid, c.conname::text as name,
            pg_catalog.format('%I.%I', n.nspname, r.relname) as rel,
@@ -66,15 +60,38 @@ export async function incomingForeignKeys(
               from unnest(c.confkey) with ordinality k(attnum, ord)
               join pg_catalog.pg_attribute a on a.attrelid = c.confrelid and a.attnum = k.attnum
               join pg_catalog.pg_type y on y.oid = a.atttypid) as reftypes,
-           case when ${definitions} then pg_catalog.pg_get_constraintdef(c.oid) else '' end as def,
+           pg_catalog.pg_get_constraintdef(c.oid) as def,
+           pg_catalog.format('%I.%I', fn.nspname, f.relname) as qref,
+           pg_catalog.format('%I', f.relname) as uref,
            pg_catalog.obj_description(c.oid, 'pg_constraint') as comment
-      from (select case when ${definitions} then pg_catalog.set_config('search_path', 'pg_catalog', true) end) path,
-           pg_catalog.pg_constraint c
+      from pg_catalog.pg_constraint c
       join pg_catalog.pg_class r on r.oid = c.conrelid
       join pg_catalog.pg_namespace n on n.oid = r.relnamespace
+      join pg_catalog.pg_class f on f.oid = c.confrelid
+      join pg_catalog.pg_namespace fn on fn.oid = f.relnamespace
      where c.contype = 'f' and c.confrelid = to_regclass(${quoteQualified(t)}) and c.conparentid = 0
      order by n.nspname, r.relname, c.conname`;
-  return z.array(IncomingRow).parse(rows);
+  return z
+    .array(IncomingRow.extend({ qref: z.string(), uref: z.string() }))
+    .parse(rows)
+    .map(({ qref, uref, ...fk }) => ({ ...fk, def: qualifiedReference(fk.def, qref, uref) }));
+}
+
+/**
+ * A foreign key's definition (pg_get_constraintdef) with the referenced table named `qualified` (`"s"."t"`
+ * quoted as format('%I.%I') quotes): pg_get_constraintdef leaves out the schema of a table the search_path
+ * shows (as `unqualified`), and the switch's statements must name it whatever the search_path of whoever runs
+ * them. The only name in a foreign key's definition is the referenced table's (MATCH, actions and columns aside).
+ */
+export function qualifiedReference(def: string, qualified: string, unqualified: string): string {
+  for (const name of [qualified, unqualified]) {
+    const at = def.indexOf(` REFERENCES ${name}(`);
+    if (at >= 0) {
+      const start = at + " REFERENCES ".length;
+      return def.slice(0, start) + qualified + def.slice(start + name.length);
+    }
+  }
+  return def;
 }
 
 /** The specs whose partition column is one of `cols`, the ones suiting each column's type first. */
@@ -166,7 +183,7 @@ export const foreignKeys: Carrier = {
 
   async plan(sql: AnySql, facts: TableFacts, spec: PartitionSpec): Promise<CarrierPlan> {
     const out: CarrierPlan = { lines: [], blockers: [] };
-    const fks = await incomingForeignKeys(sql, facts.table, true);
+    const fks = await incomingForeignKeys(sql, facts.table);
     const table = displayName(facts.table);
     for (const fk of fks) {
       const why = whyNot(fk, spec.column, facts.serverVersionNum, table);
@@ -208,7 +225,7 @@ export const foreignKeys: Carrier = {
 
   async carry(sql: AnySql, m: Migration, _to: SwitchTo): Promise<Carried[]> {
     const version = await serverVersion(sql);
-    const fks = await incomingForeignKeys(sql, m.live, true);
+    const fks = await incomingForeignKeys(sql, m.live);
     return fks.filter((f) => whyNot(f, m.spec.column, version, displayName(m.live)) === null).map(carried);
   },
 };

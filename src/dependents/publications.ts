@@ -45,18 +45,13 @@ export type ListedPublication = z.infer<typeof ListedRow>;
 
 /**
  * The publications that list `t` (pg_publication_rel), pgshift's own left out, with their row filter and column
- * list (PostgreSQL 15+; read with search_path = pg_catalog for this statement only when `definitions`: `sql`
- * must not be inside a transaction block then).
+ * list (PostgreSQL 15+). A row filter names no object outside pg_catalog (PostgreSQL allows only built-in
+ * immutable functions, operators and types in it: docs, CREATE PUBLICATION), so it reads the same under any
+ * search_path.
  */
-export async function listedPublications(
-  sql: AnySql,
-  t: QualifiedName,
-  definitions = false,
-): Promise<ListedPublication[]> {
+export async function listedPublications(sql: AnySql, t: QualifiedName): Promise<ListedPublication[]> {
   const v15 = Number((await sql`select current_setting('server_version_num')::int as v`)[0]?.v) >= 150000;
-  const filter = v15
-    ? sql`case when ${definitions} then pg_catalog.pg_get_expr(r.prqual, r.prrelid) end`
-    : sql`null::text`;
+  const filter = v15 ? sql`pg_catalog.pg_get_expr(r.prqual, r.prrelid)` : sql`null::text`;
   const columns = v15
     ? sql`(select array_agg(a.attname::text order by k.ord)
              from unnest(r.prattrs::int2[]) with ordinality k(attnum, ord)
@@ -70,8 +65,7 @@ export async function listedPublications(
                    join pg_catalog.pg_namespace n on n.oid = c.relnamespace
                   where o.prpubid = p.oid and o.prrelid <> r.prrelid and c.relkind = 'p'
                   order by 1) as "otherPartitioned"
-      from (select case when ${definitions} then pg_catalog.set_config('search_path', 'pg_catalog', true) end) path,
-           pg_catalog.pg_publication_rel r
+      from pg_catalog.pg_publication_rel r
       join pg_catalog.pg_publication p on p.oid = r.prpubid
      where r.prrelid = to_regclass(${quoteQualified(t)}) and p.pubname !~ ${OWN}
      order by p.pubname`;
@@ -117,7 +111,7 @@ export const publications: Carrier = {
     const shadow = displayName({ schema: t.schema, name: fitName(t.name, "_pgshift_shadow") });
     const retired = displayName({ schema: t.schema, name: fitName(t.name, "_pgshift_retired") });
     const key = shadowKey(facts.keyColumns ?? [], spec.column);
-    for (const p of await listedPublications(sql, t, true)) {
+    for (const p of await listedPublications(sql, t)) {
       const what =
         `publication ${p.name} (lists ${table}` +
         (p.columns ? `, columns (${p.columns.join(", ")})` : "") +
@@ -196,7 +190,7 @@ export const publications: Carrier = {
     // After the renames the table leaving the application has the copy's name of the next phase.
     const leaving = tablesIn(m, to).copy;
     const partitioned = to === "cutover";
-    return (await listedPublications(sql, m.live, true))
+    return (await listedPublications(sql, m.live))
       .filter((p) => p.name !== m.publication_name)
       .map((p) => {
         const pub = quoteIdent(p.name);

@@ -196,6 +196,11 @@ describe.each<{ mode: Mode }>([{ mode: "trigger" }, { mode: "logical" }])(
         const c1 = await cutover(db.sql, table, opts);
         await checkForeignKey(orders, "p");
         expect(c1.statements).toContain(`ALTER TABLE public.${orders}_items VALIDATE CONSTRAINT "${FK}"`);
+        // The referenced table schema-qualified, whatever the search_path of whoever runs the printed plan.
+        expect(c1.statements).toContain(
+          `ALTER TABLE public.${orders}_items ADD CONSTRAINT "${FK}" FOREIGN KEY (order_id) ` +
+            `REFERENCES public.${orders}(id) ON DELETE CASCADE NOT VALID`,
+        );
         await sleep(300);
         expect((await verify(db.sql, table, { chunkSize: 2000 })).equal).toBe(true);
         await swapBack(db.sql, table, opts);
