@@ -33,6 +33,9 @@ const IncomingRow = z.object({
   relName: z.string(),
   relkind: z.string(),
   self: z.boolean(),
+  /** The current user owns the referencing table (or is a member of its owner): ALTER TABLE needs it. */
+  owned: z.boolean(),
+  owner: z.string(),
   valid: z.boolean(),
   /** The referenced columns, in the order of the foreign key. */
   refcols: z.array(z.string()),
@@ -53,6 +56,7 @@ export async function incomingForeignKeys(sql: AnySql, t: QualifiedName): Promis
            pg_catalog.format('%I.%I', n.nspname, r.relname) as rel,
            n.nspname::text || '.' || r.relname::text as "relName",
            r.relkind::text as relkind, c.conrelid = c.confrelid as self, c.convalidated as valid,
+           pg_catalog.pg_has_role(r.relowner, 'USAGE') as owned, pg_catalog.pg_get_userbyid(r.relowner)::text as owner,
            (select array_agg(a.attname::text order by k.ord)
               from unnest(c.confkey) with ordinality k(attnum, ord)
               join pg_catalog.pg_attribute a on a.attrelid = c.confrelid and a.attnum = k.attnum) as refcols,
@@ -116,6 +120,11 @@ export function whyNot(fk: IncomingForeignKey, column: string, version: number, 
     return (
       "it references its own table: pgshift does not carry a self-referencing foreign key (the shadow would " +
       "have to reference its own rows before they are copied); drop it, and add it again after finalize"
+    );
+  if (!fk.owned)
+    return (
+      `the current user does not own ${fk.relName} (owner: ${fk.owner}), and only its owner may drop and add ` +
+      "its foreign key at each switch: run pgshift as that role (or a member of it)"
     );
   if (fk.relkind === "p" && version < 180000)
     return (
