@@ -1,5 +1,6 @@
 import { columnDrift, indexDrift, lateObjectLines } from "./catalog/drift.js";
 import type { Sql } from "./db.js";
+import { pendingValidations } from "./dependents/foreign-keys.js";
 import { pendingRebuilds } from "./dependents/materialized-views.js";
 import { PgshiftError } from "./errors.js";
 import { type Liveness, liveness, nextStepFor } from "./liveness.js";
@@ -66,8 +67,9 @@ export interface StatusReport {
    */
   lateObjects: string[];
   /**
-   * Work a switch left to do after its COMMIT that has not finished (a materialized view not rebuilt yet from the
-   * live table), one line each with what finishes it.
+   * Work a switch left for carried-over objects (src/dependents) to do after its COMMIT that has not finished, one
+   * line each with what finishes it: a materialized view not yet rebuilt from the live table (pendingRebuilds), a
+   * foreign key of another table referencing the live table not yet validated (pendingValidations).
    */
   pending: string[];
   /**
@@ -194,12 +196,15 @@ export async function status(
     schemaDrift: await columnDrift(sql, m),
     indexDrift: await indexDrift(sql, m),
     lateObjects: await lateObjectLines(sql, m),
-    pending: (await pendingRebuilds(sql, m)).map(
-      (p) =>
-        `${p.label} still reads ${displayName(m.copy)}: its rebuild from ${displayName(m.live)} after the last ` +
-        `switch did not finish; ${m.phase === "cutover" ? "pgshift finalize finishes it first, and " : ""}the next ` +
-        `switch makes it read the table then live`,
-    ),
+    pending: [
+      ...(await pendingRebuilds(sql, m)).map(
+        (p) =>
+          `${p.label} still reads ${displayName(m.copy)}: its rebuild from ${displayName(m.live)} after the last ` +
+          `switch did not finish; ${m.phase === "cutover" ? "pgshift finalize finishes it first, and " : ""}the next ` +
+          `switch makes it read the table then live`,
+      ),
+      ...(await pendingValidations(sql, m)),
+    ],
     ddlGuard: await ddlGuardState(sql).then((g) => (g.enabled ? "on" : g.installed ? "disabled" : "missing")),
     stream,
     lastVerify: m.last_verify,

@@ -1,6 +1,7 @@
 import { z } from "zod";
 import type { AnySql } from "../db.js";
 import { type DeferredIndex, extendIndexKey } from "../ddl/shadow.js";
+import { incomingForeignKeys, serverVersion, whyNot } from "../dependents/foreign-keys.js";
 import { claimedObjects } from "../dependents/index.js";
 import { PgshiftError } from "../errors.js";
 import type { Migration } from "../migration/state.js";
@@ -589,11 +590,14 @@ async function dependentsOf(
       )[0];
       if (!x) continue;
       const rel = String(x.rel);
+      // Why the foreign-key carrier (src/dependents/foreign-keys.ts) does not carry it.
+      const fk = (await incomingForeignKeys(sql, t)).find((f) => f.oid === id);
+      const why = fk ? whyNot(fk, m.spec.column, await serverVersion(sql), tn) : null;
       out.push({
         label: `foreign key ${String(x.name)} on ${rel}`,
         before: [`ALTER TABLE ${rel} DROP CONSTRAINT ${quoteIdent(String(x.name))}`],
         after: [`ALTER TABLE ${rel} ADD CONSTRAINT ${quoteIdent(String(x.name))} ${String(x.def)}`],
-        advice: "after cutover it needs a unique key of exactly the referenced columns on the partitioned table",
+        advice: why ?? "after cutover it needs a unique key of exactly the referenced columns on the partitioned table",
       });
     } else if (r.catalog === "pg_publication_rel") {
       const x = (

@@ -8,14 +8,22 @@ import type { Migration } from "../migration/state.js";
 import type { QualifiedName } from "../names.js";
 import type { PartitionSpec } from "../partitioning/spec.js";
 import type { Carried, Carrier, CarrierPlan, SwitchTo } from "./carrier.js";
+import { foreignKeys } from "./foreign-keys.js";
 import { functionsCarrier } from "./functions.js";
 import { materializedViewsCarrier } from "./materialized-views.js";
+import { publications } from "./publications.js";
 import { viewsCarrier } from "./views.js";
 
 export type { Carried, Carrier, CarrierPlan, SwitchTo } from "./carrier.js";
 
 /** The carriers, in the order their statements run in a switch's transaction. */
-export const CARRIERS: readonly Carrier[] = [functionsCarrier, viewsCarrier, materializedViewsCarrier];
+export const CARRIERS: readonly Carrier[] = [
+  functionsCarrier,
+  viewsCarrier,
+  materializedViewsCarrier,
+  foreignKeys,
+  publications,
+];
 
 /** What `plan` says about every kind of dependent object (CarrierPlan), merged in carrier order. */
 export async function planDependents(sql: AnySql, facts: TableFacts, spec: PartitionSpec): Promise<CarrierPlan> {

@@ -491,9 +491,9 @@ describe("an object created between the check and the lock", () => {
 
 describe("other objects that depend on the live table", () => {
   it(
-    "a rule, another table's foreign key, a column of its row type, a publication, a CHECK constraint, extended " +
-      "statistics and a unique constraint make cutover refuse naming each; the hint's first statements clear the " +
-      "way",
+    "a rule, another table's foreign key (on id: the month spec cannot carry it), a column of its row type, a " +
+      "CHECK constraint, extended statistics and a unique constraint make cutover refuse naming each; the hint's " +
+      "first statements clear the way; a publication created after start is carried over",
     async () => {
       const name = "late_other";
       await startAndBackfill(name);
@@ -514,7 +514,6 @@ describe("other objects that depend on the live table", () => {
         `rule late_other_keep on public.${name}`,
         "foreign key late_other_child_order_id_fkey on public.late_other_child",
         `column snap of public.late_other_snap (of the row type of public.${name})`,
-        `publication late_other_pub (of public.${name})`,
         `check constraint late_other_note_len on public.${name}`,
         `statistics public.late_other_st on public.${name}`,
         `unique constraint late_other_note_key on public.${name} (UNIQUE (note))`,
@@ -522,7 +521,8 @@ describe("other objects that depend on the live table", () => {
       );
       expect(await snapshot(name)).toEqual(before);
       const st = await statusOf(name);
-      expect(st.lateObjects).toHaveLength(7);
+      expect(st.lateObjects).toHaveLength(6);
+      expect(st.lateObjects.join("\n")).not.toContain("late_other_pub");
       // The statements before the cutover (drop, or create on the partitioned table too): then it goes through.
       const h = hintStatements(refused);
       expect(h.before).toContain(
@@ -533,6 +533,12 @@ describe("other objects that depend on the live table", () => {
       expect((await statusOf(name)).lateObjects).toEqual([]);
       await cutover(db.sql, { schema: "public", name }, opts);
       expect((await loadMigration(db.sql, { schema: "public", name }))?.phase).toBe("cutover");
+      // The publication follows the live table (src/dependents/publications.ts).
+      const pub = await db.admin`
+        select r.prrelid = to_regclass(${`public.${name}`}) as live, c.relkind::text as relkind
+          from pg_publication_rel r join pg_publication p on p.oid = r.prpubid join pg_class c on c.oid = r.prrelid
+         where p.pubname = 'late_other_pub'`;
+      expect(pub).toEqual([{ live: true, relkind: "p" }]);
     },
   );
 });

@@ -40,6 +40,14 @@ CREATE TABLE IF NOT EXISTS pgshift.migrations (
 );
 
 CREATE TABLE IF NOT EXISTS pgshift.schema_version (version int NOT NULL);
+-- A replica identity, so that a FOR ALL TABLES publication (which publishes this table too) does not make
+-- PostgreSQL refuse the files' UPDATE of it ("does not have a replica identity and publishes updates").
+DO $$
+BEGIN
+  IF (SELECT relreplident FROM pg_catalog.pg_class WHERE oid = 'pgshift.schema_version'::regclass) <> 'f' THEN
+    ALTER TABLE pgshift.schema_version REPLICA IDENTITY FULL;
+  END IF;
+END $$;
 
 -- Lets application roles call the identity default functions (pgshift.nextval_*); tables stay private.
 GRANT USAGE ON SCHEMA pgshift TO PUBLIC;
