@@ -390,7 +390,7 @@ async function lateIndexes(
  * - indexes (valid ones, not among the indexes start gave the partitioned table, `m.index_renames`) the copy
  *   has no counterpart of (sameIndex): `indexes`, which cutover builds on the copy before its lock;
  * - everything else pg_depend records as depending on the live table or its row type: views and materialized
- *   views, rules, triggers, row-level security policies the copy lacks, functions and procedures (SQL bodies
+ *   views, rules, triggers (not those a carrier moves: src/dependents), functions and procedures (SQL bodies
  *   with BEGIN ATOMIC, row-type arguments), foreign keys of other tables, publications, columns and typed
  *   tables of the row type, CHECK and foreign-key constraints and extended statistics the copy lacks, unique,
  *   primary-key and exclusion constraints added since start: `dependents`, with the statements that move them
@@ -453,7 +453,7 @@ export async function lateObjectLines(sql: AnySql, m: Migration): Promise<string
 
 /**
  * What depends on `t` (pg_depend, on the table or on its row type) other than its own parts, pgshift's
- * objects, and what `copy` has the same of (policies, CHECK and foreign-key constraints, extended statistics),
+ * objects, and what `copy` has the same of (CHECK and foreign-key constraints, extended statistics),
  * with the statements that move each (see lateObjects). `copy` null: list them all, with no statements (status
  * uses it for the copy's own dependents).
  */
@@ -628,11 +628,7 @@ async function dependentsOf(
     }
   }
   if (copy === null) return out;
-  out.push(
-    ...(await policiesLacking(sql, t, copy)),
-    ...(await constraintsLacking(sql, t, copy)),
-    ...(await statisticsLacking(sql, t, copy)),
-  );
+  out.push(...(await constraintsLacking(sql, t, copy)), ...(await statisticsLacking(sql, t, copy)));
   return out;
 }
 
@@ -643,24 +639,6 @@ function policySql(p: z.infer<typeof PolicyRow>, on: QualifiedName): string {
     (p.qual !== null ? ` USING (${oneLine(p.qual)})` : "") +
     (p.with_check !== null ? ` WITH CHECK (${oneLine(p.with_check)})` : "")
   );
-}
-
-async function policiesOf(sql: AnySql, t: QualifiedName): Promise<z.infer<typeof PolicyRow>[]> {
-  const rows = await sql`
-    select policyname::text as name, permissive, roles::text[] as roles, cmd, qual, with_check
-      from pg_catalog.pg_policies where schemaname = ${t.schema} and tablename = ${t.name} order by policyname`;
-  return z.array(PolicyRow).parse(rows);
-}
-
-/** Row-level security policies of `t` that `copy` has no policy of the same name and definition of. */
-async function policiesLacking(sql: AnySql, t: QualifiedName, copy: QualifiedName): Promise<LateDependent[]> {
-  const [mine, theirs] = await Promise.all([policiesOf(sql, t), policiesOf(sql, copy)]);
-  const key = (p: z.infer<typeof PolicyRow>) =>
-    JSON.stringify([p.name, p.permissive, [...p.roles].sort(), p.cmd, p.qual, p.with_check]);
-  const have = new Set(theirs.map(key));
-  return mine
-    .filter((p) => !have.has(key(p)))
-    .map((p) => ({ label: `policy ${p.name} on ${displayName(t)}`, before: [policySql(p, copy)], after: [] }));
 }
 
 /**

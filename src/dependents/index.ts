@@ -8,11 +8,13 @@ import type { Migration } from "../migration/state.js";
 import type { QualifiedName } from "../names.js";
 import type { PartitionSpec } from "../partitioning/spec.js";
 import type { Carried, Carrier, CarrierPlan, SwitchTo } from "./carrier.js";
+import { policiesCarrier } from "./policies.js";
+import { triggersCarrier } from "./triggers.js";
 
 export type { Carried, Carrier, CarrierPlan, SwitchTo } from "./carrier.js";
 
 /** The carriers, in the order their statements run in a switch's transaction. */
-export const CARRIERS: readonly Carrier[] = [];
+export const CARRIERS: readonly Carrier[] = [triggersCarrier, policiesCarrier];
 
 /** What `plan` says about every kind of dependent object (CarrierPlan), merged in carrier order. */
 export async function planDependents(sql: AnySql, facts: TableFacts, spec: PartitionSpec): Promise<CarrierPlan> {

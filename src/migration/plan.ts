@@ -193,10 +193,8 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   };
   list("dependent views", dep.views);
   list("rules", dep.rules);
-  list("row-level security policies", dep.policies);
   list("incoming foreign keys", dep.incomingForeignKeys);
   list("publications", dep.publications);
-  list("user triggers", dep.triggers);
   // A partitioned table or a partition is refused above; its partitions or parent need no second line.
   if (facts.relkind !== "p" && !facts.isPartition) list("inheritance (parent or child tables)", dep.inheritance);
   list("exclusion constraints", dep.exclusionConstraints);
