@@ -96,7 +96,8 @@ describe.each(["trigger", "logical"] as Mode[])("user triggers follow the live t
       create trigger t_updated_at before update on ${t} for each row execute function touch();
       create trigger t_audit after insert or update or delete on ${t} for each row execute function audit_row('app');
       comment on trigger t_audit on ${t} is 'one audit row per write';
-      create trigger t_stmt after insert or update or delete on ${t} for each statement execute function audit_stmt('app');
+      create trigger t_stmt after insert or update or delete on ${t} for each statement
+        execute function audit_stmt('app');
       create trigger t_when after update on ${t} for each row when (old.status is distinct from new.status)
         execute function audit_row('app-status');
       create trigger t_disabled after insert on ${t} for each row execute function boom();
