@@ -1,8 +1,9 @@
 /**
  * Row-level security follows the live table (issue 15): its policies, ENABLE / FORCE ROW LEVEL SECURITY, and
- * the table's and columns' privileges. start gives the shadow all of them as the table has them; at every
- * switch the table that becomes live is made equal to the live table as it is then, so a policy created,
- * changed or dropped, RLS enabled or disabled, or a GRANT or REVOKE made during the migration follows too.
+ * the table's and columns' privileges. start gives the shadow ENABLE / FORCE and the privileges (not the
+ * policies: nobody but pgshift reads the shadow); at every switch the table that becomes live is made equal to
+ * the live table as it is then, so a policy created, changed or dropped, RLS enabled or disabled, or a GRANT or
+ * REVOKE made during the migration follows too.
  * The mirror writes the copy as pgshift's role (SECURITY DEFINER: the owner, or a role bypassing row
  * security), so the copy's own policies and privileges never get in its way.
  */
@@ -150,9 +151,10 @@ export const policiesCarrier: Carrier = {
     const out: CarrierPlan = { lines: [], blockers: [] };
     const table = displayName(facts.table);
     const carried =
-      "start creates it on the shadow; at every switch the table becoming live gets the live table's policies as " +
-      "they are then (dropped and created again), so one created, changed or dropped meanwhile follows too; " +
-      "the mirror's writes (as pgshift's role) are not subject to it";
+      "at every switch (cutover, swap-back) the table becoming live gets the live table's policies as they are " +
+      "then (its own dropped, the live table's created), so one created, changed or dropped meanwhile follows " +
+      "too; the retired table keeps its own until finalize drops it; the mirror's writes (as pgshift's role) are " +
+      "not subject to them";
     for (const p of await policiesOf(sql, facts.table)) {
       out.lines.push(
         `policy ${p.name} on ${table} (${p.permissive ? "PERMISSIVE" : "RESTRICTIVE"} FOR ` +
