@@ -507,6 +507,8 @@ async function dependentsOf(
   for (const r of z.array(DepRow).parse(rows)) {
     const id = r.objid;
     if (claimed.has(`${r.catalog}/${id}`)) continue;
+    // A user trigger on the copy is the trigger carrier's disabled leftover: abort and finalize drop it with the table.
+    if (copy === null && r.catalog === "pg_trigger") continue;
     const desc = r.description ?? `${r.catalog} ${id}`;
     if (copy === null) {
       out.push({ label: desc, before: [], after: [] });
