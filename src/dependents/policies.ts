@@ -34,6 +34,10 @@ const COMMANDS: Record<string, string> = { r: "SELECT", a: "INSERT", w: "UPDATE"
 
 /** The policies of `t`, by name, expressions schema-qualified (readQualified); roles quoted (PUBLIC as such). */
 async function policiesOf(sql: AnySql, t: QualifiedName): Promise<PolicyRow[]> {
+  // A plain look first: a table without policies (most) costs no transaction of its own.
+  const any = await sql`select exists (select from pg_catalog.pg_policy
+                                        where polrelid = pg_catalog.to_regclass(${quoteQualified(t)})) as any`;
+  if (!any[0]?.any) return [];
   return readQualified(sql, async (s) => {
     const rows = await s`
       select p.oid::int8 as oid, p.polname::text as name, p.polpermissive as permissive, p.polcmd::text as cmd,

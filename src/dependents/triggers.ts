@@ -66,6 +66,13 @@ type TriggerRow = z.infer<typeof TriggerRow>;
  * function is in schema pgshift), by name, their definitions schema-qualified (readQualified).
  */
 async function userTriggers(sql: AnySql, t: QualifiedName): Promise<TriggerRow[]> {
+  // A plain look first: a table without user triggers (most) costs no transaction of its own.
+  const any = await sql`
+    select exists (select from pg_catalog.pg_trigger g join pg_catalog.pg_proc p on p.oid = g.tgfoid
+                     join pg_catalog.pg_namespace n on n.oid = p.pronamespace
+                    where g.tgrelid = pg_catalog.to_regclass(${quoteQualified(t)}) and not g.tgisinternal
+                      and n.nspname <> 'pgshift') as any`;
+  if (!any[0]?.any) return [];
   return readQualified(sql, async (s) => {
     const rows = await s`
       select g.oid::int8 as oid, g.tgname::text as name, pg_catalog.pg_get_triggerdef(g.oid) as def,
