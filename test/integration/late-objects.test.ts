@@ -378,7 +378,7 @@ describe("a trigger and a policy created during the migration", () => {
     "are carried over by cutover and swap-back without a refusal; one dropped while live leaves the other table at " +
       "the next switch",
     async () => {
-      const name = "late_carried";
+      const name = "late_trgpol";
       await startAndBackfill(name);
       const table = { schema: "public", name };
       const live = `public.${name}`;
@@ -399,9 +399,9 @@ describe("a trigger and a policy created during the migration", () => {
         return r.map((x) => x.note);
       };
       await db.admin.unsafe(`
-        create function late_carried_touch() returns trigger language plpgsql as $$
+        create function late_trgpol_touch() returns trigger language plpgsql as $$
           begin new.note := coalesce(new.note, 'touched by ' || TG_ARGV[0]); return new; end $$;
-        create trigger late_touch before insert on ${name} for each row execute function late_carried_touch('first');
+        create trigger late_touch before insert on ${name} for each row execute function late_trgpol_touch('first');
         create policy late_recent on ${name} using (created_at > '2020-01-01');`);
       expect((await statusOf(name)).lateObjects).toEqual([]);
       await cutover(db.sql, table, opts);
@@ -413,7 +413,7 @@ describe("a trigger and a policy created during the migration", () => {
       // On the partitioned table after cutover: one trigger dropped, another created, a policy created.
       await db.admin.unsafe(`
         drop trigger late_touch on ${name};
-        create trigger late_second before insert on ${name} for each row execute function late_carried_touch('second');
+        create trigger late_second before insert on ${name} for each row execute function late_trgpol_touch('second');
         create policy late_after on ${name} for select using (true);`);
       expect((await statusOf(name)).lateObjects).toEqual([]);
       await swapBack(db.sql, table, opts);
