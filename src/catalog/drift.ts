@@ -498,7 +498,9 @@ async function dependentsOf(
                   select from pg_catalog.pg_publication_rel r join pg_catalog.pg_publication b on b.oid = r.prpubid
                    where r.oid = d.objid and (b.pubname = ${m.publication_name ?? ""} or b.pubname ~
                      '^pgshift_[0-9]+$')))
-       and d.classid not in ('pg_catalog.pg_statistic_ext'::regclass, 'pg_catalog.pg_policy'::regclass)
+       and not (d.classid = 'pg_catalog.pg_policy'::regclass and exists (select from pg_catalog.pg_policy p
+         where p.oid = d.objid and p.polrelid = (select oid from t)))
+       and d.classid <> 'pg_catalog.pg_statistic_ext'::regclass
      order by 1, 2, 3`;
   const out: LateDependent[] = [];
   const tn = displayName(t);
@@ -557,16 +559,24 @@ async function dependentsOf(
         after: [oneLine(String(x.def))],
       });
     } else if (r.catalog === "pg_policy") {
-      const p = PolicyRow.parse(
-        (
-          await sql`
-        select p.policyname::text as name, p.permissive, p.roles::text[] as roles, p.cmd, p.qual, p.with_check
-          from pg_catalog.pg_policies p join pg_catalog.pg_policy o on o.polname = p.policyname and o.polrelid
-            = to_regclass(${tq})
-         where o.oid = ${id} and p.schemaname = ${t.schema} and p.tablename = ${t.name}`
-        )[0],
-      );
-      out.push({ label: `policy ${p.name} on ${tn}`, before: [policySql(p, copy)], after: [] });
+      // Another table's policy whose expression reads this table (its own policies are carried: src/dependents).
+      const x = (
+        await sql`
+        select p.policyname::text as name, p.permissive, p.roles::text[] as roles, p.cmd, p.qual, p.with_check,
+               p.schemaname::text as schema, p.tablename::text as table
+          from pg_catalog.pg_policies p join pg_catalog.pg_policy o on o.polname = p.policyname
+          join pg_catalog.pg_class c on c.oid = o.polrelid and c.relname = p.tablename
+          join pg_catalog.pg_namespace n on n.oid = c.relnamespace and n.nspname = p.schemaname
+         where o.oid = ${id}`
+      )[0];
+      if (!x) continue;
+      const p = PolicyRow.parse(x);
+      const on = { schema: String(x.schema), name: String(x.table) };
+      out.push({
+        label: `policy ${p.name} on ${displayName(on)} (it reads ${tn})`,
+        before: [`DROP POLICY ${quoteIdent(p.name)} ON ${quoteQualified(on)}`],
+        after: [policySql(p, on)],
+      });
     } else if (r.catalog === "pg_proc") {
       const x = (
         await sql`

@@ -376,7 +376,7 @@ describe("objects created on the partitioned live table after cutover", () => {
 describe("a trigger and a policy created during the migration", () => {
   it(
     "are carried over by cutover and swap-back without a refusal; one dropped while live leaves the other table at " +
-      "the next switch",
+      "the next switch; another table's policy reading the table is refused by name",
     async () => {
       const name = "late_trgpol";
       await startAndBackfill(name);
@@ -404,6 +404,18 @@ describe("a trigger and a policy created during the migration", () => {
         create trigger late_touch before insert on ${name} for each row execute function late_trgpol_touch('first');
         create policy late_recent on ${name} using (created_at > '2020-01-01');`);
       expect((await statusOf(name)).lateObjects).toEqual([]);
+      // Another table's policy reading the table is not carried: refused by name, with its statements.
+      await db.admin.unsafe(`create table ${name}_other (id bigint);
+        create policy late_other_reads on ${name}_other using (id in (select id from ${name}))`);
+      const refused = await pgshift(["cutover", name]);
+      expectRefusal(
+        refused,
+        "cannot cut over",
+        `policy late_other_reads on public.${name}_other (it reads public.${name})`,
+        "nothing was changed",
+      );
+      expect(hintStatements(refused).before).toBe(`DROP POLICY "late_other_reads" ON "public"."${name}_other";`);
+      await db.admin.unsafe(`drop policy late_other_reads on ${name}_other`);
       await cutover(db.sql, table, opts);
       expect(await triggers(live)).toEqual(["late_touch:O"]);
       expect(await triggers(retired)).toEqual(["late_touch:D"]);
