@@ -391,7 +391,7 @@ async function lateIndexes(
  * - indexes (valid ones, not among the indexes start gave the partitioned table, `m.index_renames`) the copy
  *   has no counterpart of (sameIndex): `indexes`, which cutover builds on the copy before its lock;
  * - everything else pg_depend records as depending on the live table or its row type: views and materialized
- *   views, rules, triggers, row-level security policies the copy lacks, functions and procedures (SQL bodies
+ *   views, rules, triggers (not those a carrier moves: src/dependents), functions and procedures (SQL bodies
  *   with BEGIN ATOMIC, row-type arguments), foreign keys of other tables, publications, columns and typed
  *   tables of the row type, CHECK and foreign-key constraints and extended statistics the copy lacks, unique,
  *   primary-key and exclusion constraints added since start: `dependents`, with the statements that move them
@@ -454,7 +454,7 @@ export async function lateObjectLines(sql: AnySql, m: Migration): Promise<string
 
 /**
  * What depends on `t` (pg_depend, on the table or on its row type) other than its own parts, pgshift's
- * objects, and what `copy` has the same of (policies, CHECK and foreign-key constraints, extended statistics),
+ * objects, and what `copy` has the same of (CHECK and foreign-key constraints, extended statistics),
  * with the statements that move each (see lateObjects). `copy` null: list them all, with no statements (status
  * uses it for the copy's own dependents).
  */
@@ -499,7 +499,9 @@ async function dependentsOf(
                   select from pg_catalog.pg_publication_rel r join pg_catalog.pg_publication b on b.oid = r.prpubid
                    where r.oid = d.objid and (b.pubname = ${m.publication_name ?? ""} or b.pubname ~
                      '^pgshift_[0-9]+$')))
-       and d.classid not in ('pg_catalog.pg_statistic_ext'::regclass, 'pg_catalog.pg_policy'::regclass)
+       and not (d.classid = 'pg_catalog.pg_policy'::regclass and exists (select from pg_catalog.pg_policy p
+         where p.oid = d.objid and p.polrelid = (select oid from t)))
+       and d.classid <> 'pg_catalog.pg_statistic_ext'::regclass
      order by 1, 2, 3`;
   const out: LateDependent[] = [];
   const tn = displayName(t);
@@ -508,6 +510,8 @@ async function dependentsOf(
   for (const r of z.array(DepRow).parse(rows)) {
     const id = r.objid;
     if (claimed.has(`${r.catalog}/${id}`)) continue;
+    // A user trigger on the copy is the trigger carrier's disabled leftover: abort and finalize drop it with the table.
+    if (copy === null && r.catalog === "pg_trigger") continue;
     const desc = r.description ?? `${r.catalog} ${id}`;
     if (copy === null) {
       out.push({ label: desc, before: [], after: [] });
@@ -556,16 +560,24 @@ async function dependentsOf(
         after: [oneLine(String(x.def))],
       });
     } else if (r.catalog === "pg_policy") {
-      const p = PolicyRow.parse(
-        (
-          await sql`
-        select p.policyname::text as name, p.permissive, p.roles::text[] as roles, p.cmd, p.qual, p.with_check
-          from pg_catalog.pg_policies p join pg_catalog.pg_policy o on o.polname = p.policyname and o.polrelid
-            = to_regclass(${tq})
-         where o.oid = ${id} and p.schemaname = ${t.schema} and p.tablename = ${t.name}`
-        )[0],
-      );
-      out.push({ label: `policy ${p.name} on ${tn}`, before: [policySql(p, copy)], after: [] });
+      // Another table's policy whose expression reads this table (its own policies are carried: src/dependents).
+      const x = (
+        await sql`
+        select p.policyname::text as name, p.permissive, p.roles::text[] as roles, p.cmd, p.qual, p.with_check,
+               p.schemaname::text as schema, p.tablename::text as table
+          from pg_catalog.pg_policies p join pg_catalog.pg_policy o on o.polname = p.policyname
+          join pg_catalog.pg_class c on c.oid = o.polrelid and c.relname = p.tablename
+          join pg_catalog.pg_namespace n on n.oid = c.relnamespace and n.nspname = p.schemaname
+         where o.oid = ${id}`
+      )[0];
+      if (!x) continue;
+      const p = PolicyRow.parse(x);
+      const on = { schema: String(x.schema), name: String(x.table) };
+      out.push({
+        label: `policy ${p.name} on ${displayName(on)} (it reads ${tn})`,
+        before: [`DROP POLICY ${quoteIdent(p.name)} ON ${quoteQualified(on)}`],
+        after: [policySql(p, on)],
+      });
     } else if (r.catalog === "pg_proc") {
       const x = (
         await sql`
@@ -632,11 +644,7 @@ async function dependentsOf(
     }
   }
   if (copy === null) return out;
-  out.push(
-    ...(await policiesLacking(sql, t, copy)),
-    ...(await constraintsLacking(sql, t, copy)),
-    ...(await statisticsLacking(sql, t, copy)),
-  );
+  out.push(...(await constraintsLacking(sql, t, copy)), ...(await statisticsLacking(sql, t, copy)));
   return out;
 }
 
@@ -647,24 +655,6 @@ function policySql(p: z.infer<typeof PolicyRow>, on: QualifiedName): string {
     (p.qual !== null ? ` USING (${oneLine(p.qual)})` : "") +
     (p.with_check !== null ? ` WITH CHECK (${oneLine(p.with_check)})` : "")
   );
-}
-
-async function policiesOf(sql: AnySql, t: QualifiedName): Promise<z.infer<typeof PolicyRow>[]> {
-  const rows = await sql`
-    select policyname::text as name, permissive, roles::text[] as roles, cmd, qual, with_check
-      from pg_catalog.pg_policies where schemaname = ${t.schema} and tablename = ${t.name} order by policyname`;
-  return z.array(PolicyRow).parse(rows);
-}
-
-/** Row-level security policies of `t` that `copy` has no policy of the same name and definition of. */
-async function policiesLacking(sql: AnySql, t: QualifiedName, copy: QualifiedName): Promise<LateDependent[]> {
-  const [mine, theirs] = await Promise.all([policiesOf(sql, t), policiesOf(sql, copy)]);
-  const key = (p: z.infer<typeof PolicyRow>) =>
-    JSON.stringify([p.name, p.permissive, [...p.roles].sort(), p.cmd, p.qual, p.with_check]);
-  const have = new Set(theirs.map(key));
-  return mine
-    .filter((p) => !have.has(key(p)))
-    .map((p) => ({ label: `policy ${p.name} on ${displayName(t)}`, before: [policySql(p, copy)], after: [] }));
 }
 
 /**

@@ -11,13 +11,17 @@ import type { Carried, Carrier, CarrierPlan, SwitchTo } from "./carrier.js";
 import { foreignKeys } from "./foreign-keys.js";
 import { functionsCarrier } from "./functions.js";
 import { materializedViewsCarrier } from "./materialized-views.js";
+import { policiesCarrier } from "./policies.js";
 import { publications } from "./publications.js";
+import { triggersCarrier } from "./triggers.js";
 import { viewsCarrier } from "./views.js";
 
 export type { Carried, Carrier, CarrierPlan, SwitchTo } from "./carrier.js";
 
 /** The carriers, in the order their statements run in a switch's transaction. */
 export const CARRIERS: readonly Carrier[] = [
+  triggersCarrier,
+  policiesCarrier,
   functionsCarrier,
   viewsCarrier,
   materializedViewsCarrier,

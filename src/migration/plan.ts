@@ -223,8 +223,6 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     if (xs.length > 0) blockers.push(`${what}: ${xs.join(", ")} (not carried over yet; drop or detach them first)`);
   };
   list("rules", dep.rules);
-  list("row-level security policies", dep.policies);
-  list("user triggers", dep.triggers);
   // A partitioned table or a partition is refused above; its partitions or parent need no second line.
   if (facts.relkind !== "p" && !facts.isPartition) list("inheritance (parent or child tables)", dep.inheritance);
   if (dep.exclusionConstraints.length > 0) blockers.push(...(await exclusionBlockers(sql, facts, spec.column)));

@@ -128,12 +128,16 @@ beforeAll(async () => {
     create materialized view dep_view_summary as select count(*) as n from dep_view;
     create materialized view dep_view_summary2 as select n from dep_view_summary;
     create rule dep_rule_ignore as on delete to dep_rule do instead nothing;
-    alter table dep_policy enable row level security;
-    create policy dep_policy_tenant on dep_policy using (id > 0);
+    -- pgshift carries the table's own policies and triggers; not another table's policy reading it, nor a row
+    -- trigger with transition tables, which PostgreSQL refuses on a partitioned table.
+    create table dep_policy_other (id int);
+    alter table dep_policy_other enable row level security;
+    create policy dep_policy_tenant on dep_policy_other using (id in (select id from dep_policy));
     create table dep_fk_child (id int primary key, parent_id int references dep_fk (id));
     create publication dep_pub_feed for table dep_pub;
     create function dep_trigger_touch() returns trigger language plpgsql as $$ begin return new; end $$;
-    create trigger dep_trigger_audit before update on dep_trigger for each row execute function dep_trigger_touch();
+    create trigger dep_trigger_audit after insert on dep_trigger referencing new table as added for each row
+      execute function dep_trigger_touch();
     grant select (id) on dep_colgrant to public;
     create table dep_inherit_child (note text) inherits (dep_inherit);
   `);
@@ -291,9 +295,9 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
     },
     { name: "a rule", table: "dep_rule", mentions: ["rules", "dep_rule_ignore"] },
     {
-      name: "a row-level security policy",
+      name: "another table's row-level security policy reading it",
       table: "dep_policy",
-      mentions: ["row-level security policies", "dep_policy_tenant"],
+      mentions: ["policy dep_policy_tenant on dep_policy_other reads public.dep_policy"],
     },
     {
       name: "an incoming foreign key",
@@ -301,7 +305,11 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
       mentions: ["incoming foreign keys", "dep_fk_child_parent_id_fkey", "dep_fk_child"],
     },
     { name: "a publication", table: "dep_pub", mentions: ["publications", "dep_pub_feed"] },
-    { name: "a user trigger", table: "dep_trigger", mentions: ["user triggers", "dep_trigger_audit"] },
+    {
+      name: "a row trigger with transition tables",
+      table: "dep_trigger",
+      mentions: ["trigger dep_trigger_audit is FOR EACH ROW with transition tables (REFERENCING)"],
+    },
     {
       name: "a child table (INHERITS)",
       table: "dep_inherit",

@@ -19,9 +19,10 @@ import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
  * - An index created on the live table is built on the copy before the switch takes its lock (never under
  *   it), is valid on the table the application writes at every step, and has its original name after finalize,
  *   under concurrent writes checked against an independent twin.
- * - A view and a function with a BEGIN ATOMIC body follow the live table (src/dependents carries them).
- * - A trigger and a policy make cutover (and, created on the partitioned table after cutover, swap-back) refuse
- *   with exit 2, naming the object and the statements to run, with nothing changed; status lists them; the
+ * - A view, a function with a BEGIN ATOMIC body, a trigger and a policy created after start follow the live table
+ *   (src/dependents carries them; carry-triggers and carry-policies test the last two under load).
+ * - What cannot be carried (a rule) makes cutover (and, created on the partitioned table after cutover, swap-back)
+ *   refuse with exit 2, naming it and the statements to run, with nothing changed; status lists it; the
  *   statements of the hint work.
  * - Something created between the check and the lock is caught under the lock and rolled back.
  */
@@ -241,9 +242,9 @@ describe.each(["trigger", "logical"] as const)(
 );
 
 /**
- * Objects that cutover refuses for, each created on `table` by `create`, named in the refusal by `named`;
- * `check` tells whether it acts on the original table again after the round trip; `drop` removes it.
- * A policy is carried by creating it on the copy too (the hint's statement), so it does not come back.
+ * Objects created on `table` after start by `create`: carried by the switches (src/dependents), or refused by
+ * cutover naming them by `named`; `check` tells whether it acts on the original table again after the round trip;
+ * `drop` removes it.
  */
 const objects = (table: string) => [
   {
@@ -253,35 +254,6 @@ const objects = (table: string) => [
     named: `view public.${table}_v`,
     check: async () => expect(await viewReads(`public.${table}_v`)).toEqual([table]),
     drop: `drop view ${table}_v`,
-  },
-  {
-    what: "a trigger",
-    carried: false,
-    create:
-      `create function ${table}_touch() returns trigger language plpgsql as $$ begin new.note := ` +
-      `coalesce(new.note, 'touched'); return new; end $$;
-             create trigger ${table}_touch before insert on ${table} for each row execute function ${table}_touch()`,
-    named: `trigger ${table}_touch on public.${table}`,
-    check: async () => {
-      const r =
-        await db.admin`select count(*)::int as n from pg_trigger where tgrelid = to_regclass(${`public.${table}`}) and
-          tgname = ${`${table}_touch`}`;
-      expect(r[0]!.n).toBe(1);
-    },
-    drop: `drop trigger ${table}_touch on ${table}`,
-  },
-  {
-    what: "a policy",
-    carried: false,
-    create: `create policy ${table}_recent on ${table} using (created_at > '2020-01-01')`,
-    named: `policy ${table}_recent on public.${table}`,
-    check: async () => {
-      const r =
-        await db.admin`select array_agg(tablename::text order by tablename) as t from pg_policies where policyname =
-          ${`${table}_recent`}`;
-      expect(r[0]!.t).toEqual([table, `${table}_pgshift_shadow`]);
-    },
-    drop: `drop policy ${table}_recent on ${table}; drop policy ${table}_recent on ${table}_pgshift_shadow`,
   },
   {
     what: "a BEGIN ATOMIC function",
@@ -296,14 +268,27 @@ const objects = (table: string) => [
     },
     drop: `drop function ${table}_count()`,
   },
+  {
+    what: "a rule",
+    carried: false,
+    create: `create rule ${table}_notify as on delete to ${table} do also notify ${table}_deleted`,
+    named: `rule ${table}_notify on public.${table}`,
+    check: async () => {
+      const r = await db.admin`select ev_class::regclass::text as t from pg_rewrite where rulename =
+        ${`${table}_notify`}`;
+      expect(r.map((x) => x.t)).toEqual([table]);
+    },
+    drop: `drop rule ${table}_notify on ${table}`,
+  },
 ];
 
-describe("a trigger and a policy created after start", () => {
+describe("a rule created after start", () => {
   it(
     "each makes cutover refuse with exit 2 naming it, nothing changed; status lists it; the statements of the hint " +
       "carry it over and back",
     async () => {
       const name = "late_dep";
+      expect(objects(name).filter((x) => !x.carried)).toHaveLength(1);
       await startAndBackfill(name);
       for (const [i, o] of objects(name)
         .filter((x) => !x.carried)
@@ -333,24 +318,17 @@ describe("a trigger and a policy created after start", () => {
         await cutover(db.sql, { schema: "public", name }, opts);
         if (h.after) await db.admin.unsafe(h.after);
         const after = (await statusOf(name)).lateObjects;
-        if (o.what === "a policy") expect(after, o.what).toEqual([]);
-        else
-          expect(after.join("\n"), o.what).toContain(
-            `${o.named} depends on public.${name} and would stay with it as ` +
-              `public.${name}_pgshift_shadow: swap-back refuses`,
-          );
-        // The object now acts on the partitioned table (a policy: on both): swap-back refuses in turn, and its hint
-        // moves it back.
+        expect(after.join("\n"), o.what).toContain(
+          `${o.named} depends on public.${name} and would stay with it as ` +
+            `public.${name}_pgshift_shadow: swap-back refuses`,
+        );
+        // The object now acts on the partitioned table: swap-back refuses in turn, and its hint moves it back.
         const back = await pgshift(["swap-back", name]);
-        if (o.what !== "a policy") {
-          expectRefusal(back, "cannot swap back", o.named, "nothing was changed");
-          const hb = hintStatements(back);
-          if (hb.before) await db.admin.unsafe(hb.before);
-          await swapBack(db.sql, { schema: "public", name }, opts);
-          if (hb.after) await db.admin.unsafe(hb.after);
-        } else {
-          expect(back.code, describeRun(back)).toBe(0);
-        }
+        expectRefusal(back, "cannot swap back", o.named, "nothing was changed");
+        const hb = hintStatements(back);
+        if (hb.before) await db.admin.unsafe(hb.before);
+        await swapBack(db.sql, { schema: "public", name }, opts);
+        if (hb.after) await db.admin.unsafe(hb.after);
         await o.check();
         await db.admin.unsafe(o.drop);
         expect((await statusOf(name)).lateObjects, o.what).toEqual([]);
@@ -400,7 +378,7 @@ describe("a view and a BEGIN ATOMIC function created after start (carried, src/d
 
 describe("objects created on the partitioned live table after cutover", () => {
   it(
-    "swap-back builds an index on the retired table before its lock, and refuses for a trigger and a policy, " +
+    "swap-back builds an index on the retired table before its lock, and refuses for a rule, " +
       "naming each, nothing changed",
     async () => {
       const name = "late_back";
@@ -450,6 +428,76 @@ describe("objects created on the partitioned live table after cutover", () => {
       const st2 = await statusOf(name);
       expect(st2.phase).toBe("swapped_back");
       expect(st2.indexDrift).toEqual([]);
+    },
+  );
+});
+
+describe("a trigger and a policy created during the migration", () => {
+  it(
+    "are carried over by cutover and swap-back without a refusal; one dropped while live leaves the other table at " +
+      "the next switch; another table's policy reading the table is refused by name",
+    async () => {
+      const name = "late_trgpol";
+      await startAndBackfill(name);
+      const table = { schema: "public", name };
+      const live = `public.${name}`;
+      const retired = `public.${name}_pgshift_retired`;
+      const triggers = async (rel: string) =>
+        (
+          await db.admin`select tgname::text as n, tgenabled::text as e from pg_trigger
+                          where tgrelid = to_regclass(${rel}) and tgname like 'late\\_%' order by 1`
+        ).map((r) => `${String(r.n)}:${String(r.e)}`);
+      const policies = async (rel: string) =>
+        (await db.admin`select polname::text as n from pg_policy where polrelid = to_regclass(${rel}) order by 1`).map(
+          (r) => String(r.n),
+        );
+      /** A row inserted now: the BEFORE trigger sets its note, on the live table and (mirrored) on the copy. */
+      const touched = async (at: string) => {
+        await db.admin.unsafe(`insert into ${name} (created_at) values ('${at}')`);
+        const r = await db.admin.unsafe(`select note from ${name} where created_at = '${at}'`);
+        return r.map((x) => x.note);
+      };
+      await db.admin.unsafe(`
+        create function late_trgpol_touch() returns trigger language plpgsql as $$
+          begin new.note := coalesce(new.note, 'touched by ' || TG_ARGV[0]); return new; end $$;
+        create trigger late_touch before insert on ${name} for each row execute function late_trgpol_touch('first');
+        create policy late_recent on ${name} using (created_at > '2020-01-01');`);
+      expect((await statusOf(name)).lateObjects).toEqual([]);
+      // Another table's policy reading the table is not carried: refused by name, with its statements.
+      await db.admin.unsafe(`create table ${name}_other (id bigint);
+        create policy late_other_reads on ${name}_other using (id in (select id from ${name}))`);
+      const refused = await pgshift(["cutover", name]);
+      expectRefusal(
+        refused,
+        "cannot cut over",
+        `policy late_other_reads on public.${name}_other (it reads public.${name})`,
+        "nothing was changed",
+      );
+      expect(hintStatements(refused).before).toBe(`DROP POLICY "late_other_reads" ON "public"."${name}_other";`);
+      await db.admin.unsafe(`drop policy late_other_reads on ${name}_other`);
+      await cutover(db.sql, table, opts);
+      expect(await triggers(live)).toEqual(["late_touch:O"]);
+      expect(await triggers(retired)).toEqual(["late_touch:D"]);
+      expect(await policies(live)).toEqual(["late_recent"]);
+      expect((await statusOf(name)).lateObjects).toEqual([]);
+      expect(await touched("2025-02-01 00:00+00")).toEqual(["touched by first"]);
+      // On the partitioned table after cutover: one trigger dropped, another created, a policy created.
+      await db.admin.unsafe(`
+        drop trigger late_touch on ${name};
+        create trigger late_second before insert on ${name} for each row execute function late_trgpol_touch('second');
+        create policy late_after on ${name} for select using (true);`);
+      expect((await statusOf(name)).lateObjects).toEqual([]);
+      await swapBack(db.sql, table, opts);
+      expect(await triggers(live)).toEqual(["late_second:O"]);
+      expect(await triggers(`public.${name}_pgshift_shadow`)).toEqual(["late_second:D"]);
+      expect(await policies(live)).toEqual(["late_after", "late_recent"]);
+      expect(await touched("2025-02-02 00:00+00")).toEqual(["touched by second"]);
+      await cutover(db.sql, table, opts);
+      expect(await triggers(live)).toEqual(["late_second:O"]);
+      expect(await triggers(retired)).toEqual(["late_second:D"]);
+      expect(await policies(live)).toEqual(["late_after", "late_recent"]);
+      const v = await verify(db.sql, table);
+      expect(v.equal).toBe(true);
     },
   );
 });
