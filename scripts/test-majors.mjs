@@ -16,6 +16,7 @@ import { readFileSync, rmSync, writeFileSync } from "node:fs";
 const MAJORS = [14, 15, 16, 17, 18];
 const DEFAULT = 17; // keep in step with DEFAULT_EMBEDDED_MAJOR in src/embedded.ts
 const SUBSET = [
+  "test/integration/app-schema.test.ts",
   "test/integration/concurrency.test.ts",
   "test/integration/logical.test.ts",
   "test/integration/logical-race.test.ts",
