@@ -345,7 +345,9 @@ describe("the applier's group commit", () => {
             ),
           20_000,
         );
-        const err = await cutover(db.sql, table, { catchupTimeoutMs: 1000, lockTimeoutMs: 500, retries: 1 }).then(
+        // The outsider acknowledges every second: 3 s under the lock let it confirm past the cutover's target even on
+        // a loaded machine (with 1 s it sometimes had not, and the refusal said only "bytes behind").
+        const err = await cutover(db.sql, table, { catchupTimeoutMs: 3000, lockTimeoutMs: 500, retries: 1 }).then(
           () => null,
           (e: unknown) => e,
         );
