@@ -66,13 +66,26 @@ function printedStatements(out: string): string[] {
   );
 }
 
+/**
+ * The table every command runs on, with a view, a materialized view, a trigger, a policy, another table's foreign
+ * key and a publication: what carries them at each switch must be printed and run alike too.
+ */
 async function createTable(name: string): Promise<void> {
   await admin.unsafe(`
     create table ${name} (id bigint primary key, created_at timestamptz not null, note text);
     create index ${name}_note on ${name} (note);
     insert into ${name} select i, timestamptz '2024-01-01' + i * interval '1 hour', 'n' || i
       from generate_series(1, 2500) i;
-    analyze ${name};`);
+    analyze ${name};
+    -- Objects that follow the live table (src/dependents): their statements are part of every switch's plan.
+    create view ${name}_v as select id, note from ${name};
+    create materialized view ${name}_mv as select count(*) as n from ${name};
+    create function ${name}_touch() returns trigger language plpgsql as $$
+      begin new.note := coalesce(new.note, 'touched'); return new; end $$;
+    create trigger ${name}_touch before insert on ${name} for each row execute function ${name}_touch();
+    create policy ${name}_all on ${name} using (true);
+    create table ${name}_items (id bigint primary key, order_id bigint references ${name} (id) on delete cascade);
+    create publication ${name}_pub for table ${name};`);
 }
 
 /**
