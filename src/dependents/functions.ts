@@ -79,6 +79,22 @@ export const functionsCarrier: Carrier = {
   async plan(sql: AnySql, facts: TableFacts): Promise<CarrierPlan> {
     const out: CarrierPlan = { lines: [], blockers: [] };
     const t = displayName(facts.table);
+    // Columns of other tables (and typed tables) of the table's row type or its array type: they would keep the
+    // retired table's type, and finalize could not drop it.
+    const columns = await sql`
+      select pg_catalog.format('%I.%I', n.nspname, c.relname) as rel, a.attname::text as col
+        from pg_catalog.pg_attribute a join pg_catalog.pg_class c on c.oid = a.attrelid
+        join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+       where a.attnum > 0 and not a.attisdropped and a.attrelid <> ${facts.oid}
+         and a.atttypid in (select y.oid from pg_catalog.pg_type y where y.typrelid = ${facts.oid}
+                            union all select y.typarray from pg_catalog.pg_type y where y.typrelid = ${facts.oid})
+       order by 1, 2`;
+    for (const c of columns) {
+      out.blockers.push(
+        `column ${String(c.col)} of ${String(c.rel)} has the row type of ${t}, which stays with the original table ` +
+          `(the retired table after cutover, dropped by finalize); give it another type (for example jsonb) first`,
+      );
+    }
     for (const f of await functionsOf(sql, facts.table)) {
       if (f.row_type) {
         out.blockers.push(

@@ -110,7 +110,16 @@ beforeAll(async () => {
     insert into parted values (1, '2025-03-01');
   `);
   // One table per dependent object that must block, each with a key and a NOT NULL time column.
-  for (const t of ["dep_view", "dep_rule", "dep_policy", "dep_fk", "dep_trigger", "dep_colgrant", "dep_inherit"]) {
+  for (const t of [
+    "dep_view",
+    "dep_rule",
+    "dep_policy",
+    "dep_fk",
+    "dep_trigger",
+    "dep_colgrant",
+    "dep_inherit",
+    "dep_rowtype",
+  ]) {
     await db.admin.unsafe(`
       create table ${t} (id int primary key, created_at timestamptz not null default '2025-06-01');
       insert into ${t} (id) select generate_series(1, 20);`);
@@ -130,6 +139,7 @@ beforeAll(async () => {
       execute function dep_trigger_touch();
     grant select (id) on dep_colgrant to public;
     create table dep_inherit_child (note text) inherits (dep_inherit);
+    create table dep_rowtype_snap (id int primary key, snap dep_rowtype);
   `);
 
   // A role that may log in, read, write and create in public, but does not own the tables.
@@ -298,6 +308,11 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
       name: "a row trigger with transition tables",
       table: "dep_trigger",
       mentions: ["trigger dep_trigger_audit is FOR EACH ROW with transition tables (REFERENCING)"],
+    },
+    {
+      name: "a column of another table of its row type",
+      table: "dep_rowtype",
+      mentions: ["column snap of public.dep_rowtype_snap has the row type of public.dep_rowtype"],
     },
     {
       name: "a child table (INHERITS)",
