@@ -1,6 +1,5 @@
 import { inspectTable, type TableFacts } from "../catalog/inspect.js";
 import type { Sql } from "../db.js";
-import { ident, table as tableRef } from "../db.js";
 import {
   copyColumns,
   type DeferredIndex,
@@ -15,7 +14,7 @@ import { planDependents } from "../dependents/index.js";
 import { PgshiftError } from "../errors.js";
 import { createStreamSql, createsSlot, logicalPrerequisites } from "../mirror/logical.js";
 import { installTriggerMirrorSql, truncateGuardSql } from "../mirror/trigger.js";
-import { displayName, fitName, type QualifiedName, quoteLiteral, quoteQualified } from "../names.js";
+import { displayName, fitName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
 import { computePartitions, type DataRange, type PartitionDef } from "../partitioning/bounds.js";
 import { INTEGER_TYPES, type PartitionSpec, TIME_TYPES } from "../partitioning/spec.js";
 import { type Step, statement, type TransactionStep, transactionStep } from "../plan/steps.js";
@@ -451,16 +450,16 @@ function textArray(xs: readonly string[]): string {
 
 /** min/max (as UTC text) or the distinct values of the partition column; what bounds are computed from. */
 async function readDataRange(sql: Sql, src: QualifiedName, spec: PartitionSpec): Promise<DataRange> {
-  const t = tableRef(sql, src);
-  const c = ident(sql, spec.column);
+  const t = quoteQualified(src);
+  const c = quoteIdent(spec.column);
   if (spec.strategy === "range" || spec.strategy === "range-int") {
     // Infinite values go to DEFAULT; they must not stretch the bounds.
-    const finite = spec.strategy === "range" ? sql`where isfinite(${c})` : sql``;
-    const r = await sql`select min(${c})::text as min, max(${c})::text as max from ${t} ${finite}`;
+    const finite = spec.strategy === "range" ? ` WHERE isfinite(${c})` : "";
+    const r = await sql.unsafe(`SELECT min(${c})::text AS min, max(${c})::text AS max FROM ${t}${finite}`);
     return { min: (r[0]?.min as string | null) ?? null, max: (r[0]?.max as string | null) ?? null };
   }
   if (spec.strategy === "list") {
-    const r = await sql`select distinct ${c}::text as v from ${t} where ${c} is not null limit 5001`;
+    const r = await sql.unsafe(`SELECT DISTINCT ${c}::text AS v FROM ${t} WHERE ${c} IS NOT NULL LIMIT 5001`);
     return { min: null, max: null, values: r.map((x) => String(x.v)) };
   }
   return { min: null, max: null };
