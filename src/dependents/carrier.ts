@@ -9,8 +9,9 @@
  */
 import type { TableFacts } from "../catalog/inspect.js";
 import type { AnySql } from "../db.js";
+import { PgshiftError } from "../errors.js";
 import type { Migration } from "../migration/state.js";
-import type { QualifiedName } from "../names.js";
+import { displayName, type QualifiedName, quoteQualified } from "../names.js";
 import type { PartitionSpec } from "../partitioning/spec.js";
 import type { Step } from "../plan/steps.js";
 
@@ -65,4 +66,15 @@ export interface Carrier {
  */
 export async function withQualifiedNames<T>(sql: AnySql, fn: (sql: AnySql) => Promise<T>): Promise<T> {
   return fn(sql);
+}
+
+/**
+ * The oid of table `t`.
+ * @throws PgshiftError when it does not exist.
+ */
+export async function oidOf(sql: AnySql, t: QualifiedName): Promise<number> {
+  const r = await sql`select pg_catalog.to_regclass(${quoteQualified(t)})::oid::int8 as oid`;
+  const oid = r[0]?.oid;
+  if (oid === null || oid === undefined) throw new PgshiftError(`${displayName(t)} does not exist`);
+  return Number(oid);
 }

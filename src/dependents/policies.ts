@@ -16,7 +16,7 @@ import type { Migration } from "../migration/state.js";
 import { displayName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
 import { check, type Step, statement } from "../plan/steps.js";
 import type { Carried, Carrier, CarrierPlan, SwitchTo } from "./carrier.js";
-import { withQualifiedNames } from "./carrier.js";
+import { oidOf, withQualifiedNames } from "./carrier.js";
 
 const PolicyRow = z.object({
   oid: z.coerce.number(),
@@ -138,13 +138,6 @@ async function securityStamp(sql: AnySql, tables: readonly number[]): Promise<st
                        '-'), ',' order by c.oid)
               from pg_catalog.pg_class c where c.oid = any(${tables.map(String)}::oid[])) as stamp`;
   return String(r[0]?.stamp ?? "");
-}
-
-async function oidOf(sql: AnySql, t: QualifiedName): Promise<number> {
-  const r = await sql`select pg_catalog.to_regclass(${quoteQualified(t)})::oid::int8 as oid`;
-  const oid = r[0]?.oid;
-  if (oid === null || oid === undefined) throw new PgshiftError(`${displayName(t)} does not exist`);
-  return Number(oid);
 }
 
 /** The carrier of row-level security (see the module's comment and docs/dependents.md). */

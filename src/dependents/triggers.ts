@@ -13,7 +13,7 @@ import { tablesIn } from "../migration/phases.js";
 import type { Migration } from "../migration/state.js";
 import { displayName, fitName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
 import { check, type Step, statement } from "../plan/steps.js";
-import { type Carried, type Carrier, type CarrierPlan, type SwitchTo, withQualifiedNames } from "./carrier.js";
+import { type Carried, type Carrier, type CarrierPlan, oidOf, type SwitchTo, withQualifiedNames } from "./carrier.js";
 
 const TriggerRow = z.object({
   oid: z.coerce.number(),
@@ -77,13 +77,6 @@ async function triggerStamp(sql: AnySql, tables: readonly number[]): Promise<str
       join pg_catalog.pg_namespace n on n.oid = p.pronamespace
      where g.tgrelid = any(${tables.map(String)}::oid[]) and not g.tgisinternal and n.nspname <> 'pgshift'`;
   return String(r[0]?.stamp ?? "");
-}
-
-async function oidOf(sql: AnySql, t: QualifiedName): Promise<number> {
-  const r = await sql`select pg_catalog.to_regclass(${quoteQualified(t)})::oid::int8 as oid`;
-  const oid = r[0]?.oid;
-  if (oid === null || oid === undefined) throw new PgshiftError(`${displayName(t)} does not exist`);
-  return Number(oid);
 }
 
 /** The ALTER TABLE that gives a trigger created on `t` (enabled, 'O') the state `enabled`, or none. */

@@ -10,6 +10,7 @@ import { parsePartitionSpec } from "../../src/partitioning/spec.js";
 import { verify } from "../../src/verify/verify.js";
 import { describeRun, runCli } from "../support/cli.js";
 import { createLoginRole, freshDatabase, sleep, type TestDatabase } from "../support/db.js";
+import { createSubscriber, type Subscriber } from "../support/subscriber.js";
 
 /**
  * A typical application schema migrated under load (issue 15): `orders` (the concurrency test's workload, with
@@ -37,13 +38,7 @@ beforeAll(async () => {
 });
 
 afterAll(async () => {
-  for (const s of subscribers) {
-    await s.sql.unsafe(`drop subscription if exists ${s.sub}`).catch(() => {});
-    await s.sql.end({ timeout: 5 });
-    const root = postgres(db.url, { max: 1, onnotice: () => {} });
-    await root.unsafe(`drop database if exists ${s.name} with (force)`).catch(() => {});
-    await root.end();
-  }
+  for (const s of subscribers) await s.drop();
   await db?.close();
   await tenant?.drop();
   await reporting?.drop();
@@ -83,37 +78,25 @@ async function createSchema(sql: Sql, name: string): Promise<void> {
 }
 
 /** The subscriber databases (dropped after the file). */
-const subscribers: { sql: postgres.Sql; name: string; sub: string }[] = [];
+const subscribers: Subscriber[] = [];
 
 /**
  * A subscriber database with its own `name` table (the workload's columns and updated_at) subscribed to the
- * publication, with the initial copy; its slot is created on the publisher first (CREATE SUBSCRIPTION in the same
- * cluster would wait for itself creating it: docs, CREATE SUBSCRIPTION notes).
+ * publication, with the initial copy.
  */
 async function subscribe(name: string): Promise<postgres.Sql> {
-  const dbName = `${new URL(db.url).pathname.slice(1)}_${name}`;
-  const root = postgres(db.url, { max: 1, onnotice: () => {} });
-  await root.unsafe(`create database ${dbName}`);
-  await root.end();
-  const u = new URL(db.url);
-  u.pathname = `/${dbName}`;
-  const sub = postgres(u.toString(), { max: 1, onnotice: () => {} });
-  const slot = `${name}_sub`;
-  subscribers.push({ sql: sub, name: dbName, sub: slot });
-  await sub.unsafe(`create table ${name} (tenant_id int not null, id bigint not null, primary key (tenant_id, id),
-    created_at timestamptz not null, region text not null,
-    status text, amount numeric(12,2), note text, data jsonb, total numeric generated always as (amount * 2) stored,
-    updated_at timestamptz)`);
-  await db.admin.unsafe(`select pg_create_logical_replication_slot('${slot}', 'pgoutput')`);
-  const p = new URL(db.url);
-  const conninfo =
-    `host=${p.hostname} port=${p.port} dbname=${p.pathname.slice(1)} user=${decodeURIComponent(p.username)}` +
-    (p.password ? ` password=${decodeURIComponent(p.password)}` : "");
-  await sub.unsafe(
-    `create subscription ${slot} connection '${conninfo}' publication ${name}_pub ` +
-      `with (create_slot = false, slot_name = '${slot}', copy_data = true)`,
-  );
-  return sub;
+  const sub = await createSubscriber(db, {
+    suffix: name,
+    publication: `${name}_pub`,
+    slot: `${name}_sub`,
+    copyData: true,
+    setup: (s) =>
+      s.unsafe(`create table ${name} (tenant_id int not null, id bigint not null, primary key (tenant_id, id),
+        created_at timestamptz not null, region text not null, status text, amount numeric(12,2), note text,
+        data jsonb, total numeric generated always as (amount * 2) stored, updated_at timestamptz)`),
+  });
+  subscribers.push(sub);
+  return sub.sql;
 }
 
 /** Waits until the subscriber has the row `id` with `status` (at most 15 s); false if it never comes. */

@@ -1,4 +1,4 @@
-import postgres from "postgres";
+import type postgres from "postgres";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { backfill } from "../../src/backfill/backfill.js";
 import { cutover, swapBack } from "../../src/cutover/cutover.js";
@@ -9,6 +9,7 @@ import { startMigration } from "../../src/migration/start.js";
 import type { Mode } from "../../src/migration/state.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
 import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
+import { createSubscriber, type Subscriber } from "../support/subscriber.js";
 
 /**
  * Publications (issue 15): a publication listing the table (with a row filter and a column list on PostgreSQL
@@ -20,20 +21,14 @@ import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
 
 let db: TestDatabase;
 let version = 0;
-const subscribers: { sql: postgres.Sql; name: string; sub: string }[] = [];
+const subscribers: Subscriber[] = [];
 
 beforeAll(async () => {
   db = await freshDatabase();
   version = Number((await db.admin`select current_setting('server_version_num')::int as v`)[0]!.v);
 });
 afterAll(async () => {
-  for (const s of subscribers) {
-    await s.sql.unsafe(`drop subscription if exists ${s.sub}`).catch(() => {});
-    await s.sql.end({ timeout: 5 });
-    const root = postgres(db.url, { max: 1, onnotice: () => {} });
-    await root.unsafe(`drop database if exists ${s.name} with (force)`).catch(() => {});
-    await root.end();
-  }
+  for (const s of subscribers) await s.drop();
   await db?.close();
 });
 
@@ -47,33 +42,21 @@ const tableSql = (t: string) => `
       from generate_series(1, 500) i;
   select setval('${t}_id_seq', 500);`;
 
-/**
- * A subscriber database with the table and a subscription to `pub`, its slot created on the publisher first
- * (CREATE SUBSCRIPTION in the same cluster would wait for itself creating it: docs, CREATE SUBSCRIPTION notes).
- */
+/** A subscriber database with the table (and, `filtered`, the seed rows as the publication publishes them). */
 async function subscribe(t: string, pub: string, filtered: boolean): Promise<postgres.Sql> {
-  const name = `${new URL(db.url).pathname.slice(1)}_${t}`;
-  const root = postgres(db.url, { max: 1, onnotice: () => {} });
-  await root.unsafe(`create database ${name}`);
-  await root.end();
-  const u = new URL(db.url);
-  u.pathname = `/${name}`;
-  const sub = postgres(u.toString(), { max: 1, onnotice: () => {} });
-  const slot = `sub_${t}`;
-  subscribers.push({ sql: sub, name, sub: slot });
-  await sub.unsafe(tableSql(t));
-  // What the publication publishes of the seed rows (no initial copy: copy_data = false).
-  if (filtered) await sub.unsafe(`update ${t} set note = null; delete from ${t} where id % 5 = 0`);
-  await db.admin`select pg_create_logical_replication_slot(${slot}, 'pgoutput')`;
-  const p = new URL(db.url);
-  const conninfo =
-    `host=${p.hostname} port=${p.port} dbname=${p.pathname.slice(1)} user=${decodeURIComponent(p.username)}` +
-    (p.password ? ` password=${decodeURIComponent(p.password)}` : "");
-  await sub.unsafe(
-    `create subscription ${slot} connection '${conninfo}' publication ${pub} ` +
-      `with (create_slot = false, slot_name = '${slot}', copy_data = false)`,
-  );
-  return sub;
+  const sub = await createSubscriber(db, {
+    suffix: t,
+    publication: pub,
+    slot: `sub_${t}`,
+    copyData: false,
+    setup: async (s) => {
+      await s.unsafe(tableSql(t));
+      // What the publication publishes of the seed rows (no initial copy: copy_data = false).
+      if (filtered) await s.unsafe(`update ${t} set note = null; delete from ${t} where id % 5 = 0`);
+    },
+  });
+  subscribers.push(sub);
+  return sub.sql;
 }
 
 /**
