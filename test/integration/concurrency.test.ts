@@ -8,6 +8,7 @@ import { loadMigration, type Mode } from "../../src/migration/state.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
 import { verify } from "../../src/verify/verify.js";
 import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
+import { expectEqualToTwin } from "../support/twin.js";
 
 /**
  * The concurrency test: several connections insert, update (partition-key moves, primary-key changes,
@@ -171,14 +172,7 @@ describe("logical mode: verify --repair under concurrent writes", () => {
       expect(load.stats.updates).toBeGreaterThan(50);
       const m = (await loadMigration(db.sql, w.table))!;
       expect(m.phase).toBe("cutover");
-      expect(await compareWithTwin(db.admin, m.live, w.twin, "bigint")).toMatchObject({
-        onlyInTable: 0,
-        onlyInTwin: 0,
-      });
-      expect(await compareWithTwin(db.admin, m.copy, w.twin, "bigint")).toMatchObject({
-        onlyInTable: 0,
-        onlyInTwin: 0,
-      });
+      await expectEqualToTwin(db.admin, [m.live, m.copy], w.twin, "bigint");
       const dup = await db.admin.unsafe(
         `select count(*)::int as n from (select id from ${name} group by id having count(*) > 1) d`,
       );

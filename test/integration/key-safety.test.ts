@@ -3,13 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { backfill } from "../../src/backfill/backfill.js";
 import { cutover, swapBack } from "../../src/cutover/cutover.js";
 import type { Sql } from "../../src/db.js";
-import {
-  compareWithTwin,
-  createWorkload,
-  startLoad,
-  WORKLOAD_COLUMNS,
-  type Workload,
-} from "../../src/load/workload.js";
+import { createWorkload, startLoad, WORKLOAD_COLUMNS, type Workload } from "../../src/load/workload.js";
 import { startMigration } from "../../src/migration/start.js";
 import { loadMigration, type Mode } from "../../src/migration/state.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
@@ -17,6 +11,7 @@ import { verify } from "../../src/verify/verify.js";
 import { catalogSnapshot } from "../support/catalog.js";
 import { describeRun, expectRefusal, runCli } from "../support/cli.js";
 import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
+import { expectEqualToTwin } from "../support/twin.js";
 
 /**
  * After cutover the live (partitioned) table's unique keys are the original ones extended with the partition
@@ -184,14 +179,7 @@ describe.each(["trigger", "logical"] as Mode[])(
         const m = (await loadMigration(db.sql, w.table))!;
         expect(m.phase).toBe("swapped_back");
         // Swap-back lost nothing: the original table is live again and equals the twin; so does the shadow.
-        expect(await compareWithTwin(db.admin, m.live, w.twin, "bigint")).toMatchObject({
-          onlyInTable: 0,
-          onlyInTwin: 0,
-        });
-        expect(await compareWithTwin(db.admin, m.copy, w.twin, "bigint")).toMatchObject({
-          onlyInTable: 0,
-          onlyInTwin: 0,
-        });
+        await expectEqualToTwin(db.admin, [m.live, m.copy], w.twin, "bigint");
         for (const id of [-1, -2, -3]) expect(await rowsOf(db.admin, name, id)).toHaveLength(1);
         expect((await verify(db.sql, w.table)).equal).toBe(true);
       },
@@ -324,14 +312,7 @@ describe("verify --repair meets a duplicate key after cutover", () => {
       }
       expect(load.stats.errors).toEqual([]);
       const m = (await loadMigration(db.sql, w.table))!;
-      expect(await compareWithTwin(db.admin, m.live, w.twin, "bigint")).toMatchObject({
-        onlyInTable: 0,
-        onlyInTwin: 0,
-      });
-      expect(await compareWithTwin(db.admin, m.copy, w.twin, "bigint")).toMatchObject({
-        onlyInTable: 0,
-        onlyInTwin: 0,
-      });
+      await expectEqualToTwin(db.admin, [m.live, m.copy], w.twin, "bigint");
     },
   );
 });

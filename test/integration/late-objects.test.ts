@@ -12,6 +12,7 @@ import { type StatusReport, status } from "../../src/status.js";
 import { verify } from "../../src/verify/verify.js";
 import { type CliResult, describeRun, expectRefusal, runCli } from "../support/cli.js";
 import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
+import { expectEqualToTwin } from "../support/twin.js";
 
 /**
  * Objects created on a table while it is being migrated (issue 13, item 5): nothing created after `start`
@@ -216,14 +217,7 @@ describe.each(["trigger", "logical"] as const)(
         expect(load.stats.updates).toBeGreaterThan(50);
         const m = (await loadMigration(db.sql, w.table))!;
         expect(m.phase).toBe("cutover");
-        expect(await compareWithTwin(db.admin, m.live, w.twin, "bigint")).toMatchObject({
-          onlyInTable: 0,
-          onlyInTwin: 0,
-        });
-        expect(await compareWithTwin(db.admin, m.copy, w.twin, "bigint")).toMatchObject({
-          onlyInTable: 0,
-          onlyInTwin: 0,
-        });
+        await expectEqualToTwin(db.admin, [m.live, m.copy], w.twin, "bigint");
         expect((await verify(db.sql, w.table)).equal).toBe(true);
         await finalize(db.sql, w.table, { yes: true });
         expect(await indexesOn(`public.${name}`, "(amount)")).toEqual([
