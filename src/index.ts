@@ -20,6 +20,7 @@ export {
 export { type ConnectOptions, connect, type LockRetryOptions, type Sql, withLockRetry } from "./db.js";
 export { extendIndexKey, shadowDdl } from "./ddl/shadow.js";
 export { BlockedError, explain, isConnectionLoss, PgshiftError, PhaseError } from "./errors.js";
+export { type EventName, on, type PgshiftEvents } from "./events.js";
 export { type Liveness, liveness, nextStepFor, type SessionInfo } from "./liveness.js";
 export { createLogger, log, setLogger } from "./log.js";
 export {

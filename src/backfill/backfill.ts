@@ -1,6 +1,7 @@
 import pRetry from "p-retry";
 import type { LockRetryOptions, Sql } from "../db.js";
 import { sqlState } from "../errors.js";
+import { emit } from "../events.js";
 import { log } from "../log.js";
 import { lockMigration, type Migration, requireMigration, unlockMigration } from "../migration/state.js";
 import { mirrorFor } from "../mirror/mirror.js";
@@ -209,7 +210,8 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
         if (opts.signal?.aborted || (opts.maxBatches !== undefined && run.batches >= opts.maxBatches)) break;
         const { b, tx: t, pre, post } = checkpoint ? next : first!;
         const values = checkpoint ?? [];
-        const result = await retryTransient(() =>
+        const tb = performance.now();
+        const r0 = await retryTransient(() =>
           runTransaction(sql, t, async (tx) => {
             for (const x of pre) await tx.unsafe(x.sql);
             const hiRow = (await tx.unsafe(b.upper, values, PREPARED))[0];
@@ -239,6 +241,7 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
             return r;
           }),
         );
+        const result = { ...r0, ms: performance.now() - tb };
         if (result.conflict) {
           fastPathIn = AFTER_CONFLICT;
           run.conflictBatches++;
@@ -250,11 +253,24 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
           m.batches += 1;
           checkpoint = result.hi;
         }
+        const p = progress(m, run.copiedHere, performance.now() - run.t0, false);
+        if (result.hi)
+          emit("batch", {
+            table: displayName(m.original),
+            rows: result.read,
+            ms: result.ms,
+            batchRows: batchSize,
+            rowsCopied: p.rowsCopied,
+            rowsEstimated: p.rowsEstimated,
+            rate: p.rate,
+            etaSeconds: p.etaSeconds,
+          });
         if (result.last) {
           run.complete = true;
+          emit("copyComplete", { table: displayName(m.original), rowsCopied: m.rows_copied, batches: m.batches });
           break;
         }
-        opts.onProgress?.(progress(m, run.copiedHere, performance.now() - run.t0, false));
+        opts.onProgress?.(p);
         if (opts.sleepMs) await new Promise((r) => setTimeout(r, opts.sleepMs));
       }
     };

@@ -3,6 +3,7 @@ import type { LockRetryOptions, Sql, TxSql } from "../db.js";
 import { liveNamesSql } from "../ddl/shadow.js";
 import { type Carried, carryDependents } from "../dependents/index.js";
 import { PgshiftError } from "../errors.js";
+import { emit } from "../events.js";
 import { log } from "../log.js";
 import { tablesIn } from "../migration/phases.js";
 import {
@@ -473,6 +474,9 @@ async function switchTables(
         );
       }
     }
+    emit("blocked", { table: displayName(table), command, ms: lockHeldMs });
+    const to = command === "cutover" ? "cutover" : "swapped_back";
+    emit("phase", { table: displayName(table), command, from: plan.migration.phase, to });
     log().info(
       { table: displayName(table), lockHeldMs: Math.round(lockHeldMs * 10) / 10, attempts },
       command === "cutover" ? "cutover done" : "swap-back done",
