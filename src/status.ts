@@ -47,6 +47,21 @@ export interface StatusReport {
    */
   etaSeconds: number | null;
   batches: number;
+  /**
+   * pgshift pause: who paused the copy and the verify (current_user of the pausing session), from where (its
+   * application_name and client address) and since when (ISO 8601); null when not paused.
+   */
+  paused: { by: string | null; client: string | null; since: string } | null;
+  /**
+   * What a running backfill or verify waits for now (a throttle's reason: the signal, its value and its limit)
+   * and since when (ISO 8601); null when nothing runs or it does not wait.
+   */
+  throttle: { reason: string; since: string } | null;
+  /**
+   * The backfill's batch size in use (rows, kept by the last batch), its target duration (ms; null: fixed-size
+   * batches) and how long the last batch took (ms); null before the first batch.
+   */
+  batch: { rows: number; targetMs: number | null; lastMs: number | null } | null;
   /** Rows in the DEFAULT partition: rows outside the planned bounds. */
   defaultPartition: { name: string; rows: number } | null;
   mirror: MirrorHealth;
@@ -179,7 +194,9 @@ export async function status(
     phase: m.phase,
     mode: m.mode,
     partitionBy: formatPartitionSpec(m.spec),
-    next: nextStepFor(m, table, running),
+    next: m.paused_at
+      ? `paused (pgshift pause): run pgshift resume ${displayName(table)}; then ${nextStepFor(m, table, running)}`
+      : nextStepFor(m, table, running),
     running,
     live: displayName(m.live),
     copy: displayName(m.copy),
@@ -191,6 +208,13 @@ export async function status(
     rate,
     etaSeconds: finished ? 0 : rate ? Math.max(0, est - m.rows_copied) / rate : null,
     batches: m.batches,
+    paused: m.paused_at ? { by: m.paused_by, client: m.paused_client, since: m.paused_at.toISOString() } : null,
+    // Kept by the running command; one that died while waiting leaves it behind: shown only while one runs.
+    throttle:
+      m.throttle_reason && running.holder
+        ? { reason: m.throttle_reason, since: (m.throttle_since ?? m.updated_at).toISOString() }
+        : null,
+    batch: m.batch_rows !== null ? { rows: m.batch_rows, targetMs: m.batch_target_ms, lastMs: m.last_batch_ms } : null,
     defaultPartition,
     mirror: await mirrorFor(m.mode).health(sql, m),
     schemaDrift: await columnDrift(sql, m),

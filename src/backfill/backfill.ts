@@ -7,6 +7,9 @@ import { lockMigration, type Migration, requireMigration, unlockMigration } from
 import { mirrorFor } from "../mirror/mirror.js";
 import { catchUp, type StreamFollower } from "../mirror/stream.js";
 import { displayName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
+import { BatchSizer } from "../pace/batch-size.js";
+import { PaceGate, type Waiting } from "../pace/gate.js";
+import { Throttle, type ThrottleOptions } from "../pace/throttle.js";
 import {
   block,
   check,
@@ -30,11 +33,22 @@ export interface BackfillProgress {
   /** Seconds left at the current rate, or null when unknown. */
   etaSeconds: number | null;
   done: boolean;
+  /** Rows the next batch asks for (the batch size in use: adapted to --batch-time-ms, at most --batch-size). */
+  batchRows: number;
+  /** What the copy waits for before its next batch (paused, throttled), or null when it does not wait. */
+  waiting: Waiting | null;
 }
 
-export interface BackfillOptions extends LockRetryOptions {
-  /** Rows per batch (default 10000). */
+export interface BackfillOptions extends LockRetryOptions, ThrottleOptions {
+  /** Rows per batch (default 10000); with `batchTimeMs`, the first batch's size and the largest. */
   batchSize?: number;
+  /**
+   * Target duration of one batch, ms: each batch's row count follows the measured duration of the ones before it
+   * (BatchSizer: x1.5 up, x0.25 down at most, 100 rows at least, `batchSize` at most), so that an application
+   * write meeting the rows a batch holds locked waits at most about this long. Unset: every batch has
+   * `batchSize` rows. The CLI's default is 100 ms.
+   */
+  batchTimeMs?: number;
   /** Pause between batches, ms (default 0): throttles the copy on a busy server. */
   sleepMs?: number;
   onProgress?: (p: BackfillProgress) => void;
@@ -56,18 +70,21 @@ export interface BackfillResult extends BackfillProgress {
 
 /**
  * The statements of one batch, as printed and as sent (the batch's key values are `$n` parameters):
- * - `upper`: the batch's last key and how many keys it holds (the last of the next `batchSize` keys after
- *   the checkpoint, an index-only scan; no row when none is left); parameters: the checkpoint (`lower`);
+ * - `upper`: the batch's last key and how many keys it holds (the last of the next N keys after the checkpoint,
+ *   an index-only scan; no row when none is left); parameters: the checkpoint (`lower`), then N (the batch's
+ *   row count, which changes from batch to batch with --batch-time-ms);
  * - `plain`: the copy as a plain INSERT ... SELECT ... FOR SHARE; parameters: the checkpoint (`lower`), the
  *   batch's last key;
  * - `onConflict`: the same copy with ON CONFLICT (shadow key) DO NOTHING, which also counts the rows read. It
  *   names the shadow's key as its arbiter: PostgreSQL refuses ON CONFLICT without one when the table has a
  *   deferrable unique constraint (docs: INSERT, "ON CONFLICT Clause"), and only the key can legitimately meet
  *   a row the mirror wrote;
- * - `checkpoint`: the migration row's checkpoint (the batch's last key), rows copied and batches.
+ * - `checkpoint`: the migration row's checkpoint (the batch's last key), rows copied and batches, and the
+ *   pace: the batch's row count (`batch_rows`), the target duration (`batch_target_ms`, null for fixed-size
+ *   batches) and how long the batch took until then (`last_batch_ms`), for pgshift status.
  * @param lower whether the batch starts after a checkpoint (false for the first batch of a migration).
  */
-export function batchStatements(m: Migration, lower: boolean, batchSize: number) {
+export function batchStatements(m: Migration, lower: boolean) {
   const key = m.key_columns;
   const k = key.length;
   const keyCols = columnList(key);
@@ -80,8 +97,8 @@ export function batchStatements(m: Migration, lower: boolean, batchSize: number)
   return {
     upper:
       `SELECT ${key.map((c, i) => `${quoteIdent(c)}::text AS k${i}`).join(", ")}, count(*) OVER () AS n ` +
-      `FROM (SELECT ${keyCols} FROM ${src}${after ? ` WHERE ${after}` : ""} ORDER BY ${keyCols} LIMIT ${batchSize}) ` +
-      `s ` +
+      `FROM (SELECT ${keyCols} FROM ${src}${after ? ` WHERE ${after}` : ""} ORDER BY ${keyCols} ` +
+      `LIMIT $${lower ? k + 1 : 1}) s ` +
       `ORDER BY ${key.map((c) => `${quoteIdent(c)} DESC`).join(", ")} LIMIT 1`,
     plain: `INSERT INTO ${dst} (${cols}) ${rows}`,
     onConflict:
@@ -91,7 +108,8 @@ export function batchStatements(m: Migration, lower: boolean, batchSize: number)
     checkpoint:
       `UPDATE pgshift.migrations SET checkpoint = ARRAY[${placeholders(1, k)}]::text[], rows_copied = rows_copied + ` +
       `$${k + 1}, ` +
-      `batches = batches + 1, updated_at = now() WHERE id = ${m.id}`,
+      `batches = batches + 1, batch_rows = $${k + 2}, batch_target_ms = $${k + 3}, last_batch_ms = $${k + 4}, ` +
+      `updated_at = now() WHERE id = ${m.id}`,
   };
 }
 
@@ -141,7 +159,16 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
     conflictBatches: 0,
     complete: m.copy_finished_at !== null,
     t0: performance.now(),
+    gate: null,
   };
+  const sizer = opts.batchTimeMs
+    ? new BatchSizer({
+        targetMs: opts.batchTimeMs,
+        maxRows: batchSize,
+        startRows: m.batch_target_ms !== null ? (m.batch_rows ?? undefined) : undefined,
+      })
+    : null;
+  const batchRows = () => sizer?.rows ?? batchSize;
   const id = m.id;
   const steps: Step[] = [
     {
@@ -170,7 +197,7 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
     );
   if (!run.complete) {
     const batch = (lower: boolean) => {
-      const b = batchStatements(m, lower, batchSize);
+      const b = batchStatements(m, lower);
       const plain = block("at most once", "the copy as a plain INSERT (skipped for 10 batches after a conflict)", [
         statement("SAVEPOINT pgshift_batch"),
         statement(b.plain),
@@ -203,19 +230,37 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
     const checkpoint0 = m.checkpoint && m.checkpoint.length > 0 ? m.checkpoint : null;
     const first = checkpoint0 ? null : batch(false);
     const next = batch(true);
+    let waiting: Waiting | null = null;
+    const gate = new PaceGate(sql, m, "backfill", {
+      ...opts,
+      onWait: (w) => {
+        waiting = w;
+        opts.onProgress?.({
+          ...progress(m, run.copiedHere, performance.now() - run.t0, false),
+          batchRows: batchRows(),
+          waiting,
+        });
+      },
+    });
+    run.gate = gate;
     const copy = async () => {
       let checkpoint = checkpoint0;
       let fastPathIn = 0;
       while (!run.complete) {
         if (opts.signal?.aborted || (opts.maxBatches !== undefined && run.batches >= opts.maxBatches)) break;
+        // Between batches (never inside one): wait while paused or throttled.
+        await gate.wait();
+        if (opts.signal?.aborted) break;
         const { b, tx: t, pre, post } = checkpoint ? next : first!;
+        const n = batchRows();
         const values = checkpoint ?? [];
-        const tb = performance.now();
+        let tb = performance.now();
         const r0 = await retryTransient(() =>
           runTransaction(sql, t, async (tx) => {
+            tb = performance.now();
             for (const x of pre) await tx.unsafe(x.sql);
-            const hiRow = (await tx.unsafe(b.upper, values, PREPARED))[0];
-            let r = { read: 0, hi: null as string[] | null, last: true, conflict: false };
+            const hiRow = (await tx.unsafe(b.upper, [...values, n], PREPARED))[0];
+            let r = { read: 0, keys: 0, hi: null as string[] | null, last: true, conflict: false };
             if (hiRow) {
               const hi = m.key_columns.map((_, i) => String(hiRow[`k${i}`]));
               const range = [...values, ...hi];
@@ -234,14 +279,17 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
                   conflict = true;
                 }
               } else read = Number((await tx.unsafe(b.onConflict, range, PREPARED))[0]?.read ?? 0);
-              await tx.unsafe(b.checkpoint, [...hi, read], PREPARED);
-              r = { read, hi, last: Number(hiRow.n) < batchSize, conflict };
+              const pace = [n, opts.batchTimeMs ?? null, Math.round(performance.now() - tb)];
+              await tx.unsafe(b.checkpoint, [...hi, read, ...pace], PREPARED);
+              r = { read, keys: Number(hiRow.n), hi, last: Number(hiRow.n) < n, conflict };
             }
             for (const x of post) await tx.unsafe(x.sql);
             return r;
           }),
         );
         const result = { ...r0, ms: performance.now() - tb };
+        // The next batch's size from this one's duration (the time its rows were locked, COMMIT included).
+        if (result.hi) sizer?.observe(result.keys, result.ms);
         if (result.conflict) {
           fastPathIn = AFTER_CONFLICT;
           run.conflictBatches++;
@@ -251,15 +299,16 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
           run.batches++;
           m.rows_copied += result.read;
           m.batches += 1;
+          m.batch_rows = n;
           checkpoint = result.hi;
         }
-        const p = progress(m, run.copiedHere, performance.now() - run.t0, false);
+        const p = { ...progress(m, run.copiedHere, performance.now() - run.t0, false), batchRows: batchRows() };
         if (result.hi)
           emit("batch", {
             table: displayName(m.original),
             rows: result.read,
             ms: result.ms,
-            batchRows: batchSize,
+            batchRows: n,
             rowsCopied: p.rowsCopied,
             rowsEstimated: p.rowsEstimated,
             rate: p.rate,
@@ -274,12 +323,17 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
         if (opts.sleepMs) await new Promise((r) => setTimeout(r, opts.sleepMs));
       }
     };
+    const sized = opts.batchTimeMs
+      ? `batches of at most ${batchSize} rows sized to last about ${opts.batchTimeMs} ms each (the row count is ` +
+        `the upper key's last $n)`
+      : `batches of ${batchSize} rows`;
     steps.push(
       block(
         "once",
-        `the copy, in batches of ${batchSize} rows in key order, one transaction each (a batch that meets a deadlock ` +
+        `the copy, in ${sized} in key order, one transaction each (a batch that meets a deadlock ` +
           `or a lock timeout runs again)`,
         [
+          ...gate.steps(),
           ...(first ? [block("at most once", "the first batch (no checkpoint yet)", [first.tx])] : []),
           block("any number of times", "each next batch, from the checkpoint ($1 ...: the checkpoint's key)", [
             next.tx,
@@ -335,6 +389,8 @@ interface CopyRun {
   conflictBatches: number;
   complete: boolean;
   t0: number;
+  /** The wait between batches (pause, throttles); its reason is cleared from the state when the command ends. */
+  gate: PaceGate | null;
 }
 const runs = new WeakMap<Step[], CopyRun>();
 
@@ -372,6 +428,8 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
   await lockMigration(sql, table);
   try {
     const m = await requireMigration(sql, table, "backfill");
+    // A throttle query that fails is refused before anything changes.
+    await new Throttle(opts).validate(sql);
     const t0 = performance.now();
     const plan = await planBackfill(sql, m, opts);
     const run = runs.get(plan.steps);
@@ -383,6 +441,7 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
     try {
       await runSteps(sql, plan.steps, { lockRetry: opts.retries !== undefined ? { retries: opts.retries } : {} });
     } finally {
+      await run.gate?.clear().catch(() => {});
       await run.follower?.stop();
     }
     if (run.complete)
@@ -433,6 +492,7 @@ async function retryTransient<T>(fn: () => Promise<T>): Promise<T> {
 }
 
 function progress(m: Migration, copiedHere: number, ms: number, done: boolean): BackfillProgress {
+  const batchRows = m.batch_rows ?? 0;
   const rate = ms > 0 ? (copiedHere * 1000) / ms : 0;
   const left = Math.max(0, m.rows_estimated - m.rows_copied);
   return {
@@ -442,5 +502,7 @@ function progress(m: Migration, copiedHere: number, ms: number, done: boolean): 
     rate,
     etaSeconds: done ? 0 : rate > 0 ? left / rate : null,
     done,
+    batchRows,
+    waiting: null,
   };
 }

@@ -2,6 +2,7 @@ import cliProgress from "cli-progress";
 import { Command } from "commander";
 import { type BackfillProgress, backfill, describeBackfill } from "../backfill/backfill.js";
 import { log } from "../log.js";
+import type { ThrottleOptions } from "../pace/throttle.js";
 import { addConnectionOption, type ConnOpts, formatDuration, intOption, withTable } from "./common.js";
 
 /** Progress on a terminal: a bar with rate and ETA on stderr. Elsewhere: a JSON log line every 2 s. */
@@ -10,7 +11,9 @@ export function progressReporter(): { update: (p: BackfillProgress) => void; sto
     const bar = new cliProgress.SingleBar(
       {
         stream: process.stderr,
-        format: "backfill |{bar}| {percentage}% {value}/{total} rows | {rate} rows/s | ETA {etaText}",
+        format:
+          "backfill |{bar}| {percentage}% {value}/{total} rows | {rate} rows/s | ETA {etaText} | batch {batchRows} " +
+          "rows{waitText}",
         hideCursor: true,
         etaBuffer: 20,
       },
@@ -19,7 +22,12 @@ export function progressReporter(): { update: (p: BackfillProgress) => void; sto
     let started = false;
     return {
       update: (p) => {
-        const payload = { rate: Math.round(p.rate), etaText: formatDuration(p.etaSeconds) };
+        const payload = {
+          rate: Math.round(p.rate),
+          etaText: formatDuration(p.etaSeconds),
+          batchRows: p.batchRows,
+          waitText: p.waiting ? ` | ${p.waiting.kind === "paused" ? "PAUSED" : "THROTTLED"}: ${p.waiting.reason}` : "",
+        };
         if (!started) {
           bar.start(p.rowsEstimated, p.rowsCopied, payload);
           started = true;
@@ -31,11 +39,15 @@ export function progressReporter(): { update: (p: BackfillProgress) => void; sto
     };
   }
   let last = 0;
+  let lastWait: string | null = null;
   return {
     update: (p) => {
       const now = Date.now();
-      if (now - last < 2000 && !p.done) return;
+      const wait = p.waiting ? `${p.waiting.kind}: ${p.waiting.reason}` : null;
+      // A wait that starts or ends is reported at once.
+      if (now - last < 2000 && !p.done && wait === lastWait) return;
       last = now;
+      lastWait = wait;
       log().info(
         {
           rowsCopied: p.rowsCopied,
@@ -43,6 +55,10 @@ export function progressReporter(): { update: (p: BackfillProgress) => void; sto
           batches: p.batches,
           rate: Math.round(p.rate),
           etaSeconds: p.etaSeconds === null ? null : Math.round(p.etaSeconds),
+          batchRows: p.batchRows,
+          paused: p.waiting?.kind === "paused" ? p.waiting.reason : null,
+          throttled: p.waiting?.kind === "throttled" ? p.waiting.reason : null,
+          waitingSince: p.waiting?.since ?? null,
         },
         "backfill progress",
       );
@@ -51,23 +67,78 @@ export function progressReporter(): { update: (p: BackfillProgress) => void; sto
   };
 }
 
+/** The throttle options of backfill and verify, as commander gives them. */
+export interface ThrottleCliOptions {
+  maxReplicaLagMs?: number;
+  maxSlotLagBytes?: number;
+  maxActiveSessions?: number;
+  throttleQuery?: string;
+}
+
+/** `--max-replica-lag-ms`, `--max-slot-lag-bytes`, `--max-active-sessions`, `--throttle-query` (off when unset). */
+export function addThrottleOptions(cmd: Command, what: string): Command {
+  return cmd
+    .option(
+      "--max-replica-lag-ms <ms>",
+      `wait ${what} while a physical standby replays more than this many ms behind (pg_stat_replication)`,
+      intOption("--max-replica-lag-ms"),
+    )
+    .option(
+      "--max-slot-lag-bytes <bytes>",
+      `wait ${what} while another logical replication slot is more than this many bytes of WAL behind`,
+      intOption("--max-slot-lag-bytes"),
+    )
+    .option(
+      "--max-active-sessions <n>",
+      `wait ${what} while more than this many sessions are active (pg_stat_activity; pgshift's own left out)`,
+      intOption("--max-active-sessions"),
+    )
+    .option("--throttle-query <sql>", `wait ${what} while this query's first column is true`);
+}
+
+/** The throttle options for the library. */
+export function throttleOptions(o: ThrottleCliOptions): ThrottleOptions {
+  return {
+    ...(o.maxReplicaLagMs !== undefined ? { maxReplicaLagMs: o.maxReplicaLagMs } : {}),
+    ...(o.maxSlotLagBytes !== undefined ? { maxSlotLagBytes: o.maxSlotLagBytes } : {}),
+    ...(o.maxActiveSessions !== undefined ? { maxActiveSessions: o.maxActiveSessions } : {}),
+    ...(o.throttleQuery !== undefined ? { throttleQuery: o.throttleQuery } : {}),
+  };
+}
+
+/** --batch-time-ms's default: see docs/commands/backfill.md ("Batch size and latency"). */
+export const DEFAULT_BATCH_TIME_MS = 100;
+
 export function backfillCommand(): Command {
   const cmd = new Command("backfill")
     .description("copy existing rows into the shadow in keyed batches; resumes from its checkpoint after a crash")
     .argument("<table>", "table under migration")
-    .option("--batch-size <rows>", "rows per batch (one short transaction each)", intOption("--batch-size", 1), 10000)
+    .option(
+      "--batch-size <rows>",
+      "the largest batch, rows (one short transaction each); also the first batch's size",
+      intOption("--batch-size", 1),
+      10000,
+    )
+    .option(
+      "--batch-time-ms <ms>",
+      "target duration of a batch: its row count adapts to it (an application write that meets the batch's row " +
+        "locks waits about this long at most); 0: every batch has --batch-size rows",
+      intOption("--batch-time-ms"),
+      DEFAULT_BATCH_TIME_MS,
+    )
     .option("--sleep-ms <ms>", "pause between batches, to throttle the copy", intOption("--sleep-ms"), 0)
     .option(
       "--max-lag-ms <ms>",
       "logical mode: return once the stream applies new writes within this many ms",
       intOption("--max-lag-ms", 1),
       1000,
-    )
-    .option(
-      "--dry-run",
-      "print the plan (a batch's statements once, its key values as $n; the index build; the phase changes); change " +
-        "nothing",
     );
+  addThrottleOptions(cmd, "before each batch");
+  cmd.option(
+    "--dry-run",
+    "print the plan (a batch's statements once, its key values as $n; the index build; the phase changes); change " +
+      "nothing",
+  );
   addConnectionOption(cmd);
   cmd.addHelpText(
     "after",
@@ -75,16 +146,30 @@ export function backfillCommand(): Command {
 Examples:
   pgshift backfill orders
   pgshift backfill orders --batch-size 5000 --sleep-ms 50
-Ctrl-C stops after the current batch; run the command again to continue.`,
+  pgshift backfill orders --batch-time-ms 50 --max-replica-lag-ms 2000 --max-active-sessions 40
+  pgshift backfill orders --throttle-query "select exists (select from ops.maintenance_window)"
+Ctrl-C stops after the current batch; run the command again to continue.
+pgshift pause orders (from any terminal) stops it between batches; pgshift resume orders lets it go on.`,
   );
   cmd.action(
     async (
       tableArg: string,
-      opts: ConnOpts & { batchSize: number; sleepMs: number; maxLagMs: number; dryRun?: boolean },
+      opts: ConnOpts &
+        ThrottleCliOptions & {
+          batchSize: number;
+          batchTimeMs: number;
+          sleepMs: number;
+          maxLagMs: number;
+          dryRun?: boolean;
+        },
     ) => {
+      const pace = {
+        ...throttleOptions(opts),
+        ...(opts.batchTimeMs > 0 ? { batchTimeMs: opts.batchTimeMs } : {}),
+      };
       if (opts.dryRun) {
         const plan = await withTable(tableArg, opts, (sql, table) =>
-          describeBackfill(sql, table, { batchSize: opts.batchSize, maxLagMs: opts.maxLagMs }),
+          describeBackfill(sql, table, { batchSize: opts.batchSize, maxLagMs: opts.maxLagMs, ...pace }),
         );
         process.stdout.write(plan);
         return;
@@ -101,6 +186,7 @@ Ctrl-C stops after the current batch; run the command again to continue.`,
         const r = await withTable(tableArg, opts, (sql, table) =>
           backfill(sql, table, {
             batchSize: opts.batchSize,
+            ...pace,
             sleepMs: opts.sleepMs,
             maxLagMs: opts.maxLagMs,
             signal: ctrl.signal,

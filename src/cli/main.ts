@@ -6,7 +6,9 @@ import { setCommandName } from "./common.js";
 import { cutoverCommand, swapBackCommand } from "./cutover.js";
 import { demoCommand } from "./demo.js";
 import { abortCommand, finalizeCommand } from "./finish.js";
+import { pauseCommand } from "./pause.js";
 import { planCommand } from "./plan.js";
+import { resumeCommand } from "./resume.js";
 import { startCommand } from "./start.js";
 import { statusCommand } from "./status.js";
 import { syncCommand } from "./sync.js";
@@ -77,6 +79,8 @@ for (const c of [
   syncCommand(),
   statusCommand(),
   verifyCommand(),
+  pauseCommand(),
+  resumeCommand(),
   cutoverCommand(),
   swapBackCommand(),
   finalizeCommand(),

@@ -1,5 +1,6 @@
 import { Command } from "commander";
 import { describeVerify, verify } from "../verify/verify.js";
+import { addThrottleOptions, type ThrottleCliOptions, throttleOptions } from "./backfill.js";
 import { addConnectionOption, addLockOptions, type ConnOpts, intOption, printJson, withTable } from "./common.js";
 
 export function verifyCommand(): Command {
@@ -13,6 +14,7 @@ export function verifyCommand(): Command {
     .option("--dry-run", "print the plan (a chunk's and a key's statements once, key values as $n); change nothing")
     .option("--chunk-size <rows>", "rows per compared chunk", intOption("--chunk-size", 1), 10000);
   addLockOptions(cmd, "lock_timeout for --repair's short SHARE lock");
+  addThrottleOptions(cmd, "before each chunk");
   addConnectionOption(cmd);
   cmd.addHelpText(
     "after",
@@ -22,19 +24,22 @@ Examples:
   pgshift verify orders --json > verify.json; echo $?
   pgshift verify orders --repair
   pgshift verify orders --repair --dry-run
+  pgshift verify orders --max-replica-lag-ms 2000 --max-active-sessions 40
+pgshift pause orders (from any terminal) stops it between chunks; pgshift resume orders lets it go on.
 Exit codes: 0 equal (also after a successful --repair), 1 differences remain (keys listed), 2 error.`,
   );
   cmd.action(
     async (
       tableArg: string,
-      opts: ConnOpts & {
-        json?: boolean;
-        repair?: boolean;
-        dryRun?: boolean;
-        chunkSize: number;
-        lockTimeout: number;
-        retries: number;
-      },
+      opts: ConnOpts &
+        ThrottleCliOptions & {
+          json?: boolean;
+          repair?: boolean;
+          dryRun?: boolean;
+          chunkSize: number;
+          lockTimeout: number;
+          retries: number;
+        },
     ) => {
       if (opts.dryRun) {
         const plan = await withTable(tableArg, opts, (sql, table) =>
@@ -42,6 +47,7 @@ Exit codes: 0 equal (also after a successful --repair), 1 differences remain (ke
             chunkSize: opts.chunkSize,
             repair: opts.repair,
             lockTimeoutMs: opts.lockTimeout,
+            ...throttleOptions(opts),
           }),
         );
         process.stdout.write(plan);
@@ -53,6 +59,7 @@ Exit codes: 0 equal (also after a successful --repair), 1 differences remain (ke
           repair: opts.repair,
           lockTimeoutMs: opts.lockTimeout,
           retries: opts.retries,
+          ...throttleOptions(opts),
         }),
       );
       if (opts.json) printJson(r);

@@ -23,7 +23,17 @@ export type Phase = (typeof PHASES)[number];
 export const STREAMING_PHASES: readonly Phase[] = ["started", "backfilling", "backfilled"];
 
 /** The commands that act on a migration in progress (plan, start and status act before one or read it only). */
-export const COMMANDS = ["backfill", "sync", "verify", "cutover", "swap-back", "finalize", "abort"] as const;
+export const COMMANDS = [
+  "backfill",
+  "sync",
+  "verify",
+  "cutover",
+  "swap-back",
+  "finalize",
+  "abort",
+  "pause",
+  "resume",
+] as const;
 export type Command = (typeof COMMANDS)[number];
 
 /** One row of the state machine: the phases a command accepts, and the phase it leaves the migration in. */
@@ -50,6 +60,9 @@ export const TRANSITIONS: Readonly<Record<Command, Transition>> = {
   "swap-back": { from: ["cutover"], to: "swapped_back", verb: "swap back" },
   finalize: { from: ["cutover"], to: "deleted", verb: "finalize" },
   abort: { from: ["started", "backfilling", "backfilled", "swapped_back"], to: "deleted", verb: "abort" },
+  // pause and resume the copy and the verify: every phase has one of them (backfill or verify) to run.
+  pause: { from: PHASES, to: "same", verb: "pause" },
+  resume: { from: PHASES, to: "same", verb: "resume" },
 };
 
 /** What to run next in each phase, from the phase alone (status says more: nextStepFor in liveness.ts). */

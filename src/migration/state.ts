@@ -97,6 +97,19 @@ export const MigrationRowSchema = z.object({
   cutover_at: z.date().nullable(),
   swapped_back_at: z.date().nullable(),
   updated_at: z.date(),
+  // Version 6 (the pace; missing from an older row, read by plan or status, which do not upgrade):
+  /** When pgshift pause paused the copy and the verify (null: not paused), by whom (current_user), from where. */
+  paused_at: z.date().nullable().default(null),
+  paused_by: z.string().nullable().default(null),
+  /** The pausing session's application_name and client address, as one line. */
+  paused_client: z.string().nullable().default(null),
+  /** What a running backfill or verify waits for now (a throttle's reason), and since when; null when it does not. */
+  throttle_reason: z.string().nullable().default(null),
+  throttle_since: z.date().nullable().default(null),
+  /** The backfill's batch size in use (rows), its target duration (ms; null: fixed size), the last batch's ms. */
+  batch_rows: z.coerce.number().nullable().default(null),
+  batch_target_ms: z.coerce.number().nullable().default(null),
+  last_batch_ms: z.coerce.number().nullable().default(null),
 });
 export type MigrationRow = z.infer<typeof MigrationRowSchema>;
 
@@ -157,12 +170,14 @@ export function isStreaming(m: Migration): m is StreamingMigration {
  * TRUNCATE guard, and the DDL guard gives it to new partitions of the shadow too (an older pgshift would
  * put back a guard function that does not); 5: the reverse mirror of a migration in phase cutover inserts and
  * updates without ever overwriting (an older one upserts, and overwrites a row of the retired table when the
- * application reuses its key with another partition value). Each version's change is a numbered file,
+ * application reuses its key with another partition value); 6: the pace columns of pgshift.migrations (paused_*,
+ * throttle_*, batch_rows, batch_target_ms, last_batch_ms: pgshift pause and resume, the throttle's reason, the
+ * batch size in use). Each version's change is a numbered file,
  * src/sql/schema/00000N.sql (schemaFile). A database at an older version is upgraded by the first
  * command that writes state (requireSchemaVersion; plan, status and dry runs read it as it is); one at a newer
  * version is refused by every command, so that no pgshift acts on state it does not understand.
  */
-export const SCHEMA_VERSION = 5;
+export const SCHEMA_VERSION = 6;
 
 /**
  * The file that brings the pgshift schema from `version - 1` to `version` (src/sql/schema/000001.sql creates

@@ -12,6 +12,8 @@ import {
 import { mirrorFor } from "../mirror/mirror.js";
 import { CatchupTimeout, type StreamFollower } from "../mirror/stream.js";
 import { displayName, type QualifiedName, quoteIdent, quoteQualified } from "../names.js";
+import { PaceGate, type Waiting } from "../pace/gate.js";
+import { Throttle, type ThrottleOptions } from "../pace/throttle.js";
 import {
   block,
   check,
@@ -40,7 +42,7 @@ export interface Difference {
   reason?: string;
 }
 
-export interface VerifyOptions extends LockRetryOptions {
+export interface VerifyOptions extends LockRetryOptions, ThrottleOptions {
   /** Rows of the live table per chunk (default 10000). */
   chunkSize?: number;
   /** Rewrite differing rows of the copy from the live table. */
@@ -48,6 +50,8 @@ export interface VerifyOptions extends LockRetryOptions {
   /** At most this many differing keys are kept in the result (default 1000); all are counted. */
   maxListed?: number;
   onChunk?: (done: { chunks: number; rowsCompared: number; differences: number }) => void;
+  /** Called when verify starts waiting before a chunk (paused, throttled: see PaceGate) and with null when it ends. */
+  onWait?: (w: Waiting | null) => void;
   /**
    * Logical mode: how long to wait for the stream to apply what was written before a second look (default 120000 ms).
    */
@@ -134,10 +138,13 @@ export async function verify(sql: Sql, table: QualifiedName, opts: VerifyOptions
   try {
     const m = await requireMigration(sql, table, "verify");
     await requireNoDrift(sql, m, "verify");
+    // A throttle query that fails is refused before anything changes.
+    await new Throttle(opts).validate(sql);
     const plan = planVerify(sql, m, opts);
     try {
       await runSteps(sql, plan.steps);
     } finally {
+      await plan.state.gate?.clear().catch(() => {});
       await plan.state.follower?.stop();
     }
     const result = plan.state.result!;
@@ -164,6 +171,8 @@ export async function describeVerify(sql: Sql, table: QualifiedName, opts: Verif
 /** What a verify being run has found so far. */
 interface VerifyState {
   follower: StreamFollower | null;
+  /** The wait before each chunk (pause, throttles). */
+  gate: PaceGate | null;
   differences: Difference[];
   result: VerifyResult | null;
 }
@@ -198,7 +207,8 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
   const chunkSize = opts.chunkSize ?? 10000;
   const maxListed = opts.maxListed ?? 1000;
   const lockTimeoutMs = opts.lockTimeoutMs ?? 500;
-  const state: VerifyState = { follower: null, differences: [], result: null };
+  const gate = new PaceGate(sql, m, "verify", opts);
+  const state: VerifyState = { follower: null, gate, differences: [], result: null };
   const mirror = mirrorFor(m.mode);
   const logical = mirror.streams(m);
   const c = chunkStatements(m, true, true, chunkSize);
@@ -255,6 +265,8 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
     let lo: string[] | null = null;
     const follower = state.follower;
     for (;;) {
+      // Between chunks (never inside one): wait while paused or throttled.
+      await gate.wait();
       const lookAt = (fixedHi?: string[] | null) =>
         runTransaction(sql, look, async (tx) => {
           const hi = fixedHi === undefined ? await nthKeyAfter(tx, m, lo, chunkSize) : fixedHi;
@@ -341,6 +353,7 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
       "once",
       `the comparison of ${displayName(m.live)} with ${displayName(m.copy)}, chunk by chunk in key order`,
       [
+        ...gate.steps(),
         block("once or more", `each chunk of ${chunkSize} rows of ${displayName(m.live)}, in one snapshot`, chunk),
         statement(recordSql, "session", "the result ($1, JSON), kept as the migration's last verify"),
       ],
