@@ -28,13 +28,16 @@ export interface EmbeddedServer {
   major: number;
   /** Full version of the binaries, from their package (for instance `16.14.0-beta.17`). */
   version: string;
+  /** The server's data directory (removed by stop). */
+  dataDir: string;
   /** Stops the server and removes its data directory. */
   stop: () => Promise<void>;
   /**
    * Stops the server (fast shutdown: every session is terminated, as in `pg_ctl stop -m fast`) and starts it
-   * again on the same data directory and port. For tests of what survives a server restart.
+   * again on the same data directory and port. For tests of what survives a server restart. `between` runs while
+   * it is stopped (a test copies the data directory there, to make a physical standby).
    */
-  restart: () => Promise<void>;
+  restart: (between?: (dataDir: string) => void | Promise<void>) => Promise<void>;
 }
 
 /** The PostgreSQL majors the embedded provider can start (and pgshift supports). */
@@ -481,6 +484,9 @@ export async function startEmbedded(
     durable?: boolean;
     major?: number;
     sharedPreloadLibraries?: string[];
+    /** Start from a copy of this (stopped) server's data directory instead of initdb; `prepare` then edits it. */
+    copyOf?: string;
+    prepare?: (dataDir: string) => void;
   } = {},
 ): Promise<EmbeddedServer> {
   const major = (EMBEDDED_UNSUPPORTED_MAJORS as readonly number[]).includes(opts.major ?? 0)
@@ -529,7 +535,13 @@ export async function startEmbedded(
       chownSync(dir, user.uid, user.gid);
       chownSync(pwfile, user.uid, user.gid);
     }
-    await initdb(bins, user, data, pwfile, log);
+    if (opts.copyOf) {
+      cpSync(opts.copyOf, data, { recursive: true });
+      rmSync(join(data, "postmaster.pid"), { force: true });
+      chmodSync(data, 0o700);
+      opts.prepare?.(data);
+      if (user) execFileSync("chown", ["-R", `${user.uid}:${user.gid}`, data]);
+    } else await initdb(bins, user, data, pwfile, log);
     rmSync(pwfile, { force: true });
     // A port found free may be taken by another process before the server binds it: try a few.
     for (let attempt = 1; ; attempt++) {
@@ -559,9 +571,10 @@ export async function startEmbedded(
     await shutdown(child);
     rmSync(dir, { recursive: true, force: true });
   };
-  const restart = async () => {
+  const restart = async (between?: (dataDir: string) => void | Promise<void>) => {
     if (stopped) throw new Error("the embedded server was stopped for good");
     await shutdown(child);
+    await between?.(data);
     child = await postmaster(bins, user, data, port, flags, log);
   };
   return {
@@ -569,6 +582,7 @@ export async function startEmbedded(
     port,
     major,
     version: bins.version,
+    dataDir: data,
     stop,
     restart,
   };

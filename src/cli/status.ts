@@ -97,6 +97,20 @@ export function printStatus(s: StatusReport): void {
           : `${Math.round(s.rate)} rows/s, ETA ${formatDuration(s.etaSeconds)}`,
     },
     { running: runningLine(s) },
+    // The pace (issue 16, items 2-4): pause, throttle, batch size in use.
+    ...(s.paused
+      ? [{ paused: `paused by ${s.paused.by ?? "?"} (${s.paused.client ?? "?"}) since ${s.paused.since}` }]
+      : []),
+    ...(s.throttle ? [{ throttled: `${s.throttle.reason} (since ${s.throttle.since})` }] : []),
+    ...(s.batch
+      ? [
+          {
+            "batch size":
+              `${s.batch.rows} rows${s.batch.targetMs ? ` (sized to ${s.batch.targetMs} ms)` : ""}` +
+              `${s.batch.lastMs !== null ? `, last batch ${s.batch.lastMs} ms` : ""}`,
+          },
+        ]
+      : []),
     ...(s.running.lastBatchAt
       ? [{ "last batch": `${s.running.lastBatchAt} (${formatDuration(ago(s.running.lastBatchAt))} ago)` }]
       : []),

@@ -72,7 +72,7 @@ function lsnBytes(lsn: string): number {
  * command: it keeps samples of the WAL position over time, to tell how long ago a standby's replay position was
  * current. PostgreSQL's replay_lag (pg_stat_replication) only changes when the standby reports progress: a
  * standby whose replay is paused keeps the last value; pgshift therefore takes the larger of replay_lag and the
- * age of the oldest sample the standby has not replayed yet.
+ * age of the oldest sample the standby has not replayed yet, and 0 for a standby that replayed everything.
  */
 export class Throttle {
   private samples: { lsn: number; at: number }[] = [];
@@ -151,11 +151,13 @@ export class Throttle {
         this.samples.shift();
       for (const row of await sql.unsafe(THROTTLE_SQL.standbys)) {
         const s = StandbyRow.parse(row);
-        let lag = s.lag_ms ?? 0;
+        // A standby that replayed everything written is not behind, whatever replay_lag still shows (PostgreSQL
+        // keeps the last measured value for a while after the standby caught up).
+        let lag = 0;
         if (s.behind) {
           const replayed = s.replay_lsn === null ? -1 : lsnBytes(s.replay_lsn);
           const oldest = this.samples.find((x) => x.lsn > replayed);
-          if (oldest) lag = Math.max(lag, now - oldest.at);
+          lag = Math.max(s.lag_ms ?? 0, oldest ? now - oldest.at : 0);
         }
         if (lag > o.maxReplicaLagMs)
           return `replica lag: standby ${s.name} replays ${Math.round(lag)} ms behind (limit ${o.maxReplicaLagMs} ms)`;
