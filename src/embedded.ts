@@ -423,7 +423,7 @@ async function postmaster(
         log(l);
         tail.push(l.trim());
         if (tail.length > 20) tail.shift();
-        if (!ready && l.includes("database system is ready to accept connections")) {
+        if (!ready && /database system is ready to accept (read-only )?connections/.test(l)) {
           ready = true;
           clearTimeout(timer);
           resolveStart(child);

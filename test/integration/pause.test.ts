@@ -116,7 +116,10 @@ describe("pgshift pause and resume", () => {
     expect(bf.out.stderr).toContain("waiting (before the next batch) for: pgshift resume public.paused_early");
     // the JSON progress line says so too
     const progress = bf.out.stderr.split("\n").filter((l) => l.includes('"msg":"backfill progress"'));
-    expect(progress.some((l) => l.includes('"paused":"paused by postgres')), bf.out.stderr).toBe(true);
+    expect(
+      progress.some((l) => l.includes('"paused":"paused by postgres')),
+      bf.out.stderr,
+    ).toBe(true);
     await sleep(1500);
     expect(await copyState("paused_early")).toMatchObject({ batches: 0, rowsCopied: 0 });
     expect(bf.child.exitCode).toBeNull();
