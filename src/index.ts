@@ -59,6 +59,9 @@ export { type ApplierProgress, StreamFenced } from "./mirror/apply.js";
 export { type Mirror, type MirrorHealth, mirrorFor, triggerMirror } from "./mirror/mirror.js";
 export { type SyncOptions, type SyncReconnect, type SyncTick, sync } from "./mirror/sync.js";
 export { displayName, parseTableName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "./names.js";
+export type { Waiting } from "./pace/gate.js";
+export { type PauseState, pause, resume } from "./pace/pause.js";
+export type { ThrottleOptions } from "./pace/throttle.js";
 export { computePartitions, type PartitionDef } from "./partitioning/bounds.js";
 export { formatPartitionSpec, type PartitionSpec, parsePartitionSpec } from "./partitioning/spec.js";
 export {

@@ -29,7 +29,8 @@ const Row = z.object({
 /**
  * The statements of pause and resume, as sent; `$1` the migration's id. Each changes the row only when its state
  * differs (a second pause keeps who paused first and since when) and returns the state after it, `changed` telling
- * whether it was this statement that changed it.
+ * whether it was this statement that changed it. They leave updated_at alone: status reads it as the time of the
+ * last batch (liveness.ts).
  */
 export const PAUSE_SQL = {
   pause:
@@ -37,14 +38,14 @@ export const PAUSE_SQL = {
     "FROM pg_catalog.pg_stat_activity WHERE pid = pg_backend_pid()), " +
     "upd AS (UPDATE pgshift.migrations SET paused_at = now(), paused_by = current_user, " +
     "paused_client = (SELECT concat_ws(' from ', coalesce(app, 'no application_name'), " +
-    "coalesce(host, 'a local socket')) FROM me), updated_at = now() " +
+    "coalesce(host, 'a local socket')) FROM me) " +
     "WHERE id = $1 AND paused_at IS NULL RETURNING paused_at, paused_by, paused_client) " +
     "SELECT paused_at, paused_by, paused_client, true AS changed FROM upd UNION ALL " +
     "SELECT paused_at, paused_by, paused_client, false FROM pgshift.migrations WHERE id = $1 AND NOT EXISTS " +
     "(SELECT FROM upd)",
   resume:
-    "WITH upd AS (UPDATE pgshift.migrations SET paused_at = NULL, paused_by = NULL, paused_client = NULL, " +
-    "updated_at = now() WHERE id = $1 AND paused_at IS NOT NULL RETURNING id) " +
+    "WITH upd AS (UPDATE pgshift.migrations SET paused_at = NULL, paused_by = NULL, paused_client = NULL " +
+    "WHERE id = $1 AND paused_at IS NOT NULL RETURNING id) " +
     "SELECT NULL::timestamptz AS paused_at, NULL::text AS paused_by, NULL::text AS paused_client, " +
     "EXISTS (SELECT FROM upd) AS changed",
 } as const;

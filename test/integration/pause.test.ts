@@ -56,8 +56,9 @@ async function prepare(name: string, rows: number): Promise<Workload> {
 
 describe("pgshift pause and resume", () => {
   it("stop a running backfill between batches (checkpoint kept), status says who and since when", async () => {
-    const w = await prepare("paused_bf", 30_000);
-    const bf = spawnCli(["backfill", "paused_bf", "--batch-size", "500", "--sleep-ms", "40", "--url", db.url]);
+    const w = await prepare("paused_bf", 20_000);
+    // About 100 batches of 200 rows, 150 ms apart: long enough to pause it from another process mid-way.
+    const bf = spawnCli(["backfill", "paused_bf", "--batch-size", "200", "--sleep-ms", "150", "--url", db.url]);
     children.push(bf);
     await waitUntil("the backfill copied 3 batches", async () => (await copyState("paused_bf")).batches >= 3, 60_000);
 
@@ -77,7 +78,7 @@ describe("pgshift pause and resume", () => {
     const b = await copyState("paused_bf");
     expect(b).toEqual(a);
     expect(a.checkpoint).not.toBeNull();
-    expect(a.rowsCopied).toBeLessThan(30_000);
+    expect(a.rowsCopied).toBeLessThan(20_000);
 
     const s = await statusJson("paused_bf");
     expect(s.paused).toMatchObject({ by: "postgres", since: paused.since });
@@ -93,7 +94,7 @@ describe("pgshift pause and resume", () => {
     expect(r.stdout).toContain("resumed public.paused_bf");
     const done = await exitWithin(bf, 180_000);
     expect(done.code, bf.out.stderr).toBe(0);
-    expect(bf.out.stdout).toContain("backfill complete: 30000 rows");
+    expect(bf.out.stdout).toContain("backfill complete: 20000 rows");
     expect((await statusJson("paused_bf")).paused).toBeNull();
     const resumed = await pgshift(["resume", "paused_bf"]);
     expect(resumed.stdout).toContain("was not paused");
