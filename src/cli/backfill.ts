@@ -2,7 +2,14 @@ import cliProgress from "cli-progress";
 import { Command } from "commander";
 import { type BackfillProgress, backfill, describeBackfill } from "../backfill/backfill.js";
 import { log } from "../log.js";
-import { addConnectionOption, type ConnOpts, formatDuration, intOption, withTable } from "./common.js";
+import {
+  addConnectionOption,
+  addObserveOptions,
+  type ConnOpts,
+  formatDuration,
+  intOption,
+  withTable,
+} from "./common.js";
 
 /** Progress on a terminal: a bar with rate and ETA on stderr. Elsewhere: a JSON log line every 2 s. */
 export function progressReporter(): { update: (p: BackfillProgress) => void; stop: () => void } {
@@ -69,6 +76,7 @@ export function backfillCommand(): Command {
         "nothing",
     );
   addConnectionOption(cmd);
+  addObserveOptions(cmd, { metrics: true });
   cmd.addHelpText(
     "after",
     `

@@ -1,6 +1,14 @@
 import { Command } from "commander";
 import { describeVerify, verify } from "../verify/verify.js";
-import { addConnectionOption, addLockOptions, type ConnOpts, intOption, printJson, withTable } from "./common.js";
+import {
+  addConnectionOption,
+  addLockOptions,
+  addObserveOptions,
+  type ConnOpts,
+  intOption,
+  printJson,
+  withTable,
+} from "./common.js";
 
 export function verifyCommand(): Command {
   const cmd = new Command("verify")
@@ -14,6 +22,7 @@ export function verifyCommand(): Command {
     .option("--chunk-size <rows>", "rows per compared chunk", intOption("--chunk-size", 1), 10000);
   addLockOptions(cmd, "lock_timeout for --repair's short SHARE lock");
   addConnectionOption(cmd);
+  addObserveOptions(cmd, { metrics: true });
   cmd.addHelpText(
     "after",
     `
