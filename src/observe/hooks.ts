@@ -3,12 +3,12 @@
  * event happens, with what it knows in environment variables (the table, the command, the phase, counts, the
  * error). The model is gh-ost's hooks; docs/hooks.md lists the hooks and their variables.
  *
- * A hook runs with execFile (no shell) and the environment of pgshift plus the PGSHIFT_* variables, for at most
+ * A hook runs without a shell (spawn, in a process group of its own) and the environment of pgshift plus the PGSHIFT_* variables, for at most
  * the timeout; its output is logged. A missing hook is skipped. A failing `on-before-cutover` or
  * `on-before-swap-back` (non-zero exit, killed, timed out) stops the switch before it changes anything; every other
  * hook's failure is logged and the command goes on.
  */
-import { execFile } from "node:child_process";
+import { spawn } from "node:child_process";
 import { constants } from "node:fs";
 import { access, readdir, stat } from "node:fs/promises";
 import { join, resolve } from "node:path";
@@ -38,8 +38,8 @@ export type HookName = keyof typeof HOOKS;
 /** Hooks whose failure stops the command. */
 const GATES: ReadonlySet<HookName> = new Set(["on-before-cutover", "on-before-swap-back"]);
 
-/** Output of a hook kept in the log, characters per stream. */
-const OUTPUT_LOGGED = 4000;
+/** Output of a hook kept (and logged), the last characters of each stream. */
+const OUTPUT_KEPT = 4000;
 
 /** What a hook is told: PGSHIFT_<KEY> variables, keys in upper snake case; null and undefined are left out. */
 export type HookVars = Record<string, string | number | boolean | null | undefined>;
@@ -121,7 +121,8 @@ export class Hooks {
 
   /**
    * Runs `hook` if it exists, with the environment of pgshift, the PGSHIFT_* variables of `vars` and of this
-   * object, PGSHIFT_HOOK and PGSHIFT_ELAPSED_SECONDS; waits at most the timeout (then SIGKILL). Logs how it ended
+   * object, PGSHIFT_HOOK and PGSHIFT_ELAPSED_SECONDS; waits at most the timeout, then kills it and every process
+   * it started (SIGKILL to its process group). Logs how it ended
    * and its output.
    * @returns how it ended, or null when the hook does not exist.
    */
@@ -140,42 +141,52 @@ export class Hooks {
     }
     const t0 = performance.now();
     const p = new Promise<HookResult>((done) => {
-      execFile(
-        join(this.dir, hook),
-        [],
-        { env, cwd: this.dir, timeout: this.timeoutMs, killSignal: "SIGKILL", maxBuffer: 1024 * 1024 },
-        (err, stdout, stderr) => {
-          const e = err as (NodeJS.ErrnoException & { code?: number | string; killed?: boolean }) | null;
-          const code = e ? (typeof e.code === "number" ? e.code : null) : 0;
-          const signal = e && "signal" in e ? ((e as { signal?: string | null }).signal ?? null) : null;
-          const error = !e
-            ? null
-            : e.killed && signal === "SIGKILL"
-              ? `timed out after ${this.timeoutMs} ms`
-              : code !== null
-                ? `exit code ${code}${lastLine(stderr) ? `: ${lastLine(stderr)}` : ""}`
-                : signal
-                  ? `killed by ${signal}`
-                  : e.message;
-          done({
-            hook,
-            ok: !e,
-            code,
-            signal,
-            ms: Math.round(performance.now() - t0),
-            stdout: String(stdout),
-            stderr: String(stderr),
-            error,
-          });
-        },
+      let timedOut = false;
+      let stdout = "";
+      let stderr = "";
+      // spawn without a shell (execFile would not start it in a process group of its own): detached, so that
+      // at the timeout the whole group is killed and what the hook started dies with it.
+      const child = spawn(join(this.dir, hook), [], {
+        env,
+        cwd: this.dir,
+        detached: true,
+        stdio: ["ignore", "pipe", "pipe"],
+      });
+      const keep = (text: string, d: string) => (text + d).slice(-OUTPUT_KEPT);
+      child.stdout.setEncoding("utf8").on("data", (d: string) => (stdout = keep(stdout, d)));
+      child.stderr.setEncoding("utf8").on("data", (d: string) => (stderr = keep(stderr, d)));
+      const timer = setTimeout(() => {
+        timedOut = true;
+        try {
+          if (child.pid !== undefined) process.kill(-child.pid, "SIGKILL");
+        } catch {
+          child.kill("SIGKILL");
+        }
+      }, this.timeoutMs);
+      const finish = (code: number | null, signal: string | null, failure: string | null) => {
+        clearTimeout(timer);
+        const error = timedOut
+          ? `timed out after ${this.timeoutMs} ms`
+          : failure
+            ? failure
+            : code !== 0 && code !== null
+              ? `exit code ${code}${lastLine(stderr) ? `: ${lastLine(stderr)}` : ""}`
+              : signal
+                ? `killed by ${signal}`
+                : null;
+        done({ hook, ok: error === null, code, signal, ms: Math.round(performance.now() - t0), stdout, stderr, error });
+      };
+      child.on("error", (err: NodeJS.ErrnoException) =>
+        finish(null, null, `cannot run it: ${err.code ?? err.message}`),
       );
+      child.on("close", (code, signal) => finish(code, signal, null));
     }).then((r) => {
       const fields = {
         hook,
         ms: r.ms,
         code: r.code,
-        stdout: r.stdout.slice(-OUTPUT_LOGGED),
-        stderr: r.stderr.slice(-OUTPUT_LOGGED),
+        stdout: r.stdout,
+        stderr: r.stderr,
       };
       if (r.ok) log().info(fields, `hook ${hook} ran`);
       else log().warn({ ...fields, error: r.error }, `hook ${hook} failed`);
