@@ -3,10 +3,10 @@
  * event happens, with what it knows in environment variables (the table, the command, the phase, counts, the
  * error). The model is gh-ost's hooks; docs/hooks.md lists the hooks and their variables.
  *
- * A hook runs without a shell (spawn, in a process group of its own) and the environment of pgshift plus the PGSHIFT_* variables, for at most
- * the timeout; its output is logged. A missing hook is skipped. A failing `on-before-cutover` or
- * `on-before-swap-back` (non-zero exit, killed, timed out) stops the switch before it changes anything; every other
- * hook's failure is logged and the command goes on.
+ * A hook runs without a shell (spawn, in a process group of its own), with the environment of pgshift plus the
+ * PGSHIFT_* variables, for at most the timeout (then its whole process group is killed); its output is logged. A
+ * missing hook is skipped. A failing `on-before-cutover` or `on-before-swap-back` (non-zero exit, killed, timed
+ * out) stops the switch before it changes anything; every other hook's failure is logged and the command goes on.
  */
 import { spawn } from "node:child_process";
 import { constants } from "node:fs";

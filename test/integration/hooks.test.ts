@@ -134,7 +134,7 @@ describe("hooks through a migration", () => {
     });
   }, 30_000);
 
-  it("a passing on-before-cutover lets it run; on-cutover gets the phase and how long writes were blocked", async () => {
+  it("a passing on-before-cutover lets it run; on-cutover gets the phase, the blocked time", async () => {
     await rm(join(h.out, "on-failure.env"));
     await writeHook(h.dir, h.out, "on-before-cutover", "exit 0");
     const r = await pgshift(["cutover", "hk", "--hooks-dir", h.dir]);
