@@ -30,7 +30,7 @@ export function statusCommand(): Command {
   const cmd = new Command("status")
     .description(
       "phase, who works on it now (pid, command, since when), rows copied / estimated, rate and ETA while a backfill " +
-        "runs, rows in DEFAULT, mirror health, last verify result, next step",
+        "runs, rows in DEFAULT, mirror health, last verify result, next step; --watch: refreshed every second",
     )
     .argument("<table>", "table under migration")
     .option("--json", "print as JSON (with --watch: one JSON object per line)")
