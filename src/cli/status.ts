@@ -76,10 +76,11 @@ or aborted.`,
 }
 
 /**
- * Fields of the status report that pgshift pause/resume, the throttles and time-sized batches add (issue 16), read
- * whether or not this StatusReport has them yet.
+ * Fields of the status report that pgshift pause/resume, the throttles and time-sized batches add (issue 16):
+ * `paused: {by, client, since} | null`, `throttle: {reason, since} | null`, `batch: {rows, targetMs, lastMs} | null`.
  */
 interface PaceFields {
+  /** null: this report does not say (a StatusReport without the field). */
   paused: boolean | null;
   pausedBy: string | null;
   pausedSince: string | null;
@@ -90,21 +91,24 @@ interface PaceFields {
   lastBatchMs: number | null;
 }
 
-/** The PaceFields of `s`, null where it has none (or not of the expected type). */
+/** The PaceFields of `s`, read whether or not this StatusReport has them yet (null where it has none). */
 export function paceFields(s: StatusReport): PaceFields {
   const r = s as unknown as Record<string, unknown>;
-  const str = (k: string) => (typeof r[k] === "string" ? (r[k] as string) : null);
-  const num = (k: string) => (typeof r[k] === "number" ? (r[k] as number) : null);
-  const pausedSince = str("pausedSince") ?? str("pausedAt");
+  const obj = (k: string) => (r[k] && typeof r[k] === "object" ? (r[k] as Record<string, unknown>) : null);
+  const str = (v: unknown) => (typeof v === "string" ? v : null);
+  const num = (v: unknown) => (typeof v === "number" ? v : null);
+  const paused = obj("paused");
+  const throttle = obj("throttle");
+  const batch = obj("batch");
   return {
-    paused: typeof r.paused === "boolean" ? r.paused : pausedSince !== null ? true : null,
-    pausedBy: str("pausedBy"),
-    pausedSince,
-    throttleReason: str("throttleReason"),
-    throttleSince: str("throttleSince"),
-    batchRows: num("batchRows") ?? num("batchSize"),
-    batchTargetMs: num("batchTargetMs"),
-    lastBatchMs: num("lastBatchMs"),
+    paused: paused ? true : "paused" in r ? false : null,
+    pausedBy: str(paused?.by),
+    pausedSince: str(paused?.since),
+    throttleReason: str(throttle?.reason),
+    throttleSince: str(throttle?.since),
+    batchRows: num(batch?.rows),
+    batchTargetMs: num(batch?.targetMs),
+    lastBatchMs: num(batch?.lastMs),
   };
 }
 

@@ -65,15 +65,11 @@ function report(extra: Record<string, unknown> = {}): StatusReport {
   } as unknown as StatusReport;
 }
 
+/** The pace fields as the status report of issue 16 has them. */
 const PACE = {
-  paused: true,
-  pausedBy: "alice",
-  pausedSince: "2026-01-01T00:02:00Z",
-  throttleReason: "replica lag 2.1 s > 1 s",
-  throttleSince: new Date(Date.now() - 65_000).toISOString(),
-  batchRows: 3200,
-  batchTargetMs: 200,
-  lastBatchMs: 180,
+  paused: { by: "alice", client: "psql 10.0.0.7", since: "2026-01-01T00:02:00Z" },
+  throttle: { reason: "replica lag 2.1 s > 1 s", since: new Date(Date.now() - 65_000).toISOString() },
+  batch: { rows: 3200, targetMs: 200, lastMs: 180 },
 };
 
 describe("status --watch: the live view", () => {
@@ -97,8 +93,12 @@ describe("status --watch: the live view", () => {
     expect(text).toMatch(/^paused\s+PAUSED by alice since 2026-01-01T00:02:00Z \(pgshift resume public\.orders\)$/m);
     expect(text).toMatch(/^throttle\s+WAITING: replica lag 2\.1 s > 1 s \(for 1m0[56]s\)$/m);
     expect(text).toMatch(/^batch size\s+3200 rows, target 200 ms, last batch 180 ms$/m);
-    expect(paceFields(report({ paused: false })).paused).toBe(false);
-    expect(paceFields(report({ pausedAt: "2026-01-01T00:02:00Z" })).paused).toBe(true);
+    // Present but null: not paused, not throttled, no batch yet.
+    const none = liveView(report({ paused: null, throttle: null, batch: null }), 1000).join("\n");
+    expect(none).toMatch(/^paused\s+no$/m);
+    expect(none).toMatch(/^throttle\s+not throttled$/m);
+    expect(none).not.toMatch(/^batch size/m);
+    expect(paceFields(report()).paused).toBeNull();
   });
 
   it("before the backfill and after it", () => {
