@@ -115,10 +115,23 @@ export function setPhase(m: PgshiftMetrics, table: string, phase: string): void 
 }
 
 /**
- * Feeds `m` from the event bus until the returned function is called. A `throttle` event with a reason adds its
- * `ms` to that reason's throttled time and sets pgshift_throttled to 1; one with a null reason sets it to 0.
+ * The kind of a throttle's reason, as the `reason` label: what precedes its first colon ("replica lag: standby s1
+ * replays 2100 ms behind (limit 1000 ms)" is "replica lag"), at most 40 characters, so that the label takes few
+ * values (the whole reason, with its measured value, would make a new series at each wait).
+ */
+export function reasonKind(reason: string): string {
+  const i = reason.indexOf(":");
+  return (i > 0 ? reason.slice(0, i) : reason).trim().slice(0, 40);
+}
+
+/**
+ * Feeds `m` from the event bus until the returned function is called. A `throttle` event with a reason (a wait
+ * starts) sets pgshift_throttled to 1; one with a null reason (it ends) sets it to 0; the `ms` of either is added to
+ * the throttled time of the kind of reason waited for (reasonKind).
  */
 export function listen(m: PgshiftMetrics): () => void {
+  /** The kind of reason each table's step waits for now. */
+  const waitingFor = new Map<string, string>();
   const offs = [
     on("batch", (e) => {
       const t = { table: e.table };
@@ -138,8 +151,13 @@ export function listen(m: PgshiftMetrics): () => void {
     }),
     on("throttle", (e) => {
       const where = { table: e.table, step: e.step };
+      const key = `${e.table}\u0000${e.step}`;
+      // A wait is reported when it starts (its reason, 0 ms) and when it ends (null reason, the ms it lasted).
+      const reason = e.reason === null ? waitingFor.get(key) : reasonKind(e.reason);
+      if (e.ms > 0) m.throttledSeconds.inc({ ...where, reason: reason ?? "unknown" }, e.ms / 1000);
+      if (e.reason === null) waitingFor.delete(key);
+      else waitingFor.set(key, reasonKind(e.reason));
       m.throttled.set(where, e.reason === null ? 0 : 1);
-      if (e.reason !== null && e.ms > 0) m.throttledSeconds.inc({ ...where, reason: e.reason }, e.ms / 1000);
     }),
     on("paused", (e) => m.paused.set({ table: e.table }, e.paused ? 1 : 0)),
     on("lockAttempt", (e) => {

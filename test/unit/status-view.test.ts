@@ -1,6 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { liveView, paceFields, setFromStatus } from "../../src/cli/status.js";
-import { createMetrics } from "../../src/observe/metrics.js";
+import { emit } from "../../src/events.js";
+import { createMetrics, listen } from "../../src/observe/metrics.js";
 import type { StatusReport } from "../../src/status.js";
 
 /**
@@ -129,5 +130,31 @@ describe("status --watch --metrics-port: gauges from the report", () => {
     // The rate goes away when no backfill runs.
     setFromStatus(m, report({ rate: null, etaSeconds: null }));
     expect(await m.registry.metrics()).not.toContain(`pgshift_backfill_rows_per_second{${t}}`);
+  });
+});
+
+describe("metrics from the events", () => {
+  it("throttled time goes to the kind of reason waited for, added when the wait ends", async () => {
+    const m = createMetrics();
+    const stop = listen(m);
+    const table = "public.orders";
+    try {
+      emit("throttle", { table, step: "backfill", reason: "replica lag: standby s1 replays 2100 ms behind", ms: 0 });
+      let text = await m.registry.metrics();
+      expect(text).toContain(`pgshift_throttled{table="${table}",step="backfill"} 1`);
+      emit("throttle", { table, step: "backfill", reason: null, ms: 1500 });
+      text = await m.registry.metrics();
+      expect(text).toContain(`pgshift_throttled{table="${table}",step="backfill"} 0`);
+      expect(text).toContain(
+        `pgshift_throttled_seconds_total{table="${table}",step="backfill",reason="replica lag"} 1.5`,
+      );
+      emit("paused", { table, paused: true, by: "alice", since: "2026-01-01T00:00:00Z" });
+      expect(await m.registry.metrics()).toContain(`pgshift_paused{table="${table}"} 1`);
+    } finally {
+      stop();
+    }
+    // Stopped: no longer fed.
+    emit("paused", { table, paused: false, by: null, since: null });
+    expect(await m.registry.metrics()).toContain(`pgshift_paused{table="${table}"} 1`);
   });
 });
