@@ -83,6 +83,8 @@ interface PaceFields {
   /** null: this report does not say (a StatusReport without the field). */
   paused: boolean | null;
   pausedBy: string | null;
+  /** The pausing session's application_name and client address. */
+  pausedClient: string | null;
   pausedSince: string | null;
   throttleReason: string | null;
   throttleSince: string | null;
@@ -103,6 +105,7 @@ export function paceFields(s: StatusReport): PaceFields {
   return {
     paused: paused ? true : "paused" in r ? false : null,
     pausedBy: str(paused?.by),
+    pausedClient: str(paused?.client),
     pausedSince: str(paused?.since),
     throttleReason: str(throttle?.reason),
     throttleSince: str(throttle?.since),
@@ -233,7 +236,8 @@ export function liveView(s: StatusReport, intervalMs: number): string[] {
       row(
         "paused",
         p.paused
-          ? `PAUSED${p.pausedBy ? ` by ${p.pausedBy}` : ""}${p.pausedSince ? ` since ${p.pausedSince}` : ""} ` +
+          ? `PAUSED${p.pausedBy ? ` by ${p.pausedBy}` : ""}${p.pausedClient ? ` (${p.pausedClient})` : ""}` +
+              `${p.pausedSince ? ` since ${p.pausedSince}` : ""} ` +
               `(pgshift resume ${s.table})`
           : "no",
       ),

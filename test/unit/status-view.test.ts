@@ -91,7 +91,9 @@ describe("status --watch: the live view", () => {
 
   it("shows pause, the throttle's reason and the batch size in use when the report has them", () => {
     const text = liveView(report(PACE), 1000).join("\n");
-    expect(text).toMatch(/^paused\s+PAUSED by alice since 2026-01-01T00:02:00Z \(pgshift resume public\.orders\)$/m);
+    expect(text).toMatch(
+      /^paused\s+PAUSED by alice \(psql 10\.0\.0\.7\) since 2026-01-01T00:02:00Z \(pgshift resume public\.orders\)$/m,
+    );
     expect(text).toMatch(/^throttle\s+WAITING: replica lag 2\.1 s > 1 s \(for 1m0[56]s\)$/m);
     expect(text).toMatch(/^batch size\s+3200 rows, target 200 ms, last batch 180 ms$/m);
     // Present but null: not paused, not throttled, no batch yet.
