@@ -59,6 +59,8 @@ export { type ApplierProgress, StreamFenced } from "./mirror/apply.js";
 export { type Mirror, type MirrorHealth, mirrorFor, triggerMirror } from "./mirror/mirror.js";
 export { type SyncOptions, type SyncReconnect, type SyncTick, sync } from "./mirror/sync.js";
 export { displayName, parseTableName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "./names.js";
+export { HOOKS, type HookName, type HookResult, Hooks, type HookVars } from "./observe/hooks.js";
+export { createMetrics, type MetricsServer, type PgshiftMetrics, serveMetrics } from "./observe/metrics.js";
 export type { Waiting } from "./pace/gate.js";
 export { type PauseState, pause, resume } from "./pace/pause.js";
 export type { ThrottleOptions } from "./pace/throttle.js";

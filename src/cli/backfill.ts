@@ -3,7 +3,14 @@ import { Command } from "commander";
 import { type BackfillProgress, backfill, describeBackfill } from "../backfill/backfill.js";
 import { log } from "../log.js";
 import type { ThrottleOptions } from "../pace/throttle.js";
-import { addConnectionOption, type ConnOpts, formatDuration, intOption, withTable } from "./common.js";
+import {
+  addConnectionOption,
+  addObserveOptions,
+  type ConnOpts,
+  formatDuration,
+  intOption,
+  withTable,
+} from "./common.js";
 
 /** Progress on a terminal: a bar with rate and ETA on stderr. Elsewhere: a JSON log line every 2 s. */
 export function progressReporter(): { update: (p: BackfillProgress) => void; stop: () => void } {
@@ -140,6 +147,7 @@ export function backfillCommand(): Command {
       "nothing",
   );
   addConnectionOption(cmd);
+  addObserveOptions(cmd, { metrics: true });
   cmd.addHelpText(
     "after",
     `

@@ -3,6 +3,7 @@ import { z } from "zod";
 import { connect, failOnConnectionLoss, type Sql } from "../db.js";
 import { explain } from "../errors.js";
 import { parseTableName, type QualifiedName } from "../names.js";
+import { beginObservation, endObservation } from "../observe/session.js";
 
 /** application_name fallback of this process's sessions: `pgshift <command>` once main.ts knows the command. */
 let commandAppName = "pgshift";
@@ -117,4 +118,48 @@ export function formatBytes(n: number): string {
     i++;
   }
   return `${v.toFixed(i === 0 ? 0 : 1)} ${units[i]}`;
+}
+
+/**
+ * Adds the observation options to an acting command and starts/stops them around its action (beginObservation
+ * before it, endObservation after it; the error handler of main.ts ends them after a failure):
+ * `--metrics-port`/`--metrics-host` when `metrics`, `--hooks-dir`/`--hooks-timeout-ms` when `hooks`. The table is
+ * the command's first argument.
+ */
+export function addObserveOptions(cmd: Command, { metrics = false, hooks = true } = {}): Command {
+  if (metrics) addMetricsOption(cmd);
+  if (hooks) {
+    cmd
+      .option("--hooks-dir <dir>", "run the executables of <dir> named after events (on-start, on-cutover, ...)")
+      .option("--hooks-timeout-ms <ms>", "how long a hook may run", intOption("--hooks-timeout-ms", 1), 60_000);
+  }
+  return cmd
+    .hook("preAction", async (_cmd, action) => {
+      await beginObservation(action.name(), String(action.processedArgs[0] ?? action.args[0]), action.opts());
+    })
+    .hook("postAction", () => endObservation());
+}
+
+/** `--metrics-port` and `--metrics-host`: serve Prometheus metrics (src/observe/metrics.ts). */
+export function addMetricsOption(cmd: Command): Command {
+  return cmd
+    .option(
+      "--metrics-port <port>",
+      "serve Prometheus metrics on http://<metrics-host>:<port>/metrics while the command runs (0: any free port)",
+      portOption,
+    )
+    .option("--metrics-host <host>", "address the metrics endpoint listens on (0.0.0.0: every interface)", "127.0.0.1");
+}
+
+const portSchema = z
+  .string()
+  .regex(/^[0-9]+$/, "digits only")
+  .transform(Number)
+  .pipe(z.number().int().max(65535));
+
+function portOption(value: string): number {
+  const r = portSchema.safeParse(value);
+  if (!r.success)
+    throw new InvalidArgumentError(`--metrics-port must be a port (0-65535), got ${JSON.stringify(value)}`);
+  return r.data;
 }

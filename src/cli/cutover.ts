@@ -1,6 +1,13 @@
 import { Command } from "commander";
 import { cutover, formatSwitchPlan, swapBack, switchPlan } from "../cutover/cutover.js";
-import { addConnectionOption, addLockOptions, type ConnOpts, intOption, withTable } from "./common.js";
+import {
+  addConnectionOption,
+  addLockOptions,
+  addObserveOptions,
+  type ConnOpts,
+  intOption,
+  withTable,
+} from "./common.js";
 
 type Opts = ConnOpts & { lockTimeout: number; retries: number; catchupTimeoutMs: number; dryRun?: boolean };
 
@@ -28,6 +35,7 @@ function switchCommand(name: "cutover" | "swap-back"): Command {
   }
   addLockOptions(cmd, "lock_timeout: the longest the application waits behind pgshift");
   addConnectionOption(cmd);
+  addObserveOptions(cmd);
   cmd.addHelpText(
     "after",
     isCutover

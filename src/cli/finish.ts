@@ -1,7 +1,7 @@
 import { Command } from "commander";
 import { abort, abortPlan, finalize } from "../migration/finish.js";
 import { formatSteps } from "../plan/steps.js";
-import { addConnectionOption, addLockOptions, type ConnOpts, withTable } from "./common.js";
+import { addConnectionOption, addLockOptions, addObserveOptions, type ConnOpts, withTable } from "./common.js";
 
 type Opts = ConnOpts & { lockTimeout: number; retries: number; yes?: boolean; dryRun?: boolean };
 
@@ -13,6 +13,7 @@ export function finalizeCommand(): Command {
     .option("--dry-run", "print the plan (its statements, where each runs, the checks between); change nothing");
   addLockOptions(cmd);
   addConnectionOption(cmd);
+  addObserveOptions(cmd);
   cmd.addHelpText(
     "after",
     `
@@ -48,6 +49,7 @@ export function abortCommand(): Command {
     .option("--dry-run", "print the plan (its statements, where each runs, the checks between); change nothing");
   addLockOptions(cmd);
   addConnectionOption(cmd);
+  addObserveOptions(cmd);
   cmd.addHelpText(
     "after",
     `

@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { Command, CommanderError } from "commander";
 import { explain, isConnectionLoss } from "../errors.js";
+import { endObservation } from "../observe/session.js";
 import { backfillCommand } from "./backfill.js";
 import { setCommandName } from "./common.js";
 import { cutoverCommand, swapBackCommand } from "./cutover.js";
@@ -104,6 +105,8 @@ try {
     if (e.hint) process.stderr.write(`pgshift: hint: ${e.hint}\n`);
     if (process.env.PGSHIFT_DEBUG && err instanceof Error) process.stderr.write(`${err.stack}\n`);
     process.exitCode = e.exitCode;
+    // The failure event and the on-failure hook, then the metrics endpoint stopped (src/observe/session.ts).
+    await endObservation(err);
     // A lost session may leave work of the command waiting for ever (see withTable): the state is in the
     // database, so end here, as a crash would, once the error is written.
     if (isConnectionLoss(err)) process.exit(e.exitCode);

@@ -5,7 +5,7 @@ import { DEFAULT_SLOT_TIMEOUT_MS, keyExtensionRefusal, startMigration } from "..
 import { displayName } from "../names.js";
 import { formatPartitionSpec, parsePartitionSpec } from "../partitioning/spec.js";
 import { formatSteps } from "../plan/steps.js";
-import { addConnectionOption, addLockOptions, intOption, withTable } from "./common.js";
+import { addConnectionOption, addLockOptions, addObserveOptions, intOption, withTable } from "./common.js";
 import { applicationLines, type PlanCliOpts, specOptions } from "./plan.js";
 
 export function startCommand(): Command {
@@ -28,6 +28,7 @@ export function startCommand(): Command {
   specOptions(cmd);
   addLockOptions(cmd);
   addConnectionOption(cmd);
+  addObserveOptions(cmd);
   cmd.addHelpText(
     "after",
     `

@@ -1,7 +1,7 @@
 import { Command } from "commander";
 import { log } from "../log.js";
 import { type SyncTick, sync } from "../mirror/sync.js";
-import { addConnectionOption, type ConnOpts, formatBytes, withTable } from "./common.js";
+import { addConnectionOption, addObserveOptions, type ConnOpts, formatBytes, withTable } from "./common.js";
 
 export function syncCommand(): Command {
   const cmd = new Command("sync")
@@ -16,6 +16,7 @@ export function syncCommand(): Command {
       "pg_recvlogical --no-loop)",
   );
   addConnectionOption(cmd);
+  addObserveOptions(cmd, { metrics: true });
   cmd.addHelpText(
     "after",
     `

@@ -1,7 +1,15 @@
 import { Command } from "commander";
 import { describeVerify, verify } from "../verify/verify.js";
 import { addThrottleOptions, type ThrottleCliOptions, throttleOptions } from "./backfill.js";
-import { addConnectionOption, addLockOptions, type ConnOpts, intOption, printJson, withTable } from "./common.js";
+import {
+  addConnectionOption,
+  addLockOptions,
+  addObserveOptions,
+  type ConnOpts,
+  intOption,
+  printJson,
+  withTable,
+} from "./common.js";
 
 export function verifyCommand(): Command {
   const cmd = new Command("verify")
@@ -16,6 +24,7 @@ export function verifyCommand(): Command {
   addLockOptions(cmd, "lock_timeout for --repair's short SHARE lock");
   addThrottleOptions(cmd, "before each chunk");
   addConnectionOption(cmd);
+  addObserveOptions(cmd, { metrics: true });
   cmd.addHelpText(
     "after",
     `

@@ -1,6 +1,7 @@
 import pRetry from "p-retry";
 import { connect, connectionUrl, type Sql } from "../db.js";
 import { isConnectionLoss, PgshiftError, sqlState } from "../errors.js";
+import { emit } from "../events.js";
 import { log } from "../log.js";
 import {
   hasStream,
@@ -179,6 +180,12 @@ export async function sync(sql: Sql, table: QualifiedName, opts: SyncOptions = {
         changesPerSecond: secs > 0 ? (changes - lastChanges) / secs : 0,
         changes,
         transactions: baseTransactions + applier.transactions,
+      });
+      emit("applied", {
+        table: displayName(table),
+        changes: changes - lastChanges,
+        lagBytes: s.lagBytes,
+        lagSeconds: s.lagSeconds,
       });
       lastChanges = changes;
       lastTick = Date.now();
