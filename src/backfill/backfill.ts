@@ -305,7 +305,7 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
         const p = { ...progress(m, run.copiedHere, performance.now() - run.t0, false), batchRows: batchRows() };
         if (result.hi)
           emit("batch", {
-            table: displayName(m.original),
+            table: displayName(m.live),
             rows: result.read,
             ms: result.ms,
             batchRows: n,
@@ -316,7 +316,7 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
           });
         if (result.last) {
           run.complete = true;
-          emit("copyComplete", { table: displayName(m.original), rowsCopied: m.rows_copied, batches: m.batches });
+          emit("copyComplete", { table: displayName(m.live), rowsCopied: m.rows_copied, batches: m.batches });
           break;
         }
         opts.onProgress?.(p);

@@ -1,6 +1,7 @@
 import { requireNoDrift } from "../catalog/drift.js";
 import type { LockRetryOptions, Sql, TxSql } from "../db.js";
 import { PgshiftError, sqlState } from "../errors.js";
+import { emit } from "../events.js";
 import { log } from "../log.js";
 import {
   lockMigration,
@@ -311,6 +312,7 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
           if (state.differences.length < maxListed) state.differences.push(d);
         }
       }
+      emit("verifyChunk", { table: displayName(m.live), rows: res.rows, differences: res.diffs.length });
       opts.onChunk?.({ chunks, rowsCompared, differences: counts.missing + counts.extra + counts.different });
       if (!res.hi) break;
       lo = res.hi;
@@ -326,6 +328,14 @@ export function planVerify(sql: Sql, m: Migration, opts: VerifyOptions = {}): { 
       ms: Math.round(performance.now() - t0),
     };
     await sql.unsafe(recordSql, [JSON.stringify(state.result)]);
+    const r = state.result;
+    emit("verifyDone", {
+      table: displayName(m.live),
+      equal: r.equal,
+      missing: r.missing,
+      extra: r.extra,
+      different: r.different,
+    });
   };
   const chunk: Step[] = [
     look,

@@ -123,6 +123,34 @@ describe("metrics during a backfill", () => {
     await expect(fetch(url)).rejects.toThrow();
   }, 90_000);
 
+  it("serves verify's chunks, rows compared and the result while verify runs", async () => {
+    // Each chunk waits for the throttle query (150 ms, then false: go on), so the scrapes see verify in progress.
+    const { run, url } = await spawnWithMetrics([
+      "verify",
+      "met_bf",
+      "--chunk-size",
+      "200",
+      "--throttle-query",
+      "SELECT false FROM pg_sleep(0.15)",
+    ]);
+    const t = { table: "public.met_bf" };
+    const chunks: number[] = [];
+    await waitUntil(
+      "two scrapes see verify's chunks rise",
+      async () => {
+        const n = sample((await scrape(url)).text, "pgshift_verify_chunks_total", t);
+        if (n !== null && n > 0 && n !== chunks[chunks.length - 1]) chunks.push(n);
+        return chunks.length >= 2;
+      },
+      30_000,
+      100,
+    );
+    const { text } = await scrape(url);
+    expect(sample(text, "pgshift_verify_rows_total", t)).toBeGreaterThanOrEqual(200 * (chunks[1] ?? 0));
+    expect(sample(text, "pgshift_verify_differences_total", t) ?? 0).toBe(0);
+    expect((await exitWithin(run, 60_000)).code, run.out.stderr).toBe(0);
+  }, 90_000);
+
   it("refuses a port already in use: exit 2, one line, nothing copied", async () => {
     const { run, url } = await spawnWithMetrics(["status", "met_bf", "--watch", "--interval", "200"]);
     const port = new URL(url).port;
