@@ -406,7 +406,8 @@ function buildSwitch(
     );
   }
   steps.push(
-    lockBoth,
+    // Without the stream the look before the lock comes here (with it, before the live table's lock above).
+    ...(streamed ? [lockBoth] : site.steps(lockBoth)),
     // Under both locks no ALTER TABLE can slip in between this check and the renames.
     check(
       `refuse if the columns changed, or objects were created on ${displayName(m.live)} ` +

@@ -5,7 +5,8 @@
  * request on the table: PostgreSQL documentation, "Explicit Locking").
  *
  * One statement (holdersSql), printed in the plan before the lock and run as printed, reads pg_locks joined with
- * pg_stat_activity for the tables AND their partitions (pg_partition_tree), keeping the locks that conflict with
+ * pg_stat_activity for the tables AND their partitions (from pg_inherits, recursively: reading it takes no lock on
+ * them), keeping the locks that conflict with
  * the mode pgshift is about to request (the conflict table of "Explicit Locking", Table 13.2), and in the same
  * statement:
  * - cancels autovacuum workers that hold one (pg_cancel_backend; autovacuum starts on the table again later by
@@ -116,11 +117,20 @@ export function holdersSql(targets: readonly LockTarget[], terminateAfterMs: num
       : `CASE WHEN h.backend_type IS DISTINCT FROM '${AUTOVACUUM}' AND h.age_ms >= ${Math.round(terminateAfterMs)} ` +
         "THEN pg_catalog.pg_terminate_backend(h.pid) ELSE false END";
   return (
+    // The partitions from pg_inherits (catalog rows, no lock): pg_partition_tree would take ACCESS SHARE on each,
+    // and wait behind an autovacuum truncating one (it holds ACCESS EXCLUSIVE for that moment).
+    "WITH RECURSIVE tree (relid, modes) AS (\n" +
+    "  SELECT pg_catalog.to_regclass(t.name)::oid, t.modes\n" +
+    `    FROM (VALUES ${values}) t (name, modes)\n` +
+    "   WHERE pg_catalog.to_regclass(t.name) IS NOT NULL\n" +
+    "  UNION\n" +
+    "  SELECT i.inhrelid, tree.modes FROM pg_catalog.pg_inherits i JOIN tree ON i.inhparent = tree.relid\n" +
+    ")\n" +
     "SELECT h.pid, h.relation, h.mode, h.granted, h.backend_type, h.state, h.application_name, h.age_ms, h.query,\n" +
     `       CASE WHEN h.backend_type = '${AUTOVACUUM}' AND h.may_cancel THEN pg_catalog.pg_cancel_backend(h.pid) ` +
     "ELSE false END AS cancelled,\n" +
     `       ${terminate} AS terminated\n` +
-    "  FROM (SELECT DISTINCT ON (l.pid) l.pid, l.relation::regclass::text AS relation, l.mode, l.granted,\n" +
+    "  FROM (SELECT DISTINCT ON (l.pid) l.pid, c.relname::text AS relation, l.mode, l.granted,\n" +
     "               a.backend_type, a.state, a.application_name, left(a.query, 200) AS query,\n" +
     "               (extract(epoch FROM clock_timestamp() - CASE WHEN l.granted\n" +
     "                  THEN coalesce(a.xact_start, a.query_start, a.backend_start)\n" +
@@ -130,10 +140,8 @@ export function holdersSql(targets: readonly LockTarget[], terminateAfterMs: num
     "                 false) AS may_cancel\n" +
     "          FROM pg_catalog.pg_locks l\n" +
     "          JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid\n" +
-    "          JOIN (SELECT p.relid, t.modes\n" +
-    `                  FROM (VALUES ${values}) t (name, modes),\n` +
-    "                       LATERAL pg_catalog.pg_partition_tree(pg_catalog.to_regclass(t.name)) p) x\n" +
-    "            ON x.relid = l.relation\n" +
+    "          JOIN tree x ON x.relid = l.relation\n" +
+    "          JOIN pg_catalog.pg_class c ON c.oid = l.relation\n" +
     "         WHERE l.locktype = 'relation'\n" +
     "           AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = current_database())\n" +
     "           AND l.pid <> pg_catalog.pg_backend_pid() AND l.mode = ANY (x.modes)\n" +
