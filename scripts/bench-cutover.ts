@@ -18,10 +18,13 @@
  * no-migration worst; during the backfill the p99 is within 2x and the worst within 100 ms of no migration.
  */
 import { parseArgs } from "node:util";
+import { destination, pino } from "pino";
 import { backfill } from "../src/backfill/backfill.js";
 import { cutover, swapBack } from "../src/cutover/cutover.js";
 import { connectionUrl } from "../src/db.js";
 import { compareWithTwin, createWorkload, startLoad, type Workload } from "../src/load/workload.js";
+import { setLogger } from "../src/log.js";
+import { finalize } from "../src/migration/finish.js";
 import { startMigration } from "../src/migration/start.js";
 import { loadMigration, type Mode } from "../src/migration/state.js";
 import { parsePartitionSpec } from "../src/partitioning/spec.js";
@@ -121,7 +124,8 @@ async function runMode(
   const a = await compareWithTwin(sql, m.live, w.twin, "bigint");
   const b = await compareWithTwin(sql, m.copy, w.twin, "bigint");
   twin = { live: a.onlyInTable + a.onlyInTwin, copy: b.onlyInTable + b.onlyInTwin };
-  await sql.unsafe(`drop table if exists ${name}, ${name}_pgshift_retired, bench_twin.${name} cascade`);
+  await finalize(sql, w.table, { yes: true });
+  await sql.unsafe(`drop table if exists ${name}, bench_twin.${name} cascade`);
   return { mode, steps, errors: load.stats.errors.length, twinDifferences: twin };
 }
 
@@ -136,6 +140,8 @@ async function main(): Promise<number> {
     },
   });
   if (printedHelp(values, usage)) return 0;
+  // pgshift's log (autovacuum cancelled, holders waited for, retries) on stderr; PGSHIFT_LOG_LEVEL=info to see it.
+  setLogger(pino({ level: process.env.PGSHIFT_LOG_LEVEL ?? "warn" }, destination(2)));
   const rows = positiveInt("--rows", values.rows, 200_000);
   const seconds = positiveInt("--seconds", values.seconds, 20);
   const connections = positiveInt("--connections", values.connections, 4);
