@@ -277,7 +277,11 @@ export class LockSite {
         emit("lockHolder", this.event(h, "terminated"));
       }
     }
-    const blocking = rows.filter((h) => !h.cancelled && !h.terminated && h.age_ms >= o.lockTimeoutMs);
+    // pg_locks and pg_stat_activity are read one after the other: a session shown idle (outside any transaction)
+    // committed in between and holds nothing any more.
+    const blocking = rows.filter(
+      (h) => !h.cancelled && !h.terminated && h.state !== "idle" && h.age_ms >= o.lockTimeoutMs,
+    );
     this.waitedFor = blocking;
     if (blocking.length > 0) {
       for (const h of blocking) emit("lockHolder", this.event(h, "waited"));
