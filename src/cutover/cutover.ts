@@ -641,7 +641,8 @@ async function switchTables(
 }
 
 /**
- * Cuts over: in one short transaction under `lock_timeout` (default 500 ms, 20 jittered retries), the
+ * Cuts over: in one short transaction under `lock_timeout` (default 50 ms per attempt, 100 jittered retries within
+ * 60 s, each attempt after a look for sessions the lock would wait for: src/locks/holders.ts), the
  * partitioned table takes the original name and the original table the retired name; writes to the new
  * live table are mirrored into the retired one from then on. Runs the plan switchPlan builds (what
  * `cutover --dry-run` prints).

@@ -404,7 +404,7 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
  * (logical mode), then abortSql's statements in one transaction. With no migration, the slot and publication a
  * start that crashed before committing left behind (leftoverStream).
  * @param opts `dryRun`: read an older pgshift schema as it is (no upgrade); `lockTimeoutMs` of its transactions
- *   (default 500 ms).
+ *   (default DEFAULT_LOCK_TIMEOUT_MS, 50 ms); `terminateHoldersAfterMs` as for cutover.
  * @throws PgshiftError when there is no migration (nor anything left behind); PhaseError in phase cutover.
  */
 export async function abortPlan(

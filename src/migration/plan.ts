@@ -30,7 +30,7 @@ export interface PlanOptions {
   premake?: number;
   /** "Now" for premade time partitions (tests pin it). */
   now?: Date;
-  /** lock_timeout of start's transaction, ms (default 500; retried on a lock timeout). */
+  /** lock_timeout of start's transaction, ms (default DEFAULT_LOCK_TIMEOUT_MS, 50; retried on a lock timeout). */
   lockTimeoutMs?: number;
   /**
    * Logical mode: the longest creating the replication slot may wait for running transactions, ms (default 300,000).
