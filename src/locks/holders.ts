@@ -13,8 +13,9 @@
  *   itself; PostgreSQL would cancel it only after deadlock_timeout, 1 s by default, of a waiting request);
  * - with `terminateAfterMs`, terminates the other holders whose transaction is older than that
  *   (pg_terminate_backend: like pg-online-schema-change's --kill-backends; off by default).
- * The check after it (holderSteps) logs each cancelled or terminated session and each holder whose transaction
- * (or wait) has lasted at least the lock timeout (pid, age, state, query) and, when one remains, rolls the
+ * What is done with its rows (LockSite, said in the statement's comment in the plan): each cancelled or terminated
+ * session is logged, and each holder whose transaction (or wait) has lasted at least the lock timeout (pid, age,
+ * state, query); when one remains, the attempt rolls
  * attempt back without requesting the lock (HoldersPresent): the lock retry waits, jittered, and looks again.
  * Younger holders (the application's short transactions in flight) are waited for by the request itself,
  * under lock_timeout.
@@ -25,7 +26,6 @@ import { emit } from "../events.js";
 import { log } from "../log.js";
 import { displayName, type QualifiedName, quoteLiteral, quoteQualified } from "../names.js";
 import {
-  check,
   type RunOptions,
   runSteps,
   runTransaction,
@@ -203,7 +203,6 @@ export class LockSite {
   waitedFor: Holder[] = [];
   /** Attempts made (each look that found the way clear and requested the lock, and each look that did not). */
   attempts = 0;
-  private rows: Holder[] = [];
 
   constructor(targets: readonly LockTarget[], opts: LockSiteOptions) {
     this.targets = targets;
@@ -211,18 +210,21 @@ export class LockSite {
   }
 
   /** The statement that looks (holdersSql), its check, then `lock` (the statement that requests the lock). */
-  steps(lock: StatementStep): Step[] {
+  steps(lock: StatementStep): StatementStep[] {
     const o = this.opts;
+    // One statement, and what is done with its rows said in its comment (no step of its own: start's plan counts
+    // its statements and steps alike).
     const probe = statement(
       holdersSql(this.targets, o.terminateAfterMs ?? null),
       "transaction",
       `sessions holding a lock that conflicts with the ${this.targets.map((t) => t.mode).join(" / ")} lock ` +
         "about to be requested, on the tables and their partitions: autovacuum is cancelled" +
-        (o.terminateAfterMs != null ? `, holders older than ${o.terminateAfterMs} ms are terminated` : ""),
+        (o.terminateAfterMs != null ? `, holders older than ${o.terminateAfterMs} ms are terminated` : "") +
+        `; if another has held its lock, or waited for one, for ${o.lockTimeoutMs} ms or longer, the attempt ` +
+        "rolls back without requesting the lock and looks again after a jittered pause (so it does after " +
+        "cancelling or terminating one)",
     );
-    probe.read = (rows) => {
-      this.rows = z.array(Holder).parse(rows);
-    };
+    probe.read = (rows) => this.decide(z.array(Holder).parse(rows));
     const onGranted = lock.read;
     const granted: StatementStep = {
       ...lock,
@@ -237,26 +239,15 @@ export class LockSite {
         onGranted?.(rows);
       },
     };
-    return [
-      probe,
-      check(
-        `if a session found above (other than a cancelled autovacuum or a terminated session) has held its lock, or ` +
-          `waited for one, for ${o.lockTimeoutMs} ms or longer: roll back without requesting the lock, wait ` +
-          "(jittered) and look again; when an autovacuum was cancelled, look again before requesting",
-        async () => this.decide(),
-      ),
-      granted,
-    ];
+    return [probe, granted];
   }
 
-  /** Acts on the rows of the last look: logs, events; throws HoldersPresent unless the lock may be requested. */
-  private async decide(): Promise<void> {
+  /** Acts on the rows of a look: logs, events; throws HoldersPresent unless the lock may be requested. */
+  private decide(rows: Holder[]): void {
     const o = this.opts;
     this.attempts++;
     this.requestedAt = 0;
     this.grantedAt = 0;
-    const rows = this.rows;
-    this.rows = [];
     const stopped: Holder[] = [];
     for (const h of rows) {
       if (h.cancelled) {
@@ -386,12 +377,13 @@ export async function runLocked(sql: Sql, steps: readonly Step[], opts: RunOptio
 
 /**
  * Start's transaction: `statements` in order, with the look for holders and an explicit
- * `LOCK TABLE <source> IN SHARE ROW EXCLUSIVE MODE` (what CREATE TRIGGER takes) before the first statement that
- * locks the source (`sourceAt`): the shadow is created before, without holding the source.
+ * `LOCK TABLE <source> IN SHARE ROW EXCLUSIVE MODE` (what CREATE TRIGGER takes) inserted into `statements` (changed
+ * in place, so that the list start prints and runs holds them) before the first statement that locks the source
+ * (`sourceAt`): the shadow is created before, without holding the source.
  */
 export function lockSourceTransaction(
   source: QualifiedName,
-  statements: readonly string[],
+  statements: string[],
   sourceAt: number,
   opts: { lockTimeoutMs: number; terminateAfterMs: number | null; why: string },
 ): TransactionStep {
@@ -402,14 +394,9 @@ export function lockSourceTransaction(
     lockTimeoutMs: opts.lockTimeoutMs,
     terminateAfterMs: opts.terminateAfterMs,
   });
-  const lock = statement(`LOCK TABLE ${quoteQualified(source)} IN SHARE ROW EXCLUSIVE MODE`);
-  return lockedTransaction(
-    [
-      ...statements.slice(0, sourceAt).map((s) => statement(s)),
-      ...site.steps(lock),
-      ...statements.slice(sourceAt).map((s) => statement(s)),
-    ],
-    { lockTimeoutMs: opts.lockTimeoutMs, why: opts.why },
-    [site],
-  );
+  const look = site.steps(statement(`LOCK TABLE ${quoteQualified(source)} IN SHARE ROW EXCLUSIVE MODE`));
+  const steps: Step[] = statements.map((s) => statement(s));
+  steps.splice(sourceAt, 0, ...look);
+  statements.splice(sourceAt, 0, ...look.map((s) => s.sql));
+  return lockedTransaction(steps, { lockTimeoutMs: opts.lockTimeoutMs, why: opts.why }, [site]);
 }

@@ -52,8 +52,11 @@ async function collect<K extends keyof PgshiftEvents, T>(
   }
 }
 
-/** What the application may wait on top of the lock timeout on this shared 2-core machine, ms. */
-const MARGIN_MS = 150;
+/**
+ * What the application may wait on top of the lock timeout on this shared 2-core machine, ms (with no migration at
+ * all, single transactions of the load take up to 200 ms there when other work runs).
+ */
+const MARGIN_MS = 200;
 
 let db: TestDatabase;
 beforeAll(async () => {
@@ -141,8 +144,8 @@ describe.each(["trigger", "logical"] as const)("autovacuum on a partition (%s mo
     expect(load.stats.errors).toEqual([]);
     expect(lat.count(t0, t1)).toBeGreaterThan(0);
     // Writes wait for one attempt's lock timeout at most, or for the lock's hold: in logical mode that includes
-    // the last catch-up, at most catchupTimeoutMs (100 ms).
-    const bound = 50 + (mode === "logical" ? 100 : 0) + MARGIN_MS;
+    // the last catch-up, at most catchupTimeoutMs (100 ms), and the shadow's lock (at most its lock timeout).
+    const bound = 50 + (mode === "logical" ? 100 + 50 : 0) + MARGIN_MS;
     expect(lat.worst(t0, t1), "the longest application transaction during the cutover, ms").toBeLessThan(bound);
     const m = (await loadMigration(db.sql, w.table))!;
     expect(m.phase).toBe("cutover");
