@@ -209,7 +209,7 @@ export class LockSite {
     this.opts = opts;
   }
 
-  /** The statement that looks (holdersSql), its check, then `lock` (the statement that requests the lock). */
+  /** The statement that looks (holdersSql; its rows acted on as it is read), then `lock`, the one that locks. */
   steps(lock: StatementStep): StatementStep[] {
     const o = this.opts;
     // One statement, and what is done with its rows said in its comment (no step of its own: start's plan counts
