@@ -224,8 +224,9 @@ describe("logical mode with a backlog in the stream", () => {
     let t0 = 0;
     let t1 = 0;
     try {
-      // Nothing applies the stream meanwhile: a few seconds of changes wait in the slot.
-      await sleep(4000);
+      // Nothing applies the stream meanwhile: seconds of changes wait in the slot (applied under the lock, they
+      // would block writes for about a second on this machine).
+      await sleep(8000);
       const lag = await db.admin`select pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint as b
         from pg_replication_slots where slot_name = ${(await loadMigration(db.sql, w.table))!.slot_name!}`;
       expect(Number(lag[0]!.b)).toBeGreaterThan(100_000);
@@ -240,9 +241,11 @@ describe("logical mode with a backlog in the stream", () => {
     expect(load.stats.errors).toEqual([]);
     expect(r!.catchup).not.toBeNull();
     expect(r!.catchup!.beforeLockMs).toBeLessThanOrEqual(50);
-    expect(r!.lockHeldMs, "writes blocked at cutover, ms").toBeLessThan(300);
+    // The last catch-up under the lock took 20 to 120 ms in the runs on this machine, the switch's statements 50 to
+    // 100 ms more.
+    expect(r!.lockHeldMs, "writes blocked at cutover, ms").toBeLessThan(500);
     expect(lat.worst(t0, t1), "the longest application transaction during the cutover, ms").toBeLessThan(
-      300 + 50 + MARGIN_MS,
+      500 + 50 + MARGIN_MS,
     );
     const m = (await loadMigration(db.sql, w.table))!;
     expect(m.phase).toBe("cutover");
