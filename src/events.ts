@@ -29,6 +29,23 @@ export interface PgshiftEvents {
   paused: { table: string; paused: boolean; by: string | null; since: string | null };
   /** One attempt to take a lock on a table pgshift moves, in `command`; `waitedMs` until granted or given up. */
   lockAttempt: { table: string; command: string; granted: boolean; waitedMs: number };
+  /**
+   * Before a lock was requested, a session holding a conflicting lock on the table or a partition was found:
+   * `action` cancelled (autovacuum), terminated (--terminate-holders-after), or waited (the lock was not requested).
+   */
+  lockHolder: {
+    table: string;
+    command: string;
+    pid: number;
+    relation: string;
+    mode: string;
+    /** pg_stat_activity.state, or "autovacuum". */
+    state: string | null;
+    /** Age of its transaction (or of its wait for a lock), ms. */
+    ageMs: number;
+    query: string | null;
+    action: "cancelled" | "terminated" | "waited";
+  };
   /** A switch (or any step holding a lock the application waits on) committed: writes were blocked `ms`. */
   blocked: { table: string; command: string; ms: number };
   /** The logical applier applied changes: `changes` since the last event, the lag behind the server. */

@@ -1,6 +1,6 @@
 import { type Command, InvalidArgumentError, Option } from "commander";
 import { z } from "zod";
-import { connect, failOnConnectionLoss, type Sql } from "../db.js";
+import { connect, DEFAULT_LOCK_RETRIES, DEFAULT_LOCK_TIMEOUT_MS, failOnConnectionLoss, type Sql } from "../db.js";
 import { explain } from "../errors.js";
 import { parseTableName, type QualifiedName } from "../names.js";
 import { beginObservation, endObservation } from "../observe/session.js";
@@ -86,11 +86,19 @@ export function intOption(name: string, min = 0) {
   };
 }
 
-/** `--lock-timeout` and `--retries`, shared by every command that takes locks on the tables. */
+/**
+ * `--lock-timeout` and `--retries`, shared by every command that takes locks on the tables (defaults: db.ts,
+ * DEFAULT_LOCK_TIMEOUT_MS and DEFAULT_LOCK_RETRIES).
+ */
 export function addLockOptions(cmd: Command, what = "lock_timeout for the locks on the tables"): Command {
   return cmd
-    .option("--lock-timeout <ms>", what, intOption("--lock-timeout", 1), 500)
-    .option("--retries <n>", "attempts after a lock timeout, with jittered backoff", intOption("--retries"), 20);
+    .option("--lock-timeout <ms>", what, intOption("--lock-timeout", 1), DEFAULT_LOCK_TIMEOUT_MS)
+    .option(
+      "--retries <n>",
+      "attempts after a lock timeout, with jittered backoff (all within 60 s)",
+      intOption("--retries"),
+      DEFAULT_LOCK_RETRIES,
+    );
 }
 
 /** `--url`: a postgres:// or postgresql:// URL. */

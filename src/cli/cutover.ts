@@ -1,5 +1,5 @@
 import { Command } from "commander";
-import { cutover, formatSwitchPlan, swapBack, switchPlan } from "../cutover/cutover.js";
+import { cutover, DEFAULT_CATCHUP_TIMEOUT_MS, formatSwitchPlan, swapBack, switchPlan } from "../cutover/cutover.js";
 import {
   addConnectionOption,
   addLockOptions,
@@ -9,7 +9,26 @@ import {
   withTable,
 } from "./common.js";
 
-type Opts = ConnOpts & { lockTimeout: number; retries: number; catchupTimeoutMs: number; dryRun?: boolean };
+type Opts = ConnOpts & {
+  lockTimeout: number;
+  retries: number;
+  catchupTimeoutMs: number;
+  terminateHoldersAfter?: number;
+  dryRun?: boolean;
+};
+
+/**
+ * `--terminate-holders-after <ms>`: terminate sessions holding a conflicting lock on the tables (or their partitions)
+ * whose transaction is at least that old, before locking (src/locks/holders.ts). Off by default.
+ */
+export function addTerminateOption(cmd: Command): Command {
+  return cmd.option(
+    "--terminate-holders-after <ms>",
+    "before locking, terminate (pg_terminate_backend) sessions holding a conflicting lock on the tables whose " +
+      "transaction is at least this old; default: never, they are reported and waited for",
+    intOption("--terminate-holders-after", 0),
+  );
+}
 
 function switchCommand(name: "cutover" | "swap-back"): Command {
   const isCutover = name === "cutover";
@@ -28,12 +47,14 @@ function switchCommand(name: "cutover" | "swap-back"): Command {
   if (isCutover) {
     cmd.option(
       "--catchup-timeout-ms <ms>",
-      "logical mode: how long the stream may take, under the lock, to apply every committed change",
+      "logical mode: how long the stream may take, under the lock, to apply the last changes (it is caught up " +
+        "before the lock); past it the lock is released and the attempt runs again",
       intOption("--catchup-timeout-ms", 1),
-      2000,
+      DEFAULT_CATCHUP_TIMEOUT_MS,
     );
   }
-  addLockOptions(cmd, "lock_timeout: the longest the application waits behind pgshift");
+  addLockOptions(cmd, "lock_timeout of each attempt: the longest the application waits behind one attempt");
+  addTerminateOption(cmd);
   addConnectionOption(cmd);
   addObserveOptions(cmd);
   cmd.addHelpText(
@@ -42,7 +63,8 @@ function switchCommand(name: "cutover" | "swap-back"): Command {
       ? `
 Examples:
   pgshift cutover orders
-  pgshift cutover orders --lock-timeout 200 --retries 50`
+  pgshift cutover orders --lock-timeout 30 --retries 200
+  pgshift cutover orders --terminate-holders-after 60000   # end sessions holding the table for a minute or more`
       : `
 Examples:
   pgshift swap-back orders`,
@@ -56,6 +78,7 @@ Examples:
           dryRun: true,
           catchupTimeoutMs: opts.catchupTimeoutMs,
           lockTimeoutMs: opts.lockTimeout,
+          terminateHoldersAfterMs: opts.terminateHoldersAfter ?? null,
         });
         process.stdout.write(formatSwitchPlan(plan));
         return;
@@ -65,7 +88,12 @@ Examples:
         lockTimeoutMs: opts.lockTimeout,
         retries: opts.retries,
         catchupTimeoutMs: opts.catchupTimeoutMs,
+        terminateHoldersAfterMs: opts.terminateHoldersAfter ?? null,
       });
+      for (const a of r.autovacuumCancelled)
+        process.stdout.write(`cancelled autovacuum on ${a.relation} (pid ${a.pid}) before locking\n`);
+      for (const t of r.terminated)
+        process.stdout.write(`terminated pid ${t.pid} (holding a lock on ${t.relation}: ${t.query ?? "?"})\n`);
       for (const b of r.indexesBuilt) {
         process.stdout.write(
           `built index ${b.name} on ${b.on} before the lock, for index ${b.original} created during the migration ` +

@@ -2,8 +2,15 @@ import { Command } from "commander";
 import { abort, abortPlan, finalize } from "../migration/finish.js";
 import { formatSteps } from "../plan/steps.js";
 import { addConnectionOption, addLockOptions, addObserveOptions, type ConnOpts, withTable } from "./common.js";
+import { addTerminateOption } from "./cutover.js";
 
-type Opts = ConnOpts & { lockTimeout: number; retries: number; yes?: boolean; dryRun?: boolean };
+type Opts = ConnOpts & {
+  lockTimeout: number;
+  retries: number;
+  terminateHoldersAfter?: number;
+  yes?: boolean;
+  dryRun?: boolean;
+};
 
 export function finalizeCommand(): Command {
   const cmd = new Command("finalize")
@@ -12,6 +19,7 @@ export function finalizeCommand(): Command {
     .option("--yes", "confirm dropping the retired table")
     .option("--dry-run", "print the plan (its statements, where each runs, the checks between); change nothing");
   addLockOptions(cmd);
+  addTerminateOption(cmd);
   addConnectionOption(cmd);
   addObserveOptions(cmd);
   cmd.addHelpText(
@@ -32,6 +40,7 @@ Example:
         dryRun: opts.dryRun,
         lockTimeoutMs: opts.lockTimeout,
         retries: opts.retries,
+        terminateHoldersAfterMs: opts.terminateHoldersAfter ?? null,
       }),
     );
     if (opts.dryRun) return void process.stdout.write(formatSteps(r.steps));
@@ -48,6 +57,7 @@ export function abortCommand(): Command {
     .argument("<table>", "table under migration")
     .option("--dry-run", "print the plan (its statements, where each runs, the checks between); change nothing");
   addLockOptions(cmd);
+  addTerminateOption(cmd);
   addConnectionOption(cmd);
   addObserveOptions(cmd);
   cmd.addHelpText(
@@ -60,11 +70,23 @@ Example:
     await withTable(tableArg, opts, async (sql, table) => {
       if (opts.dryRun) {
         process.stdout.write(
-          formatSteps((await abortPlan(sql, table, { dryRun: true, lockTimeoutMs: opts.lockTimeout })).steps),
+          formatSteps(
+            (
+              await abortPlan(sql, table, {
+                dryRun: true,
+                lockTimeoutMs: opts.lockTimeout,
+                terminateHoldersAfterMs: opts.terminateHoldersAfter ?? null,
+              })
+            ).steps,
+          ),
         );
         return;
       }
-      await abort(sql, table, { lockTimeoutMs: opts.lockTimeout, retries: opts.retries });
+      await abort(sql, table, {
+        lockTimeoutMs: opts.lockTimeout,
+        retries: opts.retries,
+        terminateHoldersAfterMs: opts.terminateHoldersAfter ?? null,
+      });
       process.stdout.write(`aborted: shadow and mirror dropped; ${tableArg} is as it was\n`);
     });
   });

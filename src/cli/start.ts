@@ -6,6 +6,7 @@ import { displayName } from "../names.js";
 import { formatPartitionSpec, parsePartitionSpec } from "../partitioning/spec.js";
 import { formatSteps } from "../plan/steps.js";
 import { addConnectionOption, addLockOptions, addObserveOptions, intOption, withTable } from "./common.js";
+import { addTerminateOption } from "./cutover.js";
 import { applicationLines, type PlanCliOpts, specOptions } from "./plan.js";
 
 export function startCommand(): Command {
@@ -27,6 +28,7 @@ export function startCommand(): Command {
     );
   specOptions(cmd);
   addLockOptions(cmd);
+  addTerminateOption(cmd);
   addConnectionOption(cmd);
   addObserveOptions(cmd);
   cmd.addHelpText(
@@ -48,6 +50,7 @@ and, with pg_stat_statements, the application's statements that would fail.`,
       opts: PlanCliOpts & {
         lockTimeout: number;
         retries: number;
+        terminateHoldersAfter?: number;
         dryRun?: boolean;
         slotTimeoutMs: number;
         allowKeyExtension?: boolean;
@@ -62,6 +65,7 @@ and, with pg_stat_statements, the application's statements that would fail.`,
             premake: opts.premake,
             lockTimeoutMs: opts.lockTimeout,
             slotTimeoutMs: opts.slotTimeoutMs,
+            terminateHoldersAfterMs: opts.terminateHoldersAfter ?? null,
           });
           printStartPlan(plan);
           if (plan.blockers.length > 0) throw new BlockedError(displayName(table), plan.blockers);
@@ -77,6 +81,7 @@ and, with pg_stat_statements, the application's statements that would fail.`,
           retries: opts.retries,
           slotTimeoutMs: opts.slotTimeoutMs,
           allowKeyExtension: opts.allowKeyExtension ?? false,
+          terminateHoldersAfterMs: opts.terminateHoldersAfter ?? null,
         });
         for (const w of plan.warnings) process.stdout.write(`warning: ${w}\n`);
         if (plan.atFinalize) process.stdout.write(`at finalize: ${plan.atFinalize}\n`);

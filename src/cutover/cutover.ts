@@ -1,9 +1,10 @@
 import { dependencySnapshot, newDependents, requireNoDrift } from "../catalog/drift.js";
-import type { LockRetryOptions, Sql, TxSql } from "../db.js";
+import { type AnySql, DEFAULT_LOCK_TIMEOUT_MS, type LockRetryOptions, type Sql, type TxSql } from "../db.js";
 import { liveNamesSql } from "../ddl/shadow.js";
 import { type Carried, carryDependents } from "../dependents/index.js";
 import { PgshiftError } from "../errors.js";
 import { emit } from "../events.js";
+import { LockSite, runLocked } from "../locks/holders.js";
 import { log } from "../log.js";
 import { tablesIn } from "../migration/phases.js";
 import {
@@ -42,11 +43,32 @@ import {
 
 export type { BuiltIndex } from "./carry-over.js";
 
+/** Logical mode: the longest the stream may take, under the live table's lock, to apply the last changes, ms. */
+export const DEFAULT_CATCHUP_TIMEOUT_MS = 100;
+/** Logical mode: how close behind the stream must be (time to apply up to a fresh WAL position) before locking, ms. */
+export const DEFAULT_CLOSE_BEHIND_MS = 50;
+/** Logical mode: the longest one attempt waits, before locking, for the stream to be close behind, ms. */
+export const DEFAULT_CATCHUP_BEFORE_LOCK_MS = 60_000;
+
 export interface CutoverOptions extends LockRetryOptions {
   /**
-   * Logical mode: how long to wait, under the lock, for the stream to apply every committed change (default 2000 ms).
+   * Logical mode: how long to wait, under the lock, for the stream to apply the last changes (default
+   * DEFAULT_CATCHUP_TIMEOUT_MS, 100 ms); past it the locks are released and the attempt runs again.
    */
   catchupTimeoutMs?: number;
+  /**
+   * Logical mode: before the lock, the stream counts as close behind when it applies everything up to a WAL
+   * position read just before within this long (default DEFAULT_CLOSE_BEHIND_MS, 50 ms).
+   */
+  closeBehindMs?: number;
+  /** Logical mode: the longest the wait before the lock may take in one attempt, ms (default 60,000). */
+  catchupBeforeLockMs?: number;
+  /**
+   * Terminate sessions that hold a conflicting lock on the tables (or their partitions) and whose transaction is
+   * at least this old, ms, before requesting the lock (src/locks/holders.ts); absent or null: never.
+   * CLI: --terminate-holders-after.
+   */
+  terminateHoldersAfterMs?: number | null;
   /** Test hook: runs inside the transaction after every statement, before COMMIT. */
   beforeCommit?: (tx: TxSql) => Promise<void>;
   /** Test hook: runs after the late objects were checked and carried over, before the transaction that locks. */
@@ -66,6 +88,15 @@ export interface CutoverResult {
   statements: string[];
   /** Indexes created on the live table during the migration that were built on the copy before the lock (carryOver). */
   indexesBuilt: BuiltIndex[];
+  /** Autovacuum workers cancelled before locking (pid, table or partition). */
+  autovacuumCancelled: { pid: number; relation: string }[];
+  /** Sessions terminated before locking (--terminate-holders-after). */
+  terminated: { pid: number; relation: string; query: string | null }[];
+  /**
+   * Logical mode, the first cutover: how long the last wait for the stream before the lock took, and how long the
+   * one under the lock took (ms); null otherwise.
+   */
+  catchup: { beforeLockMs: number; underLockMs: number } | null;
 }
 
 /** The migration as it will be named in `phase` (names swap at cutover; tablesIn, phases.ts). */
@@ -137,6 +168,41 @@ export function requireNoKnownDifferences(m: Migration, what: string): void {
   );
 }
 
+/** How a switch's plan waits and locks (from CutoverOptions, defaults applied). */
+interface SwitchOptions {
+  catchupMs: number;
+  closeBehindMs: number;
+  catchupBeforeLockMs: number;
+  lockTimeoutMs: number;
+  terminateAfterMs: number | null;
+}
+
+function switchOptions(o: CutoverOptions): SwitchOptions {
+  return {
+    catchupMs: o.catchupTimeoutMs ?? DEFAULT_CATCHUP_TIMEOUT_MS,
+    closeBehindMs: o.closeBehindMs ?? DEFAULT_CLOSE_BEHIND_MS,
+    catchupBeforeLockMs: o.catchupBeforeLockMs ?? DEFAULT_CATCHUP_BEFORE_LOCK_MS,
+    lockTimeoutMs: o.lockTimeoutMs ?? DEFAULT_LOCK_TIMEOUT_MS,
+    terminateAfterMs: o.terminateHoldersAfterMs ?? null,
+  };
+}
+
+/**
+ * Why the stream has not applied up to `target`: how far the slot is behind, or (`unapplied`) that the slot's
+ * consumer confirmed it but no pgshift applier recorded it (something else is attached to the slot).
+ */
+async function lagOf(tx: AnySql, slot: string, target: string): Promise<{ unapplied: boolean; text: string }> {
+  const st = await slotState(tx, slot);
+  const unapplied = st.confirmedLsn !== null && lsnToBigInt(st.confirmedLsn) >= lsnToBigInt(target);
+  return {
+    unapplied,
+    text: unapplied
+      ? `the consumer of slot ${slot}${st.activePid ? ` (pid ${st.activePid})` : ""} confirmed it, but no ` +
+        "pgshift applier recorded it in pgshift.migrations: is something other than pgshift sync attached to the slot?"
+      : `${st.lagBytes} bytes behind`,
+  };
+}
+
 /** What a switch's checks need when it runs (not at --dry-run), set as the run goes. */
 interface SwitchContext {
   /** Logical mode, the first cutover: what applies the stream to the shadow (started by the plan's follow step). */
@@ -147,6 +213,11 @@ interface SwitchContext {
   snapshot: string[];
   /** performance.now() when the lock that makes the application wait was granted. */
   locked: number;
+  /** The WAL position read before the lock (the plan's first SELECT pg_current_wal_insert_lsn()). */
+  before: string;
+  /** The last catch-up before the lock and the one under it, ms. */
+  beforeLockMs: number;
+  underLockMs: number;
 }
 
 /**
@@ -169,6 +240,8 @@ export interface SwitchPlan {
   follow: CheckStep | null;
   /** The switch's transaction: locks, checks, renames, mirror switched, the phase recorded. */
   transaction: TransactionStep;
+  /** The look before the lock on the live table (and the lock itself): holders, attempts. */
+  lockSite: LockSite;
   after: Step[];
   context: SwitchContext;
 }
@@ -207,9 +280,11 @@ function buildSwitch(
   carried: Carried[],
   table: QualifiedName,
   command: "cutover" | "swap-back",
-  opts: { catchupMs: number; lockTimeoutMs: number },
+  opts: SwitchOptions,
 ): SwitchPlan {
   const catchupMs = opts.catchupMs;
+  const closeMs = opts.closeBehindMs;
+  const beforeMs = opts.catchupBeforeLockMs;
   // Set when the lock that makes the application wait is granted (the lock time is measured from it).
   const markLocked = () => {
     context.locked = performance.now();
@@ -217,7 +292,15 @@ function buildSwitch(
   const m = c.migration;
   const to = command === "cutover" ? "cutover" : "swapped_back";
   const what = command === "cutover" ? "cut over" : "swap back";
-  const context: SwitchContext = { follower: null, target: "", snapshot: [], locked: 0 };
+  const context: SwitchContext = {
+    follower: null,
+    target: "",
+    snapshot: [],
+    locked: 0,
+    before: "",
+    beforeLockMs: 0,
+    underLockMs: 0,
+  };
   // Logical mode before the first cutover: the shadow follows the slot (swap-back's and a later cutover's never do).
   const mirror = mirrorFor(m.mode);
   const stream = mirror.streams(m) ? m : null;
@@ -226,6 +309,15 @@ function buildSwitch(
   const sw = switchSql(m, to);
   const lockBoth = statement(sw[0]!);
   if (!streamed) lockBoth.read = markLocked;
+  // The look before the first lock covers both tables (with the stream, the shadow is locked a moment after the
+  // live table: an autovacuum on one of its partitions would hold that second lock up).
+  const site = new LockSite(
+    [
+      { table: m.live, mode: "ACCESS EXCLUSIVE" },
+      { table: m.copy, mode: "ACCESS EXCLUSIVE" },
+    ],
+    { table: displayName(table), command, lockTimeoutMs: opts.lockTimeoutMs, terminateAfterMs: opts.terminateAfterMs },
+  );
   const steps: Step[] = [
     check(`refuse if the migration left phase ${m.phase} meanwhile`, async (tx) => {
       const now = await loadMigration(tx, table, { upgrade: false });
@@ -240,6 +332,14 @@ function buildSwitch(
       "the live table only: the stream keeps writing the shadow",
     );
     lockLive.read = markLocked;
+    const before = statement(
+      "SELECT pg_current_wal_insert_lsn()",
+      "transaction",
+      "before any lock: where the stream must be (run again by the check below while it is not close behind)",
+    );
+    before.read = (rows) => {
+      context.before = String(rows[0]!.pg_current_wal_insert_lsn);
+    };
     const wal = statement(
       "SELECT pg_current_wal_insert_lsn()",
       "transaction",
@@ -249,35 +349,65 @@ function buildSwitch(
       context.target = String(rows[0]!.pg_current_wal_insert_lsn);
     };
     steps.push(
-      lockLive,
+      before,
+      check(
+        "wait until the stream has applied every change up to the WAL position read above; while that took longer " +
+          `than ${closeMs} ms, read the position again (the statement above) and wait again, at most ${beforeMs} ms ` +
+          "in all: the stream is then close behind, and only the last transactions are left for under the lock",
+        async (tx) => {
+          const f = context.follower;
+          if (!f) throw new Error("cutover: the stream is not followed");
+          const until = Date.now() + beforeMs;
+          for (;;) {
+            const t0 = performance.now();
+            const ok = await f.waitForRecorded(context.before, Math.min(2000, Math.max(0, until - Date.now())));
+            context.beforeLockMs = performance.now() - t0;
+            if (ok && context.beforeLockMs <= closeMs) return;
+            if (!ok) {
+              const why = await lagOf(tx, slot!, context.before);
+              if (why.unapplied || Date.now() >= until)
+                throw new CatchupTimeout(
+                  `the stream did not apply everything up to ${context.before} before the lock, within ` +
+                    `${beforeMs} ms (${why.text})`,
+                );
+            } else if (Date.now() >= until) {
+              throw new CatchupTimeout(
+                `the stream stayed more than ${closeMs} ms behind for ${beforeMs} ms (last: ` +
+                  `${Math.round(context.beforeLockMs)} ms)`,
+              );
+            }
+            const r = await tx.unsafe(before.sql);
+            context.before = String(r[0]!.pg_current_wal_insert_lsn);
+          }
+        },
+      ),
+      ...site.steps(lockLive),
       wal,
       check(
         "wait until the stream has applied every change up to the WAL position read above, its rows committed and " +
-          `recorded in pgshift.migrations (at most ${catchupMs} ms; else the locks are released and the ` +
-          "transaction runs again)",
+          `recorded in pgshift.migrations (at most ${catchupMs} ms under the lock; else the locks are released ` +
+          "and the transaction runs again)",
         async (tx) => {
           const f = context.follower;
           if (!f) throw new Error("cutover: the stream is not followed");
           // Applied means recorded: a group of the stream ending past the target committed, with its rows
           // (see waitForRecorded; not the slot's confirmed position, nor a keepalive's).
-          if (await f.waitForRecorded(context.target, catchupMs)) return;
-          const st = await slotState(tx, slot);
-          // The slot confirmed the position but no pgshift applier recorded it: its consumer applies nothing.
-          const unapplied = st.confirmedLsn !== null && lsnToBigInt(st.confirmedLsn) >= lsnToBigInt(context.target);
-          const lag = unapplied
-            ? `the consumer of slot ${slot}${st.activePid ? ` (pid ${st.activePid})` : ""} confirmed it, but no ` +
-              "pgshift applier recorded it in pgshift.migrations: " +
-              "is something other than pgshift sync attached to the slot?"
-            : `${st.lagBytes} bytes behind`;
+          const t0 = performance.now();
+          const ok = await f.waitForRecorded(context.target, catchupMs);
+          context.underLockMs = performance.now() - t0;
+          if (ok) return;
+          const lag = await lagOf(tx, slot, context.target);
           throw new CatchupTimeout(
-            `the stream did not apply everything up to ${context.target} within ${catchupMs} ms (${lag})`,
+            `the stream did not apply everything up to ${context.target} within ${catchupMs} ms under the lock ` +
+              `(${lag.text}); the locks were released`,
           );
         },
       ),
     );
   }
   steps.push(
-    lockBoth,
+    // Without the stream the look before the lock comes here (with it, before the live table's lock above).
+    ...(streamed ? [lockBoth] : site.steps(lockBoth)),
     // Under both locks no ALTER TABLE can slip in between this check and the renames.
     check(
       `refuse if the columns changed, or objects were created on ${displayName(m.live)} ` +
@@ -315,6 +445,7 @@ function buildSwitch(
   const after = streamed
     ? dropStreamSql(slot, m.publication_name, renamed(m, "cutover").copy, {
         lockTimeoutMs: opts.lockTimeoutMs,
+        lock: { table: displayName(table), command, terminateAfterMs: opts.terminateAfterMs },
         forget: `UPDATE pgshift.migrations SET slot_name = NULL, publication_name = NULL WHERE id = ${m.id}`,
       })
     : [];
@@ -325,6 +456,7 @@ function buildSwitch(
     carried,
     follow,
     transaction: transactionStep(steps, { lockTimeoutMs: opts.lockTimeoutMs }),
+    lockSite: site,
     after,
     context,
   };
@@ -341,7 +473,7 @@ export async function switchPlan(
   sql: Sql,
   table: QualifiedName,
   command: "cutover" | "swap-back",
-  opts: { dryRun?: boolean; catchupTimeoutMs?: number; lockTimeoutMs?: number } = {},
+  opts: CutoverOptions & { dryRun?: boolean } = {},
 ): Promise<SwitchPlan> {
   const m0 = await requireMigration(sql, table, command, { upgrade: !opts.dryRun });
   const health = await mirrorFor(m0.mode).health(sql, m0);
@@ -354,13 +486,10 @@ export async function switchPlan(
   requireNoKnownDifferences(m0, what);
   // Objects created on the live table since start: indexes are built on the copy first (never under the
   // lock), anything else refuses.
-  const lockTimeoutMs = opts.lockTimeoutMs ?? 500;
-  const c = await carryOverPlan(sql, m0, table, lockTimeoutMs);
+  const o = switchOptions(opts);
+  const c = await carryOverPlan(sql, m0, table, o.lockTimeoutMs);
   const carried = await carryDependents(sql, c.migration, command === "cutover" ? "cutover" : "swapped_back");
-  return buildSwitch(sql, m0, c, carried, table, command, {
-    catchupMs: opts.catchupTimeoutMs ?? 2000,
-    lockTimeoutMs,
-  });
+  return buildSwitch(sql, m0, c, carried, table, command, o);
 }
 
 async function switchTables(
@@ -371,11 +500,11 @@ async function switchTables(
 ): Promise<CutoverResult> {
   await lockMigration(sql, table);
   try {
-    const o = { catchupMs: opts.catchupTimeoutMs ?? 2000, lockTimeoutMs: opts.lockTimeoutMs ?? 500 };
+    const o = switchOptions(opts);
     // Under the lock a snapshot of the live table's dependents, taken before the last look for late
     // objects, shows whatever came in between.
     let snapshot = await dependencySnapshot(sql, table);
-    let plan = await switchPlan(sql, table, command, { catchupTimeoutMs: o.catchupMs, lockTimeoutMs: o.lockTimeoutMs });
+    let plan = await switchPlan(sql, table, command, opts);
     const built: BuiltIndex[] = [];
     const statements: string[] = [];
     // The carry-over, then a new look: indexes created meanwhile are carried over too (at most 4 rounds).
@@ -409,12 +538,18 @@ async function switchTables(
             await opts.beforeCommit?.(t);
           },
           {
-            retries: opts.retries,
+            ...(opts.retries !== undefined ? { retries: opts.retries } : {}),
+            ...(opts.deadlineMs !== undefined ? { deadlineMs: opts.deadlineMs } : {}),
             retryOn: (err) => err instanceof CatchupTimeout,
+            onFailure: (err) => {
+              plan.lockSite.failed(err);
+              opts.onFailure?.(err);
+            },
             onRetry: (n, err) => {
               log().warn(
                 { attempt: n, err: err instanceof Error ? err.message : String(err) },
-                `${command}: not done in time (lock or catch-up), locks released, retrying`,
+                `${command}: not done in time (lock or catch-up) or a session holds the lock, locks released, ` +
+                  "retrying",
               );
               opts.onRetry?.(n, err);
             },
@@ -426,7 +561,7 @@ async function switchTables(
           throw new PgshiftError(`cannot cut over: ${err.message}, after ${attempts} attempts`, {
             hint:
               "the stream is lagging: let pgshift sync catch up (pgshift status shows the lag), or raise " +
-              "--catchup-timeout-ms",
+              "--catchup-timeout-ms (the longest writes may be blocked while the last changes are applied)",
           });
         }
         throw err;
@@ -439,7 +574,12 @@ async function switchTables(
       // The cutover has committed: if the retired table stays too busy to drop the publication now, say so
       // and leave both names in the migration row (status shows them; finalize and abort drop them).
       try {
-        await runSteps(sql, plan.after, { lockRetry: { retries: opts.retries } });
+        await runLocked(sql, plan.after, {
+          lockRetry: {
+            ...(opts.retries !== undefined ? { retries: opts.retries } : {}),
+            ...(opts.deadlineMs !== undefined ? { deadlineMs: opts.deadlineMs } : {}),
+          },
+        });
         statements.push(...statementsOf(plan.after));
       } catch (err) {
         const m = plan.migration;
@@ -477,8 +617,12 @@ async function switchTables(
     emit("blocked", { table: displayName(table), command, ms: lockHeldMs });
     const to = command === "cutover" ? "cutover" : "swapped_back";
     emit("phase", { table: displayName(table), command, from: plan.migration.phase, to });
+    const ctx = plan.context;
+    const catchup = plan.follow
+      ? { beforeLockMs: Math.round(ctx.beforeLockMs * 10) / 10, underLockMs: Math.round(ctx.underLockMs * 10) / 10 }
+      : null;
     log().info(
-      { table: displayName(table), lockHeldMs: Math.round(lockHeldMs * 10) / 10, attempts },
+      { table: displayName(table), lockHeldMs: Math.round(lockHeldMs * 10) / 10, attempts, ...(catchup ?? {}) },
       command === "cutover" ? "cutover done" : "swap-back done",
     );
     return {
@@ -487,6 +631,9 @@ async function switchTables(
       phase: command === "cutover" ? "cutover" : "swapped_back",
       statements,
       indexesBuilt: built,
+      autovacuumCancelled: plan.lockSite.cancelled.map((h) => ({ pid: h.pid, relation: h.relation })),
+      terminated: plan.lockSite.terminated.map((h) => ({ pid: h.pid, relation: h.relation, query: h.query })),
+      catchup,
     };
   } finally {
     await unlockMigration(sql, table).catch(() => {});
@@ -494,7 +641,8 @@ async function switchTables(
 }
 
 /**
- * Cuts over: in one short transaction under `lock_timeout` (default 500 ms, 20 jittered retries), the
+ * Cuts over: in one short transaction under `lock_timeout` (default 50 ms per attempt, 100 jittered retries within
+ * 60 s, each attempt after a look for sessions the lock would wait for: src/locks/holders.ts), the
  * partitioned table takes the original name and the original table the retired name; writes to the new
  * live table are mirrored into the retired one from then on. Runs the plan switchPlan builds (what
  * `cutover --dry-run` prints).

@@ -119,7 +119,12 @@ function randomTime(): Date {
 export async function startLoad(
   url: string,
   w: Workload,
-  opts: { connections?: number; pauseMs?: number } = {},
+  opts: {
+    connections?: number;
+    pauseMs?: number;
+    /** Called after each transaction (committed or not): performance.now() when it began, and its latency in ms. */
+    onTransaction?: (startedAt: number, ms: number) => void;
+  } = {},
 ): Promise<RunningLoad> {
   const n = opts.connections ?? 4;
   const pauseMs = opts.pauseMs ?? 1;
@@ -135,12 +140,14 @@ export async function startLoad(
     const sql = postgres(url, { max: 1, onnotice: () => {} }) as unknown as Sql;
     try {
       while (running) {
+        const t0 = performance.now();
         try {
           await oneTransaction(sql, w, keys, wi);
         } catch (err) {
           stats.errors.push(err instanceof Error ? err.message : String(err));
           if (stats.errors.length > 50) running = false;
         }
+        opts.onTransaction?.(t0, performance.now() - t0);
         if (pauseMs > 0) await new Promise((r) => setTimeout(r, pauseMs));
       }
     } finally {

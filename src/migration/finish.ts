@@ -1,8 +1,9 @@
 import { z } from "zod";
 import { requireNoKnownDifferences } from "../cutover/cutover.js";
-import type { AnySql, LockRetryOptions, Sql } from "../db.js";
+import { type AnySql, DEFAULT_LOCK_TIMEOUT_MS, type LockRetryOptions, type Sql } from "../db.js";
 import { pendingRebuilds } from "../dependents/materialized-views.js";
 import { PgshiftError, sqlState } from "../errors.js";
+import { LockSite, lockedTransaction, runLocked } from "../locks/holders.js";
 import { log } from "../log.js";
 import { dropStreamSql } from "../mirror/logical.js";
 import { mirrorFor } from "../mirror/mirror.js";
@@ -16,7 +17,6 @@ import {
   statement,
   statementsOf,
   type TransactionStep,
-  transactionStep,
 } from "../plan/steps.js";
 import {
   loadMigration,
@@ -151,6 +151,11 @@ export function abortSql(m: Migration): string[] {
 }
 
 export interface FinishOptions extends LockRetryOptions {
+  /**
+   * Terminate sessions holding a conflicting lock on the tables (or their partitions) whose transaction is at
+   * least this old, ms, before locking (src/locks/holders.ts); absent: never. CLI: --terminate-holders-after.
+   */
+  terminateHoldersAfterMs?: number | null;
   /** finalize only: the person confirmed that the retired table may be dropped. */
   yes?: boolean;
   /** finalize only: return the statements without running them. */
@@ -256,6 +261,15 @@ async function requireFinalizable(sql: AnySql, m: Migration): Promise<void> {
   if (dependents.length > 0) throw dependentsError(m, dependents);
 }
 
+/** The retry options of a lock retry, from the command's (retries, deadline, onRetry). */
+function lockRetryOf(opts: LockRetryOptions) {
+  return {
+    ...(opts.retries !== undefined ? { retries: opts.retries } : {}),
+    ...(opts.deadlineMs !== undefined ? { deadlineMs: opts.deadlineMs } : {}),
+    ...(opts.onRetry ? { onRetry: opts.onRetry } : {}),
+  };
+}
+
 /** What finalize and abort did (or, with `dryRun`, would do). */
 export interface FinishResult {
   /** Every statement, in order, as PostgreSQL receives them. */
@@ -273,13 +287,14 @@ async function finalizeTransaction(
   m: Migration,
   table: QualifiedName,
   lockTimeoutMs: number,
+  site: LockSite,
 ): Promise<TransactionStep> {
   const [lock, ...rest] = finalizeSql(m, await identityState(sql, m));
-  return transactionStep(
+  return lockedTransaction(
     [
       // Nothing can come to depend on the retired table after this lock (CREATE VIEW, a foreign key, ... lock
-      // the tables they use), nor a verify run meanwhile.
-      statement(lock!),
+      // the tables they use), nor a verify run meanwhile. Looked at first: autovacuum cancelled, holders reported.
+      ...site.steps(statement(lock!)),
       check(
         "refuse if the migration left phase cutover, a verify found differences, or objects depend on " +
           displayName(m.copy),
@@ -293,6 +308,34 @@ async function finalizeTransaction(
       ...rest.map((s) => statement(s)),
     ],
     { lockTimeoutMs },
+    [site],
+  );
+}
+
+/** Where finalize and abort lock the live table (and the other one): the look before, the events. */
+function finishSite(
+  m: Migration,
+  command: "finalize" | "abort",
+  lockTimeoutMs: number,
+  terminateAfterMs?: number | null,
+) {
+  return new LockSite(
+    command === "finalize"
+      ? [
+          { table: m.live, mode: "ACCESS EXCLUSIVE" },
+          { table: m.copy, mode: "ACCESS EXCLUSIVE" },
+        ]
+      : [
+          { table: m.live, mode: "SHARE ROW EXCLUSIVE" },
+          // DROP TABLE takes ACCESS EXCLUSIVE on the shadow and its partitions while the live table is locked.
+          { table: m.copy, mode: "ACCESS EXCLUSIVE" },
+        ],
+    {
+      table: displayName({ schema: m.source_schema, name: m.source_table }),
+      command,
+      lockTimeoutMs,
+      terminateAfterMs: terminateAfterMs ?? null,
+    },
   );
 }
 
@@ -316,25 +359,27 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
         hint: "run it again with --yes to confirm",
       });
     }
-    const lockTimeoutMs = opts.lockTimeoutMs ?? 500;
+    const lockTimeoutMs = opts.lockTimeoutMs ?? DEFAULT_LOCK_TIMEOUT_MS;
+    const lockOpts = { table: displayName(table), command: "finalize", terminateAfterMs: opts.terminateHoldersAfterMs };
+    const site = finishSite(m, "finalize", lockTimeoutMs, opts.terminateHoldersAfterMs);
     // A materialized view whose rebuild after cutover did not finish still reads the retired table: finish it first.
     const rebuilds = (await pendingRebuilds(sql, m, lockTimeoutMs)).flatMap((p) => p.steps);
     if (rebuilds.length > 0 && !opts.dryRun) await runSteps(sql, rebuilds, { lockRetry: { retries: opts.retries } });
     if (!opts.dryRun || rebuilds.length === 0) await requireFinalizable(sql, m);
     // Normally dropped at cutover already; a crash in between leaves them: never leave a slot behind.
-    const stream = dropStreamSql(m.slot_name, m.publication_name, m.copy, { lockTimeoutMs });
-    const planned = await finalizeTransaction(sql, m, table, lockTimeoutMs);
+    const stream = dropStreamSql(m.slot_name, m.publication_name, m.copy, { lockTimeoutMs, lock: lockOpts });
+    const planned = await finalizeTransaction(sql, m, table, lockTimeoutMs, site);
     if (opts.dryRun) {
       const steps = [...rebuilds, ...stream, planned];
       return { statements: statementsOf(steps), steps };
     }
-    await runSteps(sql, stream, { lockRetry: { retries: opts.retries } });
+    await runLocked(sql, stream, { lockRetry: lockRetryOf(opts) });
     let ran = planned;
     await runTransaction(
       sql,
       planned,
       async (tx) => {
-        ran = await finalizeTransaction(tx, m, table, lockTimeoutMs);
+        ran = await finalizeTransaction(tx, m, table, lockTimeoutMs, site);
         try {
           await runSteps(tx, ran.steps);
         } catch (err) {
@@ -343,8 +388,9 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
           throw err;
         }
       },
-      { retries: opts.retries },
+      { ...lockRetryOf(opts), onFailure: site.failed },
     );
+    site.committed();
     log().info({ table: displayName(table) }, "finalized: retired table, mirror and metadata dropped");
     const steps = [...rebuilds, ...stream, ran];
     return { statements: statementsOf(steps), steps };
@@ -358,28 +404,31 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
  * (logical mode), then abortSql's statements in one transaction. With no migration, the slot and publication a
  * start that crashed before committing left behind (leftoverStream).
  * @param opts `dryRun`: read an older pgshift schema as it is (no upgrade); `lockTimeoutMs` of its transactions
- *   (default 500 ms).
+ *   (default DEFAULT_LOCK_TIMEOUT_MS, 50 ms); `terminateHoldersAfterMs` as for cutover.
  * @throws PgshiftError when there is no migration (nor anything left behind); PhaseError in phase cutover.
  */
 export async function abortPlan(
   sql: AnySql,
   table: QualifiedName,
-  opts: { dryRun?: boolean; lockTimeoutMs?: number } = {},
+  opts: { dryRun?: boolean; lockTimeoutMs?: number; terminateHoldersAfterMs?: number | null } = {},
 ): Promise<{ migration: Migration | null; steps: Step[] }> {
-  const lockTimeoutMs = opts.lockTimeoutMs ?? 500;
+  const lockTimeoutMs = opts.lockTimeoutMs ?? DEFAULT_LOCK_TIMEOUT_MS;
+  const lock = { table: displayName(table), command: "abort", terminateAfterMs: opts.terminateHoldersAfterMs };
   if (!(await loadMigration(sql, table, { upgrade: !opts.dryRun }))) {
     const left = await leftoverStream(sql, table);
-    if (left) return { migration: null, steps: dropStreamSql(left.slot, left.publication, table, { lockTimeoutMs }) };
+    if (left)
+      return { migration: null, steps: dropStreamSql(left.slot, left.publication, table, { lockTimeoutMs, lock }) };
   }
   const m = await requireMigration(sql, table, "abort", { upgrade: !opts.dryRun });
+  const site = finishSite(m, "abort", lockTimeoutMs, opts.terminateHoldersAfterMs);
+  const [first, ...rest] = abortSql(m);
   return {
     migration: m,
     steps: [
-      ...dropStreamSql(m.slot_name, m.publication_name, m.live, { lockTimeoutMs }),
-      transactionStep(
-        abortSql(m).map((s) => statement(s)),
-        { lockTimeoutMs },
-      ),
+      ...dropStreamSql(m.slot_name, m.publication_name, m.live, { lockTimeoutMs, lock }),
+      lockedTransaction([...site.steps(statement(first!)), ...rest.map((s) => statement(s))], { lockTimeoutMs }, [
+        site,
+      ]),
     ],
   };
 }
@@ -389,11 +438,18 @@ export async function abortPlan(
  * leaving the source table exactly as it was. Runs abortPlan's steps.
  * @throws PhaseError in phase cutover (swap back first).
  */
-export async function abort(sql: Sql, table: QualifiedName, opts: LockRetryOptions = {}): Promise<FinishResult> {
+export async function abort(
+  sql: Sql,
+  table: QualifiedName,
+  opts: LockRetryOptions & { terminateHoldersAfterMs?: number | null } = {},
+): Promise<FinishResult> {
   await lockMigration(sql, table);
   try {
-    const plan = await abortPlan(sql, table, { lockTimeoutMs: opts.lockTimeoutMs });
-    await runSteps(sql, plan.steps, { lockRetry: { retries: opts.retries } });
+    const plan = await abortPlan(sql, table, {
+      lockTimeoutMs: opts.lockTimeoutMs,
+      terminateHoldersAfterMs: opts.terminateHoldersAfterMs ?? null,
+    });
+    await runLocked(sql, plan.steps, { lockRetry: lockRetryOf(opts) });
     if (plan.migration)
       log().info({ table: displayName(table) }, "aborted: shadow and mirror dropped, source untouched");
     else

@@ -1,5 +1,5 @@
 import { inspectTable, type TableFacts } from "../catalog/inspect.js";
-import type { Sql } from "../db.js";
+import { DEFAULT_LOCK_TIMEOUT_MS, type Sql } from "../db.js";
 import {
   copyColumns,
   type DeferredIndex,
@@ -12,6 +12,7 @@ import {
 } from "../ddl/shadow.js";
 import { planDependents } from "../dependents/index.js";
 import { PgshiftError } from "../errors.js";
+import { lockSourceTransaction } from "../locks/holders.js";
 import { createStreamSql, createsSlot, logicalPrerequisites } from "../mirror/logical.js";
 import { installTriggerMirrorSql, truncateGuardSql } from "../mirror/trigger.js";
 import { displayName, fitName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
@@ -29,16 +30,18 @@ export interface PlanOptions {
   premake?: number;
   /** "Now" for premade time partitions (tests pin it). */
   now?: Date;
-  /** lock_timeout of start's transaction, ms (default 500; retried on a lock timeout). */
+  /** lock_timeout of start's transaction, ms (default DEFAULT_LOCK_TIMEOUT_MS, 50; retried on a lock timeout). */
   lockTimeoutMs?: number;
   /**
    * Logical mode: the longest creating the replication slot may wait for running transactions, ms (default 300,000).
    */
   slotTimeoutMs?: number;
+  /** Terminate sessions holding a conflicting lock on the source older than this, ms, before locking it. */
+  terminateHoldersAfterMs?: number | null;
 }
 
-/** lock_timeout of start's transaction when none is given, ms. */
-export const DEFAULT_LOCK_TIMEOUT_MS = 500;
+/** lock_timeout of start's transaction when none is given, ms (db.ts). */
+export { DEFAULT_LOCK_TIMEOUT_MS };
 /** How long start --mode logical waits, by default, for running transactions before the slot exists: 5 minutes. */
 export const DEFAULT_SLOT_TIMEOUT_MS = 300_000;
 
@@ -303,6 +306,7 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   let indexRenames: { from: string; to: string }[] = [];
   let tableStatementCount = 0;
   let ddlGuard: MigrationPlan["ddlGuard"] = null;
+  let sourceAt = 0;
   if (blockers.length === 0) {
     // The table's own DDL runs first, then pgshift's own objects (what plan prints is what start runs). The
     // identity default functions live in schema pgshift, so they and the column defaults calling them come
@@ -349,6 +353,8 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     for (const k of keys) warnings.push(describeWidenedKey(k));
     // Both tables carry the TRUNCATE guard until the migration ends (the source's comes with its mirror).
     statements.push(...truncateGuardSql(shadow));
+    // From here on the statements lock the source: the look for holders and the lock come first (startSteps).
+    sourceAt = statements.length;
     if (stream) {
       streamStatements.push(...createStreamSql(src, stream.slot, stream.publication));
       statements.push(...truncateGuardSql(src));
@@ -388,10 +394,11 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
         })
       : statement(stmt, "session", "logical mode: the publication first, then the slot, before anything is copied"),
   );
-  const transaction = transactionStep(
-    statements.map((stmt) => statement(stmt)),
-    { lockTimeoutMs, why: "the shadow, its partitions, the mirror and the migration's row, all or nothing" },
-  );
+  const transaction = lockSourceTransaction(src, statements, sourceAt, {
+    lockTimeoutMs,
+    terminateAfterMs: opts.terminateHoldersAfterMs ?? null,
+    why: "the shadow, its partitions, the mirror and the migration's row, all or nothing",
+  });
   const steps: Step[] = statements.length > 0 ? [...streamSteps, transaction] : [];
   return {
     source: src,

@@ -1,5 +1,6 @@
 import type { LockRetryOptions, Sql } from "../db.js";
 import { BlockedError, PgshiftError, sqlState } from "../errors.js";
+import { runLocked } from "../locks/holders.js";
 import { log } from "../log.js";
 import { describeTransactions, dropStream, transactionsHoldingXids } from "../mirror/logical.js";
 import { displayName, type QualifiedName } from "../names.js";
@@ -55,9 +56,10 @@ export async function startMigration(sql: Sql, table: QualifiedName, opts: Start
       // The steps start --dry-run prints (plan.steps): the stream's, then the one transaction.
       for (const step of plan.streamSteps)
         await runStreamStep(sql, step, opts.slotTimeoutMs ?? DEFAULT_SLOT_TIMEOUT_MS);
-      await runSteps(sql, [plan.transaction], {
+      await runLocked(sql, [plan.transaction], {
         lockRetry: {
           ...(opts.retries !== undefined ? { retries: opts.retries } : {}),
+          ...(opts.deadlineMs !== undefined ? { deadlineMs: opts.deadlineMs } : {}),
           onRetry: (n, err) =>
             log().warn({ attempt: n, err: String(err) }, "start: lock not granted in time, retrying"),
         },

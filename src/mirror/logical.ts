@@ -1,12 +1,13 @@
 import { z } from "zod";
 import type { TableFacts } from "../catalog/inspect.js";
 import type { AnySql, LockRetryOptions, Sql } from "../db.js";
-import { withLockRetry } from "../db.js";
+import { DEFAULT_LOCK_TIMEOUT_MS, withLockRetry } from "../db.js";
 import { sqlState } from "../errors.js";
+import { LockSite, lockedTransaction } from "../locks/holders.js";
 import { log } from "../log.js";
 import { isStreaming, type StreamingMigration } from "../migration/state.js";
-import { type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
-import { type BlockStep, block, check, runSteps, type Step, statement, transactionStep } from "../plan/steps.js";
+import { displayName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
+import { type BlockStep, block, check, runSteps, type Step, statement } from "../plan/steps.js";
 import { type Mirror, type MirrorHealth, triggerMirror } from "./mirror.js";
 import { removeMirrorTriggerSql, truncateGuardSql } from "./trigger.js";
 
@@ -149,30 +150,43 @@ function dropSlotBlock(slot: string): BlockStep {
 
 /**
  * The steps that drop the stream, as --dry-run prints them and abort, finalize and cutover run them
- * (runSteps): end the slot's consumer and drop the slot (if it still exists), then one transaction under
- * `opts.lockTimeoutMs` (default 500 ms): `opts.forget` (a statement of pgshift's own, e.g. the UPDATE that
- * clears the names in the migration row), a lock of the published table (`table`: the source, under whatever
- * name it has now) IN SHARE MODE, DROP PUBLICATION (see dropPublication for why the lock). Empty when there
- * is nothing to drop or forget.
+ * (runLocked): end the slot's consumer and drop the slot (if it still exists), then one transaction under
+ * `opts.lockTimeoutMs` (default DEFAULT_LOCK_TIMEOUT_MS): `opts.forget` (a statement of pgshift's own, e.g. the
+ * UPDATE that clears the names in the migration row), the look for sessions the lock would queue behind
+ * (LockSite, src/locks/holders.ts: autovacuum cancelled, holders reported; `opts.lock.terminateAfterMs`), a lock
+ * of the published table (`table`: the source, under whatever name it has now) IN SHARE MODE, DROP PUBLICATION
+ * (see dropPublication for why the lock). Empty when there is nothing to drop or forget.
+ * @param opts.lock the migration's table as displayed and the command, for the logs and events.
  */
 export function dropStreamSql(
   slot: string | null,
   publication: string | null,
   table: QualifiedName,
-  opts: { lockTimeoutMs?: number; forget?: string } = {},
+  opts: {
+    lockTimeoutMs?: number;
+    forget?: string;
+    lock?: { table: string; command: string; terminateAfterMs?: number | null };
+  } = {},
 ): Step[] {
   const out: Step[] = [];
   if (slot) out.push(dropSlotBlock(slot));
+  const lockTimeoutMs = opts.lockTimeoutMs ?? DEFAULT_LOCK_TIMEOUT_MS;
+  const site = new LockSite([{ table, mode: "SHARE" }], {
+    table: opts.lock?.table ?? displayName(table),
+    command: `${opts.lock?.command ?? "drop"}: publication`,
+    lockTimeoutMs,
+    terminateAfterMs: opts.lock?.terminateAfterMs ?? null,
+  });
   const tx = [
     ...(opts.forget ? [statement(opts.forget)] : []),
     ...(publication
       ? [
-          statement(`LOCK TABLE ${quoteQualified(table)} IN SHARE MODE`),
+          ...site.steps(statement(`LOCK TABLE ${quoteQualified(table)} IN SHARE MODE`)),
           statement(`DROP PUBLICATION IF EXISTS ${quoteIdent(publication)}`),
         ]
       : []),
   ];
-  if (tx.length > 0) out.push(transactionStep(tx, { lockTimeoutMs: opts.lockTimeoutMs ?? 500 }));
+  if (tx.length > 0) out.push(lockedTransaction(tx, { lockTimeoutMs }, publication ? [site] : []));
   return out;
 }
 

@@ -1,4 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { DEFAULT_LOCK_TIMEOUT_MS } from "../../src/db.js";
 import { type CliResult, describeRun, runCli } from "../support/cli.js";
 import { freshDatabase, type TestDatabase } from "../support/db.js";
 
@@ -160,8 +161,8 @@ describe("plan's human output: summary first, the table's DDL before pgshift's o
     expect(out.indexOf("details:")).toBeLessThan(stepsHeader);
     expect(stepsHeader, describeRun(text)).toBeGreaterThan(0);
     expect(out.slice(stepsHeader, tableHeader)).toContain(
-      `BEGIN;\nSET LOCAL lock_timeout = '500ms';\n-- the ${plan.statements.length} statements start runs, in this ` +
-        `transaction:\n`,
+      `BEGIN;\nSET LOCAL lock_timeout = '${DEFAULT_LOCK_TIMEOUT_MS}ms';\n` +
+        `-- the ${plan.statements.length} statements start runs, in this transaction:\n`,
     );
     expect(tableHeader).toBeGreaterThan(stepsHeader);
     expect(ownHeader).toBeGreaterThan(tableHeader);
