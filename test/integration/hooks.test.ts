@@ -94,7 +94,7 @@ describe("hooks through a migration", () => {
     // The hook's run is logged (JSON lines on stderr when not on a terminal).
     expect(r.stderr).toContain('"msg":"hook on-start ran"');
 
-    const b = await pgshift(["backfill", "hk", "--batch-size", "200", "--hooks-dir", h.dir]);
+    const b = await pgshift(["backfill", "hk", "--batch-size", "200", "--batch-time-ms", "0", "--hooks-dir", h.dir]);
     expect(b.code, describeRun(b)).toBe(0);
     expect(await recorded(h.out, "on-copy-complete")).toMatchObject({
       PGSHIFT_HOOK: "on-copy-complete",
