@@ -10,7 +10,7 @@
  * connections (default 4) with no pause between transactions (inserts, updates of which some move rows between
  * partitions, deletes, each in one transaction with the same change to the twin), and records every
  * transaction's latency. First `--seconds` (default 20) with no migration, then start, backfill, verify,
- * cutover, swap-back, cutover (range by month, the mode's mirror). Reports per step: transactions, p99, worst,
+ * cutover, swap-back, cutover (range by month, the mode's mirror; the backfill with the CLI's --batch-time-ms). Reports per step: transactions, p99, worst,
  * and how many took over 100 ms, beside the no-migration figures; for the switches also the time writes were
  * blocked (lockHeldMs) and the attempts. Afterwards both tables are compared with the twin.
  *
@@ -20,6 +20,7 @@
 import { parseArgs } from "node:util";
 import { destination, pino } from "pino";
 import { backfill } from "../src/backfill/backfill.js";
+import { DEFAULT_BATCH_TIME_MS } from "../src/cli/backfill.js";
 import { cutover, swapBack } from "../src/cutover/cutover.js";
 import { connectionUrl } from "../src/db.js";
 import { compareWithTwin, createWorkload, startLoad, type Workload } from "../src/load/workload.js";
@@ -111,7 +112,8 @@ async function runMode(
         allowKeyExtension: true,
       }),
     );
-    await step("backfill", () => backfill(sql, w.table));
+    // As `pgshift backfill` runs it: batches sized by time (--batch-time-ms default).
+    await step("backfill", () => backfill(sql, w.table, { batchTimeMs: DEFAULT_BATCH_TIME_MS }));
     await step("verify", () => verify(sql, w.table));
     const held = (r: { lockHeldMs: number; attempts: number }) => r;
     await step("cutover", () => cutover(sql, w.table), held);

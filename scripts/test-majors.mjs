@@ -19,6 +19,7 @@ const SUBSET = [
   "test/integration/app-schema.test.ts",
   "test/integration/concurrency.test.ts",
   "test/integration/logical.test.ts",
+  "test/integration/lock-holders.test.ts",
   "test/integration/logical-race.test.ts",
   "test/integration/one-plan.test.ts",
   "test/integration/schema.test.ts",
