@@ -544,16 +544,22 @@ export function afterCopySql(facts: TableFacts, names: ShadowNames): string[] {
     if (c.comment) out.push(`COMMENT ON CONSTRAINT ${quoteIdent(c.name)} ON ${shd} IS ${quoteLiteral(c.comment)}`);
   }
   /**
-   * Each partition's index under the parent index `parent` (qualified, quoted), at every level (two levels:
-   * the partitioned partitions' indexes too, unless `leavesOnly`), in a loop over `r`.
+   * Each partition's index attached to the parent index `parent` (qualified, quoted), then (two levels) each
+   * index attached to those, in loops over `r`; `leavesOnly`: only indexes of partitions that hold rows.
    */
-  const forEachPartitionIndex = (parent: string, stmt: string, leavesOnly = false) =>
-    `FOR r IN SELECT tn.nspname AS s, t.relname AS t, ic.relname AS i FROM ` +
-    `pg_catalog.pg_partition_tree(${quoteLiteral(parent)}::regclass) h ` +
-    `JOIN pg_catalog.pg_index x ON x.indexrelid = h.relid JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid ` +
-    `JOIN pg_catalog.pg_class t ON t.oid = x.indrelid JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace ` +
-    `WHERE h.level > 0${leavesOnly ? " AND h.isleaf" : ""} ORDER BY h.level LOOP ` +
-    `EXECUTE format(${quoteLiteral(stmt)}, r.s, r.t, r.i); END LOOP;`;
+  const forEachPartitionIndex = (parent: string, stmt: string, leavesOnly = false) => {
+    const select = `SELECT tn.nspname AS s, t.relname AS t, ic.relname AS i FROM pg_catalog.pg_inherits h `;
+    const joins =
+      `JOIN pg_catalog.pg_index x ON x.indexrelid = h.inhrelid JOIN pg_catalog.pg_class ic ON ic.oid = ` +
+      `x.indexrelid JOIN pg_catalog.pg_class t ON t.oid = x.indrelid${leavesOnly ? " AND t.relkind = 'r'" : ""} ` +
+      `JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace `;
+    const loop = `LOOP EXECUTE format(${quoteLiteral(stmt)}, r.s, r.t, r.i); END LOOP;`;
+    return (
+      `FOR r IN ${select}${joins}WHERE h.inhparent = ${quoteLiteral(parent)}::regclass ${loop} ` +
+      `FOR r IN ${select}JOIN pg_catalog.pg_inherits h1 ON h1.inhrelid = h.inhparent ${joins}` +
+      `WHERE h1.inhparent = ${quoteLiteral(parent)}::regclass ${loop}`
+    );
+  };
   // Built after the copy (the others, and their comments, come with start).
   const deferredIx = facts.indexes.filter(
     (ix) =>

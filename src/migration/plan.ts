@@ -18,6 +18,7 @@ import { createStreamSql, createsSlot, logicalPrerequisites } from "../mirror/lo
 import { installTriggerMirrorSql, truncateGuardSql } from "../mirror/trigger.js";
 import { displayName, fitName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
 import {
+  computeKeyedPartitions,
   computePartitions,
   computeSubPartitions,
   type DataRange,
@@ -304,12 +305,12 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     data = await readDataRange(sql, src, spec);
     const now = opts.now ?? new Date();
     try {
-      partitions = computePartitions(spec, src.name, col.typeName, data, { premake, now });
       if (spec.sub && subCol) {
         // The second level, from the data: one aggregate query, streamed (readSubData).
+        const level1 = computeKeyedPartitions(spec, src.name, col.typeName, data, { premake, now });
         const subData: SubData = await readSubData(sql, src, spec, col.typeName, readDataRange);
-        computeSubPartitions(spec.sub, partitions, subCol.typeName, subData, { premake, now });
-      }
+        partitions = computeSubPartitions(spec.sub, level1, subCol.typeName, subData, { premake, now });
+      } else partitions = computePartitions(spec, src.name, col.typeName, data, { premake, now });
     } catch (err) {
       blockers.push(err instanceof Error ? err.message : String(err));
     }
@@ -346,7 +347,14 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
       )
     : [];
   const applicationStatements = col
-    ? await affectedStatements(sql, src, spec.column, keys)
+    ? await affectedStatements(sql, src, spec.column, keys).then(async (first) => {
+        // Two levels: a statement can also fail for lack of the second level's column.
+        if (!subCol || first.status !== "checked") return first;
+        const second = await affectedStatements(sql, src, subCol.name, keys);
+        const seen = new Set(first.statements.map((x) => `${x.query}\u0000${x.target}`));
+        const more = second.statements.filter((x) => !seen.has(`${x.query}\u0000${x.target}`));
+        return { ...first, statements: [...first.statements, ...more] };
+      })
     : {
         status: "not-needed" as const,
         detail: "no partition column: nothing to check",

@@ -9,15 +9,16 @@ export interface PartitionDef {
   name: string;
   bound: string;
   isDefault: boolean;
-  /**
-   * What a row's first-level value maps to, as the per-partition counts of the second level are keyed
-   * (levelGroupSql): the list value, the range's start (`YYYY-MM-DD`, or the integer), the hash remainder.
-   * Absent for DEFAULT.
-   */
-  key?: string;
   /** Two levels: this partition is partitioned itself (`PARTITION BY method (column)`), into `partitions`. */
   sub?: { method: "RANGE" | "LIST" | "HASH"; column: string; partitions: PartitionDef[] };
 }
+
+/**
+ * A first-level partition with what a row's first-level value maps to, as the per-partition data of the second
+ * level is keyed (levelGroupSql): the list value, the range's start (`YYYY-MM-DD`, or the integer), the hash
+ * remainder. Absent for DEFAULT.
+ */
+export type KeyedPartition = PartitionDef & { key?: string };
 
 /** What was read from the source to compute bounds. Time values are UTC text, integers decimal text. */
 export interface DataRange {
@@ -163,7 +164,18 @@ export function computePartitions(
   data: DataRange,
   opts: { premake: number; now: Date },
 ): PartitionDef[] {
-  const out: PartitionDef[] = [];
+  return computeKeyedPartitions(spec, base, columnType, data, opts).map(({ key: _key, ...p }) => p);
+}
+
+/** computePartitions, each partition with its key (KeyedPartition), as computeSubPartitions takes them. */
+export function computeKeyedPartitions(
+  spec: LevelSpec,
+  base: string,
+  columnType: string,
+  data: DataRange,
+  opts: { premake: number; now: Date },
+): KeyedPartition[] {
+  const out: KeyedPartition[] = [];
   const defaultPartition: PartitionDef = { name: fitName(base, "_default"), bound: "DEFAULT", isDefault: true };
   switch (spec.strategy) {
     case "range": {
@@ -295,7 +307,7 @@ export function rangeRowsBuckets(
   const label = (v: bigint) => (v < 0n ? `m${-v}` : String(v));
   if (!group || group.rows === 0 || !group.starts || group.starts.length === 0 || group.max === undefined)
     return [{ name: fitName(parent, "_pall"), bound: "FOR VALUES FROM (MINVALUE) TO (MAXVALUE)", isDefault: false }];
-  const starts = group.starts.map((v) => BigInt(v));
+  const starts = group.starts.map((v) => BigInt(v)).sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
   const max = BigInt(group.max);
   const cuts: bigint[] = [];
   for (const v of starts.slice(1)) if (v > (cuts.at(-1) ?? starts[0]!)) cuts.push(v);
@@ -328,8 +340,8 @@ export function rangeRowsBuckets(
 }
 
 /**
- * Adds the second level (`sub`) under every first-level partition (DEFAULT's included), in place, and returns
- * the first level. rows=N forms are sized from `data.groups` (the DEFAULT partition's group is every row
+ * Adds the second level (`sub`) under every first-level partition (DEFAULT's included) and returns the first
+ * level, without the keys (computeKeyedPartitions gives them). rows=N forms are sized from `data.groups` (the DEFAULT partition's group is every row
  * whose key matches no other partition; a hash first level spreads its rows evenly); fixed forms repeat the
  * same bounds (computePartitions over `data.range`) under each. Names are the parent's with the child's
  * suffix (`orders_p_42_p0`), made unique over both levels.
@@ -338,7 +350,7 @@ export function rangeRowsBuckets(
  */
 export function computeSubPartitions(
   sub: LevelSpec,
-  level1: PartitionDef[],
+  level1: KeyedPartition[],
   columnType: string,
   data: SubData,
   opts: { premake: number; now: Date },
@@ -364,7 +376,7 @@ export function computeSubPartitions(
       children = rangeRowsBuckets(p.name, columnType, BigInt(sub.rows), group, opts.premake);
     } else {
       if (!data.range) throw new Error(`no data range for the second level ${sub.strategy}`);
-      children = computePartitions(sub, p.name, columnType, data.range, opts).map(({ key: _k, ...c }) => c);
+      children = computePartitions(sub, p.name, columnType, data.range, opts);
     }
     for (const c of children) {
       let name = c.name;
@@ -379,7 +391,7 @@ export function computeSubPartitions(
       );
     p.sub = { method, column: sub.column, partitions: children };
   }
-  return level1;
+  return level1.map(({ key: _key, ...p }) => p);
 }
 
 /** Every partition of both levels, each first-level partition followed by its own partitions. */

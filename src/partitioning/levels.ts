@@ -39,7 +39,7 @@ export function rangeRowsSql(table: QualifiedName, group: string, column: string
   return (
     `SELECT g, k::text AS k, n, rn = n AS last FROM (SELECT ${group} AS g, ${k} AS k, ` +
     `row_number() OVER (PARTITION BY ${group} ORDER BY ${k}) AS rn, count(*) OVER (PARTITION BY ${group}) AS n ` +
-    `FROM ${quoteQualified(table)}) s WHERE (rn - 1) % ${perBucket} = 0 OR rn = n ORDER BY g, k`
+    `FROM ${quoteQualified(table)}) s WHERE (rn - 1) % ${perBucket} = 0 OR rn = n ORDER BY s.g, s.k`
   );
 }
 

@@ -5,11 +5,13 @@ import { cutover, swapBack } from "../../src/cutover/cutover.js";
 import type { Sql } from "../../src/db.js";
 import { createWorkload, startLoad, type Workload } from "../../src/load/workload.js";
 import { finalize } from "../../src/migration/finish.js";
+import { planMigration } from "../../src/migration/plan.js";
 import { startMigration } from "../../src/migration/start.js";
 import { loadMigration, type Mode } from "../../src/migration/state.js";
 import { parseSpecs } from "../../src/partitioning/spec.js";
 import { status } from "../../src/status.js";
 import { verify } from "../../src/verify/verify.js";
+import { describeRun, runCli } from "../support/cli.js";
 import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
 import { expectEqualToTwin } from "../support/twin.js";
 
@@ -301,5 +303,88 @@ describe("range:created_at:month with hash:tenant_id:4 under the concurrency loa
     expect((await verify(db.sql, w.table)).equal).toBe(true);
     await finalize(db.sql, w.table, { yes: true });
     await expectEqualToTwin(db.admin, [w.table], w.twin, "composite");
+  });
+});
+
+describe("list:customer_id with range:id:rows=N", () => {
+  it("cuts each customer's ids at every N-th value, premakes buckets above, and plan prints the tree", async () => {
+    const name = "cmd_range";
+    await createCustomTable(db.admin, name);
+    const table = { schema: "public", name };
+    const spec = parseSpecs("list:customer_id", `range:id:rows=${PER_BUCKET}`);
+    const plan = await planMigration(db.sql, table, { spec, premake: 2 });
+    expect(plan.blockers).toEqual([]);
+    const sub = new Map(plan.partitions.map((p) => [p.name, p.sub?.partitions.map((c) => c.bound)]));
+    // customer 1: ids 1..25,000; a bound at every 5,000th id, 2 premade buckets as wide as 5,000 ids, DEFAULT
+    expect(sub.get(`${name}_p_1`)).toEqual([
+      "FOR VALUES FROM (MINVALUE) TO (5001)",
+      "FOR VALUES FROM (5001) TO (10001)",
+      "FOR VALUES FROM (10001) TO (15001)",
+      "FOR VALUES FROM (15001) TO (20001)",
+      "FOR VALUES FROM (20001) TO (25001)",
+      "FOR VALUES FROM (25001) TO (30001)",
+      "FOR VALUES FROM (30001) TO (35001)",
+      "DEFAULT",
+    ]);
+    // customer 2: ids 25,001..37,000 (12,000 rows): 3 buckets, the last one partly filled
+    expect(sub.get(`${name}_p_2`)?.slice(0, 3)).toEqual([
+      "FOR VALUES FROM (MINVALUE) TO (30001)",
+      "FOR VALUES FROM (30001) TO (35001)",
+      "FOR VALUES FROM (35001) TO (37001)",
+    ]);
+    // a small customer: one bucket up to its largest id, then the premade ones
+    expect(sub.get(`${name}_p_3`)?.[0]).toMatch(/^FOR VALUES FROM \(MINVALUE\) TO \(39\d\d\d\)$/);
+    // DEFAULT of the first level holds no row yet: one bucket over every value
+    expect(sub.get(`${name}_default`)).toEqual(["FOR VALUES FROM (MINVALUE) TO (MAXVALUE)"]);
+
+    const r = await runCli([
+      "plan",
+      name,
+      "--partition-by",
+      "list:customer_id",
+      "--subpartition-by",
+      `range:id:rows=${PER_BUCKET}`,
+      "--url",
+      db.url,
+    ]);
+    expect(r.code, describeRun(r)).toBe(0);
+    expect(r.stdout).toContain(`partition by list:customer_id / range:id:rows=${PER_BUCKET}`);
+    expect(r.stdout).toMatch(new RegExp(`\\n    ${name}_p_1  FOR VALUES IN \\('1'\\)  PARTITION BY RANGE \\(id\\)\\n`));
+    expect(r.stdout).toContain(`\n      ${name}_p_1_pmin  FOR VALUES FROM (MINVALUE) TO (5001)\n`);
+    expect(r.stdout).toContain(`CREATE TABLE "public"."${name}_p_1" PARTITION OF`);
+
+    await startMigration(db.sql, table, { spec, premake: 2, allowKeyExtension: true, ...opts });
+    expect((await backfill(db.sql, table, { batchSize: 5000 })).complete).toBe(true);
+    const buckets = await bucketRows(`public.${name}_pgshift_shadow`);
+    // five full buckets, two premade ones and DEFAULT empty
+    expect([...(buckets.get(`${name}_p_1`) ?? [])].sort((a, b) => a - b)).toEqual([
+      0, 0, 0, 5000, 5000, 5000, 5000, 5000,
+    ]);
+    expect(Math.max(...[...buckets.values()].flat())).toBeLessThanOrEqual(PER_BUCKET);
+    expect((await verify(db.sql, table)).equal).toBe(true);
+    await cutover(db.sql, table, opts);
+    // A new row of customer 1 above its largest id lands in a premade bucket; one past them (the id sequence is
+    // shared by every customer, so a new id can be past them at once) in customer 1's DEFAULT, which status counts.
+    // (id 25500 is customer 2's: deleted first)
+    await db.admin.unsafe(`delete from public.${name} where id = 25500`);
+    await db.admin.unsafe(`insert into public.${name} (id, customer_id, module) values (25500, 1, 'new')`);
+    await db.admin.unsafe(`insert into public.${name} (customer_id, module) values (1, 'next')`);
+    const landed = await db.admin.unsafe(
+      `select module, tableoid::regclass::text as p from public.${name} where module in ('new', 'next') order by 1`,
+    );
+    expect(landed.map((x) => [x.module, x.p])).toEqual([
+      ["new", `${name}_p_1_p25001`],
+      ["next", `${name}_p_1_default`],
+    ]);
+    const st = await status(db.sql, table);
+    expect(st.partitionRows.find((p) => p.name === `${name}_p_1_default`)).toMatchObject({
+      level: 2,
+      parent: `${name}_p_1`,
+      rows: 1,
+      exact: true,
+    });
+    await swapBack(db.sql, table, opts);
+    await cutover(db.sql, table, opts);
+    await finalize(db.sql, table, { yes: true });
   });
 });
