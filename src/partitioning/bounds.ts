@@ -341,8 +341,9 @@ export function rangeRowsBuckets(
 
 /**
  * Adds the second level (`sub`) under every first-level partition (DEFAULT's included) and returns the first
- * level, without the keys (computeKeyedPartitions gives them). rows=N forms are sized from `data.groups` (the DEFAULT partition's group is every row
- * whose key matches no other partition; a hash first level spreads its rows evenly); fixed forms repeat the
+ * level, without the keys (computeKeyedPartitions gives them). rows=N forms are sized from `data.groups` (the
+ * DEFAULT partition's group is every row whose key matches no other partition; a hash first level spreads its
+ * rows evenly); fixed forms repeat the
  * same bounds (computePartitions over `data.range`) under each. Names are the parent's with the child's
  * suffix (`orders_p_42_p0`), made unique over both levels.
  * @throws Error when both levels together would make more than MAX_PARTITIONS partitions, or when a form
