@@ -23,7 +23,7 @@ import { expectEqualToTwin } from "../support/twin.js";
  *    modes: the big customers get 5 and 3 buckets, the small ones 1, no bucket holds much more than N rows
  *    after the copy, and the live table (and the retired one) equals the twin after cutover, swap-back and
  *    cutover. The sizes are the issue's divided by 10 (25,000 and 12,000 rows, rows=5000): the same bucket
- *    counts, on a 2-core machine shared by several test runs.
+ *    counts, on a 2-core machine shared by several test runs; PGSHIFT_LEVELS_FULL=1 runs the issue's sizes.
  * 2. range:created_at:month with hash:tenant_id:4 on the concurrency test's workload (composite key
  *    (tenant_id, id)), through start, backfill, verify, cutover, swap-back, cutover and finalize.
  */
@@ -36,14 +36,17 @@ afterAll(async () => {
   await db?.close();
 });
 
+/** PGSHIFT_LEVELS_FULL=1: the issue's sizes (250,000 and 120,000 rows, rows=50000) in the hash tests. */
+const SCALE = process.env.PGSHIFT_LEVELS_FULL ? 10 : 1;
 const BIG = 25_000;
 const MIDDLE = 12_000;
 const SMALL = 400;
 const PER_BUCKET = 5_000;
 const COLS = "id, customer_id, module, payload, updated_at";
 
-/** custom_module_data and its twin: customer 1 has BIG rows, 2 MIDDLE, 3 to 8 SMALL each. */
-async function createCustomTable(sql: Sql, name: string): Promise<void> {
+/** custom_module_data and its twin: customer 1 has BIG rows, 2 MIDDLE, 3 to 8 SMALL each (times `scale`). */
+async function createCustomTable(sql: Sql, name: string, scale = 1): Promise<void> {
+  const [big, middle, small] = [BIG * scale, MIDDLE * scale, SMALL * scale];
   await sql.unsafe(`create schema if not exists twin`);
   await sql.unsafe(`
     create table public.${name} (
@@ -55,10 +58,10 @@ async function createCustomTable(sql: Sql, name: string): Promise<void> {
     );
     create index on public.${name} (customer_id, module);
     insert into public.${name} (customer_id, module, payload)
-    select case when i <= ${BIG} then 1 when i <= ${BIG + MIDDLE} then 2
-                else 3 + (i - ${BIG + MIDDLE}) % 6 end,
+    select case when i <= ${big} then 1 when i <= ${big + middle} then 2
+                else 3 + (i - ${big + middle}) % 6 end,
            'm' || (i % 13), jsonb_build_object('i', i)
-      from generate_series(1, ${BIG + MIDDLE + 6 * SMALL}) i;
+      from generate_series(1, ${big + middle + 6 * small}) i;
     create table twin.${name} as select ${COLS} from public.${name};
     alter table twin.${name} add primary key (id);
     analyze public.${name};`);
@@ -179,12 +182,12 @@ const opts = { lockTimeoutMs: 200, retries: 30 };
 describe.each(["trigger", "logical"] as Mode[])("list:customer_id with hash:id:rows=N, %s mode", (mode) => {
   it("sizes the buckets from the data, and the live table equals the twin through cutover and swap-back", async () => {
     const name = `custom_module_data_${mode}`;
-    await createCustomTable(db.admin, name);
+    await createCustomTable(db.admin, name, SCALE);
     const load = await customLoad(db.url, name, 3);
     const table = { schema: "public", name };
     try {
       await sleep(200);
-      const spec = parseSpecs("list:customer_id", `hash:id:rows=${PER_BUCKET}`);
+      const spec = parseSpecs("list:customer_id", `hash:id:rows=${PER_BUCKET * SCALE}`);
       const { plan } = await startMigration(db.sql, table, { allowKeyExtension: true, spec, mode, ...opts });
       // The planned tree: 5 buckets for the big customer, 3 for the middle one, 1 for each small one and DEFAULT.
       const planned = new Map(plan.partitions.map((p) => [p.name, p.sub?.partitions.length]));
@@ -201,10 +204,10 @@ describe.each(["trigger", "logical"] as Mode[])("list:customer_id with hash:id:r
       expect(buckets.get(`${name}_p_1`)?.length).toBe(5);
       expect(buckets.get(`${name}_p_2`)?.length).toBe(3);
       const all = [...buckets.values()].flat();
-      expect(all.reduce((a, b) => a + b, 0)).toBeGreaterThan(BIG + MIDDLE);
+      expect(all.reduce((a, b) => a + b, 0)).toBeGreaterThan((BIG + MIDDLE) * SCALE);
       // No bucket over about N rows (a hash spreads them within a few percent).
-      expect(Math.max(...all)).toBeLessThan(PER_BUCKET * 1.1);
-      expect(Math.min(...(buckets.get(`${name}_p_1`) ?? [0]))).toBeGreaterThan(PER_BUCKET * 0.85);
+      expect(Math.max(...all)).toBeLessThan(PER_BUCKET * SCALE * 1.1);
+      expect(Math.min(...(buckets.get(`${name}_p_1`) ?? [0]))).toBeGreaterThan(PER_BUCKET * SCALE * 0.85);
       // The secondary index exists on every leaf, valid, and on the partitioned partitions.
       const invalid = await db.admin.unsafe(`
         select count(*)::int as n from pg_partition_tree('${shadow}'::regclass) t
@@ -247,7 +250,7 @@ describe.each(["trigger", "logical"] as Mode[])("list:customer_id with hash:id:r
     expect(load.stats.deletes).toBeGreaterThan(5);
     const m = (await loadMigration(db.sql, table))!;
     expect(m.phase).toBe("cutover");
-    expect(m.spec.sub).toEqual({ strategy: "hash-rows", column: "id", rows: String(PER_BUCKET) });
+    expect(m.spec.sub).toEqual({ strategy: "hash-rows", column: "id", rows: String(PER_BUCKET * SCALE) });
     const relkind = await db.admin`select relkind::text as k from pg_class where oid = to_regclass(${`${name}_p_1`})`;
     expect(relkind[0]!.k).toBe("p");
     expect(await differences(`public.${name}`, `twin.${name}`)).toEqual({ a: 0, b: 0 });
