@@ -4,7 +4,7 @@ import { backfill } from "../../src/backfill/backfill.js";
 import { cutover, swapBack } from "../../src/cutover/cutover.js";
 import type { Sql } from "../../src/db.js";
 import { createWorkload, startLoad, type Workload } from "../../src/load/workload.js";
-import { finalize } from "../../src/migration/finish.js";
+import { abort, finalize } from "../../src/migration/finish.js";
 import { planMigration } from "../../src/migration/plan.js";
 import { startMigration } from "../../src/migration/start.js";
 import { loadMigration, type Mode } from "../../src/migration/state.js";
@@ -389,5 +389,30 @@ describe("list:customer_id with range:id:rows=N", () => {
     await swapBack(db.sql, table, opts);
     await cutover(db.sql, table, opts);
     await finalize(db.sql, table, { yes: true });
+  });
+});
+
+describe("abort with two levels", () => {
+  it("drops the shadow with both levels of partitions and the guards, and TRUNCATE works again", async () => {
+    const name = "cmd_abort";
+    await createCustomTable(db.admin, name);
+    const table = { schema: "public", name };
+    const relations = async () =>
+      Number(
+        (
+          await db.admin`select count(*)::int as n from pg_class where relname like ${`${name}%`} and relkind in
+            ('r', 'p') and relnamespace = 'public'::regnamespace`
+        )[0]!.n,
+      );
+    expect(await relations()).toBe(1);
+    const spec = parseSpecs("list:customer_id", `hash:id:rows=${PER_BUCKET}`);
+    await startMigration(db.sql, table, { spec, allowKeyExtension: true, ...opts });
+    // the shadow, 9 first-level partitions, 15 buckets
+    expect(await relations()).toBe(1 + 1 + 9 + 15);
+    await abort(db.sql, table, opts);
+    expect(await relations()).toBe(1);
+    expect(await loadMigration(db.sql, table)).toBeNull();
+    await db.admin.unsafe(`truncate twin.${name}`);
+    await db.admin.unsafe(`truncate public.${name}`);
   });
 });
