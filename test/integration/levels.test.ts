@@ -313,6 +313,8 @@ describe("list:customer_id with range:id:rows=N", () => {
   it("cuts each customer's ids at every N-th value, premakes buckets above, and plan prints the tree", async () => {
     const name = "cmd_range";
     await createCustomTable(db.admin, name);
+    // A unique constraint built after the copy: ALTER TABLE ONLY on each first-level partition, then on its buckets.
+    await db.admin.unsafe(`alter table public.${name} add constraint ${name}_module_key unique (module, id)`);
     const table = { schema: "public", name };
     const spec = parseSpecs("list:customer_id", `range:id:rows=${PER_BUCKET}`);
     const plan = await planMigration(db.sql, table, { spec, premake: 2 });
@@ -364,6 +366,13 @@ describe("list:customer_id with range:id:rows=N", () => {
       0, 0, 0, 5000, 5000, 5000, 5000, 5000,
     ]);
     expect(Math.max(...[...buckets.values()].flat())).toBeLessThanOrEqual(PER_BUCKET);
+    const shadow = `public.${name}_pgshift_shadow`;
+    const constraintIndexes = await db.admin.unsafe(`
+      select count(*)::int as n, count(*) filter (where i.indisvalid)::int as valid
+        from pg_partition_tree('${shadow}'::regclass) t join pg_constraint c on c.conrelid = t.relid and c.contype = 'u'
+        join pg_index i on i.indexrelid = c.conindid`);
+    // the parent, 9 first-level partitions and every bucket (8 + 6 + 6 * 4 + 1) carry the constraint, valid
+    expect(constraintIndexes[0]).toEqual({ n: 1 + 9 + 8 + 6 + 6 * 4 + 1, valid: 1 + 9 + 8 + 6 + 6 * 4 + 1 });
     expect((await verify(db.sql, table)).equal).toBe(true);
     await cutover(db.sql, table, opts);
     // A new row of customer 1 above its largest id lands in a premade bucket; one past them (the id sequence is
@@ -389,6 +398,11 @@ describe("list:customer_id with range:id:rows=N", () => {
     await swapBack(db.sql, table, opts);
     await cutover(db.sql, table, opts);
     await finalize(db.sql, table, { yes: true });
+    const kept = await db.admin.unsafe(
+      `select pg_get_constraintdef(oid) as d from pg_constraint where conname = '${name}_module_key'
+          and conrelid = 'public.${name}'::regclass`,
+    );
+    expect(kept.map((r) => r.d)).toEqual(["UNIQUE (module, id, customer_id)"]);
   });
 });
 
