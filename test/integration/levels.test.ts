@@ -395,6 +395,11 @@ describe("list:customer_id with range:id:rows=N", () => {
       rows: 1,
       exact: true,
     });
+    const shown = await runCli(["status", name, "--url", db.url]);
+    expect(shown.code, describeRun(shown)).toBe(0);
+    expect(shown.stdout).toContain("rows per partition (estimated; DEFAULT counted):\n");
+    expect(shown.stdout).toContain(`\n    ${name}_p_1_default  1  DEFAULT\n`);
+    expect(shown.stdout).toMatch(new RegExp(`\\n  ${name}_p_1  \\d+ ~  FOR VALUES IN \\('1'\\)\\n`));
     await swapBack(db.sql, table, opts);
     await cutover(db.sql, table, opts);
     await finalize(db.sql, table, { yes: true });
