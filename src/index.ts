@@ -64,8 +64,16 @@ export { createMetrics, type MetricsServer, type PgshiftMetrics, serveMetrics } 
 export type { Waiting } from "./pace/gate.js";
 export { type PauseState, pause, resume } from "./pace/pause.js";
 export type { ThrottleOptions } from "./pace/throttle.js";
-export { computePartitions, type PartitionDef } from "./partitioning/bounds.js";
-export { formatPartitionSpec, type PartitionSpec, parsePartitionSpec } from "./partitioning/spec.js";
+export { computePartitions, computeSubPartitions, type PartitionDef } from "./partitioning/bounds.js";
+export {
+  formatPartitionSpec,
+  formatSpecs,
+  type PartitionSpec,
+  parsePartitionSpec,
+  parseSpecs,
+  parseSubPartitionSpec,
+  type SubPartitionSpec,
+} from "./partitioning/spec.js";
 export {
   type CheckStep,
   formatSteps,

@@ -1,5 +1,5 @@
 import { columnDrift, indexDrift, lateObjectLines } from "./catalog/drift.js";
-import type { Sql } from "./db.js";
+import type { AnySql, Sql } from "./db.js";
 import { pendingValidations } from "./dependents/foreign-keys.js";
 import { pendingRebuilds } from "./dependents/materialized-views.js";
 import { PgshiftError } from "./errors.js";
@@ -10,7 +10,7 @@ import { loadMigration, type Phase, type VerifyResult } from "./migration/state.
 import { type SlotState, slotState } from "./mirror/logical.js";
 import { type MirrorHealth, mirrorFor } from "./mirror/mirror.js";
 import { displayName, type QualifiedName, quoteQualified } from "./names.js";
-import { formatPartitionSpec } from "./partitioning/spec.js";
+import { formatSpecs } from "./partitioning/spec.js";
 
 export interface StatusReport {
   table: string;
@@ -64,6 +64,11 @@ export interface StatusReport {
   batch: { rows: number; targetMs: number | null; lastMs: number | null } | null;
   /** Rows in the DEFAULT partition: rows outside the planned bounds. */
   defaultPartition: { name: string; rows: number } | null;
+  /**
+   * Rows per partition, both levels (partitionRows): each first-level partition, followed by its own when it
+   * is partitioned itself.
+   */
+  partitionRows: PartitionRows[];
   mirror: MirrorHealth;
   /**
    * Column differences between the live table, its copy and the columns the mirror copies (columnDrift): empty when
@@ -172,6 +177,7 @@ export async function status(
       from pg_inherits i join pg_class c on c.oid = i.inhrelid
      where i.inhparent = to_regclass(${quoteQualified(m.partitioned)})`;
   const def = parts.find((p) => p.is_default);
+  const partitionRowsList = await partitionRows(sql, m.partitioned);
   let defaultPartition: StatusReport["defaultPartition"] = null;
   if (def) {
     const part = quoteQualified({ schema: m.partitioned.schema, name: String(def.name) });
@@ -193,7 +199,7 @@ export async function status(
     table: displayName(table),
     phase: m.phase,
     mode: m.mode,
-    partitionBy: formatPartitionSpec(m.spec),
+    partitionBy: formatSpecs(m.spec),
     next: m.paused_at
       ? `paused (pgshift pause): run pgshift resume ${displayName(table)}; then ${nextStepFor(m, table, running)}`
       : nextStepFor(m, table, running),
@@ -216,6 +222,7 @@ export async function status(
         : null,
     batch: m.batch_rows !== null ? { rows: m.batch_rows, targetMs: m.batch_target_ms, lastMs: m.last_batch_ms } : null,
     defaultPartition,
+    partitionRows: partitionRowsList,
     mirror: await mirrorFor(m.mode).health(sql, m),
     schemaDrift: await columnDrift(sql, m),
     indexDrift: await indexDrift(sql, m),
@@ -238,4 +245,64 @@ export async function status(
     cutoverAt: m.cutover_at?.toISOString() ?? null,
     swappedBackAt: m.swapped_back_at?.toISOString() ?? null,
   };
+}
+
+/** One partition in status (StatusReport.partitionRows). */
+export interface PartitionRows {
+  name: string;
+  /** 1: a partition of the partitioned table; 2: a partition of a first-level partition (two levels). */
+  level: number;
+  /** The first-level partition a second-level one belongs to; null at level 1. */
+  parent: string | null;
+  /** `FOR VALUES ...` or `DEFAULT`, as pg_get_expr prints it. */
+  bound: string;
+  /** Whether it is partitioned itself (its rows are the sum of its partitions'). */
+  partitioned: boolean;
+  /**
+   * Rows: for a DEFAULT partition counted (count(*): rows outside the planned bounds, expected few); for
+   * the others the live-row estimate of the cumulative statistics (pg_stat_all_tables.n_live_tup, kept by
+   * every insert and delete, reported within a second or so; a partitioned one: the sum over its partitions).
+   */
+  rows: number;
+  /** Whether `rows` is a count (DEFAULT) rather than the estimate. */
+  exact: boolean;
+}
+
+/**
+ * Rows per partition of `table` at every level (pg_partition_tree), in tree order: a first-level partition, then
+ * its own partitions. DEFAULT partitions are counted (count(*)), the others estimated (PartitionRows.rows).
+ */
+export async function partitionRows(sql: AnySql, table: QualifiedName): Promise<PartitionRows[]> {
+  const rows = await sql`
+    select c.relname::text as name, t.level, p.relname::text as parent, not t.isleaf as partitioned,
+           coalesce(pg_catalog.pg_get_expr(c.relpartbound, c.oid), '') as bound,
+           coalesce((select sum(s.n_live_tup) from pg_catalog.pg_partition_tree(t.relid) l
+                       join pg_catalog.pg_stat_all_tables s on s.relid = l.relid where l.isleaf), 0)::bigint as est,
+           n.nspname::text as schema
+      from pg_catalog.pg_partition_tree(to_regclass(${quoteQualified(table)})) t
+      join pg_catalog.pg_class c on c.oid = t.relid
+      join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+      left join pg_catalog.pg_class p on p.oid = t.parentrelid
+     where t.level > 0
+     order by case when t.level = 1 then c.relname else p.relname end, t.level, c.relname`;
+  const out: PartitionRows[] = [];
+  for (const r of rows) {
+    const bound = String(r.bound);
+    const isDefault = bound === "DEFAULT";
+    let n = Number(r.est);
+    if (isDefault) {
+      const q = quoteQualified({ schema: String(r.schema), name: String(r.name) });
+      n = Number((await sql.unsafe(`select count(*)::bigint as n from ${q}`))[0]?.n ?? 0);
+    }
+    out.push({
+      name: String(r.name),
+      level: Number(r.level),
+      parent: Number(r.level) > 1 ? String(r.parent) : null,
+      bound,
+      partitioned: Boolean(r.partitioned),
+      rows: n,
+      exact: isDefault,
+    });
+  }
+  return out;
 }

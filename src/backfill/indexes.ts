@@ -1,6 +1,6 @@
 import { inspectTable } from "../catalog/inspect.js";
 import type { Sql } from "../db.js";
-import { afterCopySql, deferredIndexSql } from "../ddl/shadow.js";
+import { afterCopySql, deferredIndexSql, partitionTree } from "../ddl/shadow.js";
 import type { Migration } from "../migration/state.js";
 import { quoteQualified } from "../names.js";
 import { type Step, statement, transactionStep } from "../plan/steps.js";
@@ -22,15 +22,17 @@ import { type Step, statement, transactionStep } from "../plan/steps.js";
 export async function deferredIndexSteps(sql: Sql, m: Migration, lockTimeoutMs: number): Promise<Step[]> {
   if (m.deferred_indexes.length === 0) return [];
   const shadow = m.partitioned;
-  const parts = await sql`
-    select c.relname::text as name from pg_inherits i join pg_class c on c.oid = i.inhrelid
-     where i.inhparent = to_regclass(${quoteQualified(shadow)}) order by c.relname`;
-  const partitions = parts.map((p) => String(p.name));
+  // Every level (two levels: a partitioned partition's index, then its partitions': partitionTree).
+  const partitions = await partitionTree(sql, shadow);
   const steps: Step[] = [];
   for (const idx of m.deferred_indexes) {
     const d = deferredIndexSql(shadow.schema, shadow.name, partitions, idx);
     steps.push(transactionStep([statement(d.parent)], { lockTimeoutMs, why: `index ${idx.name}: its parent` }));
     for (const p of d.perPartition) {
+      if (p.partitioned) {
+        steps.push(transactionStep([statement(p.create), statement(p.attach)], { lockTimeoutMs }));
+        continue;
+      }
       const state = await sql`
         select i.indisvalid as valid, exists (select from pg_inherits h where h.inhrelid = i.indexrelid) as attached,
                exists (select from pg_constraint c where c.conindid = i.indexrelid and c.conrelid = i.indrelid) as

@@ -4,12 +4,14 @@ import { describeWidenedKey } from "../migration/keys.js";
 import { type MigrationPlan, planMigration } from "../migration/plan.js";
 import { logicalNames } from "../migration/state.js";
 import { displayName } from "../names.js";
-import { formatPartitionSpec, parsePartitionSpec } from "../partitioning/spec.js";
+import { flattenPartitions, type PartitionDef } from "../partitioning/bounds.js";
+import { formatPartitionSpec, formatSpecs, parseSpecs } from "../partitioning/spec.js";
 import { check, formatSteps, type Step, transactionStep } from "../plan/steps.js";
 import { addConnectionOption, type ConnOpts, formatBytes, intOption, printJson, withTable } from "./common.js";
 
 export interface PlanCliOpts extends ConnOpts {
   partitionBy: string;
+  subpartitionBy?: string;
   mode: "trigger" | "logical";
   premake: number;
   json?: boolean;
@@ -20,6 +22,11 @@ export function specOptions(cmd: Command): Command {
     .requiredOption(
       "--partition-by <spec>",
       "range:<col>:<day|week|month|quarter|year>, range:<col>:<width>, list:<col> or hash:<col>:<modulus>",
+    )
+    .option(
+      "--subpartition-by <spec>",
+      "a second level under every partition: the same forms, or hash:<col>:rows=<N> / range:<col>:rows=<N> " +
+        "(buckets of about N rows each, sized per partition from the data)",
     )
     .addOption(
       new Option("--mode <mode>", "how live writes reach the shadow")
@@ -129,12 +136,36 @@ function describePartitions(plan: MigrationPlan): string {
   const ps = plan.partitions.filter((p) => !p.isDefault);
   const dflt = plan.partitions.find((p) => p.isDefault);
   const by = `(${formatPartitionSpec(plan.spec)})`;
+  const sub = plan.spec.sub;
+  const leaves = plan.partitions.flatMap((p) => p.sub?.partitions ?? []);
+  const second = sub
+    ? `; second level (${formatPartitionSpec(sub)}): ${plural(leaves.length, "partition")} under them, ` +
+      `${Math.min(...plan.partitions.map((p) => p.sub?.partitions.length ?? 0))} to ` +
+      `${Math.max(...plan.partitions.map((p) => p.sub?.partitions.length ?? 0))} each`
+    : "";
   let span = "";
   const first = /^FOR VALUES FROM \((.*)\) TO \((.*)\)$/.exec(ps[0]?.bound ?? "");
   const last = /^FOR VALUES FROM \((.*)\) TO \((.*)\)$/.exec(ps[ps.length - 1]?.bound ?? "");
   if (first && last) span = ` from ${first[1]} to ${last[2]}`;
   else if (ps.length > 0) span = ` (${ps[0]!.name} .. ${ps[ps.length - 1]!.name})`;
-  return `${by}: ${plural(ps.length, "partition")}${span}${dflt ? `, plus DEFAULT ${dflt.name}` : ""}`;
+  return `${by}: ${plural(ps.length, "partition")}${span}${dflt ? `, plus DEFAULT ${dflt.name}` : ""}${second}`;
+}
+
+/**
+ * The partitions with their bounds, as a tree: a first-level partition that is partitioned itself is followed by
+ * `PARTITION BY ...` and its own partitions, one step further in. A list longer than 6 shows its first 3 and last
+ * 2 (the statements below list every one).
+ */
+export function partitionTreeLines(ps: readonly PartitionDef[], indent: string): string[] {
+  const shown = ps.length <= 6 ? ps : [...ps.slice(0, 3), null, ...ps.slice(-2)];
+  return shown.flatMap((p) =>
+    p
+      ? [
+          `${indent}${p.name}  ${p.bound}${p.sub ? `  PARTITION BY ${p.sub.method} (${p.sub.column})` : ""}`,
+          ...(p.sub ? partitionTreeLines(p.sub.partitions, `${indent}  `) : []),
+        ]
+      : [`${indent}... (${ps.length - 5} more)`],
+  );
 }
 
 /** What the partitioned table keeps of the original, as counts (names are in the statements). */
@@ -238,7 +269,7 @@ export function planSteps(plan: MigrationPlan): Step[] {
  */
 export function printPlan(plan: MigrationPlan): void {
   const out: string[] = [];
-  out.push(`plan for ${displayName(plan.source)}: partition by ${formatPartitionSpec(plan.spec)}, ${plan.mode} mirror`);
+  out.push(`plan for ${displayName(plan.source)}: partition by ${formatSpecs(plan.spec)}, ${plan.mode} mirror`);
   const summary = planSummary(plan);
   const section = (title: string, lines: string[]) => {
     if (lines.length === 1) out.push(`  ${title}: ${lines[0]}`);
@@ -254,9 +285,12 @@ export function printPlan(plan: MigrationPlan): void {
   );
   if (plan.partitions.length > 0) {
     const ps = plan.partitions;
-    const shown = ps.length <= 6 ? ps : [...ps.slice(0, 3), null, ...ps.slice(-2)];
-    out.push(`  shadow: ${displayName(plan.shadow)} with ${ps.length} partitions, key (${plan.shadowKey.join(", ")})`);
-    for (const p of shown) out.push(p ? `    ${p.name}  ${p.bound}` : `    ...`);
+    const all = flattenPartitions(ps).length;
+    const levels = all > ps.length ? ` (${ps.length} first-level)` : "";
+    out.push(
+      `  shadow: ${displayName(plan.shadow)} with ${all} partitions${levels}, key (${plan.shadowKey.join(", ")})`,
+    );
+    out.push(...partitionTreeLines(ps, "    "));
     out.push(`  retired name after cutover: ${displayName(plan.retired)}`);
   }
   // The widened keys' warnings are said in full by applicationLines below.
@@ -340,7 +374,7 @@ Examples:
 Exit codes: 0 the table can be migrated, 2 blockers found or error.`,
   );
   cmd.action(async (tableArg: string, opts: PlanCliOpts) => {
-    const spec = parsePartitionSpec(opts.partitionBy);
+    const spec = parseSpecs(opts.partitionBy, opts.subpartitionBy);
     const plan = await withTable(tableArg, opts, (sql, table) =>
       planMigration(sql, table, { spec, mode: opts.mode, premake: opts.premake }),
     );

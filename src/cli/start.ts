@@ -3,7 +3,7 @@ import { BlockedError } from "../errors.js";
 import { type MigrationPlan, planMigration } from "../migration/plan.js";
 import { DEFAULT_SLOT_TIMEOUT_MS, keyExtensionRefusal, startMigration } from "../migration/start.js";
 import { displayName } from "../names.js";
-import { formatPartitionSpec, parsePartitionSpec } from "../partitioning/spec.js";
+import { formatSpecs, parseSpecs } from "../partitioning/spec.js";
 import { formatSteps } from "../plan/steps.js";
 import { addConnectionOption, addLockOptions, addObserveOptions, intOption, withTable } from "./common.js";
 import { addTerminateOption } from "./cutover.js";
@@ -56,7 +56,7 @@ and, with pg_stat_statements, the application's statements that would fail.`,
         allowKeyExtension?: boolean;
       },
     ) => {
-      const spec = parsePartitionSpec(opts.partitionBy);
+      const spec = parseSpecs(opts.partitionBy, opts.subpartitionBy);
       await withTable(tableArg, opts, async (sql, table) => {
         if (opts.dryRun) {
           const plan = await planMigration(sql, table, {
@@ -102,7 +102,7 @@ and, with pg_stat_statements, the application's statements that would fail.`,
  */
 function printStartPlan(plan: MigrationPlan): void {
   const head = [
-    `start ${displayName(plan.source)}: partition by ${formatPartitionSpec(plan.spec)}, ${plan.mode} mirror, ` +
+    `start ${displayName(plan.source)}: partition by ${formatSpecs(plan.spec)}, ${plan.mode} mirror, ` +
       `${plan.partitions.length} partitions, shadow ${displayName(plan.shadow)}, key (${plan.shadowKey.join(", ")})`,
     ...applicationLines(plan).map((l) => l.trim()),
     ...plan.warnings.map((w) => `warning: ${w}`),

@@ -412,6 +412,13 @@ export function printStatus(s: StatusReport): void {
     );
   }
   process.stdout.write(`${t.toString()}\n`);
+  // Rows per partition, both levels (issue 17): estimates, DEFAULT partitions counted; --json lists every one.
+  const shown = s.partitionRows.slice(0, 40);
+  if (shown.length > 0) process.stdout.write("rows per partition (estimated; DEFAULT counted):\n");
+  for (const p of shown)
+    process.stdout.write(`${"  ".repeat(p.level)}${p.name}  ${p.rows}${p.exact ? "" : " ~"}  ${p.bound}\n`);
+  if (s.partitionRows.length > shown.length)
+    process.stdout.write(`  ... ${s.partitionRows.length - shown.length} more (pgshift status --json lists all)\n`);
   for (const w of s.stream?.warnings ?? []) process.stdout.write(`warning: ${w}\n`);
   for (const d of s.indexDrift) process.stdout.write(`warning: ${d}\n`);
   for (const d of s.lateObjects) process.stdout.write(`warning: ${d}\n`);

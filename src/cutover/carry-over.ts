@@ -11,7 +11,7 @@ import {
   lateObjects,
 } from "../catalog/drift.js";
 import type { AnySql, Sql } from "../db.js";
-import { deferredIndexSql } from "../ddl/shadow.js";
+import { deferredIndexSql, partitionTree } from "../ddl/shadow.js";
 import { PgshiftError } from "../errors.js";
 import { log } from "../log.js";
 import type { Migration } from "../migration/state.js";
@@ -91,18 +91,14 @@ async function lateIndexSteps(sql: AnySql, lo: LateObjects, i: LateIndex, lockTi
     );
     return steps;
   }
-  const parts = await sql`
-    select c.relname::text as name from pg_catalog.pg_inherits h join pg_catalog.pg_class c on c.oid = h.inhrelid
-     where h.inhparent = to_regclass(${quoteQualified(lo.copy)}) order by c.relname`;
-  const d = deferredIndexSql(
-    lo.copy.schema,
-    lo.copy.name,
-    parts.map((p) => String(p.name)),
-    i.build,
-  );
+  const d = deferredIndexSql(lo.copy.schema, lo.copy.name, await partitionTree(sql, lo.copy), i.build);
   const short = (stmt: string) => transactionStep([statement(stmt)], { lockTimeoutMs });
   const out: Step[] = [short(d.parent)];
   for (const p of d.perPartition) {
+    if (p.partitioned) {
+      out.push(transactionStep([statement(p.create), statement(p.attach)], { lockTimeoutMs }));
+      continue;
+    }
     const name = { schema: lo.copy.schema, name: p.index };
     const st = await indexState(sql, name);
     if (st?.valid && st.attached) continue;

@@ -1,7 +1,8 @@
 import type { TableFacts } from "../catalog/inspect.js";
+import type { AnySql } from "../db.js";
 import { displayName, fitName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
 import type { PartitionDef } from "../partitioning/bounds.js";
-import { type PartitionSpec, partitionMethod } from "../partitioning/spec.js";
+import { type PartitionSpec, partitionColumns, partitionMethod } from "../partitioning/spec.js";
 
 export interface ShadowNames {
   source: QualifiedName;
@@ -35,9 +36,54 @@ export function extendIndexKey(tail: string, extra: readonly string[]): string {
   return `${tail.slice(0, i)}, ${extra.map(quoteIdent).join(", ")}${tail.slice(i)}`;
 }
 
-/** The shadow's unique key: the source key followed by the partition column when the key lacks it. */
-export function shadowKey(keyColumns: readonly string[], partitionColumn: string): string[] {
-  return keyColumns.includes(partitionColumn) ? [...keyColumns] : [...keyColumns, partitionColumn];
+/**
+ * The shadow's unique key: the source key followed by the partition column (or, with two levels, the columns
+ * of both levels: partitionColumns) the key lacks. PostgreSQL requires every unique key of a partitioned table,
+ * and of a partition that is partitioned itself, to contain its partition key (docs: "Table Partitioning",
+ * limitations).
+ */
+export function shadowKey(keyColumns: readonly string[], partitionColumn: string | readonly string[]): string[] {
+  const cols = typeof partitionColumn === "string" ? [partitionColumn] : partitionColumn;
+  return [...keyColumns, ...cols.filter((c) => !keyColumns.includes(c))];
+}
+
+/**
+ * One partition of a partitioned table's tree, as deferredIndexSql takes it: `partitioned` when it is
+ * partitioned itself (two levels), `parent` the partition it belongs to (null: the table's own).
+ */
+export interface PartitionNode {
+  name: string;
+  partitioned: boolean;
+  parent: string | null;
+}
+
+/**
+ * The partitions of `table` at every level (pg_partition_tree), each partitioned one before its own
+ * partitions, as deferredIndexSql takes them; all in the table's schema.
+ */
+export async function partitionTree(sql: AnySql, table: QualifiedName): Promise<PartitionNode[]> {
+  const rows = await sql`
+    select c.relname::text as name, not t.isleaf as partitioned, t.level,
+           case when t.level > 1 then (select p.relname::text from pg_catalog.pg_class p where p.oid = t.parentrelid)
+           end as parent
+      from pg_catalog.pg_partition_tree(to_regclass(${quoteQualified(table)})) t
+      join pg_catalog.pg_class c on c.oid = t.relid
+     where t.level > 0
+     order by coalesce((select p.relname::text from pg_catalog.pg_class p where p.oid = t.parentrelid
+                          and t.level > 1), c.relname::text), t.level, c.relname`;
+  return rows.map((r) => ({
+    name: String(r.name),
+    partitioned: Boolean(r.partitioned),
+    parent: r.parent === null ? null : String(r.parent),
+  }));
+}
+
+/** The planned partitions as PartitionNodes (first-level partition, then its own partitions). */
+export function plannedTree(partitions: readonly PartitionDef[]): PartitionNode[] {
+  return partitions.flatMap((p) => [
+    { name: p.name, partitioned: p.sub !== undefined, parent: null },
+    ...(p.sub?.partitions ?? []).map((c) => ({ name: c.name, partitioned: false, parent: p.name })),
+  ]);
 }
 
 /**
@@ -109,11 +155,24 @@ function deferClause(c: { deferrable: boolean; deferred: boolean }): string {
 export function deferredIndexSql(
   schema: string,
   shadow: string,
-  partitions: readonly string[],
+  partitions: readonly (string | PartitionNode)[],
   idx: DeferredIndex,
 ): {
   parent: string;
-  perPartition: { partition: string; index: string; create: string; constrain: string | null; attach: string }[];
+  perPartition: {
+    partition: string;
+    index: string;
+    create: string;
+    constrain: string | null;
+    attach: string;
+    /**
+     * Two levels: the partition is partitioned itself; `create` makes its (invalid) index ON ONLY it, or the
+     * constraint with ALTER TABLE ONLY (instant), and `attach` attaches it to the parent's index: both short,
+     * in one transaction, before its own partitions, whose indexes attach to it (it becomes valid, and then
+     * the parent's, when the last one is attached: docs, ALTER INDEX ... ATTACH PARTITION).
+     */
+    partitioned: boolean;
+  }[];
 } {
   const unique = idx.unique ? "UNIQUE " : "";
   const parentName = quoteQualified({ schema, name: idx.name });
@@ -126,9 +185,28 @@ export function deferredIndexSql(
             `CONSTRAINT ${quoteIdent(idx.name)} ${c.definition}; END IF;`,
         )
       : `CREATE ${unique}INDEX IF NOT EXISTS ${quoteIdent(idx.name)} ON ONLY ${shd} USING ${idx.definition}`,
-    perPartition: partitions.map((p) => {
+    perPartition: partitions.map((node) => {
+      const p = typeof node === "string" ? node : node.name;
+      const up = typeof node === "string" ? null : node.parent;
+      const attachTo = up === null ? parentName : quoteQualified({ schema, name: partitionIndexName(up, idx.name) });
       const index = partitionIndexName(p, idx.name);
       const part = quoteQualified({ schema, name: p });
+      if (typeof node !== "string" && node.partitioned) {
+        const qi = quoteQualified({ schema, name: index });
+        return {
+          partition: p,
+          index,
+          create: c
+            ? doBlock(
+                `IF to_regclass(${quoteLiteral(qi)}) IS NULL THEN ALTER TABLE ONLY ${part} ADD ` +
+                  `CONSTRAINT ${quoteIdent(index)} ${c.definition}; END IF;`,
+              )
+            : `CREATE ${unique}INDEX IF NOT EXISTS ${quoteIdent(index)} ON ONLY ${part} USING ${idx.definition}`,
+          constrain: null,
+          attach: `ALTER INDEX ${attachTo} ATTACH PARTITION ${qi}`,
+          partitioned: true,
+        };
+      }
       return {
         partition: p,
         index,
@@ -139,7 +217,8 @@ export function deferredIndexSql(
           ? `ALTER TABLE ${part} ADD CONSTRAINT ${quoteIdent(index)} UNIQUE USING ` +
             `INDEX ${quoteIdent(index)}${deferClause(c)}`
           : null,
-        attach: `ALTER INDEX ${parentName} ATTACH PARTITION ${quoteQualified({ schema, name: index })}`,
+        attach: `ALTER INDEX ${attachTo} ATTACH PARTITION ${quoteQualified({ schema, name: index })}`,
+        partitioned: false,
       };
     }),
   };
@@ -281,12 +360,12 @@ export function shadowDdl(
   const src = quoteQualified(names.source);
   const shd = quoteQualified(names.shadow);
   const col = spec.column;
+  const pcols = partitionColumns(spec);
   const out: string[] = [];
   const widened: string[] = [];
   const deferred: DeferredIndex[] = [];
   const renames: { from: string; to: string }[] = [];
   const owner = quoteIdent(facts.owner);
-  const parts = partitions.map((p) => quoteQualified({ schema: names.shadow.schema, name: p.name }));
   out.push(
     `CREATE TABLE ${shd} (LIKE ${src} INCLUDING DEFAULTS INCLUDING COMMENTS INCLUDING STORAGE ` +
       `INCLUDING COMPRESSION INCLUDING GENERATED) PARTITION BY ${partitionMethod(spec)} (${quoteIdent(col)})`,
@@ -334,20 +413,31 @@ export function shadowDdl(
       );
   out.push(...relationMarks(shd));
   const withOpts = facts.reloptions.length > 0 ? ` WITH (${facts.reloptions.join(", ")})` : "";
-  for (const [i, p] of partitions.entries()) {
-    const part = parts[i]!;
-    out.push(`CREATE TABLE ${part} PARTITION OF ${shd} ${p.bound}${withOpts}`);
-    out.push(`ALTER TABLE ${part} OWNER TO ${owner}`);
-    out.push(...relationMarks(part));
-    out.push(...columnOptions(part));
-  }
+  // Two levels: a partition with `sub` is partitioned itself (it holds no rows, so no storage parameters),
+  // and its own partitions follow it.
+  const createPartitions = (parent: string, list: readonly PartitionDef[]) => {
+    for (const p of list) {
+      const part = quoteQualified({ schema: names.shadow.schema, name: p.name });
+      out.push(
+        p.sub
+          ? `CREATE TABLE ${part} PARTITION OF ${parent} ${p.bound} PARTITION BY ${p.sub.method} ` +
+              `(${quoteIdent(p.sub.column)})`
+          : `CREATE TABLE ${part} PARTITION OF ${parent} ${p.bound}${withOpts}`,
+      );
+      out.push(`ALTER TABLE ${part} OWNER TO ${owner}`);
+      out.push(...relationMarks(part));
+      out.push(...columnOptions(part));
+      if (p.sub) createPartitions(part, p.sub.partitions);
+    }
+  };
+  createPartitions(shd, partitions);
   // SET STATISTICS recurses to the partitions; attribute options do not (set on each partition above).
   for (const c of facts.columns) {
     if (c.statisticsTarget !== null && c.statisticsTarget !== undefined)
       out.push(`ALTER TABLE ${shd} ALTER COLUMN ${quoteIdent(c.name)} SET STATISTICS ${c.statisticsTarget}`);
   }
   out.push(...columnOptions(shd));
-  const extraFor = (keys: readonly (string | null)[]) => (keys.includes(col) ? [] : [col]);
+  const extraFor = (keys: readonly (string | null)[]) => pcols.filter((c) => !keys.includes(c));
   const qualifiedIndex = (name: string) => quoteQualified({ schema: names.shadow.schema, name });
   for (const ix of facts.indexes) {
     const name = shadowObjectName(ix.name);
@@ -368,7 +458,8 @@ export function shadowDdl(
       if (ix.isPrimary)
         out.push(
           `ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(name)} ` +
-            (constraintDef ?? `PRIMARY KEY (${shadowKey(ix.keyColumns.map(String), col).map(quoteIdent).join(", ")})`),
+            (constraintDef ??
+              `PRIMARY KEY (${shadowKey(ix.keyColumns.map(String), pcols).map(quoteIdent).join(", ")})`),
         );
       else if (constraintDef && (ix.constraintType === "u" || ix.constraintType === "x"))
         out.push(`ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(name)} ${constraintDef}`);
@@ -452,13 +543,23 @@ export function afterCopySql(facts: TableFacts, names: ShadowNames): string[] {
     );
     if (c.comment) out.push(`COMMENT ON CONSTRAINT ${quoteIdent(c.name)} ON ${shd} IS ${quoteLiteral(c.comment)}`);
   }
-  /** Each partition's index attached to the parent index `parent` (qualified, quoted), in a loop over `r`. */
-  const forEachPartitionIndex = (parent: string, stmt: string) =>
-    `FOR r IN SELECT tn.nspname AS s, t.relname AS t, ic.relname AS i FROM pg_catalog.pg_inherits h ` +
-    `JOIN pg_catalog.pg_index x ON x.indexrelid = h.inhrelid JOIN pg_catalog.pg_class ic ON ic.oid = x.indexrelid ` +
-    `JOIN pg_catalog.pg_class t ON t.oid = x.indrelid JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace ` +
-    `WHERE h.inhparent = ${quoteLiteral(parent)}::regclass LOOP EXECUTE format(${quoteLiteral(stmt)}, r.s, ` +
-    `r.t, r.i); END LOOP;`;
+  /**
+   * Each partition's index attached to the parent index `parent` (qualified, quoted), then (two levels) each
+   * index attached to those, in loops over `r`; `leavesOnly`: only indexes of partitions that hold rows.
+   */
+  const forEachPartitionIndex = (parent: string, stmt: string, leavesOnly = false) => {
+    const select = `SELECT tn.nspname AS s, t.relname AS t, ic.relname AS i FROM pg_catalog.pg_inherits h `;
+    const joins =
+      `JOIN pg_catalog.pg_index x ON x.indexrelid = h.inhrelid JOIN pg_catalog.pg_class ic ON ic.oid = ` +
+      `x.indexrelid JOIN pg_catalog.pg_class t ON t.oid = x.indrelid${leavesOnly ? " AND t.relkind = 'r'" : ""} ` +
+      `JOIN pg_catalog.pg_namespace tn ON tn.oid = t.relnamespace `;
+    const loop = `LOOP EXECUTE format(${quoteLiteral(stmt)}, r.s, r.t, r.i); END LOOP;`;
+    return (
+      `FOR r IN ${select}${joins}WHERE h.inhparent = ${quoteLiteral(parent)}::regclass ${loop} ` +
+      `FOR r IN ${select}JOIN pg_catalog.pg_inherits h1 ON h1.inhrelid = h.inhparent ${joins}` +
+      `WHERE h1.inhparent = ${quoteLiteral(parent)}::regclass ${loop}`
+    );
+  };
   // Built after the copy (the others, and their comments, come with start).
   const deferredIx = facts.indexes.filter(
     (ix) =>
@@ -496,7 +597,7 @@ export function afterCopySql(facts: TableFacts, names: ShadowNames): string[] {
     if (ix.isClustered) {
       out.push(
         doBlock(
-          `IF ${exists} THEN ${forEachPartitionIndex(q, "ALTER TABLE %I.%I CLUSTER ON %I")} END IF;`,
+          `IF ${exists} THEN ${forEachPartitionIndex(q, "ALTER TABLE %I.%I CLUSTER ON %I", true)} END IF;`,
           "r record;",
         ),
       );

@@ -21,7 +21,7 @@ import { shadowKey } from "../ddl/shadow.js";
 import { tablesIn } from "../migration/phases.js";
 import type { Migration } from "../migration/state.js";
 import { displayName, fitName, type QualifiedName, quoteIdent, quoteQualified } from "../names.js";
-import type { PartitionSpec } from "../partitioning/spec.js";
+import { type PartitionSpec, partitionColumns } from "../partitioning/spec.js";
 import { statement } from "../plan/steps.js";
 import type { Carried, Carrier, CarrierPlan, SwitchTo } from "./carrier.js";
 
@@ -110,7 +110,7 @@ export const publications: Carrier = {
     const table = displayName(t);
     const shadow = displayName({ schema: t.schema, name: fitName(t.name, "_pgshift_shadow") });
     const retired = displayName({ schema: t.schema, name: fitName(t.name, "_pgshift_retired") });
-    const key = shadowKey(facts.keyColumns ?? [], spec.column);
+    const key = shadowKey(facts.keyColumns ?? [], partitionColumns(spec));
     for (const p of await listedPublications(sql, t)) {
       const what =
         `publication ${p.name} (lists ${table}` +

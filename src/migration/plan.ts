@@ -7,17 +7,35 @@ import {
   fidelityBlockers,
   fidelityWarnings,
   identityDefaultFunction,
+  plannedTree,
   shadowDdl,
   shadowKey,
 } from "../ddl/shadow.js";
+import { incomingForeignKeys, whyNot } from "../dependents/foreign-keys.js";
 import { planDependents } from "../dependents/index.js";
 import { PgshiftError } from "../errors.js";
 import { lockSourceTransaction } from "../locks/holders.js";
 import { createStreamSql, createsSlot, logicalPrerequisites } from "../mirror/logical.js";
 import { installTriggerMirrorSql, truncateGuardSql } from "../mirror/trigger.js";
 import { displayName, fitName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
-import { computePartitions, type DataRange, type PartitionDef } from "../partitioning/bounds.js";
-import { INTEGER_TYPES, type PartitionSpec, TIME_TYPES } from "../partitioning/spec.js";
+import {
+  computeKeyedPartitions,
+  computePartitions,
+  computeSubPartitions,
+  type DataRange,
+  flattenPartitions,
+  type PartitionDef,
+  type SubData,
+} from "../partitioning/bounds.js";
+import { readSubData } from "../partitioning/levels.js";
+import {
+  formatPartitionSpec,
+  INTEGER_TYPES,
+  type LevelSpec,
+  type PartitionSpec,
+  partitionColumns,
+  TIME_TYPES,
+} from "../partitioning/spec.js";
 import { type Step, statement, type TransactionStep, transactionStep } from "../plan/steps.js";
 import { ddlGuardSql, ddlGuardState } from "./ddl-guard.js";
 import { affectedStatements, describeWidenedKey, type StatementCheck, type WidenedKey, widenedKeys } from "./keys.js";
@@ -58,6 +76,10 @@ export interface MigrationPlan {
   copyColumns: string[];
   sequences: SequenceUse[];
   mirrorFunction: QualifiedName;
+  /**
+   * The first-level partitions in bound order, DEFAULT last; with a second level (spec.sub) each carries its own
+   * partitions in `sub` (flattenPartitions lists both levels).
+   */
   partitions: PartitionDef[];
   estimatedRows: number;
   totalBytes: number;
@@ -227,21 +249,27 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   list("rules", dep.rules);
   // A partitioned table or a partition is refused above; its partitions or parent need no second line.
   if (facts.relkind !== "p" && !facts.isPartition) list("inheritance (parent or child tables)", dep.inheritance);
-  if (dep.exclusionConstraints.length > 0) blockers.push(...(await exclusionBlockers(sql, facts, spec.column)));
+  if (dep.exclusionConstraints.length > 0)
+    for (const c of partitionColumns(spec)) blockers.push(...(await exclusionBlockers(sql, facts, c)));
 
-  const col = facts.columns.find((c) => c.name === spec.column);
-  let data: DataRange = { min: null, max: null };
-  if (!col) {
-    blockers.push(`column ${JSON.stringify(spec.column)} does not exist in ${displayName(table)}`);
-  } else {
+  /** The column of one level, with a blocker for each reason it cannot be that level's partition key. */
+  const levelColumn = (level: LevelSpec) => {
+    const col = facts.columns.find((c) => c.name === level.column);
+    if (!col) {
+      blockers.push(`column ${JSON.stringify(level.column)} does not exist in ${displayName(table)}`);
+      return undefined;
+    }
     const t = col.typeName;
-    if (spec.strategy === "range" && !(TIME_TYPES as readonly string[]).includes(t)) {
+    if (level.strategy === "range" && !(TIME_TYPES as readonly string[]).includes(t)) {
       blockers.push(
         `column ${col.name} is ${col.formattedType}; range:<col>:<interval> needs date, timestamp or timestamptz`,
       );
-    } else if (spec.strategy === "range-int" && !(INTEGER_TYPES as readonly string[]).includes(t)) {
+    } else if (
+      (level.strategy === "range-int" || level.strategy === "range-rows") &&
+      !(INTEGER_TYPES as readonly string[]).includes(t)
+    ) {
       blockers.push(
-        `column ${col.name} is ${col.formattedType}; range:<col>:<width> needs smallint, integer or bigint`,
+        `column ${col.name} is ${col.formattedType}; ${formatPartitionSpec(level)} needs smallint, integer or bigint`,
       );
     }
     if (col.generated !== "") blockers.push(`column ${col.name} is a generated column and cannot be the partition key`);
@@ -251,7 +279,25 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
           `COLUMN ${col.name} SET NOT NULL first`,
       );
     }
+    return col;
+  };
+  const col = levelColumn(spec);
+  const subCol = spec.sub ? levelColumn(spec.sub) : undefined;
+  if (spec.sub?.strategy === "range-rows" && spec.strategy === "hash")
+    blockers.push(
+      `${formatPartitionSpec(spec.sub)} under ${formatPartitionSpec(spec)}: the rows of each hash partition are ` +
+        `not known before it exists; use hash:${spec.sub.column}:rows=<N> (a hash first level spreads rows evenly)`,
+    );
+  if (spec.sub) {
+    // A foreign key of another table must reference a unique key of the partitioned table, which contains the
+    // columns of both levels: the foreign-key carrier checks the first level's.
+    for (const fk of await incomingForeignKeys(sql, facts.table)) {
+      const why = whyNot(fk, spec.sub.column, facts.serverVersionNum, displayName(table));
+      if (why && whyNot(fk, spec.column, facts.serverVersionNum, displayName(table)) === null)
+        blockers.push(`foreign key ${fk.name} on ${fk.relName} (second level): ${why}`);
+    }
   }
+  let data: DataRange = { min: null, max: null };
   const src = facts.table;
   const shadow = { schema: src.schema, name: fitName(src.name, "_pgshift_shadow") };
   const retired = { schema: src.schema, name: fitName(src.name, "_pgshift_retired") };
@@ -260,21 +306,27 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   let partitions: PartitionDef[] = [];
   if (blockers.length === 0 && col) {
     data = await readDataRange(sql, src, spec);
+    const now = opts.now ?? new Date();
     try {
-      partitions = computePartitions(spec, src.name, col.typeName, data, { premake, now: opts.now ?? new Date() });
+      if (spec.sub && subCol) {
+        // The second level, from the data: one aggregate query, streamed (readSubData).
+        const level1 = computeKeyedPartitions(spec, src.name, col.typeName, data, { premake, now });
+        const subData: SubData = await readSubData(sql, src, spec, col.typeName, readDataRange);
+        partitions = computeSubPartitions(spec.sub, level1, subCol.typeName, subData, { premake, now });
+      } else partitions = computePartitions(spec, src.name, col.typeName, data, { premake, now });
     } catch (err) {
       blockers.push(err instanceof Error ? err.message : String(err));
     }
     const taken = await sql`
       select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace
        where n.nspname = ${src.schema} and c.relname =
-         any(${[shadow.name, retired.name, ...partitions.map((p) => p.name)]})`;
+         any(${[shadow.name, retired.name, ...flattenPartitions(partitions).map((p) => p.name)]})`;
     if (taken.length > 0)
       blockers.push(`names already taken in schema ${src.schema}: ${taken.map((r) => String(r.relname)).join(", ")}`);
   }
 
   const keyColumns = facts.keyColumns ?? [];
-  const sKey = shadowKey(keyColumns, spec.column);
+  const sKey = shadowKey(keyColumns, partitionColumns(spec));
   const cols = copyColumns(facts);
   const sequences: SequenceUse[] = facts.columns
     .filter((c) => c.sequence)
@@ -291,9 +343,21 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   const stream = mode === "logical" ? logicalNames(facts.oid) : null;
   if (stream && blockers.length === 0) blockers.push(...(await logicalPrerequisites(sql, facts)));
   // What the application will notice (said before anything changes): keys widened with the partition column.
-  const keys = col ? await widenedKeys(sql, facts.oid, spec.column) : [];
+  const keys = col
+    ? mergeWidenedKeys(
+        await widenedKeys(sql, facts.oid, spec.column),
+        subCol ? await widenedKeys(sql, facts.oid, subCol.name) : [],
+      )
+    : [];
   const applicationStatements = col
-    ? await affectedStatements(sql, src, spec.column, keys)
+    ? await affectedStatements(sql, src, spec.column, keys).then(async (first) => {
+        // Two levels: a statement can also fail for lack of the second level's column.
+        if (!subCol || first.status !== "checked") return first;
+        const second = await affectedStatements(sql, src, subCol.name, keys);
+        const seen = new Set(first.statements.map((x) => `${x.query}\u0000${x.target}`));
+        const more = second.statements.filter((x) => !seen.has(`${x.query}\u0000${x.target}`));
+        return { ...first, statements: [...first.statements, ...more] };
+      })
     : {
         status: "not-needed" as const,
         detail: "no partition column: nothing to check",
@@ -338,12 +402,7 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     deferredIndexes = ddl.deferredIndexes;
     indexRenames = ddl.indexRenames;
     for (const idx of deferredIndexes) {
-      const d = deferredIndexSql(
-        src.schema,
-        shadow.name,
-        partitions.map((p) => p.name),
-        idx,
-      );
+      const d = deferredIndexSql(src.schema, shadow.name, plannedTree(partitions), idx);
       afterCopyStatements.push(
         d.parent,
         ...d.perPartition.flatMap((x) => [x.create, ...(x.constrain ? [x.constrain] : []), x.attach]),
@@ -451,12 +510,25 @@ function atFinalize(keys: readonly WidenedKey[]): string | null {
   );
 }
 
+/**
+ * The keys widened by the first level's column (`first`) and by the second level's (`second`): a key missing
+ * both is widened with both (`widenedTo` ends with the first level's column, then the second's).
+ */
+export function mergeWidenedKeys(first: readonly WidenedKey[], second: readonly WidenedKey[]): WidenedKey[] {
+  const out = first.map((k) => {
+    const other = second.find((o) => o.index === k.index);
+    return other ? { ...k, widenedTo: [...k.widenedTo, other.widenedTo.at(-1)!] } : k;
+  });
+  for (const o of second) if (!first.some((k) => k.index === o.index)) out.push(o);
+  return out;
+}
+
 function textArray(xs: readonly string[]): string {
   return `ARRAY[${xs.map(quoteLiteral).join(", ")}]::text[]`;
 }
 
 /** min/max (as UTC text) or the distinct values of the partition column; what bounds are computed from. */
-async function readDataRange(sql: Sql, src: QualifiedName, spec: PartitionSpec): Promise<DataRange> {
+export async function readDataRange(sql: Sql, src: QualifiedName, spec: LevelSpec): Promise<DataRange> {
   const t = quoteQualified(src);
   const c = quoteIdent(spec.column);
   if (spec.strategy === "range" || spec.strategy === "range-int") {

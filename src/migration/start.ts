@@ -4,6 +4,7 @@ import { runLocked } from "../locks/holders.js";
 import { log } from "../log.js";
 import { describeTransactions, dropStream, transactionsHoldingXids } from "../mirror/logical.js";
 import { displayName, type QualifiedName } from "../names.js";
+import { partitionColumns } from "../partitioning/spec.js";
 import { runSteps, type Step } from "../plan/steps.js";
 import { DEFAULT_SLOT_TIMEOUT_MS, type MigrationPlan, type PlanOptions, planMigration } from "./plan.js";
 import { lockMigration, logicalNames, unlockMigration } from "./state.js";
@@ -124,7 +125,7 @@ async function runStreamStep(sql: Sql, step: Step, timeoutMs: number): Promise<v
 export function keyExtensionRefusal(plan: MigrationPlan): PgshiftError | null {
   const keys = plan.widenedKeys;
   if (keys.length === 0) return null;
-  const col = plan.spec.column;
+  const col = partitionColumns(plan.spec).join(" and ");
   const named = keys.map((k) => `${k.kind} ${k.name} (${k.columns.join(", ")})`).join(", ");
   const targets = keys.flatMap((k) => k.onConflictTargets);
   const failing = plan.applicationStatements.statements.filter((s) => s.effect === "fails").length;

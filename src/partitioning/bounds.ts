@@ -1,5 +1,5 @@
 import { fitName, quoteLiteral } from "../names.js";
-import type { PartitionSpec, TimeInterval } from "./spec.js";
+import { type LevelSpec, partitionMethod, type TimeInterval } from "./spec.js";
 
 /**
  * One partition of the shadow table: its name and the SQL text of its bound
@@ -9,7 +9,16 @@ export interface PartitionDef {
   name: string;
   bound: string;
   isDefault: boolean;
+  /** Two levels: this partition is partitioned itself (`PARTITION BY method (column)`), into `partitions`. */
+  sub?: { method: "RANGE" | "LIST" | "HASH"; column: string; partitions: PartitionDef[] };
 }
+
+/**
+ * A first-level partition with what a row's first-level value maps to, as the per-partition data of the second
+ * level is keyed (levelGroupSql): the list value, the range's start (`YYYY-MM-DD`, or the integer), the hash
+ * remainder. Absent for DEFAULT.
+ */
+export type KeyedPartition = PartitionDef & { key?: string };
 
 /** What was read from the source to compute bounds. Time values are UTC text, integers decimal text. */
 export interface DataRange {
@@ -149,13 +158,24 @@ function listSuffix(value: string): string {
  * @throws Error when more than MAX_PARTITIONS would be created (the caller reports it as a blocker).
  */
 export function computePartitions(
-  spec: PartitionSpec,
+  spec: LevelSpec,
   base: string,
   columnType: string,
   data: DataRange,
   opts: { premake: number; now: Date },
 ): PartitionDef[] {
-  const out: PartitionDef[] = [];
+  return computeKeyedPartitions(spec, base, columnType, data, opts).map(({ key: _key, ...p }) => p);
+}
+
+/** computePartitions, each partition with its key (KeyedPartition), as computeSubPartitions takes them. */
+export function computeKeyedPartitions(
+  spec: LevelSpec,
+  base: string,
+  columnType: string,
+  data: DataRange,
+  opts: { premake: number; now: Date },
+): KeyedPartition[] {
+  const out: KeyedPartition[] = [];
   const defaultPartition: PartitionDef = { name: fitName(base, "_default"), bound: "DEFAULT", isDefault: true };
   switch (spec.strategy) {
     case "range": {
@@ -174,6 +194,7 @@ export function computePartitions(
           name: fitName(base, partitionSuffix(start, spec.interval)),
           bound: `FOR VALUES FROM (${timeLiteral(start, columnType)}) TO (${timeLiteral(end, columnType)})`,
           isDefault: false,
+          key: dayText(start),
         });
         if (out.length > MAX_PARTITIONS) throw new Error(tooMany(spec));
         start = end;
@@ -197,6 +218,7 @@ export function computePartitions(
           name: fitName(base, `_p${label}`),
           bound: `FOR VALUES FROM (${lit(from)}) TO (${lit(to)})`,
           isDefault: false,
+          key: String(from),
         });
         from = to;
       }
@@ -212,7 +234,7 @@ export function computePartitions(
         let name = fitName(base, s === "" ? `_p${i}` : `_p_${s}`);
         for (let n = 2; used.has(name); n++) name = fitName(base, `_p_${s}_${n}`);
         used.add(name);
-        out.push({ name, bound: `FOR VALUES IN (${quoteLiteral(v)})`, isDefault: false });
+        out.push({ name, bound: `FOR VALUES IN (${quoteLiteral(v)})`, isDefault: false, key: v });
       });
       out.push(defaultPartition);
       break;
@@ -223,13 +245,157 @@ export function computePartitions(
           name: fitName(base, `_p${r}`),
           bound: `FOR VALUES WITH (MODULUS ${spec.modulus}, REMAINDER ${r})`,
           isDefault: false,
+          key: String(r),
         });
       }
       break;
+    case "hash-rows":
+    case "range-rows":
+      throw new Error(`${spec.strategy} is computed per first-level partition: use computeSubPartitions`);
   }
   return out;
 }
 
-function tooMany(_spec: PartitionSpec): string {
+function tooMany(_spec: LevelSpec): string {
   return `the spec would create more than ${MAX_PARTITIONS} partitions; choose a coarser interval or width`;
+}
+
+/**
+ * What the second level is computed from. Fixed forms (range, range-int, list, hash): `range`, the sub
+ * column's min/max or distinct values over the whole table (every first-level partition gets the same
+ * second level). Forms with rows=N: `groups`, per first-level key (PartitionDef.key; rows whose key matches no
+ * planned partition are DEFAULT's), its row count and, for range-rows, the sub column's value at every N-th row
+ * in ascending order (the 1st, the N+1-th, ...) and its largest value.
+ */
+export interface SubData {
+  range?: DataRange;
+  groups?: Map<string, GroupData>;
+}
+
+export interface GroupData {
+  rows: number;
+  /** range-rows: decimal text of the 1st, N+1-th, 2N+1-th ... value, ascending. */
+  starts?: string[];
+  /** range-rows: decimal text of the largest value. */
+  max?: string;
+}
+
+/** Modulus of a `hash:<col>:rows=<N>` bucket set for a first-level partition of `rows` rows: ceil(rows / N), >= 1. */
+export function hashModulus(rows: number, perBucket: bigint): number {
+  if (rows <= 0) return 1;
+  const m = (BigInt(Math.ceil(rows)) + perBucket - 1n) / perBucket;
+  return Number(m < 1n ? 1n : m);
+}
+
+/**
+ * The buckets of `range:<col>:rows=<N>` for one first-level partition (integer column of type `columnType`):
+ * from MINVALUE to the N+1-th value, then from each N-th value to the next, the last to max + 1 (so each
+ * holds N rows, fewer when values repeat), then `premake` buckets above the max, each as wide as N rows took
+ * on average, then DEFAULT (rows past the premade buckets). A first-level partition without rows gets one
+ * bucket over every value (FROM (MINVALUE) TO (MAXVALUE)) and no DEFAULT: nothing tells where to cut it.
+ * @returns the buckets in bound order, DEFAULT last.
+ */
+export function rangeRowsBuckets(
+  parent: string,
+  columnType: string,
+  perBucket: bigint,
+  group: GroupData | undefined,
+  premake: number,
+): PartitionDef[] {
+  const [typeMin, typeMax] = INTEGER_RANGE[columnType] ?? INTEGER_RANGE.int8!;
+  const lit = (v: bigint) => (v > typeMax ? "MAXVALUE" : v < typeMin ? "MINVALUE" : String(v));
+  const label = (v: bigint) => (v < 0n ? `m${-v}` : String(v));
+  if (!group || group.rows === 0 || !group.starts || group.starts.length === 0 || group.max === undefined)
+    return [{ name: fitName(parent, "_pall"), bound: "FOR VALUES FROM (MINVALUE) TO (MAXVALUE)", isDefault: false }];
+  const starts = group.starts.map((v) => BigInt(v)).sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
+  const max = BigInt(group.max);
+  const cuts: bigint[] = [];
+  for (const v of starts.slice(1)) if (v > (cuts.at(-1) ?? starts[0]!)) cuts.push(v);
+  const out: PartitionDef[] = [];
+  let from: bigint | null = null; // null: MINVALUE
+  const edges = [...cuts, max + 1n];
+  for (const to of edges) {
+    out.push({
+      name: fitName(parent, from === null ? "_pmin" : `_p${label(from)}`),
+      bound: `FOR VALUES FROM (${from === null ? "MINVALUE" : lit(from)}) TO (${lit(to)})`,
+      isDefault: false,
+    });
+    from = to;
+  }
+  // Premade buckets: the value span N rows took on average.
+  const span = max + 1n - starts[0]!;
+  let width = (span * perBucket) / BigInt(Math.max(1, Math.ceil(group.rows)));
+  if (width < 1n) width = 1n;
+  for (let i = 0; i < premake && from! <= typeMax; i++) {
+    const to: bigint = from! + width;
+    out.push({
+      name: fitName(parent, `_p${label(from!)}`),
+      bound: `FOR VALUES FROM (${lit(from!)}) TO (${lit(to)})`,
+      isDefault: false,
+    });
+    from = to;
+  }
+  if (from! <= typeMax) out.push({ name: fitName(parent, "_default"), bound: "DEFAULT", isDefault: true });
+  return out;
+}
+
+/**
+ * Adds the second level (`sub`) under every first-level partition (DEFAULT's included) and returns the first
+ * level, without the keys (computeKeyedPartitions gives them). rows=N forms are sized from `data.groups` (the
+ * DEFAULT partition's group is every row whose key matches no other partition; a hash first level spreads its
+ * rows evenly); fixed forms repeat the
+ * same bounds (computePartitions over `data.range`) under each. Names are the parent's with the child's
+ * suffix (`orders_p_42_p0`), made unique over both levels.
+ * @throws Error when both levels together would make more than MAX_PARTITIONS partitions, or when a form
+ *   needs data that was not given (the caller reports it as a blocker).
+ */
+export function computeSubPartitions(
+  sub: LevelSpec,
+  level1: KeyedPartition[],
+  columnType: string,
+  data: SubData,
+  opts: { premake: number; now: Date },
+): PartitionDef[] {
+  const method = partitionMethod(sub);
+  const known = new Set(level1.flatMap((p) => (p.key !== undefined ? [p.key] : [])));
+  const groups = data.groups ?? new Map<string, GroupData>();
+  let unmatched = 0;
+  for (const [k, g] of groups) if (!known.has(k)) unmatched += g.rows;
+  const used = new Set(level1.map((p) => p.name));
+  let total = level1.length;
+  for (const p of level1) {
+    const group = p.isDefault ? { rows: unmatched } : p.key !== undefined ? groups.get(p.key) : undefined;
+    let children: PartitionDef[];
+    if (sub.strategy === "hash-rows") {
+      const m = hashModulus(group?.rows ?? 0, BigInt(sub.rows));
+      children = Array.from({ length: m }, (_, r) => ({
+        name: fitName(p.name, `_p${r}`),
+        bound: `FOR VALUES WITH (MODULUS ${m}, REMAINDER ${r})`,
+        isDefault: false,
+      }));
+    } else if (sub.strategy === "range-rows") {
+      children = rangeRowsBuckets(p.name, columnType, BigInt(sub.rows), group, opts.premake);
+    } else {
+      if (!data.range) throw new Error(`no data range for the second level ${sub.strategy}`);
+      children = computePartitions(sub, p.name, columnType, data.range, opts);
+    }
+    for (const c of children) {
+      let name = c.name;
+      for (let n = 2; used.has(name); n++) name = fitName(c.name, `_${n}`);
+      used.add(name);
+      c.name = name;
+    }
+    total += children.length;
+    if (total > MAX_PARTITIONS)
+      throw new Error(
+        `the two levels would create more than ${MAX_PARTITIONS} partitions; choose a coarser spec or a larger rows=N`,
+      );
+    p.sub = { method, column: sub.column, partitions: children };
+  }
+  return level1.map(({ key: _key, ...p }) => p);
+}
+
+/** Every partition of both levels, each first-level partition followed by its own partitions. */
+export function flattenPartitions(partitions: readonly PartitionDef[]): PartitionDef[] {
+  return partitions.flatMap((p) => [p, ...(p.sub ? flattenPartitions(p.sub.partitions) : [])]);
 }
