@@ -10,9 +10,10 @@
  * connections (default 4) with no pause between transactions (inserts, updates of which some move rows between
  * partitions, deletes, each in one transaction with the same change to the twin), and records every
  * transaction's latency. First `--seconds` (default 20) with no migration, then start, backfill, verify,
- * cutover, swap-back, cutover (range by month, the mode's mirror; the backfill with the CLI's --batch-time-ms). Reports per step: transactions, p99, worst,
- * and how many took over 100 ms, beside the no-migration figures; for the switches also the time writes were
- * blocked (lockHeldMs) and the attempts. Afterwards both tables are compared with the twin.
+ * cutover, swap-back, cutover (range by month, the mode's mirror; the backfill with the CLI's --batch-time-ms).
+ * Reports per step: transactions, p99, worst, and how many took over 100 ms, beside the no-migration figures;
+ * for the switches also the time writes were blocked (lockHeldMs) and the attempts. Afterwards both tables are
+ * compared with the twin.
  *
  * Targets (issue 16): during each cutover and swap-back the worst latency is at most 100 ms above the
  * no-migration worst; during the backfill the p99 is within 2x and the worst within 100 ms of no migration.
