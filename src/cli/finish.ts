@@ -43,7 +43,8 @@ Example:
     );
     if (opts.dryRun) return void process.stdout.write(formatSteps(r.steps));
     process.stdout.write(
-      `finalized: ${tableArg} is partitioned; the retired table, the mirror and the metadata are gone\n`,
+      `finalized: ${tableArg} is partitioned; the retired table, the mirror and the metadata are gone\n` +
+        (opts.handOff ? `handed off to pg_partman: CALL partman.run_maintenance_proc() keeps its partitions\n` : ""),
     );
   });
   return cmd;

@@ -71,6 +71,26 @@ export async function requireMovable(sql: AnySql, layout: TableLayout): Promise<
     );
 }
 
+/**
+ * Refuses to move rows out of DEFAULT when the application's row triggers on DELETE would fire for the move
+ * (pg_trigger.tgtype bit 8: DELETE; clones of the table's triggers on DEFAULT, enabled, not internal): an audit
+ * trigger would record deletions that never happened.
+ * @throws PgshiftError naming the triggers.
+ */
+export async function requireNoDeleteTriggers(sql: AnySql, layout: TableLayout): Promise<void> {
+  const d = quoteQualified({ schema: layout.table.schema, name: layout.defaultPartition! });
+  const r = await sql`
+    select tgname::text as name from pg_trigger
+     where tgrelid = to_regclass(${d}) and not tgisinternal and tgenabled <> 'D' and (tgtype & 8) <> 0
+       and (tgtype & 1) <> 0 order by 1`;
+  if (r.length > 0)
+    throw new PgshiftError(
+      `cannot move rows out of ${layout.defaultPartition}: row triggers on DELETE would fire for the move ` +
+        `(${r.map((x) => String(x.name)).join(", ")})`,
+      { hint: "run maintain with --no-move, and move those rows by hand (with the triggers disabled)" },
+    );
+}
+
 /** The move of `p`'s rows from DEFAULT into the new table (run under the ACCESS EXCLUSIVE lock on the table). */
 export function moveSql(layout: TableLayout, spec: PartitionSpec, p: NewPartition, columns: readonly string[]): string {
   const d = quoteQualified({ schema: layout.table.schema, name: layout.defaultPartition! });

@@ -21,7 +21,7 @@ import {
   type TransactionStep,
   transactionStep,
 } from "../plan/steps.js";
-import { moveSql, oldestInDefault, requireMovable, rowsInDefault } from "./default-move.js";
+import { moveSql, oldestInDefault, requireMovable, requireNoDeleteTriggers, rowsInDefault } from "./default-move.js";
 import { readLayout, type TableLayout } from "./partitions.js";
 import { candidates, type NewPartition, premakes, topOf } from "./premake.js";
 import { lastRunSql, listPartitioned, loadPartitioned, settingsSql } from "./registry.js";
@@ -148,7 +148,10 @@ async function planTable(sql: Sql, row: PartitionedTableRow, opts: MaintainOptio
     const all = await candidates(sql, layout, row.spec, { premake, now: opts.now ?? new Date(), from });
     const counts = await rowsInDefault(sql, layout, row.spec, all);
     const top = topOf(layout);
-    if (move && counts.per.some((n) => n > 0)) await requireMovable(sql, layout);
+    if (move && counts.per.some((n) => n > 0)) {
+      await requireMovable(sql, layout);
+      await requireNoDeleteTriggers(sql, layout);
+    }
     const columns = await plainColumns(sql, table);
     let moved = 0;
     all.forEach((p, i) => {
