@@ -198,4 +198,30 @@ describe("pgshift maintain", () => {
     const refused = await runCli(["maintain", "by_hand", "--url", db.url]);
     expectRefusal(refused, "pgshift did not partition public.by_hand");
   });
+
+  it("refuses to move rows of DEFAULT when a foreign key references the table or a DELETE trigger fires", async () => {
+    const parts = async () => partitions("ledger");
+    await db.admin.unsafe(`
+      insert into public.ledger (id, created_at) select 40000 + i, now() from generate_series(1, 20) i;
+      create table public.ledger_refs (ledger_id bigint references public.ledger (id));`);
+    const before = await parts();
+    const inDefault = async () => Number((await db.admin`select count(*)::int as n from public.ledger_default`)[0]!.n);
+    const fk = await runCli(["maintain", "ledger", "--url", db.url]);
+    expectRefusal(fk, "foreign keys reference it", "ledger_refs");
+    expect(await parts()).toEqual(before);
+    expect(await inDefault()).toBe(20);
+
+    await db.admin.unsafe(`
+      drop table public.ledger_refs;
+      create function public.audit() returns trigger language plpgsql as $$ begin return old; end $$;
+      create trigger ledger_audit after delete on public.ledger for each row execute function public.audit();`);
+    const trg = await runCli(["maintain", "ledger", "--url", db.url]);
+    expectRefusal(trg, "row triggers on DELETE would fire", "ledger_audit");
+    expect(await inDefault()).toBe(20);
+
+    await db.admin.unsafe("drop trigger ledger_audit on public.ledger");
+    const ok = await maintain(db.sql, { schema: "public", name: "ledger" }, opts);
+    expect(ok.created.find((c) => c.name === "ledger_p40000")?.rowsMoved).toBe(20);
+    expect(await inDefault()).toBe(0);
+  });
 });
