@@ -143,6 +143,10 @@ async function planTable(sql: Sql, row: PartitionedTableRow, opts: MaintainOptio
     result.note = `${row.spec.strategy} partitioning: nothing to premake (${
       row.spec.strategy === "hash" ? "a hash partition set is complete" : "new values wait in DEFAULT"
     }), no retention by age`;
+  } else if (layout.twoLevel) {
+    result.note =
+      "two levels: maintain premakes no partition and moves no row yet (a new first-level partition needs its " +
+      "second level); retention applies";
   } else {
     const from = move ? await oldestInDefault(sql, layout, row.spec) : null;
     const all = await candidates(sql, layout, row.spec, { premake, now: opts.now ?? new Date(), from });
@@ -165,12 +169,12 @@ async function planTable(sql: Sql, row: PartitionedTableRow, opts: MaintainOptio
       result.created.push({ name: p.name, bound: p.bound, rowsMoved: n });
     });
     result.rowsLeftInDefault = counts.total - moved;
-    if (retention) {
-      const cut = await cutoff(sql, layout, row.spec, retention);
-      for (const p of expired(layout, cut)) {
-        planned.retention.push(...retentionSteps(layout, p, { keepTable, lockTimeoutMs }));
-        result.detached.push({ name: p.name, dropped: !keepTable });
-      }
+  }
+  if (retention) {
+    const cut = await cutoff(sql, layout, row.spec, retention);
+    for (const p of expired(layout, cut)) {
+      planned.retention.push(...retentionSteps(layout, p, { keepTable, lockTimeoutMs }));
+      result.detached.push({ name: p.name, dropped: !keepTable });
     }
   }
   const settings = settingsSql(table, {

@@ -25,9 +25,11 @@ export interface TableLayout {
   columnType: string;
   partitions: ExistingPartition[];
   defaultPartition: string | null;
+  /** Whether a first-level partition is itself partitioned (two levels): maintain then premakes nothing. */
+  twoLevel: boolean;
 }
 
-const PartRow = z.object({ name: z.string(), bound: z.string() });
+const PartRow = z.object({ name: z.string(), bound: z.string(), sub: z.boolean() });
 
 /**
  * The literals of a range bound `FOR VALUES FROM (a) TO (b)` as PostgreSQL prints it (pg_get_expr): the text of a
@@ -88,7 +90,7 @@ export async function readLayout(sql: AnySql, table: QualifiedName, spec: Partit
   const columnType = String(col[0]!.type);
   const rows = z.array(PartRow).parse(
     await sql`
-      select c.relname::text as name, pg_get_expr(c.relpartbound, c.oid) as bound
+      select c.relname::text as name, pg_get_expr(c.relpartbound, c.oid) as bound, c.relkind = 'p' as sub
         from pg_inherits i join pg_class c on c.oid = i.inhrelid
        where i.inhparent = to_regclass(${t}) order by 1`,
   );
@@ -96,14 +98,20 @@ export async function readLayout(sql: AnySql, table: QualifiedName, spec: Partit
   const flat = lits.flatMap((l) => (l ? [l.from, l.to] : []));
   const ords = await ordinals(sql, columnType, flat);
   let k = 0;
-  const partitions = rows.map((r, i): ExistingPartition => {
-    const isDefault = r.bound === "DEFAULT";
-    if (!lits[i]) return { ...r, isDefault, lo: null, hi: null };
+  const partitions = rows.map(({ name, bound }, i): ExistingPartition => {
+    const isDefault = bound === "DEFAULT";
+    if (!lits[i]) return { name, bound, isDefault, lo: null, hi: null };
     const lo = ords[k++]!;
     const hi = ords[k++]!;
-    return { ...r, isDefault, lo, hi };
+    return { name, bound, isDefault, lo, hi };
   });
-  return { table, columnType, partitions, defaultPartition: partitions.find((p) => p.isDefault)?.name ?? null };
+  return {
+    table,
+    columnType,
+    partitions,
+    defaultPartition: partitions.find((p) => p.isDefault)?.name ?? null,
+    twoLevel: rows.some((r) => r.sub),
+  };
 }
 
 /** Whether [lo, hi) overlaps any range partition of `layout` (null ends: unbounded). */

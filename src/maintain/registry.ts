@@ -50,7 +50,7 @@ export async function loadPartitioned(
     : [];
   if (rows.length === 0)
     throw new PgshiftError(`pgshift did not partition ${displayName(table)}: it has no finalized migration of it`, {
-      hint: "maintain keeps only the tables pgshift moved (pgshift start ... finalize); keep this one by hand",
+      hint: "maintain keeps the tables pgshift finalized (since schema version 7) only; keep this one by hand",
     });
   return parseRow(rows[0], table);
 }
