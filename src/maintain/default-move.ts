@@ -73,7 +73,8 @@ export async function requireMovable(sql: AnySql, layout: TableLayout): Promise<
 
 /**
  * Refuses to move rows out of DEFAULT when the application's row triggers on DELETE would fire for the move
- * (pg_trigger.tgtype bit 8: DELETE; clones of the table's triggers on DEFAULT, enabled, not internal): an audit
+ * (pg_trigger.tgtype bit 8: DELETE; the clones of the table's triggers on DEFAULT, enabled; before PostgreSQL 15 a
+ * clone is marked tgisinternal, with tgparentid set, unlike the foreign keys' internal triggers): an audit
  * trigger would record deletions that never happened.
  * @throws PgshiftError naming the triggers.
  */
@@ -81,7 +82,8 @@ export async function requireNoDeleteTriggers(sql: AnySql, layout: TableLayout):
   const d = quoteQualified({ schema: layout.table.schema, name: layout.defaultPartition! });
   const r = await sql`
     select tgname::text as name from pg_trigger
-     where tgrelid = to_regclass(${d}) and not tgisinternal and tgenabled <> 'D' and (tgtype & 8) <> 0
+     where tgrelid = to_regclass(${d}) and tgenabled <> 'D' and (tgtype & 8) <> 0
+       and (not tgisinternal or (tgparentid <> 0 and tgconstraint = 0))
        and (tgtype & 1) <> 0 order by 1`;
   if (r.length > 0)
     throw new PgshiftError(
