@@ -24,6 +24,13 @@ export { type EventName, on, type PgshiftEvents } from "./events.js";
 export { type Liveness, liveness, nextStepFor, type SessionInfo } from "./liveness.js";
 export { createLogger, log, setLogger } from "./log.js";
 export {
+  type MaintainOptions,
+  type MaintainResult,
+  maintain,
+  maintainAll,
+} from "./maintain/maintain.js";
+export { handOff } from "./maintain/partman.js";
+export {
   ALLOW_DDL_SETTING,
   DDL_GUARD_TRIGGER,
   DROP_GUARD_TRIGGER,

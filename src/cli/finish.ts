@@ -1,4 +1,4 @@
-import { Command } from "commander";
+import { Command, Option } from "commander";
 import { abort, abortPlan, finalize } from "../migration/finish.js";
 import { formatSteps } from "../plan/steps.js";
 import { addConnectionOption, addLockOptions, addObserveOptions, type ConnOpts, withTable } from "./common.js";
@@ -10,6 +10,7 @@ type Opts = ConnOpts & {
   terminateHoldersAfter?: number;
   yes?: boolean;
   dryRun?: boolean;
+  handOff?: string;
 };
 
 export function finalizeCommand(): Command {
@@ -17,7 +18,12 @@ export function finalizeCommand(): Command {
     .description("after cutover: drop the retired table, the mirror and the metadata (swap-back is then impossible)")
     .argument("<table>", "table under migration")
     .option("--yes", "confirm dropping the retired table")
-    .option("--dry-run", "print the plan (its statements, where each runs, the checks between); change nothing");
+    .option("--dry-run", "print the plan (its statements, where each runs, the checks between); change nothing")
+    .addOption(
+      new Option("--hand-off <extension>", "then register the table with pg_partman (see pgshift maintain)").choices([
+        "pg_partman",
+      ]),
+    );
   addLockOptions(cmd);
   addTerminateOption(cmd);
   addConnectionOption(cmd);
@@ -31,13 +37,15 @@ with BEGIN ATOMIC bodies, columns of its row type, foreign keys referencing it: 
 With --dry-run the same checks run before the statements are printed.
 
 Example:
-  pgshift verify orders && pgshift finalize orders --yes`,
+  pgshift verify orders && pgshift finalize orders --yes
+  pgshift finalize orders --yes --hand-off pg_partman   # then CALL partman.run_maintenance_proc() keeps it`,
   );
   cmd.action(async (tableArg: string, opts: Opts) => {
     const r = await withTable(tableArg, opts, (sql, table) =>
       finalize(sql, table, {
         yes: opts.yes,
         dryRun: opts.dryRun,
+        ...(opts.handOff === "pg_partman" ? { handOff: "pg_partman" as const } : {}),
         lockTimeoutMs: opts.lockTimeout,
         retries: opts.retries,
         terminateHoldersAfterMs: opts.terminateHoldersAfter ?? null,
@@ -45,7 +53,8 @@ Example:
     );
     if (opts.dryRun) return void process.stdout.write(formatSteps(r.steps));
     process.stdout.write(
-      `finalized: ${tableArg} is partitioned; the retired table, the mirror and the metadata are gone\n`,
+      `finalized: ${tableArg} is partitioned; the retired table, the mirror and the metadata are gone\n` +
+        (opts.handOff ? `handed off to pg_partman: CALL partman.run_maintenance_proc() keeps its partitions\n` : ""),
     );
   });
   return cmd;

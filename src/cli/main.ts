@@ -7,6 +7,7 @@ import { setCommandName } from "./common.js";
 import { cutoverCommand, swapBackCommand } from "./cutover.js";
 import { demoCommand } from "./demo.js";
 import { abortCommand, finalizeCommand } from "./finish.js";
+import { maintainCommand } from "./maintain.js";
 import { pauseCommand } from "./pause.js";
 import { planCommand } from "./plan.js";
 import { resumeCommand } from "./resume.js";
@@ -86,6 +87,7 @@ for (const c of [
   swapBackCommand(),
   finalizeCommand(),
   abortCommand(),
+  maintainCommand(),
   demoCommand(),
 ]) {
   program.addCommand(c.exitOverride().configureOutput({ outputError: () => {} }));

@@ -5,6 +5,8 @@ import { pendingRebuilds } from "../dependents/materialized-views.js";
 import { PgshiftError, sqlState } from "../errors.js";
 import { LockSite, lockedTransaction, runLocked } from "../locks/holders.js";
 import { log } from "../log.js";
+import { handOff, requireHandOff } from "../maintain/partman.js";
+import { recordSql } from "../maintain/registry.js";
 import { dropStreamSql } from "../mirror/logical.js";
 import { mirrorFor } from "../mirror/mirror.js";
 import { MIRROR_TRIGGER, removeTruncateGuardSql, TRUNCATE_TRIGGER } from "../mirror/trigger.js";
@@ -78,6 +80,8 @@ export function finalizeSql(m: Migration, identities: Map<string, IdentityState>
     );
   }
   out.push(...mirror.dropSql(m));
+  // What pgshift maintain keeps (schema version 7): the table and its spec.
+  out.push(recordSql(m));
   return out;
 }
 
@@ -160,6 +164,8 @@ export interface FinishOptions extends LockRetryOptions {
   yes?: boolean;
   /** finalize only: return the statements without running them. */
   dryRun?: boolean;
+  /** finalize only: then register the table with pg_partman (src/maintain/partman.ts). */
+  handOff?: "pg_partman";
 }
 
 const Dependent = z.object({ what: z.string() });
@@ -362,6 +368,7 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
     const lockTimeoutMs = opts.lockTimeoutMs ?? DEFAULT_LOCK_TIMEOUT_MS;
     const lockOpts = { table: displayName(table), command: "finalize", terminateAfterMs: opts.terminateHoldersAfterMs };
     const site = finishSite(m, "finalize", lockTimeoutMs, opts.terminateHoldersAfterMs);
+    if (opts.handOff) await requireHandOff(sql, table, m.spec);
     // A materialized view whose rebuild after cutover did not finish still reads the retired table: finish it first.
     const rebuilds = (await pendingRebuilds(sql, m, lockTimeoutMs)).flatMap((p) => p.steps);
     if (rebuilds.length > 0 && !opts.dryRun) await runSteps(sql, rebuilds, { lockRetry: { retries: opts.retries } });
@@ -371,6 +378,8 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
     const planned = await finalizeTransaction(sql, m, table, lockTimeoutMs, site);
     if (opts.dryRun) {
       const steps = [...rebuilds, ...stream, planned];
+      if (opts.handOff)
+        steps.push(check("then the hand-off to pg_partman: pgshift maintain <table> --hand-off pg_partman --dry-run"));
       return { statements: statementsOf(steps), steps };
     }
     await runLocked(sql, stream, { lockRetry: lockRetryOf(opts) });
@@ -392,7 +401,22 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
     );
     site.committed();
     log().info({ table: displayName(table) }, "finalized: retired table, mirror and metadata dropped");
-    const steps = [...rebuilds, ...stream, ran];
+    const steps: Step[] = [...rebuilds, ...stream, ran];
+    if (opts.handOff) {
+      const h = await handOff(sql, table, { lockTimeoutMs, retries: opts.retries }).catch((err: unknown) => {
+        const e = err instanceof PgshiftError ? err : null;
+        throw new PgshiftError(
+          `finalized ${displayName(table)}, but the hand-off to pg_partman failed: ${
+            e?.message ?? (err instanceof Error ? err.message : String(err))
+          }`,
+          {
+            hint: `${e?.hint ? `${e.hint}; ` : ""}then: pgshift maintain ${displayName(table)} --hand-off pg_partman`,
+            cause: err,
+          },
+        );
+      });
+      steps.push(...h.steps);
+    }
     return { statements: statementsOf(steps), steps };
   } finally {
     await unlockMigration(sql, table).catch(() => {});

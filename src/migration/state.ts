@@ -113,6 +113,27 @@ export const MigrationRowSchema = z.object({
 });
 export type MigrationRow = z.infer<typeof MigrationRowSchema>;
 
+/**
+ * One row of pgshift.partitioned_tables (schema version 7), validated when read back: a table pgshift partitioned
+ * and finalized, its spec, and the settings and last run of pgshift maintain (src/maintain/).
+ */
+export const PartitionedTableRowSchema = z.object({
+  table_schema: z.string(),
+  table_name: z.string(),
+  spec: PartitionSpecSchema,
+  /** Partitions kept ahead of now and of the newest row (count). */
+  premake: z.coerce.number().int().min(0),
+  /** Retention: an interval (time ranges, e.g. `24 months`) or a key distance (integer ranges); null: keep all. */
+  retention: z.string().nullable(),
+  retention_keep_table: z.boolean(),
+  /** `pg_partman` once handed off (then pg_partman's run_maintenance keeps the partitions, not pgshift). */
+  hand_off: z.string().nullable(),
+  finalized_at: z.date(),
+  last_maintained_at: z.date().nullable(),
+  last_result: z.unknown().nullable(),
+});
+export type PartitionedTableRow = z.infer<typeof PartitionedTableRowSchema>;
+
 /** A migration row with its tables named for the current phase (either mode: see Migration). */
 export interface MigrationBase extends MigrationRow {
   /** The table the application writes to: always the original name. */
@@ -172,12 +193,13 @@ export function isStreaming(m: Migration): m is StreamingMigration {
  * updates without ever overwriting (an older one upserts, and overwrites a row of the retired table when the
  * application reuses its key with another partition value); 6: the pace columns of pgshift.migrations (paused_*,
  * throttle_*, batch_rows, batch_target_ms, last_batch_ms: pgshift pause and resume, the throttle's reason, the
- * batch size in use). Each version's change is a numbered file,
+ * batch size in use); 7: pgshift.partitioned_tables (what maintain keeps of each table pgshift partitioned, written at
+ * finalize). Each version's change is a numbered file,
  * src/sql/schema/00000N.sql (schemaFile). A database at an older version is upgraded by the first
  * command that writes state (requireSchemaVersion; plan, status and dry runs read it as it is); one at a newer
  * version is refused by every command, so that no pgshift acts on state it does not understand.
  */
-export const SCHEMA_VERSION = 6;
+export const SCHEMA_VERSION = 7;
 
 /**
  * The file that brings the pgshift schema from `version - 1` to `version` (src/sql/schema/000001.sql creates
