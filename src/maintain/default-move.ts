@@ -33,7 +33,7 @@
  * after it: the old DEFAULT and the empty staging table), then plans again from what DEFAULT holds.
  */
 import type { AnySql, Sql } from "../db.js";
-import { PgshiftError } from "../errors.js";
+import { PgshiftError, sqlState } from "../errors.js";
 import { emit } from "../events.js";
 import { LockSite, lockedTransaction } from "../locks/holders.js";
 import { log } from "../log.js";
@@ -299,7 +299,9 @@ export function planMove(sql: Sql, t: MoveTable, parts: readonly NewPartition[],
           const c = await tx.unsafe(copySql(lower), [...values, ...hi], { prepare: true });
           return { hi, keys: Number(hiRow.n), read: Number(c[0]?.read ?? 0) };
         },
-        { retries: 50 },
+        // A row that a concurrent UPDATE moved to another partition while the batch locked it: 40001
+        // ("tuple to be locked was already moved to another partition"); the batch runs again.
+        { retries: 50, retryOn: (err) => sqlState(err) === "40001" },
       );
       if (!r) break;
       const ms = performance.now() - t0;
