@@ -146,6 +146,29 @@ export interface MoveTable {
   columns: string[];
   /** The table's unique key (its primary key): ON CONFLICT arbiter, batch order, the mirror's row identity. */
   key: string[];
+  /** The table's own foreign keys (name, pg_get_constraintdef, referenced table). */
+  foreignKeys: ForeignKey[];
+}
+
+/** A foreign key of the table: its name, its definition as pg_get_constraintdef prints it, the table it references. */
+export interface ForeignKey {
+  name: string;
+  definition: string;
+  references: QualifiedName;
+}
+
+/** The foreign keys of `table` itself (not those inherited from a parent). */
+export async function foreignKeysOf(sql: AnySql, table: QualifiedName): Promise<ForeignKey[]> {
+  const r = await sql`
+    select c.conname::text as name, pg_get_constraintdef(c.oid) as def, n.nspname::text as s, r.relname::text as t
+      from pg_constraint c join pg_class r on r.oid = c.confrelid join pg_namespace n on n.oid = r.relnamespace
+     where c.contype = 'f' and c.conrelid = to_regclass(${quoteQualified(table)}) and c.conparentid = 0
+     order by 1`;
+  return r.map((x) => ({
+    name: String(x.name),
+    definition: String(x.def),
+    references: { schema: String(x.s), name: String(x.t) },
+  }));
 }
 
 /**
@@ -218,7 +241,19 @@ export function planMove(sql: Sql, t: MoveTable, parts: readonly NewPartition[],
     lockTimeoutMs: opts.lockTimeoutMs,
     terminateAfterMs: opts.terminateAfterMs ?? null,
   });
-  const setup = lockedTransaction(
+  const targets = (p: QualifiedName[]) => p.map((t) => ({ table: t, mode: "SHARE ROW EXCLUSIVE" as const }));
+  const refs = [...new Map(t.foreignKeys.map((f) => [quoteQualified(f.references), f.references])).values()];
+  const refSite =
+    refs.length > 0
+      ? new LockSite(targets(refs), {
+          table: shown,
+          command: "maintain: foreign keys of the new partitions",
+          lockTimeoutMs: opts.lockTimeoutMs,
+          terminateAfterMs: opts.terminateAfterMs ?? null,
+        })
+      : null;
+  const tables = [...parts.map((p) => ({ schema: table.schema, name: p.name })), names.newDefault];
+  const create = lockedTransaction(
     [
       statement(
         `CREATE TABLE ${staging} (LIKE ${parent} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES ` +
@@ -227,10 +262,34 @@ export function planMove(sql: Sql, t: MoveTable, parts: readonly NewPartition[],
       ...parts.flatMap((p) => [
         statement(likeParentSql(table, { schema: table.schema, name: p.name })),
         statement(boundCheckSql(layout, spec, p)),
-        statement(`ALTER TABLE ${staging} ATTACH PARTITION ${child(p)} ${p.bound}`),
       ]),
       statement(likeParentSql(table, names.newDefault)),
+      // The table's foreign keys on each new table while it is empty (validated at once): ATTACH then adopts them
+      // instead of validating them on the moved rows under the switch's lock. ADD FOREIGN KEY takes SHARE ROW
+      // EXCLUSIVE on the referenced table ("ALTER TABLE"), looked at before and requested as every lock.
+      ...(refSite
+        ? [
+            ...refSite.steps(
+              statement(`LOCK TABLE ${refs.map(quoteQualified).join(", ")} IN SHARE ROW EXCLUSIVE MODE`),
+            ),
+            ...tables.flatMap((x) =>
+              t.foreignKeys.map((f) =>
+                statement(`ALTER TABLE ${quoteQualified(x)} ADD CONSTRAINT ${quoteIdent(f.name)} ${f.definition}`),
+              ),
+            ),
+          ]
+        : []),
+      ...parts.map((p) => statement(`ALTER TABLE ${staging} ATTACH PARTITION ${child(p)} ${p.bound}`)),
       statement(`ALTER TABLE ${staging} ATTACH PARTITION ${newDefault} DEFAULT`),
+    ],
+    {
+      lockTimeoutMs: opts.lockTimeoutMs,
+      why: `the staging table ${names.staging.name}: the new partitions and a new default`,
+    },
+    refSite ? [refSite] : [],
+  );
+  const mirror = lockedTransaction(
+    [
       statement(
         mirrorFunctionSql({
           fn: names.fn,
@@ -247,10 +306,7 @@ export function planMove(sql: Sql, t: MoveTable, parts: readonly NewPartition[],
           `EXECUTE FUNCTION ${quoteQualified(names.fn)}()`,
       ),
     ],
-    {
-      lockTimeoutMs: opts.lockTimeoutMs,
-      why: `the staging table ${names.staging.name} (the new partitions, a new default) and the mirror of DEFAULT`,
-    },
+    { lockTimeoutMs: opts.lockTimeoutMs, why: "the mirror: each write to DEFAULT applied to the staging table" },
     [setupSite],
   );
 
@@ -281,6 +337,7 @@ export function planMove(sql: Sql, t: MoveTable, parts: readonly NewPartition[],
   const maxRows = opts.batchSize ?? 5000;
   const sizer = new BatchSizer({ targetMs: opts.batchTimeMs ?? 50, maxRows, startRows: Math.min(maxRows, 500) });
   const copy = async () => {
+    const started = performance.now();
     let checkpoint: string[] | null = null;
     for (;;) {
       const n = sizer.rows;
@@ -316,7 +373,7 @@ export function planMove(sql: Sql, t: MoveTable, parts: readonly NewPartition[],
         batchRows: n,
         rowsCopied: run.rowsCopied,
         rowsEstimated: run.rowsCopied,
-        rate: 0,
+        rate: (run.rowsCopied * 1000) / Math.max(1, performance.now() - started),
         etaSeconds: null,
       });
       if (r.keys < n) break;
@@ -382,7 +439,7 @@ export function planMove(sql: Sql, t: MoveTable, parts: readonly NewPartition[],
 
   // 4. after COMMIT
   const after = dropSteps(names, opts.lockTimeoutMs);
-  return { steps: [setup, copyBlock, switchTx, ...after], run };
+  return { steps: [create, mirror, copyBlock, switchTx, ...after], run };
 }
 
 /** The drops after the switch (or after a crash): the old DEFAULT, the staging table, the trigger function. */

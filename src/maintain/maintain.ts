@@ -15,6 +15,7 @@ import { check, type Step, statement, statementsOf, type TransactionStep } from 
 import {
   boundCheckName,
   boundCheckSql,
+  foreignKeysOf,
   leftoverSteps,
   likeParentSql,
   type MoveRun,
@@ -185,7 +186,8 @@ async function planTable(sql: Sql, row: PartitionedTableRow, opts: MaintainOptio
       await requireMovable(sql, layout);
       const columns = await plainColumns(sql, table);
       const key = await primaryKey(sql, table);
-      const mp = planMove(sql, { layout, spec: row.spec, columns, key }, parts, {
+      const foreignKeys = await foreignKeysOf(sql, table);
+      const mp = planMove(sql, { layout, spec: row.spec, columns, key, foreignKeys }, parts, {
         ...locks,
         batchTimeMs: opts.batchTimeMs,
         batchSize: opts.batchSize,

@@ -47,7 +47,7 @@ function recorder() {
   };
 }
 
-/** Inserts `n` rows dated from `months` months ahead (a minute apart) into the table and, in one statement, the twin. */
+/** Inserts `n` rows from `months` months ahead (a minute apart) into the table and, in one statement, the twin. */
 async function insertAhead(months: number, n: number): Promise<void> {
   await db.admin.unsafe(`
     with ins as (
@@ -171,6 +171,12 @@ describe("pgshift maintain: the move out of DEFAULT, online", () => {
     expect((await backfill(db.sql, w.table, { batchSize: 2000 })).complete).toBe(true);
     await cutover(db.sql, w.table, opts);
     await finalize(db.sql, w.table, { yes: true, ...opts });
+    // A foreign key of the table's own: the new partitions get it before the switch (ATTACH adopts it, no
+    // validation of the moved rows under the lock).
+    await db.admin.unsafe(`
+      create table public.regions (code text primary key);
+      insert into public.regions values ('emea'), ('amer'), ('apac'), ('latam');
+      alter table public.events add constraint events_region_fkey foreign key (region) references public.regions`);
     await insertAhead(5, 8000);
     await insertAhead(6, 6000);
     await insertAhead(7, 6000);
@@ -224,6 +230,13 @@ describe("pgshift maintain: the move out of DEFAULT, online", () => {
                                  where created_at >= date_trunc('month', now()) + interval '5 months'`;
     expect(late[0]!.n).toBe(0);
     expect(await leftovers()).toEqual([]);
+    // Every partition has the foreign key once, as the table's (attached to it).
+    const fks = await db.admin`
+      select c.relname::text as p, count(k.oid)::int as n, bool_and(k.conparentid <> 0) as attached
+        from pg_inherits i join pg_class c on c.oid = i.inhrelid
+        left join pg_constraint k on k.conrelid = c.oid and k.contype = 'f'
+       where i.inhparent = 'public.events'::regclass group by 1`;
+    for (const f of fks) expect(f, f.p).toMatchObject({ n: 1, attached: true });
     // The rows the load sent to DEFAULT meanwhile (dates before the first partition) get theirs now; then a run
     // changes nothing.
     await maintain(db.sql, w.table, opts);
@@ -246,8 +259,7 @@ describe("pgshift maintain: the move out of DEFAULT, online", () => {
       for (let i = 0; i < 300 && copied < 2000; i++) {
         await sleep(50);
         const s = await db.admin`select to_regclass('public.events_pgshift_move') is not null as s`;
-        if (s[0]!.s)
-          copied = Number((await db.admin`select count(*)::int as n from public.events_pgshift_move`)[0]!.n);
+        if (s[0]!.s) copied = Number((await db.admin`select count(*)::int as n from public.events_pgshift_move`)[0]!.n);
       }
       run.child.kill("SIGKILL");
       await run.exited;
