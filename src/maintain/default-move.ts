@@ -28,9 +28,11 @@
  *    table (and on a default partition, when there is one).
  * 4. after COMMIT: the old DEFAULT, the staging table and the trigger function dropped.
  *
- * Crash safety: the objects are named after the table; maintain run again finds what a crash left (leftoverSteps)
- * and removes it before anything else (before the switch: the trigger, the staging table with its partitions;
- * after it: the old DEFAULT and the empty staging table), then plans again from what DEFAULT holds.
+ * Crash safety: the objects are named after the table; maintain run again finds what a crash left. A move stopped
+ * after its mirror was in place and before its switch committed (killed during the copy, or its switch never got
+ * its lock) resumes (stagedMove: the copy again, ON CONFLICT DO NOTHING skipping what was copied, then the switch).
+ * Anything else (a staging table without its mirror, the old DEFAULT and the empty staging table after a switch,
+ * the function) is removed before anything else (leftoverSteps), then maintain plans from what DEFAULT holds.
  */
 import type { AnySql, Sql } from "../db.js";
 import { PgshiftError, sqlState } from "../errors.js";
@@ -43,7 +45,7 @@ import { BatchSizer } from "../pace/batch-size.js";
 import type { PartitionSpec } from "../partitioning/spec.js";
 import { block, runTransaction, type Step, statement, type TransactionStep, transactionStep } from "../plan/steps.js";
 import { columnList, rowCompare } from "../sql/statement.js";
-import type { TableLayout } from "./partitions.js";
+import { ordinals, rangeLiterals, type TableLayout } from "./partitions.js";
 import type { NewPartition } from "./premake.js";
 
 /** The oldest row of DEFAULT (its partition column as text, finite values only), or null when none is. */
@@ -197,6 +199,8 @@ export interface MoveOptions {
   batchTimeMs?: number;
   /** Rows per copy batch at most (default 5000). */
   batchSize?: number;
+  /** Resume a move whose staging table and mirror are in place (stagedMove): the copy and the switch only. */
+  resume?: boolean;
 }
 
 /** A batch's lock_timeout: it gives way (rolls back, runs again) rather than queue behind a writer for longer. */
@@ -439,7 +443,10 @@ export function planMove(sql: Sql, t: MoveTable, parts: readonly NewPartition[],
 
   // 4. after COMMIT
   const after = dropSteps(names, opts.lockTimeoutMs);
-  return { steps: [create, mirror, copyBlock, switchTx, ...after], run };
+  return {
+    steps: opts.resume ? [copyBlock, switchTx, ...after] : [create, mirror, copyBlock, switchTx, ...after],
+    run,
+  };
 }
 
 /** The drops after the switch (or after a crash): the old DEFAULT, the staging table, the trigger function. */
@@ -454,6 +461,41 @@ function dropSteps(names: ReturnType<typeof moveNames>, lockTimeoutMs: number): 
       { lockTimeoutMs, why: "after the switch: the old DEFAULT, the staging table, the mirror's function dropped" },
     ),
   ];
+}
+
+/**
+ * The partitions of a move interrupted before its switch whose staging table and mirror are whole (the trigger on
+ * DEFAULT, the staging table with its new default): that move can resume with its copy (every row the staging
+ * table holds has been kept equal to DEFAULT's by the mirror since it was copied; the copy's ON CONFLICT DO NOTHING
+ * skips them). Null when there is no such move.
+ */
+export async function stagedMove(sql: AnySql, layout: TableLayout): Promise<NewPartition[] | null> {
+  if (!layout.defaultPartition) return null;
+  const names = moveNames(layout.table);
+  const def = quoteQualified({ schema: layout.table.schema, name: layout.defaultPartition });
+  const r = await sql`
+    select c.relname::text as name, pg_get_expr(c.relpartbound, c.oid) as bound
+      from pg_inherits i join pg_class c on c.oid = i.inhrelid
+     where i.inhparent = to_regclass(${quoteQualified(names.staging)})
+       and exists (select from pg_trigger where tgrelid = to_regclass(${def}) and tgname = ${names.trigger})
+     order by 1`;
+  const parts = r.filter((x) => x.bound !== "DEFAULT");
+  if (parts.length === 0 || !r.some((x) => x.bound === "DEFAULT" && x.name === names.newDefault.name)) return null;
+  const lits = parts.map((x) => rangeLiterals(String(x.bound)));
+  if (lits.some((l) => l === null)) return null;
+  const ords = await ordinals(
+    sql,
+    layout.columnType,
+    lits.flatMap((l) => [l!.from, l!.to]),
+  );
+  return parts.map((x, i) => ({
+    name: String(x.name),
+    bound: String(x.bound),
+    from: lits[i]!.from,
+    to: lits[i]!.to,
+    lo: ords[2 * i]!,
+    hi: ords[2 * i + 1]!,
+  }));
 }
 
 /**

@@ -24,6 +24,7 @@ import {
   primaryKey,
   requireMovable,
   rowsInDefault,
+  stagedMove,
 } from "./default-move.js";
 import { readLayout, type TableLayout } from "./partitions.js";
 import { candidates, type NewPartition, premakes, topOf } from "./premake.js";
@@ -83,6 +84,8 @@ interface Planned {
   /** The partitions' creation: the online move's steps, or one transaction per premade partition. */
   creates: Step[];
   move: MoveRun | null;
+  /** Whether the plan resumes an interrupted move (and only that: maintain then plans again). */
+  resumed: boolean;
   retention: Step[];
   settings: Step[];
 }
@@ -147,15 +150,44 @@ async function planTable(sql: Sql, row: PartitionedTableRow, opts: MaintainOptio
     statements: [],
     steps: [],
   };
+  const staged = move && premakes(row.spec) && !layout.twoLevel ? await stagedMove(sql, layout) : null;
   const planned: Planned = {
     layout,
     result,
-    leftovers: await leftoverSteps(sql, layout, locks),
+    leftovers: staged ? [] : await leftoverSteps(sql, layout, locks),
     creates: [],
     move: null,
+    resumed: false,
     retention: [],
     settings: [],
   };
+  if (staged) {
+    // A move interrupted before its switch, whole: its copy runs again, then the switch; then the plan again.
+    const counts = await rowsInDefault(sql, layout, row.spec, staged);
+    result.created = staged.map((p, i) => ({ name: p.name, bound: p.bound, rowsMoved: counts.per[i] ?? 0 }));
+    result.rowsLeftInDefault = counts.total - counts.per.reduce((a, b) => a + b, 0);
+    const mp = planMove(
+      sql,
+      {
+        layout,
+        spec: row.spec,
+        columns: await plainColumns(sql, table),
+        key: await primaryKey(sql, table),
+        foreignKeys: [],
+      },
+      staged,
+      { ...locks, batchTimeMs: opts.batchTimeMs, batchSize: opts.batchSize, resume: true },
+    );
+    planned.creates = mp.steps;
+    planned.move = mp.run;
+    planned.resumed = true;
+    result.steps = [
+      check(`maintain ${displayName(table)}: resume the move of DEFAULT's rows interrupted before its switch`),
+      ...planned.creates,
+      check("then maintain plans again, from the partitions the switch leaves (premake, moves, retention)"),
+    ];
+    return planned;
+  }
   if (!premakes(row.spec)) {
     result.note = `${row.spec.strategy} partitioning: nothing to premake (${
       row.spec.strategy === "hash" ? "a hash partition set is complete" : "new values wait in DEFAULT"
@@ -246,6 +278,7 @@ export async function maintain(sql: Sql, table: QualifiedName, opts: MaintainOpt
   try {
     const lockRetry = opts.retries !== undefined ? { retries: opts.retries } : {};
     let p = await planTable(sql, row, opts);
+    let premakeOnly = p.move === null;
     const ran: Step[] = [p.result.steps[0]!];
     const runPart = async (steps: Step[]) => {
       for (const s of steps) {
@@ -253,13 +286,23 @@ export async function maintain(sql: Sql, table: QualifiedName, opts: MaintainOpt
         ran.push(s);
       }
     };
+    if (p.resumed) {
+      await runPart(p.creates);
+      log().info({ table: displayName(table), ...p.move }, "maintain: an interrupted move of DEFAULT's rows resumed");
+      const resumed = p;
+      p = await planTable(sql, row, opts);
+      ran.push(p.result.steps[0]!);
+      p.result.created.unshift(...resumed.result.created);
+      premakeOnly = p.move === null;
+      p.move = p.move ? mergeRuns(resumed.move!, p.move) : resumed.move;
+    }
     await runPart(p.leftovers);
     try {
       await runPart(p.creates);
     } catch (err) {
       // Rows of a premade partition's bound reached DEFAULT after the plan: ATTACH refused; plan again (the
       // partitions attached so far are not planned again), and move them.
-      if (sqlState(err) !== "23514" || p.move !== null || opts.move === false) throw err;
+      if (sqlState(err) !== "23514" || !premakeOnly || opts.move === false) throw err;
       const done = new Set(ran.flatMap((s) => (s.kind === "transaction" && s.why ? [s.why] : [])));
       const created = p.result.created.filter((c) => done.has(`premake ${c.name}`));
       p = await planTable(sql, row, opts);
@@ -281,6 +324,21 @@ export async function maintain(sql: Sql, table: QualifiedName, opts: MaintainOpt
   } finally {
     await unlockMigration(sql, table).catch(() => {});
   }
+}
+
+/** Two moves' counters as one: rows and batches added, the longer time writes were blocked. */
+function mergeRuns(a: MoveRun, b: MoveRun): MoveRun {
+  return {
+    get rowsCopied() {
+      return a.rowsCopied + b.rowsCopied;
+    },
+    get batches() {
+      return a.batches + b.batches;
+    },
+    get blockedMs() {
+      return Math.max(a.blockedMs, b.blockedMs);
+    },
+  };
 }
 
 /** Maintains every table pgshift partitioned in this database (maintain, in name order). */
