@@ -6,6 +6,7 @@ import { handOff } from "../maintain/partman.js";
 import { parseTableName } from "../names.js";
 import { formatSteps, type Step } from "../plan/steps.js";
 import { addConnectionOption, addLockOptions, type ConnOpts, intOption, printJson } from "./common.js";
+import { addTerminateOption } from "./cutover.js";
 
 type Opts = ConnOpts & {
   all?: boolean;
@@ -13,7 +14,9 @@ type Opts = ConnOpts & {
   retention?: string;
   retentionKeepTable?: boolean;
   move: boolean;
-  maxMoveRows: number;
+  batchTimeMs: number;
+  batchSize: number;
+  terminateHoldersAfter?: number;
   handOff?: string;
   dryRun?: boolean;
   json?: boolean;
@@ -32,9 +35,12 @@ function describe(r: MaintainResult, dryRun: boolean): string {
   const would = dryRun ? "would " : "";
   const lines: string[] = [];
   const moved = r.created.reduce((n, c) => n + c.rowsMoved, 0);
+  const blocked = r.move
+    ? ` (online: ${r.move.batches} batch(es), writes blocked ${r.move.blockedMs.toFixed(1)} ms)`
+    : "";
   lines.push(
     `${r.table} (${r.spec}): ${would}create ${r.created.length} partition(s)` +
-      `${moved ? `, ${would}move ${moved} row(s) out of DEFAULT` : ""}, ${would}detach ${r.detached.length}` +
+      `${moved ? `, ${would}move ${moved} row(s) out of DEFAULT${blocked}` : ""}, ${would}detach ${r.detached.length}` +
       `${r.detached.some((d) => d.dropped) ? " and drop them" : r.detached.length ? " (kept as tables)" : ""}` +
       `${r.rowsLeftInDefault ? `; ${r.rowsLeftInDefault} row(s) left in DEFAULT` : ""}`,
   );
@@ -63,11 +69,12 @@ export function maintainCommand(): Command {
     .option("--retention-keep-table", "keep the detached partitions as tables instead of dropping them (saved)")
     .option("--no-move", "leave the rows of DEFAULT where they are")
     .option(
-      "--max-move-rows <n>",
-      "rows moved into one new partition at most (under a lock)",
-      intOption("--max-move-rows", 1),
-      100000,
+      "--batch-time-ms <ms>",
+      "the move's copy: target duration of one batch (the time a batch holds its rows of DEFAULT locked)",
+      intOption("--batch-time-ms", 1),
+      50,
     )
+    .option("--batch-size <rows>", "the move's copy: rows per batch at most", intOption("--batch-size", 1), 5000)
     .option(
       "--hand-off <extension>",
       "register the table with pg_partman instead (its run_maintenance keeps it)",
@@ -76,14 +83,18 @@ export function maintainCommand(): Command {
     .option("--dry-run", "print the plan (its statements, where each runs, the checks between); change nothing")
     .option("--json", "print what it did as JSON");
   addLockOptions(cmd);
+  addTerminateOption(cmd);
   addConnectionOption(cmd);
   cmd.addHelpText(
     "after",
     `
 Time ranges premake by their interval, integer ranges by their width; list and hash have nothing to premake.
-Rows waiting in DEFAULT move into the new partition of their bound in the transaction that attaches it (the table
-locked with --lock-timeout, retried), at most --max-move-rows per partition. Retention detaches (CONCURRENTLY
-when there is no DEFAULT partition), then drops unless --retention-keep-table. A second run changes nothing.
+Rows waiting in DEFAULT move online into new partitions of their bound: copied in batches into a staging table
+(its partitions are the new partitions) while a trigger on DEFAULT mirrors every write, then one short
+transaction detaches DEFAULT and attaches the new partitions and a new DEFAULT (catalog changes only: writes are
+blocked for milliseconds, whatever the rows moved). Every lock is looked at before and requested with
+--lock-timeout, retried. Retention detaches (CONCURRENTLY when there is no DEFAULT partition), then drops unless
+--retention-keep-table. A second run changes nothing; a run after a crash removes what the move left first.
 
 Examples:
   pgshift maintain orders --premake 3 --retention '24 months'
@@ -103,7 +114,9 @@ Cron, every hour:
       retention: opts.retention,
       retentionKeepTable: opts.retentionKeepTable,
       move: opts.move,
-      maxMoveRows: opts.maxMoveRows,
+      batchTimeMs: opts.batchTimeMs,
+      batchSize: opts.batchSize,
+      terminateAfterMs: opts.terminateHoldersAfter ?? null,
       dryRun: opts.dryRun,
       lockTimeoutMs: opts.lockTimeout,
       retries: opts.retries,

@@ -12,9 +12,10 @@
  */
 import type { AnySql } from "../db.js";
 import { PgshiftError } from "../errors.js";
-import { quoteIdent, quoteQualified } from "../names.js";
+import { LockSite, lockedTransaction } from "../locks/holders.js";
+import { displayName, quoteIdent, quoteQualified } from "../names.js";
 import type { PartitionSpec } from "../partitioning/spec.js";
-import { type Step, statement, transactionStep } from "../plan/steps.js";
+import { type Step, statement } from "../plan/steps.js";
 import type { ExistingPartition, TableLayout } from "./partitions.js";
 
 /**
@@ -66,30 +67,47 @@ export function expired(layout: TableLayout, cut: bigint | null): ExistingPartit
 export function retentionSteps(
   layout: TableLayout,
   p: ExistingPartition,
-  opts: { keepTable: boolean; lockTimeoutMs: number },
+  opts: { keepTable: boolean; lockTimeoutMs: number; terminateAfterMs?: number | null },
 ): Step[] {
   const parent = quoteQualified(layout.table);
-  const child = quoteQualified({ schema: layout.table.schema, name: p.name });
-  const steps: Step[] = layout.defaultPartition
-    ? [
-        transactionStep([statement(`ALTER TABLE ${parent} DETACH PARTITION ${child}`)], {
+  const table = { schema: layout.table.schema, name: p.name };
+  const child = quoteQualified(table);
+  const site = (what: string, target: typeof table) =>
+    new LockSite([{ table: target, mode: "ACCESS EXCLUSIVE" }], {
+      table: displayName(layout.table),
+      command: `maintain: retention ${what}`,
+      lockTimeoutMs: opts.lockTimeoutMs,
+      terminateAfterMs: opts.terminateAfterMs ?? null,
+    });
+  const steps: Step[] = [];
+  if (layout.defaultPartition) {
+    const s = site("detach", layout.table);
+    steps.push(
+      lockedTransaction(
+        [
+          ...s.steps(statement(`LOCK TABLE ONLY ${parent}, ${child} IN ACCESS EXCLUSIVE MODE`)),
+          statement(`ALTER TABLE ${parent} DETACH PARTITION ${child}`),
+        ],
+        {
           lockTimeoutMs: opts.lockTimeoutMs,
           why: `retention: detach ${p.name} (a DEFAULT partition exists: PostgreSQL refuses CONCURRENTLY)`,
-        }),
-      ]
-    : [
-        statement(
-          `ALTER TABLE ${parent} DETACH PARTITION ${child} CONCURRENTLY`,
-          "concurrently",
-          `retention: ${p.name}`,
-        ),
-      ];
-  if (!opts.keepTable)
-    steps.push(
-      transactionStep([statement(`DROP TABLE ${child}`)], {
-        lockTimeoutMs: opts.lockTimeoutMs,
-        why: `retention: drop the detached ${p.name}`,
-      }),
+        },
+        [s],
+      ),
     );
+  } else
+    steps.push(
+      statement(`ALTER TABLE ${parent} DETACH PARTITION ${child} CONCURRENTLY`, "concurrently", `retention: ${p.name}`),
+    );
+  if (!opts.keepTable) {
+    const s = site("drop", table);
+    steps.push(
+      lockedTransaction(
+        [...s.steps(statement(`LOCK TABLE ${child} IN ACCESS EXCLUSIVE MODE`)), statement(`DROP TABLE ${child}`)],
+        { lockTimeoutMs: opts.lockTimeoutMs, why: `retention: drop the detached ${p.name}` },
+        [s],
+      ),
+    );
+  }
   return steps;
 }
