@@ -149,7 +149,7 @@ export interface PredictInputs {
  *   as the source has it;
  * - indexes: the key index from the key's width at 90 % leaf fill (or the source's), the deferred ones as the
  *   source's, plus a page per index per partition;
- * - WAL: a heap insert record per row (tuple + 40 bytes) and a btree insert per row (key + 48), a Heap/LOCK
+ * - WAL: a heap insert record per row (tuple + 40 bytes) and a btree insert per row (index tuple + 40), a Heap/LOCK
  *   record per row and a full-page image per source page when rows are locked, TOAST and the index builds
  *   (CREATE INDEX writes the whole index to WAL);
  * - time: PREDICT_RATES.
