@@ -2,19 +2,29 @@
 import { Command, CommanderError } from "commander";
 import { explain, isConnectionLoss } from "../errors.js";
 import { endObservation } from "../observe/session.js";
-import { backfillCommand } from "./backfill.js";
 import { setCommandName } from "./common.js";
-import { cutoverCommand, swapBackCommand } from "./cutover.js";
-import { demoCommand } from "./demo.js";
-import { abortCommand, finalizeCommand } from "./finish.js";
-import { maintainCommand } from "./maintain.js";
-import { pauseCommand } from "./pause.js";
-import { planCommand } from "./plan.js";
-import { resumeCommand } from "./resume.js";
-import { startCommand } from "./start.js";
-import { statusCommand } from "./status.js";
-import { syncCommand } from "./sync.js";
-import { verifyCommand } from "./verify.js";
+
+/**
+ * The commands, in the order `pgshift --help` lists them, each loaded only when it is needed: a command's module
+ * brings what it runs (the copy, verify, the stream of logical mode, the status display), and loading every one
+ * of them for each run cost a few hundred ms (docs/benchmarks.md, "overhead per run").
+ */
+const COMMANDS: Record<string, () => Promise<Command>> = {
+  plan: async () => (await import("./plan.js")).planCommand(),
+  start: async () => (await import("./start.js")).startCommand(),
+  backfill: async () => (await import("./backfill.js")).backfillCommand(),
+  sync: async () => (await import("./sync.js")).syncCommand(),
+  status: async () => (await import("./status.js")).statusCommand(),
+  verify: async () => (await import("./verify.js")).verifyCommand(),
+  pause: async () => (await import("./pause.js")).pauseCommand(),
+  resume: async () => (await import("./resume.js")).resumeCommand(),
+  cutover: async () => (await import("./cutover.js")).cutoverCommand(),
+  "swap-back": async () => (await import("./cutover.js")).swapBackCommand(),
+  finalize: async () => (await import("./finish.js")).finalizeCommand(),
+  abort: async () => (await import("./finish.js")).abortCommand(),
+  maintain: async () => (await import("./maintain.js")).maintainCommand(),
+  demo: async () => (await import("./demo.js")).demoCommand(),
+};
 
 // A reader that went away (`pgshift plan ... | head -1`): what is left to print is dropped, and the command
 // ends as it would have (a step that changes the database is not cut short because nobody reads its output).
@@ -74,22 +84,16 @@ Connection: --url, else DATABASE_URL, completed as psql would: PGSERVICE, PGHOST
 Exit codes: 0 ok, 1 verify found differences, 2 error (nothing changed), 130 interrupted.`,
   );
 
-for (const c of [
-  planCommand(),
-  startCommand(),
-  backfillCommand(),
-  syncCommand(),
-  statusCommand(),
-  verifyCommand(),
-  pauseCommand(),
-  resumeCommand(),
-  cutoverCommand(),
-  swapBackCommand(),
-  finalizeCommand(),
-  abortCommand(),
-  maintainCommand(),
-  demoCommand(),
-]) {
+// The command named first (`pgshift backfill orders ...`) is the only one loaded, and none for --version;
+// anything else (no command, --help, `help`, a misspelt command that commander suggests a name for) loads them all.
+const named = process.argv[2];
+const wanted =
+  named === "--version" || named === "-V"
+    ? []
+    : named !== undefined && Object.hasOwn(COMMANDS, named)
+      ? [COMMANDS[named]!]
+      : Object.values(COMMANDS);
+for (const c of await Promise.all(wanted.map((load) => load()))) {
   program.addCommand(c.exitOverride().configureOutput({ outputError: () => {} }));
 }
 

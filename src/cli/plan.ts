@@ -1,13 +1,22 @@
 import { Command, Option } from "commander";
 import type { TableFacts } from "../catalog/inspect.js";
 import { describeWidenedKey } from "../migration/keys.js";
-import { type MigrationPlan, planMigration } from "../migration/plan.js";
+import { type MigrationPlan, planMigration, predictPlan } from "../migration/plan.js";
 import { logicalNames } from "../migration/state.js";
 import { displayName } from "../names.js";
 import { flattenPartitions, type PartitionDef } from "../partitioning/bounds.js";
 import { formatPartitionSpec, formatSpecs, parseSpecs } from "../partitioning/spec.js";
+import { DEFAULT_SAMPLE_ROWS, type Prediction } from "../plan/predict.js";
 import { check, formatSteps, type Step, transactionStep } from "../plan/steps.js";
-import { addConnectionOption, type ConnOpts, formatBytes, intOption, printJson, withTable } from "./common.js";
+import {
+  addConnectionOption,
+  type ConnOpts,
+  formatBytes,
+  formatDuration,
+  intOption,
+  printJson,
+  withTable,
+} from "./common.js";
 
 export interface PlanCliOpts extends ConnOpts {
   partitionBy: string;
@@ -15,6 +24,8 @@ export interface PlanCliOpts extends ConnOpts {
   mode: "trigger" | "logical";
   premake: number;
   json?: boolean;
+  /** `--sample-copy[=rows]`: true without a number. */
+  sampleCopy?: number | true;
 }
 
 export function specOptions(cmd: Command): Command {
@@ -267,7 +278,7 @@ export function planSteps(plan: MigrationPlan): Step[] {
  * (formatSteps of planSteps: the stream's steps in logical mode, then start's transaction, BEGIN, SET LOCAL
  * lock_timeout, the table's own DDL, pgshift's own objects, COMMIT), then what backfill runs after the copy.
  */
-export function printPlan(plan: MigrationPlan): void {
+export function printPlan(plan: MigrationPlan, prediction: Prediction | null = null): void {
   const out: string[] = [];
   out.push(`plan for ${displayName(plan.source)}: partition by ${formatSpecs(plan.spec)}, ${plan.mode} mirror`);
   const summary = planSummary(plan);
@@ -283,6 +294,7 @@ export function printPlan(plan: MigrationPlan): void {
   out.push(
     `  found: ~${plan.estimatedRows} rows, ${formatBytes(plan.totalBytes)}, key (${plan.keyColumns.join(", ")})`,
   );
+  if (prediction) out.push(...predictionLines(prediction));
   if (plan.partitions.length > 0) {
     const ps = plan.partitions;
     const all = flattenPartitions(ps).length;
@@ -310,7 +322,44 @@ export function printPlan(plan: MigrationPlan): void {
     );
     for (const s of plan.afterCopyStatements) out.push(`${s};`);
   }
+  if (prediction?.sample) {
+    out.push("", `-- the sample copy plan ran for its prediction (--sample-copy), rolled back: nothing of it stays`);
+    for (const s of prediction.sample.statements) out.push(`${s};`);
+  }
   process.stdout.write(`${out.join("\n")}\n`);
+}
+
+/** A duration for a person: "850 ms" under 10 s, else "12s", "3m05s", "1h02m". */
+function formatMs(ms: number): string {
+  return ms < 10_000 ? `${Math.round(ms)} ms` : formatDuration(ms / 1000);
+}
+
+/**
+ * The prediction's lines in plan's details: what the backfill takes (time, disk, WAL, the slot's WAL in logical
+ * mode), the free disk, which inputs it came from, what it leaves out, and its warnings.
+ */
+export function predictionLines(p: Prediction): string[] {
+  const from = p.source === "sample" ? "a sample copy" : "statistics; --sample-copy measures a sample";
+  const out = [
+    `  predicts (from ${from}): backfill ${formatMs(p.durationMs)} (copy ${formatMs(p.copyMs)}, index builds ` +
+      `${formatMs(p.indexBuildMs)}), disk ${formatBytes(p.diskBytes)} (table ${formatBytes(p.heapBytes)}, indexes ` +
+      `${formatBytes(p.indexBytes)}), WAL ${formatBytes(p.walBytes)}`,
+  ];
+  if (p.slotRetainedBytes !== null)
+    out.push(
+      `    the replication slot may retain ${formatBytes(p.slotRetainedBytes)} of WAL by the end of the backfill if ` +
+        `nothing consumes it (pgshift sync not running): the server writes ` +
+        `${formatBytes(p.serverWalBytesPerSecond ?? 0)}/s now`,
+    );
+  out.push(
+    p.freeDisk.known
+      ? `    free disk: ${formatBytes(p.freeDisk.bytes)} at ${p.freeDisk.path} (${p.freeDisk.how})`
+      : `    free disk: unknown: ${p.freeDisk.why}`,
+  );
+  for (const i of p.inputs) out.push(`    from ${i}`);
+  for (const x of p.excludes) out.push(`    not included: ${x}`);
+  for (const w of p.warnings) out.push(`    warning: ${w}`);
+  return out;
 }
 
 /** What the application will notice: widened keys, ON CONFLICT targets, statements found, what finalize changes. */
@@ -362,7 +411,14 @@ export function planCommand(): Command {
       "print every SQL statement start would run and what it found (rows, key, bounds, blockers); changes nothing",
     )
     .argument("<table>", "table to partition, optionally schema-qualified")
-    .option("--json", "print the plan as JSON");
+    .option("--json", "print the plan as JSON")
+    .option(
+      "--sample-copy [rows]",
+      `predict from a timed copy of about this many rows (default ${DEFAULT_SAMPLE_ROWS}) into a scratch table, ` +
+        "in a transaction that is rolled back (it reads and locks those rows FOR SHARE, and writes WAL); without " +
+        "it, from the table's statistics alone",
+      intOption("--sample-copy", 1),
+    );
   specOptions(cmd);
   addConnectionOption(cmd);
   cmd.addHelpText(
@@ -371,17 +427,21 @@ export function planCommand(): Command {
 Examples:
   pgshift plan orders --partition-by range:created_at:month
   pgshift plan sales."Order Items" --partition-by hash:id:16 --json
+  pgshift plan orders --partition-by range:created_at:month --sample-copy=50000
 Exit codes: 0 the table can be migrated, 2 blockers found or error.`,
   );
   cmd.action(async (tableArg: string, opts: PlanCliOpts) => {
     const spec = parseSpecs(opts.partitionBy, opts.subpartitionBy);
-    const plan = await withTable(tableArg, opts, (sql, table) =>
-      planMigration(sql, table, { spec, mode: opts.mode, premake: opts.premake }),
-    );
+    const sampleRows =
+      opts.sampleCopy === undefined ? null : opts.sampleCopy === true ? DEFAULT_SAMPLE_ROWS : opts.sampleCopy;
+    const { plan, prediction } = await withTable(tableArg, opts, async (sql, table) => {
+      const plan = await planMigration(sql, table, { spec, mode: opts.mode, premake: opts.premake });
+      return { plan, prediction: await predictPlan(sql, plan, { sampleRows }) };
+    });
     if (opts.json) {
       const { facts: _facts, ...rest } = plan;
-      printJson({ ...rest, summary: planSummary(plan) });
-    } else printPlan(plan);
+      printJson({ ...rest, summary: planSummary(plan), prediction });
+    } else printPlan(plan, prediction);
     if (plan.blockers.length > 0) process.exitCode = 2;
   });
   return cmd;

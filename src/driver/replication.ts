@@ -5,18 +5,32 @@
  * imports pg or pg-logical-replication.
  */
 import pTimeout from "p-timeout";
-import pg, { type ClientConfig } from "pg";
-import { LogicalReplicationService, type Pgoutput, PgoutputPlugin } from "pg-logical-replication";
+import type { ClientConfig } from "pg";
+import type { LogicalReplicationService, Pgoutput } from "pg-logical-replication";
 import { resolvedTarget, SESSION_FORMATS } from "./postgres.js";
 
 export type { Pgoutput } from "pg-logical-replication";
 
-// UPSTREAM.pgLogicalReplicationParsesWithGlobalTypes: pgoutput's values are applied as the text PostgreSQL
-// sent, typed by the server from the target columns; parsing them into JavaScript values (Date, number,
-// object) would lose precision (microseconds, numeric, int8). The library takes each column's parser from
-// node-postgres's process-wide registry: make every parser the identity. Nothing else in pgshift uses pg.
-(pg.types as unknown as { getTypeParser: () => (value: string) => string }).getTypeParser = () => (value: string) =>
-  value;
+type Library = typeof import("pg-logical-replication");
+let library: Promise<Library> | null = null;
+
+/**
+ * node-postgres and pg-logical-replication, loaded on first use: only logical mode's stream needs them, and
+ * loading them took about 0.3 s of every command's start (docs/benchmarks.md, "overhead per run").
+ */
+function loadLibrary(): Promise<Library> {
+  library ??= (async () => {
+    const pg = (await import("pg")).default;
+    // UPSTREAM.pgLogicalReplicationParsesWithGlobalTypes: pgoutput's values are applied as the text PostgreSQL
+    // sent, typed by the server from the target columns; parsing them into JavaScript values (Date, number,
+    // object) would lose precision (microseconds, numeric, int8). The library takes each column's parser from
+    // node-postgres's process-wide registry: make every parser the identity. Nothing else in pgshift uses pg.
+    (pg.types as unknown as { getTypeParser: () => (value: string) => string }).getTypeParser = () => (value: string) =>
+      value;
+    return import("pg-logical-replication");
+  })();
+  return library;
+}
 
 /** An LSN as PostgreSQL writes it (`16/B374D848`). */
 export function lsnText(v: bigint): string {
@@ -67,8 +81,10 @@ export interface StreamHandlers {
  * Nothing is confirmed to the slot unless confirm() says so.
  */
 export class ReplicationStream {
-  private readonly service: LogicalReplicationService;
+  /** The library's service, made by start() once the library is loaded (loadLibrary). */
+  private service: LogicalReplicationService | null = null;
   private readonly source: StreamSource;
+  private readonly config: ClientConfig;
   private readonly handlers: StreamHandlers;
   private running: Promise<void> | null = null;
   private cancelStart: ((err: unknown) => void) | null = null;
@@ -76,8 +92,13 @@ export class ReplicationStream {
 
   constructor(source: StreamSource, config: ClientConfig, handlers: StreamHandlers) {
     this.source = source;
+    this.config = config;
     this.handlers = handlers;
-    this.service = new LogicalReplicationService(
+  }
+
+  private makeService(lib: Library): LogicalReplicationService {
+    const { source, config, handlers } = this;
+    const service = new lib.LogicalReplicationService(
       {
         ...config,
         application_name: source.applicationName,
@@ -88,11 +109,12 @@ export class ReplicationStream {
       },
       { acknowledge: { auto: false, timeoutSeconds: 0 }, flowControl: { enabled: true } },
     );
-    this.service.on("data", (_lsn: string, msg: Pgoutput.Message) => handlers.onMessage(msg));
-    this.service.on("heartbeat", (lsn: string, _ts: number, shouldRespond: boolean) =>
+    service.on("data", (_lsn: string, msg: Pgoutput.Message) => handlers.onMessage(msg));
+    service.on("heartbeat", (lsn: string, _ts: number, shouldRespond: boolean) =>
       handlers.onKeepalive(lsn, shouldRespond),
     );
-    this.service.on("error", (err: Error) => handlers.onError(err));
+    service.on("error", (err: Error) => handlers.onError(err));
+    return service;
   }
 
   /**
@@ -101,15 +123,25 @@ export class ReplicationStream {
    *   error of code CONNECTION_ENDED when the server ended the stream at once, or what abandonStart() was given.
    */
   async start(): Promise<void> {
-    const service = this.service;
+    let resolveStarted: () => void = () => {};
     const started = new Promise<void>((resolve, reject) => {
       // UPSTREAM.nodePostgresEndWhileConnectingHangs: once the client is ended while it connects, subscribe()
-      // may never settle: abandonStart() ends the wait.
+      // may never settle: abandonStart() ends the wait (also while the library loads).
       this.cancelStart = reject;
-      service.once("start", () => resolve());
-      service.once("error", (err: Error) => reject(err));
+      resolveStarted = resolve;
     });
-    const plugin = new PgoutputPlugin({
+    let lib: Library;
+    try {
+      lib = await Promise.race([loadLibrary(), started.then(() => loadLibrary())]);
+    } catch (err) {
+      this.cancelStart = null;
+      throw err;
+    }
+    const service = this.makeService(lib);
+    this.service = service;
+    service.once("start", () => resolveStarted());
+    service.once("error", (err: Error) => this.cancelStart?.(err));
+    const plugin = new lib.PgoutputPlugin({
       protoVersion: 1,
       publicationNames: [this.source.publication],
       messages: true,
@@ -150,7 +182,7 @@ export class ReplicationStream {
    * it would not be sent again after a restart. Never throws.
    */
   async confirm(pos: bigint, ping = false): Promise<void> {
-    if (this.stopped) return;
+    if (this.stopped || !this.service) return;
     await this.service.acknowledge(lsnText(pos > 0n ? pos - 1n : 0n), ping).catch(() => {});
   }
 
@@ -159,7 +191,7 @@ export class ReplicationStream {
    * flow-control queue (UPSTREAM.pgLogicalReplicationQueueIsPrivate).
    */
   pending(): { length: number; processing: boolean } {
-    const s = this.service as unknown as { _messageQueue?: unknown[]; _processing?: boolean };
+    const s = (this.service ?? {}) as unknown as { _messageQueue?: unknown[]; _processing?: boolean };
     return { length: s._messageQueue?.length ?? 0, processing: Boolean(s._processing) };
   }
 
@@ -170,7 +202,7 @@ export class ReplicationStream {
    */
   async stop(): Promise<void> {
     this.stopped = true;
-    await pTimeout(this.service.stop(), { milliseconds: 5000, message: false }).catch(() => {});
+    if (this.service) await pTimeout(this.service.stop(), { milliseconds: 5000, message: false }).catch(() => {});
     const running = this.running;
     this.running = null;
     if (running) await pTimeout(running, { milliseconds: 2000, message: false }).catch(() => {});

@@ -36,6 +36,7 @@ import {
   partitionColumns,
   TIME_TYPES,
 } from "../partitioning/spec.js";
+import { COPY_LOCKS_ROWS, type Prediction, predictBackfill } from "../plan/predict.js";
 import { type Step, statement, type TransactionStep, transactionStep } from "../plan/steps.js";
 import { ddlGuardSql, ddlGuardState } from "./ddl-guard.js";
 import { affectedStatements, describeWidenedKey, type StatementCheck, type WidenedKey, widenedKeys } from "./keys.js";
@@ -490,6 +491,34 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     deferredIndexes,
     facts,
   };
+}
+
+/**
+ * What the backfill of `plan` will take (time, disk, WAL; logical mode: the WAL the slot may retain) and the free
+ * disk where it can be read (predictBackfill): from the table's statistics, or with `sampleRows` from a sample
+ * copy into a scratch table in a transaction that is rolled back. Null when blockers stop the plan.
+ * @throws the sample copy's error (nothing stays of it).
+ */
+export async function predictPlan(
+  sql: Sql,
+  plan: MigrationPlan,
+  opts: { sampleRows: number | null; walRateIntervalMs?: number },
+): Promise<Prediction | null> {
+  if (plan.blockers.length > 0 || !plan.facts) return null;
+  const leaves = flattenPartitions(plan.partitions).filter((p) => !p.sub).length;
+  return predictBackfill(sql, {
+    source: plan.source,
+    oid: plan.facts.oid,
+    copyColumns: plan.copyColumns,
+    shadowKey: plan.shadowKey,
+    deferredOriginals: plan.deferredIndexes.map((d) => d.original),
+    indexDefinitions: plan.deferredIndexes.map((d) => d.definition),
+    partitions: leaves,
+    rowLocks: COPY_LOCKS_ROWS,
+    mode: plan.mode,
+    sampleRows: opts.sampleRows,
+    ...(opts.walRateIntervalMs !== undefined ? { walRateIntervalMs: opts.walRateIntervalMs } : {}),
+  });
 }
 
 /**

@@ -286,16 +286,28 @@ export async function loadMigration(
   table: QualifiedName,
   opts: { upgrade?: boolean } = {},
 ): Promise<Migration | null> {
-  const exists = await sql`
-    select case when exists (select from pg_namespace where nspname = 'pgshift')
-                then has_schema_privilege('pgshift', 'USAGE') and to_regclass('pgshift.migrations') is not null
-                else false end as ok`;
-  if (!exists[0]?.ok) return null;
-  const readable = await sql`select has_table_privilege('pgshift.migrations', 'SELECT') as ok`;
-  if (!readable[0]?.ok)
+  // One round trip for what used to take four (the schema, the table, its privilege, the version table, and
+  // whether the current role may act as the state's owner); each CASE evaluates its function only once the
+  // objects it names exist.
+  const found = StateFound.parse(
+    (
+      await sql`
+    select s.ok,
+           case when s.ok then has_table_privilege('pgshift.migrations', 'SELECT') end as readable,
+           case when s.ok then to_regclass('pgshift.schema_version') is not null end as versioned,
+           case when s.ok then (select pg_catalog.pg_has_role(c.relowner, 'USAGE') from pg_catalog.pg_class c
+                                 where c.oid = to_regclass('pgshift.migrations')) end as member
+      from (select case when exists (select from pg_namespace where nspname = 'pgshift')
+                        then has_schema_privilege('pgshift', 'USAGE') and to_regclass('pgshift.migrations') is not null
+                        else false end as ok) s`
+    )[0],
+  );
+  if (!found.ok) return null;
+  if (!found.readable)
     throw new PgshiftError((await stateOwnershipProblem(sql)) ?? "permission denied for table pgshift.migrations");
-  await requireSchemaVersion(sql, opts.upgrade ?? true);
-  if (opts.upgrade ?? true) {
+  const upgraded = await requireSchemaVersion(sql, opts.upgrade ?? true, found.versioned ?? false);
+  // The owner changes only with an upgrade: without one, the first query's answer stands.
+  if ((opts.upgrade ?? true) && (upgraded || !found.member)) {
     const problem = await stateOwnershipProblem(sql);
     if (problem) throw new PgshiftError(problem);
   }
@@ -315,6 +327,14 @@ export async function loadMigration(
 }
 
 const StateOwnerRow = z.object({ owner: z.string(), member: z.boolean(), me: z.string() });
+
+/** What loadMigration's first query finds of pgshift's state (null columns when the schema is missing). */
+const StateFound = z.object({
+  ok: z.boolean().nullable(),
+  readable: z.boolean().nullable(),
+  versioned: z.boolean().nullable(),
+  member: z.boolean().nullable(),
+});
 
 /**
  * Whether the current user may change pgshift's state in this database. pgshift keeps one `pgshift` schema
@@ -346,16 +366,14 @@ const VersionRow = z.object({ version: z.coerce.number().int().nullable() });
  * Checks the version of the pgshift schema (pgshift.schema_version, 1 when the table is missing) against
  * SCHEMA_VERSION: refuses a newer one; upgrades an older one when `upgrade` (logged): for each missing version in
  * order, its work ahead of the transaction (UPGRADE_WORK), then one transaction with its file and the rest.
+ * `versioned`: whether pgshift.schema_version exists (read by the caller). Returns whether it upgraded.
  * @throws PgshiftError when the schema is newer than this pgshift, or when an upgrade is needed and the
  *   current role may not make it (it must own pgshift.migrations); nothing is changed then.
  */
-async function requireSchemaVersion(sql: AnySql, upgrade: boolean): Promise<void> {
-  const table = await sql`select to_regclass('pgshift.schema_version') is not null as ok`;
-  const rows = table[0]?.ok
-    ? await sql`select max(version) as version from pgshift.schema_version`
-    : [{ version: null }];
+async function requireSchemaVersion(sql: AnySql, upgrade: boolean, versioned: boolean): Promise<boolean> {
+  const rows = versioned ? await sql`select max(version) as version from pgshift.schema_version` : [{ version: null }];
   const version = VersionRow.parse(rows[0]).version ?? 1;
-  if (version === SCHEMA_VERSION) return;
+  if (version === SCHEMA_VERSION) return false;
   if (version > SCHEMA_VERSION) {
     throw new PgshiftError(
       `the pgshift schema of this database is version ${version}, newer than this pgshift understands ` +
@@ -365,7 +383,7 @@ async function requireSchemaVersion(sql: AnySql, upgrade: boolean): Promise<void
       },
     );
   }
-  if (!upgrade) return;
+  if (!upgrade) return false;
   try {
     // A schema of version 1 may have no version table (each step is idempotent).
     await sql`create table if not exists pgshift.schema_version (version int not null)`;
@@ -393,6 +411,7 @@ async function requireSchemaVersion(sql: AnySql, upgrade: boolean): Promise<void
     );
   }
   log().info({ from: version, to: SCHEMA_VERSION }, "upgraded the pgshift schema");
+  return true;
 }
 
 /**

@@ -9,7 +9,7 @@ import { log } from "../log.js";
 import { TRANSITIONS } from "../migration/phases.js";
 import { displayName, parseTableName } from "../names.js";
 import { type HookName, Hooks } from "./hooks.js";
-import { type MetricsServer, serveMetrics } from "./metrics.js";
+import type { MetricsServer } from "./metrics.js";
 
 /** The options addObserveOptions() adds, as commander parses them. */
 export interface ObserveOpts {
@@ -62,6 +62,8 @@ export async function beginObservation(command: string, tableArg: string, opts: 
     s.stopHooks = s.hooks.listen();
   }
   if (opts.metricsPort !== undefined) {
+    // Loaded only when asked for: prom-client takes a few hundred ms to load (docs/benchmarks.md).
+    const { serveMetrics } = await import("./metrics.js");
     s.metrics = await serveMetrics({ port: opts.metricsPort, host: opts.metricsHost ?? "127.0.0.1" });
   }
   const gate = BEFORE[command];
