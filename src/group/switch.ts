@@ -1,8 +1,8 @@
 /**
  * Cutover and swap-back of a migration group (docs/groups.md): every table of the group switches in ONE
  * transaction, so the application never sees one table switched and another not. The transaction locks every
- * table of the group, live and copy, with one LOCK TABLE naming them in order of their schema-qualified names
- * (byte order), the fixed order that keeps two switches from deadlocking each other; then, table by table
+ * table of the group, live and copy, with one LOCK TABLE naming them in one fixed order (lockOrder: referenced
+ * tables first, each live table before its copy); then, table by table
  * (referenced tables first), the checks, the renames, the mirror turned round, the dependents carried over and
  * the phase recorded, as a single table's switch does (src/cutover/cutover.ts). Foreign keys between the group's
  * tables are not carried: they follow their tables through the renames (src/group/foreign-keys.ts).
@@ -77,13 +77,14 @@ export const groupSwitchSteps = (p: GroupSwitchPlan): Step[] => [...p.carryOver,
 export const formatGroupSwitchPlan = (p: GroupSwitchPlan): string => formatSteps(groupSwitchSteps(p));
 
 /**
- * The tables a group's switch locks, in the order it locks them: every live and copy table of the group, sorted by
- * schema-qualified name (byte order). Every group switch takes them in this one order.
+ * The tables a group's switch locks, in the order it locks them: table by table in the group's order (referenced
+ * tables first, then by schema-qualified name: loadGroup), each table's live table, then its copy. It is the order
+ * in which an application writes them (an order, then its items; a DELETE of an order cascades to its items), so
+ * the switch's lock requests never wait in a cycle with the application's own; and every group switch takes them
+ * in this one order.
  */
 export function lockOrder(members: readonly Pick<Migration, "live" | "copy">[]): QualifiedName[] {
-  const all = members.flatMap((m) => [m.live, m.copy]);
-  const key = (q: QualifiedName) => `${q.schema}\u0000${q.name}`;
-  return all.sort((a, b) => (key(a) < key(b) ? -1 : key(a) > key(b) ? 1 : 0));
+  return members.flatMap((m) => [m.live, m.copy]);
 }
 
 function buildGroupSwitch(group: string, command: SwitchCommand, members: MemberSwitch[], o: SwitchOptions) {
@@ -97,7 +98,7 @@ function buildGroupSwitch(group: string, command: SwitchCommand, members: Member
   const lock = statement(
     `LOCK TABLE ${order.map(quoteQualified).join(", ")} IN ACCESS EXCLUSIVE MODE`,
     "transaction",
-    "every table of the group, live and copy, in order of their schema-qualified names",
+    "every table of the group, live and copy, referenced tables first (lockOrder)",
   );
   lock.read = () => {
     locked.at = performance.now();
@@ -213,7 +214,7 @@ export interface GroupSwitchResult {
 
 /**
  * Runs a group's cutover or swap-back (groupSwitchPlan's plan): the advisory lock of every table's migration (in
- * lockOrder), the carry-over of late indexes (then the plan is built again; refused if more keep coming), the one
+ * the group's order), the carry-over of late indexes (then the plan is built again; refused if more keep coming), the one
  * transaction under lock_timeout with jittered retries, then what carried dependents need after COMMIT (a failure
  * there is logged with its statements, as for one table).
  * @throws PgshiftError / PhaseError as groupSwitchPlan; PgshiftError when the locks are never granted in time
@@ -226,9 +227,7 @@ export async function switchGroup(
   opts: CutoverOptions = {},
 ): Promise<GroupSwitchResult> {
   const first = await requireGroup(sql, group, command);
-  const tables = lockOrder(first).filter((t) =>
-    first.some((m) => m.live.name === t.name && m.live.schema === t.schema),
-  );
+  const tables = first.map((m) => m.live);
   const held: QualifiedName[] = [];
   try {
     for (const t of tables) {
