@@ -214,9 +214,9 @@ export interface GroupSwitchResult {
 
 /**
  * Runs a group's cutover or swap-back (groupSwitchPlan's plan): the advisory lock of every table's migration (in
- * the group's order), the carry-over of late indexes (then the plan is built again; refused if more keep coming), the one
- * transaction under lock_timeout with jittered retries, then what carried dependents need after COMMIT (a failure
- * there is logged with its statements, as for one table).
+ * the group's order), the carry-over of late indexes (then the plan is built again; refused if more keep coming),
+ * the one transaction under lock_timeout with jittered retries, then what carried dependents need after COMMIT (a
+ * failure there is logged with its statements, as for one table).
  * @throws PgshiftError / PhaseError as groupSwitchPlan; PgshiftError when the locks are never granted in time
  *   (nothing switched).
  */
