@@ -37,13 +37,13 @@ export async function finishGroup(
     try {
       const r =
         command === "finalize"
-          ? await finalize(sql, m.live, opts)
+          ? await finalize(sql, m.live, { ...opts, group })
           : opts.dryRun
-            ? await abortPlan(sql, m.live, { ...opts, dryRun: true }).then((p) => ({
+            ? await abortPlan(sql, m.live, { ...opts, dryRun: true, group }).then((p) => ({
                 steps: p.steps,
                 statements: statementsOf(p.steps),
               }))
-            : await abort(sql, m.live, opts);
+            : await abort(sql, m.live, { ...opts, group });
       out.tables.push({ table: displayName(m.live), result: r });
     } catch (err) {
       if (out.tables.length === 0 || opts.dryRun) throw err;

@@ -93,7 +93,7 @@ export async function startGroup(
       const left: string[] = [];
       for (const s of [...started].reverse()) {
         try {
-          await abort(sql, s.plan.source, opts);
+          await abort(sql, s.plan.source, { ...opts, group });
           undone.push(displayName(s.plan.source));
         } catch (e) {
           left.push(displayName(s.plan.source));

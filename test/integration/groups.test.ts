@@ -9,6 +9,7 @@ import { startGroup } from "../../src/group/start.js";
 import { switchGroup } from "../../src/group/switch.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
 import { verify } from "../../src/verify/verify.js";
+import { runCli } from "../support/cli.js";
 import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
 
 /**
@@ -308,6 +309,27 @@ describe("migration groups", () => {
        where conrelid = 'public.order_items_pgshift_shadow'::regclass and contype = 'f'`;
     expect(fk).toEqual({ ref: "orders_pgshift_shadow", convalidated: true });
     await expectTwins({ orders: "public.orders_pgshift_shadow", items: "public.order_items_pgshift_shadow" });
+
+    // The CLI: one table of the group is refused on its own; the group's plan is one transaction locking all four.
+    for (const cmd of ["cutover", "abort"]) {
+      const alone = await runCli([cmd, "orders", "--url", db.url]);
+      expect(alone.code, alone.stderr).toBe(2);
+      expect(alone.stderr).toContain(`pgshift ${cmd} --group shop`);
+    }
+    const dry = await runCli(["cutover", "--group", GROUP, "--dry-run", "--url", db.url]);
+    expect(dry.code, dry.stderr).toBe(0);
+    expect(dry.stdout.match(/^BEGIN/gm)).toHaveLength(1);
+    expect(dry.stdout).toContain(
+      'LOCK TABLE "public"."orders", "public"."orders_pgshift_shadow", "public"."order_items", ' +
+        '"public"."order_items_pgshift_shadow" IN ACCESS EXCLUSIVE MODE',
+    );
+    const both = await runCli(["cutover", "orders", "--group", GROUP, "--url", db.url]);
+    expect(both.code).toBe(2);
+    const st = await runCli(["status", "--group", GROUP, "--json", "--url", db.url]);
+    expect(st.code, st.stderr).toBe(0);
+    const report = JSON.parse(st.stdout) as { group: string; tables: { phase: string }[] };
+    expect(report.group).toBe(GROUP);
+    expect(report.tables.map((t) => t.phase)).toEqual(["backfilled", "backfilled"]);
 
     await observedSwitch("cutover");
     await checkForeignKey();
