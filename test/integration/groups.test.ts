@@ -327,6 +327,9 @@ describe("migration groups", () => {
     );
     const both = await runCli(["cutover", "orders", "--group", GROUP, "--url", db.url]);
     expect(both.code).toBe(2);
+    const none = await runCli(["abort", "--group", "nope", "--url", db.url]);
+    expect(none.code).toBe(2);
+    expect(none.stderr).toContain("no migration group nope is in progress");
     const st = await runCli(["status", "--group", GROUP, "--json", "--url", db.url]);
     expect(st.code, st.stderr).toBe(0);
     const report = JSON.parse(st.stdout) as { group: string; tables: { phase: string }[] };
