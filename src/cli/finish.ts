@@ -1,4 +1,5 @@
 import { Command, Option } from "commander";
+import { PgshiftError } from "../errors.js";
 import { finishGroup } from "../group/finish.js";
 import { abort, abortPlan, finalize } from "../migration/finish.js";
 import { formatSteps } from "../plan/steps.js";
@@ -123,6 +124,10 @@ Examples:
 
 /** `finalize --group` and `abort --group`: each table of the group in turn (finishGroup). */
 async function groupFinish(command: "finalize" | "abort", group: string, opts: Opts): Promise<void> {
+  if (opts.handOff !== undefined)
+    throw new PgshiftError("--hand-off takes one table, not --group", {
+      hint: `pgshift finalize --group ${group} --yes, then pgshift maintain <table> --hand-off pg_partman for each`,
+    });
   const r = await withConnection(opts, (sql) =>
     finishGroup(sql, group, command, {
       yes: opts.yes,

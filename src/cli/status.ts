@@ -85,7 +85,7 @@ or aborted.`,
         });
       if (opts.json) return printJson({ group, tables });
       for (const [i, s] of tables.entries()) {
-        if (i > 0) process.stdout.write("\n");
+        process.stdout.write(`${i > 0 ? "\n" : ""}migration group ${group}, table ${i + 1} of ${tables.length}:\n`);
         printStatus(s);
       }
       return;

@@ -330,6 +330,9 @@ describe("migration groups", () => {
     const none = await runCli(["abort", "--group", "nope", "--url", db.url]);
     expect(none.code).toBe(2);
     expect(none.stderr).toContain("no migration group nope is in progress");
+    const text = await runCli(["status", "--group", GROUP, "--url", db.url]);
+    expect(text.code, text.stderr).toBe(0);
+    expect(text.stdout).toContain(`migration group ${GROUP}, table 2 of 2:`);
     const st = await runCli(["status", "--group", GROUP, "--json", "--url", db.url]);
     expect(st.code, st.stderr).toBe(0);
     const report = JSON.parse(st.stdout) as { group: string; tables: { phase: string }[] };
