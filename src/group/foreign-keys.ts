@@ -17,7 +17,13 @@ import { displayName, quoteIdent, quoteQualified } from "../names.js";
 import { type Step, statement } from "../plan/steps.js";
 import { foreignKeysBetween } from "./members.js";
 
-const DefRow = z.object({ def: z.string(), ref: z.string(), present: z.boolean(), version: z.coerce.number() });
+const DefRow = z.object({
+  def: z.string(),
+  ref: z.string(),
+  present: z.boolean(),
+  validated: z.boolean(),
+  version: z.coerce.number(),
+});
 
 /**
  * The steps that add the group's foreign keys missing from the shadows (none once they are all there, or after
@@ -50,17 +56,30 @@ export async function shadowForeignKeySteps(
       select pg_catalog.pg_get_constraintdef(c.oid) as def, c.confrelid::regclass::text as ref,
              exists (select from pg_catalog.pg_constraint s where s.conrelid = to_regclass(${quoteQualified(from.copy)})
                         and s.conname = c.conname and s.contype = 'f') as present,
+             exists (select from pg_catalog.pg_constraint s where s.conrelid = to_regclass(${quoteQualified(from.copy)})
+                        and s.conname = c.conname and s.contype = 'f' and s.convalidated) as validated,
              current_setting('server_version_num')::int as version
         from pg_catalog.pg_constraint c
        where c.conrelid = to_regclass(${quoteQualified(from.live)}) and c.conname = ${fk.name} and c.contype = 'f'`;
     const r = DefRow.parse(rows[0]);
-    if (r.present) continue;
+    const shadow = quoteQualified(from.copy);
+    const name = quoteIdent(fk.name);
+    const validate = statement(
+      `ALTER TABLE ${shadow} VALIDATE CONSTRAINT ${name}`,
+      "session",
+      "checks the copied rows without blocking writes (SHARE UPDATE EXCLUSIVE)",
+    );
+    // Added NOT VALID by a backfill stopped before its VALIDATE: validated now (unless the original is NOT VALID too).
+    if (r.present) {
+      if (!r.validated && !/ NOT VALID$/.test(r.def)) out.push(validate);
+      continue;
+    }
     const def = r.def
       .replace(/ NOT VALID$/, "")
       .replace(` REFERENCES ${r.ref}(`, ` REFERENCES ${quoteQualified(to.copy)}(`);
-    const shadow = quoteQualified(from.copy);
-    const name = quoteIdent(fk.name);
-    const notValid = r.version >= 180000;
+    // An original that is NOT VALID itself stays so on the shadow (its old rows were never checked).
+    const originalNotValid = / NOT VALID$/.test(r.def);
+    const notValid = r.version >= 180000 || originalNotValid;
     const site = new LockSite(
       [
         { table: from.copy, mode: "SHARE ROW EXCLUSIVE" },
@@ -95,14 +114,7 @@ export async function shadowForeignKeySteps(
         [site],
       ),
     );
-    if (notValid)
-      out.push(
-        statement(
-          `ALTER TABLE ${shadow} VALIDATE CONSTRAINT ${name}`,
-          "session",
-          "checks the copied rows without blocking writes (SHARE UPDATE EXCLUSIVE)",
-        ),
-      );
+    if (notValid && !originalNotValid) out.push(validate);
   }
   return out;
 }

@@ -158,6 +158,15 @@ export async function groupSwitchPlan(
   const ms = await requireGroup(sql, group, command, { upgrade: !opts.dryRun });
   const what = command === "cutover" ? "cut over" : "swap back";
   const o = switchOptions(opts);
+  // The foreign keys between the shadows are added by the group's backfill once every table is copied: without
+  // them the new live tables would not reference each other.
+  const missing = command === "cutover" ? await shadowForeignKeySteps(sql, group, ms, opts) : [];
+  if (missing.length > 0)
+    throw new PgshiftError(
+      `cannot cut over group ${group}: the foreign keys between its tables are not on the shadows (or not ` +
+        "validated) yet",
+      { hint: `run pgshift backfill --group ${group} (it adds them once every table is copied), then again` },
+    );
   const members: MemberSwitch[] = [];
   const carryOver: Step[] = [];
   for (const m0 of ms) {
@@ -179,14 +188,6 @@ export async function groupSwitchPlan(
     const carried = await carryDependents(sql, c.migration, command === "cutover" ? "cutover" : "swapped_back");
     members.push({ migration: c.migration, table, carried, snapshot });
   }
-  // The foreign keys between the shadows are added by the group's backfill once every table is copied: without
-  // them the new live tables would not reference each other.
-  const missing = command === "cutover" ? await shadowForeignKeySteps(sql, group, ms, opts) : [];
-  if (missing.length > 0)
-    throw new PgshiftError(
-      `cannot cut over group ${group}: the foreign keys between its tables are not on the shadows yet`,
-      { hint: `run pgshift backfill --group ${group} (it adds them once every table is copied), then again` },
-    );
   const b = buildGroupSwitch(group, command, members, o);
   return {
     group,

@@ -1,5 +1,6 @@
 import postgres from "postgres";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { backfill } from "../../src/backfill/backfill.js";
 import type { Sql } from "../../src/db.js";
 import { BlockedError, PgshiftError } from "../../src/errors.js";
 import { backfillGroup } from "../../src/group/backfill.js";
@@ -296,7 +297,10 @@ describe("migration groups", () => {
     await expect(switchGroup(db.sql, "nope", "cutover", opts)).rejects.toThrow(/no migration group nope/);
     const load = startLoad(db.url, 2);
     await sleep(200);
-    // Cutover refuses until the group's backfill added the foreign key between the shadows.
+    // Each table backfilled on its own: the copies are complete, but the cutover refuses until the group's backfill
+    // added the foreign key between the shadows (it copies nothing more, then adds it).
+    for (const t of [ORDERS, ITEMS]) expect((await backfill(db.sql, t, { batchSize: 700 })).complete).toBe(true);
+    await expect(switchGroup(db.sql, GROUP, "cutover", opts)).rejects.toThrow(/not on the shadows/);
     const b = await backfillGroup(db.sql, GROUP, { batchSize: 700 });
     expect(b.complete).toBe(true);
     expect(b.foreignKeys.length).toBeGreaterThan(0);
