@@ -290,6 +290,19 @@ describe("migration groups", () => {
   });
 
   it("cutover, swap-back, cutover and finalize of orders and order_items switch both in one transaction", async () => {
+    // The CLI's plan of the group start: both tables, referenced first, the foreign key left off the shadow.
+    const spec = ["--partition-by", "range:created_at:month", "--allow-key-extension", "--url", db.url];
+    const plan = await runCli(["start", "order_items", "orders", "--group", GROUP, "--dry-run", ...spec]);
+    expect(plan.code, plan.stderr).toBe(0);
+    expect(plan.stdout.indexOf("-- start public.orders:")).toBeLessThan(
+      plan.stdout.indexOf("-- start public.order_items:"),
+    );
+    const fkOnShadow = /order_items_pgshift_shadow" ADD CONSTRAINT "order_items_order_fkey" FOREIGN KEY/;
+    expect(plan.stdout).toContain('CREATE TABLE "public"."order_items_pgshift_shadow"');
+    expect(plan.stdout).not.toMatch(fkOnShadow);
+    // Alone, the table's shadow gets the foreign key (to the original orders) at start.
+    expect((await runCli(["start", "order_items", "--dry-run", ...spec])).stdout).toMatch(fkOnShadow);
+    expect((await runCli(["start", "order_items", "orders", ...spec])).code).toBe(2);
     const started = await startGroup(db.sql, GROUP, [ITEMS, ORDERS], opts);
     // Referenced table first.
     expect(started.started.map((s) => s.plan.source.name)).toEqual(["orders", "order_items"]);
