@@ -21,6 +21,11 @@ export { type ConnectOptions, connect, type LockRetryOptions, type Sql, withLock
 export { extendIndexKey, shadowDdl } from "./ddl/shadow.js";
 export { BlockedError, explain, isConnectionLoss, PgshiftError, PhaseError } from "./errors.js";
 export { type EventName, on, type PgshiftEvents } from "./events.js";
+export { backfillGroup, type GroupBackfillResult } from "./group/backfill.js";
+export { finishGroup, type GroupFinishResult } from "./group/finish.js";
+export { loadGroup } from "./group/members.js";
+export { type GroupStartResult, planGroupStart, startGroup } from "./group/start.js";
+export { type GroupSwitchResult, groupSwitchPlan, switchGroup } from "./group/switch.js";
 export { type Liveness, liveness, nextStepFor, type SessionInfo } from "./liveness.js";
 export { createLogger, log, setLogger } from "./log.js";
 export {

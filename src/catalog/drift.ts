@@ -4,6 +4,7 @@ import { type DeferredIndex, extendIndexKey } from "../ddl/shadow.js";
 import { incomingForeignKeys, serverVersion, whyNot } from "../dependents/foreign-keys.js";
 import { claimedObjects } from "../dependents/index.js";
 import { PgshiftError } from "../errors.js";
+import { copyToLive } from "../group/members.js";
 import type { Migration } from "../migration/state.js";
 import { displayName, fitName, type QualifiedName, quoteIdent, quoteQualified } from "../names.js";
 
@@ -240,7 +241,7 @@ const PolicyRow = z.object({
   with_check: z.string().nullable(),
 });
 
-const ConstraintRow = z.object({ name: z.string(), type: z.string(), def: z.string() });
+const ConstraintRow = z.object({ name: z.string(), type: z.string(), def: z.string(), ref: z.string().nullable() });
 
 const StatRow = z.object({ name: z.string(), schema: z.string(), kinds: z.array(z.string()), columns: z.string() });
 
@@ -644,7 +645,10 @@ async function dependentsOf(
     }
   }
   if (copy === null) return out;
-  out.push(...(await constraintsLacking(sql, t, copy)), ...(await statisticsLacking(sql, t, copy)));
+  out.push(
+    ...(await constraintsLacking(sql, t, copy, await copyToLive(sql, m))),
+    ...(await statisticsLacking(sql, t, copy)),
+  );
   return out;
 }
 
@@ -661,16 +665,27 @@ function policySql(p: z.infer<typeof PolicyRow>, on: QualifiedName): string {
  * CHECK and foreign-key constraints of `t` that `copy` has none of the same definition of (NOT VALID and
  * deferrability aside), and unique, primary-key and exclusion constraints are handled with their indexes.
  */
-async function constraintsLacking(sql: AnySql, t: QualifiedName, copy: QualifiedName): Promise<LateDependent[]> {
+async function constraintsLacking(
+  sql: AnySql,
+  t: QualifiedName,
+  copy: QualifiedName,
+  groupCopies: ReadonlyMap<string, string>,
+): Promise<LateDependent[]> {
   const q = (x: QualifiedName) => sql`
-    select conname::text as name, contype::text as type, pg_catalog.pg_get_constraintdef(oid) as def
+    select conname::text as name, contype::text as type, pg_catalog.pg_get_constraintdef(oid) as def,
+           case when contype = 'f' then confrelid::regclass::text end as ref
       from pg_catalog.pg_constraint where conrelid = to_regclass(${quoteQualified(x)}) and contype in ('c',
-        'f') order by conname`;
+        'f') and conparentid = 0 order by conname`;
   const [mine, theirs] = await Promise.all([q(t), q(copy)]).then(([a, b]) => [
     z.array(ConstraintRow).parse(a),
     z.array(ConstraintRow).parse(b),
   ]);
-  const have = new Set(theirs!.map((c) => `${c.type} ${constraintCore(c.def)}`));
+  // A migration group: the copy's foreign key to another table's copy counts as the live table's to that table.
+  const mapped = (c: z.infer<typeof ConstraintRow>) => {
+    const live = c.ref === null ? undefined : groupCopies.get(c.ref);
+    return live === undefined ? c.def : c.def.replace(` REFERENCES ${c.ref}(`, ` REFERENCES ${live}(`);
+  };
+  const have = new Set(theirs!.map((c) => `${c.type} ${constraintCore(mapped(c))}`));
   return mine!
     .filter((c) => !have.has(`${c.type} ${constraintCore(c.def)}`))
     .map((c) => ({

@@ -1,14 +1,18 @@
 import cliProgress from "cli-progress";
 import { Command } from "commander";
-import { type BackfillProgress, backfill, describeBackfill } from "../backfill/backfill.js";
+import { type BackfillOptions, type BackfillProgress, backfill, describeBackfill } from "../backfill/backfill.js";
+import { backfillGroup, describeGroupBackfill } from "../group/backfill.js";
 import { log } from "../log.js";
 import type { ThrottleOptions } from "../pace/throttle.js";
 import {
   addConnectionOption,
+  addGroupOption,
   addObserveOptions,
   type ConnOpts,
   formatDuration,
+  groupOf,
   intOption,
+  withConnection,
   withTable,
 } from "./common.js";
 
@@ -119,7 +123,7 @@ export const DEFAULT_BATCH_TIME_MS = 100;
 export function backfillCommand(): Command {
   const cmd = new Command("backfill")
     .description("copy existing rows into the shadow in keyed batches; resumes from its checkpoint after a crash")
-    .argument("<table>", "table under migration")
+    .argument("[table]", "table under migration (or --group)")
     .option(
       "--batch-size <rows>",
       "the largest batch, rows (one short transaction each); also the first batch's size",
@@ -141,6 +145,10 @@ export function backfillCommand(): Command {
       1000,
     );
   addThrottleOptions(cmd, "before each batch");
+  addGroupOption(
+    cmd,
+    "every table of this migration group (referenced tables first), then the foreign keys between them",
+  );
   cmd.option(
     "--dry-run",
     "print the plan (a batch's statements once, its key values as $n; the index build; the phase changes); change " +
@@ -161,9 +169,10 @@ pgshift pause orders (from any terminal) stops it between batches; pgshift resum
   );
   cmd.action(
     async (
-      tableArg: string,
+      tableArg: string | undefined,
       opts: ConnOpts &
         ThrottleCliOptions & {
+          group?: string;
           batchSize: number;
           batchTimeMs: number;
           sleepMs: number;
@@ -175,8 +184,10 @@ pgshift pause orders (from any terminal) stops it between batches; pgshift resum
         ...throttleOptions(opts),
         ...(opts.batchTimeMs > 0 ? { batchTimeMs: opts.batchTimeMs } : {}),
       };
+      const group = groupOf(tableArg, opts, "backfill");
+      if (group !== null) return backfillGroupCli(group, opts, pace);
       if (opts.dryRun) {
-        const plan = await withTable(tableArg, opts, (sql, table) =>
+        const plan = await withTable(tableArg!, opts, (sql, table) =>
           describeBackfill(sql, table, { batchSize: opts.batchSize, maxLagMs: opts.maxLagMs, ...pace }),
         );
         process.stdout.write(plan);
@@ -191,7 +202,7 @@ pgshift pause orders (from any terminal) stops it between batches; pgshift resum
       process.on("SIGINT", onSigint);
       const reporter = progressReporter();
       try {
-        const r = await withTable(tableArg, opts, (sql, table) =>
+        const r = await withTable(tableArg!, opts, (sql, table) =>
           backfill(sql, table, {
             batchSize: opts.batchSize,
             ...pace,
@@ -216,4 +227,27 @@ pgshift pause orders (from any terminal) stops it between batches; pgshift resum
     },
   );
   return cmd;
+}
+
+/** `backfill --group`: every table of the group, then the foreign keys between the shadows (src/group/backfill.ts). */
+async function backfillGroupCli(
+  group: string,
+  opts: ConnOpts & { batchSize: number; sleepMs: number; maxLagMs: number; dryRun?: boolean },
+  pace: BackfillOptions,
+): Promise<void> {
+  const o = { batchSize: opts.batchSize, sleepMs: opts.sleepMs, maxLagMs: opts.maxLagMs, ...pace };
+  if (opts.dryRun)
+    return void process.stdout.write(await withConnection(opts, (sql) => describeGroupBackfill(sql, group, o)));
+  const r = await withConnection(opts, (sql) => backfillGroup(sql, group, o));
+  for (const t of r.tables)
+    process.stdout.write(`${t.table}: ${t.result.rowsCopied} rows in ${t.result.batches} batches\n`);
+  process.stdout.write(
+    r.complete
+      ? `backfill of group ${group} complete` +
+          (r.foreignKeys.length > 0 ? "; foreign keys added between the shadows" : "") +
+          "\n" +
+          `next: pgshift verify --group ${group}\n`
+      : `backfill of group ${group} stopped (checkpoints saved); run pgshift backfill --group ${group} to continue\n`,
+  );
+  if (!r.complete) process.exitCode = 130;
 }

@@ -1,7 +1,8 @@
 import { type Command, InvalidArgumentError, Option } from "commander";
 import { z } from "zod";
 import { connect, DEFAULT_LOCK_RETRIES, DEFAULT_LOCK_TIMEOUT_MS, failOnConnectionLoss, type Sql } from "../db.js";
-import { explain } from "../errors.js";
+import { explain, PgshiftError } from "../errors.js";
+import { GroupNameSchema } from "../group/members.js";
 import { parseTableName, type QualifiedName } from "../names.js";
 import { beginObservation, endObservation } from "../observe/session.js";
 
@@ -52,6 +53,15 @@ export async function withTable<T>(
   { keepOnLoss = false }: { keepOnLoss?: boolean } = {},
 ): Promise<T> {
   const table = parseTableName(tableArg);
+  return withConnection(opts, (sql) => fn(sql, table), { keepOnLoss });
+}
+
+/** Connects, runs `fn`, always closes the connection, as withTable does (without a table). */
+export async function withConnection<T>(
+  opts: ConnOpts,
+  fn: (sql: Sql) => Promise<T>,
+  { keepOnLoss = false }: { keepOnLoss?: boolean } = {},
+): Promise<T> {
   const watch = keepOnLoss ? null : failOnConnectionLoss("the command's session was lost");
   const sql = await connect({
     url: opts.url,
@@ -59,7 +69,7 @@ export async function withTable<T>(
     ...(watch ? { onClose: watch.onClose } : {}),
   });
   try {
-    return await Promise.race(watch ? [fn(sql, table), watch.lost] : [fn(sql, table)]);
+    return await Promise.race(watch ? [fn(sql), watch.lost] : [fn(sql)]);
   } catch (err) {
     throw explain(err);
   } finally {
@@ -99,6 +109,27 @@ export function addLockOptions(cmd: Command, what = "lock_timeout for the locks 
       intOption("--retries"),
       DEFAULT_LOCK_RETRIES,
     );
+}
+
+/** `--group <name>`: act on every table of a migration group instead of one table (docs/groups.md). */
+export function addGroupOption(cmd: Command, what: string): Command {
+  return cmd.option("--group <name>", what, (v: string) => {
+    const r = GroupNameSchema.safeParse(v);
+    if (!r.success) throw new InvalidArgumentError(`--group ${r.error.issues[0]?.message ?? "is invalid"}`);
+    return r.data;
+  });
+}
+
+/**
+ * The group a command acts on (--group), or null when it acts on the table `tableArg`.
+ * @throws PgshiftError (exit 2) when both or neither are given.
+ */
+export function groupOf(tableArg: string | undefined, opts: { group?: string }, command: string): string | null {
+  if ((tableArg === undefined) === (opts.group === undefined))
+    throw new PgshiftError(`pgshift ${command} takes a table or --group <name>, not ${tableArg ? "both" : "neither"}`, {
+      hint: `pgshift ${command} orders, or pgshift ${command} --group shop`,
+    });
+  return opts.group ?? null;
 }
 
 /** `--url`: a postgres:// or postgresql:// URL. */
@@ -143,7 +174,11 @@ export function addObserveOptions(cmd: Command, { metrics = false, hooks = true 
   }
   return cmd
     .hook("preAction", async (_cmd, action) => {
-      await beginObservation(action.name(), String(action.processedArgs[0] ?? action.args[0]), action.opts());
+      // A group's command (--group) is observed under the name "group:<name>" (quoted: it is no table name).
+      const group = action.opts().group;
+      const arg = action.processedArgs[0] ?? action.args[0];
+      const table = group !== undefined ? `"group:${String(group)}"` : Array.isArray(arg) ? arg[0] : arg;
+      await beginObservation(action.name(), String(table), action.opts());
     })
     .hook("postAction", () => endObservation());
 }

@@ -1,15 +1,20 @@
 import { Command } from "commander";
 import { cutover, DEFAULT_CATCHUP_TIMEOUT_MS, formatSwitchPlan, swapBack, switchPlan } from "../cutover/cutover.js";
+import { formatGroupSwitchPlan, groupSwitchPlan, switchGroup } from "../group/switch.js";
 import {
   addConnectionOption,
+  addGroupOption,
   addLockOptions,
   addObserveOptions,
   type ConnOpts,
+  groupOf,
   intOption,
+  withConnection,
   withTable,
 } from "./common.js";
 
 type Opts = ConnOpts & {
+  group?: string;
   lockTimeout: number;
   retries: number;
   catchupTimeoutMs: number;
@@ -39,7 +44,7 @@ function switchCommand(name: "cutover" | "swap-back"): Command {
             "were blocked"
         : "undo the cutover: the original table is live again with every write made since",
     )
-    .argument("<table>", "table under migration")
+    .argument("[table]", "table under migration (or --group)")
     .option(
       "--dry-run",
       "print the plan it would run (index builds before the lock, the transaction, the checks between); change nothing",
@@ -53,6 +58,7 @@ function switchCommand(name: "cutover" | "swap-back"): Command {
       DEFAULT_CATCHUP_TIMEOUT_MS,
     );
   }
+  addGroupOption(cmd, "every table of this migration group, in one transaction (all switch or none)");
   addLockOptions(cmd, "lock_timeout of each attempt: the longest the application waits behind one attempt");
   addTerminateOption(cmd);
   addConnectionOption(cmd);
@@ -64,13 +70,17 @@ function switchCommand(name: "cutover" | "swap-back"): Command {
 Examples:
   pgshift cutover orders
   pgshift cutover orders --lock-timeout 30 --retries 200
-  pgshift cutover orders --terminate-holders-after 60000   # end sessions holding the table for a minute or more`
+  pgshift cutover orders --terminate-holders-after 60000   # end sessions holding the table for a minute or more
+  pgshift cutover --group shop     # every table of group shop in one transaction (docs/groups.md)`
       : `
 Examples:
-  pgshift swap-back orders`,
+  pgshift swap-back orders
+  pgshift swap-back --group shop`,
   );
-  cmd.action(async (tableArg: string, opts: Opts) => {
-    await withTable(tableArg, opts, async (sql, table) => {
+  cmd.action(async (tableArg: string | undefined, opts: Opts) => {
+    const group = groupOf(tableArg, opts, name);
+    if (group !== null) return groupSwitch(name, group, opts);
+    await withTable(tableArg!, opts, async (sql, table) => {
       if (opts.dryRun) {
         // The plan the command runs: index builds first (indexes created on the live table meanwhile), then
         // the transaction; refused here as it would be there.
@@ -117,6 +127,32 @@ Examples:
     });
   });
   return cmd;
+}
+
+/** `cutover --group` and `swap-back --group`: the group's plan (--dry-run), or its one transaction. */
+async function groupSwitch(name: "cutover" | "swap-back", group: string, opts: Opts): Promise<void> {
+  const o = {
+    lockTimeoutMs: opts.lockTimeout,
+    retries: opts.retries,
+    terminateHoldersAfterMs: opts.terminateHoldersAfter ?? null,
+  };
+  await withConnection(opts, async (sql) => {
+    if (opts.dryRun) {
+      process.stdout.write(formatGroupSwitchPlan(await groupSwitchPlan(sql, group, name, { ...o, dryRun: true })));
+      return;
+    }
+    const r = await switchGroup(sql, group, name, o);
+    for (const b of r.indexesBuilt)
+      process.stdout.write(`built index ${b.name} on ${b.on} before the lock, for index ${b.original}\n`);
+    process.stdout.write(
+      `${name} of group ${group} done in ${r.attempts} attempt(s), one transaction for ${r.tables.join(", ")}: ` +
+        `writes were blocked for ${r.lockHeldMs.toFixed(1)} ms\n` +
+        (name === "cutover"
+          ? `next: pgshift verify --group ${group}, then pgshift finalize --group ${group} --yes (or pgshift ` +
+            `swap-back --group ${group})\n`
+          : `next: pgshift cutover --group ${group} again, or pgshift abort --group ${group}\n`),
+    );
+  });
 }
 
 export const cutoverCommand = () => switchCommand("cutover");

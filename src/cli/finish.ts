@@ -1,10 +1,22 @@
 import { Command, Option } from "commander";
+import { PgshiftError } from "../errors.js";
+import { finishGroup } from "../group/finish.js";
 import { abort, abortPlan, finalize } from "../migration/finish.js";
 import { formatSteps } from "../plan/steps.js";
-import { addConnectionOption, addLockOptions, addObserveOptions, type ConnOpts, withTable } from "./common.js";
+import {
+  addConnectionOption,
+  addGroupOption,
+  addLockOptions,
+  addObserveOptions,
+  type ConnOpts,
+  groupOf,
+  withConnection,
+  withTable,
+} from "./common.js";
 import { addTerminateOption } from "./cutover.js";
 
 type Opts = ConnOpts & {
+  group?: string;
   lockTimeout: number;
   retries: number;
   terminateHoldersAfter?: number;
@@ -16,7 +28,7 @@ type Opts = ConnOpts & {
 export function finalizeCommand(): Command {
   const cmd = new Command("finalize")
     .description("after cutover: drop the retired table, the mirror and the metadata (swap-back is then impossible)")
-    .argument("<table>", "table under migration")
+    .argument("[table]", "table under migration (or --group)")
     .option("--yes", "confirm dropping the retired table")
     .option("--dry-run", "print the plan (its statements, where each runs, the checks between); change nothing")
     .addOption(
@@ -24,6 +36,7 @@ export function finalizeCommand(): Command {
         "pg_partman",
       ]),
     );
+  addGroupOption(cmd, "every table of this migration group, the referencing tables first");
   addLockOptions(cmd);
   addTerminateOption(cmd);
   addConnectionOption(cmd);
@@ -38,10 +51,13 @@ With --dry-run the same checks run before the statements are printed.
 
 Example:
   pgshift verify orders && pgshift finalize orders --yes
-  pgshift finalize orders --yes --hand-off pg_partman   # then CALL partman.run_maintenance_proc() keeps it`,
+  pgshift finalize orders --yes --hand-off pg_partman   # then CALL partman.run_maintenance_proc() keeps it
+  pgshift finalize --group shop --yes   # each table of group shop, in its own transaction`,
   );
-  cmd.action(async (tableArg: string, opts: Opts) => {
-    const r = await withTable(tableArg, opts, (sql, table) =>
+  cmd.action(async (tableArg: string | undefined, opts: Opts) => {
+    const group = groupOf(tableArg, opts, "finalize");
+    if (group !== null) return groupFinish("finalize", group, opts);
+    const r = await withTable(tableArg!, opts, (sql, table) =>
       finalize(sql, table, {
         yes: opts.yes,
         dryRun: opts.dryRun,
@@ -63,8 +79,9 @@ Example:
 export function abortCommand(): Command {
   const cmd = new Command("abort")
     .description("before cutover: drop the shadow and the mirror, leaving the source untouched")
-    .argument("<table>", "table under migration")
+    .argument("[table]", "table under migration (or --group)")
     .option("--dry-run", "print the plan (its statements, where each runs, the checks between); change nothing");
+  addGroupOption(cmd, "every table of this migration group, the referencing tables first");
   addLockOptions(cmd);
   addTerminateOption(cmd);
   addConnectionOption(cmd);
@@ -72,11 +89,14 @@ export function abortCommand(): Command {
   cmd.addHelpText(
     "after",
     `
-Example:
-  pgshift abort orders`,
+Examples:
+  pgshift abort orders
+  pgshift abort --group shop`,
   );
-  cmd.action(async (tableArg: string, opts: Opts) => {
-    await withTable(tableArg, opts, async (sql, table) => {
+  cmd.action(async (tableArg: string | undefined, opts: Opts) => {
+    const group = groupOf(tableArg, opts, "abort");
+    if (group !== null) return groupFinish("abort", group, opts);
+    await withTable(tableArg!, opts, async (sql, table) => {
       if (opts.dryRun) {
         process.stdout.write(
           formatSteps(
@@ -100,4 +120,28 @@ Example:
     });
   });
   return cmd;
+}
+
+/** `finalize --group` and `abort --group`: each table of the group in turn (finishGroup). */
+async function groupFinish(command: "finalize" | "abort", group: string, opts: Opts): Promise<void> {
+  if (opts.handOff !== undefined)
+    throw new PgshiftError("--hand-off takes one table, not --group", {
+      hint: `pgshift finalize --group ${group} --yes, then pgshift maintain <table> --hand-off pg_partman for each`,
+    });
+  const r = await withConnection(opts, (sql) =>
+    finishGroup(sql, group, command, {
+      yes: opts.yes,
+      dryRun: opts.dryRun,
+      lockTimeoutMs: opts.lockTimeout,
+      retries: opts.retries,
+      terminateHoldersAfterMs: opts.terminateHoldersAfter ?? null,
+    }),
+  );
+  if (opts.dryRun) {
+    for (const t of r.tables) process.stdout.write(`-- ${t.table}\n${formatSteps(t.result.steps)}`);
+    return;
+  }
+  process.stdout.write(
+    `${command === "finalize" ? "finalized" : "aborted"} group ${group}: ${r.tables.map((t) => t.table).join(", ")}\n`,
+  );
 }

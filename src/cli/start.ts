@@ -1,18 +1,27 @@
 import { Command } from "commander";
-import { BlockedError } from "../errors.js";
+import { BlockedError, PgshiftError } from "../errors.js";
+import { planGroupStart, startGroup } from "../group/start.js";
 import { type MigrationPlan, planMigration } from "../migration/plan.js";
 import { DEFAULT_SLOT_TIMEOUT_MS, keyExtensionRefusal, startMigration } from "../migration/start.js";
-import { displayName } from "../names.js";
+import { displayName, parseTableName } from "../names.js";
 import { formatSpecs, parseSpecs } from "../partitioning/spec.js";
 import { formatSteps } from "../plan/steps.js";
-import { addConnectionOption, addLockOptions, addObserveOptions, intOption, withTable } from "./common.js";
+import {
+  addConnectionOption,
+  addGroupOption,
+  addLockOptions,
+  addObserveOptions,
+  intOption,
+  withConnection,
+  withTable,
+} from "./common.js";
 import { addTerminateOption } from "./cutover.js";
 import { applicationLines, type PlanCliOpts, specOptions } from "./plan.js";
 
 export function startCommand(): Command {
   const cmd = new Command("start")
     .description("create the shadow table, its partitions and indexes, install the mirror, record the migration")
-    .argument("<table>", "table to partition, optionally schema-qualified")
+    .argument("<tables...>", "table to partition, optionally schema-qualified (several with --group)")
     .option("--dry-run", "print the plan and its statements; change nothing")
     .option(
       "--allow-key-extension",
@@ -26,6 +35,10 @@ export function startCommand(): Command {
       intOption("--slot-timeout-ms", 1),
       DEFAULT_SLOT_TIMEOUT_MS,
     );
+  addGroupOption(
+    cmd,
+    "start the tables as one migration group: all or none, foreign keys between them kept, switched together",
+  );
   specOptions(cmd);
   addLockOptions(cmd);
   addTerminateOption(cmd);
@@ -42,12 +55,15 @@ Examples:
   pgshift start orders --partition-by range:created_at:month --allow-key-extension   # key (id) becomes (id, created_at)
 A spec that adds the partition column to a unique key is refused (exit 2, nothing changed) without
 --allow-key-extension: pgshift plan names the keys, the ON CONFLICT targets that stop working at cutover
-and, with pg_stat_statements, the application's statements that would fail.`,
+and, with pg_stat_statements, the application's statements that would fail.
+Several tables at once (docs/groups.md):
+  pgshift start orders order_items --group shop --partition-by range:created_at:month --allow-key-extension`,
   );
   cmd.action(
     async (
-      tableArg: string,
+      tableArgs: string[],
       opts: PlanCliOpts & {
+        group?: string;
         lockTimeout: number;
         retries: number;
         terminateHoldersAfter?: number;
@@ -57,6 +73,42 @@ and, with pg_stat_statements, the application's statements that would fail.`,
       },
     ) => {
       const spec = parseSpecs(opts.partitionBy, opts.subpartitionBy);
+      if (opts.group !== undefined || tableArgs.length > 1) {
+        if (opts.group === undefined)
+          throw new PgshiftError("pgshift start takes one table, or several with --group <name>", {
+            hint: `pgshift start ${tableArgs.join(" ")} --group <name> --partition-by <spec>`,
+          });
+        const group = opts.group;
+        const tables = tableArgs.map((t) => parseTableName(t));
+        const o = {
+          spec,
+          mode: opts.mode,
+          premake: opts.premake,
+          lockTimeoutMs: opts.lockTimeout,
+          retries: opts.retries,
+          slotTimeoutMs: opts.slotTimeoutMs,
+          allowKeyExtension: opts.allowKeyExtension ?? false,
+          terminateHoldersAfterMs: opts.terminateHoldersAfter ?? null,
+        };
+        await withConnection(opts, async (sql) => {
+          if (opts.dryRun) {
+            const p = await planGroupStart(sql, group, tables, o);
+            for (const plan of p.plans) printStartPlan(plan);
+            if (p.blockers.length > 0) throw new BlockedError(`migration group ${group}`, p.blockers);
+            return;
+          }
+          const r = await startGroup(sql, group, tables, o);
+          for (const x of r.started) {
+            for (const w of x.plan.warnings) process.stdout.write(`warning: ${w}\n`);
+            process.stdout.write(
+              `started: ${displayName(x.plan.shadow)} with ${x.plan.partitions.length} partitions (group ${group})\n`,
+            );
+          }
+          process.stdout.write(`next: pgshift backfill --group ${group}\n`);
+        });
+        return;
+      }
+      const tableArg = tableArgs[0]!;
       await withTable(tableArg, opts, async (sql, table) => {
         if (opts.dryRun) {
           const plan = await planMigration(sql, table, {

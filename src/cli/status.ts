@@ -3,21 +3,26 @@ import Table from "cli-table3";
 import { Command } from "commander";
 import type { Sql } from "../db.js";
 import { PgshiftError } from "../errors.js";
+import { loadGroup } from "../group/members.js";
 import { displayName, type QualifiedName } from "../names.js";
 import { createMetrics, type MetricsServer, type PgshiftMetrics, serveMetrics, setPhase } from "../observe/metrics.js";
 import { type StatusReport, status } from "../status.js";
 import {
   addConnectionOption,
+  addGroupOption,
   addMetricsOption,
   type ConnOpts,
   formatBytes,
   formatDuration,
+  groupOf,
   intOption,
   printJson,
+  withConnection,
   withTable,
 } from "./common.js";
 
 type StatusOpts = ConnOpts & {
+  group?: string;
   json?: boolean;
   maxRetainedWal: number;
   watch?: boolean;
@@ -32,7 +37,7 @@ export function statusCommand(): Command {
       "phase, who works on it now (pid, command, since when), rows copied / estimated, rate and ETA while a backfill " +
         "runs, rows in DEFAULT, mirror health, last verify result, next step; --watch: refreshed every second",
     )
-    .argument("<table>", "table under migration")
+    .argument("[table]", "table under migration (or --group)")
     .option("--json", "print as JSON (with --watch: one JSON object per line)")
     .option(
       "--watch",
@@ -45,6 +50,7 @@ export function statusCommand(): Command {
       intOption("--max-retained-wal", 1),
       1024 ** 3,
     );
+  addGroupOption(cmd, "every table of this migration group (--json: {group, tables: [...]}; not with --watch)");
   addConnectionOption(cmd);
   addMetricsOption(cmd);
   cmd.addHelpText(
@@ -56,10 +62,35 @@ Examples:
   pgshift status orders --watch                          # live view: progress bar, rate, ETA, lag, throttle
   pgshift status orders --watch --interval 5000 >> status.jsonl   # not a terminal: one JSON object per line
   pgshift status orders --watch --metrics-port 9187      # and Prometheus metrics at :9187/metrics
+  pgshift status --group shop                            # every table of migration group shop
 --metrics-port needs --watch. The watch ends with Ctrl-C, or by itself (exit 0) once the migration is finalized
 or aborted.`,
   );
-  cmd.action(async (tableArg: string, opts: StatusOpts) => {
+  cmd.action(async (tableArg: string | undefined, opts: StatusOpts) => {
+    const group = groupOf(tableArg, opts, "status");
+    if (group !== null) {
+      if (opts.watch)
+        throw new PgshiftError("--watch shows one table", {
+          hint: `pgshift status <table> --watch (see --group ${group})`,
+        });
+      const tables = await withConnection(opts, async (sql) => {
+        const ms = await loadGroup(sql, group, { upgrade: false });
+        const out: StatusReport[] = [];
+        for (const m of ms) out.push(await status(sql, m.live, { maxRetainedWalBytes: opts.maxRetainedWal }));
+        return out;
+      });
+      if (tables.length === 0)
+        throw new PgshiftError(`no migration group ${group} is in progress`, {
+          hint: `start one with: pgshift start <table> <table>... --group ${group} --partition-by <spec>`,
+        });
+      if (opts.json) return printJson({ group, tables });
+      for (const [i, s] of tables.entries()) {
+        process.stdout.write(`${i > 0 ? "\n" : ""}migration group ${group}, table ${i + 1} of ${tables.length}:\n`);
+        printStatus(s);
+      }
+      return;
+    }
+    if (tableArg === undefined) return;
     if (opts.metricsPort !== undefined && !opts.watch) {
       throw new PgshiftError("--metrics-port needs --watch", {
         hint: `pgshift status ${tableArg} --watch --metrics-port ${opts.metricsPort}`,

@@ -120,7 +120,11 @@ export function swapBackSql(m: Migration): string[] {
   return switchSql(m, "swapped_back");
 }
 
-function switchSql(m: Migration, to: Phase): string[] {
+/**
+ * The statements of one table's switch to phase `to`, in order (cutoverSql): the first locks both tables; a group's
+ * switch (src/group/switch.ts) locks every table of the group at once and runs the rest of each table's.
+ */
+export function switchSql(m: Migration, to: Phase): string[] {
   const mirror = mirrorFor(m.mode);
   const next = renamed(m, to);
   const out: string[] = [`LOCK TABLE ${quoteQualified(m.live)}, ${quoteQualified(m.copy)} IN ACCESS EXCLUSIVE MODE`];
@@ -169,7 +173,7 @@ export function requireNoKnownDifferences(m: Migration, what: string): void {
 }
 
 /** How a switch's plan waits and locks (from CutoverOptions, defaults applied). */
-interface SwitchOptions {
+export interface SwitchOptions {
   catchupMs: number;
   closeBehindMs: number;
   catchupBeforeLockMs: number;
@@ -177,7 +181,7 @@ interface SwitchOptions {
   terminateAfterMs: number | null;
 }
 
-function switchOptions(o: CutoverOptions): SwitchOptions {
+export function switchOptions(o: CutoverOptions): SwitchOptions {
   return {
     catchupMs: o.catchupTimeoutMs ?? DEFAULT_CATCHUP_TIMEOUT_MS,
     closeBehindMs: o.closeBehindMs ?? DEFAULT_CLOSE_BEHIND_MS,
@@ -261,8 +265,43 @@ export function switchSteps(p: SwitchPlan): Step[] {
 export const formatSwitchPlan = (p: SwitchPlan): string => formatSteps(switchSteps(p));
 
 /** The UPDATE of pgshift.migrations that records a switch (phase and its time). */
-function phaseSql(m: Migration, to: "cutover" | "swapped_back"): string {
+export function phaseSql(m: Migration, to: "cutover" | "swapped_back"): string {
   return `UPDATE pgshift.migrations SET phase = '${to}', updated_at = now(), ${to}_at = now() WHERE id = ${m.id}`;
+}
+
+/**
+ * The check, under the switch's locks, that the columns did not change and that nothing was created on the live
+ * table of `m` since `snapshot()` was taken (dependencySnapshot, before the lock); `rerun`: the command to run
+ * again, as the hint says it.
+ * @returns a check step that throws PgshiftError (nothing changed: the transaction rolls back).
+ */
+export function lateCheck(
+  m: Migration,
+  table: QualifiedName,
+  command: "cutover" | "swap-back",
+  snapshot: () => readonly string[],
+  rerun = `pgshift ${command} ${displayName(table)}`,
+): CheckStep {
+  const what = command === "cutover" ? "cut over" : "swap back";
+  return check(
+    `refuse if the columns changed, or objects were created on ${displayName(m.live)} ` +
+      "after the checks before this transaction",
+    async (tx) => {
+      await requireNoDrift(tx, m, what);
+      const appeared = await newDependents(tx, m.live, snapshot());
+      if (appeared.length > 0) {
+        throw new PgshiftError(
+          `cannot ${what}: created on ${displayName(m.live)} while ${command} prepared: ` +
+            `${appeared.join(", ")}; nothing was changed`,
+          {
+            hint:
+              `run ${rerun} again: it builds new indexes on ` +
+              `${displayName(m.copy)} first and names anything else, with what to run`,
+          },
+        );
+      }
+    },
+  );
 }
 
 /**
@@ -291,7 +330,6 @@ function buildSwitch(
   };
   const m = c.migration;
   const to = command === "cutover" ? "cutover" : "swapped_back";
-  const what = command === "cutover" ? "cut over" : "swap back";
   const context: SwitchContext = {
     follower: null,
     target: "",
@@ -409,25 +447,7 @@ function buildSwitch(
     // Without the stream the look before the lock comes here (with it, before the live table's lock above).
     ...(streamed ? [lockBoth] : site.steps(lockBoth)),
     // Under both locks no ALTER TABLE can slip in between this check and the renames.
-    check(
-      `refuse if the columns changed, or objects were created on ${displayName(m.live)} ` +
-        "after the checks before this transaction",
-      async (tx) => {
-        await requireNoDrift(tx, m, what);
-        const appeared = await newDependents(tx, m.live, context.snapshot);
-        if (appeared.length > 0) {
-          throw new PgshiftError(
-            `cannot ${what}: created on ${displayName(m.live)} while ${command} prepared: ` +
-              `${appeared.join(", ")}; nothing was changed`,
-            {
-              hint:
-                `run pgshift ${command} ${displayName(table)} again: it builds new indexes on ` +
-                `${displayName(m.copy)} first and names anything else, with what to run`,
-            },
-          );
-        }
-      },
-    ),
+    lateCheck(m, table, command, () => context.snapshot),
     ...sw.slice(1).map((s) => statement(s)),
     ...carried.flatMap((x) => x.inside),
     statement(phaseSql(m, to)),
@@ -476,6 +496,11 @@ export async function switchPlan(
   opts: CutoverOptions & { dryRun?: boolean } = {},
 ): Promise<SwitchPlan> {
   const m0 = await requireMigration(sql, table, command, { upgrade: !opts.dryRun });
+  if (m0.group_name !== null)
+    throw new PgshiftError(
+      `${displayName(table)} belongs to migration group ${m0.group_name}: its tables switch together`,
+      { hint: `run pgshift ${command} --group ${m0.group_name}` },
+    );
   const health = await mirrorFor(m0.mode).health(sql, m0);
   if (!health.ok)
     throw new PgshiftError(`the mirror is not healthy: ${health.detail}`, {

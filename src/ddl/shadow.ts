@@ -7,6 +7,11 @@ import { type PartitionSpec, partitionColumns, partitionMethod } from "../partit
 export interface ShadowNames {
   source: QualifiedName;
   shadow: QualifiedName;
+  /**
+   * Outgoing foreign keys (by name) not to copy: those to other tables of a migration group, which the group's
+   * backfill adds once every copy is complete, referencing the other table's shadow (src/group/foreign-keys.ts).
+   */
+  withoutForeignKeys?: readonly string[];
 }
 
 /**
@@ -477,6 +482,7 @@ export function shadowDdl(
   }
   for (const fk of facts.foreignKeys) {
     if (fk.valid === false) continue; // after the copy (afterCopySql)
+    if (names.withoutForeignKeys?.includes(fk.name)) continue; // the group's backfill adds it
     out.push(`ALTER TABLE ${shd} ADD CONSTRAINT ${quoteIdent(fk.name)} ${fk.definition}`);
     if (fk.comment) out.push(`COMMENT ON CONSTRAINT ${quoteIdent(fk.name)} ON ${shd} IS ${quoteLiteral(fk.comment)}`);
   }

@@ -17,6 +17,7 @@
 import { z } from "zod";
 import type { TableFacts } from "../catalog/inspect.js";
 import type { AnySql } from "../db.js";
+import { groupTableNames } from "../group/members.js";
 import type { Migration } from "../migration/state.js";
 import { loadMigration } from "../migration/state.js";
 import { displayName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
@@ -218,9 +219,11 @@ export const foreignKeys: Carrier = {
     const m = await loadMigration(sql, live, { upgrade: false });
     if (!m) return [];
     const version = await serverVersion(sql);
+    // A foreign key between two tables of a migration group follows its table (docs/groups.md): claimed, not carried.
+    const group = await groupTableNames(sql, m);
     // A foreign key that cannot follow is not claimed: the late-object check refuses it, naming it.
     const oids = (await incomingForeignKeys(sql, m.live))
-      .filter((f) => whyNot(f, m.spec.column, version, displayName(m.live)) === null)
+      .filter((f) => group.has(f.relName) || whyNot(f, m.spec.column, version, displayName(m.live)) === null)
       .map((f) => String(f.oid));
     // With them, their clones on the partitions of a partitioned referencing table (dropped and re-created with them).
     const rows = await sql`
@@ -235,6 +238,11 @@ export const foreignKeys: Carrier = {
   async carry(sql: AnySql, m: Migration, _to: SwitchTo): Promise<Carried[]> {
     const version = await serverVersion(sql);
     const fks = await incomingForeignKeys(sql, m.live);
-    return fks.filter((f) => whyNot(f, m.spec.column, version, displayName(m.live)) === null).map(carried);
+    // One from another table of m's migration group references m's partitioned table from that table's partitioned
+    // one (and the original from the original): the group's switch renames both, so it stays as it is.
+    const group = await groupTableNames(sql, m);
+    return fks
+      .filter((f) => !group.has(f.relName) && whyNot(f, m.spec.column, version, displayName(m.live)) === null)
+      .map(carried);
   },
 };

@@ -166,6 +166,21 @@ export interface FinishOptions extends LockRetryOptions {
   dryRun?: boolean;
   /** finalize only: then register the table with pg_partman (src/maintain/partman.ts). */
   handOff?: "pg_partman";
+  /** The migration group this runs for (finalize --group, abort --group): a table of a group is refused alone. */
+  group?: string;
+}
+
+/**
+ * Refuses to finalize or abort a table of a migration group on its own (the other tables reference it, or it them:
+ * src/group/finish.ts orders them); `group` is the group the command acts for, if any.
+ * @throws PgshiftError naming the group, with the command to run.
+ */
+function requireAlone(m: Migration, command: "finalize" | "abort", group: string | undefined): void {
+  if (m.group_name === null || m.group_name === group) return;
+  throw new PgshiftError(
+    `${displayName(m.live)} belongs to migration group ${m.group_name}: its tables ${command} together`,
+    { hint: `run pgshift ${command} --group ${m.group_name}${command === "finalize" ? " --yes" : ""}` },
+  );
 }
 
 const Dependent = z.object({ what: z.string() });
@@ -360,6 +375,7 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
   await lockMigration(sql, table);
   try {
     const m = await requireMigration(sql, table, "finalize", { upgrade: !opts.dryRun });
+    requireAlone(m, "finalize", opts.group);
     if (!opts.yes && !opts.dryRun) {
       throw new PgshiftError(`finalize drops ${displayName(m.copy)} and makes swap-back impossible`, {
         hint: "run it again with --yes to confirm",
@@ -434,7 +450,7 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
 export async function abortPlan(
   sql: AnySql,
   table: QualifiedName,
-  opts: { dryRun?: boolean; lockTimeoutMs?: number; terminateHoldersAfterMs?: number | null } = {},
+  opts: { dryRun?: boolean; lockTimeoutMs?: number; terminateHoldersAfterMs?: number | null; group?: string } = {},
 ): Promise<{ migration: Migration | null; steps: Step[] }> {
   const lockTimeoutMs = opts.lockTimeoutMs ?? DEFAULT_LOCK_TIMEOUT_MS;
   const lock = { table: displayName(table), command: "abort", terminateAfterMs: opts.terminateHoldersAfterMs };
@@ -444,6 +460,7 @@ export async function abortPlan(
       return { migration: null, steps: dropStreamSql(left.slot, left.publication, table, { lockTimeoutMs, lock }) };
   }
   const m = await requireMigration(sql, table, "abort", { upgrade: !opts.dryRun });
+  requireAlone(m, "abort", opts.group);
   const site = finishSite(m, "abort", lockTimeoutMs, opts.terminateHoldersAfterMs);
   const [first, ...rest] = abortSql(m);
   return {
@@ -465,13 +482,14 @@ export async function abortPlan(
 export async function abort(
   sql: Sql,
   table: QualifiedName,
-  opts: LockRetryOptions & { terminateHoldersAfterMs?: number | null } = {},
+  opts: LockRetryOptions & { terminateHoldersAfterMs?: number | null; group?: string } = {},
 ): Promise<FinishResult> {
   await lockMigration(sql, table);
   try {
     const plan = await abortPlan(sql, table, {
       lockTimeoutMs: opts.lockTimeoutMs,
       terminateHoldersAfterMs: opts.terminateHoldersAfterMs ?? null,
+      ...(opts.group !== undefined ? { group: opts.group } : {}),
     });
     await runLocked(sql, plan.steps, { lockRetry: lockRetryOf(opts) });
     if (plan.migration)

@@ -57,6 +57,11 @@ export interface PlanOptions {
   slotTimeoutMs?: number;
   /** Terminate sessions holding a conflicting lock on the source older than this, ms, before locking it. */
   terminateHoldersAfterMs?: number | null;
+  /**
+   * A migration group (src/group): its name, recorded in the row, and the table's foreign keys to other tables of
+   * the group, left off the shadow (the group's backfill adds them, referencing the other shadows).
+   */
+  group?: { name: string; foreignKeys: readonly string[] };
 }
 
 /** lock_timeout of start's transaction when none is given, ms (db.ts). */
@@ -376,7 +381,11 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     // The table's own DDL runs first, then pgshift's own objects (what plan prints is what start runs). The
     // identity default functions live in schema pgshift, so they and the column defaults calling them come
     // after the schema; nothing is written to the shadow before the transaction commits.
-    const ddl = shadowDdl(facts, spec, partitions, { source: src, shadow });
+    const ddl = shadowDdl(facts, spec, partitions, {
+      source: src,
+      shadow,
+      withoutForeignKeys: opts.group?.foreignKeys ?? [],
+    });
     const identityFns = sequences.flatMap((s) =>
       s.defaultFunction ? [`${quoteQualified({ schema: "pgshift", name: s.defaultFunction })}()`] : [],
     );
@@ -433,14 +442,14 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
     statements.push(
       `INSERT INTO pgshift.migrations (source_schema, source_table, shadow_table, retired_table, spec, mode, phase, ` +
         `key_columns, shadow_key, copy_columns, sequences, mirror_function, deferred_indexes, index_renames, ` +
-        `slot_name, publication_name, rows_estimated) VALUES (` +
+        `slot_name, publication_name, rows_estimated${opts.group ? ", group_name" : ""}) VALUES (` +
         [src.schema, src.name, shadow.name, retired.name].map(quoteLiteral).join(", ") +
         `, ${quoteLiteral(JSON.stringify(spec))}, ${quoteLiteral(mode)}, ` +
         `'started', ${textArray(keyColumns)}, ${textArray(sKey)}, ${textArray(cols)}, ` +
         `${quoteLiteral(JSON.stringify(sequences))}, ${quoteLiteral(mirrorFunction.name)}, ` +
         `${quoteLiteral(JSON.stringify(deferredIndexes))}, ${quoteLiteral(JSON.stringify(indexRenames))}, ` +
         `${stream ? quoteLiteral(stream.slot) : "NULL"}, ${stream ? quoteLiteral(stream.publication) : "NULL"}, ` +
-        `${Math.max(0, Math.round(facts.estimatedRows))})`,
+        `${Math.max(0, Math.round(facts.estimatedRows))}${opts.group ? `, ${quoteLiteral(opts.group.name)}` : ""})`,
     );
   }
   if (facts.estimatedRows < 0)

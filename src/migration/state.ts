@@ -110,6 +110,9 @@ export const MigrationRowSchema = z.object({
   batch_rows: z.coerce.number().nullable().default(null),
   batch_target_ms: z.coerce.number().nullable().default(null),
   last_batch_ms: z.coerce.number().nullable().default(null),
+  // Version 8 (missing from an older row, read by plan or status, which do not upgrade):
+  /** The migration group (pgshift start --group) the migration belongs to; null: none (docs/groups.md). */
+  group_name: z.string().nullable().default(null),
 });
 export type MigrationRow = z.infer<typeof MigrationRowSchema>;
 
@@ -194,12 +197,12 @@ export function isStreaming(m: Migration): m is StreamingMigration {
  * application reuses its key with another partition value); 6: the pace columns of pgshift.migrations (paused_*,
  * throttle_*, batch_rows, batch_target_ms, last_batch_ms: pgshift pause and resume, the throttle's reason, the
  * batch size in use); 7: pgshift.partitioned_tables (what maintain keeps of each table pgshift partitioned, written at
- * finalize). Each version's change is a numbered file,
+ * finalize); 8: pgshift.migrations.group_name (migration groups). Each version's change is a numbered file,
  * src/sql/schema/00000N.sql (schemaFile). A database at an older version is upgraded by the first
  * command that writes state (requireSchemaVersion; plan, status and dry runs read it as it is); one at a newer
  * version is refused by every command, so that no pgshift acts on state it does not understand.
  */
-export const SCHEMA_VERSION = 7;
+export const SCHEMA_VERSION = 8;
 
 /**
  * The file that brings the pgshift schema from `version - 1` to `version` (src/sql/schema/000001.sql creates
