@@ -91,90 +91,10 @@ export function mirrorFunctionSql(m: TriggerMirrorSpec): string {
     overriding: m.overridingSystemValue ? " OVERRIDING SYSTEM VALUE" : "",
   };
   if (m.writes === "strict") return withDollarTag("mirror/strict.sql", { ...values, update: strictUpdate(m) });
-  return upsertFunction(m, "", `    ${deleteSql(m, m.to)}`, `  ${upsertSql(m, m.to)}`);
-}
-
-/** The forward mirror's function (upsert.sql) with its declarations and its delete and upsert statements. */
-function upsertFunction(m: TriggerMirrorSpec, declare: string, deleteOld: string, upsertNew: string): string {
-  return withDollarTag("mirror/upsert.sql", {
-    fn: m.fn,
-    old_key: keyTupleOf(m.key, "OLD"),
-    new_key: keyTupleOf(m.key, "NEW"),
-    declare,
-    delete_old: deleteOld,
-    upsert_new: upsertNew,
-  });
-}
-
-/** The forward mirror's delete of the old row from `to` (delete.sql). */
-const deleteSql = (m: TriggerMirrorSpec, to: QualifiedName) =>
-  sqlFile("mirror/delete.sql", { to, key: m.key, old_key: keyTupleOf(m.key, "OLD") });
-
-/** The forward mirror's upsert of the new row into `to` (upsert-row.sql). */
-function upsertSql(m: TriggerMirrorSpec, to: QualifiedName): string {
   const rest = m.columns.filter((c) => !m.key.includes(c)).map(quoteIdent);
   const conflict =
     rest.length === 0 ? "DO NOTHING" : `DO UPDATE SET ${rest.map((c) => `${c} = EXCLUDED.${c}`).join(", ")}`;
-  return sqlFile("mirror/upsert-row.sql", {
-    to,
-    columns: m.columns,
-    key: m.key,
-    new_values: m.columns.map((c) => `NEW.${quoteIdent(c)}`).join(", "),
-    overriding: m.overridingSystemValue ? " OVERRIDING SYSTEM VALUE" : "",
-    conflict,
-  });
-}
-
-/** Stands for the table written in a statement turned into a format() pattern (routedMirrorFunctionSql). */
-const SLOT: QualifiedName = { schema: "\u0001", name: "\u0001" };
-const SLOT_MARKS = ["\u0001", "\u0002", "\u0003"];
-
-/**
- * `text` as a format() pattern: every % doubled, then each `[mark, spec]` of `marks` (text occurring nowhere else)
- * replaced by its format() specifier.
- */
-function formatPattern(text: string, marks: readonly (readonly [string, string])[]): string {
-  let out = text.replaceAll("%", "%%");
-  for (const [mark, spec] of marks) out = out.replaceAll(mark, spec);
-  return out;
-}
-
-/**
- * A DO block that replaces the forward mirror's function (`writes` "upsert", after installTriggerMirrorSql created
- * it as mirrorFunctionSql writes it) by one that writes each row straight into its leaf partition of `m.to`, chosen
- * by the leaf's partition constraint read from the catalog when the block runs (src/sql/mirror/route.sql). Same
- * semantics per row as mirrorFunctionSql (delete the old row by its key when the key changes or on DELETE, upsert
- * the new one), without routing each row through the partitioned target: a statement on the target locks every
- * partition (a generic plan) and sets up tuple routing on every call; a statement on one leaf does neither. A row
- * that meets no leaf's constraint (a DEFAULT partition's row) is written through the target, as before. Leaves
- * are read when the block runs: the shadow's partitions are fixed from start to finalize (the DDL guard refuses
- * detaching or dropping one; one added meanwhile gets its rows through the target), and cutover and swap-back run
- * it again under their locks.
- * @throws Error when a column name holds the characters U+0001 to U+0003 (used as marks in the patterns).
- */
-export function routedMirrorFunctionSql(m: TriggerMirrorSpec): string {
-  const names = [...m.columns, ...m.key, m.to.schema, m.to.name];
-  if (names.some((n) => SLOT_MARKS.some((mark) => n.includes(mark))))
-    throw new Error("a column or table name holds a control character U+0001 to U+0003: cannot route the mirror");
-  const slot = quoteQualified(SLOT);
-  const fn = upsertFunction(m, SLOT_MARKS[0]!, SLOT_MARKS[1]!, SLOT_MARKS[2]!);
-  const values: Record<string, SqlValue> = {
-    to: quoteQualified(m.to),
-    function: formatPattern(fn, [
-      [SLOT_MARKS[0]!, "\n%1$s"],
-      [SLOT_MARKS[1]!, "%2$s"],
-      [SLOT_MARKS[2]!, "%3$s"],
-    ]),
-    delete: formatPattern(deleteSql(m, SLOT), [[slot, "%s"]]),
-    upsert: formatPattern(upsertSql(m, SLOT), [[slot, "%s"]]),
-    parent_delete: deleteSql(m, m.to),
-    parent_upsert: upsertSql(m, m.to),
-  };
-  for (let n = 0; ; n++) {
-    const tag = n === 0 ? "$pgshift_route$" : `$pgshift_route${n}$`;
-    const text = sqlFile("mirror/route.sql", { ...values, tag });
-    if (text.split(tag).length === 3) return text;
-  }
+  return withDollarTag("mirror/upsert.sql", { ...values, new_key: keyTupleOf(m.key, "NEW"), conflict });
 }
 
 const keyTupleOf = (key: readonly string[], rec: string) => `(${key.map((k) => `${rec}.${quoteIdent(k)}`).join(", ")})`;
@@ -231,10 +151,7 @@ export function truncateGuardSql(table: QualifiedName): string[] {
   ];
 }
 
-/**
- * Statements that start mirroring `from` into `to`: the function, the row trigger, the TRUNCATE guards, and for the
- * forward mirror (`writes` "upsert") the function replaced by its routed version (routedMirrorFunctionSql).
- */
+/** Statements that start mirroring `from` into `to`: the function, the row trigger, the TRUNCATE guards. */
 export function installTriggerMirrorSql(m: TriggerMirrorSpec): string[] {
   const from = quoteQualified(m.from);
   return [
@@ -242,8 +159,6 @@ export function installTriggerMirrorSql(m: TriggerMirrorSpec): string[] {
     `CREATE TRIGGER ${MIRROR_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON ${from} FOR EACH ROW EXECUTE ` +
       `FUNCTION ${quoteQualified(m.fn)}()`,
     ...truncateGuardSql(m.from),
-    // The forward mirror then writes each row into its leaf partition (the function replaced in place).
-    ...(m.writes === "strict" ? [] : [routedMirrorFunctionSql(m)]),
   ];
 }
 

@@ -18,7 +18,6 @@ import {
   mirrorFunctionSql,
   removeMirrorTriggerSql,
   removeTruncateGuardSql,
-  routedMirrorFunctionSql,
   TRUNCATE_TRIGGER,
   type TriggerMirrorSpec,
 } from "../../src/mirror/trigger.js";
@@ -912,10 +911,8 @@ $pgshift$`,
       fn: { schema: "pgshift", name: "mirror_1" },
     };
     const sql = installTriggerMirrorSql(spec);
-    expect(sql).toHaveLength(5);
+    expect(sql).toHaveLength(4);
     expect(sql[0]).toBe(mirrorFunctionSql(spec));
-    // then the function replaced by the one that writes each row into its leaf partition (issue 18 item 6)
-    expect(sql[4]).toBe(routedMirrorFunctionSql(spec));
     expect(sql[1]).toBe(
       `CREATE TRIGGER ${MIRROR_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON "My Schema"."Order Items" FOR EACH ROW ` +
         `EXECUTE FUNCTION "pgshift"."mirror_1"()`,

@@ -1,20 +1,22 @@
 -- The forward mirror's trigger function (mirrorFunctionSql in src/mirror/trigger.ts, writes "upsert"): each row
--- the application writes upserted into the partitioned shadow. Placeholders: :"fn" the function; :old_key and
--- :new_key the key as (OLD.k, ...) and (NEW.k, ...); :tag the dollar quote, absent from the body; :declare nothing,
--- or the DECLARE section of the routed function (route.sql); :delete_old the delete of the old row (delete.sql) or
--- the routed deletes; :upsert_new the upsert of the new row (upsert-row.sql) or the routed upserts.
+-- the application writes upserted into the partitioned shadow. Placeholders: :"fn" the function; :"to" the
+-- target; :"columns" the columns written; :"key" the target's key; :old_key and :new_key the key as (OLD.k, ...)
+-- and (NEW.k, ...); :new_values NEW.c, ... for the columns; :overriding nothing or " OVERRIDING SYSTEM VALUE";
+-- :conflict DO NOTHING or DO UPDATE SET c = EXCLUDED.c, ...; :tag the dollar quote, absent from the body.
 CREATE OR REPLACE FUNCTION :"fn"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan AS :tag
-#variable_conflict use_column:declare
+#variable_conflict use_column
 BEGIN
   IF TG_OP = 'DELETE' THEN
-:delete_old
+    DELETE FROM :"to" WHERE (:"key") = :old_key;
     RETURN NULL;
   END IF;
   IF TG_OP = 'UPDATE' AND :old_key IS DISTINCT FROM :new_key THEN
-:delete_old
+    DELETE FROM :"to" WHERE (:"key") = :old_key;
   END IF;
-:upsert_new
+  INSERT INTO :"to" (:"columns"):overriding
+    VALUES (:new_values)
+    ON CONFLICT (:"key") :conflict;
   RETURN NULL;
 END
 :tag
