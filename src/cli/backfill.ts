@@ -135,6 +135,11 @@ export function backfillCommand(): Command {
     )
     .option("--sleep-ms <ms>", "pause between batches, to throttle the copy", intOption("--sleep-ms"), 0)
     .option(
+      "--lock-rows",
+      "lock the rows each batch reads (FOR SHARE) instead of cleaning its range afterwards: writes a row lock into " +
+        "every row of the table; the default copy writes nothing to it (logical mode always locks)",
+    )
+    .option(
       "--max-lag-ms <ms>",
       "logical mode: return once the stream applies new writes within this many ms",
       intOption("--max-lag-ms", 1),
@@ -168,11 +173,13 @@ pgshift pause orders (from any terminal) stops it between batches; pgshift resum
           batchTimeMs: number;
           sleepMs: number;
           maxLagMs: number;
+          lockRows?: boolean;
           dryRun?: boolean;
         },
     ) => {
       const pace = {
         ...throttleOptions(opts),
+        ...(opts.lockRows ? { lockRows: true } : {}),
         ...(opts.batchTimeMs > 0 ? { batchTimeMs: opts.batchTimeMs } : {}),
       };
       if (opts.dryRun) {
