@@ -78,6 +78,8 @@ export interface BackfillResult extends BackfillProgress {
   conflictBatches: number;
   /** Without row locks: rows the cleanups deleted from the copy (deleted or moved in the source meanwhile). */
   ghostsDeleted: number;
+  /** Without row locks: time spent in the cleanups and waiting for the last ones, ms. */
+  cleanupMs: number;
   ms: number;
 }
 
@@ -180,6 +182,7 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
     batches: 0,
     conflictBatches: 0,
     ghosts: 0,
+    cleanupMs: 0,
     complete: m.copy_finished_at !== null,
     t0: performance.now(),
     gate: null,
@@ -267,6 +270,14 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
     );
     /** Cleans the longest run of pending batches whose suspects have all ended; returns whether none is left. */
     const cleanDue = async (): Promise<boolean> => {
+      const t = performance.now();
+      try {
+        return await cleanDueNow();
+      } finally {
+        run.cleanupMs += performance.now() - t;
+      }
+    };
+    const cleanDueNow = async (): Promise<boolean> => {
       const known = pending.filter((p) => p.suspects !== null);
       if (known.length === 0) return pending.length === 0;
       const running = await stillRunning(sql, [...new Set(known.flatMap((p) => p.suspects ?? []))]);
@@ -295,7 +306,6 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
      * (signal) or past `patienceMs`: the checkpoint stays at the clean end; the next run copies from there again.
      */
     const drain = async (patienceMs: number | null): Promise<boolean> => {
-      if (pending.length === 0) return true;
       const r = (await sql.unsafe(marker.sql))[0]!;
       const sus = suspectsOf(String(r.xid), String(r.snap));
       for (const p of pending) p.suspects ??= sus;
@@ -313,6 +323,7 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
           );
         }
         await new Promise((res) => setTimeout(res, 50));
+        run.cleanupMs += performance.now() - now;
       }
     };
     let waiting: Waiting | null = null;
@@ -516,6 +527,7 @@ interface CopyRun {
   complete: boolean;
   /** Rows deleted from the copy by the cleanups (without row locks): ghosts of deletes and moves. */
   ghosts: number;
+  cleanupMs: number;
   t0: number;
   /** The wait between batches (pause, throttles); its reason is cleared from the state when the command ends. */
   gate: PaceGate | null;
@@ -564,7 +576,7 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
     if (!run) {
       const p = progress(m, 0, 0, true);
       opts.onProgress?.(p);
-      return { ...p, complete: true, ms: 0, conflictBatches: 0, ghostsDeleted: 0 };
+      return { ...p, complete: true, ms: 0, conflictBatches: 0, ghostsDeleted: 0, cleanupMs: 0 };
     }
     try {
       await runSteps(sql, plan.steps, { lockRetry: opts.retries !== undefined ? { retries: opts.retries } : {} });
@@ -577,7 +589,8 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
     const ms = performance.now() - t0;
     const p = progress(m, run.copiedHere, ms, run.complete);
     opts.onProgress?.(p);
-    return { ...p, complete: run.complete, ms, conflictBatches: run.conflictBatches, ghostsDeleted: run.ghosts };
+    const cleaning = { ghostsDeleted: run.ghosts, cleanupMs: Math.round(run.cleanupMs) };
+    return { ...p, complete: run.complete, ms, conflictBatches: run.conflictBatches, ...cleaning };
   } finally {
     await unlockMigration(sql, table).catch(() => {});
   }

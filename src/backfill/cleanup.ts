@@ -56,7 +56,7 @@ import type { Sql } from "../db.js";
 import type { Migration } from "../migration/state.js";
 import { quoteIdent, quoteQualified } from "../names.js";
 import { block, runTransaction, statement, type TransactionStep, transactionStep } from "../plan/steps.js";
-import { placeholders, rowCompare } from "../sql/statement.js";
+import { columnList, placeholders, rowCompare } from "../sql/statement.js";
 
 /** A batch copied without row locks whose range is not cleaned yet. */
 export interface PendingBatch {
@@ -109,15 +109,23 @@ export function cleanupStatements(m: Migration, lower: boolean) {
     ...key.map((c) => `o.${quoteIdent(c)} = s.${quoteIdent(c)}`),
     ...rest.map((c) => `o.${quoteIdent(c)} IS NOT DISTINCT FROM s.${quoteIdent(c)}`),
   ].join(" AND ");
-  const gone = `NOT EXISTS (SELECT FROM ${src} o WHERE ${match})`;
   const range = [...(lower ? [rowCompare(key, ">", 1)] : []), rowCompare(key, "<=", lower ? k + 1 : 1)].join(" AND ");
+  // The range on the source's side too: one range scan of each table joined by hash or merge, rather than one
+  // probe of the source's key index per row of the shadow.
+  const inRange = (alias: string) =>
+    [
+      ...(lower ? [`(${columnList(key, alias)}) > (${placeholders(1, k)})`] : []),
+      `(${columnList(key, alias)}) <= (${placeholders(lower ? k + 1 : 1, k)})`,
+    ].join(" AND ");
+  const gone = (ranged: boolean) =>
+    `NOT EXISTS (SELECT FROM ${src} o WHERE ${match}${ranged ? ` AND ${inRange("o")}` : ""})`;
   return {
     candidates:
-      `SELECT s.tableoid::oid::text AS rel, s.ctid::text AS tid FROM ${dst} s WHERE ${range} AND ${gone} ` +
+      `SELECT s.tableoid::oid::text AS rel, s.ctid::text AS tid FROM ${dst} s WHERE ${range} AND ${gone(true)} ` +
       `FOR UPDATE OF s NOWAIT`,
     remove:
       `DELETE FROM ${dst} s WHERE s.ctid = ANY ($2::tid[]) AND (s.tableoid, s.ctid) IN ` +
-      `(SELECT * FROM unnest($1::oid[], $2::tid[])) AND ${gone}`,
+      `(SELECT * FROM unnest($1::oid[], $2::tid[])) AND ${gone(false)}`,
     checkpoint:
       `UPDATE pgshift.migrations SET checkpoint = ARRAY[${placeholders(1, k)}]::text[], rows_copied = $${k + 1}, ` +
       `batches = $${k + 2}, updated_at = now() WHERE id = ${m.id}`,

@@ -128,8 +128,8 @@ export function backfillCommand(): Command {
     )
     .option(
       "--batch-time-ms <ms>",
-      "target duration of a batch: its row count adapts to it (an application write that meets the batch's row " +
-        "locks waits about this long at most); 0: every batch has --batch-size rows",
+      "target duration of a batch: its row count adapts to it (an application write that meets a row the batch " +
+        "holds waits about this long at most); 0: every batch has --batch-size rows",
       intOption("--batch-time-ms"),
       DEFAULT_BATCH_TIME_MS,
     )
