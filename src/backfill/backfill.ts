@@ -22,6 +22,7 @@ import {
   transactionStep,
 } from "../plan/steps.js";
 import { columnList, placeholders, rowCompare } from "../sql/statement.js";
+import { cleanupTransaction, type PendingBatch, runCleanup, stillRunning, suspectsOf } from "./cleanup.js";
 import { deferredIndexSteps, finishShadowSteps } from "./indexes.js";
 
 export interface BackfillProgress {
@@ -58,6 +59,16 @@ export interface BackfillOptions extends LockRetryOptions, ThrottleOptions {
   maxBatches?: number;
   /** Logical mode: return only once the stream applies what is written within this many ms (default 1000). */
   maxLagMs?: number;
+  /**
+   * Lock the rows each batch reads (`FOR SHARE`) instead of cleaning its range afterwards (trigger mode; logical
+   * mode always locks). Default false: the copy writes nothing to the source (src/backfill/cleanup.ts).
+   */
+  lockRows?: boolean;
+  /**
+   * Called inside each batch's transaction once its rows are written, before COMMIT, with the batch's range (the
+   * checkpoint it started after, null for the first, and its last key). For tests that provoke the races there.
+   */
+  onBatchWritten?: (range: { lo: string[] | null; hi: string[] }) => Promise<void>;
 }
 
 export interface BackfillResult extends BackfillProgress {
@@ -65,6 +76,10 @@ export interface BackfillResult extends BackfillProgress {
   complete: boolean;
   /** Batches that met rows the mirror had already written and ran with ON CONFLICT DO NOTHING. */
   conflictBatches: number;
+  /** Without row locks: rows the cleanups deleted from the copy (deleted or moved in the source meanwhile). */
+  ghostsDeleted: number;
+  /** Without row locks: time spent in the cleanups and waiting for the last ones, ms. */
+  cleanupMs: number;
   ms: number;
 }
 
@@ -84,7 +99,7 @@ export interface BackfillResult extends BackfillProgress {
  *   batches) and how long the batch took until then (`last_batch_ms`), for pgshift status.
  * @param lower whether the batch starts after a checkpoint (false for the first batch of a migration).
  */
-export function batchStatements(m: Migration, lower: boolean) {
+export function batchStatements(m: Migration, lower: boolean, lockRows: boolean) {
   const key = m.key_columns;
   const k = key.length;
   const keyCols = columnList(key);
@@ -93,7 +108,7 @@ export function batchStatements(m: Migration, lower: boolean) {
   const cols = columnList(m.copy_columns);
   const after = lower ? rowCompare(key, ">", 1) : null;
   const range = [...(after ? [after] : []), rowCompare(key, "<=", lower ? k + 1 : 1)].join(" AND ");
-  const rows = `SELECT ${cols} FROM ${src} WHERE ${range} FOR SHARE`;
+  const rows = `SELECT ${cols} FROM ${src} WHERE ${range}${lockRows ? " FOR SHARE" : ""}`;
   return {
     upper:
       `SELECT ${key.map((c, i) => `${quoteIdent(c)}::text AS k${i}`).join(", ")}, count(*) OVER () AS n ` +
@@ -110,8 +125,15 @@ export function batchStatements(m: Migration, lower: boolean) {
       `$${k + 1}, ` +
       `batches = batches + 1, batch_rows = $${k + 2}, batch_target_ms = $${k + 3}, last_batch_ms = $${k + 4}, ` +
       `updated_at = now() WHERE id = ${m.id}`,
+    // Without row locks: the pace only (the checkpoint and the counters advance with the cleanup), and this
+    // transaction's id and snapshot: the suspects of the batches committed before it (cleanup.ts).
+    pace:
+      `UPDATE pgshift.migrations SET batch_rows = $1, batch_target_ms = $2, last_batch_ms = $3, updated_at = now() ` +
+      `WHERE id = ${m.id} RETURNING ${SUSPECTS}`,
   };
 }
+
+const SUSPECTS = "pg_current_xact_id()::text AS xid, pg_current_snapshot()::text AS snap";
 
 /** The longest a batch's COMMIT waits for a writer's uncommitted duplicate in a DEFERRABLE unique constraint. */
 const DEFERRED_CHECK_WAIT_MS = 200;
@@ -143,6 +165,8 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
   if (m.phase === "backfilled" || m.phase === "swapped_back") return { migration: m, steps: [] };
   const mirror = mirrorFor(m.mode);
   const logical = mirror.streams(m);
+  // Logical mode keeps the row locks: see src/backfill/cleanup.ts (its last paragraph) and docs/design.md.
+  const lockRows = logical || (opts.lockRows ?? false);
   // A DEFERRABLE unique constraint of the shadow (created at start) is checked at the batch's COMMIT, and
   // that check waits for a writer's uncommitted row with the same value; that writer may itself be waiting
   // for a row the batch locked FOR SHARE: a deadlock, whose victim could be the application. So every
@@ -157,6 +181,8 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
     copiedHere: 0,
     batches: 0,
     conflictBatches: 0,
+    ghosts: 0,
+    cleanupMs: 0,
     complete: m.copy_finished_at !== null,
     t0: performance.now(),
     gate: null,
@@ -197,7 +223,7 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
     );
   if (!run.complete) {
     const batch = (lower: boolean) => {
-      const b = batchStatements(m, lower);
+      const b = batchStatements(m, lower, lockRows);
       const plain = block("at most once", "the copy as a plain INSERT (skipped for 10 batches after a conflict)", [
         statement("SAVEPOINT pgshift_batch"),
         statement(b.plain),
@@ -222,7 +248,11 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
       const tx = transactionStep([
         ...pre,
         statement(b.upper),
-        block("at most once", "when keys remain after the checkpoint", [plain, onConflict, statement(b.checkpoint)]),
+        block("at most once", "when keys remain after the checkpoint", [
+          plain,
+          onConflict,
+          statement(lockRows ? b.checkpoint : b.pace),
+        ]),
         ...post,
       ]);
       return { b, tx, pre, post };
@@ -230,6 +260,72 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
     const checkpoint0 = m.checkpoint && m.checkpoint.length > 0 ? m.checkpoint : null;
     const first = checkpoint0 ? null : batch(false);
     const next = batch(true);
+    // Without row locks: the batches whose range is not cleaned yet, and what the stored state says (the clean end).
+    const pending: PendingBatch[] = [];
+    let clean = { rowsCopied: m.rows_copied, batches: m.batches };
+    const marker = statement(
+      `UPDATE pgshift.migrations SET updated_at = now() WHERE id = ${id} RETURNING ${SUSPECTS}`,
+      "session",
+      "the suspects of the last batches: the transactions still running once they committed",
+    );
+    /** Cleans the longest run of pending batches whose suspects have all ended; returns whether none is left. */
+    const cleanDue = async (): Promise<boolean> => {
+      const t = performance.now();
+      try {
+        return await cleanDueNow();
+      } finally {
+        run.cleanupMs += performance.now() - t;
+      }
+    };
+    const cleanDueNow = async (): Promise<boolean> => {
+      const known = pending.filter((p) => p.suspects !== null);
+      if (known.length === 0) return pending.length === 0;
+      const running = await stillRunning(sql, [...new Set(known.flatMap((p) => p.suspects ?? []))]);
+      let n = 0;
+      while (n < pending.length && pending[n]!.suspects?.every((x) => !running.has(x))) n++;
+      if (n === 0) return false;
+      const done = pending.slice(0, n);
+      const counters = {
+        rowsCopied: clean.rowsCopied + done.reduce((a, p) => a + p.rows, 0),
+        batches: clean.batches + n,
+      };
+      const removed = await runCleanup(sql, m, done[0]!.lo, done[n - 1]!.hi, counters);
+      if (removed === null) return false;
+      pending.splice(0, n);
+      clean = counters;
+      run.ghosts += removed;
+      if (removed > 0)
+        log().info(
+          { table: displayName(m.live), ghosts: removed, batches: n },
+          "backfill: deleted from the copy rows deleted or moved in the source while their batch ran",
+        );
+      return pending.length === 0;
+    };
+    /**
+     * Cleans every pending batch: their suspects are read (marker), then waited for. @returns false when stopped
+     * (signal) or past `patienceMs`: the checkpoint stays at the clean end; the next run copies from there again.
+     */
+    const drain = async (patienceMs: number | null): Promise<boolean> => {
+      const r = (await sql.unsafe(marker.sql))[0]!;
+      const sus = suspectsOf(String(r.xid), String(r.snap));
+      for (const p of pending) p.suspects ??= sus;
+      const t0 = performance.now();
+      let told = t0;
+      for (;;) {
+        if (await cleanDue()) return true;
+        const now = performance.now();
+        if (opts.signal?.aborted || (patienceMs !== null && now - t0 > patienceMs)) return false;
+        if (now - told > 10_000) {
+          told = now;
+          log().info(
+            { table: displayName(m.live), batches: pending.length, waitedSeconds: Math.round((now - t0) / 1000) },
+            "backfill: waiting for transactions that ran beside the last batches to end before cleaning their range",
+          );
+        }
+        await new Promise((res) => setTimeout(res, 50));
+        run.cleanupMs += performance.now() - now;
+      }
+    };
     let waiting: Waiting | null = null;
     const gate = new PaceGate(sql, m, "backfill", {
       ...opts,
@@ -251,6 +347,7 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
         // Between batches (never inside one): wait while paused or throttled.
         await gate.wait();
         if (opts.signal?.aborted) break;
+        if (!lockRows) await cleanDue();
         const { b, tx: t, pre, post } = checkpoint ? next : first!;
         const n = batchRows();
         const values = checkpoint ?? [];
@@ -260,7 +357,14 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
             tb = performance.now();
             for (const x of pre) await tx.unsafe(x.sql);
             const hiRow = (await tx.unsafe(b.upper, [...values, n], PREPARED))[0];
-            let r = { read: 0, keys: 0, hi: null as string[] | null, last: true, conflict: false };
+            let r = {
+              read: 0,
+              keys: 0,
+              hi: null as string[] | null,
+              last: true,
+              conflict: false,
+              suspects: null as string[] | null,
+            };
             if (hiRow) {
               const hi = m.key_columns.map((_, i) => String(hiRow[`k${i}`]));
               const range = [...values, ...hi];
@@ -279,9 +383,15 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
                   conflict = true;
                 }
               } else read = Number((await tx.unsafe(b.onConflict, range, PREPARED))[0]?.read ?? 0);
+              await opts.onBatchWritten?.({ lo: checkpoint, hi });
               const pace = [n, opts.batchTimeMs ?? null, Math.round(performance.now() - tb)];
-              await tx.unsafe(b.checkpoint, [...hi, read, ...pace], PREPARED);
-              r = { read, keys: Number(hiRow.n), hi, last: Number(hiRow.n) < n, conflict };
+              let suspects: string[] | null = null;
+              if (lockRows) await tx.unsafe(b.checkpoint, [...hi, read, ...pace], PREPARED);
+              else {
+                const x = (await tx.unsafe(b.pace, pace, PREPARED))[0]!;
+                suspects = suspectsOf(String(x.xid), String(x.snap));
+              }
+              r = { read, keys: Number(hiRow.n), hi, last: Number(hiRow.n) < n, conflict, suspects };
             }
             for (const x of post) await tx.unsafe(x.sql);
             return r;
@@ -295,6 +405,11 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
           run.conflictBatches++;
         } else if (fastPathIn > 0 && result.hi) fastPathIn--;
         run.copiedHere += result.read;
+        if (result.suspects) {
+          // This batch's transaction began after the pending batches committed: their suspects.
+          for (const p of pending) p.suspects ??= result.suspects;
+          if (result.hi) pending.push({ lo: checkpoint, hi: result.hi, rows: result.read, suspects: null });
+        }
         if (result.hi) {
           run.batches++;
           m.rows_copied += result.read;
@@ -316,13 +431,25 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
           });
         if (result.last) {
           run.complete = true;
-          emit("copyComplete", { table: displayName(m.live), rowsCopied: m.rows_copied, batches: m.batches });
           break;
         }
         opts.onProgress?.(p);
         if (opts.sleepMs) await new Promise((r) => setTimeout(r, opts.sleepMs));
       }
+      // The last cleanups. Complete: waited for (the copy is not complete before); stopped: a few seconds at most.
+      if (!lockRows && !(await drain(run.complete ? null : 5000)) && run.complete) run.complete = false;
+      if (run.complete)
+        emit("copyComplete", { table: displayName(m.live), rowsCopied: m.rows_copied, batches: m.batches });
     };
+    const cleanups = block(
+      "any number of times",
+      "the cleanup of earlier batches once every transaction that may have met them has ended (pg_xact_status " +
+        "of the suspects, a read); the first range from the start of the key, the others from a checkpoint",
+      [
+        block("at most once", "from the start", [cleanupTransaction(m, false)]),
+        block("at most once", "from a checkpoint", [cleanupTransaction(m, true)]),
+      ],
+    );
     const sized = opts.batchTimeMs
       ? `batches of at most ${batchSize} rows sized to last about ${opts.batchTimeMs} ms each (the row count is ` +
         `the upper key's last $n)`
@@ -331,13 +458,23 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
       block(
         "once",
         `the copy, in ${sized} in key order, one transaction each (a batch that meets a deadlock ` +
-          `or a lock timeout runs again)`,
+          `or a lock timeout runs again), ${lockRows ? "its rows locked FOR SHARE" : "without row locks"}`,
         [
           ...gate.steps(),
           ...(first ? [block("at most once", "the first batch (no checkpoint yet)", [first.tx])] : []),
           block("any number of times", "each next batch, from the checkpoint ($1 ...: the checkpoint's key)", [
+            ...(lockRows ? [] : [cleanups]),
             next.tx,
           ]),
+          ...(lockRows
+            ? []
+            : [
+                block(
+                  "at most once",
+                  "once the copy ends (or stops: then for 5 s at most), the cleanup of the batches not cleaned yet",
+                  [marker, cleanups],
+                ),
+              ]),
         ],
         copy,
       ),
@@ -388,6 +525,9 @@ interface CopyRun {
   batches: number;
   conflictBatches: number;
   complete: boolean;
+  /** Rows deleted from the copy by the cleanups (without row locks): ghosts of deletes and moves. */
+  ghosts: number;
+  cleanupMs: number;
   t0: number;
   /** The wait between batches (pause, throttles); its reason is cleared from the state when the command ends. */
   gate: PaceGate | null;
@@ -436,7 +576,7 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
     if (!run) {
       const p = progress(m, 0, 0, true);
       opts.onProgress?.(p);
-      return { ...p, complete: true, ms: 0, conflictBatches: 0 };
+      return { ...p, complete: true, ms: 0, conflictBatches: 0, ghostsDeleted: 0, cleanupMs: 0 };
     }
     try {
       await runSteps(sql, plan.steps, { lockRetry: opts.retries !== undefined ? { retries: opts.retries } : {} });
@@ -449,7 +589,8 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
     const ms = performance.now() - t0;
     const p = progress(m, run.copiedHere, ms, run.complete);
     opts.onProgress?.(p);
-    return { ...p, complete: run.complete, ms, conflictBatches: run.conflictBatches };
+    const cleaning = { ghostsDeleted: run.ghosts, cleanupMs: Math.round(run.cleanupMs) };
+    return { ...p, complete: run.complete, ms, conflictBatches: run.conflictBatches, ...cleaning };
   } finally {
     await unlockMigration(sql, table).catch(() => {});
   }

@@ -132,12 +132,17 @@ export function backfillCommand(): Command {
     )
     .option(
       "--batch-time-ms <ms>",
-      "target duration of a batch: its row count adapts to it (an application write that meets the batch's row " +
-        "locks waits about this long at most); 0: every batch has --batch-size rows",
+      "target duration of a batch: its row count adapts to it (an application write that meets a row the batch " +
+        "holds waits about this long at most); 0: every batch has --batch-size rows",
       intOption("--batch-time-ms"),
       DEFAULT_BATCH_TIME_MS,
     )
     .option("--sleep-ms <ms>", "pause between batches, to throttle the copy", intOption("--sleep-ms"), 0)
+    .option(
+      "--lock-rows",
+      "lock the rows each batch reads (FOR SHARE) instead of cleaning its range afterwards: writes a row lock into " +
+        "every row of the table; the default copy writes nothing to it (logical mode always locks)",
+    )
     .option(
       "--max-lag-ms <ms>",
       "logical mode: return once the stream applies new writes within this many ms",
@@ -177,11 +182,13 @@ pgshift pause orders (from any terminal) stops it between batches; pgshift resum
           batchTimeMs: number;
           sleepMs: number;
           maxLagMs: number;
+          lockRows?: boolean;
           dryRun?: boolean;
         },
     ) => {
       const pace = {
         ...throttleOptions(opts),
+        ...(opts.lockRows ? { lockRows: true } : {}),
         ...(opts.batchTimeMs > 0 ? { batchTimeMs: opts.batchTimeMs } : {}),
       };
       const group = groupOf(tableArg, opts, "backfill");

@@ -36,7 +36,7 @@ import {
   partitionColumns,
   TIME_TYPES,
 } from "../partitioning/spec.js";
-import { COPY_LOCKS_ROWS, type Prediction, predictBackfill } from "../plan/predict.js";
+import { copyLocksRows, type Prediction, predictBackfill } from "../plan/predict.js";
 import { type Step, statement, type TransactionStep, transactionStep } from "../plan/steps.js";
 import { ddlGuardSql, ddlGuardState } from "./ddl-guard.js";
 import { affectedStatements, describeWidenedKey, type StatementCheck, type WidenedKey, widenedKeys } from "./keys.js";
@@ -523,7 +523,7 @@ export async function predictPlan(
     deferredOriginals: plan.deferredIndexes.map((d) => d.original),
     indexDefinitions: plan.deferredIndexes.map((d) => d.definition),
     partitions: leaves,
-    rowLocks: COPY_LOCKS_ROWS,
+    rowLocks: copyLocksRows(plan.mode),
     mode: plan.mode,
     sampleRows: opts.sampleRows,
     ...(opts.walRateIntervalMs !== undefined ? { walRateIntervalMs: opts.walRateIntervalMs } : {}),

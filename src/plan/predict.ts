@@ -365,9 +365,12 @@ export async function readServerWalRate(sql: Sql, intervalMs = 1000): Promise<nu
 
 /**
  * Whether backfill's copy locks each source row (its batches' `SELECT ... FOR SHARE`, batchStatements in
- * src/backfill/backfill.ts): the sample copy does the same, and the estimate from statistics counts the locks' WAL.
+ * src/backfill/backfill.ts): in logical mode it does; in trigger mode only with `backfill --lock-rows` (the default
+ * copy takes no row lock and cleans each batch's range afterwards: src/backfill/cleanup.ts). The sample copy does the
+ * same, and the estimate from statistics counts the locks' WAL.
+ * @param mode the migration's mirror mode.
  */
-export const COPY_LOCKS_ROWS = true;
+export const copyLocksRows = (mode: string): boolean => mode === "logical";
 
 /** Rows a sample copy takes when `--sample-copy` is given without a number. */
 export const DEFAULT_SAMPLE_ROWS = 20_000;

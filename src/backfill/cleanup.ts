@@ -1,0 +1,177 @@
+/**
+ * The copy without row locks (the default in trigger mode) and the cleanup that keeps it free of ghosts.
+ *
+ * A batch copies its key range with `INSERT INTO shadow SELECT ... FROM source WHERE key range` and
+ * `ON CONFLICT (shadow key) DO NOTHING` (a plain INSERT first, as with row locks), locking and writing nothing in
+ * the source. Under READ COMMITTED the SELECT reads one snapshot S; the rows are written, then the batch commits.
+ * What the mirror trigger (which writes the shadow in the application's own transaction) does meanwhile:
+ * - INSERT into the source, or UPDATE that keeps the shadow key: the trigger upserts (`ON CONFLICT (key) DO
+ *   UPDATE`). If the batch's copy of the row is already written (uncommitted), the upsert waits for the batch
+ *   and then overwrites it with the new version; if it is not, the batch's insert meets the trigger's row, waits
+ *   for its transaction, and does nothing (or fails with unique_violation and runs again with DO NOTHING). Either
+ *   way the newest version wins: no stale row.
+ * - DELETE, or an UPDATE that changes the shadow key (the original key, or the partition column the key was
+ *   widened with, at any level): the trigger deletes the old key from the shadow. If the batch's copy is not
+ *   committed yet, that DELETE does not see it (an uncommitted row is invisible to it and it does not wait) and
+ *   the batch then commits the old row: a GHOST. This is the only way the copy goes wrong.
+ * So each batch's range is cleaned once it can hold no more ghost: the rows of the shadow in the range whose full
+ * shadow key the source no longer has are deleted.
+ *
+ * When is that safe? A ghost needs a writer D that deleted (or moved) a row the batch read, with its trigger run
+ * before the batch committed; D therefore had its transaction id before the batch's commit. Once every such D has
+ * ended, a cleanup whose snapshot is taken afterwards sees D's deletion in the source and the ghost in the shadow.
+ * The suspects are taken after the batch's commit, in the next batch's transaction (or in a last, marking one):
+ * that transaction's id X (pg_current_xact_id(): its own is newer than every id handed out before the batch
+ * committed) and its snapshot (pg_current_snapshot()): the ids in progress below the snapshot's xmax, and every id
+ * from xmax up to X (a transaction can hold an id at or above xmax, which is only one past the latest completed
+ * id). The cleanup of the batch runs when pg_xact_status() says none of them is in progress (a null status, an id
+ * too old to know, has ended too). The copy does not wait for it: cleanups run between batches, a batch or a few
+ * behind, and only the last one, before the copy is marked complete, is waited for.
+ *
+ * The cleanup, one transaction per run of consecutive due batches:
+ * 1. `SELECT tableoid, ctid FROM shadow s WHERE range AND NOT EXISTS (SELECT FROM source o WHERE o.key = s.key
+ *    AND o.partition columns IS NOT DISTINCT FROM s's) FOR UPDATE OF s NOWAIT`: the candidates, locked; one
+ *    snapshot, in which a mirrored change is in both tables or in neither (the trigger writes both in one
+ *    transaction), so a row written by the mirror is never a candidate; NOWAIT: a candidate an application
+ *    transaction holds makes the cleanup give up and try again later, so it never waits on the application (and
+ *    is never in a deadlock with it);
+ * 2. when there are candidates: `DELETE` them by (tableoid, ctid) with the same NOT EXISTS, in a new snapshot.
+ *    The re-check matters: a transaction that re-inserts a ghost's key in the source (a row moved back to its old
+ *    partition, a key reused) upserts the ghost row through the mirror; had it done so while step 1 ran, step 1's
+ *    DELETE would have re-checked only the shadow row (EvalPlanQual), not the source, and deleted the new row.
+ *    With the row locked first, such a writer waits for the cleanup and then inserts its row afresh.
+ * 3. the checkpoint, rows copied and batches advance to the end of the cleaned range, in the same transaction.
+ * So the stored checkpoint is where the copy is clean, never past a batch whose cleanup has not run: after a crash,
+ * the next run copies again from there (ON CONFLICT DO NOTHING keeps what is in the shadow), and the cleanup of
+ * those batches, whose suspects include every transaction still running that the lost batches may have met, also
+ * removes the ghosts of the batches lost. The counters therefore count the re-copied rows once.
+ * A row inserted into the range while a cleanup runs is in both tables or in neither of its snapshots: never a
+ * candidate. verify --repair compares the tables after the copy is complete, when every cleanup has run.
+ *
+ * Logical mode is not covered: the applier writes the shadow after the application's transaction committed, and
+ * an UPDATE whose unchanged TOASTed values were not streamed can meet the batch's uncommitted row and leave it
+ * stale, which a cleanup of ghosts does not mend. Logical mode keeps the row locks (docs/design.md, "backfill").
+ */
+import type { Sql } from "../db.js";
+import type { Migration } from "../migration/state.js";
+import { quoteIdent, quoteQualified } from "../names.js";
+import { block, runTransaction, statement, type TransactionStep, transactionStep } from "../plan/steps.js";
+import { columnList, placeholders, rowCompare } from "../sql/statement.js";
+
+/** A batch copied without row locks whose range is not cleaned yet. */
+export interface PendingBatch {
+  /** The checkpoint the batch started after (null: the first batch). */
+  lo: string[] | null;
+  /** The batch's last key. */
+  hi: string[];
+  rows: number;
+  /** The transactions that may have met the batch (ids as text), once known; null until then. */
+  suspects: string[] | null;
+}
+
+/**
+ * The suspects of every batch committed before a transaction: `xid` (its pg_current_xact_id(), as text) and
+ * `snapshot` (its pg_current_snapshot() as text, `xmin:xmax:xip,...`). Returns the ids in progress below xmax
+ * and each id from xmax up to, not including, `xid`.
+ */
+export function suspectsOf(xid: string, snapshot: string): string[] {
+  const [, xmaxText, xip] = snapshot.split(":");
+  const out = new Set((xip ?? "").split(",").filter((x) => x !== ""));
+  const top = BigInt(xid);
+  for (let x = BigInt(xmaxText ?? xid); x < top; x++) out.add(x.toString());
+  return [...out];
+}
+
+/** Of `xids` (text), those still in progress (pg_xact_status; PostgreSQL 13 and later). */
+export async function stillRunning(sql: Sql, xids: readonly string[]): Promise<Set<string>> {
+  if (xids.length === 0) return new Set();
+  const rows = await sql.unsafe(RUNNING_SQL, [`{${xids.join(",")}}`]);
+  return new Set(rows.map((r) => String(r.x)));
+}
+
+const RUNNING_SQL =
+  "SELECT x::text AS x FROM unnest($1::text[]) AS t(x) WHERE pg_catalog.pg_xact_status(x::xid8) = 'in progress'";
+
+/**
+ * The statements of a cleanup (see the module's comment), as printed and sent:
+ * - `candidates`: the ghost rows of the range, locked (NOWAIT); parameters: the lower key (with `lower`) then the
+ *   upper key; returns `rel` (tableoid) and `tid` (ctid) as text;
+ * - `remove`: deletes those rows if the source still lacks them; parameters: `{oid,...}`, `{"(b,o)",...}`;
+ * - `checkpoint`: the checkpoint (the range's upper key), rows copied and batches, absolute.
+ */
+export function cleanupStatements(m: Migration, lower: boolean) {
+  const key = m.key_columns;
+  const k = key.length;
+  const src = quoteQualified(m.original);
+  const dst = quoteQualified(m.partitioned);
+  const rest = m.shadow_key.filter((c) => !key.includes(c));
+  const match = [
+    ...key.map((c) => `o.${quoteIdent(c)} = s.${quoteIdent(c)}`),
+    ...rest.map((c) => `o.${quoteIdent(c)} IS NOT DISTINCT FROM s.${quoteIdent(c)}`),
+  ].join(" AND ");
+  const range = [...(lower ? [rowCompare(key, ">", 1)] : []), rowCompare(key, "<=", lower ? k + 1 : 1)].join(" AND ");
+  // The range on the source's side too: one range scan of each table joined by hash or merge, rather than one
+  // probe of the source's key index per row of the shadow.
+  const inRange = (alias: string) =>
+    [
+      ...(lower ? [`(${columnList(key, alias)}) > (${placeholders(1, k)})`] : []),
+      `(${columnList(key, alias)}) <= (${placeholders(lower ? k + 1 : 1, k)})`,
+    ].join(" AND ");
+  const gone = (ranged: boolean) =>
+    `NOT EXISTS (SELECT FROM ${src} o WHERE ${match}${ranged ? ` AND ${inRange("o")}` : ""})`;
+  return {
+    candidates:
+      `SELECT s.tableoid::oid::text AS rel, s.ctid::text AS tid FROM ${dst} s WHERE ${range} AND ${gone(true)} ` +
+      `FOR UPDATE OF s NOWAIT`,
+    remove:
+      `DELETE FROM ${dst} s WHERE s.ctid = ANY ($2::tid[]) AND (s.tableoid, s.ctid) IN ` +
+      `(SELECT * FROM unnest($1::oid[], $2::tid[])) AND ${gone(false)}`,
+    checkpoint:
+      `UPDATE pgshift.migrations SET checkpoint = ARRAY[${placeholders(1, k)}]::text[], rows_copied = $${k + 1}, ` +
+      `batches = $${k + 2}, updated_at = now() WHERE id = ${m.id}`,
+  };
+}
+
+/** The transaction of a cleanup, as printed and run (the DELETE only when there are candidates). */
+export function cleanupTransaction(m: Migration, lower: boolean): TransactionStep {
+  const c = cleanupStatements(m, lower);
+  return transactionStep(
+    [
+      statement(c.candidates),
+      block("at most once", "only when there are candidates", [statement(c.remove)]),
+      statement(c.checkpoint),
+    ],
+    { why: "delete the rows of the range the source no longer has (ghosts), advance the checkpoint" },
+  );
+}
+
+/**
+ * Runs one cleanup of the range (lo, hi] in one transaction and advances the checkpoint to `hi` with the counters
+ * given. @returns the ghosts deleted, or null when a candidate was locked by another transaction (nothing done;
+ * try again later).
+ */
+export async function runCleanup(
+  sql: Sql,
+  m: Migration,
+  lo: string[] | null,
+  hi: string[],
+  counters: { rowsCopied: number; batches: number },
+): Promise<number | null> {
+  const c = cleanupStatements(m, lo !== null);
+  try {
+    return await runTransaction(sql, cleanupTransaction(m, lo !== null), async (tx) => {
+      const found = await tx.unsafe(c.candidates, [...(lo ?? []), ...hi], { prepare: true });
+      let removed = 0;
+      if (found.length > 0) {
+        const rels = `{${found.map((r) => String(r.rel)).join(",")}}`;
+        const tids = `{${found.map((r) => `"${String(r.tid)}"`).join(",")}}`;
+        removed = (await tx.unsafe(c.remove, [rels, tids])).count;
+      }
+      await tx.unsafe(c.checkpoint, [...hi, counters.rowsCopied, counters.batches], { prepare: true });
+      return removed;
+    });
+  } catch (err) {
+    if ((err as { code?: string }).code === "55P03") return null;
+    throw err;
+  }
+}
