@@ -9,6 +9,7 @@ import { loadGroup } from "../../src/group/members.js";
 import { startGroup } from "../../src/group/start.js";
 import { switchGroup } from "../../src/group/switch.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
+import { statementsOf } from "../../src/plan/steps.js";
 import { verify } from "../../src/verify/verify.js";
 import { runCli } from "../support/cli.js";
 import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
@@ -325,6 +326,23 @@ describe("migration groups", () => {
       select confrelid::regclass::text as ref, convalidated from pg_constraint
        where conrelid = 'public.order_items_pgshift_shadow'::regclass and contype = 'f'`;
     expect(fk).toEqual({ ref: "orders_pgshift_shadow", convalidated: true });
+    // Every leaf partition of the shadow holds it once, validated, attached to the shadow's: before 18 the leaves'
+    // own constraints (NOT VALID, then VALIDATE, without blocking writes) were adopted by the ADD on the shadow,
+    // not created again (and checked again) under its lock.
+    const leaves = await db.admin`
+      select (select count(*) from pg_constraint c where c.conrelid = t.relid and c.contype = 'f')::int as fks,
+             exists (select from pg_constraint c join pg_constraint p on p.oid = c.conparentid
+                      where c.conrelid = t.relid and c.conname = ${FK} and c.convalidated
+                        and p.conrelid = 'public.order_items_pgshift_shadow'::regclass) as attached
+        from pg_partition_tree('public.order_items_pgshift_shadow') t where t.isleaf`;
+    expect(leaves.length).toBeGreaterThan(1);
+    expect(leaves.every((l) => l.fks === 1 && l.attached)).toBe(true);
+    const [version] = await db.admin`select current_setting('server_version_num')::int as v`;
+    if (Number(version?.v) < 180000) {
+      const run = statementsOf(b.foreignKeys).join("\n");
+      expect(run).toMatch(/ADD CONSTRAINT "order_items_order_fkey" FOREIGN KEY .* NOT VALID; END IF;/);
+      expect(run).toMatch(/VALIDATE CONSTRAINT "order_items_order_fkey"/);
+    }
     await expectTwins({ orders: "public.orders_pgshift_shadow", items: "public.order_items_pgshift_shadow" });
 
     // The CLI: one table of the group is refused on its own; the group's plan is one transaction locking all four.
