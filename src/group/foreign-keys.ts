@@ -158,6 +158,8 @@ async function leafPartitions(sql: AnySql, table: QualifiedName): Promise<Qualif
  *    the plain ADD; no "validating foreign key constraint" (DEBUG1), no scan of a leaf (pg_stat_user_tables); it
  *    holds SHARE ROW EXCLUSIVE on both shadows and, for those milliseconds, ACCESS EXCLUSIVE on their partitions
  *    (it replaces the attached constraints' triggers), so the LockSite looks for ACCESS EXCLUSIVE conflicts.
+ * Between steps 1 and 3 each leaf also holds one NOT VALID row per partition of the referenced shadow (the
+ * referenced side, which VALIDATE leaves so): step 3 drops them, leaving what a plain ADD leaves (checked on 14-17).
  * Each step is re-runnable after a crash (the ADDs are guarded by the constraint's name, VALIDATE of a validated
  * constraint does nothing). A partition created after step 1 gets a new, checked, constraint at step 3.
  */
