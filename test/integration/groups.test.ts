@@ -5,10 +5,13 @@ import type { Sql } from "../../src/db.js";
 import { BlockedError, PgshiftError } from "../../src/errors.js";
 import { backfillGroup } from "../../src/group/backfill.js";
 import { finishGroup } from "../../src/group/finish.js";
+import { shadowForeignKeySteps } from "../../src/group/foreign-keys.js";
 import { loadGroup } from "../../src/group/members.js";
 import { startGroup } from "../../src/group/start.js";
 import { switchGroup } from "../../src/group/switch.js";
+import { runLocked } from "../../src/locks/holders.js";
 import { parsePartitionSpec } from "../../src/partitioning/spec.js";
+import { statementsOf } from "../../src/plan/steps.js";
 import { verify } from "../../src/verify/verify.js";
 import { runCli } from "../support/cli.js";
 import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
@@ -314,7 +317,27 @@ describe("migration groups", () => {
     // added the foreign key between the shadows (it copies nothing more, then adds it).
     for (const t of [ORDERS, ITEMS]) expect((await backfill(db.sql, t, { batchSize: 700 })).complete).toBe(true);
     await expect(switchGroup(db.sql, GROUP, "cutover", opts)).rejects.toThrow(/not on the shadows/);
+    // Before 18, a group backfill stopped before its last step (the ADD on the shadow) is taken up again, and that
+    // ADD adopts the leaves' validated constraints (the same rows, by OID) instead of creating new ones and checking
+    // the rows again under its lock.
+    const [version] = await db.admin`select current_setting('server_version_num')::int as v`;
+    const pre18 = Number(version?.v) < 180000;
+    const leafFks = () => db.admin`
+      select c.conrelid::regclass::text as leaf, c.oid::bigint::text as oid, c.convalidated
+        from pg_partition_tree('public.order_items_pgshift_shadow') t
+        join pg_constraint c on c.conrelid = t.relid and c.contype = 'f'
+                            and c.confrelid = 'public.orders_pgshift_shadow'::regclass
+       where t.isleaf order by 1, 2`;
+    let stopped: unknown[] = [];
+    if (pre18) {
+      const fkSteps = await shadowForeignKeySteps(db.sql, GROUP, await loadGroup(db.sql, GROUP), opts);
+      await runLocked(db.sql, fkSteps.slice(0, -1), { lockRetry: { retries: 30 } });
+      stopped = [...(await leafFks())];
+      expect(stopped.length).toBeGreaterThan(1);
+      expect(stopped.every((r) => (r as { convalidated: boolean }).convalidated)).toBe(true);
+    }
     const b = await backfillGroup(db.sql, GROUP, { batchSize: 700 });
+    if (pre18) expect([...(await leafFks())]).toEqual(stopped);
     expect(b.complete).toBe(true);
     expect(b.foreignKeys.length).toBeGreaterThan(0);
     await sleep(200);
@@ -325,6 +348,22 @@ describe("migration groups", () => {
       select confrelid::regclass::text as ref, convalidated from pg_constraint
        where conrelid = 'public.order_items_pgshift_shadow'::regclass and contype = 'f'`;
     expect(fk).toEqual({ ref: "orders_pgshift_shadow", convalidated: true });
+    // Every leaf partition of the shadow holds it once, validated, attached to the shadow's: before 18 the leaves'
+    // own constraints (NOT VALID, then VALIDATE, without blocking writes) were adopted by the ADD on the shadow,
+    // not created again (and checked again) under its lock.
+    const leaves = await db.admin`
+      select (select count(*) from pg_constraint c where c.conrelid = t.relid and c.contype = 'f')::int as fks,
+             exists (select from pg_constraint c join pg_constraint p on p.oid = c.conparentid
+                      where c.conrelid = t.relid and c.conname = ${FK} and c.convalidated
+                        and p.conrelid = 'public.order_items_pgshift_shadow'::regclass) as attached
+        from pg_partition_tree('public.order_items_pgshift_shadow') t where t.isleaf`;
+    expect(leaves.length).toBeGreaterThan(1);
+    expect(leaves.every((l) => l.fks === 1 && l.attached)).toBe(true);
+    if (pre18) {
+      const run = statementsOf(b.foreignKeys).join("\n");
+      expect(run).toMatch(/ADD CONSTRAINT "order_items_order_fkey" FOREIGN KEY .* NOT VALID; END IF;/);
+      expect(run).toMatch(/VALIDATE CONSTRAINT "order_items_order_fkey"/);
+    }
     await expectTwins({ orders: "public.orders_pgshift_shadow", items: "public.order_items_pgshift_shadow" });
 
     // The CLI: one table of the group is refused on its own; the group's plan is one transaction locking all four.
