@@ -363,13 +363,16 @@ describe("refused before anything exists (no pgshift schema yet)", () => {
     () =>
       all(
         pgshift(["plan", "orders", "--partition-by", "range:created_at:month", "--frobnicate"]),
-        pgshift(["cutover"]),
+        pgshift(["plan", "--partition-by", "range:created_at:month"]),
         pgshift(["start", "--allow-key-extension", "orders"]),
         pgshift(["backfill", "orders", "--batch-size", "0"]),
+        pgshift(["cutover"]),
       ),
-    ([unknown, missingArg, missingOpt, badInt]) => {
+    ([unknown, missingArg, missingOpt, badInt, neither]) => {
       expect(unknown!.stderr, describeRun(unknown!)).toContain("unknown option '--frobnicate'");
       expect(missingArg!.stderr, describeRun(missingArg!)).toContain("missing required argument 'table'");
+      // Commands that take a table or --group refuse neither themselves (still exit 2, one line and a hint).
+      expect(neither!.stderr, describeRun(neither!)).toContain("takes a table or --group <name>, not neither");
       expect(missingOpt!.stderr, describeRun(missingOpt!)).toContain(
         "required option '--partition-by <spec>' not specified",
       );
