@@ -517,6 +517,42 @@ export async function switchPlan(
   return buildSwitch(sql, m0, c, carried, table, command, o);
 }
 
+/**
+ * After a switch has committed: runs what each carried object still needs (a foreign key validated, a materialized
+ * view rebuilt), without blocking writes. A failure is logged as a warning with the statements to run again (status
+ * shows what is pending), never thrown: the switch itself is done.
+ * @param where fields for the log line (the table, or the group).
+ * @param retries lock-timeout retries of each step (db.ts retryOnLockTimeout).
+ * @returns the statements that ran, in order.
+ */
+export async function runCarriedAfter(
+  sql: Sql,
+  carried: readonly Carried[],
+  command: "cutover" | "swap-back",
+  where: Record<string, string>,
+  retries: number | undefined,
+): Promise<string[]> {
+  const statements: string[] = [];
+  for (const c of carried) {
+    if (c.after.length === 0) continue;
+    try {
+      await runSteps(sql, c.after, { lockRetry: { retries } });
+      statements.push(...statementsOf(c.after));
+    } catch (err) {
+      log().warn(
+        {
+          ...where,
+          object: c.label,
+          statements: statementsOf(c.after),
+          err: err instanceof Error ? err.message : String(err),
+        },
+        `${command} done, but the work left for ${c.label} after it failed; run its statements again`,
+      );
+    }
+  }
+  return statements;
+}
+
 async function switchTables(
   sql: Sql,
   table: QualifiedName,
@@ -622,23 +658,9 @@ async function switchTables(
     }
     // The switch has committed: what carried objects still need (a foreign key validated, a materialized view
     // rebuilt) runs now without blocking writes; if it fails it is said, with the statements, and status shows it.
-    for (const c of plan.carried) {
-      if (c.after.length === 0) continue;
-      try {
-        await runSteps(sql, c.after, { lockRetry: { retries: opts.retries } });
-        statements.push(...statementsOf(c.after));
-      } catch (err) {
-        log().warn(
-          {
-            table: displayName(table),
-            object: c.label,
-            statements: statementsOf(c.after),
-            err: err instanceof Error ? err.message : String(err),
-          },
-          `${command} done, but the work left for ${c.label} after it failed; run its statements again`,
-        );
-      }
-    }
+    statements.push(
+      ...(await runCarriedAfter(sql, plan.carried, command, { table: displayName(table) }, opts.retries)),
+    );
     emit("blocked", { table: displayName(table), command, ms: lockHeldMs });
     const to = command === "cutover" ? "cutover" : "swapped_back";
     emit("phase", { table: displayName(table), command, from: plan.migration.phase, to });

@@ -15,6 +15,7 @@ import {
   lateCheck,
   phaseSql,
   requireNoKnownDifferences,
+  runCarriedAfter,
   type SwitchOptions,
   switchOptions,
   switchSql,
@@ -282,20 +283,8 @@ export async function switchGroup(
     );
     const lockHeldMs = performance.now() - plan.locked.at;
     statements.push(...statementsOf([tx]));
-    for (const x of plan.members) {
-      for (const c of x.carried) {
-        if (c.after.length === 0) continue;
-        try {
-          await runSteps(sql, c.after, { lockRetry: { retries: opts.retries } });
-          statements.push(...statementsOf(c.after));
-        } catch (err) {
-          log().warn(
-            { group, object: c.label, statements: statementsOf(c.after), err: String(err) },
-            `${command} done, but the work left for ${c.label} after it failed; run its statements again`,
-          );
-        }
-      }
-    }
+    for (const x of plan.members)
+      statements.push(...(await runCarriedAfter(sql, x.carried, command, { group }, opts.retries)));
     const to = command === "cutover" ? "cutover" : "swapped_back";
     for (const x of plan.members) {
       emit("blocked", { table: displayName(x.table), command, ms: lockHeldMs });
