@@ -95,6 +95,18 @@ for (const { major, seconds, status, report } of reports) {
       `s${status !== 0 ? ` (vitest exit ${status})` : ""}`,
   );
 }
+for (const { major, report } of reports) {
+  // Name every failed test here, next to the counts, so that the end of the output says which one failed.
+  for (const file of report.testResults ?? []) {
+    for (const t of file.assertionResults ?? []) {
+      if (t.status !== "failed") continue;
+      const why = String(t.failureMessages?.[0] ?? "")
+        .split("\n")[0]
+        .slice(0, 300);
+      console.log(`FAILED on ${major}: ${file.name.replace(/^.*?(test\/)/, "$1")} > ${t.fullName}\n  ${why}`);
+    }
+  }
+}
 console.log(`all runs: ${reports.reduce((n, r) => n + r.seconds, 0)} s`);
 const sum = (k) => reports.reduce((n, { report }) => n + (report[k] ?? 0), 0);
 const merged = {
