@@ -1,7 +1,7 @@
 import type { LockRetryOptions, Sql } from "../db.js";
 import { PgshiftError } from "../errors.js";
 import { abort, abortPlan, type FinishOptions, type FinishResult, finalize } from "../migration/finish.js";
-import { displayName } from "../names.js";
+import { displayName, type QualifiedName } from "../names.js";
 import { statementsOf } from "../plan/steps.js";
 import { requireGroup } from "./members.js";
 
@@ -33,11 +33,12 @@ export async function finishGroup(
         { hint: "run it again with --yes to confirm" },
       );
   }
+  const droppedBefore: QualifiedName[] = [];
   for (const m of members) {
     try {
       const r =
         command === "finalize"
-          ? await finalize(sql, m.live, { ...opts, group })
+          ? await finalize(sql, m.live, { ...opts, group, droppedBefore: [...droppedBefore] })
           : opts.dryRun
             ? await abortPlan(sql, m.live, { ...opts, dryRun: true, group }).then((p) => ({
                 steps: p.steps,
@@ -45,6 +46,7 @@ export async function finishGroup(
               }))
             : await abort(sql, m.live, { ...opts, group });
       out.tables.push({ table: displayName(m.live), result: r });
+      droppedBefore.push(m.copy);
     } catch (err) {
       if (out.tables.length === 0 || opts.dryRun) throw err;
       throw new PgshiftError(

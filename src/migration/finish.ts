@@ -168,6 +168,11 @@ export interface FinishOptions extends LockRetryOptions {
   handOff?: "pg_partman";
   /** The migration group this runs for (finalize --group, abort --group): a table of a group is refused alone. */
   group?: string;
+  /**
+   * finalize --group --dry-run: the retired tables the group's finalize drops before this table's (nothing is
+   * dropped by a dry run, so a foreign key of one of them to this retired table would otherwise look in the way).
+   */
+  droppedBefore?: readonly QualifiedName[];
 }
 
 /**
@@ -197,13 +202,21 @@ const Dependent = z.object({ what: z.string() });
  * column of another table of its row type, a foreign key referencing it. pgshift's own objects (its triggers,
  * the functions in the pgshift schema) are left out: finalize drops them itself.
  * @param table the table as it is named now (the retired table at finalize).
+ * @param alsoDropped tables dropped before this one in the same run (a group's finalize --dry-run: the retired tables
+ *   of the members finalized first); what depends on them is taken along with them, not in the way.
  */
-export async function dependentsOf(sql: AnySql, table: QualifiedName): Promise<string[]> {
+export async function dependentsOf(
+  sql: AnySql,
+  table: QualifiedName,
+  alsoDropped: readonly QualifiedName[] = [],
+): Promise<string[]> {
+  const all = [table, ...alsoDropped];
   const rows = await sql`
     with recursive dropped(classid, objid) as (
       select 'pg_catalog.pg_class'::regclass::oid, c.oid
         from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace
-       where n.nspname = ${table.schema} and c.relname = ${table.name}
+       where (n.nspname, c.relname) in (select * from unnest(${all.map((t) => t.schema)}::text[],
+                                                              ${all.map((t) => t.name)}::text[]))
       union
       select d.classid, d.objid
         from pg_catalog.pg_depend d join dropped x on d.refclassid = x.classid and d.refobjid = x.objid
@@ -276,9 +289,13 @@ export function dependentsFromDetail(detail: string): string[] {
  * pgshift's own depend on the retired table (dependentsOf: DROP TABLE would fail, or with CASCADE take them).
  * @throws PgshiftError listing the counts, or the dependents by name.
  */
-async function requireFinalizable(sql: AnySql, m: Migration): Promise<void> {
+async function requireFinalizable(
+  sql: AnySql,
+  m: Migration,
+  droppedBefore: readonly QualifiedName[] = [],
+): Promise<void> {
   requireNoKnownDifferences(m, "finalize");
-  const dependents = await dependentsOf(sql, m.copy);
+  const dependents = await dependentsOf(sql, m.copy, droppedBefore);
   if (dependents.length > 0) throw dependentsError(m, dependents);
 }
 
@@ -388,7 +405,8 @@ export async function finalize(sql: Sql, table: QualifiedName, opts: FinishOptio
     // A materialized view whose rebuild after cutover did not finish still reads the retired table: finish it first.
     const rebuilds = (await pendingRebuilds(sql, m, lockTimeoutMs)).flatMap((p) => p.steps);
     if (rebuilds.length > 0 && !opts.dryRun) await runSteps(sql, rebuilds, { lockRetry: { retries: opts.retries } });
-    if (!opts.dryRun || rebuilds.length === 0) await requireFinalizable(sql, m);
+    if (!opts.dryRun || rebuilds.length === 0)
+      await requireFinalizable(sql, m, opts.dryRun ? (opts.droppedBefore ?? []) : []);
     // Normally dropped at cutover already; a crash in between leaves them: never leave a slot behind.
     const stream = dropStreamSql(m.slot_name, m.publication_name, m.copy, { lockTimeoutMs, lock: lockOpts });
     const planned = await finalizeTransaction(sql, m, table, lockTimeoutMs, site);
