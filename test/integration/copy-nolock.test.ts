@@ -62,18 +62,32 @@ function racingWrites(name: string, hi: number, region: boolean): { free: string
 
 /**
  * Runs the racing writes of a batch's range on `other`: returns once the deletes and moves have committed (without
- * row locks) or 300 ms have passed (with row locks: they wait for the batch); the in-place update, whose mirror
- * upsert meets the batch's uncommitted copy of the row and waits for the batch in any mode, runs after them.
+ * row locks) or once one of them is seen waiting for a lock (with row locks: they wait for the batch, which waits
+ * for this function, so they cannot have waited if they are done); the in-place update, whose mirror upsert meets
+ * the batch's uncommitted copy of the row and waits for the batch in any mode, runs after them. Waiting is read
+ * from pg_stat_activity, not from a time limit: nothing else runs in this test's database, and a loaded machine
+ * may take long to commit without waiting for a lock (a 300 ms limit failed in CI).
  * @returns the promise of them all, and whether the deletes and moves had to wait.
  */
 async function race(name: string, hi: number, region: boolean): Promise<{ all: Promise<unknown>; waited: boolean }> {
   const w = racingWrites(name, hi, region);
+  let done = false;
   const free = (async () => {
     for (const q of w.free) await other.unsafe(q);
-  })();
+  })().finally(() => {
+    done = true;
+  });
   const all = free.then(() => other.unsafe(w.waits));
-  const settled = await Promise.race([free.then(() => true), sleep(300).then(() => false)]);
-  return { all, waited: !settled };
+  for (;;) {
+    await Promise.race([free, sleep(20)]);
+    if (done) return { all, waited: false };
+    const [r] = await db.admin`
+      select count(*)::int as n from pg_stat_activity
+       where datname = current_database() and wait_event_type = 'Lock'`;
+    // Once the deletes and moves are done, the waiting session is the in-place update's (it runs after them).
+    if (done) return { all, waited: false };
+    if (Number(r?.n) > 0) return { all, waited: true };
+  }
 }
 
 async function workload(name: string, rows: number): Promise<Workload> {
