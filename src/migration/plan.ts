@@ -454,6 +454,12 @@ export async function planMigration(sql: Sql, table: QualifiedName, opts: PlanOp
   }
   if (facts.estimatedRows < 0)
     warnings.push(`${displayName(table)} was never analyzed: row estimates are unknown until ANALYZE`);
+  if (opts.group && opts.group.foreignKeys.length > 0)
+    warnings.push(
+      `foreign key ${opts.group.foreignKeys.join(", ")} (to another table of group ${opts.group.name}) is left off ` +
+        `the shadow while the tables are copied: pgshift backfill --group ${opts.group.name} adds it between the ` +
+        "shadows once every table is copied, before any cutover (docs/groups.md)",
+    );
   const streamSteps: Step[] = streamStatements.map((stmt) =>
     createsSlot(stmt)
       ? transactionStep([statement(`SET LOCAL statement_timeout = '${slotTimeoutMs}ms'`), statement(stmt)], {

@@ -303,6 +303,10 @@ describe("migration groups", () => {
     const fkOnShadow = /order_items_pgshift_shadow" ADD CONSTRAINT "order_items_order_fkey" FOREIGN KEY/;
     expect(plan.stdout).toContain('CREATE TABLE "public"."order_items_pgshift_shadow"');
     expect(plan.stdout).not.toMatch(fkOnShadow);
+    // ... and the plan says so, and who adds it.
+    expect(plan.stdout).toMatch(
+      /-- warning: foreign key order_items_order_fkey .* left off the shadow .* pgshift backfill --group shop adds it/,
+    );
     // Alone, the table's shadow gets the foreign key (to the original orders) at start.
     expect((await runCli(["start", "order_items", "--dry-run", ...spec])).stdout).toMatch(fkOnShadow);
     expect((await runCli(["start", "order_items", "orders", ...spec])).code).toBe(2);
