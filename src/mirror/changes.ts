@@ -103,7 +103,7 @@ export class ChangeBatch {
   /**
    * Writes the net effect in `tx` (at most three statements) and empties the batch.
    *
-   * `exact`: the shadow equals the table as of the stream's applied position (see Applier.exactMode), so a
+   * `exact`: the shadow equals the table as of the stream's applied position (see Applier.groupModes), so a
    * key the batch created (fresh) has no version in the shadow yet, and any other key has exactly one,
    * somewhere. Fresh rows are inserted without looking for anything (a fresh key deleted again is skipped);
    * the other rows are upserted first, and only those the upsert inserted (their partition changed) are
