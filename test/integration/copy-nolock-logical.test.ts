@@ -24,8 +24,8 @@ import { freshDatabase, sleep, type TestDatabase } from "../support/db.js";
  * After the copy and the stream, the shadow equals the source, every column compared. This test fails when
  * Applier.applyFromSource does nothing on the conflict, when the cleanup deletes nothing, and when the partial
  * update merges into the shadow during the copy (the settled path only, with its fallback's DO UPDATE).
- * And the copy writes nothing to the source: no row of it carries a lock (xmax) afterwards, every one does with
- * lockRows (--lock-rows).
+ * A crash with batches not cleaned: the next run cleans them. And the copy writes nothing to the source: no row of
+ * it carries a lock (xmax) afterwards, every one does with lockRows (--lock-rows).
  */
 
 let db: TestDatabase;
@@ -158,6 +158,47 @@ describe("logical mode: the copy without row locks", () => {
     const m = (await loadMigration(db.sql, { schema: "public", name }))!;
     expect(m.phase).toBe("backfilled");
     expect(m.batches).toBe(r.batches);
+  });
+
+  it("a crash with batches not cleaned: the checkpoint stays at the clean end, the next run cleans", async () => {
+    const name = "nll_crash";
+    await createTable(name, 3000);
+    await startMigration(
+      db.sql,
+      { schema: "public", name },
+      {
+        allowKeyExtension: true,
+        spec: parsePartitionSpec("range:created_at:month"),
+        mode: "logical",
+      },
+    );
+    let batch = 0;
+    const crash = new Error("simulated crash");
+    await expect(
+      backfill(
+        db.sql,
+        { schema: "public", name },
+        {
+          batchSize: 500,
+          onBatchWritten: async ({ hi }) => {
+            batch++;
+            if (batch === 4) throw crash;
+            const h = Number(hi[0]);
+            await other.unsafe(`delete from ${name} where id in (${h}, ${h - 5})`);
+            await other.unsafe(`update ${name} set created_at = created_at - interval '40 days' where id = ${h - 10}`);
+            expect(await applied(name, await lsnNow())).toBe(true);
+          },
+        },
+      ),
+    ).rejects.toThrow("simulated crash");
+    const m = (await loadMigration(db.sql, { schema: "public", name }))!;
+    // Batch 3 (keys 1001..1500) was written but its range not cleaned: the checkpoint is below it, and its ghosts
+    // are in the shadow.
+    expect(Number(m.checkpoint?.[0] ?? 0)).toBeLessThanOrEqual(1000);
+    expect((await differences(name)).onlyShadow).toBeGreaterThan(0);
+    const r = await backfill(db.sql, { schema: "public", name }, { batchSize: 500 });
+    expect(r.complete).toBe(true);
+    expect(await differences(name)).toEqual({ onlySource: 0, onlyShadow: 0 });
   });
 
   it("writes nothing to the source: no row carries a lock afterwards (every row does with --lock-rows)", async () => {
