@@ -60,8 +60,8 @@ export interface BackfillOptions extends LockRetryOptions, ThrottleOptions {
   /** Logical mode: return only once the stream applies what is written within this many ms (default 1000). */
   maxLagMs?: number;
   /**
-   * Lock the rows each batch reads (`FOR SHARE`) instead of cleaning its range afterwards (trigger mode; logical
-   * mode always locks). Default false: the copy writes nothing to the source (src/backfill/cleanup.ts).
+   * Lock the rows each batch reads (`FOR SHARE`) instead of cleaning its range afterwards (both modes). Default
+   * false: the copy writes nothing to the source (src/backfill/cleanup.ts).
    */
   lockRows?: boolean;
   /**
@@ -165,8 +165,8 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
   if (m.phase === "backfilled" || m.phase === "swapped_back") return { migration: m, steps: [] };
   const mirror = mirrorFor(m.mode);
   const logical = mirror.streams(m);
-  // Logical mode keeps the row locks: see src/backfill/cleanup.ts (its last paragraph) and docs/design.md.
-  const lockRows = logical || (opts.lockRows ?? false);
+  // No row locks by default, in both modes: see src/backfill/cleanup.ts and docs/design.md ("backfill").
+  const lockRows = opts.lockRows ?? false;
   // A DEFERRABLE unique constraint of the shadow (created at start) is checked at the batch's COMMIT, and
   // that check waits for a writer's uncommitted row with the same value; that writer may itself be waiting
   // for a row the batch locked FOR SHARE: a deadlock, whose victim could be the application. So every

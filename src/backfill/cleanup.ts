@@ -1,5 +1,5 @@
 /**
- * The copy without row locks (the default in trigger mode) and the cleanup that keeps it free of ghosts.
+ * The copy without row locks (the default, in both modes) and the cleanup that keeps it free of ghosts.
  *
  * A batch copies its key range with `INSERT INTO shadow SELECT ... FROM source WHERE key range` and
  * `ON CONFLICT (shadow key) DO NOTHING` (a plain INSERT first, as with row locks), locking and writing nothing in
@@ -48,9 +48,40 @@
  * A row inserted into the range while a cleanup runs is in both tables or in neither of its snapshots: never a
  * candidate. verify --repair compares the tables after the copy is complete, when every cleanup has run.
  *
- * Logical mode is not covered: the applier writes the shadow after the application's transaction committed, and
- * an UPDATE whose unchanged TOASTed values were not streamed can meet the batch's uncommitted row and leave it
- * stale, which a cleanup of ghosts does not mend. Logical mode keeps the row locks (docs/design.md, "backfill").
+ * Logical mode (the default there too since issue 18). The shadow's writer is then the applier (src/mirror/apply.ts),
+ * which writes after the application's transaction committed, in its own transactions (groups); the batches, the
+ * suspects and the cleanup are the same. What changes:
+ * - Ghosts. The applier's DELETE (or the delete of a moved row's old version) misses a batch's uncommitted copy just
+ *   as the trigger's does. But it applies only committed transactions: a deletion D it applied before the batch
+ *   committed was committed before the batch did, so any snapshot taken after the batch's commit sees it, and the
+ *   cleanup finds the ghost. Waiting for the suspects is not needed for this (they hold the application's writers
+ *   and the applier's open group); it is kept, so that both modes run one proven schedule, at the cost of a copy
+ *   that ends only once the writers that ran beside its last batches have ended.
+ * - The re-check against the source in a new snapshot, for a key deleted and then inserted again (or a row moved
+ *   away and back), applied by the stream between the cleanup's two snapshots: the applier's write of that key
+ *   meets the candidate the cleanup has locked, waits, and then either finds it kept (the re-insertion committed
+ *   before the second snapshot: the source has the key, the row is not deleted, and the applier overwrites it
+ *   whole) or deleted (it inserts its row afresh). A re-insertion committed after the second snapshot is in the
+ *   stream, applied after the cleanup. The cleanup itself never waits on the applier (NOWAIT; a candidate the
+ *   applier holds makes it try again later), so the two cannot deadlock; only the checkpoint's UPDATE of the
+ *   migration row may wait for a group's commit, and a group records its position last, right before COMMIT.
+ * - Stale rows. The applier writes whole rows (pgoutput sends every value of an INSERT and of most UPDATEs) with
+ *   `ON CONFLICT (key) DO UPDATE`, which waits for a batch's uncommitted copy and overwrites it, as the trigger
+ *   does. An UPDATE whose unchanged TOASTed values were not streamed is the exception: merging its sent values
+ *   into the shadow's row would keep that row's unsent ones, and the row may be a batch's uncommitted copy (the
+ *   merge's UPDATE does not see it; its fallback, an insert read from the source, used to do nothing on the
+ *   conflict and keep the batch's older version) or a ghost not cleaned yet whose key a later transaction reused
+ *   (a row moved away and back: the merge updated the ghost, keeping its old unsent values; the cleanup then finds
+ *   the key in the source and keeps the row). So until the copy is over and the stream has passed its end
+ *   (copies_lsn), the applier takes such a row whole from the source, upserting it with DO UPDATE of every column
+ *   and deleting its other versions (Applier.applyFromSource): the source's current version is at least as new as
+ *   anything in the shadow, and later changes replay on top.
+ * The alternative, copying from the snapshot exported when the slot is created (as PostgreSQL's initial table
+ * sync does), is not used: the snapshot lives only as long as the slot's creating connection keeps its transaction
+ * open, so the whole copy would be one transaction (no checkpoint, no resuming after a crash, the xmin horizon held
+ * back for the whole copy, vacuum blocked in the whole database), start and backfill would have to be one process,
+ * and the stream could not be applied during the copy (a DELETE applied before its row is copied from the older
+ * snapshot leaves a ghost), so the slot would retain the WAL of the whole copy (docs/design.md, "backfill").
  */
 import type { Sql } from "../db.js";
 import type { Migration } from "../migration/state.js";

@@ -140,8 +140,8 @@ export function backfillCommand(): Command {
     .option("--sleep-ms <ms>", "pause between batches, to throttle the copy", intOption("--sleep-ms"), 0)
     .option(
       "--lock-rows",
-      "lock the rows each batch reads (FOR SHARE) instead of cleaning its range afterwards: writes a row lock into " +
-        "every row of the table; the default copy writes nothing to it (logical mode always locks)",
+      "lock the rows each batch reads (FOR SHARE) instead of cleaning its range afterwards, in either mode: writes " +
+        "a row lock into every row of the table; the default copy writes nothing to it",
     )
     .option(
       "--max-lag-ms <ms>",

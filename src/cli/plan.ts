@@ -415,7 +415,7 @@ export function planCommand(): Command {
     .option(
       "--sample-copy [rows]",
       `predict from a timed copy of about this many rows (default ${DEFAULT_SAMPLE_ROWS}) into a scratch table, ` +
-        "in a transaction that is rolled back (it reads those rows, in logical mode FOR SHARE, and writes WAL); " +
+        "in a transaction that is rolled back (it reads those rows without locking them, and writes WAL); " +
         "without it, from the table's statistics alone",
       intOption("--sample-copy", 1),
     );

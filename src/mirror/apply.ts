@@ -45,6 +45,11 @@ const RECORD_APPLIED_SQL =
   `where id = $3 and slot_name = $4 and phase::text in (${placeholders(6, STREAMING_PHASES.length)}) ` +
   `and applied_lsn::pg_lsn is not distinct from $5::pg_lsn returning id`;
 
+/** `(<names>) <op> ($i, ...)`: the values of `names` in `t` bound to `b` (an unsent value as null). */
+function match(b: Bindings, names: readonly string[], t: Tuple, op = "="): string {
+  return `(${columnList(names)}) ${op} (${b.list(names.map((c) => t[c] ?? null))})`;
+}
+
 /** The phases in which the shadow follows the slot: from cutover on, nothing may be applied any more. */
 export { STREAMING_PHASES };
 
@@ -91,10 +96,11 @@ export interface ApplierOptions {
  *   the group's changes, a DELETE and multi-row upserts (three statements at most) per batch of up to 2,000
  *   changes (or 8 M characters of values). INSERT upserts; UPDATE replaces the row found by its old primary key (a row
  *   whose key or partition column changed leaves its old place); DELETE removes by primary key. An UPDATE whose
- *   unchanged TOASTed values were not sent by pgoutput is applied on its own after the batch is written:
- *   only the sent columns are written, the old values are carried over when the row moves, and a row not in
- *   the shadow yet is read from the source (the backfill has not reached it; its current version is at
- *   least as new, and later changes replay on top).
+ *   unchanged TOASTed values were not sent by pgoutput is applied on its own after the batch is written: until
+ *   the copy is over and the stream past its end, the row is taken whole from the source (its current version
+ *   is at least as new, and later changes replay on top; the shadow may hold a batch's older copy under its
+ *   key); after that only the sent columns are written, the old values carried over when the row moves, and a
+ *   row not in the shadow is read from the source (applyPartialUpdate).
  * - The migration row records the applied LSN in the same transaction; the slot's confirmed LSN is advanced
  *   only after COMMIT, so a crash at any point loses nothing: the slot re-sends what was not confirmed and
  *   transactions at or below the recorded LSN are skipped. That record is fenced (commitGroup): a group
@@ -132,7 +138,11 @@ export class Applier {
     commitTime: Date | null;
     exact: boolean;
     flush: boolean;
+    /** Whether the copy is over and the stream past its end (see groupModes): partial updates merge in place. */
+    settled: boolean;
   } | null = null;
+  /** Once true it stays so (copies_lsn is set once, the applied position only grows): groupModes asks no more. */
+  private settledSeen = false;
   /** The message (or the timed group commit) being handled: they run one after the other. */
   private inFlight: Promise<void> = Promise.resolve();
   private commitTimer: NodeJS.Timeout | null = null;
@@ -141,7 +151,7 @@ export class Applier {
   private stopping = false;
   transactions = 0;
   changes = 0;
-  /** Groups applied in exact mode (see exactMode). */
+  /** Groups applied in exact mode (see groupModes). */
   exactGroups = 0;
 
   constructor(m: StreamingMigration, opts: ApplierOptions = {}) {
@@ -312,13 +322,15 @@ export class Applier {
             this.txClosed = closedSince(this.sql!);
             this.tx = await this.sql!.reserve();
             await this.live().unsafe("begin");
+            const modes = await this.groupModes(this.live());
             this.group = {
               started: Date.now(),
               txns: 0,
               end: this.applied,
               commitTime: null,
-              exact: await this.exactMode(this.live()),
+              exact: modes.exact,
               flush: false,
+              settled: modes.settled,
             };
             if (this.group.exact) this.exactGroups++;
           }
@@ -414,18 +426,27 @@ export class Applier {
   }
 
   /**
-   * Whether the group opened in `tx` may write in exact mode (ChangeBatch.write): the shadow equals the
-   * table as of the applied position, one version of each row. Rows copied by the backfill (ON CONFLICT DO
-   * NOTHING, possibly newer than the stream) can leave a second version under another partition until the
-   * stream passes the change that moved the row; once everything up to copies_lsn (the copy's end) is
-   * applied that is over, and every later write keeps it so: the applier's own, and verify's repair (which
-   * copies rows only once the stream has caught up with the locked table).
+   * How the group opened in `tx` writes:
+   * - `settled`: the backfill's copy is complete (copies_lsn, read after its last batch and its last cleanup
+   *   committed, is set) and the stream has applied everything up to it. Until then the shadow may hold rows a
+   *   batch copied that the stream's own writes did not see (a batch's uncommitted copy, a ghost not cleaned
+   *   yet, src/backfill/cleanup.ts), so an UPDATE whose unchanged TOASTed values were not sent takes the whole
+   *   row from the source (applyPartialUpdate) instead of merging into what the shadow holds.
+   * - `exact` (settled, and the shadow's key widened with the partition column): the shadow equals the table as
+   *   of the applied position, one version of each row (ChangeBatch.write). Rows copied by the backfill (ON
+   *   CONFLICT DO NOTHING, possibly newer than the stream) can leave a second version under another partition
+   *   until the stream passes the change that moved the row; once everything up to copies_lsn (the copy's end)
+   *   is applied that is over, and every later write keeps it so: the applier's own, and verify's repair (which
+   *   copies rows only once the stream has caught up with the locked table).
    */
-  private async exactMode(tx: TxSql): Promise<boolean> {
-    if (this.m.key_columns.length === this.m.shadow_key.length) return false;
-    const rows = await tx`select copies_lsn from pgshift.migrations where id = ${this.m.id}`;
-    const lsn = CopiesRow.parse(rows[0] ?? { copies_lsn: null }).copies_lsn;
-    return lsn !== null && lsnToBigInt(lsn) <= this.applied;
+  private async groupModes(tx: TxSql): Promise<{ exact: boolean; settled: boolean }> {
+    const widened = this.m.key_columns.length !== this.m.shadow_key.length;
+    if (!this.settledSeen) {
+      const rows = await tx`select copies_lsn from pgshift.migrations where id = ${this.m.id}`;
+      const lsn = CopiesRow.parse(rows[0] ?? { copies_lsn: null }).copies_lsn;
+      this.settledSeen = lsn !== null && lsnToBigInt(lsn) <= this.applied;
+    }
+    return { exact: this.settledSeen && widened, settled: this.settledSeen };
   }
 
   /** The connection loss that failed this applier while it was starting, if that is what happened. */
@@ -624,20 +645,29 @@ export class Applier {
   }
 
   /**
-   * An UPDATE whose unchanged TOASTed values were not sent: writes only what was sent and keeps the rest.
-   * When the primary key or the partition column changed, the old version is removed and its unsent values
-   * carried over; a row in the shadow under neither its old nor its new key is read from the source (the
-   * backfill has not reached it; its current version is at least as new, and later changes replay on top).
+   * An UPDATE whose unchanged TOASTed values were not sent (`n`: the new row, an unsent value undefined; `oldPk`:
+   * the row's primary key before it, `n` when it did not change).
+   *
+   * Until the group is settled (groupModes: the copy may still be running, or a batch's ghost not yet cleaned),
+   * the row is taken whole from the source (applyFromSource): what the shadow holds under the row's key may be a
+   * batch's uncommitted copy or a ghost, older than the change, and merging the sent values into it would keep
+   * its old unsent ones.
+   *
+   * Once settled: writes only what was sent and keeps the rest. When the primary key or the partition column
+   * changed, the old version is removed and its unsent values carried over; a row in the shadow under neither
+   * its old nor its new key is read from the source, overwriting whatever is in the way (its current version
+   * is at least as new as anything in the shadow, and later changes replay on top).
    */
   private async applyPartialUpdate(tx: TxSql, oldPk: Tuple, n: Tuple): Promise<void> {
+    if (!this.group!.settled) {
+      await this.applyFromSource(tx, oldPk, n);
+      return;
+    }
     const m = this.m;
     const shadow = quoteQualified(m.partitioned);
     const pk = m.key_columns;
     const key = m.shadow_key;
     const cols = m.copy_columns;
-    /** `(<names>) = ($i, ...)`: the values of `names` in `t` bound to `b` (an unsent value as null). */
-    const match = (b: Bindings, names: readonly string[], t: Tuple, op = "=") =>
-      `(${columnList(names)}) ${op} (${b.list(names.map((c) => t[c] ?? null))})`;
     const known = cols.filter((c) => n[c] !== undefined);
     const knownRest = known.filter((c) => !key.includes(c));
     const setKnown =
@@ -670,11 +700,53 @@ export class Applier {
       const ib = new Bindings();
       await tx.unsafe(
         `insert into ${shadow} (${columnList(cols)}) select ${columnList(cols)} from ${quoteQualified(m.original)} ` +
-          `where ${match(ib, pk, n)} on conflict (${columnList(key)}) do nothing`,
+          `where ${match(ib, pk, n)} on conflict (${columnList(key)}) ${this.setAll()}`,
         ib.values,
         PREPARED,
       );
     }
+  }
+
+  /**
+   * A partial UPDATE before the group is settled, in one statement (one snapshot): the row of the source under
+   * the new primary key, read now, is upserted whole (`ON CONFLICT (shadow key) DO UPDATE` of every other
+   * column), and every other version of that key, and of the old key when it changed, is deleted.
+   *
+   * Why that is right: the source's current version of the row is at least as new as the change (the stream
+   * carries only committed transactions, and the statement's snapshot is taken after the change committed), and
+   * every later change of the row comes after it in the stream and is applied on top, whole (INSERT, an UPDATE
+   * with every value, this) or as a DELETE by key. So the last change of each row, applied once the source holds
+   * its final version, writes that version whole. A copy the backfill has written and not committed is met by the
+   * upsert, which waits for the batch and then overwrites it (`DO NOTHING` would keep the batch's older version:
+   * the stale row this replaces); one the DELETE does not see (uncommitted) is a ghost if the source no longer has
+   * its key, which the batch's cleanup removes (src/backfill/cleanup.ts). When the source no longer has the row
+   * (deleted or given another key by a later transaction, which the stream applies next), its versions are
+   * deleted and nothing is written.
+   */
+  private async applyFromSource(tx: TxSql, oldPk: Tuple, n: Tuple): Promise<void> {
+    const m = this.m;
+    const shadow = quoteQualified(m.partitioned);
+    const pk = m.key_columns;
+    const key = m.shadow_key;
+    const cols = columnList(m.copy_columns);
+    const b = new Bindings();
+    const current = `select ${cols} from ${quoteQualified(m.original)} where ${match(b, pk, n)}`;
+    const keys = [match(b, pk, n), ...(pk.some((c) => oldPk[c] !== n[c]) ? [match(b, pk, oldPk)] : [])];
+    await tx.unsafe(
+      `with cur as (${current}), ` +
+        `gone as (delete from ${shadow} s where (${keys.join(" or ")}) ` +
+        `and (${columnList(key, "s")}) not in (select ${columnList(key)} from cur)) ` +
+        `insert into ${shadow} (${cols}) select ${cols} from cur on conflict (${columnList(key)}) ${this.setAll()}`,
+      b.values,
+      PREPARED,
+    );
+  }
+
+  /** `do update set` every column outside the shadow's key to the proposed row's value (`do nothing`: none). */
+  private setAll(): string {
+    const rest = this.m.copy_columns.filter((c) => !this.m.shadow_key.includes(c));
+    if (rest.length === 0) return "do nothing";
+    return `do update set ${rest.map((c) => `${quoteIdent(c)} = excluded.${quoteIdent(c)}`).join(", ")}`;
   }
 
   /** Whether everything up to `lsn` is applied (or known to hold no change of the table). */

@@ -45,6 +45,10 @@ interface Final {
  * batch; an UPDATE with unchanged TOASTed values is
  * applied on its own (the caller writes the batch first, to keep commit order).
  *
+ * A backfill batch's uncommitted copy of a row (the copy takes no row lock) is met by the upsert, which waits for
+ * the batch and then overwrites it, but not by the DELETE, which does not see it: the batch then commits a ghost,
+ * which its cleanup removes (src/backfill/cleanup.ts, "Logical mode").
+ *
  * Memory: the batch holds the last version of each touched row; the caller writes it when `changes` or
  * `bytes` (value text, UTF-16 code units) pass its limits.
  */
@@ -103,7 +107,7 @@ export class ChangeBatch {
   /**
    * Writes the net effect in `tx` (at most three statements) and empties the batch.
    *
-   * `exact`: the shadow equals the table as of the stream's applied position (see Applier.exactMode), so a
+   * `exact`: the shadow equals the table as of the stream's applied position (see Applier.groupModes), so a
    * key the batch created (fresh) has no version in the shadow yet, and any other key has exactly one,
    * somewhere. Fresh rows are inserted without looking for anything (a fresh key deleted again is skipped);
    * the other rows are upserted first, and only those the upsert inserted (their partition changed) are

@@ -365,12 +365,13 @@ export async function readServerWalRate(sql: Sql, intervalMs = 1000): Promise<nu
 
 /**
  * Whether backfill's copy locks each source row (its batches' `SELECT ... FOR SHARE`, batchStatements in
- * src/backfill/backfill.ts): in logical mode it does; in trigger mode only with `backfill --lock-rows` (the default
- * copy takes no row lock and cleans each batch's range afterwards: src/backfill/cleanup.ts). The sample copy does the
- * same, and the estimate from statistics counts the locks' WAL.
- * @param mode the migration's mirror mode.
+ * src/backfill/backfill.ts): in either mode only with `backfill --lock-rows`; the default copy takes no row lock and
+ * cleans each batch's range afterwards (src/backfill/cleanup.ts), in logical mode as in trigger mode. The sample
+ * copy does the same, and the estimate from statistics counts the locks' WAL.
+ * plan has no `--lock-rows`: it predicts the default copy, so the answer is false in both modes.
+ * @param _mode the migration's mirror mode (kept for callers; since issue 18 the answer no longer depends on it).
  */
-export const copyLocksRows = (mode: string): boolean => mode === "logical";
+export const copyLocksRows = (_mode: string): boolean => false;
 
 /** Rows a sample copy takes when `--sample-copy` is given without a number. */
 export const DEFAULT_SAMPLE_ROWS = 20_000;
