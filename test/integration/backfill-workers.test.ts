@@ -1,5 +1,5 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { backfill } from "../../src/backfill/backfill.js";
+import { backfill, describeBackfill } from "../../src/backfill/backfill.js";
 import { readRanges } from "../../src/backfill/ranges.js";
 import { checkWorkers } from "../../src/backfill/workers.js";
 import { createWorkload, type KeyKind, startLoad, type Workload } from "../../src/load/workload.js";
@@ -164,6 +164,13 @@ describe("a backfill with workers killed mid-way", () => {
     expect(st.rowsCopied).toBeLessThanOrEqual(sum);
     expect(st.rowsCopied).toBeGreaterThanOrEqual(sum - 3 * 300);
 
+    // The dry run of the resume: no split (the ranges exist), the ranges' batches, their cleanups and counters.
+    const dry = await runCli(["backfill", name, "--workers", "2", "--dry-run", "--url", db.url]);
+    expect(dry.code, dry.stderr).toBe(0);
+    expect(dry.stdout).toContain(`the key is split already (${before.length} ranges`);
+    expect(dry.stdout).not.toContain("TABLESAMPLE");
+    expect(dry.stdout).toContain("UPDATE pgshift.backfill_ranges SET updated_at = now()");
+    expect(dry.stdout).toContain("UPDATE pgshift.backfill_ranges SET checkpoint = ARRAY[$1]::text[], rows_copied = $2");
     const r = await runCli(["backfill", name, "--workers", "2", "--batch-size", "2000", "--url", db.url]);
     expect(r.code, r.stderr).toBe(0);
     expect(r.stdout).toContain("backfill complete");
@@ -197,6 +204,13 @@ describe("other keys", () => {
     const w = workloadOf(name, keyKind);
     await createWorkload(db.admin, w, 3000);
     await startMigration(db.sql, w.table, { allowKeyExtension: true, spec: parsePartitionSpec("list:region") });
+    // The dry run prints the split and the ranges' batches, and changes nothing.
+    const plan = await describeBackfill(db.sql, w.table, { batchSize: 200, workers: 2 });
+    expect(plan).toContain("TABLESAMPLE SYSTEM ($1)");
+    expect(plan).toContain("ntile($2)");
+    expect(plan).toContain("INSERT INTO pgshift.backfill_ranges");
+    expect(plan).toContain("the copy by 2 workers");
+    expect(await readRanges(db.sql, (await loadMigration(db.sql, w.table))!)).toEqual([]);
     const r = await backfill(db.sql, w.table, { batchSize: 200, workers: 2 });
     expect(r.complete).toBe(true);
     const m = (await loadMigration(db.sql, w.table))!;
