@@ -52,6 +52,7 @@ export async function runWorkers<T>(
   work: (conn: Sql, item: T) => Promise<boolean>,
   onFail: () => void,
 ): Promise<void> {
+  if (items.length === 0) return;
   const queue = [...items];
   const errors: unknown[] = [];
   let failed = false;
@@ -77,7 +78,7 @@ export async function runWorkers<T>(
       await conn?.end({ timeout: 5 }).catch(() => {});
     }
   };
-  await Promise.all(Array.from({ length: Math.max(1, n) }, (_, i) => one(i)));
+  await Promise.all(Array.from({ length: Math.max(1, Math.min(n, items.length)) }, (_, i) => one(i)));
   if (errors.length > 0) throw errors[0];
 }
 
