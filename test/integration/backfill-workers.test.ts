@@ -195,6 +195,47 @@ describe("a backfill with workers killed mid-way", () => {
   });
 });
 
+describe("a worker's connection ended mid-way", () => {
+  it("fails the run (the other workers stop after their batch); the next run, with 1 worker, finishes", async () => {
+    const name = "bw_conn";
+    const w = workloadOf(name, "bigint");
+    await createWorkload(db.admin, w, 8000);
+    await startMigration(db.sql, w.table, {
+      allowKeyExtension: true,
+      spec: parsePartitionSpec("range:created_at:month"),
+    });
+    let batches = 0;
+    let ended = 0;
+    await expect(
+      backfill(db.sql, w.table, {
+        batchSize: 200,
+        workers: 2,
+        onBatchWritten: async () => {
+          // The 6th batch: its worker's connection (inside the batch's transaction) is ended by the server.
+          if (++batches !== 6) return;
+          const r = await db.admin`
+            select pg_terminate_backend(pid) as ok from pg_stat_activity
+             where application_name = 'pgshift backfill worker' and state = 'idle in transaction'`;
+          ended = r.filter((x) => x.ok).length;
+        },
+      }),
+    ).rejects.toThrow();
+    expect(ended).toBeGreaterThanOrEqual(1);
+    const m0 = (await loadMigration(db.sql, w.table))!;
+    const before = await readRanges(db.sql, m0);
+    expect(before.some((x) => !x.done)).toBe(true);
+    const r = await backfill(db.sql, w.table, { batchSize: 1000 });
+    expect(r.complete).toBe(true);
+    const after = await readRanges(db.sql, m0);
+    expect(after.map((x) => [x.lower, x.upper])).toEqual(before.map((x) => [x.lower, x.upper]));
+    expect(after.every((x) => x.done)).toBe(true);
+    const m = (await loadMigration(db.sql, w.table))!;
+    expect(m.rows_copied).toBeGreaterThanOrEqual(8000);
+    expect(m.rows_copied).toBeLessThanOrEqual(8000 + 2 * 200);
+    expect((await verify(db.sql, w.table)).equal).toBe(true);
+  });
+});
+
 describe("other keys", () => {
   it.each<{ keyKind: KeyKind; types: string[] }>([
     { keyKind: "composite", types: ["bigint", "text"] },
