@@ -2,7 +2,8 @@
  * Backfill benchmark: how close does pgshift's online, checkpointed copy come to the fastest possible copy, a
  * single `INSERT INTO partitioned SELECT * FROM source`, and what does it write besides the copy?
  *
- *   scripts/bench-backfill [--rows N] [--batch-size N] [--repeat K] [--durable] [--json] [--strict]
+ *   scripts/bench-backfill [--rows N] [--batch-size N] [--repeat K] [--durable] [--workers 1,2,4] [--json]
+ *                          [--strict]
  *
  * One process, one run:
  *  1. starts the embedded PostgreSQL (unless DATABASE_URL is set: then that database is used, and the
@@ -15,6 +16,8 @@
  *  4. (b) pgshift: startMigration (not timed), then times `backfill(sql, table, { batchSize })`, one worker,
  *     without row locks (the default), sampling the Node process's RSS every 100 ms;
  *  5. (c) the same with `lockRows: true` (backfill --lock-rows: FOR SHARE);
+ *  5b. with `--workers 1,2,4`: the same as (b) with each number of workers (backfill --workers N: key ranges copied
+ *     on N connections at once, the indexes built over as many; 1 is (b) itself);
  *  6. reports, for each: seconds, rows/s, WAL written (pg_current_wal_insert_lsn() before and after: the whole
  *     phase, index build and pgshift's state included), the rows of the source left with a row lock (xmax set)
  *     and the pages holding them (each such page was dirtied and written again); the ratios to (a) against the
@@ -35,6 +38,7 @@ import {
   backfill,
   computePartitions,
   loadMigration,
+  on,
   parsePartitionSpec,
   type QualifiedName,
   type Sql,
@@ -53,6 +57,8 @@ import {
 
 /** Issue 18's targets for one worker on a durable server: time and WAL against (a). */
 const TARGET = 1.0;
+/** Issue 18's target for 2 workers: time against (a). */
+const TARGET_2_WORKERS = 0.7;
 const WAL_TARGET = 1.2;
 const SOURCE: QualifiedName = { schema: "public", name: "bench_source" };
 const TWIN = "bench_twin";
@@ -67,12 +73,16 @@ interface Phase {
   batches: number;
   /** pgshift without row locks: seconds in the cleanups (and waiting for the last ones). */
   cleanupSeconds: number;
+  /** pgshift: seconds until the rows were copied (the copyComplete event); the rest is the index build and after. */
+  copySeconds: number;
 }
 
 interface Run {
   a: Phase;
   b: Phase;
   c: Phase;
+  /** (b) with each number of workers asked for (--workers), in that order. */
+  w: Phase[];
   ratio: number;
   rssStartBytes: number;
   rssPeakBytes: number;
@@ -84,6 +94,7 @@ function usage(): string {
   --batch-size N   pgshift backfill batch size (default 10000)
   --repeat K       alternate (a), (b) and (c) K times, report the medians (default 1)
   --durable        embedded server with production durability (fsync, synchronous_commit, full_page_writes on)
+  --workers LIST   also (b) with each of these numbers of workers, e.g. 1,2,4 (target for 2: <= ${TARGET_2_WORKERS}x)
   --json           print the report as JSON on stdout
   --strict         exit 1 when the ratio is above ${TARGET}
 Uses DATABASE_URL when set, else starts an embedded PostgreSQL.`;
@@ -179,6 +190,7 @@ async function runOnce(
   batchSize: number,
   say: (l: string) => void,
   k: number,
+  workerCounts: number[],
 ): Promise<Run & { partitions: number }> {
   // (a) the single-statement limit
   const partitions = await createTwin(sql);
@@ -199,24 +211,33 @@ async function runOnce(
     lockedPages: aLocked.pages,
     batches: 1,
     cleanupSeconds: 0,
+    copySeconds: secs(aMs),
   };
 
   const rssStart = process.memoryUsage().rss;
   let rssPeak = rssStart;
-  const pgshift = async (label: string, lockRows: boolean): Promise<Phase> => {
+  const pgshift = async (label: string, lockRows: boolean, workers = 1): Promise<Phase> => {
     await startMigration(sql, SOURCE, { allowKeyExtension: true, spec: parsePartitionSpec(SPEC) });
     await checkpoint(sql);
-    say(`[${k}] ${label} pgshift backfill${lockRows ? " --lock-rows" : ""}, batch size ${batchSize} ...`);
+    say(
+      `[${k}] ${label} pgshift backfill${lockRows ? " --lock-rows" : ""}${workers > 1 ? ` --workers ${workers}` : ""}` +
+        `, batch size ${batchSize} ...`,
+    );
     const sampler = setInterval(() => {
       rssPeak = Math.max(rssPeak, process.memoryUsage().rss);
     }, 100);
     let result: Awaited<ReturnType<typeof backfill>>;
     const w = await walLsn(sql);
     const t = performance.now();
+    let copyMs = Number.NaN;
+    const off = on("copyComplete", () => {
+      copyMs = performance.now() - t;
+    });
     try {
-      result = await backfill(sql, SOURCE, { batchSize, lockRows });
+      result = await backfill(sql, SOURCE, { batchSize, lockRows, workers });
     } finally {
       clearInterval(sampler);
+      off();
     }
     const ms = performance.now() - t;
     const wal = await walSince(sql, w);
@@ -238,11 +259,14 @@ async function runOnce(
       lockedPages: locked.pages,
       batches: result.batches,
       cleanupSeconds: result.cleanupMs / 1000,
+      copySeconds: secs(copyMs),
     };
   };
   const b = await pgshift("(b)", false);
   const c = await pgshift("(c)", true);
-  return { a, b, c, ratio: b.seconds / a.seconds, rssStartBytes: rssStart, rssPeakBytes: rssPeak, partitions };
+  const w: Phase[] = [];
+  for (const n of workerCounts) w.push(n === 1 ? b : await pgshift(`(w${n})`, false, n));
+  return { a, b, c, w, ratio: b.seconds / a.seconds, rssStartBytes: rssStart, rssPeakBytes: rssPeak, partitions };
 }
 
 async function main(): Promise<number> {
@@ -251,6 +275,7 @@ async function main(): Promise<number> {
       ...COMMON_OPTIONS,
       "batch-size": { type: "string" },
       durable: { type: "boolean", default: false },
+      workers: { type: "string" },
     },
     strict: true,
     allowPositionals: false,
@@ -259,6 +284,8 @@ async function main(): Promise<number> {
   const rows = positiveInt("--rows", values.rows, 1_000_000);
   const batchSize = positiveInt("--batch-size", values["batch-size"], 10_000);
   const repeat = positiveInt("--repeat", values.repeat, 1);
+  const workerCounts =
+    values.workers === undefined ? [] : values.workers.split(",").map((x) => positiveInt("--workers", x.trim(), 1));
   const json = values.json === true;
   // progress lines go to stderr, so that --json output stays clean
   const say = (l: string) => process.stderr.write(`${l}\n`);
@@ -291,7 +318,7 @@ async function main(): Promise<number> {
 
     const runs: (Run & { partitions: number })[] = [];
     for (let k = 1; k <= repeat; k++) {
-      const r = await runOnce(sql, rows, batchSize, say, k);
+      const r = await runOnce(sql, rows, batchSize, say, k, workerCounts);
       say(
         `[${k}] a ${r.a.seconds.toFixed(2)} s, b ${r.b.seconds.toFixed(2)} s, c ${r.c.seconds.toFixed(2)} s, ` +
           `ratio b/a ${r.ratio.toFixed(2)}`,
@@ -337,10 +364,21 @@ async function main(): Promise<number> {
       target: { time: TARGET, wal: WAL_TARGET, sourcePagesDirtied: 0 },
       pass,
       rss: { startBytes: rssStart, peakBytes: rssPeak, growthBytes: rssPeak - rssStart },
+      workers: workerCounts.map((n, i) => ({
+        workers: n,
+        seconds: med((r) => r.w[i]!.seconds),
+        copySeconds: med((r) => r.w[i]!.copySeconds),
+        ratio: Number(med((r) => r.w[i]!.seconds / r.a.seconds).toFixed(2)),
+        walBytes: med((r) => r.w[i]!.walBytes),
+        walRatio: Number(med((r) => r.w[i]!.walBytes / r.a.walBytes).toFixed(2)),
+        sourcePagesDirtied: Math.max(...runs.map((r) => r.w[i]!.lockedPages)),
+        ...(n === 2 ? { target: TARGET_2_WORKERS } : {}),
+      })),
       runs: runs.map((r) => ({
         a: r.a,
         b: r.b,
         c: r.c,
+        w: r.w,
         ratio: Number(r.ratio.toFixed(3)),
         rssPeakBytes: r.rssPeakBytes,
       })),
@@ -379,6 +417,16 @@ async function main(): Promise<number> {
       );
       line("ratio (c)/(a)", `time ${report.lockRowsRatio.toFixed(2)}, WAL ${report.lockRowsWalRatio.toFixed(2)}`);
       if (repeat > 1) line("ratios (b)/(a)", runs.map((r) => r.ratio.toFixed(2)).join(", "));
+      for (const x of report.workers)
+        line(
+          `(b) with ${x.workers} worker${x.workers > 1 ? "s" : ""}`,
+          `${x.seconds.toFixed(2)} s (copy ${x.copySeconds.toFixed(2)} s)   ratio to (a) ${x.ratio.toFixed(2)}` +
+            (x.target !== undefined
+              ? ` (target <= ${x.target.toFixed(2)}: ${x.ratio <= x.target ? "PASS" : "FAIL"})`
+              : "") +
+            `   WAL ${mb(x.walBytes)} MB (${x.walRatio.toFixed(2)}x)   source pages dirtied ` +
+            fmtInt(x.sourcePagesDirtied),
+        );
       line(
         "peak RSS during (b), (c)",
         `${mb(rssPeak)} MB (at start of (b): ${mb(rssStart)} MB, growth ${mb(rssPeak - rssStart)} MB)`,

@@ -1,3 +1,4 @@
+import { readRanges } from "./backfill/ranges.js";
 import { columnDrift, indexDrift, lateObjectLines } from "./catalog/drift.js";
 import type { AnySql, Sql } from "./db.js";
 import { pendingValidations } from "./dependents/foreign-keys.js";
@@ -6,7 +7,7 @@ import { PgshiftError } from "./errors.js";
 import { type Liveness, liveness, nextStepFor } from "./liveness.js";
 import { ddlGuardState } from "./migration/ddl-guard.js";
 import { leftoverStream } from "./migration/finish.js";
-import { loadMigration, type Phase, type VerifyResult } from "./migration/state.js";
+import { type BackfillRangeRow, loadMigration, type Phase, type VerifyResult } from "./migration/state.js";
 import { type SlotState, slotState } from "./mirror/logical.js";
 import { type MirrorHealth, mirrorFor } from "./mirror/mirror.js";
 import { displayName, type QualifiedName, quoteQualified } from "./names.js";
@@ -47,6 +48,12 @@ export interface StatusReport {
    */
   etaSeconds: number | null;
   batches: number;
+  /**
+   * The key ranges of a backfill with parallel workers (backfill --workers), in order, each with its bounds (key
+   * values as text; null: open), checkpoint, rows and batches copied there and whether it is done; empty when the
+   * copy is not split.
+   */
+  ranges: BackfillRangeRow[];
   /**
    * pgshift pause: who paused the copy and the verify (current_user of the pausing session), from where (its
    * application_name and client address) and since when (ISO 8601); null when not paused.
@@ -214,6 +221,7 @@ export async function status(
     rate,
     etaSeconds: finished ? 0 : rate ? Math.max(0, est - m.rows_copied) / rate : null,
     batches: m.batches,
+    ranges: await readRanges(sql, m),
     paused: m.paused_at ? { by: m.paused_by, client: m.paused_client, since: m.paused_at.toISOString() } : null,
     // Kept by the running command; one that died while waiting leaves it behind: shown only while one runs.
     throttle:

@@ -3,7 +3,13 @@ import type { LockRetryOptions, Sql } from "../db.js";
 import { sqlState } from "../errors.js";
 import { emit } from "../events.js";
 import { log } from "../log.js";
-import { lockMigration, type Migration, requireMigration, unlockMigration } from "../migration/state.js";
+import {
+  type BackfillRangeRow,
+  lockMigration,
+  type Migration,
+  requireMigration,
+  unlockMigration,
+} from "../migration/state.js";
 import { mirrorFor } from "../mirror/mirror.js";
 import { catchUp, type StreamFollower } from "../mirror/stream.js";
 import { displayName, type QualifiedName, quoteIdent, quoteLiteral, quoteQualified } from "../names.js";
@@ -24,6 +30,8 @@ import {
 import { columnList, placeholders, rowCompare } from "../sql/statement.js";
 import { cleanupTransaction, type PendingBatch, runCleanup, stillRunning, suspectsOf } from "./cleanup.js";
 import { deferredIndexSteps, finishShadowSteps } from "./indexes.js";
+import { RANGES_PER_WORKER, rangeStatements, readRanges, samplePercent, splitRanges } from "./ranges.js";
+import { checkWorkers, runWorkers } from "./workers.js";
 
 export interface BackfillProgress {
   rowsCopied: number;
@@ -69,6 +77,13 @@ export interface BackfillOptions extends LockRetryOptions, ThrottleOptions {
    * checkpoint it started after, null for the first, and its last key). For tests that provoke the races there.
    */
   onBatchWritten?: (range: { lo: string[] | null; hi: string[] }) => Promise<void>;
+  /**
+   * Parallel workers (default 1): with more, the key is split into ranges (src/backfill/ranges.ts), each copied
+   * from its own checkpoint by one of `workers` loops on connections of their own, and the deferred indexes are
+   * built over as many connections. Once a copy is split, every later run goes by its ranges, with any number of
+   * workers. An integer from 1 to 64, within the server's free connections (checkWorkers).
+   */
+  workers?: number;
 }
 
 export interface BackfillResult extends BackfillProgress {
@@ -97,9 +112,13 @@ export interface BackfillResult extends BackfillProgress {
  * - `checkpoint`: the migration row's checkpoint (the batch's last key), rows copied and batches, and the
  *   pace: the batch's row count (`batch_rows`), the target duration (`batch_target_ms`, null for fixed-size
  *   batches) and how long the batch took until then (`last_batch_ms`), for pgshift status.
+ * With `range` (parallel workers, src/backfill/ranges.ts), the batch is one of a key range's: `upper` also stops at
+ * the range's upper bound (with `range.upper`: its key as the parameters after the checkpoint's, N last), and
+ * `checkpoint` and `pace` write the range's row (parameters: the batch's last key, rows read, then the range's
+ * number; `pace`: the range's number) instead of the migration's.
  * @param lower whether the batch starts after a checkpoint (false for the first batch of a migration).
  */
-export function batchStatements(m: Migration, lower: boolean, lockRows: boolean) {
+export function batchStatements(m: Migration, lower: boolean, lockRows: boolean, range?: { upper: boolean }) {
   const key = m.key_columns;
   const k = key.length;
   const keyCols = columnList(key);
@@ -107,29 +126,38 @@ export function batchStatements(m: Migration, lower: boolean, lockRows: boolean)
   const dst = quoteQualified(m.partitioned);
   const cols = columnList(m.copy_columns);
   const after = lower ? rowCompare(key, ">", 1) : null;
-  const range = [...(after ? [after] : []), rowCompare(key, "<=", lower ? k + 1 : 1)].join(" AND ");
-  const rows = `SELECT ${cols} FROM ${src} WHERE ${range}${lockRows ? " FOR SHARE" : ""}`;
+  const below = range?.upper ? rowCompare(key, "<=", lower ? k + 1 : 1) : null;
+  const bounds = [after, below].filter((x) => x !== null);
+  const limit = (lower ? k : 0) + (range?.upper ? k : 0) + 1;
+  const rows = `SELECT ${cols} FROM ${src} WHERE ${[
+    ...(after ? [after] : []),
+    rowCompare(key, "<=", lower ? k + 1 : 1),
+  ].join(" AND ")}${lockRows ? " FOR SHARE" : ""}`;
+  const rangeRow = `migration_id = ${m.id} AND range_no`;
   return {
     upper:
       `SELECT ${key.map((c, i) => `${quoteIdent(c)}::text AS k${i}`).join(", ")}, count(*) OVER () AS n ` +
-      `FROM (SELECT ${keyCols} FROM ${src}${after ? ` WHERE ${after}` : ""} ORDER BY ${keyCols} ` +
-      `LIMIT $${lower ? k + 1 : 1}) s ` +
+      `FROM (SELECT ${keyCols} FROM ${src}${bounds.length > 0 ? ` WHERE ${bounds.join(" AND ")}` : ""} ` +
+      `ORDER BY ${keyCols} LIMIT $${limit}) s ` +
       `ORDER BY ${key.map((c) => `${quoteIdent(c)} DESC`).join(", ")} LIMIT 1`,
     plain: `INSERT INTO ${dst} (${cols}) ${rows}`,
     onConflict:
       `WITH batch AS (${rows}), ins AS (INSERT INTO ${dst} (${cols}) SELECT ${cols} FROM batch ` +
       `ON CONFLICT (${columnList(m.shadow_key)}) DO NOTHING RETURNING 1) ` +
       `SELECT (SELECT count(*) FROM batch)::int AS read, (SELECT count(*) FROM ins)::int AS inserted`,
-    checkpoint:
-      `UPDATE pgshift.migrations SET checkpoint = ARRAY[${placeholders(1, k)}]::text[], rows_copied = rows_copied + ` +
-      `$${k + 1}, ` +
-      `batches = batches + 1, batch_rows = $${k + 2}, batch_target_ms = $${k + 3}, last_batch_ms = $${k + 4}, ` +
-      `updated_at = now() WHERE id = ${m.id}`,
+    checkpoint: range
+      ? `UPDATE pgshift.backfill_ranges SET checkpoint = ARRAY[${placeholders(1, k)}]::text[], rows_copied = ` +
+        `rows_copied + $${k + 1}, batches = batches + 1, updated_at = now() WHERE ${rangeRow} = $${k + 2}`
+      : `UPDATE pgshift.migrations SET checkpoint = ARRAY[${placeholders(1, k)}]::text[], ` +
+        `rows_copied = rows_copied + $${k + 1}, ` +
+        `batches = batches + 1, batch_rows = $${k + 2}, batch_target_ms = $${k + 3}, last_batch_ms = $${k + 4}, ` +
+        `updated_at = now() WHERE id = ${m.id}`,
     // Without row locks: the pace only (the checkpoint and the counters advance with the cleanup), and this
     // transaction's id and snapshot: the suspects of the batches committed before it (cleanup.ts).
-    pace:
-      `UPDATE pgshift.migrations SET batch_rows = $1, batch_target_ms = $2, last_batch_ms = $3, updated_at = now() ` +
-      `WHERE id = ${m.id} RETURNING ${SUSPECTS}`,
+    pace: range
+      ? `UPDATE pgshift.backfill_ranges SET updated_at = now() WHERE ${rangeRow} = $1 RETURNING ${SUSPECTS}`
+      : `UPDATE pgshift.migrations SET batch_rows = $1, batch_target_ms = $2, last_batch_ms = $3, updated_at = now() ` +
+        `WHERE id = ${m.id} RETURNING ${SUSPECTS}`,
   };
 }
 
@@ -176,6 +204,9 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
     select exists (select from pg_constraint where conrelid = to_regclass(${quoteQualified(m.partitioned)}) and
       condeferrable and contype in ('u', 'p', 'x')) as d`;
   const hasDeferrable = Boolean(deferrable[0]?.d);
+  const workers = opts.workers ?? 1;
+  // Parallel workers, or ranges an earlier run split: the copy goes by key ranges (ranges.ts), never split again.
+  const split = workers > 1 || (await readRanges(sql, m)).length > 0;
   const run: CopyRun = {
     follower: null,
     copiedHere: 0,
@@ -186,15 +217,9 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
     complete: m.copy_finished_at !== null,
     t0: performance.now(),
     gate: null,
+    stop: false,
+    batchRows: opts.batchTimeMs && m.batch_target_ms !== null ? (m.batch_rows ?? batchSize) : batchSize,
   };
-  const sizer = opts.batchTimeMs
-    ? new BatchSizer({
-        targetMs: opts.batchTimeMs,
-        maxRows: batchSize,
-        startRows: m.batch_target_ms !== null ? (m.batch_rows ?? undefined) : undefined,
-      })
-    : null;
-  const batchRows = () => sizer?.rows ?? batchSize;
   const id = m.id;
   const steps: Step[] = [
     {
@@ -222,8 +247,19 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
       ),
     );
   if (!run.complete) {
-    const batch = (lower: boolean) => {
-      const b = batchStatements(m, lower, lockRows);
+    const variants = new Map<string, ReturnType<typeof batchTx>>();
+    /** A batch's statements and transaction, one per shape: after a checkpoint or not, with a range's upper or not. */
+    const batch = (lower: boolean, range?: { upper: boolean }) => {
+      const key = `${lower}/${range ? range.upper : "-"}`;
+      let v = variants.get(key);
+      if (!v) {
+        v = batchTx(lower, range);
+        variants.set(key, v);
+      }
+      return v;
+    };
+    const batchTx = (lower: boolean, range?: { upper: boolean }) => {
+      const b = batchStatements(m, lower, lockRows, range);
       const plain = block("at most once", "the copy as a plain INSERT (skipped for 10 batches after a conflict)", [
         statement("SAVEPOINT pgshift_batch"),
         statement(b.plain),
@@ -258,74 +294,12 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
       return { b, tx, pre, post };
     };
     const checkpoint0 = m.checkpoint && m.checkpoint.length > 0 ? m.checkpoint : null;
-    const first = checkpoint0 ? null : batch(false);
-    const next = batch(true);
-    // Without row locks: the batches whose range is not cleaned yet, and what the stored state says (the clean end).
-    const pending: PendingBatch[] = [];
-    let clean = { rowsCopied: m.rows_copied, batches: m.batches };
     const marker = statement(
       `UPDATE pgshift.migrations SET updated_at = now() WHERE id = ${id} RETURNING ${SUSPECTS}`,
       "session",
       "the suspects of the last batches: the transactions still running once they committed",
     );
-    /** Cleans the longest run of pending batches whose suspects have all ended; returns whether none is left. */
-    const cleanDue = async (): Promise<boolean> => {
-      const t = performance.now();
-      try {
-        return await cleanDueNow();
-      } finally {
-        run.cleanupMs += performance.now() - t;
-      }
-    };
-    const cleanDueNow = async (): Promise<boolean> => {
-      const known = pending.filter((p) => p.suspects !== null);
-      if (known.length === 0) return pending.length === 0;
-      const running = await stillRunning(sql, [...new Set(known.flatMap((p) => p.suspects ?? []))]);
-      let n = 0;
-      while (n < pending.length && pending[n]!.suspects?.every((x) => !running.has(x))) n++;
-      if (n === 0) return false;
-      const done = pending.slice(0, n);
-      const counters = {
-        rowsCopied: clean.rowsCopied + done.reduce((a, p) => a + p.rows, 0),
-        batches: clean.batches + n,
-      };
-      const removed = await runCleanup(sql, m, done[0]!.lo, done[n - 1]!.hi, counters);
-      if (removed === null) return false;
-      pending.splice(0, n);
-      clean = counters;
-      run.ghosts += removed;
-      if (removed > 0)
-        log().info(
-          { table: displayName(m.live), ghosts: removed, batches: n },
-          "backfill: deleted from the copy rows deleted or moved in the source while their batch ran",
-        );
-      return pending.length === 0;
-    };
-    /**
-     * Cleans every pending batch: their suspects are read (marker), then waited for. @returns false when stopped
-     * (signal) or past `patienceMs`: the checkpoint stays at the clean end; the next run copies from there again.
-     */
-    const drain = async (patienceMs: number | null): Promise<boolean> => {
-      const r = (await sql.unsafe(marker.sql))[0]!;
-      const sus = suspectsOf(String(r.xid), String(r.snap));
-      for (const p of pending) p.suspects ??= sus;
-      const t0 = performance.now();
-      let told = t0;
-      for (;;) {
-        if (await cleanDue()) return true;
-        const now = performance.now();
-        if (opts.signal?.aborted || (patienceMs !== null && now - t0 > patienceMs)) return false;
-        if (now - told > 10_000) {
-          told = now;
-          log().info(
-            { table: displayName(m.live), batches: pending.length, waitedSeconds: Math.round((now - t0) / 1000) },
-            "backfill: waiting for transactions that ran beside the last batches to end before cleaning their range",
-          );
-        }
-        await new Promise((res) => setTimeout(res, 50));
-        run.cleanupMs += performance.now() - now;
-      }
-    };
+    const rs = rangeStatements(m, checkpoint0 !== null);
     let waiting: Waiting | null = null;
     const gate = new PaceGate(sql, m, "backfill", {
       ...opts,
@@ -333,30 +307,116 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
         waiting = w;
         opts.onProgress?.({
           ...progress(m, run.copiedHere, performance.now() - run.t0, false),
-          batchRows: batchRows(),
+          batchRows: run.batchRows,
           waiting,
         });
       },
     });
     run.gate = gate;
-    const copy = async () => {
-      let checkpoint = checkpoint0;
+    const stopped = () =>
+      Boolean(opts.signal?.aborted) || run.stop || (opts.maxBatches !== undefined && run.batches >= opts.maxBatches);
+
+    /**
+     * The batch loop: copies, on connection `conn`, the migration's key from its checkpoint (`range` null: one
+     * worker, the checkpoint in the migration's row) or the range `range` from its own checkpoint (kept in its row),
+     * batch after batch until no key is left or the copy is stopped. Without row locks, each batch's key range is
+     * cleaned once its suspects have ended (cleanup.ts): the suspects of a worker's batches are read in that
+     * worker's next transaction, which begins after they committed, whatever the other workers do; the other
+     * workers' transactions are only more suspects to wait for, and their ranges never meet this one.
+     * @returns whether everything was copied (and, without row locks, cleaned).
+     */
+    const copyLoop = async (conn: Sql, range: BackfillRangeRow | null): Promise<boolean> => {
+      const sizer = opts.batchTimeMs
+        ? new BatchSizer({
+            targetMs: opts.batchTimeMs,
+            maxRows: batchSize,
+            startRows: m.batch_target_ms !== null ? (m.batch_rows ?? undefined) : undefined,
+          })
+        : null;
+      const batchRows = () => sizer?.rows ?? batchSize;
+      const rangeNo = range ? [range.range_no] : [];
+      // Without row locks: the batches whose range is not cleaned yet, and what the stored state says (the clean end).
+      const pending: PendingBatch[] = [];
+      let clean = range
+        ? { rowsCopied: range.rows_copied, batches: range.batches }
+        : { rowsCopied: m.rows_copied, batches: m.batches };
+      /** Cleans the longest run of pending batches whose suspects have all ended; returns whether none is left. */
+      const cleanDue = async (): Promise<boolean> => {
+        const t = performance.now();
+        try {
+          return await cleanDueNow();
+        } finally {
+          run.cleanupMs += performance.now() - t;
+        }
+      };
+      const cleanDueNow = async (): Promise<boolean> => {
+        const known = pending.filter((p) => p.suspects !== null);
+        if (known.length === 0) return pending.length === 0;
+        const running = await stillRunning(conn, [...new Set(known.flatMap((p) => p.suspects ?? []))]);
+        let n = 0;
+        while (n < pending.length && pending[n]!.suspects?.every((x) => !running.has(x))) n++;
+        if (n === 0) return false;
+        const done = pending.slice(0, n);
+        const counters = {
+          rowsCopied: clean.rowsCopied + done.reduce((a, p) => a + p.rows, 0),
+          batches: clean.batches + n,
+        };
+        const removed = await runCleanup(conn, m, done[0]!.lo, done[n - 1]!.hi, counters, range?.range_no);
+        if (removed === null) return false;
+        pending.splice(0, n);
+        clean = counters;
+        run.ghosts += removed;
+        if (removed > 0)
+          log().info(
+            { table: displayName(m.live), ghosts: removed, batches: n, range: range?.range_no },
+            "backfill: deleted from the copy rows deleted or moved in the source while their batch ran",
+          );
+        return pending.length === 0;
+      };
+      /**
+       * Cleans every pending batch: their suspects are read (marker), then waited for. @returns false when stopped
+       * (signal) or past `patienceMs`: the checkpoint stays at the clean end; the next run copies from there again.
+       */
+      const drain = async (patienceMs: number | null): Promise<boolean> => {
+        const r = (await conn.unsafe(range ? batch(false, { upper: false }).b.pace : marker.sql, rangeNo))[0]!;
+        const sus = suspectsOf(String(r.xid), String(r.snap));
+        for (const p of pending) p.suspects ??= sus;
+        const t0 = performance.now();
+        let told = t0;
+        for (;;) {
+          if (await cleanDue()) return true;
+          const now = performance.now();
+          if (opts.signal?.aborted || run.stop || (patienceMs !== null && now - t0 > patienceMs)) return false;
+          if (now - told > 10_000) {
+            told = now;
+            log().info(
+              { table: displayName(m.live), batches: pending.length, waitedSeconds: Math.round((now - t0) / 1000) },
+              "backfill: waiting for transactions that ran beside the last batches to end before cleaning their range",
+            );
+          }
+          await new Promise((res) => setTimeout(res, 50));
+          run.cleanupMs += performance.now() - now;
+        }
+      };
+      let checkpoint = range ? (range.checkpoint ?? range.lower) : checkpoint0;
       let fastPathIn = 0;
-      while (!run.complete) {
-        if (opts.signal?.aborted || (opts.maxBatches !== undefined && run.batches >= opts.maxBatches)) break;
+      let complete = false;
+      while (!complete) {
+        if (stopped()) break;
         // Between batches (never inside one): wait while paused or throttled.
         await gate.wait();
-        if (opts.signal?.aborted) break;
+        if (opts.signal?.aborted || run.stop) break;
         if (!lockRows) await cleanDue();
-        const { b, tx: t, pre, post } = checkpoint ? next : first!;
+        const { b, tx: t, pre, post } = batch(checkpoint !== null, range ? { upper: range.upper !== null } : undefined);
         const n = batchRows();
-        const values = checkpoint ?? [];
+        const lo = checkpoint;
+        const values = lo ?? [];
         let tb = performance.now();
         const r0 = await retryTransient(() =>
-          runTransaction(sql, t, async (tx) => {
+          runTransaction(conn, t, async (tx) => {
             tb = performance.now();
             for (const x of pre) await tx.unsafe(x.sql);
-            const hiRow = (await tx.unsafe(b.upper, [...values, n], PREPARED))[0];
+            const hiRow = (await tx.unsafe(b.upper, [...values, ...(range?.upper ?? []), n], PREPARED))[0];
             let r = {
               read: 0,
               keys: 0,
@@ -367,7 +427,7 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
             };
             if (hiRow) {
               const hi = m.key_columns.map((_, i) => String(hiRow[`k${i}`]));
-              const range = [...values, ...hi];
+              const keys = [...values, ...hi];
               let read: number;
               let conflict = false;
               if (fastPathIn === 0) {
@@ -375,20 +435,21 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
                 // makes it fail with unique_violation; the batch then runs again with ON CONFLICT DO NOTHING.
                 await tx.unsafe("SAVEPOINT pgshift_batch");
                 try {
-                  read = (await tx.unsafe(b.plain, range, PREPARED)).count;
+                  read = (await tx.unsafe(b.plain, keys, PREPARED)).count;
                 } catch (err) {
                   if (sqlState(err) !== "23505") throw err;
                   await tx.unsafe("ROLLBACK TO SAVEPOINT pgshift_batch");
-                  read = Number((await tx.unsafe(b.onConflict, range, PREPARED))[0]?.read ?? 0);
+                  read = Number((await tx.unsafe(b.onConflict, keys, PREPARED))[0]?.read ?? 0);
                   conflict = true;
                 }
-              } else read = Number((await tx.unsafe(b.onConflict, range, PREPARED))[0]?.read ?? 0);
-              await opts.onBatchWritten?.({ lo: checkpoint, hi });
+              } else read = Number((await tx.unsafe(b.onConflict, keys, PREPARED))[0]?.read ?? 0);
+              await opts.onBatchWritten?.({ lo, hi });
               const pace = [n, opts.batchTimeMs ?? null, Math.round(performance.now() - tb)];
               let suspects: string[] | null = null;
-              if (lockRows) await tx.unsafe(b.checkpoint, [...hi, read, ...pace], PREPARED);
+              if (lockRows)
+                await tx.unsafe(b.checkpoint, range ? [...hi, read, ...rangeNo] : [...hi, read, ...pace], PREPARED);
               else {
-                const x = (await tx.unsafe(b.pace, pace, PREPARED))[0]!;
+                const x = (await tx.unsafe(b.pace, range ? rangeNo : pace, PREPARED))[0]!;
                 suspects = suspectsOf(String(x.xid), String(x.snap));
               }
               r = { read, keys: Number(hiRow.n), hi, last: Number(hiRow.n) < n, conflict, suspects };
@@ -408,7 +469,7 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
         if (result.suspects) {
           // This batch's transaction began after the pending batches committed: their suspects.
           for (const p of pending) p.suspects ??= result.suspects;
-          if (result.hi) pending.push({ lo: checkpoint, hi: result.hi, rows: result.read, suspects: null });
+          if (result.hi) pending.push({ lo, hi: result.hi, rows: result.read, suspects: null });
         }
         if (result.hi) {
           run.batches++;
@@ -416,7 +477,10 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
           m.batches += 1;
           m.batch_rows = n;
           checkpoint = result.hi;
+          // The migration's counters and pace, for pgshift status (a range keeps only its own).
+          if (range) await conn.unsafe(rs.sync, [n, opts.batchTimeMs ?? null, Math.round(result.ms)], PREPARED);
         }
+        run.batchRows = batchRows();
         const p = { ...progress(m, run.copiedHere, performance.now() - run.t0, false), batchRows: batchRows() };
         if (result.hi)
           emit("batch", {
@@ -430,55 +494,151 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
             etaSeconds: p.etaSeconds,
           });
         if (result.last) {
-          run.complete = true;
+          complete = true;
           break;
         }
         opts.onProgress?.(p);
         if (opts.sleepMs) await new Promise((r) => setTimeout(r, opts.sleepMs));
       }
       // The last cleanups. Complete: waited for (the copy is not complete before); stopped: a few seconds at most.
-      if (!lockRows && !(await drain(run.complete ? null : 5000)) && run.complete) run.complete = false;
-      if (run.complete)
-        emit("copyComplete", { table: displayName(m.live), rowsCopied: m.rows_copied, batches: m.batches });
+      if (!lockRows && !(await drain(complete ? null : 5000)) && complete) complete = false;
+      if (complete && range) {
+        await conn.unsafe(rs.done, rangeNo, PREPARED);
+        await conn.unsafe(rs.sync, [batchRows(), opts.batchTimeMs ?? null, m.last_batch_ms], PREPARED);
+      }
+      return complete;
     };
     const cleanups = block(
       "any number of times",
       "the cleanup of earlier batches once every transaction that may have met them has ended (pg_xact_status " +
         "of the suspects, a read); the first range from the start of the key, the others from a checkpoint",
       [
-        block("at most once", "from the start", [cleanupTransaction(m, false)]),
-        block("at most once", "from a checkpoint", [cleanupTransaction(m, true)]),
+        block("at most once", "from the start", [cleanupTransaction(m, false, split)]),
+        block("at most once", "from a checkpoint", [cleanupTransaction(m, true, split)]),
       ],
     );
     const sized = opts.batchTimeMs
       ? `batches of at most ${batchSize} rows sized to last about ${opts.batchTimeMs} ms each (the row count is ` +
         `the upper key's last $n)`
       : `batches of ${batchSize} rows`;
-    steps.push(
-      block(
-        "once",
-        `the copy, in ${sized} in key order, one transaction each (a batch that meets a deadlock ` +
-          `or a lock timeout runs again), ${lockRows ? "its rows locked FOR SHARE" : "without row locks"}`,
+    const locking = lockRows ? "its rows locked FOR SHARE" : "without row locks";
+    if (!split) {
+      const first = checkpoint0 ? null : batch(false);
+      const next = batch(true);
+      steps.push(
+        block(
+          "once",
+          `the copy, in ${sized} in key order, one transaction each (a batch that meets a deadlock ` +
+            `or a lock timeout runs again), ${locking}`,
+          [
+            ...gate.steps(),
+            ...(first ? [block("at most once", "the first batch (no checkpoint yet)", [first.tx])] : []),
+            block("any number of times", "each next batch, from the checkpoint ($1 ...: the checkpoint's key)", [
+              ...(lockRows ? [] : [cleanups]),
+              next.tx,
+            ]),
+            ...(lockRows
+              ? []
+              : [
+                  block(
+                    "at most once",
+                    "once the copy ends (or stops: then for 5 s at most), the cleanup of the batches not cleaned yet",
+                    [marker, cleanups],
+                  ),
+                ]),
+          ],
+          async () => {
+            run.complete = await copyLoop(sql, null);
+            if (run.complete)
+              emit("copyComplete", { table: displayName(m.live), rowsCopied: m.rows_copied, batches: m.batches });
+          },
+        ),
+      );
+    } else {
+      const count = workers * RANGES_PER_WORKER;
+      const splitTx = transactionStep(
         [
-          ...gate.steps(),
-          ...(first ? [block("at most once", "the first batch (no checkpoint yet)", [first.tx])] : []),
-          block("any number of times", "each next batch, from the checkpoint ($1 ...: the checkpoint's key)", [
+          statement(rs.split),
+          block("once or more", "each range (with a checkpoint already: range 0, it, done)", [statement(rs.insert)]),
+        ],
+        {
+          why:
+            `split the key into about ${count} ranges of as many rows each from a sample of the table (the bounds: ` +
+            `$1 the sample's percentage, $2 the number of ranges${checkpoint0 ? ", then the checkpoint" : ""})`,
+        },
+      );
+      const rangeBatches = (upper: boolean) => {
+        const first = batch(false, { upper });
+        const next = batch(true, { upper });
+        return [
+          block("at most once", "its first batch when it starts at the first key", [first.tx]),
+          block("any number of times", "each next batch, from its checkpoint or lower bound ($1 ...)", [
             ...(lockRows ? [] : [cleanups]),
             next.tx,
           ]),
-          ...(lockRows
-            ? []
-            : [
-                block(
-                  "at most once",
-                  "once the copy ends (or stops: then for 5 s at most), the cleanup of the batches not cleaned yet",
-                  [marker, cleanups],
-                ),
-              ]),
-        ],
-        copy,
-      ),
-    );
+        ];
+      };
+      const known = await readRanges(sql, m);
+      steps.push(
+        block(
+          "once",
+          `the copy by ${workers} worker${workers > 1 ? "s" : ""}, each on a connection of its own, each taking ` +
+            `the next unfinished key range (pgshift.backfill_ranges) and copying it from its checkpoint in ${sized} ` +
+            `in key order, one transaction each (a batch that meets a deadlock or a lock timeout runs again), ` +
+            locking,
+          [
+            ...(known.length === 0
+              ? [splitTx]
+              : [
+                  check(
+                    `the key is split already (${known.length} ranges, ${known.filter((r) => !r.done).length} ` +
+                      `unfinished; looked up with: ${rs.read}): never split again`,
+                  ),
+                ]),
+            ...gate.steps(),
+            block("any number of times", "in each range with an upper bound ($n after the lower key)", [
+              ...rangeBatches(true),
+            ]),
+            block("at most once", "in the last range (no upper bound)", rangeBatches(false)),
+            block("any number of times", "after each batch", [statement(rs.sync, "session")]),
+            ...(lockRows
+              ? []
+              : [
+                  block(
+                    "any number of times",
+                    "once a range's copy ends (or stops: then for 5 s at most), the cleanup of its batches not " +
+                      "cleaned yet ($1: the range)",
+                    [statement(batch(false, { upper: false }).b.pace, "session"), cleanups],
+                  ),
+                ]),
+            block("any number of times", "once a range is copied: it is done", [
+              statement(rs.done, "session"),
+              statement(rs.sync, "session"),
+            ]),
+          ],
+          async () => {
+            let ranges = await readRanges(sql, m);
+            if (ranges.length === 0)
+              ranges = await runTransaction(sql, splitTx, (tx) =>
+                splitRanges(tx, m, count, samplePercent(m.rows_estimated)),
+              );
+            m.rows_copied = ranges.reduce((a, r) => a + r.rows_copied, 0);
+            m.batches = ranges.reduce((a, r) => a + r.batches, 0);
+            const todo = ranges.filter((r) => !r.done);
+            log().info(
+              { table: displayName(m.live), ranges: ranges.length, unfinished: todo.length, workers },
+              "backfill: copying the key ranges",
+            );
+            await runWorkers(sql, Math.min(workers, todo.length), todo, copyLoop, () => {
+              run.stop = true;
+            });
+            run.complete = (await readRanges(sql, m)).every((r) => r.done);
+            if (run.complete)
+              emit("copyComplete", { table: displayName(m.live), rowsCopied: m.rows_copied, batches: m.batches });
+          },
+        ),
+      );
+    }
   }
   // Until the copy is complete (stopped early: Ctrl-C, maxBatches) nothing below runs.
   const after: Step[] = [
@@ -489,7 +649,7 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
         `copies_lsn = coalesce(copies_lsn, pg_current_wal_insert_lsn()::text), updated_at = now() WHERE id = ${id}`,
       "session",
     ),
-    ...(await deferredIndexSteps(sql, m, lockTimeoutMs)),
+    ...(await deferredIndexSteps(sql, m, lockTimeoutMs, workers)),
     // NOT VALID constraints, index marks and comments, then ANALYZE of the partitioned table.
     ...(await finishShadowSteps(sql, m, lockTimeoutMs)),
     statement(
@@ -531,6 +691,10 @@ interface CopyRun {
   t0: number;
   /** The wait between batches (pause, throttles); its reason is cleared from the state when the command ends. */
   gate: PaceGate | null;
+  /** Set when a worker failed: the others stop after their batch in flight. */
+  stop: boolean;
+  /** The size of the last batch asked for, rows (progress). */
+  batchRows: number;
 }
 const runs = new WeakMap<Step[], CopyRun>();
 
@@ -568,8 +732,10 @@ export async function backfill(sql: Sql, table: QualifiedName, opts: BackfillOpt
   await lockMigration(sql, table);
   try {
     const m = await requireMigration(sql, table, "backfill");
-    // A throttle query that fails is refused before anything changes.
+    // A throttle query that fails, or workers the server has no connections for, are refused before anything
+    // changes (logical mode: the stream takes two connections of its own).
     await new Throttle(opts).validate(sql);
+    await checkWorkers(sql, opts.workers ?? 1, mirrorFor(m.mode).streams(m) ? 2 : 0);
     const t0 = performance.now();
     const plan = await planBackfill(sql, m, opts);
     const run = runs.get(plan.steps);

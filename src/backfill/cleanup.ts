@@ -128,9 +128,10 @@ const RUNNING_SQL =
  * - `candidates`: the ghost rows of the range, locked (NOWAIT); parameters: the lower key (with `lower`) then the
  *   upper key; returns `rel` (tableoid) and `tid` (ctid) as text;
  * - `remove`: deletes those rows if the source still lacks them; parameters: `{oid,...}`, `{"(b,o)",...}`;
- * - `checkpoint`: the checkpoint (the range's upper key), rows copied and batches, absolute.
+ * - `checkpoint`: the checkpoint (the range's upper key), rows copied and batches, absolute; with `ranged` (parallel
+ *   workers, ranges.ts), in the key range's row, whose number is the last parameter.
  */
-export function cleanupStatements(m: Migration, lower: boolean) {
+export function cleanupStatements(m: Migration, lower: boolean, ranged = false) {
   const key = m.key_columns;
   const k = key.length;
   const src = quoteQualified(m.original);
@@ -158,14 +159,15 @@ export function cleanupStatements(m: Migration, lower: boolean) {
       `DELETE FROM ${dst} s WHERE s.ctid = ANY ($2::tid[]) AND (s.tableoid, s.ctid) IN ` +
       `(SELECT * FROM unnest($1::oid[], $2::tid[])) AND ${gone(false)}`,
     checkpoint:
-      `UPDATE pgshift.migrations SET checkpoint = ARRAY[${placeholders(1, k)}]::text[], rows_copied = $${k + 1}, ` +
-      `batches = $${k + 2}, updated_at = now() WHERE id = ${m.id}`,
+      `UPDATE pgshift.${ranged ? "backfill_ranges" : "migrations"} SET checkpoint = ARRAY[${placeholders(1, k)}]` +
+      `::text[], rows_copied = $${k + 1}, batches = $${k + 2}, updated_at = now() WHERE ` +
+      (ranged ? `migration_id = ${m.id} AND range_no = $${k + 3}` : `id = ${m.id}`),
   };
 }
 
 /** The transaction of a cleanup, as printed and run (the DELETE only when there are candidates). */
-export function cleanupTransaction(m: Migration, lower: boolean): TransactionStep {
-  const c = cleanupStatements(m, lower);
+export function cleanupTransaction(m: Migration, lower: boolean, ranged = false): TransactionStep {
+  const c = cleanupStatements(m, lower, ranged);
   return transactionStep(
     [
       statement(c.candidates),
@@ -178,8 +180,8 @@ export function cleanupTransaction(m: Migration, lower: boolean): TransactionSte
 
 /**
  * Runs one cleanup of the range (lo, hi] in one transaction and advances the checkpoint to `hi` with the counters
- * given. @returns the ghosts deleted, or null when a candidate was locked by another transaction (nothing done;
- * try again later).
+ * given (in range `rangeNo`'s row when given). @returns the ghosts deleted, or null when a candidate was locked by
+ * another transaction (nothing done; try again later).
  */
 export async function runCleanup(
   sql: Sql,
@@ -187,10 +189,12 @@ export async function runCleanup(
   lo: string[] | null,
   hi: string[],
   counters: { rowsCopied: number; batches: number },
+  rangeNo?: number,
 ): Promise<number | null> {
-  const c = cleanupStatements(m, lo !== null);
+  const ranged = rangeNo !== undefined;
+  const c = cleanupStatements(m, lo !== null, ranged);
   try {
-    return await runTransaction(sql, cleanupTransaction(m, lo !== null), async (tx) => {
+    return await runTransaction(sql, cleanupTransaction(m, lo !== null, ranged), async (tx) => {
       const found = await tx.unsafe(c.candidates, [...(lo ?? []), ...hi], { prepare: true });
       let removed = 0;
       if (found.length > 0) {
@@ -198,7 +202,8 @@ export async function runCleanup(
         const tids = `{${found.map((r) => `"${String(r.tid)}"`).join(",")}}`;
         removed = (await tx.unsafe(c.remove, [rels, tids])).count;
       }
-      await tx.unsafe(c.checkpoint, [...hi, counters.rowsCopied, counters.batches], { prepare: true });
+      const at = [...hi, counters.rowsCopied, counters.batches, ...(ranged ? [rangeNo] : [])];
+      await tx.unsafe(c.checkpoint, at, { prepare: true });
       return removed;
     });
   } catch (err) {

@@ -3,7 +3,8 @@ import type { Sql } from "../db.js";
 import { afterCopySql, deferredIndexSql, partitionTree } from "../ddl/shadow.js";
 import type { Migration } from "../migration/state.js";
 import { quoteQualified } from "../names.js";
-import { type Step, statement, transactionStep } from "../plan/steps.js";
+import { block, type Step, statement, transactionStep } from "../plan/steps.js";
+import { runChains } from "./workers.js";
 
 /**
  * The steps that build the shadow's secondary indexes after the copy, without ever blocking the writes the
@@ -17,9 +18,16 @@ import { type Step, statement, transactionStep } from "../plan/steps.js";
  * Re-runnable, from the catalog as it is when the plan is made: a valid index already attached is skipped; an
  * INVALID one left by a crash during CREATE INDEX CONCURRENTLY is dropped and built again (docs: CREATE INDEX,
  * "Building Indexes Concurrently").
+ * With `workers` above 1 the partitions' builds of each index run over that many connections at once, each
+ * partition's chain (build, constraint, attach) on one connection, after the parent's index `ON ONLY` and the
+ * sub-partitioned levels' indexes: the recipe of PostgreSQL's documentation for an index on a partitioned table
+ * built without locking it as a whole ("Table Partitioning", section "Partition Maintenance": `CREATE INDEX ... ON
+ * ONLY` the parent, then on each partition `CREATE INDEX CONCURRENTLY` and `ALTER INDEX ... ATTACH PARTITION`;
+ * the parent's index becomes valid once every partition's is attached).
  * @param lockTimeoutMs lock_timeout of each transaction, ms.
+ * @param workers connections that build the partitions' indexes at once (default 1: one after the other).
  */
-export async function deferredIndexSteps(sql: Sql, m: Migration, lockTimeoutMs: number): Promise<Step[]> {
+export async function deferredIndexSteps(sql: Sql, m: Migration, lockTimeoutMs: number, workers = 1): Promise<Step[]> {
   if (m.deferred_indexes.length === 0) return [];
   const shadow = m.partitioned;
   // Every level (two levels: a partitioned partition's index, then its partitions': partitionTree).
@@ -28,6 +36,7 @@ export async function deferredIndexSteps(sql: Sql, m: Migration, lockTimeoutMs: 
   for (const idx of m.deferred_indexes) {
     const d = deferredIndexSql(shadow.schema, shadow.name, partitions, idx);
     steps.push(transactionStep([statement(d.parent)], { lockTimeoutMs, why: `index ${idx.name}: its parent` }));
+    const chains: Step[][] = [];
     for (const p of d.perPartition) {
       if (p.partitioned) {
         steps.push(transactionStep([statement(p.create), statement(p.attach)], { lockTimeoutMs }));
@@ -41,19 +50,32 @@ export async function deferredIndexSteps(sql: Sql, m: Migration, lockTimeoutMs: 
             to_regclass(${quoteQualified({ schema: shadow.schema, name: p.index })})`;
       const s = state[0];
       if (s?.valid && s.attached) continue;
+      const chain: Step[] = [];
+      chains.push(chain);
       if (s && !s.valid)
-        steps.push(
+        chain.push(
           statement(
             `DROP INDEX CONCURRENTLY IF EXISTS ${quoteQualified({ schema: shadow.schema, name: p.index })}`,
             "concurrently",
             `left invalid by an interrupted build`,
           ),
         );
-      if (!s?.valid) steps.push(statement(p.create, "concurrently"));
+      if (!s?.valid) chain.push(statement(p.create, "concurrently"));
       if (p.constrain && !(s?.valid && s.constrained))
-        steps.push(transactionStep([statement(p.constrain)], { lockTimeoutMs }));
-      steps.push(transactionStep([statement(p.attach)], { lockTimeoutMs }));
+        chain.push(transactionStep([statement(p.constrain)], { lockTimeoutMs }));
+      chain.push(transactionStep([statement(p.attach)], { lockTimeoutMs }));
     }
+    if (workers > 1 && chains.length > 1)
+      steps.push(
+        block(
+          "once",
+          `index ${idx.name} on ${chains.length} partitions, over ${Math.min(workers, chains.length)} connections ` +
+            "at once (each partition's statements in order on one of them)",
+          chains.flat(),
+          () => runChains(sql, workers, chains),
+        ),
+      );
+    else steps.push(...chains.flat());
   }
   return steps;
 }

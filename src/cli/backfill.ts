@@ -1,6 +1,7 @@
 import cliProgress from "cli-progress";
-import { Command } from "commander";
+import { Command, InvalidArgumentError } from "commander";
 import { type BackfillOptions, type BackfillProgress, backfill, describeBackfill } from "../backfill/backfill.js";
+import { MAX_WORKERS } from "../backfill/ranges.js";
 import { backfillGroup, describeGroupBackfill } from "../group/backfill.js";
 import { log } from "../log.js";
 import type { ThrottleOptions } from "../pace/throttle.js";
@@ -117,6 +118,16 @@ export function throttleOptions(o: ThrottleCliOptions): ThrottleOptions {
   };
 }
 
+/** `--workers`: an integer from 1 to MAX_WORKERS (the server's free connections are checked by backfill). */
+function workersOption(value: string): number {
+  const n = intOption("--workers", 1)(value);
+  if (n > MAX_WORKERS)
+    throw new InvalidArgumentError(
+      `--workers must be an integer from 1 to ${MAX_WORKERS}, got ${JSON.stringify(value)}`,
+    );
+  return n;
+}
+
 /** --batch-time-ms's default: see docs/commands/backfill.md ("Batch size and latency"). */
 export const DEFAULT_BATCH_TIME_MS = 100;
 
@@ -144,6 +155,13 @@ export function backfillCommand(): Command {
         "a row lock into every row of the table; the default copy writes nothing to it",
     )
     .option(
+      "--workers <n>",
+      "copy disjoint key ranges on this many connections at once, each range from its own checkpoint (and build " +
+        `the deferred indexes over as many); 1 to ${MAX_WORKERS}, within the server's free connections`,
+      workersOption,
+      1,
+    )
+    .option(
       "--max-lag-ms <ms>",
       "logical mode: return once the stream applies new writes within this many ms",
       intOption("--max-lag-ms", 1),
@@ -167,6 +185,7 @@ export function backfillCommand(): Command {
 Examples:
   pgshift backfill orders
   pgshift backfill orders --batch-size 5000 --sleep-ms 50
+  pgshift backfill orders --workers 4
   pgshift backfill orders --batch-time-ms 50 --max-replica-lag-ms 2000 --max-active-sessions 40
   pgshift backfill orders --throttle-query "select exists (select from ops.maintenance_window)"
 Ctrl-C stops after the current batch; run the command again to continue.
@@ -184,10 +203,12 @@ pgshift pause orders (from any terminal) stops it between batches; pgshift resum
           maxLagMs: number;
           lockRows?: boolean;
           dryRun?: boolean;
+          workers: number;
         },
     ) => {
       const pace = {
         ...throttleOptions(opts),
+        ...(opts.workers > 1 ? { workers: opts.workers } : {}),
         ...(opts.lockRows ? { lockRows: true } : {}),
         ...(opts.batchTimeMs > 0 ? { batchTimeMs: opts.batchTimeMs } : {}),
       };

@@ -1,6 +1,7 @@
 import cliProgress from "cli-progress";
 import Table from "cli-table3";
 import { Command } from "commander";
+import { rangeLine } from "../backfill/ranges.js";
 import type { Sql } from "../db.js";
 import { PgshiftError } from "../errors.js";
 import { loadGroup } from "../group/members.js";
@@ -244,6 +245,7 @@ export function liveView(s: StatusReport, intervalMs: number): string[] {
         : `${Math.round(s.rate)} rows/s, ETA ${formatDuration(s.etaSeconds)}`,
     ),
   ];
+  if (s.ranges.length > 0) lines.push(row("ranges", rangesText(s).split("\n")[0]!));
   if (p.batchRows !== null) {
     lines.push(
       row(
@@ -361,6 +363,18 @@ function slotState(st: NonNullable<StatusReport["stream"]>): string {
   return st.active ? `streaming to pid ${st.activePid}` : "idle: no consumer attached";
 }
 
+/**
+ * The key ranges of a backfill with workers: how many are done, then one line for each range not done yet (its
+ * bounds, rows and batches, checkpoint).
+ */
+function rangesText(s: StatusReport): string {
+  const done = s.ranges.filter((r) => r.done).length;
+  return [
+    `${done} of ${s.ranges.length} key ranges done`,
+    ...s.ranges.filter((r) => !r.done).map((r) => rangeLine(r)),
+  ].join("\n");
+}
+
 /** The status report as a two-column table on stdout. */
 export function printStatus(s: StatusReport): void {
   const t = new Table({ style: { head: [], border: [] } });
@@ -384,6 +398,7 @@ export function printStatus(s: StatusReport): void {
             : "- (no backfill is running)"
           : `${Math.round(s.rate)} rows/s, ETA ${formatDuration(s.etaSeconds)}`,
     },
+    ...(s.ranges.length > 0 ? [{ ranges: rangesText(s) }] : []),
     { running: runningLine(s) },
     // The pace (issue 16, items 2-4): pause, throttle, batch size in use.
     ...(s.paused

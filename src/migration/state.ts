@@ -117,6 +117,22 @@ export const MigrationRowSchema = z.object({
 export type MigrationRow = z.infer<typeof MigrationRowSchema>;
 
 /**
+ * One row of pgshift.backfill_ranges (schema version 9), validated when read back: a key range (lower, upper] of a
+ * backfill with parallel workers (null lower: from the first key, null upper: to the last), its checkpoint (the
+ * last key copied and clean; null: none yet), rows and batches counted there, and whether it is copied.
+ */
+export const BackfillRangeRowSchema = z.object({
+  range_no: z.coerce.number().int().min(0),
+  lower: z.array(z.string()).nullable(),
+  upper: z.array(z.string()).nullable(),
+  checkpoint: z.array(z.string()).nullable(),
+  rows_copied: z.coerce.number(),
+  batches: z.coerce.number(),
+  done: z.boolean(),
+});
+export type BackfillRangeRow = z.infer<typeof BackfillRangeRowSchema>;
+
+/**
  * One row of pgshift.partitioned_tables (schema version 7), validated when read back: a table pgshift partitioned
  * and finalized, its spec, and the settings and last run of pgshift maintain (src/maintain/).
  */
@@ -197,12 +213,13 @@ export function isStreaming(m: Migration): m is StreamingMigration {
  * application reuses its key with another partition value); 6: the pace columns of pgshift.migrations (paused_*,
  * throttle_*, batch_rows, batch_target_ms, last_batch_ms: pgshift pause and resume, the throttle's reason, the
  * batch size in use); 7: pgshift.partitioned_tables (what maintain keeps of each table pgshift partitioned, written at
- * finalize); 8: pgshift.migrations.group_name (migration groups). Each version's change is a numbered file,
+ * finalize); 8: pgshift.migrations.group_name (migration groups); 9: pgshift.backfill_ranges (the key ranges of a
+ * backfill with parallel workers, each with its checkpoint). Each version's change is a numbered file,
  * src/sql/schema/00000N.sql (schemaFile). A database at an older version is upgraded by the first
  * command that writes state (requireSchemaVersion; plan, status and dry runs read it as it is); one at a newer
  * version is refused by every command, so that no pgshift acts on state it does not understand.
  */
-export const SCHEMA_VERSION = 8;
+export const SCHEMA_VERSION = 9;
 
 /**
  * The file that brings the pgshift schema from `version - 1` to `version` (src/sql/schema/000001.sql creates
