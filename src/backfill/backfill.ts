@@ -359,9 +359,14 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
         const done = pending.slice(0, n);
         const counters = {
           rowsCopied: clean.rowsCopied + done.reduce((a, p) => a + p.rows, 0),
-          batches: clean.batches + n,
+          batches: clean.batches + done.filter((p) => !p.tail).length,
         };
-        const removed = await runCleanup(conn, m, done[0]!.lo, done[n - 1]!.hi, counters, range?.range_no);
+        // The tail (the copy's end) reaches the range's upper bound, or the end of the key, and keeps the checkpoint
+        // at the last key copied (a range's checkpoint at its upper bound: the range is done next).
+        const last = done[n - 1]!;
+        const hi = last.tail ? (range ? range.upper : null) : last.hi;
+        const at = last.tail ? (hi ?? last.lo) : last.hi;
+        const removed = await runCleanup(conn, m, done[0]!.lo, hi, counters, range?.range_no, at);
         if (removed === null) return false;
         pending.splice(0, n);
         clean = counters;
@@ -495,6 +500,8 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
           });
         if (result.last) {
           complete = true;
+          // Without row locks, the last cleanup goes on to the end of the key (or of the range): see PendingBatch.
+          if (!lockRows) pending.push({ lo: checkpoint, hi: checkpoint ?? [], rows: 0, suspects: null, tail: true });
           break;
         }
         opts.onProgress?.(p);
@@ -515,6 +522,12 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
       [
         block("at most once", "from the start", [cleanupTransaction(m, false, split)]),
         block("at most once", "from a checkpoint", [cleanupTransaction(m, true, split)]),
+        block("at most once", "the last, to the end of the key, from the start", [
+          cleanupTransaction(m, false, split, true),
+        ]),
+        block("at most once", "the last, to the end of the key, from a checkpoint", [
+          cleanupTransaction(m, true, split, true),
+        ]),
       ],
     );
     const sized = opts.batchTimeMs

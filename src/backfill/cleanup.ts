@@ -95,6 +95,12 @@ export interface PendingBatch {
   lo: string[] | null;
   /** The batch's last key. */
   hi: string[];
+  /**
+   * Not a batch: the end of the copy, from `lo` (the last key copied) to the end of the key or of the worker's
+   * range. A run that crashed may have left uncleaned ghosts there, above every key the source has now: no batch of
+   * the next run reaches them, so the last cleanup covers that tail too. `hi` is unused.
+   */
+  tail?: true;
   rows: number;
   /** The transactions that may have met the batch (ids as text), once known; null until then. */
   suspects: string[] | null;
@@ -131,7 +137,7 @@ const RUNNING_SQL =
  * - `checkpoint`: the checkpoint (the range's upper key), rows copied and batches, absolute; with `ranged` (parallel
  *   workers, ranges.ts), in the key range's row, whose number is the last parameter.
  */
-export function cleanupStatements(m: Migration, lower: boolean, ranged = false) {
+export function cleanupStatements(m: Migration, lower: boolean, ranged = false, open = false) {
   const key = m.key_columns;
   const k = key.length;
   const src = quoteQualified(m.original);
@@ -141,14 +147,17 @@ export function cleanupStatements(m: Migration, lower: boolean, ranged = false) 
     ...key.map((c) => `o.${quoteIdent(c)} = s.${quoteIdent(c)}`),
     ...rest.map((c) => `o.${quoteIdent(c)} IS NOT DISTINCT FROM s.${quoteIdent(c)}`),
   ].join(" AND ");
-  const range = [...(lower ? [rowCompare(key, ">", 1)] : []), rowCompare(key, "<=", lower ? k + 1 : 1)].join(" AND ");
+  const range =
+    [...(lower ? [rowCompare(key, ">", 1)] : []), ...(open ? [] : [rowCompare(key, "<=", lower ? k + 1 : 1)])].join(
+      " AND ",
+    ) || "TRUE";
   // The range on the source's side too: one range scan of each table joined by hash or merge, rather than one
   // probe of the source's key index per row of the shadow.
   const inRange = (alias: string) =>
     [
       ...(lower ? [`(${columnList(key, alias)}) > (${placeholders(1, k)})`] : []),
-      `(${columnList(key, alias)}) <= (${placeholders(lower ? k + 1 : 1, k)})`,
-    ].join(" AND ");
+      ...(open ? [] : [`(${columnList(key, alias)}) <= (${placeholders(lower ? k + 1 : 1, k)})`]),
+    ].join(" AND ") || "TRUE";
   const gone = (ranged: boolean) =>
     `NOT EXISTS (SELECT FROM ${src} o WHERE ${match}${ranged ? ` AND ${inRange("o")}` : ""})`;
   return {
@@ -165,45 +174,58 @@ export function cleanupStatements(m: Migration, lower: boolean, ranged = false) 
   };
 }
 
-/** The transaction of a cleanup, as printed and run (the DELETE only when there are candidates). */
-export function cleanupTransaction(m: Migration, lower: boolean, ranged = false): TransactionStep {
-  const c = cleanupStatements(m, lower, ranged);
+/**
+ * The transaction of a cleanup, as printed and run (the DELETE only when there are candidates). `open`: the last
+ * cleanup of a copy with no upper key (to the end of the key); its checkpoint is written only when a key was copied.
+ */
+export function cleanupTransaction(m: Migration, lower: boolean, ranged = false, open = false): TransactionStep {
+  const c = cleanupStatements(m, lower, ranged, open);
   return transactionStep(
     [
       statement(c.candidates),
       block("at most once", "only when there are candidates", [statement(c.remove)]),
-      statement(c.checkpoint),
+      open ? block("at most once", "when a key was copied", [statement(c.checkpoint)]) : statement(c.checkpoint),
     ],
-    { why: "delete the rows of the range the source no longer has (ghosts), advance the checkpoint" },
+    {
+      why: open
+        ? "delete the rows the source no longer has from the last key copied to the end of the key (ghosts a " +
+          "crashed run may have left above every key the source has now)"
+        : "delete the rows of the range the source no longer has (ghosts), advance the checkpoint",
+    },
   );
 }
 
 /**
- * Runs one cleanup of the range (lo, hi] in one transaction and advances the checkpoint to `hi` with the counters
- * given (in range `rangeNo`'s row when given). @returns the ghosts deleted, or null when a candidate was locked by
- * another transaction (nothing done; try again later).
+ * Runs one cleanup of the range (lo, hi] (hi null: to the end of the key) in one transaction and advances the
+ * checkpoint to `at` (default `hi`; not written when null) with the counters given (in range `rangeNo`'s row when
+ * given). @returns the ghosts deleted, or null when a candidate was locked by another transaction (nothing done;
+ * try again later).
  */
 export async function runCleanup(
   sql: Sql,
   m: Migration,
   lo: string[] | null,
-  hi: string[],
+  hi: string[] | null,
   counters: { rowsCopied: number; batches: number },
   rangeNo?: number,
+  at: string[] | null = hi,
 ): Promise<number | null> {
   const ranged = rangeNo !== undefined;
-  const c = cleanupStatements(m, lo !== null, ranged);
+  const open = hi === null;
+  const c = cleanupStatements(m, lo !== null, ranged, open);
   try {
-    return await runTransaction(sql, cleanupTransaction(m, lo !== null, ranged), async (tx) => {
-      const found = await tx.unsafe(c.candidates, [...(lo ?? []), ...hi], { prepare: true });
+    return await runTransaction(sql, cleanupTransaction(m, lo !== null, ranged, open), async (tx) => {
+      const found = await tx.unsafe(c.candidates, [...(lo ?? []), ...(hi ?? [])], { prepare: true });
       let removed = 0;
       if (found.length > 0) {
         const rels = `{${found.map((r) => String(r.rel)).join(",")}}`;
         const tids = `{${found.map((r) => `"${String(r.tid)}"`).join(",")}}`;
         removed = (await tx.unsafe(c.remove, [rels, tids])).count;
       }
-      const at = [...hi, counters.rowsCopied, counters.batches, ...(ranged ? [rangeNo] : [])];
-      await tx.unsafe(c.checkpoint, at, { prepare: true });
+      if (at !== null)
+        await tx.unsafe(c.checkpoint, [...at, counters.rowsCopied, counters.batches, ...(ranged ? [rangeNo] : [])], {
+          prepare: true,
+        });
       return removed;
     });
   } catch (err) {

@@ -194,6 +194,39 @@ describe("the copy without row locks", () => {
     expect(await differences(name)).toEqual({ onlySource: 0, onlyShadow: 0 });
   });
 
+  it("a crash with ghosts above every key the source has at the next run: its last cleanup reaches them", async () => {
+    const name = "nl_crash_tail";
+    const w = await workload(name, 4000);
+    await startMigration(db.sql, w.table, {
+      allowKeyExtension: true,
+      spec: parsePartitionSpec("range:created_at:month"),
+    });
+    let batch = 0;
+    const crash = new Error("simulated crash");
+    await expect(
+      backfill(db.sql, w.table, {
+        batchSize: 500,
+        onBatchWritten: async () => {
+          batch++;
+          // Batch 3 (keys 1001..1500): its last 101 rows deleted while it is uncommitted: ghosts once it commits.
+          if (batch === 3) await other.unsafe(`delete from ${name} where id between 1400 and 1500`);
+          if (batch === 4) throw crash;
+        },
+      }),
+    ).rejects.toThrow("simulated crash");
+    const m = (await loadMigration(db.sql, w.table))!;
+    expect(Number(m.checkpoint?.[0] ?? 0)).toBeLessThanOrEqual(1000);
+    expect((await differences(name)).onlyShadow).toBe(101);
+    // Every key above the ghosts' goes too: the next run's batches end at 1399, below every ghost.
+    await db.admin.unsafe(`delete from ${name} where id > 1500`);
+    const r = await backfill(db.sql, w.table, { batchSize: 500 });
+    expect(r.complete).toBe(true);
+    expect(r.ghostsDeleted).toBe(101);
+    expect(await differences(name)).toEqual({ onlySource: 0, onlyShadow: 0 });
+    const v = await verify(db.sql, w.table, { chunkSize: 700 });
+    expect(v.differences).toEqual([]);
+  });
+
   it("writes nothing to the source: no row carries a lock afterwards (every row does with --lock-rows)", async () => {
     const locked = async (name: string) =>
       Number((await db.admin.unsafe(`select count(*)::int as n from ${name} where xmax::text <> '0'`))[0]!.n);
