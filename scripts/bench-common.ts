@@ -208,9 +208,14 @@ const readHwm = (pid: number): number | null => {
 /**
  * Runs `node dist/cli/main.js <args>` as a child process whose pid is node's own (no shell between), with
  * DATABASE_URL set to `url` and JSON log lines (PGSHIFT_LOG_LEVEL, default info) on its stderr, and measures
- * its wall time and peak memory (PgshiftRun.peakRssBytes). Never throws on a failing command: see `code`.
+ * its wall time and peak memory (PgshiftRun.peakRssBytes). `entry` replaces `dist/cli/main.js` (a test runs
+ * `["--import", "tsx", "src/cli/main.ts"]`, relative to the repository's root). Never throws on a failing
+ * command: see `code`.
  */
-export async function runPgshift(args: string[], opts: { url: string; pollMs?: number }): Promise<PgshiftRun> {
+export async function runPgshift(
+  args: string[],
+  opts: { url: string; pollMs?: number; entry?: string[] },
+): Promise<PgshiftRun> {
   const dir = mkdtempSync(join(tmpdir(), "pgshift-bench-"));
   const rssFile = join(dir, "peak-rss");
   const preload = pathToFileURL(join(repoRoot, "scripts", "bench-peak-rss.mjs")).href;
@@ -221,7 +226,8 @@ export async function runPgshift(args: string[], opts: { url: string; pollMs?: n
     PGSHIFT_BENCH_PEAK_RSS_FILE: rssFile,
   };
   const t0 = performance.now();
-  const child = spawn(process.execPath, ["--import", preload, CLI, ...args], {
+  const child = spawn(process.execPath, ["--import", preload, ...(opts.entry ?? [CLI]), ...args], {
+    cwd: repoRoot,
     env,
     stdio: ["ignore", "pipe", "pipe"],
   });

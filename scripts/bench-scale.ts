@@ -67,7 +67,7 @@ function usage(): string {
   --rows N,N,...   table sizes, smallest first (default 1000000,10000000); the checks compare the last to the first
   --durable        embedded server with production durability (fsync, synchronous_commit, full_page_writes on)
   --sample-rows N  rows of plan --sample-copy (default 20000)
-  --json           print the report as JSON on stdout
+  --json           print the report as JSON on stdout (the table then goes to stderr)
   --strict         exit 1 when a check fails
 Uses DATABASE_URL when set, else starts an embedded PostgreSQL. Runs the built CLI (dist/: npm run build).`;
 }
@@ -368,7 +368,11 @@ async function main(): Promise<number> {
     for (const rows of sizes) results.push(await runSize(sql, url, rows, sampleRows, say));
     const cs = checks(results);
     const pass = cs.every((c) => c.pass);
+    const header = `pgshift scale benchmark: ${server}, ${availableParallelism()} CPUs, ${SPEC}`;
+    const table = `${report(results, cs, header)}\n${pass ? "all checks pass" : "some checks FAIL"}\n`;
     if (values.json) {
+      // the table on stderr, beside the progress lines
+      process.stderr.write(table);
       const out = {
         server,
         durable,
@@ -380,10 +384,7 @@ async function main(): Promise<number> {
         pass,
       };
       process.stdout.write(`${JSON.stringify(out, null, 2)}\n`);
-    } else {
-      const header = `pgshift scale benchmark: ${server}, ${availableParallelism()} CPUs, ${SPEC}`;
-      process.stdout.write(`${report(results, cs, header)}\n${pass ? "all checks pass" : "some checks FAIL"}\n`);
-    }
+    } else process.stdout.write(table);
     return values.strict && !pass ? 1 : 0;
   } finally {
     await cleanup();
