@@ -65,7 +65,9 @@ describe("memory is flat in the table's size", () => {
     const small = await peaksAt(10_000);
     const big = await peaksAt(100_000);
     const mb = (b: number) => (b / 1024 / 1024).toFixed(1);
-    const text = `backfill ${mb(small.backfill)} -> ${mb(big.backfill)} MB, verify ${mb(small.verify)} -> ${mb(big.verify)} MB`;
+    const text =
+      `backfill ${mb(small.backfill)} -> ${mb(big.backfill)} MB, ` +
+      `verify ${mb(small.verify)} -> ${mb(big.verify)} MB`;
     process.stdout.write(`scale-memory: ${text}\n`);
     // Sanity: the figures are a node process's (tens of MB), not a shell's.
     expect(small.backfill).toBeGreaterThan(30 * 1024 * 1024);
