@@ -16,7 +16,7 @@ const T = { schema: "public", name: "sm_events" };
 const SPEC = "range:created_at:month";
 /**
  * How much more the peak may be at 10x the rows: V8 grows its heap (the young generation first) in steps of a few
- * MB with the work done; differences of -3.5 to +7.1 MB were measured. Keeping the 90,000 more rows as JavaScript
+ * MB with the work done; differences of -3.5 to +8.2 MB were measured. Keeping the 90,000 more rows as JavaScript
  * values would take 30 MB or more.
  */
 const SLACK_BYTES = 12 * 1024 * 1024;
