@@ -175,6 +175,11 @@ export interface PgshiftRun {
   peakRssBytes: number | null;
   /** Whether the figure came from the process's exit (exact) or only from polling /proc (may miss the end). */
   peakRssFrom: "exit" | "poll" | "none";
+  /**
+   * The V8 heap at exit (bench-peak-rss.mjs): its size, what was in use, and what is still alive after a full
+   * garbage collection (memory kept, as a leak would be), bytes; null when not written.
+   */
+  heapAtExit: { heapTotalBytes: number; heapUsedBytes: number; liveHeapBytes: number | null } | null;
 }
 
 const repoRoot = fileURLToPath(new URL("..", import.meta.url));
@@ -226,7 +231,7 @@ export async function runPgshift(
     PGSHIFT_BENCH_PEAK_RSS_FILE: rssFile,
   };
   const t0 = performance.now();
-  const child = spawn(process.execPath, ["--import", preload, ...(opts.entry ?? [CLI]), ...args], {
+  const child = spawn(process.execPath, ["--expose-gc", "--import", preload, ...(opts.entry ?? [CLI]), ...args], {
     cwd: repoRoot,
     env,
     stdio: ["ignore", "pipe", "pipe"],
@@ -257,6 +262,12 @@ export async function runPgshift(
   } catch {
     atExit = null;
   }
+  let heapAtExit: PgshiftRun["heapAtExit"] = null;
+  try {
+    heapAtExit = JSON.parse(readFileSync(`${rssFile}.json`, "utf8")) as PgshiftRun["heapAtExit"];
+  } catch {
+    heapAtExit = null;
+  }
   rmSync(dir, { recursive: true, force: true });
   const peak = Math.max(atExit ?? 0, polled ?? 0);
   return {
@@ -268,5 +279,6 @@ export async function runPgshift(
     ms,
     peakRssBytes: peak > 0 ? peak : null,
     peakRssFrom: atExit !== null ? "exit" : polled !== null ? "poll" : "none",
+    heapAtExit,
   };
 }

@@ -1,16 +1,31 @@
 /**
  * Preloaded (`node --import`) into the pgshift processes a benchmark runs (runPgshift in bench-common.ts): when
  * the process exits, writes its peak resident set size in bytes (getrusage's maxRSS, the kernel's high-water
- * mark, VmHWM) to the file named by PGSHIFT_BENCH_PEAK_RSS_FILE. Does nothing without that variable.
+ * mark, VmHWM) to the file named by PGSHIFT_BENCH_PEAK_RSS_FILE, then, to `<that file>.json`, its V8 heap: the
+ * peak figures beside what is still alive once a full garbage collection ran (when node runs with --expose-gc), which
+ * tells memory kept (a leak) from garbage not yet collected. Does nothing without that variable.
  */
 import { writeFileSync } from "node:fs";
-import { resourceUsage } from "node:process";
+import { memoryUsage, resourceUsage } from "node:process";
 
 const file = process.env.PGSHIFT_BENCH_PEAK_RSS_FILE;
 if (file)
   process.on("exit", () => {
     try {
       writeFileSync(file, String(resourceUsage().maxRSS * 1024));
+      const before = memoryUsage();
+      const gc = /** @type {undefined | (() => void)} */ (globalThis.gc);
+      gc?.();
+      const after = gc ? memoryUsage() : null;
+      writeFileSync(
+        `${file}.json`,
+        JSON.stringify({
+          heapTotalBytes: before.heapTotal,
+          heapUsedBytes: before.heapUsed,
+          liveHeapBytes: after ? after.heapUsed : null,
+          externalBytes: before.external,
+        }),
+      );
     } catch {
       // the benchmark falls back to what it polled from /proc
     }

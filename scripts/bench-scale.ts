@@ -108,6 +108,7 @@ interface SizeResult {
   };
   peakRssBytes: Record<Command, number | null>;
   peakRssFrom: Record<Command, PgshiftRun["peakRssFrom"]>;
+  heapAtExit: Record<Command, PgshiftRun["heapAtExit"]>;
   commandSeconds: Record<Command, number>;
   predicted: { statistics: Predicted; sample: Predicted };
   /** predicted / actual. */
@@ -239,6 +240,7 @@ async function runSize(
     },
     peakRssBytes: pick((r) => r.peakRssBytes),
     peakRssFrom: pick((r) => r.peakRssFrom),
+    heapAtExit: pick((r) => r.heapAtExit),
     commandSeconds: pick((r) => r.ms / 1000),
     predicted: { statistics: stats, sample },
     ratios: { statistics: ratio(stats), sample: ratio(sample) },
@@ -323,6 +325,10 @@ function report(sizes: SizeResult[], cs: Check[], header: string): string {
       const b = s.peakRssBytes[c];
       return `${b === null ? "?" : mb(b)} (${s.commandSeconds[c].toFixed(1)})`;
     });
+  row("backfill: V8 heap at exit / live after GC, MB", (s) => {
+    const h = s.heapAtExit.backfill;
+    return h === null ? "?" : `${mb(h.heapTotalBytes)} / ${h.liveHeapBytes === null ? "?" : mb(h.liveHeapBytes)}`;
+  });
   for (const src of ["statistics", "sample"] as const) {
     row(`predicted from ${src}: time, s (ratio)`, (s) => {
       const p = s.predicted[src];
