@@ -177,9 +177,17 @@ export interface PgshiftRun {
   peakRssFrom: "exit" | "poll" | "none";
   /**
    * The V8 heap at exit (bench-peak-rss.mjs): its size, what was in use, and what is still alive after a full
-   * garbage collection (memory kept, as a leak would be), bytes; null when not written.
+   * garbage collection (memory kept, as a leak would be), and the peaks during the run, bytes; null when not written.
    */
-  heapAtExit: { heapTotalBytes: number; heapUsedBytes: number; liveHeapBytes: number | null } | null;
+  heapAtExit: {
+    heapTotalBytes: number;
+    heapUsedBytes: number;
+    liveHeapBytes: number | null;
+    /** Peaks over the run (memoryUsage() every 100 ms): the V8 heap's size, memory outside it, Buffers. */
+    peakHeapTotalBytes: number;
+    peakExternalBytes: number;
+    peakArrayBuffersBytes: number;
+  } | null;
 }
 
 const repoRoot = fileURLToPath(new URL("..", import.meta.url));

@@ -325,9 +325,13 @@ function report(sizes: SizeResult[], cs: Check[], header: string): string {
       const b = s.peakRssBytes[c];
       return `${b === null ? "?" : mb(b)} (${s.commandSeconds[c].toFixed(1)})`;
     });
-  row("backfill: V8 heap at exit / live after GC, MB", (s) => {
+  row("backfill: V8 heap peak / live at exit, MB", (s) => {
     const h = s.heapAtExit.backfill;
-    return h === null ? "?" : `${mb(h.heapTotalBytes)} / ${h.liveHeapBytes === null ? "?" : mb(h.liveHeapBytes)}`;
+    return h === null ? "?" : `${mb(h.peakHeapTotalBytes)} / ${h.liveHeapBytes === null ? "?" : mb(h.liveHeapBytes)}`;
+  });
+  row("backfill: peak outside the V8 heap, MB", (s) => {
+    const h = s.heapAtExit.backfill;
+    return h === null ? "?" : mb(h.peakExternalBytes);
   });
   for (const src of ["statistics", "sample"] as const) {
     row(`predicted from ${src}: time, s (ratio)`, (s) => {
