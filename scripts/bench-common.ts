@@ -187,6 +187,8 @@ export interface PgshiftRun {
     peakHeapTotalBytes: number;
     peakExternalBytes: number;
     peakArrayBuffersBytes: number;
+    /** V8's peak of memory it allocated outside its heap (v8.getHeapStatistics().peak_malloced_memory). */
+    peakMallocedBytes: number;
   } | null;
 }
 

@@ -4,10 +4,12 @@
  * mark, VmHWM) to the file named by PGSHIFT_BENCH_PEAK_RSS_FILE, then, to `<that file>.json`, its V8 heap: the
  * peak figures beside what is still alive once a full garbage collection ran (when node runs with --expose-gc), which
  * tells memory kept (a leak) from garbage not yet collected, and the peaks of the V8 heap and of the memory outside
- * it (Buffers), read every 100 ms, which tell where a peak of the RSS came from. Does nothing without that variable.
+ * it (Buffers), read every 100 ms, and V8's own peak of memory it allocated outside its heap (compilers' zones), which
+ * tell where a peak of the RSS came from. Does nothing without that variable.
  */
 import { writeFileSync } from "node:fs";
 import { memoryUsage, resourceUsage } from "node:process";
+import { getHeapStatistics } from "node:v8";
 
 const file = process.env.PGSHIFT_BENCH_PEAK_RSS_FILE;
 const peak = { heapTotal: 0, external: 0, arrayBuffers: 0 };
@@ -37,6 +39,7 @@ if (file)
           peakHeapTotalBytes: peak.heapTotal,
           peakExternalBytes: peak.external,
           peakArrayBuffersBytes: peak.arrayBuffers,
+          peakMallocedBytes: getHeapStatistics().peak_malloced_memory,
         }),
       );
     } catch {

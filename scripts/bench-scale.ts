@@ -329,9 +329,9 @@ function report(sizes: SizeResult[], cs: Check[], header: string): string {
     const h = s.heapAtExit.backfill;
     return h === null ? "?" : `${mb(h.peakHeapTotalBytes)} / ${h.liveHeapBytes === null ? "?" : mb(h.liveHeapBytes)}`;
   });
-  row("backfill: peak outside the V8 heap, MB", (s) => {
+  row("backfill: peak Buffers / V8's malloc, MB", (s) => {
     const h = s.heapAtExit.backfill;
-    return h === null ? "?" : mb(h.peakExternalBytes);
+    return h === null ? "?" : `${mb(h.peakExternalBytes)} / ${mb(h.peakMallocedBytes)}`;
   });
   for (const src of ["statistics", "sample"] as const) {
     row(`predicted from ${src}: time, s (ratio)`, (s) => {
