@@ -342,8 +342,8 @@ export function predictionLines(p: Prediction): string[] {
   const from = p.source === "sample" ? "a sample copy" : "statistics; --sample-copy measures a sample";
   const out = [
     `  predicts (from ${from}): backfill ${formatMs(p.durationMs)} (copy ${formatMs(p.copyMs)}, index builds ` +
-      `${formatMs(p.indexBuildMs)}), disk ${formatBytes(p.diskBytes)} (table ${formatBytes(p.heapBytes)}, indexes ` +
-      `${formatBytes(p.indexBytes)}), WAL ${formatBytes(p.walBytes)}`,
+      `${formatMs(p.indexBuildMs)}, ANALYZE ${formatMs(p.analyzeMs)}), disk ${formatBytes(p.diskBytes)} ` +
+      `(table ${formatBytes(p.heapBytes)}, indexes ${formatBytes(p.indexBytes)}), WAL ${formatBytes(p.walBytes)}`,
   ];
   if (p.slotRetainedBytes !== null)
     out.push(

@@ -22,10 +22,16 @@ export interface Prediction {
   source: "statistics" | "sample";
   /** Rows the prediction is for: pg_class.reltuples (0 when the table was never analyzed). */
   rows: number;
-  /** The backfill's duration: the copy, then the index builds (CREATE INDEX CONCURRENTLY), ms. */
+  /** The backfill's duration: the copy, then the index builds (CREATE INDEX CONCURRENTLY), then ANALYZE, ms. */
   durationMs: number;
   copyMs: number;
   indexBuildMs: number;
+  /**
+   * The ANALYZE of the partitioned table that ends the backfill, ms: it samples up to 300 x the statistics target
+   * rows (30,000 by default) of the whole table and as many again of each leaf partition (docs: ANALYZE, "the
+   * partitions are analyzed too"), so it grows with the number of partitions more than with the rows.
+   */
+  analyzeMs: number;
   /** What the partitioned table will take on disk after the backfill: heap, TOAST and every index, bytes. */
   diskBytes: number;
   heapBytes: number;
@@ -73,6 +79,8 @@ export interface SampleResult {
   tableBytes: number;
   /** pg_indexes_size of the scratch table at the end (its key and the indexes built after the copy), bytes. */
   indexBytes: number;
+  /** ANALYZE of the scratch table (all its rows: fewer than ANALYZE's sample), ms. */
+  analyzeMs: number;
 }
 
 /**
@@ -90,7 +98,33 @@ export const PREDICT_RATES = {
   fixedMs: 500,
   /** CREATE INDEX CONCURRENTLY against the sample's plain CREATE INDEX (two scans of the table, waits). */
   concurrentlyFactor: 1.6,
+  /**
+   * Index build: ms per partition and index besides its rows (CREATE INDEX CONCURRENTLY's three transactions and
+   * their waits, the ATTACH PARTITION transaction, the catalog reads), which a sample's plain CREATE INDEX does not
+   * show: about 10 ms on an idle machine with fsync off, more with commits flushed and much more under load.
+   */
+  indexMsPerPartition: 30,
+  /**
+   * ANALYZE: µs per row it samples (reading the row's page and computing the columns' statistics); measured on the
+   * bench-scale `events` table (5 columns, text and jsonb among them), 29 monthly partitions, about 900,000 rows
+   * sampled: 4.4 to 5.4 µs on an idle machine, up to 11 under load.
+   */
+  analyzeUsPerSampledRow: 4.5,
 } as const;
+
+/** Rows ANALYZE samples of a table per unit of statistics target (docs: ANALYZE; analyze.c: 300 x target). */
+const ANALYZE_ROWS_PER_TARGET = 300;
+
+/**
+ * Rows the ANALYZE of the partitioned table samples: up to 300 x `statisticsTarget` of the whole table, and as
+ * many again of each leaf partition (the rows taken as spread evenly over `partitions` leaves; 0: one table).
+ */
+export function analyzeSampledRows(rows: number, partitions: number, statisticsTarget = 100): number {
+  const cap = ANALYZE_ROWS_PER_TARGET * statisticsTarget;
+  const r = Math.max(0, rows);
+  const leaves = Math.max(1, partitions);
+  return Math.min(r, cap) + (partitions > 0 ? Math.min(r, cap * leaves) : 0);
+}
 
 /** PostgreSQL's page layout (docs: "Database Page Layout"): header 24 bytes, line pointer 4, tuple header 23. */
 const PAGE_HEADER = 24;
@@ -107,6 +141,10 @@ const WAL_ROW_LOCK = 54;
 const BTREE_FILL = 0.9;
 
 const align = (n: number, a = MAXALIGN) => Math.ceil(n / a) * a;
+
+/** The index builds' cost besides the rows: PREDICT_RATES.indexMsPerPartition per partition and index, ms. */
+const perPartitionIndexMs = (i: Pick<PredictInputs, "partitions" | "deferredIndexBytes">, rows: number) =>
+  rows > 0 ? Math.max(1, i.partitions) * i.deferredIndexBytes.length * PREDICT_RATES.indexMsPerPartition : 0;
 
 /** What predictFromStatistics needs of the table, read by readPredictInputs (or given by a test). */
 export interface PredictInputs {
@@ -140,6 +178,8 @@ export interface PredictInputs {
   rowLocks: boolean;
   /** current_setting('full_page_writes') = 'on'. */
   fullPageWrites: boolean;
+  /** current_setting('default_statistics_target') (100 when not given). */
+  statisticsTarget?: number;
 }
 
 /**
@@ -152,11 +192,12 @@ export interface PredictInputs {
  * - WAL: a heap insert record per row (tuple + 40 bytes) and a btree insert per row (index tuple + 40), a Heap/LOCK
  *   record per row and a full-page image per source page when rows are locked, TOAST and the index builds
  *   (CREATE INDEX writes the whole index to WAL);
- * - time: PREDICT_RATES.
+ * - time: PREDICT_RATES; ANALYZE from the rows it samples (analyzeSampledRows).
  */
 export function predictFromStatistics(i: PredictInputs): {
   copyMs: number;
   indexBuildMs: number;
+  analyzeMs: number;
   heapBytes: number;
   indexBytes: number;
   walBytes: number;
@@ -191,10 +232,16 @@ export function predictFromStatistics(i: PredictInputs): {
     (i.rowLocks ? rows * WAL_ROW_LOCK + (i.fullPageWrites ? i.relpages * bs : 0) : 0);
   const walBytes = Math.round(copyWal + deferred * 1.02);
   const copyMs = (rows * PREDICT_RATES.copyUsPerRow + heap * PREDICT_RATES.copyUsPerHeapByte) / 1000;
-  const indexBuildMs = (rows * i.deferredIndexBytes.length * PREDICT_RATES.indexUsPerRow) / 1000;
+  const indexBuildMs =
+    (rows * i.deferredIndexBytes.length * PREDICT_RATES.indexUsPerRow) / 1000 + perPartitionIndexMs(i, rows);
+  const analyzeMs =
+    rows > 0
+      ? (analyzeSampledRows(rows, i.partitions, i.statisticsTarget) * PREDICT_RATES.analyzeUsPerSampledRow) / 1000
+      : 0;
   return {
     copyMs: Math.round(copyMs + PREDICT_RATES.fixedMs),
     indexBuildMs: Math.round(indexBuildMs),
+    analyzeMs: Math.round(analyzeMs),
     heapBytes,
     indexBytes,
     walBytes,
@@ -204,10 +251,11 @@ export function predictFromStatistics(i: PredictInputs): {
 /**
  * The prediction from a sample copy (pure arithmetic): each measurement divided by the sample's rows, times the
  * table's rows; the index builds' time times PREDICT_RATES.concurrentlyFactor (the real builds run CONCURRENTLY,
- * partition by partition); plus a page per index per partition and the fixed cost.
+ * partition by partition); plus a page per index per partition and the fixed cost; ANALYZE: the sample's ANALYZE per
+ * row times the rows the partitioned table's ANALYZE samples (analyzeSampledRows).
  */
 export function predictFromSample(
-  i: Pick<PredictInputs, "rows" | "partitions" | "deferredIndexBytes" | "blockSize">,
+  i: Pick<PredictInputs, "rows" | "partitions" | "deferredIndexBytes" | "blockSize" | "statisticsTarget">,
   s: SampleResult,
 ): ReturnType<typeof predictFromStatistics> {
   const rows = Math.max(0, i.rows);
@@ -215,7 +263,9 @@ export function predictFromSample(
   const perPartition = i.partitions * (1 + i.deferredIndexBytes.length) * i.blockSize;
   return {
     copyMs: Math.round(s.copyMs * scale + PREDICT_RATES.fixedMs),
-    indexBuildMs: Math.round(s.indexBuildMs * scale * PREDICT_RATES.concurrentlyFactor),
+    indexBuildMs: Math.round(s.indexBuildMs * scale * PREDICT_RATES.concurrentlyFactor + perPartitionIndexMs(i, rows)),
+    analyzeMs:
+      s.rows > 0 ? Math.round((s.analyzeMs / s.rows) * analyzeSampledRows(rows, i.partitions, i.statisticsTarget)) : 0,
     heapBytes: Math.round(s.tableBytes * scale),
     indexBytes: Math.round(s.indexBytes * scale + perPartition),
     walBytes: Math.round((s.copyWalBytes + s.indexWalBytes) * scale),
@@ -231,6 +281,7 @@ const Stats = z.object({
   fsm_vm: z.coerce.number(),
   block_size: z.coerce.number(),
   fpw: z.boolean(),
+  stats_target: z.coerce.number(),
   fillfactor: z.coerce.number().nullable(),
   spcoid: z.coerce.number(),
   spclocation: z.string().nullable(),
@@ -260,6 +311,7 @@ export async function readPredictInputs(
            pg_indexes_size(c.oid) as indexes,
            pg_relation_size(c.oid, 'fsm') + pg_relation_size(c.oid, 'vm') as fsm_vm,
            current_setting('block_size')::int as block_size, current_setting('full_page_writes') = 'on' as fpw,
+           current_setting('default_statistics_target')::int as stats_target,
            (select split_part(o, '=', 2)::int from unnest(c.reloptions) o where o like 'fillfactor=%') as fillfactor,
            c.reltablespace as spcoid,
            case when c.reltablespace = 0 then null else pg_tablespace_location(c.reltablespace) end as spclocation
@@ -295,6 +347,7 @@ export async function readPredictInputs(
       fillfactor: r.fillfactor ?? 100,
       blockSize: r.block_size,
       fullPageWrites: r.fpw,
+      statisticsTarget: r.stats_target,
       partitions: t.partitions,
       rowLocks: t.rowLocks,
     },
@@ -400,9 +453,10 @@ export function sampleTableName(source: QualifiedName): QualifiedName {
 /**
  * The statements of a sample copy, in order, as run: a transaction that creates the scratch table (the copied
  * columns, the shadow's key), copies about `rows` rows sampled by page (TABLESAMPLE SYSTEM, FOR SHARE when the
- * copy locks rows, as backfill's batches do), builds the deferred indexes on it, reads its sizes, and is rolled
- * back: the scratch table never exists for anyone else, and is gone when the transaction ends, also when a
- * statement fails or the client goes away (the server rolls back a session's transaction when it ends).
+ * copy locks rows, as backfill's batches do), builds the deferred indexes on it, reads its sizes, ANALYZEs it
+ * (timed: the backfill ends with an ANALYZE of the partitioned table), and is rolled back: the scratch table never
+ * exists for anyone else, and is gone when the transaction ends, also when a statement fails or the client goes
+ * away (the server rolls back a session's transaction when it ends).
  * The measuring queries (pg_current_wal_insert_lsn(), sizes) are in the list too.
  */
 export function sampleStatements(o: SampleOptions): string[] {
@@ -425,6 +479,7 @@ export function sampleStatements(o: SampleOptions): string[] {
     ...o.indexDefinitions.map((d) => `CREATE INDEX ON ${scratch} USING ${d}`),
     lsn,
     `SELECT pg_table_size(${regclass}) AS heap, pg_indexes_size(${regclass}) AS indexes`,
+    `ANALYZE ${scratch}`,
     "ROLLBACK",
   ];
 }
@@ -449,7 +504,7 @@ export async function sampleCopy(sql: Sql, o: SampleOptions): Promise<SampleResu
         const rows = await tx.unsafe(body[i]!);
         return { rows, ms: performance.now() - t0 };
       };
-      // 0-1 SET LOCAL, 2 CREATE TABLE, 3 its key, 4 LSN, 5 the copy, 6 LSN, the n indexes, LSN, sizes.
+      // 0-1 SET LOCAL, 2 CREATE TABLE, 3 its key, 4 LSN, 5 the copy, 6 LSN, the n indexes, LSN, sizes, ANALYZE.
       for (let i = 0; i < 4; i++) await run(i);
       const l0 = String((await run(4)).rows[0]?.lsn);
       const copy = await run(5);
@@ -458,6 +513,7 @@ export async function sampleCopy(sql: Sql, o: SampleOptions): Promise<SampleResu
       for (let i = 0; i < n; i++) indexMs += (await run(7 + i)).ms;
       const l2 = String((await run(7 + n)).rows[0]?.lsn);
       const sizes = (await run(8 + n)).rows[0];
+      const analyze = await run(9 + n);
       const diff = await tx`
         select pg_wal_lsn_diff(${l1}::pg_lsn, ${l0}::pg_lsn)::float8 as copy,
                pg_wal_lsn_diff(${l2}::pg_lsn, ${l1}::pg_lsn)::float8 as idx`;
@@ -470,6 +526,7 @@ export async function sampleCopy(sql: Sql, o: SampleOptions): Promise<SampleResu
         indexWalBytes: Number(diff[0]?.idx),
         tableBytes: Number(sizes?.heap),
         indexBytes: Number(sizes?.indexes),
+        analyzeMs: Math.round(analyze.ms),
       };
       throw new SampleDone("rolled back");
     });
@@ -529,8 +586,7 @@ export async function predictBackfill(sql: Sql, o: PredictOptions): Promise<Pred
     inputLines.push(
       `sample copy: ${sample.rows} rows in ${sample.copyMs} ms, ${sample.copyWalBytes} bytes of WAL, ` +
         `${sample.tableBytes + sample.indexBytes} bytes; index builds ${sample.indexBuildMs} ms, ` +
-        `${sample.indexWalBytes} bytes of WAL ` +
-        `(rolled back)`,
+        `${sample.indexWalBytes} bytes of WAL; ANALYZE ${sample.analyzeMs} ms (rolled back)`,
     );
     if (sample.rows === 0) warnings.push("the sample copy found no rows: the prediction is from statistics alone");
   }
@@ -539,13 +595,13 @@ export async function predictBackfill(sql: Sql, o: PredictOptions): Promise<Pred
     est = predictFromStatistics(inputs);
     inputLines.push(
       `rates: ${PREDICT_RATES.copyUsPerRow} µs a row and ${PREDICT_RATES.copyUsPerHeapByte} µs a byte to copy, ` +
-        `${PREDICT_RATES.indexUsPerRow} µs a row per index to build (measured on a 2-core machine; ` +
-        `--sample-copy measures this server)`,
+        `${PREDICT_RATES.indexUsPerRow} µs a row per index to build, ${PREDICT_RATES.analyzeUsPerSampledRow} µs a ` +
+        `row ANALYZE samples (measured on a 2-core machine; --sample-copy measures this server)`,
     );
   }
   let serverWal: number | null = null;
   let retained: number | null = null;
-  const durationMs = est.copyMs + est.indexBuildMs;
+  const durationMs = est.copyMs + est.indexBuildMs + est.analyzeMs;
   if (o.mode === "logical") {
     serverWal = await readServerWalRate(sql, o.walRateIntervalMs ?? 1000);
     retained = Math.round((serverWal * durationMs) / 1000 + est.walBytes);
@@ -571,6 +627,7 @@ export async function predictBackfill(sql: Sql, o: PredictOptions): Promise<Pred
     durationMs,
     copyMs: est.copyMs,
     indexBuildMs: est.indexBuildMs,
+    analyzeMs: est.analyzeMs,
     diskBytes,
     heapBytes: est.heapBytes,
     indexBytes: est.indexBytes,

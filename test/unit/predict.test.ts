@@ -1,5 +1,6 @@
 import { describe, expect, it } from "vitest";
 import {
+  analyzeSampledRows,
   PREDICT_RATES,
   type PredictInputs,
   predictFromSample,
@@ -77,13 +78,35 @@ describe("predictFromStatistics", () => {
           PREDICT_RATES.fixedMs,
       ),
     );
-    expect(p.indexBuildMs).toBe(Math.round((1_000_000 * PREDICT_RATES.indexUsPerRow) / 1000));
+    // base has no partitions: one table, one deferred index.
+    expect(p.indexBuildMs).toBe(
+      Math.round((1_000_000 * PREDICT_RATES.indexUsPerRow) / 1000 + PREDICT_RATES.indexMsPerPartition),
+    );
+    // A build per partition and index besides the rows.
+    expect(predictFromStatistics({ ...base, partitions: 29 }).indexBuildMs).toBe(
+      Math.round((1_000_000 * PREDICT_RATES.indexUsPerRow) / 1000 + 29 * PREDICT_RATES.indexMsPerPartition),
+    );
+  });
+
+  it("ANALYZE from the rows it samples: 300 x the statistics target of the table and of each partition", () => {
+    // 1,000,000 rows over 29 partitions: 34,482 a partition, above the 30,000 sampled.
+    expect(analyzeSampledRows(1_000_000, 29)).toBe(30_000 + 29 * 30_000);
+    expect(analyzeSampledRows(10_000_000, 29)).toBe(30_000 + 29 * 30_000);
+    // Small partitions are read whole; the whole table's sample still 30,000.
+    expect(analyzeSampledRows(200_000, 29)).toBe(30_000 + 200_000);
+    expect(analyzeSampledRows(10_000, 29)).toBe(10_000 + 10_000);
+    // Without partitions: one table. A higher target samples more.
+    expect(analyzeSampledRows(1_000_000, 0)).toBe(30_000);
+    expect(analyzeSampledRows(1_000_000, 0, 1000)).toBe(300_000);
+    const p = predictFromStatistics({ ...base, partitions: 29 });
+    expect(p.analyzeMs).toBe(Math.round((30 * 30_000 * PREDICT_RATES.analyzeUsPerSampledRow) / 1000));
   });
 
   it("a table never analyzed (reltuples -1) predicts an empty copy", () => {
     const p = predictFromStatistics({ ...base, rows: -1, heapBytes: 0, relpages: 0, deferredIndexBytes: [] });
     expect(p.copyMs).toBe(PREDICT_RATES.fixedMs);
     expect(p.indexBuildMs).toBe(0);
+    expect(p.analyzeMs).toBe(0);
     expect(p.heapBytes).toBe(0);
   });
 });
@@ -98,14 +121,19 @@ describe("predictFromSample", () => {
     indexWalBytes: 500_000,
     tableBytes: 3_000_000,
     indexBytes: 1_000_000,
+    analyzeMs: 40,
   };
   it("scales each measurement by rows / sampled rows", () => {
     const p = predictFromSample({ rows: 1_000_000, partitions: 4, deferredIndexBytes: [1], blockSize: 8192 }, sample);
     expect(p.copyMs).toBe(100 * 50 + PREDICT_RATES.fixedMs);
-    expect(p.indexBuildMs).toBe(Math.round(10 * 50 * PREDICT_RATES.concurrentlyFactor));
+    expect(p.indexBuildMs).toBe(
+      Math.round(10 * 50 * PREDICT_RATES.concurrentlyFactor + 4 * PREDICT_RATES.indexMsPerPartition),
+    );
     expect(p.heapBytes).toBe(150_000_000);
     expect(p.indexBytes).toBe(50_000_000 + 4 * 2 * 8192);
     expect(p.walBytes).toBe(325_000_000);
+    // ANALYZE: 2 µs a row in the sample (40 ms / 20,000), times the 30,000 + 4 x 30,000 rows sampled.
+    expect(p.analyzeMs).toBe(300);
   });
 });
 
@@ -128,6 +156,7 @@ describe("sampleStatements", () => {
         `"public"."orders" TABLESAMPLE SYSTEM (1.5) LIMIT 10000 FOR SHARE`,
     );
     expect(s).toContain(`CREATE INDEX ON "public"."orders_pgshift_sample" USING btree (created_at)`);
+    expect(s.at(-2)).toBe(`ANALYZE "public"."orders_pgshift_sample"`);
     expect(s.filter((x) => x.startsWith("COMMIT"))).toEqual([]);
   });
 });
