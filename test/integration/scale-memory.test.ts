@@ -3,8 +3,8 @@
  * `pgshift verify`, each a child process measured from /proc/<pid>/status (VmHWM) and its own maxRSS at exit, is
  * the same at 200,000 rows (100 batches and chunks of 2,000) as at 10,000 (5) within a few MB, with V8's old
  * generation capped. Rows go from table to table inside PostgreSQL and verify compares chunk by chunk, so 190,000
- * more rows (about 25 MB of heap, far more as JavaScript values) must not show in the process. scripts/bench-scale measures the same from 1 to 10 million
- * rows.
+ * more rows (about 25 MB of heap, far more as JavaScript values) must not show in the process. scripts/bench-scale
+ * measures the same from 1 to 10 million rows.
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type PgshiftRun, runPgshift } from "../../scripts/bench-common.js";
