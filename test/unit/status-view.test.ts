@@ -13,6 +13,7 @@ function report(extra: Record<string, unknown> = {}): StatusReport {
   return {
     table: "public.orders",
     phase: "backfilling",
+    ranges: [],
     mode: "logical",
     partitionBy: "range:created_at:month",
     next: "wait: pgshift backfill is copying",
@@ -102,6 +103,25 @@ describe("status --watch: the live view", () => {
     expect(none).toMatch(/^throttle\s+not throttled$/m);
     expect(none).not.toMatch(/^batch size/m);
     expect(paceFields(report()).paused).toBeNull();
+  });
+
+  it("shows how many key ranges of a backfill with workers are done", () => {
+    const ranges = [
+      { range_no: 0, lower: null, upper: ["1000"], checkpoint: null, rows_copied: 1000, batches: 2, done: true },
+      {
+        range_no: 1,
+        lower: ["1000"],
+        upper: ["2000"],
+        checkpoint: ["1500"],
+        rows_copied: 500,
+        batches: 1,
+        done: false,
+      },
+      { range_no: 2, lower: ["2000"], upper: null, checkpoint: null, rows_copied: 0, batches: 0, done: false },
+    ];
+    const text = liveView(report({ ranges }), 1000).join("\n");
+    expect(text).toMatch(/^ranges\s+1 of 3 key ranges done$/m);
+    expect(liveView(report(), 1000).join("\n")).not.toMatch(/^ranges/m);
   });
 
   it("before the backfill and after it", () => {
