@@ -46,6 +46,7 @@ import {
   startMigration,
 } from "../src/index.js";
 import {
+  buildEventsTable,
   COMMON_OPTIONS,
   fmtInt,
   median,
@@ -128,31 +129,6 @@ async function dropBenchTables(sql: Sql): Promise<void> {
   if (m) await abort(sql, SOURCE);
   await sql`drop table if exists ${sql(TWIN)}`;
   await sql`drop table if exists ${sql(SOURCE.name)}`;
-}
-
-async function buildSource(sql: Sql, rows: number): Promise<void> {
-  await sql`
-    create table bench_source (
-      id bigint primary key,
-      created_at timestamptz not null,
-      customer text not null,
-      amount numeric(12,2) not null,
-      payload jsonb not null
-    ) with (autovacuum_enabled = off)`;
-  await sql`create index bench_source_created_at_idx on bench_source (created_at)`;
-  // Keys in insertion order, created_at rising with the key over 2 years up to now (with a few hours of
-  // jitter, as in a real table), so both copies route rows to the partitions in the same, realistic order.
-  await sql`
-    insert into bench_source (id, created_at, customer, amount, payload)
-    select i,
-           now() - interval '730 days' + (i - 1) * (interval '730 days' / ${rows}::int) + ((i * 7919) % 21600) *
-             interval '1 second',
-           'customer-' || lpad((i * 31 % 50000)::text, 6, '0'),
-           ((i * 104729) % 10000000) / 100.0,
-           jsonb_build_object('sku', 'SKU-' || (i % 5000), 'qty', 1 + i % 9, 'tags', jsonb_build_array(i % 10, i % 7),
-             'note', md5(i::text))
-      from generate_series(1, ${rows}::bigint) i`;
-  await sql`vacuum (freeze, analyze) bench_source`;
 }
 
 /**
@@ -308,7 +284,9 @@ async function main(): Promise<number> {
     await dropBenchTables(sql);
     say(`building bench_source with ${fmtInt(rows)} rows ...`);
     const tb = performance.now();
-    await buildSource(sql, rows);
+    // Keys in insertion order, created_at rising with the key over 2 years up to now (with a few hours of jitter),
+    // so both copies route rows to the partitions in the same, realistic order.
+    await buildEventsTable(sql, SOURCE.name, rows);
     const size = await sql`select pg_total_relation_size('bench_source')::bigint as total,
         pg_relation_size('bench_source')::bigint as heap`;
     say(
