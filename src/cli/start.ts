@@ -73,6 +73,16 @@ Several tables at once (docs/groups.md):
       },
     ) => {
       const spec = parseSpecs(opts.partitionBy, opts.subpartitionBy);
+      const o = {
+        spec,
+        mode: opts.mode,
+        premake: opts.premake,
+        lockTimeoutMs: opts.lockTimeout,
+        retries: opts.retries,
+        slotTimeoutMs: opts.slotTimeoutMs,
+        allowKeyExtension: opts.allowKeyExtension ?? false,
+        terminateHoldersAfterMs: opts.terminateHoldersAfter ?? null,
+      };
       if (opts.group !== undefined || tableArgs.length > 1) {
         if (opts.group === undefined)
           throw new PgshiftError("pgshift start takes one table, or several with --group <name>", {
@@ -80,16 +90,6 @@ Several tables at once (docs/groups.md):
           });
         const group = opts.group;
         const tables = tableArgs.map((t) => parseTableName(t));
-        const o = {
-          spec,
-          mode: opts.mode,
-          premake: opts.premake,
-          lockTimeoutMs: opts.lockTimeout,
-          retries: opts.retries,
-          slotTimeoutMs: opts.slotTimeoutMs,
-          allowKeyExtension: opts.allowKeyExtension ?? false,
-          terminateHoldersAfterMs: opts.terminateHoldersAfter ?? null,
-        };
         await withConnection(opts, async (sql) => {
           if (opts.dryRun) {
             const p = await planGroupStart(sql, group, tables, o);
@@ -111,30 +111,14 @@ Several tables at once (docs/groups.md):
       const tableArg = tableArgs[0]!;
       await withTable(tableArg, opts, async (sql, table) => {
         if (opts.dryRun) {
-          const plan = await planMigration(sql, table, {
-            spec,
-            mode: opts.mode,
-            premake: opts.premake,
-            lockTimeoutMs: opts.lockTimeout,
-            slotTimeoutMs: opts.slotTimeoutMs,
-            terminateHoldersAfterMs: opts.terminateHoldersAfter ?? null,
-          });
+          const plan = await planMigration(sql, table, o);
           printStartPlan(plan);
           if (plan.blockers.length > 0) throw new BlockedError(displayName(table), plan.blockers);
           const refusal = opts.allowKeyExtension ? null : keyExtensionRefusal(plan);
           if (refusal) throw refusal;
           return;
         }
-        const { plan, ms } = await startMigration(sql, table, {
-          spec,
-          mode: opts.mode,
-          premake: opts.premake,
-          lockTimeoutMs: opts.lockTimeout,
-          retries: opts.retries,
-          slotTimeoutMs: opts.slotTimeoutMs,
-          allowKeyExtension: opts.allowKeyExtension ?? false,
-          terminateHoldersAfterMs: opts.terminateHoldersAfter ?? null,
-        });
+        const { plan, ms } = await startMigration(sql, table, o);
         for (const w of plan.warnings) process.stdout.write(`warning: ${w}\n`);
         if (plan.atFinalize) process.stdout.write(`at finalize: ${plan.atFinalize}\n`);
         process.stdout.write(
