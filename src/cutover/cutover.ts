@@ -585,41 +585,22 @@ async function switchTables(
     }
     plan.context.snapshot = snapshot;
     await opts.beforeLock?.();
-    let attempts = 0;
+    const attempts = { made: 0 };
     const tx = plan.transaction;
     const lockHeldMs = await (async () => {
       try {
         if (plan.follow) await runSteps(sql, [plan.follow]);
-        await runTransaction(
-          sql,
-          tx,
-          async (t) => {
-            attempts++;
-            await runSteps(t, tx.steps);
-            await opts.beforeCommit?.(t);
-          },
-          {
-            ...(opts.retries !== undefined ? { retries: opts.retries } : {}),
-            ...(opts.deadlineMs !== undefined ? { deadlineMs: opts.deadlineMs } : {}),
-            retryOn: (err) => err instanceof CatchupTimeout,
-            onFailure: (err) => {
-              plan.lockSite.failed(err);
-              opts.onFailure?.(err);
-            },
-            onRetry: (n, err) => {
-              log().warn(
-                { attempt: n, err: err instanceof Error ? err.message : String(err) },
-                `${command}: not done in time (lock or catch-up) or a session holds the lock, locks released, ` +
-                  "retrying",
-              );
-              opts.onRetry?.(n, err);
-            },
-          },
-        );
+        await runSwitchTransaction(sql, tx, plan.lockSite, opts, attempts, {
+          retryOn: (err) => err instanceof CatchupTimeout,
+          fields: {},
+          retrying:
+            `${command}: not done in time (lock or catch-up) or a session holds the lock, locks released, ` +
+            "retrying",
+        });
         return performance.now() - plan.context.locked;
       } catch (err) {
         if (err instanceof CatchupTimeout) {
-          throw new PgshiftError(`cannot cut over: ${err.message}, after ${attempts} attempts`, {
+          throw new PgshiftError(`cannot cut over: ${err.message}, after ${attempts.made} attempts`, {
             hint:
               "the stream is lagging: let pgshift sync catch up (pgshift status shows the lag), or raise " +
               "--catchup-timeout-ms (the longest writes may be blocked while the last changes are applied)",
@@ -669,12 +650,17 @@ async function switchTables(
       ? { beforeLockMs: Math.round(ctx.beforeLockMs * 10) / 10, underLockMs: Math.round(ctx.underLockMs * 10) / 10 }
       : null;
     log().info(
-      { table: displayName(table), lockHeldMs: Math.round(lockHeldMs * 10) / 10, attempts, ...(catchup ?? {}) },
+      {
+        table: displayName(table),
+        lockHeldMs: Math.round(lockHeldMs * 10) / 10,
+        attempts: attempts.made,
+        ...(catchup ?? {}),
+      },
       command === "cutover" ? "cutover done" : "swap-back done",
     );
     return {
       lockHeldMs,
-      attempts,
+      attempts: attempts.made,
       phase: command === "cutover" ? "cutover" : "swapped_back",
       statements,
       indexesBuilt: built,
@@ -685,6 +671,49 @@ async function switchTables(
   } finally {
     await unlockMigration(sql, table).catch(() => {});
   }
+}
+
+/**
+ * Runs a switch's transaction (cutover or swap-back, of one table or of a migration group): its steps, then the
+ * `beforeCommit` test hook, retried as runTransaction retries (a lock not granted in time, and whatever
+ * `retry.retryOn` adds); each failed attempt is reported to the lock site and to `opts.onFailure`, each retry logged
+ * (`retry.fields`, `retry.retrying`) and passed to `opts.onRetry`. `attempts.made` counts the attempts, also when it
+ * throws.
+ * @throws what the last attempt threw (runTransaction's PgshiftError when the lock is never granted in time).
+ */
+export async function runSwitchTransaction(
+  sql: Sql,
+  tx: TransactionStep,
+  lockSite: LockSite,
+  opts: CutoverOptions,
+  attempts: { made: number },
+  retry: { retryOn?: (err: unknown) => boolean; fields: Record<string, unknown>; retrying: string },
+): Promise<void> {
+  await runTransaction(
+    sql,
+    tx,
+    async (t) => {
+      attempts.made++;
+      await runSteps(t, tx.steps);
+      await opts.beforeCommit?.(t);
+    },
+    {
+      ...(opts.retries !== undefined ? { retries: opts.retries } : {}),
+      ...(opts.deadlineMs !== undefined ? { deadlineMs: opts.deadlineMs } : {}),
+      ...(retry.retryOn ? { retryOn: retry.retryOn } : {}),
+      onFailure: (err) => {
+        lockSite.failed(err);
+        opts.onFailure?.(err);
+      },
+      onRetry: (n, err) => {
+        log().warn(
+          { ...retry.fields, attempt: n, err: err instanceof Error ? err.message : String(err) },
+          retry.retrying,
+        );
+        opts.onRetry?.(n, err);
+      },
+    },
+  );
 }
 
 /**

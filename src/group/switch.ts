@@ -16,6 +16,7 @@ import {
   phaseSql,
   requireNoKnownDifferences,
   runCarriedAfter,
+  runSwitchTransaction,
   type SwitchOptions,
   switchOptions,
   switchSql,
@@ -32,8 +33,6 @@ import { displayName, type QualifiedName, quoteQualified } from "../names.js";
 import {
   check,
   formatSteps,
-  runSteps,
-  runTransaction,
   type Step,
   statement,
   statementsOf,
@@ -255,32 +254,12 @@ export async function switchGroup(
         );
     }
     await opts.beforeLock?.();
-    let attempts = 0;
+    const attempts = { made: 0 };
     const tx = plan.transaction;
-    await runTransaction(
-      sql,
-      tx,
-      async (t) => {
-        attempts++;
-        await runSteps(t, tx.steps);
-        await opts.beforeCommit?.(t);
-      },
-      {
-        ...(opts.retries !== undefined ? { retries: opts.retries } : {}),
-        ...(opts.deadlineMs !== undefined ? { deadlineMs: opts.deadlineMs } : {}),
-        onFailure: (err) => {
-          plan.lockSite.failed(err);
-          opts.onFailure?.(err);
-        },
-        onRetry: (n, err) => {
-          log().warn(
-            { group, attempt: n, err: err instanceof Error ? err.message : String(err) },
-            `${command} --group: lock not granted in time or a session holds it, locks released, retrying`,
-          );
-          opts.onRetry?.(n, err);
-        },
-      },
-    );
+    await runSwitchTransaction(sql, tx, plan.lockSite, opts, attempts, {
+      fields: { group },
+      retrying: `${command} --group: lock not granted in time or a session holds it, locks released, retrying`,
+    });
     const lockHeldMs = performance.now() - plan.locked.at;
     statements.push(...statementsOf([tx]));
     for (const x of plan.members)
@@ -296,7 +275,7 @@ export async function switchGroup(
     );
     return {
       lockHeldMs,
-      attempts,
+      attempts: attempts.made,
       tables: plan.members.map((x) => displayName(x.table)),
       statements,
       indexesBuilt: built,
