@@ -100,10 +100,15 @@ for (const { major, report } of reports) {
   for (const file of report.testResults ?? []) {
     for (const t of file.assertionResults ?? []) {
       if (t.status !== "failed") continue;
-      const why = String(t.failureMessages?.[0] ?? "")
-        .split("\n")[0]
-        .slice(0, 300);
+      const lines = String(t.failureMessages?.[0] ?? "").split("\n");
+      const why = lines[0].slice(0, 300);
+      // The project's own frames (src/, test/; not node_modules), so that the record says where it was thrown.
+      const where = lines
+        .filter((l) => /^\s*at /.test(l) && /\/(src|test)\//.test(l) && !l.includes("node_modules"))
+        .slice(0, 6)
+        .map((l) => `    ${l.trim().replace(/\(.*?\/((src|test)\/)/, "($1")}`);
       console.log(`FAILED on ${major}: ${file.name.replace(/^.*?(test\/)/, "$1")} > ${t.fullName}\n  ${why}`);
+      for (const l of where) console.log(l);
     }
   }
 }

@@ -1,6 +1,6 @@
 import pRetry from "p-retry";
 import type { LockRetryOptions, Sql } from "../db.js";
-import { sqlState } from "../errors.js";
+import { PgshiftError, sqlState } from "../errors.js";
 import { emit } from "../events.js";
 import { log } from "../log.js";
 import {
@@ -413,12 +413,14 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
         if (opts.signal?.aborted || run.stop) break;
         if (!lockRows) await cleanDue();
         const { b, tx: t, pre, post } = batch(checkpoint !== null, range ? { upper: range.upper !== null } : undefined);
-        const n = batchRows();
+        let n = batchRows();
         const lo = checkpoint;
         const values = lo ?? [];
         let tb = performance.now();
-        const r0 = await retryTransient(() =>
-          runTransaction(conn, t, async (tx) => {
+        const r0 = await retryTransient((attempt) => {
+          // After a conflict, a smaller batch: fewer of the keys the applier (or a writer) holds just now.
+          if (attempt > 1) n = Math.max(MIN_RETRY_BATCH_ROWS, Math.min(n, Math.ceil(n / 2)));
+          return runTransaction(conn, t, async (tx) => {
             tb = performance.now();
             for (const x of pre) await tx.unsafe(x.sql);
             const hiRow = (await tx.unsafe(b.upper, [...values, ...(range?.upper ?? []), n], PREPARED))[0];
@@ -461,8 +463,8 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
             }
             for (const x of post) await tx.unsafe(x.sql);
             return r;
-          }),
-        );
+          });
+        });
         const result = { ...r0, ms: performance.now() - tb };
         // The next batch's size from this one's duration (the time its rows were locked, COMMIT included).
         if (result.hi) sizer?.observe(result.keys, result.ms);
@@ -787,28 +789,52 @@ export async function describeBackfill(sql: Sql, table: QualifiedName, opts: Bac
   return formatSteps(plan.steps);
 }
 
+/** The smallest a batch gets when it runs again after a transient conflict, rows. */
+const MIN_RETRY_BATCH_ROWS = 100;
+/** How long a batch keeps running again after transient conflicts before backfill gives up, ms. */
+const TRANSIENT_DEADLINE_MS = 120_000;
+
 /**
- * Runs `fn` again (up to 20 times, after a short random pause) when it fails with a deadlock, a
- * serialization failure or a lock timeout: in logical mode the applier writes the shadow too, and a batch
- * may collide with it. A batch is one transaction, so a retry starts from the same checkpoint.
+ * Runs `fn(attempt)` (attempt 1, 2, ...) again, after a short random pause (10 ms growing to 250 ms), when it
+ * fails with a deadlock, a serialization failure or a lock timeout, for up to TRANSIENT_DEADLINE_MS in all: in
+ * logical mode the applier writes the shadow too, and a batch may collide with its open group again and again
+ * while the application writes fast (the caller makes the batch smaller on each attempt). A batch is one
+ * transaction, so a retry starts from the same checkpoint.
+ * @throws PgshiftError (with the last conflict as cause) past the deadline; any other error of `fn` as is.
  */
-async function retryTransient<T>(fn: () => Promise<T>): Promise<T> {
+async function retryTransient<T>(fn: (attempt: number) => Promise<T>): Promise<T> {
   const transient = (err: unknown) => ["40P01", "40001", "55P03"].includes(sqlState(err) ?? "");
-  return pRetry(fn, {
-    retries: 19,
-    minTimeout: 10,
-    maxTimeout: 50,
-    factor: 1.3,
-    randomize: true,
-    shouldRetry: ({ error }) => transient(error),
-    onFailedAttempt: ({ error, attemptNumber }) => {
-      if (transient(error))
-        log().debug(
-          { code: sqlState(error), attempt: attemptNumber },
-          "backfill: batch rolled back by a transient conflict, retrying",
-        );
-    },
-  });
+  let attempts = 0;
+  try {
+    return await pRetry(() => fn(++attempts), {
+      retries: 10_000,
+      maxRetryTime: TRANSIENT_DEADLINE_MS,
+      minTimeout: 10,
+      maxTimeout: 250,
+      factor: 1.3,
+      randomize: true,
+      shouldRetry: ({ error }) => transient(error),
+      onFailedAttempt: ({ error, attemptNumber }) => {
+        if (!transient(error)) return;
+        const at = { code: sqlState(error), attempt: attemptNumber };
+        const what = "backfill: batch rolled back by a transient conflict, retrying";
+        if (attemptNumber % 50 === 0) log().info(at, `${what} (a smaller batch)`);
+        else log().debug(at, what);
+      },
+    });
+  } catch (err) {
+    if (!transient(err)) throw err;
+    throw new PgshiftError(
+      `a batch of the copy met a lock held by another session in each of ${attempts} attempts over ` +
+        `${TRANSIENT_DEADLINE_MS / 1000} s (${sqlState(err)})`,
+      {
+        hint:
+          "the applier or a writer keeps the shadow's rows locked; check pg_stat_activity for long transactions on " +
+          "the shadow, then run pgshift backfill again (it resumes from its checkpoint)",
+        cause: err,
+      },
+    );
+  }
 }
 
 function progress(m: Migration, copiedHere: number, ms: number, done: boolean): BackfillProgress {
