@@ -300,6 +300,47 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
       "the suspects of the last batches: the transactions still running once they committed",
     );
     const rs = rangeStatements(m, checkpoint0 !== null);
+    // An earlier run began the copy (it may have copied without row locks).
+    const resumed = m.phase === "backfilling";
+    /**
+     * With --lock-rows, on a copy an earlier run began: that run may have copied without row locks and stopped with
+     * batches not cleaned past the checkpoint (a crash, Ctrl-C), whose ghosts this run's batches (FOR SHARE: no new
+     * ghost, no cleanup) would never remove. So the copy is cleaned once first, from the checkpoint (`lo`) to the end
+     * of the key or of the range, once every transaction running now has ended (they include every writer that may
+     * have met the earlier run's batches, which committed before now); the checkpoint is written back unchanged.
+     * @returns false when stopped (signal) before it was done: the copy does not go on.
+     */
+    const cleanBeforeLockedCopy = async (
+      conn: Sql,
+      range: BackfillRangeRow | null,
+      lo: string[] | null,
+      counters: { rowsCopied: number; batches: number },
+    ): Promise<boolean> => {
+      const t0 = performance.now();
+      const rangeNo = range ? [range.range_no] : [];
+      const r = (await conn.unsafe(range ? batch(false, { upper: false }).b.pace : marker.sql, rangeNo))[0]!;
+      const suspects = suspectsOf(String(r.xid), String(r.snap));
+      try {
+        for (;;) {
+          if ((await stillRunning(conn, suspects)).size === 0) {
+            const removed = await runCleanup(conn, m, lo, range ? range.upper : null, counters, range?.range_no, lo);
+            if (removed !== null) {
+              run.ghosts += removed;
+              if (removed > 0)
+                log().info(
+                  { table: displayName(m.live), ghosts: removed, range: range?.range_no },
+                  "backfill: deleted from the copy ghosts an earlier run without row locks left past the checkpoint",
+                );
+              return true;
+            }
+          }
+          if (opts.signal?.aborted || run.stop) return false;
+          await new Promise((res) => setTimeout(res, 50));
+        }
+      } finally {
+        run.cleanupMs += performance.now() - t0;
+      }
+    };
     let waiting: Waiting | null = null;
     const gate = new PaceGate(sql, m, "backfill", {
       ...opts,
@@ -404,6 +445,8 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
         }
       };
       let checkpoint = range ? (range.checkpoint ?? range.lower) : checkpoint0;
+      // --lock-rows on a copy an earlier run began: see cleanBeforeLockedCopy.
+      if (lockRows && resumed && !(await cleanBeforeLockedCopy(conn, range, checkpoint, clean))) return false;
       let fastPathIn = 0;
       let complete = false;
       while (!complete) {
@@ -537,6 +580,19 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
         `the upper key's last $n)`
       : `batches of ${batchSize} rows`;
     const locking = lockRows ? "its rows locked FOR SHARE" : "without row locks";
+    /** --lock-rows on a copy an earlier run began: cleanBeforeLockedCopy's steps (`first`: the suspects' read). */
+    const lockedResume = (first: Step, each: string) =>
+      lockRows && resumed
+        ? [
+            block(
+              "at most once",
+              `first, as an earlier run began the copy (it may have copied without row locks and stopped with ` +
+                `batches not cleaned): the copy cleaned once from the checkpoint to the end of ${each}, once ` +
+                `every transaction running now has ended (the checkpoint written back unchanged)`,
+              [first, cleanups],
+            ),
+          ]
+        : [];
     if (!split) {
       const first = checkpoint0 ? null : batch(false);
       const next = batch(true);
@@ -546,6 +602,7 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
           `the copy, in ${sized} in key order, one transaction each (a batch that meets a deadlock ` +
             `or a lock timeout runs again), ${locking}`,
           [
+            ...lockedResume(marker, "the key"),
             ...gate.steps(),
             ...(first ? [block("at most once", "the first batch (no checkpoint yet)", [first.tx])] : []),
             block("any number of times", "each next batch, from the checkpoint ($1 ...: the checkpoint's key)", [
@@ -610,6 +667,7 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
                       `unfinished; looked up with: ${rs.read}): never split again`,
                   ),
                 ]),
+            ...lockedResume(statement(batch(false, { upper: false }).b.pace, "session"), "each unfinished range"),
             ...gate.steps(),
             block("any number of times", "in each range with an upper bound ($n after the lower key)", [
               ...rangeBatches(true),

@@ -194,6 +194,38 @@ describe("the copy without row locks", () => {
     expect(await differences(name)).toEqual({ onlySource: 0, onlyShadow: 0 });
   });
 
+  for (const workers of [1, 2])
+    it(`a crash without row locks, then --lock-rows (${workers} worker(s)): it first cleans the crashed run's ghosts`, async () => {
+      const name = `nl_crash_locked_${workers}`;
+      const w = await workload(name, 4000);
+      await startMigration(db.sql, w.table, {
+        allowKeyExtension: true,
+        spec: parsePartitionSpec("range:created_at:month"),
+      });
+      let batch = 0;
+      const crash = new Error("simulated crash");
+      const writes: Promise<unknown>[] = [];
+      await expect(
+        backfill(db.sql, w.table, {
+          batchSize: 400,
+          workers,
+          onBatchWritten: async ({ hi }) => {
+            batch++;
+            if (batch >= 4) throw crash;
+            writes.push((await race(name, Number(hi[0]), false)).all);
+          },
+        }),
+      ).rejects.toThrow("simulated crash");
+      await Promise.all(writes);
+      const left = (await differences(name)).onlyShadow;
+      expect(left).toBeGreaterThan(0);
+      // FOR SHARE batches make no ghost and clean nothing: only the cleanup before them removes these.
+      const r = await backfill(db.sql, w.table, { batchSize: 400, workers, lockRows: true });
+      expect(r.complete).toBe(true);
+      expect(r.ghostsDeleted).toBeGreaterThan(0);
+      expect(await differences(name)).toEqual({ onlySource: 0, onlyShadow: 0 });
+    });
+
   it("a crash with ghosts above every key the source has at the next run: its last cleanup reaches them", async () => {
     const name = "nl_crash_tail";
     const w = await workload(name, 4000);
