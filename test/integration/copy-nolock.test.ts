@@ -195,7 +195,7 @@ describe("the copy without row locks", () => {
   });
 
   for (const workers of [1, 2])
-    it(`a crash without row locks, then --lock-rows (${workers} worker(s)): it first cleans the crashed run's ghosts`, async () => {
+    it(`a crash without row locks, then --lock-rows (${workers} worker(s)): it cleans the crash's ghosts`, async () => {
       const name = `nl_crash_locked_${workers}`;
       const w = await workload(name, 4000);
       await startMigration(db.sql, w.table, {
