@@ -58,10 +58,7 @@ function withDollarTag(path: string, values: Record<string, SqlValue>): string {
  *   keep a stale copy when a backfill batch already wrote the row.
  * - UPDATE: when the key (primary key and partition column) changed, delete the old row from the target
  *   first (else it would keep both); then upsert the new row. A row moving between partitions is thus
- *   removed from its old partition and written into its new one. When the key did not change, update the
- *   target's row in place (`UPDATE ... WHERE key`) and upsert only when none was found: the same result in
- *   every race with the backfill, its cleanup and the DEFAULT move (the argument is in upsert.sql's header),
- *   without the upsert's speculative insertion, second index probe and row lock.
+ *   removed from its old partition and written into its new one.
  * - DELETE: delete the row by its old key.
  * With `writes: "strict"` (the reverse mirror, from the partitioned live table into the retired table after
  * cutover): the partitioned table's unique keys are the original ones extended with the partition column, so
@@ -97,10 +94,7 @@ export function mirrorFunctionSql(m: TriggerMirrorSpec): string {
   const rest = m.columns.filter((c) => !m.key.includes(c)).map(quoteIdent);
   const conflict =
     rest.length === 0 ? "DO NOTHING" : `DO UPDATE SET ${rest.map((c) => `${c} = EXCLUDED.${c}`).join(", ")}`;
-  // The in-place UPDATE of a row whose key did not change sets what DO UPDATE sets; when every column is in the
-  // key, the key's own columns (equal to the old ones: the row is found or not, and then upserted, as before).
-  const set = (rest.length > 0 ? rest : m.key.map(quoteIdent)).map((c) => `${c} = NEW.${c}`).join(", ");
-  return withDollarTag("mirror/upsert.sql", { ...values, new_key: keyTupleOf(m.key, "NEW"), conflict, set });
+  return withDollarTag("mirror/upsert.sql", { ...values, new_key: keyTupleOf(m.key, "NEW"), conflict });
 }
 
 const keyTupleOf = (key: readonly string[], rec: string) => `(${key.map((k) => `${rec}.${quoteIdent(k)}`).join(", ")})`;
