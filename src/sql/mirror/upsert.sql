@@ -3,6 +3,9 @@
 -- target; :"columns" the columns written; :"key" the target's key; :old_key and :new_key the key as (OLD.k, ...)
 -- and (NEW.k, ...); :new_values NEW.c, ... for the columns; :overriding nothing or " OVERRIDING SYSTEM VALUE";
 -- :conflict DO NOTHING or DO UPDATE SET c = EXCLUDED.c, ...; :tag the dollar quote, absent from the body.
+-- An UPDATE that keeps the key is upserted too: an UPDATE first, the upsert only when it finds no row, would be as
+-- correct but was measured no cheaper (scripts/bench-mirror-row; most likely because its generic plan locks every
+-- partition of the target, where the upsert's tuple routing opens one).
 CREATE OR REPLACE FUNCTION :"fn"() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET plan_cache_mode = force_generic_plan AS :tag
 #variable_conflict use_column
