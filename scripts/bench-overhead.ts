@@ -94,6 +94,8 @@ import {
 const TARGET_TRIGGER = 0.85;
 const TARGET_LOGICAL = 0.95;
 const TARGET_LAG_SECONDS = 1;
+/** Issue 18: each mirror at least this fraction of its floor (--floor: (b)/(d) and (c)/(e)). */
+const TARGET_OF_FLOOR = 0.95;
 const STEADY_AFTER_SECONDS = 3;
 const TABLE: QualifiedName = { schema: "public", name: "bench_overhead" };
 const TWIN: QualifiedName = { schema: "public", name: "bench_overhead_twin" };
@@ -906,6 +908,8 @@ async function main(): Promise<number> {
     // --floor: what the machine allows any mirror (see LABELS): medians and ratios to (a), null without --floor
     const floorTps = floor ? { d: median(of("d").map((r) => r.tps)), e: median(of("e").map((r) => r.tps)) } : null;
     const floorRatios = floorTps ? { writtenTwice: r2(floorTps.d / tps.a), decodedOnly: r2(floorTps.e / tps.a) } : null;
+    // Each mirror against its floor (issue 18: at least TARGET_OF_FLOOR): the ratio of the medians.
+    const ofFloor = floorTps ? { trigger: r2(tps.b / floorTps.d), logical: r2(tps.c / floorTps.e) } : null;
     const perRepeat = Array.from({ length: repeat }, (_, i) => {
       const get = (s: Setup) => runs.find((r) => r.setup === s && r.repeat === i + 1)!.tps;
       return {
@@ -961,7 +965,13 @@ async function main(): Promise<number> {
       },
       ratios: { trigger: ratioB, logical: ratioC, perRepeat },
       floor: floorRatios ? { ...floorRatios, consumer: FLOOR_CONSUMER } : null,
-      targets: { trigger: TARGET_TRIGGER, logical: TARGET_LOGICAL, lagSeconds: TARGET_LAG_SECONDS },
+      ofFloor,
+      targets: {
+        trigger: TARGET_TRIGGER,
+        logical: TARGET_LOGICAL,
+        lagSeconds: TARGET_LAG_SECONDS,
+        ofFloor: TARGET_OF_FLOOR,
+      },
       pass,
       lag: lag ? { ...lag, ignoredFirstSeconds: STEADY_AFTER_SECONDS, drainSeconds: drainSeconds(of("c")) } : null,
       cpuCores: Object.fromEntries(setups.map((x) => [x, cpuMedian(x)])) as Record<Setup, ReturnType<typeof cpuMedian>>,
@@ -1033,6 +1043,17 @@ async function main(): Promise<number> {
         "ratio (c)/(a) logical",
         `${ratioC.toFixed(2)}   target >= ${TARGET_LOGICAL.toFixed(2)}   ${verdict(pass.logical)}${logicals}`,
       );
+      if (ofFloor) {
+        const target = `target >= ${TARGET_OF_FLOOR.toFixed(2)}`;
+        line(
+          "trigger / its floor (d)",
+          `${ofFloor.trigger.toFixed(2)}   ${target}   ${verdict(ofFloor.trigger >= TARGET_OF_FLOOR)}`,
+        );
+        line(
+          "logical / its floor (e)",
+          `${ofFloor.logical.toFixed(2)}   ${target}   ${verdict(ofFloor.logical >= TARGET_OF_FLOOR)}`,
+        );
+      }
       if (lag) {
         line(
           "logical lag, bytes",
