@@ -163,8 +163,12 @@ describe("the copy without row locks", () => {
     expect(await differences(name)).toEqual({ onlySource: 0, onlyShadow: 0 });
   });
 
-  it("a crash with batches not cleaned: the checkpoint stays at the clean end, the next run cleans", async () => {
-    const name = "nl_crash";
+  /**
+   * A table `name` of 4,000 rows migrated by month, and a backfill (batches of `batchSize` rows, `workers`) that
+   * crashes when its fourth batch is written, each earlier batch raced (race()) before it committed: batches written
+   * but not cleaned, their ghosts in the shadow.
+   */
+  async function crashAfterRacedBatches(name: string, batchSize: number, workers = 1): Promise<Workload> {
     const w = await workload(name, 4000);
     await startMigration(db.sql, w.table, {
       allowKeyExtension: true,
@@ -175,15 +179,22 @@ describe("the copy without row locks", () => {
     const writes: Promise<unknown>[] = [];
     await expect(
       backfill(db.sql, w.table, {
-        batchSize: 500,
+        batchSize,
+        workers,
         onBatchWritten: async ({ hi }) => {
           batch++;
-          if (batch === 4) throw crash;
+          if (batch >= 4) throw crash;
           writes.push((await race(name, Number(hi[0]), false)).all);
         },
       }),
     ).rejects.toThrow("simulated crash");
     await Promise.all(writes);
+    return w;
+  }
+
+  it("a crash with batches not cleaned: the checkpoint stays at the clean end, the next run cleans", async () => {
+    const name = "nl_crash";
+    const w = await crashAfterRacedBatches(name, 500);
     const m = (await loadMigration(db.sql, w.table))!;
     // Batch 3 (keys 1001..1500) was written but its range not cleaned: the checkpoint is below it, and its
     // ghosts are in the shadow.
@@ -197,28 +208,8 @@ describe("the copy without row locks", () => {
   for (const workers of [1, 2])
     it(`a crash without row locks, then --lock-rows (${workers} worker(s)): it cleans the crash's ghosts`, async () => {
       const name = `nl_crash_locked_${workers}`;
-      const w = await workload(name, 4000);
-      await startMigration(db.sql, w.table, {
-        allowKeyExtension: true,
-        spec: parsePartitionSpec("range:created_at:month"),
-      });
-      let batch = 0;
-      const crash = new Error("simulated crash");
-      const writes: Promise<unknown>[] = [];
-      await expect(
-        backfill(db.sql, w.table, {
-          batchSize: 400,
-          workers,
-          onBatchWritten: async ({ hi }) => {
-            batch++;
-            if (batch >= 4) throw crash;
-            writes.push((await race(name, Number(hi[0]), false)).all);
-          },
-        }),
-      ).rejects.toThrow("simulated crash");
-      await Promise.all(writes);
-      const left = (await differences(name)).onlyShadow;
-      expect(left).toBeGreaterThan(0);
+      const w = await crashAfterRacedBatches(name, 400, workers);
+      expect((await differences(name)).onlyShadow).toBeGreaterThan(0);
       // FOR SHARE batches make no ghost and clean nothing: only the cleanup before them removes these.
       const r = await backfill(db.sql, w.table, { batchSize: 400, workers, lockRows: true });
       expect(r.complete).toBe(true);
