@@ -461,8 +461,8 @@ export async function planBackfill(sql: Sql, m: Migration, opts: BackfillOptions
         const values = lo ?? [];
         let tb = performance.now();
         const r0 = await retryTransient((attempt) => {
-          // After a conflict, a smaller batch: fewer of the keys the applier (or a writer) holds just now.
-          if (attempt > 1) n = Math.max(MIN_RETRY_BATCH_ROWS, Math.min(n, Math.ceil(n / 2)));
+          // After conflicts that persist, a smaller batch: fewer of the keys the applier (or a writer) holds just now.
+          if (attempt > FULL_SIZE_ATTEMPTS) n = Math.max(MIN_RETRY_BATCH_ROWS, Math.ceil(n / 2));
           return runTransaction(conn, t, async (tx) => {
             tb = performance.now();
             for (const x of pre) await tx.unsafe(x.sql);
@@ -847,7 +847,9 @@ export async function describeBackfill(sql: Sql, table: QualifiedName, opts: Bac
   return formatSteps(plan.steps);
 }
 
-/** The smallest a batch gets when it runs again after a transient conflict, rows. */
+/** Attempts of a batch at its full size; each later attempt after a transient conflict is half as large. */
+const FULL_SIZE_ATTEMPTS = 10;
+/** The smallest a batch gets when it runs again after transient conflicts, rows. */
 const MIN_RETRY_BATCH_ROWS = 100;
 /** How long a batch keeps running again after transient conflicts before backfill gives up, ms. */
 const TRANSIENT_DEADLINE_MS = 120_000;
@@ -856,7 +858,7 @@ const TRANSIENT_DEADLINE_MS = 120_000;
  * Runs `fn(attempt)` (attempt 1, 2, ...) again, after a short random pause (10 ms growing to 250 ms), when it
  * fails with a deadlock, a serialization failure or a lock timeout, for up to TRANSIENT_DEADLINE_MS in all: in
  * logical mode the applier writes the shadow too, and a batch may collide with its open group again and again
- * while the application writes fast (the caller makes the batch smaller on each attempt). A batch is one
+ * while the application writes fast (the caller makes the batch smaller after FULL_SIZE_ATTEMPTS). A batch is one
  * transaction, so a retry starts from the same checkpoint.
  * @throws PgshiftError (with the last conflict as cause) past the deadline; any other error of `fn` as is.
  */
